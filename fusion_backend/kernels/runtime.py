@@ -1,0 +1,24 @@
+"""Where a Triton kernel can run: on a GPU, or on CPU tensors through Triton's interpreter."""
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton's interpreter is on (TRITON_INTERPRET=1), so kernels run on CPU tensors.
+
+    Read from the environment each time: the interpreter is chosen when triton is imported, and
+    the variable must be set before that, so tests set it at the top of conftest.py.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def can_launch(*tensors: torch.Tensor) -> bool:
+    """Whether Triton kernels can take these tensors: all on one CUDA device, or all on CPU
+    while the interpreter is on."""
+    devices = {t.device.type for t in tensors if t is not None}
+    if devices == {"cuda"}:
+        return True
+    if devices == {"cpu"}:
+        return interpreting()
+    return False

@@ -1,0 +1,19 @@
+"""Test setup. Triton's interpreter must be chosen before anything imports triton, so the
+variable is set here, at the top of the first file pytest loads. A GPU run can override it with
+TRITON_INTERPRET=0."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_reset():
+    """Fresh random inputs per test, and no compiled state leaking between tests."""
+    torch.seed()
+    yield
+    torch._dynamo.reset()
