@@ -1,0 +1,535 @@
+"""Feed-forward kernels: GEMMs with fused epilogues, and standalone elementwise epilogues.
+
+The feed-forward block is
+
+    hidden = dropout(act(x @ W_gate^T + b_gate) * (x @ W_in^T + b_in))   (gated)
+    hidden = dropout(act(x @ W_in^T + b_in))                              (plain)
+    out    = dropout(hidden @ W_out^T + b_out) + residual
+
+Two ways to run it share every formula here:
+
+* `gemm(...)`: one Triton GEMM kernel whose epilogue (EPI_*) adds the bias, applies the activation
+  and the dropout, gates, adds the residual, or, in backward, turns dL/dhidden into dL/dpre-activation.
+* cuBLAS for the products plus `hidden_epilogue(...)` / `output_epilogue(...)`, elementwise kernels
+  that do the same epilogue work in one pass over memory.
+
+Dropout never stores a mask. The keep decision of element (i, j) of an (M, N) matrix is a pure
+function of (seed, i * N + j): Philox-4x32-10 through `tl.randint`, element kept when the top 31
+bits of the draw are >= `threshold` (round(p * 2**31)). `philox_keep_mask` is the same function in
+PyTorch, so a reference and a kernel given the same seed drop the same elements, and backward
+regenerates forward's mask.
+
+Activation codes (ACT constexpr): see `ACTIVATIONS`. Kernels compute in float32 and round to the
+output dtype on store. Pre-activations are rounded to the storage dtype before the activation so
+that forward, and backward's recomputation from the stored pre-activation, see the same value.
+
+Launchers take tensors and Python scalars only; nothing here knows about FX or custom ops.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .runtime import interpreting
+
+ACTIVATIONS = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
+"""Activation name -> ACT constexpr code. Code 0 is the identity (no activation)."""
+
+EPI_PLAIN = 0  # C = A @ B (+ bias); optional second K segment C += A2 @ B2
+EPI_HIDDEN = 1  # forward first GEMM: store pre-activation(s), then dropout(act(.)[* up])
+EPI_OUT = 2  # forward second GEMM: dropout(acc + bias) + residual
+EPI_DHIDDEN = 3  # backward: dL/dhidden -> dL/dpre-activation(s), reading stored pre-activations
+
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_SQRT_2_OVER_PI = 0.7978845608028654
+
+
+def dropout_threshold(p: float) -> int:
+    """Integer threshold on 31-bit draws: an element is kept when draw >= threshold."""
+    return min(int(round(p * 2.0**31)), 2**31 - 1)
+
+
+def dropout_scale(p: float) -> float:
+    """Scale for kept elements: 1/(1-p); 0 when p == 1 (everything dropped)."""
+    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Philox in PyTorch (bit-exact with tl.randint), for references and tests
+# ----------------------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul_hi_lo(a: torch.Tensor, b: int):
+    """High and low 32 bits of a * b for uint32 values held in int64, without int64 overflow."""
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    p_lo = a * b_lo  # < 2**48
+    t = a * b_hi + (p_lo >> 16)  # < 2**49
+    hi = (t >> 16) & _M32
+    lo = ((t & 0xFFFF) << 16) | (p_lo & 0xFFFF)
+    return hi, lo
+
+
+def philox_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+    """Bool (rows, cols) keep mask of dropout with probability p, identical to the kernels'.
+
+    Element (i, j) uses counter i * cols + j and key `seed` (Philox-4x32, 10 rounds, first
+    output word), exactly as `tl.randint(seed, i * cols + j)` does.
+    """
+    if p <= 0.0:
+        return torch.ones(rows, cols, dtype=torch.bool, device=device)
+    off = torch.arange(rows * cols, dtype=torch.int64, device=device)
+    c0, c1 = off & _M32, (off >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(c2, 0xCD9E8D57)
+        hi_a, lo_a = _mul_hi_lo(c0, 0xD2511F53)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + 0x9E3779B9) & _M32
+        k1 = (k1 + 0xBB67AE85) & _M32
+    return ((c0 >> 1) >= dropout_threshold(p)).reshape(rows, cols)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared jit helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x):
+    # tl has no tanh that also runs in the interpreter; this form saturates correctly at +-inf.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    """act(z) in float32 for activation code ACT (0 identity, 1 gelu, 2 gelu_tanh, 3 relu, 4 silu)."""
+    if ACT == 1:
+        return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    elif ACT == 2:
+        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        return 0.5 * z * (1.0 + t)
+    elif ACT == 3:
+        return tl.maximum(z, 0.0)
+    elif ACT == 4:
+        return z / (1.0 + tl.exp(-z))
+    else:
+        return z
+
+
+@triton.jit
+def _act_and_grad(z, ACT: tl.constexpr):
+    """(act(z), act'(z)) in float32; one evaluation of the transcendental serves both."""
+    if ACT == 1:
+        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+        return z * cdf, cdf + z * pdf
+    elif ACT == 2:
+        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        dinner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+        return 0.5 * z * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * dinner
+    elif ACT == 3:
+        return tl.maximum(z, 0.0), tl.where(z > 0.0, 1.0, 0.0)
+    elif ACT == 4:
+        s = 1.0 / (1.0 + tl.exp(-z))
+        return z * s, s * (1.0 + z * (1.0 - s))
+    else:
+        return z, tl.full(z.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _dropout(v, seed, offs, threshold, scale):
+    """Inverted dropout of float32 block v; offs are the elements' flat indices (i * N + j)."""
+    r = tl.randint(seed, offs)
+    keep = (r >> 1).to(tl.int32) >= threshold
+    return tl.where(keep, v * scale, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# GEMM with fused epilogues
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gemm_kernel(
+    a_ptr, b_ptr, a2_ptr, b2_ptr,
+    bias_ptr, bias2_ptr,
+    z_ptr, zu_ptr, res_ptr,
+    c_ptr, c2_ptr,
+    M, N, K, K2,
+    stride_am, stride_ak, stride_bk, stride_bn,
+    stride_a2m, stride_a2k, stride_b2k, stride_b2n,
+    stride_zm, stride_zn, stride_rm, stride_rn, stride_cm, stride_cn,
+    seed, threshold, scale,
+    EPI: tl.constexpr, ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, GATED: tl.constexpr, HAS_K2: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_RES: tl.constexpr, STORE_Z: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C (M, N) = A (M, K) @ B (K, N) with an epilogue chosen by EPI. Any strides.
+
+    Pointers (all tensors of one dtype, except `bias*` which may be any float dtype):
+      a_ptr  (M, K) strides (stride_am, stride_ak): left operand.
+      b_ptr  (K, N) strides (stride_bk, stride_bn): right operand; W^T of an (N, K) weight is
+             passed as W with swapped strides.
+      a2_ptr (M, K2) strides (stride_a2m, stride_a2k): second left operand when HAS_K2
+             (EPI_PLAIN computes A @ B + A2 @ B2, e.g. dx of a gated block).
+      b2_ptr (K2, N) when HAS_K2, or (K, N) gate weight^T when GATED (EPI_HIDDEN), strides
+             (stride_b2k, stride_b2n).
+      bias_ptr (N,): bias of B's projection (EPI_PLAIN / EPI_HIDDEN / EPI_OUT), if HAS_BIAS.
+      bias2_ptr (N,): bias of the gate projection (EPI_HIDDEN, GATED), if HAS_BIAS2.
+      z_ptr, zu_ptr (M, N) strides (stride_zm, stride_zn): pre-activations. EPI_HIDDEN writes
+             them when STORE_Z (z = gate or sole projection, zu = up projection when GATED);
+             EPI_DHIDDEN reads them.
+      res_ptr (M, N) strides (stride_rm, stride_rn): residual added last in EPI_OUT, if HAS_RES.
+      c_ptr, c2_ptr (M, N) strides (stride_cm, stride_cn): outputs. EPI_HIDDEN: hidden in c.
+             EPI_DHIDDEN: dL/dz in c, and dL/dzu in c2 when GATED. Otherwise the result in c.
+    Scalars: seed (Philox key), threshold (int, keep if 31-bit draw >= it), scale (1/(1-p)),
+      used when HAS_DROPOUT; the dropout counter of element (i, j) is i * N + j.
+    Constexprs: EPI (EPI_* code), ACT (activation code), HAS_BIAS/HAS_BIAS2/GATED/HAS_K2/
+      HAS_DROPOUT/HAS_RES/STORE_Z switch the pieces above; UPCAST computes the dot in float32
+      (the interpreter's bf16 arithmetic is wrong); BLOCK_M/N/K the tile; GROUP_M how many
+      M-tiles share a sweep over N, so that B tiles stay in L2.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Wrapped indices keep every load in bounds without a row/column mask; stores are masked.
+    am = rm % M
+    bn = rn % N
+    rk = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a_ptrs = a_ptr + am[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + bn[None, :] * stride_bn
+    g_ptrs = b2_ptr + rk[:, None] * stride_b2k + bn[None, :] * stride_b2n
+    for k0 in range(0, K, BLOCK_K):
+        kmask = (rk + k0) < K
+        a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+        if GATED:
+            g = tl.load(g_ptrs, mask=kmask[:, None], other=0.0)
+            if UPCAST:
+                g = g.to(tl.float32)
+            acc2 = tl.dot(a, g, acc2)
+            g_ptrs += BLOCK_K * stride_b2k
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if HAS_K2:
+        a_ptrs = a2_ptr + am[:, None] * stride_a2m + rk[None, :] * stride_a2k
+        b_ptrs = b2_ptr + rk[:, None] * stride_b2k + bn[None, :] * stride_b2n
+        for k0 in range(0, K2, BLOCK_K):
+            kmask = (rk + k0) < K2
+            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K * stride_a2k
+            b_ptrs += BLOCK_K * stride_b2k
+
+    out_ty = c_ptr.dtype.element_ty
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    c_off = rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    if HAS_DROPOUT:
+        flat = rm[:, None].to(tl.int64) * N + rn[None, :]
+    if EPI == 1:  # EPI_HIDDEN
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + bn).to(tl.float32)[None, :]
+        z_off = rm[:, None] * stride_zm + rn[None, :] * stride_zn
+        if GATED:
+            if HAS_BIAS2:
+                acc2 += tl.load(bias2_ptr + bn).to(tl.float32)[None, :]
+            zg = acc2.to(out_ty)
+            zu = acc.to(out_ty)
+            if STORE_Z:
+                tl.store(z_ptr + z_off, zg, mask=mask)
+                tl.store(zu_ptr + z_off, zu, mask=mask)
+            h = _act(zg.to(tl.float32), ACT) * zu.to(tl.float32)
+        else:
+            zg = acc.to(out_ty)
+            if STORE_Z:
+                tl.store(z_ptr + z_off, zg, mask=mask)
+            h = _act(zg.to(tl.float32), ACT)
+        if HAS_DROPOUT:
+            h = _dropout(h, seed, flat, threshold, scale)
+        tl.store(c_ptr + c_off, h.to(out_ty), mask=mask)
+    elif EPI == 2:  # EPI_OUT
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + bn).to(tl.float32)[None, :]
+        if HAS_DROPOUT:
+            acc = _dropout(acc, seed, flat, threshold, scale)
+        if HAS_RES:
+            r = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :] * stride_rn, mask=mask)
+            acc += r.to(tl.float32)
+        tl.store(c_ptr + c_off, acc.to(out_ty), mask=mask)
+    elif EPI == 3:  # EPI_DHIDDEN
+        if HAS_DROPOUT:
+            acc = _dropout(acc, seed, flat, threshold, scale)
+        z_off = rm[:, None] * stride_zm + rn[None, :] * stride_zn
+        zg = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
+        a_val, a_grad = _act_and_grad(zg, ACT)
+        if GATED:
+            zu = tl.load(zu_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
+            tl.store(c_ptr + c_off, (acc * zu * a_grad).to(out_ty), mask=mask)
+            tl.store(c2_ptr + c_off, (acc * a_val).to(out_ty), mask=mask)
+        else:
+            tl.store(c_ptr + c_off, (acc * a_grad).to(out_ty), mask=mask)
+    else:  # EPI_PLAIN
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + bn).to(tl.float32)[None, :]
+        tl.store(c_ptr + c_off, acc.to(out_ty), mask=mask)
+
+
+def gemm(
+    a, b, *, epi=EPI_PLAIN, act=0, bias=None, b2=None, bias2=None, a2=None,
+    z=None, zu=None, residual=None, out=None, out2=None,
+    seed=0, p=0.0, store_z=True, config=None,
+):
+    """Launch `_gemm_kernel`: out (M, N) = a (M, K) @ b (K, N), with the epilogue `epi`.
+
+    a, b: any strides (pass `w.t()` for an nn.Linear weight w of shape (N, K)).
+    epi=EPI_PLAIN: out = a @ b [+ a2 @ b2] [+ bias].
+    epi=EPI_HIDDEN: z = a @ b + bias (or, with b2 = gate weight^T: z = a @ b2 + bias2 and
+        zu = a @ b + bias); out = dropout(act(z) [* zu], p). z/zu are written when store_z.
+    epi=EPI_OUT: out = dropout(a @ b + bias, p) + residual.
+    epi=EPI_DHIDDEN: g = dropout(a @ b, p) with the forward mask; out = g * act'(z) [* zu];
+        gated: out2 = g * act(z) (dL/dzu).
+    out/out2/z/zu: preallocated (M, N) outputs (any strides) or None to allocate contiguous ones.
+    config: dict with BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages.
+    Returns out (and out2 for gated EPI_DHIDDEN; (out, z, zu) for EPI_HIDDEN).
+    """
+    M, K = a.shape
+    N = b.shape[1]
+    gated = epi in (EPI_HIDDEN, EPI_DHIDDEN) and (b2 is not None if epi == EPI_HIDDEN else zu is not None)
+    has_k2 = epi == EPI_PLAIN and a2 is not None
+    dev, dt = a.device, a.dtype
+    if out is None:
+        out = torch.empty(M, N, device=dev, dtype=dt)
+    if epi == EPI_HIDDEN and store_z:
+        if z is None:
+            z = torch.empty(M, N, device=dev, dtype=dt)
+        if gated and zu is None:
+            zu = torch.empty(M, N, device=dev, dtype=dt)
+    if epi == EPI_DHIDDEN and gated and out2 is None:
+        out2 = torch.empty(M, N, device=dev, dtype=dt)
+    cfg = config
+    dummy = out
+    zt = z if z is not None else dummy
+    zut = zu if zu is not None else dummy
+    rt = residual if residual is not None else dummy
+    a2t = a2 if a2 is not None else a
+    b2t = b2 if b2 is not None else b
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _gemm_kernel[grid](
+        a, b, a2t, b2t,
+        bias if bias is not None else dummy, bias2 if bias2 is not None else dummy,
+        zt, zut, rt,
+        out, out2 if out2 is not None else dummy,
+        M, N, K, a2.shape[1] if has_k2 else 0,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        a2t.stride(0), a2t.stride(1), b2t.stride(0), b2t.stride(1),
+        zt.stride(0), zt.stride(1), rt.stride(0), rt.stride(1), out.stride(0), out.stride(1),
+        int(seed), dropout_threshold(p), dropout_scale(p),
+        EPI=epi, ACT=act,
+        HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, GATED=gated, HAS_K2=has_k2,
+        HAS_DROPOUT=p > 0.0, HAS_RES=residual is not None, STORE_Z=bool(store_z),
+        UPCAST=interpreting() or dt == torch.float64,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if epi == EPI_HIDDEN:
+        return out, z, zu
+    if epi == EPI_DHIDDEN and gated:
+        return out, out2
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Elementwise epilogues, to pair with cuBLAS products
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _hidden_epilogue_kernel(
+    z_ptr, zu_ptr, bias_ptr, bias2_ptr, g_ptr, out_ptr, out2_ptr, dbias_ptr, dbias2_ptr,
+    M, N, stride_zm, stride_gm, stride_om,
+    seed, threshold, scale,
+    ACT: tl.constexpr, BACKWARD: tl.constexpr, GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Elementwise hidden epilogue over (M, N) tiles; rows may be strided, columns contiguous.
+
+    Pointers:
+      z_ptr (M, N) row stride stride_zm: pre-activation of the (gate or sole) projection.
+      zu_ptr (M, N) row stride stride_zm: up projection's pre-activation, when GATED.
+      bias_ptr (N,): added to z (HAS_BIAS); bias2_ptr (N,): added to zu (HAS_BIAS2). When the
+        product already holds its bias (cuBLAS addmm), pass none.
+      g_ptr (M, N) row stride stride_gm: dL/dhidden, read in BACKWARD.
+      out_ptr (M, N) row stride stride_om: forward: hidden = dropout(act(z)[* zu]);
+        BACKWARD: dL/dz. out2_ptr: BACKWARD and GATED: dL/dzu. out may alias g (in place).
+      dbias_ptr (cdiv(M, BLOCK_M), N) float32, contiguous: BACKWARD with BIAS_GRAD: per row-block
+        column sums of dL/dz (sum them over dim 0 for the bias gradient); dbias2_ptr the same for
+        dL/dzu. Summing inside the pass spares another read of a (M, N) tensor.
+    Scalars: seed, threshold, scale: dropout of element (i, j) with counter i * N + j.
+    Constexprs: ACT activation code; BACKWARD picks the direction; GATED, HAS_BIAS, HAS_BIAS2,
+      HAS_DROPOUT, BIAS_GRAD switch the pieces above; BLOCK_M x BLOCK_N the tile.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    rm64 = rm.to(tl.int64)
+    z_off = rm64[:, None] * stride_zm + rn[None, :]
+    o_off = rm64[:, None] * stride_om + rn[None, :]
+    out_ty = out_ptr.dtype.element_ty
+    z = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        z = z.to(out_ty).to(tl.float32)
+    if GATED:
+        zu = tl.load(zu_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS2:
+            zu += tl.load(bias2_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            zu = zu.to(out_ty).to(tl.float32)
+    if HAS_DROPOUT:
+        flat = rm64[:, None] * N + rn[None, :]
+    if BACKWARD:
+        g = tl.load(g_ptr + rm64[:, None] * stride_gm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_DROPOUT:
+            g = _dropout(g, seed, flat, threshold, scale)
+        a_val, a_grad = _act_and_grad(z, ACT)
+        if GATED:
+            dz = g * zu * a_grad
+            dzu = g * a_val
+            tl.store(out2_ptr + o_off, dzu.to(out_ty), mask=mask)
+        else:
+            dz = g * a_grad
+        dz = dz.to(out_ty)
+        tl.store(out_ptr + o_off, dz, mask=mask)
+        if BIAS_GRAD:
+            # Sum the rounded values, as a separate dz.sum(0) would.
+            tl.store(dbias_ptr + pid_m * N + rn, tl.sum(tl.where(mask, dz.to(tl.float32), 0.0), 0), mask=rn < N)
+            if GATED:
+                dzu = dzu.to(out_ty).to(tl.float32)
+                tl.store(dbias2_ptr + pid_m * N + rn, tl.sum(tl.where(mask, dzu, 0.0), 0), mask=rn < N)
+    else:
+        h = _act(z, ACT)
+        if GATED:
+            h = h * zu
+        if HAS_DROPOUT:
+            h = _dropout(h, seed, flat, threshold, scale)
+        tl.store(out_ptr + o_off, h.to(out_ty), mask=mask)
+
+
+def hidden_epilogue(
+    z, *, act, zu=None, bias=None, bias2=None, grad=None, out=None, out2=None,
+    seed=0, p=0.0, bias_grad=False, config=None,
+):
+    """Forward: hidden = dropout(act(z + bias) [* (zu + bias2)], p).
+    Backward (grad given, dL/dhidden): returns (dz, dzu or None, dbias or None, dbias2 or None),
+    where dbias are column sums of dz / dzu (when bias_grad), computed in the same pass.
+
+    z, zu, grad, out, out2: (M, N) with contiguous rows (any row stride). out may be `grad` to
+    write in place. config: dict with BLOCK_M, BLOCK_N, num_warps.
+    """
+    M, N = z.shape
+    cfg = config
+    gated = zu is not None
+    backward = grad is not None
+    if out is None:
+        out = torch.empty(M, N, device=z.device, dtype=z.dtype)
+    if backward and gated and out2 is None:
+        out2 = torch.empty(M, N, device=z.device, dtype=z.dtype)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    db = db2 = None
+    if backward and bias_grad:
+        db = torch.empty(grid[0], N, device=z.device, dtype=torch.float32)
+        db2 = torch.empty(grid[0], N, device=z.device, dtype=torch.float32) if gated else None
+    dummy = out
+    _hidden_epilogue_kernel[grid](
+        z, zu if gated else dummy,
+        bias if bias is not None else dummy, bias2 if bias2 is not None else dummy,
+        grad if backward else dummy, out, out2 if out2 is not None else dummy,
+        db if db is not None else dummy, db2 if db2 is not None else dummy,
+        M, N, z.stride(0), grad.stride(0) if backward else 0, out.stride(0),
+        int(seed), dropout_threshold(p), dropout_scale(p),
+        ACT=act, BACKWARD=backward, GATED=gated,
+        HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, HAS_DROPOUT=p > 0.0,
+        BIAS_GRAD=db is not None,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+    )
+    if not backward:
+        return out
+    return out, out2, (db.sum(0) if db is not None else None), (db2.sum(0) if db2 is not None else None)
+
+
+@triton.jit
+def _output_epilogue_kernel(
+    y_ptr, bias_ptr, res_ptr, out_ptr,
+    M, N, stride_ym, stride_rm, stride_om,
+    seed, threshold, scale,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out = dropout(y + bias) + residual, elementwise over (M, N); columns contiguous.
+
+    Pointers: y_ptr (M, N) row stride stride_ym; bias_ptr (N,) if HAS_BIAS; res_ptr (M, N) row
+    stride stride_rm if HAS_RES; out_ptr (M, N) row stride stride_om (may alias y).
+    Scalars: seed, threshold, scale of the dropout (counter i * N + j), if HAS_DROPOUT.
+    In backward the same kernel with only HAS_DROPOUT gives dL/dy = dropout(dL/dout).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    y = tl.load(y_ptr + rm[:, None] * stride_ym + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_DROPOUT:
+        y = _dropout(y, seed, rm[:, None] * N + rn[None, :], threshold, scale)
+    if HAS_RES:
+        y += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def output_epilogue(y, *, bias=None, residual=None, out=None, seed=0, p=0.0, config=None):
+    """out = dropout(y + bias, p) + residual; y, residual, out (M, N) with contiguous rows.
+    out may be y (in place). config: dict with BLOCK_M, BLOCK_N, num_warps."""
+    M, N = y.shape
+    cfg = config
+    if out is None:
+        out = torch.empty_like(y)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    _output_epilogue_kernel[grid](
+        y, bias if bias is not None else y, residual if residual is not None else y, out,
+        M, N, y.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+        int(seed), dropout_threshold(p), dropout_scale(p),
+        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, HAS_RES=residual is not None,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+    )
+    return out
