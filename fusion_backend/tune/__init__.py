@@ -1,0 +1,62 @@
+"""The tuner: which matched sites to fuse, and how, decided by measurement.
+
+    space.py     the decision space (sites, options, conflicts) and the three strategies
+    mcts.py      Monte Carlo tree search, exhaustive and random search, and the guard (choose_plan)
+    timing.py    on-device timing of one candidate
+    cache.py     the persistent JSON cache, save_state / load_state
+    budget.py    strategy and budget from torch.compile's options and mode
+    progress.py  the progress bar
+
+See docs/tuning.md.
+"""
+from .budget import DEFAULT_SIMULATIONS, MAX_AUTOTUNE_FACTOR, TuningBudget, budget_from_options
+from .cache import (
+    TuningCache,
+    TuningCacheWarning,
+    TuningStateError,
+    cache_key,
+    default_cache_dir,
+    load_state,
+    save_state,
+)
+from .mcts import (
+    Measurement,
+    SearchResult,
+    TuningDecision,
+    choose_plan,
+    exhaustive_search,
+    mcts_search,
+    random_search,
+)
+from .space import KEEP, STRATEGIES, DecisionSpace, Option, Plan, SiteChoices, restrict
+from .timing import l2_rotation_count, measure
+
+__all__ = [
+    "DEFAULT_SIMULATIONS",
+    "KEEP",
+    "MAX_AUTOTUNE_FACTOR",
+    "STRATEGIES",
+    "DecisionSpace",
+    "Measurement",
+    "Option",
+    "Plan",
+    "SearchResult",
+    "SiteChoices",
+    "TuningBudget",
+    "TuningCache",
+    "TuningCacheWarning",
+    "TuningDecision",
+    "TuningStateError",
+    "budget_from_options",
+    "cache_key",
+    "choose_plan",
+    "default_cache_dir",
+    "exhaustive_search",
+    "l2_rotation_count",
+    "load_state",
+    "mcts_search",
+    "measure",
+    "random_search",
+    "restrict",
+    "save_state",
+]

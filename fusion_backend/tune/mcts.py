@@ -1,0 +1,579 @@
+"""Searching the decision space with on-device measurements, and the guard that picks the plan.
+
+`evaluate(plan) -> float` is the expensive part: it compiles the plan and times it on the device
+(median milliseconds). Every search here therefore memoizes it (a full plan is measured at most
+once), counts distinct measurements against the budget, and measures the all-keep plan first when
+the space has one, so every result carries the baseline it must beat.
+
+`mcts_search` is Monte Carlo tree search in which tree level k decides site k (the space's order).
+Beyond plain UCT it uses two things that matter at budgets of a few dozen measurements:
+- RAVE / all-moves-as-first statistics: every measurement also updates a running value for each
+  (site, option) it contains. Fusion decisions are close to additive (a site's kernel is mostly
+  faster or slower on its own), so these values are informative long before the tree is deep.
+  They are blended into the UCT score and guide the rollouts (untried choices first, then mostly
+  the best-valued one, sometimes a random one).
+- Rewards are log(reference / cost) (scale-free: 10% faster is +0.1 whatever the model), and node
+  values are min-max normalized over the rewards seen so far before UCT's exploration term is
+  added, so one exploration constant works for microsecond and second-long graphs alike. A node's
+  value mixes its mean and its best reward, because the goal is the best plan, not the best
+  average.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .progress import TuningProgress
+from .space import KEEP, DEFAULT_STRATEGY, DecisionSpace, Plan, restrict
+
+Evaluate = Callable[[Plan], float]
+
+# Rewards are log-ratios clipped to +-1 (2.7x slower or faster than the reference); a plan whose
+# evaluation failed (inf or nan cost) gets the floor, so it is avoided without distorting the rest.
+_REWARD_LIMIT = 1.0
+# UCT exploration weight on min-max normalized values in [0, 1].
+_EXPLORATION = 0.4
+# RAVE equivalence parameter: how many visits a node needs before its own value outweighs the
+# (site, option) statistics; beta = sqrt(k / (3 n + k)) as in Gelly & Silver (2011).
+_RAVE_EQUIVALENCE = 20.0
+# Weight of a node's best reward against its mean reward.
+_MAX_BACKUP_WEIGHT = 0.5
+# Rollout attempts at finding a plan not yet measured, with rising randomness.
+_ROLLOUT_ATTEMPTS = 8
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One distinct plan measured during a search, in the order measured."""
+
+    plan: Plan
+    cost_ms: float
+    seconds: float  # since the search started
+
+
+@dataclass
+class SearchResult:
+    """What a search found.
+
+    best_plan / best_cost: the fastest plan measured (cost in ms, as `evaluate` returned it).
+    baseline_cost: the all-keep plan's cost; None when the space has no all-keep plan.
+    measurements: distinct calls to `evaluate`.
+    seconds: wall time of the whole search, measurements included.
+    history: every measurement in order.
+    """
+
+    best_plan: Plan
+    best_cost: float
+    baseline_cost: float | None
+    measurements: int
+    seconds: float
+    history: list[Measurement] = field(default_factory=list)
+
+
+class BudgetExhausted(Exception):
+    """Internal: the search may not start another measurement."""
+
+
+class _Measurer:
+    """Memoized, budgeted, timed access to `evaluate`."""
+
+    def __init__(self, evaluate: Evaluate, max_measurements: int | None,
+                 time_budget_s: float | None, progress: TuningProgress):
+        self.evaluate = evaluate
+        self.max_measurements = max_measurements
+        self.time_budget_s = time_budget_s
+        self.progress = progress
+        self.costs: dict[Plan, float] = {}
+        self.history: list[Measurement] = []
+        self.start = time.perf_counter()
+        self.best_plan: Plan | None = None
+        self.best_cost = math.inf
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def can_measure(self) -> bool:
+        if self.max_measurements is not None and len(self.costs) >= self.max_measurements:
+            return False
+        return self.time_budget_s is None or self.elapsed() < self.time_budget_s
+
+    def measured(self, plan: Plan) -> bool:
+        return plan in self.costs
+
+    def cost(self, plan: Plan) -> float:
+        """The plan's cost, measuring it if new; BudgetExhausted if new and over budget."""
+        if plan in self.costs:
+            return self.costs[plan]
+        if not self.can_measure():
+            raise BudgetExhausted
+        cost = _checked_cost(self.evaluate(plan), plan)
+        self.costs[plan] = cost
+        self.history.append(Measurement(plan, cost, self.elapsed()))
+        if cost < self.best_cost or self.best_plan is None:
+            self.best_plan, self.best_cost = plan, cost
+        self.progress.update(self.best_cost if math.isfinite(self.best_cost) else None)
+        return cost
+
+    def result(self, baseline: Plan | None) -> SearchResult:
+        if self.best_plan is None:
+            raise ValueError("the search measured nothing: the budget allows no measurement")
+        baseline_cost = self.costs.get(baseline) if baseline is not None else None
+        return SearchResult(self.best_plan, self.best_cost, baseline_cost, len(self.costs),
+                            self.elapsed(), list(self.history))
+
+
+def _checked_cost(value: float, plan: Plan) -> float:
+    cost = float(value)
+    if math.isnan(cost):
+        return math.inf
+    if cost < 0:
+        raise ValueError(f"evaluate returned a negative time ({cost}) for {plan!r}")
+    return cost
+
+
+def _check_budget(simulations: int | None, time_budget_s: float | None) -> None:
+    if simulations is not None and (not isinstance(simulations, int) or simulations < 1):
+        raise ValueError(f"simulations must be a positive int, got {simulations!r}")
+    if time_budget_s is not None and not time_budget_s > 0:
+        raise ValueError(f"time_budget_s must be positive, got {time_budget_s!r}")
+
+
+def _baseline_of(space: DecisionSpace) -> Plan | None:
+    return space.all_keep() if space.has_all_keep() else None
+
+
+def _first_plans(space: DecisionSpace) -> list[Plan]:
+    """Plans every search measures first: the baseline, when the space has one."""
+    baseline = _baseline_of(space)
+    return [baseline] if baseline is not None else []
+
+
+def _check_space(space: DecisionSpace) -> None:
+    if space.size() == 0:
+        raise ValueError("the decision space has no valid plan (two conflicting sites must both fuse)")
+
+
+# -- Monte Carlo tree search -----------------------------------------------------------------
+
+
+class _Node:
+    """A partial plan: sites [0, depth) decided along the path from the root."""
+
+    __slots__ = ("depth", "choice", "parent", "children", "untried", "visits", "reward_sum",
+                 "best_reward", "exhausted")
+
+    def __init__(self, depth: int, choice: str | None, parent: _Node | None, untried: list[str]):
+        self.depth = depth
+        self.choice = choice
+        self.parent = parent
+        self.children: dict[str, _Node] = {}
+        self.untried = untried
+        self.visits = 0
+        self.reward_sum = 0.0
+        self.best_reward = -math.inf
+        # True once every plan below this node has been measured: nothing left to learn there.
+        self.exhausted = False
+
+
+class _MinMax:
+    """Running bounds of the rewards seen, to map values into [0, 1] for UCT."""
+
+    def __init__(self):
+        self.low = math.inf
+        self.high = -math.inf
+
+    def add(self, reward: float) -> None:
+        self.low = min(self.low, reward)
+        self.high = max(self.high, reward)
+
+    def normalize(self, value: float) -> float:
+        if self.high <= self.low:
+            return 0.5
+        return min(1.0, max(0.0, (value - self.low) / (self.high - self.low)))
+
+
+class _MonteCarloTreeSearch:
+    def __init__(self, space: DecisionSpace, measurer: _Measurer, rng: random.Random):
+        self.space = space
+        self.measurer = measurer
+        self.rng = rng
+        self.n_sites = len(space.sites)
+        self.site_ids = space.site_ids
+        self.reference: float | None = None
+        self.bounds = _MinMax()
+        # RAVE statistics per (site index, option name): [count, reward sum].
+        self.amaf: dict[tuple[int, str], list[float]] = {}
+        self.root = _Node(0, None, None, self._allowed(0, {}))
+
+    # rewards
+
+    def reward(self, cost: float) -> float:
+        if not math.isfinite(cost):
+            return -_REWARD_LIMIT
+        if self.reference is None:
+            self.reference = cost if cost > 0 else 1e-9
+        ratio = math.log(self.reference / max(cost, 1e-12))
+        return max(-_REWARD_LIMIT, min(_REWARD_LIMIT, ratio))
+
+    def learn(self, plan: Plan, reward: float) -> None:
+        """Fold a new measurement into the global statistics (once per distinct plan)."""
+        self.bounds.add(reward)
+        for i, site_id in enumerate(self.site_ids):
+            stats = self.amaf.setdefault((i, plan[site_id]), [0.0, 0.0])
+            stats[0] += 1
+            stats[1] += reward
+
+    def amaf_value(self, site_index: int, option: str) -> float | None:
+        stats = self.amaf.get((site_index, option))
+        if not stats:
+            return None
+        return stats[1] / stats[0]
+
+    # tree policy
+
+    def _allowed(self, site_index: int, partial: dict[str, str]) -> list[str]:
+        if site_index >= self.n_sites:
+            return []
+        return self.space.allowed_options(site_index, partial)
+
+    def node_score(self, parent: _Node, child: _Node) -> float:
+        mean = child.reward_sum / child.visits
+        own = (1 - _MAX_BACKUP_WEIGHT) * mean + _MAX_BACKUP_WEIGHT * child.best_reward
+        value = self.bounds.normalize(own)
+        amaf = self.amaf_value(parent.depth, child.choice)
+        if amaf is not None:
+            beta = math.sqrt(_RAVE_EQUIVALENCE / (3 * child.visits + _RAVE_EQUIVALENCE))
+            value = (1 - beta) * value + beta * self.bounds.normalize(amaf)
+        exploration = _EXPLORATION * math.sqrt(math.log(max(parent.visits, 1)) / child.visits)
+        return value + exploration
+
+    def select_child(self, node: _Node) -> _Node | None:
+        best, best_score = None, -math.inf
+        for child in node.children.values():
+            if child.exhausted:
+                continue
+            score = self.node_score(node, child)
+            if score > best_score:
+                best, best_score = child, score
+        return best
+
+    def pick_untried(self, node: _Node) -> str:
+        """The untried option with the best (site, option) value; unseen options come first."""
+        return self.greedy_choice(node.depth, node.untried)
+
+    def greedy_choice(self, site_index: int, names: list[str]) -> str:
+        unseen = [name for name in names if self.amaf_value(site_index, name) is None]
+        if unseen:
+            return self.rng.choice(unseen)
+        values = [self.amaf_value(site_index, name) for name in names]
+        top = max(values)
+        return self.rng.choice([name for name, v in zip(names, values) if v == top])
+
+    # rollout
+
+    def rollout(self, partial: dict[str, str], depth: int) -> Plan:
+        """Complete `partial` from site `depth` on, preferring a plan not measured yet."""
+        plan = None
+        for attempt in range(_ROLLOUT_ATTEMPTS):
+            # First attempts follow the statistics; later ones are increasingly random, to find an
+            # unmeasured plan once the greedy completions have all been measured.
+            randomness = min(1.0, 0.2 + attempt / (_ROLLOUT_ATTEMPTS - 1))
+            completed = dict(partial)
+            for i in range(depth, self.n_sites):
+                names = self.space.allowed_options(i, completed)
+                if self.rng.random() < randomness:
+                    name = self.rng.choice(names)
+                else:
+                    name = self.greedy_choice(i, names)
+                completed[self.site_ids[i]] = name
+            plan = Plan(completed)
+            if not self.measurer.measured(plan):
+                break
+        return plan
+
+    # one iteration
+
+    def iterate(self) -> None:
+        node, partial = self.root, {}
+        while node.depth < self.n_sites and not node.untried:
+            child = self.select_child(node)
+            if child is None:  # every child exhausted; the exhaustion flag is set on backup
+                break
+            node = child
+            partial[self.site_ids[node.depth - 1]] = node.choice
+        if node.depth < self.n_sites and node.untried:
+            choice = self.pick_untried(node)
+            node.untried.remove(choice)
+            partial[self.site_ids[node.depth]] = choice
+            child = _Node(node.depth + 1, choice, node, self._allowed(node.depth + 1, partial))
+            node.children[choice] = child
+            node = child
+        plan = self.rollout(partial, node.depth)
+        new = not self.measurer.measured(plan)
+        cost = self.measurer.cost(plan)  # may raise BudgetExhausted
+        reward = self.reward(cost)
+        if new:
+            self.learn(plan, reward)
+        if node.depth == self.n_sites:
+            node.exhausted = True
+        self.backup(node, reward)
+
+    def backup(self, node: _Node, reward: float) -> None:
+        while node is not None:
+            node.visits += 1
+            node.reward_sum += reward
+            node.best_reward = max(node.best_reward, reward)
+            if (not node.exhausted and not node.untried and node.depth < self.n_sites
+                    and all(child.exhausted for child in node.children.values())):
+                node.exhausted = True
+            node = node.parent
+
+    def seed_with(self, plan: Plan) -> None:
+        """Measure a plan outside the tree (the baseline), so its statistics guide the search."""
+        cost = self.measurer.cost(plan)
+        self.learn(plan, self.reward(cost))
+
+
+def mcts_search(space: DecisionSpace, evaluate: Evaluate, *, simulations: int = 30,
+                time_budget_s: float | None = None, seed: int = 0,
+                progress: bool | None = None) -> SearchResult:
+    """Monte Carlo tree search for the fastest plan in `space`.
+
+    evaluate(plan) -> median milliseconds on the device; called at most once per distinct plan
+        and at most `simulations` times in all. Return math.inf for a plan that cannot run.
+    simulations: the measurement budget (distinct plans measured, the all-keep baseline included).
+    time_budget_s: stop starting new measurements once this many seconds have passed (a
+        measurement already running is not interrupted).
+    seed: all random choices come from random.Random(seed), so a search is reproducible given
+        the same costs (a time budget can still cut it at a different point).
+    progress: None draws a bar only on a terminal with logging on; True/False force it.
+
+    The search ends early when every valid plan has been measured.
+    """
+    _check_budget(simulations, time_budget_s)
+    _check_space(space)
+    with TuningProgress(min(simulations, space.size()), "truthfuse MCTS", progress) as bar:
+        measurer = _Measurer(evaluate, simulations, time_budget_s, bar)
+        search = _MonteCarloTreeSearch(space, measurer, random.Random(seed))
+        # Each iteration adds a tree node or measures a plan, and the tree is finite, so the loop
+        # ends; the cap only guards against pathological spaces where rollouts keep repeating.
+        max_iterations = 20 * simulations + 10 * max(1, len(space.sites)) + 100
+        try:
+            for plan in _first_plans(space):
+                search.seed_with(plan)
+            iterations = 0
+            while not search.root.exhausted and measurer.can_measure():
+                iterations += 1
+                if iterations > max_iterations:
+                    break
+                search.iterate()
+        except BudgetExhausted:
+            pass
+        return measurer.result(_baseline_of(space))
+
+
+# -- baselines for comparison -----------------------------------------------------------------
+
+
+def exhaustive_search(space: DecisionSpace, evaluate: Evaluate, *,
+                      progress: bool | None = None) -> SearchResult:
+    """Measure every valid plan (the all-keep plan first). Only for small spaces and benchmarks."""
+    _check_space(space)
+    size = space.size()
+    with TuningProgress(size, "truthfuse exhaustive", progress) as bar:
+        measurer = _Measurer(evaluate, None, None, bar)
+        for plan in _first_plans(space):
+            measurer.cost(plan)
+        for plan in space.enumerate():
+            measurer.cost(plan)
+        return measurer.result(_baseline_of(space))
+
+
+def random_search(space: DecisionSpace, evaluate: Evaluate, budget: int = 30, seed: int = 0, *,
+                  time_budget_s: float | None = None, progress: bool | None = None) -> SearchResult:
+    """Measure `budget` distinct random plans (the all-keep plan first, counted in the budget).
+
+    Plans come from `DecisionSpace.random_plan`; repeats are skipped, not counted. When the budget
+    covers the whole space this is the exhaustive search.
+    """
+    _check_budget(budget, time_budget_s)
+    _check_space(space)
+    size = space.size()
+    rng = random.Random(seed)
+    with TuningProgress(min(budget, size), "truthfuse random", progress) as bar:
+        measurer = _Measurer(evaluate, budget, time_budget_s, bar)
+        try:
+            for plan in _first_plans(space):
+                measurer.cost(plan)
+            if budget >= size:
+                for plan in space.enumerate():
+                    measurer.cost(plan)
+            else:
+                misses = 0
+                # Repeats are free but a nearly covered space could make them endless: give up
+                # after many consecutive repeats.
+                while measurer.can_measure() and misses < 1000:
+                    plan = space.random_plan(rng)
+                    if measurer.measured(plan):
+                        misses += 1
+                        continue
+                    misses = 0
+                    measurer.cost(plan)
+        except BudgetExhausted:
+            pass
+        return measurer.result(_baseline_of(space))
+
+
+# -- the guard -----------------------------------------------------------------------------------
+
+
+DEFAULT_NOISE_MARGIN = 0.03
+
+
+@dataclass
+class TuningDecision:
+    """The plan the backend will compile, and why.
+
+    plan: the chosen plan (all-keep unless a fused plan won beyond the noise margin).
+    cost_ms / baseline_ms: the chosen plan's and the all-keep plan's measured times (mean of their
+        measurements, confirmation included); None where not measured.
+    best_plan / best_ms: the search's best plan, even when the guard rejected it.
+    strategy, measurements (every evaluate call, confirmation included), seconds, reason: for
+        explain() and logs.
+    """
+
+    plan: Plan
+    cost_ms: float | None
+    baseline_ms: float | None
+    best_plan: Plan
+    best_ms: float | None
+    strategy: str
+    measurements: int
+    seconds: float
+    reason: str
+    history: list[Measurement] = field(default_factory=list)
+
+    @property
+    def fused(self) -> bool:
+        """Whether the chosen plan fuses anything."""
+        return bool(self.plan.fused_sites())
+
+    @property
+    def speedup(self) -> float | None:
+        """baseline_ms / cost_ms, when both are known."""
+        if self.cost_ms and self.baseline_ms is not None:
+            return self.baseline_ms / self.cost_ms
+        return None
+
+    def to_record(self) -> dict:
+        """A JSON-ready dict for the tuning cache (non-finite times become None)."""
+        return {
+            "plan": self.plan.to_dict(),
+            "cost_ms": _finite_or_none(self.cost_ms),
+            "baseline_ms": _finite_or_none(self.baseline_ms),
+            "best_plan": self.best_plan.to_dict(),
+            "best_ms": _finite_or_none(self.best_ms),
+            "strategy": self.strategy,
+            "measurements": self.measurements,
+            "seconds": self.seconds,
+            "reason": self.reason,
+            "history": [[m.plan.to_dict(), _finite_or_none(m.cost_ms), m.seconds]
+                        for m in self.history],
+        }
+
+    @classmethod
+    def from_record(cls, record: dict) -> TuningDecision:
+        """Rebuild a decision from `to_record()`; KeyError/TypeError/ValueError on a malformed one."""
+        history = [Measurement(Plan(p), math.inf if c is None else float(c), float(s))
+                   for p, c, s in record.get("history", [])]
+        return cls(
+            plan=Plan(record["plan"]),
+            cost_ms=record["cost_ms"],
+            baseline_ms=record["baseline_ms"],
+            best_plan=Plan(record["best_plan"]),
+            best_ms=record["best_ms"],
+            strategy=str(record["strategy"]),
+            measurements=int(record["measurements"]),
+            seconds=float(record["seconds"]),
+            reason=str(record["reason"]),
+            history=history,
+        )
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def choose_plan(space: DecisionSpace, evaluate: Evaluate, strategy: str = DEFAULT_STRATEGY, *,
+                simulations: int = 30, time_budget_s: float | None = None, seed: int = 0,
+                noise_margin: float = DEFAULT_NOISE_MARGIN, confirm: bool = True,
+                progress: bool | None = None) -> TuningDecision:
+    """Search the strategy's part of `space` and decide which plan to compile.
+
+    The search (MCTS) always measures the all-keep plan first when the strategy allows it. The
+    best fused plan is used only if it beats all-keep by more than `noise_margin` (relative: 0.03
+    means at least 3% faster); with `confirm`, both plans are then measured once more and the win
+    must hold again (the best of many noisy measurements is biased low). Otherwise the all-keep
+    plan is returned: truthfuse must never make a model slower than the inner compiler.
+
+    Under "aggressive" there is no all-keep plan and no guard: the fastest fused plan is used.
+    A space with a single valid plan is returned without measuring anything.
+    """
+    if not 0 <= noise_margin < 1:
+        raise ValueError(f"noise_margin must be in [0, 1), got {noise_margin!r}")
+    restricted = restrict(space, strategy)
+    strategy = strategy.strip().lower()
+    _check_space(restricted)
+    started = time.perf_counter()
+
+    if restricted.size() == 1:
+        only = next(restricted.enumerate())
+        return TuningDecision(only, None, None, only, None, strategy, 0,
+                              time.perf_counter() - started, "only one valid plan: nothing to tune")
+
+    result = mcts_search(restricted, evaluate, simulations=simulations,
+                         time_budget_s=time_budget_s, seed=seed, progress=progress)
+    baseline = _baseline_of(restricted)
+    best, best_cost = result.best_plan, result.best_cost
+
+    def decision(plan, cost, base, measurements, reason):
+        return TuningDecision(plan, cost, base, best, best_cost, strategy, measurements,
+                              time.perf_counter() - started, reason, result.history)
+
+    if baseline is None:
+        return decision(best, best_cost, None, result.measurements,
+                        f"{strategy}: every site fused; fastest variants chosen (no guard)")
+
+    baseline_cost = result.baseline_cost
+    if best == baseline:
+        return decision(baseline, baseline_cost, baseline_cost, result.measurements,
+                        "all-keep was the fastest plan measured")
+    threshold = 1 - noise_margin
+    if not best_cost < baseline_cost * threshold:
+        return decision(baseline, baseline_cost, baseline_cost, result.measurements,
+                        f"best plan ({best_cost:.4g} ms) is not faster than all-keep "
+                        f"({baseline_cost:.4g} ms) beyond the {noise_margin:.0%} noise margin")
+    if not confirm:
+        return decision(best, best_cost, baseline_cost, result.measurements,
+                        f"fused plan {best_cost:.4g} ms vs all-keep {baseline_cost:.4g} ms")
+
+    # Re-measure outside the memo: the confirmation must be a fresh timing.
+    baseline_again = _checked_cost(evaluate(baseline), baseline)
+    best_again = _checked_cost(evaluate(best), best)
+    measurements = result.measurements + 2
+    best_mean = _mean([best_cost, best_again])
+    baseline_mean = _mean([baseline_cost, baseline_again])
+    if best_again < baseline_again * threshold:
+        return decision(best, best_mean, baseline_mean, measurements,
+                        f"fused plan {best_mean:.4g} ms vs all-keep {baseline_mean:.4g} ms "
+                        f"(win confirmed by a second measurement)")
+    return decision(baseline, baseline_mean, baseline_mean, measurements,
+                    f"best plan's win did not reproduce: {best_again:.4g} ms vs all-keep "
+                    f"{baseline_again:.4g} ms on re-measurement")

@@ -1,0 +1,132 @@
+"""Timing one candidate on the device: the number the tuner's search optimizes.
+
+On CUDA: CUDA events around each call, a few warm-up calls first (compilation, autotuning, lazy
+allocations), the median over repeats (robust to a stray slow launch), and inputs rotated among
+several sets so that the timed call does not find its operands in L2 from the previous call.
+A real model step reads weights and activations from HBM; timing from a warm L2 would favour
+kernels that only win when everything is cached.
+
+On CPU (tests, and Triton's interpreter): wall clock with time.perf_counter, same median.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+# H100 SXM/PCIe L2; used when the device cannot be queried.
+DEFAULT_L2_BYTES = 50 * 1024 * 1024
+
+
+def _as_device(device: torch.device | str | int) -> torch.device:
+    if isinstance(device, int):
+        return torch.device("cuda", device)
+    return torch.device(device)
+
+
+def _as_args(input_set: Any) -> tuple:
+    return tuple(input_set) if isinstance(input_set, (tuple, list)) else (input_set,)
+
+
+def measure(fn: Callable[..., Any], input_sets: Sequence[Any], *,
+            device: torch.device | str | int, warmup: int = 3, repeats: int = 10) -> float:
+    """Median time of one call `fn(*input_set)`, in milliseconds.
+
+    input_sets: one or more argument tuples (a non-tuple is passed as the single argument). Calls
+        cycle through them, so pass `l2_rotation_count(...)` sets to keep L2 cold.
+    device: where fn runs; "cuda"/"cuda:N" times with CUDA events, anything else with the wall
+        clock.
+    warmup: untimed calls before timing (at least one per input set is made anyway on CUDA, so
+        that every set has been touched once before timing starts).
+    repeats: timed calls; the median of them is returned.
+    """
+    if not input_sets:
+        raise ValueError("measure needs at least one input set")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    args = [_as_args(s) for s in input_sets]
+    device = _as_device(device)
+    if device.type == "cuda":
+        return _measure_cuda(fn, args, device, warmup, repeats)
+    return _measure_wall_clock(fn, args, warmup, repeats)
+
+
+def _measure_wall_clock(fn, args: list[tuple], warmup: int, repeats: int) -> float:
+    for i in range(warmup):
+        fn(*args[i % len(args)])
+    times = []
+    for i in range(repeats):
+        call_args = args[i % len(args)]
+        start = time.perf_counter()
+        fn(*call_args)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _measure_cuda(fn, args: list[tuple], device: torch.device, warmup: int, repeats: int) -> float:
+    with torch.cuda.device(device):
+        # The first pass over every set also faults in lazily allocated memory.
+        for i in range(max(warmup, len(args))):
+            fn(*args[i % len(args)])
+        torch.cuda.synchronize()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        # Continue the rotation where warm-up stopped, so the set about to be timed is always the
+        # one least recently used.
+        offset = max(warmup, len(args))
+        for i in range(repeats):
+            call_args = args[(offset + i) % len(args)]
+            starts[i].record()
+            fn(*call_args)
+            ends[i].record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def l2_cache_bytes(device: torch.device | str | int) -> int:
+    """The device's L2 size in bytes (0 on CPU, where no rotation is done)."""
+    device = _as_device(device)
+    if device.type != "cuda":
+        return 0
+    try:
+        size = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
+    except (RuntimeError, AssertionError, AttributeError):
+        size = 0
+    return size or DEFAULT_L2_BYTES
+
+
+def l2_rotation_count(bytes_per_set: int, device: torch.device | str | int) -> int:
+    """How many distinct input sets to rotate so that together they exceed L2.
+
+    The smallest n with n * bytes_per_set > L2 size (50 MB on H100). On CPU: 1 (wall-clock
+    timing there is for tests and relative comparisons only, not for cache effects).
+    """
+    if bytes_per_set <= 0:
+        raise ValueError(f"bytes_per_set must be positive, got {bytes_per_set}")
+    l2 = l2_cache_bytes(device)
+    if l2 == 0:
+        return 1
+    return l2 // bytes_per_set + 1
+
+
+def tensor_bytes(*values: Any) -> int:
+    """Bytes held by the tensors among `values` (nested tuples/lists/dicts are walked).
+
+    Convenience for `l2_rotation_count`: pass one input set.
+    """
+    total = 0
+    stack = list(values)
+    while stack:
+        value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+        elif isinstance(value, (tuple, list)):
+            stack.extend(value)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+    return total
