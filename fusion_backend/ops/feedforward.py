@@ -1,0 +1,568 @@
+"""The `feedforward` op: Linear -> activation -> dropout -> Linear -> dropout (+ residual), plain or
+gated (SwiGLU / GEGLU), forward and backward, as `torch.library` custom ops.
+
+    non-gated: hidden = act(x @ w_in.T + b_in)
+    gated:     hidden = act(x @ w_gate.T + b_gate) * (x @ w_in.T + b_in)
+    hidden = dropout(hidden, hidden_dropout_p)
+    out    = dropout(hidden @ w_out.T + b_out, output_dropout_p) [+ residual]
+
+Two implementations, chosen by `impl` (the tuner picks per shape):
+  "triton": Triton GEMMs whose epilogues do bias, activation, gating, dropout and residual.
+  "cublas": torch.matmul / addmm for the products and one fused Triton elementwise pass per
+            epilogue.
+Training memory: forward saves x, the pre-activation(s) and the dropout seed, never the
+activation output or a mask; backward regenerates the masks from the seed (Philox) and recomputes
+the activation from the pre-activation.
+
+`feedforward_reference` is the same function in plain PyTorch. It draws its dropout mask with the
+same Philox stream as the kernels, so under one `torch.manual_seed` both give the same result.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import feedforward as K
+from ..kernels.runtime import can_launch, interpreting
+from .fallback import warn_fallback_once
+
+__all__ = [
+    "ACTIVATIONS",
+    "IMPLS",
+    "feedforward",
+    "feedforward_reference",
+    "feedforward_supports",
+    "feedforward_config_space",
+    "default_feedforward_config",
+]
+
+ACTIVATIONS = tuple(K.ACTIVATIONS)
+"""Valid `activation` names: gelu (exact erf), gelu_tanh, relu, silu."""
+IMPLS = ("triton", "cublas")
+"""Valid `impl` names; None picks `_DEFAULT_IMPL`."""
+_DEFAULT_IMPL = "cublas"  # cuBLAS products + fused epilogues: the faster of the two on H100 at LLM sizes
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_NUMEL = 2**31 - 1  # the GEMM kernel indexes with int32 offsets
+
+# ----------------------------------------------------------------------------------------------
+# Launch configurations
+# ----------------------------------------------------------------------------------------------
+
+
+def _gemm_cfg(bm, bn, bk, g, w, s):
+    return {
+        "key": f"triton:m{bm}n{bn}k{bk}g{g}w{w}s{s}", "impl": "triton",
+        "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g, "num_warps": w, "num_stages": s,
+    }
+
+
+def _ew_cfg(bm, bn, w):
+    return {"key": f"cublas:m{bm}n{bn}w{w}", "impl": "cublas", "BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w}
+
+
+# The interpreter runs one program at a time in numpy: big tiles mean few programs.
+_INTERP_GEMM = _gemm_cfg(64, 64, 64, 4, 4, 1)
+_INTERP_EW = _ew_cfg(64, 128, 4)
+_GEMM_SPACE = [_INTERP_GEMM] + [
+    _gemm_cfg(bm, bn, bk, 8, w, s)
+    for (bm, bn, bk, w, s) in (
+        (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
+        (64, 256, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+        (256, 128, 64, 8, 3),
+    )
+]
+_EW_SPACE = [_INTERP_EW] + [_ew_cfg(bm, bn, w) for (bm, bn, w) in ((16, 256, 4), (32, 128, 4), (32, 256, 8), (8, 512, 4))]
+_BY_KEY = {c["key"]: c for c in _GEMM_SPACE + _EW_SPACE}
+
+
+def feedforward_config_space(impl: str = "triton", *, gated: bool = False) -> list[dict]:
+    """Launch configs the tuner may pass as `config=` for `impl`, each a dict with a stable string
+    `key` (pass that key to `feedforward`). "triton": GEMM tiles (BLOCK_M/N/K, GROUP_M, num_warps,
+    num_stages), used by every GEMM of the op; "cublas": tiles of the elementwise epilogue.
+    Gated GEMMs hold two accumulators, so the widest tiles are left out for them."""
+    _check_impl(impl)
+    if impl == "cublas":
+        return [dict(c) for c in _EW_SPACE]
+    space = _GEMM_SPACE
+    if gated:
+        space = [c for c in space if c["BLOCK_M"] * c["BLOCK_N"] <= 128 * 128]
+    return [dict(c) for c in space]
+
+
+def default_feedforward_config(impl: str = "triton", *, gated: bool = False, interpret: Optional[bool] = None) -> dict:
+    """The config used when `config=None`."""
+    _check_impl(impl)
+    if interpret is None:
+        interpret = interpreting()
+    if impl == "cublas":
+        return dict(_INTERP_EW if interpret else _BY_KEY["cublas:m16n256w4"])
+    if interpret:
+        return dict(_INTERP_GEMM)
+    return dict(_BY_KEY["triton:m128n128k64g8w8s4" if gated else "triton:m128n256k64g8w8s3"])
+
+
+def _check_impl(impl):
+    if impl not in IMPLS:
+        raise ValueError(f"feedforward: impl must be None or one of {IMPLS}, got {impl!r}")
+
+
+def _resolve_config(impl: str, config: Optional[str], gated: bool):
+    """(gemm config, elementwise config) for a launch."""
+    ew = default_feedforward_config("cublas")
+    gemm = default_feedforward_config("triton", gated=gated)
+    if config:
+        cfg = _BY_KEY.get(config)
+        if cfg is None or cfg["impl"] != impl:
+            valid = [c["key"] for c in feedforward_config_space(impl)]
+            raise ValueError(f"feedforward: unknown config {config!r} for impl={impl!r}; valid keys: {valid}")
+        if impl == "cublas":
+            ew = cfg
+        else:
+            gemm = cfg
+    return gemm, ew
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and support
+# ----------------------------------------------------------------------------------------------
+
+
+def _validate(x, w_in, b_in, w_out, b_out, activation, w_gate, b_gate, hidden_dropout_p, output_dropout_p, residual, impl, config):
+    """Raise ValueError on anything the op cannot compute. Uses shapes, dtypes and devices only."""
+    if activation not in K.ACTIVATIONS:
+        raise ValueError(f"feedforward: unknown activation {activation!r}; valid: {ACTIVATIONS}")
+    if impl is not None:
+        _check_impl(impl)
+    for name, p in (("hidden_dropout_p", hidden_dropout_p), ("output_dropout_p", output_dropout_p)):
+        if not isinstance(p, (int, float)) or not (0.0 <= float(p) <= 1.0):
+            raise ValueError(f"feedforward: {name} must be a float in [0, 1], got {p!r}")
+    for name, t in (("x", x), ("w_in", w_in), ("w_out", w_out)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"feedforward: {name} must be a tensor, got {type(t).__name__}")
+    if x.dim() < 1:
+        raise ValueError("feedforward: x must have shape (..., d), got a scalar")
+    if w_in.dim() != 2 or w_out.dim() != 2:
+        raise ValueError(f"feedforward: w_in and w_out must be 2-D (nn.Linear layout), got {tuple(w_in.shape)} and {tuple(w_out.shape)}")
+    h, d = w_in.shape
+    if x.shape[-1] != d:
+        raise ValueError(f"feedforward: x's last dim {x.shape[-1]} does not match w_in {tuple(w_in.shape)} (expected (h, d) with d = {x.shape[-1]})")
+    if w_out.shape[1] != h:
+        raise ValueError(f"feedforward: w_out {tuple(w_out.shape)} must be (d_out, h) with h = {h}")
+    d_out = w_out.shape[0]
+    if w_gate is not None and tuple(w_gate.shape) != tuple(w_in.shape):
+        raise ValueError(f"feedforward: w_gate {tuple(w_gate.shape)} must have w_in's shape {tuple(w_in.shape)}")
+    if b_gate is not None and w_gate is None:
+        raise ValueError("feedforward: b_gate given without w_gate")
+    for name, b, n in (("b_in", b_in, h), ("b_gate", b_gate, h), ("b_out", b_out, d_out)):
+        if b is not None and (b.dim() != 1 or b.shape[0] != n):
+            raise ValueError(f"feedforward: {name} must have shape ({n},), got {tuple(b.shape)}")
+    if residual is not None:
+        want = tuple(x.shape[:-1]) + (d_out,)
+        if tuple(residual.shape) != want:
+            raise ValueError(f"feedforward: residual must have shape {want}, got {tuple(residual.shape)}")
+    tensors = [t for t in (x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual) if t is not None]
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"feedforward: x must be floating point, got {x.dtype}")
+    if any(t.dtype != x.dtype for t in tensors):
+        raise ValueError(f"feedforward: all tensors must share x's dtype {x.dtype}, got {sorted({str(t.dtype) for t in tensors})}")
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"feedforward: all tensors must be on one device, got {sorted({str(t.device) for t in tensors})}")
+    if config is not None:
+        _resolve_config(impl or _DEFAULT_IMPL, config, w_gate is not None)
+
+
+def feedforward_supports(
+    x, w_in, b_in=None, w_out=None, b_out=None, *, activation="gelu", w_gate=None, b_gate=None,
+    hidden_dropout_p=0.0, output_dropout_p=0.0, residual=None, impl=None, config=None,
+) -> tuple[bool, str]:
+    """Whether `feedforward` would run its Triton kernels on these arguments, and why not.
+
+    Reads only shapes, dtypes and devices, so fake tensors work. (False, reason) means the op
+    would raise (invalid arguments) or compute the site with the PyTorch reference.
+    """
+    if w_out is None:
+        return False, "w_out is missing"
+    try:
+        _validate(x, w_in, b_in, w_out, b_out, activation, w_gate, b_gate, hidden_dropout_p, output_dropout_p, residual, impl, config)
+    except ValueError as e:
+        return False, str(e)
+    if x.dtype not in _KERNEL_DTYPES:
+        return False, f"dtype {x.dtype} has no kernel (supported: float16, bfloat16, float32)"
+    dev = x.device.type
+    if dev == "cpu" and not interpreting():
+        return False, "CPU tensors while Triton's interpreter is off (TRITON_INTERPRET=1 runs kernels on CPU)"
+    if dev not in ("cpu", "cuda"):
+        return False, f"device {dev!r} has no Triton kernel"
+    h, d = w_in.shape
+    m = 1
+    for s in x.shape[:-1]:
+        m *= s
+    if isinstance(m, int) and max(m * max(d, h, w_out.shape[0]), h * max(d, w_out.shape[0])) > _MAX_NUMEL:
+        return False, "a matrix has 2**31 elements or more (int32 indexing)"
+    return True, "ok"
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch reference
+# ----------------------------------------------------------------------------------------------
+
+
+def _act_ref(z, activation):
+    if activation == "gelu":
+        return F.gelu(z)
+    if activation == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if activation == "relu":
+        return F.relu(z)
+    return F.silu(z)
+
+
+def _act_and_grad_ref(z, activation):
+    """(act(z), act'(z)) by formula, matching the kernels' `_act_and_grad`."""
+    if activation == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(z * K._SQRT1_2))
+        return z * cdf, cdf + z * torch.exp(-0.5 * z * z) * K._INV_SQRT_2PI
+    if activation == "gelu_tanh":
+        t = torch.tanh(K._SQRT_2_OVER_PI * (z + 0.044715 * z**3))
+        dinner = K._SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * z * z)
+        return 0.5 * z * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * dinner
+    if activation == "relu":
+        return z.clamp_min(0.0), (z > 0).to(z.dtype)
+    s = torch.sigmoid(z)
+    return z * s, s * (1.0 + z * (1.0 - s))
+
+
+def _draw_seed() -> torch.Tensor:
+    """A dropout seed from torch's default (CPU) generator, as an int64 scalar tensor."""
+    return torch.randint(0, 2**31 - 2, (), dtype=torch.int64)
+
+
+def _mask_scale(seed: int, rows: int, cols: int, p: float, device, dtype):
+    """Dropout multiplier (keep / (1 - p)) of a (rows, cols) matrix, the kernels' Philox stream."""
+    return K.philox_keep_mask(seed, rows, cols, p, device=device).to(dtype) * K.dropout_scale(p)
+
+
+def feedforward_reference(
+    x, w_in, b_in, w_out, b_out, *, activation="gelu", w_gate=None, b_gate=None,
+    hidden_dropout_p=0.0, output_dropout_p=0.0, residual=None, seed=None, impl=None, config=None,
+):
+    """`feedforward` in plain, differentiable PyTorch, in x's dtype.
+
+    seed: the dropout seed (int); None draws it from torch's default generator exactly as
+    `feedforward` does, so the same `torch.manual_seed` gives both the same dropout masks.
+    impl and config are accepted and ignored, so both functions take the same arguments.
+    """
+    _validate(x, w_in, b_in, w_out, b_out, activation, w_gate, b_gate, hidden_dropout_p, output_dropout_p, residual, None, None)
+    p_h, p_o = float(hidden_dropout_p), float(output_dropout_p)
+    if seed is None and (p_h > 0 or p_o > 0):
+        seed = int(_draw_seed())
+    x2 = x.reshape(-1, x.shape[-1])
+    if w_gate is not None:
+        hid = _act_ref(F.linear(x2, w_gate, b_gate), activation) * F.linear(x2, w_in, b_in)
+    else:
+        hid = _act_ref(F.linear(x2, w_in, b_in), activation)
+    if p_h > 0:
+        hid = hid * _mask_scale(seed, hid.shape[0], hid.shape[1], p_h, x.device, x.dtype)
+    out = F.linear(hid, w_out, b_out)
+    if p_o > 0:
+        out = out * _mask_scale(seed + 1, out.shape[0], out.shape[1], p_o, x.device, x.dtype)
+    out = out.reshape(tuple(x.shape[:-1]) + (w_out.shape[0],))
+    if residual is not None:
+        out = out + residual
+    return out
+
+
+def _ref_forward(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, act, p_h, p_o, save):
+    """Reference forward on 2-D x returning (out, z, zu) like the fused forward (fallback path)."""
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    f = lambda t: None if t is None else t.to(ct)  # noqa: E731
+    if w_gate is not None:
+        z = F.linear(f(x), f(w_gate), f(b_gate)).to(x.dtype)
+        zu = F.linear(f(x), f(w_in), f(b_in)).to(x.dtype)
+        hid = _act_ref(z.to(ct), act) * zu.to(ct)
+    else:
+        z = F.linear(f(x), f(w_in), f(b_in)).to(x.dtype)
+        zu = None
+        hid = _act_ref(z.to(ct), act)
+    if p_h > 0:
+        hid = hid * _mask_scale(seed, hid.shape[0], hid.shape[1], p_h, x.device, ct)
+    out = F.linear(hid.to(x.dtype).to(ct), f(w_out), f(b_out))
+    if p_o > 0:
+        out = out * _mask_scale(seed + 1, out.shape[0], out.shape[1], p_o, x.device, ct)
+    if residual is not None:
+        out = out + residual.to(ct)
+    empty = x.new_empty(0)
+    if not save:
+        return out.to(x.dtype), empty, empty
+    return out.to(x.dtype), z, zu if zu is not None else empty
+
+
+def _ref_backward(grad, x, z, zu, w_in, w_out, w_gate, seed, act, p_h, p_o, needs):
+    """Reference backward on 2-D tensors: the 7 gradients (x, w_in, b_in, w_out, b_out, w_gate, b_gate)."""
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    M = x.shape[0]
+    h = w_in.shape[0]
+    gy = grad.to(ct)
+    if p_o > 0:
+        gy = gy * _mask_scale(seed + 1, M, gy.shape[1], p_o, x.device, ct)
+    a_val, a_grad = _act_and_grad_ref(z.to(ct), act)
+    keep = _mask_scale(seed, M, h, p_h, x.device, ct) if p_h > 0 else None
+    hid = a_val * zu.to(ct) if zu is not None else a_val
+    if keep is not None:
+        hid = hid * keep
+    hid = hid.to(x.dtype).to(ct)
+    dh = gy @ w_out.to(ct)
+    if keep is not None:
+        dh = dh * keep
+    if zu is not None:
+        dz, dzu = dh * zu.to(ct) * a_grad, dh * a_val
+    else:
+        dz, dzu = dh * a_grad, None
+    dz = dz.to(x.dtype).to(ct)
+    xc = x.to(ct)
+    up = dzu.to(x.dtype).to(ct) if dzu is not None else dz  # gradient of the w_in projection
+    dx = up @ w_in.to(ct)
+    if zu is not None:
+        dx = dx + dz @ w_gate.to(ct)
+    res = [dx, up.t() @ xc, up.sum(0), gy.t() @ hid, gy.sum(0), None, None]
+    if zu is not None:
+        res[5], res[6] = dz.t() @ xc, dz.sum(0)
+    return [r.to(x.dtype) if (r is not None and n) else None for r, n in zip(res, needs)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused implementations
+# ----------------------------------------------------------------------------------------------
+
+
+def _rows(t):
+    """t itself when its columns are contiguous, else a contiguous copy (elementwise kernels)."""
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+def _fused_forward(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, act, p_h, p_o, impl, gemm_cfg, ew_cfg, save):
+    code = K.ACTIVATIONS[act]
+    gated = w_gate is not None
+    empty = x.new_empty(0)
+    b_in, b_out, b_gate = (b.contiguous() if b is not None else None for b in (b_in, b_out, b_gate))
+    if residual is not None and impl != "triton":
+        residual = _rows(residual)
+    if impl == "triton":
+        hid, z, zu = K.gemm(
+            x, w_in.t(), epi=K.EPI_HIDDEN, act=code, bias=b_in,
+            b2=w_gate.t() if gated else None, bias2=b_gate, seed=seed, p=p_h, store_z=save, config=gemm_cfg,
+        )
+        out = K.gemm(hid, w_out.t(), epi=K.EPI_OUT, bias=b_out, residual=residual, seed=seed + 1, p=p_o, config=gemm_cfg)
+    else:
+        def lin(w, b):
+            return torch.addmm(b, x, w.t()) if b is not None else torch.mm(x, w.t())
+
+        z = lin(w_gate, b_gate) if gated else lin(w_in, b_in)
+        zu = lin(w_in, b_in) if gated else None
+        hid = K.hidden_epilogue(z, act=code, zu=zu, seed=seed, p=p_h, config=ew_cfg)
+        out = torch.addmm(b_out, hid, w_out.t()) if b_out is not None else torch.mm(hid, w_out.t())
+        if p_o > 0 or residual is not None:
+            K.output_epilogue(out, residual=residual, out=out, seed=seed + 1, p=p_o, config=ew_cfg)
+    if not save:
+        return out, empty, empty
+    return out, z, zu if zu is not None else empty
+
+
+def _fused_backward(grad, x, z, zu, w_in, w_out, w_gate, seed, act, p_h, p_o, impl, gemm_cfg, ew_cfg, needs):
+    code = K.ACTIVATIONS[act]
+    gated = w_gate is not None
+    n_dx, n_win, n_bin, n_wout, n_bout, n_wg, n_bg = needs
+    use_triton = impl == "triton"
+    grad = _rows(grad)  # the elementwise kernels want unit column stride (grads may be expanded)
+
+    def mm(a, b):
+        return K.gemm(a, b, config=gemm_cfg) if use_triton else torch.mm(a, b)
+
+    # dL/dy: the output dropout's mask comes back from seed + 1.
+    gy = K.output_epilogue(grad, seed=seed + 1, p=p_o, config=ew_cfg) if p_o > 0 else grad
+    dw_out = db_out = None
+    if n_wout:
+        # Recompute hidden from the stored pre-activations; it lives only for this product.
+        hid = K.hidden_epilogue(z, act=code, zu=zu, seed=seed, p=p_h, config=ew_cfg)
+        dw_out = mm(gy.t(), hid)
+        del hid
+    if n_bout:
+        db_out = gy.sum(0, dtype=torch.float32).to(grad.dtype)
+    need_dz = n_dx or n_win or n_bin or n_wg or n_bg
+    dx = dw_in = db_in = dw_g = db_g = None
+    if need_dz:
+        if use_triton:
+            r = K.gemm(gy, w_out, epi=K.EPI_DHIDDEN, act=code, z=z, zu=zu, seed=seed, p=p_h, config=gemm_cfg)
+            dz, dzu = r if gated else (r, None)
+            db_a = db_b = None
+        else:
+            dh = torch.mm(gy, w_out)
+            dz, dzu, db_a, db_b = K.hidden_epilogue(
+                z, act=code, zu=zu, grad=dh, out=dh, seed=seed, p=p_h, bias_grad=True, config=ew_cfg,
+            )
+        del gy
+        up = dzu if gated else dz  # gradient of the w_in projection's pre-activation
+        if n_dx:
+            if gated and use_triton:
+                dx = K.gemm(up, w_in, a2=dz, b2=w_gate, config=gemm_cfg)
+            elif gated:
+                dx = torch.mm(up, w_in)
+                dx.addmm_(dz, w_gate)
+            else:
+                dx = mm(up, w_in)
+        if n_win:
+            dw_in = mm(up.t(), x)
+        if n_bin:
+            db_in = (db_b if gated else db_a) if db_a is not None else up.sum(0, dtype=torch.float32)
+            db_in = db_in.to(grad.dtype)
+        if gated and n_wg:
+            dw_g = mm(dz.t(), x)
+        if gated and n_bg:
+            db_g = (db_a if db_a is not None else dz.sum(0, dtype=torch.float32)).to(grad.dtype)
+    return [dx, dw_in, db_in, dw_out, db_out, dw_g, db_g]
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops
+# ----------------------------------------------------------------------------------------------
+
+
+def _use_kernels(tensors, dtype, M):
+    return can_launch(*tensors) and dtype in _KERNEL_DTYPES and M > 0
+
+
+@torch.library.custom_op("truthfuse::feedforward", mutates_args=())
+def _feedforward_op(
+    x: torch.Tensor, w_in: torch.Tensor, b_in: Optional[torch.Tensor], w_out: torch.Tensor,
+    b_out: Optional[torch.Tensor], w_gate: Optional[torch.Tensor], b_gate: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor], seed: Optional[torch.Tensor], activation: str,
+    hidden_dropout_p: float, output_dropout_p: float, impl: str, config: str, save: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward on 2-D x (M, d). Returns (out (M, d_out), z, zu): z the (gate's, when gated)
+    pre-activation (M, h), zu the up projection's (M, h) when gated; each an empty (0,) tensor
+    when not saved (save=False, or no gate). `seed` is an int64 scalar tensor (or None without
+    dropout); config "" means the default."""
+    s = int(seed.item()) if seed is not None else 0
+    args = (x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual)
+    if _use_kernels([t for t in args if t is not None], x.dtype, x.shape[0]):
+        gemm_cfg, ew_cfg = _resolve_config(impl, config or None, w_gate is not None)
+        try:
+            return _fused_forward(*args, s, activation, hidden_dropout_p, output_dropout_p, impl, gemm_cfg, ew_cfg, save)
+        except Exception as e:  # a kernel that cannot compile or launch must not break the model
+            warn_fallback_once("feedforward", f"{type(e).__name__}: {str(e)[:200]}")
+    return _ref_forward(*args, s, activation, hidden_dropout_p, output_dropout_p, save)
+
+
+@_feedforward_op.register_fake
+def _(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, activation, hidden_dropout_p, output_dropout_p, impl, config, save):
+    M = x.shape[0]
+    h = w_in.shape[0]
+    out = x.new_empty(M, w_out.shape[0])
+    z = x.new_empty(M, h) if save else x.new_empty(0)
+    zu = x.new_empty(M, h) if (save and w_gate is not None) else x.new_empty(0)
+    return out, z, zu
+
+
+@torch.library.custom_op("truthfuse::feedforward_backward", mutates_args=())
+def _feedforward_backward_op(
+    grad: torch.Tensor, x: torch.Tensor, z: torch.Tensor, zu: torch.Tensor, w_in: torch.Tensor,
+    b_in: Optional[torch.Tensor], w_out: torch.Tensor, w_gate: Optional[torch.Tensor],
+    b_gate: Optional[torch.Tensor], seed: Optional[torch.Tensor], activation: str,
+    hidden_dropout_p: float, output_dropout_p: float, impl: str, config: str, needs: list[bool],
+) -> list[torch.Tensor]:
+    """Backward of `truthfuse::feedforward` on 2-D tensors. Returns the gradients of
+    (x, w_in, b_in, w_out, b_out, w_gate, b_gate), each an empty (0,) tensor where `needs` is
+    False. z/zu are forward's saved pre-activations; when forward did not save them (z empty),
+    they are recomputed from x (b_in / b_gate are needed only for that)."""
+    s = int(seed.item()) if seed is not None else 0
+    gated = w_gate is not None
+    tensors = [t for t in (grad, x, w_in, b_in, w_out, w_gate, b_gate) if t is not None]
+    kernels = _use_kernels(tensors, x.dtype, x.shape[0])
+    res = None
+    if kernels:
+        gemm_cfg, ew_cfg = _resolve_config(impl, config or None, gated)
+        try:
+            if z.dim() != 2:
+                _, z, zu = _fused_forward(x, w_in, b_in, w_out, None, w_gate, b_gate, None, s, activation, 0.0, 0.0, impl, gemm_cfg, ew_cfg, True)
+            res = _fused_backward(grad, x, z, zu if gated else None, w_in, w_out, w_gate, s, activation,
+                                  hidden_dropout_p, output_dropout_p, impl, gemm_cfg, ew_cfg, needs)
+        except Exception as e:
+            warn_fallback_once("feedforward", f"{type(e).__name__}: {str(e)[:200]}")
+    if res is None:
+        if z.dim() != 2:
+            _, z, zu = _ref_forward(x, w_in, b_in, w_out, None, w_gate, b_gate, None, s, activation, 0.0, 0.0, True)
+        res = _ref_backward(grad, x, z, zu if gated else None, w_in, w_out, w_gate, s, activation,
+                            hidden_dropout_p, output_dropout_p, needs)
+    return [r if r is not None else x.new_empty(0) for r in res]
+
+
+@_feedforward_backward_op.register_fake
+def _(grad, x, z, zu, w_in, b_in, w_out, w_gate, b_gate, seed, activation, hidden_dropout_p, output_dropout_p, impl, config, needs):
+    h, d = w_in.shape
+    shapes = [x.shape, (h, d), (h,), w_out.shape, (w_out.shape[0],), (h, d), (h,)]
+    return [x.new_empty(tuple(s)) if n else x.new_empty(0) for s, n in zip(shapes, needs)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, act, p_h, p_o, impl, config, save = inputs
+    _, z, zu = output
+    ctx.save_for_backward(x, z, zu, w_in, b_in, w_out, w_gate, b_gate, seed)
+    ctx.attrs = (act, p_h, p_o, impl, config)
+    ctx.has = (b_in is not None, b_out is not None, w_gate is not None, b_gate is not None, residual is not None)
+
+
+def _backward(ctx, grad_out, _grad_z, _grad_zu):
+    x, z, zu, w_in, b_in, w_out, w_gate, b_gate, seed = ctx.saved_tensors
+    act, p_h, p_o, impl, config = ctx.attrs
+    has_bin, has_bout, has_gate, has_bgate, has_res = ctx.has
+    ng = ctx.needs_input_grad
+    needs = [ng[0], ng[1], has_bin and ng[2], ng[3], has_bout and ng[4], has_gate and ng[5], has_bgate and ng[6]]
+    grads = [None] * 15
+    if any(needs):
+        res = torch.ops.truthfuse.feedforward_backward(
+            grad_out, x, z, zu, w_in, b_in, w_out, w_gate, b_gate, seed, act, p_h, p_o, impl, config, needs,
+        )
+        grads[:7] = [r if n else None for r, n in zip(res, needs)]
+    if has_res and ng[7]:
+        grads[7] = grad_out
+    return tuple(grads)
+
+
+_feedforward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def feedforward(
+    x, w_in, b_in, w_out, b_out, *, activation="gelu", w_gate=None, b_gate=None,
+    hidden_dropout_p=0.0, output_dropout_p=0.0, residual=None, impl=None, config=None,
+):
+    """Fused feed-forward block; see the module docstring for the math.
+
+    x: (..., d); w_in, w_gate: (h, d); w_out: (d_out, h); b_in, b_gate: (h,); b_out: (d_out,)
+    or None; residual: (..., d_out) or None. Any strides (HF Conv1D weights arrive transposed).
+    activation: "gelu" (exact), "gelu_tanh", "relu" or "silu". Dropout p > 0 means training-mode
+    dropout, seeded from torch's default generator. impl: None, "triton" or "cublas"; config: a
+    key from `feedforward_config_space(impl)` or None. Raises ValueError on invalid arguments.
+    Returns (..., d_out) in x's dtype; differentiable in every tensor argument.
+    """
+    _validate(x, w_in, b_in, w_out, b_out, activation, w_gate, b_gate, hidden_dropout_p, output_dropout_p, residual, impl, config)
+    impl = impl or _DEFAULT_IMPL
+    p_h, p_o = float(hidden_dropout_p), float(output_dropout_p)
+    seed = _draw_seed() if (p_h > 0 or p_o > 0) else None
+    d_out = w_out.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    res2 = residual.reshape(-1, d_out) if residual is not None else None
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w_in, b_in, w_out, b_out, w_gate, b_gate)
+    )
+    out, _, _ = torch.ops.truthfuse.feedforward(
+        x2, w_in, b_in, w_out, b_out, w_gate, b_gate, res2, seed, activation, p_h, p_o, impl, config or "", save,
+    )
+    return out.reshape(tuple(lead) + (d_out,))
