@@ -1,0 +1,581 @@
+"""Flash-style attention kernels for the tensor-core metrics: "dot", "l2" and "cosine".
+
+One pass with an online softmax; the forward stores the row logsumexp and the backward recomputes
+the probabilities from it (dK/dV in one kernel, dQ plus the scale and mask gradients in another),
+so no Nq x Nk matrix ever reaches memory.
+
+Logits, with s the per-head scale (one fp32 value per query head):
+    dot     s * q.k
+    l2      -s * |q - k|^2  computed as  s * (2 q.k - |k|^2): |q|^2 is constant along a softmax row and
+            cancels. q.k comes from the tensor cores with fp32 accumulation of exact bf16/fp16
+            products, and |k|^2 is summed in fp32 from the loaded k, so neither term is rounded to
+            the input dtype (the augmented-vector SDPA trick rounds |k|^2 and 2*s*q to bf16, which is
+            where its error at large s comes from).
+    cosine  s * q^.k^  with q^ = q / max(|q|, eps) normalized in fp32 inside the kernel.
+
+Conventions shared by the kernels (and by `attention_l1`):
+- Logits are handled in base 2 (multiplied by log2(e)) so the softmax uses exp2; LSE is stored in
+  those units. A fully masked row gets LSE = +inf, so its probabilities recompute as 0 and its
+  output is 0 (the convention of torch's safe softmax).
+- Masks: MASK_KIND 0 none, 1 bool (True = keep), 2 float (added to the logits). The mask pointer
+  carries four strides over (B, H, Nq, Nk), 0 on broadcast dims.
+- Dropout: keep(i, j) = philox_uniform(seed + b*H + h, i*Nk + j) >= p, kept values scaled by
+  1/(1-p). The backward regenerates the same mask from the same seed.
+- GQA: query head h reads key/value head h // GROUP.
+
+Nothing here knows about FX or custom ops; `fusion_backend.ops.attention` wraps these launchers.
+"""
+import math
+import re
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+COSINE_EPS = 1e-12
+METRICS_TC = ("dot", "l2", "cosine")
+METRIC_IDS = {"dot": 0, "l2": 1, "cosine": 2, "l1": 3}
+MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared jit helpers (also used by attention_l1)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _logits2(raw, scale2, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
+             MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, EVEN_N: tl.constexpr):
+    """Base-2 logits of one [BLOCK_M, BLOCK_N] tile: raw * scale2, plus the mask, with causal and
+    out-of-range keys set to -inf. `mask_ptr` already points at this (batch, head)."""
+    s = raw * scale2
+    if MASK_KIND != 0:
+        mptr = mask_ptr + offs_m[:, None] * smm + offs_n[None, :] * smn
+        inb = (offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K)
+        if MASK_KIND == 1:
+            keep = tl.load(mptr, mask=inb, other=0) != 0
+            s = tl.where(keep, s, float("-inf"))
+        else:
+            s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32) * 1.4426950408889634
+    if CAUSAL:
+        s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+    if not EVEN_N:
+        s = tl.where(offs_n[None, :] < N_K, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _dropout_keep(seed, bh, offs_m, offs_n, N_K, dropout_p):
+    """Bool tile: which probabilities survive dropout. Philox keyed by (seed + b*H + h), counter
+    i*Nk + j, so forward and backward agree for any blocking."""
+    offs = offs_m[:, None] * N_K + offs_n[None, :]
+    return tl.rand(seed + bh, offs) >= dropout_p
+
+
+@triton.jit
+def _load_rows(ptr, offs_r, offs_c, stride_r, stride_c, N_R, N_C: tl.constexpr,
+               EVEN_R: tl.constexpr, EVEN_C: tl.constexpr):
+    """Load a [R, C_PAD] tile (rows offs_r, cols offs_c), zero outside N_R rows / N_C cols."""
+    ptrs = ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+    if EVEN_R and EVEN_C:
+        return tl.load(ptrs)
+    elif EVEN_R:
+        return tl.load(ptrs, mask=offs_c[None, :] < N_C, other=0.0)
+    elif EVEN_C:
+        return tl.load(ptrs, mask=offs_r[:, None] < N_R, other=0.0)
+    else:
+        return tl.load(ptrs, mask=(offs_r[:, None] < N_R) & (offs_c[None, :] < N_C), other=0.0)
+
+
+@triton.jit
+def _normalize_rows(x):
+    """fp32 rows of x divided by max(|row|, 1e-12) (F.normalize), and the clamped norms."""
+    xf = x.to(tl.float32)
+    nrm = tl.maximum(tl.sqrt(tl.sum(xf * xf, axis=1)), 1e-12)
+    return xf / nrm[:, None], nrm
+
+
+@triton.jit
+def _normalize_grad(g, xh, nrm):
+    """Gradient through x -> x / max(|x|, eps), given the gradient g w.r.t. the normalized rows."""
+    proj = tl.sum(xh * g, axis=1)
+    return tl.where(nrm[:, None] > 1e-12, (g - xh * proj[:, None]) / nrm[:, None], g / nrm[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, SCALE, MASK, OUT, LSE,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    smb, smh, smm, smn,
+    sob, soh, som, sod,
+    H, N_Q, N_K, GROUP, seed, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Forward of dot / l2 / cosine attention for one block of BLOCK_M queries of one (b, h).
+
+    Grid: (cdiv(Nq, BLOCK_M), B * H).
+    Q:     (B, H, Nq, D) strides sq*;  K: (B, Hkv, Nk, D) strides sk*;  V: (B, Hkv, Nk, Dv) sv*.
+    SCALE: (H,) fp32, the per-head scale s.
+    MASK:  (B, H, Nq, Nk) broadcast view, strides sm* (0 on broadcast dims); unused if MASK_KIND 0.
+    OUT:   (B, H, Nq, Dv) strides so*, written in OUT's dtype.
+    LSE:   (B*H, Nq) fp32 contiguous, base-2 logsumexp of each row (+inf for a fully masked row).
+    GROUP: H // Hkv.  seed, dropout_p: see the module docstring.
+    Constexprs: HEAD_DIM/HEAD_DIM_V the true head dims, D_PAD/DV_PAD their powers of two (>= 16);
+    METRIC 0 dot, 1 l2, 2 cosine; MASK_KIND 0/1/2; CAUSAL top-left triangle; DROPOUT on/off;
+    EVEN_M/EVEN_N whether Nq/Nk are multiples of the blocks (skip bounds checks);
+    DOT_PREC tl.dot input precision ("ieee" for fp32 inputs); BLOCK_M/BLOCK_N the tile.
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    scale2 = tl.load(SCALE + h) * 1.4426950408889634
+
+    q = _load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, N_Q, HEAD_DIM, EVEN_M, HEAD_DIM == D_PAD)
+    if METRIC == 2:
+        qh, _ = _normalize_rows(q)
+        q = qh.to(Q.dtype.element_ty)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    mask_base = MASK + b * smb + h * smh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    if CAUSAL:
+        hi = tl.minimum(N_K, (pid_m + 1) * BLOCK_M)
+    else:
+        hi = N_K
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
+        if METRIC == 2:
+            kh, _ = _normalize_rows(k)
+            k = kh.to(K.dtype.element_ty)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if METRIC == 1:
+            kf = k.to(tl.float32)
+            kn = tl.sum(kf * kf, axis=1)
+            raw = 2.0 * qk - kn[None, :]
+        else:
+            raw = qk
+        s = _logits2(raw, scale2, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, N_K, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
+        acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    o_ptrs = OUT + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(LSE + bh * N_Q + offs_m, lse, mask=offs_m < N_Q)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward: dK and dV (one program per key block of one kv head, looping over its query heads)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, SCALE, MASK, DO, LSE, DELTA, DK, DV,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    smb, smh, smm, smn,
+    sdob, sdoh, sdom, sdod,
+    H, HKV, N_Q, N_K, GROUP, seed, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK, dV for BLOCK_N keys of one (b, kv head), summed over the GROUP query heads that read it.
+
+    Grid: (cdiv(Nk, BLOCK_N), B * Hkv). Pointers as in `_attn_fwd_kernel`, plus
+    DO:    (B, H, Nq, Dv) strides sdo*;  LSE, DELTA: (B*H, Nq) fp32 contiguous (DELTA = rowsum(dO*O));
+    DK:    (B, Hkv, Nk, D) contiguous, K's dtype;  DV: (B, Hkv, Nk, Dv) contiguous, V's dtype.
+    BLOCK_N keys are owned by the program, BLOCK_M queries are visited per step.
+    """
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // HKV
+    hk = bhk % HKV
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+
+    k = _load_rows(K + b * skb + hk * skh, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
+    v = _load_rows(V + b * svb + hk * svh, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
+    kf = k.to(tl.float32)
+    if METRIC == 2:
+        kh, knrm = _normalize_rows(k)
+        k_op = kh.to(K.dtype.element_ty)
+    else:
+        k_op = k
+    if METRIC == 1:
+        kn = tl.sum(kf * kf, axis=1)
+
+    dk_acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv_acc = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
+    csum = tl.zeros([BLOCK_N], tl.float32)
+    if CAUSAL:
+        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        scale = tl.load(SCALE + h)
+        scale2 = scale * 1.4426950408889634
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdob + h * sdoh
+        mask_base = MASK + b * smb + h * smh
+        for start_m in range(lo, N_Q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = _load_rows(q_base, offs_m, offs_d, sqm, sqd, N_Q, HEAD_DIM, EVEN_M, HEAD_DIM == D_PAD)
+            if METRIC == 2:
+                qh, _ = _normalize_rows(q)
+                q = qh.to(Q.dtype.element_ty)
+            do = _load_rows(do_base, offs_m, offs_dv, sdom, sdod, N_Q, HEAD_DIM_V, EVEN_M, HEAD_DIM_V == DV_PAD)
+            if EVEN_M:
+                lse = tl.load(LSE + bh * N_Q + offs_m)
+                delta = tl.load(DELTA + bh * N_Q + offs_m)
+            else:
+                lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
+                delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+            qk = tl.dot(q, tl.trans(k_op), input_precision=DOT_PREC)
+            if METRIC == 1:
+                raw = 2.0 * qk - kn[None, :]
+            else:
+                raw = qk
+            s = _logits2(raw, scale2, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+            p = tl.math.exp2(s - lse[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            if DROPOUT:
+                keep = _dropout_keep(seed, bh, offs_m, offs_n, N_K, dropout_p)
+                rescale = 1.0 / (1.0 - dropout_p)
+                pd = tl.where(keep, p * rescale, 0.0)
+                dp = tl.where(keep, dp * rescale, 0.0)
+            else:
+                pd = p
+            dv_acc = tl.dot(tl.trans(pd.to(DO.dtype.element_ty)), do, dv_acc, input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None]) * scale
+            if METRIC == 1:
+                csum += tl.sum(ds, axis=0)
+            dk_acc = tl.dot(tl.trans(ds.to(Q.dtype.element_ty)), q, dk_acc, input_precision=DOT_PREC)
+
+    if METRIC == 1:
+        dk = 2.0 * dk_acc - 2.0 * kf * csum[:, None]
+    elif METRIC == 2:
+        dk = _normalize_grad(dk_acc, kh, knrm)
+    else:
+        dk = dk_acc
+    nmask = offs_n[:, None] < N_K
+    dk_ptrs = DK + bhk * N_K * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=nmask & (offs_d[None, :] < HEAD_DIM))
+    dv_ptrs = DV + bhk * N_K * HEAD_DIM_V + offs_n[:, None] * HEAD_DIM_V + offs_dv[None, :]
+    tl.store(dv_ptrs, dv_acc.to(DV.dtype.element_ty), mask=nmask & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward: dQ, the per-row scale gradient, and the float-mask gradient
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, SCALE, MASK, DO, LSE, DELTA, DQ, DSCALE, DMASK,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    smb, smh, smm, smn,
+    sdob, sdoh, sdom, sdod,
+    sgb, sgh, sgm, sgn,
+    H, N_Q, N_K, GROUP, seed, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    MASK_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ for BLOCK_M queries of one (b, h); also d(loss)/d(scale) per row and dMask.
+
+    Grid: (cdiv(Nq, BLOCK_M), B * H). Pointers as in `_attn_bwd_dkdv_kernel`, plus
+    DQ:     (B, H, Nq, D) contiguous, Q's dtype.
+    DSCALE: (B*H, Nq) fp32: sum_j dS_ij * raw_ij (raw = logit / scale); summed over b and i outside.
+    DMASK:  fp32 buffer addressed with strides sg* over (B, H, Nq, Nk) (0 on dims the mask
+            broadcasts over B/H); dS is atomically added when MASK_GRAD.
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    scale = tl.load(SCALE + h)
+    scale2 = scale * 1.4426950408889634
+
+    q = _load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, N_Q, HEAD_DIM, EVEN_M, HEAD_DIM == D_PAD)
+    if METRIC == 2:
+        qh, qnrm = _normalize_rows(q)
+        q_op = qh.to(Q.dtype.element_ty)
+    else:
+        q_op = q
+    do = _load_rows(DO + b * sdob + h * sdoh, offs_m, offs_dv, sdom, sdod, N_Q, HEAD_DIM_V, EVEN_M, HEAD_DIM_V == DV_PAD)
+    if EVEN_M:
+        lse = tl.load(LSE + bh * N_Q + offs_m)
+        delta = tl.load(DELTA + bh * N_Q + offs_m)
+    else:
+        lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
+        delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    mask_base = MASK + b * smb + h * smh
+
+    dq_acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    dsc = tl.zeros([BLOCK_M], tl.float32)
+    if CAUSAL:
+        hi = tl.minimum(N_K, (pid_m + 1) * BLOCK_M)
+    else:
+        hi = N_K
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
+        v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
+        if METRIC == 2:
+            kh, _ = _normalize_rows(k)
+            k = kh.to(K.dtype.element_ty)
+        qk = tl.dot(q_op, tl.trans(k), input_precision=DOT_PREC)
+        if METRIC == 1:
+            kf = k.to(tl.float32)
+            raw = 2.0 * qk - tl.sum(kf * kf, axis=1)[None, :]
+        else:
+            raw = qk
+        s = _logits2(raw, scale2, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, N_K, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        if MASK_GRAD:
+            g_ptrs = DMASK + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_n[None, :] * sgn
+            tl.atomic_add(g_ptrs, ds, mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))
+        dsc += tl.sum(ds * raw, axis=1)
+        dq_acc = tl.dot(ds.to(K.dtype.element_ty), k, dq_acc, input_precision=DOT_PREC)
+
+    dq_acc = dq_acc * scale
+    if METRIC == 1:
+        dq = 2.0 * dq_acc
+    elif METRIC == 2:
+        dq = _normalize_grad(dq_acc, qh, qnrm)
+    else:
+        dq = dq_acc
+    mmask = offs_m[:, None] < N_Q
+    dq_ptrs = DQ + bh * N_Q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mmask & (offs_d[None, :] < HEAD_DIM))
+    tl.store(DSCALE + bh * N_Q + offs_m, dsc, mask=offs_m < N_Q)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configs
+# ----------------------------------------------------------------------------------------------
+_KEY_RE = re.compile(r"^m(\d+)n(\d+)w(\d+)s(\d+)(?:-bm(\d+)n(\d+)w(\d+)s(\d+))?$")
+
+
+def config_key(cfg: dict) -> str:
+    """Stable string for a launch config, e.g. "m128n64w4s3-bm64n64w4s2" (forward, then backward)."""
+    key = f"m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
+    if "BWD_BLOCK_M" in cfg:
+        key += f"-bm{cfg['BWD_BLOCK_M']}n{cfg['BWD_BLOCK_N']}w{cfg['bwd_num_warps']}s{cfg['bwd_num_stages']}"
+    return key
+
+
+def parse_config_key(key: str) -> dict:
+    """Inverse of `config_key`. Raises ValueError on a malformed key."""
+    m = _KEY_RE.match(key)
+    if not m:
+        raise ValueError(f"bad attention config key {key!r}; expected like 'm128n64w4s3-bm64n64w4s2'")
+    g = [int(x) if x is not None else None for x in m.groups()]
+    cfg = dict(BLOCK_M=g[0], BLOCK_N=g[1], num_warps=g[2], num_stages=g[3])
+    if g[4] is not None:
+        cfg.update(BWD_BLOCK_M=g[4], BWD_BLOCK_N=g[5], bwd_num_warps=g[6], bwd_num_stages=g[7])
+    return cfg
+
+
+def _pad_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _feasible(cfg: dict, metric: str, d_pad: int, elem_bytes: int) -> bool:
+    """Like the tutorial's keep(): drop tiles whose registers or shared memory cannot fit."""
+    bm, bn, w = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]
+    if bm * d_pad > 128 * 128 or bn * d_pad * cfg["num_stages"] * elem_bytes * 2 > 160 * 1024:
+        return False
+    if bm < 16 * w // 4 or bm * bn // (32 * w) > 128:  # accumulator tile per thread
+        return False
+    bbm, bbn = cfg.get("BWD_BLOCK_M", 64), cfg.get("BWD_BLOCK_N", 64)
+    if max(bbm, bbn) * d_pad > 128 * 128 and d_pad > 64:
+        return False
+    return True
+
+
+def attention_config_space(metric: str, head_dim: int, dtype: torch.dtype, device_type: str) -> list:
+    """Launch configs the tuner may search for this metric / head dim / dtype / device.
+
+    Each config is a dict: BLOCK_M, BLOCK_N (forward tile), num_warps, num_stages, and
+    BWD_BLOCK_M, BWD_BLOCK_N, bwd_num_warps, bwd_num_stages (both backward kernels).
+    """
+    d_pad = _pad_dim(head_dim)
+    eb = 4 if dtype == torch.float32 else 2
+    if device_type == "cpu":  # the interpreter: big blocks mean few (slow) program instances
+        return [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1,
+                     BWD_BLOCK_M=64, BWD_BLOCK_N=64, bwd_num_warps=4, bwd_num_stages=1)]
+    out = []
+    for bm in (64, 128):
+        for bn in (32, 64, 128):
+            for w in (4, 8):
+                for st in (2, 3, 4):
+                    for bbm, bbn, bw in ((32, 64, 4), (64, 64, 4), (64, 128, 8), (32, 128, 4)):
+                        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st,
+                                   BWD_BLOCK_M=bbm, BWD_BLOCK_N=bbn, bwd_num_warps=bw, bwd_num_stages=2)
+                        if _feasible(cfg, metric, d_pad, eb):
+                            out.append(cfg)
+    return out
+
+
+def default_attention_config(metric: str, head_dim: int, dtype: torch.dtype, device_type: str) -> dict:
+    """A sound default per device: big blocks on CPU (interpreter), tutorial-like tiles on GPU."""
+    d_pad = _pad_dim(head_dim)
+    if device_type == "cpu":
+        return attention_config_space(metric, head_dim, dtype, device_type)[0]
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2,
+                    BWD_BLOCK_M=32, BWD_BLOCK_N=32, bwd_num_warps=4, bwd_num_stages=1)
+    if d_pad <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3,
+                    BWD_BLOCK_M=64, BWD_BLOCK_N=64, bwd_num_warps=4, bwd_num_stages=2)
+    if d_pad <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2,
+                    BWD_BLOCK_M=32, BWD_BLOCK_N=64, bwd_num_warps=4, bwd_num_stages=1)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1,
+                BWD_BLOCK_M=16, BWD_BLOCK_N=32, bwd_num_warps=4, bwd_num_stages=1)
+
+
+def _bwd_cfg(cfg: dict) -> dict:
+    return dict(BLOCK_M=cfg.get("BWD_BLOCK_M", 64), BLOCK_N=cfg.get("BWD_BLOCK_N", 64),
+                num_warps=cfg.get("bwd_num_warps", 4), num_stages=cfg.get("bwd_num_stages", 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def _mask_args(mask, B, H, Nq, Nk, device):
+    """(tensor, strides, kind) for a mask broadcastable to (B, H, Nq, Nk), or a dummy."""
+    if mask is None:
+        return torch.empty(1, device=device, dtype=torch.float32), (0, 0, 0, 0), 0
+    m4 = mask.expand(B, H, Nq, Nk)
+    return m4, m4.stride(), (1 if mask.dtype == torch.bool else 2)
+
+
+def _dot_prec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, dropout_p=0.0, seed=0,
+                      config=None, out=None):
+    """Run the forward kernel. q (B,H,Nq,D), k (B,Hkv,Nk,D), v (B,Hkv,Nk,Dv) any strides, one dtype;
+    scale (H,) fp32; mask broadcastable to (B,H,Nq,Nk) (bool keep / float additive) or None.
+    Returns (out (B,H,Nq,Dv) in q's dtype, or written into `out`; lse (B*H, Nq) fp32 base 2)."""
+    B, H, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    cfg = config or default_attention_config(metric, D, q.dtype, q.device.type)
+    if out is None:
+        out = torch.empty(B, H, Nq, Dv, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B * H, Nq, device=q.device, dtype=torch.float32)
+    m4, ms, mkind = _mask_args(mask, B, H, Nq, Nk, q.device)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    grid = (triton.cdiv(Nq, bm), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, scale, m4, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
+        H, Nq, Nk, H // Hkv, seed, float(dropout_p),
+        HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv),
+        METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=causal, DROPOUT=dropout_p > 0,
+        EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out, lse
+
+
+def mask_grad_buffer(mask, B, H, Nq, Nk):
+    """fp32 zeros to receive dS for a float mask, and its strides over (B, H, Nq, Nk): full size
+    on Nq/Nk, and on B/H only where the mask itself is not broadcast."""
+    mb = B if mask.shape[0] != 1 else 1
+    mh = H if mask.shape[1] != 1 else 1
+    buf = torch.zeros(mb, mh, Nq, Nk, device=mask.device, dtype=torch.float32)
+    st = buf.stride()
+    return buf, (st[0] if mb > 1 else 0, st[1] if mh > 1 else 0, st[2], st[3])
+
+
+def reduce_mask_grad(buf, mask):
+    """Sum the dS buffer down to the mask's own (4-d) shape."""
+    dims = [i for i in (2, 3) if mask.shape[i] == 1]
+    if dims:
+        buf = buf.sum(dim=dims, keepdim=True)
+    return buf.to(mask.dtype)
+
+
+def attention_backward(do, q, k, v, scale, out, lse, *, metric="dot", causal=False, mask=None,
+                       dropout_p=0.0, seed=0, mask_grad=False, config=None):
+    """Gradients of the forward above. do (B,H,Nq,Dv); out, lse from `attention_forward`.
+    Returns dq (q's shape/dtype), dk, dv (k/v's shapes/dtypes), dscale (H,) fp32, and dmask
+    (the 4-d mask's shape, fp32 summed over broadcast dims) or None."""
+    B, H, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    cfg = _bwd_cfg(config or default_attention_config(metric, D, q.dtype, q.device.type))
+    delta = (do.float() * out.float()).sum(-1).reshape(B * H, Nq)
+    m4, ms, mkind = _mask_args(mask, B, H, Nq, Nk, q.device)
+    dq = torch.empty(B, H, Nq, D, device=q.device, dtype=q.dtype)
+    dk = torch.empty(B, Hkv, Nk, D, device=q.device, dtype=k.dtype)
+    dv = torch.empty(B, Hkv, Nk, Dv, device=q.device, dtype=v.dtype)
+    dsc = torch.empty(B * H, Nq, device=q.device, dtype=torch.float32)
+    if mask_grad:
+        gbuf, gs = mask_grad_buffer(mask, B, H, Nq, Nk)
+    else:
+        gbuf, gs = torch.empty(1, device=q.device, dtype=torch.float32), (0, 0, 0, 0)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv),
+                  METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=causal, DROPOUT=dropout_p > 0,
+                  EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
+                  BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _attn_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
+        q, k, v, scale, m4, do, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(),
+        H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), **common)
+    _attn_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
+        q, k, v, scale, m4, do, lse, delta, dq, dsc, gbuf,
+        *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *gs,
+        H, Nq, Nk, H // Hkv, seed, float(dropout_p), MASK_GRAD=mask_grad, **common)
+    dscale = dsc.view(B, H, Nq).sum(dim=(0, 2))
+    dmask = reduce_mask_grad(gbuf, mask) if mask_grad else None
+    return dq, dk, dv, dscale, dmask

@@ -1,0 +1,328 @@
+"""Flash-style L1-distance attention: logits = -s * sum_d |q_d - k_d|, forward and backward.
+
+No tensor cores for the scores: each [BLOCK_M, BLOCK_N] tile is built on the FP32 units from one
+query column and one key column per head-dim step (two instructions per (i, j, d): a subtract and an
+add of its absolute value). q and k are first copied to fp32, transposed to (B, H, D, N), so each
+column is a contiguous, coalesced load. P @ V still uses the tensor cores.
+
+The backward recomputes the tile from the logsumexp. dL/dq_d = -s * sum_j dS_ij sign(q_d - k_jd)
+and dL/dk_d = s * sum_i dS_ij sign(q_id - k_d) are reduced one head-dim column at a time into fp32
+transposed buffers that the program owns (no atomics); sign(0) = 0 as in torch's abs backward.
+Extra memory: the fp32 transposed copies and gradient buffers, O(N).
+
+Conventions (base-2 LSE, masks, dropout, GQA) are those of `fusion_backend.kernels.attention`.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from fusion_backend.kernels.attention import (
+    _dropout_keep, _load_rows, _logits2, _mask_args, _pad_dim, mask_grad_buffer, reduce_mask_grad,
+)
+
+
+@triton.jit
+def _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM: tl.constexpr,
+             EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """sum_d |q_id - k_jd| for one tile, from the fp32 transposed copies (column d at base + d*N)."""
+    dist = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for d in tl.range(0, HEAD_DIM, loop_unroll_factor=4):
+        if EVEN_M:
+            qc = tl.load(qt_base + d * N_Q + offs_m)
+        else:
+            qc = tl.load(qt_base + d * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+        if EVEN_N:
+            kc = tl.load(kt_base + d * N_K + offs_n)
+        else:
+            kc = tl.load(kt_base + d * N_K + offs_n, mask=offs_n < N_K, other=0.0)
+        dist += tl.abs(qc[:, None] - kc[None, :])
+    return dist
+
+
+@triton.jit
+def _l1_fwd_kernel(
+    QT, KT, V, SCALE, MASK, OUT, LSE,
+    svb, svh, svn, svd,
+    smb, smh, smm, smn,
+    sob, soh, som, sod,
+    H, HKV, N_Q, N_K, GROUP, seed, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """L1 attention forward for BLOCK_M queries of one (b, h). Grid: (cdiv(Nq, BLOCK_M), B * H).
+
+    QT: (B, H, D, Nq) fp32 contiguous;  KT: (B, Hkv, D, Nk) fp32 contiguous.
+    V: (B, Hkv, Nk, Dv) strides sv*;  SCALE: (H,) fp32;  MASK: (B,H,Nq,Nk) view with strides sm*.
+    OUT: (B, H, Nq, Dv) strides so*;  LSE: (B*H, Nq) fp32, base 2.
+    Constexprs as in `attention._attn_fwd_kernel` (DV_PAD the padded value head dim).
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, DV_PAD)
+    scale2 = tl.load(SCALE + h) * 1.4426950408889634
+    qt_base = QT + bh * HEAD_DIM * N_Q
+    kt_base = KT + (b * HKV + hk) * HEAD_DIM * N_K
+    v_base = V + b * svb + hk * svh
+    mask_base = MASK + b * smb + h * smh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    if CAUSAL:
+        hi = tl.minimum(N_K, (pid_m + 1) * BLOCK_M)
+    else:
+        hi = N_K
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        dist = _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
+        s = _logits2(-dist, scale2, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, N_K, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
+        acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    o_ptrs = OUT + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(LSE + bh * N_Q + offs_m, lse, mask=offs_m < N_Q)
+
+
+@triton.jit
+def _l1_bwd_dkdv_kernel(
+    QT, KT, V, SCALE, MASK, DO, LSE, DELTA, DKT, DV,
+    svb, svh, svn, svd,
+    smb, smh, smm, smn,
+    sdob, sdoh, sdom, sdod,
+    H, HKV, N_Q, N_K, GROUP, seed, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK (into DKT: (B, Hkv, D, Nk) fp32 zeros, transposed) and dV ((B, Hkv, Nk, Dv) contiguous)
+    for BLOCK_N keys of one (b, kv head), summed over its GROUP query heads.
+    Grid: (cdiv(Nk, BLOCK_N), B * Hkv). DO (B, H, Nq, Dv) strides sdo*; LSE, DELTA (B*H, Nq) fp32."""
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // HKV
+    hk = bhk % HKV
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_dv = tl.arange(0, DV_PAD)
+    kt_base = KT + bhk * HEAD_DIM * N_K
+    dkt_base = DKT + bhk * HEAD_DIM * N_K
+    v = _load_rows(V + b * svb + hk * svh, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
+    dv_acc = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
+    if CAUSAL:
+        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        scale = tl.load(SCALE + h)
+        scale2 = scale * 1.4426950408889634
+        qt_base = QT + bh * HEAD_DIM * N_Q
+        do_base = DO + b * sdob + h * sdoh
+        mask_base = MASK + b * smb + h * smh
+        for start_m in range(lo, N_Q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            do = _load_rows(do_base, offs_m, offs_dv, sdom, sdod, N_Q, HEAD_DIM_V, EVEN_M, HEAD_DIM_V == DV_PAD)
+            lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
+            delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+            dist = _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
+            s = _logits2(-dist, scale2, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+            p = tl.math.exp2(s - lse[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            if DROPOUT:
+                keep = _dropout_keep(seed, bh, offs_m, offs_n, N_K, dropout_p)
+                rescale = 1.0 / (1.0 - dropout_p)
+                pd = tl.where(keep, p * rescale, 0.0)
+                dp = tl.where(keep, dp * rescale, 0.0)
+            else:
+                pd = p
+            dv_acc = tl.dot(tl.trans(pd.to(DO.dtype.element_ty)), do, dv_acc, input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None]) * scale
+            for d in range(0, HEAD_DIM):
+                qc = tl.load(qt_base + d * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+                kc = tl.load(kt_base + d * N_K + offs_n, mask=offs_n < N_K, other=0.0)
+                diff = qc[:, None] - kc[None, :]
+                col = tl.sum(tl.where(diff > 0, ds, tl.where(diff < 0, -ds, 0.0)), axis=0)
+                ptr = dkt_base + d * N_K + offs_n
+                old = tl.load(ptr, mask=offs_n < N_K, other=0.0)
+                # replicas of `col` live in several warps: all must read before any writes
+                tl.debug_barrier()
+                tl.store(ptr, old + col, mask=offs_n < N_K)
+    dv_ptrs = DV + bhk * N_K * HEAD_DIM_V + offs_n[:, None] * HEAD_DIM_V + offs_dv[None, :]
+    tl.store(dv_ptrs, dv_acc.to(DV.dtype.element_ty), mask=(offs_n[:, None] < N_K) & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
+def _l1_bwd_dq_kernel(
+    QT, KT, V, SCALE, MASK, DO, LSE, DELTA, DQT, DSCALE, DMASK,
+    svb, svh, svn, svd,
+    smb, smh, smm, smn,
+    sdob, sdoh, sdom, sdod,
+    sgb, sgh, sgm, sgn,
+    H, HKV, N_Q, N_K, GROUP, seed, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ (into DQT: (B, H, D, Nq) fp32 zeros, transposed), per-row scale gradient DSCALE (B*H, Nq)
+    and float-mask gradient (atomics into DMASK, strides sg*) for BLOCK_M queries of one (b, h).
+    Grid: (cdiv(Nq, BLOCK_M), B * H)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, DV_PAD)
+    scale = tl.load(SCALE + h)
+    scale2 = scale * 1.4426950408889634
+    qt_base = QT + bh * HEAD_DIM * N_Q
+    dqt_base = DQT + bh * HEAD_DIM * N_Q
+    kt_base = KT + (b * HKV + hk) * HEAD_DIM * N_K
+    v_base = V + b * svb + hk * svh
+    mask_base = MASK + b * smb + h * smh
+    do = _load_rows(DO + b * sdob + h * sdoh, offs_m, offs_dv, sdom, sdod, N_Q, HEAD_DIM_V, EVEN_M, HEAD_DIM_V == DV_PAD)
+    lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
+    delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    dsc = tl.zeros([BLOCK_M], tl.float32)
+    if CAUSAL:
+        hi = tl.minimum(N_K, (pid_m + 1) * BLOCK_M)
+    else:
+        hi = N_K
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        dist = _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
+        s = _logits2(-dist, scale2, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+        p = tl.math.exp2(s - lse[:, None])
+        v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, N_K, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        if MASK_GRAD:
+            g_ptrs = DMASK + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_n[None, :] * sgn
+            tl.atomic_add(g_ptrs, ds, mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))
+        dsc += tl.sum(-ds * dist, axis=1)
+        dsn = -ds * scale
+        for d in range(0, HEAD_DIM):
+            qc = tl.load(qt_base + d * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+            kc = tl.load(kt_base + d * N_K + offs_n, mask=offs_n < N_K, other=0.0)
+            diff = qc[:, None] - kc[None, :]
+            col = tl.sum(tl.where(diff > 0, dsn, tl.where(diff < 0, -dsn, 0.0)), axis=1)
+            ptr = dqt_base + d * N_Q + offs_m
+            old = tl.load(ptr, mask=offs_m < N_Q, other=0.0)
+            # replicas of `col` live in several warps: all must read before any writes
+            tl.debug_barrier()
+            tl.store(ptr, old + col, mask=offs_m < N_Q)
+    tl.store(DSCALE + bh * N_Q + offs_m, dsc, mask=offs_m < N_Q)
+
+
+def default_l1_config(head_dim: int, dtype: torch.dtype, device_type: str) -> dict:
+    """Default tiles for the L1 kernels (same dict layout as `attention.attention_config_space`)."""
+    if device_type == "cpu":
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1,
+                    BWD_BLOCK_M=64, BWD_BLOCK_N=64, bwd_num_warps=4, bwd_num_stages=1)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=1,
+                BWD_BLOCK_M=64, BWD_BLOCK_N=64, bwd_num_warps=4, bwd_num_stages=1)
+
+
+def l1_config_space(head_dim: int, dtype: torch.dtype, device_type: str) -> list:
+    """Configs the tuner may search for the L1 kernels."""
+    if device_type == "cpu":
+        return [default_l1_config(head_dim, dtype, device_type)]
+    out = []
+    for bm, bn, w in ((64, 64, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8), (64, 128, 4), (256, 64, 8)):
+        for bbm, bbn, bw in ((64, 64, 4), (32, 64, 4), (64, 32, 4)):
+            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=1,
+                            BWD_BLOCK_M=bbm, BWD_BLOCK_N=bbn, bwd_num_warps=bw, bwd_num_stages=1))
+    return out
+
+
+def _transposed_f32(x):
+    return x.float().transpose(-1, -2).contiguous()
+
+
+def _dot_prec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def l1_attention_forward(q, k, v, scale, *, causal=False, mask=None, dropout_p=0.0, seed=0, config=None, out=None):
+    """L1 attention forward. Shapes as `attention.attention_forward`; returns (out, lse)."""
+    B, H, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    cfg = config or default_l1_config(D, q.dtype, q.device.type)
+    qt, kt = _transposed_f32(q), _transposed_f32(k)
+    if out is None:
+        out = torch.empty(B, H, Nq, Dv, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B * H, Nq, device=q.device, dtype=torch.float32)
+    m4, ms, mkind = _mask_args(mask, B, H, Nq, Nk, q.device)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    _l1_fwd_kernel[(triton.cdiv(Nq, bm), B * H)](
+        qt, kt, v, scale, m4, out, lse,
+        *v.stride(), *ms, *out.stride(),
+        H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p),
+        HEAD_DIM=D, HEAD_DIM_V=Dv, DV_PAD=_pad_dim(Dv),
+        MASK_KIND=mkind, CAUSAL=causal, DROPOUT=dropout_p > 0,
+        EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out, lse
+
+
+def l1_attention_backward(do, q, k, v, scale, out, lse, *, causal=False, mask=None, dropout_p=0.0, seed=0,
+                          mask_grad=False, config=None):
+    """L1 attention backward; returns dq, dk, dv, dscale (H,) fp32, dmask or None."""
+    B, H, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    cfg = config or default_l1_config(D, q.dtype, q.device.type)
+    bm, bn = cfg.get("BWD_BLOCK_M", 64), cfg.get("BWD_BLOCK_N", 64)
+    w, st = cfg.get("bwd_num_warps", 4), cfg.get("bwd_num_stages", 1)
+    qt, kt = _transposed_f32(q), _transposed_f32(k)
+    delta = (do.float() * out.float()).sum(-1).reshape(B * H, Nq)
+    m4, ms, mkind = _mask_args(mask, B, H, Nq, Nk, q.device)
+    dqt = torch.zeros(B, H, D, Nq, device=q.device, dtype=torch.float32)
+    dkt = torch.zeros(B, Hkv, D, Nk, device=q.device, dtype=torch.float32)
+    dv = torch.empty(B, Hkv, Nk, Dv, device=q.device, dtype=v.dtype)
+    dsc = torch.empty(B * H, Nq, device=q.device, dtype=torch.float32)
+    if mask_grad:
+        gbuf, gs = mask_grad_buffer(mask, B, H, Nq, Nk)
+    else:
+        gbuf, gs = torch.empty(1, device=q.device, dtype=torch.float32), (0, 0, 0, 0)
+    common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, DV_PAD=_pad_dim(Dv), MASK_KIND=mkind, CAUSAL=causal,
+                  DROPOUT=dropout_p > 0, EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
+                  BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+    _l1_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
+        qt, kt, v, scale, m4, do, lse, delta, dkt, dv,
+        *v.stride(), *ms, *do.stride(),
+        H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), **common)
+    _l1_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
+        qt, kt, v, scale, m4, do, lse, delta, dqt, dsc, gbuf,
+        *v.stride(), *ms, *do.stride(), *gs,
+        H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), MASK_GRAD=mask_grad, **common)
+    dq = dqt.transpose(-1, -2).to(q.dtype).contiguous()
+    dk = dkt.transpose(-1, -2).to(k.dtype).contiguous()
+    dscale = dsc.view(B, H, Nq).sum(dim=(0, 2))
+    dmask = reduce_mask_grad(gbuf, mask) if mask_grad else None
+    return dq, dk, dv, dscale, dmask

@@ -1,0 +1,355 @@
+"""The `attention` op: dot / l2 / l1 / cosine attention with the semantics of
+`F.scaled_dot_product_attention`, as `torch.library` custom ops with fake kernels and autograd.
+
+    attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None, dropout_p=0.0,
+              enable_gqa=False, config=None)
+
+q (B, H, Nq, D); k (B, Hkv, Nk, D); v (B, Hkv, Nk, Dv); output (B, H, Nq, Dv) in q's dtype.
+Logits: dot scale*q.k (default 1/sqrt(D)); l2 -scale*|q-k|^2; l1 -scale*sum|q-k|; cosine
+scale*cos(q, k) (default scale 1.0 for the distances). `scale` is a float or a tensor with 1 or H
+elements (any shape) that receives a gradient. A bool mask keeps where True, a float mask is added
+to the logits (and gets a gradient if it requires one); both broadcast to (B, H, Nq, Nk). `causal`
+is the top-left lower triangle. A fully masked row gives 0.
+
+Two custom ops carry the work: truthfuse::attention_fwd returns (out, lse) and
+truthfuse::attention_bwd returns (dq, dk, dv, dscale, dmask); `register_autograd` joins them. The
+dropout seed is an input tensor drawn from torch's default generator, so the ops themselves are
+deterministic and the backward regenerates the forward's dropout mask.
+
+Where kernels cannot run (CPU without TRITON_INTERPRET=1) the PyTorch reference computes the
+result. Where they should but cannot (unsupported shape, compile or launch failure), the op warns
+once (`warn_fallback_once`) and uses the reference.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fusion_backend.kernels import attention as _tc
+from fusion_backend.kernels import attention_l1 as _l1
+from fusion_backend.kernels.runtime import can_launch, interpreting
+from fusion_backend.ops.fallback import warn_fallback_once
+
+METRICS = ("dot", "l2", "l1", "cosine")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+attention_config_space = _tc.attention_config_space
+config_key = _tc.config_key
+
+
+def default_attention_config(metric: str, head_dim: int, dtype: torch.dtype, device_type: str) -> dict:
+    """The launch config used when `config=None`, per metric, head dim, dtype and device type."""
+    if metric == "l1":
+        return _l1.default_l1_config(head_dim, dtype, device_type)
+    return _tc.default_attention_config(metric, head_dim, dtype, device_type)
+
+
+def attention_config_space_for(metric: str, head_dim: int, dtype: torch.dtype, device_type: str) -> list:
+    """Config space including the L1 kernel's own (the tuner's entry point)."""
+    if metric == "l1":
+        return _l1.l1_config_space(head_dim, dtype, device_type)
+    return _tc.attention_config_space(metric, head_dim, dtype, device_type)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and support
+# ----------------------------------------------------------------------------------------------
+def _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale):
+    if metric not in METRICS:
+        raise ValueError(f"attention: unknown metric {metric!r}; valid metrics are {', '.join(METRICS)}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"attention: {name} must be a 4-d tensor (B, H, N, D), got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    B, H, Nq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"attention: batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[3] != D:
+        raise ValueError(f"attention: q and k head dims differ: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"attention: k and v must share (B, Hkv, Nk): k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"attention: inputs must be floating point, got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    Hkv = k.shape[1]
+    if Hkv != H:
+        if not enable_gqa:
+            raise ValueError(f"attention: q has {H} heads and k/v have {Hkv}; pass enable_gqa=True for grouped-query attention")
+        if H % Hkv != 0:
+            raise ValueError(f"attention: enable_gqa needs q heads ({H}) to be a multiple of k/v heads ({Hkv})")
+    if not isinstance(dropout_p, (int, float)) or not (0.0 <= float(dropout_p) < 1.0):
+        raise ValueError(f"attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise ValueError(f"attention: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+            raise ValueError(f"attention: attn_mask must be bool (keep) or floating (additive), got {attn_mask.dtype}")
+        if attn_mask.dim() > 4:
+            raise ValueError(f"attention: attn_mask has {attn_mask.dim()} dims; at most 4")
+        target = (B, H, Nq, k.shape[2])
+        shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+        for got, want in zip(shape, target):
+            if got != 1 and got != want:
+                raise ValueError(f"attention: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target}")
+    if isinstance(scale, Tensor):
+        if scale.numel() != 1 and scale.numel() != H:
+            raise ValueError(f"attention: a tensor scale needs 1 or H={H} elements, got shape {tuple(scale.shape)}")
+    elif scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(f"attention: scale must be a float, a tensor or None, got {type(scale).__name__}")
+
+
+def attention_supports(q, k, v, metric="dot", *, attn_mask=None, dropout_p=0.0, **_ignored):
+    """(True, "") if the Triton kernels can take this call, else (False, reason). Reads only shapes,
+    dtypes and devices, so it works on fake and meta tensors."""
+    if metric not in METRICS:
+        return False, f"unknown metric {metric!r}"
+    if q.dtype not in _DTYPES:
+        return False, f"dtype {q.dtype} (kernels take float16, bfloat16, float32)"
+    D, Dv = q.shape[-1], v.shape[-1]
+    if D > _tc.MAX_HEAD_DIM or Dv > _tc.MAX_HEAD_DIM:
+        return False, f"head dim {max(D, Dv)} > {_tc.MAX_HEAD_DIM}"
+    if q.shape[-2] == 0 or k.shape[-2] == 0 or q.shape[0] == 0 or q.shape[1] == 0:
+        return False, "empty input"
+    dev = q.device.type
+    if dev == "cpu" and not interpreting():
+        return False, "CPU tensors without TRITON_INTERPRET=1"
+    if dev not in ("cpu", "cuda"):
+        return False, f"device {dev}"
+    return True, ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------
+def _scale_vector(scale, metric, D, H, device):
+    """The scale as an (H,) fp32 tensor, still connected to a tensor scale's autograd graph."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if metric == "dot" else 1.0
+    if isinstance(scale, Tensor):
+        s = scale.reshape(-1).to(device=device, dtype=torch.float32)
+        return (s.expand(H) if s.numel() == 1 else s).contiguous()
+    return torch.full((H,), float(scale), device=device, dtype=torch.float32)
+
+
+def _dropout_keep_reference(shape, p, seed, device):
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return torch.rand(shape, generator=gen, device=device) >= p
+
+
+def _reference_core(q, k, v, scale_h, metric, causal, mask, dropout_p, seed, dtype):
+    """Float (dtype) reference returning (out, lse base 2, fp32 / dtype). scale_h: (H,)."""
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
+    if Hkv != H:
+        kf = kf.repeat_interleave(H // Hkv, dim=1)
+        vf = vf.repeat_interleave(H // Hkv, dim=1)
+    if metric == "dot":
+        raw = qf @ kf.transpose(-1, -2)
+    elif metric == "l2":
+        raw = -((qf * qf).sum(-1)[..., :, None] + (kf * kf).sum(-1)[..., None, :] - 2 * qf @ kf.transpose(-1, -2))
+    elif metric == "l1":
+        raw = -(qf[..., :, None, :] - kf[..., None, :, :]).abs().sum(-1) if Nq * Nk * D <= 2**24 \
+            else -torch.cdist(qf, kf, p=1.0)
+    else:
+        raw = F.normalize(qf, dim=-1, eps=_tc.COSINE_EPS) @ F.normalize(kf, dim=-1, eps=_tc.COSINE_EPS).transpose(-1, -2)
+    s = raw * scale_h.to(dtype).view(1, H, 1, 1)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            s = s.masked_fill(~mask, float("-inf"))
+        else:
+            s = s + mask.to(dtype)
+    if causal:
+        tri = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~tri, float("-inf"))
+    dead = torch.isneginf(s).all(-1, keepdim=True)
+    s = s.masked_fill(dead, 0.0)
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    p = torch.exp(s - lse).masked_fill(dead, 0.0)
+    lse = lse.masked_fill(dead, float("inf"))
+    if dropout_p > 0:
+        keep = _dropout_keep_reference(p.shape, dropout_p, seed, q.device)
+        p = p * keep / (1.0 - dropout_p)
+    out = p @ vf
+    return out, (lse.squeeze(-1) * _LOG2E).reshape(B * H, Nq).float()
+
+
+def attention_reference(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None, dropout_p=0.0,
+                        enable_gqa=False, dropout_seed=None, config=None):
+    """Pure PyTorch `attention` with identical semantics (float32 math, float64 for float64 inputs).
+    Dropout draws its mask from a generator seeded with `dropout_seed` (or a fresh seed from torch's
+    default generator); that mask is not the kernels' Philox mask."""
+    _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale)
+    B, H, Nq, D = q.shape
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale_h = _scale_vector(scale, metric, D, H, q.device).to(dtype)
+    mask = None if attn_mask is None else attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    if dropout_p > 0 and dropout_seed is None:
+        dropout_seed = int(torch.randint(0, 2**30, ()).item())
+    out, _ = _reference_core(q, k, v, scale_h, metric, causal, mask, float(dropout_p), dropout_seed or 0, dtype)
+    return out.to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch to kernels or reference
+# ----------------------------------------------------------------------------------------------
+def _kernel_inputs(*ts):
+    """The interpreter computes bf16 wrongly: upcast bf16 CPU tensors to fp32."""
+    return tuple(t.float() if (t is not None and t.device.type == "cpu" and t.dtype == torch.bfloat16) else t
+                 for t in ts)
+
+
+def _resolve_config(config, metric, D, dtype, device_type):
+    if config is None:
+        return default_attention_config(metric, D, dtype, device_type)
+    return _tc.parse_config_key(config)
+
+
+def _use_kernels(q, k, v, metric, mask, dropout_p):
+    if q.device.type == "cpu" and not interpreting():
+        return False
+    ok, reason = attention_supports(q, k, v, metric, attn_mask=mask, dropout_p=dropout_p)
+    if not ok:
+        warn_fallback_once("attention", reason)
+        return False
+    if not can_launch(q, k, v, mask):
+        warn_fallback_once("attention", "tensors on different devices")
+        return False
+    return True
+
+
+def _fwd_impl(q, k, v, scale, mask, seed, metric, causal, dropout_p, config):
+    seed_i = int(seed.item())
+    if _use_kernels(q, k, v, metric, mask, dropout_p):
+        try:
+            qk, kk, vk, mk = _kernel_inputs(q, k, v, mask)
+            cfg = _resolve_config(config, metric, q.shape[-1], q.dtype, q.device.type)
+            launch = _l1.l1_attention_forward if metric == "l1" else _tc.attention_forward
+            kw = {} if metric == "l1" else dict(metric=metric)
+            out, lse = launch(qk, kk, vk, scale, causal=causal, mask=mk, dropout_p=dropout_p, seed=seed_i,
+                              config=cfg, **kw)
+            return out.to(q.dtype), lse
+        except Exception as e:  # compile / launch failure: keep the model running
+            warn_fallback_once("attention", f"kernel failed: {type(e).__name__}: {str(e)[:200]}")
+    out, lse = _reference_core(q, k, v, scale, metric, causal, mask, dropout_p, seed_i, torch.float32)
+    return out.to(q.dtype).contiguous(), lse
+
+
+def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dropout_p, config, mask_grad):
+    seed_i = int(seed.item())
+    if _use_kernels(q, k, v, metric, mask, dropout_p):
+        try:
+            gk, qk, kk, vk, mk, ok = _kernel_inputs(grad_out, q, k, v, mask, out)
+            cfg = _resolve_config(config, metric, q.shape[-1], q.dtype, q.device.type)
+            if metric == "l1":
+                r = _l1.l1_attention_backward(gk, qk, kk, vk, scale, ok, lse, causal=causal, mask=mk,
+                                              dropout_p=dropout_p, seed=seed_i, mask_grad=mask_grad, config=cfg)
+            else:
+                r = _tc.attention_backward(gk, qk, kk, vk, scale, ok, lse, metric=metric, causal=causal, mask=mk,
+                                           dropout_p=dropout_p, seed=seed_i, mask_grad=mask_grad, config=cfg)
+            dq, dk, dv, dscale, dmask = r
+            dmask = dmask.to(mask.dtype) if mask_grad else q.new_empty(0)
+            return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dscale, dmask
+        except Exception as e:
+            warn_fallback_once("attention", f"backward kernel failed: {type(e).__name__}: {str(e)[:200]}")
+    # Reference backward. With dropout this mask is the reference's, not the kernels' Philox mask:
+    # only consistent when the forward also ran the reference.
+    with torch.enable_grad():
+        qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+        sf = scale.detach().float().requires_grad_()
+        mf = mask
+        if mask_grad:
+            mf = mask.detach().float().requires_grad_()
+        o, _ = _reference_core(qf, kf, vf, sf, metric, causal, mf, dropout_p, seed_i, torch.float32)
+        ins = [qf, kf, vf, sf] + ([mf] if mask_grad else [])
+        gs = torch.autograd.grad(o, ins, grad_out.float(), allow_unused=True)
+    gs = [torch.zeros_like(i) if g is None else g for g, i in zip(gs, ins)]
+    dmask = gs[4].to(mask.dtype) if mask_grad else q.new_empty(0)
+    return gs[0].to(q.dtype), gs[1].to(k.dtype), gs[2].to(v.dtype), gs[3], dmask
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("truthfuse::attention_fwd", mutates_args=())
+def attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: Tensor, attn_mask: Optional[Tensor], seed: Tensor,
+                     metric: str, causal: bool, dropout_p: float, config: Optional[str]) -> tuple[Tensor, Tensor]:
+    """Forward: (out (B, H, Nq, Dv) in q's dtype, lse (B*H, Nq) fp32 base 2). scale (H,) fp32;
+    attn_mask 4-d broadcastable or None; seed a 0-d int64 CPU tensor."""
+    return _fwd_impl(q, k, v, scale, attn_mask, seed, metric, causal, dropout_p, config)
+
+
+@attention_fwd_op.register_fake
+def _(q, k, v, scale, attn_mask, seed, metric, causal, dropout_p, config):
+    B, H, Nq, _ = q.shape
+    return q.new_empty((B, H, Nq, v.shape[-1])), q.new_empty((B * H, Nq), dtype=torch.float32)
+
+
+@torch.library.custom_op("truthfuse::attention_bwd", mutates_args=())
+def attention_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: Tensor, attn_mask: Optional[Tensor],
+                     out: Tensor, lse: Tensor, seed: Tensor, metric: str, causal: bool, dropout_p: float,
+                     config: Optional[str], mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward: (dq, dk, dv, dscale (H,) fp32, dmask (attn_mask's shape, or empty when not mask_grad))."""
+    return _bwd_impl(grad_out, q, k, v, scale, attn_mask, out, lse, seed, metric, causal, dropout_p, config, mask_grad)
+
+
+@attention_bwd_op.register_fake
+def _(grad_out, q, k, v, scale, attn_mask, out, lse, seed, metric, causal, dropout_p, config, mask_grad):
+    dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty(0)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            scale.new_empty(scale.shape, dtype=torch.float32), dmask)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, mask, seed, metric, causal, dropout_p, config = inputs
+    out, lse = output
+    ctx.mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[4]
+    ctx.args = (metric, causal, dropout_p, config)
+    ctx.save_for_backward(q, k, v, scale, mask, seed, out, lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, scale, mask, seed, out, lse = ctx.saved_tensors
+    metric, causal, dropout_p, config = ctx.args
+    dq, dk, dv, dscale, dmask = attention_bwd_op(grad_out, q, k, v, scale, mask, out, lse, seed,
+                                                 metric, causal, dropout_p, config, ctx.mask_grad)
+    return dq, dk, dv, dscale, (dmask if ctx.mask_grad else None), None, None, None, None, None
+
+
+attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public op
+# ----------------------------------------------------------------------------------------------
+def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None, dropout_p=0.0,
+              enable_gqa=False, config=None):
+    """Fused attention with the semantics of F.scaled_dot_product_attention and a choice of
+    metric ("dot", "l2", "l1", "cosine"); see the module docstring. `config` is None (the
+    device default), a config dict from `attention_config_space`, or its `config_key` string.
+    Raises ValueError on bad input before anything is launched."""
+    _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale)
+    B, H, Nq, D = q.shape
+    scale_h = _scale_vector(scale, metric, D, H, q.device)
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        if mask.device != q.device:
+            mask = mask.to(q.device)
+    if dropout_p > 0:
+        seed = torch.randint(0, 2**30, (), dtype=torch.int64)
+    else:
+        seed = torch.zeros((), dtype=torch.int64)
+    if isinstance(config, dict):
+        config = config_key(config)
+    elif config is not None:
+        _tc.parse_config_key(config)  # fail early on a malformed key
+    out, _ = attention_fwd_op(q, k, v, scale_h, mask, seed, metric, bool(causal), float(dropout_p), config)
+    return out
