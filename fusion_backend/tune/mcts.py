@@ -5,7 +5,8 @@
 once), counts distinct measurements against the budget, and measures the all-keep plan first when
 the space has one, so every result carries the baseline it must beat.
 
-`mcts_search` is Monte Carlo tree search in which tree level k decides site k (the space's order).
+`mcts_search` is Monte Carlo tree search in which each tree level decides one site, in a fixed
+order: descending `priority`, then the space's order (see `_in_tree_order`).
 Beyond plain UCT it uses two things that matter at budgets of a few dozen measurements:
 - RAVE / all-moves-as-first statistics: every measurement also updates a running value for each
   (site, option) it contains. Fusion decisions are close to additive (a site's kernel is mostly
@@ -337,6 +338,15 @@ class _MonteCarloTreeSearch:
         self.learn(plan, self.reward(cost))
 
 
+def _in_tree_order(space: DecisionSpace) -> DecisionSpace:
+    """The same space with sites in the order the tree decides them: descending priority, then
+    declaration order. Larger matches come first, so a whole block's fuse-or-keep is decided
+    before its pieces'; decided the other way round, fusing the pieces (often good on their own)
+    would block the block in most rollouts and the search would rarely see it fused."""
+    ordered = sorted(space.sites, key=lambda site: -site.priority)  # stable: ties keep their order
+    return DecisionSpace(ordered, list(space.conflicts))
+
+
 def mcts_search(space: DecisionSpace, evaluate: Evaluate, *, simulations: int = 30,
                 time_budget_s: float | None = None, seed: int = 0,
                 progress: bool | None = None) -> SearchResult:
@@ -357,7 +367,7 @@ def mcts_search(space: DecisionSpace, evaluate: Evaluate, *, simulations: int = 
     _check_space(space)
     with TuningProgress(min(simulations, space.size()), "truthfuse MCTS", progress) as bar:
         measurer = _Measurer(evaluate, simulations, time_budget_s, bar)
-        search = _MonteCarloTreeSearch(space, measurer, random.Random(seed))
+        search = _MonteCarloTreeSearch(_in_tree_order(space), measurer, random.Random(seed))
         # Each iteration adds a tree node or measures a plan, and the tree is finite, so the loop
         # ends; the cap only guards against pathological spaces where rollouts keep repeating.
         max_iterations = 20 * simulations + 10 * max(1, len(space.sites)) + 100
