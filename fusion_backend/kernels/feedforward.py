@@ -102,7 +102,9 @@ def philox_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> 
 
 @triton.jit
 def _tanh(x):
-    # tl has no tanh that also runs in the interpreter; this form saturates correctly at +-inf.
+    # tl has no tanh that also runs in the interpreter. Clamped so exp cannot overflow;
+    # tanh(15) is 1 in float32 anyway.
+    x = tl.minimum(tl.maximum(x, -15.0), 15.0)
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
@@ -169,6 +171,7 @@ def _gemm_kernel(
     EPI: tl.constexpr, ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, GATED: tl.constexpr, HAS_K2: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_RES: tl.constexpr, STORE_Z: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C (M, N) = A (M, K) @ B (K, N) with an epilogue chosen by EPI. Any strides.
@@ -193,7 +196,8 @@ def _gemm_kernel(
       used when HAS_DROPOUT; the dropout counter of element (i, j) is i * N + j.
     Constexprs: EPI (EPI_* code), ACT (activation code), HAS_BIAS/HAS_BIAS2/GATED/HAS_K2/
       HAS_DROPOUT/HAS_RES/STORE_Z switch the pieces above; UPCAST computes the dot in float32
-      (the interpreter's bf16 arithmetic is wrong); BLOCK_M/N/K the tile; GROUP_M how many
+      (the interpreter's bf16 arithmetic is wrong); EVEN_K: K (and K2) are multiples of BLOCK_K,
+      so the K-loop loads need no mask; BLOCK_M/N/K the tile; GROUP_M how many
       M-tiles share a sweep over N, so that B tiles stay in L2.
     """
     pid = tl.program_id(0)
@@ -219,15 +223,22 @@ def _gemm_kernel(
     b_ptrs = b_ptr + rk[:, None] * stride_bk + bn[None, :] * stride_bn
     g_ptrs = b2_ptr + rk[:, None] * stride_b2k + bn[None, :] * stride_b2n
     for k0 in range(0, K, BLOCK_K):
-        kmask = (rk + k0) < K
-        a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            kmask = (rk + k0) < K
+            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc)
         if GATED:
-            g = tl.load(g_ptrs, mask=kmask[:, None], other=0.0)
+            if EVEN_K:
+                g = tl.load(g_ptrs)
+            else:
+                g = tl.load(g_ptrs, mask=kmask[:, None], other=0.0)
             if UPCAST:
                 g = g.to(tl.float32)
             acc2 = tl.dot(a, g, acc2)
@@ -238,9 +249,13 @@ def _gemm_kernel(
         a_ptrs = a2_ptr + am[:, None] * stride_a2m + rk[None, :] * stride_a2k
         b_ptrs = b2_ptr + rk[:, None] * stride_b2k + bn[None, :] * stride_b2n
         for k0 in range(0, K2, BLOCK_K):
-            kmask = (rk + k0) < K2
-            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                kmask = (rk + k0) < K2
+                a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -341,12 +356,14 @@ def gemm(
     a2t = a2 if a2 is not None else a
     b2t = b2 if b2 is not None else b
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    k2 = a2.shape[1] if has_k2 else 0
+    even_k = K % cfg["BLOCK_K"] == 0 and k2 % cfg["BLOCK_K"] == 0
     _gemm_kernel[grid](
         a, b, a2t, b2t,
         bias if bias is not None else dummy, bias2 if bias2 is not None else dummy,
         zt, zut, rt,
         out, out2 if out2 is not None else dummy,
-        M, N, K, a2.shape[1] if has_k2 else 0,
+        M, N, K, k2,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         a2t.stride(0), a2t.stride(1), b2t.stride(0), b2t.stride(1),
         zt.stride(0), zt.stride(1), rt.stride(0), rt.stride(1), out.stride(0), out.stride(1),
@@ -354,7 +371,7 @@ def gemm(
         EPI=epi, ACT=act,
         HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, GATED=gated, HAS_K2=has_k2,
         HAS_DROPOUT=p > 0.0, HAS_RES=residual is not None, STORE_Z=bool(store_z),
-        UPCAST=interpreting() or dt == torch.float64,
+        UPCAST=interpreting() or dt == torch.float64, EVEN_K=even_k,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
