@@ -1,0 +1,254 @@
+"""Feed-forward kernels on the GPU: correctness against float64, then speed and memory in bf16
+against eager and Inductor of the same module, measured in the same run.
+
+    TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 python bench/feedforward_gpu.py [--quick] [--no-max-autotune]
+
+(1) Correctness: fresh random inputs, fwd + bwd, fp32/fp16/bf16, plain and gated, every
+    activation, dropout, residual, odd shapes, both impls; ||out - ref|| / ||ref|| against
+    `feedforward_reference` in float64 with the same seed (same Philox masks). The caching
+    allocator is primed with NaN so unwritten outputs show. Eager PyTorch's error in the same dtype
+    is printed beside ours as the yardstick.
+(2) Speed: median ms (triton.testing.do_bench, return_mode="median") and peak extra memory
+    (max_memory_allocated - base) for eager, Inductor (and max-autotune-no-cudagraphs) of the
+    baseline FFN module from shared/bench/baseline_gpu.py, and for our op with impl="triton" and
+    impl="cublas". Writes $OUT/feedforward_gpu.json and prints a table.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "0")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from fusion_backend.ops.feedforward import (  # noqa: E402
+    feedforward,
+    feedforward_config_space,
+    feedforward_reference,
+)
+
+torch.backends.cuda.matmul.allow_tf32 = True
+dev = "cuda"
+OUT = os.environ.get("OUT", "/tmp")
+T0 = time.time()
+results = {"correctness": [], "bench": []}
+
+
+def save():
+    results["versions"] = dict(torch=torch.__version__, triton=triton.__version__, card=torch.cuda.get_device_name())
+    json.dump(results, open(os.path.join(OUT, "feedforward_gpu.json"), "w"), indent=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# (1) correctness
+# ---------------------------------------------------------------------------------------------
+
+TOL = {torch.float32: 3e-3, torch.float16: 5e-3, torch.bfloat16: 3e-2}  # tf32 / fp16 / bf16 operands
+
+
+def poison():
+    """Fill the allocator's free blocks with NaN so an output nobody wrote shows up as NaN."""
+    junk = torch.full((1 << 27,), float("nan"), device=dev)
+    del junk
+
+
+def rel(a, b):
+    a = a.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check(dtype, T, d, h, act, gated, p_h, p_o, residual, bias, impl):
+    g = torch.Generator(device=dev).manual_seed(hash((dtype, T, d, h, act, gated)) % 2**31)
+    rnd = lambda *s, sc=1.0: (torch.randn(*s, device=dev, generator=g) * sc)  # noqa: E731
+    x = rnd(T, d)
+    ts = dict(x=x, w_in=rnd(h, d, sc=d**-0.5), b_in=rnd(h, sc=0.5) if bias else None,
+              w_out=rnd(d, h, sc=h**-0.5), b_out=rnd(d, sc=0.5) if bias else None,
+              w_gate=rnd(h, d, sc=d**-0.5) if gated else None, b_gate=rnd(h, sc=0.5) if (gated and bias) else None,
+              residual=rnd(T, d) if residual else None)
+    names = [k for k, v in ts.items() if v is not None]
+    gout = rnd(T, d)
+
+    def run(tdict, fn, **extra):
+        kw = dict(activation=act, w_gate=tdict["w_gate"], b_gate=tdict["b_gate"], hidden_dropout_p=p_h,
+                  output_dropout_p=p_o, residual=tdict["residual"], **extra)
+        torch.manual_seed(1234)
+        y = fn(tdict["x"], tdict["w_in"], tdict["b_in"], tdict["w_out"], tdict["b_out"], **kw)
+        grads = torch.autograd.grad(y, [tdict[n] for n in names], gout.to(y.dtype))
+        return y, grads
+
+    mk = lambda dt: {k: (v.to(dt).requires_grad_() if v is not None else None) for k, v in ts.items()}  # noqa: E731
+    y64, g64 = run(mk(torch.float64), feedforward_reference)
+    poison()
+    y, gr = run(mk(dtype), feedforward, impl=impl)
+    torch.cuda.synchronize()
+    ye, ge = run(mk(dtype), feedforward_reference)  # eager PyTorch in the same dtype: the yardstick
+    errs = [rel(y, y64)] + [rel(a, b) for a, b in zip(gr, g64)]
+    eerrs = [rel(ye, y64)] + [rel(a, b) for a, b in zip(ge, g64)]
+    worst = max(errs)
+    ok = worst <= max(TOL[dtype], 2 * max(eerrs))
+    row = dict(dtype=str(dtype).split(".")[-1], T=T, d=d, h=h, act=act, gated=gated, p_h=p_h, p_o=p_o,
+               residual=residual, bias=bias, impl=impl, err=dict(zip(["out"] + names, errs)),
+               eager_err=dict(zip(["out"] + names, eerrs)), ok=ok)
+    results["correctness"].append(row)
+    print(f"{'PASS' if ok else 'FAIL'} {row['dtype']:8s} T={T:5d} d={d:4d} h={h:5d} {act:9s} gated={gated!s:5s} "
+          f"p=({p_h},{p_o}) res={residual!s:5s} bias={bias!s:5s} {impl:6s} worst {worst:.1e} (eager {max(eerrs):.1e})", flush=True)
+    return ok
+
+
+CASES = [
+    (torch.float32, 123, 40, 72, "gelu", False, 0.1, 0.1, True, True),
+    (torch.float16, 123, 40, 72, "gelu", False, 0.1, 0.1, True, True),
+    (torch.bfloat16, 123, 40, 72, "gelu", False, 0.1, 0.1, True, True),
+    (torch.bfloat16, 6, 24, 72, "gelu_tanh", False, 0.0, 0.0, False, False),
+    (torch.bfloat16, 42, 40, 72, "relu", False, 0.0, 0.2, True, True),
+    (torch.bfloat16, 300, 256, 1024, "silu", True, 0.1, 0.0, False, False),
+    (torch.float32, 300, 256, 1024, "gelu", True, 0.0, 0.0, True, True),
+    (torch.float16, 777, 512, 2048, "silu", True, 0.2, 0.1, True, True),
+    (torch.bfloat16, 4096, 1024, 4096, "gelu", False, 0.1, 0.1, True, True),
+]
+
+
+def correctness():
+    ok = True
+    for c in CASES:
+        for impl in ("triton", "cublas"):
+            try:
+                ok &= check(*c, impl)
+            except Exception as e:  # keep going: report every failure
+                ok = False
+                print("FAIL", c, impl, type(e).__name__, str(e)[:300], flush=True)
+    # torch.compile with Inductor over the op: same result as the op called eagerly (no dropout).
+    m = FusedFFN(256, 1024, 0.0, "cublas").to(dev, torch.bfloat16)
+    x = torch.randn(300, 256, device=dev, dtype=torch.bfloat16)
+    cm = torch.compile(m, fullgraph=True, dynamic=True)
+    e = rel(cm(x), m(x).double())
+    print(f"{'PASS' if e < 1e-2 else 'FAIL'} inductor(compile of op) vs op: {e:.1e}", flush=True)
+    ok &= e < 1e-2
+    results["correctness_all_ok"] = bool(ok)
+    save()
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------
+# (2) benchmark: the baseline module and measure() as in shared/bench/baseline_gpu.py
+# ---------------------------------------------------------------------------------------------
+
+
+def measure(name, fn, args, bwd=False):
+    torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    try:
+        if bwd:
+            def run():
+                out = fn(*args)
+                out.backward(torch.ones_like(out))
+        else:
+            def run():
+                with torch.no_grad():
+                    fn(*args)
+        ms = do_bench(run, warmup=50, rep=200, return_mode="median")
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return ms, peak
+    except torch.OutOfMemoryError:
+        return float("nan"), float("nan")
+    except Exception as e:
+        print("ERR", name, type(e).__name__, str(e)[:200], flush=True)
+        return float("nan"), float("nan")
+
+
+class FFN(torch.nn.Module):
+    def __init__(s, d, h, p):
+        super().__init__(); s.l1 = torch.nn.Linear(d, h); s.l2 = torch.nn.Linear(h, d); s.p = p
+
+    def forward(s, x):
+        return x + F.dropout(s.l2(F.dropout(F.gelu(s.l1(x)), s.p, s.training)), s.p, s.training)
+
+
+class FusedFFN(FFN):
+    """The same module through `feedforward` (same parameters, same math)."""
+
+    def __init__(s, d, h, p, impl, config=None):
+        super().__init__(d, h, p); s.impl = impl; s.config = config
+
+    def forward(s, x):
+        p = s.p if s.training else 0.0
+        return feedforward(x, s.l1.weight, s.l1.bias, s.l2.weight, s.l2.bias, activation="gelu",
+                           hidden_dropout_p=p, output_dropout_p=p, residual=x, impl=s.impl, config=s.config)
+
+
+def bench(args):
+    shapes = [(8192, 1024, 4096, False), (8192, 1024, 4096, True), (16384, 4096, 16384, True)]
+    if not args.quick:
+        shapes.insert(2, (16384, 4096, 16384, False))
+    for (T, d, h, train) in shapes:
+        torch.manual_seed(0)
+        base = FFN(d, h, 0.1).to(dev, torch.bfloat16).train(train)
+        x = torch.randn(T, d, device=dev, dtype=torch.bfloat16, requires_grad=train)
+        variants = [("eager", base), ("inductor", torch.compile(base))]
+        if args.max_autotune and T == 8192:
+            variants.append(("max-autotune", torch.compile(base, mode="max-autotune-no-cudagraphs")))
+        for impl in ("cublas", "triton"):
+            m = FusedFFN(d, h, 0.1, impl).to(dev, torch.bfloat16).train(train)
+            m.load_state_dict(base.state_dict())
+            variants.append((f"ours-{impl}", m))
+        if T == 8192 and not args.quick:  # a few other configs, for the tuner's sake
+            for key in ("triton:m128n128k64g8w8s4", "triton:m128n128k64g8w4s4", "triton:m64n256k64g8w4s4"):
+                m = FusedFFN(d, h, 0.1, "triton", key).to(dev, torch.bfloat16).train(train)
+                m.load_state_dict(base.state_dict())
+                variants.append((f"ours-{key}", m))
+            for key in ("cublas:m32n128w4", "cublas:m8n512w4"):
+                m = FusedFFN(d, h, 0.1, "cublas", key).to(dev, torch.bfloat16).train(train)
+                m.load_state_dict(base.state_dict())
+                variants.append((f"ours-{key}", m))
+        eager_ms = eager_mb = None
+        for name, fn in variants:
+            if time.time() - T0 > args.budget_s:
+                print("time budget reached, skipping", name, T, train, flush=True)
+                continue
+            ms, mb = measure(name, fn, (x,), train)
+            fl = 2 * 2 * T * d * h * (3 if train else 1)
+            if name == "eager":
+                eager_ms, eager_mb = ms, mb
+            row = dict(T=T, d=d, h=h, train=train, mode=name, ms=ms, peak_mb=mb, tflops=fl / ms / 1e9,
+                       speedup_vs_eager=eager_ms / ms if eager_ms else None,
+                       mem_vs_eager=mb / eager_mb if eager_mb else None)
+            results["bench"].append(row)
+            print(f"ffn T={T} d={d} h={h} train={train!s:5s} {name:34s} {ms:8.3f} ms {fl / ms / 1e9:6.1f} TFLOP/s "
+                  f"{mb:8.1f} MB  x{row['speedup_vs_eager'] or 0:.3f} speed  x{row['mem_vs_eager'] or 0:.3f} mem", flush=True)
+            torch._dynamo.reset()
+            save()
+        del base, x, variants
+        torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="skip the config sweep and 16384 inference")
+    ap.add_argument("--no-max-autotune", dest="max_autotune", action="store_false")
+    ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop timing new variants after this many seconds")
+    args = ap.parse_args()
+    print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
+    if not args.skip_correctness:
+        ok = correctness()
+        print(f"correctness: {'all passed' if ok else 'FAILURES'} ({time.time() - T0:.0f} s)", flush=True)
+    bench(args)
+    save()
+    print("\nsummary (median ms, peak extra MB; ratios vs eager of the same run)")
+    for r in results["bench"]:
+        print(f"T={r['T']:5d} d={r['d']:4d} h={r['h']:5d} {'train' if r['train'] else 'infer'} {r['mode']:34s} "
+              f"{r['ms']:8.3f} {r['peak_mb']:8.1f}  x{r['speedup_vs_eager'] or 0:.3f}  mem x{r['mem_vs_eager'] or 0:.3f}")
+    print(f"total {time.time() - T0:.0f} s; {torch.__version__} {triton.__version__} {torch.cuda.get_device_name()}")
+
+
+if __name__ == "__main__":
+    main()
