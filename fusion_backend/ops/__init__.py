@@ -5,3 +5,10 @@ where it can (CUDA, or CPU under TRITON_INTERPRET=1), and otherwise runs a PyTor
 kernel fails to compile or launch, the op warns once and computes the same result with the
 reference, so a fused graph never crashes where the original would have run.
 """
+
+# The public functions shadow their modules' names on purpose: `fusion_backend.ops.attention(...)`
+# is the op; `from fusion_backend.ops.attention import attention_supports` still finds the module.
+from .attention import attention  # noqa: E402
+from .feedforward import feedforward  # noqa: E402
+
+__all__ = ["attention", "feedforward"]

@@ -1,0 +1,350 @@
+"""The torch.compile backend: Dynamo's graph in, a compiled callable out.
+
+    canonicalize -> match (rules) -> build replacements (ops) -> tune (decide) -> replace
+    -> inner compiler (Inductor by default)
+
+A graph in which nothing is fused is handed to the inner compiler exactly as Dynamo produced it.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.fx as fx
+
+from .canonicalize import canonical_copy
+from .match import all_rules, find_sites
+from .match.sites import Site
+from .options import Options, parse_options
+from .replace import ReplacementError, apply_plan, build_replacement, option_name
+
+log = logging.getLogger("truthfuse")
+
+
+class FusionWarning(UserWarning):
+    """A site that matched could not be fused; truthfuse kept the original subgraph."""
+
+
+@dataclass
+class SiteDecision:
+    """What happened to one site: for explain() and logs."""
+
+    site_id: str
+    rule: str
+    kind: str
+    variant: Optional[str]
+    decision: str            # "fused" or "kept"
+    reason: str
+    location: str
+    config: Optional[str] = None
+    graph_index: int = 0
+
+
+@dataclass
+class GraphRecord:
+    """One compiled graph: its sites and how the tuner decided."""
+
+    index: int
+    sites: List[SiteDecision] = field(default_factory=list)
+    cache_hit: bool = False
+    measurements: int = 0
+    tuning_seconds: float = 0.0
+    plan: Dict[str, str] = field(default_factory=dict)
+    plan_ms: Optional[float] = None
+    baseline_ms: Optional[float] = None
+    tuning_reason: str = ""
+    compile_seconds: float = 0.0
+
+
+class TruthfuseBackend:
+    """A configured backend: call it with (GraphModule, example_inputs) as Dynamo does.
+
+    `records` collects one GraphRecord per compiled graph (several with graph breaks)."""
+
+    def __init__(self, options: Optional[Options] = None):
+        self.options = options or Options()
+        self.records: List[GraphRecord] = []
+
+    # Dynamo compares backends when deciding whether cached code can be reused.
+    def __eq__(self, other):
+        return isinstance(other, TruthfuseBackend) and other.options == self.options and other is self
+
+    __hash__ = object.__hash__
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: List[Any]) -> Callable:
+        started = time.perf_counter()
+        record = GraphRecord(index=len(self.records))
+        self.records.append(record)
+        compiled_gm = self._rewrite(gm, example_inputs, record)
+        compiled = _inner_compile(compiled_gm, example_inputs, self.options)
+        record.compile_seconds = time.perf_counter() - started
+        _log_record(record)
+        return compiled
+
+    # -- the pipeline ------------------------------------------------------------------------
+
+    def _rules(self):
+        disabled = set(self.options.disable)
+        return [r for r in all_rules() if r.name not in disabled and r.kind not in disabled]
+
+    def _find(self, gm: fx.GraphModule, graph_id: str):
+        canon = canonical_copy(gm)
+        sites = find_sites(canon.graph, self._rules(), graph_id)
+        return canon, sites
+
+    def _rewrite(self, gm: fx.GraphModule, example_inputs: List[Any], record: GraphRecord) -> fx.GraphModule:
+        graph_id = f"g{record.index}"
+        try:
+            canon, sites = self._find(gm, graph_id)
+        except Exception as exc:  # noqa: BLE001 -- analysis must never break compilation
+            warnings.warn(f"truthfuse: graph analysis failed, compiling unchanged: {exc}", FusionWarning)
+            return gm
+        decisions: Dict[str, SiteDecision] = {}
+        built: Dict[tuple, tuple] = {}
+        candidates: List[Site] = []
+        for site in sites:
+            d = SiteDecision(site.id, site.rule.name, site.kind, site.variant, "kept",
+                             site.near_miss or "", site.location, graph_index=record.index)
+            decisions[site.id] = d
+            if site.near_miss:
+                continue
+            ok_configs = []
+            failure = None
+            for config in site.configs:
+                try:
+                    built[(site.id, config)] = build_replacement(site, config)
+                    ok_configs.append(config)
+                except ReplacementError as exc:
+                    failure = str(exc)
+            if ok_configs:
+                site.configs = ok_configs
+                candidates.append(site)
+            else:
+                d.reason = failure or "replacement could not be built"
+                warnings.warn(f"truthfuse: site {site.id} at {site.location} kept: {d.reason}", FusionWarning)
+        record.sites = list(decisions.values())
+        if not candidates:
+            return gm
+
+        plan = self._decide(gm, example_inputs, candidates, record, built)
+        fused_ids = set(s for s, choice in plan.items() if choice != "keep")
+        if not fused_ids:
+            for site in candidates:
+                decisions[site.id].reason = decisions[site.id].reason or record.tuning_reason
+            return gm
+        apply_plan(canon, candidates, plan, built)
+        for site in candidates:
+            d = decisions[site.id]
+            if site.id in fused_ids:
+                d.decision = "fused"
+                choice = plan[site.id]
+                d.config = None if choice == "fuse" else choice.split(":", 1)[1]
+                d.reason = record.tuning_reason
+            elif not d.reason:
+                d.reason = _keep_reason(site, candidates, fused_ids, record)
+        return canon
+
+    def _decide(self, gm, example_inputs, candidates: List[Site], record: GraphRecord,
+                built: Dict[tuple, tuple]) -> Dict[str, str]:
+        """Choose a plan (site id -> "keep" / "fuse[:config]") with the tuner, through the cache."""
+        from .tune import DecisionSpace, Option, SiteChoices, TuningCache, TuningDecision, cache_key, choose_plan
+
+        conflicts = []
+        for i, a in enumerate(candidates):
+            for b in candidates[i + 1:]:
+                if a.nodes & b.nodes:
+                    conflicts.append((a.id, b.id))
+        space = DecisionSpace(
+            sites=[SiteChoices(
+                site_id=s.id, kind=s.kind,
+                options=[Option.keep()] + [Option(option_name(c), s.variant, c, s.rule.exact) for c in s.configs],
+                priority=s.rule.priority * 1000 + len(s.nodes))
+                for s in candidates],
+            conflicts=conflicts)
+        opts = self.options
+        key = None
+        cache = TuningCache() if opts.cache else None
+        if cache is not None:
+            key = cache_key(_graph_signature(gm), _shapes(example_inputs), _dtypes(example_inputs),
+                            _device_name(example_inputs), opts.strategy,
+                            extra={"space": space.signature(), "inner": opts.inner, "mode": opts.mode})
+            cached = cache.get(key)
+            if cached is not None:
+                try:
+                    decision = TuningDecision.from_record(cached)
+                    if space.is_valid(decision.plan):
+                        _fill_record(record, decision, cache_hit=True)
+                        return dict(decision.plan)
+                except (KeyError, TypeError, ValueError):
+                    pass
+
+        evaluate = _PlanTimer(self, gm, example_inputs, candidates, built, record.index)
+        decision = choose_plan(space, evaluate, opts.strategy, simulations=opts.budget,
+                               time_budget_s=opts.tuning_seconds, seed=opts.seed)
+        _fill_record(record, decision, cache_hit=False)
+        if cache is not None and key is not None:
+            cache.put(key, decision.to_record())
+        return dict(decision.plan)
+
+
+def _fill_record(record: GraphRecord, decision, cache_hit: bool) -> None:
+    record.cache_hit = cache_hit
+    record.measurements = 0 if cache_hit else decision.measurements
+    record.tuning_seconds = 0.0 if cache_hit else decision.seconds
+    record.plan = dict(decision.plan)
+    record.plan_ms = decision.cost_ms
+    record.baseline_ms = decision.baseline_ms
+    record.tuning_reason = ("cached: " if cache_hit else "") + decision.reason
+
+
+def _keep_reason(site: Site, candidates: List[Site], fused_ids: set, record: GraphRecord) -> str:
+    for other in candidates:
+        if other.id in fused_ids and other.nodes & site.nodes:
+            return f"overlaps fused site {other.rule.name} ({other.location})"
+    return record.tuning_reason or "the tuner kept it"
+
+
+class _PlanTimer:
+    """Measures a plan: rewrite a fresh canonical copy, compile it with the inner compiler, time
+    it on the graph's real inputs (forward, plus backward when the graph trains)."""
+
+    def __init__(self, backend: TruthfuseBackend, gm, example_inputs, candidates, built, index):
+        self.backend, self.gm, self.inputs = backend, gm, example_inputs
+        self.built, self.index = built, index
+        self.ids = [s.id for s in candidates]
+
+    def __call__(self, plan) -> float:
+        from .tune import measure
+
+        plan = dict(plan)
+        if all(v == "keep" for v in plan.values()):
+            graph = self.gm
+        else:
+            graph, sites = self.backend._find(self.gm, f"g{self.index}")
+            sites = [s for s in sites if s.id in plan]
+            apply_plan(graph, sites, plan, self.built)
+        with _preserved_rng(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled = _inner_compile(graph, self.inputs, self.backend.options)
+            inputs = _clone_mutated_inputs(self.gm, self.inputs)
+            trains = torch.is_grad_enabled() and any(
+                isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+
+            def run(*args):
+                out = compiled(*args)
+                if trains:
+                    outs = [o for o in (out if isinstance(out, (list, tuple)) else [out])
+                            if isinstance(o, torch.Tensor) and o.requires_grad]
+                    if outs:
+                        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+                return out
+
+            device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+            try:
+                ms = measure(run, [tuple(inputs)], device=device, warmup=2, repeats=5)
+            finally:
+                for t in inputs:
+                    if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf:
+                        t.grad = None
+        return ms
+
+
+@contextlib.contextmanager
+def _preserved_rng():
+    """Tuning runs the graph; dropout inside it must not shift the user's random stream."""
+    cpu = torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _clone_mutated_inputs(gm: fx.GraphModule, inputs: List[Any]) -> List[Any]:
+    """Copies of the inputs the graph mutates in place (BatchNorm statistics, caches), so timing
+    runs leave the model's state as it was; other inputs are shared."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    mutated = set()
+    for node in gm.graph.nodes:
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if node.op in ("call_method", "call_function") and (name.endswith("_") and not name.startswith("_")
+                                                           or name in ("copy_",)):
+            if node.args and isinstance(node.args[0], fx.Node):
+                mutated.add(node.args[0])
+    # grads of leaf inputs accumulate during timing: detach-and-copy those too
+    out = []
+    for ph, value in zip(placeholders, inputs):
+        if isinstance(value, torch.Tensor) and (ph in mutated or (value.requires_grad and value.is_leaf)):
+            copy = value.detach().clone()
+            copy.requires_grad_(value.requires_grad)
+            out.append(copy)
+        else:
+            out.append(value)
+    return out
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs: List[Any], options: Options) -> Callable:
+    if options.inner == "eager":
+        return gm.forward
+    if options.inner == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    patches: Dict[str, Any] = {}
+    if options.mode not in ("default", None):
+        patches.update(torch._inductor.list_mode_options(options.mode))
+    patches.update(options.inductor_options)
+    return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+def _graph_signature(gm: fx.GraphModule) -> str:
+    """The graph's structure without node names' incidental numbering: its code, hashed."""
+    return hashlib.sha256(gm.code.encode()).hexdigest()
+
+
+def _shapes(inputs):
+    return [list(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in inputs]
+
+
+def _dtypes(inputs):
+    return [str(t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs]
+
+
+def _device_name(inputs) -> str:
+    for t in inputs:
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            return torch.cuda.get_device_name(t.device)
+    import platform
+    return f"cpu-{platform.machine()}"
+
+
+def _log_record(record: GraphRecord) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    fused = [s for s in record.sites if s.decision == "fused"]
+    log.info("graph %d: %d site(s), %d fused, tuning: %s%s", record.index, len(record.sites), len(fused),
+             "cache hit" if record.cache_hit else f"{record.measurements} measurement(s)",
+             f" ({record.tuning_reason})" if record.tuning_reason else "")
+    for s in record.sites:
+        log.debug("  %s %s [%s/%s] at %s: %s", s.decision, s.rule, s.kind, s.variant, s.location, s.reason)
+
+
+def truthfuse(gm: fx.GraphModule, example_inputs: List[Any], *, mode: Optional[str] = None,
+              options: Optional[Dict[str, Any]] = None) -> Callable:
+    """The `torch_dynamo_backends` entry point: `torch.compile(m, backend="truthfuse",
+    mode=..., options={...})` lands here."""
+    return TruthfuseBackend(parse_options(options, mode))(gm, example_inputs)
+
+
+def backend(**options: Any) -> TruthfuseBackend:
+    """A configured backend callable: `torch.compile(m, backend=fusion_backend.backend(strategy="aggressive"))`."""
+    return TruthfuseBackend(parse_options(options))

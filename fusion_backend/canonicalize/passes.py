@@ -1,0 +1,588 @@
+"""The canonicalization passes over an FX graph (Dynamo's torch-level graph, or a traced pattern).
+
+Canonical vocabulary (all positional, dims negative where the rank is known):
+
+    torch.matmul(a, b)              matmul, bmm, @, two-operand einsum that is a batched matmul
+    torch.transpose(x, d0, d1)      transpose, swapaxes, .t(), a permute that swaps two dims
+    torch.mul(x, s)                 *, mul, and / by s (as * 1/s), unary minus (as * -1.0)
+    torch.add(a, b), torch.sub(a, b)
+    torch.softmax(x, dim)           F.softmax / Tensor.softmax; a dtype= becomes a cast before it
+    torch.Tensor.to(x, dtype)       .float(), .half(), .to(dtype), .type(dtype), .type_as(t)
+    F.dropout(x, p, True)           functional, module and torch.dropout; eval-mode dropout and
+                                    p == 0 are removed (they are the identity)
+    torch.masked_fill(x, m, v)      masked_fill, and torch.where with a scalar on one side
+    torch._C._nn.linear(x, w, b)    F.linear, nn.Linear, addmm(b, x, w) (HF Conv1D)
+    torch.pow, torch.sum, torch.abs, torch.exp, torch.clamp, torch.cdist, F.normalize, F.gelu,
+    torch.relu, F.silu, torch.tanh
+
+Identity casts are removed (`.contiguous()` is not: a later `.view` depends on it). In-place variants become functional when that is
+provably the same: the mutated tensor is a fresh intermediate (not an input, not a view) and every
+later reader is redirected to the functional result.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+Node = fx.Node
+
+_linear = torch._C._nn.linear
+_to = torch.Tensor.to
+
+# The targets the canonical graph uses; the matcher compares against these.
+CANONICAL_TARGETS = {
+    torch.matmul, torch.transpose, torch.mul, torch.add, torch.sub, torch.softmax, _to,
+    F.dropout, torch.masked_fill, _linear, torch.pow, torch.sum, torch.abs, torch.exp,
+    torch.clamp, torch.cdist, F.normalize, F.gelu, torch.relu, F.silu, torch.tanh,
+    torch.reciprocal, torch.logical_not, torch.where, torch.unsqueeze,
+}
+
+_VIEW_METHODS = {
+    "view", "reshape", "transpose", "permute", "expand", "unsqueeze", "squeeze", "flatten",
+    "unflatten", "narrow", "select", "split", "chunk", "unbind", "t", "as_strided", "view_as",
+    "__getitem__", "contiguous", "detach", "swapaxes", "swapdims", "movedim", "unfold",
+}
+_VIEW_FUNCTIONS = {
+    operator.getitem, torch.transpose, torch.permute, torch.reshape, torch.unsqueeze,
+    torch.squeeze, torch.flatten, torch.narrow, torch.select, torch.split, torch.chunk,
+    torch.unbind, torch.t, torch.swapaxes, torch.movedim, torch.detach,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers on nodes
+# ----------------------------------------------------------------------------------------------
+
+def example_value(x: Any) -> Any:
+    """The fake value Dynamo recorded for a node (or the constant itself)."""
+    if isinstance(x, Node):
+        return x.meta.get("example_value", x.meta.get("val"))
+    return x
+
+
+def rank_of(x: Any) -> Optional[int]:
+    v = example_value(x)
+    return v.dim() if isinstance(v, torch.Tensor) else None
+
+
+def dtype_of(x: Any) -> Optional[torch.dtype]:
+    v = example_value(x)
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def is_tensor_node(x: Any) -> bool:
+    """A node holding a tensor. Pattern graphs carry no example values: there, every node may be
+    a tensor, so their canonical form is the one a tensor would get."""
+    if not isinstance(x, Node):
+        return False
+    v = example_value(x)
+    return v is None or isinstance(v, torch.Tensor)
+
+
+def _neg_dim(dim: Any, rank: Optional[int]) -> Any:
+    """A dim as a negative index when the rank is known, so -1 and 3 compare equal on 4-D."""
+    if isinstance(dim, int) and rank is not None and dim >= 0:
+        return dim - rank
+    return dim
+
+
+def is_cast(node: Any) -> bool:
+    """A canonical dtype cast (the matcher may look through these)."""
+    return isinstance(node, Node) and node.op == "call_function" and node.target is _to
+
+
+def _arg(node: Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _fake_mode_of(graph: fx.Graph):
+    for n in graph.nodes:
+        v = example_value(n)
+        if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"):
+            return v.fake_mode
+    return None
+
+
+def refresh_meta(node: Node, fake_mode) -> None:
+    """Compute a new node's example value from its inputs' example values (under the fake mode),
+    so later passes and rules can read its shape and dtype. Best effort: on failure, no meta."""
+    if fake_mode is None:
+        return
+
+    def value(a):
+        return example_value(a) if isinstance(a, Node) else a
+
+    try:
+        args = fx.node.map_aggregate(node.args, value)
+        kwargs = fx.node.map_aggregate(node.kwargs, value)
+        with fake_mode:
+            if node.op == "call_function":
+                out = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                out = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                return
+        node.meta["example_value"] = out
+    except Exception:  # noqa: BLE001 -- meta is an aid, never a requirement
+        node.meta.pop("example_value", None)
+
+
+class _Rewriter:
+    """Replaces nodes by canonical calls, keeping meta (stack trace, example value, marks)."""
+
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+        self.fake_mode = _fake_mode_of(graph)
+        self.changed = 0
+
+    def emit(self, before: Node, target: Callable, args: tuple, meta_from: Optional[Node] = None) -> Node:
+        with self.graph.inserting_before(before):
+            new = self.graph.call_function(target, args)
+        src = meta_from if meta_from is not None else before
+        for key in ("stack_trace", "source_fn_stack", "nn_module_stack", "truthfuse_optional"):
+            if key in src.meta:
+                new.meta[key] = src.meta[key]
+        if meta_from is not None and "example_value" in meta_from.meta:
+            new.meta["example_value"] = meta_from.meta["example_value"]
+        else:
+            refresh_meta(new, self.fake_mode)
+        return new
+
+    def replace(self, node: Node, target: Callable, args: tuple) -> Node:
+        new = self.emit(node, target, args, meta_from=node)
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+        self.changed += 1
+        return new
+
+    def bypass(self, node: Node, value: Any) -> None:
+        """Remove an identity node, handing its users the value it passed through."""
+        node.replace_all_uses_with(value)
+        self.graph.erase_node(node)
+        self.changed += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# In-place variants
+# ----------------------------------------------------------------------------------------------
+
+_INPLACE_METHODS = {
+    "mul_": torch.mul, "div_": torch.div, "add_": torch.add, "sub_": torch.sub,
+    "masked_fill_": torch.masked_fill, "relu_": torch.relu, "exp_": torch.exp,
+    "neg_": torch.neg, "clamp_": torch.clamp, "tanh_": torch.tanh, "pow_": torch.pow,
+    "abs_": torch.abs,
+}
+
+
+def _is_fresh_intermediate(x: Any) -> bool:
+    """A value that nothing else aliases: computed by a non-view op inside the graph."""
+    if not isinstance(x, Node) or x.op not in ("call_function", "call_method"):
+        return False
+    if x.op == "call_method" and x.target in _VIEW_METHODS:
+        return False
+    if x.op == "call_function" and x.target in _VIEW_FUNCTIONS:
+        return False
+    return is_tensor_node(x)
+
+
+def _functionalize_inplace(rw: _Rewriter) -> None:
+    graph = rw.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        functional = None
+        args, kwargs = node.args, dict(node.kwargs)
+        if node.op == "call_method" and node.target in _INPLACE_METHODS:
+            functional = _INPLACE_METHODS[node.target]
+        elif node.op == "call_function" and node.target in (F.dropout, F.relu, F.silu) and \
+                (kwargs.get("inplace") or (node.target is F.dropout and len(args) > 3 and args[3])):
+            functional = node.target
+            kwargs["inplace"] = False
+            if node.target is F.dropout and len(args) > 3:
+                args = args[:3]
+        if functional is None or not args:
+            continue
+        mutated = args[0]
+        if not _is_fresh_intermediate(mutated):
+            continue
+        later = [u for u in mutated.users if u is not node and order.get(u, -1) > order[node]]
+        earlier_views = [u for u in mutated.users if u is not node and order.get(u, -1) < order[node]
+                         and ((u.op == "call_method" and u.target in _VIEW_METHODS)
+                              or (u.op == "call_function" and u.target in _VIEW_FUNCTIONS))]
+        if earlier_views:
+            continue  # a view taken before the mutation would observe it; leave the graph alone
+        with graph.inserting_before(node):
+            new = graph.call_function(functional, tuple(args), kwargs)
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        for user in later:
+            user.replace_input_with(mutated, new)
+        graph.erase_node(node)
+        order[new] = order[node]
+        rw.changed += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-node canonical forms
+# ----------------------------------------------------------------------------------------------
+
+def _method_or_function(node: Node, methods: set, functions: set) -> bool:
+    if node.op == "call_method":
+        return node.target in methods
+    if node.op == "call_function":
+        return node.target in functions
+    return False
+
+
+def _single_none_index(index: tuple, rank: Optional[int]) -> Optional[int]:
+    """For x[idx] where idx holds only full slices, one Ellipsis at most and exactly one None,
+    the (negative) dim at which that None inserts a new axis; otherwise None."""
+    full = slice(None, None, None)
+    if sum(i is None for i in index) != 1 or sum(i is Ellipsis for i in index) > 1:
+        return None
+    if not all(i is None or i is Ellipsis or i == full for i in index):
+        return None
+    if Ellipsis not in index:
+        if rank is None:
+            return None
+        index = index + (Ellipsis,)
+    pos = index.index(None)
+    ell = index.index(Ellipsis)
+    if pos > ell:  # counted from the end
+        return -(len(index) - pos)
+    if rank is None:
+        return None
+    return pos - (rank + 1)
+
+
+def _parse_einsum_matmul(equation: str):
+    """For a two-operand einsum that is a (batched) matrix product, say which operands need a
+    transpose: returns (transpose_a, transpose_b) or None. Batch letters must lead in the same
+    order in both inputs and the output, and exactly one letter is contracted."""
+    eq = equation.replace(" ", "")
+    if "->" not in eq or "." in eq:
+        return None
+    lhs, out = eq.split("->")
+    parts = lhs.split(",")
+    if len(parts) != 2:
+        return None
+    a, b = parts
+    if len(set(a)) != len(a) or len(set(b)) != len(b) or len(a) != len(b) or len(a) < 2:
+        return None
+    contracted = [c for c in a if c in b and c not in out]
+    if len(contracted) != 1:
+        return None
+    batch = a[:-2]
+    if b[:-2] != batch or out[:-2] != batch:
+        return None
+    c = contracted[0]
+    free_a = [x for x in a[-2:] if x != c]
+    free_b = [x for x in b[-2:] if x != c]
+    if len(free_a) != 1 or len(free_b) != 1 or c not in a[-2:] or c not in b[-2:]:
+        return None
+    if out[-2:] != free_a[0] + free_b[0]:
+        return None
+    return a[-1] != c, b[-2] != c
+
+
+def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one table, read top to bottom
+    op, t = node.op, node.target
+    if op not in ("call_function", "call_method"):
+        return
+    args = node.args
+
+    # matmul family
+    if _method_or_function(node, {"matmul", "bmm", "__matmul__"}, {operator.matmul, torch.bmm}) or \
+            (op == "call_function" and t is torch.matmul and node.kwargs):
+        rw.replace(node, torch.matmul, (args[0], args[1]))
+        return
+    if op == "call_function" and t is torch.einsum:
+        equation = args[0]
+        operands = args[1:] if len(args) > 2 else (list(args[1]) if len(args) == 2 and
+                                                     isinstance(args[1], (list, tuple)) else [])
+        if isinstance(equation, str) and len(operands) == 2:
+            parsed = _parse_einsum_matmul(equation)
+            if parsed is not None:
+                a, b = operands
+                if parsed[0]:
+                    a = rw.emit(node, torch.transpose, (a, -2, -1))
+                if parsed[1]:
+                    b = rw.emit(node, torch.transpose, (b, -2, -1))
+                rw.replace(node, torch.matmul, (a, b))
+        return
+
+    # transposes of two dims, and permutes that are one
+    if _method_or_function(node, {"transpose", "swapaxes", "swapdims"}, {torch.transpose, torch.swapaxes}):
+        rank = rank_of(args[0])
+        d0 = _neg_dim(_arg(node, 1, "dim0"), rank)
+        d1 = _neg_dim(_arg(node, 2, "dim1"), rank)
+        if isinstance(d0, int) and isinstance(d1, int):
+            d0, d1 = min(d0, d1), max(d0, d1)
+            if (t, args[1:]) != (torch.transpose, (d0, d1)):
+                rw.replace(node, torch.transpose, (args[0], d0, d1))
+        return
+    if _method_or_function(node, {"permute"}, {torch.permute}):
+        dims = args[1:] if op == "call_method" else (args[1],)
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = tuple(dims[0])
+        rank = rank_of(args[0]) or len(dims)
+        dims = tuple(d % rank if isinstance(d, int) else d for d in dims)
+        moved = [i for i, d in enumerate(dims) if d != i]
+        if len(moved) == 2 and dims[moved[0]] == moved[1] and dims[moved[1]] == moved[0]:
+            rw.replace(node, torch.transpose, (args[0], moved[0] - rank, moved[1] - rank))
+        return
+    if op == "call_method" and t == "t" and rank_of(args[0]) == 2:
+        rw.replace(node, torch.transpose, (args[0], -2, -1))
+        return
+
+    # multiplication, division by a scale, negation
+    if _method_or_function(node, {"mul", "__mul__", "__rmul__", "multiply"}, {operator.mul, torch.mul}):
+        if len(args) == 2 and not node.kwargs and (t is not torch.mul or op != "call_function"):
+            rw.replace(node, torch.mul, (args[0], args[1]))
+        return
+    if _method_or_function(node, {"div", "__truediv__", "true_divide"}, {operator.truediv, torch.div}):
+        if len(args) != 2 or node.kwargs.get("rounding_mode") is not None:
+            return
+        x, s = args
+        if not is_tensor_node(x):
+            return
+        if isinstance(s, (int, float)) and not isinstance(s, bool) and s != 0:
+            rw.replace(node, torch.mul, (x, 1.0 / s))
+        elif is_tensor_node(s):
+            recip = rw.emit(node, torch.reciprocal, (s,))
+            rw.replace(node, torch.mul, (x, recip))
+        elif isinstance(s, Node):  # a symbolic Python scalar (SymInt/SymFloat)
+            recip = rw.emit(node, operator.truediv, (1.0, s))
+            rw.replace(node, torch.mul, (x, recip))
+        return
+    if _method_or_function(node, {"neg", "__neg__", "negative"}, {operator.neg, torch.neg}):
+        if is_tensor_node(args[0]):
+            rw.replace(node, torch.mul, (args[0], -1.0))
+        return
+
+    # addition and subtraction (alpha would change the meaning: leave those alone)
+    if _method_or_function(node, {"add", "__add__", "__radd__"}, {operator.add, torch.add}):
+        if len(args) == 2 and "alpha" not in node.kwargs and (t is not torch.add or op != "call_function"):
+            if is_tensor_node(args[0]) or is_tensor_node(args[1]):
+                rw.replace(node, torch.add, (args[0], args[1]))
+        return
+    if _method_or_function(node, {"sub", "__sub__"}, {operator.sub, torch.sub}):
+        if len(args) == 2 and "alpha" not in node.kwargs and (t is not torch.sub or op != "call_function"):
+            if is_tensor_node(args[0]) or is_tensor_node(args[1]):
+                rw.replace(node, torch.sub, (args[0], args[1]))
+        return
+
+    # softmax, with its optional dtype turned into a cast
+    if _method_or_function(node, {"softmax"}, {F.softmax, torch.softmax}):
+        x = args[0]
+        dim = _arg(node, 1, "dim")
+        dtype = node.kwargs.get("dtype")
+        if op == "call_function" and t is F.softmax and len(args) > 3:
+            dtype = args[3]
+        if not isinstance(dim, int):
+            return
+        dim = _neg_dim(dim, rank_of(x))
+        if dtype is not None:
+            x = rw.emit(node, _to, (x, dtype))
+        if (t, args, node.kwargs) != (torch.softmax, (x, dim), {}):
+            rw.replace(node, torch.softmax, (x, dim))
+        return
+
+    # dtype casts
+    cast_dtype = None
+    if op == "call_method" and t in ("float", "half", "bfloat16", "double") and len(args) == 1 and not node.kwargs:
+        cast_dtype = {"float": torch.float32, "half": torch.float16,
+                      "bfloat16": torch.bfloat16, "double": torch.float64}[t]
+    elif op == "call_method" and t in ("to", "type") and set(node.kwargs) <= {"dtype"}:
+        rest = list(args[1:]) + ([node.kwargs["dtype"]] if "dtype" in node.kwargs else [])
+        if len(rest) == 1 and isinstance(rest[0], torch.dtype):
+            cast_dtype = rest[0]
+    elif op == "call_method" and t == "type_as" and len(args) == 2:
+        cast_dtype = dtype_of(args[1])
+    elif op == "call_function" and t is _to and len(args) == 2 and isinstance(args[1], torch.dtype):
+        cast_dtype = args[1]
+    if cast_dtype is not None:
+        if dtype_of(args[0]) == cast_dtype:
+            rw.bypass(node, args[0])
+        elif not (op == "call_function" and t is _to):
+            rw.replace(node, _to, (args[0], cast_dtype))
+        return
+
+    # dropout: only training-mode dropout with p > 0 does anything
+    if (op == "call_function" and t in (F.dropout, torch.dropout)) or (op == "call_method" and t == "dropout"):
+        x = args[0]
+        p = _arg(node, 1, "p", 0.5)
+        training = _arg(node, 2, "training" if t is F.dropout else "train", t is F.dropout)
+        inplace = _arg(node, 3, "inplace", False) if t is F.dropout else False
+        if inplace or isinstance(training, Node):
+            return
+        if training is False or (isinstance(p, (int, float)) and p == 0):
+            rw.bypass(node, x)
+        elif (t, args, node.kwargs) != (F.dropout, (x, p, True), {}):
+            rw.replace(node, F.dropout, (x, p, True))
+        return
+
+    # masking by a fill value
+    if _method_or_function(node, {"masked_fill"}, {torch.masked_fill}):
+        if len(args) == 3 and (t is not torch.masked_fill or op != "call_function" or node.kwargs):
+            rw.replace(node, torch.masked_fill, (args[0], args[1], args[2]))
+        elif len(args) == 1 and set(node.kwargs) == {"mask", "value"}:
+            rw.replace(node, torch.masked_fill, (args[0], node.kwargs["mask"], node.kwargs["value"]))
+        return
+    if op == "call_function" and t is torch.where and len(args) == 3 and not node.kwargs:
+        cond, a, b = args
+        if is_tensor_node(a) and isinstance(b, (int, float)) and not isinstance(b, bool):
+            keep_not = rw.emit(node, torch.logical_not, (cond,))
+            rw.replace(node, torch.masked_fill, (a, keep_not, b))
+        elif is_tensor_node(b) and isinstance(a, (int, float)) and not isinstance(a, bool):
+            rw.replace(node, torch.masked_fill, (b, cond, a))
+        return
+
+    # linear layers
+    if op == "call_function" and t is F.linear:
+        rw.replace(node, _linear, (args[0], args[1], _arg(node, 2, "bias")))
+        return
+    if op == "call_function" and t is _linear and (len(args) < 3 or node.kwargs):
+        rw.replace(node, _linear, (args[0], args[1], _arg(node, 2, "bias")))
+        return
+    if _method_or_function(node, {"addmm"}, {torch.addmm}) and len(args) == 3 and not node.kwargs:
+        bias, x, w = args
+        if rank_of(bias) in (1, None) and rank_of(x) in (2, None):
+            wt = rw.emit(node, torch.transpose, (w, -2, -1))
+            rw.replace(node, _linear, (x, wt, bias))
+        return
+    if _method_or_function(node, {"mm"}, {torch.mm}) and len(args) == 2:
+        rw.replace(node, torch.matmul, (args[0], args[1]))
+        return
+
+    # unsqueeze, including indexing with a single None (q[..., :, None, :])
+    if _method_or_function(node, {"unsqueeze"}, {torch.unsqueeze}) and len(args) == 2:
+        rank = rank_of(args[0])
+        dim = args[1]
+        if isinstance(dim, int) and rank is not None and dim >= 0:
+            dim = dim - (rank + 1)
+        if (t, op, args[1]) != (torch.unsqueeze, "call_function", dim):
+            rw.replace(node, torch.unsqueeze, (args[0], dim))
+        return
+    if op == "call_function" and t is operator.getitem and len(args) == 2 and isinstance(args[1], tuple):
+        dim = _single_none_index(args[1], rank_of(args[0]))
+        if dim is not None:
+            rw.replace(node, torch.unsqueeze, (args[0], dim))
+        return
+
+    # elementwise and reductions used by distance and feed-forward forms
+    if _method_or_function(node, {"pow", "__pow__"}, {operator.pow, torch.pow}) and len(args) == 2:
+        if is_tensor_node(args[0]):
+            if (t, op) != (torch.pow, "call_function"):
+                rw.replace(node, torch.pow, (args[0], args[1]))
+        return
+    if op == "call_method" and t == "square" or (op == "call_function" and t is torch.square):
+        rw.replace(node, torch.pow, (args[0], 2))
+        return
+    if _method_or_function(node, {"sum"}, {torch.sum}):
+        dim = _arg(node, 1, "dim")
+        keepdim = _arg(node, 2, "keepdim", False)
+        if isinstance(dim, (list, tuple)) and len(dim) == 1:
+            dim = dim[0]
+        if isinstance(dim, int) and "dtype" not in node.kwargs:
+            dim = _neg_dim(dim, rank_of(args[0]))
+            if (t, op, args[1:], node.kwargs) != (torch.sum, "call_function", (dim, bool(keepdim)), {}):
+                rw.replace(node, torch.sum, (args[0], dim, bool(keepdim)))
+        return
+    simple = {"abs": torch.abs, "exp": torch.exp, "relu": torch.relu, "tanh": torch.tanh,
+              "reciprocal": torch.reciprocal}
+    if op == "call_method" and t in simple and len(args) == 1 and not node.kwargs:
+        rw.replace(node, simple[t], (args[0],))
+        return
+    if op == "call_function" and t is F.relu:
+        rw.replace(node, torch.relu, (args[0],))
+        return
+    if op == "call_function" and t in (F.silu,) and (len(args) > 1 or node.kwargs):
+        rw.replace(node, F.silu, (args[0],))
+        return
+    if op == "call_function" and t is F.gelu:
+        approx = _arg(node, 1, "approximate", "none")
+        if (args[1:], node.kwargs) != ((approx,), {}):
+            rw.replace(node, F.gelu, (args[0], approx))
+        return
+    if _method_or_function(node, {"clamp", "clip"}, {torch.clamp, torch.clip}):
+        lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
+        if (t, op, args[1:], node.kwargs) != (torch.clamp, "call_function", (lo, hi), {}):
+            rw.replace(node, torch.clamp, (args[0], lo, hi))
+        return
+    if op == "call_function" and t is torch.cdist:
+        p = float(_arg(node, 2, "p", 2.0))
+        mode = _arg(node, 3, "compute_mode", None)
+        if mode in (None, "use_mm_for_euclid_dist_if_necessary", "donot_use_mm_for_euclid_dist") and \
+                (args[2:], node.kwargs) != ((p,), {}):
+            rw.replace(node, torch.cdist, (args[0], args[1], p))
+        return
+    if op == "call_function" and t is F.normalize:
+        p = float(_arg(node, 1, "p", 2.0))
+        dim = _neg_dim(_arg(node, 2, "dim", 1), rank_of(args[0]))
+        eps = _arg(node, 3, "eps", 1e-12)
+        if _arg(node, 4, "out") is None and (args[1:], node.kwargs) != ((p, dim, eps), {}):
+            rw.replace(node, F.normalize, (args[0], p, dim, eps))
+        return
+
+
+# ----------------------------------------------------------------------------------------------
+# Algebra on scales: fold constants so "x * a * b" and "-(lam * d)" become one multiplication
+# ----------------------------------------------------------------------------------------------
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _fold_scalar_products(rw: _Rewriter) -> None:
+    """mul(mul(x, a), b) with Python numbers a, b becomes mul(x, a*b). When the inner product has
+    other users it stays as it is."""
+    for node in list(rw.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.mul or node not in rw.graph.nodes:
+            continue
+        x, b = node.args
+        if _is_number(x) and isinstance(b, Node):
+            x, b = b, x
+        if not _is_number(b) or not isinstance(x, Node):
+            continue
+        if x.op == "call_function" and x.target is torch.mul and len(x.users) == 1:
+            inner_x, a = x.args
+            if _is_number(inner_x):
+                inner_x, a = a, inner_x
+            if _is_number(a):
+                new = rw.replace(node, torch.mul, (inner_x, a * b))
+                rw.graph.erase_node(x)
+                if new.args[1] == 1.0:
+                    rw.bypass(new, inner_x)
+
+
+def canonicalize(graph: fx.Graph) -> int:
+    """Rewrite `graph` in place into the canonical vocabulary. Returns the number of rewrites."""
+    rw = _Rewriter(graph)
+    _functionalize_inplace(rw)
+    for node in list(graph.nodes):
+        if node.graph is graph and node in graph.nodes:
+            _canonical_node(rw, node)
+    _fold_scalar_products(rw)
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.op == "placeholder" or n.is_impure())
+    graph.lint()
+    return rw.changed
+
+
+def canonical_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A canonicalized copy of a GraphModule; the original is left untouched so that a graph in
+    which nothing is fused can be handed on exactly as Dynamo produced it."""
+    graph = fx.Graph()
+    value_map: dict = {}
+    out = graph.graph_copy(gm.graph, value_map)
+    graph.output(out)
+    copy_gm = fx.GraphModule(gm, graph)
+    canonicalize(copy_gm.graph)
+    copy_gm.recompile()
+    return copy_gm
+

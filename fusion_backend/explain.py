@@ -1,0 +1,101 @@
+"""explain(): compile once, run once, and report which sites were found, fused or kept, and why."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .backend import GraphRecord, SiteDecision, TruthfuseBackend
+from .options import parse_options
+
+
+@dataclass
+class TuningSummary:
+    """How the tuner decided, over all graphs of one compile."""
+
+    cache_hit: bool
+    measurements: int
+    seconds: float
+    plans: List[Dict[str, str]] = field(default_factory=list)
+    plan_ms: List[Optional[float]] = field(default_factory=list)
+    baseline_ms: List[Optional[float]] = field(default_factory=list)
+    reasons: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    """The result of explain(). `sites` lists every site found; `tuning` summarizes the tuner."""
+
+    sites: List[SiteDecision]
+    tuning: TuningSummary
+    graphs: int
+    compile_seconds: float
+
+    @classmethod
+    def from_records(cls, records: List[GraphRecord]) -> "Report":
+        sites = [s for r in records for s in r.sites]
+        tuned = [r for r in records if r.plan or r.cache_hit]
+        tuning = TuningSummary(
+            cache_hit=bool(tuned) and all(r.cache_hit for r in tuned),
+            measurements=sum(r.measurements for r in records),
+            seconds=sum(r.tuning_seconds for r in records),
+            plans=[r.plan for r in tuned],
+            plan_ms=[r.plan_ms for r in tuned],
+            baseline_ms=[r.baseline_ms for r in tuned],
+            reasons=[r.tuning_reason for r in tuned],
+        )
+        return cls(sites=sites, tuning=tuning, graphs=len(records),
+                   compile_seconds=sum(r.compile_seconds for r in records))
+
+    @property
+    def fused(self) -> List[SiteDecision]:
+        return [s for s in self.sites if s.decision == "fused"]
+
+    @property
+    def kept(self) -> List[SiteDecision]:
+        return [s for s in self.sites if s.decision == "kept"]
+
+    def __str__(self) -> str:
+        head = (f"truthfuse: {self.graphs} graph(s), {len(self.sites)} site(s), "
+                f"{len(self.fused)} fused, {len(self.kept)} kept; compile {self.compile_seconds:.2f} s")
+        rows = [("#", "kind", "variant", "decision", "rule", "location", "reason")]
+        for i, s in enumerate(self.sites):
+            rows.append((str(i), s.kind, s.variant or "-", s.decision, s.rule,
+                         _short_path(s.location), s.reason or "-"))
+        widths = [max(len(r[c]) for r in rows) for c in range(6)]
+        lines = [head, ""]
+        for r in rows:
+            lines.append("  ".join(r[c].ljust(widths[c]) for c in range(6)) + "  " + r[6])
+        t = self.tuning
+        lines.append("")
+        lines.append(f"tuning: cache_hit={t.cache_hit} measurements={t.measurements} "
+                     f"time={t.seconds:.2f} s")
+        for plan, ms, base, why in zip(t.plans, t.plan_ms, t.baseline_ms, t.reasons):
+            timing = ""
+            if ms is not None and base is not None:
+                timing = f" ({ms:.3f} ms vs keep-all {base:.3f} ms)"
+            chosen = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in plan.items()) or "-"
+            lines.append(f"  plan: {chosen}{timing}; {why}")
+        if not self.sites:
+            lines.append("no attention or feed-forward site was found; the graph compiled as under the inner compiler")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _short_path(location: str) -> str:
+    path, _, line = location.rpartition(":")
+    parts = path.split("/")
+    return ("/".join(parts[-2:]) if len(parts) > 2 else path) + (f":{line}" if line else "")
+
+
+def explain(model_or_fn: Any, *example_args: Any, options: Optional[Dict[str, Any]] = None,
+            **example_kwargs: Any) -> Report:
+    """Compile `model_or_fn` with truthfuse, run it once on the example inputs, and return a
+    Report of every site found: its kind, variant, decision ("fused"/"kept"), reason and source
+    location, plus the tuner's summary (`report.tuning.cache_hit`, `.measurements`)."""
+    backend = TruthfuseBackend(parse_options(options))
+    compiled = torch.compile(model_or_fn, backend=backend)
+    compiled(*example_args, **example_kwargs)
+    return Report.from_records(backend.records)

@@ -1,0 +1,102 @@
+"""Constraint helpers for rules. Shapes may be symbolic (dynamic=True): comparisons go through
+sympy via torch's symbolic-shape machinery and only succeed when they hold for every size the
+compiled graph accepts, without adding guards."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import sympy
+import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .rule import Match
+
+
+def as_expr(size: Any) -> sympy.Expr:
+    """A size (int or SymInt) as a sympy expression."""
+    if isinstance(size, torch.SymInt):
+        return size.node.expr
+    return sympy.Integer(int(size))
+
+
+def known_equal(a: Any, b: Any) -> bool:
+    """True only when a == b holds for every value the symbols can take."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:  # noqa: BLE001
+        return sympy.simplify(as_expr(a) - as_expr(b)) == 0
+
+
+def dtype_in(name: str, dtypes: Iterable[torch.dtype]):
+    """The wildcard's tensor has one of `dtypes`."""
+    allowed = tuple(dtypes)
+
+    def check(m: Match) -> Optional[str]:
+        v = m.values.get(name)
+        if isinstance(v, torch.Tensor) and v.dtype not in allowed:
+            return f"{name} has dtype {v.dtype}; supported: {', '.join(str(d) for d in allowed)}"
+        return None
+    check.__name__ = f"dtype_in({name})"
+    return check
+
+
+def same_device(*names: str):
+    """All the named tensors live on one device."""
+    def check(m: Match) -> Optional[str]:
+        devices = {m.values[n].device for n in names if isinstance(m.values.get(n), torch.Tensor)}
+        if len(devices) > 1:
+            return f"{', '.join(names)} are on different devices: {sorted(map(str, devices))}"
+        return None
+    check.__name__ = "same_device"
+    return check
+
+
+def rank_is(name: str, *ranks: int):
+    """The wildcard's tensor has one of the given ranks."""
+    def check(m: Match) -> Optional[str]:
+        v = m.values.get(name)
+        if isinstance(v, torch.Tensor) and v.dim() not in ranks:
+            return f"{name} is {v.dim()}-D; expected {' or '.join(map(str, ranks))}-D"
+        return None
+    check.__name__ = f"rank_is({name})"
+    return check
+
+
+def dims_equal(a: str, dim_a: int, b: str, dim_b: int):
+    """size(a, dim_a) == size(b, dim_b) for every shape the graph accepts."""
+    def check(m: Match) -> Optional[str]:
+        va, vb = m.values.get(a), m.values.get(b)
+        if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)):
+            return None
+        sa, sb = va.shape[dim_a], vb.shape[dim_b]
+        if not known_equal(sa, sb):
+            return f"cannot prove {a}.size({dim_a}) == {b}.size({dim_b}) ({sa} vs {sb})"
+        return None
+    check.__name__ = f"dims_equal({a},{b})"
+    return check
+
+
+def is_scalar_like(value: Any, per_head: Optional[int] = None, rank: int = 4) -> bool:
+    """A Python number, or a tensor with one element, or (with per_head=H) a tensor that only
+    varies along the head dim (-3) of rank-`rank` scores: shapes (H,1,1), (1,H,1,1), (H,)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True
+    if isinstance(value, torch.SymFloat) or isinstance(value, torch.SymInt):
+        return True
+    if not isinstance(value, torch.Tensor):
+        return False
+    if known_equal(value.numel(), 1):
+        return True
+    if per_head is None or value.dim() > rank:
+        return False
+    shape = list(value.shape)
+    padded = [1] * (rank - len(shape)) + shape
+    for i, s in enumerate(padded):
+        if i == rank - 3:
+            if not (known_equal(s, per_head) or known_equal(s, 1)):
+                return False
+        elif not known_equal(s, 1):
+            return False
+    return True

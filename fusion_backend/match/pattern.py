@@ -1,0 +1,78 @@
+"""Patterns: ordinary PyTorch functions traced into canonical FX graphs.
+
+A pattern's parameters are wildcards: each binds to one value of the target graph (a tensor, a
+Python scalar, or a symbolic size). `maybe(fn)(x, *rest)` marks an optional step: the target may
+apply `fn` there, or skip it, in which case the wildcards only `fn` used bind to None.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, List
+
+import torch.fx as fx
+
+from ..canonicalize import canonicalize
+
+OPTIONAL = "truthfuse_optional"
+
+
+class maybe:  # noqa: N801 -- reads as a verb inside pattern code: maybe(F.dropout)(a, p)
+    """Mark one call in a pattern as optional.
+
+    Example::
+
+        def pattern(q, k, v, mask, p):
+            s = maybe(torch.add)(q @ k.transpose(-2, -1), mask)
+            return maybe(F.dropout)(torch.softmax(s, -1), p) @ v
+
+    matches with or without the mask add and with or without dropout. The first argument is the
+    value that passes through when the step is absent.
+    """
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        out = self.fn(*args, **kwargs)
+        if isinstance(out, fx.Proxy):
+            out.node.meta[OPTIONAL] = True
+        return out
+
+
+@dataclass
+class PatternGraph:
+    """A traced, canonicalized pattern: its graph, wildcard names in order, and the output node."""
+
+    fn: Callable
+    graph: fx.Graph
+    wildcards: List[str]
+    output: fx.Node
+
+    @property
+    def anchor_target(self):
+        return self.output.target
+
+
+def trace_pattern(fn: Callable) -> PatternGraph:
+    """Trace a pattern function symbolically and canonicalize it like a target graph.
+
+    Raises ValueError when the function cannot be traced (data-dependent Python control flow, or
+    a call on a Python number derived from a wildcard).
+    """
+    params = [p.name for p in inspect.signature(fn).parameters.values()]
+    try:
+        gm = fx.symbolic_trace(fn)
+    except Exception as exc:  # noqa: BLE001 -- re-raised with the rule author's context
+        raise ValueError(
+            f"pattern {fn.__qualname__} could not be traced: {exc}. Patterns are straight-line "
+            "PyTorch code over their parameters; write dims as negative indices."
+        ) from exc
+    canonicalize(gm.graph)
+    outputs = [n for n in gm.graph.nodes if n.op == "output"]
+    out = outputs[0].args[0]
+    if not isinstance(out, fx.Node) or out.op != "call_function":
+        raise ValueError(f"pattern {fn.__qualname__} must return the result of one operation")
+    if out.meta.get(OPTIONAL):
+        raise ValueError(f"pattern {fn.__qualname__}: the final operation cannot be maybe(...)")
+    return PatternGraph(fn=fn, graph=gm.graph, wildcards=params, output=out)

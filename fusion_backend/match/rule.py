@@ -1,0 +1,146 @@
+"""The public rule-authoring API: a rule is a pattern (ordinary PyTorch code), a replacement, and
+constraints. See docs/authoring-rules.md for a worked example."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.fx as fx
+
+from ..canonicalize.passes import example_value
+from .pattern import PatternGraph, trace_pattern
+
+Node = fx.Node
+Constraint = Callable[["Match"], Optional[str]]
+
+
+class Match:
+    """What a rule sees of one matched site: the bound values and their static facts.
+
+    `values[name]` is the example value of each wildcard (a fake tensor with possibly symbolic
+    sizes, a Python number, or None for a wildcard that only an absent optional step used);
+    `nodes[name]` is the FX node it came from (None for constants).
+    """
+
+    def __init__(self, rule: "Rule", bindings: Dict[str, Any], anchor: Node, covered: Sequence[Node]):
+        self.rule = rule
+        self.anchor = anchor
+        self.covered = list(covered)
+        self.nodes: Dict[str, Optional[Node]] = {
+            k: (v if isinstance(v, Node) else None) for k, v in bindings.items()
+        }
+        self.values: Dict[str, Any] = {k: example_value(v) for k, v in bindings.items()}
+        self.bindings = bindings
+
+    @property
+    def output(self) -> Any:
+        """The example value of the matched subgraph's result."""
+        return example_value(self.anchor)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def is_tensor(self, name: str) -> bool:
+        return isinstance(self.values.get(name), torch.Tensor)
+
+    def present(self, name: str) -> bool:
+        """Whether the wildcard was bound (False when only an absent optional step used it)."""
+        return self.bindings.get(name) is not None
+
+    def covers(self, predicate: Callable[[Node], bool]) -> bool:
+        """Whether any matched node satisfies `predicate` (e.g. the site includes a dropout)."""
+        return any(predicate(n) for n in self.covered)
+
+
+@dataclass
+class Rule:
+    """A fusion rule.
+
+    name: unique, dotted by convention ("attention.dot").
+    kind: what the site is ("attention", "feedforward", or a kind of your own).
+    pattern: a function whose body is the PyTorch code to find; its parameters are wildcards.
+    replacement: a function called with the wildcards' values as keyword arguments (fake tensors
+        while tracing) that computes the same result, normally through a truthfuse op. If it
+        takes a `config` keyword, the tuner passes the chosen launch config there.
+    constraints: functions of a Match returning None when the site is acceptable, or a reason
+        string when it is not (shown in explain() as a near-miss).
+    priority: higher rules are tried first and win overlapping sites.
+    variant: a label for explain() ("dot", "l2", ...), or a function of the Match giving one.
+    exact: the replacement computes the pattern's exact math (the "conservative" strategy only
+        fuses exact rules).
+    configs: a function of the Match returning the launch configs the tuner may try for the site
+        (a list of strings; None means the op's default only).
+    """
+
+    name: str
+    kind: str
+    pattern: Callable
+    replacement: Callable
+    constraints: Sequence[Constraint] = ()
+    priority: int = 0
+    variant: Union[str, Callable[[Match], str], None] = None
+    exact: bool = True
+    configs: Optional[Callable[[Match], List[Optional[str]]]] = None
+    _traced: Optional[PatternGraph] = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError("a rule needs a non-empty name")
+        if not callable(self.pattern) or not callable(self.replacement):
+            raise ValueError(f"rule {self.name}: pattern and replacement must be functions")
+        params = set(inspect.signature(self.pattern).parameters)
+        repl = inspect.signature(self.replacement).parameters
+        takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in repl.values())
+        missing = [p for p in params if p not in repl and not takes_kwargs]
+        if missing:
+            raise ValueError(f"rule {self.name}: the replacement lacks parameters {missing} "
+                             "that the pattern binds")
+
+    @property
+    def traced(self) -> PatternGraph:
+        """The canonical pattern graph, traced once on first use."""
+        if self._traced is None:
+            self._traced = trace_pattern(self.pattern)
+        return self._traced
+
+    def variant_of(self, match: Match) -> Optional[str]:
+        return self.variant(match) if callable(self.variant) else self.variant
+
+    def check(self, match: Match) -> Optional[str]:
+        """The first failing constraint's reason, or None."""
+        for constraint in self.constraints:
+            try:
+                reason = constraint(match)
+            except Exception as exc:  # noqa: BLE001 -- an unsure rule does not match
+                reason = f"constraint {getattr(constraint, '__name__', constraint)} failed: {exc}"
+            if reason:
+                return reason
+        return None
+
+    def config_choices(self, match: Match) -> List[Optional[str]]:
+        if self.configs is None:
+            return [None]
+        choices = list(self.configs(match)) or [None]
+        return choices
+
+    def accepts_config(self) -> bool:
+        params = inspect.signature(self.replacement).parameters
+        return "config" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def rule(name: str, kind: str, *, replacement: Callable, constraints: Sequence[Constraint] = (),
+         priority: int = 0, variant=None, exact: bool = True, configs=None,
+         register: bool = True) -> Callable[[Callable], Rule]:
+    """Decorator form: `@rule("my.attention", "attention", replacement=fn)` over a pattern
+    function builds the Rule and (by default) registers it."""
+    def wrap(pattern: Callable) -> Rule:
+        r = Rule(name=name, kind=kind, pattern=pattern, replacement=replacement,
+                 constraints=constraints, priority=priority, variant=variant, exact=exact,
+                 configs=configs)
+        if register:
+            from .registry import register_rule
+            register_rule(r)
+        return r
+    return wrap

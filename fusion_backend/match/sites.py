@@ -1,0 +1,111 @@
+"""Finding sites: every place in a canonical graph where a rule's pattern lines up.
+
+A site is either valid (its constraints hold: the tuner may fuse it) or a near-miss (the pattern
+matched structurally, but a constraint failed or an intermediate is used elsewhere); near-misses
+are kept and explained.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch.fx as fx
+
+from .matcher import Matcher, escaping_nodes
+from .rule import Match, Rule
+
+Node = fx.Node
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def source_location(node: Node) -> str:
+    """The user's file:line for a node, from the innermost frame of Dynamo's recorded trace."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = _FRAME.findall(trace)
+    if not frames:
+        return "<unknown>"
+    path, line = frames[-1]
+    return f"{path}:{line}"
+
+
+@dataclass
+class Site:
+    """One matched place in a graph."""
+
+    id: str
+    rule: Rule
+    match: Match
+    variant: Optional[str]
+    location: str
+    near_miss: Optional[str] = None           # why it cannot be fused, if it cannot
+    configs: List[Optional[str]] = field(default_factory=lambda: [None])
+
+    @property
+    def kind(self) -> str:
+        return self.rule.kind
+
+    @property
+    def anchor(self) -> Node:
+        return self.match.anchor
+
+    @property
+    def nodes(self) -> set:
+        return set(self.match.covered)
+
+
+def _alignment_to_match(rule: Rule, al, anchor: Node) -> Match:
+    return Match(rule, al.bindings, anchor, list(al.covered))
+
+
+def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> List[Site]:
+    """All valid sites and near-misses of `rules` in `graph` (a canonical graph).
+
+    For each anchor node and rule, the first alignment that satisfies the rule's constraints
+    becomes a valid site; if none does, the first structural alignment becomes a near-miss with
+    its reason. Overlaps between sites are left for the caller (the tuner treats them as
+    mutually exclusive choices).
+    """
+    sites: List[Site] = []
+    nodes = list(graph.nodes)
+    for rule in rules:
+        try:
+            pattern = rule.traced
+        except ValueError as exc:
+            import warnings
+            warnings.warn(f"truthfuse: rule {rule.name} is skipped: {exc}")
+            continue
+        matcher = Matcher(pattern)
+        target = pattern.anchor_target
+        for anchor in reversed(nodes):
+            if anchor.op != pattern.output.op or anchor.target != target:
+                continue
+            first_failure: Optional[Site] = None
+            chosen: Optional[Site] = None
+            for al in matcher.alignments(anchor):
+                match = _alignment_to_match(rule, al, anchor)
+                site = Site(id="", rule=rule, match=match, variant=None, location=source_location(anchor))
+                escaping = escaping_nodes(al, anchor)
+                reason = None
+                if escaping:
+                    reason = ("intermediate value " + ", ".join(sorted(n.name for n in escaping)) +
+                              " is also used outside the pattern (for example attention weights "
+                              "returned to the caller), so fusing would not remove it")
+                if reason is None:
+                    reason = rule.check(match)
+                try:
+                    site.variant = rule.variant_of(match)
+                except Exception:  # noqa: BLE001
+                    site.variant = None
+                if reason is None:
+                    site.configs = rule.config_choices(match)
+                    chosen = site
+                    break
+                if first_failure is None:
+                    site.near_miss = reason
+                    first_failure = site
+            found = chosen or first_failure
+            if found is not None:
+                found.id = f"{graph_id}.{rule.name}@{anchor.name}"
+                sites.append(found)
+    return sites

@@ -1,0 +1,113 @@
+"""The backend's options: what `torch.compile(..., options={...})` and `backend(**options)` take."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional, Tuple
+
+STRATEGIES = ("conservative", "moderate", "aggressive")
+INNER_COMPILERS = ("inductor", "eager", "aot_eager")
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# mode="max-autotune" multiplies the tuning budget by this much.
+MAX_AUTOTUNE_BUDGET_FACTOR = 4
+
+
+class OptionError(ValueError):
+    """A bad option name or value; the message names the valid choices."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """Validated backend options.
+
+    strategy: "conservative" (only exact rewrites, fused only on a measured win), "moderate"
+        (default; the tuner decides per site), "aggressive" (fuse every valid match; the tuner
+        picks only launch configs).
+    inner: the compiler for the rewritten graph: "inductor" (default), "eager", "aot_eager".
+    simulations: the tuner's budget of timed plans (the seed's 30 by default).
+    tuning_seconds: a wall-clock cap on tuning per graph (None: no cap).
+    cache: read and write the persistent tuning cache.
+    monitor: record calls, device time and peak memory of each fused site (fusion_backend.metrics()).
+    disable: rule names (or kinds) not to use.
+    seed: the tuner's random seed.
+    mode: torch.compile's mode, passed to Inductor; "max-autotune" raises the tuning budget.
+    inductor_options: extra Inductor config patches.
+    """
+
+    strategy: str = "moderate"
+    inner: str = "inductor"
+    simulations: int = 30
+    tuning_seconds: Optional[float] = None
+    cache: bool = True
+    monitor: bool = False
+    disable: Tuple[str, ...] = ()
+    seed: int = 0
+    mode: str = "default"
+    inductor_options: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def budget(self) -> int:
+        """Timed plans allowed per graph, after the mode's multiplier."""
+        if self.mode.startswith("max-autotune"):
+            return self.simulations * MAX_AUTOTUNE_BUDGET_FACTOR
+        return self.simulations
+
+
+def _choice(name: str, value: Any, valid: Tuple[str, ...]) -> str:
+    if value not in valid:
+        raise OptionError(f"truthfuse option {name}={value!r} is not valid; choose one of "
+                          + ", ".join(repr(v) for v in valid))
+    return value
+
+
+def parse_options(options: Optional[Dict[str, Any]] = None, mode: Optional[str] = None) -> Options:
+    """Validate a user's options dict (and torch.compile's mode) into Options.
+
+    Unknown names and bad values raise OptionError naming the valid ones.
+    """
+    options = dict(options or {})
+    known = {f.name for f in fields(Options)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise OptionError(f"unknown truthfuse option(s) {unknown}; valid options: {sorted(known)}")
+    if mode is not None:
+        if "mode" in options and options["mode"] != mode:
+            raise OptionError(f"mode given twice: {mode!r} and options['mode']={options['mode']!r}")
+        options["mode"] = mode
+    result: Dict[str, Any] = {}
+    if "strategy" in options:
+        result["strategy"] = _choice("strategy", options["strategy"], STRATEGIES)
+    if "inner" in options:
+        result["inner"] = _choice("inner", options["inner"], INNER_COMPILERS)
+    if "mode" in options:
+        result["mode"] = _choice("mode", options["mode"] or "default", MODES)
+    if "simulations" in options:
+        v = options["simulations"]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise OptionError(f"truthfuse option simulations={v!r} must be an integer >= 1")
+        result["simulations"] = v
+    if "tuning_seconds" in options:
+        v = options["tuning_seconds"]
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
+            raise OptionError(f"truthfuse option tuning_seconds={v!r} must be a positive number or None")
+        result["tuning_seconds"] = None if v is None else float(v)
+    for flag in ("cache", "monitor"):
+        if flag in options:
+            if not isinstance(options[flag], bool):
+                raise OptionError(f"truthfuse option {flag}={options[flag]!r} must be True or False")
+            result[flag] = options[flag]
+    if "disable" in options:
+        v = options["disable"]
+        if isinstance(v, str):
+            v = (v,)
+        if not all(isinstance(x, str) for x in v):
+            raise OptionError("truthfuse option disable must be a list of rule names or kinds")
+        result["disable"] = tuple(v)
+    if "seed" in options:
+        if not isinstance(options["seed"], int) or isinstance(options["seed"], bool):
+            raise OptionError(f"truthfuse option seed={options['seed']!r} must be an integer")
+        result["seed"] = options["seed"]
+    if "inductor_options" in options:
+        if not isinstance(options["inductor_options"], dict):
+            raise OptionError("truthfuse option inductor_options must be a dict of Inductor config patches")
+        result["inductor_options"] = dict(options["inductor_options"])
+    return Options(**result)

@@ -1,0 +1,185 @@
+"""Replacing a matched site by its rule's replacement.
+
+The replacement function is traced with `make_fx` on the site's fake example values, so it may
+look at shapes and dtypes like ordinary PyTorch code; the traced nodes (a truthfuse op call plus
+any glue) are inlined into the graph in place of the matched nodes. If tracing fails (the op
+rejects the shape, the rule has a bug), the site is kept and the caller reports why.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import guard_scalar
+
+from .canonicalize.passes import example_value
+from .match.constraints import known_equal
+from .match.sites import Site
+
+Node = fx.Node
+
+
+class ReplacementError(Exception):
+    """A site's replacement could not be built; the site is kept."""
+
+
+def _fake_mode(values) -> Any:
+    for v in values:
+        if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"):
+            return v.fake_mode
+    return None
+
+
+def _concrete(value: Any) -> Any:
+    """A symbolic Python scalar becomes its value, with a guard so a change recompiles."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return guard_scalar(value)
+    return value
+
+
+def trace_replacement(site: Site, config: Optional[str]) -> fx.GraphModule:
+    """Trace the site's replacement into a small graph whose placeholders are the site's tensor
+    bindings (in `tensor_names` order, stored on the returned module)."""
+    rule, match = site.rule, site.match
+    tensor_names = [n for n, v in match.values.items()
+                    if isinstance(v, torch.Tensor) and isinstance(match.nodes.get(n), Node)]
+    constants: Dict[str, Any] = {}
+    for name, v in match.values.items():
+        if name in tensor_names:
+            continue
+        constants[name] = None if match.bindings.get(name) is None else _concrete(v)
+    fakes = [match.values[n] for n in tensor_names]
+    mode = _fake_mode(fakes) or _fake_mode([match.output])
+    kwargs_extra = {"config": config} if rule.accepts_config() else {}
+    params = inspect.signature(rule.replacement).parameters
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+    def call(*tensors):
+        kwargs = dict(constants)
+        kwargs.update(zip(tensor_names, tensors))
+        if not takes_all:
+            kwargs = {k: v for k, v in kwargs.items() if k in params}
+        return rule.replacement(**kwargs, **kwargs_extra)
+
+    try:
+        if mode is not None:
+            with mode:
+                traced = make_fx(call, tracing_mode="real")(*fakes)
+        else:
+            traced = make_fx(call, tracing_mode="real")(*fakes)
+    except Exception as exc:  # noqa: BLE001 -- any failure keeps the site
+        raise ReplacementError(f"replacement of {rule.name} failed to build: "
+                               f"{type(exc).__name__}: {exc}") from exc
+    traced.tensor_names = tensor_names
+    return traced
+
+
+def _check_output(site: Site, traced: fx.GraphModule) -> Optional[torch.dtype]:
+    """The replacement must produce the matched result's shape; returns a dtype to cast to when
+    only the dtype differs."""
+    out_node = next(n for n in traced.graph.nodes if n.op == "output")
+    result = out_node.args[0]
+    if isinstance(result, (list, tuple)):
+        if len(result) != 1:
+            raise ReplacementError("replacement must return one tensor")
+        result = result[0]
+    value = result.meta.get("val") if isinstance(result, Node) else None
+    expected = site.match.output
+    if not isinstance(expected, torch.Tensor):
+        raise ReplacementError("matched site does not produce a tensor")
+    if value is None:
+        return None
+    if value.dim() != expected.dim() or not all(known_equal(a, b) for a, b in zip(value.shape, expected.shape)):
+        raise ReplacementError(f"replacement shape {tuple(value.shape)} differs from the matched "
+                               f"result's {tuple(expected.shape)}")
+    return expected.dtype if value.dtype != expected.dtype else None
+
+
+def build_replacement(site: Site, config: Optional[str]) -> tuple:
+    """Trace and check a site's replacement without touching the target graph."""
+    traced = trace_replacement(site, config)
+    cast = _check_output(site, traced)
+    return traced, cast
+
+
+def inline_replacement(gm: fx.GraphModule, site: Site, traced: fx.GraphModule,
+                       cast: Optional[torch.dtype]) -> Node:
+    """Splice the traced replacement into `gm` before the site's anchor, route the anchor's users
+    to it, and remove the matched nodes that are now dead."""
+    graph = gm.graph
+    anchor = site.anchor
+    env: Dict[Node, Any] = {}
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    for ph, name in zip(placeholders, traced.tensor_names):
+        env[ph] = site.match.bindings[name]
+    result: Any = None
+    stack_trace = anchor.meta.get("stack_trace")
+    with graph.inserting_before(anchor):
+        for node in traced.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                result = fx.node.map_arg(node.args[0], lambda n: env[n])
+                continue
+            if node.op == "get_attr":
+                value = getattr(traced, node.target)
+                name = _unique_attr(gm, f"_truthfuse_const_{site.rule.name.replace('.', '_')}")
+                setattr(gm, name, value)
+                new = graph.get_attr(name)
+            else:
+                new = graph.node_copy(node, lambda n: env[n])
+            new.meta = dict(node.meta)
+            if stack_trace:
+                new.meta["stack_trace"] = stack_trace
+            if "val" in node.meta:
+                new.meta["example_value"] = node.meta["val"]
+            new.meta["truthfuse_site"] = site.id
+            env[node] = new
+        if isinstance(result, (list, tuple)):
+            result = result[0]
+        if cast is not None:
+            result = graph.call_function(torch.ops.prims.convert_element_type.default, (result, cast))
+            result.meta["truthfuse_site"] = site.id
+    anchor.replace_all_uses_with(result)
+    for node in reversed(list(graph.nodes)):
+        if node in site.nodes and not node.users:
+            graph.erase_node(node)
+    return result
+
+
+def _unique_attr(gm: fx.GraphModule, base: str) -> str:
+    i = 0
+    while hasattr(gm, f"{base}_{i}"):
+        i += 1
+    return f"{base}_{i}"
+
+
+def apply_plan(gm: fx.GraphModule, sites: List[Site], plan: Dict[str, str],
+               built: Dict[tuple, tuple]) -> List[str]:
+    """Fuse the sites the plan chose (site id -> "keep" or "fuse:<config>"), using replacements
+    already built in `built[(site id, config)]`. Returns the ids fused."""
+    fused = []
+    for site in sites:
+        choice = plan.get(site.id, "keep")
+        if choice == "keep":
+            continue
+        config = _config_of(choice)
+        traced, cast = built[(site.id, config)]
+        inline_replacement(gm, site, traced, cast)
+        fused.append(site.id)
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op == "placeholder" or n.is_impure())
+    gm.graph.lint()
+    gm.recompile()
+    return fused
+
+
+def option_name(config: Optional[str]) -> str:
+    """The tuner's name for fusing with a launch config (None: the op's default)."""
+    return "fuse" if config is None else f"fuse:{config}"
+
+
+def _config_of(choice: str) -> Optional[str]:
+    return None if choice == "fuse" else choice.split(":", 1)[1]

@@ -1,0 +1,302 @@
+"""Attention rules: dot-product, L2, L1 and cosine attention written by hand, replaced by
+`fusion_backend.ops.attention`.
+
+Every form shares one tail, written once in `_scores_to_output`:
+
+    scores -> [* scale] -> [* scale2] -> [masked_fill] -> [+ bias] -> [masked_fill]
+           -> softmax(-1) -> [dropout] -> @ v
+
+Canonicalization makes this cover `/ sqrt(d)`, `* d ** -0.5`, `mul_`, casts around softmax,
+`torch.where` masks, module or functional dropout, `bmm`, `einsum` and transposes by permute. The
+forms differ only in how the scores are computed, one rule each.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from fusion_backend import Match, Rule, dtype_in, is_scalar_like, known_equal, maybe, register_rule
+from fusion_backend.ops import attention as attention_op
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+# A finite fill at or below this is absorbed exactly when added in fp32 to any realistic score:
+# s + fill rounds to fill for |s| < ~1e22, so a fully masked row stays uniform, as masked_fill gives.
+_HUGE_NEGATIVE = -1e30
+
+
+def _scores_to_output(scores, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p):
+    s = maybe(torch.mul)(scores, scale)
+    s = maybe(torch.mul)(s, scale2)
+    s = maybe(torch.masked_fill)(s, mask_a, fill_a)
+    s = maybe(torch.add)(s, bias)
+    s = maybe(torch.masked_fill)(s, mask_b, fill_b)
+    probs = torch.softmax(s, -1)
+    probs = maybe(F.dropout)(probs, p)
+    return torch.matmul(probs, v)
+
+
+# ------------------------------------------------------------------------------------------------
+# Score forms (one pattern each)
+# ------------------------------------------------------------------------------------------------
+
+def dot_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p):
+    # nanoGPT, HF GPT-2/BERT/Llama eager, nn.MultiheadAttention's math path, 3-D bmm forms
+    return _scores_to_output(torch.matmul(q, torch.transpose(k, -2, -1)), v,
+                             scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p)
+
+
+def l2_cdist_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p):
+    # TruthGPT: softmax(-lam * cdist(q, k) ** 2)
+    d2 = torch.pow(torch.cdist(q, k, 2.0), 2)
+    return _scores_to_output(d2, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p)
+
+
+def l2_broadcast_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p):
+    # ((q[..., :, None, :] - k[..., None, :, :]) ** 2).sum(-1)
+    diff = torch.sub(torch.unsqueeze(q, -2), torch.unsqueeze(k, -3))
+    d2 = torch.sum(torch.pow(diff, 2), -1, False)
+    return _scores_to_output(d2, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p)
+
+
+def l2_expanded_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p):
+    # |q|^2 - 2 q.k + |k|^2, with the norms kept as (..., N, 1) columns
+    qq = torch.sum(torch.pow(q, 2), -1, True)
+    kk = torch.sum(torch.pow(k, 2), -1, True)
+    qk = torch.matmul(q, torch.transpose(k, -2, -1))
+    d2 = torch.add(torch.sub(qq, torch.mul(qk, 2)), torch.transpose(kk, -2, -1))
+    return _scores_to_output(d2, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p)
+
+
+def l1_cdist_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p):
+    d1 = torch.cdist(q, k, 1.0)
+    return _scores_to_output(d1, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p)
+
+
+def l1_broadcast_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p):
+    diff = torch.sub(torch.unsqueeze(q, -2), torch.unsqueeze(k, -3))
+    d1 = torch.sum(torch.abs(diff), -1, False)
+    return _scores_to_output(d1, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p)
+
+
+def cosine_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p, eps_q, eps_k):
+    # F.normalize(q) @ F.normalize(k).T times a (learnable, possibly clamped-and-exp'd) scale;
+    # Swin-V2 adds its relative-position bias afterwards
+    cos = torch.matmul(F.normalize(q, 2.0, -1, eps_q), torch.transpose(F.normalize(k, 2.0, -1, eps_k), -2, -1))
+    return _scores_to_output(cos, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p)
+
+
+# ------------------------------------------------------------------------------------------------
+# Constraints
+# ------------------------------------------------------------------------------------------------
+
+def _heads(m: Match) -> Optional[Any]:
+    q = m.values["q"]
+    return q.shape[-3] if q.dim() == 4 else None
+
+
+def check_qkv(m: Match) -> Optional[str]:
+    """q, k, v are 3-D or 4-D floating tensors with identical leading dims, one device."""
+    q, k, v = (m.values.get(n) for n in ("q", "k", "v"))
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return "q, k and v must all be tensors"
+    if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
+        return f"q, k, v must all be 3-D or 4-D (got {q.dim()}, {k.dim()}, {v.dim()})"
+    for name, t in (("k", k), ("v", v)):
+        if not all(known_equal(a, b) for a, b in zip(q.shape[:-2], t.shape[:-2])):
+            return f"{name}'s batch/head dims {tuple(t.shape[:-2])} differ from q's {tuple(q.shape[:-2])} (broadcasting)"
+    if not known_equal(k.shape[-2], v.shape[-2]):
+        return "k and v have different sequence lengths"
+    if not known_equal(q.shape[-1], k.shape[-1]):
+        return "q and k have different head dims"
+    if len({q.dtype, k.dtype, v.dtype}) != 1:
+        return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
+    if len({q.device, k.device, v.device}) != 1:
+        return "q, k, v are on different devices"
+    return None
+
+
+def check_scales(m: Match) -> Optional[str]:
+    """Scales are Python numbers or tensors that are scalar or per-head."""
+    heads = _heads(m)
+    for name in ("scale", "scale2"):
+        if not m.present(name):
+            continue
+        value = m.values[name]
+        if not is_scalar_like(value, per_head=heads, rank=m.values["q"].dim()):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            return f"{name} of shape {shape} is neither a scalar nor per-head"
+        if isinstance(value, torch.Tensor) and not value.is_floating_point():
+            return f"{name} is an integer tensor"
+    return None
+
+
+def _broadcastable_to_scores(t: torch.Tensor, m: Match) -> bool:
+    q, k = m.values["q"], m.values["k"]
+    scores = list(q.shape[:-1]) + [k.shape[-2]]
+    if t.dim() > len(scores):
+        return False
+    for a, b in zip(reversed(list(t.shape)), reversed(scores)):
+        if not (known_equal(a, 1) or known_equal(a, b)):
+            return False
+    return True
+
+
+def check_masks(m: Match) -> Optional[str]:
+    """Masks broadcast to the scores; fills are -inf or a huge negative that addition absorbs;
+    an additive bias is a floating tensor (its gradient is supported)."""
+    for mask, fill in (("mask_a", "fill_a"), ("mask_b", "fill_b")):
+        if not m.present(mask):
+            continue
+        t, value = m.values[mask], m.values[fill]
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.bool:
+            return f"masked_fill mask is not a bool tensor"
+        if not _broadcastable_to_scores(t, m):
+            return f"mask of shape {tuple(t.shape)} does not broadcast to the scores"
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return "masked_fill value is not a Python number"
+        if not (value == -math.inf or value <= _HUGE_NEGATIVE):
+            return (f"masked_fill value {value} is not -inf or <= {_HUGE_NEGATIVE:g}: the fused kernel "
+                    "would not reproduce fully masked rows exactly")
+    if m.present("bias"):
+        b = m.values["bias"]
+        if not isinstance(b, torch.Tensor) or not b.is_floating_point():
+            return "the added mask/bias is not a floating tensor"
+        if not _broadcastable_to_scores(b, m):
+            return f"bias of shape {tuple(b.shape)} does not broadcast to the scores"
+    return None
+
+
+def check_dropout(m: Match) -> Optional[str]:
+    if not m.present("p"):
+        return None
+    p = m.values["p"]
+    if isinstance(p, torch.Tensor):
+        return "dropout probability is a tensor"
+    if isinstance(p, (int, float)) and not 0 <= p < 1:
+        return f"dropout probability {p} is outside [0, 1)"
+    return None
+
+
+def check_supported(m: Match) -> Optional[str]:
+    """What the op itself says about these shapes, dtypes and devices."""
+    from fusion_backend.ops.attention import attention_supports
+
+    q, k, v = m.values["q"], m.values["k"], m.values["v"]
+    if q.dim() == 3:
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    ok, reason = attention_supports(q, k, v, m.rule.variant_of(m) or "dot")
+    return None if ok else reason
+
+
+COMMON_CONSTRAINTS = (check_qkv, dtype_in("q", _FLOATS), check_scales, check_masks, check_dropout,
+                      check_supported)
+
+
+def check_distance_scale(m: Match) -> Optional[str]:
+    if not m.present("scale"):
+        return "distance attention without a temperature: softmax(+distance) is not supported"
+    return None
+
+
+def check_cosine_eps(m: Match) -> Optional[str]:
+    for name in ("eps_q", "eps_k"):
+        eps = m.values.get(name)
+        if not isinstance(eps, (int, float)) or eps > 1e-6:
+            return f"F.normalize eps={eps} is larger than the kernel's 1e-12 floor allows"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Replacement
+# ------------------------------------------------------------------------------------------------
+
+def _combined_scale(scale, scale2, default, negate=False, heads=None):
+    """The product of the present scales (a number or a tensor of H elements)."""
+    parts = [s for s in (scale, scale2) if s is not None]
+    if not parts:
+        value: Any = default
+    else:
+        value = parts[0]
+        for s in parts[1:]:
+            value = value * s
+    if isinstance(value, torch.Tensor):
+        value = value.reshape(-1)
+        if negate:
+            value = -value
+        return value
+    return -float(value) if negate else float(value)
+
+
+def _mask_for_op(q, mask_a, fill_a, bias, mask_b, fill_b):
+    """One attn_mask for the op: bool (keep) when only -inf fills are present, float additive
+    otherwise."""
+    fills = [(m, f) for m, f in ((mask_a, fill_a), (mask_b, fill_b)) if m is not None]
+    if bias is None and fills and all(f == -math.inf for _, f in fills):
+        keep = ~fills[0][0]
+        for m, _ in fills[1:]:
+            keep = keep & ~m
+        return keep
+    mask = bias
+    for m, f in fills:
+        fill = torch.tensor(f, dtype=torch.float32, device=q.device)
+        if mask is None:
+            mask = torch.zeros((), dtype=torch.float32, device=q.device).masked_fill(m, fill)
+        else:
+            mask = mask.masked_fill(m, fill)
+    return mask
+
+
+def _make_replacement(metric: str):
+    def replacement(q, k, v, scale=None, scale2=None, mask_a=None, fill_a=None, bias=None,
+                    mask_b=None, fill_b=None, p=None, config=None, **_):
+        three_d = q.dim() == 3
+        if three_d:
+            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        default = 1.0
+        s = _combined_scale(scale, scale2, default, negate=metric in ("l2", "l1"))
+        mask = _mask_for_op(q, mask_a, fill_a, bias, mask_b, fill_b)
+        if mask is not None and three_d and mask.dim() == 3:
+            mask = mask.unsqueeze(0)
+        out = attention_op(q, k, v, metric=metric, scale=s, attn_mask=mask,
+                           dropout_p=float(p) if p is not None else 0.0, config=config)
+        return out.squeeze(0) if three_d else out
+    replacement.__name__ = f"{metric}_attention_replacement"
+    return replacement
+
+
+def _configs(metric: str):
+    def configs(m: Match):
+        from fusion_backend.ops.attention import attention_config_space_for, config_key
+
+        q = m.values["q"]
+        if q.device.type != "cuda":
+            return [None]  # timing launch configs in Triton's CPU interpreter tells nothing
+        try:
+            space = attention_config_space_for(metric, int(q.shape[-1]), q.dtype, q.device.type)
+        except Exception:  # noqa: BLE001 -- no declared space: the op's default only
+            return [None]
+        return [None] + [config_key(c) for c in space][:7]
+    return configs
+
+
+def _rule(name, metric, pattern, extra=(), priority=100):
+    return Rule(name=name, kind="attention", pattern=pattern, replacement=_make_replacement(metric),
+                constraints=COMMON_CONSTRAINTS[:-1] + tuple(extra) + COMMON_CONSTRAINTS[-1:],
+                priority=priority, variant=metric, exact=False, configs=_configs(metric))
+
+
+RULES = [
+    _rule("attention.dot", "dot", dot_pattern),
+    _rule("attention.l2_cdist", "l2", l2_cdist_pattern, (check_distance_scale,)),
+    _rule("attention.l2_broadcast", "l2", l2_broadcast_pattern, (check_distance_scale,)),
+    _rule("attention.l2_expanded", "l2", l2_expanded_pattern, (check_distance_scale,), priority=110),
+    _rule("attention.l1_cdist", "l1", l1_cdist_pattern, (check_distance_scale,)),
+    _rule("attention.l1_broadcast", "l1", l1_broadcast_pattern, (check_distance_scale,)),
+    _rule("attention.cosine", "cosine", cosine_pattern, (check_cosine_eps,), priority=110),
+]
+
+for _r in RULES:
+    register_rule(_r, replace=True)
