@@ -12,6 +12,11 @@ import sys
 LOGGER_NAME = "truthfuse"
 
 
+def _stream():
+    """Where the bar goes: stderr as it is now (looked up per call, not bound at import)."""
+    return sys.stderr
+
+
 def progress_enabled(progress: bool | None = None) -> bool:
     """Whether to draw a bar.
 
@@ -23,7 +28,7 @@ def progress_enabled(progress: bool | None = None) -> bool:
     """
     if progress is not None:
         return bool(progress)
-    stream = sys.stderr
+    stream = _stream()
     if stream is None or not getattr(stream, "isatty", lambda: False)():
         return False
     return _logging_on()
@@ -56,7 +61,7 @@ class TuningProgress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, desc=description, unit="plan", leave=False,
-                             file=sys.stderr, dynamic_ncols=True)
+                             file=_stream(), dynamic_ncols=True)
 
     @property
     def active(self) -> bool:

@@ -1,0 +1,147 @@
+"""Timing on CPU, the L2 rotation helper, the progress bar's silence rules, budget options."""
+import io
+import logging
+import time
+
+import pytest
+import torch
+
+from fusion_backend.tune import progress as progress_module
+from fusion_backend.tune.budget import budget_from_options
+from fusion_backend.tune.progress import TuningProgress, progress_enabled
+from fusion_backend.tune.timing import l2_rotation_count, measure, tensor_bytes
+
+
+def test_measure_on_cpu_returns_a_positive_median_in_ms():
+    sets = [(torch.randn(64, 64), torch.randn(64, 64)) for _ in range(3)]
+    ms = measure(torch.matmul, sets, device="cpu", warmup=2, repeats=5)
+    assert ms > 0
+
+
+def test_measure_rotates_sets_and_counts_calls():
+    seen = []
+    measure(lambda x: seen.append(x), [0, 1, 2], device=torch.device("cpu"), warmup=3, repeats=6)
+    assert seen == [0, 1, 2] + [0, 1, 2, 0, 1, 2]
+
+
+def test_measure_is_a_median():
+    delays = iter([0.0] + [0.001] * 4 + [0.2])  # one warm-up, then one outlier among five
+
+    ms = measure(lambda: time.sleep(next(delays)), [()], device="cpu", warmup=1, repeats=5)
+    assert 0.5 < ms < 100  # the 200 ms outlier does not move the median
+
+
+def test_measure_argument_errors():
+    with pytest.raises(ValueError, match="input set"):
+        measure(lambda: None, [], device="cpu")
+    with pytest.raises(ValueError, match="repeats"):
+        measure(lambda: None, [()], device="cpu", repeats=0)
+
+
+def test_l2_rotation_count():
+    assert l2_rotation_count(1 << 20, "cpu") == 1
+    x = torch.empty(1024, 1024, dtype=torch.float16)
+    assert tensor_bytes((x, [x], {"k": x}), None) == 3 * 2 * 1024 * 1024
+    with pytest.raises(ValueError):
+        l2_rotation_count(0, "cpu")
+
+
+def test_l2_rotation_count_exceeds_l2_on_cuda(monkeypatch):
+    # No GPU here: the device query fails and the H100 default (50 MB) is used.
+    from fusion_backend.tune import timing
+
+    monkeypatch.setattr(timing, "l2_cache_bytes", lambda device: 50 * 1024 * 1024)
+    for size in (1 << 20, 7 * 1000 * 1000, 60 * 1024 * 1024):
+        n = timing.l2_rotation_count(size, "cuda")
+        assert n * size > 50 * 1024 * 1024 and (n - 1) * size <= 50 * 1024 * 1024
+
+
+# -- progress ------------------------------------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.fixture
+def terminal(monkeypatch):
+    stream = _Terminal()
+    # Patch the lookup, not sys.stderr itself: pytest's capture resets sys.stderr between a
+    # fixture's setup and the test.
+    monkeypatch.setattr(progress_module, "_stream", lambda: stream)
+    logger = logging.getLogger("truthfuse")
+    level, disabled = logger.level, logger.disabled
+    yield stream
+    logger.setLevel(level)
+    logger.disabled = disabled
+    logging.disable(logging.NOTSET)
+
+
+def test_progress_draws_on_a_terminal(terminal):
+    assert progress_enabled()
+    with TuningProgress(3, "tuning") as bar:
+        assert bar.active
+        bar.update(1.5)
+    assert "tuning" in terminal.getvalue()
+
+
+def test_progress_silent_when_not_a_terminal(monkeypatch):
+    monkeypatch.setattr(progress_module, "_stream", io.StringIO)
+    assert not progress_enabled()
+    assert not TuningProgress(3).active
+
+
+def test_progress_silent_when_logging_is_off(terminal):
+    logging.getLogger("truthfuse").setLevel(logging.WARNING)
+    assert not progress_enabled()
+    logging.getLogger("truthfuse").setLevel(logging.INFO)
+    assert progress_enabled()
+    logging.disable(logging.INFO)
+    assert not progress_enabled()
+
+
+def test_progress_explicit_switch(terminal):
+    assert not progress_enabled(False)
+    with TuningProgress(3, progress=False) as bar:
+        bar.update(1.0)  # a no-op, not an error
+    assert terminal.getvalue() == ""
+
+
+def test_search_draws_nothing_when_told_not_to(terminal):
+    from fusion_backend.tune.mcts import mcts_search
+    from fusion_backend.tune.space import DecisionSpace, Option, SiteChoices
+
+    space = DecisionSpace([SiteChoices("a", "attention", [Option.keep(), Option("v0")])])
+    mcts_search(space, lambda plan: 1.0, progress=False)
+    assert terminal.getvalue() == ""
+    mcts_search(space, lambda plan: 1.0)
+    assert "MCTS" in terminal.getvalue()
+
+
+# -- budget options --------------------------------------------------------------------------------
+
+
+def test_budget_defaults_and_max_autotune():
+    assert budget_from_options(None) == budget_from_options({}, "default")
+    default = budget_from_options({})
+    assert (default.strategy, default.simulations, default.tuning_seconds) == ("moderate", 30, None)
+    assert budget_from_options({}, "max-autotune").simulations == 120
+    assert budget_from_options({}, "max-autotune-no-cudagraphs").simulations == 120
+    # An explicit number is the user's choice, even under max-autotune.
+    assert budget_from_options({"simulations": 10}, "max-autotune").simulations == 10
+    chosen = budget_from_options({"strategy": "aggressive", "tuning_seconds": 5})
+    assert chosen.strategy == "aggressive" and chosen.tuning_seconds == 5.0
+
+
+@pytest.mark.parametrize("options, name", [
+    ({"strategy": "bold"}, "conservative"),
+    ({"simulations": 0}, "simulations"),
+    ({"simulations": 2.5}, "simulations"),
+    ({"simulations": True}, "simulations"),
+    ({"tuning_seconds": -1}, "tuning_seconds"),
+    ({"tuning_seconds": "10"}, "tuning_seconds"),
+])
+def test_budget_validation(options, name):
+    with pytest.raises(ValueError, match=name):
+        budget_from_options(options)
