@@ -167,7 +167,7 @@ def _gemm_kernel(
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_a2m, stride_a2k, stride_b2k, stride_b2n,
     stride_zm, stride_zn, stride_rm, stride_rn, stride_cm, stride_cn,
-    seed, threshold, scale,
+    seed, threshold, scale, row0,
     EPI: tl.constexpr, ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, GATED: tl.constexpr, HAS_K2: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_RES: tl.constexpr, STORE_Z: tl.constexpr, UPCAST: tl.constexpr,
@@ -189,11 +189,13 @@ def _gemm_kernel(
       z_ptr, zu_ptr (M, N) strides (stride_zm, stride_zn): pre-activations. EPI_HIDDEN writes
              them when STORE_Z (z = gate or sole projection, zu = up projection when GATED);
              EPI_DHIDDEN reads them.
-      res_ptr (M, N) strides (stride_rm, stride_rn): residual added last in EPI_OUT, if HAS_RES.
+      res_ptr (M, N) strides (stride_rm, stride_rn): residual added last in EPI_OUT and
+             EPI_PLAIN, if HAS_RES (res may be c itself: C += A @ B).
       c_ptr, c2_ptr (M, N) strides (stride_cm, stride_cn): outputs. EPI_HIDDEN: hidden in c.
              EPI_DHIDDEN: dL/dz in c, and dL/dzu in c2 when GATED. Otherwise the result in c.
     Scalars: seed (Philox key), threshold (int, keep if 31-bit draw >= it), scale (1/(1-p)),
-      used when HAS_DROPOUT; the dropout counter of element (i, j) is i * N + j.
+      used when HAS_DROPOUT; the dropout counter of element (i, j) is (row0 + i) * N + j, so a
+      block of rows of a larger matrix (starting at row row0) draws that matrix's mask.
     Constexprs: EPI (EPI_* code), ACT (activation code), HAS_BIAS/HAS_BIAS2/GATED/HAS_K2/
       HAS_DROPOUT/HAS_RES/STORE_Z switch the pieces above; UPCAST computes the dot in float32
       (the interpreter's bf16 arithmetic is wrong); EVEN_K: K (and K2) are multiples of BLOCK_K,
@@ -267,7 +269,7 @@ def _gemm_kernel(
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     c_off = rm[:, None] * stride_cm + rn[None, :] * stride_cn
     if HAS_DROPOUT:
-        flat = rm[:, None].to(tl.int64) * N + rn[None, :]
+        flat = (rm[:, None].to(tl.int64) + row0) * N + rn[None, :]
     if EPI == 1:  # EPI_HIDDEN
         if HAS_BIAS:
             acc += tl.load(bias_ptr + bn).to(tl.float32)[None, :]
@@ -313,23 +315,27 @@ def _gemm_kernel(
     else:  # EPI_PLAIN
         if HAS_BIAS:
             acc += tl.load(bias_ptr + bn).to(tl.float32)[None, :]
+        if HAS_RES:
+            r = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :] * stride_rn, mask=mask)
+            acc += r.to(tl.float32)
         tl.store(c_ptr + c_off, acc.to(out_ty), mask=mask)
 
 
 def gemm(
     a, b, *, epi=EPI_PLAIN, act=0, bias=None, b2=None, bias2=None, a2=None,
     z=None, zu=None, residual=None, out=None, out2=None,
-    seed=0, p=0.0, store_z=True, config=None,
+    seed=0, p=0.0, row0=0, store_z=True, config=None,
 ):
     """Launch `_gemm_kernel`: out (M, N) = a (M, K) @ b (K, N), with the epilogue `epi`.
 
     a, b: any strides (pass `w.t()` for an nn.Linear weight w of shape (N, K)).
-    epi=EPI_PLAIN: out = a @ b [+ a2 @ b2] [+ bias].
+    epi=EPI_PLAIN: out = a @ b [+ a2 @ b2] [+ bias] [+ residual]; residual=out=c accumulates.
     epi=EPI_HIDDEN: z = a @ b + bias (or, with b2 = gate weight^T: z = a @ b2 + bias2 and
         zu = a @ b + bias); out = dropout(act(z) [* zu], p). z/zu are written when store_z.
     epi=EPI_OUT: out = dropout(a @ b + bias, p) + residual.
     epi=EPI_DHIDDEN: g = dropout(a @ b, p) with the forward mask; out = g * act'(z) [* zu];
         gated: out2 = g * act(z) (dL/dzu).
+    row0: the dropout counters are those of rows row0.. of a larger matrix (row blocks).
     out/out2/z/zu: preallocated (M, N) outputs (any strides) or None to allocate contiguous ones.
     config: dict with BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages.
     Returns out (and out2 for gated EPI_DHIDDEN; (out, z, zu) for EPI_HIDDEN).
@@ -367,7 +373,7 @@ def gemm(
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         a2t.stride(0), a2t.stride(1), b2t.stride(0), b2t.stride(1),
         zt.stride(0), zt.stride(1), rt.stride(0), rt.stride(1), out.stride(0), out.stride(1),
-        int(seed), dropout_threshold(p), dropout_scale(p),
+        int(seed), dropout_threshold(p), dropout_scale(p), int(row0),
         EPI=epi, ACT=act,
         HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, GATED=gated, HAS_K2=has_k2,
         HAS_DROPOUT=p > 0.0, HAS_RES=residual is not None, STORE_Z=bool(store_z),
@@ -391,7 +397,7 @@ def gemm(
 def _hidden_epilogue_kernel(
     z_ptr, zu_ptr, bias_ptr, bias2_ptr, g_ptr, out_ptr, out2_ptr, dbias_ptr, dbias2_ptr,
     M, N, stride_zm, stride_gm, stride_om,
-    seed, threshold, scale,
+    seed, threshold, scale, row0,
     ACT: tl.constexpr, BACKWARD: tl.constexpr, GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BIAS_GRAD: tl.constexpr,
@@ -410,7 +416,7 @@ def _hidden_epilogue_kernel(
       dbias_ptr (cdiv(M, BLOCK_M), N) float32, contiguous: BACKWARD with BIAS_GRAD: per row-block
         column sums of dL/dz (sum them over dim 0 for the bias gradient); dbias2_ptr the same for
         dL/dzu. Summing inside the pass spares another read of a (M, N) tensor.
-    Scalars: seed, threshold, scale: dropout of element (i, j) with counter i * N + j.
+    Scalars: seed, threshold, scale: dropout of element (i, j) with counter (row0 + i) * N + j.
     Constexprs: ACT activation code; BACKWARD picks the direction; GATED, HAS_BIAS, HAS_BIAS2,
       HAS_DROPOUT, BIAS_GRAD switch the pieces above; BLOCK_M x BLOCK_N the tile.
     """
@@ -433,7 +439,7 @@ def _hidden_epilogue_kernel(
             zu += tl.load(bias2_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
             zu = zu.to(out_ty).to(tl.float32)
     if HAS_DROPOUT:
-        flat = rm64[:, None] * N + rn[None, :]
+        flat = (rm64[:, None] + row0) * N + rn[None, :]
     if BACKWARD:
         g = tl.load(g_ptr + rm64[:, None] * stride_gm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
@@ -464,14 +470,15 @@ def _hidden_epilogue_kernel(
 
 def hidden_epilogue(
     z, *, act, zu=None, bias=None, bias2=None, grad=None, out=None, out2=None,
-    seed=0, p=0.0, bias_grad=False, config=None,
+    seed=0, p=0.0, row0=0, bias_grad=False, config=None,
 ):
     """Forward: hidden = dropout(act(z + bias) [* (zu + bias2)], p).
     Backward (grad given, dL/dhidden): returns (dz, dzu or None, dbias or None, dbias2 or None),
     where dbias are column sums of dz / dzu (when bias_grad), computed in the same pass.
 
     z, zu, grad, out, out2: (M, N) with contiguous rows (any row stride). out may be `grad` to
-    write in place. config: dict with BLOCK_M, BLOCK_N, num_warps.
+    write in place. row0: the rows are rows row0.. of a larger matrix (dropout counters).
+    config: dict with BLOCK_M, BLOCK_N, num_warps.
     """
     M, N = z.shape
     cfg = config
@@ -493,7 +500,7 @@ def hidden_epilogue(
         grad if backward else dummy, out, out2 if out2 is not None else dummy,
         db if db is not None else dummy, db2 if db2 is not None else dummy,
         M, N, z.stride(0), grad.stride(0) if backward else 0, out.stride(0),
-        int(seed), dropout_threshold(p), dropout_scale(p),
+        int(seed), dropout_threshold(p), dropout_scale(p), int(row0),
         ACT=act, BACKWARD=backward, GATED=gated,
         HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, HAS_DROPOUT=p > 0.0,
         BIAS_GRAD=db is not None,
@@ -508,7 +515,7 @@ def hidden_epilogue(
 def _output_epilogue_kernel(
     y_ptr, bias_ptr, res_ptr, out_ptr,
     M, N, stride_ym, stride_rm, stride_om,
-    seed, threshold, scale,
+    seed, threshold, scale, row0,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -516,7 +523,7 @@ def _output_epilogue_kernel(
 
     Pointers: y_ptr (M, N) row stride stride_ym; bias_ptr (N,) if HAS_BIAS; res_ptr (M, N) row
     stride stride_rm if HAS_RES; out_ptr (M, N) row stride stride_om (may alias y).
-    Scalars: seed, threshold, scale of the dropout (counter i * N + j), if HAS_DROPOUT.
+    Scalars: seed, threshold, scale of the dropout (counter (row0 + i) * N + j), if HAS_DROPOUT.
     In backward the same kernel with only HAS_DROPOUT gives dL/dy = dropout(dL/dout).
     """
     pid_m = tl.program_id(0)
@@ -528,15 +535,15 @@ def _output_epilogue_kernel(
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if HAS_DROPOUT:
-        y = _dropout(y, seed, rm[:, None] * N + rn[None, :], threshold, scale)
+        y = _dropout(y, seed, (rm[:, None] + row0) * N + rn[None, :], threshold, scale)
     if HAS_RES:
         y += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def output_epilogue(y, *, bias=None, residual=None, out=None, seed=0, p=0.0, config=None):
+def output_epilogue(y, *, bias=None, residual=None, out=None, seed=0, p=0.0, row0=0, config=None):
     """out = dropout(y + bias, p) + residual; y, residual, out (M, N) with contiguous rows.
-    out may be y (in place). config: dict with BLOCK_M, BLOCK_N, num_warps."""
+    out may be y (in place). row0: dropout counters of rows row0.. of a larger matrix. config: dict with BLOCK_M, BLOCK_N, num_warps."""
     M, N = y.shape
     cfg = config
     if out is None:
@@ -545,7 +552,7 @@ def output_epilogue(y, *, bias=None, residual=None, out=None, seed=0, p=0.0, con
     _output_epilogue_kernel[grid](
         y, bias if bias is not None else y, residual if residual is not None else y, out,
         M, N, y.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
-        int(seed), dropout_threshold(p), dropout_scale(p),
+        int(seed), dropout_threshold(p), dropout_scale(p), int(row0),
         HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, HAS_RES=residual is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
     )

@@ -370,58 +370,100 @@ def _fused_forward(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, 
     return out, z, zu if zu is not None else empty
 
 
+BACKWARD_ROW_BLOCKS = 4
+"""Backward walks the rows (tokens) in this many blocks once a (T, h) matrix has 2**24 elements
+or more, so that only a (T/4, h) slice of hidden or dL/dhidden is alive at a time: with the saved
+pre-activation that is what keeps training memory under eager's. Weight gradients accumulate
+over the blocks (C += A @ B in the output dtype, as cuBLAS's beta=1)."""
+_CHUNK_MIN_ELEMENTS = 2**24
+_backward_rows = None  # tests set a row count here to force the blocked path on small shapes
+
+
+def _row_block(M, h):
+    if _backward_rows is not None:
+        return max(1, min(M, int(_backward_rows)))
+    if M * h < _CHUNK_MIN_ELEMENTS:
+        return M
+    return min(M, -(-M // (BACKWARD_ROW_BLOCKS * 128)) * 128)  # keep GEMM edges on 128 rows
+
+
 def _fused_backward(grad, x, z, zu, w_in, w_out, w_gate, seed, act, p_h, p_o, impl, gemm_cfg, ew_cfg, needs):
     code = K.ACTIVATIONS[act]
     gated = w_gate is not None
     n_dx, n_win, n_bin, n_wout, n_bout, n_wg, n_bg = needs
     use_triton = impl == "triton"
     grad = _rows(grad)  # the elementwise kernels want unit column stride (grads may be expanded)
+    M = x.shape[0]
+    R = _row_block(M, w_in.shape[0])
+    f32 = torch.float32
 
-    def mm(a, b):
-        return K.gemm(a, b, config=gemm_cfg) if use_triton else torch.mm(a, b)
-
-    # dL/dy: the output dropout's mask comes back from seed + 1.
-    gy = K.output_epilogue(grad, seed=seed + 1, p=p_o, config=ew_cfg) if p_o > 0 else grad
-    dw_out = db_out = None
-    if n_wout:
-        # Recompute hidden from the stored pre-activations; it lives only for this product.
-        hid = K.hidden_epilogue(z, act=code, zu=zu, seed=seed, p=p_h, config=ew_cfg)
-        dw_out = mm(gy.t(), hid)
-        del hid
-    if n_bout:
-        db_out = gy.sum(0, dtype=torch.float32).to(grad.dtype)
-    need_dz = n_dx or n_win or n_bin or n_wg or n_bg
-    dx = dw_in = db_in = dw_g = db_g = None
-    if need_dz:
+    def mm(a, b, out=None):
         if use_triton:
-            r = K.gemm(gy, w_out, epi=K.EPI_DHIDDEN, act=code, z=z, zu=zu, seed=seed, p=p_h, config=gemm_cfg)
+            return K.gemm(a, b, out=out, config=gemm_cfg)
+        return torch.mm(a, b, out=out) if out is not None else torch.mm(a, b)
+
+    def acc(dst, a, b):
+        """dst + a @ b (dst None: a @ b), accumulating in place."""
+        if dst is None:
+            return mm(a, b)
+        if use_triton:
+            return K.gemm(a, b, residual=dst, out=dst, config=gemm_cfg)
+        return dst.addmm_(a, b)
+
+    need_dz = n_dx or n_win or n_bin or n_wg or n_bg
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if n_dx else None
+    dw_out = dw_in = dw_g = None
+    db_out = db_in = db_g = None  # float32 sums over row blocks
+    for r0 in range(0, M, R):
+        r1 = min(M, r0 + R)
+        g_r = grad[r0:r1]
+        z_r = z[r0:r1]
+        zu_r = zu[r0:r1] if gated else None
+        # dL/dy: the output dropout's mask comes back from seed + 1.
+        gy = K.output_epilogue(g_r, seed=seed + 1, p=p_o, row0=r0, config=ew_cfg) if p_o > 0 else g_r
+        if n_wout:
+            # Recompute hidden from the stored pre-activations; it lives only for this product.
+            hid = K.hidden_epilogue(z_r, act=code, zu=zu_r, seed=seed, p=p_h, row0=r0, config=ew_cfg)
+            dw_out = acc(dw_out, gy.t(), hid)
+            del hid
+        if n_bout:
+            s_ = gy.sum(0, dtype=f32)
+            db_out = s_ if db_out is None else db_out + s_
+        if not need_dz:
+            continue
+        if use_triton:
+            r = K.gemm(gy, w_out, epi=K.EPI_DHIDDEN, act=code, z=z_r, zu=zu_r, seed=seed, p=p_h, row0=r0, config=gemm_cfg)
             dz, dzu = r if gated else (r, None)
-            db_a = db_b = None
+            db_a = dz.sum(0, dtype=f32) if (n_bg if gated else n_bin) else None
+            db_b = dzu.sum(0, dtype=f32) if (gated and n_bin) else None
         else:
             dh = torch.mm(gy, w_out)
             dz, dzu, db_a, db_b = K.hidden_epilogue(
-                z, act=code, zu=zu, grad=dh, out=dh, seed=seed, p=p_h, bias_grad=True, config=ew_cfg,
+                z_r, act=code, zu=zu_r, grad=dh, out=dh, seed=seed, p=p_h, row0=r0, bias_grad=True, config=ew_cfg,
             )
         del gy
         up = dzu if gated else dz  # gradient of the w_in projection's pre-activation
+        db_up = db_b if gated else db_a
         if n_dx:
+            dx_r = dx[r0:r1]
             if gated and use_triton:
-                dx = K.gemm(up, w_in, a2=dz, b2=w_gate, config=gemm_cfg)
-            elif gated:
-                dx = torch.mm(up, w_in)
-                dx.addmm_(dz, w_gate)
+                K.gemm(up, w_in, a2=dz, b2=w_gate, out=dx_r, config=gemm_cfg)
             else:
-                dx = mm(up, w_in)
+                mm(up, w_in, out=dx_r)
+                if gated:
+                    dx_r.addmm_(dz, w_gate)
+        x_r = x[r0:r1]
         if n_win:
-            dw_in = mm(up.t(), x)
+            dw_in = acc(dw_in, up.t(), x_r)
         if n_bin:
-            db_in = (db_b if gated else db_a) if db_a is not None else up.sum(0, dtype=torch.float32)
-            db_in = db_in.to(grad.dtype)
+            db_in = db_up if db_in is None else db_in + db_up
         if gated and n_wg:
-            dw_g = mm(dz.t(), x)
+            dw_g = acc(dw_g, dz.t(), x_r)
         if gated and n_bg:
-            db_g = (db_a if db_a is not None else dz.sum(0, dtype=torch.float32)).to(grad.dtype)
-    return [dx, dw_in, db_in, dw_out, db_out, dw_g, db_g]
+            db_g = db_a if db_g is None else db_g + db_a
+        del dz, dzu, up
+    cast = lambda t: t.to(grad.dtype) if t is not None else None  # noqa: E731
+    return [dx, dw_in, cast(db_in), dw_out, cast(db_out), dw_g, cast(db_g)]
 
 
 # ----------------------------------------------------------------------------------------------
