@@ -4,12 +4,10 @@
     mcts.py      Monte Carlo tree search, exhaustive and random search, and the guard (choose_plan)
     timing.py    on-device timing of one candidate
     cache.py     the persistent JSON cache, save_state / load_state
-    budget.py    strategy and budget from torch.compile's options and mode
     progress.py  the progress bar
 
 See docs/tuning.md.
 """
-from .budget import DEFAULT_SIMULATIONS, MAX_AUTOTUNE_FACTOR, TuningBudget, budget_from_options
 from .cache import (
     TuningCache,
     TuningCacheWarning,
@@ -32,9 +30,7 @@ from .space import KEEP, STRATEGIES, DecisionSpace, Option, Plan, SiteChoices, r
 from .timing import l2_rotation_count, measure
 
 __all__ = [
-    "DEFAULT_SIMULATIONS",
     "KEEP",
-    "MAX_AUTOTUNE_FACTOR",
     "STRATEGIES",
     "DecisionSpace",
     "Measurement",
@@ -42,12 +38,10 @@ __all__ = [
     "Plan",
     "SearchResult",
     "SiteChoices",
-    "TuningBudget",
     "TuningCache",
     "TuningCacheWarning",
     "TuningDecision",
     "TuningStateError",
-    "budget_from_options",
     "cache_key",
     "choose_plan",
     "default_cache_dir",

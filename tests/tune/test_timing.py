@@ -1,4 +1,4 @@
-"""Timing on CPU, the L2 rotation helper, the progress bar's silence rules, budget options."""
+"""Timing on CPU, the L2 rotation helper, and the progress bar's silence rules."""
 import io
 import logging
 import time
@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from fusion_backend.tune import progress as progress_module
-from fusion_backend.tune.budget import budget_from_options
 from fusion_backend.tune.progress import TuningProgress, progress_enabled
 from fusion_backend.tune.timing import l2_rotation_count, measure, tensor_bytes
 
@@ -117,31 +116,3 @@ def test_search_draws_nothing_when_told_not_to(terminal):
     assert terminal.getvalue() == ""
     mcts_search(space, lambda plan: 1.0)
     assert "MCTS" in terminal.getvalue()
-
-
-# -- budget options --------------------------------------------------------------------------------
-
-
-def test_budget_defaults_and_max_autotune():
-    assert budget_from_options(None) == budget_from_options({}, "default")
-    default = budget_from_options({})
-    assert (default.strategy, default.simulations, default.tuning_seconds) == ("moderate", 30, None)
-    assert budget_from_options({}, "max-autotune").simulations == 120
-    assert budget_from_options({}, "max-autotune-no-cudagraphs").simulations == 120
-    # An explicit number is the user's choice, even under max-autotune.
-    assert budget_from_options({"simulations": 10}, "max-autotune").simulations == 10
-    chosen = budget_from_options({"strategy": "aggressive", "tuning_seconds": 5})
-    assert chosen.strategy == "aggressive" and chosen.tuning_seconds == 5.0
-
-
-@pytest.mark.parametrize("options, name", [
-    ({"strategy": "bold"}, "conservative"),
-    ({"simulations": 0}, "simulations"),
-    ({"simulations": 2.5}, "simulations"),
-    ({"simulations": True}, "simulations"),
-    ({"tuning_seconds": -1}, "tuning_seconds"),
-    ({"tuning_seconds": "10"}, "tuning_seconds"),
-])
-def test_budget_validation(options, name):
-    with pytest.raises(ValueError, match=name):
-        budget_from_options(options)
