@@ -212,7 +212,7 @@ def _keep_reason(site: Site, candidates: List[Site], fused_ids: set, record: Gra
 
 class _PlanTimer:
     """Measures a plan: rewrite a fresh canonical copy, compile it with the inner compiler, time
-    it on the graph's real inputs (forward, plus backward when the graph trains)."""
+    its forward pass on the graph's real inputs."""
 
     def __init__(self, backend: TruthfuseBackend, gm, example_inputs, candidates, built, index):
         self.backend, self.gm, self.inputs = backend, gm, example_inputs
@@ -229,30 +229,23 @@ class _PlanTimer:
             graph, sites = self.backend._find(self.gm, f"g{self.index}")
             sites = [s for s in sites if s.id in plan]
             apply_plan(graph, sites, plan, self.built)
-        with _preserved_rng(), warnings.catch_warnings():
+        # Forward only, without autograd: a backward compiled by aot_autograd cannot run inside
+        # Dynamo's compile context, so training graphs are scored by their forward pass.
+        with _preserved_rng(), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             compiled = _inner_compile(graph, self.inputs, self.backend.options)
-            inputs = _clone_mutated_inputs(self.gm, self.inputs)
-            trains = torch.is_grad_enabled() and any(
-                isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
-
-            def run(*args):
-                out = compiled(*args)
-                if trains:
-                    outs = [o for o in (out if isinstance(out, (list, tuple)) else [out])
-                            if isinstance(o, torch.Tensor) and o.requires_grad]
-                    if outs:
-                        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-                return out
-
+            inputs = [_hint(v) for v in _clone_mutated_inputs(self.gm, self.inputs)]
             device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
-            try:
-                ms = measure(run, [tuple(inputs)], device=device, warmup=2, repeats=5)
-            finally:
-                for t in inputs:
-                    if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf:
-                        t.grad = None
+            ms = measure(compiled, [tuple(inputs)], device=device, warmup=2, repeats=5)
         return ms
+
+
+def _hint(value: Any) -> Any:
+    """Dynamic-shape graphs receive sizes as SymInts; timing runs on their concrete values."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat)):
+        hint = value.node.hint
+        return int(hint) if isinstance(value, torch.SymInt) else float(hint)
+    return value
 
 
 @contextlib.contextmanager
@@ -279,13 +272,10 @@ def _clone_mutated_inputs(gm: fx.GraphModule, inputs: List[Any]) -> List[Any]:
                                                            or name in ("copy_",)):
             if node.args and isinstance(node.args[0], fx.Node):
                 mutated.add(node.args[0])
-    # grads of leaf inputs accumulate during timing: detach-and-copy those too
     out = []
     for ph, value in zip(placeholders, inputs):
-        if isinstance(value, torch.Tensor) and (ph in mutated or (value.requires_grad and value.is_leaf)):
-            copy = value.detach().clone()
-            copy.requires_grad_(value.requires_grad)
-            out.append(copy)
+        if isinstance(value, torch.Tensor) and ph in mutated:
+            out.append(value.detach().clone())
         else:
             out.append(value)
     return out
