@@ -163,3 +163,27 @@ def test_unknown_strategy_names_the_valid_ones(bad):
 
 def test_strategy_names_are_case_insensitive():
     assert restrict(_ffn_space(), " Aggressive ").size() == 3
+
+
+def test_size_matches_brute_force_on_random_conflict_graphs():
+    for seed in range(60):
+        rng = random.Random(seed)
+        n = rng.randint(1, 6)
+        sites = [_site(f"s{i}", n_fused=rng.randint(0, 2), keep=rng.random() < 0.85 or i == 0)
+                 for i in range(n)]
+        sites = [s if s.options else _site(s.site_id, n_fused=0) for s in sites]
+        conflicts = [(f"s{a}", f"s{b}") for a in range(n) for b in range(a + 1, n) if rng.random() < 0.4]
+        space = DecisionSpace(sites, conflicts)
+        brute = list(_brute_force_valid(space))
+        assert space.size() == len(brute) == len(list(space.enumerate())), seed
+
+
+def test_size_of_a_long_chain_is_counted_without_enumerating():
+    # 60 sites, each overlapping the next: 3^60-ish plans, counted instantly.
+    sites = [_site(f"s{i}") for i in range(60)]
+    space = DecisionSpace(sites, [(f"s{i}", f"s{i + 1}") for i in range(59)])
+    # Each fused site (2 options) needs kept neighbours: a(n) = a(n-1) + 2 a(n-2).
+    a, b = 1, 3  # zero sites, one site
+    for _ in range(59):
+        a, b = b, b + 2 * a
+    assert space.size() == b
