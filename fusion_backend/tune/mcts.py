@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .progress import TuningProgress
-from .space import KEEP, DEFAULT_STRATEGY, DecisionSpace, Plan, restrict
+from .space import DEFAULT_STRATEGY, DecisionSpace, Plan, restrict
 
 Evaluate = Callable[[Plan], float]
 
@@ -74,7 +74,7 @@ class SearchResult:
     history: list[Measurement] = field(default_factory=list)
 
 
-class BudgetExhausted(Exception):
+class _BudgetExhausted(Exception):
     """Internal: the search may not start another measurement."""
 
 
@@ -105,11 +105,11 @@ class _Measurer:
         return plan in self.costs
 
     def cost(self, plan: Plan) -> float:
-        """The plan's cost, measuring it if new; BudgetExhausted if new and over budget."""
+        """The plan's cost, measuring it if new; _BudgetExhausted if new and over budget."""
         if plan in self.costs:
             return self.costs[plan]
         if not self.can_measure():
-            raise BudgetExhausted
+            raise _BudgetExhausted
         cost = _checked_cost(self.evaluate(plan), plan)
         self.costs[plan] = cost
         self.history.append(Measurement(plan, cost, self.elapsed()))
@@ -314,7 +314,7 @@ class _MonteCarloTreeSearch:
             node = child
         plan = self.rollout(partial, node.depth)
         new = not self.measurer.measured(plan)
-        cost = self.measurer.cost(plan)  # may raise BudgetExhausted
+        cost = self.measurer.cost(plan)  # may raise _BudgetExhausted
         reward = self.reward(cost)
         if new:
             self.learn(plan, reward)
@@ -380,7 +380,7 @@ def mcts_search(space: DecisionSpace, evaluate: Evaluate, *, simulations: int = 
                 if iterations > max_iterations:
                     break
                 search.iterate()
-        except BudgetExhausted:
+        except _BudgetExhausted:
             pass
         return measurer.result(_baseline_of(space))
 
@@ -432,7 +432,7 @@ def random_search(space: DecisionSpace, evaluate: Evaluate, budget: int = 30, se
                         continue
                     misses = 0
                     measurer.cost(plan)
-        except BudgetExhausted:
+        except _BudgetExhausted:
             pass
         return measurer.result(_baseline_of(space))
 
@@ -533,6 +533,7 @@ def choose_plan(space: DecisionSpace, evaluate: Evaluate, strategy: str = DEFAUL
     must hold again (the best of many noisy measurements is biased low). Otherwise the all-keep
     plan is returned: truthfuse must never make a model slower than the inner compiler.
 
+    The two confirmation timings run even if `time_budget_s` is spent: safety over the cap.
     Under "aggressive" there is no all-keep plan and no guard: the fastest fused plan is used.
     A space with a single valid plan is returned without measuring anything.
     """
