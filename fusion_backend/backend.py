@@ -139,6 +139,9 @@ class TruthfuseBackend:
                 decisions[site.id].reason = decisions[site.id].reason or record.tuning_reason
             return gm
         apply_plan(canon, candidates, plan, built)
+        if self.options.monitor:
+            from .monitor import instrument
+            instrument(canon, {s.id: s for s in candidates if s.id in fused_ids})
         for site in candidates:
             d = decisions[site.id]
             if site.id in fused_ids:
