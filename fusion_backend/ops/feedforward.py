@@ -293,10 +293,9 @@ def _ref_forward(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, ac
         out = out * _mask_scale(seed + 1, out.shape[0], out.shape[1], p_o, x.device, ct)
     if residual is not None:
         out = out + residual.to(ct)
-    empty = x.new_empty(0)
-    if not save:
-        return out.to(x.dtype), empty, empty
-    return out.to(x.dtype), z, zu if zu is not None else empty
+    if not save:  # distinct empties: a custom op's outputs may not alias each other
+        return out.to(x.dtype), x.new_empty(0), x.new_empty(0)
+    return out.to(x.dtype), z, zu if zu is not None else x.new_empty(0)
 
 
 def _ref_backward(grad, x, z, zu, w_in, w_out, w_gate, seed, act, p_h, p_o, needs):
@@ -345,7 +344,6 @@ def _rows(t):
 def _fused_forward(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, act, p_h, p_o, impl, gemm_cfg, ew_cfg, save):
     code = K.ACTIVATIONS[act]
     gated = w_gate is not None
-    empty = x.new_empty(0)
     b_in, b_out, b_gate = (b.contiguous() if b is not None else None for b in (b_in, b_out, b_gate))
     if residual is not None and impl != "triton":
         residual = _rows(residual)
@@ -365,9 +363,9 @@ def _fused_forward(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, 
         out = torch.addmm(b_out, hid, w_out.t()) if b_out is not None else torch.mm(hid, w_out.t())
         if p_o > 0 or residual is not None:
             K.output_epilogue(out, residual=residual, out=out, seed=seed + 1, p=p_o, config=ew_cfg)
-    if not save:
-        return out, empty, empty
-    return out, z, zu if zu is not None else empty
+    if not save:  # distinct empties: a custom op's outputs may not alias each other
+        return out, x.new_empty(0), x.new_empty(0)
+    return out, z, zu if zu is not None else x.new_empty(0)
 
 
 BACKWARD_ROW_BLOCKS = 4

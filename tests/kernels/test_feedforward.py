@@ -1,0 +1,432 @@
+"""Feed-forward kernels and the `feedforward` op against float64 references, in Triton's
+interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1).
+
+Inputs are fresh random numbers for every test (never zeros); kernel outputs are poisoned with NaN
+before the kernels write them; weird shapes (T = 6, 42, 123; d = 24, 40; h = 72). bf16 is left to
+the GPU run (bench/feedforward_gpu.py): the interpreter's bf16 arithmetic is not the GPU's.
+"""
+import importlib
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusion_backend.kernels import feedforward as K
+from fusion_backend.ops.fallback import FusionFallbackWarning, reset_fallback_warnings
+from fusion_backend.ops.feedforward import (
+    default_feedforward_config,
+    feedforward,
+    feedforward_config_space,
+    feedforward_reference,
+    feedforward_supports,
+)
+
+# The module, not the `feedforward` function that fusion_backend.ops re-exports under its name.
+FF = importlib.import_module("fusion_backend.ops.feedforward")
+K = importlib.import_module("fusion_backend.kernels.feedforward")
+IMPLS = ("triton", "cublas")
+GEMM_CFG = default_feedforward_config("triton", interpret=True)
+EW_CFG = default_feedforward_config("cublas", interpret=True)
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
+
+
+def rel(a, b):
+    """||a - b|| / ||b||; NaN or inf never passes."""
+    a = a.detach().double()
+    b = b.detach().double()
+    assert torch.isfinite(a).all(), "non-finite values (unwritten or poisoned output)"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def nan_like(shape, dtype=torch.float32):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every torch.empty / empty_like returns NaN-filled memory, so an unwritten element shows."""
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def empty(*a, **k):
+        t = real_empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def empty_like(*a, **k):
+        t = real_like(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+
+
+def make_inputs(T, d, h, *, dtype=torch.float32, bias=True, gated=False, residual=False, lead=None, d_out=None):
+    d_out = d_out or d
+    lead = lead or (T,)
+    t = dict(
+        x=torch.randn(*lead, d),
+        w_in=torch.randn(h, d) * d**-0.5,
+        b_in=torch.randn(h) * 0.5 if bias else None,
+        w_out=torch.randn(d_out, h) * h**-0.5,
+        b_out=torch.randn(d_out) * 0.5 if bias else None,
+        w_gate=torch.randn(h, d) * d**-0.5 if gated else None,
+        b_gate=torch.randn(h) * 0.5 if (gated and bias) else None,
+        residual=torch.randn(*lead, d_out) if residual else None,
+    )
+    return {k: (v.to(dtype).requires_grad_() if v is not None else None) for k, v in t.items()}
+
+
+def call(fn, t, seed=1234, **kw):
+    torch.manual_seed(seed)
+    return fn(t["x"], t["w_in"], t["b_in"], t["w_out"], t["b_out"], w_gate=t["w_gate"], b_gate=t["b_gate"],
+              residual=t["residual"], **kw)
+
+
+def as64(t):
+    return {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in t.items()}
+
+
+def check_against_float64(t, tol, **kw):
+    """Output and every input's gradient of `feedforward` vs float64 autograd of the reference."""
+    names = [k for k, v in t.items() if v is not None]
+    y = call(feedforward, t, **kw)
+    gout = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [t[n] for n in names], gout)
+    ref_kw = {k: v for k, v in kw.items() if k not in ("impl", "config")}
+    t64 = as64(t)
+    y64 = call(feedforward_reference, t64, **ref_kw)
+    g64 = torch.autograd.grad(y64, [t64[n] for n in names], gout.double())
+    assert y.shape == y64.shape and y.dtype == t["x"].dtype
+    assert rel(y, y64) < tol, ("out", rel(y, y64))
+    for n, a, b in zip(names, grads, g64):
+        assert rel(a, b) < tol, (n, rel(a, b))
+
+
+# ----------------------------------------------------------------------------------------------
+# The op against float64
+# ----------------------------------------------------------------------------------------------
+
+CASES = [
+    # T, d, h, activation, gated, bias, residual, p_hidden, p_out
+    (6, 24, 72, "gelu", False, True, False, 0.0, 0.0),
+    (42, 40, 72, "gelu_tanh", False, True, True, 0.0, 0.0),
+    (123, 24, 72, "relu", False, False, True, 0.2, 0.0),
+    (42, 40, 72, "silu", False, True, False, 0.0, 0.3),
+    (123, 40, 72, "gelu", False, True, True, 0.1, 0.1),
+    (42, 24, 72, "silu", True, False, False, 0.0, 0.0),  # SwiGLU, Llama-style (no biases)
+    (6, 40, 72, "gelu", True, True, True, 0.2, 0.1),  # GEGLU
+    (123, 24, 72, "gelu_tanh", True, True, False, 0.1, 0.0),
+    (42, 64, 128, "relu", True, True, True, 0.1, 0.1),  # K a multiple of BLOCK_K: unmasked loop
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}d{c[1]}h{c[2]}-{c[3]}-{'gated' if c[4] else 'plain'}"
+                         f"-{'b' if c[5] else 'nob'}-{'res' if c[6] else 'nores'}-p{c[7]}-{c[8]}")
+def test_matches_float64(case, impl, poisoned_empty):
+    T, d, h, act, gated, bias, residual, p_h, p_o = case
+    t = make_inputs(T, d, h, bias=bias, gated=gated, residual=residual)
+    check_against_float64(t, TOL[torch.float32], activation=act, hidden_dropout_p=p_h, output_dropout_p=p_o, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_float16(impl):
+    t = make_inputs(42, 40, 72, dtype=torch.float16, gated=True, residual=True)
+    check_against_float64(t, TOL[torch.float16], activation="silu", hidden_dropout_p=0.1, output_dropout_p=0.1, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_leading_dims_and_output_width(impl):
+    """x (..., d) with several leading dims; w_out may map to a width other than d."""
+    t = make_inputs(0, 24, 72, lead=(2, 3, 7), d_out=40, residual=True)
+    check_against_float64(t, 1e-5, activation="gelu", hidden_dropout_p=0.1, output_dropout_p=0.1, impl=impl)
+    assert call(feedforward, t, impl=impl).shape == (2, 3, 7, 40)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_conv1d_transposed_weights(impl):
+    """HF Conv1D keeps weights as (in, out); the rule passes `.t()` views: any strides work."""
+    t = make_inputs(42, 40, 72, residual=True)
+    conv_in = t["w_in"].detach().t().contiguous()  # (d, h), as Conv1D stores it
+    conv_out = t["w_out"].detach().t().contiguous()
+    t["w_in"] = conv_in.t().requires_grad_()
+    t["w_out"] = conv_out.t().requires_grad_()
+    assert not t["w_in"].is_contiguous()
+    check_against_float64(t, 1e-5, activation="gelu_tanh", hidden_dropout_p=0.1, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_blocked_backward(impl, monkeypatch):
+    """Backward walks rows in blocks on large shapes; force it on a small one (5 blocks, ragged)."""
+    monkeypatch.setattr(FF, "_backward_rows", 10)
+    t = make_inputs(42, 40, 72, gated=True, residual=True)
+    check_against_float64(t, 1e-5, activation="gelu", hidden_dropout_p=0.2, output_dropout_p=0.1, impl=impl)
+
+
+def test_pre_activation_not_saved_is_recomputed():
+    """If forward ran with save=False, backward recomputes z from x and still gives the right grads."""
+    t = make_inputs(42, 24, 72, gated=True)
+    seed = torch.tensor(77)
+    args = (t["x"], t["w_in"], t["b_in"], t["w_out"], t["b_out"], t["w_gate"], t["b_gate"], None, seed, "silu", 0.1, 0.0)
+    for impl in IMPLS:
+        out, z, zu = torch.ops.truthfuse.feedforward(*args, impl, "", False)
+        assert z.numel() == 0 and zu.numel() == 0
+        out_s, z_s, zu_s = torch.ops.truthfuse.feedforward(*args, impl, "", True)
+        assert torch.equal(out, out_s)
+        g = torch.randn_like(out)
+        common = (t["w_in"], t["b_in"], t["w_out"], t["w_gate"], t["b_gate"], seed, "silu", 0.1, 0.0, impl, "", [True] * 7)
+        a = torch.ops.truthfuse.feedforward_backward(g, t["x"], z, zu, *common)
+        b = torch.ops.truthfuse.feedforward_backward(g, t["x"], z_s, zu_s, *common)
+        for u, v in zip(a, b):
+            torch.testing.assert_close(u, v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout
+# ----------------------------------------------------------------------------------------------
+
+
+def test_philox_reference_is_the_kernels_stream():
+    """philox_keep_mask draws exactly the kernels' mask; the keep rate is about 1 - p."""
+    M, N, p, seed = 123, 300, 0.3, 987654
+    ones = torch.ones(M, N)
+    out = K.output_epilogue(ones, out=nan_like((M, N)), seed=seed, p=p, config=EW_CFG)
+    mask = K.philox_keep_mask(seed, M, N, p)
+    assert torch.equal(out != 0, mask)
+    torch.testing.assert_close(out[mask], torch.full_like(out[mask], 1 / (1 - p)))
+    assert abs(mask.float().mean().item() - (1 - p)) < 0.01
+    # A block of rows with row0 draws the same counters as the whole matrix.
+    part = K.output_epilogue(ones[40:90], out=nan_like((50, N)), seed=seed, p=p, row0=40, config=EW_CFG)
+    assert torch.equal(part, out[40:90])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dropout_determinism_and_rate(impl):
+    t = make_inputs(123, 24, 72)
+    kw = dict(activation="relu", hidden_dropout_p=0.5, output_dropout_p=0.25, impl=impl)
+    y1 = call(feedforward, t, seed=5, **kw)
+    g1 = torch.autograd.grad(y1.sum(), [t["x"], t["w_in"]])
+    y2 = call(feedforward, t, seed=5, **kw)
+    g2 = torch.autograd.grad(y2.sum(), [t["x"], t["w_in"]])
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    y3 = call(feedforward, t, seed=6, **kw)
+    assert not torch.equal(y1, y3)
+    # Output dropout with no bias/residual: zeros appear at about the rate p.
+    t2 = make_inputs(123, 24, 72, bias=False)
+    y = call(feedforward, t2, seed=7, activation="silu", output_dropout_p=0.25, impl=impl)
+    assert abs((y == 0).float().mean().item() - 0.25) < 0.05
+    # Backward regenerates forward's mask: dL/db_out of sum(out) counts kept elements / (1 - p).
+    t3 = make_inputs(123, 24, 72)
+    y = call(feedforward, t3, seed=8, activation="gelu", output_dropout_p=0.25, impl=impl)
+    (gb,) = torch.autograd.grad(y.sum(), [t3["b_out"]])
+    keep = K.philox_keep_mask(FF_seed(8) + 1, 123, 24, 0.25)
+    torch.testing.assert_close(gb, keep.float().sum(0) / 0.75)
+
+
+def FF_seed(manual):
+    """The seed `feedforward` draws after torch.manual_seed(manual)."""
+    torch.manual_seed(manual)
+    return int(FF._draw_seed())
+
+
+def test_eval_mode_draws_no_seed():
+    """p = 0 must not consume the default generator (eval mode stays in lockstep with eager)."""
+    t = make_inputs(6, 24, 72)
+    torch.manual_seed(3)
+    feedforward(t["x"], t["w_in"], t["b_in"], t["w_out"], t["b_out"])
+    a = torch.rand(4)
+    torch.manual_seed(3)
+    assert torch.equal(a, torch.rand(4))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel launchers directly, with poisoned outputs
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("act", list(K.ACTIVATIONS))
+def test_gemm_epilogues(act):
+    M, Kd, N = 42, 40, 72
+    code = K.ACTIVATIONS[act]
+    a, w, wg, b, bg = torch.randn(M, Kd), torch.randn(N, Kd), torch.randn(N, Kd), torch.randn(N), torch.randn(N)
+    A, W, WG, B, BG = (v.double() for v in (a, w, wg, b, bg))
+    act64 = {"gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "relu": F.relu, "silu": F.silu}[act]
+    keep = K.philox_keep_mask(11, M, N, 0.2).double() / 0.8
+    # EPI_HIDDEN gated: z = a wg^T + bg, zu = a w^T + b, out = dropout(act(z) * zu)
+    h, z, zu = K.gemm(a, w.t(), epi=K.EPI_HIDDEN, act=code, bias=b, b2=wg.t(), bias2=bg, seed=11, p=0.2,
+                      out=nan_like((M, N)), z=nan_like((M, N)), zu=nan_like((M, N)), config=GEMM_CFG)
+    assert rel(z, A @ WG.T + BG) < 1e-6 and rel(zu, A @ W.T + B) < 1e-6
+    assert rel(h, act64(A @ WG.T + BG) * (A @ W.T + B) * keep) < 1e-5
+    # EPI_DHIDDEN: dh = (g @ w_out) * keep; dz = dh * zu * act'(z), dzu = dh * act(z)
+    g, wo = torch.randn(M, 24), torch.randn(24, N)
+    Z = z.double().requires_grad_()
+    ZU = zu.double().requires_grad_()
+    dh = (g.double() @ wo.double()) * keep
+    ref_dz, ref_dzu = torch.autograd.grad(act64(Z) * ZU, [Z, ZU], dh)
+    dz, dzu = K.gemm(g, wo, epi=K.EPI_DHIDDEN, act=code, z=z, zu=zu, seed=11, p=0.2,
+                     out=nan_like((M, N)), out2=nan_like((M, N)), config=GEMM_CFG)
+    assert rel(dz, ref_dz) < 1e-5 and rel(dzu, ref_dzu) < 1e-5
+    # EPI_OUT: dropout(a w^T + b) + residual
+    r = torch.randn(M, N)
+    o = K.gemm(a, w.t(), epi=K.EPI_OUT, bias=b, residual=r, seed=3, p=0.4, out=nan_like((M, N)), config=GEMM_CFG)
+    assert rel(o, (A @ W.T + B) * K.philox_keep_mask(3, M, N, 0.4).double() / 0.6 + r.double()) < 1e-6
+    # EPI_PLAIN with a second K segment and in-place accumulation
+    a2, w2 = torch.randn(M, 24), torch.randn(24, N)
+    c = torch.randn(M, N)
+    c0 = c.double().clone()
+    K.gemm(a, w.t(), a2=a2, b2=w2, residual=c, out=c, config=GEMM_CFG)
+    assert rel(c, c0 + A @ W.T + a2.double() @ w2.double()) < 1e-6
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_hidden_epilogue_forward_backward(gated):
+    """The cuBLAS-pairing elementwise kernel: bias + activation (+ gate) + dropout, and backward
+    with the bias gradient summed in the same pass."""
+    M, N, p, seed = 123, 72, 0.3, 4242
+    z, zu, b, b2, g = torch.randn(M, N), torch.randn(M, N), torch.randn(N), torch.randn(N), torch.randn(M, N)
+    keep = K.philox_keep_mask(seed, M, N, p).double() / (1 - p)
+    Z = (z.double() + b.double()).requires_grad_()
+    ZU = (zu.double() + b2.double()).requires_grad_()
+    ref = F.gelu(Z) * (ZU if gated else 1.0) * keep
+    kw = dict(act=K.ACTIVATIONS["gelu"], zu=zu if gated else None, bias=b, bias2=b2 if gated else None,
+              seed=seed, p=p, config=EW_CFG)
+    h = K.hidden_epilogue(z, out=nan_like((M, N)), **kw)
+    assert rel(h, ref) < 1e-6
+    dz, dzu, db, db2 = K.hidden_epilogue(z, grad=g, out=nan_like((M, N)), out2=nan_like((M, N)) if gated else None,
+                                         bias_grad=True, **kw)
+    grads = torch.autograd.grad(ref, [Z, ZU] if gated else [Z], g.double())
+    assert rel(dz, grads[0]) < 1e-6 and rel(db, grads[0].sum(0)) < 1e-6
+    if gated:
+        assert rel(dzu, grads[1]) < 1e-6 and rel(db2, grads[1].sum(0)) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library and torch.compile
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("gated", [False, True])
+def test_opcheck(impl, gated):
+    t = make_inputs(6, 24, 40, gated=gated, residual=True)
+    args = (t["x"], t["w_in"], t["b_in"], t["w_out"], t["b_out"], t["w_gate"], t["b_gate"], t["residual"],
+            torch.tensor(123), "silu" if gated else "gelu", 0.2, 0.1, impl, "", True)
+    torch.library.opcheck(torch.ops.truthfuse.feedforward.default, args)
+
+
+def _module_fn(x, w_in, b_in, w_out, b_out, r):
+    return feedforward(x, w_in, b_in, w_out, b_out, activation="gelu_tanh", hidden_dropout_p=0.1,
+                       output_dropout_p=0.1, residual=r)
+
+
+def test_compile_aot_eager_fullgraph_dynamic():
+    """Same values and gradients compiled (aot_eager: eager RNG, so the same dropout) as eager,
+    over two token counts with one graph."""
+    cf = torch.compile(_module_fn, backend="aot_eager", fullgraph=True, dynamic=True)
+    for T in (6, 42):
+        t = make_inputs(T, 24, 72, residual=True)
+        ins = [t[k] for k in ("x", "w_in", "b_in", "w_out", "b_out", "residual")]
+        torch.manual_seed(9)
+        y = cf(*ins)
+        g = torch.autograd.grad(y.sum(), ins)
+        torch.manual_seed(9)
+        y0 = _module_fn(*ins)
+        g0 = torch.autograd.grad(y0.sum(), ins)
+        torch.testing.assert_close(y, y0)
+        for a, b in zip(g, g0):
+            torch.testing.assert_close(a, b)
+
+
+def test_compile_inductor_fullgraph_dynamic():
+    """Inductor compiles around the op; no dropout here, since Inductor draws its own seed."""
+    def fn(x, w_in, b_in, w_out, b_out, w_gate):
+        return feedforward(x, w_in, b_in, w_out, b_out, activation="silu", w_gate=w_gate)
+
+    cf = torch.compile(fn, backend="inductor", fullgraph=True, dynamic=True)
+    t = make_inputs(42, 24, 72, gated=True)
+    ins = [t[k] for k in ("x", "w_in", "b_in", "w_out", "b_out", "w_gate")]
+    y = cf(*ins)
+    g = torch.autograd.grad(y.sum(), ins)
+    y0 = fn(*ins)
+    g0 = torch.autograd.grad(y0.sum(), ins)
+    torch.testing.assert_close(y, y0)
+    for a, b in zip(g, g0):
+        torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation, support, configs, fallback
+# ----------------------------------------------------------------------------------------------
+
+
+def test_validation_errors():
+    t = make_inputs(6, 24, 72)
+    x, w_in, b_in, w_out, b_out = (t[k] for k in ("x", "w_in", "b_in", "w_out", "b_out"))
+    with pytest.raises(ValueError, match="gelu_tanh"):
+        feedforward(x, w_in, b_in, w_out, b_out, activation="swish")
+    with pytest.raises(ValueError, match="impl"):
+        feedforward(x, w_in, b_in, w_out, b_out, impl="cudnn")
+    with pytest.raises(ValueError, match="unknown config"):
+        feedforward(x, w_in, b_in, w_out, b_out, impl="triton", config="nope")
+    with pytest.raises(ValueError, match="unknown config"):  # a cuBLAS key is not a Triton one
+        feedforward(x, w_in, b_in, w_out, b_out, impl="triton", config=feedforward_config_space("cublas")[0]["key"])
+    with pytest.raises(ValueError, match="last dim"):
+        feedforward(x[:, :20], w_in, b_in, w_out, b_out)
+    with pytest.raises(ValueError, match="w_out"):
+        feedforward(x, w_in, b_in, w_out[:, :10], b_out)
+    with pytest.raises(ValueError, match="b_in"):
+        feedforward(x, w_in, b_in[:5], w_out, b_out)
+    with pytest.raises(ValueError, match="b_gate"):
+        feedforward(x, w_in, b_in, w_out, b_out, b_gate=b_in)
+    with pytest.raises(ValueError, match="w_gate"):
+        feedforward(x, w_in, b_in, w_out, b_out, w_gate=w_out)
+    with pytest.raises(ValueError, match="hidden_dropout_p"):
+        feedforward(x, w_in, b_in, w_out, b_out, hidden_dropout_p=1.5)
+    with pytest.raises(ValueError, match="residual"):
+        feedforward(x, w_in, b_in, w_out, b_out, residual=torch.randn(7, 24))
+    with pytest.raises(ValueError, match="dtype"):
+        feedforward(x.detach().half(), w_in, b_in, w_out, b_out)
+
+
+def test_supports_from_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, w_in, w_out = torch.empty(8, 24), torch.empty(72, 24), torch.empty(24, 72)
+        assert feedforward_supports(x, w_in, None, w_out, None) == (True, "ok")
+        ok, why = feedforward_supports(x.double(), w_in.double(), None, w_out.double(), None)
+        assert not ok and "float64" in why
+        ok, why = feedforward_supports(x, w_in, None, w_out, None, activation="tanh")
+        assert not ok and "activation" in why
+        ok, why = feedforward_supports(x, w_in, None, torch.empty(24, 70), None)
+        assert not ok and "w_out" in why
+
+
+def test_config_space_keys():
+    for impl in IMPLS:
+        space = feedforward_config_space(impl)
+        keys = [c["key"] for c in space]
+        assert len(keys) == len(set(keys)) and all(isinstance(k, str) for k in keys)
+        assert default_feedforward_config(impl)["key"] in keys
+        assert default_feedforward_config(impl, interpret=False)["key"] in keys
+    gated = feedforward_config_space("triton", gated=True)
+    assert all(c["BLOCK_M"] * c["BLOCK_N"] <= 128 * 128 for c in gated)
+    # Another key than the default runs and agrees.
+    t = make_inputs(42, 40, 72, residual=True)
+    for impl, key in (("triton", "triton:m64n128k64g8w4s4"), ("cublas", "cublas:m32n128w4")):
+        check_against_float64(t, 1e-5, activation="gelu", hidden_dropout_p=0.1, impl=impl, config=key)
+
+
+def test_fallback_warns_and_matches_reference(monkeypatch):
+    reset_fallback_warnings()
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated compile failure")
+
+    monkeypatch.setattr(K, "gemm", broken)
+    t = make_inputs(42, 24, 72, residual=True)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        check_against_float64(t, 1e-5, activation="gelu", hidden_dropout_p=0.1, output_dropout_p=0.1, impl="triton")
+    assert any(issubclass(x.category, FusionFallbackWarning) and "simulated" in str(x.message) for x in w)
+    reset_fallback_warnings()
