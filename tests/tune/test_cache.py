@@ -142,7 +142,7 @@ def test_unwritable_directory_warns_instead_of_failing(tmp_path):
 
 def _writer(directory, worker, n_keys, barrier):
     cache = TuningCache(directory)
-    barrier.wait()  # start together, so the writes really overlap
+    barrier.wait(timeout=60)  # start together, so the writes really overlap
     for i in range(n_keys):
         cache.put(f"w{worker}-k{i}", {"worker": worker, "i": i, "pad": "x" * 2000})
         cache.put("shared", {"worker": worker, "i": i, "pad": "y" * 2000})
@@ -150,7 +150,7 @@ def _writer(directory, worker, n_keys, barrier):
 
 def _reader(directory, rounds, barrier, errors):
     cache = TuningCache(directory)
-    barrier.wait()
+    barrier.wait(timeout=60)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a torn file would warn; make it count
         for _ in range(rounds):

@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from synthetic_spaces import CountingCost
+from .synthetic_spaces import CountingCost
 
 from fusion_backend.tune.mcts import TuningDecision, choose_plan
 from fusion_backend.tune.space import KEEP, DecisionSpace, Option, Plan, SiteChoices

@@ -4,7 +4,7 @@ import statistics
 import time
 
 import pytest
-from synthetic_spaces import CountingCost, optimum, structured_space
+from .synthetic_spaces import CountingCost, optimum, structured_space
 
 from fusion_backend.tune.mcts import exhaustive_search, mcts_search, random_search
 from fusion_backend.tune.space import KEEP, DecisionSpace, Option, Plan, SiteChoices
