@@ -27,7 +27,7 @@ from .mcts import (
     random_search,
 )
 from .space import KEEP, STRATEGIES, DecisionSpace, Option, Plan, SiteChoices, restrict
-from .timing import l2_rotation_count, measure
+from .timing import l2_rotation_count, measure, rotated_input_sets, tensor_bytes
 
 __all__ = [
     "KEEP",
@@ -52,5 +52,7 @@ __all__ = [
     "measure",
     "random_search",
     "restrict",
+    "rotated_input_sets",
     "save_state",
+    "tensor_bytes",
 ]

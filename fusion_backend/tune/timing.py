@@ -114,6 +114,23 @@ def l2_rotation_count(bytes_per_set: int, device: torch.device | str | int) -> i
     return l2 // bytes_per_set + 1
 
 
+def rotated_input_sets(inputs: Sequence[Any], device: torch.device | str | int) -> list[tuple]:
+    """`inputs` plus enough tensor copies of them that rotating among the sets exceeds L2.
+
+    The first set is `inputs` itself; the others clone every tensor (non-tensors are shared). Extra
+    memory stays below about one L2 size plus one set: a set larger than L2 gets no copies at all.
+    On CPU this is just [tuple(inputs)].
+    """
+    inputs = tuple(inputs)
+    size = tensor_bytes(inputs)
+    count = l2_rotation_count(size, device) if size > 0 else 1
+    sets = [inputs]
+    with torch.no_grad():
+        for _ in range(count - 1):
+            sets.append(tuple(v.clone() if isinstance(v, torch.Tensor) else v for v in inputs))
+    return sets
+
+
 def tensor_bytes(*values: Any) -> int:
     """Bytes held by the tensors among `values` (nested tuples/lists/dicts are walked).
 

@@ -8,7 +8,7 @@ import torch
 
 from fusion_backend.tune import progress as progress_module
 from fusion_backend.tune.progress import TuningProgress, progress_enabled
-from fusion_backend.tune.timing import l2_rotation_count, measure, tensor_bytes
+from fusion_backend.tune.timing import l2_rotation_count, measure, rotated_input_sets, tensor_bytes
 
 
 def test_measure_on_cpu_returns_a_positive_median_in_ms():
@@ -53,6 +53,17 @@ def test_l2_rotation_count_exceeds_l2_on_cuda(monkeypatch):
     for size in (1 << 20, 7 * 1000 * 1000, 60 * 1024 * 1024):
         n = timing.l2_rotation_count(size, "cuda")
         assert n * size > 50 * 1024 * 1024 and (n - 1) * size <= 50 * 1024 * 1024
+
+
+def test_rotated_input_sets(monkeypatch):
+    from fusion_backend.tune import timing
+
+    x, w = torch.randn(256, 256), torch.randn(256, 256)  # 512 KiB per set
+    assert rotated_input_sets([x, w, 3], "cpu") == [(x, w, 3)]
+    monkeypatch.setattr(timing, "l2_cache_bytes", lambda device: 4 * 1024 * 1024)
+    sets = timing.rotated_input_sets([x, w, 3], "cuda")
+    assert len(sets) == 9 and sets[0][0] is x
+    assert all(s[2] == 3 and torch.equal(s[0], x) and s[0] is not x for s in sets[1:])
 
 
 # -- progress ------------------------------------------------------------------------------------
