@@ -106,7 +106,7 @@ def _normalize_grad(g, xh, nrm):
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, SCALE, MASK, OUT, LSE,
+    Q, K, V, SCALE, MASK, OUT, LSE, RBAR,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -115,7 +115,7 @@ def _attn_fwd_kernel(
     H, N_Q, N_K, GROUP, seed, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    STATS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Forward of dot / l2 / cosine attention for one block of BLOCK_M queries of one (b, h).
@@ -126,6 +126,9 @@ def _attn_fwd_kernel(
     MASK:  (B, H, Nq, Nk) broadcast view, strides sm* (0 on broadcast dims); unused if MASK_KIND 0.
     OUT:   (B, H, Nq, Dv) strides so*, written in OUT's dtype.
     LSE:   (B*H, Nq) fp32 contiguous, base-2 logsumexp of each row (+inf for a fully masked row).
+    RBAR:  (B*H, Nq) fp32: E_p[raw] per row when STATS (else 0). The backward centres the scale
+           gradient on it: sum_j dS_ij = 0, so subtracting it changes nothing exactly but removes
+           the cancellation that bf16 rounding of O (through delta) would otherwise expose.
     GROUP: H // Hkv.  seed, dropout_p: see the module docstring.
     Constexprs: HEAD_DIM/HEAD_DIM_V the true head dims, D_PAD/DV_PAD their powers of two (>= 16);
     METRIC 0 dot, 1 l2, 2 cosine; MASK_KIND 0/1/2; CAUSAL top-left triangle; DROPOUT on/off;
@@ -144,7 +147,7 @@ def _attn_fwd_kernel(
 
     q = _load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, N_Q, HEAD_DIM, EVEN_M, HEAD_DIM == D_PAD)
     if METRIC == 2:
-        qh, _ = _normalize_rows(q)
+        qh, q_nrm = _normalize_rows(q)
         q = qh.to(Q.dtype.element_ty)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
@@ -152,6 +155,7 @@ def _attn_fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    r_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     if CAUSAL:
         hi = tl.minimum(N_K, (pid_m + 1) * BLOCK_M)
@@ -161,7 +165,7 @@ def _attn_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
         if METRIC == 2:
-            kh, _ = _normalize_rows(k)
+            kh, k_nrm = _normalize_rows(k)
             k = kh.to(K.dtype.element_ty)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if METRIC == 1:
@@ -176,6 +180,8 @@ def _attn_fwd_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if STATS:
+            r_i = r_i * alpha + tl.sum(p * raw, axis=1)
         acc = acc * alpha[:, None]
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, N_K, dropout_p)
@@ -186,6 +192,7 @@ def _attn_fwd_kernel(
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(RBAR + bh * N_Q + offs_m, r_i / tl.where(empty, 1.0, l_i), mask=offs_m < N_Q)
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     o_ptrs = OUT + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & (offs_dv[None, :] < HEAD_DIM_V))
@@ -254,7 +261,7 @@ def _attn_bwd_dkdv_kernel(
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _load_rows(q_base, offs_m, offs_d, sqm, sqd, N_Q, HEAD_DIM, EVEN_M, HEAD_DIM == D_PAD)
             if METRIC == 2:
-                qh, _ = _normalize_rows(q)
+                qh, q_nrm = _normalize_rows(q)
                 q = qh.to(Q.dtype.element_ty)
             do = _load_rows(do_base, offs_m, offs_dv, sdom, sdod, N_Q, HEAD_DIM_V, EVEN_M, HEAD_DIM_V == DV_PAD)
             if EVEN_M:
@@ -302,7 +309,7 @@ def _attn_bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, SCALE, MASK, DO, LSE, DELTA, DQ, DSCALE, DMASK,
+    Q, K, V, SCALE, MASK, DO, LSE, RBAR, DELTA, DQ, DSCALE, DMASK,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -319,7 +326,8 @@ def _attn_bwd_dq_kernel(
 
     Grid: (cdiv(Nq, BLOCK_M), B * H). Pointers as in `_attn_bwd_dkdv_kernel`, plus
     DQ:     (B, H, Nq, D) contiguous, Q's dtype.
-    DSCALE: (B*H, Nq) fp32: sum_j dS_ij * raw_ij (raw = logit / scale); summed over b and i outside.
+    RBAR:   (B*H, Nq) fp32 from the forward (E_p[raw] or 0).
+    DSCALE: (B*H, Nq) fp32: sum_j dS_ij * (raw_ij - RBAR_i) (raw = logit / scale); summed over b, i outside.
     DMASK:  fp32 buffer addressed with strides sg* over (B, H, Nq, Nk) (0 on dims the mask
             broadcasts over B/H); dS is atomically added when MASK_GRAD.
     """
@@ -347,6 +355,7 @@ def _attn_bwd_dq_kernel(
     else:
         lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
         delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    rbar = tl.load(RBAR + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
@@ -362,7 +371,7 @@ def _attn_bwd_dq_kernel(
         k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
         v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
         if METRIC == 2:
-            kh, _ = _normalize_rows(k)
+            kh, k_nrm = _normalize_rows(k)
             k = kh.to(K.dtype.element_ty)
         qk = tl.dot(q_op, tl.trans(k), input_precision=DOT_PREC)
         if METRIC == 1:
@@ -380,7 +389,7 @@ def _attn_bwd_dq_kernel(
         if MASK_GRAD:
             g_ptrs = DMASK + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_n[None, :] * sgn
             tl.atomic_add(g_ptrs, ds, mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))
-        dsc += tl.sum(ds * raw, axis=1)
+        dsc += tl.sum(ds * (raw - rbar[:, None]), axis=1)
         dq_acc = tl.dot(ds.to(K.dtype.element_ty), k, dq_acc, input_precision=DOT_PREC)
 
     dq_acc = dq_acc * scale
@@ -502,25 +511,26 @@ def _dot_prec(dtype):
 
 
 def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, dropout_p=0.0, seed=0,
-                      config=None, out=None):
+                      config=None, out=None, stats=True):
     """Run the forward kernel. q (B,H,Nq,D), k (B,Hkv,Nk,D), v (B,Hkv,Nk,Dv) any strides, one dtype;
     scale (H,) fp32; mask broadcastable to (B,H,Nq,Nk) (bool keep / float additive) or None.
-    Returns (out (B,H,Nq,Dv) in q's dtype, or written into `out`; lse (B*H, Nq) fp32 base 2)."""
+    Returns (out (B,H,Nq,Dv) in q's dtype, or written into `out`; lse (2, B*H, Nq) fp32: [0] the
+    base-2 logsumexp, [1] E_p[raw] when `stats` (needed for an accurate scale gradient) else 0)."""
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     cfg = config or default_attention_config(metric, D, q.dtype, q.device.type)
     if out is None:
         out = torch.empty(B, H, Nq, Dv, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B * H, Nq, device=q.device, dtype=torch.float32)
+    lse = torch.empty(2, B * H, Nq, device=q.device, dtype=torch.float32)
     m4, ms, mkind = _mask_args(mask, B, H, Nq, Nk, q.device)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (triton.cdiv(Nq, bm), B * H)
     _attn_fwd_kernel[grid](
-        q, k, v, scale, m4, out, lse,
+        q, k, v, scale, m4, out, lse[0], lse[1],
         *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
         H, Nq, Nk, H // Hkv, seed, float(dropout_p),
         HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv),
-        METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=causal, DROPOUT=dropout_p > 0,
+        METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=causal, DROPOUT=dropout_p > 0, STATS=stats,
         EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
         BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -569,11 +579,11 @@ def attention_backward(do, q, k, v, scale, out, lse, *, metric="dot", causal=Fal
                   EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
                   BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     _attn_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
-        q, k, v, scale, m4, do, lse, delta, dk, dv,
+        q, k, v, scale, m4, do, lse[0], delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(),
         H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), **common)
     _attn_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
-        q, k, v, scale, m4, do, lse, delta, dq, dsc, gbuf,
+        q, k, v, scale, m4, do, lse[0], lse[1], delta, dq, dsc, gbuf,
         *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *gs,
         H, Nq, Nk, H // Hkv, seed, float(dropout_p), MASK_GRAD=mask_grad, **common)
     dscale = dsc.view(B, H, Nq).sum(dim=(0, 2))

@@ -41,13 +41,13 @@ def _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM: tl.constexpr,
 
 @triton.jit
 def _l1_fwd_kernel(
-    QT, KT, V, SCALE, MASK, OUT, LSE,
+    QT, KT, V, SCALE, MASK, OUT, LSE, RBAR,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sob, soh, som, sod,
     H, HKV, N_Q, N_K, GROUP, seed, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
-    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, STATS: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -55,7 +55,7 @@ def _l1_fwd_kernel(
 
     QT: (B, H, D, Nq) fp32 contiguous;  KT: (B, Hkv, D, Nk) fp32 contiguous.
     V: (B, Hkv, Nk, Dv) strides sv*;  SCALE: (H,) fp32;  MASK: (B,H,Nq,Nk) view with strides sm*.
-    OUT: (B, H, Nq, Dv) strides so*;  LSE: (B*H, Nq) fp32, base 2.
+    OUT: (B, H, Nq, Dv) strides so*;  LSE: (B*H, Nq) fp32, base 2;  RBAR: (B*H, Nq) E_p[raw] if STATS.
     Constexprs as in `attention._attn_fwd_kernel` (DV_PAD the padded value head dim).
     """
     pid_m = tl.program_id(0)
@@ -73,6 +73,7 @@ def _l1_fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    r_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     if CAUSAL:
         hi = tl.minimum(N_K, (pid_m + 1) * BLOCK_M)
@@ -87,6 +88,8 @@ def _l1_fwd_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if STATS:
+            r_i = r_i * alpha - tl.sum(p * dist, axis=1)
         acc = acc * alpha[:, None]
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, N_K, dropout_p)
@@ -97,6 +100,7 @@ def _l1_fwd_kernel(
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(RBAR + bh * N_Q + offs_m, r_i / tl.where(empty, 1.0, l_i), mask=offs_m < N_Q)
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     o_ptrs = OUT + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & (offs_dv[None, :] < HEAD_DIM_V))
@@ -174,7 +178,7 @@ def _l1_bwd_dkdv_kernel(
 
 @triton.jit
 def _l1_bwd_dq_kernel(
-    QT, KT, V, SCALE, MASK, DO, LSE, DELTA, DQT, DSCALE, DMASK,
+    QT, KT, V, SCALE, MASK, DO, LSE, RBAR, DELTA, DQT, DSCALE, DMASK,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sdob, sdoh, sdom, sdod,
@@ -205,6 +209,7 @@ def _l1_bwd_dq_kernel(
     do = _load_rows(DO + b * sdob + h * sdoh, offs_m, offs_dv, sdom, sdod, N_Q, HEAD_DIM_V, EVEN_M, HEAD_DIM_V == DV_PAD)
     lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
     delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    rbar = tl.load(RBAR + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
     dsc = tl.zeros([BLOCK_M], tl.float32)
     if CAUSAL:
         hi = tl.minimum(N_K, (pid_m + 1) * BLOCK_M)
@@ -224,7 +229,7 @@ def _l1_bwd_dq_kernel(
         if MASK_GRAD:
             g_ptrs = DMASK + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_n[None, :] * sgn
             tl.atomic_add(g_ptrs, ds, mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))
-        dsc += tl.sum(-ds * dist, axis=1)
+        dsc += tl.sum(-ds * (dist + rbar[:, None]), axis=1)
         dsn = -ds * scale
         for d in range(0, HEAD_DIM):
             qc = tl.load(qt_base + d * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
@@ -268,7 +273,8 @@ def _dot_prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def l1_attention_forward(q, k, v, scale, *, causal=False, mask=None, dropout_p=0.0, seed=0, config=None, out=None):
+def l1_attention_forward(q, k, v, scale, *, causal=False, mask=None, dropout_p=0.0, seed=0, config=None, out=None,
+                         stats=True):
     """L1 attention forward. Shapes as `attention.attention_forward`; returns (out, lse)."""
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -276,15 +282,15 @@ def l1_attention_forward(q, k, v, scale, *, causal=False, mask=None, dropout_p=0
     qt, kt = _transposed_f32(q), _transposed_f32(k)
     if out is None:
         out = torch.empty(B, H, Nq, Dv, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B * H, Nq, device=q.device, dtype=torch.float32)
+    lse = torch.empty(2, B * H, Nq, device=q.device, dtype=torch.float32)
     m4, ms, mkind = _mask_args(mask, B, H, Nq, Nk, q.device)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     _l1_fwd_kernel[(triton.cdiv(Nq, bm), B * H)](
-        qt, kt, v, scale, m4, out, lse,
+        qt, kt, v, scale, m4, out, lse[0], lse[1],
         *v.stride(), *ms, *out.stride(),
         H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p),
         HEAD_DIM=D, HEAD_DIM_V=Dv, DV_PAD=_pad_dim(Dv),
-        MASK_KIND=mkind, CAUSAL=causal, DROPOUT=dropout_p > 0,
+        MASK_KIND=mkind, CAUSAL=causal, DROPOUT=dropout_p > 0, STATS=stats,
         EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
         BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -314,11 +320,11 @@ def l1_attention_backward(do, q, k, v, scale, out, lse, *, causal=False, mask=No
                   DROPOUT=dropout_p > 0, EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
                   BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
     _l1_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
-        qt, kt, v, scale, m4, do, lse, delta, dkt, dv,
+        qt, kt, v, scale, m4, do, lse[0], delta, dkt, dv,
         *v.stride(), *ms, *do.stride(),
         H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), **common)
     _l1_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
-        qt, kt, v, scale, m4, do, lse, delta, dqt, dsc, gbuf,
+        qt, kt, v, scale, m4, do, lse[0], lse[1], delta, dqt, dsc, gbuf,
         *v.stride(), *ms, *do.stride(), *gs,
         H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), MASK_GRAD=mask_grad, **common)
     dq = dqt.transpose(-1, -2).to(q.dtype).contiguous()

@@ -144,7 +144,8 @@ def _dropout_keep_reference(shape, p, seed, device):
 
 
 def _reference_core(q, k, v, scale_h, metric, causal, mask, dropout_p, seed, dtype):
-    """Float (dtype) reference returning (out, lse base 2, fp32 / dtype). scale_h: (H,)."""
+    """Float (dtype) reference returning (out, stats): stats (2, B*H, Nq) fp32 holds the base-2
+    logsumexp and E_p[raw] per row, as the kernels' forward does. scale_h: (H,)."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -177,8 +178,10 @@ def _reference_core(q, k, v, scale_h, metric, causal, mask, dropout_p, seed, dty
     if dropout_p > 0:
         keep = _dropout_keep_reference(p.shape, dropout_p, seed, q.device)
         p = p * keep / (1.0 - dropout_p)
+    rbar = (p.detach() * raw.detach()).sum(-1) if dropout_p == 0 else (torch.exp(s - lse) * raw).detach().sum(-1)
     out = p @ vf
-    return out, (lse.squeeze(-1) * _LOG2E).reshape(B * H, Nq).float()
+    stats = torch.stack([(lse.squeeze(-1) * _LOG2E).reshape(B * H, Nq), rbar.reshape(B * H, Nq)])
+    return out, stats.float()
 
 
 def attention_reference(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None, dropout_p=0.0,
@@ -225,7 +228,7 @@ def _use_kernels(q, k, v, metric, mask, dropout_p):
     return True
 
 
-def _fwd_impl(q, k, v, scale, mask, seed, metric, causal, dropout_p, config):
+def _fwd_impl(q, k, v, scale, mask, seed, metric, causal, dropout_p, config, scale_grad):
     seed_i = int(seed.item())
     if _use_kernels(q, k, v, metric, mask, dropout_p):
         try:
@@ -234,7 +237,7 @@ def _fwd_impl(q, k, v, scale, mask, seed, metric, causal, dropout_p, config):
             launch = _l1.l1_attention_forward if metric == "l1" else _tc.attention_forward
             kw = {} if metric == "l1" else dict(metric=metric)
             out, lse = launch(qk, kk, vk, scale, causal=causal, mask=mk, dropout_p=dropout_p, seed=seed_i,
-                              config=cfg, **kw)
+                              config=cfg, stats=scale_grad, **kw)
             return out.to(q.dtype), lse
         except Exception as e:  # compile / launch failure: keep the model running
             warn_fallback_once("attention", f"kernel failed: {type(e).__name__}: {str(e)[:200]}")
@@ -280,16 +283,18 @@ def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dr
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("truthfuse::attention_fwd", mutates_args=())
 def attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: Tensor, attn_mask: Optional[Tensor], seed: Tensor,
-                     metric: str, causal: bool, dropout_p: float, config: Optional[str]) -> tuple[Tensor, Tensor]:
-    """Forward: (out (B, H, Nq, Dv) in q's dtype, lse (B*H, Nq) fp32 base 2). scale (H,) fp32;
-    attn_mask 4-d broadcastable or None; seed a 0-d int64 CPU tensor."""
-    return _fwd_impl(q, k, v, scale, attn_mask, seed, metric, causal, dropout_p, config)
+                     metric: str, causal: bool, dropout_p: float, config: Optional[str],
+                     scale_grad: bool) -> tuple[Tensor, Tensor]:
+    """Forward: (out (B, H, Nq, Dv) in q's dtype, stats (2, B*H, Nq) fp32: base-2 logsumexp and,
+    when scale_grad, E_p[raw] per row). scale (H,) fp32; attn_mask 4-d broadcastable or None;
+    seed a 0-d int64 CPU tensor."""
+    return _fwd_impl(q, k, v, scale, attn_mask, seed, metric, causal, dropout_p, config, scale_grad)
 
 
 @attention_fwd_op.register_fake
-def _(q, k, v, scale, attn_mask, seed, metric, causal, dropout_p, config):
+def _(q, k, v, scale, attn_mask, seed, metric, causal, dropout_p, config, scale_grad):
     B, H, Nq, _ = q.shape
-    return q.new_empty((B, H, Nq, v.shape[-1])), q.new_empty((B * H, Nq), dtype=torch.float32)
+    return q.new_empty((B, H, Nq, v.shape[-1])), q.new_empty((2, B * H, Nq), dtype=torch.float32)
 
 
 @torch.library.custom_op("truthfuse::attention_bwd", mutates_args=())
@@ -308,7 +313,7 @@ def _(grad_out, q, k, v, scale, attn_mask, out, lse, seed, metric, causal, dropo
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, mask, seed, metric, causal, dropout_p, config = inputs
+    q, k, v, scale, mask, seed, metric, causal, dropout_p, config, scale_grad = inputs
     out, lse = output
     ctx.mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[4]
     ctx.args = (metric, causal, dropout_p, config)
@@ -320,7 +325,7 @@ def _backward(ctx, grad_out, grad_lse):
     metric, causal, dropout_p, config = ctx.args
     dq, dk, dv, dscale, dmask = attention_bwd_op(grad_out, q, k, v, scale, mask, out, lse, seed,
                                                  metric, causal, dropout_p, config, ctx.mask_grad)
-    return dq, dk, dv, dscale, (dmask if ctx.mask_grad else None), None, None, None, None, None
+    return dq, dk, dv, dscale, (dmask if ctx.mask_grad else None), None, None, None, None, None, None
 
 
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -351,5 +356,7 @@ def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None
         config = config_key(config)
     elif config is not None:
         _tc.parse_config_key(config)  # fail early on a malformed key
-    out, _ = attention_fwd_op(q, k, v, scale_h, mask, seed, metric, bool(causal), float(dropout_p), config)
+    scale_grad = isinstance(scale, Tensor) and scale.requires_grad and torch.is_grad_enabled()
+    out, _ = attention_fwd_op(q, k, v, scale_h, mask, seed, metric, bool(causal), float(dropout_p), config,
+                              scale_grad)
     return out

@@ -1,0 +1,348 @@
+"""GPU check and benchmark of truthfuse's attention kernels (issue 3). One script, one run:
+
+1. Correctness on the GPU: every metric, forward and backward (q, k, v, scale, float mask), in
+   fp16 / bf16 / fp32, odd shapes, masks, causal, GQA, Nq=1, head dims 24..256, dropout, against a
+   float64 reference on fresh random inputs (outputs poisoned with NaN first); the bf16 L2 accuracy
+   target next to the augmented-vector SDPA trick.
+2. Benchmark, B=4 H=8 D=64 bf16, N=2048 and 8192, forward and forward+backward, every metric and
+   the baselines measured in the same process (SDPA flash, FlexAttention dot/L2/cosine, the
+   augmented-SDPA L2 and normalized-SDPA cosine tricks, Inductor forms), a measured FP32 FMA
+   ceiling for L1, extra memory (peak - base), and a few launch configs.
+
+Usage:  TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 python bench/attention_gpu.py   (writes $OUT/attention_gpu.json)
+Env: SKIP_CHECK=1, SKIP_BENCH=1, SKIP_INDUCTOR=1, SKIP_FLEX=1 to shorten a run.
+"""
+import json
+import math
+import os
+import sys
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "0")
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from fusion_backend.kernels import attention as tc  # noqa: E402
+from fusion_backend.ops.attention import attention, attention_reference  # noqa: E402
+
+dev = "cuda"
+OUT = os.environ.get("OUT", "/tmp")
+RES = {"env": dict(torch=torch.__version__, triton=triton.__version__, card=torch.cuda.get_device_name(),
+                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())),
+       "check": [], "bench": [], "configs": [], "l2_accuracy": []}
+
+
+def save():
+    json.dump(RES, open(os.path.join(OUT, "attention_gpu.json"), "w"), indent=1)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. correctness
+# ----------------------------------------------------------------------------------------------
+TOL_OUT = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+TOL_GRAD = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def check(metric, dtype, B, H, Hkv, Nq, Nk, D, Dv, causal=False, mask=None, scale="tensor", smax=1.0):
+    q = torch.randn(B, H, Nq, D, device=dev, dtype=dtype)
+    k = torch.randn(B, Hkv, Nk, D, device=dev, dtype=dtype)
+    v = torch.randn(B, Hkv, Nk, Dv, device=dev, dtype=dtype)
+    if scale == "tensor":
+        sc = (torch.rand(H, device=dev) * 0.9 + 0.1) * smax
+        if metric == "dot":
+            sc = sc / math.sqrt(D)
+    else:
+        sc = None
+    m = None
+    if mask == "float":
+        m = torch.randn(1, H, Nq, Nk, device=dev)
+    elif mask == "bool":
+        m = torch.rand(B, 1, Nq, Nk, device=dev) > 0.2
+    ins = [q, k, v] + ([sc] if sc is not None else []) + ([m] if m is not None and m.dtype != torch.bool else [])
+    ins = [t.detach().requires_grad_() for t in ins]
+    qi, ki, vi = ins[:3]
+    si = ins[3] if sc is not None else None
+    mi = ins[-1] if (m is not None and m.dtype != torch.bool) else m
+    kw = dict(metric=metric, causal=causal, enable_gqa=H != Hkv)
+    out = attention(qi, ki, vi, scale=si, attn_mask=mi, **kw)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, ins, g)
+    ins64 = [t.detach().double().requires_grad_() for t in ins]
+    s64 = ins64[3] if sc is not None else None
+    m64 = ins64[-1] if (m is not None and m.dtype != torch.bool) else m
+    ref = attention_reference(*ins64[:3], scale=s64, attn_mask=m64, **kw)
+    g64 = torch.autograd.grad(ref, ins64, g.double())
+    eo = rel(out, ref)
+    eg = [rel(a, b) for a, b in zip(grads, g64)]
+    ok = eo <= TOL_OUT[dtype] and all(e <= TOL_GRAD[dtype] for e in eg) and bool(torch.isfinite(out).all())
+    rec = dict(metric=metric, dtype=str(dtype).split(".")[-1], shape=[B, H, Hkv, Nq, Nk, D, Dv], causal=causal,
+               mask=mask, smax=smax, err_out=eo, err_grads=eg, ok=ok)
+    RES["check"].append(rec)
+    print(f"{'OK ' if ok else 'BAD'} {metric:6s} {rec['dtype']:8s} {rec['shape']} causal={causal} mask={mask} "
+          f"smax={smax} out {eo:.1e} grads {' '.join(f'{e:.1e}' for e in eg)}", flush=True)
+    return ok
+
+
+def check_poison(metric, dtype):
+    q, k, v = (torch.randn(2, 3, 77, 40, device=dev, dtype=dtype) for _ in range(3))
+    out = torch.full((2, 3, 77, 40), float("nan"), device=dev, dtype=dtype)
+    sc = torch.full((3,), 0.3, device=dev)
+    if metric == "l1":
+        from fusion_backend.kernels.attention_l1 import l1_attention_forward
+        l1_attention_forward(q, k, v, sc, out=out)
+    else:
+        tc.attention_forward(q, k, v, sc, metric=metric, out=out)
+    ref = attention_reference(q.double(), k.double(), v.double(), metric=metric, scale=0.3)
+    e = rel(out, ref)
+    ok = bool(torch.isfinite(out).all()) and e <= TOL_OUT[dtype]
+    RES["check"].append(dict(check="poison", metric=metric, dtype=str(dtype), err=e, ok=ok))
+    print(f"{'OK ' if ok else 'BAD'} poisoned out= {metric} {dtype}: err {e:.1e}", flush=True)
+
+
+def check_dropout(metric):
+    B, H, N = 2, 2, 128
+    q, k = (torch.randn(B, H, N, 64, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    v = torch.eye(N, device=dev, dtype=torch.bfloat16).expand(B, H, N, N).contiguous()
+    p = 0.3
+    s0 = {"dot": None, "l2": 0.01, "l1": 0.02, "cosine": 3.0}[metric]
+    torch.manual_seed(123); o1 = attention(q, k, v, metric=metric, scale=s0, dropout_p=p)
+    torch.manual_seed(123); o2 = attention(q, k, v, metric=metric, scale=s0, dropout_p=p)
+    o3 = attention(q, k, v, metric=metric, scale=s0, dropout_p=p)
+    rate = (o1 == 0).float().mean().item()
+    qq, kk, vv = (torch.randn(1, 2, 70, 32, device=dev, dtype=torch.float32, requires_grad=True) for _ in range(3))
+    gsum = []
+    sc = {"dot": None, "l2": 0.02, "l1": 0.05, "cosine": 3.0}[metric]
+    for _ in range(2):
+        torch.manual_seed(7)
+        o = attention(qq, kk, vv, metric=metric, scale=sc, dropout_p=0.2)
+        gsum.append(torch.autograd.grad(o, (qq, kk, vv), torch.ones_like(o)))
+    same = torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(*gsum))
+    # directional derivative of the (fixed-seed) dropped function vs the backward
+    d = [torch.randn_like(t) for t in (qq, kk, vv)]
+    eps = 1e-2
+
+    def f(sign):
+        torch.manual_seed(7)
+        with torch.no_grad():
+            return attention(*(t + sign * eps * dt for t, dt in zip((qq, kk, vv), d)), metric=metric, scale=sc,
+                             dropout_p=0.2).sum()
+    fd = ((f(1) - f(-1)) / (2 * eps)).item()
+    an = sum((g * dt).sum() for g, dt in zip(gsum[0], d)).item()
+    fd_err = abs(fd - an) / max(abs(an), 1e-6)
+    ok = same and not torch.equal(o1, o3) and abs(rate - p) < 0.03 and fd_err < 2e-2
+    RES["check"].append(dict(check="dropout", metric=metric, rate=rate, same_seed_same=same, fd_err=fd_err, ok=ok))
+    print(f"{'OK ' if ok else 'BAD'} dropout {metric}: rate {rate:.3f} (p={p}) same-seed-equal {same} "
+          f"different-seed-differs {not torch.equal(o1, o3)} grad-vs-finite-diff {fd_err:.1e}", flush=True)
+
+
+def l2_trick(q, k, v, lam):  # copied from shared/bench/sdpa_tricks_gpu.py
+    D = q.shape[-1]; pad = (-(D + 1)) % 8
+    kn = (k.float() ** 2).sum(-1, keepdim=True)
+    qa = torch.cat([2 * lam * q.float(), -lam * torch.ones_like(kn[..., :1]).expand(*q.shape[:-1], 1)], -1)
+    ka = torch.cat([k.float(), kn], -1)
+    if pad:
+        qa = F.pad(qa, (0, pad)); ka = F.pad(ka, (0, pad))
+    vp = F.pad(v, (0, qa.shape[-1] - v.shape[-1]))
+    o = F.scaled_dot_product_attention(qa.to(q.dtype), ka.to(q.dtype), vp, scale=1.0)
+    return o[..., : v.shape[-1]]
+
+
+def cos_trick(q, k, v, lam):  # copied from shared/bench/sdpa_tricks_gpu.py
+    return F.scaled_dot_product_attention((F.normalize(q, dim=-1) * lam).to(q.dtype), F.normalize(k, dim=-1), v, scale=1.0)
+
+
+def l2_accuracy():
+    for mean in (0.0, 2.0):
+        for lam in (0.01, 0.05, 0.2):
+            q, k, v = ((torch.randn(2, 4, 1024, 64, device=dev) + mean).to(torch.bfloat16) for _ in range(3))
+            lam_t = torch.tensor(lam, device=dev)
+            d2 = torch.cdist(q.double(), k.double()) ** 2
+            ref = torch.softmax(-lam * d2, -1) @ v.double()
+            e_ours = rel(attention(q, k, v, metric="l2", scale=lam), ref)
+            e_trick = rel(l2_trick(q, k, v, lam_t), ref)
+            RES["l2_accuracy"].append(dict(mean=mean, lam=lam, ours=e_ours, sdpa_trick=e_trick))
+            print(f"l2 bf16 accuracy mean={mean} lam={lam}: ours {e_ours:.2e}  augmented-SDPA {e_trick:.2e}", flush=True)
+
+
+def run_checks():
+    t0 = time.time()
+    bad = 0
+    for metric in ("dot", "l2", "cosine", "l1"):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            bad += not check(metric, dtype, 2, 4, 2, 37, 123, 40, 40, causal=True, mask="float")
+        bad += not check(metric, torch.bfloat16, 1, 2, 2, 1, 200, 64, 64, mask="bool")
+        bad += not check(metric, torch.bfloat16, 2, 2, 2, 256, 256, 64, 64, causal=True)
+        bad += not check(metric, torch.bfloat16, 1, 2, 1, 100, 100, 96 if metric != "l1" else 80, 32, mask="bool")
+    for D in (24, 80, 112, 256):
+        bad += not check("dot", torch.bfloat16, 1, 2, 2, 67, 67, D, D, scale=None)
+    bad += not check("cosine", torch.bfloat16, 1, 4, 4, 200, 200, 64, 64, smax=100.0)
+    bad += not check("l2", torch.bfloat16, 1, 4, 4, 200, 200, 64, 64, smax=0.2)
+    for metric in ("dot", "l2", "cosine", "l1"):
+        check_poison(metric, torch.bfloat16)
+        check_dropout(metric)
+    l2_accuracy()
+    bad += sum(not r["ok"] for r in RES["check"] if "check" in r)
+    RES["check_failures"] = bad
+    print(f"== correctness: {len(RES['check'])} checks, {bad} failed, {time.time() - t0:.0f}s", flush=True)
+    save()
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. benchmark
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fma_chain(X, Y, iters, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    a = tl.load(X + offs)
+    b = a + 1.0
+    c = a - 1.0
+    d = a * 0.5
+    for _ in range(iters):
+        a = a * 0.999 + 0.001
+        b = b * 0.999 + 0.001
+        c = c * 0.999 + 0.001
+        d = d * 0.999 + 0.001
+    tl.store(Y + offs, a + b + c + d)
+
+
+def fma_ceiling():
+    """Measured FP32 FMA instruction rate (FMA/s) of the CUDA cores."""
+    n, iters, block = 132 * 2048 * 16, 4096, 1024
+    x = torch.randn(n, device=dev)
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: _fma_chain[(n // block,)](x, y, iters, BLOCK=block, num_warps=4), warmup=25, rep=100,
+                  return_mode="median")
+    rate = n * 4 * iters / (ms * 1e-3)
+    return rate
+
+
+def bench(fn, bwd):
+    torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+
+    def run():
+        if bwd:
+            o = fn(); o.backward(torch.ones_like(o))
+        else:
+            with torch.no_grad():
+                fn()
+    try:
+        ms = do_bench(run, warmup=50, rep=200, return_mode="median")
+    except Exception as e:
+        print("ERR", type(e).__name__, str(e)[:300], flush=True)
+        return float("nan"), float("nan")
+    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_bench():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+    torch._dynamo.config.recompile_limit = 256
+    torch._dynamo.config.accumulated_recompile_limit = 4096
+    flex = torch.compile(flex_attention, dynamic=False)
+    rate = fma_ceiling()
+    RES["fma_rate"] = rate
+    print(f"FP32 FMA ceiling: {rate / 1e12:.2f} TFMA/s ({2 * rate / 1e12:.1f} TFLOP/s)", flush=True)
+    B, H, D = 4, 8, 64
+
+    def sdpa_flash(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    def ind_dot(q, k, v, lam):
+        s = (q @ k.transpose(-2, -1)) * lam
+        return torch.softmax(s.float(), -1).to(q.dtype) @ v
+
+    def ind_l2(q, k, v, lam):
+        d = torch.cdist(q.float(), k.float(), p=2.0) ** 2
+        return torch.softmax(-lam * d, -1).to(q.dtype) @ v
+
+    def ind_cos(q, k, v, lam):
+        s = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        return torch.softmax(lam * s.float(), -1).to(q.dtype) @ v
+    inductor = {n: torch.compile(f, dynamic=False) for n, f in (("dot", ind_dot), ("l2", ind_l2), ("cos", ind_cos))}
+
+    for N in (2048, 8192):
+        for bwd in (False, True):
+            q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16, requires_grad=bwd) for _ in range(3))
+            lam = torch.tensor(0.05, device=dev, requires_grad=bwd)
+            lam_c = torch.tensor(10.0, device=dev, requires_grad=bwd)
+            lam_l1 = torch.tensor(0.05, device=dev, requires_grad=bwd)
+            lam_f = torch.tensor(1.0 / math.sqrt(D), device=dev)
+            cases = [
+                ("ours dot", lambda: attention(q, k, v, metric="dot")),
+                ("ours l2", lambda: attention(q, k, v, metric="l2", scale=lam)),
+                ("ours cosine", lambda: attention(q, k, v, metric="cosine", scale=lam_c)),
+                ("ours l1", lambda: attention(q, k, v, metric="l1", scale=lam_l1)),
+                ("sdpa flash dot", lambda: sdpa_flash(q, k, v)),
+                ("sdpa-trick l2", lambda: l2_trick(q, k, v, lam)),
+                ("sdpa-trick cosine", lambda: cos_trick(q, k, v, lam_c)),
+            ]
+            if os.environ.get("SKIP_FLEX") != "1":
+                def f_l2():
+                    kn = (k.float() ** 2).sum(-1)
+
+                    def sm(s, b, h, qi, ki):
+                        return 2 * lam_f * s - lam_f * kn[b, h, ki]
+                    return flex(q, k, v, score_mod=sm, scale=1.0)
+                cases += [("flex dot", lambda: flex(q, k, v, scale=1.0 / math.sqrt(D))),
+                          ("flex l2", f_l2),
+                          ("flex cosine", lambda: flex(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, scale=10.0))]
+            if os.environ.get("SKIP_INDUCTOR") != "1":
+                cases += [("inductor dot", lambda: inductor["dot"](q, k, v, 1.0 / math.sqrt(D))),
+                          ("inductor l2 (cdist)", lambda: inductor["l2"](q, k, v, lam)),
+                          ("inductor cosine", lambda: inductor["cos"](q, k, v, lam_c))]
+            for name, fn in cases:
+                t0 = time.time()
+                ms, mb = bench(fn, bwd)
+                rec = dict(variant=name, N=N, bwd=bwd, ms=ms, extra_mb=mb)
+                if name == "ours l1" and not bwd:
+                    ideal = 2 * B * H * N * N * D / rate * 1e3
+                    rec["pct_fp32_ceiling"] = 100 * ideal / ms
+                RES["bench"].append(rec)
+                print(f"{name:22s} N={N:5d} {'fwd+bwd' if bwd else 'fwd    '} {ms:9.3f} ms {mb:9.1f} MB"
+                      + (f"  ({rec['pct_fp32_ceiling']:.0f}% of FP32 ceiling)" if "pct_fp32_ceiling" in rec else "")
+                      + f"   [{time.time() - t0:.0f}s]", flush=True)
+                save()
+            del q, k, v
+
+
+def run_configs():
+    """A few launch configs at N=8192 (dot and l1 forward, dot forward+backward)."""
+    B, H, N, D = 4, 8, 8192, 64
+    q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    fwd = ["m128n64w4s3", "m128n128w8s3", "m64n64w4s3", "m128n64w8s3", "m128n32w4s4"]
+    for metric in ("dot", "l2"):
+        for key in fwd:
+            ms, _ = bench(lambda: attention(q, k, v, metric=metric, config=key), False)
+            RES["configs"].append(dict(metric=metric, key=key, bwd=False, ms=ms))
+            print(f"config {metric} fwd {key:28s} {ms:8.3f} ms", flush=True)
+    for bk in ("bm64n64w4s2", "bm32n64w4s2", "bm64n128w8s2", "bm32n128w4s2", "bm64n64w8s2", "bm64n128w8s1"):
+        key = "m128n64w4s3-" + bk
+        ms, _ = bench(lambda: attention(q, k, v, metric="dot", config=key), True)
+        RES["configs"].append(dict(metric="dot", key=key, bwd=True, ms=ms))
+        print(f"config dot fwd+bwd {key:28s} {ms:8.3f} ms", flush=True)
+    for key in ("m128n64w8s1", "m64n64w4s1", "m128n128w8s1", "m256n64w8s1", "m64n128w4s1"):
+        ms, _ = bench(lambda: attention(q, k, v, metric="l1", scale=0.05, config=key), False)
+        RES["configs"].append(dict(metric="l1", key=key, bwd=False, ms=ms))
+        print(f"config l1 fwd {key:28s} {ms:8.3f} ms", flush=True)
+    save()
+
+
+if __name__ == "__main__":
+    print(RES["env"], flush=True)
+    if os.environ.get("SKIP_CHECK") != "1":
+        run_checks()
+    if os.environ.get("SKIP_BENCH") != "1":
+        run_bench()
+    if os.environ.get("SKIP_CONFIGS") != "1":
+        run_configs()
+    save()
