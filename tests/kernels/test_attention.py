@@ -1,0 +1,229 @@
+"""truthfuse::attention against a float64 reference, in Triton's interpreter on CPU.
+
+Fresh random inputs every test (conftest reseeds), never zeros; outputs are checked finite so an
+unwritten element (torch.empty garbage / NaN poison) fails. The interpreter runs tl.dot in fp32,
+so tolerances here are fp32-tight; the GPU's own numbers come from bench/attention_gpu.py.
+"""
+import math
+
+import pytest
+import torch
+
+from fusion_backend.kernels import attention as tc
+from fusion_backend.kernels.attention_l1 import l1_attention_forward
+from fusion_backend.ops.attention import (
+    attention, attention_config_space, attention_reference, attention_supports, config_key,
+    default_attention_config,
+)
+
+METRICS = ["dot", "l2", "l1", "cosine"]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def make(B, H, Hkv, Nq, Nk, D, Dv, dtype=torch.float32):
+    return (torch.randn(B, H, Nq, D, dtype=dtype), torch.randn(B, Hkv, Nk, D, dtype=dtype),
+            torch.randn(B, Hkv, Nk, Dv, dtype=dtype))
+
+
+def run_and_compare(metric, q, k, v, *, scale=None, mask=None, causal=False, tol=1e-4, gtol=1e-3):
+    """Forward and backward of the op vs float64 autograd of the reference; grads for every
+    floating input that requires one (q, k, v, a tensor scale, a float mask)."""
+    gqa = q.shape[1] != k.shape[1]
+    ins = [q, k, v] + [t for t in (scale, mask) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    ins = [t.detach().requires_grad_() for t in ins]
+    it = iter(ins[3:])
+    s_in = next(it) if isinstance(scale, torch.Tensor) else scale
+    m_in = next(it) if isinstance(mask, torch.Tensor) and mask.is_floating_point() else mask
+    out = attention(ins[0], ins[1], ins[2], metric=metric, scale=s_in, attn_mask=m_in, causal=causal, enable_gqa=gqa)
+    assert out.dtype == q.dtype and out.shape == (*q.shape[:3], v.shape[-1])
+    assert torch.isfinite(out).all()
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, ins, g)
+    ins64 = [t.detach().double().requires_grad_() for t in ins]
+    it = iter(ins64[3:])
+    s64 = next(it) if isinstance(scale, torch.Tensor) else scale
+    m64 = next(it) if isinstance(mask, torch.Tensor) and mask.is_floating_point() else mask
+    ref = attention_reference(ins64[0], ins64[1], ins64[2], metric=metric, scale=s64, attn_mask=m64, causal=causal,
+                              enable_gqa=gqa)
+    g64 = torch.autograd.grad(ref, ins64, g.double())
+    assert rel(out, ref) <= tol, (metric, rel(out, ref))
+    for i, (a, b) in enumerate(zip(grads, g64)):
+        assert a.shape == b.shape
+        assert torch.isfinite(a).all()
+        assert rel(a, b) <= gtol, (metric, i, rel(a, b))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_odd_shapes_gqa_causal_float_mask_all_grads(metric):
+    q, k, v = make(2, 4, 2, 37, 45, 24, 40)
+    scale = torch.rand(4) + 0.2 if metric != "dot" else torch.rand(()) * 0.3 + 0.05
+    mask = torch.randn(1, 4, 37, 45)  # learnable bias, broadcast over batch (Swin-V2 style)
+    run_and_compare(metric, q, k, v, scale=scale, mask=mask, causal=True)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_decode_and_bool_mask(metric):
+    q, k, v = make(1, 2, 2, 1, 123, 40, 40)
+    mask = torch.rand(1, 1, 1, 123) > 0.3  # key padding
+    run_and_compare(metric, q, k, v, scale=0.3 if metric != "dot" else None, mask=mask)
+
+
+@pytest.mark.parametrize("D", [16, 80, 112])
+def test_head_dims(D):
+    q, k, v = make(1, 2, 2, 20, 70, D, D)
+    run_and_compare("dot", q, k, v)
+
+
+def test_l2_large_norms_and_per_head_scale_shapes():
+    q, k, v = make(1, 3, 3, 33, 50, 64, 64)
+    q, k = q + 2.0, k + 2.0
+    for shape in [(3,), (3, 1, 1), (1, 3, 1, 1)]:
+        run_and_compare("l2", q, k, v, scale=(torch.rand(3) * 0.2 + 0.01).reshape(shape))
+
+
+def test_cosine_scale_100_and_mask_2d():
+    q, k, v = make(2, 2, 2, 40, 40, 32, 32)
+    run_and_compare("cosine", q, k, v, scale=torch.tensor([50.0, 100.0]), mask=torch.randn(40, 40), tol=1e-4,
+                    gtol=2e-3)
+
+
+def test_fully_masked_row_gives_zero_and_finite_grads():
+    q, k, v = make(1, 1, 1, 5, 7, 16, 16)
+    mask = torch.ones(5, 7, dtype=torch.bool)
+    mask[2] = False
+    run_and_compare("dot", q, k, v, mask=mask)
+    out = attention(q, k, v, attn_mask=mask)
+    assert torch.all(out[0, 0, 2] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs(dtype):
+    q, k, v = make(1, 2, 2, 33, 33, 40, 40, dtype=dtype)
+    run_and_compare("l2", q, k, v, scale=torch.tensor(0.1), tol=1e-2, gtol=2e-2)
+
+
+@pytest.mark.parametrize("metric", ["dot", "l1"])
+def test_poisoned_output_fully_written(metric):
+    q, k, v = make(2, 2, 2, 37, 29, 40, 24)
+    out = torch.full((2, 2, 37, 24), float("nan"))
+    sc = torch.full((2,), 0.2)
+    if metric == "l1":
+        l1_attention_forward(q, k, v, sc, out=out)
+    else:
+        tc.attention_forward(q, k, v, sc, metric=metric, out=out)
+    ref = attention_reference(q.double(), k.double(), v.double(), metric=metric, scale=0.2)
+    assert torch.isfinite(out).all() and rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("metric", ["dot", "l1"])
+def test_dropout_determinism_rate_and_gradient(metric):
+    N = 64
+    q, k = torch.randn(1, 2, N, 16), torch.randn(1, 2, N, 16)
+    v = torch.eye(N).expand(1, 2, N, N).contiguous()  # out = dropped probabilities
+    sc = None if metric == "dot" else 0.05
+    torch.manual_seed(5); o1 = attention(q, k, v, metric=metric, scale=sc, dropout_p=0.25)
+    torch.manual_seed(5); o2 = attention(q, k, v, metric=metric, scale=sc, dropout_p=0.25)
+    o3 = attention(q, k, v, metric=metric, scale=sc, dropout_p=0.25)
+    assert torch.equal(o1, o2) and not torch.equal(o1, o3)
+    assert abs((o1 == 0).float().mean().item() - 0.25) < 0.04
+    # backward regenerates the same mask: directional derivative matches finite differences
+    qq, kk, vv = (torch.randn(1, 1, 20, 16, requires_grad=True) for _ in range(3))
+    torch.manual_seed(9)
+    o = attention(qq, kk, vv, metric=metric, scale=sc, dropout_p=0.3)
+    grads = torch.autograd.grad(o, (qq, kk, vv), torch.ones_like(o))
+    d = [torch.randn_like(t) for t in (qq, kk, vv)]
+    eps = 1e-2
+
+    def f(sign):
+        torch.manual_seed(9)
+        with torch.no_grad():
+            return attention(*(t + sign * eps * dt for t, dt in zip((qq, kk, vv), d)), metric=metric, scale=sc,
+                             dropout_p=0.3).double().sum()
+    fd = ((f(1) - f(-1)) / (2 * eps)).item()
+    an = sum((g * dt).sum() for g, dt in zip(grads, d)).item()
+    assert abs(fd - an) <= 1e-2 * max(1.0, abs(an))
+
+
+def test_opcheck():
+    q, k, v = make(1, 2, 1, 9, 11, 16, 16)
+    for t in (q, k, v):
+        t.requires_grad_()
+    scale = torch.rand(2, requires_grad=True)
+    mask = torch.randn(1, 2, 9, 11, requires_grad=True)
+    seed = torch.zeros((), dtype=torch.int64)
+    args = (q, k, v, scale, mask, seed, "l2", True, 0.0, None, True)
+    torch.library.opcheck(torch.ops.truthfuse.attention_fwd.default, args)
+    seed = torch.tensor(3, dtype=torch.int64)
+    torch.library.opcheck(torch.ops.truthfuse.attention_fwd.default,
+                          (q, k, v, scale, None, seed, "dot", False, 0.2, None, False),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_dynamic(backend):
+    q, k, v = make(2, 2, 2, 17, 17, 16, 16)
+    lam = torch.tensor(0.3, requires_grad=True)
+
+    def f(q, k, v, lam):
+        return attention(q, k, v, metric="l2", scale=lam, causal=True).sum()
+    cf = torch.compile(f, backend=backend, fullgraph=True, dynamic=True)
+    for n in (17, 23):
+        q, k, v = make(2, 2, 2, n, n, 16, 16)
+        for t in (q, k, v):
+            t.requires_grad_()
+        got = cf(q, k, v, lam)
+        gg = torch.autograd.grad(got, (q, k, v, lam))
+        ref = f(q, k, v, lam)
+        gr = torch.autograd.grad(ref, (q, k, v, lam))
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(gg, gr):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_validation_errors():
+    q, k, v = make(1, 4, 2, 8, 8, 16, 16)
+    with pytest.raises(ValueError, match="dot, l2, l1, cosine"):
+        attention(q, k, v, metric="manhattan", enable_gqa=True)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        attention(q, k, v)
+    q3, k3, v3 = make(1, 4, 3, 8, 8, 16, 16)
+    with pytest.raises(ValueError, match="multiple"):
+        attention(q3, k3, v3, enable_gqa=True)
+    with pytest.raises(ValueError, match="head dims"):
+        attention(q, torch.randn(1, 2, 8, 8), v, enable_gqa=True)
+    with pytest.raises(ValueError, match="dropout_p"):
+        attention(q, k, v, enable_gqa=True, dropout_p=1.5)
+    with pytest.raises(ValueError, match="broadcast"):
+        attention(q, k, v, enable_gqa=True, attn_mask=torch.ones(3, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="scale"):
+        attention(q, k, v, enable_gqa=True, scale=torch.ones(3))
+
+
+def test_supports_on_meta_and_fallback_for_big_head_dim():
+    q = torch.empty(1, 2, 8, 512, device="meta")
+    ok, reason = attention_supports(q, q, q, "dot")
+    assert not ok and "head dim" in reason
+    ok, _ = attention_supports(torch.empty(1, 2, 8, 64, device="meta"), q[..., :64], q[..., :64], "l1")
+    q, k, v = make(1, 1, 1, 4, 4, 300, 300)
+    with pytest.warns(UserWarning, match="fell back"):
+        out = attention(q, k, v)
+    ref = attention_reference(q.double(), k.double(), v.double())
+    assert rel(out, ref) < 1e-5
+
+
+def test_config_space_and_keys():
+    space = attention_config_space("dot", 64, torch.bfloat16, "cuda")
+    assert len(space) > 4
+    for cfg in space:
+        assert tc.parse_config_key(config_key(cfg)) == cfg
+    cfg = default_attention_config("dot", 64, torch.bfloat16, "cuda")
+    assert cfg in space
+    q, k, v = make(1, 1, 1, 40, 40, 16, 16)
+    key = "m32n16w4s1-bm16n32w4s1"
+    out = attention(q, k, v, config=key)
+    assert rel(out, attention_reference(q.double(), k.double(), v.double())) < 1e-5
+    with pytest.raises(ValueError):
+        attention(q, k, v, config="blocks-please")
