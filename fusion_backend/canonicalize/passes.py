@@ -141,9 +141,10 @@ class _Rewriter:
         self.fake_mode = _fake_mode_of(graph)
         self.changed = 0
 
-    def emit(self, before: Node, target: Callable, args: tuple, meta_from: Optional[Node] = None) -> Node:
+    def emit(self, before: Node, target: Callable, args: tuple, meta_from: Optional[Node] = None,
+             kwargs: Optional[dict] = None) -> Node:
         with self.graph.inserting_before(before):
-            new = self.graph.call_function(target, args)
+            new = self.graph.call_function(target, args, kwargs)
         src = meta_from if meta_from is not None else before
         for key in ("stack_trace", "source_fn_stack", "nn_module_stack", "truthfuse_optional"):
             if key in src.meta:
@@ -154,8 +155,8 @@ class _Rewriter:
             refresh_meta(new, self.fake_mode)
         return new
 
-    def replace(self, node: Node, target: Callable, args: tuple) -> Node:
-        new = self.emit(node, target, args, meta_from=node)
+    def replace(self, node: Node, target: Callable, args: tuple, kwargs: Optional[dict] = None) -> Node:
+        new = self.emit(node, target, args, meta_from=node, kwargs=kwargs)
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
         self.changed += 1
@@ -506,9 +507,10 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
         rw.replace(node, F.silu, (args[0],))
         return
     if op == "call_function" and t is F.gelu:
+        # approximate is keyword-only in F.gelu
         approx = _arg(node, 1, "approximate", "none")
-        if (args[1:], node.kwargs) != ((approx,), {}):
-            rw.replace(node, F.gelu, (args[0], approx))
+        if (args[1:], node.kwargs) != ((), {"approximate": approx}):
+            rw.replace(node, F.gelu, (args[0],), {"approximate": approx})
         return
     if _method_or_function(node, {"clamp", "clip"}, {torch.clamp, torch.clip}):
         lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")

@@ -1,0 +1,103 @@
+"""The pipeline end to end on a small attention + MLP model: numerics, explain, graph breaks,
+dynamic shapes, and a model with nothing to match."""
+import pytest
+import torch
+
+import fusion_backend
+from fusion_backend.backend import GraphRecord, TruthfuseBackend
+
+from .models import Block, CausalSelfAttention, NoAttention
+
+AGGRESSIVE_EAGER = {"strategy": "aggressive", "inner": "eager", "cache": False}
+
+
+def _grads(model, x):
+    return [x.grad] + [p.grad for p in model.parameters()]
+
+
+def _compare_training(model, compiled, x, atol=2e-5, rtol=2e-4):
+    x_ref = x.detach().clone().requires_grad_()
+    x_new = x.detach().clone().requires_grad_()
+    model.zero_grad(set_to_none=True)
+    ref = model(x_ref)
+    ref.square().sum().backward()
+    ref_grads = [x_ref.grad] + [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    out = compiled(x_new)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+    out.square().sum().backward()
+    new_grads = [x_new.grad] + [p.grad for p in model.parameters()]
+    for a, b in zip(new_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=atol * 10, rtol=rtol * 10)
+
+
+def test_block_matches_eager_under_inductor():
+    model = Block()
+    x = torch.randn(2, 16, 32)
+    compiled = torch.compile(model, backend="truthfuse", options={"strategy": "aggressive", "cache": False})
+    _compare_training(model, compiled, x)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_block_matches_eager_with_eager_inner(dynamic):
+    model = Block()
+    compiled = torch.compile(model, backend=fusion_backend.backend(**AGGRESSIVE_EAGER), dynamic=dynamic)
+    for T in (16, 11):
+        _compare_training(model, compiled, torch.randn(2, T, 32))
+
+
+def test_inference_under_no_grad():
+    model = Block().eval()
+    x = torch.randn(3, 9, 32)
+    compiled = torch.compile(model, backend=fusion_backend.backend(**AGGRESSIVE_EAGER))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=2e-5, rtol=2e-4)
+
+
+def test_explain_lists_the_attention_site():
+    report = fusion_backend.explain(Block(), torch.randn(2, 16, 32), options=AGGRESSIVE_EAGER)
+    attention = [s for s in report.sites if s.kind == "attention"]
+    assert len(attention) == 1
+    site = attention[0]
+    assert site.variant == "dot" and site.decision == "fused"
+    assert site.location.rsplit(":", 1)[0].endswith("models.py") and site.location.rsplit(":", 1)[1].isdigit()
+    text = str(report)
+    assert "attention" in text and "fused" in text and "models.py" in text
+    assert report.tuning.cache_hit is False and report.tuning.measurements == 0
+
+
+def test_graph_breaks_compile_each_graph():
+    attn1, attn2 = CausalSelfAttention(), CausalSelfAttention()
+
+    def fn(x):
+        y = attn1(x)
+        torch._dynamo.graph_break()
+        return attn2(y)
+
+    x = torch.randn(2, 16, 32)
+    report = fusion_backend.explain(fn, x, options=AGGRESSIVE_EAGER)
+    assert report.graphs == 2
+    assert [s.decision for s in report.sites if s.kind == "attention"] == ["fused", "fused"]
+    compiled = torch.compile(fn, backend=fusion_backend.backend(**AGGRESSIVE_EAGER))
+    torch.testing.assert_close(compiled(x), fn(x), atol=2e-5, rtol=2e-4)
+
+
+def test_nothing_to_match_hands_over_the_original_graph():
+    model = NoAttention()
+    gm = torch.fx.symbolic_trace(model)
+    backend = TruthfuseBackend(fusion_backend.parse_options(AGGRESSIVE_EAGER))
+    record = GraphRecord(index=0)
+    assert backend._rewrite(gm, [torch.randn(2, 16)], record) is gm
+    assert record.sites == []
+    report = fusion_backend.explain(model, torch.randn(2, 16), options=AGGRESSIVE_EAGER)
+    assert report.sites == [] and "no attention or feed-forward site" in str(report)
+
+
+def test_moderate_strategy_measures_and_never_crashes():
+    model = CausalSelfAttention()
+    x = torch.randn(2, 16, 32)
+    report = fusion_backend.explain(model, x, options={"inner": "eager", "cache": False, "simulations": 4})
+    assert report.tuning.measurements >= 2  # the all-keep plan and the fused one
+    assert len(report.sites) == 1 and report.sites[0].decision in ("fused", "kept")
+    assert report.sites[0].reason

@@ -1,0 +1,60 @@
+"""Faults: a kernel that fails at run time, or a replacement that cannot be built, falls back to
+the original math with one warning; never a crash, never a wrong result."""
+import warnings
+
+import pytest
+import torch
+
+import fusion_backend
+from fusion_backend import FusionWarning, Rule, register_rule, unregister_rule
+from fusion_backend.ops.fallback import FusionFallbackWarning, reset_fallback_warnings
+
+from .models import CausalSelfAttention
+
+AGGRESSIVE_EAGER = {"strategy": "aggressive", "inner": "eager", "cache": False}
+
+
+def test_kernel_failure_falls_back_with_one_warning(monkeypatch):
+    import fusion_backend.kernels.attention as kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated Triton compile error")
+
+    monkeypatch.setattr(kernels, "attention_forward", broken)
+    reset_fallback_warnings()
+    model = CausalSelfAttention()
+    compiled = torch.compile(model, backend=fusion_backend.backend(**AGGRESSIVE_EAGER))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [compiled(torch.randn(2, 16, 32)) for _ in range(3)]
+        x = torch.randn(2, 16, 32)
+        torch.testing.assert_close(compiled(x), model(x), atol=2e-5, rtol=2e-4)
+    fallback = [w for w in caught if issubclass(w.category, FusionFallbackWarning)]
+    assert len(fallback) == 1 and "simulated Triton compile error" in str(fallback[0].message)
+    assert all(torch.isfinite(o).all() for o in outs)
+
+
+def test_replacement_that_cannot_be_built_keeps_the_site():
+    def pattern(x):
+        return torch.sigmoid(torch.tanh(x))
+
+    def replacement(x):
+        raise RuntimeError("this kernel cannot take that shape")
+
+    rule = Rule(name="test.broken", kind="custom", pattern=pattern, replacement=replacement, priority=1000)
+    register_rule(rule)
+    try:
+        def fn(x):
+            return torch.sigmoid(torch.tanh(x)) * 3
+
+        with pytest.warns(FusionWarning, match="cannot take that shape"):
+            report = fusion_backend.explain(fn, torch.randn(5), options=AGGRESSIVE_EAGER)
+        site = [s for s in report.sites if s.rule == "test.broken"][0]
+        assert site.decision == "kept" and "cannot take that shape" in site.reason
+        x = torch.randn(7)
+        compiled = torch.compile(fn, backend=fusion_backend.backend(**AGGRESSIVE_EAGER))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.testing.assert_close(compiled(x), fn(x))
+    finally:
+        unregister_rule("test.broken")

@@ -1,0 +1,49 @@
+"""Options are validated with errors that name the valid choices."""
+import pytest
+import torch
+
+import fusion_backend
+from fusion_backend import OptionError, parse_options
+
+
+def test_defaults():
+    opts = parse_options(None)
+    assert opts.strategy == "moderate" and opts.inner == "inductor" and opts.simulations == 30
+
+
+def test_bad_strategy_names_the_valid_ones():
+    with pytest.raises(OptionError) as err:
+        fusion_backend.backend(strategy="reckless")
+    for name in ("conservative", "moderate", "aggressive"):
+        assert name in str(err.value)
+
+
+def test_unknown_option_lists_valid_options():
+    with pytest.raises(OptionError) as err:
+        parse_options({"strategey": "aggressive"})
+    assert "strategey" in str(err.value) and "strategy" in str(err.value)
+
+
+@pytest.mark.parametrize("options, fragment", [
+    ({"inner": "tvm"}, "'inductor'"),
+    ({"simulations": 0}, ">= 1"),
+    ({"tuning_seconds": -1}, "positive"),
+    ({"monitor": "yes"}, "True or False"),
+    ({"mode": "fastest"}, "'max-autotune'"),
+])
+def test_bad_values(options, fragment):
+    with pytest.raises(OptionError) as err:
+        parse_options(options)
+    assert fragment in str(err.value)
+
+
+def test_mode_raises_the_budget():
+    assert parse_options({}, mode="max-autotune").budget > parse_options({}).budget
+
+
+def test_bad_option_through_torch_compile_is_reported():
+    m = torch.nn.Linear(4, 4)
+    compiled = torch.compile(m, backend="truthfuse", options={"strategy": "wild"})
+    with pytest.raises(Exception) as err:
+        compiled(torch.randn(2, 4))
+    assert "conservative" in str(err.value) and "aggressive" in str(err.value)
