@@ -6,13 +6,17 @@ once), counts distinct measurements against the budget, and measures the all-kee
 the space has one, so every result carries the baseline it must beat.
 
 `mcts_search` is Monte Carlo tree search in which each tree level decides one site, in a fixed
-order: descending `priority`, then the space's order (see `_in_tree_order`).
-Beyond plain UCT it uses two things that matter at budgets of a few dozen measurements:
+order: descending `priority`, then the space's order (see `_in_tree_order`). Beyond plain UCT it
+uses what matters at budgets of a few dozen measurements:
 - RAVE / all-moves-as-first statistics: every measurement also updates a running value for each
-  (site, option) it contains. Fusion decisions are close to additive (a site's kernel is mostly
-  faster or slower on its own), so these values are informative long before the tree is deep.
-  They are blended into the UCT score and guide the rollouts (untried choices first, then mostly
-  the best-valued one, sometimes a random one).
+  (site, option) it contains, and for the option's variant and launch-config features (tile sizes,
+  warps, stages read from the config string). Fusion decisions are close to additive (a site's
+  kernel is mostly faster or slower on its own) and tile parameters mostly separable, so these
+  values are informative long before the tree is deep. They are blended into the UCT score and
+  guide expansion and rollouts: untried variants and parameter values first, then mostly the
+  best-valued option, sometimes a random one. Sites of one `group` pool their feature values.
+- Progressive widening: a node gets about sqrt(visits) children, so a site with a hundred launch
+  configs does not spend the whole budget on the tree's first level.
 - Rewards are log(reference / cost) (scale-free: 10% faster is +0.1 whatever the model), and node
   values are min-max normalized over the rewards seen so far before UCT's exploration term is
   added, so one exploration constant works for microsecond and second-long graphs alike. A node's
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +49,9 @@ _RAVE_EQUIVALENCE = 20.0
 _MAX_BACKUP_WEIGHT = 0.5
 # Rollout attempts at finding a plan not yet measured, with rising randomness.
 _ROLLOUT_ATTEMPTS = 8
+# Progressive widening: a node may have about _WIDEN_COEF * visits ** _WIDEN_EXPONENT children.
+_WIDEN_COEF = 1.0
+_WIDEN_EXPONENT = 0.5
 
 
 @dataclass(frozen=True)
@@ -196,6 +204,29 @@ class _MinMax:
         return min(1.0, max(0.0, (value - self.low) / (self.high - self.low)))
 
 
+_CONFIG_PART = re.compile(r"([A-Za-z_]+)=?(\d+)")
+
+
+def _config_features(config: str | None) -> list[str]:
+    """Launch-config parameters read from an option's config string, e.g. "m128n64w4s3-bm64n64"
+    or "BLOCK_M=128,num_warps=4" give one feature per (segment, name, value).
+
+    The config stays opaque to everything else; the features only let measurements of one config
+    inform the guess for others that share a tile size or warp count. Strings without that shape
+    give a single feature (the string itself), which is just the option again.
+    """
+    if not config:
+        return []
+    features = []
+    for index, segment in enumerate(re.split(r"[-:,;/ ]+", config)):
+        pairs = _CONFIG_PART.findall(segment)
+        if pairs and "".join(f"{n}{v}" for n, v in pairs) == segment.replace("=", ""):
+            features += [f"{index}.{name}={value}" for name, value in pairs]
+        elif segment:
+            features.append(f"{index}={segment}")
+    return features
+
+
 class _MonteCarloTreeSearch:
     def __init__(self, space: DecisionSpace, measurer: _Measurer, rng: random.Random):
         self.space = space
@@ -205,8 +236,13 @@ class _MonteCarloTreeSearch:
         self.site_ids = space.site_ids
         self.reference: float | None = None
         self.bounds = _MinMax()
-        # RAVE statistics per (site index, option name): [count, reward sum].
-        self.amaf: dict[tuple[int, str], list[float]] = {}
+        # RAVE statistics per (site index, token): [count, reward sum]. An option's tokens are its
+        # name, its variant and its config's features (see _option_tokens).
+        self.amaf: dict[tuple[int | str, str], list[float]] = {}
+        self.tokens = [{o.name: self._option_tokens(o) for o in site.options} for site in space.sites]
+        # Sites of one group (same rule and shapes) also pool their variant and config statistics,
+        # keyed by the group name instead of a site index.
+        self.group = [None if site.group is None else f"group={site.group}" for site in space.sites]
         self.root = _Node(0, None, None, self._allowed(0, {}))
 
     # rewards
@@ -219,19 +255,54 @@ class _MonteCarloTreeSearch:
         ratio = math.log(self.reference / max(cost, 1e-12))
         return max(-_REWARD_LIMIT, min(_REWARD_LIMIT, ratio))
 
+    @staticmethod
+    def _option_tokens(option) -> list[str]:
+        tokens = [f"option={option.name}"]
+        if option.fused:
+            tokens.append(f"variant={option.variant}")
+            tokens += [f"config.{feature}" for feature in _config_features(option.config)]
+        return tokens
+
     def learn(self, plan: Plan, reward: float) -> None:
         """Fold a new measurement into the global statistics (once per distinct plan)."""
         self.bounds.add(reward)
         for i, site_id in enumerate(self.site_ids):
-            stats = self.amaf.setdefault((i, plan[site_id]), [0.0, 0.0])
-            stats[0] += 1
-            stats[1] += reward
+            for token in self.tokens[i][plan[site_id]]:
+                stats = self.amaf.setdefault((i, token), [0.0, 0.0])
+                stats[0] += 1
+                stats[1] += reward
+                if self.group[i] is not None and not token.startswith("option="):
+                    stats = self.amaf.setdefault((self.group[i], token), [0.0, 0.0])
+                    stats[0] += 1
+                    stats[1] += reward
 
-    def amaf_value(self, site_index: int, option: str) -> float | None:
-        stats = self.amaf.get((site_index, option))
+    def token_mean(self, site_index: int, token: str) -> float | None:
+        stats = self.amaf.get((site_index, token))
         if not stats:
             return None
         return stats[1] / stats[0]
+
+    def amaf_value(self, site_index: int, option: str) -> float | None:
+        """Mean reward of the measured plans that chose `option` at this site."""
+        return self.token_mean(site_index, f"option={option}")
+
+    def option_value(self, site_index: int, option: str) -> float | None:
+        """The best guess of an option's value: its own statistics once it was measured, else the
+        mean over its variant and config features (at this site, else over the site's group).
+        None while any of those is unseen, so that untried tile sizes, warp counts and variants
+        are tried before the guesses are trusted."""
+        own = self.amaf_value(site_index, option)
+        if own is not None:
+            return own
+        parts = [self.token_mean(site_index, t) for t in self.tokens[site_index][option][1:]]
+        if parts and all(p is not None for p in parts):
+            return sum(parts) / len(parts)
+        if self.group[site_index] is not None:
+            # Nothing yet at this site: borrow what sites of the same group have taught.
+            parts = [self.token_mean(self.group[site_index], t) for t in self.tokens[site_index][option][1:]]
+            if parts and all(p is not None for p in parts):
+                return sum(parts) / len(parts)
+        return None
 
     # tree policy
 
@@ -251,6 +322,20 @@ class _MonteCarloTreeSearch:
         exploration = _EXPLORATION * math.sqrt(math.log(max(parent.visits, 1)) / child.visits)
         return value + exploration
 
+    def may_widen(self, node: _Node) -> bool:
+        """Progressive widening: whether `node` may get another child now.
+
+        A node with many options (a site with dozens of launch configs) would otherwise spend the
+        whole budget expanding its children one measurement each, and the tree would never get
+        past its first level. Allowing about sqrt(visits) children keeps it growing in depth
+        along the best branches; a node whose children are all exhausted may always widen.
+        """
+        if not node.untried:
+            return False
+        live = [c for c in node.children.values() if not c.exhausted]
+        limit = max(1, math.ceil(_WIDEN_COEF * node.visits ** _WIDEN_EXPONENT))
+        return not live or len(node.children) < limit
+
     def select_child(self, node: _Node) -> _Node | None:
         best, best_score = None, -math.inf
         for child in node.children.values():
@@ -266,10 +351,10 @@ class _MonteCarloTreeSearch:
         return self.greedy_choice(node.depth, node.untried)
 
     def greedy_choice(self, site_index: int, names: list[str]) -> str:
-        unseen = [name for name in names if self.amaf_value(site_index, name) is None]
+        values = [self.option_value(site_index, name) for name in names]
+        unseen = [name for name, v in zip(names, values) if v is None]
         if unseen:
             return self.rng.choice(unseen)
-        values = [self.amaf_value(site_index, name) for name in names]
         top = max(values)
         return self.rng.choice([name for name, v in zip(names, values) if v == top])
 
@@ -299,13 +384,13 @@ class _MonteCarloTreeSearch:
 
     def iterate(self) -> None:
         node, partial = self.root, {}
-        while node.depth < self.n_sites and not node.untried:
+        while node.depth < self.n_sites and not self.may_widen(node):
             child = self.select_child(node)
             if child is None:  # every child exhausted; the exhaustion flag is set on backup
                 break
             node = child
             partial[self.site_ids[node.depth - 1]] = node.choice
-        if node.depth < self.n_sites and node.untried:
+        if node.depth < self.n_sites and node.untried and self.may_widen(node):
             choice = self.pick_untried(node)
             node.untried.remove(choice)
             partial[self.site_ids[node.depth]] = choice

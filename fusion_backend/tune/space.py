@@ -52,15 +52,19 @@ class Option:
 class SiteChoices:
     """One matched site and the options the tuner may choose for it.
 
-    priority: used only by the "aggressive" strategy to settle conflicts: the site with the higher
-        priority (typically the larger match, e.g. a whole feed-forward block over its Linear+GELU)
-        is fused and the other kept.
+    priority: the larger match gets the higher priority (e.g. a whole feed-forward block over its
+        Linear+GELU). The "aggressive" strategy fuses the higher one of a conflicting pair, and
+        the search decides higher-priority sites first.
+    group: optional; sites with the same group (say, one rule at the same shapes, as in the
+        layers of a transformer) are expected to favour the same variants and launch configs, so
+        the search lets what it measures at one inform its first guesses at the others.
     """
 
     site_id: str
     kind: str
     options: list[Option]
     priority: int = 0
+    group: str | None = None
 
     def option(self, name: str) -> Option:
         """The option called `name`; KeyError if the site has none."""

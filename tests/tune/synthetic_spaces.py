@@ -78,3 +78,52 @@ def optimum(space: DecisionSpace, cost_of) -> tuple[Plan, float]:
     """The best plan by brute force (small spaces only)."""
     best = min(space.enumerate(), key=cost_of)
     return best, cost_of(best)
+
+
+def config_space(seed: int, n_sites: int = 1, shared: bool = True):
+    """Sites whose fused options are launch configs, like the attention kernels' (144 each):
+    BLOCK_M x BLOCK_N x num_warps x num_stages x 4 backward tiles, named like
+    "m128n64w4s3-b2".
+
+    A config's time is the site's keep time scaled by per-parameter effects (mostly separable, as
+    tile sizes tend to be), one BLOCK_M x BLOCK_N interaction, and a small per-config jitter.
+    With `shared`, every site draws its effects from the same model (same shapes, as in the
+    layers of one transformer) plus a small per-site perturbation.
+
+    Returns (space, cost_of).
+    """
+    rng = random.Random(seed)
+    values = {"m": (64, 128), "n": (32, 64, 128), "w": (4, 8), "s": (2, 3, 4), "b": (0, 1, 2, 3)}
+
+    def draw_effects(r):
+        effects = {(p, v): r.uniform(-0.12, 0.12) for p, vs in values.items() for v in vs}
+        pair = {(m, n): r.uniform(-0.06, 0.06) for m in values["m"] for n in values["n"]}
+        return effects, pair
+
+    common = draw_effects(rng)
+    sites, table = [], {}
+    for i in range(n_sites):
+        site_id = f"attn{i}"
+        effects, pair = common if shared else draw_effects(rng)
+        if shared:
+            effects = {k: v + rng.uniform(-0.02, 0.02) for k, v in effects.items()}
+        base = rng.uniform(0.5, 2.0)
+        options = [Option.keep()]
+        table[(site_id, KEEP)] = base
+        for m in values["m"]:
+            for n in values["n"]:
+                for w in values["w"]:
+                    for s in values["s"]:
+                        for b in values["b"]:
+                            config = f"m{m}n{n}w{w}s{s}-b{b}"
+                            scale = 0.9 + sum(effects[(p, v)] for p, v in
+                                              (("m", m), ("n", n), ("w", w), ("s", s), ("b", b)))
+                            scale += pair[(m, n)] + rng.uniform(-0.02, 0.02)
+                            table[(site_id, f"fuse:{config}")] = base * max(scale, 0.2)
+                            options.append(Option(f"fuse:{config}", "flash", config, True))
+        sites.append(SiteChoices(site_id, "attention", options, group="flash:shape" if shared else None))
+
+    def cost_of(plan: Plan) -> float:
+        return sum(table[(site_id, name)] for site_id, name in plan.items())
+
+    return DecisionSpace(sites), cost_of
