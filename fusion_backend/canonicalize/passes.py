@@ -563,6 +563,21 @@ def _fold_scalar_products(rw: _Rewriter) -> None:
                     rw.bypass(new, inner_x)
 
 
+def is_impure(node: Node) -> bool:
+    """Nodes dead-code elimination must keep: FX's notion of impure, plus anything that mutates
+    its arguments (in-place methods and functions, `out=`, `inplace=True`, item assignment)."""
+    if node.op == "placeholder" or node.is_impure():
+        return True
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name.endswith("_") and not name.endswith("__"):
+        return True
+    if node.target is operator.setitem or "out" in node.kwargs or node.kwargs.get("inplace") is True:
+        return True
+    return False
+
+
 def canonicalize(graph: fx.Graph) -> int:
     """Rewrite `graph` in place into the canonical vocabulary. Returns the number of rewrites."""
     rw = _Rewriter(graph)
@@ -571,7 +586,7 @@ def canonicalize(graph: fx.Graph) -> int:
         if node.graph is graph and node in graph.nodes:
             _canonical_node(rw, node)
     _fold_scalar_products(rw)
-    graph.eliminate_dead_code(is_impure_node=lambda n: n.op == "placeholder" or n.is_impure())
+    graph.eliminate_dead_code(is_impure_node=is_impure)
     graph.lint()
     return rw.changed
 

@@ -1,0 +1,107 @@
+"""Canonicalization: equivalent spellings become one canonical graph, and the canonical graph
+computes exactly what the original did."""
+import math
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusion_backend
+from fusion_backend.canonicalize import canonical_copy
+
+AGGRESSIVE_EAGER = {"strategy": "aggressive", "inner": "eager", "cache": False}
+
+
+def _dynamo_graph(fn, *args, with_inputs=False):
+    """The FX graph Dynamo hands a backend for fn(*args) (and the inputs in its order)."""
+    captured = []
+
+    def grab(gm, example_inputs):
+        captured.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch.compile(fn, backend=grab, fullgraph=True)(*args)
+    return captured[0] if with_inputs else captured[0][0]
+
+
+def _targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+
+
+# Eight spellings of scaled dot-product attention scores -> probabilities -> output.
+SPELLINGS = {
+    "matmul_mul": lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-1) @ v,
+    "div_sqrt": lambda q, k, v: F.softmax(torch.matmul(q, k.transpose(2, 3)) / math.sqrt(16), -1) @ v,
+    "pow_scale": lambda q, k, v: (q @ k.permute(0, 1, 3, 2) * q.size(-1) ** -0.5).softmax(-1).matmul(v),
+    "einsum": lambda q, k, v: torch.einsum("bhqk,bhkd->bhqd",
+                                           torch.einsum("bhqd,bhkd->bhqk", q, k).mul(0.25).softmax(-1), v),
+    "inplace": lambda q, k, v: torch.softmax((q @ k.transpose(-1, -2)).mul_(0.25), -1) @ v,
+    "casts": lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1) * 0.25).float(), -1).to(q.dtype) @ v,
+    "tensor_scale": lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) / torch.tensor(4.0), -1) @ v,
+    "softmax_dtype": lambda q, k, v: F.softmax(q @ k.transpose(-2, -1) * 0.25, dim=3, dtype=torch.float32) @ v,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPELLINGS))
+def test_spellings_share_one_canonical_form(name):
+    fn = SPELLINGS[name]
+    q, k, v = (torch.randn(2, 3, 8, 16) for _ in range(3))
+    gm, inputs = _dynamo_graph(fn, q, k, v, with_inputs=True)
+    canon = canonical_copy(gm)
+    targets = _targets(canon)
+    assert targets.count(torch.matmul) == 2 and targets.count(torch.softmax) == 1
+    for textual in (operator.matmul, torch.einsum, operator.truediv, "permute", "mul_", "softmax", "float"):
+        assert textual not in targets, (name, textual)
+    # The canonical graph still computes the same function ...
+    torch.testing.assert_close(canon(*inputs)[0], gm(*inputs)[0], atol=1e-6, rtol=1e-5)
+    # ... and the one dot-attention rule covers every spelling.
+    report = fusion_backend.explain(fn, q, k, v, options=AGGRESSIVE_EAGER)
+    assert [(s.kind, s.variant, s.decision) for s in report.sites] == [("attention", "dot", "fused")]
+    compiled = torch.compile(fn, backend=fusion_backend.backend(**AGGRESSIVE_EAGER))
+    torch.testing.assert_close(compiled(q, k, v), fn(q, k, v), atol=1e-5, rtol=1e-4)
+
+
+def test_eval_dropout_is_removed_and_training_dropout_is_normalized():
+    def fn(x, training: bool):
+        return F.dropout(x * 2, 0.3, training) + torch.dropout(x, 0.0, True)
+
+    x = torch.randn(4, 4)
+    eval_targets = _targets(canonical_copy(_dynamo_graph(lambda t: fn(t, False), x)))
+    assert F.dropout not in eval_targets and torch.dropout not in eval_targets
+    train = canonical_copy(_dynamo_graph(lambda t: fn(t, True), x))
+    drops = [n for n in train.graph.nodes if n.target is F.dropout]
+    assert len(drops) == 1 and drops[0].args[1:] == (0.3, True)
+
+
+def test_masked_fill_and_where_become_one_form():
+    mask = torch.rand(8, 8) > 0.5
+
+    def fill(s):
+        return s.masked_fill(mask, float("-inf"))
+
+    def where(s):
+        return torch.where(~mask, s, float("-inf"))
+
+    s = torch.randn(2, 8, 8)
+    for fn in (fill, where):
+        gm, inputs = _dynamo_graph(fn, s, with_inputs=True)
+        canon = canonical_copy(gm)
+        assert torch.masked_fill in _targets(canon) and torch.where not in _targets(canon)
+        torch.testing.assert_close(canon(*inputs)[0], fill(s))
+
+
+def test_inplace_on_an_input_is_left_alone():
+    def fn(x):
+        x.mul_(2)  # mutates the caller's tensor: not an intermediate, must stay in place
+        return x + 1
+
+    x = torch.randn(3)
+    canon = canonical_copy(_dynamo_graph(fn, x.clone()))
+    assert "mul_" in _targets(canon)
+
+
+def test_permute_that_is_not_a_swap_stays_a_permute():
+    fn = lambda x: x.permute(0, 2, 3, 1) * 1.0  # noqa: E731
+    canon = canonical_copy(_dynamo_graph(fn, torch.randn(2, 3, 4, 5)))
+    assert torch.transpose not in _targets(canon)
