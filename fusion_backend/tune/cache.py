@@ -153,6 +153,9 @@ def _write_json_atomically(path: Path, payload: Any) -> None:
             json.dump(payload, handle, sort_keys=True, allow_nan=False)
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp creates the file owner-only; a cache directory shared by a team or a cluster
+        # needs the usual readable-by-all mode.
+        os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, path)
     except BaseException:
         try:
