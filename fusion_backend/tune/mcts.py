@@ -25,6 +25,7 @@ uses what matters at budgets of a few dozen measurements:
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
 import re
@@ -36,6 +37,8 @@ from .progress import TuningProgress
 from .space import DEFAULT_STRATEGY, DecisionSpace, Plan, restrict
 
 Evaluate = Callable[[Plan], float]
+
+_log = logging.getLogger("truthfuse")
 
 # Rewards are log-ratios clipped to +-1 (2.7x slower or faster than the reference); a plan whose
 # evaluation failed (inf or nan cost) gets the floor, so it is avoided without distorting the rest.
@@ -72,6 +75,8 @@ class SearchResult:
     measurements: distinct calls to `evaluate`.
     seconds: wall time of the whole search, measurements included.
     history: every measurement in order.
+    failures: (plan, error) for each plan whose evaluation raised; those count as measured with
+        an infinite cost.
     """
 
     best_plan: Plan
@@ -80,6 +85,7 @@ class SearchResult:
     measurements: int
     seconds: float
     history: list[Measurement] = field(default_factory=list)
+    failures: list[tuple[Plan, str]] = field(default_factory=list)
 
 
 class _BudgetExhausted(Exception):
@@ -97,6 +103,7 @@ class _Measurer:
         self.progress = progress
         self.costs: dict[Plan, float] = {}
         self.history: list[Measurement] = []
+        self.failures: list[tuple[Plan, str]] = []
         self.start = time.perf_counter()
         self.best_plan: Plan | None = None
         self.best_cost = math.inf
@@ -118,7 +125,7 @@ class _Measurer:
             return self.costs[plan]
         if not self.can_measure():
             raise _BudgetExhausted
-        cost = _checked_cost(self.evaluate(plan), plan)
+        cost = _evaluate_safely(self.evaluate, plan, self.failures)
         self.costs[plan] = cost
         self.history.append(Measurement(plan, cost, self.elapsed()))
         if cost < self.best_cost or self.best_plan is None:
@@ -131,7 +138,25 @@ class _Measurer:
             raise ValueError("the search measured nothing: the budget allows no measurement")
         baseline_cost = self.costs.get(baseline) if baseline is not None else None
         return SearchResult(self.best_plan, self.best_cost, baseline_cost, len(self.costs),
-                            self.elapsed(), list(self.history))
+                            self.elapsed(), list(self.history), list(self.failures))
+
+
+def _evaluate_safely(evaluate: Evaluate, plan: Plan, failures: list[tuple[Plan, str]]) -> float:
+    """evaluate(plan), with an exception turned into an infinite cost.
+
+    A candidate that fails to compile or run (a kernel's resource limit at these shapes, an
+    inner-compiler error on the rewritten graph) must cost the user a slower plan, not the
+    compile. The error is logged and kept on the result for explain().
+    """
+    try:
+        value = evaluate(plan)
+    except Exception as error:  # noqa: BLE001 -- any failure of a candidate is the same to us
+        message = f"{type(error).__name__}: {error}"
+        failures.append((plan, message))
+        _log.warning("truthfuse: tuning candidate %s failed (%s); treating it as infinitely slow",
+                     plan.to_json(), message)
+        return math.inf
+    return _checked_cost(value, plan)
 
 
 def _checked_cost(value: float, plan: Plan) -> float:
@@ -538,6 +563,8 @@ class TuningDecision:
     best_plan / best_ms: the search's best plan, even when the guard rejected it.
     strategy, measurements (every evaluate call, confirmation included), seconds, reason: for
         explain() and logs.
+    history: the search's measurements in order; failures: (plan, error) for candidates whose
+        evaluation raised.
     """
 
     plan: Plan
@@ -550,6 +577,7 @@ class TuningDecision:
     seconds: float
     reason: str
     history: list[Measurement] = field(default_factory=list)
+    failures: list[tuple[Plan, str]] = field(default_factory=list)
 
     @property
     def fused(self) -> bool:
@@ -577,6 +605,7 @@ class TuningDecision:
             "reason": self.reason,
             "history": [[m.plan.to_dict(), _finite_or_none(m.cost_ms), m.seconds]
                         for m in self.history],
+            "failures": [[plan.to_dict(), message] for plan, message in self.failures],
         }
 
     @classmethod
@@ -595,6 +624,7 @@ class TuningDecision:
             seconds=float(record["seconds"]),
             reason=str(record["reason"]),
             history=history,
+            failures=[(Plan(p), str(m)) for p, m in record.get("failures", [])],
         )
 
 
@@ -639,9 +669,9 @@ def choose_plan(space: DecisionSpace, evaluate: Evaluate, strategy: str = DEFAUL
     baseline = _baseline_of(restricted)
     best, best_cost = result.best_plan, result.best_cost
 
-    def decision(plan, cost, base, measurements, reason):
+    def decision(plan, cost, base, measurements, reason, failures=result.failures):
         return TuningDecision(plan, cost, base, best, best_cost, strategy, measurements,
-                              time.perf_counter() - started, reason, result.history)
+                              time.perf_counter() - started, reason, result.history, list(failures))
 
     if baseline is None:
         return decision(best, best_cost, None, result.measurements,
@@ -661,15 +691,16 @@ def choose_plan(space: DecisionSpace, evaluate: Evaluate, strategy: str = DEFAUL
                         f"fused plan {best_cost:.4g} ms vs all-keep {baseline_cost:.4g} ms")
 
     # Re-measure outside the memo: the confirmation must be a fresh timing.
-    baseline_again = _checked_cost(evaluate(baseline), baseline)
-    best_again = _checked_cost(evaluate(best), best)
+    failures = list(result.failures)
+    baseline_again = _evaluate_safely(evaluate, baseline, failures)
+    best_again = _evaluate_safely(evaluate, best, failures)
     measurements = result.measurements + 2
     best_mean = _mean([best_cost, best_again])
     baseline_mean = _mean([baseline_cost, baseline_again])
     if best_again < baseline_again * threshold:
         return decision(best, best_mean, baseline_mean, measurements,
                         f"fused plan {best_mean:.4g} ms vs all-keep {baseline_mean:.4g} ms "
-                        f"(win confirmed by a second measurement)")
+                        f"(win confirmed by a second measurement)", failures)
     return decision(baseline, baseline_mean, baseline_mean, measurements,
                     f"best plan's win did not reproduce: {best_again:.4g} ms vs all-keep "
-                    f"{baseline_again:.4g} ms on re-measurement")
+                    f"{baseline_again:.4g} ms on re-measurement", failures)

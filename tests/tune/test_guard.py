@@ -121,6 +121,21 @@ def test_decision_record_round_trips_through_json():
     assert [m.plan for m in again.history] == [m.plan for m in decision.history]
 
 
+def test_failing_candidates_are_reported_and_never_chosen():
+    inner = _costs({"v0": 0.5, "v1": 0.4}, ffn_whole=2.5, gelu=1.2)
+
+    def evaluate(plan):
+        if plan["attn"] == "v1":
+            raise RuntimeError("kernel does not compile at these shapes")
+        return inner(plan)
+
+    decision = choose_plan(_space(), evaluate, simulations=20)
+    assert decision.plan["attn"] == "v0"
+    assert decision.failures and "does not compile" in decision.failures[0][1]
+    again = TuningDecision.from_record(json.loads(json.dumps(decision.to_record())))
+    assert again.failures == decision.failures
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="conservative"):
         choose_plan(_space(), _costs({"v0": 1, "v1": 1}), "greedy")

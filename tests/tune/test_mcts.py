@@ -131,6 +131,22 @@ def test_failed_plans_are_avoided_not_fatal():
     assert result.best_plan["s1"] == KEEP and math.isfinite(result.best_cost)
 
 
+def test_a_candidate_that_raises_is_infinitely_slow_not_fatal(caplog):
+    space, cost_of = _additive_space()
+
+    def failing(plan):
+        if plan["s0"] == "v1":
+            raise RuntimeError("out of shared memory")
+        return cost_of(plan)
+
+    with caplog.at_level("WARNING", logger="truthfuse"):
+        result = mcts_search(space, failing, simulations=space.size(), seed=0)
+    assert result.best_plan["s0"] != "v1" and math.isfinite(result.best_cost)
+    assert result.failures and all(p["s0"] == "v1" for p, _ in result.failures)
+    assert "out of shared memory" in result.failures[0][1]
+    assert "out of shared memory" in caplog.text
+
+
 def test_budget_validation():
     space, cost_of = _additive_space()
     with pytest.raises(ValueError, match="simulations"):
