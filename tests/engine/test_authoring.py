@@ -1,0 +1,133 @@
+"""The public rule-authoring API as a user meets it: a rule of their own, constraints that
+report near-misses, priorities, symbolic shapes, and rules shipped by a third-party package."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusion_backend
+from fusion_backend import Match, Rule, dims_equal, maybe, register_rule, unregister_rule
+
+AGGRESSIVE_EAGER = {"strategy": "aggressive", "inner": "eager", "cache": False}
+calls = {"n": 0}
+
+
+def scaled_gelu_pattern(x, w, b, s):
+    return F.gelu(maybe(torch.mul)(F.linear(x, w, b), s))
+
+
+def scaled_gelu_replacement(x, w, b, s):
+    calls["n"] += 1
+    y = torch.addmm(b, x.reshape(-1, x.shape[-1]), w.t()).reshape(*x.shape[:-1], w.shape[0])
+    return F.gelu(y if s is None else y * s)
+
+
+def wide_enough(m: Match):
+    return None if m.values["w"].shape[0] >= 8 else f"only {m.values['w'].shape[0]} output features"
+
+
+@pytest.fixture
+def user_rule():
+    rule = Rule(name="user.linear_gelu", kind="custom", pattern=scaled_gelu_pattern,
+                replacement=scaled_gelu_replacement, constraints=[wide_enough], priority=1000,
+                variant="gelu")
+    register_rule(rule)
+    yield rule
+    unregister_rule(rule.name)
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self, out_features=16):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, out_features)
+
+    def forward(self, x):
+        return F.gelu(self.lin(x) / 2)  # "/ 2" canonicalizes to "* 0.5": the optional step matches
+
+
+def test_user_rule_matches_and_replaces(user_rule):
+    model, x = Tiny(), torch.randn(3, 5, 8)
+    report = fusion_backend.explain(model, x, options=AGGRESSIVE_EAGER)
+    site = [s for s in report.sites if s.rule == "user.linear_gelu"][0]
+    assert (site.kind, site.variant, site.decision) == ("custom", "gelu", "fused")
+    before = calls["n"]
+    compiled = torch.compile(model, backend=fusion_backend.backend(**AGGRESSIVE_EAGER))
+    torch.testing.assert_close(compiled(x), model(x), atol=1e-6, rtol=1e-5)
+    assert calls["n"] > before  # our replacement was traced into the graph
+
+
+def test_failed_constraint_is_a_near_miss_with_its_reason(user_rule):
+    report = fusion_backend.explain(Tiny(out_features=4), torch.randn(2, 8), options=AGGRESSIVE_EAGER)
+    site = [s for s in report.sites if s.rule == "user.linear_gelu"][0]
+    assert site.decision == "kept" and site.reason == "only 4 output features"
+
+
+def test_duplicate_names_are_refused(user_rule):
+    with pytest.raises(ValueError, match="already registered"):
+        register_rule(Rule(name="user.linear_gelu", kind="custom", pattern=scaled_gelu_pattern,
+                           replacement=scaled_gelu_replacement))
+
+
+def test_replacement_must_accept_the_wildcards():
+    with pytest.raises(ValueError, match="lacks parameters"):
+        Rule(name="bad", kind="custom", pattern=lambda x, y: x + y, replacement=lambda x: x)
+
+
+def test_symbolic_shape_constraint_holds_under_dynamic_shapes():
+    def pattern(a, b):
+        return torch.tanh(torch.add(a, b))
+
+    def replacement(a, b):
+        return torch.tanh(a + b)
+
+    seen = []
+
+    def record(m):
+        seen.append(m.values["a"].shape[0])
+        return dims_equal("a", 0, "b", 0)(m)
+
+    rule = Rule(name="user.tanh_add", kind="custom", pattern=pattern, replacement=replacement,
+                constraints=[record])
+    register_rule(rule)
+    try:
+        def same(x):
+            return torch.tanh(x + x * 2)
+
+        def broadcast(x, y):
+            return torch.tanh(x + y)
+
+        report = fusion_backend.explain(same, torch.randn(6, 3), options=AGGRESSIVE_EAGER)
+        assert [s.decision for s in report.sites if s.rule == rule.name] == ["fused"]
+        compiled = torch.compile(broadcast, backend=fusion_backend.backend(**AGGRESSIVE_EAGER), dynamic=True)
+        x, y = torch.randn(6, 3), torch.randn(1, 3)
+        torch.testing.assert_close(compiled(x, y), broadcast(x, y))
+        assert any(isinstance(s, torch.SymInt) for s in seen)
+    finally:
+        unregister_rule(rule.name)
+
+
+def test_third_party_rules_load_from_the_entry_point_group(tmp_path):
+    pkg = tmp_path / "my_rules.py"
+    pkg.write_text(textwrap.dedent("""
+        import torch
+        from fusion_backend import Rule
+        RULE = Rule(name="plugin.sigmoid_sigmoid", kind="custom",
+                    pattern=lambda x: torch.sigmoid(torch.sigmoid(x)),
+                    replacement=lambda x: torch.sigmoid(torch.sigmoid(x)))
+    """))
+    dist = tmp_path / "my_rules-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-rules\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[{fusion_backend.ENTRY_POINT_GROUP}]\nsig = my_rules:RULE\n")
+    code = textwrap.dedent("""
+        import fusion_backend
+        names = [r.name for r in fusion_backend.all_rules()]
+        assert "plugin.sigmoid_sigmoid" in names, names
+        print("OK")
+    """)
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
