@@ -11,8 +11,13 @@ Canonical vocabulary (all positional, dims negative where the rank is known):
     F.dropout(x, p, True)           functional, module and torch.dropout; eval-mode dropout and
                                     p == 0 are removed (they are the identity)
     torch.masked_fill(x, m, v)      masked_fill, and torch.where with a scalar on one side
-    torch._C._nn.linear(x, w, b)    F.linear, nn.Linear, addmm(b, x, w) (HF Conv1D)
-    torch.pow, torch.sum, torch.abs, torch.exp, torch.clamp, torch.cdist, F.normalize, F.gelu,
+    torch._C._nn.linear(x, w, b)    F.linear, nn.Linear, addmm(b, x, w) (HF Conv1D, its flatten/
+                                    restore views dropped), x @ W and mm(x, W) with W a 2-D
+                                    parameter, a following + b of shape (out,) as the bias
+    torch.chunk(x, n, dim)          chunk, method or function
+    F.gelu(x, approximate=a)        F.gelu, nn.GELU, and 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x**3)))
+                                    written out (HF gelu_new) as approximate="tanh"
+    torch.pow, torch.sum, torch.abs, torch.exp, torch.clamp, torch.cdist, F.normalize,
     torch.relu, F.silu, torch.tanh
 
 Identity casts are removed (`.contiguous()` is not: a later `.view` depends on it). In-place variants become functional when that is
@@ -21,12 +26,14 @@ later reader is redirected to the functional result.
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 Node = fx.Node
 
@@ -51,6 +58,25 @@ _VIEW_FUNCTIONS = {
     torch.squeeze, torch.flatten, torch.narrow, torch.select, torch.split, torch.chunk,
     torch.unbind, torch.t, torch.swapaxes, torch.movedim, torch.detach,
 }
+
+
+_REQUIRED = object()
+
+
+def _library_signatures() -> dict:
+    """Parameter names and defaults of the library attention calls whose arguments are made
+    positional: SDPA (a builtin without an inspectable signature, so spelled out) and
+    F.multi_head_attention_forward (what nn.MultiheadAttention shows Dynamo)."""
+    import inspect
+
+    sdpa = (("query", _REQUIRED), ("key", _REQUIRED), ("value", _REQUIRED), ("attn_mask", None),
+            ("dropout_p", 0.0), ("is_causal", False), ("scale", None), ("enable_gqa", False))
+    mha = tuple((p.name, _REQUIRED if p.default is p.empty else p.default)
+                for p in inspect.signature(F.multi_head_attention_forward).parameters.values())
+    return {F.scaled_dot_product_attention: sdpa, F.multi_head_attention_forward: mha}
+
+
+_LIBRARY_SIGNATURES = _library_signatures()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,6 +369,11 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
 
     # multiplication, division by a scale, negation
     if _method_or_function(node, {"mul", "__mul__", "__rmul__", "multiply"}, {operator.mul, torch.mul}):
+        # x * x is x ** 2 bit for bit (aten's pow(x, 2) squares by one multiply), forward and
+        # backward; one spelling lets |q|^2 written either way match one pattern
+        if len(args) == 2 and not node.kwargs and args[0] is args[1] and is_tensor_node(args[0]):
+            rw.replace(node, torch.pow, (args[0], 2))
+            return
         if len(args) == 2 and not node.kwargs and (t is not torch.mul or op != "call_function"):
             rw.replace(node, torch.mul, (args[0], args[1]))
         return
@@ -461,6 +492,15 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
         rw.replace(node, torch.matmul, (args[0], args[1]))
         return
 
+    # chunk, positional with a negative dim (a gated MLP's single projection is split this way)
+    if _method_or_function(node, {"chunk"}, {torch.chunk}):
+        chunks = _arg(node, 1, "chunks")
+        dim = _neg_dim(_arg(node, 2, "dim", 0), rank_of(args[0]))
+        if isinstance(chunks, int) and isinstance(dim, int) and \
+                (t, op, args[1:], node.kwargs) != (torch.chunk, "call_function", (chunks, dim), {}):
+            rw.replace(node, torch.chunk, (args[0], chunks, dim))
+        return
+
     # unsqueeze, including indexing with a single None (q[..., :, None, :])
     if _method_or_function(node, {"unsqueeze"}, {torch.unsqueeze}) and len(args) == 2:
         rank = rank_of(args[0])
@@ -532,6 +572,26 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
             rw.replace(node, F.normalize, (args[0], p, dim, eps))
         return
 
+    # library attention calls: every argument positional with defaults filled in, so one pattern
+    # matches however the call site spelled its keywords
+    if op == "call_function" and t in _LIBRARY_SIGNATURES:
+        params = _LIBRARY_SIGNATURES[t]
+        if len(args) > len(params) or set(node.kwargs) - {name for name, _ in params}:
+            return
+        full = []
+        for i, (name, default) in enumerate(params):
+            if i < len(args):
+                full.append(args[i])
+            elif name in node.kwargs:
+                full.append(node.kwargs[name])
+            elif default is _REQUIRED:
+                return
+            else:
+                full.append(default)
+        if (tuple(full), node.kwargs) != (tuple(args), {}):
+            rw.replace(node, t, tuple(full))
+        return
+
 
 # ----------------------------------------------------------------------------------------------
 # Algebra on scales: fold constants so "x * a * b" and "-(lam * d)" become one multiplication
@@ -563,6 +623,142 @@ def _fold_scalar_products(rw: _Rewriter) -> None:
                     rw.bypass(new, inner_x)
 
 
+# ----------------------------------------------------------------------------------------------
+# Feed-forward forms: one linear vocabulary, and GELU's tanh approximation written out by hand
+# ----------------------------------------------------------------------------------------------
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_RESHAPES = ({"view", "reshape"}, {torch.reshape})
+
+
+def _same_size(a: Any, b: Any) -> bool:
+    """a == b for every size the graph accepts (no guard is added)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:  # noqa: BLE001 -- unsure means different
+        return False
+
+
+def _is_weight(x: Any) -> bool:
+    """A 2-D tensor the graph receives (a parameter or input) rather than computes."""
+    return isinstance(x, Node) and x.op in ("placeholder", "get_attr") and rank_of(x) == 2
+
+
+def _matmul_to_linear(rw: _Rewriter) -> None:
+    """`x @ W` with W a 2-D parameter (or its transpose) becomes linear(x, W^T); a following
+    `+ b` with b of shape (out,) becomes linear's bias. The same products, so one rule covers
+    nn.Linear, F.linear, mm/matmul by a weight and `x @ W + b`. Activations times activations
+    (attention's q @ k^T) are left alone: their right operand is computed, not a weight."""
+    for node in list(rw.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.matmul or node not in rw.graph.nodes:
+            continue
+        x, w = node.args
+        if (rank_of(x) or 0) < 2 or rank_of(w) != 2:
+            continue
+        if _is_weight(w):
+            wt = rw.emit(node, torch.transpose, (w, -2, -1))
+        elif (isinstance(w, Node) and w.op == "call_function" and w.target is torch.transpose
+              and w.args[1:] == (-2, -1) and _is_weight(w.args[0])):
+            wt = w.args[0]
+        else:
+            continue
+        rw.replace(node, _linear, (x, wt, None))
+    for node in list(rw.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.add or node not in rw.graph.nodes:
+            continue
+        for lin, b in (node.args, node.args[::-1]):
+            if not (isinstance(lin, Node) and lin.op == "call_function" and lin.target is _linear
+                    and len(lin.args) == 3 and lin.args[2] is None and len(lin.users) == 1):
+                continue
+            out, bias, summed = example_value(lin), example_value(b), example_value(node)
+            if not all(isinstance(v, torch.Tensor) for v in (out, bias, summed)):
+                continue
+            if bias.dim() != 1 or not _same_size(bias.shape[0], out.shape[-1]) or \
+                    bias.dtype != out.dtype or summed.dtype != out.dtype or summed.dim() != out.dim() or \
+                    not all(_same_size(s, t) for s, t in zip(summed.shape, out.shape)):
+                continue
+            rw.replace(node, _linear, (lin.args[0], lin.args[1], b))
+            rw.graph.erase_node(lin)
+            break
+
+
+def _unflatten_linear(rw: _Rewriter) -> None:
+    """HF Conv1D computes `addmm(b, x.view(-1, d), W).view(*x.shape[:-1], n)`: flatten, linear,
+    restore. linear takes any leading dims, so that is linear(x, W^T, b) on x itself; removing
+    the views lets a pattern see the Linear feed the next operation directly."""
+    for node in list(rw.graph.nodes):
+        if node not in rw.graph.nodes or not _method_or_function(node, *_RESHAPES):
+            continue
+        lin = node.args[0]
+        if not (isinstance(lin, Node) and lin.op == "call_function" and lin.target is _linear
+                and len(lin.users) == 1):
+            continue
+        flat = lin.args[0]
+        if not (isinstance(flat, Node) and _method_or_function(flat, *_RESHAPES)):
+            continue
+        x = flat.args[0]
+        xv, fv, lv, ov = (example_value(n) for n in (x, flat, lin, node))
+        if not all(isinstance(v, torch.Tensor) for v in (xv, fv, lv, ov)):
+            continue
+        if fv.dim() != 2 or xv.dim() < 2 or not _same_size(fv.shape[-1], xv.shape[-1]):
+            continue
+        want = list(xv.shape[:-1]) + [lv.shape[-1]]
+        if ov.dim() != len(want) or not all(_same_size(a, b) for a, b in zip(ov.shape, want)):
+            continue
+        rw.replace(node, _linear, (x, lin.args[1], lin.args[2]))
+        rw.graph.erase_node(lin)
+
+
+def _call_to(node: Any, target: Callable) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target is target
+
+
+def _scaled(node: Any, scale: float, tol: float = 0.0) -> Any:
+    """The x of mul(x, scale) / mul(scale, x) with a Python-number scale (within tol), else None."""
+    if not _call_to(node, torch.mul) or len(node.args) != 2:
+        return None
+    for x, s in (node.args, node.args[::-1]):
+        if isinstance(x, Node) and _is_number(s) and abs(s - scale) <= tol:
+            return x
+    return None
+
+
+def _tanh_gelu_input(node: Node) -> Optional[Node]:
+    """x when `node` is 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3))) (HF's
+    NewGELUActivation / gelu_new, GPT-2's MLP), in any operand order; None otherwise."""
+    if not _call_to(node, torch.mul) or len(node.args) != 2:
+        return None
+    for half_x, one_plus in (node.args, node.args[::-1]):
+        x = _scaled(half_x, 0.5)
+        if x is None or not _call_to(one_plus, torch.add):
+            continue
+        for one, t in (one_plus.args, one_plus.args[::-1]):
+            if not (_is_number(one) and one == 1 and _call_to(t, torch.tanh)):
+                continue
+            inner = _scaled(t.args[0], _SQRT_2_OVER_PI, tol=1e-12)
+            if not _call_to(inner, torch.add):
+                continue
+            for x2, cubic in (inner.args, inner.args[::-1]):
+                cube = _scaled(cubic, 0.044715)
+                if x2 is x and _call_to(cube, torch.pow) and cube.args[0] is x and \
+                        _is_number(cube.args[1]) and cube.args[1] == 3:
+                    chain = (half_x, one_plus, t, t.args[0], inner, cubic, cube)
+                    if all(len(n.users) == 1 for n in chain):
+                        return x
+    return None
+
+
+def _fold_tanh_gelu(rw: _Rewriter) -> None:
+    """The written-out tanh GELU becomes F.gelu(x, approximate="tanh"): the same function."""
+    for node in list(rw.graph.nodes):
+        if node in rw.graph.nodes:
+            x = _tanh_gelu_input(node)
+            if x is not None and is_tensor_node(x):
+                rw.replace(node, F.gelu, (x,), {"approximate": "tanh"})
+
+
 def is_impure(node: Node) -> bool:
     """Nodes dead-code elimination must keep: FX's notion of impure, plus anything that mutates
     its arguments (in-place methods and functions, `out=`, `inplace=True`, item assignment)."""
@@ -586,6 +782,9 @@ def canonicalize(graph: fx.Graph) -> int:
         if node.graph is graph and node in graph.nodes:
             _canonical_node(rw, node)
     _fold_scalar_products(rw)
+    _matmul_to_linear(rw)
+    _unflatten_linear(rw)
+    _fold_tanh_gelu(rw)
     graph.eliminate_dead_code(is_impure_node=is_impure)
     graph.lint()
     return rw.changed
