@@ -253,6 +253,8 @@ def _config_features(config: str | None) -> list[str]:
 
 
 class _MonteCarloTreeSearch:
+    """The tree, the statistics, and one select-expand-rollout-measure-backup step (`iterate`)."""
+
     def __init__(self, space: DecisionSpace, measurer: _Measurer, rng: random.Random):
         self.space = space
         self.measurer = measurer
