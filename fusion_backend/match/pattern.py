@@ -53,6 +53,19 @@ class PatternGraph:
     def anchor_target(self):
         return self.output.target
 
+    @property
+    def anchor_targets(self) -> list:
+        """Targets a site's last node may have: the output's, and, while the output is an
+        optional step, the target of the step it falls back to (`maybe(F.dropout)(linear(...))`
+        ends at a dropout or, without one, at the linear)."""
+        targets, node = [], self.output
+        while isinstance(node, fx.Node) and node.op == "call_function":
+            targets.append(node.target)
+            if not node.meta.get(OPTIONAL):
+                break
+            node = node.args[0]
+        return targets
+
 
 def trace_pattern(fn: Callable) -> PatternGraph:
     """Trace a pattern function symbolically and canonicalize it like a target graph.
@@ -73,6 +86,11 @@ def trace_pattern(fn: Callable) -> PatternGraph:
     out = outputs[0].args[0]
     if not isinstance(out, fx.Node) or out.op != "call_function":
         raise ValueError(f"pattern {fn.__qualname__} must return the result of one operation")
-    if out.meta.get(OPTIONAL):
-        raise ValueError(f"pattern {fn.__qualname__}: the final operation cannot be maybe(...)")
+    # A trailing maybe(...) is allowed as long as some operation is always left to anchor on.
+    node = out
+    while node.meta.get(OPTIONAL):
+        node = node.args[0]
+        if not isinstance(node, fx.Node) or node.op != "call_function":
+            raise ValueError(f"pattern {fn.__qualname__}: without its optional steps nothing is left "
+                             "to match; at least one operation must not be maybe(...)")
     return PatternGraph(fn=fn, graph=gm.graph, wildcards=params, output=out)

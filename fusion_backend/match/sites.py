@@ -76,9 +76,13 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
             warnings.warn(f"truthfuse: rule {rule.name} is skipped: {exc}")
             continue
         matcher = Matcher(pattern)
-        target = pattern.anchor_target
+        targets = pattern.anchor_targets
+        # With a trailing maybe(...), the block a site covers also contains anchors at which the
+        # same rule would match a shorter prefix of it; anchors are visited last-first, so the
+        # longest match comes first and the shorter ones are not reported again.
+        claimed: set = set()
         for anchor in reversed(nodes):
-            if anchor.op != pattern.output.op or anchor.target != target:
+            if anchor.op != "call_function" or anchor.target not in targets or anchor in claimed:
                 continue
             first_failure: Optional[Site] = None
             chosen: Optional[Site] = None
@@ -105,6 +109,8 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
                     site.near_miss = reason
                     first_failure = site
             found = chosen or first_failure
+            if chosen is not None and len(targets) > 1:
+                claimed.update(chosen.nodes)
             if found is not None:
                 found.id = f"{graph_id}.{rule.name}@{anchor.name}"
                 sites.append(found)
