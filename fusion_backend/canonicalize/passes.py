@@ -65,15 +65,18 @@ _REQUIRED = object()
 
 def _library_signatures() -> dict:
     """Parameter names and defaults of the library attention calls whose arguments are made
-    positional: SDPA (a builtin without an inspectable signature, so spelled out) and
-    F.multi_head_attention_forward (what nn.MultiheadAttention shows Dynamo)."""
+    positional (keyword-only ones stay keywords, always present, so the call still runs): SDPA (a
+    builtin without an inspectable signature, so spelled out) and F.multi_head_attention_forward
+    (what nn.MultiheadAttention shows Dynamo)."""
     import inspect
 
     sdpa = (("query", _REQUIRED), ("key", _REQUIRED), ("value", _REQUIRED), ("attn_mask", None),
             ("dropout_p", 0.0), ("is_causal", False), ("scale", None), ("enable_gqa", False))
-    mha = tuple((p.name, _REQUIRED if p.default is p.empty else p.default)
-                for p in inspect.signature(F.multi_head_attention_forward).parameters.values())
-    return {F.scaled_dot_product_attention: sdpa, F.multi_head_attention_forward: mha}
+    mha_params = list(inspect.signature(F.multi_head_attention_forward).parameters.values())
+    mha = tuple((p.name, _REQUIRED if p.default is p.empty else p.default) for p in mha_params)
+    mha_kw = tuple(p.name for p in mha_params if p.kind is p.KEYWORD_ONLY)
+    return {F.scaled_dot_product_attention: (sdpa, ("scale", "enable_gqa")),
+            F.multi_head_attention_forward: (mha, mha_kw)}
 
 
 _LIBRARY_SIGNATURES = _library_signatures()
@@ -575,8 +578,8 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
     # library attention calls: every argument positional with defaults filled in, so one pattern
     # matches however the call site spelled its keywords
     if op == "call_function" and t in _LIBRARY_SIGNATURES:
-        params = _LIBRARY_SIGNATURES[t]
-        if len(args) > len(params) or set(node.kwargs) - {name for name, _ in params}:
+        params, keyword_only = _LIBRARY_SIGNATURES[t]
+        if len(args) > len(params) - len(keyword_only) or set(node.kwargs) - {name for name, _ in params}:
             return
         full = []
         for i, (name, default) in enumerate(params):
@@ -588,8 +591,11 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
                 return
             else:
                 full.append(default)
-        if (tuple(full), node.kwargs) != (tuple(args), {}):
-            rw.replace(node, t, tuple(full))
+        n_pos = len(params) - len(keyword_only)
+        kwargs = dict(zip(keyword_only, full[n_pos:]))
+        if (tuple(full[:n_pos]), kwargs) != (tuple(args), dict(node.kwargs)):
+            new = rw.replace(node, t, tuple(full[:n_pos]))
+            new.kwargs = kwargs  # keyword-only parameters stay keywords, so the call still runs
         return
 
 
