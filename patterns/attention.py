@@ -13,6 +13,7 @@ forms differ only in how the scores are computed, one rule each.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
@@ -27,13 +28,13 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _HUGE_NEGATIVE = -1e30
 
 
-def _scores_to_output(scores, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p):
+def _scores_to_output(scores, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p, sdim):
     s = maybe(torch.mul)(scores, scale)
     s = maybe(torch.mul)(s, scale2)
     s = maybe(torch.masked_fill)(s, mask_a, fill_a)
     s = maybe(torch.add)(s, bias)
     s = maybe(torch.masked_fill)(s, mask_b, fill_b)
-    probs = torch.softmax(s, -1)
+    probs = torch.softmax(s, sdim)
     probs = maybe(F.dropout)(probs, p)
     return torch.matmul(probs, v)
 
@@ -42,50 +43,50 @@ def _scores_to_output(scores, v, scale, scale2, mask_a, fill_a, bias, mask_b, fi
 # Score forms (one pattern each)
 # ------------------------------------------------------------------------------------------------
 
-def dot_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p):
+def dot_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p, sdim):
     # nanoGPT, HF GPT-2/BERT/Llama eager, nn.MultiheadAttention's math path, 3-D bmm forms
     return _scores_to_output(torch.matmul(q, torch.transpose(k, -2, -1)), v,
-                             scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p)
+                             scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p, sdim)
 
 
-def l2_cdist_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p):
+def l2_cdist_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p, sdim):
     # TruthGPT: softmax(-lam * cdist(q, k) ** 2)
     d2 = torch.pow(torch.cdist(q, k, 2.0), 2)
-    return _scores_to_output(d2, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p)
+    return _scores_to_output(d2, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p, sdim)
 
 
-def l2_broadcast_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p):
+def l2_broadcast_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p, sdim):
     # ((q[..., :, None, :] - k[..., None, :, :]) ** 2).sum(-1)
     diff = torch.sub(torch.unsqueeze(q, -2), torch.unsqueeze(k, -3))
     d2 = torch.sum(torch.pow(diff, 2), -1, False)
-    return _scores_to_output(d2, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p)
+    return _scores_to_output(d2, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p, sdim)
 
 
-def l2_expanded_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p):
+def l2_expanded_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p, sdim):
     # |q|^2 - 2 q.k + |k|^2, with the norms kept as (..., N, 1) columns
     qq = torch.sum(torch.pow(q, 2), -1, True)
     kk = torch.sum(torch.pow(k, 2), -1, True)
     qk = torch.matmul(q, torch.transpose(k, -2, -1))
     d2 = torch.add(torch.sub(qq, torch.mul(qk, 2)), torch.transpose(kk, -2, -1))
-    return _scores_to_output(d2, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p)
+    return _scores_to_output(d2, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p, sdim)
 
 
-def l1_cdist_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p):
+def l1_cdist_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p, sdim):
     d1 = torch.cdist(q, k, 1.0)
-    return _scores_to_output(d1, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p)
+    return _scores_to_output(d1, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p, sdim)
 
 
-def l1_broadcast_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p):
+def l1_broadcast_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p, sdim):
     diff = torch.sub(torch.unsqueeze(q, -2), torch.unsqueeze(k, -3))
     d1 = torch.sum(torch.abs(diff), -1, False)
-    return _scores_to_output(d1, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p)
+    return _scores_to_output(d1, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p, sdim)
 
 
-def cosine_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p, eps_q, eps_k):
+def cosine_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p, sdim, eps_q, eps_k):
     # F.normalize(q) @ F.normalize(k).T times a (learnable, possibly clamped-and-exp'd) scale;
     # Swin-V2 adds its relative-position bias afterwards
     cos = torch.matmul(F.normalize(q, 2.0, -1, eps_q), torch.transpose(F.normalize(k, 2.0, -1, eps_k), -2, -1))
-    return _scores_to_output(cos, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p)
+    return _scores_to_output(cos, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p, sdim)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,6 +170,17 @@ def check_masks(m: Match) -> Optional[str]:
     return None
 
 
+def check_softmax_dim(m: Match) -> Optional[str]:
+    """softmax runs over the keys (the last dim): over any other dim it is not attention."""
+    dim = m.values.get("sdim")
+    rank = m.values["q"].dim() if isinstance(m.values.get("q"), torch.Tensor) else None
+    if isinstance(dim, int) and rank is not None and dim == rank - 1:
+        dim = -1
+    if dim != -1:
+        return f"softmax over dim {dim}, not over the keys (dim -1)"
+    return None
+
+
 def check_dropout(m: Match) -> Optional[str]:
     if not m.present("p"):
         return None
@@ -180,18 +192,23 @@ def check_dropout(m: Match) -> Optional[str]:
     return None
 
 
-def check_supported(m: Match) -> Optional[str]:
-    """What the op itself says about these shapes, dtypes and devices."""
+def check_supported_shapes(q, k, v, metric: str) -> Optional[str]:
+    """What the op itself says about these shapes, dtypes and devices (3-D inputs count as one
+    batch). Anything with .shape, .dtype and .device will do."""
     from fusion_backend.ops.attention import attention_supports
 
-    q, k, v = m.values["q"], m.values["k"], m.values["v"]
-    if q.dim() == 3:
-        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    ok, reason = attention_supports(q, k, v, m.rule.variant_of(m) or "dot")
+    if len(q.shape) == 3:
+        q, k, v = (SimpleNamespace(shape=(1,) + tuple(t.shape), dtype=t.dtype, device=t.device) for t in (q, k, v))
+    ok, reason = attention_supports(q, k, v, metric)
     return None if ok else reason
 
 
-COMMON_CONSTRAINTS = (check_qkv, dtype_in("q", _FLOATS), check_scales, check_masks, check_dropout,
+def check_supported(m: Match) -> Optional[str]:
+    """What the op itself says about these shapes, dtypes and devices."""
+    return check_supported_shapes(m.values["q"], m.values["k"], m.values["v"], m.rule.variant_of(m) or "dot")
+
+
+COMMON_CONSTRAINTS = (check_qkv, check_softmax_dim, dtype_in("q", _FLOATS), check_scales, check_masks, check_dropout,
                       check_supported)
 
 
@@ -267,11 +284,12 @@ def _make_replacement(metric: str):
     return replacement
 
 
-def _configs(metric: str):
+def configs_for(metric: str):
+    """The launch configs the tuner may try for a site of this metric (the op's default only on CPU)."""
     def configs(m: Match):
         from fusion_backend.ops.attention import attention_config_space_for, config_key
 
-        q = m.values["q"]
+        q = m.values["q"] if "q" in m.values else m.values["query"]
         if q.device.type != "cuda":
             return [None]  # timing launch configs in Triton's CPU interpreter tells nothing
         try:
@@ -285,7 +303,7 @@ def _configs(metric: str):
 def _rule(name, metric, pattern, extra=(), priority=100):
     return Rule(name=name, kind="attention", pattern=pattern, replacement=_make_replacement(metric),
                 constraints=COMMON_CONSTRAINTS[:-1] + tuple(extra) + COMMON_CONSTRAINTS[-1:],
-                priority=priority, variant=metric, exact=False, configs=_configs(metric))
+                priority=priority, variant=metric, exact=False, configs=configs_for(metric))
 
 
 RULES = [

@@ -1,0 +1,280 @@
+"""Attention written as a library call: `F.scaled_dot_product_attention` and
+`nn.MultiheadAttention` (which Dynamo shows as one `F.multi_head_attention_forward` call), replaced
+by `fusion_backend.ops.attention`.
+
+Canonicalization makes every argument of both calls positional with its default filled in, so one
+pattern per call covers every keyword spelling. Grouped-query attention written with
+`repeat_interleave` or HF's `expand`+`reshape` of K/V is matched by the plain rules (the repeated
+tensors are exact copies, so the op computes the same thing on them); `attention.sdpa_repeat_kv`
+recognises HF's repeat_kv in front of SDPA and passes the un-repeated K/V with `enable_gqa=True`
+instead, which saves the copies.
+"""
+from __future__ import annotations
+
+import operator
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fusion_backend import Match, Rule, known_equal, register_rule
+from fusion_backend.ops import attention as attention_op
+
+from .attention import check_supported_shapes, configs_for
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _broadcasts_to(t: torch.Tensor, target) -> bool:
+    if t.dim() > len(target):
+        return False
+    return all(known_equal(a, 1) or known_equal(a, b)
+               for a, b in zip(reversed(list(t.shape)), reversed(list(target))))
+
+
+# ------------------------------------------------------------------------------------------------
+# F.scaled_dot_product_attention
+# ------------------------------------------------------------------------------------------------
+
+def sdpa_pattern(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    # HF attn_implementation="sdpa", nanoGPT's flash path, nn.MultiheadAttention's fast path
+    return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+def check_sdpa(m: Match) -> Optional[str]:
+    """The call is one the op reproduces exactly: 3-D or 4-D q/k/v without batch broadcasting, a
+    bool or same-dtype float mask that broadcasts to the scores, constant flags."""
+    return _check_sdpa(m, repeated_kv=False)
+
+
+def check_sdpa_repeated_kv(m: Match) -> Optional[str]:
+    """check_sdpa, for K/V that check_repeat_kv showed are repeated up to q's heads."""
+    return _check_sdpa(m, repeated_kv=True)
+
+
+def _check_sdpa(m: Match, repeated_kv: bool) -> Optional[str]:
+    q, k, v = m["q"], m["k"], m["v"]
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return "q, k and v must all be tensors"
+    if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
+        return f"q, k, v must all be 3-D or 4-D (got {q.dim()}, {k.dim()}, {v.dim()})"
+    if q.dtype not in _FLOATS or len({q.dtype, k.dtype, v.dtype}) != 1:
+        return f"q, k, v dtypes ({q.dtype}, {k.dtype}, {v.dtype}) are not one of float16, bfloat16, float32"
+    for name in ("is_causal", "enable_gqa"):
+        if not isinstance(m[name], bool):
+            return f"{name} is not a constant bool"
+    if not _is_number(m["dropout_p"]) or not 0 <= m["dropout_p"] < 1:
+        return f"dropout_p {m['dropout_p']!r} is not a constant in [0, 1)"
+    if m["scale"] is not None and not _is_number(m["scale"]):
+        return "scale is not a Python number"
+    if q.dim() == 4 and not known_equal(q.shape[0], k.shape[0]):
+        return "q and k batch sizes differ (broadcast batch)"
+    if not (known_equal(k.shape[-3], v.shape[-3]) and known_equal(k.shape[-2], v.shape[-2])):
+        return "k and v differ in heads or sequence length"
+    hq, hk = q.shape[-3], k.shape[-3]
+    if not known_equal(hq, hk):
+        if not (m["enable_gqa"] or repeated_kv):
+            return f"q has {hq} heads and k {hk} without enable_gqa (broadcasting)"
+        if not (isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0):
+            return f"q heads {hq} are not a known multiple of k/v heads {hk}"
+    mask = m["attn_mask"]
+    if m.present("attn_mask"):
+        if not isinstance(mask, torch.Tensor):
+            return "attn_mask is not a tensor"
+        if mask.dtype != torch.bool and mask.dtype != q.dtype:
+            return f"attn_mask dtype {mask.dtype} is neither bool nor q's {q.dtype}"
+        if not _broadcasts_to(mask, tuple(q.shape[:-1]) + (k.shape[-2],)):
+            return f"attn_mask of shape {tuple(mask.shape)} does not broadcast to the scores"
+        if m["is_causal"]:
+            return "attn_mask together with is_causal=True (SDPA rejects it)"
+    return check_supported_shapes(q, k, v, "dot")
+
+
+def sdpa_replacement(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                     enable_gqa=False, config=None):
+    three_d = q.dim() == 3
+    if three_d:  # the op left-pads the mask's dims, so a (N, L, S) mask lines up with (1, N, L, S)
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    out = attention_op(q, k, v, metric="dot", scale=scale, causal=is_causal, attn_mask=attn_mask,
+                       dropout_p=float(dropout_p), enable_gqa=enable_gqa, config=config)
+    return out.squeeze(0) if three_d else out
+
+
+# ------------------------------------------------------------------------------------------------
+# Grouped-query attention written by repeating K/V
+# ------------------------------------------------------------------------------------------------
+
+def _repeat_kv(x, b, h, n, s, d, bh):
+    # HF's repeat_kv: x[:, :, None].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+    return x.unsqueeze(-3).expand(b, h, n, s, d).reshape(b, bh, s, d)
+
+
+def sdpa_repeat_kv_pattern(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                           b, h, n, s, d, bh, vb, vh, vn, vs, vd, vbh):
+    return F.scaled_dot_product_attention(q, _repeat_kv(k, b, h, n, s, d, bh), _repeat_kv(v, vb, vh, vn, vs, vd, vbh),
+                                          attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+def check_repeat_kv(m: Match) -> Optional[str]:
+    """The expand/reshape is exactly repeat_interleave(n, dim=1) of a 4-D (B, Hkv, S, D) tensor,
+    the same for K and V, to q's head count: then enable_gqa on the originals is the same math."""
+    q, k, v = m["q"], m["k"], m["v"]
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        return "repeated K/V must be 4-D"
+    for t, (b, h, n, s, d, bh) in ((k, "b h n s d bh".split()), (v, "vb vh vn vs vd vbh".split())):
+        sizes = [m[x] for x in (b, h, n, s, d, bh)]
+        if not all(isinstance(x, (int, torch.SymInt)) for x in sizes):
+            return "expand/reshape sizes are not integers"
+        B, H, N, S, D, BH = sizes
+        if not all(known_equal(x, y) for x, y in zip((B, H, S, D), t.shape)):
+            return "expand sizes are not the tensor's own (a broadcast, not a repeat)"
+        if not known_equal(BH, H * N) or not known_equal(q.shape[1], BH):
+            return "reshape does not give q's head count"
+    if not known_equal(m["n"], m["vn"]):
+        return "K and V are repeated differently"
+    if m["enable_gqa"] is not False:
+        return "enable_gqa on top of repeated K/V"
+    return None
+
+
+def sdpa_repeat_kv_replacement(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                               config=None, **_):
+    return attention_op(q, k, v, metric="dot", scale=scale, causal=is_causal, attn_mask=attn_mask,
+                        dropout_p=float(dropout_p), enable_gqa=True, config=config)
+
+
+# ------------------------------------------------------------------------------------------------
+# nn.MultiheadAttention (F.multi_head_attention_forward)
+# ------------------------------------------------------------------------------------------------
+
+def mha_pattern(query, key, value, embed_dim, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v,
+                add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training, key_padding_mask,
+                need_weights, attn_mask, use_separate_proj_weight, q_proj_weight, k_proj_weight,
+                v_proj_weight, static_k, static_v, average_attn_weights, is_causal):
+    # nn.MultiheadAttention.forward, batch_first either way (the module transposes around it).
+    # [1] (the averaged weights) is not part of the pattern: when the caller uses it, the call
+    # node escapes the match and the site is a near-miss that says so.
+    return operator.getitem(F.multi_head_attention_forward(
+        query, key, value, embed_dim, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v,
+        add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training, key_padding_mask,
+        need_weights, attn_mask, use_separate_proj_weight, q_proj_weight, k_proj_weight,
+        v_proj_weight, static_k, static_v, average_attn_weights, is_causal), 0)
+
+
+def check_mha(m: Match) -> Optional[str]:
+    """The subset of multi_head_attention_forward the replacement reproduces: batched 3-D inputs,
+    no bias_k/bias_v, no zero attention, no static K/V, constant flags, 2-D/3-D attn_mask."""
+    query, key, value = m["query"], m["key"], m["value"]
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in (query, key, value)):
+        return "nn.MultiheadAttention with unbatched (2-D) inputs"
+    if query.dtype not in _FLOATS:
+        return f"dtype {query.dtype} is not float16, bfloat16 or float32"
+    for name in ("bias_k", "bias_v", "static_k", "static_v"):
+        if m.present(name):
+            return f"{name} is set (add_bias_kv / static keys are not supported)"
+    for name in ("add_zero_attn", "training", "need_weights", "use_separate_proj_weight", "is_causal"):
+        if not isinstance(m[name], bool):
+            return f"{name} is not a constant bool"
+    if m["add_zero_attn"]:
+        return "add_zero_attn=True"
+    if not _is_number(m["dropout_p"]) or not 0 <= m["dropout_p"] < 1:
+        return "dropout_p is not a constant in [0, 1)"
+    heads, E = m["num_heads"], query.shape[-1]
+    if not isinstance(heads, int) or not isinstance(m["embed_dim"], int) or not known_equal(m["embed_dim"], E):
+        return "embed_dim/num_heads are not constants matching the input"
+    if E % heads:
+        return f"embed_dim {E} is not divisible by num_heads {heads}"
+    if m["is_causal"] and not m.present("attn_mask"):
+        return "is_causal without attn_mask (nn.MultiheadAttention rejects it)"
+    packed = not m["use_separate_proj_weight"]
+    if packed and not m.present("in_proj_weight"):
+        return "no in_proj_weight"
+    L, N, S = query.shape[0], query.shape[1], key.shape[0]
+    if m.present("attn_mask"):
+        mask = m["attn_mask"]
+        ok = (mask.dim() == 2 and known_equal(mask.shape[0], L) and known_equal(mask.shape[1], S)) or \
+             (mask.dim() == 3 and all(known_equal(a, b) for a, b in zip(mask.shape, (N * heads, L, S))))
+        if not ok:
+            return f"attn_mask of shape {tuple(mask.shape)} is not (L, S) or (N*H, L, S)"
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            return f"attn_mask dtype {mask.dtype}"
+    if m.present("key_padding_mask"):
+        kpm = m["key_padding_mask"]
+        if kpm.dim() != 2 or not (known_equal(kpm.shape[0], N) and known_equal(kpm.shape[1], S)):
+            return f"key_padding_mask of shape {tuple(kpm.shape)} is not (N, S)"
+        if kpm.dtype != torch.bool and not kpm.is_floating_point():
+            return f"key_padding_mask dtype {kpm.dtype}"
+    q4 = SimpleNamespace(shape=(N, heads, L, E // heads), dtype=query.dtype, device=query.device)
+    kv4 = SimpleNamespace(shape=(N, heads, S, E // heads), dtype=query.dtype, device=query.device)
+    return check_supported_shapes(q4, kv4, kv4, "dot")
+
+
+def mha_replacement(query, key, value, embed_dim, num_heads, in_proj_weight=None, in_proj_bias=None,
+                    bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=None,
+                    out_proj_bias=None, training=True, key_padding_mask=None, need_weights=True,
+                    attn_mask=None, use_separate_proj_weight=False, q_proj_weight=None,
+                    k_proj_weight=None, v_proj_weight=None, static_k=None, static_v=None,
+                    average_attn_weights=True, is_causal=False, config=None):
+    """F.multi_head_attention_forward's output for the subset check_mha admits, step for step,
+    with its attention core as the fused op. The mask handling is torch's own helpers, so bool
+    masks (True = masked out) become the same additive -inf masks as in eager."""
+    tgt_len, bsz, E = query.shape
+    src_len = key.shape[0]
+    head_dim = E // num_heads
+    key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                         other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                                         target_type=query.dtype)
+    # eager uses SDPA's is_causal only without padding mask and weights; else the given mask
+    causal = bool(is_causal) and key_padding_mask is None and not need_weights
+    if causal:
+        attn_mask = None
+    else:
+        attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None,
+                                      other_name="", target_type=query.dtype, check_other=False)
+    if use_separate_proj_weight:
+        b_q = b_k = b_v = None
+        if in_proj_bias is not None:
+            b_q, b_k, b_v = in_proj_bias.chunk(3)
+        q, k, v = F._in_projection(query, key, value, q_proj_weight, k_proj_weight, v_proj_weight, b_q, b_k, b_v)
+    else:
+        q, k, v = F._in_projection_packed(query, key, value, in_proj_weight, in_proj_bias)
+    if attn_mask is not None and attn_mask.dim() == 2:
+        attn_mask = attn_mask.unsqueeze(0)
+    q = q.view(tgt_len, bsz * num_heads, head_dim).transpose(0, 1)
+    k = k.view(k.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
+    v = v.view(v.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1).reshape(bsz * num_heads, 1, src_len)
+        attn_mask = kpm if attn_mask is None else attn_mask + kpm
+    p = float(dropout_p) if training else 0.0
+    if attn_mask is not None:
+        if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(0)
+        else:
+            attn_mask = attn_mask.view(bsz, num_heads, -1, src_len)
+    q = q.view(bsz, num_heads, tgt_len, head_dim)
+    k = k.view(bsz, num_heads, src_len, head_dim)
+    v = v.view(bsz, num_heads, src_len, head_dim)
+    out = attention_op(q, k, v, metric="dot", causal=causal, attn_mask=attn_mask, dropout_p=p, config=config)
+    out = out.permute(2, 0, 1, 3).contiguous().view(bsz * tgt_len, E)
+    out = F.linear(out, out_proj_weight, out_proj_bias)
+    return out.view(tgt_len, bsz, out.size(1))
+
+
+RULES = [
+    Rule(name="attention.sdpa", kind="attention", pattern=sdpa_pattern, replacement=sdpa_replacement,
+         constraints=(check_sdpa,), priority=100, variant="dot", exact=False, configs=configs_for("dot")),
+    Rule(name="attention.sdpa_repeat_kv", kind="attention", pattern=sdpa_repeat_kv_pattern,
+         replacement=sdpa_repeat_kv_replacement, constraints=(check_repeat_kv, check_sdpa_repeated_kv), priority=120,
+         variant="dot", exact=False, configs=configs_for("dot")),
+    Rule(name="attention.multihead", kind="attention", pattern=mha_pattern, replacement=mha_replacement,
+         constraints=(check_mha,), priority=100, variant="dot", exact=False, configs=configs_for("dot")),
+]
+
+for _r in RULES:
+    register_rule(_r, replace=True)
