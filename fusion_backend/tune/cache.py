@@ -307,7 +307,7 @@ def save_state(path: str | os.PathLike, cache: TuningCache | None = None) -> int
     cache instead of tuning (as long as the graph, shapes, device name and versions match, since
     those make up the key).
     """
-    cache = cache or TuningCache()
+    cache = TuningCache() if cache is None else cache
     entries = cache.entries()
     state = {
         "format": STATE_FORMAT,
@@ -328,7 +328,7 @@ def load_state(path: str | os.PathLike, cache: TuningCache | None = None) -> int
     ValueError) naming the file and the problem. A state saved by another truthfuse version warns
     and imports nothing: its keys embed that version, so none of them could ever hit.
     """
-    cache = cache or TuningCache()
+    cache = TuningCache() if cache is None else cache
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")

@@ -231,6 +231,20 @@ def test_save_and_load_state_round_trip(tmp_path):
     assert there.entries() == {**here.entries(), "local-only": RECORD}  # merged, nothing lost
 
 
+def test_load_state_into_an_empty_cache_writes_there(monkeypatch, tmp_path):
+    # An empty TuningCache is falsy (len 0); it must still be the cache written to.
+    monkeypatch.setenv("TRUTHFUSE_CACHE_DIR", str(tmp_path / "default"))
+    source = TuningCache(tmp_path / "src")
+    source.put("k", RECORD)
+    save_state(tmp_path / "state.json", source)
+    empty = TuningCache(tmp_path / "empty")
+    assert load_state(tmp_path / "state.json", empty) == 1
+    assert empty.get("k") == RECORD
+    assert not (tmp_path / "default").exists()
+    assert save_state(tmp_path / "nothing.json", TuningCache(tmp_path / "none")) == 0
+    assert json.loads((tmp_path / "nothing.json").read_text())["entries"] == {}
+
+
 def test_save_and_load_state_use_the_default_directory(monkeypatch, tmp_path):
     monkeypatch.setenv("TRUTHFUSE_CACHE_DIR", str(tmp_path / "a"))
     TuningCache().put("k", RECORD)
