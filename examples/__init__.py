@@ -1,0 +1,1 @@
+"""Runnable examples; `examples.truthgpt:build` is importable from the repository root."""
