@@ -162,7 +162,11 @@ def apply_plan(gm: fx.GraphModule, sites: List[Site], plan: Dict[str, str],
     """Fuse the sites the plan chose (site id -> "keep" or "fuse:<config>"), using replacements
     already built in `built[(site id, config)]`. Returns the ids fused."""
     fused = []
-    for site in sites:
+    # Last anchor first: a site may take an earlier site's result as an input (two blocks in a
+    # row), and inlining the earlier one first would erase the node the later one refers to;
+    # the other way round, the earlier one's replace_all_uses_with reroutes the later op too.
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for site in sorted(sites, key=lambda s: -position.get(s.anchor, -1)):
         choice = plan.get(site.id, "keep")
         if choice == "keep":
             continue
