@@ -1,0 +1,322 @@
+"""Feed-forward rules: the transformer MLP, plain or gated, replaced by
+`fusion_backend.ops.feedforward`.
+
+Every form shares one tail, written once in `_tail`:
+
+    hidden -> [dropout] -> Linear -> [dropout] -> [+ residual]
+
+and differs in how `hidden` is made, one pattern each:
+
+    plain:    act(Linear(x))                        nn.Sequential MLPs, GPT-2's GPT2MLP (Conv1D),
+                                                    BERT's Intermediate+Output, TransformerEncoderLayer
+    gated:    act(Linear_gate(x)) * Linear_up(x)    Llama/Mistral MLP (SwiGLU), T5 v1.1 (GEGLU)
+    chunked:  a, b = Linear(x).chunk(2, -1);        GEGLU/SwiGLU with one fused projection
+              act(a) * b  (either half the gate)
+
+times three activations (GELU exact or tanh, ReLU, SiLU): nine rules. Canonicalization makes them
+cover nn.Linear, F.linear, `x @ W (+ b)`, mm, HF Conv1D's addmm, the written-out tanh GELU
+(gelu_new), module or functional dropout, eval-mode dropout (removed), and `up * act(gate)` in
+either operand order. The two Linears may live in different modules: the rules see Dynamo's
+flattened graph. A residual add is taken only when the residual has exactly the block's output
+shape (a broadcasting add is something else; BERT's `LayerNorm(x + residual)` keeps its
+LayerNorm outside the site).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from fusion_backend import Match, Rule, known_equal, maybe, register_rule
+from fusion_backend.ops import feedforward as feedforward_op
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_GELU_APPROXIMATIONS = {"none": "gelu", "tanh": "gelu_tanh"}
+# The tuner's launch configs: "<impl>" (that implementation's default tiles) or a key of
+# feedforward_config_space(impl), whose prefix names the implementation.
+_IMPLS = ("cublas", "triton")
+
+
+# ------------------------------------------------------------------------------------------------
+# Activations (the `approx` wildcard binds GELU's approximate=; the others ignore it)
+# ------------------------------------------------------------------------------------------------
+
+def _gelu(z, approx):
+    return F.gelu(z, approximate=approx)
+
+
+def _relu(z, approx):
+    return torch.relu(z)
+
+
+def _silu(z, approx):
+    return F.silu(z)
+
+
+ACTIVATIONS = {"gelu": _gelu, "relu": _relu, "silu": _silu}
+
+
+# ------------------------------------------------------------------------------------------------
+# Patterns
+# ------------------------------------------------------------------------------------------------
+
+def _tail(hidden, p_hidden, w_out, b_out, p_out, residual):
+    h = maybe(F.dropout)(hidden, p_hidden, True)
+    y = F.linear(h, w_out, b_out)
+    y = maybe(F.dropout)(y, p_out, True)
+    return maybe(torch.add)(y, residual)
+
+
+def _plain_pattern(act: Callable) -> Callable:
+    def plain(x, w_in, b_in, approx, p_hidden, w_out, b_out, p_out, residual):
+        return _tail(act(F.linear(x, w_in, b_in), approx), p_hidden, w_out, b_out, p_out, residual)
+    return plain
+
+
+def _gated_pattern(act: Callable) -> Callable:
+    def gated(x, w_gate, b_gate, w_in, b_in, approx, p_hidden, w_out, b_out, p_out, residual):
+        hidden = torch.mul(act(F.linear(x, w_gate, b_gate), approx), F.linear(x, w_in, b_in))
+        return _tail(hidden, p_hidden, w_out, b_out, p_out, residual)
+    return gated
+
+
+def _chunked_pattern(act: Callable) -> Callable:
+    def chunked(x, w_cat, b_cat, gate_half, up_half, approx, p_hidden, w_out, b_out, p_out, residual):
+        halves = torch.chunk(F.linear(x, w_cat, b_cat), 2, -1)
+        hidden = torch.mul(act(halves[gate_half], approx), halves[up_half])
+        return _tail(hidden, p_hidden, w_out, b_out, p_out, residual)
+    return chunked
+
+
+# ------------------------------------------------------------------------------------------------
+# Constraints
+# ------------------------------------------------------------------------------------------------
+
+def _weights(m: Match) -> dict:
+    """The projection weights and biases the op will get, by the op's names: (h, d) w_in and
+    w_gate, (d_out, h) w_out. For the chunked form, the two halves of w_cat's rows."""
+    v = m.values
+    if "w_cat" in v:
+        w, b = v["w_cat"], v.get("b_cat")
+        out = {"w_cat": w, "b_cat": b, "w_out": v["w_out"], "b_out": v.get("b_out")}
+        return {k: t for k, t in out.items() if t is not None}
+    names = ("w_in", "b_in", "w_gate", "b_gate", "w_out", "b_out")
+    return {k: v[k] for k in names if v.get(k) is not None}
+
+
+def check_tensors(m: Match) -> Optional[str]:
+    """x and every weight are floating tensors of one dtype on one device."""
+    x = m.values.get("x")
+    if not isinstance(x, torch.Tensor):
+        return "the block's input is not a tensor"
+    if x.dtype not in _FLOATS:
+        return f"input dtype {x.dtype} is not supported (float16, bfloat16, float32)"
+    tensors = _weights(m)
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            return f"{name} is a {type(t).__name__}, not a tensor"
+        if t.dtype != x.dtype:
+            return f"{name} has dtype {t.dtype} but the input has {x.dtype} (mixed precision)"
+        if t.device != x.device:
+            return f"{name} is on {t.device} but the input is on {x.device}"
+    return None
+
+
+def _is_size(t: Any, *sizes: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() == len(sizes) and \
+        all(known_equal(a, b) for a, b in zip(t.shape, sizes))
+
+
+def check_shapes(m: Match) -> Optional[str]:
+    """Weights have nn.Linear's layout and agree on d and h; biases are (h,) and (d_out,)."""
+    x, w = m.values["x"], _weights(m)
+    if x.dim() < 1:
+        return "the block's input is a 0-d tensor"
+    d = x.shape[-1]
+    if "w_cat" in w:
+        w_cat = w["w_cat"]
+        if w_cat.dim() != 2 or not known_equal(w_cat.shape[1], d):
+            return f"fused gate/up weight of shape {tuple(w_cat.shape)} does not take inputs of size {d}"
+        if not known_equal(w_cat.shape[0] % 2, 0):
+            return f"fused gate/up weight has {w_cat.shape[0]} rows: chunk(2) halves are unequal"
+        h = w_cat.shape[0] // 2
+        if "b_cat" in w and not _is_size(w["b_cat"], 2 * h):
+            return f"fused gate/up bias of shape {tuple(w['b_cat'].shape)} is not ({2 * h},)"
+    else:
+        w_in = w["w_in"]
+        if w_in.dim() != 2 or not known_equal(w_in.shape[1], d):
+            return f"first weight of shape {tuple(w_in.shape)} is not (h, {d})"
+        h = w_in.shape[0]
+        for name in ("w_gate",):
+            if name in w and not _is_size(w[name], h, d):
+                return f"gate weight of shape {tuple(w[name].shape)} differs from the up weight's {tuple(w_in.shape)}"
+        for name in ("b_in", "b_gate"):
+            if name in w and not _is_size(w[name], h):
+                return f"{name} of shape {tuple(w[name].shape)} is not ({h},)"
+    w_out = w["w_out"]
+    if w_out.dim() != 2 or not known_equal(w_out.shape[1], h):
+        return f"second weight of shape {tuple(w_out.shape)} is not (d_out, {h})"
+    if "b_out" in w and not _is_size(w["b_out"], w_out.shape[0]):
+        return f"second bias of shape {tuple(w['b_out'].shape)} is not ({w_out.shape[0]},)"
+    return None
+
+
+def _block_output_shape(m: Match) -> tuple:
+    x = m.values["x"]
+    return tuple(x.shape[:-1]) + (m.values["w_out"].shape[0],)
+
+
+def check_halves(m: Match) -> Optional[str]:
+    """The chunked form's gate and up halves are the two different halves."""
+    if "w_cat" not in m.values:
+        return None
+    gate, up = m.values.get("gate_half"), m.values.get("up_half")
+    if {gate, up} != {0, 1}:
+        return f"the gated product takes chunk halves {gate} and {up}, not 0 and 1"
+    return None
+
+
+def check_dropout(m: Match) -> Optional[str]:
+    """Dropout probabilities are compile-time Python numbers in [0, 1)."""
+    for name in ("p_hidden", "p_out"):
+        if not m.present(name):
+            continue
+        p = m.values[name]
+        if isinstance(p, torch.Tensor):
+            return f"dropout probability ({name}) is a tensor"
+        if not isinstance(p, (int, float)) or isinstance(p, bool):
+            return f"dropout probability ({name}) is not a Python number (symbolic or a tensor's .item())"
+        if not 0 <= p < 1:
+            return f"dropout probability {p} is outside [0, 1)"
+    return None
+
+
+def check_residual(m: Match) -> Optional[str]:
+    """A residual add is fused only when it adds a tensor of exactly the block's output shape and
+    dtype: a broadcasting add (a bias row, a scalar) is something else."""
+    if not m.present("residual"):
+        return None
+    r = m.values["residual"]
+    if not isinstance(r, torch.Tensor):
+        return "the value added to the block's output is a Python number, not a residual tensor"
+    want = _block_output_shape(m)
+    if not _is_size(r, *want):
+        return f"residual of shape {tuple(r.shape)} does not have the block's output shape {want} (broadcasting)"
+    if r.dtype != m.values["x"].dtype:
+        return f"residual dtype {r.dtype} differs from the input's {m.values['x'].dtype}"
+    if r.device != m.values["x"].device:
+        return "the residual is on another device"
+    return None
+
+
+def check_activation(m: Match) -> Optional[str]:
+    approx = m.values.get("approx")
+    if m.present("approx") and approx not in _GELU_APPROXIMATIONS:
+        return f"GELU approximate={approx!r} is not supported"
+    return None
+
+
+def _check_supported(activation: str) -> Callable:
+    def check_supported(m: Match) -> Optional[str]:
+        """What the op itself says about these shapes, dtypes and devices."""
+        from fusion_backend.ops.feedforward import feedforward_supports
+
+        kw = _op_arguments(activation, m.values)
+        args = [kw.pop(k) for k in ("x", "w_in", "b_in", "w_out", "b_out")]
+        ok, reason = feedforward_supports(*args, **kw)
+        return None if ok else reason
+    return check_supported
+
+
+CONSTRAINTS = (check_tensors, check_shapes, check_halves, check_dropout, check_residual,
+               check_activation)
+
+
+# ------------------------------------------------------------------------------------------------
+# Replacement
+# ------------------------------------------------------------------------------------------------
+
+def _activation_name(rule_activation: str, approx: Any) -> str:
+    if rule_activation == "gelu":
+        return _GELU_APPROXIMATIONS.get(approx or "none", "gelu")
+    return rule_activation
+
+
+def _op_arguments(rule_activation: str, v: dict) -> dict:
+    """The op's keyword arguments from a site's wildcard values (fake tensors)."""
+    activation = _activation_name(rule_activation, v.get("approx"))
+    w_in, b_in, w_gate, b_gate = v.get("w_in"), v.get("b_in"), v.get("w_gate"), v.get("b_gate")
+    if v.get("w_cat") is not None:
+        w_cat, b_cat = v["w_cat"], v.get("b_cat")
+        h = w_cat.shape[0] // 2
+        gate, up = v.get("gate_half", 0), v.get("up_half", 1)
+        w_gate, w_in = w_cat.narrow(0, gate * h, h), w_cat.narrow(0, up * h, h)
+        if b_cat is not None:
+            b_gate, b_in = b_cat.narrow(0, gate * h, h), b_cat.narrow(0, up * h, h)
+    p_hidden, p_out = v.get("p_hidden"), v.get("p_out")
+    return dict(x=v["x"], w_in=w_in, b_in=b_in, w_out=v["w_out"], b_out=v.get("b_out"),
+                activation=activation, w_gate=w_gate, b_gate=b_gate,
+                hidden_dropout_p=float(p_hidden) if p_hidden is not None else 0.0,
+                output_dropout_p=float(p_out) if p_out is not None else 0.0,
+                residual=v.get("residual"))
+
+
+def split_config(config: Optional[str]) -> tuple:
+    """(impl, config key) for the op from a tuner config: None (the op's defaults), "<impl>"
+    (that implementation's default tiles) or a config key "<impl>:<tiles>"."""
+    if config is None:
+        return None, None
+    if config in _IMPLS:
+        return config, None
+    return config.split(":", 1)[0], config
+
+
+def _make_replacement(activation: str) -> Callable:
+    def replacement(config=None, **values):
+        impl, key = split_config(config)
+        return feedforward_op(**_op_arguments(activation, values), impl=impl, config=key)
+    return replacement
+
+
+def _configs(gated: bool) -> Callable:
+    def configs(m: Match):
+        from fusion_backend.ops.feedforward import default_feedforward_config, feedforward_config_space
+
+        if m.values["x"].device.type != "cuda":
+            return [None]  # timing configs in Triton's CPU interpreter tells nothing
+        choices = list(_IMPLS)
+        for impl, extra in (("triton", 3), ("cublas", 2)):
+            default = default_feedforward_config(impl, gated=gated, interpret=False)["key"]
+            keys = [c["key"] for c in feedforward_config_space(impl, gated=gated)[1:]]
+            choices += [k for k in keys if k != default][:extra]
+        return choices
+    return configs
+
+
+def _variant(structure: str, rule_activation: str) -> Callable:
+    gated_names = {"gelu": "geglu", "gelu_tanh": "geglu", "relu": "reglu", "silu": "swiglu"}
+
+    def variant(m: Match) -> str:
+        act = _activation_name(rule_activation, m.values.get("approx"))
+        return act if structure == "plain" else gated_names[act]
+    return variant
+
+
+_STRUCTURES = {"plain": _plain_pattern, "gated": _gated_pattern, "chunked": _chunked_pattern}
+
+
+def _rule(structure: str, activation: str) -> Rule:
+    return Rule(name=f"feedforward.{structure}.{activation}", kind="feedforward",
+                pattern=_STRUCTURES[structure](ACTIVATIONS[activation]),
+                replacement=_make_replacement(activation),
+                constraints=CONSTRAINTS + (_check_supported(activation),), priority=50,
+                variant=_variant(structure, activation),
+                # The block's own math; dropout draws its masks from the op's Philox stream.
+                exact=True, configs=_configs(gated=structure != "plain"))
+
+
+RULES = [_rule(s, a) for s in _STRUCTURES for a in ACTIVATIONS]
+
+for _r in RULES:
+    register_rule(_r, replace=True)
