@@ -247,18 +247,34 @@ def _combined_scale(scale, scale2, default, negate=False, heads=None):
     return -float(value) if negate else float(value)
 
 
+def floor_additive_mask(mask):
+    """An additive mask the op reproduces eager softmax with: finite values below -1e30 (finfo.min
+    masks, as HF builds them) are raised to -1e30.
+
+    Eager adds finfo.min and gets a uniform row where every key is masked (all logits round to the
+    same huge negative); the kernels scale logits by log2(e) and finfo.min * log2(e) overflows to
+    -inf, which reads as a fully masked row (output 0). At -1e30 every logit of such a row still
+    rounds to exactly -1e30 (scores below ~1e22 are absorbed), so the row stays uniform, and a
+    partially masked entry still gets probability exactly 0. -inf entries are kept: they mean
+    "masked" to the op just as to eager. Gradient: entries below -1e30 get none (eager gives them
+    some only in a fully masked row)."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    return torch.where(torch.isneginf(mask), mask, mask.clamp(min=_HUGE_NEGATIVE))
+
+
 def _mask_for_op(q, mask_a, fill_a, bias, mask_b, fill_b):
     """One attn_mask for the op: bool (keep) when only -inf fills are present, float additive
-    otherwise."""
+    otherwise (finite fills at or below -1e30 as -1e30: see floor_additive_mask)."""
     fills = [(m, f) for m, f in ((mask_a, fill_a), (mask_b, fill_b)) if m is not None]
     if bias is None and fills and all(f == -math.inf for _, f in fills):
         keep = ~fills[0][0]
         for m, _ in fills[1:]:
             keep = keep & ~m
         return keep
-    mask = bias
+    mask = floor_additive_mask(bias)
     for m, f in fills:
-        fill = torch.tensor(f, dtype=torch.float32, device=q.device)
+        fill = torch.tensor(max(f, _HUGE_NEGATIVE) if f != -math.inf else f, dtype=torch.float32, device=q.device)
         if mask is None:
             mask = torch.zeros((), dtype=torch.float32, device=q.device).masked_fill(m, fill)
         else:

@@ -173,7 +173,9 @@ def _reference_core(q, k, v, scale_h, metric, causal, mask, dropout_p, seed, dty
     dead = torch.isneginf(s).all(-1, keepdim=True)
     s = s.masked_fill(dead, 0.0)
     lse = torch.logsumexp(s, -1, keepdim=True)
-    p = torch.exp(s - lse).masked_fill(dead, 0.0)
+    # softmax, not exp(s - lse): where a whole row sits near a huge finite negative (finfo.min
+    # padding masks) lse loses the log(N) term to rounding and exp(s - lse) sums to N, not 1
+    p = torch.softmax(s, -1).masked_fill(dead, 0.0)
     lse = lse.masked_fill(dead, float("inf"))
     if dropout_p > 0:
         keep = _dropout_keep_reference(p.shape, dropout_p, seed, q.device)
