@@ -14,10 +14,12 @@ Two ways to run it share every formula here:
   that do the same epilogue work in one pass over memory.
 
 Dropout never stores a mask. The keep decision of element (i, j) of an (M, N) matrix is a pure
-function of (seed, i * N + j): Philox-4x32-10 through `tl.randint`, element kept when the top 31
-bits of the draw are >= `threshold` (round(p * 2**31)). `philox_keep_mask` is the same function in
-PyTorch, so a reference and a kernel given the same seed drop the same elements, and backward
-regenerates forward's mask.
+function of the seed and (i, j): one Philox-4x32-10 call (`tl.randint4x`) with counter
+i * ceil(N/4) + j // 4 gives four words, and word j % 4 decides element (i, j) (kept when its top
+31 bits are >= `threshold` = round(p * 2**31)). One Philox call per four elements: Philox is
+integer-multiply heavy, and one call per element cost more than the memory traffic of the pass.
+`philox_keep_mask` is the same function in PyTorch, so a reference and a kernel given the same
+seed drop the same elements, and backward regenerates forward's mask.
 
 Activation codes (ACT constexpr): see `ACTIVATIONS`. Kernels compute in float32 and round to the
 output dtype on store. Pre-activations are rounded to the storage dtype before the activation so
@@ -41,6 +43,7 @@ EPI_HIDDEN = 1  # forward first GEMM: store pre-activation(s), then dropout(act(
 EPI_OUT = 2  # forward second GEMM: dropout(acc + bias) + residual
 EPI_DHIDDEN = 3  # backward: dL/dhidden -> dL/dpre-activation(s), reading stored pre-activations
 
+_SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program; H100 allows 227 KB in all
 _SQRT1_2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 _SQRT_2_OVER_PI = 0.7978845608028654
@@ -73,15 +76,18 @@ def _mul_hi_lo(a: torch.Tensor, b: int):
     return hi, lo
 
 
-def philox_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+def philox_keep_mask(seed: int, rows: int, cols: int, p: float, device=None, row0: int = 0) -> torch.Tensor:
     """Bool (rows, cols) keep mask of dropout with probability p, identical to the kernels'.
 
-    Element (i, j) uses counter i * cols + j and key `seed` (Philox-4x32, 10 rounds, first
-    output word), exactly as `tl.randint(seed, i * cols + j)` does.
+    Element (i, j) takes word j % 4 of Philox-4x32-10 with key `seed` and counter
+    (row0 + i) * ceil(cols / 4) + j // 4, exactly as the kernels' `tl.randint4x` does.
     """
     if p <= 0.0:
         return torch.ones(rows, cols, dtype=torch.bool, device=device)
-    off = torch.arange(rows * cols, dtype=torch.int64, device=device)
+    n4 = -(-cols // 4)
+    off = (torch.arange(rows, dtype=torch.int64, device=device)[:, None] + row0) * n4 + torch.arange(
+        n4, dtype=torch.int64, device=device)[None, :]
+    off = off.reshape(-1)
     c0, c1 = off & _M32, (off >> 32) & _M32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
@@ -92,7 +98,8 @@ def philox_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> 
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + 0x9E3779B9) & _M32
         k1 = (k1 + 0xBB67AE85) & _M32
-    return ((c0 >> 1) >= dropout_threshold(p)).reshape(rows, cols)
+    words = torch.stack([c0, c1, c2, c3], dim=-1).reshape(rows, 4 * n4)[:, :cols]
+    return (words >> 1) >= dropout_threshold(p)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,9 +152,15 @@ def _act_and_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _dropout(v, seed, offs, threshold, scale):
-    """Inverted dropout of float32 block v; offs are the elements' flat indices (i * N + j)."""
-    r = tl.randint(seed, offs)
+def _dropout(v, seed, rows, col0, N, threshold, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Inverted dropout of the float32 (BLOCK_M, BLOCK_N) block v whose global row indices are
+    `rows` (int64) and whose first global column is col0 (a multiple of 4); N the matrix width.
+    One Philox call per 4 columns; its four words are interleaved back to column order."""
+    q = col0 // 4 + tl.arange(0, BLOCK_N // 4)
+    r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * ((N + 3) // 4) + q[None, :])
+    # join(join(r0, r2), join(r1, r3)) has shape (BM, BN/4, 2, 2) and element [.., q, a, b] is
+    # word 2a + b, so the row-major reshape puts word k of counter q at column 4q + k.
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N))
     keep = (r >> 1).to(tl.int32) >= threshold
     return tl.where(keep, v * scale, 0.0)
 
@@ -162,7 +175,7 @@ def _gemm_kernel(
     a_ptr, b_ptr, a2_ptr, b2_ptr,
     bias_ptr, bias2_ptr,
     z_ptr, zu_ptr, res_ptr,
-    c_ptr, c2_ptr,
+    c_ptr, c2_ptr, db_ptr, db2_ptr,
     M, N, K, K2,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_a2m, stride_a2k, stride_b2k, stride_b2n,
@@ -171,7 +184,7 @@ def _gemm_kernel(
     EPI: tl.constexpr, ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, GATED: tl.constexpr, HAS_K2: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_RES: tl.constexpr, STORE_Z: tl.constexpr, UPCAST: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, BIAS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C (M, N) = A (M, K) @ B (K, N) with an epilogue chosen by EPI. Any strides.
@@ -193,9 +206,11 @@ def _gemm_kernel(
              EPI_PLAIN, if HAS_RES (res may be c itself: C += A @ B).
       c_ptr, c2_ptr (M, N) strides (stride_cm, stride_cn): outputs. EPI_HIDDEN: hidden in c.
              EPI_DHIDDEN: dL/dz in c, and dL/dzu in c2 when GATED. Otherwise the result in c.
+      db_ptr, db2_ptr (cdiv(M, BLOCK_M), N) float32 contiguous: EPI_DHIDDEN with BIAS_GRAD: each
+             M-tile's column sums of dL/dz (and dL/dzu), summed over dim 0 for bias gradients.
     Scalars: seed (Philox key), threshold (int, keep if 31-bit draw >= it), scale (1/(1-p)),
-      used when HAS_DROPOUT; the dropout counter of element (i, j) is (row0 + i) * N + j, so a
-      block of rows of a larger matrix (starting at row row0) draws that matrix's mask.
+      used when HAS_DROPOUT; element (i, j) is drawn as element (row0 + i, j) of the matrix, so
+      a block of rows of a larger matrix (starting at row row0) draws that matrix's mask.
     Constexprs: EPI (EPI_* code), ACT (activation code), HAS_BIAS/HAS_BIAS2/GATED/HAS_K2/
       HAS_DROPOUT/HAS_RES/STORE_Z switch the pieces above; UPCAST computes the dot in float32
       (the interpreter's bf16 arithmetic is wrong); EVEN_K: K (and K2) are multiples of BLOCK_K,
@@ -269,7 +284,8 @@ def _gemm_kernel(
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     c_off = rm[:, None] * stride_cm + rn[None, :] * stride_cn
     if HAS_DROPOUT:
-        flat = (rm[:, None].to(tl.int64) + row0) * N + rn[None, :]
+        rows = rm.to(tl.int64) + row0
+        col0 = pid_n * BLOCK_N
     if EPI == 1:  # EPI_HIDDEN
         if HAS_BIAS:
             acc += tl.load(bias_ptr + bn).to(tl.float32)[None, :]
@@ -289,29 +305,37 @@ def _gemm_kernel(
                 tl.store(z_ptr + z_off, zg, mask=mask)
             h = _act(zg.to(tl.float32), ACT)
         if HAS_DROPOUT:
-            h = _dropout(h, seed, flat, threshold, scale)
+            h = _dropout(h, seed, rows, col0, N, threshold, scale, BLOCK_M, BLOCK_N)
         tl.store(c_ptr + c_off, h.to(out_ty), mask=mask)
     elif EPI == 2:  # EPI_OUT
         if HAS_BIAS:
             acc += tl.load(bias_ptr + bn).to(tl.float32)[None, :]
         if HAS_DROPOUT:
-            acc = _dropout(acc, seed, flat, threshold, scale)
+            acc = _dropout(acc, seed, rows, col0, N, threshold, scale, BLOCK_M, BLOCK_N)
         if HAS_RES:
             r = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :] * stride_rn, mask=mask)
             acc += r.to(tl.float32)
         tl.store(c_ptr + c_off, acc.to(out_ty), mask=mask)
     elif EPI == 3:  # EPI_DHIDDEN
         if HAS_DROPOUT:
-            acc = _dropout(acc, seed, flat, threshold, scale)
+            acc = _dropout(acc, seed, rows, col0, N, threshold, scale, BLOCK_M, BLOCK_N)
         z_off = rm[:, None] * stride_zm + rn[None, :] * stride_zn
         zg = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
         a_val, a_grad = _act_and_grad(zg, ACT)
         if GATED:
             zu = tl.load(zu_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
-            tl.store(c_ptr + c_off, (acc * zu * a_grad).to(out_ty), mask=mask)
-            tl.store(c2_ptr + c_off, (acc * a_val).to(out_ty), mask=mask)
+            dz = (acc * zu * a_grad).to(out_ty)
+            dzu = (acc * a_val).to(out_ty)
+            tl.store(c2_ptr + c_off, dzu, mask=mask)
+            if BIAS_GRAD:
+                s2 = tl.sum(tl.where(mask, dzu.to(tl.float32), 0.0), 0)
+                tl.store(db2_ptr + pid_m * N + rn, s2, mask=rn < N)
         else:
-            tl.store(c_ptr + c_off, (acc * a_grad).to(out_ty), mask=mask)
+            dz = (acc * a_grad).to(out_ty)
+        tl.store(c_ptr + c_off, dz, mask=mask)
+        if BIAS_GRAD:  # sums of the rounded values, as dz.sum(0) would give
+            s1 = tl.sum(tl.where(mask, dz.to(tl.float32), 0.0), 0)
+            tl.store(db_ptr + pid_m * N + rn, s1, mask=rn < N)
     else:  # EPI_PLAIN
         if HAS_BIAS:
             acc += tl.load(bias_ptr + bn).to(tl.float32)[None, :]
@@ -324,7 +348,7 @@ def _gemm_kernel(
 def gemm(
     a, b, *, epi=EPI_PLAIN, act=0, bias=None, b2=None, bias2=None, a2=None,
     z=None, zu=None, residual=None, out=None, out2=None,
-    seed=0, p=0.0, row0=0, store_z=True, config=None,
+    seed=0, p=0.0, row0=0, store_z=True, bias_grad=False, config=None,
 ):
     """Launch `_gemm_kernel`: out (M, N) = a (M, K) @ b (K, N), with the epilogue `epi`.
 
@@ -334,11 +358,13 @@ def gemm(
         zu = a @ b + bias); out = dropout(act(z) [* zu], p). z/zu are written when store_z.
     epi=EPI_OUT: out = dropout(a @ b + bias, p) + residual.
     epi=EPI_DHIDDEN: g = dropout(a @ b, p) with the forward mask; out = g * act'(z) [* zu];
-        gated: out2 = g * act(z) (dL/dzu).
+        gated: out2 = g * act(z) (dL/dzu). Returns (out, out2 or None, db, db2): with bias_grad,
+        db / db2 are the float32 column sums of out / out2 (bias gradients), else None.
     row0: the dropout counters are those of rows row0.. of a larger matrix (row blocks).
     out/out2/z/zu: preallocated (M, N) outputs (any strides) or None to allocate contiguous ones.
-    config: dict with BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages.
-    Returns out (and out2 for gated EPI_DHIDDEN; (out, z, zu) for EPI_HIDDEN).
+    config: dict with BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; num_stages is
+        lowered where the pipeline's tiles would not fit in shared memory (float32, gated).
+    Returns out, (out, z, zu) for EPI_HIDDEN, (out, out2, db, db2) for EPI_DHIDDEN.
     """
     M, K = a.shape
     N = b.shape[1]
@@ -362,6 +388,14 @@ def gemm(
     a2t = a2 if a2 is not None else a
     b2t = b2 if b2 is not None else b
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    db = db2 = None
+    if epi == EPI_DHIDDEN and bias_grad:
+        db = torch.empty(triton.cdiv(M, cfg["BLOCK_M"]), N, device=dev, dtype=torch.float32)
+        db2 = torch.empty_like(db) if gated else None
+    stages = cfg["num_stages"]
+    tile_bytes = (cfg["BLOCK_M"] + (2 if gated else 1) * cfg["BLOCK_N"]) * cfg["BLOCK_K"] * a.element_size()
+    while stages > 1 and stages * tile_bytes > _SMEM_BUDGET:
+        stages -= 1
     k2 = a2.shape[1] if has_k2 else 0
     even_k = K % cfg["BLOCK_K"] == 0 and k2 % cfg["BLOCK_K"] == 0
     _gemm_kernel[grid](
@@ -369,6 +403,7 @@ def gemm(
         bias if bias is not None else dummy, bias2 if bias2 is not None else dummy,
         zt, zut, rt,
         out, out2 if out2 is not None else dummy,
+        db if db is not None else dummy, db2 if db2 is not None else dummy,
         M, N, K, k2,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         a2t.stride(0), a2t.stride(1), b2t.stride(0), b2t.stride(1),
@@ -377,14 +412,14 @@ def gemm(
         EPI=epi, ACT=act,
         HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, GATED=gated, HAS_K2=has_k2,
         HAS_DROPOUT=p > 0.0, HAS_RES=residual is not None, STORE_Z=bool(store_z),
-        UPCAST=interpreting() or dt == torch.float64, EVEN_K=even_k,
+        UPCAST=interpreting() or dt == torch.float64, EVEN_K=even_k, BIAS_GRAD=db is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=stages,
     )
     if epi == EPI_HIDDEN:
         return out, z, zu
-    if epi == EPI_DHIDDEN and gated:
-        return out, out2
+    if epi == EPI_DHIDDEN:
+        return out, out2, (db.sum(0) if db is not None else None), (db2.sum(0) if db2 is not None else None)
     return out
 
 
@@ -416,18 +451,24 @@ def _hidden_epilogue_kernel(
       dbias_ptr (cdiv(M, BLOCK_M), N) float32, contiguous: BACKWARD with BIAS_GRAD: per row-block
         column sums of dL/dz (sum them over dim 0 for the bias gradient); dbias2_ptr the same for
         dL/dzu. Summing inside the pass spares another read of a (M, N) tensor.
-    Scalars: seed, threshold, scale: dropout of element (i, j) with counter (row0 + i) * N + j.
+    Scalars: seed, threshold, scale: dropout, element (i, j) drawn as element (row0 + i, j).
     Constexprs: ACT activation code; BACKWARD picks the direction; GATED, HAS_BIAS, HAS_BIAS2,
       HAS_DROPOUT, BIAS_GRAD switch the pieces above; BLOCK_M x BLOCK_N the tile.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # 64-bit row base as a scalar, 32-bit offsets inside the tile: the loads stay vectorized.
+    m0 = pid_m.to(tl.int64) * BLOCK_M
+    z_ptr += m0 * stride_zm
+    zu_ptr += m0 * stride_zm
+    g_ptr += m0 * stride_gm
+    out_ptr += m0 * stride_om
+    out2_ptr += m0 * stride_om
+    lm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rm < M)[:, None] & (rn < N)[None, :]
-    rm64 = rm.to(tl.int64)
-    z_off = rm64[:, None] * stride_zm + rn[None, :]
-    o_off = rm64[:, None] * stride_om + rn[None, :]
+    mask = ((lm + m0) < M)[:, None] & (rn < N)[None, :]
+    z_off = lm[:, None] * stride_zm + rn[None, :]
+    o_off = lm[:, None] * stride_om + rn[None, :]
     out_ty = out_ptr.dtype.element_ty
     z = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -439,11 +480,11 @@ def _hidden_epilogue_kernel(
             zu += tl.load(bias2_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
             zu = zu.to(out_ty).to(tl.float32)
     if HAS_DROPOUT:
-        flat = (rm64[:, None] + row0) * N + rn[None, :]
+        rows = lm + m0 + row0
     if BACKWARD:
-        g = tl.load(g_ptr + rm64[:, None] * stride_gm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + lm[:, None] * stride_gm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            g = _dropout(g, seed, flat, threshold, scale)
+            g = _dropout(g, seed, rows, pid_n * BLOCK_N, N, threshold, scale, BLOCK_M, BLOCK_N)
         a_val, a_grad = _act_and_grad(z, ACT)
         if GATED:
             dz = g * zu * a_grad
@@ -464,7 +505,7 @@ def _hidden_epilogue_kernel(
         if GATED:
             h = h * zu
         if HAS_DROPOUT:
-            h = _dropout(h, seed, flat, threshold, scale)
+            h = _dropout(h, seed, rows, pid_n * BLOCK_N, N, threshold, scale, BLOCK_M, BLOCK_N)
         tl.store(out_ptr + o_off, h.to(out_ty), mask=mask)
 
 
@@ -523,22 +564,27 @@ def _output_epilogue_kernel(
 
     Pointers: y_ptr (M, N) row stride stride_ym; bias_ptr (N,) if HAS_BIAS; res_ptr (M, N) row
     stride stride_rm if HAS_RES; out_ptr (M, N) row stride stride_om (may alias y).
-    Scalars: seed, threshold, scale of the dropout (counter (row0 + i) * N + j), if HAS_DROPOUT.
+    Scalars: seed, threshold, scale of the dropout (element (i, j) drawn as (row0 + i, j)), if
+    HAS_DROPOUT.
     In backward the same kernel with only HAS_DROPOUT gives dL/dy = dropout(dL/dout).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    m0 = pid_m.to(tl.int64) * BLOCK_M
+    y_ptr += m0 * stride_ym
+    res_ptr += m0 * stride_rm
+    out_ptr += m0 * stride_om
+    lm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rm < M)[:, None] & (rn < N)[None, :]
-    y = tl.load(y_ptr + rm[:, None] * stride_ym + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    mask = ((lm + m0) < M)[:, None] & (rn < N)[None, :]
+    y = tl.load(y_ptr + lm[:, None] * stride_ym + rn[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if HAS_DROPOUT:
-        y = _dropout(y, seed, (rm[:, None] + row0) * N + rn[None, :], threshold, scale)
+        y = _dropout(y, seed, lm + m0 + row0, pid_n * BLOCK_N, N, threshold, scale, BLOCK_M, BLOCK_N)
     if HAS_RES:
-        y += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+        y += tl.load(res_ptr + lm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + lm[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def output_epilogue(y, *, bias=None, residual=None, out=None, seed=0, p=0.0, row0=0, config=None):

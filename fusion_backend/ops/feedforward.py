@@ -425,15 +425,14 @@ def _fused_backward(grad, x, z, zu, w_in, w_out, w_gate, seed, act, p_h, p_o, im
             dw_out = acc(dw_out, gy.t(), hid)
             del hid
         if n_bout:
-            s_ = gy.sum(0, dtype=f32)
+            # sum in gy's dtype (float accumulation inside): sum(dtype=float32) may upcast a copy
+            s_ = gy.sum(0).to(f32)
             db_out = s_ if db_out is None else db_out + s_
         if not need_dz:
             continue
         if use_triton:
-            r = K.gemm(gy, w_out, epi=K.EPI_DHIDDEN, act=code, z=z_r, zu=zu_r, seed=seed, p=p_h, row0=r0, config=gemm_cfg)
-            dz, dzu = r if gated else (r, None)
-            db_a = dz.sum(0, dtype=f32) if (n_bg if gated else n_bin) else None
-            db_b = dzu.sum(0, dtype=f32) if (gated and n_bin) else None
+            dz, dzu, db_a, db_b = K.gemm(gy, w_out, epi=K.EPI_DHIDDEN, act=code, z=z_r, zu=zu_r, seed=seed, p=p_h,
+                                         row0=r0, bias_grad=True, config=gemm_cfg)
         else:
             dh = torch.mm(gy, w_out)
             dz, dzu, db_a, db_b = K.hidden_epilogue(
@@ -548,6 +547,10 @@ def _(grad, x, z, zu, w_in, b_in, w_out, w_gate, b_gate, seed, activation, hidde
 def _setup_context(ctx, inputs, output):
     x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, act, p_h, p_o, impl, config, save = inputs
     _, z, zu = output
+    # z and zu are saved, not results: no gradient flows into them, and autograd must not
+    # materialize a (T, h) zero gradient for them in backward.
+    ctx.mark_non_differentiable(z, zu)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, z, zu, w_in, b_in, w_out, w_gate, b_gate, seed)
     ctx.attrs = (act, p_h, p_o, impl, config)
     ctx.has = (b_in is not None, b_out is not None, w_gate is not None, b_gate is not None, residual is not None)
@@ -560,6 +563,8 @@ def _backward(ctx, grad_out, _grad_z, _grad_zu):
     ng = ctx.needs_input_grad
     needs = [ng[0], ng[1], has_bin and ng[2], ng[3], has_bout and ng[4], has_gate and ng[5], has_bgate and ng[6]]
     grads = [None] * 15
+    if grad_out is None:
+        return tuple(grads)
     if any(needs):
         res = torch.ops.truthfuse.feedforward_backward(
             grad_out, x, z, zu, w_in, b_in, w_out, w_gate, b_gate, seed, act, p_h, p_o, impl, config, needs,

@@ -198,6 +198,14 @@ def test_philox_reference_is_the_kernels_stream():
     # A block of rows with row0 draws the same counters as the whole matrix.
     part = K.output_epilogue(ones[40:90], out=nan_like((50, N)), seed=seed, p=p, row0=40, config=EW_CFG)
     assert torch.equal(part, out[40:90])
+    assert torch.equal(K.philox_keep_mask(seed, 50, N, p, row0=40), mask[40:90])
+    # Widths that are not a multiple of 4, and the GEMM epilogue, draw the same stream.
+    for n in (1, 7, 42):
+        o = K.output_epilogue(torch.ones(9, n), out=nan_like((9, n)), seed=seed, p=p, config=EW_CFG)
+        assert torch.equal(o != 0, K.philox_keep_mask(seed, 9, n, p))
+    a, w = torch.randn(M, 24), torch.randn(N, 24)
+    o = K.gemm(a, w.t(), epi=K.EPI_OUT, seed=seed, p=p, out=nan_like((M, N)), config=GEMM_CFG)
+    torch.testing.assert_close(o, (a @ w.t()) * mask / (1 - p))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -263,9 +271,10 @@ def test_gemm_epilogues(act):
     ZU = zu.double().requires_grad_()
     dh = (g.double() @ wo.double()) * keep
     ref_dz, ref_dzu = torch.autograd.grad(act64(Z) * ZU, [Z, ZU], dh)
-    dz, dzu = K.gemm(g, wo, epi=K.EPI_DHIDDEN, act=code, z=z, zu=zu, seed=11, p=0.2,
-                     out=nan_like((M, N)), out2=nan_like((M, N)), config=GEMM_CFG)
+    dz, dzu, db, db2 = K.gemm(g, wo, epi=K.EPI_DHIDDEN, act=code, z=z, zu=zu, seed=11, p=0.2, bias_grad=True,
+                              out=nan_like((M, N)), out2=nan_like((M, N)), config=GEMM_CFG)
     assert rel(dz, ref_dz) < 1e-5 and rel(dzu, ref_dzu) < 1e-5
+    assert rel(db, ref_dz.sum(0)) < 1e-5 and rel(db2, ref_dzu.sum(0)) < 1e-5
     # EPI_OUT: dropout(a w^T + b) + residual
     r = torch.randn(M, N)
     o = K.gemm(a, w.t(), epi=K.EPI_OUT, bias=b, residual=r, seed=3, p=0.4, out=nan_like((M, N)), config=GEMM_CFG)
