@@ -9,6 +9,7 @@ docs/authoring-rules.md. The built-in rules live in the `truthfuse_patterns` pac
 """
 __version__ = "0.1.0"
 
+from . import logging_setup  # noqa: F401  -- TRUTHFUSE_LOG=info|debug, read once at import
 from . import ops  # noqa: F401  -- fusion_backend.ops.attention, fusion_backend.ops.feedforward
 from .backend import FusionWarning, TruthfuseBackend, backend, truthfuse
 from .explain import Report, explain
@@ -29,6 +30,7 @@ from .match import (
     same_device,
     unregister_rule,
 )
+from .monitor import metrics, reset_metrics
 from .options import STRATEGIES, OptionError, Options, parse_options
 from .tune import load_state, save_state
 
@@ -38,4 +40,7 @@ __all__ = [
     "ENTRY_POINT_GROUP", "dims_equal", "dtype_in", "is_scalar_like", "known_equal", "rank_is",
     "same_device", "Options", "OptionError", "parse_options", "STRATEGIES", "save_state",
     "load_state", "ops",
+    "metrics", "reset_metrics",
 ]
+
+logging_setup.configure()
