@@ -1,0 +1,86 @@
+"""Shared checks for the pattern tests: explain() says the site is fused with the right variant,
+and the model compiled with backend="truthfuse" matches eager in outputs and gradients (fp32)."""
+import torch
+
+import fusion_backend
+
+# aggressive: fuse every valid site; eager inner compiler: no Inductor compile per test
+OPTIONS = {"strategy": "aggressive", "inner": "eager", "cache": False}
+
+
+def explain_sites(model, *inputs, **kwargs):
+    report = fusion_backend.explain(model, *inputs, options=OPTIONS, **kwargs)
+    torch._dynamo.reset()
+    return report.sites
+
+
+def assert_fused(model, *inputs, variant, rule=None, count=1, **kwargs):
+    """explain() reports `count` fused attention sites of `variant` (and `rule`, if given)."""
+    sites = explain_sites(model, *inputs, **kwargs)
+    fused = [s for s in sites if s.decision == "fused" and s.kind == "attention"]
+    table = [(s.rule, s.variant, s.decision, s.reason) for s in sites]
+    assert len(fused) == count, table
+    for s in fused:
+        assert s.variant == variant, table
+        if rule is not None:
+            assert s.rule == rule, table
+    return sites
+
+
+def assert_near_miss(model, *inputs, reason, **kwargs):
+    """explain() reports a kept attention site whose reason contains `reason`, and nothing fused."""
+    sites = explain_sites(model, *inputs, **kwargs)
+    table = [(s.rule, s.variant, s.decision, s.reason) for s in sites]
+    attention = [s for s in sites if s.kind == "attention"]
+    assert attention and all(s.decision == "kept" for s in attention), table
+    assert any(reason in s.reason for s in attention), table
+    return sites
+
+
+def _leaves(inputs):
+    return [x.detach().clone().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
+            for x in inputs]
+
+
+def assert_matches_eager(model, *inputs, dynamic=False, atol=2e-5, rtol=2e-4, grad_inputs=True,
+                         loss_mask=None, **kwargs):
+    """Outputs and gradients (float inputs and every parameter) of the model compiled with
+    backend="truthfuse" equal eager's in fp32. The loss is a random weighting of the output
+    (times `loss_mask`, where given: positions a real loss ignores)."""
+    ref_in, new_in = _leaves(inputs), _leaves(inputs)
+    if not grad_inputs:
+        for x in ref_in + new_in:
+            if isinstance(x, torch.Tensor):
+                x.requires_grad_(False)
+    compiled = torch.compile(model, backend="truthfuse", options=OPTIONS, dynamic=dynamic)
+    ref = _first(model(*ref_in, **kwargs))
+    weight = torch.randn_like(ref)
+    if loss_mask is not None:
+        weight = weight * loss_mask
+    (ref * weight).sum().backward()
+    ref_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    out = _first(compiled(*new_in, **kwargs))
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+    (out * weight).sum().backward()
+    new_grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(new_grads) == len(ref_grads)
+    for a, b in zip(new_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=atol * 10, rtol=rtol * 10)
+    for a, b in zip(new_in, ref_in):
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, atol=atol * 10, rtol=rtol * 10)
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+
+
+def _first(out):
+    if isinstance(out, tuple):
+        return out[0]
+    return getattr(out, "logits", out)
+
+
+def qkv(B=2, H=2, T=8, S=None, D=8, Hkv=None, Dv=None):
+    S = S or T
+    Hkv = Hkv or H
+    return (torch.randn(B, H, T, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, Dv or D))
