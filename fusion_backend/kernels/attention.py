@@ -11,7 +11,8 @@ Logits, with s the per-head scale (one fp32 value per query head):
             products, and |k|^2 is summed in fp32 from the loaded k, so neither term is rounded to
             the input dtype (the augmented-vector SDPA trick rounds |k|^2 and 2*s*q to bf16, which is
             where its error at large s comes from).
-    cosine  s * q^.k^  with q^ = q / max(|q|, eps) normalized in fp32 inside the kernel.
+    cosine  s * q^.k^  with q^ = q / max(|q|, eps) normalized in fp32 by a pre-pass (`_prepass`)
+            and rounded once to the input dtype; the backward projects the gradient with the norms.
 
 Conventions shared by the kernels (and by `attention_l1`):
 - Logits are handled in base 2 (multiplied by log2(e)) so the softmax uses exp2; LSE is stored in
@@ -87,14 +88,6 @@ def _load_rows(ptr, offs_r, offs_c, stride_r, stride_c, N_R, N_C: tl.constexpr,
 
 
 @triton.jit
-def _normalize_rows(x):
-    """fp32 rows of x divided by max(|row|, 1e-12) (F.normalize), and the clamped norms."""
-    xf = x.to(tl.float32)
-    nrm = tl.maximum(tl.sqrt(tl.sum(xf * xf, axis=1)), 1e-12)
-    return xf / nrm[:, None], nrm
-
-
-@triton.jit
 def _normalize_grad(g, xh, nrm):
     """Gradient through x -> x / max(|x|, eps), given the gradient g w.r.t. the normalized rows."""
     proj = tl.sum(xh * g, axis=1)
@@ -106,7 +99,7 @@ def _normalize_grad(g, xh, nrm):
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, SCALE, MASK, OUT, LSE, RBAR,
+    Q, K, V, SCALE, KVEC, MASK, OUT, LSE, RBAR,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -123,6 +116,8 @@ def _attn_fwd_kernel(
     Grid: (cdiv(Nq, BLOCK_M), B * H).
     Q:     (B, H, Nq, D) strides sq*;  K: (B, Hkv, Nk, D) strides sk*;  V: (B, Hkv, Nk, Dv) sv*.
     SCALE: (H,) fp32, the per-head scale s.
+    KVEC:  (B*Hkv, Nk) fp32: |k|^2 for l2 (summed in fp32 from the un-rounded k); unused otherwise.
+           For cosine, Q and K arrive already normalized (`_prepass`), so the kernel is the dot one.
     MASK:  (B, H, Nq, Nk) broadcast view, strides sm* (0 on broadcast dims); unused if MASK_KIND 0.
     OUT:   (B, H, Nq, Dv) strides so*, written in OUT's dtype.
     LSE:   (B*H, Nq) fp32 contiguous, base-2 logsumexp of each row (+inf for a fully masked row).
@@ -146,9 +141,7 @@ def _attn_fwd_kernel(
     scale2 = tl.load(SCALE + h) * 1.4426950408889634
 
     q = _load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, N_Q, HEAD_DIM, EVEN_M, HEAD_DIM == D_PAD)
-    if METRIC == 2:
-        qh, q_nrm = _normalize_rows(q)
-        q = qh.to(Q.dtype.element_ty)
+    kvec_base = KVEC + (b * (H // GROUP) + hk) * N_K
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
@@ -164,13 +157,9 @@ def _attn_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
-        if METRIC == 2:
-            kh, k_nrm = _normalize_rows(k)
-            k = kh.to(K.dtype.element_ty)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if METRIC == 1:
-            kf = k.to(tl.float32)
-            kn = tl.sum(kf * kf, axis=1)
+            kn = tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)
             raw = 2.0 * qk - kn[None, :]
         else:
             raw = qk
@@ -204,7 +193,7 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, SCALE, MASK, DO, LSE, DELTA, DK, DV,
+    Q, K, V, SCALE, KVEC, MASK, DO, LSE, DELTA, DK, DV,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -220,6 +209,7 @@ def _attn_bwd_dkdv_kernel(
 
     Grid: (cdiv(Nk, BLOCK_N), B * Hkv). Pointers as in `_attn_fwd_kernel`, plus
     DO:    (B, H, Nq, Dv) strides sdo*;  LSE, DELTA: (B*H, Nq) fp32 contiguous (DELTA = rowsum(dO*O));
+    KVEC:  (B*Hkv, Nk) fp32: |k|^2 for l2, max(|k|, eps) for cosine (Q, K then hold q^, k^).
     DK:    (B, Hkv, Nk, D) contiguous, K's dtype;  DV: (B, Hkv, Nk, Dv) contiguous, V's dtype.
     BLOCK_N keys are owned by the program, BLOCK_M queries are visited per step.
     """
@@ -233,14 +223,8 @@ def _attn_bwd_dkdv_kernel(
 
     k = _load_rows(K + b * skb + hk * skh, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
     v = _load_rows(V + b * svb + hk * svh, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
-    kf = k.to(tl.float32)
-    if METRIC == 2:
-        kh, knrm = _normalize_rows(k)
-        k_op = kh.to(K.dtype.element_ty)
-    else:
-        k_op = k
-    if METRIC == 1:
-        kn = tl.sum(kf * kf, axis=1)
+    k_op = k
+    kvec = tl.load(KVEC + bhk * N_K + offs_n, mask=offs_n < N_K, other=1.0)
 
     dk_acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
@@ -260,9 +244,6 @@ def _attn_bwd_dkdv_kernel(
         for start_m in range(lo, N_Q, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _load_rows(q_base, offs_m, offs_d, sqm, sqd, N_Q, HEAD_DIM, EVEN_M, HEAD_DIM == D_PAD)
-            if METRIC == 2:
-                qh, q_nrm = _normalize_rows(q)
-                q = qh.to(Q.dtype.element_ty)
             do = _load_rows(do_base, offs_m, offs_dv, sdom, sdod, N_Q, HEAD_DIM_V, EVEN_M, HEAD_DIM_V == DV_PAD)
             if EVEN_M:
                 lse = tl.load(LSE + bh * N_Q + offs_m)
@@ -272,7 +253,7 @@ def _attn_bwd_dkdv_kernel(
                 delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
             qk = tl.dot(q, tl.trans(k_op), input_precision=DOT_PREC)
             if METRIC == 1:
-                raw = 2.0 * qk - kn[None, :]
+                raw = 2.0 * qk - kvec[None, :]
             else:
                 raw = qk
             s = _logits2(raw, scale2, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
@@ -292,9 +273,9 @@ def _attn_bwd_dkdv_kernel(
             dk_acc = tl.dot(tl.trans(ds.to(Q.dtype.element_ty)), q, dk_acc, input_precision=DOT_PREC)
 
     if METRIC == 1:
-        dk = 2.0 * dk_acc - 2.0 * kf * csum[:, None]
+        dk = 2.0 * dk_acc - 2.0 * k.to(tl.float32) * csum[:, None]
     elif METRIC == 2:
-        dk = _normalize_grad(dk_acc, kh, knrm)
+        dk = _normalize_grad(dk_acc, k.to(tl.float32), kvec)
     else:
         dk = dk_acc
     nmask = offs_n[:, None] < N_K
@@ -309,7 +290,7 @@ def _attn_bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, SCALE, MASK, DO, LSE, RBAR, DELTA, DQ, DSCALE, DMASK,
+    Q, K, V, SCALE, QVEC, KVEC, MASK, DO, LSE, RBAR, DELTA, DQ, DSCALE, DMASK,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -325,6 +306,7 @@ def _attn_bwd_dq_kernel(
     """dQ for BLOCK_M queries of one (b, h); also d(loss)/d(scale) per row and dMask.
 
     Grid: (cdiv(Nq, BLOCK_M), B * H). Pointers as in `_attn_bwd_dkdv_kernel`, plus
+    QVEC:   (B*H, Nq) fp32: max(|q|, eps) for cosine (Q, K then hold q^, k^); KVEC as in dkdv.
     DQ:     (B, H, Nq, D) contiguous, Q's dtype.
     RBAR:   (B*H, Nq) fp32 from the forward (E_p[raw] or 0).
     DSCALE: (B*H, Nq) fp32: sum_j dS_ij * (raw_ij - RBAR_i) (raw = logit / scale); summed over b, i outside.
@@ -343,11 +325,8 @@ def _attn_bwd_dq_kernel(
     scale2 = scale * 1.4426950408889634
 
     q = _load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, N_Q, HEAD_DIM, EVEN_M, HEAD_DIM == D_PAD)
-    if METRIC == 2:
-        qh, qnrm = _normalize_rows(q)
-        q_op = qh.to(Q.dtype.element_ty)
-    else:
-        q_op = q
+    q_op = q
+    kvec_base = KVEC + (b * (H // GROUP) + hk) * N_K
     do = _load_rows(DO + b * sdob + h * sdoh, offs_m, offs_dv, sdom, sdod, N_Q, HEAD_DIM_V, EVEN_M, HEAD_DIM_V == DV_PAD)
     if EVEN_M:
         lse = tl.load(LSE + bh * N_Q + offs_m)
@@ -370,13 +349,9 @@ def _attn_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
         v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
-        if METRIC == 2:
-            kh, k_nrm = _normalize_rows(k)
-            k = kh.to(K.dtype.element_ty)
         qk = tl.dot(q_op, tl.trans(k), input_precision=DOT_PREC)
         if METRIC == 1:
-            kf = k.to(tl.float32)
-            raw = 2.0 * qk - tl.sum(kf * kf, axis=1)[None, :]
+            raw = 2.0 * qk - tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)[None, :]
         else:
             raw = qk
         s = _logits2(raw, scale2, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
@@ -396,7 +371,8 @@ def _attn_bwd_dq_kernel(
     if METRIC == 1:
         dq = 2.0 * dq_acc
     elif METRIC == 2:
-        dq = _normalize_grad(dq_acc, qh, qnrm)
+        qnrm = tl.load(QVEC + bh * N_Q + offs_m, mask=offs_m < N_Q, other=1.0)
+        dq = _normalize_grad(dq_acc, q.to(tl.float32), qnrm)
     else:
         dq = dq_acc
     mmask = offs_m[:, None] < N_Q
@@ -510,6 +486,24 @@ def _dot_prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _prepass(metric, q, k):
+    """Per-row fp32 vectors the kernels need, and the q/k they should read.
+    l2: kvec = |k|^2 (fp32 sum of the exact input values). cosine: q^ = q / max(|q|, eps) and k^
+    likewise, normalized in fp32 and rounded once to the input dtype, with qvec/kvec the clamped
+    norms for the backward's projection. One O(N) pass instead of re-normalizing every key tile in
+    every query program."""
+    dummy = torch.empty(1, device=q.device, dtype=torch.float32)
+    if metric == "l2":
+        return q, k, dummy, (k.float() ** 2).sum(-1).contiguous()
+    if metric == "cosine":
+        qf, kf = q.float(), k.float()
+        qn = qf.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+        kn = kf.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+        return ((qf / qn).to(q.dtype).contiguous(), (kf / kn).to(k.dtype).contiguous(),
+                qn.squeeze(-1).contiguous(), kn.squeeze(-1).contiguous())
+    return q, k, dummy, dummy
+
+
 def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, dropout_p=0.0, seed=0,
                       config=None, out=None, stats=True):
     """Run the forward kernel. q (B,H,Nq,D), k (B,Hkv,Nk,D), v (B,Hkv,Nk,Dv) any strides, one dtype;
@@ -525,8 +519,9 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
     m4, ms, mkind = _mask_args(mask, B, H, Nq, Nk, q.device)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (triton.cdiv(Nq, bm), B * H)
+    q, k, _qvec, kvec = _prepass(metric, q, k)
     _attn_fwd_kernel[grid](
-        q, k, v, scale, m4, out, lse[0], lse[1],
+        q, k, v, scale, kvec, m4, out, lse[0], lse[1],
         *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
         H, Nq, Nk, H // Hkv, seed, float(dropout_p),
         HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv),
@@ -565,6 +560,7 @@ def attention_backward(do, q, k, v, scale, out, lse, *, metric="dot", causal=Fal
     cfg = _bwd_cfg(config or default_attention_config(metric, D, q.dtype, q.device.type))
     delta = (do.float() * out.float()).sum(-1).reshape(B * H, Nq)
     m4, ms, mkind = _mask_args(mask, B, H, Nq, Nk, q.device)
+    q, k, qvec, kvec = _prepass(metric, q, k)
     dq = torch.empty(B, H, Nq, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, Hkv, Nk, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, Hkv, Nk, Dv, device=q.device, dtype=v.dtype)
@@ -579,11 +575,11 @@ def attention_backward(do, q, k, v, scale, out, lse, *, metric="dot", causal=Fal
                   EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
                   BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     _attn_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
-        q, k, v, scale, m4, do, lse[0], delta, dk, dv,
+        q, k, v, scale, kvec, m4, do, lse[0], delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(),
         H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), **common)
     _attn_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
-        q, k, v, scale, m4, do, lse[0], lse[1], delta, dq, dsc, gbuf,
+        q, k, v, scale, qvec, kvec, m4, do, lse[0], lse[1], delta, dq, dsc, gbuf,
         *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *gs,
         H, Nq, Nk, H // Hkv, seed, float(dropout_p), MASK_GRAD=mask_grad, **common)
     dscale = dsc.view(B, H, Nq).sum(dim=(0, 2))
