@@ -1,0 +1,90 @@
+"""Forms that look like attention but mean something else (or something the op cannot reproduce
+exactly): explain() reports them as kept near-misses with the reason, and the compiled model still
+equals eager."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checks import assert_matches_eager, assert_near_miss, qkv
+from .models import MHA, MaskedFill, NonScalarScale, ReturnsWeights, SoftmaxOverQueries
+
+
+def test_softmax_over_queries():
+    assert_near_miss(SoftmaxOverQueries(), *qkv(), reason="softmax over dim -2")
+    assert_matches_eager(SoftmaxOverQueries(), *qkv())
+
+
+def test_scale_varies_per_key():
+    assert_near_miss(NonScalarScale(), *qkv(), reason="neither a scalar nor per-head")
+    assert_matches_eager(NonScalarScale(), *qkv())
+
+
+def test_attention_weights_returned():
+    assert_near_miss(ReturnsWeights(), *qkv(), reason="also used outside the pattern")
+    assert_matches_eager(ReturnsWeights(), *qkv())
+
+
+def test_multihead_attention_weights_returned():
+    x = torch.randn(2, 8, 16)
+    assert_near_miss(MHA(need_weights=True), x, reason="attention weights returned")
+
+
+def test_finite_fill_is_not_absorbed():
+    # -1e4 is not "minus infinity" to softmax: a fully masked row is not uniform in eager
+    mask = torch.rand(8, 8) > 0.5
+    assert_near_miss(MaskedFill(-1e4), *qkv(), mask, reason="is not -inf")
+    assert_matches_eager(MaskedFill(-1e4), *qkv(), mask)
+
+
+class AddBias(nn.Module):
+    def forward(self, q, k, v, bias):
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.35 + bias, dim=-1) @ v
+
+
+def test_bias_that_broadcasts_the_scores_up():
+    # (2, 3, 8, 8) + a (2, 1, 8, 8)-shaped score would make 3 "heads" out of 1: not the op's shape
+    q, k, v = qkv(H=1)
+    bias = torch.randn(2, 3, 8, 8)
+    assert_near_miss(AddBias(), q, k, v, bias, reason="does not broadcast to the scores")
+    assert_matches_eager(AddBias(), q, k, v, bias)
+
+
+class SharedKeys(nn.Module):
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.35, dim=-1) @ v
+
+
+def test_keys_broadcast_over_heads():
+    q, _, _ = qkv()
+    k, v = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    assert_near_miss(SharedKeys(), q, k, v, reason="(broadcasting)")
+    assert_matches_eager(SharedKeys(), q, k, v)
+
+
+class NoTemperature(nn.Module):
+    def forward(self, q, k, v):
+        return torch.softmax(torch.cdist(q, k) ** 2, dim=-1) @ v
+
+
+def test_distance_without_temperature():
+    # softmax(+distance) favours far keys: not the L2 attention the op computes
+    assert_near_miss(NoTemperature(), *qkv(), reason="without a temperature")
+
+
+class SDPAMaskOtherDtype(nn.Module):
+    def forward(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask).float()
+
+
+def test_sdpa_float64():
+    q, k, v = qkv()
+    assert_near_miss(SDPAMaskOtherDtype(), q, k, v, torch.zeros(8, 8, dtype=torch.float64), reason="float64")
+
+
+def test_multihead_attention_bias_kv():
+    mha = nn.MultiheadAttention(16, 2, add_bias_kv=True, batch_first=True)
+
+    def f(x):
+        return mha(x, x, x, need_weights=False)[0]
+
+    assert_near_miss(f, torch.randn(2, 8, 16), reason="bias_k is set")
