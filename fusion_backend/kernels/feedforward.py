@@ -184,7 +184,7 @@ def _gemm_kernel(
     EPI: tl.constexpr, ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, GATED: tl.constexpr, HAS_K2: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_RES: tl.constexpr, STORE_Z: tl.constexpr, UPCAST: tl.constexpr,
-    EVEN_K: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    EVEN_K: tl.constexpr, BIAS_GRAD: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C (M, N) = A (M, K) @ B (K, N) with an epilogue chosen by EPI. Any strides.
@@ -214,7 +214,9 @@ def _gemm_kernel(
     Constexprs: EPI (EPI_* code), ACT (activation code), HAS_BIAS/HAS_BIAS2/GATED/HAS_K2/
       HAS_DROPOUT/HAS_RES/STORE_Z switch the pieces above; UPCAST computes the dot in float32
       (the interpreter's bf16 arithmetic is wrong); EVEN_K: K (and K2) are multiples of BLOCK_K,
-      so the K-loop loads need no mask; BLOCK_M/N/K the tile; GROUP_M how many
+      so the K-loop loads need no mask; BIAS_GRAD see db_ptr; PRECISION the float32 dot's
+      input precision ("tf32" or "ieee", as torch.backends.cuda.matmul.allow_tf32 says for
+      cuBLAS; ignored for 16-bit inputs); BLOCK_M/N/K the tile; GROUP_M how many
       M-tiles share a sweep over N, so that B tiles stay in L2.
     """
     pid = tl.program_id(0)
@@ -250,7 +252,7 @@ def _gemm_kernel(
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if GATED:
             if EVEN_K:
                 g = tl.load(g_ptrs)
@@ -258,7 +260,7 @@ def _gemm_kernel(
                 g = tl.load(g_ptrs, mask=kmask[:, None], other=0.0)
             if UPCAST:
                 g = g.to(tl.float32)
-            acc2 = tl.dot(a, g, acc2)
+            acc2 = tl.dot(a, g, acc2, input_precision=PRECISION)
             g_ptrs += BLOCK_K * stride_b2k
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -276,7 +278,7 @@ def _gemm_kernel(
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_a2k
             b_ptrs += BLOCK_K * stride_b2k
 
@@ -413,6 +415,8 @@ def gemm(
         HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, GATED=gated, HAS_K2=has_k2,
         HAS_DROPOUT=p > 0.0, HAS_RES=residual is not None, STORE_Z=bool(store_z),
         UPCAST=interpreting() or dt == torch.float64, EVEN_K=even_k, BIAS_GRAD=db is not None,
+        # 16-bit inputs keep the default; float32 follows torch's flag like the cuBLAS path does.
+        PRECISION="ieee" if (dt == torch.float32 and not torch.backends.cuda.matmul.allow_tf32) else "tf32",
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=stages,
     )
