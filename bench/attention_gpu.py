@@ -10,7 +10,11 @@
    ceiling for L1, extra memory (peak - base), and a few launch configs.
 
 Usage:  TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 python bench/attention_gpu.py   (writes $OUT/attention_gpu.json)
-Env: SKIP_CHECK=1, SKIP_BENCH=1, SKIP_INDUCTOR=1, SKIP_FLEX=1 to shorten a run.
+Env: SKIP_CHECK=1, SKIP_BENCH=1, SKIP_CONFIGS=1, SKIP_INDUCTOR=1, SKIP_FLEX=1 to shorten a run;
+CHECK_PART=i CHECK_PARTS=n runs every n-th check only (parallel compiles), and MERGE_CHECKS=1 with
+SKIP_CHECK=1 folds those parts' results into the main JSON:
+  for i in 0 1 2 3; do CHECK_PART=$i CHECK_PARTS=4 python bench/attention_gpu.py & done; wait
+  SKIP_CHECK=1 MERGE_CHECKS=1 SKIP_INDUCTOR=1 python bench/attention_gpu.py
 """
 import json
 import math
@@ -137,7 +141,7 @@ def check_dropout(metric):
     fd = ((f(1) - f(-1)) / (2 * eps)).item()
     an = sum((g * dt).sum() for g, dt in zip(gsum[0], d)).item()
     fd_err = abs(fd - an) / max(abs(an), 1e-6)
-    ok = same and not torch.equal(o1, o3) and abs(rate - p) < 0.03 and fd_err < 2e-2
+    ok = bool(same) and not torch.equal(o1, o3) and abs(rate - p) < 0.03 and fd_err < 2e-2
     RES["check"].append(dict(check="dropout", metric=metric, rate=rate, same_seed_same=same, fd_err=fd_err, ok=ok))
     print(f"{'OK ' if ok else 'BAD'} dropout {metric}: rate {rate:.3f} (p={p}) same-seed-equal {same} "
           f"different-seed-differs {not torch.equal(o1, o3)} grad-vs-finite-diff {fd_err:.1e}", flush=True)
@@ -172,27 +176,44 @@ def l2_accuracy():
             print(f"l2 bf16 accuracy mean={mean} lam={lam}: ours {e_ours:.2e}  augmented-SDPA {e_trick:.2e}", flush=True)
 
 
-def run_checks():
+def run_checks(part=0, nparts=1):
+    """All checks, or every nparts-th of them starting at `part` (several processes compile in parallel)."""
     t0 = time.time()
-    bad = 0
+    jobs = []
     for metric in ("dot", "l2", "cosine", "l1"):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            bad += not check(metric, dtype, 2, 4, 2, 37, 123, 40, 40, causal=True, mask="float")
-        bad += not check(metric, torch.bfloat16, 1, 2, 2, 1, 200, 64, 64, mask="bool")
-        bad += not check(metric, torch.bfloat16, 2, 2, 2, 256, 256, 64, 64, causal=True)
-        bad += not check(metric, torch.bfloat16, 1, 2, 1, 100, 100, 96 if metric != "l1" else 80, 32, mask="bool")
+            jobs.append(lambda m=metric, d=dtype: check(m, d, 2, 4, 2, 37, 123, 40, 40, causal=True, mask="float"))
+        jobs.append(lambda m=metric: check(m, torch.bfloat16, 1, 2, 2, 1, 200, 64, 64, mask="bool"))
+        jobs.append(lambda m=metric: check(m, torch.bfloat16, 2, 2, 2, 256, 256, 64, 64, causal=True))
+        jobs.append(lambda m=metric: check(m, torch.bfloat16, 1, 2, 1, 100, 100, 96 if m != "l1" else 80, 32, mask="bool"))
+        jobs.append(lambda m=metric: check_poison(m, torch.bfloat16))
+        jobs.append(lambda m=metric: check_dropout(m))
     for D in (24, 80, 112, 256):
-        bad += not check("dot", torch.bfloat16, 1, 2, 2, 67, 67, D, D, scale=None)
-    bad += not check("cosine", torch.bfloat16, 1, 4, 4, 200, 200, 64, 64, smax=100.0)
-    bad += not check("l2", torch.bfloat16, 1, 4, 4, 200, 200, 64, 64, smax=0.2)
-    for metric in ("dot", "l2", "cosine", "l1"):
-        check_poison(metric, torch.bfloat16)
-        check_dropout(metric)
-    l2_accuracy()
-    bad += sum(not r["ok"] for r in RES["check"] if "check" in r)
+        jobs.append(lambda D=D: check("dot", torch.bfloat16, 1, 2, 2, 67, 67, D, D, scale=None))
+    jobs.append(lambda: check("cosine", torch.bfloat16, 1, 4, 4, 200, 200, 64, 64, smax=100.0))
+    jobs.append(lambda: check("l2", torch.bfloat16, 1, 4, 4, 200, 200, 64, 64, smax=0.2))
+    jobs.append(l2_accuracy)
+    for i, job in enumerate(jobs):
+        if i % nparts == part:
+            job()
+    bad = sum(not r["ok"] for r in RES["check"])
     RES["check_failures"] = bad
-    print(f"== correctness: {len(RES['check'])} checks, {bad} failed, {time.time() - t0:.0f}s", flush=True)
-    save()
+    print(f"== correctness part {part}/{nparts}: {len(RES['check'])} checks, {bad} failed, {time.time() - t0:.0f}s",
+          flush=True)
+    json.dump({"check": RES["check"], "l2_accuracy": RES["l2_accuracy"]},
+              open(os.path.join(OUT, f"check_part{part}.json"), "w"))
+
+
+def merge_check_parts():
+    """Fold the parallel check processes' results into this run's JSON."""
+    import glob
+    for f in sorted(glob.glob(os.path.join(OUT, "check_part*.json"))):
+        d = json.load(open(f))
+        RES["check"] += d["check"]
+        RES["l2_accuracy"] += d["l2_accuracy"]
+        os.remove(f)
+    RES["check_failures"] = sum(not r["ok"] for r in RES["check"])
+    print(f"== correctness (all parts): {len(RES['check'])} checks, {RES['check_failures']} failed", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,7 +256,7 @@ def bench(fn, bwd):
             with torch.no_grad():
                 fn()
     try:
-        ms = do_bench(run, warmup=50, rep=200, return_mode="median")
+        ms = do_bench(run, warmup=25, rep=int(os.environ.get("BENCH_REP_MS", "200")), return_mode="median")
     except Exception as e:
         print("ERR", type(e).__name__, str(e)[:300], flush=True)
         return float("nan"), float("nan")
@@ -283,6 +304,7 @@ def run_bench():
                 ("ours cosine", lambda: attention(q, k, v, metric="cosine", scale=lam_c)),
                 ("ours l1", lambda: attention(q, k, v, metric="l1", scale=lam_l1)),
                 ("sdpa flash dot", lambda: sdpa_flash(q, k, v)),
+                ("sdpa default dot", lambda: F.scaled_dot_product_attention(q, k, v)),
                 ("sdpa-trick l2", lambda: l2_trick(q, k, v, lam)),
                 ("sdpa-trick cosine", lambda: cos_trick(q, k, v, lam_c)),
             ]
@@ -316,31 +338,28 @@ def run_bench():
 
 
 def run_configs():
-    """A few launch configs at N=8192 (dot and l1 forward, dot forward+backward)."""
+    """A few backward tiles at N=8192 (dot, forward+backward)."""
     B, H, N, D = 4, 8, 8192, 64
     q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    fwd = ["m128n64w4s3", "m128n128w8s3", "m64n64w4s3", "m128n64w8s3", "m128n32w4s4"]
-    for metric in ("dot", "l2"):
-        for key in fwd:
-            ms, _ = bench(lambda: attention(q, k, v, metric=metric, config=key), False)
-            RES["configs"].append(dict(metric=metric, key=key, bwd=False, ms=ms))
-            print(f"config {metric} fwd {key:28s} {ms:8.3f} ms", flush=True)
-    for bk in ("bm64n64w4s2", "bm32n64w4s2", "bm64n128w8s2", "bm32n128w4s2", "bm64n64w8s2", "bm64n128w8s1"):
+    for bk in ("bm64n64w4s2", "bm32n128w4s2", "bm64n128w8s2", "bm32n64w4s3"):
         key = "m128n64w4s3-" + bk
         ms, _ = bench(lambda: attention(q, k, v, metric="dot", config=key), True)
         RES["configs"].append(dict(metric="dot", key=key, bwd=True, ms=ms))
         print(f"config dot fwd+bwd {key:28s} {ms:8.3f} ms", flush=True)
-    for key in ("m128n64w8s1", "m64n64w4s1", "m128n128w8s1", "m256n64w8s1", "m64n128w4s1"):
-        ms, _ = bench(lambda: attention(q, k, v, metric="l1", scale=0.05, config=key), False)
-        RES["configs"].append(dict(metric="l1", key=key, bwd=False, ms=ms))
-        print(f"config l1 fwd {key:28s} {ms:8.3f} ms", flush=True)
     save()
 
 
 if __name__ == "__main__":
     print(RES["env"], flush=True)
+    if os.environ.get("CHECK_PART") is not None:  # one of several parallel check processes
+        run_checks(int(os.environ["CHECK_PART"]), int(os.environ.get("CHECK_PARTS", "1")))
+        sys.exit(0)
     if os.environ.get("SKIP_CHECK") != "1":
         run_checks()
+        merge_check_parts()
+    elif os.environ.get("MERGE_CHECKS") == "1":
+        merge_check_parts()
+    save()
     if os.environ.get("SKIP_BENCH") != "1":
         run_bench()
     if os.environ.get("SKIP_CONFIGS") != "1":

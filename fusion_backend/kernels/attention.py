@@ -65,6 +65,25 @@ def _logits2(raw, scale2, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
 
 
 @triton.jit
+def _logits2_t(rawT, scale2, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
+               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr):
+    """`_logits2` for a transposed [BLOCK_N, BLOCK_M] tile (keys along rows). Out-of-range key rows
+    are left finite: the dK/dV kernel never stores them and they feed nothing else."""
+    s = rawT * scale2
+    if MASK_KIND != 0:
+        mptr = mask_ptr + offs_n[:, None] * smn + offs_m[None, :] * smm
+        inb = (offs_n[:, None] < N_K) & (offs_m[None, :] < N_Q)
+        if MASK_KIND == 1:
+            keep = tl.load(mptr, mask=inb, other=0) != 0
+            s = tl.where(keep, s, float("-inf"))
+        else:
+            s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32) * 1.4426950408889634
+    if CAUSAL:
+        s = tl.where(offs_n[:, None] <= offs_m[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _dropout_keep(seed, bh, offs_m, offs_n, N_K, dropout_p):
     """Bool tile: which probabilities survive dropout. Philox keyed by (seed + b*H + h), counter
     i*Nk + j, so forward and backward agree for any blocking."""
@@ -251,26 +270,28 @@ def _attn_bwd_dkdv_kernel(
             else:
                 lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
                 delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
-            qk = tl.dot(q, tl.trans(k_op), input_precision=DOT_PREC)
+            # Transposed tile [BLOCK_N, BLOCK_M]: P^T and dS^T come out of the dots already as the
+            # left operands of dV += P^T dO and dK += dS^T Q, with no register transposes.
+            qkT = tl.dot(k_op, tl.trans(q), input_precision=DOT_PREC)
             if METRIC == 1:
-                raw = 2.0 * qk - kvec[None, :]
+                rawT = 2.0 * qkT - kvec[:, None]
             else:
-                raw = qk
-            s = _logits2(raw, scale2, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
-            p = tl.math.exp2(s - lse[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+                rawT = qkT
+            sT = _logits2_t(rawT, scale2, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL)
+            pT = tl.math.exp2(sT - lse[None, :])
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             if DROPOUT:
-                keep = _dropout_keep(seed, bh, offs_m, offs_n, N_K, dropout_p)
+                keep = tl.rand(seed + bh, offs_m[None, :] * N_K + offs_n[:, None]) >= dropout_p
                 rescale = 1.0 / (1.0 - dropout_p)
-                pd = tl.where(keep, p * rescale, 0.0)
-                dp = tl.where(keep, dp * rescale, 0.0)
+                pdT = tl.where(keep, pT * rescale, 0.0)
+                dpT = tl.where(keep, dpT * rescale, 0.0)
             else:
-                pd = p
-            dv_acc = tl.dot(tl.trans(pd.to(DO.dtype.element_ty)), do, dv_acc, input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None]) * scale
+                pdT = pT
+            dv_acc = tl.dot(pdT.to(DO.dtype.element_ty), do, dv_acc, input_precision=DOT_PREC)
+            dsT = pT * (dpT - delta[None, :]) * scale
             if METRIC == 1:
-                csum += tl.sum(ds, axis=0)
-            dk_acc = tl.dot(tl.trans(ds.to(Q.dtype.element_ty)), q, dk_acc, input_precision=DOT_PREC)
+                csum += tl.sum(dsT, axis=1)
+            dk_acc = tl.dot(dsT.to(Q.dtype.element_ty), q, dk_acc, input_precision=DOT_PREC)
 
     if METRIC == 1:
         dk = 2.0 * dk_acc - 2.0 * k.to(tl.float32) * csum[:, None]
