@@ -167,7 +167,9 @@ class TruthfuseBackend:
             sites=[SiteChoices(
                 site_id=s.id, kind=s.kind,
                 options=[Option.keep()] + [Option(option_name(c), s.variant, c, s.rule.exact) for c in s.configs],
-                priority=s.rule.priority * 1000 + len(s.nodes))
+                priority=s.rule.priority * 1000 + len(s.nodes),
+                # identical layers share what the search learns about launch configs
+                group=f"{s.rule.name}:{_site_shapes(s)}")
                 for s in candidates],
             conflicts=conflicts)
         opts = self.options
@@ -221,6 +223,18 @@ class _PlanTimer:
         self.backend, self.gm, self.inputs = backend, gm, example_inputs
         self.built, self.index = built, index
         self.ids = [s.id for s in candidates]
+        self._input_sets = None
+
+    def input_sets(self):
+        """The graph's inputs (concrete sizes; copies of what it mutates), plus enough copies to
+        rotate through more than the L2 cache. Made once per graph, on first use."""
+        from .tune.timing import rotated_input_sets
+
+        if self._input_sets is None:
+            inputs = [_hint(v) for v in _clone_mutated_inputs(self.gm, self.inputs)]
+            device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+            self._input_sets = (rotated_input_sets(inputs, device), device)
+        return self._input_sets
 
     def __call__(self, plan) -> float:
         from .tune import measure
@@ -237,9 +251,8 @@ class _PlanTimer:
         with _preserved_rng(), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             compiled = _inner_compile(graph, self.inputs, self.backend.options)
-            inputs = [_hint(v) for v in _clone_mutated_inputs(self.gm, self.inputs)]
-            device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
-            ms = measure(compiled, [tuple(inputs)], device=device, warmup=2, repeats=5)
+            input_sets, device = self.input_sets()
+            ms = measure(compiled, input_sets, device=device, warmup=3, repeats=10)
         return ms
 
 
@@ -297,6 +310,11 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: List[Any], options: Optio
         patches.update(torch._inductor.list_mode_options(options.mode))
     patches.update(options.inductor_options)
     return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+def _site_shapes(site: Site) -> str:
+    return ";".join(f"{k}={tuple(v.shape)}:{v.dtype}" for k, v in sorted(site.match.values.items())
+                    if isinstance(v, torch.Tensor))
 
 
 def _graph_signature(gm: fx.GraphModule) -> str:

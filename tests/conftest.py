@@ -6,6 +6,11 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests never read or write the user's tuning cache.
+if "TRUTHFUSE_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TRUTHFUSE_CACHE_DIR"] = tempfile.mkdtemp(prefix="truthfuse-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,0 +1,53 @@
+"""The tuner inside the backend: a second process compiling the same model reads the decision
+from the cache and times nothing; save_state/load_state carry decisions between machines."""
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    sys.path.insert(0, {root!r})
+    import fusion_backend
+    from tests.engine.models import CausalSelfAttention
+    torch.manual_seed(0)
+    model = CausalSelfAttention()
+    report = fusion_backend.explain(model, torch.randn(2, 16, 32),
+                                    options={{"inner": "eager", "simulations": 4}})
+    print(json.dumps({{"hit": report.tuning.cache_hit, "n": report.tuning.measurements,
+                      "decisions": [s.decision for s in report.sites]}}))
+""")
+
+
+def _run(tmp_path: Path, cache_dir: Path) -> dict:
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**__import__("os").environ, "TRUTHFUSE_CACHE_DIR": str(cache_dir), "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(root=root)], capture_output=True,
+                          text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_reads_the_cache_and_times_nothing(tmp_path):
+    cache = tmp_path / "cache"
+    first = _run(tmp_path, cache)
+    assert first["hit"] is False and first["n"] >= 2
+    second = _run(tmp_path, cache)
+    assert second["hit"] is True and second["n"] == 0
+    assert second["decisions"] == first["decisions"]
+    assert list(cache.glob("*.json")), "the decision was not written as JSON"
+    for f in cache.glob("*.json"):
+        json.loads(f.read_text())
+
+
+def test_exported_state_ships_to_a_fresh_cache(tmp_path):
+    import fusion_backend
+
+    first_cache, second_cache = tmp_path / "a", tmp_path / "b"
+    _run(tmp_path, first_cache)
+    state = tmp_path / "state.json"
+    fusion_backend.save_state(state, fusion_backend.tune.TuningCache(first_cache))
+    fusion_backend.load_state(state, fusion_backend.tune.TuningCache(second_cache))
+    shipped = _run(tmp_path, second_cache)
+    assert shipped["hit"] is True and shipped["n"] == 0
