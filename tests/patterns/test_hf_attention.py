@@ -1,0 +1,58 @@
+"""HF transformers GPT-2 and Llama (grouped-query: 2 KV heads for 4 query heads) built offline from
+tiny configs, with attn_implementation "eager" and "sdpa": each layer's attention is fused and the
+model equals eager in logits and parameter gradients (fp32), with and without left padding."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from .checks import assert_fused, assert_matches_eager  # noqa: E402
+
+VOCAB, T = 64, 8
+
+
+def _gpt2(impl):
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, n_positions=16, vocab_size=VOCAB,
+                                  attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel._from_config(cfg, attn_implementation=impl)
+
+
+def _llama(impl):
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                   max_position_embeddings=16, bos_token_id=0, eos_token_id=0)
+    return transformers.LlamaForCausalLM._from_config(cfg, attn_implementation=impl)
+
+
+class Logits(torch.nn.Module):
+    """The LM's logits as a plain tensor (HF returns a ModelOutput)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids, attention_mask=None):
+        return self.lm(ids, attention_mask=attention_mask).logits
+
+
+RULES = {("gpt2", "eager"): "attention.dot", ("gpt2", "sdpa"): "attention.sdpa",
+         ("llama", "eager"): "attention.dot", ("llama", "sdpa"): None}
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_hf_attention(arch, impl, padded):
+    torch.manual_seed(0)
+    model = Logits((_gpt2 if arch == "gpt2" else _llama)(impl)).train()
+    ids = torch.randint(0, VOCAB, (2, T))
+    args, loss_mask = (ids,), None
+    if padded:
+        # left padding: batch 0's first 3 tokens are padding; a real loss ignores their positions
+        am = torch.ones(2, T, dtype=torch.long)
+        am[0, :3] = 0
+        args = (ids, am)
+        loss_mask = am[..., None].float()
+    assert_fused(model, *args, variant="dot", rule=RULES[(arch, impl)], count=1)
+    assert_matches_eager(model, *args, grad_inputs=False, loss_mask=loss_mask, atol=2e-5, rtol=2e-4)
