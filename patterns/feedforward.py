@@ -177,16 +177,25 @@ def check_halves(m: Match) -> Optional[str]:
     return None
 
 
+def _constant_float(p: Any) -> Any:
+    """A SymFloat whose expression is a number (dynamic=True wraps float attributes such as
+    nn.Dropout's p this way, then pins them) as that number; anything else as it is."""
+    if isinstance(p, torch.SymFloat) and getattr(p.node.expr, "is_number", False):
+        return float(p.node.expr)
+    return p
+
+
 def check_dropout(m: Match) -> Optional[str]:
     """Dropout probabilities are compile-time Python numbers in [0, 1)."""
     for name in ("p_hidden", "p_out"):
         if not m.present(name):
             continue
-        p = m.values[name]
+        p = _constant_float(m.values[name])
         if isinstance(p, torch.Tensor):
             return f"dropout probability ({name}) is a tensor"
         if not isinstance(p, (int, float)) or isinstance(p, bool):
-            return f"dropout probability ({name}) is not a Python number (symbolic or a tensor's .item())"
+            return (f"dropout probability ({name}) is symbolic, not a Python number (dynamic=True traces "
+                    "float attributes as tensors; torch._dynamo.config.specialize_float=True keeps them constant)")
         if not 0 <= p < 1:
             return f"dropout probability {p} is outside [0, 1)"
     return None

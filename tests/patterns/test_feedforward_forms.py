@@ -1,0 +1,411 @@
+"""The feed-forward rules (patterns/feedforward.py) on the forms issue 5 lists, compiled with
+truthfuse under "aggressive": outputs and gradients (input and every parameter) match eager in
+fp32, and explain() reports a fused "feedforward" site. Training and eval; dropout with p > 0 is
+checked against `feedforward_reference` under the same seed (the op draws its masks from its own
+Philox stream), and by its statistics. Near-misses say why. Kernels run in Triton's interpreter
+(tests/conftest.py), so shapes are small.
+"""
+import types
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fusion_backend
+from fusion_backend.ops.fallback import FusionFallbackWarning, reset_fallback_warnings
+from fusion_backend.ops.feedforward import feedforward_reference, feedforward_supports
+from truthfuse_patterns import feedforward as ff_rules
+
+from .ffn_models import (
+    GATED_VARIANTS,
+    VARIANTS,
+    BertFeedForward,
+    BroadcastResidual,
+    EscapingHidden,
+    GatedMLP,
+    MismatchedGate,
+    MLP,
+    tiny_gpt2_mlp,
+    tiny_llama_mlp,
+)
+
+OPTS = {"strategy": "aggressive", "inner": "eager", "cache": False}
+TOL = dict(atol=2e-5, rtol=1e-4)
+
+
+@pytest.fixture(autouse=True)
+def _kernels_only():
+    """A fused site must run the Triton kernels, never the op's PyTorch fallback: the fallback's
+    warning is an error here."""
+    reset_fallback_warnings()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "truthfuse: feedforward fell back", FusionFallbackWarning)
+        yield
+
+
+def _backend(**extra):
+    return fusion_backend.backend(**{**OPTS, **extra})
+
+
+def _forward_backward(fn, model, x, cotangent, seed=None):
+    """Output and gradients (x first, then every parameter) of fn(x)."""
+    x = x.detach().clone().requires_grad_()
+    model.zero_grad(set_to_none=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    out = fn(x)
+    out = out[0] if isinstance(out, tuple) else out
+    out.backward(cotangent)
+    grads = [x.grad] + [p.grad for p in model.parameters() if p.requires_grad]
+    return out.detach(), [g.clone() if g is not None else None for g in grads]
+
+
+def assert_matches_eager(model, x, backend=None, dynamic=False, compiled=None):
+    """Compiled and eager agree on the output and every gradient; returns the backend."""
+    backend = backend or _backend()
+    if compiled is None:
+        compiled = torch.compile(model, backend=backend, dynamic=dynamic)
+    probe = model(x)
+    cot = torch.randn_like(probe[0] if isinstance(probe, tuple) else probe)
+    ref_out, ref_grads = _forward_backward(model, model, x, cot)
+    out, grads = _forward_backward(compiled, model, x, cot)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    assert len(grads) == len(ref_grads)
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert (g is None) == (r is None), f"gradient {i} present in only one of compiled/eager"
+        if r is not None:
+            torch.testing.assert_close(g, r, **TOL, msg=lambda m: f"gradient {i}: {m}")
+    return backend
+
+
+def feedforward_sites(report_or_backend, decision=None):
+    sites = (report_or_backend.sites if hasattr(report_or_backend, "sites")
+             else [s for r in report_or_backend.records for s in r.sites])
+    return [s for s in sites if s.kind == "feedforward" and (decision is None or s.decision == decision)]
+
+
+def assert_fused(model, x, variant=None, count=1):
+    """explain() under "aggressive" reports `count` fused feed-forward sites (of `variant`)."""
+    report = fusion_backend.explain(model, x, options=OPTS)
+    fused = feedforward_sites(report, "fused")
+    assert len(fused) == count, str(report)
+    if variant is not None:
+        assert {s.variant for s in fused} == {variant}, str(report)
+    return report
+
+
+def check_form(model, x, training, variant=None, count=1):
+    model.train(training)
+    assert_matches_eager(model, x)
+    assert_fused(model, x, variant, count)
+
+
+def _x(*shape):
+    return torch.randn(*shape) if shape else torch.randn(2, 5, 8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Plain MLPs: every activation, every spelling of Linear, bias or not, dropout, residual
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "gelu_new", "relu", "silu"])
+def test_plain_activations(act, training):
+    p = 0.0 if training else 0.1  # numerics need the dropouts off: p = 0, or eval mode
+    check_form(MLP(act=act, p_hidden=p, p_out=p), _x(), training, VARIANTS[act])
+
+
+@pytest.mark.parametrize("linear,bias,shape", [
+    ("functional", True, (2, 5, 8)),
+    ("module", False, (2, 5, 8)),
+    ("matmul", True, (2, 5, 8)),
+    ("matmul", False, (7, 8)),
+    ("mm", True, (10, 8)),
+    ("addmm", True, (2, 5, 8)),
+])
+def test_linear_spellings(linear, bias, shape):
+    check_form(MLP(act="gelu", bias=bias, linear=linear), _x(*shape), True, "gelu")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_residual_and_dropout_positions(training):
+    p = 0.0 if training else 0.2  # eval: the dropouts are in the module but do nothing
+    model = MLP(act="relu", p_hidden=p, p_out=p, residual=True)
+    check_form(model, _x(), training, "relu")
+    site = feedforward_sites(fusion_backend.explain(model, _x(), options=OPTS), "fused")[0]
+    assert site.rule == "feedforward.plain.relu"
+
+
+def test_residual_with_wider_output_is_not_a_residual():
+    """d_out != d: `x + y` would not even broadcast, so the residual is only taken from a
+    same-shape tensor; here the output is 12 wide and no residual is involved."""
+    check_form(MLP(d=8, h=16, d_out=12, act="silu"), _x(), True, "silu")
+
+
+# ------------------------------------------------------------------------------------------------
+# Gated MLPs: two projections, one chunked projection (either half the gate)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_new", "relu"])
+def test_gated_two_projections(act, training):
+    check_form(GatedMLP(act=act, bias=act != "silu", residual=act == "relu"), _x(), training,
+               GATED_VARIANTS[act])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("act,gate_first", [("gelu", True), ("gelu", False), ("silu", False)])
+def test_gated_chunked_projection(act, gate_first, training):
+    model = GatedMLP(act=act, bias=True, layout="chunk", gate_first=gate_first)
+    check_form(model, _x(), training, GATED_VARIANTS[act])
+
+
+# ------------------------------------------------------------------------------------------------
+# The two Linears in different modules
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_hf_gpt2_mlp_conv1d_gelu_new(training):
+    check_form(tiny_gpt2_mlp(p=0.0 if training else 0.1), _x(), training, "gelu_tanh")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_hf_llama_mlp_swiglu(training):
+    check_form(tiny_llama_mlp(), _x(), training, "swiglu")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_hf_bert_intermediate_and_output(training):
+    """BertOutput ends in LayerNorm(dropout(dense(h)) + input): the site ends at the residual add,
+    the LayerNorm stays outside."""
+    model = BertFeedForward(p=0.0 if training else 0.1)
+    check_form(model, _x(), training, "gelu")
+    site = feedforward_sites(fusion_backend.explain(model, _x(), options=OPTS), "fused")[0]
+    assert site.rule == "feedforward.plain.gelu"
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation,norm_first", [("relu", False), ("gelu", True)])
+def test_transformer_encoder_layer(activation, norm_first, training):
+    model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation=activation, batch_first=True,
+                                       norm_first=norm_first)
+    check_form(model, _x(), training, activation)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_sequential_stack_two_blocks(training):
+    """Two MLPs in a row in one nn.Sequential: the second block's input is the first's output."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Dropout(0.1), nn.Linear(16, 8),
+                          nn.Linear(8, 12), nn.ReLU(inplace=True), nn.Linear(12, 8))
+    if training:
+        model[2].p = 0.0
+    model.train(training)
+    assert_matches_eager(model, _x())
+    report = assert_fused(model, _x(), count=2)
+    assert {s.variant for s in feedforward_sites(report, "fused")} == {"gelu", "relu"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Dropout with p > 0 in training
+# ------------------------------------------------------------------------------------------------
+
+def _seeded_against_reference(model, x, reference, seed=1234):
+    """The compiled block under `torch.manual_seed(seed)` equals `reference(x)` under the same
+    seed (feedforward_reference draws the op's Philox masks), outputs and gradients."""
+    model.train()
+    compiled = torch.compile(model, backend=_backend())
+    compiled(x)  # compile outside the seeded region
+    cot = torch.randn(model(x).shape)
+    out, grads = _forward_backward(compiled, model, x, cot, seed=seed)
+    ref_out, ref_grads = _forward_backward(reference, model, x, cot, seed=seed)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, **TOL)
+    return out
+
+
+def test_dropout_training_plain_matches_seeded_reference():
+    model = MLP(d=8, h=24, act="gelu", p_hidden=0.3, p_out=0.2, residual=True)
+    out = _seeded_against_reference(model, _x(), lambda x: feedforward_reference(
+        x, model.fc1.weight, model.fc1.bias, model.fc2.weight, model.fc2.bias, activation="gelu",
+        hidden_dropout_p=0.3, output_dropout_p=0.2, residual=x))
+    assert out.shape == (2, 5, 8)
+    assert len(feedforward_sites(assert_fused(model, _x(), "gelu"), "fused")) == 1
+
+
+def test_dropout_training_gated_matches_seeded_reference():
+    model = GatedMLP(act="silu", bias=True, layout="two", p_hidden=0.25)
+    _seeded_against_reference(model, _x(), lambda x: feedforward_reference(
+        x, model.up_proj.weight, model.up_proj.bias, model.down_proj.weight, model.down_proj.bias,
+        activation="silu", w_gate=model.gate_proj.weight, b_gate=model.gate_proj.bias, hidden_dropout_p=0.25))
+
+
+def test_dropout_training_hf_bert_output_matches_seeded_reference():
+    model = BertFeedForward(p=0.2)
+    inter, output = model.intermediate.dense, model.output
+
+    def reference(x):
+        y = feedforward_reference(x, inter.weight, inter.bias, output.dense.weight, output.dense.bias,
+                                  activation="gelu", output_dropout_p=0.2, residual=x)
+        return output.LayerNorm(y)
+    _seeded_against_reference(model, _x(), reference)
+
+
+def test_dropout_training_statistics():
+    """Output dropout p=0.5 zeroes about half the outputs; the kept ones are the eval output
+    scaled by 1/(1-p); a second call draws a different mask."""
+    model = MLP(d=16, h=32, act="relu", p_out=0.5)
+    x = torch.randn(4, 16, 16)
+    model.eval()
+    clean = model(x).detach()
+    model.train()
+    compiled = torch.compile(model, backend=_backend())
+    with torch.no_grad():
+        a, b = compiled(x), compiled(x)
+    dropped = (a == 0)
+    assert abs(dropped.float().mean().item() - 0.5) < 0.1
+    torch.testing.assert_close(a[~dropped], clean[~dropped] * 2.0, **TOL)
+    assert not torch.equal(a == 0, b == 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Near-misses: matched structurally, kept with a reason; the model still computes eager's result
+# ------------------------------------------------------------------------------------------------
+
+def _near_miss(model, x, fragment):
+    report = fusion_backend.explain(model, x, options=OPTS)
+    kept = [s for s in feedforward_sites(report, "kept") if fragment in (s.reason or "")]
+    assert kept, str(report)
+    return report
+
+
+def test_near_miss_broadcasting_residual_fuses_without_the_add():
+    model = BroadcastResidual(d=8, h=16, T=5)
+    x = _x()
+    assert_matches_eager(model, x)
+    report = _near_miss(model, x, "broadcasting")
+    assert len(feedforward_sites(report, "fused")) == 1, str(report)
+
+
+def test_near_miss_hidden_used_outside():
+    model = EscapingHidden()
+    assert_matches_eager(model, _x())
+    report = _near_miss(model, _x(), "also used outside")
+    assert not feedforward_sites(report, "fused")
+
+
+def test_near_miss_gate_and_up_widths_differ():
+    model = MismatchedGate()
+    assert_matches_eager(model, _x())
+    report = _near_miss(model, _x(), "gate weight")
+    assert not feedforward_sites(report, "fused")
+
+
+def test_near_miss_float64():
+    model = MLP(act="gelu").double()
+    x = _x().double()
+    assert_matches_eager(model, x)
+    _near_miss(model, x, "float64")
+
+
+def test_near_miss_dropout_probability_one():
+    model = MLP(act="relu", p_hidden=1.0).train()
+    _near_miss(model, _x(), "outside [0, 1)")
+
+
+@pytest.mark.parametrize("p,fragment", [
+    ("tensor", "is a tensor"),
+    ("symbolic", "symbolic"),
+    (1.0, "outside [0, 1)"),
+    (0.1, None),
+    ("pinned", None),
+])
+def test_dropout_probability_must_be_a_constant(p, fragment):
+    """Dynamo breaks the graph at a tensor p and pins float attributes under dynamic=True, so
+    these reach a rule rarely; the constraint itself decides: a tensor or a free symbol is a
+    near-miss, a pinned symbol (expression a number) counts as its number."""
+    import sympy
+    from torch.fx.experimental.sym_node import SymNode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    value = {"tensor": torch.tensor(0.1), "symbolic": env.create_unbacked_symfloat(),
+             "pinned": torch.SymFloat(SymNode(sympy.Float(0.1), env, float, hint=0.1))}.get(p, p)
+    values = {"p_hidden": value}
+    match = types.SimpleNamespace(values=values, present=lambda name: values.get(name) is not None)
+    reason = ff_rules.check_dropout(match)
+    assert (reason is None) if fragment is None else (fragment in reason), reason
+
+
+# ------------------------------------------------------------------------------------------------
+# Dynamic shapes, the tuner's choices, Inductor end to end
+# ------------------------------------------------------------------------------------------------
+
+def test_dynamic_shapes_one_graph_for_many_sizes():
+    """dynamic=True from the first call: one graph with symbolic batch and sequence sizes serves
+    every size (sizes 0 and 1 are specialized by Dynamo, so they are left out)."""
+    model = MLP(act="silu", residual=True).train()
+    backend = _backend()
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for shape in [(2, 5, 8), (3, 7, 8), (4, 2, 8)]:
+        assert_matches_eager(model, torch.randn(shape), compiled=compiled)
+    assert len(backend.records) == 1, "a new size recompiled"
+    assert len(feedforward_sites(backend, "fused")) == 1
+
+
+def _cuda_match(gated):
+    x = types.SimpleNamespace(device=torch.device("cuda"))
+    return types.SimpleNamespace(values={"x": x})
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_tuner_configs_offer_triton_and_cublas(gated):
+    """On CUDA a site offers both implementations (and some tiles of each); every choice is a
+    valid op config. On CPU only the op's default (timing in the interpreter says nothing)."""
+    rule = fusion_backend.get_rule("feedforward.gated.silu" if gated else "feedforward.plain.gelu")
+    choices = rule.configs(_cuda_match(gated))
+    impls = {ff_rules.split_config(c)[0] for c in choices}
+    assert impls == {"triton", "cublas"}
+    assert len(set(choices)) == len(choices) > 2
+    d, h = 8, 16
+    x, w_in, w_out = torch.randn(3, d), torch.randn(h, d), torch.randn(d, h)
+    w_gate = torch.randn(h, d) if gated else None
+    for c in choices:
+        impl, key = ff_rules.split_config(c)
+        ok, why = feedforward_supports(x, w_in, None, w_out, None, activation="silu", w_gate=w_gate,
+                                       impl=impl, config=key)
+        assert ok, (c, why)
+    cpu = types.SimpleNamespace(values={"x": x})
+    assert rule.configs(cpu) == [None]
+
+
+@pytest.mark.parametrize("config", [None, "triton", "cublas"])
+def test_replacement_runs_each_implementation(config):
+    """The rule's replacement with each implementation computes the block (chunked SwiGLU)."""
+    model = GatedMLP(act="silu", bias=True, layout="chunk", gate_first=False).train()
+    x = _x()
+    rule = fusion_backend.get_rule("feedforward.chunked.silu")
+    out = rule.replacement(config=config, x=x, w_cat=model.proj.weight, b_cat=model.proj.bias,
+                           gate_half=1, up_half=0, approx=None, p_hidden=None, w_out=model.down_proj.weight,
+                           b_out=model.down_proj.bias, p_out=None, residual=None)
+    torch.testing.assert_close(out, model(x), **TOL)
+
+
+def test_inductor_end_to_end():
+    """The default inner compiler: the rewritten graph (fused block plus LayerNorm and residual)
+    goes through Inductor, forward and backward."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = nn.LayerNorm(8)
+            self.mlp = MLP(d=8, h=16, act="gelu")
+
+        def forward(self, x):
+            return x + self.mlp(self.ln(x))
+
+    model = Block().train()
+    backend = fusion_backend.backend(strategy="aggressive", cache=False)
+    assert backend.options.inner == "inductor"
+    assert_matches_eager(model, _x(), backend=backend)
+    assert [s.decision for s in feedforward_sites(backend)] == ["fused"]
