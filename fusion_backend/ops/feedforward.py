@@ -44,7 +44,7 @@ IMPLS = ("triton", "cublas")
 """Valid `impl` names; None picks `_DEFAULT_IMPL`."""
 _DEFAULT_IMPL = "cublas"  # cuBLAS products + fused epilogues: the faster of the two on H100 at LLM sizes
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_NUMEL = 2**31 - 1  # the GEMM kernel indexes with int32 offsets
+_MAX_NUMEL = 2**31 - 1  # the Triton GEMM indexes with int32 offsets (the elementwise kernels do not)
 
 # ----------------------------------------------------------------------------------------------
 # Launch configurations
@@ -195,12 +195,6 @@ def feedforward_supports(
         return False, "CPU tensors while Triton's interpreter is off (TRITON_INTERPRET=1 runs kernels on CPU)"
     if dev not in ("cpu", "cuda"):
         return False, f"device {dev!r} has no Triton kernel"
-    h, d = w_in.shape
-    m = 1
-    for s in x.shape[:-1]:
-        m *= s
-    if isinstance(m, int) and max(m * max(d, h, w_out.shape[0]), h * max(d, w_out.shape[0])) > _MAX_NUMEL:
-        return False, "a matrix has 2**31 elements or more (int32 indexing)"
     return True, "ok"
 
 
@@ -472,6 +466,14 @@ def _use_kernels(tensors, dtype, M):
     return can_launch(*tensors) and dtype in _KERNEL_DTYPES and M > 0
 
 
+def _fit_impl(impl, M, w_in, w_out):
+    """The Triton GEMM indexes with int32: past 2**31 elements in a matrix, use cuBLAS products
+    (with the same epilogue kernels, so the same numbers up to GEMM rounding)."""
+    h, d = w_in.shape
+    widest = max(M * max(d, h, w_out.shape[0]), h * max(d, w_out.shape[0]))
+    return "cublas" if (impl == "triton" and widest > _MAX_NUMEL) else impl
+
+
 @torch.library.custom_op("truthfuse::feedforward", mutates_args=())
 def _feedforward_op(
     x: torch.Tensor, w_in: torch.Tensor, b_in: Optional[torch.Tensor], w_out: torch.Tensor,
@@ -487,6 +489,7 @@ def _feedforward_op(
     args = (x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual)
     if _use_kernels([t for t in args if t is not None], x.dtype, x.shape[0]):
         gemm_cfg, ew_cfg = _resolve_config(impl, config or None, w_gate is not None)
+        impl = _fit_impl(impl, x.shape[0], w_in, w_out)
         try:
             return _fused_forward(*args, s, activation, hidden_dropout_p, output_dropout_p, impl, gemm_cfg, ew_cfg, save)
         except Exception as e:  # a kernel that cannot compile or launch must not break the model
@@ -522,6 +525,7 @@ def _feedforward_backward_op(
     res = None
     if kernels:
         gemm_cfg, ew_cfg = _resolve_config(impl, config or None, gated)
+        impl = _fit_impl(impl, x.shape[0], w_in, w_out)
         try:
             if z.dim() != 2:
                 _, z, zu = _fused_forward(x, w_in, b_in, w_out, None, w_gate, b_gate, None, s, activation, 0.0, 0.0, impl, gemm_cfg, ew_cfg, True)

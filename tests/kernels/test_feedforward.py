@@ -426,6 +426,20 @@ def test_config_space_keys():
         check_against_float64(t, 1e-5, activation="gelu", hidden_dropout_p=0.1, impl=impl, config=key)
 
 
+def test_triton_impl_past_int32_uses_cublas_products(monkeypatch):
+    """Past the Triton GEMM's int32 indexing limit the op takes cuBLAS products, still right."""
+    monkeypatch.setattr(FF, "_MAX_NUMEL", 1000)
+
+    def no_gemm(*a, **k):
+        raise AssertionError("Triton GEMM launched past its indexing limit")
+
+    monkeypatch.setattr(K, "gemm", no_gemm)
+    t = make_inputs(42, 24, 72, gated=True, residual=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FusionFallbackWarning)
+        check_against_float64(t, 1e-5, activation="silu", hidden_dropout_p=0.1, output_dropout_p=0.1, impl="triton")
+
+
 def test_fallback_warns_and_matches_reference(monkeypatch):
     reset_fallback_warnings()
 
