@@ -457,7 +457,8 @@ def _hidden_epilogue_kernel(
         dL/dzu. Summing inside the pass spares another read of a (M, N) tensor.
     Scalars: seed, threshold, scale: dropout, element (i, j) drawn as element (row0 + i, j).
     Constexprs: ACT activation code; BACKWARD picks the direction; GATED, HAS_BIAS, HAS_BIAS2,
-      HAS_DROPOUT, BIAS_GRAD switch the pieces above; BLOCK_M x BLOCK_N the tile.
+      HAS_DROPOUT, BIAS_GRAD switch the pieces above; BLOCK_M x BLOCK_N the tile (BLOCK_N a
+      multiple of 4: one Philox call covers 4 columns).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -570,6 +571,8 @@ def _output_epilogue_kernel(
     stride stride_rm if HAS_RES; out_ptr (M, N) row stride stride_om (may alias y).
     Scalars: seed, threshold, scale of the dropout (element (i, j) drawn as (row0 + i, j)), if
     HAS_DROPOUT.
+    Constexprs: HAS_BIAS, HAS_DROPOUT, HAS_RES switch the three steps; BLOCK_M x BLOCK_N the tile
+    (BLOCK_N a multiple of 4: one Philox call covers 4 columns).
     In backward the same kernel with only HAS_DROPOUT gives dL/dy = dropout(dL/dout).
     """
     pid_m = tl.program_id(0)
