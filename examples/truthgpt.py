@@ -240,7 +240,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _compiled(model: nn.Module, variant: str, strategy: str):
+def _compiled(model: nn.Module, variant: str, strategy: str, inner: str = "inductor"):
     """(the callable to train, truthfuse's backend or None)."""
     if variant == "eager":
         return model, None
@@ -248,7 +248,7 @@ def _compiled(model: nn.Module, variant: str, strategy: str):
         return torch.compile(model), None
     import fusion_backend
 
-    backend = fusion_backend.backend(strategy=strategy)
+    backend = fusion_backend.backend(strategy=strategy, inner=inner)
     return torch.compile(model, backend=backend), backend
 
 
@@ -293,11 +293,12 @@ def _cpu_peak_bytes(fn) -> Optional[int]:
 
 
 def train(variant: str, model: nn.Module, data: Sequence[tuple], device: torch.device, *, lr: float = 3e-3,
-          strategy: str = "aggressive", warmup: int = 2, log_every: int = 0) -> Dict[str, object]:
+          strategy: str = "aggressive", inner: str = "inductor", warmup: int = 2,
+          log_every: int = 0) -> Dict[str, object]:
     """Train `model` (modified in place) on `data` under one variant; returns its step times (ms),
     losses, peak memory (bytes; CUDA allocator peak, or the CPU allocator's from the profiler over
     one extra step) and the first step's time, which includes compilation and tuning."""
-    step_model, backend = _compiled(model, variant, strategy)
+    step_model, backend = _compiled(model, variant, strategy, inner)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
 
     def step(x, y):
@@ -374,6 +375,8 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--strategy", choices=("conservative", "moderate", "aggressive"), default="aggressive",
                    help="truthfuse's strategy (default aggressive: fuse every site, so the comparison is "
                         "of the fused kernels; moderate lets the tuner keep a site that measures slower)")
+    p.add_argument("--inner", choices=("inductor", "eager", "aot_eager"), default="inductor",
+                   help="truthfuse's compiler for the rewritten graph (default inductor)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated subset of eager,inductor,truthfuse (default all three)")
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the step time (default 2)")
@@ -418,7 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
         if device.type == "cuda":
             torch.cuda.manual_seed_all(args.seed + 1)
         results.append(train(variant, replica, data, device, lr=args.lr, strategy=args.strategy,
-                             warmup=args.warmup, log_every=args.log_every))
+                             inner=args.inner, warmup=args.warmup, log_every=args.log_every))
         del replica
     print()
     print(_table(results, device))

@@ -215,14 +215,15 @@ def _fused_count(backend) -> int:
     return sum(1 for r in backend.records for s in r.sites if s.decision == "fused")
 
 
-def _bench_case(make_fn, inputs: tuple, device: str, strategy: str, timer, backward: bool) -> Dict[str, Any]:
+def _bench_case(make_fn, inputs: tuple, device: str, strategy: str, inner: str, timer,
+                backward: bool) -> Dict[str, Any]:
     """Time eager, Inductor and truthfuse on one function and one set of inputs."""
     import torch
 
     import fusion_backend
 
     row: Dict[str, Any] = {}
-    backend = fusion_backend.backend(strategy=strategy)
+    backend = fusion_backend.backend(strategy=strategy, inner=inner)
     variants = {"eager": make_fn(), "inductor": torch.compile(make_fn()), "truthfuse": torch.compile(make_fn(), backend=backend)}
     for name, fn in variants.items():
         if backward:
@@ -279,7 +280,7 @@ def _plot(results: List[Dict[str, Any]], path: str, title: str) -> None:
 
 
 def run_bench(device: str, metrics: Sequence[str], seqs: Sequence[int], *, batch: int, heads: int, head_dim: int,
-              dtype: str, strategy: str, backward: bool, model: bool, reps: int,
+              dtype: str, strategy: str, backward: bool, model: bool, reps: int, inner: str = "inductor",
               progress: Callable[[str], None] = lambda line: None) -> Dict[str, Any]:
     """Every (metric, seq) attention case, then the TruthGPT training step per metric; returns
     {"env": ..., "config": ..., "results": [row, ...]}."""
@@ -302,7 +303,7 @@ def run_bench(device: str, metrics: Sequence[str], seqs: Sequence[int], *, batch
             row = {"name": f"attention-{metric}", "metric": metric, "seq": seq, "batch": batch, "heads": heads,
                    "head_dim": head_dim, "dtype": dtype, "backward": backward}
             row.update(_bench_case(lambda m=metric: _attention_fn(m), (q, k, v, lam, future), device, strategy,
-                                   timer, backward))
+                                   inner, timer, backward))
             results.append(row)
             progress(_format_row(row))
     truthgpt = _import_example() if model else None
@@ -314,7 +315,8 @@ def run_bench(device: str, metrics: Sequence[str], seqs: Sequence[int], *, batch
                                                     dropout=0.0)
             row = {"name": f"truthgpt-{metric}", "metric": metric, "seq": mseq, "batch": mbatch, "heads": truthgpt.HEADS,
                    "head_dim": truthgpt.HIDDEN // truthgpt.HEADS, "dtype": dtype, "backward": True}
-            row.update(_bench_case(lambda n=net: _LossStep(n), (tokens, targets), device, strategy, timer, True))
+            row.update(_bench_case(lambda n=net: _LossStep(n), (tokens, targets), device, strategy, inner,
+                                   timer, True))
             results.append(row)
             progress(_format_row(row))
     env = {"torch": torch.__version__, "device": device,
@@ -328,7 +330,7 @@ def run_bench(device: str, metrics: Sequence[str], seqs: Sequence[int], *, batch
     except ImportError:
         pass
     config = {"metrics": list(metrics), "seqs": list(seqs), "batch": batch, "heads": heads, "head_dim": head_dim,
-              "dtype": dtype, "strategy": strategy, "backward": backward, "model": model,
+              "dtype": dtype, "strategy": strategy, "inner": inner, "backward": backward, "model": model,
               "timer": "triton.testing.do_bench median" if device == "cuda" else f"wall clock median of {reps}"}
     return {"env": env, "config": config, "results": results}
 
@@ -375,7 +377,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
               "TRITON_INTERPRET=1 every site is kept and 'truthfuse' times Inductor's code", file=sys.stderr)
     data = run_bench(args.device, metrics, seqs, batch=args.batch or batch, heads=args.heads or heads,
                      head_dim=args.head_dim or head_dim, dtype=args.dtype, strategy=args.strategy,
-                     backward=args.backward, model=not args.no_model, reps=args.reps,
+                     backward=args.backward, model=not args.no_model, reps=args.reps, inner=args.inner,
                      progress=lambda line: print(line, flush=True))
     env = data["env"]
     print(f"\n{env['card']}, torch {env['torch']}, triton {env.get('triton', '-')}, {args.dtype}, "
@@ -493,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="default fp32 (bf16 or fp16 on GPUs)")
     p.add_argument("--strategy", choices=STRATEGIES, default="aggressive",
                    help="truthfuse's strategy (default aggressive: time the fused kernels)")
+    p.add_argument("--inner", choices=INNERS, default="inductor",
+                   help="truthfuse's compiler for the rewritten graph (default inductor)")
     p.add_argument("--backward", action="store_true", help="time forward+backward of the attention cases")
     p.add_argument("--no-model", action="store_true", help="skip the TruthGPT training-step rows")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU (default 5)")
