@@ -349,6 +349,22 @@ def run_configs():
     save()
 
 
+def print_table():
+    """The summary table (median ms forward / forward+backward; extra MB of forward+backward)."""
+    rows = {}
+    for r in RES["bench"]:
+        rows.setdefault(r["variant"], {})[(r["N"], r["bwd"])] = r
+    if not rows:
+        return
+    print(f"\n{RES['env']}\nFP32 FMA ceiling {RES.get('fma_rate', float('nan')) / 1e12:.2f} TFMA/s")
+    print("| variant | N=2048 fwd | N=2048 fwd+bwd | N=8192 fwd | N=8192 fwd+bwd | extra MB fwd+bwd 2048 / 8192 |")
+    print("|---|---|---|---|---|---|")
+    for v, x in rows.items():
+        cell = [f"{x[(N, b)]['ms']:.3f}" if (N, b) in x else "-" for N in (2048, 8192) for b in (False, True)]
+        mem = " / ".join(f"{x[(N, True)]['extra_mb']:.0f}" if (N, True) in x else "-" for N in (2048, 8192))
+        print(f"| {v} | " + " | ".join(cell) + f" | {mem} |")
+
+
 if __name__ == "__main__":
     print(RES["env"], flush=True)
     if os.environ.get("CHECK_PART") is not None:  # one of several parallel check processes
@@ -365,3 +381,4 @@ if __name__ == "__main__":
     if os.environ.get("SKIP_CONFIGS") != "1":
         run_configs()
     save()
+    print_table()

@@ -36,7 +36,6 @@ METRICS = ("dot", "l2", "l1", "cosine")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
-attention_config_space = _tc.attention_config_space
 config_key = _tc.config_key
 
 
@@ -47,8 +46,9 @@ def default_attention_config(metric: str, head_dim: int, dtype: torch.dtype, dev
     return _tc.default_attention_config(metric, head_dim, dtype, device_type)
 
 
-def attention_config_space_for(metric: str, head_dim: int, dtype: torch.dtype, device_type: str) -> list:
-    """Config space including the L1 kernel's own (the tuner's entry point)."""
+def attention_config_space(metric: str, head_dim: int, dtype: torch.dtype, device_type: str) -> list:
+    """Launch configs the tuner may search for this call (dicts; `config_key` gives each a string
+    that `attention(..., config=key)` accepts). L1 has its own kernel and space."""
     if metric == "l1":
         return _l1.l1_config_space(head_dim, dtype, device_type)
     return _tc.attention_config_space(metric, head_dim, dtype, device_type)
