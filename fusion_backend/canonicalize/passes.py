@@ -45,7 +45,7 @@ CANONICAL_TARGETS = {
     torch.matmul, torch.transpose, torch.mul, torch.add, torch.sub, torch.softmax, _to,
     F.dropout, torch.masked_fill, _linear, torch.pow, torch.sum, torch.abs, torch.exp,
     torch.clamp, torch.cdist, F.normalize, F.gelu, torch.relu, F.silu, torch.tanh,
-    torch.reciprocal, torch.logical_not, torch.where, torch.unsqueeze,
+    torch.reciprocal, torch.logical_not, torch.where, torch.unsqueeze, torch.repeat_interleave,
 }
 
 _VIEW_METHODS = {
@@ -519,6 +519,17 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
             rw.replace(node, torch.unsqueeze, (args[0], dim))
         return
 
+    # repeat_interleave by a number along one dim (grouped-query attention's K/V): positional,
+    # negative dim
+    if _method_or_function(node, {"repeat_interleave"}, {torch.repeat_interleave}) and \
+            set(node.kwargs) <= {"repeats", "dim"} and 2 <= len(args) + len(node.kwargs) <= 3:
+        reps, dim = _arg(node, 1, "repeats"), _arg(node, 2, "dim")
+        if isinstance(dim, int) and (isinstance(reps, int) or (isinstance(reps, Node) and not is_tensor_node(reps))):
+            dim = _neg_dim(dim, rank_of(args[0]))
+            if (t, op, args[1:], node.kwargs) != (torch.repeat_interleave, "call_function", (reps, dim), {}):
+                rw.replace(node, torch.repeat_interleave, (args[0], reps, dim))
+        return
+
     # elementwise and reductions used by distance and feed-forward forms
     if _method_or_function(node, {"pow", "__pow__"}, {operator.pow, torch.pow}) and len(args) == 2:
         if is_tensor_node(args[0]):
@@ -780,6 +791,37 @@ def is_impure(node: Node) -> bool:
     return False
 
 
+def _repeat_kv_as_repeat_interleave(rw: _Rewriter) -> None:
+    """HF's repeat_kv, x[:, :, None].expand(B, H, n, S, D).reshape(B, H * n, S, D), is
+    repeat_interleave(x, n, -3) value for value (each head copied n times in a row); one spelling
+    lets grouped-query rules see the un-repeated K/V. Proven from the recorded shapes: x is
+    (B, H, S, D), the expand only grows the new dim, the reshape merges H and n."""
+    for node in list(rw.graph.nodes):
+        if not (_method_or_function(node, *_RESHAPES) and node.args):
+            continue
+        expand = node.args[0]
+        if not (isinstance(expand, Node) and expand.op == "call_method" and expand.target == "expand"
+                and len(expand.users) == 1):
+            continue
+        unsq = expand.args[0]
+        if not (isinstance(unsq, Node) and unsq.op == "call_function" and unsq.target is torch.unsqueeze
+                and unsq.args[1] == -3 and len(unsq.users) == 1):
+            continue
+        x, mid, out = (example_value(n) for n in (unsq.args[0], expand, node))
+        if not all(isinstance(v, torch.Tensor) for v in (x, mid, out)) or x.dim() != 4 or mid.dim() != 5 or out.dim() != 4:
+            continue
+        B, H, S, D = x.shape
+        n = mid.shape[2]
+        same = [_same_size(a, b) for a, b in zip(mid.shape, (B, H, n, S, D))]
+        same += [_same_size(a, b) for a, b in zip(out.shape, (B, H * n, S, D))]
+        if not all(same) or not isinstance(n, int):
+            continue
+        new = rw.replace(node, torch.repeat_interleave, (unsq.args[0], n, -3))
+        rw.graph.erase_node(expand)
+        rw.graph.erase_node(unsq)
+        new.meta["example_value"] = out
+
+
 def canonicalize(graph: fx.Graph) -> int:
     """Rewrite `graph` in place into the canonical vocabulary. Returns the number of rewrites."""
     rw = _Rewriter(graph)
@@ -788,6 +830,7 @@ def canonicalize(graph: fx.Graph) -> int:
         if node.graph is graph and node in graph.nodes:
             _canonical_node(rw, node)
     _fold_scalar_products(rw)
+    _repeat_kv_as_repeat_interleave(rw)
     _matmul_to_linear(rw)
     _unflatten_linear(rw)
     _fold_tanh_gelu(rw)
