@@ -49,6 +49,13 @@ def dot_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p,
                              scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p, sdim)
 
 
+def dot_repeat_kv_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p, sdim, n, nv):
+    # Llama/Mistral eager: repeat_kv(k), repeat_kv(v) (canonical: repeat_interleave over heads)
+    kr, vr = torch.repeat_interleave(k, n, -3), torch.repeat_interleave(v, nv, -3)
+    return _scores_to_output(torch.matmul(q, torch.transpose(kr, -2, -1)), vr,
+                             scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p, sdim)
+
+
 def l2_cdist_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p, sdim):
     # TruthGPT: softmax(-lam * cdist(q, k) ** 2)
     d2 = torch.pow(torch.cdist(q, k, 2.0), 2)
@@ -105,8 +112,12 @@ def check_qkv(m: Match) -> Optional[str]:
         return "q, k and v must all be tensors"
     if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
         return f"q, k, v must all be 3-D or 4-D (got {q.dim()}, {k.dim()}, {v.dim()})"
+    repeats = m.values.get("n")  # grouped-query rules: K/V heads are repeated n times
     for name, t in (("k", k), ("v", v)):
-        if not all(known_equal(a, b) for a, b in zip(q.shape[:-2], t.shape[:-2])):
+        lead = list(t.shape[:-2])
+        if isinstance(repeats, int) and len(lead) == 2:
+            lead[-1] = lead[-1] * repeats
+        if not all(known_equal(a, b) for a, b in zip(q.shape[:-2], lead)):
             return f"{name}'s batch/head dims {tuple(t.shape[:-2])} differ from q's {tuple(q.shape[:-2])} (broadcasting)"
     if not known_equal(k.shape[-2], v.shape[-2]):
         return "k and v have different sequence lengths"
@@ -116,6 +127,22 @@ def check_qkv(m: Match) -> Optional[str]:
         return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
     if len({q.device, k.device, v.device}) != 1:
         return "q, k, v are on different devices"
+    return None
+
+
+def check_repeat_kv(m: Match) -> Optional[str]:
+    """K and V are 4-D (B, Hkv, S, D) and repeated the same number of times up to q's head count:
+    then enable_gqa on the originals pairs query head h with K/V head h // n, the same math."""
+    q, k, v = m["q"], m["k"], m["v"]
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        return "repeated K/V must be 4-D"
+    n, nv = m["n"], m["nv"]
+    if not isinstance(n, int) or not isinstance(nv, int) or n != nv or n < 1:
+        return f"K and V are repeated differently or by a non-constant ({n!r}, {nv!r})"
+    if not known_equal(q.shape[1], k.shape[1] * n):
+        return f"K/V heads {k.shape[1]} x {n} differ from q's {q.shape[1]}"
+    if m.present("enable_gqa") and m["enable_gqa"] is not False:
+        return "enable_gqa on top of repeated K/V"
     return None
 
 
@@ -282,7 +309,7 @@ def _mask_for_op(q, mask_a, fill_a, bias, mask_b, fill_b):
     return mask
 
 
-def _make_replacement(metric: str):
+def _make_replacement(metric: str, gqa: bool = False):
     def replacement(q, k, v, scale=None, scale2=None, mask_a=None, fill_a=None, bias=None,
                     mask_b=None, fill_b=None, p=None, config=None, **_):
         three_d = q.dim() == 3
@@ -293,7 +320,7 @@ def _make_replacement(metric: str):
         mask = _mask_for_op(q, mask_a, fill_a, bias, mask_b, fill_b)
         if mask is not None and three_d and mask.dim() == 3:
             mask = mask.unsqueeze(0)
-        out = attention_op(q, k, v, metric=metric, scale=s, attn_mask=mask,
+        out = attention_op(q, k, v, metric=metric, scale=s, attn_mask=mask, enable_gqa=gqa,
                            dropout_p=float(p) if p is not None else 0.0, config=config)
         return out.squeeze(0) if three_d else out
     replacement.__name__ = f"{metric}_attention_replacement"
@@ -316,14 +343,15 @@ def configs_for(metric: str):
     return configs
 
 
-def _rule(name, metric, pattern, extra=(), priority=100):
-    return Rule(name=name, kind="attention", pattern=pattern, replacement=_make_replacement(metric),
+def _rule(name, metric, pattern, extra=(), priority=100, gqa=False):
+    return Rule(name=name, kind="attention", pattern=pattern, replacement=_make_replacement(metric, gqa),
                 constraints=COMMON_CONSTRAINTS[:-1] + tuple(extra) + COMMON_CONSTRAINTS[-1:],
                 priority=priority, variant=metric, exact=False, configs=configs_for(metric))
 
 
 RULES = [
     _rule("attention.dot", "dot", dot_pattern),
+    _rule("attention.dot_repeat_kv", "dot", dot_repeat_kv_pattern, (check_repeat_kv,), priority=120, gqa=True),
     _rule("attention.l2_cdist", "l2", l2_cdist_pattern, (check_distance_scale,)),
     _rule("attention.l2_broadcast", "l2", l2_broadcast_pattern, (check_distance_scale,)),
     _rule("attention.l2_expanded", "l2", l2_expanded_pattern, (check_distance_scale,), priority=110),

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from fusion_backend import Match, Rule, known_equal, register_rule
 from fusion_backend.ops import attention as attention_op
 
-from .attention import check_supported_shapes, configs_for, floor_additive_mask
+from .attention import check_repeat_kv, check_supported_shapes, configs_for, floor_additive_mask
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -109,37 +109,11 @@ def sdpa_replacement(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
 # Grouped-query attention written by repeating K/V
 # ------------------------------------------------------------------------------------------------
 
-def _repeat_kv(x, b, h, n, s, d, bh):
-    # HF's repeat_kv: x[:, :, None].expand(b, h, n, s, d).reshape(b, h * n, s, d)
-    return x.unsqueeze(-3).expand(b, h, n, s, d).reshape(b, bh, s, d)
-
-
-def sdpa_repeat_kv_pattern(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                           b, h, n, s, d, bh, vb, vh, vn, vs, vd, vbh):
-    return F.scaled_dot_product_attention(q, _repeat_kv(k, b, h, n, s, d, bh), _repeat_kv(v, vb, vh, vn, vs, vd, vbh),
+def sdpa_repeat_kv_pattern(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, n, nv):
+    # K/V repeated per head: k.repeat_interleave(n, dim=1), or HF's repeat_kv (expand + reshape),
+    # which canonicalization writes as repeat_interleave
+    return F.scaled_dot_product_attention(q, torch.repeat_interleave(k, n, -3), torch.repeat_interleave(v, nv, -3),
                                           attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-
-
-def check_repeat_kv(m: Match) -> Optional[str]:
-    """The expand/reshape is exactly repeat_interleave(n, dim=1) of a 4-D (B, Hkv, S, D) tensor,
-    the same for K and V, to q's head count: then enable_gqa on the originals is the same math."""
-    q, k, v = m["q"], m["k"], m["v"]
-    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
-        return "repeated K/V must be 4-D"
-    for t, (b, h, n, s, d, bh) in ((k, "b h n s d bh".split()), (v, "vb vh vn vs vd vbh".split())):
-        sizes = [m[x] for x in (b, h, n, s, d, bh)]
-        if not all(isinstance(x, (int, torch.SymInt)) for x in sizes):
-            return "expand/reshape sizes are not integers"
-        B, H, N, S, D, BH = sizes
-        if not all(known_equal(x, y) for x, y in zip((B, H, S, D), t.shape)):
-            return "expand sizes are not the tensor's own (a broadcast, not a repeat)"
-        if not known_equal(BH, H * N) or not known_equal(q.shape[1], BH):
-            return "reshape does not give q's head count"
-    if not known_equal(m["n"], m["vn"]):
-        return "K and V are repeated differently"
-    if m["enable_gqa"] is not False:
-        return "enable_gqa on top of repeated K/V"
-    return None
 
 
 def sdpa_repeat_kv_replacement(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

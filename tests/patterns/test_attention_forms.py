@@ -110,6 +110,35 @@ def test_dot_dropout_training_uses_the_ops_rng(kind):
     assert not torch.allclose(out, model(q, k, v))
 
 
+class DotRepeatKV(torch.nn.Module):
+    """Llama-eager-style grouped-query attention: K/V heads repeated, then hand-written attention
+    with an HF finfo.min causal mask added."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+
+    def forward(self, q, k, v, mask):
+        rep = q.size(1) // k.size(1)
+        if self.form == "repeat_interleave":
+            k, v = torch.repeat_interleave(k, rep, dim=1), v.repeat_interleave(rep, 1)
+        else:
+            b, h, s, d = k.shape
+            k = k[:, :, None, :, :].expand(b, h, rep, s, d).reshape(b, h * rep, s, d)
+            v = v[:, :, None, :, :].expand(b, h, rep, s, d).reshape(b, h * rep, s, d)
+        w = torch.matmul(q, k.transpose(2, 3)) * q.size(-1) ** -0.5 + mask
+        w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(w, v)
+
+
+@pytest.mark.parametrize("form", ["repeat_interleave", "expand"])
+def test_dot_grouped_query(form):
+    q, k, v = qkv(H=4, Hkv=2)
+    mask = torch.full((8, 8), torch.finfo(torch.float32).min).triu(1)[None, None]
+    assert_fused(DotRepeatKV(form), q, k, v, mask, variant="dot", rule="attention.dot_repeat_kv")
+    assert_matches_eager(DotRepeatKV(form), q, k, v, mask)
+
+
 def test_dot_dynamic_shapes():
     model = DotAttention(causal="tril", scale="size")
     backend = fusion_backend.backend(strategy="aggressive", inner="eager", cache=False)
@@ -145,7 +174,8 @@ def test_sdpa(case):
 def test_sdpa_grouped_query(gqa):
     model = SDPA(is_causal=True, gqa=gqa)
     inputs = qkv(H=4, Hkv=2)
-    rule = "attention.sdpa_repeat_kv" if gqa == "expand" else "attention.sdpa"
+    # repeated K/V (by hand or HF's expand+reshape) go to the op un-repeated, with enable_gqa
+    rule = "attention.sdpa" if gqa == "native" else "attention.sdpa_repeat_kv"
     assert_fused(model, *inputs, variant="dot", rule=rule)
     assert_matches_eager(model, *inputs)
 

@@ -37,7 +37,8 @@ class Logits(torch.nn.Module):
 
 
 RULES = {("gpt2", "eager"): "attention.dot", ("gpt2", "sdpa"): "attention.sdpa",
-         ("llama", "eager"): "attention.dot", ("llama", "sdpa"): None}
+         ("llama", "eager"): "attention.dot_repeat_kv", ("llama", "sdpa"): None}
+# Llama's sdpa path passes enable_gqa itself without a mask, and repeats K/V by hand with one
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
