@@ -1,0 +1,191 @@
+"""The `truthfuse` command: explain, bench, cache, and its one-line errors (exit status 2)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusion_backend import cli
+from fusion_backend.tune.cache import TuningCache
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--arg", "batch=1", "--arg", "seq=8"]
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch, tmp_path):
+    """Factories resolve from the repository root; the tuning cache is private to the test."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("TRUTHFUSE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _one_line_error(capsys, rc, *expected):
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def _run(argv):
+    """main()'s status, also when argparse exits."""
+    try:
+        return cli.main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+# -- explain ----------------------------------------------------------------------------------
+
+def test_explain_prints_the_report(capsys):
+    rc = cli.main(["explain", "examples.truthgpt:build", *SMALL, "--arg", "metric=l1",
+                   "--strategy", "aggressive", "--inner", "eager", "--no-cache"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.startswith("truthfuse: 1 graph(s)")
+    fused_rows = [line for line in out.splitlines() if " fused " in line and "attention.l1_cdist" in line]
+    assert len(fused_rows) == 2, out
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("examples.truthgpt", "is not MODULE:FACTORY"),
+    ("no_such_module_xyz:build", "cannot import module 'no_such_module_xyz'"),
+    ("examples.truthgpt:no_such_factory", "has no attribute 'no_such_factory'"),
+    ("examples.truthgpt:VOCAB", "not a callable factory"),
+    ("examples.truthgpt:corpus_text", "must return (model, example_inputs)"),
+])
+def test_explain_bad_factory_is_one_line(capsys, target, expected):
+    _one_line_error(capsys, cli.main(["explain", target]), expected)
+
+
+def test_explain_factory_errors_are_reported(capsys):
+    line = _one_line_error(capsys, cli.main(["explain", "examples.truthgpt:build", "--arg", "metric='l3'"]),
+                           "raised ValueError")
+    assert "dot, l2, l1, cosine" in line
+    _one_line_error(capsys, cli.main(["explain", "examples.truthgpt:build", "--arg", "nonsense"]), "NAME=VALUE")
+
+
+def test_explain_checks_what_the_factory_returns(capsys, tmp_path, monkeypatch):
+    (tmp_path / "factories_for_cli_test.py").write_text(
+        "import torch\n"
+        "def three(): return 1, 2, 3\n"
+        "def not_callable(): return 5, (torch.ones(2),)\n"
+        "def bad_inputs(): return torch.nn.Identity(), 7\n"
+        "def broken(): raise RuntimeError('boom')\n")
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(capsys, cli.main(["explain", "factories_for_cli_test:three"]), "returned tuple of length 3")
+    _one_line_error(capsys, cli.main(["explain", "factories_for_cli_test:not_callable"]), "as the model")
+    _one_line_error(capsys, cli.main(["explain", "factories_for_cli_test:bad_inputs"]), "example_inputs of type int")
+    _one_line_error(capsys, cli.main(["explain", "factories_for_cli_test:broken"]), "RuntimeError: boom")
+
+
+def test_bad_option_values_name_the_choices(capsys):
+    line = _one_line_error(capsys, _run(["explain", "examples.truthgpt:build", "--strategy", "fast"]), "--strategy")
+    assert "aggressive" in line and "moderate" in line
+    _one_line_error(capsys, _run(["bench", "--metrics", "dot,l3"]), "l3", "dot, l2, l1, cosine")
+    _one_line_error(capsys, _run(["bench", "--seqs", "64,x"]), "--seqs")
+    _one_line_error(capsys, _run(["bench", "--batch", "0"]), "--batch must be at least 1")
+    _one_line_error(capsys, _run(["cache", "shine"]), "show", "clear")
+    _one_line_error(capsys, _run([]), "COMMAND")
+
+
+def test_help_describes_every_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("explain", "bench", "cache", "TRUTHFUSE_LOG"):
+        assert word in out
+    for command in ("explain", "bench", "cache"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        assert "usage: truthfuse " + command in capsys.readouterr().out
+
+
+# -- bench ------------------------------------------------------------------------------------
+
+def test_bench_cuda_without_a_device(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _one_line_error(capsys, cli.main(["bench", "--device", "cuda"]), "no CUDA device")
+
+
+def test_bench_plot_without_matplotlib(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    _one_line_error(capsys, cli.main(["bench", "--plot", "out.png", "--metrics", "l2"]), "pip install matplotlib")
+
+
+def test_bench_writes_json(capsys, tmp_path):
+    """The one Inductor run of this file: eager, Inductor and truthfuse on one tiny L2 case."""
+    out = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--metrics", "l2", "--seqs", "16", "--no-model", "--reps", "1",
+                   "--inner", "eager", "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["env"]["device"] == "cpu" and data["config"]["timer"].startswith("wall clock")
+    (row,) = data["results"]
+    assert (row["name"], row["seq"], row["fused_sites"]) == ("attention-l2", 16, 1)
+    for key in ("eager_ms", "inductor_ms", "truthfuse_ms"):
+        assert row[key] > 0
+    assert row["speedup_vs_inductor"] == pytest.approx(row["inductor_ms"] / row["truthfuse_ms"])
+    assert "attention-l2" in capsys.readouterr().out
+
+
+def test_bench_plot_draws_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"name": f"attention-{m}", "seq": s, "speedup_vs_inductor": 1.0 + s / 100, "speedup_vs_eager": 2.0}
+            for m in ("dot", "l2") for s in (16, 32)]
+    cli._plot(rows, str(tmp_path / "p.png"), "test")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# -- cache ------------------------------------------------------------------------------------
+
+def _record():
+    return {"plan": {"g0.attention.dot@matmul": "fuse"}, "cost_ms": 1.0, "baseline_ms": 2.0,
+            "best_plan": {"g0.attention.dot@matmul": "fuse"}, "best_ms": 1.0, "strategy": "moderate",
+            "measurements": 3, "seconds": 0.5, "reason": "fused: 2.00x faster", "history": [], "failures": []}
+
+
+def test_cache_show_clear_export_import(capsys, tmp_path):
+    directory = tmp_path / "cache"
+    TuningCache(directory).put("a" * 64, _record())
+    assert cli.main(["cache", "show"]) == 0
+    out = capsys.readouterr().out
+    assert str(directory) in out and "(1 entry)" in out and "aaaaaaaaaaaaaaaa" in out and "1/1 fused" in out
+
+    state = tmp_path / "state.json"
+    assert cli.main(["cache", "export", str(state)]) == 0
+    assert "exported 1 entry" in capsys.readouterr().out
+    assert cli.main(["cache", "clear"]) == 0
+    assert "removed 1 entry" in capsys.readouterr().out
+    assert len(TuningCache(directory)) == 0
+    assert cli.main(["cache", "import", str(state)]) == 0
+    assert "imported 1 entry" in capsys.readouterr().out
+    assert TuningCache(directory).get("a" * 64)["reason"] == "fused: 2.00x faster"
+
+    other = tmp_path / "other"
+    assert cli.main(["cache", "--dir", str(other), "import", str(state)]) == 0
+    capsys.readouterr()
+    assert len(TuningCache(other)) == 1
+
+
+def test_cache_import_of_a_bad_file(capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    _one_line_error(capsys, cli.main(["cache", "import", str(bad)]), "not valid JSON")
+    _one_line_error(capsys, cli.main(["cache", "import", str(tmp_path / "missing.json")]), "cannot read")
+
+
+def test_console_script_entry_point():
+    """`python -m fusion_backend.cli` is what the `truthfuse` script runs: status and one line."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-m", "fusion_backend.cli", "explain", "nope"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("truthfuse explain: error: 'nope' is not MODULE:FACTORY "
+                                   "(for example examples.truthgpt:build)")
