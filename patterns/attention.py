@@ -330,13 +330,13 @@ def _make_replacement(metric: str, gqa: bool = False):
 def configs_for(metric: str):
     """The launch configs the tuner may try for a site of this metric (the op's default only on CPU)."""
     def configs(m: Match):
-        from fusion_backend.ops.attention import attention_config_space_for, config_key
-
         q = m.values["q"] if "q" in m.values else m.values["query"]
         if q.device.type != "cuda":
             return [None]  # timing launch configs in Triton's CPU interpreter tells nothing
         try:
-            space = attention_config_space_for(metric, int(q.shape[-1]), q.dtype, q.device.type)
+            from fusion_backend.ops.attention import attention_config_space, config_key
+
+            space = attention_config_space(metric, int(q.shape[-1]), q.dtype, q.device.type)
         except Exception:  # noqa: BLE001 -- no declared space: the op's default only
             return [None]
         return [None] + [config_key(c) for c in space][:7]

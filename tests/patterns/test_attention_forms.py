@@ -271,3 +271,25 @@ def test_cosine(kind):
 
 def test_l2_dynamic_shapes():
     assert_matches_eager(L2Attention("broadcast", "per_head"), *qkv(T=6), dynamic=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end with the default inner compiler (Inductor), as a user would run it
+# ------------------------------------------------------------------------------------------------
+
+def test_inductor_end_to_end_training():
+    model = DotAttention(causal="tril", upcast=True, scale="size")
+    q, k, v = qkv()
+    backend = fusion_backend.backend(strategy="aggressive", cache=False)  # inner: Inductor
+    compiled = torch.compile(model, backend=backend)
+    a = [t.clone().requires_grad_() for t in (q, k, v)]
+    b = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, ref = compiled(*a), model(*b)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-4)
+    w = torch.randn_like(ref)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad, atol=2e-4, rtol=2e-3)
+    fused = [s for r in backend.records for s in r.sites if s.decision == "fused"]
+    assert [s.variant for s in fused] == ["dot"], [(s.rule, s.decision, s.reason) for r in backend.records for s in r.sites]
