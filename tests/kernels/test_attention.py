@@ -227,3 +227,22 @@ def test_config_space_and_keys():
     assert rel(out, attention_reference(q.double(), k.double(), v.double())) < 1e-5
     with pytest.raises(ValueError):
         attention(q, k, v, config="blocks-please")
+
+
+def test_key_padding_float_mask_grad_and_noncontiguous_inputs():
+    q, k, v = make(2, 2, 2, 19, 31, 16, 16)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, N, D) view of a (B, N, H, D) buffer
+    run_and_compare("l1", q, k, v, scale=0.2, mask=torch.randn(2, 1, 1, 31))
+    run_and_compare("dot", q, k, v, mask=torch.randn(1, 2, 1, 31))
+
+
+def test_dropout_inside_torch_compile():
+    q, k, v = make(1, 2, 2, 16, 16, 16, 16)
+
+    def f(q, k, v):
+        return attention(q, k, v, metric="cosine", scale=5.0, dropout_p=0.5)
+    cf = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    torch.manual_seed(3); a = cf(q, k, v)
+    torch.manual_seed(3); b = cf(q, k, v)
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+    assert not torch.equal(a, attention(q, k, v, metric="cosine", scale=5.0))
