@@ -207,6 +207,8 @@ def check_residual(m: Match) -> Optional[str]:
     if not m.present("residual"):
         return None
     r = m.values["residual"]
+    if m.nodes.get("residual") in set(m.covered):
+        return "the value added is the block's own output (y + y), not a residual"
     if not isinstance(r, torch.Tensor):
         return "the value added to the block's output is a Python number, not a residual tensor"
     want = _block_output_shape(m)
@@ -216,6 +218,23 @@ def check_residual(m: Match) -> Optional[str]:
         return f"residual dtype {r.dtype} differs from the input's {m.values['x'].dtype}"
     if r.device != m.values["x"].device:
         return "the residual is on another device"
+    return None
+
+
+def _dtype(node: Any) -> Optional[torch.dtype]:
+    v = node.meta.get("example_value", node.meta.get("val")) if hasattr(node, "meta") else None
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def check_no_autocast(m: Match) -> Optional[str]:
+    """Under torch.autocast a Linear takes float32 and returns bfloat16/float16. The op computes
+    in its inputs' dtype, so it would run the block in float32: not the precision (or speed) the
+    model asked for."""
+    for n in m.covered:
+        if n.op == "call_function" and n.target is F.linear and n.args:
+            a, b = _dtype(n.args[0]), _dtype(n)
+            if a is not None and b is not None and a != b:
+                return f"a Linear turns {a} into {b} (torch.autocast); the op would compute in {a}"
     return None
 
 
@@ -239,7 +258,7 @@ def _check_supported(activation: str) -> Callable:
 
 
 CONSTRAINTS = (check_tensors, check_shapes, check_halves, check_dropout, check_residual,
-               check_activation)
+               check_activation, check_no_autocast)
 
 
 # ------------------------------------------------------------------------------------------------

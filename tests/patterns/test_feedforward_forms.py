@@ -314,6 +314,31 @@ def test_near_miss_dropout_probability_one():
     _near_miss(model, _x(), "outside [0, 1)")
 
 
+def test_near_miss_autocast():
+    """Under CPU autocast the Linears return bfloat16 from float32 weights: not fused (the op
+    would compute in float32)."""
+    model = MLP(act="gelu", residual=True)
+
+    def f(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x)
+    report = _near_miss(f, _x(), "autocast")
+    assert not feedforward_sites(report, "fused")
+
+
+def test_near_miss_output_added_to_itself():
+    """`y + y` is not a residual add: the block is fused without it."""
+    model = MLP(act="gelu")
+
+    def f(x):
+        y = model(x)
+        return y + y
+    report = _near_miss(f, _x(), "not a residual")
+    assert len(feedforward_sites(report, "fused")) == 1
+    x = _x()
+    torch.testing.assert_close(torch.compile(f, backend=_backend())(x), f(x), **TOL)
+
+
 @pytest.mark.parametrize("p,fragment", [
     ("tensor", "is a tensor"),
     ("symbolic", "symbolic"),
