@@ -466,6 +466,9 @@ def attention_config_space(metric: str, head_dim: int, dtype: torch.dtype, devic
                                    BWD_BLOCK_M=bbm, BWD_BLOCK_N=bbn, bwd_num_warps=bw, bwd_num_stages=2)
                         if _feasible(cfg, metric, d_pad, eb):
                             out.append(cfg)
+    default = default_attention_config(metric, head_dim, dtype, device_type)
+    if default not in out:  # the tuner's starting point is always a member
+        out.insert(0, default)
     return out
 
 
