@@ -54,17 +54,22 @@ class PatternGraph:
         return self.output.target
 
     @property
-    def anchor_targets(self) -> list:
-        """Targets a site's last node may have: the output's, and, while the output is an
-        optional step, the target of the step it falls back to (`maybe(F.dropout)(linear(...))`
-        ends at a dropout or, without one, at the linear)."""
-        targets, node = [], self.output
+    def anchor_chain(self) -> list:
+        """The pattern nodes a site may end at: the output and, while the output is an optional
+        step, the step it falls back to (`maybe(F.dropout)(linear(...))` ends at a dropout or,
+        without one, at the linear)."""
+        chain, node = [], self.output
         while isinstance(node, fx.Node) and node.op == "call_function":
-            targets.append(node.target)
+            chain.append(node)
             if not node.meta.get(OPTIONAL):
                 break
             node = node.args[0]
-        return targets
+        return chain
+
+    @property
+    def anchor_targets(self) -> list:
+        """The targets of `anchor_chain`."""
+        return [n.target for n in self.anchor_chain]
 
 
 def trace_pattern(fn: Callable) -> PatternGraph:

@@ -77,15 +77,18 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
             continue
         matcher = Matcher(pattern)
         targets = pattern.anchor_targets
-        # With a trailing maybe(...), the block a site covers also contains anchors at which the
+        chain = set(pattern.anchor_chain)
+        # With a trailing maybe(...), a site's own optional tail steps are anchors at which the
         # same rule would match a shorter prefix of it; anchors are visited last-first, so the
-        # longest match comes first and the shorter ones are not reported again.
+        # longest match comes first and its prefixes are not reported again. (Other sites that
+        # merely overlap it are kept: the tuner chooses between them.)
         claimed: set = set()
         for anchor in reversed(nodes):
             if anchor.op != "call_function" or anchor.target not in targets or anchor in claimed:
                 continue
             first_failure: Optional[Site] = None
             chosen: Optional[Site] = None
+            chosen_al = None
             for al in matcher.alignments(anchor):
                 match = _alignment_to_match(rule, al, anchor)
                 site = Site(id="", rule=rule, match=match, variant=None, location=source_location(anchor))
@@ -103,14 +106,14 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
                     site.variant = None
                 if reason is None:
                     site.configs = rule.config_choices(match)
-                    chosen = site
+                    chosen, chosen_al = site, al
                     break
                 if first_failure is None:
                     site.near_miss = reason
                     first_failure = site
             found = chosen or first_failure
-            if chosen is not None and len(targets) > 1:
-                claimed.update(chosen.nodes)
+            if chosen_al is not None and len(chain) > 1:
+                claimed.update(t for t, p in chosen_al.covered.items() if p in chain)
             if found is not None:
                 found.id = f"{graph_id}.{rule.name}@{anchor.name}"
                 sites.append(found)
