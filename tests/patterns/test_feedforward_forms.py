@@ -206,6 +206,17 @@ def test_sequential_stack_two_blocks(training):
     assert {s.variant for s in feedforward_sites(report, "fused")} == {"gelu", "relu"}
 
 
+def test_overlapping_blocks_compete():
+    """Linear-GELU-Linear-GELU-Linear holds two blocks sharing the middle Linear: both are
+    reported, the tuner fuses one and keeps the other."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 12), nn.GELU(), nn.Linear(12, 8))
+    assert_matches_eager(model, _x())
+    report = fusion_backend.explain(model, _x(), options=OPTS)
+    assert len(feedforward_sites(report, "fused")) == 1, str(report)
+    kept = feedforward_sites(report, "kept")
+    assert len(kept) == 1 and "overlaps" in kept[0].reason, str(report)
+
+
 # ------------------------------------------------------------------------------------------------
 # Dropout with p > 0 in training
 # ------------------------------------------------------------------------------------------------
