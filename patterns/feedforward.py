@@ -239,6 +239,7 @@ def check_no_autocast(m: Match) -> Optional[str]:
 
 
 def check_activation(m: Match) -> Optional[str]:
+    """GELU's approximate= is one the op implements ("none" or "tanh")."""
     approx = m.values.get("approx")
     if m.present("approx") and approx not in _GELU_APPROXIMATIONS:
         return f"GELU approximate={approx!r} is not supported"
@@ -308,15 +309,18 @@ def _make_replacement(activation: str) -> Callable:
 
 
 def _configs(gated: bool) -> Callable:
+    """The tuner's choices for a site: on CUDA, cuBLAS products with the fused epilogue kernel
+    and Triton GEMMs with fused epilogues, each with its default tiles and a few others; on CPU
+    only the op's default (timing in Triton's interpreter says nothing about a GPU)."""
     def configs(m: Match):
         from fusion_backend.ops.feedforward import default_feedforward_config, feedforward_config_space
 
         if m.values["x"].device.type != "cuda":
-            return [None]  # timing configs in Triton's CPU interpreter tells nothing
+            return [None]
         choices = list(_IMPLS)
         for impl, extra in (("triton", 3), ("cublas", 2)):
             default = default_feedforward_config(impl, gated=gated, interpret=False)["key"]
-            keys = [c["key"] for c in feedforward_config_space(impl, gated=gated)[1:]]
+            keys = [c["key"] for c in feedforward_config_space(impl, gated=gated)]
             choices += [k for k in keys if k != default][:extra]
         return choices
     return configs
