@@ -168,3 +168,21 @@ class BertFeedForward(nn.Module):
 
     def forward(self, x):
         return self.output(self.intermediate(x), x)
+
+
+def tiny_hf_model(name, layers=2):
+    """A tiny randomly initialised HF model (`_from_config`, no download) with dropout off."""
+    import transformers as tf
+
+    common = dict(vocab_size=50, max_position_embeddings=16, num_hidden_layers=layers)
+    if name == "gpt2":
+        cfg = tf.GPT2Config(n_embd=16, n_layer=layers, n_head=2, n_positions=16, vocab_size=50,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return tf.GPT2Model._from_config(cfg)
+    if name == "llama":
+        cfg = tf.LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                             num_key_value_heads=2, **common)
+        return tf.LlamaModel._from_config(cfg)
+    cfg = tf.BertConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common)
+    return tf.BertModel._from_config(cfg)

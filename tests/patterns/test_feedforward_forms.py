@@ -27,6 +27,7 @@ from .ffn_models import (
     MismatchedGate,
     MLP,
     tiny_gpt2_mlp,
+    tiny_hf_model,
     tiny_llama_mlp,
 )
 
@@ -191,6 +192,35 @@ def test_transformer_encoder_layer(activation, norm_first, training):
     model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation=activation, batch_first=True,
                                        norm_first=norm_first)
     check_form(model, _x(), training, activation)
+
+
+@pytest.mark.parametrize("name,variant", [("gpt2", "gelu_tanh"), ("llama", "swiglu"), ("bert", "gelu")])
+def test_hf_models_every_layer(name, variant):
+    """Whole tiny HF models (2 layers, training mode, dropout off): each layer's MLP is fused with
+    its residual add, and the last hidden state and every parameter's gradient match eager.
+    Attention rules are disabled so that only the feed-forward fusion is under test."""
+    model = tiny_hf_model(name).train()
+    ids = torch.randint(0, 50, (2, 6))
+    options = {**OPTS, "disable": ["attention"]}
+    compiled = torch.compile(model, backend=fusion_backend.backend(**options))
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        out = fn(ids).last_hidden_state
+        out.backward(cot)
+        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    cot = torch.randn(2, 6, 16)
+    ref_out, ref_grads = run(model)
+    out, grads = run(compiled)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    assert len(grads) == len(ref_grads)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, **TOL)
+    report = fusion_backend.explain(model, ids, options=options)
+    fused = feedforward_sites(report, "fused")
+    assert len(fused) == 2 and {s.variant for s in fused} == {variant}, str(report)
+    assert all(s.site_id.split("@")[1].startswith("add") for s in fused), "the residual add is inside"
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
