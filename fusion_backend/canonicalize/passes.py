@@ -590,24 +590,88 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
     # matches however the call site spelled its keywords
     if op == "call_function" and t in _LIBRARY_SIGNATURES:
         params, keyword_only = _LIBRARY_SIGNATURES[t]
-        if len(args) > len(params) - len(keyword_only) or set(node.kwargs) - {name for name, _ in params}:
+        full = _bind(node, params, keyword_only)
+        if full is None:
             return
-        full = []
-        for i, (name, default) in enumerate(params):
-            if i < len(args):
-                full.append(args[i])
-            elif name in node.kwargs:
-                full.append(node.kwargs[name])
-            elif default is _REQUIRED:
-                return
-            else:
-                full.append(default)
         n_pos = len(params) - len(keyword_only)
         kwargs = dict(zip(keyword_only, full[n_pos:]))
         if (tuple(full[:n_pos]), kwargs) != (tuple(args), dict(node.kwargs)):
             new = rw.replace(node, t, tuple(full[:n_pos]))
             new.kwargs = kwargs  # keyword-only parameters stay keywords, so the call still runs
         return
+    # the aten forms SDPA lowers to, written or captured directly: aten.scaled_dot_product_attention
+    # itself, and output [0] of the fused-kernel ops when nothing else of theirs is used
+    if op == "call_function" and (t in _ATEN_SDPA or (t is operator.getitem and args[1:] == (0,)
+                                                       and isinstance(args[0], Node)
+                                                       and args[0].op == "call_function"
+                                                       and args[0].target in _ATEN_SDPA)):
+        call = node if t in _ATEN_SDPA else args[0]
+        params, keyword_only, fixed = _ATEN_SDPA[call.target]
+        if call is not node and any(u.target is not operator.getitem or u.args[1] != 0 for u in call.users):
+            return
+        if (call is node) != (call.target in _ATEN_SDPA_SINGLE):
+            return
+        full = _bind(call, params, keyword_only)
+        if full is None:
+            return
+        bound = dict(zip((name for name, _ in params), full))
+        if any(bound.get(name, value) != value for name, value in fixed.items()):
+            return  # debug masks, caller-given dropout masks: not plain attention
+        if call is not node and dtype_of(bound.get("attn_mask", bound.get("attn_bias"))) == torch.bool:
+            return  # the kernel ops take additive biases; a bool there is not SDPA's "keep"
+        sdpa_params, sdpa_kw = _LIBRARY_SIGNATURES[F.scaled_dot_product_attention]
+        alias = {"attn_mask": ("attn_mask", "attn_bias")}
+        values = []
+        for name, default in sdpa_params:
+            names = alias.get(name, (name,))
+            values.append(next((bound[n] for n in names if n in bound), default))
+        new = rw.replace(node, F.scaled_dot_product_attention, tuple(values[:6]))
+        new.kwargs = dict(zip(sdpa_kw, values[6:]))
+        return
+
+
+def _bind(node: Node, params: tuple, keyword_only: tuple) -> Optional[list]:
+    """The node's arguments in parameter order with defaults filled in, or None if they do not
+    bind (too many positionals, unknown keywords, a required one missing)."""
+    args = node.args
+    if len(args) > len(params) - len(keyword_only) or set(node.kwargs) - {name for name, _ in params}:
+        return None
+    full = []
+    for i, (name, default) in enumerate(params):
+        if i < len(args):
+            full.append(args[i])
+        elif name in node.kwargs:
+            full.append(node.kwargs[name])
+        elif default is _REQUIRED:
+            return None
+        else:
+            full.append(default)
+    return full
+
+
+def _aten_sdpa_signatures() -> dict:
+    """aten ops with SDPA's meaning -> (params with defaults, keyword-only names, argument values
+    they must have to be plain attention). Read from the schemas; both the packet and .default."""
+    table = {}
+    fixed = {"return_debug_mask": False, "dropout_mask": None}
+    for name in ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math"):
+        packet = getattr(torch.ops.aten, name, None)
+        if packet is None:
+            continue
+        schema = packet.default._schema
+        params = tuple((a.name, _REQUIRED if not a.has_default_value() else a.default_value)
+                       for a in schema.arguments)
+        keyword_only = tuple(a.name for a in schema.arguments if a.kwarg_only)
+        entry = (params, keyword_only, fixed)
+        table[packet] = entry
+        table[packet.default] = entry
+    return table
+
+
+_ATEN_SDPA = _aten_sdpa_signatures()
+_ATEN_SDPA_SINGLE = {t for t in _ATEN_SDPA if "scaled_dot_product_attention" == getattr(t, "__name__", "").split(".")[0]}
 
 
 # ----------------------------------------------------------------------------------------------
