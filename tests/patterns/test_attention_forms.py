@@ -195,6 +195,28 @@ def test_sdpa_dropout_training_and_eval():
     assert_matches_eager(model, q, k, v)
 
 
+class AtenSDPA(torch.nn.Module):
+    """The aten ops SDPA lowers to, called directly (what an aten-level capture shows)."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.register_buffer("bias", torch.randn(2, 1, 8, 8))  # flash_for_cpu gives the mask no gradient
+
+    def forward(self, q, k, v):
+        if self.form == "aten":
+            return torch.ops.aten.scaled_dot_product_attention(q, k, v, self.bias, scale=0.3)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=self.bias,
+                                                                          scale=0.3)[0]
+
+
+@pytest.mark.parametrize("form", ["aten", "flash_for_cpu"])
+def test_sdpa_aten_forms(form):
+    model = AtenSDPA(form)
+    assert_fused(model, *qkv(), variant="dot", rule="attention.sdpa")
+    assert_matches_eager(model, *qkv())
+
+
 def test_sdpa_dynamic_shapes():
     assert_matches_eager(SDPA(is_causal=True), *qkv(T=7), dynamic=True)
 
