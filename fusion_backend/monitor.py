@@ -13,8 +13,9 @@ With monitoring off, `instrument` is never called and nothing is inserted: there
 Why custom ops that mutate a token: the region must stay between the markers under every inner
 compiler. Under eager the graph runs in order. Under Inductor, an op with no outputs would be dead
 code and an ordinary op could be reordered or fused away; an opaque custom op that mutates a
-graph-level token tensor is a side effect that AOT autograd keeps, and the two markers mutating
-the same token stay ordered with respect to each other. `begin` reads the region's inputs, so it
+token (a one-element buffer of the graph module, which AOT autograd lifts to an input) is a side
+effect that is kept, and the two markers mutating the same token stay ordered with respect to
+each other. The markers are tagged cudagraph_unsafe, so CUDA graphs do not swallow them. `begin` reads the region's inputs, so it
 runs after they exist; `end` reads its outputs, so it runs after the region has computed them.
 The markers return nothing, so autograd and the backward pass do not see them.
 
@@ -100,7 +101,12 @@ _MAX_PENDING = 1024
 # The marker ops
 # ------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("truthfuse_monitor::begin", mutates_args=("token",))
+# Host-side work (timers, events, allocator counters) that a CUDA graph replay would skip: the tag
+# makes Inductor keep these calls out of CUDA graphs (mode="reduce-overhead").
+_TAGS = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)
+
+
+@torch.library.custom_op("truthfuse_monitor::begin", mutates_args=("token",), tags=_TAGS)
 def _begin(token: Tensor, site: int, inputs: List[Tensor]) -> None:
     """Start timing site number `site` (an index into this module's table)."""
     stats = _stats[site]
@@ -120,7 +126,7 @@ def _(token, site, inputs):
     return None
 
 
-@torch.library.custom_op("truthfuse_monitor::end", mutates_args=("token",))
+@torch.library.custom_op("truthfuse_monitor::end", mutates_args=("token",), tags=_TAGS)
 def _end(token: Tensor, site: int, outputs: List[Tensor]) -> None:
     """Stop timing site number `site` and add the call to its totals."""
     stats = _stats[site]
@@ -209,6 +215,13 @@ def instrument(gm: fx.GraphModule, sites: Dict[str, Any]) -> List[str]:
             log.debug("monitor: site %s has no tensor output; not instrumented", sid)
             continue
         device = _tensor_value(outputs[0]).device
+        first_node = min(nodes, key=order.__getitem__)
+        last_node = max(nodes, key=order.__getitem__)
+        if any(order.get(a, -1) >= order[first_node] for a in inputs):
+            # replace.py splices a region after everything it reads; if that ever changes, skip
+            # the site rather than emit a graph that reads a value before it exists.
+            log.debug("monitor: an input of site %s is defined inside its span; not instrumented", sid)
+            continue
         if token_node is None:
             first = next(iter(graph.nodes))
             while first.op == "placeholder":
@@ -225,8 +238,6 @@ def instrument(gm: fx.GraphModule, sites: Dict[str, Any]) -> List[str]:
         index = _register(sid, sites[sid])
         with _lock:
             _stats[index].device = str(device)
-        first_node = min(nodes, key=order.__getitem__)
-        last_node = max(nodes, key=order.__getitem__)
         with graph.inserting_before(first_node):
             graph.call_function(torch.ops.truthfuse_monitor.begin.default, (token_node, index, inputs))
         with graph.inserting_after(last_node):
