@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import fusion_backend
-from .checks import assert_fused, assert_matches_eager, qkv
+from .checks import OPTIONS, assert_fused, assert_matches_eager, qkv
 from .models import MHA, SDPA, CosineAttention, DotAttention, L1Attention, L2Attention
 
 
@@ -231,6 +231,21 @@ def test_multihead_attention(batch_first):
     x = torch.randn(2, 8, 16) if batch_first else torch.randn(8, 2, 16)
     assert_fused(model, x, variant="dot", rule="attention.multihead")
     assert_matches_eager(model, x)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_inference(batch_first):
+    # eval + no_grad is where eager takes MHA's native fast path; under Dynamo it is the same call
+    model = MHA(batch_first=batch_first, p=0.1).eval()
+    x = torch.randn(2, 8, 16) if batch_first else torch.randn(8, 2, 16)
+    with torch.no_grad():
+        assert_fused(model, x, variant="dot", rule="attention.multihead")
+        out = torch.compile(model, backend="truthfuse", options=OPTIONS)(x)
+        torch.testing.assert_close(out, model(x), atol=2e-5, rtol=2e-4)
+
+
+def test_multihead_attention_dynamic_shapes():
+    assert_matches_eager(MHA(), torch.randn(2, 7, 16), dynamic=True)
 
 
 def test_multihead_attention_key_padding_mask_eval():

@@ -6,7 +6,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from .checks import assert_fused, assert_matches_eager  # noqa: E402
+from .checks import OPTIONS, assert_fused, assert_matches_eager  # noqa: E402
 
 VOCAB, T = 64, 8
 
@@ -57,3 +57,14 @@ def test_hf_attention(arch, impl, padded):
         loss_mask = am[..., None].float()
     assert_fused(model, *args, variant="dot", rule=RULES[(arch, impl)], count=1)
     assert_matches_eager(model, *args, grad_inputs=False, loss_mask=loss_mask, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hf_attention_inference(arch):
+    torch.manual_seed(0)
+    model = Logits((_gpt2 if arch == "gpt2" else _llama)("eager")).eval()
+    ids = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        assert_fused(model, ids, variant="dot", rule=RULES[(arch, "eager")])
+        out = torch.compile(model, backend="truthfuse", options=OPTIONS)(ids)
+        torch.testing.assert_close(out, model(ids), atol=2e-5, rtol=2e-4)
