@@ -217,7 +217,8 @@ def _fused_count(backend) -> int:
 
 def _bench_case(make_fn, inputs: tuple, device: str, strategy: str, inner: str, timer,
                 backward: bool) -> Dict[str, Any]:
-    """Time eager, Inductor and truthfuse on one function and one set of inputs."""
+    """Time eager, Inductor and truthfuse on one function and one set of inputs; on CUDA also the
+    memory each allocates beyond what was live before one call (`<variant>_peak_mb`)."""
     import torch
 
     import fusion_backend
@@ -237,6 +238,11 @@ def _bench_case(make_fn, inputs: tuple, device: str, strategy: str, inner: str, 
         run()  # compile (and tune) outside the timing
         if device == "cuda":
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            run()
+            torch.cuda.synchronize()
+            row[f"{name}_peak_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
         row[f"{name}_ms"] = timer(run)
     row["fused_sites"] = _fused_count(backend)
     row["speedup_vs_eager"] = row["eager_ms"] / row["truthfuse_ms"]
