@@ -236,6 +236,21 @@ def test_sequential_stack_two_blocks(training):
     assert {s.variant for s in feedforward_sites(report, "fused")} == {"gelu", "relu"}
 
 
+@pytest.mark.parametrize("model_fn,variant", [
+    (lambda: MLP(act="gelu", p_hidden=0.1, p_out=0.1, residual=True), "gelu"),
+    (lambda: GatedMLP(act="silu", layout="chunk"), "swiglu"),
+], ids=["plain", "chunked"])
+def test_inference_under_no_grad(model_fn, variant):
+    """Inference as served: eval mode inside torch.no_grad(), a graph without autograd."""
+    model = model_fn().eval()
+    x = _x()
+    backend = _backend()
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(x)
+        torch.testing.assert_close(out, model(x), **TOL)
+    assert [s.variant for s in feedforward_sites(backend, "fused")] == [variant]
+
+
 def test_overlapping_blocks_compete():
     """Linear-GELU-Linear-GELU-Linear holds two blocks sharing the middle Linear: both are
     reported, the tuner fuses one and keeps the other."""
