@@ -362,6 +362,21 @@ def _table(results: List[Dict[str, object]], device: torch.device) -> str:
     return "\n".join(lines + failed)
 
 
+def _loss_table(results: List[Dict[str, object]], rows: int = 12) -> str:
+    """The loss at each step (about `rows` of them, evenly spaced, always the last), per variant."""
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return ""
+    steps = len(ok[0]["losses"])
+    stride = max(1, -(-steps // rows))
+    shown = sorted(set(range(0, steps, stride)) | {steps - 1})
+    head = "step  " + "  ".join(f"{r['variant']:>10}" for r in ok)
+    lines = [head, "-" * len(head)]
+    for i in shown:
+        lines.append(f"{i:4d}  " + "  ".join(f"{r['losses'][i]:10.4f}" for r in ok))
+    return "\n".join(lines)
+
+
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="truthgpt",
@@ -436,7 +451,12 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
             results.append({"variant": variant, "error": f"{type(exc).__name__}: {message}"})
         del replica
     print()
+    print(_loss_table(results))
+    print()
     print(_table(results, device))
+    if args.dropout > 0:
+        print(f"dropout {args.dropout}: each variant draws its own dropout masks (truthfuse's kernels use their "
+              "own random stream), so losses differ by noise; --dropout 0 compares the curves exactly")
     if device.type == "cpu":
         print("peak MB on CPU: the most the CPU allocator held beyond what was already live (model, optimizer "
               "state), over one extra profiled step")

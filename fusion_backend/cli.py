@@ -369,7 +369,9 @@ class _LossStep:
 def _format_row(r: Dict[str, Any]) -> str:
     return (f"{r['name']:<18} T={r['seq']:<6} eager {r['eager_ms']:9.3f} ms  inductor {r['inductor_ms']:9.3f} ms  "
             f"truthfuse {r['truthfuse_ms']:9.3f} ms  x{r['speedup_vs_inductor']:.2f} vs inductor  "
-            f"x{r['speedup_vs_eager']:.2f} vs eager  fused {r['fused_sites']}")
+            f"x{r['speedup_vs_eager']:.2f} vs eager  fused {r['fused_sites']}"
+            + (f"  peak MB {r['eager_peak_mb']:.0f}/{r['inductor_peak_mb']:.0f}/{r['truthfuse_peak_mb']:.0f}"
+               if "eager_peak_mb" in r else ""))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
