@@ -97,8 +97,10 @@ def assert_fused(model, x, variant=None, count=1):
 
 
 def check_form(model, x, training, variant=None, count=1):
+    """The numerics run fused the block(s) too, and explain() says so."""
     model.train(training)
-    assert_matches_eager(model, x)
+    backend = assert_matches_eager(model, x)
+    assert len(feedforward_sites(backend, "fused")) == count
     assert_fused(model, x, variant, count)
 
 
@@ -138,9 +140,8 @@ def test_residual_and_dropout_positions(training):
     assert site.rule == "feedforward.plain.relu"
 
 
-def test_residual_with_wider_output_is_not_a_residual():
-    """d_out != d: `x + y` would not even broadcast, so the residual is only taken from a
-    same-shape tensor; here the output is 12 wide and no residual is involved."""
+def test_output_wider_than_input():
+    """d_out != d (8 -> 24 -> 12): the op's w_out is (d_out, h), not (d, h)."""
     check_form(MLP(d=8, h=16, d_out=12, act="silu"), _x(), True, "silu")
 
 
@@ -231,7 +232,7 @@ def test_sequential_stack_two_blocks(training):
     if training:
         model[2].p = 0.0
     model.train(training)
-    assert_matches_eager(model, _x())
+    assert len(feedforward_sites(assert_matches_eager(model, _x()), "fused")) == 2
     report = assert_fused(model, _x(), count=2)
     assert {s.variant for s in feedforward_sites(report, "fused")} == {"gelu", "relu"}
 
@@ -255,7 +256,7 @@ def test_overlapping_blocks_compete():
     """Linear-GELU-Linear-GELU-Linear holds two blocks sharing the middle Linear: both are
     reported, the tuner fuses one and keeps the other."""
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 12), nn.GELU(), nn.Linear(12, 8))
-    assert_matches_eager(model, _x())
+    assert len(feedforward_sites(assert_matches_eager(model, _x()), "fused")) == 1
     report = fusion_backend.explain(model, _x(), options=OPTS)
     assert len(feedforward_sites(report, "fused")) == 1, str(report)
     kept = feedforward_sites(report, "kept")
@@ -339,7 +340,7 @@ def _near_miss(model, x, fragment):
 def test_near_miss_broadcasting_residual_fuses_without_the_add():
     model = BroadcastResidual(d=8, h=16, T=5)
     x = _x()
-    assert_matches_eager(model, x)
+    assert len(feedforward_sites(assert_matches_eager(model, x), "fused")) == 1
     report = _near_miss(model, x, "broadcasting")
     assert len(feedforward_sites(report, "fused")) == 1, str(report)
 
