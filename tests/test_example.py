@@ -13,6 +13,12 @@ from examples import truthgpt
 EAGER_INNER = {"strategy": "aggressive", "inner": "eager", "cache": False}
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(monkeypatch, tmp_path):
+    """train() and main() use the tuning cache; keep it out of the user's."""
+    monkeypatch.setenv("TRUTHFUSE_CACHE_DIR", str(tmp_path / "cache"))
+
+
 def test_build_returns_model_and_inputs():
     model, (tokens, targets) = truthgpt.build("l2", batch=3, seq=8, dropout=0.0)
     assert tokens.shape == targets.shape == (3, 8)
