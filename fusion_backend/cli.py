@@ -191,8 +191,6 @@ def _attention_fn(metric: str):
 
 def _timer(device: str, reps: int) -> Callable[[Callable[[], Any]], float]:
     """Median milliseconds of fn(): triton.testing.do_bench on CUDA, wall clock on CPU."""
-    import torch
-
     if device == "cuda":
         from triton.testing import do_bench
 
@@ -207,7 +205,6 @@ def _timer(device: str, reps: int) -> Callable[[Callable[[], Any]], float]:
             times.append((time.perf_counter() - start) * 1e3)
         return statistics.median(times)
 
-    del torch
     return wall
 
 
@@ -225,7 +222,8 @@ def _bench_case(make_fn, inputs: tuple, device: str, strategy: str, inner: str, 
 
     row: Dict[str, Any] = {}
     backend = fusion_backend.backend(strategy=strategy, inner=inner)
-    variants = {"eager": make_fn(), "inductor": torch.compile(make_fn()), "truthfuse": torch.compile(make_fn(), backend=backend)}
+    variants = {"eager": make_fn(), "inductor": torch.compile(make_fn()),
+                "truthfuse": torch.compile(make_fn(), backend=backend)}
     for name, fn in variants.items():
         if backward:
             def run(fn=fn):
@@ -319,8 +317,8 @@ def run_bench(device: str, metrics: Sequence[str], seqs: Sequence[int], *, batch
             torch._dynamo.reset()
             net, (tokens, targets) = truthgpt.build(metric, batch=mbatch, seq=mseq, device=device, dtype=dtype,
                                                     dropout=0.0)
-            row = {"name": f"truthgpt-{metric}", "metric": metric, "seq": mseq, "batch": mbatch, "heads": truthgpt.HEADS,
-                   "head_dim": truthgpt.HIDDEN // truthgpt.HEADS, "dtype": dtype, "backward": True}
+            row = {"name": f"truthgpt-{metric}", "metric": metric, "seq": mseq, "batch": mbatch,
+                   "heads": truthgpt.HEADS, "head_dim": truthgpt.HIDDEN // truthgpt.HEADS, "dtype": dtype, "backward": True}
             row.update(_bench_case(lambda n=net: _LossStep(n), (tokens, targets), device, strategy, inner,
                                    timer, True))
             results.append(row)

@@ -15,9 +15,11 @@ compiler. Under eager the graph runs in order. Under Inductor, an op with no out
 code and an ordinary op could be reordered or fused away; an opaque custom op that mutates a
 token (a one-element buffer of the graph module, which AOT autograd lifts to an input) is a side
 effect that is kept, and the two markers mutating the same token stay ordered with respect to
-each other. The markers are tagged cudagraph_unsafe, so CUDA graphs do not swallow them. `begin` reads the region's inputs, so it
-runs after they exist; `end` reads its outputs, so it runs after the region has computed them.
-The markers return nothing, so autograd and the backward pass do not see them.
+each other. `begin` reads the region's inputs, so it runs after they exist; `end` reads its
+outputs, so it runs after the region has computed them. Only program order keeps the region's
+first kernel after `begin`; Inductor keeps it (tests/test_monitor.py reads the generated code to
+check). The markers are tagged cudagraph_unsafe, so CUDA graphs do not swallow them, and return
+nothing, so autograd and the backward pass do not see them.
 
 What is measured is the forward call of each site:
   - device time: CUDA events on the current stream around the region (read lazily, when metrics()

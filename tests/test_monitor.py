@@ -177,7 +177,8 @@ def test_truthfuse_log_env_var_logs_decisions():
     code = ("import torch, fusion_backend\n"
             "def f(q, k, v): return (q @ k.transpose(-2, -1) * 0.25).softmax(-1) @ v\n"
             "q = torch.randn(1, 2, 8, 16)\n"
-            "fusion_backend.explain(f, q, q, q, options={'strategy': 'aggressive', 'inner': 'eager', 'cache': False})\n")
+            "options = {'strategy': 'aggressive', 'inner': 'eager', 'cache': False}\n"
+            "fusion_backend.explain(f, q, q, q, options=options)\n")
     env = dict(os.environ, TRUTHFUSE_LOG="debug", TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
