@@ -117,4 +117,8 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
             if found is not None:
                 found.id = f"{graph_id}.{rule.name}@{anchor.name}"
                 sites.append(found)
-    return sites
+    # A near-miss at an anchor where another rule of the same kind has a valid site says only
+    # that a more specific rule (say, causal attention) did not apply where a general one does:
+    # not worth reporting, and it would read as if the site were kept.
+    valid = {(s.anchor, s.kind) for s in sites if s.near_miss is None}
+    return [s for s in sites if s.near_miss is None or (s.anchor, s.kind) not in valid]
