@@ -13,10 +13,12 @@ forms differ only in how the scores are computed, one rule each.
 from __future__ import annotations
 
 import math
+import operator
 from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 
 from fusion_backend import Match, Rule, dtype_in, is_scalar_like, known_equal, maybe, register_rule
@@ -239,6 +241,91 @@ COMMON_CONSTRAINTS = (check_qkv, check_softmax_dim, dtype_in("q", _FLOATS), chec
                       check_supported)
 
 
+# -- an added mask that is the causal triangle, computed from constants (HF's eager masks) -----
+
+# Ops a mask may be built from and still be a compile-time constant: index arithmetic,
+# comparisons, views and fills. Nothing random, nothing reading an input.
+_CONSTANT_FUNCTIONS = {
+    torch.arange, torch.zeros, torch.ones, torch.full, torch.tril, torch.triu, torch.masked_fill,
+    torch.where, torch.unsqueeze, torch.logical_not, torch.logical_and, torch.logical_or,
+    torch.add, torch.sub, torch.mul, torch.le, torch.lt, torch.ge, torch.gt, torch.eq, torch.ne,
+    torch.Tensor.to, torch.transpose, torch.reshape, torch.broadcast_to,
+    operator.add, operator.sub, operator.le, operator.lt, operator.ge, operator.gt, operator.eq,
+    operator.ne, operator.and_, operator.or_, operator.invert, operator.getitem, operator.neg,
+}
+_CONSTANT_METHODS = {
+    "expand", "view", "reshape", "unsqueeze", "to", "bool", "float", "half", "bfloat16", "masked_fill",
+    "__and__", "__or__", "__invert__", "le", "lt", "ge", "gt", "eq", "ne", "tril", "triu",
+    "logical_not", "logical_and", "logical_or", "type", "transpose", "permute", "contiguous", "clone",
+    "__getitem__", "expand_as", "add", "sub",
+}
+_CONSTANT_MAX_NODES = 64
+_CONSTANT_MAX_NUMEL = 1 << 26
+
+
+class _NotConstant(Exception):
+    pass
+
+
+def constant_value(node) -> Optional[torch.Tensor]:
+    """The value of a tensor node computed only from constants by whitelisted ops (no input, no
+    parameter, no symbolic size, nothing random), evaluated now; None otherwise."""
+    memo: dict = {}
+
+    def value(x):
+        if isinstance(x, fx.Node):
+            if x in memo:
+                return memo[x]
+            if len(memo) >= _CONSTANT_MAX_NODES or x.op not in ("call_function", "call_method"):
+                raise _NotConstant
+            if x.op == "call_function" and x.target not in _CONSTANT_FUNCTIONS:
+                raise _NotConstant
+            if x.op == "call_method" and x.target not in _CONSTANT_METHODS:
+                raise _NotConstant
+            args = fx.node.map_aggregate(x.args, value)
+            kwargs = fx.node.map_aggregate(x.kwargs, value)
+            out = x.target(*args, **kwargs) if x.op == "call_function" else getattr(args[0], x.target)(*args[1:], **kwargs)
+            if isinstance(out, torch.Tensor) and out.numel() > _CONSTANT_MAX_NUMEL:
+                raise _NotConstant
+            memo[x] = out
+            return out
+        if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            raise _NotConstant
+        return x
+
+    try:
+        with torch.no_grad():
+            out = value(node)
+    except Exception:  # noqa: BLE001 -- not constant, or not evaluable here: no claim
+        return None
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def is_causal_bias(bias: torch.Tensor, nq: int, nk: int) -> bool:
+    """An additive mask that is exactly SDPA's top-left causal triangle: 0 where key j <= query i,
+    -inf or <= -1e30 (absorbing, so probability exactly 0, and no row is fully masked) above it,
+    the same for every batch and head."""
+    if not bias.is_floating_point() or bias.dim() < 2 or tuple(bias.shape[-2:]) != (nq, nk):
+        return False
+    keep = torch.ones(nq, nk, dtype=torch.bool, device=bias.device).tril()
+    b = bias.float()
+    return bool(((b == 0) | ~keep).all()) and bool(((b <= _HUGE_NEGATIVE) | keep).all())
+
+
+def check_constant_causal_bias(m: Match) -> Optional[str]:
+    """The added mask is computed from constants and is the causal triangle, so the op can take
+    causal=True (skipping the masked half) instead of reading a mask."""
+    node = m.nodes.get("bias")
+    q, k = m.values["q"], m.values["k"]
+    nq, nk = q.shape[-2], k.shape[-2]
+    if node is None or not isinstance(nq, int) or not isinstance(nk, int):
+        return "no added mask with static sizes"
+    value = constant_value(node)
+    if value is None or not is_causal_bias(value, nq, nk):
+        return "the added mask is not a constant causal triangle"
+    return None
+
+
 def check_distance_scale(m: Match) -> Optional[str]:
     if not m.present("scale"):
         return "distance attention without a temperature: softmax(+distance) is not supported"
@@ -309,9 +396,13 @@ def _mask_for_op(q, mask_a, fill_a, bias, mask_b, fill_b):
     return mask
 
 
-def _make_replacement(metric: str, gqa: bool = False):
+def _make_replacement(metric: str, gqa: bool = False, causal_bias: bool = False):
+    """causal_bias: check_constant_causal_bias proved the added mask is the causal triangle; it
+    becomes causal=True and is not read."""
     def replacement(q, k, v, scale=None, scale2=None, mask_a=None, fill_a=None, bias=None,
                     mask_b=None, fill_b=None, p=None, config=None, **_):
+        if causal_bias:
+            bias = None
         three_d = q.dim() == 3
         if three_d:
             q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
@@ -320,7 +411,7 @@ def _make_replacement(metric: str, gqa: bool = False):
         mask = _mask_for_op(q, mask_a, fill_a, bias, mask_b, fill_b)
         if mask is not None and three_d and mask.dim() == 3:
             mask = mask.unsqueeze(0)
-        out = attention_op(q, k, v, metric=metric, scale=s, attn_mask=mask, enable_gqa=gqa,
+        out = attention_op(q, k, v, metric=metric, scale=s, attn_mask=mask, enable_gqa=gqa, causal=causal_bias,
                            dropout_p=float(p) if p is not None else 0.0, config=config)
         return out.squeeze(0) if three_d else out
     replacement.__name__ = f"{metric}_attention_replacement"
@@ -343,8 +434,8 @@ def configs_for(metric: str):
     return configs
 
 
-def _rule(name, metric, pattern, extra=(), priority=100, gqa=False):
-    return Rule(name=name, kind="attention", pattern=pattern, replacement=_make_replacement(metric, gqa),
+def _rule(name, metric, pattern, extra=(), priority=100, gqa=False, causal_bias=False):
+    return Rule(name=name, kind="attention", pattern=pattern, replacement=_make_replacement(metric, gqa, causal_bias),
                 constraints=COMMON_CONSTRAINTS[:-1] + tuple(extra) + COMMON_CONSTRAINTS[-1:],
                 priority=priority, variant=metric, exact=False, configs=configs_for(metric))
 
@@ -352,6 +443,12 @@ def _rule(name, metric, pattern, extra=(), priority=100, gqa=False):
 RULES = [
     _rule("attention.dot", "dot", dot_pattern),
     _rule("attention.dot_repeat_kv", "dot", dot_repeat_kv_pattern, (check_repeat_kv,), priority=120, gqa=True),
+    # HF eager builds its causal mask from aranges: proven causal at compile time, it becomes
+    # causal=True (the kernels skip the masked half); other masks go to the rules above
+    _rule("attention.dot_causal", "dot", dot_pattern, (check_constant_causal_bias,), priority=105,
+          causal_bias=True),
+    _rule("attention.dot_repeat_kv_causal", "dot", dot_repeat_kv_pattern,
+          (check_repeat_kv, check_constant_causal_bias), priority=125, gqa=True, causal_bias=True),
     _rule("attention.l2_cdist", "l2", l2_cdist_pattern, (check_distance_scale,)),
     _rule("attention.l2_broadcast", "l2", l2_broadcast_pattern, (check_distance_scale,)),
     _rule("attention.l2_expanded", "l2", l2_expanded_pattern, (check_distance_scale,), priority=110),

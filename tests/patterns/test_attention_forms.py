@@ -36,6 +36,41 @@ def test_dot_causal_masks(causal):
     assert_matches_eager(model, *qkv())
 
 
+class AddedMask(torch.nn.Module):
+    """softmax(q k^T / sqrt(d) + mask) v with a mask built from constants in forward."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, q, k, v):
+        T, S = q.size(-2), k.size(-2)
+        i = torch.arange(T)[:, None]
+        j = torch.arange(S)[None, :]
+        if self.kind == "hf_causal":  # HF's eager mask: arange comparison, finfo.min fill
+            mask = torch.zeros(()).masked_fill(~(j <= i), torch.finfo(torch.float32).min)
+        elif self.kind == "triu_inf":
+            mask = torch.full((T, S), float("-inf")).triu(1)
+        elif self.kind == "shifted":  # one more key visible: not SDPA's causal triangle
+            mask = torch.full((T, S), float("-inf")).triu(2)
+        else:  # "finite": -1e4 is not absorbed, so it is a bias, not a mask
+            mask = torch.zeros(()).masked_fill(~(j <= i), -1e4)
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)) + mask, dim=-1) @ v
+
+
+@pytest.mark.parametrize("kind", ["hf_causal", "triu_inf", "shifted", "finite"])
+def test_constant_added_mask(kind):
+    """A constant added mask that is exactly the causal triangle becomes causal=True (rule
+    attention.dot_causal); any other is passed as a float mask (attention.dot). Both exact."""
+    model = AddedMask(kind)
+    causal = kind in ("hf_causal", "triu_inf")
+    assert_fused(model, *qkv(), variant="dot", rule="attention.dot_causal" if causal else "attention.dot")
+    assert_matches_eager(model, *qkv())
+    if kind == "hf_causal":  # Nq != Nk: SDPA's causal is the top-left triangle, as is this mask
+        assert_fused(model, *qkv(T=5, S=9), variant="dot", rule="attention.dot_causal")
+        assert_matches_eager(model, *qkv(T=5, S=9))
+
+
 def _dead_rows():
     """Query rows 0-2 of batch 0 see no key (causal + padding of keys 0-2): a real loss ignores
     them (padded positions), so their outputs get no gradient."""

@@ -36,9 +36,14 @@ class Logits(torch.nn.Module):
         return self.lm(ids, attention_mask=attention_mask).logits
 
 
-RULES = {("gpt2", "eager"): "attention.dot", ("gpt2", "sdpa"): "attention.sdpa",
-         ("llama", "eager"): "attention.dot_repeat_kv", ("llama", "sdpa"): None}
-# Llama's sdpa path passes enable_gqa itself without a mask, and repeats K/V by hand with one
+# (arch, impl, padded) -> the rule that fuses. Without padding HF's eager mask is a constant causal
+# triangle (built from aranges) and becomes causal=True; with padding it is a float mask. Llama
+# repeats K/V by hand (eager, and sdpa with a mask); its sdpa path passes enable_gqa without one.
+RULES = {("gpt2", "eager", False): "attention.dot_causal", ("gpt2", "eager", True): "attention.dot",
+         ("gpt2", "sdpa", False): "attention.sdpa", ("gpt2", "sdpa", True): "attention.sdpa",
+         ("llama", "eager", False): "attention.dot_repeat_kv_causal",
+         ("llama", "eager", True): "attention.dot_repeat_kv",
+         ("llama", "sdpa", False): "attention.sdpa", ("llama", "sdpa", True): "attention.sdpa_repeat_kv"}
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
@@ -55,7 +60,7 @@ def test_hf_attention(arch, impl, padded):
         am[0, :3] = 0
         args = (ids, am)
         loss_mask = am[..., None].float()
-    assert_fused(model, *args, variant="dot", rule=RULES[(arch, impl)], count=1)
+    assert_fused(model, *args, variant="dot", rule=RULES[(arch, impl, padded)], count=1)
     assert_matches_eager(model, *args, grad_inputs=False, loss_mask=loss_mask, atol=2e-5, rtol=2e-4)
 
 
@@ -65,6 +70,6 @@ def test_hf_attention_inference(arch):
     model = Logits((_gpt2 if arch == "gpt2" else _llama)("eager")).eval()
     ids = torch.randint(0, VOCAB, (2, T))
     with torch.no_grad():
-        assert_fused(model, ids, variant="dot", rule=RULES[(arch, "eager")])
+        assert_fused(model, ids, variant="dot", rule=RULES[(arch, "eager", False)])
         out = torch.compile(model, backend="truthfuse", options=OPTIONS)(ids)
         torch.testing.assert_close(out, model(ids), atol=2e-5, rtol=2e-4)
