@@ -7,7 +7,6 @@ A graph in which nothing is fused is handed to the inner compiler exactly as Dyn
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import time
@@ -23,6 +22,7 @@ from .match import all_rules, find_sites
 from .match.sites import Site
 from .options import Options, parse_options
 from .replace import ReplacementError, apply_plan, build_replacement, option_name
+from .site_timing import SiteTimer
 
 log = logging.getLogger("truthfuse")
 
@@ -132,7 +132,7 @@ class TruthfuseBackend:
         if not candidates:
             return gm
 
-        plan = self._decide(gm, example_inputs, candidates, record, built)
+        plan = self._decide(gm, canon, example_inputs, candidates, record, built)
         fused_ids = set(s for s, choice in plan.items() if choice != "keep")
         if not fused_ids:
             for site in candidates:
@@ -153,7 +153,7 @@ class TruthfuseBackend:
                 d.reason = _keep_reason(site, candidates, fused_ids, record)
         return canon
 
-    def _decide(self, gm, example_inputs, candidates: List[Site], record: GraphRecord,
+    def _decide(self, gm, gm_canon, example_inputs, candidates: List[Site], record: GraphRecord,
                 built: Dict[tuple, tuple]) -> Dict[str, str]:
         """Choose a plan (site id -> "keep" / "fuse[:config]") with the tuner, through the cache."""
         from .tune import DecisionSpace, Option, SiteChoices, TuningCache, TuningDecision, cache_key, choose_plan
@@ -189,9 +189,15 @@ class TruthfuseBackend:
                 except (KeyError, TypeError, ValueError):
                     pass
 
-        evaluate = _PlanTimer(self, gm, example_inputs, candidates, built, record.index)
-        decision = choose_plan(space, evaluate, opts.strategy, simulations=opts.budget,
-                               time_budget_s=opts.tuning_seconds, seed=opts.seed)
+        train = torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
+        timer = SiteTimer(gm_canon, candidates, built,
+                          lambda sub, args: _inner_compile(sub, args, opts), train)
+        try:
+            decision = choose_plan(space, timer, opts.strategy, simulations=opts.budget,
+                                   time_budget_s=opts.tuning_seconds, seed=opts.seed)
+        finally:
+            timer.close()
         _fill_record(record, decision, cache_hit=False)
         if cache is not None and key is not None:
             cache.put(key, decision.to_record())
@@ -213,88 +219,6 @@ def _keep_reason(site: Site, candidates: List[Site], fused_ids: set, record: Gra
         if other.id in fused_ids and other.nodes & site.nodes:
             return f"overlaps fused site {other.rule.name} ({other.location})"
     return record.tuning_reason or "the tuner kept it"
-
-
-class _PlanTimer:
-    """Measures a plan: rewrite a fresh canonical copy, compile it with the inner compiler, time
-    its forward pass on the graph's real inputs."""
-
-    def __init__(self, backend: TruthfuseBackend, gm, example_inputs, candidates, built, index):
-        self.backend, self.gm, self.inputs = backend, gm, example_inputs
-        self.built, self.index = built, index
-        self.ids = [s.id for s in candidates]
-        self._input_sets = None
-
-    def input_sets(self):
-        """The graph's inputs (concrete sizes; copies of what it mutates), plus enough copies to
-        rotate through more than the L2 cache. Made once per graph, on first use."""
-        from .tune.timing import rotated_input_sets
-
-        if self._input_sets is None:
-            inputs = [_hint(v) for v in _clone_mutated_inputs(self.gm, self.inputs)]
-            device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
-            self._input_sets = (rotated_input_sets(inputs, device), device)
-        return self._input_sets
-
-    def __call__(self, plan) -> float:
-        from .tune import measure
-
-        plan = dict(plan)
-        if all(v == "keep" for v in plan.values()):
-            graph = self.gm
-        else:
-            graph, sites = self.backend._find(self.gm, f"g{self.index}")
-            sites = [s for s in sites if s.id in plan]
-            apply_plan(graph, sites, plan, self.built)
-        # Forward only, without autograd: a backward compiled by aot_autograd cannot run inside
-        # Dynamo's compile context, so training graphs are scored by their forward pass.
-        with _preserved_rng(), warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            compiled = _inner_compile(graph, self.inputs, self.backend.options)
-            input_sets, device = self.input_sets()
-            ms = measure(compiled, input_sets, device=device, warmup=3, repeats=10)
-        return ms
-
-
-def _hint(value: Any) -> Any:
-    """Dynamic-shape graphs receive sizes as SymInts; timing runs on their concrete values."""
-    if isinstance(value, (torch.SymInt, torch.SymFloat)):
-        hint = value.node.hint
-        return int(hint) if isinstance(value, torch.SymInt) else float(hint)
-    return value
-
-
-@contextlib.contextmanager
-def _preserved_rng():
-    """Tuning runs the graph; dropout inside it must not shift the user's random stream."""
-    cpu = torch.random.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    try:
-        yield
-    finally:
-        torch.random.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-
-
-def _clone_mutated_inputs(gm: fx.GraphModule, inputs: List[Any]) -> List[Any]:
-    """Copies of the inputs the graph mutates in place (BatchNorm statistics, caches), so timing
-    runs leave the model's state as it was; other inputs are shared."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    mutated = set()
-    for node in gm.graph.nodes:
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        if node.op in ("call_method", "call_function") and (name.endswith("_") and not name.startswith("_")
-                                                           or name in ("copy_",)):
-            if node.args and isinstance(node.args[0], fx.Node):
-                mutated.add(node.args[0])
-    out = []
-    for ph, value in zip(placeholders, inputs):
-        if isinstance(value, torch.Tensor) and ph in mutated:
-            out.append(value.detach().clone())
-        else:
-            out.append(value)
-    return out
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs: List[Any], options: Options) -> Callable:

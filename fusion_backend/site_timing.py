@@ -1,0 +1,183 @@
+"""Scoring plans by timing sites, not whole graphs.
+
+Compiling the whole graph once per candidate plan would cost one Inductor compile per
+measurement. Instead each site is timed on its own, at the graph's real shapes and dtypes: the
+original matched subgraph compiled by the inner compiler ("keep") against the fused replacement
+with each launch config. A plan's cost is the sum of its sites' costs. Sites with the same rule,
+shapes and dtypes (the 12 identical layers of a GPT-2) share measurements.
+
+Timing runs the site's own compile in a fresh compile context: a backward pass compiled by
+aot_autograd cannot record its metrics into the context that is compiling the enclosing graph,
+and the site must not pick up that graph's fake mode. So sites of a training graph are timed
+forward and backward, as they will run.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+
+from .canonicalize.passes import example_value
+from .match.sites import Site
+
+Node = fx.Node
+
+
+def _real_like(value: Any, generator: torch.Generator) -> Any:
+    """A real tensor (or number) standing in for a fake example value, sizes at their hints."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        hint = value.node.hint
+        return type(hint)(hint) if hint is not None else 1
+    if not isinstance(value, torch.Tensor):
+        return value
+    shape = [int(s.node.hint) if isinstance(s, torch.SymInt) else int(s) for s in value.shape]
+    device = value.device
+    if value.dtype == torch.bool:
+        t = torch.rand(shape, generator=generator).to(device) > 0.2
+    elif value.is_floating_point():
+        t = (torch.randn(shape, generator=generator) * 0.5).to(device=device, dtype=value.dtype)
+    else:
+        t = torch.zeros(shape, dtype=value.dtype, device=device)
+    return t.requires_grad_(value.requires_grad and value.is_floating_point())
+
+
+def keep_subgraph(gm: fx.GraphModule, site: Site) -> Tuple[fx.GraphModule, List[Any]]:
+    """The site's matched nodes as a GraphModule of their own, and its inputs' example values.
+
+    Every value a matched node reads from outside the match becomes a placeholder; the anchor's
+    value is the output.
+    """
+    graph = fx.Graph()
+    env: Dict[Node, Node] = {}
+    inputs: List[Any] = []
+    covered = [n for n in gm.graph.nodes if n in site.nodes]
+
+    def lookup(n: Node) -> Node:
+        if n in env:
+            return env[n]
+        if n.op == "get_attr":
+            env[n] = graph.get_attr(n.target)
+            return env[n]
+        ph = graph.placeholder(f"in_{len(inputs)}")
+        env[n] = ph
+        inputs.append(example_value(n))
+        return ph
+
+    for node in covered:
+        for dep in node.all_input_nodes:
+            if dep not in site.nodes:
+                lookup(dep)
+        env[node] = graph.node_copy(node, lookup)
+    graph.output(env[site.anchor])
+    return fx.GraphModule(gm, graph), inputs
+
+
+class SiteTimer:
+    """Times sites' options and adds them up into a plan's cost, for the tuner's `evaluate`."""
+
+    def __init__(self, gm: fx.GraphModule, sites: List[Site], built: Dict[tuple, tuple],
+                 compile_fn: Callable[[fx.GraphModule, list], Callable], train: bool):
+        self.gm, self.sites, self.built = gm, sites, built
+        self.compile_fn, self.train = compile_fn, train
+        self.memo: Dict[tuple, float] = {}
+        self.rounds: Dict[tuple, int] = {}
+        self.measurements = 0
+        self._generator = torch.Generator().manual_seed(0)
+
+    def close(self) -> None:
+        """Nothing to release; kept so callers can treat the timer as a resource."""
+
+    def __call__(self, plan) -> float:
+        key = tuple(sorted(dict(plan).items()))
+        # A plan measured again (the guard's confirmation) gets fresh site measurements.
+        round_ = self.rounds.get(key, 0)
+        self.rounds[key] = round_ + 1
+        total = 0.0
+        for site in self.sites:
+            total += self.site_cost(site, dict(plan).get(site.id, "keep"), round_)
+        return total
+
+    def site_cost(self, site: Site, choice: str, round_: int = 0) -> float:
+        group = _group_of(site)
+        key = (group, choice, round_)
+        if key not in self.memo:
+            with _fresh_compile_context():
+                self.memo[key] = self._measure(site, choice)
+            self.measurements += 1
+        return self.memo[key]
+
+    # -- one measurement ---------------------------------------------------------------------
+
+    def _measure(self, site: Site, choice: str) -> float:
+        from .tune import measure
+
+        if choice == "keep":
+            sub, example = keep_subgraph(self.gm, site)
+        else:
+            config = None if choice == "fuse" else choice.split(":", 1)[1]
+            traced, _ = self.built[(site.id, config)]
+            sub = traced
+            example = [site.match.values[n] for n in traced.tensor_names]
+        args = [_real_like(v, self._generator) for v in example]
+        with _preserved_rng(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fn = self.compile_fn(sub, args)
+            train = self.train and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+            def run(*xs):
+                out = fn(*xs)
+                out = out[0] if isinstance(out, (list, tuple)) else out
+                if train and isinstance(out, torch.Tensor) and out.requires_grad:
+                    out.backward(torch.ones_like(out))
+                return out
+
+            device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+            from .tune.timing import rotated_input_sets
+            sets = rotated_input_sets(args, device)
+            grad_ctx = contextlib.nullcontext() if train else torch.no_grad()
+            with grad_ctx:
+                ms = measure(run, sets, device=device, warmup=3, repeats=10)
+        return ms
+
+
+def _group_of(site: Site) -> str:
+    shapes = ";".join(f"{k}={tuple(v.shape)}:{v.dtype}:{v.requires_grad}"
+                      for k, v in sorted(site.match.values.items()) if isinstance(v, torch.Tensor))
+    consts = ";".join(f"{k}={v!r}" for k, v in sorted(site.match.values.items())
+                      if not isinstance(v, torch.Tensor))
+    return f"{site.rule.name}|{shapes}|{consts}"
+
+
+@contextlib.contextmanager
+def _fresh_compile_context():
+    """Compile and run a site as if no graph were being compiled: no enclosing tracing context
+    (its fake mode and shape env belong to the enclosing graph) and a metrics context of its own."""
+    from torch._dynamo import utils as dynamo_utils
+
+    tls = dynamo_utils._metrics_context_tls
+    saved = getattr(tls, "metrics_context", None)
+    tls.metrics_context = dynamo_utils.MetricsContext(on_exit=lambda *args, **kwargs: None)
+    try:
+        with torch._guards.tracing(None):
+            yield
+    finally:
+        if saved is None:
+            del tls.metrics_context
+        else:
+            tls.metrics_context = saved
+
+
+@contextlib.contextmanager
+def _preserved_rng():
+    """Timing runs dropout; the user's random stream must not move."""
+    cpu = torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
