@@ -17,6 +17,7 @@ import json
 import os
 import statistics
 import sys
+import textwrap
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -454,12 +455,18 @@ def cmd_cache(args: argparse.Namespace) -> int:
 # The parser
 # ------------------------------------------------------------------------------------------------
 
+def _para(text: str) -> str:
+    """A description paragraph wrapped for the terminal (the raw formatter keeps epilogs' lines
+    as written, and would not wrap descriptions either)."""
+    return textwrap.fill(text, 88)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `truthfuse` argument parser (exposed for tests and docs)."""
     fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(prog="truthfuse", formatter_class=fmt,
-                     description="truthfuse: a torch.compile backend that fuses attention and feed-forward "
-                                 "blocks into Triton kernels.",
+                     description=_para("truthfuse: a torch.compile backend that fuses attention and feed-forward "
+                                       "blocks into Triton kernels."),
                      epilog="examples:\n"
                             "  truthfuse explain examples.truthgpt:build --arg metric=cosine\n"
                             "  truthfuse bench --device cuda --json bench.json --plot speedup.png\n"
@@ -469,9 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("explain", formatter_class=fmt, help="what truthfuse fuses in a model, and why not",
-                       description="Compile the model a factory returns with truthfuse, run it once on the "
-                                   "example inputs, and print which attention/feed-forward sites were fused "
-                                   "or kept, with reasons and source locations.",
+                       description=_para("Compile the model a factory returns with truthfuse, run it once on the "
+                                         "example inputs, and print which attention/feed-forward sites were "
+                                         "fused or kept, with reasons and source locations."),
                        epilog="MODULE:FACTORY names a callable returning (model, example_inputs), where the\n"
                               "inputs are a tuple of arguments (or a dict of keyword arguments). MODULE is\n"
                               "imported with the current directory on sys.path, e.g.\n"
@@ -486,9 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("bench", formatter_class=fmt, help="eager vs Inductor vs truthfuse timings",
-                       description="Time attention written by hand for each metric (per-head temperature, "
-                                   "causal mask) and the TruthGPT training step, under eager, Inductor and "
-                                   "truthfuse. CUDA: triton.testing.do_bench median; CPU: wall-clock median.",
+                       description=_para("Time attention written by hand for each metric (per-head temperature, "
+                                         "causal mask) and the TruthGPT training step, under eager, Inductor "
+                                         "and truthfuse. CUDA: triton.testing.do_bench median; CPU: "
+                                         "wall-clock median."),
                        epilog="built-in sizes: cuda B=4 H=8 D=64, T in 512,1024,2048,4096 (TruthGPT B=8 T=1024);\n"
                               "cpu B=1 H=2 D=32, T in 32,64 (TruthGPT B=2 T=32). On CPU the kernels run only\n"
                               "under TRITON_INTERPRET=1. --plot needs matplotlib (pip install matplotlib).")
@@ -511,8 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("cache", formatter_class=fmt, help="show, clear, export or import tuning decisions",
-                       description="The persistent tuning cache ($TRUTHFUSE_CACHE_DIR, else "
-                                   "$XDG_CACHE_HOME/truthfuse, else ~/.cache/truthfuse).",
+                       description=_para("The persistent tuning cache ($TRUTHFUSE_CACHE_DIR, else "
+                                         "$XDG_CACHE_HOME/truthfuse, else ~/.cache/truthfuse)."),
                        epilog="export writes one JSON file of every decision; import merges such a file into\n"
                               "the cache (fusion_backend.save_state / load_state).")
     p.add_argument("--dir", default=None, help="cache directory (default: as above)")
