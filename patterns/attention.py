@@ -285,8 +285,8 @@ def constant_value(node) -> Optional[torch.Tensor]:
             args = fx.node.map_aggregate(x.args, value)
             kwargs = fx.node.map_aggregate(x.kwargs, value)
             out = x.target(*args, **kwargs) if x.op == "call_function" else getattr(args[0], x.target)(*args[1:], **kwargs)
-            if isinstance(out, torch.Tensor) and out.numel() > _CONSTANT_MAX_NUMEL:
-                raise _NotConstant
+            if isinstance(out, torch.Tensor) and out.untyped_storage().nbytes() > 4 * _CONSTANT_MAX_NUMEL:
+                raise _NotConstant  # (expanded views count by their storage, not their shape)
             memo[x] = out
             return out
         if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
@@ -307,6 +307,9 @@ def is_causal_bias(bias: torch.Tensor, nq: int, nk: int) -> bool:
     the same for every batch and head."""
     if not bias.is_floating_point() or bias.dim() < 2 or tuple(bias.shape[-2:]) != (nq, nk):
         return False
+    for d in range(bias.dim() - 2):  # a dim broadcast by expand holds one value: check it once
+        if bias.stride(d) == 0:
+            bias = bias.narrow(d, 0, 1)
     keep = torch.ones(nq, nk, dtype=torch.bool, device=bias.device).tril()
     b = bias.float()
     return bool(((b == 0) | ~keep).all()) and bool(((b <= _HUGE_NEGATIVE) | keep).all())
