@@ -1,7 +1,12 @@
 """TruthGPT: the seed's small language model, trained under eager, Inductor and truthfuse.
 
-    python examples/truthgpt.py --steps 20 --metric l2 --device cpu
+    python examples/truthgpt.py --steps 6 --metric l2 --device cpu
     python examples/truthgpt.py --steps 50 --metric l2 --device cuda --batch 8 --seq 4096 --dtype bf16
+
+On CPU truthfuse's kernels run in Triton's interpreter (the script sets TRITON_INTERPRET=1), which
+checks that everything runs but is far slower than eager; speed comparisons need --device cuda.
+`torch.cdist` has no half-precision kernel for p=1 (nor for p=2 with at most 25 rows), so in bf16
+and fp16 eager and Inductor fail for --metric l1; the table reports the failure and goes on.
 
 The model is written the way a user would write it, with nothing truthfuse-specific in it:
 vocabulary 1000, hidden size 256, 2 pre-LayerNorm blocks of 8 heads, fixed sinusoidal positions
@@ -56,9 +61,10 @@ VARIANTS = ("eager", "inductor", "truthfuse")
 # ------------------------------------------------------------------------------------------------
 
 def _initial_lambda(metric: str, head_dim: int) -> float:
-    """A starting temperature that keeps the first logits in a trainable range: dot products and
-    squared distances grow like the head dim, L1 distances like its square root... times the
-    entries' scale, and cosines stay in [-1, 1], so they need a large temperature instead."""
+    """A starting temperature that gives the first logits a spread across keys of about one. For
+    unit-variance q and k, dot products and L1 distances vary across keys by about sqrt(D), squared
+    L2 distances by about twice that (they contain -2 q.k), and cosines only by about 1/sqrt(D),
+    which needs a large temperature."""
     if metric == "dot":
         return 1.0 / math.sqrt(head_dim)
     if metric == "l2":
