@@ -135,6 +135,29 @@ def test_bench_writes_json(capsys, tmp_path):
     assert "attention-l2" in capsys.readouterr().out
 
 
+def test_bench_plot_calls(monkeypatch, tmp_path):
+    """_plot against a stand-in matplotlib: one line per metric on each panel, saved to the path."""
+    from unittest import mock
+
+    plt = mock.MagicMock()
+    fig, left, right = mock.MagicMock(), mock.MagicMock(), mock.MagicMock()
+    plt.subplots.return_value = (fig, [left, right])
+    matplotlib = mock.MagicMock(pyplot=plt)
+    monkeypatch.setitem(sys.modules, "matplotlib", matplotlib)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", plt)
+    rows = [{"name": f"attention-{m}", "seq": s, "speedup_vs_inductor": 2.0, "speedup_vs_eager": 3.0}
+            for m in ("dot", "l2", "cosine") for s in (64, 16, 32)]
+    cli._plot(rows, str(tmp_path / "p.png"), "title")
+    matplotlib.use.assert_called_once_with("Agg")
+    for ax in (left, right):
+        assert ax.plot.call_count == 3
+        xs = ax.plot.call_args_list[0].args[0]
+        assert xs == [16, 32, 64]  # sorted by sequence length
+    assert [c.kwargs["label"] for c in left.plot.call_args_list] == ["attention-dot", "attention-l2", "attention-cosine"]
+    fig.savefig.assert_called_once()
+    assert fig.savefig.call_args.args[0] == str(tmp_path / "p.png")
+
+
 def test_bench_plot_draws_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     rows = [{"name": f"attention-{m}", "seq": s, "speedup_vs_inductor": 1.0 + s / 100, "speedup_vs_eager": 2.0}
