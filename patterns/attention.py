@@ -377,6 +377,11 @@ def floor_additive_mask(mask):
     some only in a fully masked row)."""
     if mask is None or mask.dtype == torch.bool:
         return mask
+    if mask.dtype == torch.float16:
+        # fp16's "masked" is its min, -65504: eager's fp16 score + mask rounds every such entry of
+        # a row to -65504 (absorbed, as finfo.min is in fp32); the op adds in fp32, where it is
+        # not. As -1e30 (which needs fp32) it is absorbed there too.
+        return torch.where(mask == torch.finfo(torch.float16).min, _HUGE_NEGATIVE, mask.float())
     return torch.where(torch.isneginf(mask), mask, mask.clamp(min=_HUGE_NEGATIVE))
 
 

@@ -88,6 +88,16 @@ def test_dot_padding_mask_with_fully_masked_rows():
     assert_matches_eager(model, q, k, v, _pad_mask(), loss_mask=_dead_rows())
 
 
+def test_dot_padding_mask_fp16():
+    # fp16's finfo.min (-65504) masks: eager's fp16 addition absorbs them in fully masked rows
+    model = DotAttention(causal="tril", pad=True)
+    q, k, v = (t.half() for t in qkv())
+    pad = _pad_mask(dtype=torch.float16)
+    assert_fused(model, q, k, v, pad, variant="dot")
+    out = torch.compile(model, backend="truthfuse", options=OPTIONS)(q, k, v, pad)
+    torch.testing.assert_close(out, model(q, k, v, pad), atol=2e-3, rtol=2e-3)
+
+
 @pytest.mark.xfail(strict=True, reason="kernel backward: for a row whose every logit is a huge finite "
                    "negative, lse = m + log2(l) rounds to m, so the recomputed probabilities sum to N; "
                    "the forward (normalized by l) is right. Only matters when such rows get a gradient.")
