@@ -166,7 +166,7 @@ class TruthfuseBackend:
         space = DecisionSpace(
             sites=[SiteChoices(
                 site_id=s.id, kind=s.kind,
-                options=[Option.keep()] + [Option(option_name(c), s.variant, c, s.rule.exact) for c in s.configs],
+                options=[Option.keep()] + [Option(option_name(c), s.variant, c, s.rule.exact_for(s.match)) for c in s.configs],
                 priority=s.rule.priority * 1000 + len(s.nodes),
                 # identical layers share what the search learns about launch configs
                 group=f"{s.rule.name}:{_site_shapes(s)}")

@@ -68,8 +68,9 @@ class Rule:
         string when it is not (shown in explain() as a near-miss).
     priority: higher rules are tried first and win overlapping sites.
     variant: a label for explain() ("dot", "l2", ...), or a function of the Match giving one.
-    exact: the replacement computes the pattern's exact math (the "conservative" strategy only
-        fuses exact rules).
+    exact: the replacement computes the pattern's math exactly, up to rounding order (the
+        "conservative" strategy only fuses exact sites). A bool, or a function of the Match (a
+        site with dropout is not exact: the fused kernel draws its own random stream).
     configs: a function of the Match returning the launch configs the tuner may try for the site
         (a list of strings; None means the op's default only).
     """
@@ -81,7 +82,7 @@ class Rule:
     constraints: Sequence[Constraint] = ()
     priority: int = 0
     variant: Union[str, Callable[[Match], str], None] = None
-    exact: bool = True
+    exact: Union[bool, Callable[[Match], bool]] = True
     configs: Optional[Callable[[Match], List[Optional[str]]]] = None
     _traced: Optional[PatternGraph] = field(default=None, repr=False, compare=False)
 
@@ -107,6 +108,9 @@ class Rule:
 
     def variant_of(self, match: Match) -> Optional[str]:
         return self.variant(match) if callable(self.variant) else self.variant
+
+    def exact_for(self, match: Match) -> bool:
+        return bool(self.exact(match)) if callable(self.exact) else bool(self.exact)
 
     def check(self, match: Match) -> Optional[str]:
         """The first failing constraint's reason, or None."""
