@@ -364,7 +364,7 @@ def _combined_scale(scale, scale2, default, negate=False, heads=None):
     return -float(value) if negate else float(value)
 
 
-def floor_additive_mask(mask):
+def floor_additive_mask(mask, fp16_sentinel: bool = True):
     """An additive mask the op reproduces eager softmax with: finite values below -1e30 (finfo.min
     masks, as HF builds them) are raised to -1e30.
 
@@ -377,11 +377,14 @@ def floor_additive_mask(mask):
     some only in a fully masked row)."""
     if mask is None or mask.dtype == torch.bool:
         return mask
-    if mask.dtype == torch.float16:
+    if mask.dtype == torch.float16 and fp16_sentinel:
+        # (hand-written attention only: SDPA's kernels add an fp16 mask in fp32, as the op does)
         # fp16's "masked" is its min, -65504: eager's fp16 score + mask rounds every such entry of
         # a row to -65504 (absorbed, as finfo.min is in fp32); the op adds in fp32, where it is
         # not. As -1e30 (which needs fp32) it is absorbed there too.
         return torch.where(mask == torch.finfo(torch.float16).min, _HUGE_NEGATIVE, mask.float())
+    if mask.dtype == torch.float16:
+        return mask  # no fp16 value reaches -1e30
     return torch.where(torch.isneginf(mask), mask, mask.clamp(min=_HUGE_NEGATIVE))
 
 

@@ -100,7 +100,7 @@ def sdpa_replacement(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
     three_d = q.dim() == 3
     if three_d:  # the op left-pads the mask's dims, so a (N, L, S) mask lines up with (1, N, L, S)
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    out = attention_op(q, k, v, metric="dot", scale=scale, causal=is_causal, attn_mask=floor_additive_mask(attn_mask),
+    out = attention_op(q, k, v, metric="dot", scale=scale, causal=is_causal, attn_mask=floor_additive_mask(attn_mask, fp16_sentinel=False),
                        dropout_p=float(dropout_p), enable_gqa=enable_gqa, config=config)
     return out.squeeze(0) if three_d else out
 
@@ -118,7 +118,7 @@ def sdpa_repeat_kv_pattern(q, k, v, attn_mask, dropout_p, is_causal, scale, enab
 
 def sdpa_repeat_kv_replacement(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                config=None, **_):
-    return attention_op(q, k, v, metric="dot", scale=scale, causal=is_causal, attn_mask=floor_additive_mask(attn_mask),
+    return attention_op(q, k, v, metric="dot", scale=scale, causal=is_causal, attn_mask=floor_additive_mask(attn_mask, fp16_sentinel=False),
                         dropout_p=float(dropout_p), enable_gqa=True, config=config)
 
 
@@ -234,7 +234,7 @@ def mha_replacement(query, key, value, embed_dim, num_heads, in_proj_weight=None
     q = q.view(bsz, num_heads, tgt_len, head_dim)
     k = k.view(bsz, num_heads, src_len, head_dim)
     v = v.view(bsz, num_heads, src_len, head_dim)
-    out = attention_op(q, k, v, metric="dot", causal=causal, attn_mask=floor_additive_mask(attn_mask),
+    out = attention_op(q, k, v, metric="dot", causal=causal, attn_mask=floor_additive_mask(attn_mask, fp16_sentinel=False),
                        dropout_p=p, config=config)
     out = out.permute(2, 0, 1, 3).contiguous().view(bsz * tgt_len, E)
     out = F.linear(out, out_proj_weight, out_proj_bias)
