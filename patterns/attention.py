@@ -8,7 +8,16 @@ Every form shares one tail, written once in `_scores_to_output`:
 
 Canonicalization makes this cover `/ sqrt(d)`, `* d ** -0.5`, `mul_`, casts around softmax,
 `torch.where` masks, module or functional dropout, `bmm`, `einsum` and transposes by permute. The
-forms differ only in how the scores are computed, one rule each.
+forms differ only in how the scores are computed, one rule each. Two refinements of the dot rule
+win where they apply: `dot_repeat_kv` (K/V repeated per head, Llama eager) passes the un-repeated
+K/V with enable_gqa, and `dot_causal` turns an added mask that is provably the causal triangle
+(built from constants, as HF's eager masks are) into causal=True.
+
+Masks: -inf fills become a bool mask; finite "masked" values (finfo.min) are floored at -1e30 so
+that the kernels, which work in base 2, reproduce eager's uniform fully-masked rows
+(floor_additive_mask). softmax over any dim but the last, scales that vary per key, masks that
+would broadcast the scores up, finite fills above -1e30 and intermediates used elsewhere are
+near-misses, reported with their reason.
 """
 from __future__ import annotations
 

@@ -3,11 +3,12 @@
 by `fusion_backend.ops.attention`.
 
 Canonicalization makes every argument of both calls positional with its default filled in, so one
-pattern per call covers every keyword spelling. Grouped-query attention written with
-`repeat_interleave` or HF's `expand`+`reshape` of K/V is matched by the plain rules (the repeated
-tensors are exact copies, so the op computes the same thing on them); `attention.sdpa_repeat_kv`
-recognises HF's repeat_kv in front of SDPA and passes the un-repeated K/V with `enable_gqa=True`
-instead, which saves the copies.
+pattern per call covers every keyword spelling; the aten ops SDPA lowers to are canonicalized to
+the same call. Grouped-query attention written with `repeat_interleave` or HF's
+`expand`+`reshape` of K/V (canonical: repeat_interleave) is matched by `attention.sdpa_repeat_kv`,
+which passes the un-repeated K/V with `enable_gqa=True` (the same pairing of query head h with K/V
+head h // n), saving the copies. With `need_weights=True` and the weights used, nn.MultiheadAttention
+is kept: its call node escapes the match and explain() says so.
 """
 from __future__ import annotations
 
