@@ -37,6 +37,12 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 # A finite fill at or below this is absorbed exactly when added in fp32 to any realistic score:
 # s + fill rounds to fill for |s| < ~1e22, so a fully masked row stays uniform, as masked_fill gives.
 _HUGE_NEGATIVE = -1e30
+# masked_fill replaces scores by its fill. A finite fill at or below this gives masked entries
+# probability exactly 0 in eager (exp(fill - row max) underflows for any row max above -1e9 + 104)
+# and, when a whole row is masked, a uniform row: what -1e30 gives in the fused op, so such fills
+# (the Annotated Transformer's -1e9, finfo.min) are passed as -1e30. Larger fills (-1e4) are not
+# "masked" so surely, and are near-misses.
+_MASKING_FILL = -1e9
 
 
 def _scores_to_output(scores, v, scale, scale2, mask_a, fill_a, bias, mask_b, fill_b, p, sdim):
@@ -196,8 +202,8 @@ def check_masks(m: Match) -> Optional[str]:
             return f"mask of shape {tuple(t.shape)} does not broadcast to the scores"
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             return "masked_fill value is not a Python number"
-        if not (value == -math.inf or value <= _HUGE_NEGATIVE):
-            return (f"masked_fill value {value} is not -inf or <= {_HUGE_NEGATIVE:g}: the fused kernel "
+        if not (value == -math.inf or value <= _MASKING_FILL):
+            return (f"masked_fill value {value} is not -inf or <= {_MASKING_FILL:g}: the fused kernel "
                     "would not reproduce fully masked rows exactly")
     if m.present("bias"):
         b = m.values["bias"]
@@ -399,7 +405,7 @@ def floor_additive_mask(mask, fp16_sentinel: bool = True):
 
 def _mask_for_op(q, mask_a, fill_a, bias, mask_b, fill_b):
     """One attn_mask for the op: bool (keep) when only -inf fills are present, float additive
-    otherwise (finite fills at or below -1e30 as -1e30: see floor_additive_mask)."""
+    otherwise (finite fills, all at or below -1e9, as -1e30: see _MASKING_FILL)."""
     fills = [(m, f) for m, f in ((mask_a, fill_a), (mask_b, fill_b)) if m is not None]
     if bias is None and fills and all(f == -math.inf for _, f in fills):
         keep = ~fills[0][0]
@@ -408,7 +414,7 @@ def _mask_for_op(q, mask_a, fill_a, bias, mask_b, fill_b):
         return keep
     mask = floor_additive_mask(bias)
     for m, f in fills:
-        fill = torch.tensor(max(f, _HUGE_NEGATIVE) if f != -math.inf else f, dtype=torch.float32, device=q.device)
+        fill = torch.tensor(f if f == -math.inf else _HUGE_NEGATIVE, dtype=torch.float32, device=q.device)
         if mask is None:
             mask = torch.zeros((), dtype=torch.float32, device=q.device).masked_fill(m, fill)
         else:

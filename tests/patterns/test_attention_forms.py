@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import fusion_backend
 from .checks import OPTIONS, assert_fused, assert_matches_eager, qkv
-from .models import MHA, SDPA, CosineAttention, DotAttention, L1Attention, L2Attention
+from .models import MHA, SDPA, CosineAttention, DotAttention, L1Attention, L2Attention, MaskedFill
 
 
 def _pad_mask(B=2, S=8, dtype=torch.float32):
@@ -86,6 +86,17 @@ def test_dot_padding_mask_with_fully_masked_rows():
     q, k, v = qkv()
     assert_fused(model, q, k, v, _pad_mask(), variant="dot")
     assert_matches_eager(model, q, k, v, _pad_mask(), loss_mask=_dead_rows())
+
+
+def test_dot_masked_fill_minus_1e9_with_fully_masked_rows():
+    # the Annotated Transformer's scores.masked_fill(mask == 0, -1e9); batch 0 pads keys 0-2, so
+    # with the causal mask its rows 0-2 see nothing and eager makes them uniform over keys 0..i
+    model = MaskedFill(-1e9)
+    mask = ~torch.ones(8, 8, dtype=torch.bool).tril()
+    mask = mask | (torch.arange(8) < 3)[None, None, None, :] & torch.tensor([True, False])[:, None, None, None]
+    q, k, v = qkv()
+    assert_fused(model, q, k, v, mask, variant="dot")
+    assert_matches_eager(model, q, k, v, mask, loss_mask=_dead_rows())
 
 
 def test_dot_padding_mask_fp16():
