@@ -73,6 +73,9 @@ class Rule:
         site with dropout is not exact: the fused kernel draws its own random stream).
     configs: a function of the Match returning the launch configs the tuner may try for the site
         (a list of strings; None means the op's default only).
+    look_through_upcasts: wildcards that may bind to the input of a lossless floating upcast
+        (`q.float()` on a bf16 q binds q itself) when the replacement computes in at least the
+        wider precision anyway; saves the copy and lets half-precision kernels run.
     """
 
     name: str
@@ -84,6 +87,7 @@ class Rule:
     variant: Union[str, Callable[[Match], str], None] = None
     exact: Union[bool, Callable[[Match], bool]] = True
     configs: Optional[Callable[[Match], List[Optional[str]]]] = None
+    look_through_upcasts: Sequence[str] = ()
     _traced: Optional[PatternGraph] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):

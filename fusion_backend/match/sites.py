@@ -10,7 +10,11 @@ import re
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
+import torch
 import torch.fx as fx
+
+from ..canonicalize import is_cast
+from ..canonicalize.passes import example_value
 
 from .matcher import Matcher, escaping_nodes
 from .rule import Match, Rule
@@ -54,8 +58,30 @@ class Site:
         return set(self.match.covered)
 
 
+_PRECISION = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def _lossless_upcast_source(node) -> Optional[Node]:
+    """For a canonical cast that only widens a floating dtype (bf16 -> fp32, ...), its input."""
+    if not is_cast(node):
+        return None
+    src, dst = example_value(node.args[0]), node.args[1]
+    if isinstance(src, torch.Tensor) and _PRECISION.get(src.dtype, 99) < _PRECISION.get(dst, 0):
+        return node.args[0]
+    return None
+
+
 def _alignment_to_match(rule: Rule, al, anchor: Node) -> Match:
-    return Match(rule, al.bindings, anchor, list(al.covered))
+    bindings = dict(al.bindings)
+    covered = list(al.covered)
+    for name in rule.look_through_upcasts:
+        source = _lossless_upcast_source(bindings.get(name))
+        if source is not None:
+            cast = bindings[name]
+            bindings[name] = source
+            if all(u in al.covered for u in cast.users):
+                covered.append(cast)
+    return Match(rule, bindings, anchor, covered)
 
 
 def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> List[Site]:
