@@ -386,3 +386,12 @@ def test_inductor_end_to_end_training():
         torch.testing.assert_close(x.grad, y.grad, atol=2e-4, rtol=2e-3)
     fused = [s for r in backend.records for s in r.sites if s.decision == "fused"]
     assert [s.variant for s in fused] == ["dot"], [(s.rule, s.decision, s.reason) for r in backend.records for s in r.sites]
+
+
+@pytest.mark.parametrize("metric", ["l2", "l1"])
+def test_distance_cross_attention(metric):
+    # Nq != Nk, per-head temperature
+    model = L2Attention("broadcast", "per_head") if metric == "l2" else L1Attention("cdist", "per_head")
+    inputs = qkv(T=5, S=11)
+    assert_fused(model, *inputs, variant=metric)
+    assert_matches_eager(model, *inputs)
