@@ -335,6 +335,12 @@ def _variant(structure: str, rule_activation: str) -> Callable:
     return variant
 
 
+def is_exact(m: Match) -> bool:
+    """The block's math up to rounding order, unless it has dropout: the op draws its masks from
+    its own Philox stream, not torch's dropout stream ("conservative" fuses only exact sites)."""
+    return not (m.present("p_hidden") or m.present("p_out"))
+
+
 _STRUCTURES = {"plain": _plain_pattern, "gated": _gated_pattern, "chunked": _chunked_pattern}
 
 
@@ -344,10 +350,7 @@ def _rule(structure: str, activation: str) -> Rule:
                 replacement=_make_replacement(activation),
                 constraints=CONSTRAINTS + (_check_supported(activation),), priority=50,
                 variant=_variant(structure, activation),
-                # Same math, but not the same rounding (Triton GEMMs sum in their own order; the
-                # hidden activation is not rounded to the model's dtype) nor the same dropout
-                # masks (the op's Philox stream): "conservative" leaves these sites alone.
-                exact=False, configs=_configs(gated=structure != "plain"))
+                exact=is_exact, configs=_configs(gated=structure != "plain"))
 
 
 RULES = [_rule(s, a) for s in _STRUCTURES for a in ACTIVATIONS]

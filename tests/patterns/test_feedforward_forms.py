@@ -252,6 +252,16 @@ def test_inference_under_no_grad(model_fn, variant):
     assert [s.variant for s in feedforward_sites(backend, "fused")] == [variant]
 
 
+def test_sites_without_dropout_are_exact():
+    """A site is exact (so "conservative" may fuse it) unless it holds a dropout: the op draws
+    its own random stream."""
+    rule = fusion_backend.get_rule("feedforward.plain.gelu")
+    for p, exact in ((None, True), (0.1, False)):
+        values = {"p_hidden": p}
+        match = types.SimpleNamespace(values=values, present=lambda name: values.get(name) is not None)
+        assert rule.exact_for(match) is exact
+
+
 def test_overlapping_blocks_compete():
     """Linear-GELU-Linear-GELU-Linear holds two blocks sharing the middle Linear: both are
     reported, the tuner fuses one and keeps the other."""
