@@ -53,7 +53,8 @@ class GraphRecord:
     index: int
     sites: List[SiteDecision] = field(default_factory=list)
     cache_hit: bool = False
-    measurements: int = 0
+    measurements: int = 0          # timed runs on the device (site measurements)
+    plans_evaluated: int = 0       # plans the search scored (each priced from site timings)
     tuning_seconds: float = 0.0
     plan: Dict[str, str] = field(default_factory=dict)
     plan_ms: Optional[float] = None
@@ -199,6 +200,9 @@ class TruthfuseBackend:
         finally:
             timer.close()
         _fill_record(record, decision, cache_hit=False)
+        # The plans the search scored were priced from site timings; report the timed runs.
+        record.plans_evaluated = decision.measurements
+        record.measurements = timer.measurements
         if cache is not None and key is not None:
             cache.put(key, decision.to_record())
         return dict(decision.plan)

@@ -1,0 +1,216 @@
+"""Whole-model training steps on the GPU: eager vs Inductor vs truthfuse, with compile times.
+
+    TRITON_INTERPRET=0 python bench/models_gpu.py [--models gpt2-eager,gpt2-sdpa,truthgpt-l2] [--quick]
+
+Models (bf16, AdamW step included, as in shared/bench/anchors_gpu.py):
+    gpt2-eager   HF GPT-2 small (12 layers, 768 wide), B=8, T=1024, attn_implementation="eager"
+    gpt2-sdpa    the same with attn_implementation="sdpa"
+    truthgpt-l2  examples/truthgpt.py with L2 attention, B=8, T=4096
+
+Per model and mode: a correctness check first (eval-mode logits/loss against eager on the same
+weights and inputs; NaN fails), then median step time (triton.testing.do_bench) and peak extra
+memory, cold compile time (first step, tuning included, empty truthfuse cache) and warm compile
+time (after torch._dynamo.reset(), truthfuse cache hit). Writes $OUT/models.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+os.environ.setdefault("TRUTHFUSE_CACHE_DIR", tempfile.mkdtemp(prefix="truthfuse-bench-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import fusion_backend  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL = "--small" in sys.argv  # a CPU dry run of the script itself, tiny sizes
+torch._dynamo.config.recompile_limit = 64
+torch._dynamo.config.accumulated_recompile_limit = 4096
+
+
+class LogitsOnly(nn.Module):
+    """HF models return an output object; the step wants the logits tensor."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx):
+        return self.model(idx).logits
+
+
+def gpt2(impl: str, batch=8, seq=1024):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if SMALL:
+        batch, seq = 2, 16
+    cfg = GPT2Config(n_layer=2 if SMALL else 12, n_embd=64 if SMALL else 768, n_head=4 if SMALL else 12,
+                     n_positions=seq, vocab_size=1000 if SMALL else 50257)
+    model = GPT2LMHeadModel._from_config(cfg, attn_implementation=impl)
+    model = LogitsOnly(model).to(DEV, torch.float32 if SMALL else torch.bfloat16)
+    idx = torch.randint(0, cfg.vocab_size, (batch, seq), device=DEV)
+    tgt = torch.randint(0, cfg.vocab_size, (batch, seq), device=DEV)
+    return model, idx, tgt, lambda m, i, t: F.cross_entropy(m(i).float().flatten(0, 1), t.flatten())
+
+
+def truthgpt(metric="l2", batch=8, seq=4096):
+    from examples.truthgpt import build
+
+    if SMALL:
+        batch, seq = 2, 16
+    model, (idx, tgt) = build(metric=metric, batch=batch, seq=seq, device=DEV)
+    model = model.to(torch.float32 if SMALL else torch.bfloat16)
+    return model, idx, tgt, lambda m, i, t: m(i, t)
+
+
+MODELS = {
+    "gpt2-eager": lambda: gpt2("eager"),
+    "gpt2-sdpa": lambda: gpt2("sdpa"),
+    "truthgpt-l2": lambda: truthgpt("l2"),
+}
+
+
+def compiled_for(model, mode):
+    """The model compiled for `mode`, and the truthfuse backend object (None otherwise), whose
+    records say what was fused and how the tuner decided."""
+    if mode == "eager":
+        return model, None
+    if mode == "inductor":
+        return torch.compile(model), None
+    backend = fusion_backend.backend(strategy=mode.split(":", 1)[1], tuning_seconds=TUNING_SECONDS)
+    return torch.compile(model, backend=backend), backend
+
+
+TUNING_SECONDS = 90.0
+
+
+def summary(backend):
+    sites = [s for r in backend.records for s in r.sites]
+    return dict(
+        fused=sorted({f"{s.kind}:{s.variant}:{s.rule}:{s.config}" for s in sites if s.decision == "fused"}),
+        n_fused=sum(s.decision == "fused" for s in sites),
+        kept=sorted({f"{s.kind}:{s.rule}:{s.reason[:90]}" for s in sites if s.decision == "kept"}),
+        cache_hit=all(r.cache_hit for r in backend.records if r.plan),
+        measurements=sum(r.measurements for r in backend.records),
+        tuning_s=sum(r.tuning_seconds for r in backend.records),
+        plans=[(r.plan_ms, r.baseline_ms, r.tuning_reason) for r in backend.records if r.plan],
+    )
+
+
+def step_fn(model, runner, loss_fn, idx, tgt):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        loss = loss_fn(runner, idx, tgt)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def measure(step, warmup, rep):
+    if DEV == "cpu":
+        t0 = time.perf_counter()
+        step()
+        return (time.perf_counter() - t0) * 1e3, float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ms = do_bench(step, warmup=warmup, rep=rep, return_mode="median")
+    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def check(model, runner, loss_fn, idx, tgt):
+    """Eval-mode loss of the compiled model against eager on the same weights and inputs."""
+    model.eval()
+    with torch.no_grad():
+        ref = loss_fn(model, idx, tgt).float().item()
+        got = loss_fn(runner, idx, tgt).float().item()
+    model.train()
+    ok = got == got and abs(got - ref) <= 2e-2 * abs(ref)
+    return ok, ref, got
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="gpt2-eager,gpt2-sdpa,truthgpt-l2")
+    ap.add_argument("--modes", default="eager,inductor,truthfuse:moderate,truthfuse:aggressive")
+    ap.add_argument("--quick", action="store_true", help="fewer timing repetitions")
+    ap.add_argument("--small", action="store_true", help="tiny models on CPU: checks the script runs")
+    ap.add_argument("--tag", default="models", help="results go to $OUT/<tag>.json")
+    args = ap.parse_args()
+    warmup, rep = (10, 40) if args.quick else (25, 100)
+    out_dir = os.environ.get("OUT", "/tmp")
+    results = []
+    import triton
+    print(torch.__version__, triton.__version__,
+          torch.cuda.get_device_name() if DEV == "cuda" else "cpu", flush=True)
+    for name in args.models.split(","):
+        for mode in args.modes.split(","):
+            torch.manual_seed(0)
+            model, idx, tgt, loss_fn = MODELS[name]()
+            row = dict(model=name, mode=mode)
+            try:
+                runner, backend = compiled_for(model, mode)
+                step = step_fn(model, runner, loss_fn, idx, tgt)
+                t0 = time.perf_counter()
+                step()
+                _sync()
+                row["first_step_s"] = time.perf_counter() - t0
+                if backend is not None:
+                    row["cold"] = summary(backend)
+                if mode != "eager":
+                    ok, ref, got = check(model, runner, loss_fn, idx, tgt)
+                    row.update(check_ok=ok, eager_loss=ref, loss=got)
+                    if mode != "eager":
+                        # warm: a fresh Dynamo, the same process's caches (Inductor's, truthfuse's)
+                        torch._dynamo.reset()
+                        runner, backend = compiled_for(model, mode)
+                        step = step_fn(model, runner, loss_fn, idx, tgt)
+                        t0 = time.perf_counter()
+                        step()
+                        _sync()
+                        row["warm_first_step_s"] = time.perf_counter() - t0
+                        if backend is not None:
+                            row["warm"] = summary(backend)
+                ms, mb = measure(step, warmup, rep)
+                row.update(ms=ms, peak_mb=mb)
+            except Exception as exc:  # noqa: BLE001 -- a row that fails is reported, not fatal
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            with open(os.path.join(out_dir, f"{args.tag}.json"), "w") as f:
+                json.dump(results, f, indent=1)  # after every row: a timeout keeps what was done
+            del model
+            torch._dynamo.reset()
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+    with open(os.path.join(out_dir, f"{args.tag}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print("\nmodel         mode                   ms      peak MB   first-step s  warm s  check")
+    for r in results:
+        print(f"{r['model']:13s} {r['mode']:20s} {r.get('ms', float('nan')):8.3f} {r.get('peak_mb', float('nan')):10.1f}"
+              f" {r.get('first_step_s', float('nan')):10.1f} {r.get('warm_first_step_s', float('nan')):8.1f}"
+              f"  {r.get('check_ok', '-')} {r.get('error', '')[:60]}")
+
+
+if __name__ == "__main__":
+    main()
