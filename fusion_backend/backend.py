@@ -83,8 +83,13 @@ class TruthfuseBackend:
         record = GraphRecord(index=len(self.records))
         self.records.append(record)
         compiled_gm = self._rewrite(gm, example_inputs, record)
+        rewritten = time.perf_counter()
+        log.info("graph %d: analysis, replacements and tuning took %.1f s; %s compile starts",
+                 record.index, rewritten - started, self.options.inner)
         compiled = _inner_compile(compiled_gm, example_inputs, self.options)
         record.compile_seconds = time.perf_counter() - started
+        log.info("graph %d: %s compile took %.1f s", record.index, self.options.inner,
+                 time.perf_counter() - rewritten)
         _log_record(record)
         return compiled
 
@@ -117,6 +122,8 @@ class TruthfuseBackend:
                 continue
             ok_configs = []
             failure = None
+            if not self.options.search_configs:
+                site.configs = [None]  # the op's default for the device: no Triton compile per config
             for config in site.configs:
                 try:
                     built[(site.id, config)] = build_replacement(site, config)

@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional, Tuple
 
 STRATEGIES = ("conservative", "moderate", "aggressive")
 INNER_COMPILERS = ("inductor", "eager", "aot_eager")
+CONFIG_CHOICES = ("auto", "default", "search")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # mode="max-autotune" multiplies the tuning budget by this much.
 MAX_AUTOTUNE_BUDGET_FACTOR = 4
@@ -29,6 +30,9 @@ class Options:
     monitor: record calls, device time and peak memory of each fused site (fusion_backend.metrics()).
     disable: rule names (or kinds) not to use.
     seed: the tuner's random seed.
+    configs: which launch configs the tuner may try per site: "default" (each op's default for
+        the device), "search" (the op's declared config space), or "auto" (default; "search"
+        under mode="max-autotune", else "default"). Each config tried costs a Triton compile.
     mode: torch.compile's mode, passed to Inductor; "max-autotune" raises the tuning budget.
     inductor_options: extra Inductor config patches.
     """
@@ -41,8 +45,16 @@ class Options:
     monitor: bool = False
     disable: Tuple[str, ...] = ()
     seed: int = 0
+    configs: str = "auto"
     mode: str = "default"
     inductor_options: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def search_configs(self) -> bool:
+        """Whether the tuner tries launch configs beyond each op's default."""
+        if self.configs == "auto":
+            return self.mode.startswith("max-autotune")
+        return self.configs == "search"
 
     @property
     def budget(self) -> int:
@@ -78,6 +90,8 @@ def parse_options(options: Optional[Dict[str, Any]] = None, mode: Optional[str] 
         result["strategy"] = _choice("strategy", options["strategy"], STRATEGIES)
     if "inner" in options:
         result["inner"] = _choice("inner", options["inner"], INNER_COMPILERS)
+    if "configs" in options:
+        result["configs"] = _choice("configs", options["configs"], CONFIG_CHOICES)
     if "mode" in options:
         result["mode"] = _choice("mode", options["mode"] or "default", MODES)
     if "simulations" in options:

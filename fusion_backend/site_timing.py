@@ -14,6 +14,8 @@ forward and backward, as they will run.
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -24,6 +26,7 @@ from .canonicalize.passes import example_value
 from .match.sites import Site
 
 Node = fx.Node
+log = logging.getLogger("truthfuse")
 
 
 def _real_like(value: Any, generator: torch.Generator) -> Any:
@@ -104,9 +107,12 @@ class SiteTimer:
         group = _group_of(site)
         key = (group, choice, round_)
         if key not in self.memo:
+            started = time.perf_counter()
             with _fresh_compile_context():
                 self.memo[key] = self._measure(site, choice)
             self.measurements += 1
+            log.info("tuning: %s %s: %.3f ms (measured in %.1f s)", site.rule.name, choice,
+                     self.memo[key], time.perf_counter() - started)
         return self.memo[key]
 
     # -- one measurement ---------------------------------------------------------------------
@@ -124,7 +130,9 @@ class SiteTimer:
         args = [_real_like(v, self._generator) for v in example]
         with _preserved_rng(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fn = self.compile_fn(sub, args)
+            # The fused option is one op call plus glue: Inductor would add a compile per launch
+            # config and nothing to the kernel, so it runs as traced.
+            fn = self.compile_fn(sub, args) if choice == "keep" else sub.forward
             train = self.train and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
             def run(*xs):
