@@ -460,10 +460,22 @@ def configs_for(metric: str):
     return configs
 
 
+def exact_unless_dropout(name):
+    """Flash-style attention is the same math as the pattern (rounding order aside), except that a
+    site with dropout draws its mask from the kernel's Philox stream, not torch's."""
+    def exact(m: Match) -> bool:
+        p = m.values.get(name)
+        return not m.present(name) or (isinstance(p, (int, float)) and p == 0)
+    return exact
+
+
 def _rule(name, metric, pattern, extra=(), priority=100, gqa=False, causal_bias=False):
     return Rule(name=name, kind="attention", pattern=pattern, replacement=_make_replacement(metric, gqa, causal_bias),
                 constraints=COMMON_CONSTRAINTS[:-1] + tuple(extra) + COMMON_CONSTRAINTS[-1:],
-                priority=priority, variant=metric, exact=False, configs=configs_for(metric))
+                priority=priority, variant=metric, exact=exact_unless_dropout("p"), configs=configs_for(metric),
+                # bf16 q/k upcast for the scores: the kernels accumulate in fp32 from the bf16 values,
+                # which is what the upcast computes, without the copies
+                look_through_upcasts=("q", "k"))
 
 
 RULES = [

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from fusion_backend import Match, Rule, known_equal, register_rule
 from fusion_backend.ops import attention as attention_op
 
-from .attention import check_repeat_kv, check_supported_shapes, configs_for, floor_additive_mask
+from .attention import (check_repeat_kv, check_supported_shapes, configs_for, exact_unless_dropout,
+                        floor_additive_mask)
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -244,12 +245,12 @@ def mha_replacement(query, key, value, embed_dim, num_heads, in_proj_weight=None
 
 RULES = [
     Rule(name="attention.sdpa", kind="attention", pattern=sdpa_pattern, replacement=sdpa_replacement,
-         constraints=(check_sdpa,), priority=100, variant="dot", exact=False, configs=configs_for("dot")),
+         constraints=(check_sdpa,), priority=100, variant="dot", exact=exact_unless_dropout("dropout_p"), configs=configs_for("dot")),
     Rule(name="attention.sdpa_repeat_kv", kind="attention", pattern=sdpa_repeat_kv_pattern,
          replacement=sdpa_repeat_kv_replacement, constraints=(check_repeat_kv, check_sdpa_repeated_kv), priority=120,
-         variant="dot", exact=False, configs=configs_for("dot")),
+         variant="dot", exact=exact_unless_dropout("dropout_p"), configs=configs_for("dot")),
     Rule(name="attention.multihead", kind="attention", pattern=mha_pattern, replacement=mha_replacement,
-         constraints=(check_mha,), priority=100, variant="dot", exact=False, configs=configs_for("dot")),
+         constraints=(check_mha,), priority=100, variant="dot", exact=exact_unless_dropout("dropout_p"), configs=configs_for("dot")),
 ]
 
 for _r in RULES:
