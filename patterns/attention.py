@@ -345,7 +345,8 @@ def check_constant_causal_bias(m: Match) -> Optional[str]:
 
 
 def check_distance_scale(m: Match) -> Optional[str]:
-    if not m.present("scale"):
+    # either optional multiplication may carry the temperature, depending on the alignment
+    if not (m.present("scale") or m.present("scale2")):
         return "distance attention without a temperature: softmax(+distance) is not supported"
     return None
 
