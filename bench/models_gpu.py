@@ -133,6 +133,17 @@ def measure(step, warmup, rep):
     return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def compile_and_step(model, mode, loss_fn, idx, tgt):
+    """Compile for `mode` and run one training step; the step, its wall time (compile included),
+    the truthfuse backend object (or None) and the compiled model."""
+    runner, backend = compiled_for(model, mode)
+    step = step_fn(model, runner, loss_fn, idx, tgt)
+    t0 = time.perf_counter()
+    step()
+    _sync()
+    return step, time.perf_counter() - t0, backend, runner
+
+
 def _sync():
     if DEV == "cuda":
         torch.cuda.synchronize()
@@ -169,28 +180,19 @@ def main():
             model, idx, tgt, loss_fn = MODELS[name]()
             row = dict(model=name, mode=mode)
             try:
-                runner, backend = compiled_for(model, mode)
-                step = step_fn(model, runner, loss_fn, idx, tgt)
-                t0 = time.perf_counter()
-                step()
-                _sync()
-                row["first_step_s"] = time.perf_counter() - t0
+                step, seconds, backend, runner = compile_and_step(model, mode, loss_fn, idx, tgt)
+                row["first_step_s"] = seconds
                 if backend is not None:
                     row["cold"] = summary(backend)
                 if mode != "eager":
                     ok, ref, got = check(model, runner, loss_fn, idx, tgt)
                     row.update(check_ok=ok, eager_loss=ref, loss=got)
-                    if mode != "eager":
-                        # warm: a fresh Dynamo, the same process's caches (Inductor's, truthfuse's)
-                        torch._dynamo.reset()
-                        runner, backend = compiled_for(model, mode)
-                        step = step_fn(model, runner, loss_fn, idx, tgt)
-                        t0 = time.perf_counter()
-                        step()
-                        _sync()
-                        row["warm_first_step_s"] = time.perf_counter() - t0
-                        if backend is not None:
-                            row["warm"] = summary(backend)
+                    # warm: a fresh Dynamo, the same process's caches (Inductor's, truthfuse's)
+                    torch._dynamo.reset()
+                    step, seconds, backend, runner = compile_and_step(model, mode, loss_fn, idx, tgt)
+                    row["warm_first_step_s"] = seconds
+                    if backend is not None:
+                        row["warm"] = summary(backend)
                 ms, mb = measure(step, warmup, rep)
                 row.update(ms=ms, peak_mb=mb)
             except Exception as exc:  # noqa: BLE001 -- a row that fails is reported, not fatal
