@@ -85,6 +85,8 @@ class Report:
 
 
 def _short_path(location: str) -> str:
+    if ":" not in location:
+        return location
     path, _, line = location.rpartition(":")
     parts = path.split("/")
     return ("/".join(parts[-2:]) if len(parts) > 2 else path) + (f":{line}" if line else "")

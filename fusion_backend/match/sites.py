@@ -33,6 +33,19 @@ def source_location(node: Node) -> str:
     return f"{path}:{line}"
 
 
+def _site_location(anchor: Node, al) -> str:
+    """The anchor's user-code location, else the first matched node's that has one (a rewritten
+    call can lose Dynamo's trace)."""
+    location = source_location(anchor)
+    if location != "<unknown>":
+        return location
+    for node in al.covered:
+        location = source_location(node)
+        if location != "<unknown>":
+            return location
+    return "<unknown>"
+
+
 @dataclass
 class Site:
     """One matched place in a graph."""
@@ -117,7 +130,7 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
             chosen_al = None
             for al in matcher.alignments(anchor):
                 match = _alignment_to_match(rule, al, anchor)
-                site = Site(id="", rule=rule, match=match, variant=None, location=source_location(anchor))
+                site = Site(id="", rule=rule, match=match, variant=None, location=_site_location(anchor, al))
                 escaping = escaping_nodes(al, anchor)
                 reason = None
                 if escaping:
