@@ -71,6 +71,9 @@ class TruthfuseBackend:
     def __init__(self, options: Optional[Options] = None):
         self.options = options or Options()
         self.records: List[GraphRecord] = []
+        # Benchmarks of the tuner set this to see each graph's decision space and plan timer
+        # (called as observer(space, timer, options) before the search runs).
+        self.tuning_observer: Optional[Callable] = None
 
     # Dynamo compares backends when deciding whether cached code can be reused.
     def __eq__(self, other):
@@ -201,6 +204,8 @@ class TruthfuseBackend:
             isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
         timer = SiteTimer(gm_canon, candidates, built,
                           lambda sub, args: _inner_compile(sub, args, opts), train)
+        if self.tuning_observer is not None:
+            self.tuning_observer(space, timer, opts)
         try:
             decision = choose_plan(space, timer, opts.strategy, simulations=opts.budget,
                                    time_budget_s=opts.tuning_seconds, seed=opts.seed)
