@@ -327,9 +327,9 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
     args = node.args
 
     # matmul family
-    if _method_or_function(node, {"matmul", "bmm", "__matmul__"}, {operator.matmul, torch.bmm}) or \
-            (op == "call_function" and t is torch.matmul and node.kwargs):
-        rw.replace(node, torch.matmul, (args[0], args[1]))
+    if _method_or_function(node, {"matmul", "bmm", "__matmul__"}, {operator.matmul, torch.bmm}):
+        if len(args) == 2 and not node.kwargs:  # an out= must stay where it is
+            rw.replace(node, torch.matmul, (args[0], args[1]))
         return
     if op == "call_function" and t is torch.einsum:
         equation = args[0]
@@ -396,7 +396,9 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
             rw.replace(node, torch.mul, (x, recip))
         return
     if _method_or_function(node, {"neg", "__neg__", "negative"}, {operator.neg, torch.neg}):
-        if is_tensor_node(args[0]):
+        # only for floating tensors: an integer tensor times -1.0 would become floating
+        dtype = dtype_of(args[0])
+        if is_tensor_node(args[0]) and (dtype is None or dtype.is_floating_point):
             rw.replace(node, torch.mul, (args[0], -1.0))
         return
 

@@ -105,3 +105,27 @@ def test_permute_that_is_not_a_swap_stays_a_permute():
     fn = lambda x: x.permute(0, 2, 3, 1) * 1.0  # noqa: E731
     canon = canonical_copy(_dynamo_graph(fn, torch.randn(2, 3, 4, 5)))
     assert torch.transpose not in _targets(canon)
+
+
+def test_integer_negation_keeps_its_dtype():
+    def fn(i, x):
+        return (-i) + x.argmax(-1)
+
+    i, x = torch.arange(6), torch.randn(6, 4)
+    gm, inputs = _dynamo_graph(fn, i, x, with_inputs=True)
+    out = canonical_copy(gm)(*inputs)[0]
+    assert out.dtype == torch.int64
+    torch.testing.assert_close(out, fn(i, x))
+
+
+def test_matmul_with_out_is_left_alone():
+    def fn(a, b, out):
+        torch.matmul(a, b, out=out)
+        return out * 2
+
+    a, b = torch.randn(3, 4), torch.randn(4, 5)
+    gm, inputs = _dynamo_graph(fn, a, b, torch.empty(3, 5), with_inputs=True)
+    canon = canonical_copy(gm)
+    out_buffer = [t for t in inputs if isinstance(t, torch.Tensor) and t.shape == (3, 5)][0]
+    torch.testing.assert_close(canon(*inputs)[0], (a @ b) * 2)
+    torch.testing.assert_close(out_buffer, a @ b)
