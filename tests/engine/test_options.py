@@ -47,3 +47,25 @@ def test_bad_option_through_torch_compile_is_reported():
     with pytest.raises(Exception) as err:
         compiled(torch.randn(2, 4))
     assert "conservative" in str(err.value) and "aggressive" in str(err.value)
+
+
+def test_torch_compile_mode_reaches_the_backend():
+    seen = []
+    from fusion_backend.backend import TruthfuseBackend as backend_class
+
+    original = backend_class.__call__
+
+    def spy(self, gm, example_inputs):
+        seen.append(self.options)
+        return original(self, gm, example_inputs)
+
+    backend_class.__call__ = spy
+    try:
+        m = torch.nn.Linear(4, 4)
+        x = torch.randn(2, 4)
+        out = torch.compile(m, backend="truthfuse", mode="max-autotune", options={"inner": "eager"})(x)
+        torch.testing.assert_close(out, m(x))
+    finally:
+        backend_class.__call__ = original
+    assert seen and seen[0].mode == "max-autotune" and seen[0].search_configs
+    assert seen[0].budget == 4 * seen[0].simulations
