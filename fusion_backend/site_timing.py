@@ -165,17 +165,22 @@ def _fresh_compile_context():
     (its fake mode and shape env belong to the enclosing graph) and a metrics context of its own."""
     from torch._dynamo import utils as dynamo_utils
 
-    tls = dynamo_utils._metrics_context_tls
-    saved = getattr(tls, "metrics_context", None)
-    tls.metrics_context = dynamo_utils.MetricsContext(on_exit=lambda *args, **kwargs: None)
+    # Private torch internals: where a version lacks them, compile in the enclosing context.
+    tls = getattr(dynamo_utils, "_metrics_context_tls", None)
+    metrics_cls = getattr(dynamo_utils, "MetricsContext", None)
+    swap = tls is not None and metrics_cls is not None
+    saved = getattr(tls, "metrics_context", None) if swap else None
+    if swap:
+        tls.metrics_context = metrics_cls(on_exit=lambda *args, **kwargs: None)
     try:
         with torch._guards.tracing(None):
             yield
     finally:
-        if saved is None:
-            del tls.metrics_context
-        else:
-            tls.metrics_context = saved
+        if swap:
+            if saved is None:
+                tls.__dict__.pop("metrics_context", None)
+            else:
+                tls.metrics_context = saved
 
 
 @contextlib.contextmanager
