@@ -22,7 +22,7 @@ from .match import all_rules, find_sites
 from .match.sites import Site
 from .options import Options, parse_options
 from .replace import ReplacementError, apply_plan, build_replacement, option_name
-from .site_timing import SiteTimer
+from .site_timing import SiteTimer, site_group
 
 log = logging.getLogger("truthfuse")
 
@@ -180,7 +180,7 @@ class TruthfuseBackend:
                 options=[Option.keep()] + [Option(option_name(c), s.variant, c, s.rule.exact_for(s.match)) for c in s.configs],
                 priority=s.rule.priority * 1000 + len(s.nodes),
                 # identical layers share what the search learns about launch configs
-                group=f"{s.rule.name}:{_site_shapes(s)}")
+                group=site_group(s))
                 for s in candidates],
             conflicts=conflicts)
         opts = self.options
@@ -206,11 +206,8 @@ class TruthfuseBackend:
                           lambda sub, args: _inner_compile(sub, args, opts), train)
         if self.tuning_observer is not None:
             self.tuning_observer(space, timer, opts)
-        try:
-            decision = choose_plan(space, timer, opts.strategy, simulations=opts.budget,
-                                   time_budget_s=opts.tuning_seconds, seed=opts.seed)
-        finally:
-            timer.close()
+        decision = choose_plan(space, timer, opts.strategy, simulations=opts.budget,
+                               time_budget_s=opts.tuning_seconds, seed=opts.seed)
         _fill_record(record, decision, cache_hit=False)
         # The plans the search scored were priced from site timings; report the timed runs.
         record.plans_evaluated = decision.measurements
@@ -250,11 +247,6 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: List[Any], options: Optio
         patches.update(torch._inductor.list_mode_options(options.mode))
     patches.update(options.inductor_options)
     return compile_fx(gm, example_inputs, config_patches=patches or None)
-
-
-def _site_shapes(site: Site) -> str:
-    return ";".join(f"{k}={tuple(v.shape)}:{v.dtype}" for k, v in sorted(site.match.values.items())
-                    if isinstance(v, torch.Tensor))
 
 
 def _graph_signature(gm: fx.GraphModule) -> str:

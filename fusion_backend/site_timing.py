@@ -24,6 +24,7 @@ import torch.fx as fx
 
 from .canonicalize.passes import example_value
 from .match.sites import Site
+from .tune.timing import measure, rotated_input_sets
 
 Node = fx.Node
 log = logging.getLogger("truthfuse")
@@ -90,21 +91,16 @@ class SiteTimer:
         self.measurements = 0
         self._generator = torch.Generator().manual_seed(0)
 
-    def close(self) -> None:
-        """Nothing to release; kept so callers can treat the timer as a resource."""
-
     def __call__(self, plan) -> float:
         key = tuple(sorted(dict(plan).items()))
         # A plan measured again (the guard's confirmation) gets fresh site measurements.
         round_ = self.rounds.get(key, 0)
         self.rounds[key] = round_ + 1
-        total = 0.0
-        for site in self.sites:
-            total += self.site_cost(site, dict(plan).get(site.id, "keep"), round_)
-        return total
+        choices = dict(key)
+        return sum(self.site_cost(site, choices.get(site.id, "keep"), round_) for site in self.sites)
 
     def site_cost(self, site: Site, choice: str, round_: int = 0) -> float:
-        group = _group_of(site)
+        group = site_group(site)
         key = (group, choice, round_)
         if key not in self.memo:
             started = time.perf_counter()
@@ -118,8 +114,6 @@ class SiteTimer:
     # -- one measurement ---------------------------------------------------------------------
 
     def _measure(self, site: Site, choice: str) -> float:
-        from .tune import measure
-
         if choice == "keep":
             sub, example = keep_subgraph(self.gm, site)
         else:
@@ -143,7 +137,6 @@ class SiteTimer:
                 return out
 
             device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
-            from .tune.timing import rotated_input_sets
             sets = rotated_input_sets(args, device)
             grad_ctx = contextlib.nullcontext() if train else torch.no_grad()
             with grad_ctx:
@@ -151,7 +144,9 @@ class SiteTimer:
         return ms
 
 
-def _group_of(site: Site) -> str:
+def site_group(site: Site) -> str:
+    """Sites that time alike: same rule, same tensor shapes/dtypes/grad, same constants. They
+    share measurements here and, in the tuner, what the search learns about launch configs."""
     shapes = ";".join(f"{k}={tuple(v.shape)}:{v.dtype}:{v.requires_grad}"
                       for k, v in sorted(site.match.values.items()) if isinstance(v, torch.Tensor))
     consts = ";".join(f"{k}={v!r}" for k, v in sorted(site.match.values.items())

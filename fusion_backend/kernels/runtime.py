@@ -22,3 +22,14 @@ def can_launch(*tensors: torch.Tensor) -> bool:
     if devices == {"cpu"}:
         return interpreting()
     return False
+
+
+def device_unsupported(t: torch.Tensor) -> str:
+    """Why Triton kernels cannot take tensors on t's device ("" when they can). Works on fake
+    and meta tensors: it reads the device type only."""
+    dev = t.device.type
+    if dev == "cpu" and not interpreting():
+        return "CPU tensors while Triton's interpreter is off (TRITON_INTERPRET=1 runs kernels on CPU)"
+    if dev not in ("cpu", "cuda"):
+        return f"device {dev!r} has no Triton kernel"
+    return ""

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from fusion_backend.kernels import attention as _tc
 from fusion_backend.kernels import attention_l1 as _l1
-from fusion_backend.kernels.runtime import can_launch, interpreting
+from fusion_backend.kernels.runtime import can_launch, device_unsupported, interpreting
 from fusion_backend.ops.fallback import warn_fallback_once
 
 METRICS = ("dot", "l2", "l1", "cosine")
@@ -116,12 +116,8 @@ def attention_supports(q, k, v, metric="dot", *, attn_mask=None, dropout_p=0.0, 
         return False, f"head dim {max(D, Dv)} > {_tc.MAX_HEAD_DIM}"
     if q.shape[-2] == 0 or k.shape[-2] == 0 or q.shape[0] == 0 or q.shape[1] == 0:
         return False, "empty input"
-    dev = q.device.type
-    if dev == "cpu" and not interpreting():
-        return False, "CPU tensors without TRITON_INTERPRET=1"
-    if dev not in ("cpu", "cuda"):
-        return False, f"device {dev}"
-    return True, ""
+    reason = device_unsupported(q)
+    return (False, reason) if reason else (True, "")
 
 
 # ----------------------------------------------------------------------------------------------

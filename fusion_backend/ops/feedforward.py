@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import feedforward as K
-from ..kernels.runtime import can_launch, interpreting
+from ..kernels.runtime import can_launch, device_unsupported, interpreting
 from .fallback import warn_fallback_once
 
 __all__ = [
@@ -190,12 +190,8 @@ def feedforward_supports(
         return False, str(e)
     if x.dtype not in _KERNEL_DTYPES:
         return False, f"dtype {x.dtype} has no kernel (supported: float16, bfloat16, float32)"
-    dev = x.device.type
-    if dev == "cpu" and not interpreting():
-        return False, "CPU tensors while Triton's interpreter is off (TRITON_INTERPRET=1 runs kernels on CPU)"
-    if dev not in ("cpu", "cuda"):
-        return False, f"device {dev!r} has no Triton kernel"
-    return True, "ok"
+    reason = device_unsupported(x)
+    return (False, reason) if reason else (True, "ok")
 
 
 # ----------------------------------------------------------------------------------------------
