@@ -13,9 +13,9 @@ win where they apply: `dot_repeat_kv` (K/V repeated per head, Llama eager) passe
 K/V with enable_gqa, and `dot_causal` turns an added mask that is provably the causal triangle
 (built from constants, as HF's eager masks are) into causal=True.
 
-Masks: -inf fills become a bool mask; finite "masked" values (finfo.min) are floored at -1e30 so
-that the kernels, which work in base 2, reproduce eager's uniform fully-masked rows
-(floor_additive_mask). softmax over any dim but the last, scales that vary per key, masks that
+Masks: -inf fills become a bool mask; finite fills become -1e30 in an additive mask, and fp16's
+"masked" value -65504 in a hand-written fp16 form becomes -1e30 too, so that the op, which adds
+masks in fp32, absorbs the score as eager does (floor_additive_mask). softmax over any dim but the last, scales that vary per key, masks that
 would broadcast the scores up, finite fills above -1e30 and intermediates used elsewhere are
 near-misses, reported with their reason.
 """
@@ -381,16 +381,10 @@ def _combined_scale(scale, scale2, default, negate=False, heads=None):
 
 
 def floor_additive_mask(mask, fp16_sentinel: bool = True):
-    """An additive mask the op reproduces eager softmax with: finite values below -1e30 (finfo.min
-    masks, as HF builds them) are raised to -1e30.
-
-    Eager adds finfo.min and gets a uniform row where every key is masked (all logits round to the
-    same huge negative); the kernels scale logits by log2(e) and finfo.min * log2(e) overflows to
-    -inf, which reads as a fully masked row (output 0). At -1e30 every logit of such a row still
-    rounds to exactly -1e30 (scores below ~1e22 are absorbed), so the row stays uniform, and a
-    partially masked entry still gets probability exactly 0. -inf entries are kept: they mean
-    "masked" to the op just as to eager. Gradient: entries below -1e30 get none (eager gives them
-    some only in a fully masked row)."""
+    """An additive mask the op reproduces eager softmax with. The op adds a float mask to the
+    logits in fp32, as eager does for fp32 and bf16 masks (finfo.min padding rows come out uniform
+    in both, and get the same gradients), so those pass unchanged; only a hand-written fp16 form's
+    -65504 needs replacing (below)."""
     if mask is None or mask.dtype == torch.bool:
         return mask
     if mask.dtype == torch.float16 and fp16_sentinel:
@@ -399,9 +393,7 @@ def floor_additive_mask(mask, fp16_sentinel: bool = True):
         # a row to -65504 (absorbed, as finfo.min is in fp32); the op adds in fp32, where it is
         # not. As -1e30 (which needs fp32) it is absorbed there too.
         return torch.where(mask == torch.finfo(torch.float16).min, _HUGE_NEGATIVE, mask.float())
-    if mask.dtype == torch.float16:
-        return mask  # no fp16 value reaches -1e30
-    return torch.where(torch.isneginf(mask), mask, mask.clamp(min=_HUGE_NEGATIVE))
+    return mask
 
 
 def _mask_for_op(q, mask_a, fill_a, bias, mask_b, fill_b):

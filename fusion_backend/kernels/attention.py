@@ -15,9 +15,11 @@ Logits, with s the per-head scale (one fp32 value per query head):
             and rounded once to the input dtype; the backward projects the gradient with the norms.
 
 Conventions shared by the kernels (and by `attention_l1`):
-- Logits are handled in base 2 (multiplied by log2(e)) so the softmax uses exp2; LSE is stored in
-  those units. A fully masked row gets LSE = +inf, so its probabilities recompute as 0 and its
-  output is 0 (the convention of torch's safe softmax).
+- Logits are handled in base 2 (multiplied by log2(e)) so the softmax uses exp2, except with a
+  float mask (natural units, see `_logits`). The forward stores per row the max logit (natural
+  units) and log2 of the row sum, apart (`_store_row_stats`); the backward recomputes the
+  probabilities from them. A fully masked row stores max = +inf, so its probabilities recompute as
+  0 and its output is 0 (the convention of torch's safe softmax).
 - Masks: MASK_KIND 0 none, 1 bool (True = keep), 2 float (added to the logits). The mask pointer
   carries four strides over (B, H, Nq, Nk), 0 on broadcast dims.
 - Dropout: keep(i, j) = philox_uniform(seed + b*H + h, i*Nk + j) >= p, kept values scaled by
@@ -44,11 +46,25 @@ MAX_HEAD_DIM = 256
 # Shared jit helpers (also used by attention_l1)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _logits2(raw, scale2, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
-             MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, EVEN_N: tl.constexpr):
-    """Base-2 logits of one [BLOCK_M, BLOCK_N] tile: raw * scale2, plus the mask, with causal and
-    out-of-range keys set to -inf. `mask_ptr` already points at this (batch, head)."""
-    s = raw * scale2
+def _kernel_scale(scale, MASK_KIND: tl.constexpr):
+    """The factor that turns raw scores into the kernels' logit units (see `_logits`)."""
+    if MASK_KIND == 2:
+        return scale
+    else:
+        return scale * 1.4426950408889634
+
+
+@triton.jit
+def _logits(raw, scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
+            MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, EVEN_N: tl.constexpr):
+    """Logits of one [BLOCK_M, BLOCK_N] tile: raw * scale_k, plus the mask, with causal and
+    out-of-range keys set to -inf. `mask_ptr` already points at this (batch, head).
+
+    Units: base 2 (scale_k = scale * log2(e)) except with a float mask (MASK_KIND 2), where they
+    are natural (scale_k = scale, the mask added as is): finfo.min * log2(e) overflows to -inf, which
+    would turn an eager-uniform, finfo.min-padded row into a fully masked one. `_exp_rel` and
+    `_probs` undo the units."""
+    s = raw * scale_k
     if MASK_KIND != 0:
         mptr = mask_ptr + offs_m[:, None] * smm + offs_n[None, :] * smn
         inb = (offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K)
@@ -56,7 +72,7 @@ def _logits2(raw, scale2, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
             keep = tl.load(mptr, mask=inb, other=0) != 0
             s = tl.where(keep, s, float("-inf"))
         else:
-            s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32) * 1.4426950408889634
+            s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32)
     if CAUSAL:
         s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
     if not EVEN_N:
@@ -65,11 +81,11 @@ def _logits2(raw, scale2, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
 
 
 @triton.jit
-def _logits2_t(rawT, scale2, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
-               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr):
-    """`_logits2` for a transposed [BLOCK_N, BLOCK_M] tile (keys along rows). Out-of-range key rows
+def _logits_t(rawT, scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
+              MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr):
+    """`_logits` for a transposed [BLOCK_N, BLOCK_M] tile (keys along rows). Out-of-range key rows
     are left finite: the dK/dV kernel never stores them and they feed nothing else."""
-    s = rawT * scale2
+    s = rawT * scale_k
     if MASK_KIND != 0:
         mptr = mask_ptr + offs_n[:, None] * smn + offs_m[None, :] * smm
         inb = (offs_n[:, None] < N_K) & (offs_m[None, :] < N_Q)
@@ -77,10 +93,55 @@ def _logits2_t(rawT, scale2, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
             keep = tl.load(mptr, mask=inb, other=0) != 0
             s = tl.where(keep, s, float("-inf"))
         else:
-            s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32) * 1.4426950408889634
+            s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32)
     if CAUSAL:
         s = tl.where(offs_n[:, None] <= offs_m[None, :], s, float("-inf"))
     return s
+
+
+@triton.jit
+def _exp_rel(x, MASK_KIND: tl.constexpr):
+    """exp(x) for a logit difference x in the kernels' units."""
+    if MASK_KIND == 2:
+        return tl.math.exp2(x * 1.4426950408889634)
+    else:
+        return tl.math.exp2(x)
+
+
+@triton.jit
+def _store_row_stats(STATS_M, STATS_L, bh, offs_m, N_Q, m_i, l_i, MASK_KIND: tl.constexpr):
+    """Store the row max (natural units, +inf for a fully masked row) and log2 of the row sum.
+    Kept apart, not as one logsumexp: for a row whose logits all sit near a huge finite negative
+    (padding masks), m + log(l) rounds to m and the backward's probabilities would sum to l."""
+    empty = l_i == 0.0
+    if MASK_KIND == 2:
+        m_nat = m_i
+    else:
+        m_nat = m_i * 0.6931471805599453
+    tl.store(STATS_M + bh * N_Q + offs_m, tl.where(empty, float("inf"), m_nat), mask=offs_m < N_Q)
+    tl.store(STATS_L + bh * N_Q + offs_m, tl.math.log2(tl.where(empty, 1.0, l_i)), mask=offs_m < N_Q)
+
+
+@triton.jit
+def _load_row_stats(STATS_M, STATS_L, bh, offs_m, N_Q, MASK_KIND: tl.constexpr):
+    """(a, b) for `_probs`: with a float mask the row max (natural units) and log2 of the row sum;
+    otherwise the base-2 logsumexp and 0. Rows past N_Q read as fully masked."""
+    m = tl.load(STATS_M + bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
+    log2l = tl.load(STATS_L + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    if MASK_KIND == 2:
+        return m, log2l
+    else:
+        return m * 1.4426950408889634 + log2l, log2l * 0.0
+
+
+@triton.jit
+def _probs(s, a, b, MASK_KIND: tl.constexpr):
+    """Softmax probabilities recomputed from logits s and row stats (a, b) of `_load_row_stats`
+    (already broadcast to s's shape)."""
+    if MASK_KIND == 2:
+        return tl.math.exp2((s - a) * 1.4426950408889634 - b)
+    else:
+        return tl.math.exp2(s - a)
 
 
 @triton.jit
@@ -118,7 +179,7 @@ def _normalize_grad(g, xh, nrm):
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, SCALE, KVEC, MASK, OUT, LSE, RBAR,
+    Q, K, V, SCALE, KVEC, MASK, OUT, STATS_M, STATS_L, RBAR,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -139,7 +200,7 @@ def _attn_fwd_kernel(
            For cosine, Q and K arrive already normalized (`_prepass`), so the kernel is the dot one.
     MASK:  (B, H, Nq, Nk) broadcast view, strides sm* (0 on broadcast dims); unused if MASK_KIND 0.
     OUT:   (B, H, Nq, Dv) strides so*, written in OUT's dtype.
-    LSE:   (B*H, Nq) fp32 contiguous, base-2 logsumexp of each row (+inf for a fully masked row).
+    STATS_M, STATS_L: (B*H, Nq) fp32 contiguous, see `_store_row_stats`.
     RBAR:  (B*H, Nq) fp32: E_p[raw] per row when STATS (else 0). The backward centres the scale
            gradient on it: sum_j dS_ij = 0, so subtracting it changes nothing exactly but removes
            the cancellation that bf16 rounding of O (through delta) would otherwise expose.
@@ -157,7 +218,7 @@ def _attn_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    scale2 = tl.load(SCALE + h) * 1.4426950408889634
+    scale_k = _kernel_scale(tl.load(SCALE + h), MASK_KIND)
 
     q = _load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, N_Q, HEAD_DIM, EVEN_M, HEAD_DIM == D_PAD)
     kvec_base = KVEC + (b * (H // GROUP) + hk) * N_K
@@ -182,11 +243,11 @@ def _attn_fwd_kernel(
             raw = 2.0 * qk - kn[None, :]
         else:
             raw = qk
-        s = _logits2(raw, scale2, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
+        p = _exp_rel(s - m_safe[:, None], MASK_KIND)
+        alpha = _exp_rel(m_i - m_safe, MASK_KIND)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if STATS:
             r_i = r_i * alpha + tl.sum(p * raw, axis=1)
@@ -201,10 +262,9 @@ def _attn_fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     tl.store(RBAR + bh * N_Q + offs_m, r_i / tl.where(empty, 1.0, l_i), mask=offs_m < N_Q)
-    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    _store_row_stats(STATS_M, STATS_L, bh, offs_m, N_Q, m_i, l_i, MASK_KIND)
     o_ptrs = OUT + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(LSE + bh * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,7 +272,7 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, SCALE, KVEC, MASK, DO, LSE, DELTA, DK, DV,
+    Q, K, V, SCALE, KVEC, MASK, DO, STATS_M, STATS_L, DELTA, DK, DV,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -227,7 +287,8 @@ def _attn_bwd_dkdv_kernel(
     """dK, dV for BLOCK_N keys of one (b, kv head), summed over the GROUP query heads that read it.
 
     Grid: (cdiv(Nk, BLOCK_N), B * Hkv). Pointers as in `_attn_fwd_kernel`, plus
-    DO:    (B, H, Nq, Dv) strides sdo*;  LSE, DELTA: (B*H, Nq) fp32 contiguous (DELTA = rowsum(dO*O));
+    DO:    (B, H, Nq, Dv) strides sdo*;  STATS_M, STATS_L, DELTA: (B*H, Nq) fp32 contiguous (the
+           forward's row stats; DELTA = rowsum(dO*O));
     KVEC:  (B*Hkv, Nk) fp32: |k|^2 for l2, max(|k|, eps) for cosine (Q, K then hold q^, k^).
     DK:    (B, Hkv, Nk, D) contiguous, K's dtype;  DV: (B, Hkv, Nk, Dv) contiguous, V's dtype.
     BLOCK_N keys are owned by the program, BLOCK_M queries are visited per step.
@@ -256,7 +317,7 @@ def _attn_bwd_dkdv_kernel(
         h = hk * GROUP + g
         bh = b * H + h
         scale = tl.load(SCALE + h)
-        scale2 = scale * 1.4426950408889634
+        scale_k = _kernel_scale(scale, MASK_KIND)
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
         mask_base = MASK + b * smb + h * smh
@@ -264,12 +325,8 @@ def _attn_bwd_dkdv_kernel(
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _load_rows(q_base, offs_m, offs_d, sqm, sqd, N_Q, HEAD_DIM, EVEN_M, HEAD_DIM == D_PAD)
             do = _load_rows(do_base, offs_m, offs_dv, sdom, sdod, N_Q, HEAD_DIM_V, EVEN_M, HEAD_DIM_V == DV_PAD)
-            if EVEN_M:
-                lse = tl.load(LSE + bh * N_Q + offs_m)
-                delta = tl.load(DELTA + bh * N_Q + offs_m)
-            else:
-                lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
-                delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+            sa, sb = _load_row_stats(STATS_M, STATS_L, bh, offs_m, N_Q, MASK_KIND)
+            delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
             # Transposed tile [BLOCK_N, BLOCK_M]: P^T and dS^T come out of the dots already as the
             # left operands of dV += P^T dO and dK += dS^T Q, with no register transposes.
             qkT = tl.dot(k_op, tl.trans(q), input_precision=DOT_PREC)
@@ -277,8 +334,8 @@ def _attn_bwd_dkdv_kernel(
                 rawT = 2.0 * qkT - kvec[:, None]
             else:
                 rawT = qkT
-            sT = _logits2_t(rawT, scale2, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL)
-            pT = tl.math.exp2(sT - lse[None, :])
+            sT = _logits_t(rawT, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL)
+            pT = _probs(sT, sa[None, :], sb[None, :], MASK_KIND)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             if DROPOUT:
                 keep = tl.rand(seed + bh, offs_m[None, :] * N_K + offs_n[:, None]) >= dropout_p
@@ -311,7 +368,7 @@ def _attn_bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, SCALE, QVEC, KVEC, MASK, DO, LSE, RBAR, DELTA, DQ, DSCALE, DMASK,
+    Q, K, V, SCALE, QVEC, KVEC, MASK, DO, STATS_M, STATS_L, RBAR, DELTA, DQ, DSCALE, DMASK,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -321,10 +378,10 @@ def _attn_bwd_dq_kernel(
     H, N_Q, N_K, GROUP, seed, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    MASK_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dQ for BLOCK_M queries of one (b, h); also d(loss)/d(scale) per row and dMask.
+    """dQ for BLOCK_M queries of one (b, h); also d(loss)/d(scale) per row (when SCALE_GRAD) and dMask.
 
     Grid: (cdiv(Nq, BLOCK_M), B * H). Pointers as in `_attn_bwd_dkdv_kernel`, plus
     QVEC:   (B*H, Nq) fp32: max(|q|, eps) for cosine (Q, K then hold q^, k^); KVEC as in dkdv.
@@ -343,18 +400,14 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     scale = tl.load(SCALE + h)
-    scale2 = scale * 1.4426950408889634
+    scale_k = _kernel_scale(scale, MASK_KIND)
 
     q = _load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, N_Q, HEAD_DIM, EVEN_M, HEAD_DIM == D_PAD)
     q_op = q
     kvec_base = KVEC + (b * (H // GROUP) + hk) * N_K
     do = _load_rows(DO + b * sdob + h * sdoh, offs_m, offs_dv, sdom, sdod, N_Q, HEAD_DIM_V, EVEN_M, HEAD_DIM_V == DV_PAD)
-    if EVEN_M:
-        lse = tl.load(LSE + bh * N_Q + offs_m)
-        delta = tl.load(DELTA + bh * N_Q + offs_m)
-    else:
-        lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
-        delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    sa, sb = _load_row_stats(STATS_M, STATS_L, bh, offs_m, N_Q, MASK_KIND)
+    delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
     rbar = tl.load(RBAR + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
@@ -375,8 +428,8 @@ def _attn_bwd_dq_kernel(
             raw = 2.0 * qk - tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)[None, :]
         else:
             raw = qk
-        s = _logits2(raw, scale2, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
-        p = tl.math.exp2(s - lse[:, None])
+        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+        p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, N_K, dropout_p)
@@ -385,7 +438,8 @@ def _attn_bwd_dq_kernel(
         if MASK_GRAD:
             g_ptrs = DMASK + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_n[None, :] * sgn
             tl.atomic_add(g_ptrs, ds, mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))
-        dsc += tl.sum(ds * (raw - rbar[:, None]), axis=1)
+        if SCALE_GRAD:
+            dsc += tl.sum(ds * (raw - rbar[:, None]), axis=1)
         dq_acc = tl.dot(ds.to(K.dtype.element_ty), k, dq_acc, input_precision=DOT_PREC)
 
     dq_acc = dq_acc * scale
@@ -405,26 +459,34 @@ def _attn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launch configs
 # ----------------------------------------------------------------------------------------------
-_KEY_RE = re.compile(r"^m(\d+)n(\d+)w(\d+)s(\d+)(?:-bm(\d+)n(\d+)w(\d+)s(\d+))?$")
+_KEY_RE = re.compile(r"^m(\d+)n(\d+)w(\d+)s(\d+)(?:-bm(\d+)n(\d+)w(\d+)s(\d+)(?:-qm(\d+)n(\d+)w(\d+)s(\d+))?)?$")
+_KEY_PARTS = (("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"),
+              ("BWD_BLOCK_M", "BWD_BLOCK_N", "bwd_num_warps", "bwd_num_stages"),
+              ("DQ_BLOCK_M", "DQ_BLOCK_N", "dq_num_warps", "dq_num_stages"))
 
 
 def config_key(cfg: dict) -> str:
-    """Stable string for a launch config, e.g. "m128n64w4s3-bm64n64w4s2" (forward, then backward)."""
-    key = f"m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
-    if "BWD_BLOCK_M" in cfg:
-        key += f"-bm{cfg['BWD_BLOCK_M']}n{cfg['BWD_BLOCK_N']}w{cfg['bwd_num_warps']}s{cfg['bwd_num_stages']}"
-    return key
+    """Stable string for a launch config, e.g. "m128n64w4s3-bm64n64w4s2-qm64n64w4s2": the forward
+    tile, then the dK/dV tile, then the dQ tile (each part optional from the right)."""
+    parts = []
+    for prefix, names in zip(("m", "bm", "qm"), _KEY_PARTS):
+        if names[0] not in cfg:
+            break
+        bm, bn, w, st = (cfg[n] for n in names)
+        parts.append(f"{prefix}{bm}n{bn}w{w}s{st}")
+    return "-".join(parts)
 
 
 def parse_config_key(key: str) -> dict:
     """Inverse of `config_key`. Raises ValueError on a malformed key."""
     m = _KEY_RE.match(key)
     if not m:
-        raise ValueError(f"bad attention config key {key!r}; expected like 'm128n64w4s3-bm64n64w4s2'")
-    g = [int(x) if x is not None else None for x in m.groups()]
-    cfg = dict(BLOCK_M=g[0], BLOCK_N=g[1], num_warps=g[2], num_stages=g[3])
-    if g[4] is not None:
-        cfg.update(BWD_BLOCK_M=g[4], BWD_BLOCK_N=g[5], bwd_num_warps=g[6], bwd_num_stages=g[7])
+        raise ValueError(f"bad attention config key {key!r}; expected like 'm128n64w4s3-bm64n64w4s2-qm64n64w4s2'")
+    g = m.groups()
+    cfg = {}
+    for i, names in enumerate(_KEY_PARTS):
+        if g[4 * i] is not None:
+            cfg.update({n: int(x) for n, x in zip(names, g[4 * i:4 * i + 4])})
     return cfg
 
 
@@ -490,9 +552,16 @@ def default_attention_config(metric: str, head_dim: int, dtype: torch.dtype, dev
                 BWD_BLOCK_M=16, BWD_BLOCK_N=32, bwd_num_warps=4, bwd_num_stages=1)
 
 
-def _bwd_cfg(cfg: dict) -> dict:
-    return dict(BLOCK_M=cfg.get("BWD_BLOCK_M", 64), BLOCK_N=cfg.get("BWD_BLOCK_N", 64),
+def backward_tiles(cfg: dict) -> tuple:
+    """(dK/dV tile, dQ tile), each dict(BLOCK_M, BLOCK_N, num_warps, num_stages). A config without a
+    dQ part uses the dK/dV tile for both."""
+    dkdv = dict(BLOCK_M=cfg.get("BWD_BLOCK_M", 64), BLOCK_N=cfg.get("BWD_BLOCK_N", 64),
                 num_warps=cfg.get("bwd_num_warps", 4), num_stages=cfg.get("bwd_num_stages", 2))
+    if "DQ_BLOCK_M" not in cfg:
+        return dkdv, dkdv
+    dq = dict(BLOCK_M=cfg["DQ_BLOCK_M"], BLOCK_N=cfg["DQ_BLOCK_N"], num_warps=cfg["dq_num_warps"],
+              num_stages=cfg["dq_num_stages"])
+    return dkdv, dq
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,24 +597,31 @@ def _prepass(metric, q, k):
     return q, k, dummy, dummy
 
 
+def new_row_stats(B, H, Nq, device):
+    """The forward's per-row stats, (3, B*H, Nq) fp32: [0] the row max of the logits (natural
+    units, +inf for a fully masked row), [1] E_p[raw] (when asked for, else 0), [2] log2 of the row
+    sum of exp(logit - max). Shared by every kernel and the PyTorch reference."""
+    return torch.empty(3, B * H, Nq, device=device, dtype=torch.float32)
+
+
 def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, dropout_p=0.0, seed=0,
                       config=None, out=None, stats=True):
     """Run the forward kernel. q (B,H,Nq,D), k (B,Hkv,Nk,D), v (B,Hkv,Nk,Dv) any strides, one dtype;
     scale (H,) fp32; mask broadcastable to (B,H,Nq,Nk) (bool keep / float additive) or None.
-    Returns (out (B,H,Nq,Dv) in q's dtype, or written into `out`; lse (2, B*H, Nq) fp32: [0] the
-    base-2 logsumexp, [1] E_p[raw] when `stats` (needed for an accurate scale gradient) else 0)."""
+    Returns (out (B,H,Nq,Dv) in q's dtype, or written into `out`; the row stats of `new_row_stats`,
+    with E_p[raw] computed when `stats` (needed for an accurate scale gradient))."""
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     cfg = config or default_attention_config(metric, D, q.dtype, q.device.type)
     if out is None:
         out = torch.empty(B, H, Nq, Dv, device=q.device, dtype=q.dtype)
-    lse = torch.empty(2, B * H, Nq, device=q.device, dtype=torch.float32)
+    row_stats = new_row_stats(B, H, Nq, q.device)
     m4, ms, mkind = _mask_args(mask, B, H, Nq, Nk, q.device)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (triton.cdiv(Nq, bm), B * H)
     q, k, _qvec, kvec = _prepass(metric, q, k)
     _attn_fwd_kernel[grid](
-        q, k, v, scale, kvec, m4, out, lse[0], lse[1],
+        q, k, v, scale, kvec, m4, out, row_stats[0], row_stats[2], row_stats[1],
         *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
         H, Nq, Nk, H // Hkv, seed, float(dropout_p),
         HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv),
@@ -553,7 +629,33 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
         EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
         BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return out, lse
+    return out, row_stats
+
+
+@triton.jit
+def _row_dot_kernel(A, B, OUT, H, N, sab, sah, sam, sad, sbb, sbh, sbm, sbd,
+                    DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT[b*H + h, m] = sum_d A[b, h, m, d] * B[b, h, m, d] in fp32 (the backward's delta)."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, DV_PAD)
+    inb = (offs_m[:, None] < N) & (offs_d[None, :] < DV)
+    a = tl.load(A + b * sab + h * sah + offs_m[:, None] * sam + offs_d[None, :] * sad, mask=inb, other=0.0)
+    c = tl.load(B + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_d[None, :] * sbd, mask=inb, other=0.0)
+    tl.store(OUT + bh * N + offs_m, tl.sum(a.to(tl.float32) * c.to(tl.float32), axis=1), mask=offs_m < N)
+
+
+def row_dot(a, b):
+    """(B*H, N) fp32 row sums of a * b for two (B, H, N, Dv) tensors of any strides: one launch
+    instead of eager's casts, product and sum."""
+    B, H, N, Dv = a.shape
+    out = torch.empty(B * H, N, device=a.device, dtype=torch.float32)
+    block = max(16, min(128, 8192 // _pad_dim(Dv)))
+    _row_dot_kernel[(triton.cdiv(N, block), B * H)](a, b, out, H, N, *a.stride(), *b.stride(),
+                                                   DV=Dv, DV_PAD=_pad_dim(Dv), BLOCK=block, num_warps=4)
+    return out
 
 
 def mask_grad_buffer(mask, B, H, Nq, Nk):
@@ -574,38 +676,40 @@ def reduce_mask_grad(buf, mask):
     return buf.to(mask.dtype)
 
 
-def attention_backward(do, q, k, v, scale, out, lse, *, metric="dot", causal=False, mask=None,
-                       dropout_p=0.0, seed=0, mask_grad=False, config=None):
-    """Gradients of the forward above. do (B,H,Nq,Dv); out, lse from `attention_forward`.
-    Returns dq (q's shape/dtype), dk, dv (k/v's shapes/dtypes), dscale (H,) fp32, and dmask
-    (the 4-d mask's shape, fp32 summed over broadcast dims) or None."""
+def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", causal=False, mask=None,
+                       dropout_p=0.0, seed=0, mask_grad=False, scale_grad=True, config=None):
+    """Gradients of the forward above. do (B,H,Nq,Dv); out, row_stats from `attention_forward`.
+    Returns dq (q's shape/dtype), dk, dv (k/v's shapes/dtypes), dscale (H,) fp32 (zeros unless
+    `scale_grad`), and dmask (the 4-d mask's shape, fp32 summed over broadcast dims) or None."""
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = _bwd_cfg(config or default_attention_config(metric, D, q.dtype, q.device.type))
-    delta = (do.float() * out.float()).sum(-1).reshape(B * H, Nq)
+    tile_kv, tile_q = backward_tiles(config or default_attention_config(metric, D, q.dtype, q.device.type))
+    delta = row_dot(do, out)
     m4, ms, mkind = _mask_args(mask, B, H, Nq, Nk, q.device)
     q, k, qvec, kvec = _prepass(metric, q, k)
     dq = torch.empty(B, H, Nq, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, Hkv, Nk, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, Hkv, Nk, Dv, device=q.device, dtype=v.dtype)
-    dsc = torch.empty(B * H, Nq, device=q.device, dtype=torch.float32)
+    dsc = torch.zeros(B * H, Nq, device=q.device, dtype=torch.float32)
     if mask_grad:
         gbuf, gs = mask_grad_buffer(mask, B, H, Nq, Nk)
     else:
         gbuf, gs = torch.empty(1, device=q.device, dtype=torch.float32), (0, 0, 0, 0)
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv),
                   METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=causal, DROPOUT=dropout_p > 0,
-                  EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
-                  BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  DOT_PREC=_dot_prec(q.dtype))
+    bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
     _attn_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
-        q, k, v, scale, kvec, m4, do, lse[0], delta, dk, dv,
+        q, k, v, scale, kvec, m4, do, row_stats[0], row_stats[2], delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(),
-        H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), **common)
+        H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p),
+        EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common)
+    bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
     _attn_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
-        q, k, v, scale, qvec, kvec, m4, do, lse[0], lse[1], delta, dq, dsc, gbuf,
+        q, k, v, scale, qvec, kvec, m4, do, row_stats[0], row_stats[2], row_stats[1], delta, dq, dsc, gbuf,
         *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *gs,
-        H, Nq, Nk, H // Hkv, seed, float(dropout_p), MASK_GRAD=mask_grad, **common)
+        H, Nq, Nk, H // Hkv, seed, float(dropout_p), MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,
+        EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_q, **common)
     dscale = dsc.view(B, H, Nq).sum(dim=(0, 2))
     dmask = reduce_mask_grad(gbuf, mask) if mask_grad else None
     return dq, dk, dv, dscale, dmask

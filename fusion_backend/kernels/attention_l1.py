@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from fusion_backend.kernels.attention import (
-    _dropout_keep, _load_rows, _logits2, _mask_args, _pad_dim, mask_grad_buffer, reduce_mask_grad,
+    _dropout_keep, _exp_rel, _kernel_scale, _load_row_stats, _load_rows, _logits, _mask_args, _pad_dim, _probs,
+    _store_row_stats, backward_tiles, mask_grad_buffer, new_row_stats, reduce_mask_grad, row_dot,
 )
 
 
@@ -41,7 +42,7 @@ def _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM: tl.constexpr,
 
 @triton.jit
 def _l1_fwd_kernel(
-    QT, KT, V, SCALE, MASK, OUT, LSE, RBAR,
+    QT, KT, V, SCALE, MASK, OUT, STATS_M, STATS_L, RBAR,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sob, soh, som, sod,
@@ -55,7 +56,8 @@ def _l1_fwd_kernel(
 
     QT: (B, H, D, Nq) fp32 contiguous;  KT: (B, Hkv, D, Nk) fp32 contiguous.
     V: (B, Hkv, Nk, Dv) strides sv*;  SCALE: (H,) fp32;  MASK: (B,H,Nq,Nk) view with strides sm*.
-    OUT: (B, H, Nq, Dv) strides so*;  LSE: (B*H, Nq) fp32, base 2;  RBAR: (B*H, Nq) E_p[raw] if STATS.
+    OUT: (B, H, Nq, Dv) strides so*;  STATS_M, STATS_L: (B*H, Nq) fp32, see
+    `attention._store_row_stats`;  RBAR: (B*H, Nq) E_p[raw] if STATS.
     Constexprs as in `attention._attn_fwd_kernel` (DV_PAD the padded value head dim).
     """
     pid_m = tl.program_id(0)
@@ -65,7 +67,7 @@ def _l1_fwd_kernel(
     hk = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, DV_PAD)
-    scale2 = tl.load(SCALE + h) * 1.4426950408889634
+    scale_k = _kernel_scale(tl.load(SCALE + h), MASK_KIND)
     qt_base = QT + bh * HEAD_DIM * N_Q
     kt_base = KT + (b * HKV + hk) * HEAD_DIM * N_K
     v_base = V + b * svb + hk * svh
@@ -82,11 +84,11 @@ def _l1_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         dist = _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
-        s = _logits2(-dist, scale2, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+        s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
+        p = _exp_rel(s - m_safe[:, None], MASK_KIND)
+        alpha = _exp_rel(m_i - m_safe, MASK_KIND)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if STATS:
             r_i = r_i * alpha - tl.sum(p * dist, axis=1)
@@ -101,15 +103,14 @@ def _l1_fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     tl.store(RBAR + bh * N_Q + offs_m, r_i / tl.where(empty, 1.0, l_i), mask=offs_m < N_Q)
-    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    _store_row_stats(STATS_M, STATS_L, bh, offs_m, N_Q, m_i, l_i, MASK_KIND)
     o_ptrs = OUT + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(LSE + bh * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
 
 @triton.jit
 def _l1_bwd_dkdv_kernel(
-    QT, KT, V, SCALE, MASK, DO, LSE, DELTA, DKT, DV,
+    QT, KT, V, SCALE, MASK, DO, STATS_M, STATS_L, DELTA, DKT, DV,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sdob, sdoh, sdom, sdod,
@@ -121,7 +122,8 @@ def _l1_bwd_dkdv_kernel(
 ):
     """dK (into DKT: (B, Hkv, D, Nk) fp32 zeros, transposed) and dV ((B, Hkv, Nk, Dv) contiguous)
     for BLOCK_N keys of one (b, kv head), summed over its GROUP query heads.
-    Grid: (cdiv(Nk, BLOCK_N), B * Hkv). DO (B, H, Nq, Dv) strides sdo*; LSE, DELTA (B*H, Nq) fp32."""
+    Grid: (cdiv(Nk, BLOCK_N), B * Hkv). DO (B, H, Nq, Dv) strides sdo*; STATS_M, STATS_L, DELTA
+    (B*H, Nq) fp32."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // HKV
@@ -140,18 +142,18 @@ def _l1_bwd_dkdv_kernel(
         h = hk * GROUP + g
         bh = b * H + h
         scale = tl.load(SCALE + h)
-        scale2 = scale * 1.4426950408889634
+        scale_k = _kernel_scale(scale, MASK_KIND)
         qt_base = QT + bh * HEAD_DIM * N_Q
         do_base = DO + b * sdob + h * sdoh
         mask_base = MASK + b * smb + h * smh
         for start_m in range(lo, N_Q, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             do = _load_rows(do_base, offs_m, offs_dv, sdom, sdod, N_Q, HEAD_DIM_V, EVEN_M, HEAD_DIM_V == DV_PAD)
-            lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
+            sa, sb = _load_row_stats(STATS_M, STATS_L, bh, offs_m, N_Q, MASK_KIND)
             delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
             dist = _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
-            s = _logits2(-dist, scale2, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
-            p = tl.math.exp2(s - lse[:, None])
+            s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+            p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             if DROPOUT:
                 keep = _dropout_keep(seed, bh, offs_m, offs_n, N_K, dropout_p)
@@ -178,7 +180,7 @@ def _l1_bwd_dkdv_kernel(
 
 @triton.jit
 def _l1_bwd_dq_kernel(
-    QT, KT, V, SCALE, MASK, DO, LSE, RBAR, DELTA, DQT, DSCALE, DMASK,
+    QT, KT, V, SCALE, MASK, DO, STATS_M, STATS_L, RBAR, DELTA, DQT, DSCALE, DMASK,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sdob, sdoh, sdom, sdod,
@@ -186,7 +188,7 @@ def _l1_bwd_dq_kernel(
     H, HKV, N_Q, N_K, GROUP, seed, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    SCALE_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ (into DQT: (B, H, D, Nq) fp32 zeros, transposed), per-row scale gradient DSCALE (B*H, Nq)
@@ -200,14 +202,14 @@ def _l1_bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, DV_PAD)
     scale = tl.load(SCALE + h)
-    scale2 = scale * 1.4426950408889634
+    scale_k = _kernel_scale(scale, MASK_KIND)
     qt_base = QT + bh * HEAD_DIM * N_Q
     dqt_base = DQT + bh * HEAD_DIM * N_Q
     kt_base = KT + (b * HKV + hk) * HEAD_DIM * N_K
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
     do = _load_rows(DO + b * sdob + h * sdoh, offs_m, offs_dv, sdom, sdod, N_Q, HEAD_DIM_V, EVEN_M, HEAD_DIM_V == DV_PAD)
-    lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
+    sa, sb = _load_row_stats(STATS_M, STATS_L, bh, offs_m, N_Q, MASK_KIND)
     delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
     rbar = tl.load(RBAR + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
     dsc = tl.zeros([BLOCK_M], tl.float32)
@@ -218,8 +220,8 @@ def _l1_bwd_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         dist = _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
-        s = _logits2(-dist, scale2, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
-        p = tl.math.exp2(s - lse[:, None])
+        s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+        p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
         v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:
@@ -229,7 +231,8 @@ def _l1_bwd_dq_kernel(
         if MASK_GRAD:
             g_ptrs = DMASK + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_n[None, :] * sgn
             tl.atomic_add(g_ptrs, ds, mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))
-        dsc += tl.sum(-ds * (dist + rbar[:, None]), axis=1)
+        if SCALE_GRAD:
+            dsc += tl.sum(-ds * (dist + rbar[:, None]), axis=1)
         dsn = -ds * scale
         for d in range(0, HEAD_DIM):
             qc = tl.load(qt_base + d * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
@@ -276,18 +279,18 @@ def _dot_prec(dtype):
 
 def l1_attention_forward(q, k, v, scale, *, causal=False, mask=None, dropout_p=0.0, seed=0, config=None, out=None,
                          stats=True):
-    """L1 attention forward. Shapes as `attention.attention_forward`; returns (out, lse)."""
+    """L1 attention forward. Shapes as `attention.attention_forward`; returns (out, row_stats)."""
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     cfg = config or default_l1_config(D, q.dtype, q.device.type)
     qt, kt = _transposed_f32(q), _transposed_f32(k)
     if out is None:
         out = torch.empty(B, H, Nq, Dv, device=q.device, dtype=q.dtype)
-    lse = torch.empty(2, B * H, Nq, device=q.device, dtype=torch.float32)
+    row_stats = new_row_stats(B, H, Nq, q.device)
     m4, ms, mkind = _mask_args(mask, B, H, Nq, Nk, q.device)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     _l1_fwd_kernel[(triton.cdiv(Nq, bm), B * H)](
-        qt, kt, v, scale, m4, out, lse[0], lse[1],
+        qt, kt, v, scale, m4, out, row_stats[0], row_stats[2], row_stats[1],
         *v.stride(), *ms, *out.stride(),
         H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p),
         HEAD_DIM=D, HEAD_DIM_V=Dv, DV_PAD=_pad_dim(Dv),
@@ -295,39 +298,41 @@ def l1_attention_forward(q, k, v, scale, *, causal=False, mask=None, dropout_p=0
         EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
         BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return out, lse
+    return out, row_stats
 
 
-def l1_attention_backward(do, q, k, v, scale, out, lse, *, causal=False, mask=None, dropout_p=0.0, seed=0,
-                          mask_grad=False, config=None):
-    """L1 attention backward; returns dq, dk, dv, dscale (H,) fp32, dmask or None."""
+def l1_attention_backward(do, q, k, v, scale, out, row_stats, *, causal=False, mask=None, dropout_p=0.0, seed=0,
+                          mask_grad=False, scale_grad=True, config=None):
+    """L1 attention backward; returns dq, dk, dv, dscale (H,) fp32 (zeros unless `scale_grad`),
+    dmask or None."""
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = config or default_l1_config(D, q.dtype, q.device.type)
-    bm, bn = cfg.get("BWD_BLOCK_M", 64), cfg.get("BWD_BLOCK_N", 64)
-    w, st = cfg.get("bwd_num_warps", 4), cfg.get("bwd_num_stages", 1)
+    tile_kv, tile_q = backward_tiles(config or default_l1_config(D, q.dtype, q.device.type))
     qt, kt = _transposed_f32(q), _transposed_f32(k)
-    delta = (do.float() * out.float()).sum(-1).reshape(B * H, Nq)
+    delta = row_dot(do, out)
     m4, ms, mkind = _mask_args(mask, B, H, Nq, Nk, q.device)
     dqt = torch.zeros(B, H, D, Nq, device=q.device, dtype=torch.float32)
     dkt = torch.zeros(B, Hkv, D, Nk, device=q.device, dtype=torch.float32)
     dv = torch.empty(B, Hkv, Nk, Dv, device=q.device, dtype=v.dtype)
-    dsc = torch.empty(B * H, Nq, device=q.device, dtype=torch.float32)
+    dsc = torch.zeros(B * H, Nq, device=q.device, dtype=torch.float32)
     if mask_grad:
         gbuf, gs = mask_grad_buffer(mask, B, H, Nq, Nk)
     else:
         gbuf, gs = torch.empty(1, device=q.device, dtype=torch.float32), (0, 0, 0, 0)
     common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, DV_PAD=_pad_dim(Dv), MASK_KIND=mkind, CAUSAL=causal,
-                  DROPOUT=dropout_p > 0, EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
-                  BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+                  DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q.dtype))
+    bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
     _l1_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
-        qt, kt, v, scale, m4, do, lse[0], delta, dkt, dv,
+        qt, kt, v, scale, m4, do, row_stats[0], row_stats[2], delta, dkt, dv,
         *v.stride(), *ms, *do.stride(),
-        H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), **common)
+        H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p),
+        EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common)
+    bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
     _l1_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
-        qt, kt, v, scale, m4, do, lse[0], lse[1], delta, dqt, dsc, gbuf,
+        qt, kt, v, scale, m4, do, row_stats[0], row_stats[2], row_stats[1], delta, dqt, dsc, gbuf,
         *v.stride(), *ms, *do.stride(), *gs,
-        H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), MASK_GRAD=mask_grad, **common)
+        H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,
+        EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_q, **common)
     dq = dqt.transpose(-1, -2).to(q.dtype).contiguous()
     dk = dkt.transpose(-1, -2).to(k.dtype).contiguous()
     dscale = dsc.view(B, H, Nq).sum(dim=(0, 2))

@@ -11,7 +11,7 @@ elements (any shape) that receives a gradient. A bool mask keeps where True, a f
 to the logits (and gets a gradient if it requires one); both broadcast to (B, H, Nq, Nk). `causal`
 is the top-left lower triangle. A fully masked row gives 0.
 
-Two custom ops carry the work: truthfuse::attention_fwd returns (out, lse) and
+Two custom ops carry the work: truthfuse::attention_fwd returns (out, row stats) and
 truthfuse::attention_bwd returns (dq, dk, dv, dscale, dmask); `register_autograd` joins them. The
 dropout seed is an input tensor drawn from torch's default generator, so the ops themselves are
 deterministic and the backward regenerates the forward's dropout mask.
@@ -34,7 +34,6 @@ from fusion_backend.ops.fallback import warn_fallback_once
 
 METRICS = ("dot", "l2", "l1", "cosine")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_LOG2E = 1.4426950408889634
 
 config_key = _tc.config_key
 
@@ -140,8 +139,8 @@ def _dropout_keep_reference(shape, p, seed, device):
 
 
 def _reference_core(q, k, v, scale_h, metric, causal, mask, dropout_p, seed, dtype):
-    """Float (dtype) reference returning (out, stats): stats (2, B*H, Nq) fp32 holds the base-2
-    logsumexp and E_p[raw] per row, as the kernels' forward does. scale_h: (H,)."""
+    """Float (dtype) reference returning (out, stats): stats are the kernels' row stats
+    (`kernels.attention.new_row_stats`: row max, E_p[raw], log2 of the row sum). scale_h: (H,)."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -168,17 +167,19 @@ def _reference_core(q, k, v, scale_h, metric, causal, mask, dropout_p, seed, dty
         s = s.masked_fill(~tri, float("-inf"))
     dead = torch.isneginf(s).all(-1, keepdim=True)
     s = s.masked_fill(dead, 0.0)
-    lse = torch.logsumexp(s, -1, keepdim=True)
-    # softmax, not exp(s - lse): where a whole row sits near a huge finite negative (finfo.min
-    # padding masks) lse loses the log(N) term to rounding and exp(s - lse) sums to N, not 1
+    # softmax, not exp(s - logsumexp): where a whole row sits near a huge finite negative (finfo.min
+    # padding masks) the logsumexp loses the log(N) term to rounding and exp(s - lse) sums to N
     p = torch.softmax(s, -1).masked_fill(dead, 0.0)
-    lse = lse.masked_fill(dead, float("inf"))
+    with torch.no_grad():
+        row_max = s.amax(-1, keepdim=True)
+        log2_sum = torch.log2(torch.exp(s - row_max).sum(-1, keepdim=True))
+        rbar = (torch.softmax(s, -1) * raw).sum(-1)
     if dropout_p > 0:
         keep = _dropout_keep_reference(p.shape, dropout_p, seed, q.device)
         p = p * keep / (1.0 - dropout_p)
-    rbar = (p.detach() * raw.detach()).sum(-1) if dropout_p == 0 else (torch.exp(s - lse) * raw).detach().sum(-1)
     out = p @ vf
-    stats = torch.stack([(lse.squeeze(-1) * _LOG2E).reshape(B * H, Nq), rbar.reshape(B * H, Nq)])
+    stats = torch.stack([row_max.masked_fill(dead, float("inf")).reshape(B * H, Nq), rbar.reshape(B * H, Nq),
+                         log2_sum.masked_fill(dead, 0.0).reshape(B * H, Nq)])
     return out, stats.float()
 
 
@@ -243,7 +244,8 @@ def _fwd_impl(q, k, v, scale, mask, seed, metric, causal, dropout_p, config, sca
     return out.to(q.dtype).contiguous(), lse
 
 
-def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dropout_p, config, mask_grad):
+def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dropout_p, config, mask_grad,
+              scale_grad):
     seed_i = int(seed.item())
     if _use_kernels(q, k, v, metric, mask, dropout_p):
         try:
@@ -251,10 +253,12 @@ def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dr
             cfg = _resolve_config(config, metric, q.shape[-1], q.dtype, q.device.type)
             if metric == "l1":
                 r = _l1.l1_attention_backward(gk, qk, kk, vk, scale, ok, lse, causal=causal, mask=mk,
-                                              dropout_p=dropout_p, seed=seed_i, mask_grad=mask_grad, config=cfg)
+                                              dropout_p=dropout_p, seed=seed_i, mask_grad=mask_grad,
+                                              scale_grad=scale_grad, config=cfg)
             else:
                 r = _tc.attention_backward(gk, qk, kk, vk, scale, ok, lse, metric=metric, causal=causal, mask=mk,
-                                           dropout_p=dropout_p, seed=seed_i, mask_grad=mask_grad, config=cfg)
+                                           dropout_p=dropout_p, seed=seed_i, mask_grad=mask_grad,
+                                           scale_grad=scale_grad, config=cfg)
             dq, dk, dv, dscale, dmask = r
             dmask = dmask.to(mask.dtype) if mask_grad else q.new_empty(0)
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dscale, dmask
@@ -283,28 +287,31 @@ def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dr
 def attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: Tensor, attn_mask: Optional[Tensor], seed: Tensor,
                      metric: str, causal: bool, dropout_p: float, config: Optional[str],
                      scale_grad: bool) -> tuple[Tensor, Tensor]:
-    """Forward: (out (B, H, Nq, Dv) in q's dtype, stats (2, B*H, Nq) fp32: base-2 logsumexp and,
-    when scale_grad, E_p[raw] per row). scale (H,) fp32; attn_mask 4-d broadcastable or None;
-    seed a 0-d int64 CPU tensor."""
+    """Forward: (out (B, H, Nq, Dv) in q's dtype, row stats (3, B*H, Nq) fp32: row max, E_p[raw]
+    (when scale_grad, else 0) and log2 of the row sum). scale (H,) fp32; attn_mask 4-d broadcastable
+    or None; seed a 0-d int64 CPU tensor."""
     return _fwd_impl(q, k, v, scale, attn_mask, seed, metric, causal, dropout_p, config, scale_grad)
 
 
 @attention_fwd_op.register_fake
 def _(q, k, v, scale, attn_mask, seed, metric, causal, dropout_p, config, scale_grad):
     B, H, Nq, _ = q.shape
-    return q.new_empty((B, H, Nq, v.shape[-1])), q.new_empty((2, B * H, Nq), dtype=torch.float32)
+    return q.new_empty((B, H, Nq, v.shape[-1])), q.new_empty((3, B * H, Nq), dtype=torch.float32)
 
 
 @torch.library.custom_op("truthfuse::attention_bwd", mutates_args=())
 def attention_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: Tensor, attn_mask: Optional[Tensor],
                      out: Tensor, lse: Tensor, seed: Tensor, metric: str, causal: bool, dropout_p: float,
-                     config: Optional[str], mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward: (dq, dk, dv, dscale (H,) fp32, dmask (attn_mask's shape, or empty when not mask_grad))."""
-    return _bwd_impl(grad_out, q, k, v, scale, attn_mask, out, lse, seed, metric, causal, dropout_p, config, mask_grad)
+                     config: Optional[str], mask_grad: bool,
+                     scale_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward: (dq, dk, dv, dscale (H,) fp32 (zeros unless scale_grad), dmask (attn_mask's shape,
+    or empty when not mask_grad))."""
+    return _bwd_impl(grad_out, q, k, v, scale, attn_mask, out, lse, seed, metric, causal, dropout_p, config, mask_grad,
+                     scale_grad)
 
 
 @attention_bwd_op.register_fake
-def _(grad_out, q, k, v, scale, attn_mask, out, lse, seed, metric, causal, dropout_p, config, mask_grad):
+def _(grad_out, q, k, v, scale, attn_mask, out, lse, seed, metric, causal, dropout_p, config, mask_grad, scale_grad):
     dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty(0)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             scale.new_empty(scale.shape, dtype=torch.float32), dmask)
@@ -314,6 +321,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, scale, mask, seed, metric, causal, dropout_p, config, scale_grad = inputs
     out, lse = output
     ctx.mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[4]
+    ctx.scale_grad = ctx.needs_input_grad[3]
     ctx.args = (metric, causal, dropout_p, config)
     ctx.save_for_backward(q, k, v, scale, mask, seed, out, lse)
 
@@ -322,7 +330,7 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, scale, mask, seed, out, lse = ctx.saved_tensors
     metric, causal, dropout_p, config = ctx.args
     dq, dk, dv, dscale, dmask = attention_bwd_op(grad_out, q, k, v, scale, mask, out, lse, seed,
-                                                 metric, causal, dropout_p, config, ctx.mask_grad)
+                                                 metric, causal, dropout_p, config, ctx.mask_grad, ctx.scale_grad)
     return dq, dk, dv, dscale, (dmask if ctx.mask_grad else None), None, None, None, None, None, None
 
 

@@ -1,0 +1,283 @@
+"""Launch-tile sweep for the attention kernels, each kernel on its own (issue 3), on the GPU.
+
+    TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 python bench/attention_sweep_gpu.py [--metrics dot,l2,cosine]
+
+B=4, H=8, N=8192, D=64, bf16, non-causal, no mask (the issue's benchmark shape). For the first
+metric every candidate tile of each kernel is timed: the forward, then the dK/dV kernel (with the
+dQ tile held at the default), then the dQ kernel (dK/dV at its best). The other metrics time the
+first metric's three best tiles of each kernel. Every timed config's output is first compared with
+the default config's (NaN fails, relative error <= 1e-2), so a tile that computes garbage never
+wins. SDPA (default dispatch) is timed in the same process for reference. Writes
+$OUT/attention_sweep.json: per kernel and metric the median ms of every tile, and the best.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "0")
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from fusion_backend.kernels import attention as tc  # noqa: E402
+
+B, H, N, D = 4, 8, 8192, 64
+SMALL = "--small" in sys.argv
+if SMALL:
+    B, H, N, D = 1, 2, 128, 16
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+OUT = os.environ.get("OUT", "/tmp")
+RES = {"env": dict(torch=torch.__version__, triton=triton.__version__,
+                   card=torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
+                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), shape=[B, H, N, D]),
+       "fwd": {}, "dkdv": {}, "dq": {}, "best": {}, "sdpa": {}}
+
+FWD_TILES = [(128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 2), (128, 64, 8, 3),
+             (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4),
+             (128, 32, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3), (256, 64, 8, 2), (256, 64, 8, 3)]
+DKDV_TILES = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (32, 128, 4, 2), (32, 128, 4, 3),
+              (32, 128, 4, 4), (32, 128, 4, 5), (64, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3),
+              (16, 128, 4, 3), (16, 128, 4, 5), (64, 128, 4, 2), (64, 128, 4, 3), (32, 128, 8, 3)]
+DQ_TILES = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (128, 32, 4, 2), (128, 32, 4, 3),
+            (128, 32, 4, 4), (128, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 3), (64, 32, 4, 4),
+            (128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 32, 8, 3)]
+if SMALL:
+    FWD_TILES, DKDV_TILES, DQ_TILES = FWD_TILES[:2], DKDV_TILES[:2], DQ_TILES[:2]
+
+
+def bench(fn):
+    if DEV == "cpu":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+FIELDS = {"fwd": ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"),
+          "dkdv": ("BWD_BLOCK_M", "BWD_BLOCK_N", "bwd_num_warps", "bwd_num_stages"),
+          "dq": ("DQ_BLOCK_M", "DQ_BLOCK_N", "dq_num_warps", "dq_num_stages")}
+
+
+def cfg_of(fwd, dkdv, dq):
+    cfg = {}
+    for part, tile in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq)):
+        cfg.update(zip(FIELDS[part], tile))
+    return cfg
+
+
+def tile_of(cfg, part):
+    return tuple(cfg[n] for n in FIELDS[part])
+
+
+def sweep(metric, tiles):
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    q, k, v, do = (torch.randn(B, H, N, D, device=DEV, dtype=dt) for _ in range(4))
+    scale = torch.full((H,), 0.125 if metric == "dot" else (0.05 if metric == "l2" else 10.0),
+                       device=DEV, dtype=torch.float32)
+    default = tc.default_attention_config(metric, D, dt, DEV)
+    d_kv, d_q = tc.backward_tiles(default)
+    tile = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+    base = cfg_of(tile_of(default, "fwd"), tuple(d_kv[n] for n in tile), tuple(d_q[n] for n in tile))
+    ref_out, stats = tc.attention_forward(q, k, v, scale, metric=metric, config=base, stats=False)
+    ref_grads = tc.attention_backward(do, q, k, v, scale, ref_out, stats, metric=metric, config=base,
+                                      scale_grad=False)[:3]
+    best = dict(base)
+    for part in ("fwd", "dkdv", "dq"):
+        rows = RES[part].setdefault(metric, [])
+        for tile in tiles[part]:
+            cfg = dict(best)
+            cfg.update(zip(FIELDS[part], tile))
+            row = dict(tile="m%dn%dw%ds%d" % tile)
+            try:
+                if part == "fwd":
+                    out = torch.full_like(ref_out, float("nan"))
+                    tc.attention_forward(q, k, v, scale, metric=metric, config=cfg, out=out, stats=False)
+                    err = rel_err(out, ref_out)
+                    fn = lambda: tc.attention_forward(q, k, v, scale, metric=metric, config=cfg, stats=False)  # noqa: E731
+                else:
+                    grads = tc.attention_backward(do, q, k, v, scale, ref_out, stats, metric=metric, config=cfg,
+                                                  scale_grad=False)[:3]
+                    err = max(rel_err(a, b) for a, b in zip(grads, ref_grads))
+                    fn = lambda: tc.attention_backward(do, q, k, v, scale, ref_out, stats, metric=metric,  # noqa: E731
+                                                       config=cfg, scale_grad=False)
+                row["rel_err"] = err
+                if not err <= 1e-2:
+                    row["error"] = f"disagrees with the default config: rel err {err}"
+                else:
+                    row["ms"] = bench(fn)
+            except Exception as e:  # noqa: BLE001 -- a tile that does not compile is reported
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+            print(metric, part, json.dumps(row), flush=True)
+        ok = [r for r in rows if "ms" in r]
+        if ok:
+            win = min(ok, key=lambda r: r["ms"])
+            best.update(zip(FIELDS[part], tiles[part][[r["tile"] for r in rows].index(win["tile"])]))
+        json.dump(RES, open(os.path.join(OUT, "attention_sweep.json"), "w"), indent=1)
+    RES["best"][metric] = dict(config=tc.config_key(best), default=tc.config_key(base))
+
+    # the op end to end with the best config against the default, and SDPA, fwd+bwd
+    def full(cfg):
+        def run():
+            out, st = tc.attention_forward(q, k, v, scale, metric=metric, config=cfg, stats=False)
+            tc.attention_backward(do, q, k, v, scale, out, st, metric=metric, config=cfg, scale_grad=False)
+        return bench(run)
+    RES["best"][metric].update(best_fwd_bwd_ms=full(best), default_fwd_bwd_ms=full(base))
+    print(metric, "best", json.dumps(RES["best"][metric]), flush=True)
+    json.dump(RES, open(os.path.join(OUT, "attention_sweep.json"), "w"), indent=1)
+    return rows
+
+
+def top3(part, metric):
+    ok = sorted((r for r in RES[part][metric] if "ms" in r), key=lambda r: r["ms"])[:3]
+    keys = [r["tile"] for r in ok]
+    all_tiles = {"fwd": FWD_TILES, "dkdv": DKDV_TILES, "dq": DQ_TILES}[part]
+    return [t for t in all_tiles if "m%dn%dw%ds%d" % t in keys]
+
+
+def sdpa_reference():
+    if DEV != "cuda":
+        return
+    q, k, v = (torch.randn(B, H, N, D, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with torch.no_grad():
+        RES["sdpa"]["fwd_ms"] = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+    o = F.scaled_dot_product_attention(q, k, v)
+    g = torch.randn_like(o)
+
+    def fb():
+        F.scaled_dot_product_attention(q, k, v).backward(g)
+    RES["sdpa"]["fwd_bwd_ms"] = bench(fb)
+    print("sdpa", json.dumps(RES["sdpa"]), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# L1 forward experiment: |q - k| summed over head-dim chunks of DC as a 3-D broadcast, from
+# row-major fp32 copies (each thread reads DC contiguous values), against the package kernel.
+# ----------------------------------------------------------------------------------------------
+import triton.language as tl  # noqa: E402
+from fusion_backend.kernels import attention_l1 as l1  # noqa: E402
+
+
+@triton.jit
+def _l1_fwd_chunked(Q, K, V, OUT, scale2, N, D: tl.constexpr, DC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, DC)
+    offs_d = tl.arange(0, D)
+    base = bh * N * D
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        dist = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for d0 in tl.static_range(0, D, DC):
+            qc = tl.load(Q + base + offs_m[:, None] * D + d0 + offs_c[None, :])
+            kc = tl.load(K + base + offs_n[:, None] * D + d0 + offs_c[None, :])
+            dist += tl.sum(tl.abs(qc[:, None, :] - kc[None, :, :]), axis=2)
+        s = dist * (-scale2)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :])
+        acc = tl.dot(p.to(V.dtype.element_ty), v, acc * alpha[:, None])
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(OUT + base + offs_m[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty))
+
+
+def l1_experiment(fma_rate):
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    q, k, v = (torch.randn(B, H, N, D, device=DEV, dtype=dt) for _ in range(3))
+    lam = 0.05
+    scale = torch.full((H,), lam, device=DEV, dtype=torch.float32)
+    ref, _ = l1.l1_attention_forward(q, k, v, scale, stats=False)
+    rows = RES.setdefault("l1_fwd", [])
+    rows.append(dict(kernel="package default", ms=bench(lambda: l1.l1_attention_forward(q, k, v, scale, stats=False))))
+    ideal_ms = 2 * B * H * N * N * D / fma_rate * 1e3 if fma_rate else None
+    tiles = [(64, 64, 4), (128, 64, 8), (64, 128, 4), (128, 128, 8), (32, 128, 4)] if DEV == "cuda" else [(64, 64, 4)]
+    for dc in (4, 8, 16):
+        for bm, bn, w in tiles:
+            row = dict(kernel=f"chunked DC={dc} m{bm}n{bn}w{w}")
+            try:
+                out = torch.full_like(q, float("nan"))
+
+                def run():
+                    qf2, kf2 = q.float(), k.float()  # the fp32 copies belong to the op's cost
+                    _l1_fwd_chunked[(triton.cdiv(N, bm), B * H)](qf2, kf2, v, out, lam * 1.4426950408889634, N,
+                                                                 D=D, DC=dc, BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
+                                                                 num_stages=1)
+                run()
+                row["rel_err"] = rel_err(out, ref)
+                if not row["rel_err"] <= 1e-2:
+                    row["error"] = "disagrees with the package kernel"
+                else:
+                    row["ms"] = bench(run)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+            print("l1", json.dumps(row), flush=True)
+    for r in rows:
+        if "ms" in r and ideal_ms:
+            r["pct_fp32_ceiling"] = 100 * ideal_ms / r["ms"]
+    json.dump(RES, open(os.path.join(OUT, "attention_sweep.json"), "w"), indent=1)
+
+
+@triton.jit
+def _fma_chain(X, Y, iters, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    a = tl.load(X + offs)
+    b = a + 1.0
+    c = a - 1.0
+    d = a * 0.5
+    for _ in range(iters):
+        a = a * 0.999 + 0.001
+        b = b * 0.999 + 0.001
+        c = c * 0.999 + 0.001
+        d = d * 0.999 + 0.001
+    tl.store(Y + offs, a + b + c + d)
+
+
+def fma_rate():
+    """FP32 FMA instructions per second of the CUDA cores (as bench/attention_gpu.py measures it)."""
+    if DEV != "cuda":
+        return None
+    n, iters, block = 132 * 2048 * 16, 4096, 1024
+    x = torch.randn(n, device=DEV)
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: _fma_chain[(n // block,)](x, y, iters, BLOCK=block, num_warps=4), warmup=25, rep=100,
+                  return_mode="median")
+    RES["fma_per_s"] = n * 4 * iters / (ms * 1e-3)
+    return RES["fma_per_s"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--metrics", default="dot,l2,cosine")
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--l1", action="store_true", help="also the L1 forward experiment")
+    args = ap.parse_args()
+    if args.l1:
+        l1_experiment(fma_rate())
+    sdpa_reference()
+    metrics = args.metrics.split(",")
+    sweep(metrics[0], dict(fwd=FWD_TILES, dkdv=DKDV_TILES, dq=DQ_TILES))
+    for m in metrics[1:]:
+        sweep(m, {p: top3(p, metrics[0]) for p in ("fwd", "dkdv", "dq")})
+    json.dump(RES, open(os.path.join(OUT, "attention_sweep.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
