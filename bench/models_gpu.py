@@ -66,6 +66,7 @@ def gpt2(impl: str, batch=8, seq=1024):
 def truthgpt(metric="l2", batch=8, seq=4096):
     from examples.truthgpt import build
 
+    batch, seq = SIZE_OVERRIDE.get("batch", batch), SIZE_OVERRIDE.get("seq", seq)
     if SMALL:
         batch, seq = 2, 16
     model, (idx, tgt) = build(metric=metric, batch=batch, seq=seq, device=DEV)
@@ -92,6 +93,7 @@ def compiled_for(model, mode):
 
 
 TUNING_SECONDS = 90.0
+SIZE_OVERRIDE = {}  # --batch / --seq for TruthGPT (a quicker diagnostic run)
 
 
 def summary(backend):
@@ -167,7 +169,15 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer timing repetitions")
     ap.add_argument("--small", action="store_true", help="tiny models on CPU: checks the script runs")
     ap.add_argument("--tag", default="models", help="results go to $OUT/<tag>.json")
+    ap.add_argument("--batch", type=int, help="TruthGPT batch size (default 8)")
+    ap.add_argument("--seq", type=int, help="TruthGPT sequence length (default 4096)")
+    ap.add_argument("--stack-dump", type=float, metavar="S",
+                    help="print every thread's Python stack every S seconds (finds where a run hangs)")
     args = ap.parse_args()
+    SIZE_OVERRIDE.update({k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if v})
+    if args.stack_dump:
+        import faulthandler
+        faulthandler.dump_traceback_later(args.stack_dump, repeat=True)
     warmup, rep = (10, 40) if args.quick else (25, 100)
     out_dir = os.environ.get("OUT", "/tmp")
     results = []
