@@ -70,6 +70,9 @@ def check(metric, dtype, B, H, Hkv, Nq, Nk, D, Dv, causal=False, mask=None, scal
         m = torch.randn(1, H, Nq, Nk, device=dev)
     elif mask == "bool":
         m = torch.rand(B, 1, Nq, Nk, device=dev) > 0.2
+    elif mask == "pad_min":  # HF-style padding: finfo.min on batch 0's first 3 keys (with causal,
+        m = torch.zeros(B, 1, 1, Nk, device=dev)  # query rows 0-2 see only padded keys: uniform rows)
+        m[0, ..., :3] = torch.finfo(torch.float32).min
     ins = [q, k, v] + ([sc] if sc is not None else []) + ([m] if m is not None and m.dtype != torch.bool else [])
     ins = [t.detach().requires_grad_() for t in ins]
     qi, ki, vi = ins[:3]
@@ -188,6 +191,9 @@ def run_checks(part=0, nparts=1):
         jobs.append(lambda m=metric: check(m, torch.bfloat16, 1, 2, 1, 100, 100, 96 if m != "l1" else 80, 32, mask="bool"))
         jobs.append(lambda m=metric: check_poison(m, torch.bfloat16))
         jobs.append(lambda m=metric: check_dropout(m))
+    for metric in ("dot", "l1"):  # the two kernel families; float32 and bfloat16
+        for dtype in (torch.bfloat16, torch.float32):
+            jobs.append(lambda m=metric, d=dtype: check(m, d, 2, 2, 2, 33, 33, 32, 32, causal=True, mask="pad_min"))
     for D in (24, 80, 112, 256):
         jobs.append(lambda D=D: check("dot", torch.bfloat16, 1, 2, 2, 67, 67, D, D, scale=None))
     jobs.append(lambda: check("cosine", torch.bfloat16, 1, 4, 4, 200, 200, 64, 64, smax=100.0))

@@ -159,118 +159,19 @@ def sdpa_reference():
     print("sdpa", json.dumps(RES["sdpa"]), flush=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# L1 forward experiment: |q - k| summed over head-dim chunks of DC as a 3-D broadcast, from
-# row-major fp32 copies (each thread reads DC contiguous values), against the package kernel.
-# ----------------------------------------------------------------------------------------------
-import triton.language as tl  # noqa: E402
-from fusion_backend.kernels import attention_l1 as l1  # noqa: E402
-
-
-@triton.jit
-def _l1_fwd_chunked(Q, K, V, OUT, scale2, N, D: tl.constexpr, DC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.arange(0, DC)
-    offs_d = tl.arange(0, D)
-    base = bh * N * D
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        dist = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for d0 in tl.static_range(0, D, DC):
-            qc = tl.load(Q + base + offs_m[:, None] * D + d0 + offs_c[None, :])
-            kc = tl.load(K + base + offs_n[:, None] * D + d0 + offs_c[None, :])
-            dist += tl.sum(tl.abs(qc[:, None, :] - kc[None, :, :]), axis=2)
-        s = dist * (-scale2)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :])
-        acc = tl.dot(p.to(V.dtype.element_ty), v, acc * alpha[:, None])
-        m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(OUT + base + offs_m[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty))
-
-
-def l1_experiment(fma_rate):
-    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
-    q, k, v = (torch.randn(B, H, N, D, device=DEV, dtype=dt) for _ in range(3))
-    lam = 0.05
-    scale = torch.full((H,), lam, device=DEV, dtype=torch.float32)
-    ref, _ = l1.l1_attention_forward(q, k, v, scale, stats=False)
-    rows = RES.setdefault("l1_fwd", [])
-    rows.append(dict(kernel="package default", ms=bench(lambda: l1.l1_attention_forward(q, k, v, scale, stats=False))))
-    ideal_ms = 2 * B * H * N * N * D / fma_rate * 1e3 if fma_rate else None
-    tiles = [(64, 64, 4), (128, 64, 8), (64, 128, 4), (128, 128, 8), (32, 128, 4)] if DEV == "cuda" else [(64, 64, 4)]
-    for dc in (4, 8, 16):
-        for bm, bn, w in tiles:
-            row = dict(kernel=f"chunked DC={dc} m{bm}n{bn}w{w}")
-            try:
-                out = torch.full_like(q, float("nan"))
-
-                def run():
-                    qf2, kf2 = q.float(), k.float()  # the fp32 copies belong to the op's cost
-                    _l1_fwd_chunked[(triton.cdiv(N, bm), B * H)](qf2, kf2, v, out, lam * 1.4426950408889634, N,
-                                                                 D=D, DC=dc, BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
-                                                                 num_stages=1)
-                run()
-                row["rel_err"] = rel_err(out, ref)
-                if not row["rel_err"] <= 1e-2:
-                    row["error"] = "disagrees with the package kernel"
-                else:
-                    row["ms"] = bench(run)
-            except Exception as e:  # noqa: BLE001
-                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            rows.append(row)
-            print("l1", json.dumps(row), flush=True)
-    for r in rows:
-        if "ms" in r and ideal_ms:
-            r["pct_fp32_ceiling"] = 100 * ideal_ms / r["ms"]
-    json.dump(RES, open(os.path.join(OUT, "attention_sweep.json"), "w"), indent=1)
-
-
-@triton.jit
-def _fma_chain(X, Y, iters, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    a = tl.load(X + offs)
-    b = a + 1.0
-    c = a - 1.0
-    d = a * 0.5
-    for _ in range(iters):
-        a = a * 0.999 + 0.001
-        b = b * 0.999 + 0.001
-        c = c * 0.999 + 0.001
-        d = d * 0.999 + 0.001
-    tl.store(Y + offs, a + b + c + d)
-
-
-def fma_rate():
-    """FP32 FMA instructions per second of the CUDA cores (as bench/attention_gpu.py measures it)."""
-    if DEV != "cuda":
-        return None
-    n, iters, block = 132 * 2048 * 16, 4096, 1024
-    x = torch.randn(n, device=DEV)
-    y = torch.empty_like(x)
-    ms = do_bench(lambda: _fma_chain[(n // block,)](x, y, iters, BLOCK=block, num_warps=4), warmup=25, rep=100,
-                  return_mode="median")
-    RES["fma_per_s"] = n * 4 * iters / (ms * 1e-3)
-    return RES["fma_per_s"]
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--metrics", default="dot,l2,cosine")
     ap.add_argument("--small", action="store_true")
-    ap.add_argument("--l1", action="store_true", help="also the L1 forward experiment")
+    ap.add_argument("--quick", action="store_true", help="six tiles per kernel")
     args = ap.parse_args()
-    if args.l1:
-        l1_experiment(fma_rate())
+    if args.quick:
+        FWD_TILES[:] = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 32, 4, 4),
+                        (64, 64, 4, 4)]
+        DKDV_TILES[:] = [(64, 64, 4, 2), (32, 128, 4, 3), (32, 128, 4, 5), (64, 128, 8, 3), (64, 64, 4, 3),
+                         (16, 128, 4, 5)]
+        DQ_TILES[:] = [(64, 64, 4, 2), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 5),
+                       (128, 64, 4, 3)]
     sdpa_reference()
     metrics = args.metrics.split(",")
     sweep(metrics[0], dict(fwd=FWD_TILES, dkdv=DKDV_TILES, dq=DQ_TILES))

@@ -9,7 +9,10 @@ shapes and dtypes (the 12 identical layers of a GPT-2) share measurements.
 Timing runs the site's own compile in a fresh compile context: a backward pass compiled by
 aot_autograd cannot record its metrics into the context that is compiling the enclosing graph,
 and the site must not pick up that graph's fake mode. So sites of a training graph are timed
-forward and backward, as they will run.
+forward and backward, as they will run. The kept subgraph's backward is compiled together with its
+forward (`_eager_backward_compile`): on CUDA, autograd runs the backward on its device thread, and
+a backward compiled lazily there would wait for Dynamo's compile lock, which this thread holds
+while it compiles the enclosing graph.
 """
 from __future__ import annotations
 
@@ -126,8 +129,12 @@ class SiteTimer:
             warnings.simplefilter("ignore")
             # The fused option is one op call plus glue: Inductor would add a compile per launch
             # config and nothing to the kernel, so it runs as traced.
-            fn = self.compile_fn(sub, args) if choice == "keep" else sub.forward
             train = self.train and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+            if choice == "keep":
+                with _eager_backward_compile():
+                    fn = self.compile_fn(sub, args)
+            else:
+                fn = sub.forward
 
             def run(*xs):
                 out = fn(*xs)
@@ -176,6 +183,15 @@ def _fresh_compile_context():
                 tls.__dict__.pop("metrics_context", None)
             else:
                 tls.metrics_context = saved
+
+
+def _eager_backward_compile():
+    """A context in which aot_autograd compiles the backward with the forward, in this thread,
+    instead of at the first backward call (see the module docstring)."""
+    config = torch._functorch.config
+    if not hasattr(config, "force_non_lazy_backward_lowering"):  # private flag; absent: nothing to do
+        return contextlib.nullcontext()
+    return config.patch(force_non_lazy_backward_lowering=True)
 
 
 @contextlib.contextmanager
