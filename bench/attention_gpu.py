@@ -70,6 +70,8 @@ def check(metric, dtype, B, H, Hkv, Nq, Nk, D, Dv, causal=False, mask=None, scal
         m = torch.randn(1, H, Nq, Nk, device=dev)
     elif mask == "bool":
         m = torch.rand(B, 1, Nq, Nk, device=dev) > 0.2
+    elif mask == "tril":  # a registered-buffer causal mask: the kernels skip the blocks above it
+        m = torch.ones(Nq, Nk, device=dev, dtype=torch.bool).tril()[None, None]
     elif mask == "pad_min":  # HF-style padding: finfo.min on batch 0's first 3 keys (with causal,
         m = torch.zeros(B, 1, 1, Nk, device=dev)  # query rows 0-2 see only padded keys: uniform rows)
         m[0, ..., :3] = torch.finfo(torch.float32).min
@@ -194,6 +196,8 @@ def run_checks(part=0, nparts=1):
     for metric in ("dot", "l1"):  # the two kernel families; float32 and bfloat16
         for dtype in (torch.bfloat16, torch.float32):
             jobs.append(lambda m=metric, d=dtype: check(m, d, 2, 2, 2, 33, 33, 32, 32, causal=True, mask="pad_min"))
+    for metric in ("dot", "l2", "l1"):
+        jobs.append(lambda m=metric: check(m, torch.bfloat16, 2, 2, 2, 300, 300, 32, 32, mask="tril"))
     for D in (24, 80, 112, 256):
         jobs.append(lambda D=D: check("dot", torch.bfloat16, 1, 2, 2, 67, 67, D, D, scale=None))
     jobs.append(lambda: check("cosine", torch.bfloat16, 1, 4, 4, 200, 200, 64, 64, smax=100.0))

@@ -22,8 +22,8 @@ Conventions shared by the kernels (and by `attention_l1`):
   0 and its output is 0 (the convention of torch's safe softmax).
 - Masks: MASK_KIND 0 none, 1 bool (True = keep), 2 float (added to the logits). The mask pointer
   carries four strides over (B, H, Nq, Nk), 0 on broadcast dims.
-- Dropout: keep(i, j) = philox_uniform(seed + b*H + h, i*Nk + j) >= p, kept values scaled by
-  1/(1-p). The backward regenerates the same mask from the same seed.
+- Dropout: the keep mask of (b, h) is `kernels.philox`'s for an (Nq, Nk) matrix with seed
+  seed + b*H + h; kept values are scaled by 1/(1-p). The backward regenerates the same mask.
 - GQA: query head h reads key/value head h // GROUP.
 
 Nothing here knows about FX or custom ops; `fusion_backend.ops.attention` wraps these launchers.
@@ -34,6 +34,8 @@ import re
 import torch
 import triton
 import triton.language as tl
+
+from .philox import dropout_threshold, keep_mask
 
 LOG2E = 1.4426950408889634
 COSINE_EPS = 1e-12
@@ -145,11 +147,38 @@ def _probs(s, a, b, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, bh, offs_m, offs_n, N_K, dropout_p):
-    """Bool tile: which probabilities survive dropout. Philox keyed by (seed + b*H + h), counter
-    i*Nk + j, so forward and backward agree for any blocking."""
-    offs = offs_m[:, None] * N_K + offs_n[None, :]
-    return tl.rand(seed + bh, offs) >= dropout_p
+def _key_end(pid_m, N_K, UPPER_EMPTY, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One past the last key that query block pid_m must visit: N_K, or the end of its diagonal
+    block when nothing above the diagonal is kept: causal, or a bool mask for which the launcher
+    found that (UPPER_EMPTY, an int32 flag, then holds 1; see `upper_empty_flag`)."""
+    diag = tl.minimum(N_K, (pid_m + 1) * BLOCK_M)
+    if CAUSAL:
+        return diag
+    elif MASK_KIND == 1:
+        return tl.where(tl.load(UPPER_EMPTY) != 0, diag, N_K)
+    else:
+        return N_K
+
+
+@triton.jit
+def _query_start(pid_n, UPPER_EMPTY, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """First query (a multiple of BLOCK_M) that key block pid_n must visit; see `_key_end`."""
+    diag = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        return diag
+    elif MASK_KIND == 1:
+        return tl.where(tl.load(UPPER_EMPTY) != 0, diag, 0)
+    else:
+        return 0
+
+
+@triton.jit
+def _dropout_keep(seed, bh, offs_m, col0, N_K, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Bool [BLOCK_M, BLOCK_N] tile for queries offs_m and keys col0.. (col0 a multiple of 4):
+    which probabilities survive dropout. A function of (seed + b*H + h, i, j) only, so forward and
+    backward agree for any blocking."""
+    return keep_mask(seed + bh, offs_m, col0, N_K, threshold, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -179,13 +208,13 @@ def _normalize_grad(g, xh, nrm):
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, SCALE, KVEC, MASK, OUT, STATS_M, STATS_L, RBAR,
+    Q, K, V, SCALE, KVEC, MASK, UPPER_EMPTY, OUT, STATS_M, STATS_L, RBAR,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sob, soh, som, sod,
-    H, N_Q, N_K, GROUP, seed, dropout_p,
+    H, N_Q, N_K, GROUP, seed, dropout_p, threshold,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     STATS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -199,6 +228,7 @@ def _attn_fwd_kernel(
     KVEC:  (B*Hkv, Nk) fp32: |k|^2 for l2 (summed in fp32 from the un-rounded k); unused otherwise.
            For cosine, Q and K arrive already normalized (`_prepass`), so the kernel is the dot one.
     MASK:  (B, H, Nq, Nk) broadcast view, strides sm* (0 on broadcast dims); unused if MASK_KIND 0.
+    UPPER_EMPTY: int32 flag, 1 when a bool mask keeps nothing above the diagonal (`_key_end`).
     OUT:   (B, H, Nq, Dv) strides so*, written in OUT's dtype.
     STATS_M, STATS_L: (B*H, Nq) fp32 contiguous, see `_store_row_stats`.
     RBAR:  (B*H, Nq) fp32: E_p[raw] per row when STATS (else 0). The backward centres the scale
@@ -230,10 +260,7 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     r_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
-    if CAUSAL:
-        hi = tl.minimum(N_K, (pid_m + 1) * BLOCK_M)
-    else:
-        hi = N_K
+    hi = _key_end(pid_m, N_K, UPPER_EMPTY, MASK_KIND, CAUSAL, BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
@@ -253,7 +280,7 @@ def _attn_fwd_kernel(
             r_i = r_i * alpha + tl.sum(p * raw, axis=1)
         acc = acc * alpha[:, None]
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, N_K, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
         acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision=DOT_PREC)
@@ -272,13 +299,13 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, SCALE, KVEC, MASK, DO, STATS_M, STATS_L, DELTA, DK, DV,
+    Q, K, V, SCALE, KVEC, MASK, UPPER_EMPTY, DO, STATS_M, STATS_L, DELTA, DK, DV,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sdob, sdoh, sdom, sdod,
-    H, HKV, N_Q, N_K, GROUP, seed, dropout_p,
+    H, HKV, N_Q, N_K, GROUP, seed, dropout_p, threshold,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -309,10 +336,7 @@ def _attn_bwd_dkdv_kernel(
     dk_acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
     csum = tl.zeros([BLOCK_N], tl.float32)
-    if CAUSAL:
-        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
-    else:
-        lo = 0
+    lo = _query_start(pid_n, UPPER_EMPTY, MASK_KIND, CAUSAL, BLOCK_M, BLOCK_N)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
@@ -338,7 +362,7 @@ def _attn_bwd_dkdv_kernel(
             pT = _probs(sT, sa[None, :], sb[None, :], MASK_KIND)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             if DROPOUT:
-                keep = tl.rand(seed + bh, offs_m[None, :] * N_K + offs_n[:, None]) >= dropout_p
+                keep = tl.trans(_dropout_keep(seed, bh, offs_m, pid_n * BLOCK_N, N_K, threshold, BLOCK_M, BLOCK_N))
                 rescale = 1.0 / (1.0 - dropout_p)
                 pdT = tl.where(keep, pT * rescale, 0.0)
                 dpT = tl.where(keep, dpT * rescale, 0.0)
@@ -368,14 +392,14 @@ def _attn_bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, SCALE, QVEC, KVEC, MASK, DO, STATS_M, STATS_L, RBAR, DELTA, DQ, DSCALE, DMASK,
+    Q, K, V, SCALE, QVEC, KVEC, MASK, UPPER_EMPTY, DO, STATS_M, STATS_L, RBAR, DELTA, DQ, DSCALE, DMASK,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sdob, sdoh, sdom, sdod,
     sgb, sgh, sgm, sgn,
-    H, N_Q, N_K, GROUP, seed, dropout_p,
+    H, N_Q, N_K, GROUP, seed, dropout_p, threshold,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     MASK_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
@@ -415,10 +439,7 @@ def _attn_bwd_dq_kernel(
 
     dq_acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     dsc = tl.zeros([BLOCK_M], tl.float32)
-    if CAUSAL:
-        hi = tl.minimum(N_K, (pid_m + 1) * BLOCK_M)
-    else:
-        hi = N_K
+    hi = _key_end(pid_m, N_K, UPPER_EMPTY, MASK_KIND, CAUSAL, BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
@@ -432,7 +453,7 @@ def _attn_bwd_dq_kernel(
         p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, N_K, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         if MASK_GRAD:
@@ -501,17 +522,36 @@ def _feasible(cfg: dict, metric: str, d_pad: int, elem_bytes: int) -> bool:
         return False
     if bm < 16 * w // 4 or bm * bn // (32 * w) > 128:  # accumulator tile per thread
         return False
-    bbm, bbn = cfg.get("BWD_BLOCK_M", 64), cfg.get("BWD_BLOCK_N", 64)
-    if max(bbm, bbn) * d_pad > 128 * 128 and d_pad > 64:
-        return False
+    for tile in backward_tiles(cfg):
+        if max(tile["BLOCK_M"], tile["BLOCK_N"]) * d_pad > 128 * 128 and d_pad > 64:
+            return False
     return True
+
+
+# (dK/dV tile, dQ tile) pairs as (BLOCK_M, BLOCK_N, num_warps, num_stages). The first is the
+# default for head dims up to 64 in half precision: the fastest of 6 x 6 tiles timed one kernel at
+# a time (bench/attention_sweep_gpu.py, H100, dot, B=4 H=8 N=8192 D=64 bf16, forward+backward
+# 5.02 ms against 5.67 with the earlier shared 64x64 tile); the others were next best.
+_BACKWARD_PAIRS = (
+    ((32, 128, 4, 3), (128, 64, 4, 3)),
+    ((32, 128, 4, 5), (128, 64, 8, 3)),
+    ((64, 64, 4, 3), (128, 32, 4, 5)),
+    ((64, 64, 4, 2), (64, 64, 4, 2)),
+)
+
+
+def _with_backward(cfg: dict, pair) -> dict:
+    (bm, bn, w, st), (qm, qn, qw, qs) = pair
+    return dict(cfg, BWD_BLOCK_M=bm, BWD_BLOCK_N=bn, bwd_num_warps=w, bwd_num_stages=st,
+                DQ_BLOCK_M=qm, DQ_BLOCK_N=qn, dq_num_warps=qw, dq_num_stages=qs)
 
 
 def attention_config_space(metric: str, head_dim: int, dtype: torch.dtype, device_type: str) -> list:
     """Launch configs the tuner may search for this metric / head dim / dtype / device.
 
-    Each config is a dict: BLOCK_M, BLOCK_N (forward tile), num_warps, num_stages, and
-    BWD_BLOCK_M, BWD_BLOCK_N, bwd_num_warps, bwd_num_stages (both backward kernels).
+    Each config is a dict: BLOCK_M, BLOCK_N (forward tile), num_warps, num_stages; BWD_BLOCK_M,
+    BWD_BLOCK_N, bwd_num_warps, bwd_num_stages (the dK/dV kernel); and DQ_BLOCK_M, DQ_BLOCK_N,
+    dq_num_warps, dq_num_stages (the dQ kernel).
     """
     d_pad = _pad_dim(head_dim)
     eb = 4 if dtype == torch.float32 else 2
@@ -523,9 +563,8 @@ def attention_config_space(metric: str, head_dim: int, dtype: torch.dtype, devic
         for bn in (32, 64, 128):
             for w in (4, 8):
                 for st in (2, 3, 4):
-                    for bbm, bbn, bw in ((32, 64, 4), (64, 64, 4), (64, 128, 8), (32, 128, 4)):
-                        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st,
-                                   BWD_BLOCK_M=bbm, BWD_BLOCK_N=bbn, bwd_num_warps=bw, bwd_num_stages=2)
+                    for pair in _BACKWARD_PAIRS:
+                        cfg = _with_backward(dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st), pair)
                         if _feasible(cfg, metric, d_pad, eb):
                             out.append(cfg)
     default = default_attention_config(metric, head_dim, dtype, device_type)
@@ -535,16 +574,15 @@ def attention_config_space(metric: str, head_dim: int, dtype: torch.dtype, devic
 
 
 def default_attention_config(metric: str, head_dim: int, dtype: torch.dtype, device_type: str) -> dict:
-    """A sound default per device: big blocks on CPU (interpreter), tutorial-like tiles on GPU."""
+    """A sound default per device: big blocks on CPU (interpreter), measured tiles on GPU."""
     d_pad = _pad_dim(head_dim)
     if device_type == "cpu":
         return attention_config_space(metric, head_dim, dtype, device_type)[0]
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2,
                     BWD_BLOCK_M=32, BWD_BLOCK_N=32, bwd_num_warps=4, bwd_num_stages=1)
-    if d_pad <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3,
-                    BWD_BLOCK_M=64, BWD_BLOCK_N=64, bwd_num_warps=4, bwd_num_stages=2)
+    if d_pad <= 64:  # forward m128n64w8s3: fastest of six forward tiles in the same sweep
+        return _with_backward(dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3), _BACKWARD_PAIRS[0])
     if d_pad <= 128:
         return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2,
                     BWD_BLOCK_M=32, BWD_BLOCK_N=64, bwd_num_warps=4, bwd_num_stages=1)
@@ -604,6 +642,16 @@ def new_row_stats(B, H, Nq, device):
     return torch.empty(3, B * H, Nq, device=device, dtype=torch.float32)
 
 
+def upper_empty_flag(mask, Nq, Nk, causal, device):
+    """int32 flag for the kernels: 1 when a bool keep mask keeps no (query i, key j > i) entry, so
+    that blocks above the diagonal can be skipped as under causal=True, with the same result (a
+    registered tril buffer, nanoGPT-style, is such a mask). Checked on the device for every call,
+    so a mask that changes between calls is always read as it is now. 0 for other masks."""
+    if mask is not None and mask.dtype == torch.bool and not causal and mask.shape[-2:] == (Nq, Nk) and Nq > 1:
+        return (~mask.triu(1).any()).to(torch.int32)
+    return torch.zeros((), device=device, dtype=torch.int32)
+
+
 def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, dropout_p=0.0, seed=0,
                       config=None, out=None, stats=True):
     """Run the forward kernel. q (B,H,Nq,D), k (B,Hkv,Nk,D), v (B,Hkv,Nk,Dv) any strides, one dtype;
@@ -621,9 +669,9 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
     grid = (triton.cdiv(Nq, bm), B * H)
     q, k, _qvec, kvec = _prepass(metric, q, k)
     _attn_fwd_kernel[grid](
-        q, k, v, scale, kvec, m4, out, row_stats[0], row_stats[2], row_stats[1],
+        q, k, v, scale, kvec, m4, upper_empty_flag(mask, Nq, Nk, causal, q.device), out, row_stats[0], row_stats[2], row_stats[1],
         *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
-        H, Nq, Nk, H // Hkv, seed, float(dropout_p),
+        H, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
         HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv),
         METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=causal, DROPOUT=dropout_p > 0, STATS=stats,
         EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
@@ -686,6 +734,7 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
     tile_kv, tile_q = backward_tiles(config or default_attention_config(metric, D, q.dtype, q.device.type))
     delta = row_dot(do, out)
     m4, ms, mkind = _mask_args(mask, B, H, Nq, Nk, q.device)
+    upper_empty = upper_empty_flag(mask, Nq, Nk, causal, q.device)
     q, k, qvec, kvec = _prepass(metric, q, k)
     dq = torch.empty(B, H, Nq, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, Hkv, Nk, D, device=q.device, dtype=k.dtype)
@@ -700,15 +749,17 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
                   DOT_PREC=_dot_prec(q.dtype))
     bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
     _attn_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
-        q, k, v, scale, kvec, m4, do, row_stats[0], row_stats[2], delta, dk, dv,
+        q, k, v, scale, kvec, m4, upper_empty, do, row_stats[0], row_stats[2], delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(),
-        H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p),
+        H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
         EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common)
     bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
     _attn_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
-        q, k, v, scale, qvec, kvec, m4, do, row_stats[0], row_stats[2], row_stats[1], delta, dq, dsc, gbuf,
+        q, k, v, scale, qvec, kvec, m4, upper_empty, do, row_stats[0], row_stats[2], row_stats[1], delta, dq, dsc,
+        gbuf,
         *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *gs,
-        H, Nq, Nk, H // Hkv, seed, float(dropout_p), MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,
+        H, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
+        MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,
         EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_q, **common)
     dscale = dsc.view(B, H, Nq).sum(dim=(0, 2))
     dmask = reduce_mask_grad(gbuf, mask) if mask_grad else None

@@ -17,9 +17,11 @@ import triton
 import triton.language as tl
 
 from fusion_backend.kernels.attention import (
-    _dropout_keep, _exp_rel, _kernel_scale, _load_row_stats, _load_rows, _logits, _mask_args, _pad_dim, _probs,
-    _store_row_stats, backward_tiles, mask_grad_buffer, new_row_stats, reduce_mask_grad, row_dot,
+    _dropout_keep, _exp_rel, _kernel_scale, _key_end, _load_row_stats, _load_rows, _logits, _mask_args, _pad_dim,
+    _probs, _query_start, _store_row_stats, backward_tiles, mask_grad_buffer, new_row_stats, reduce_mask_grad,
+    row_dot, upper_empty_flag,
 )
+from fusion_backend.kernels.philox import dropout_threshold
 
 
 @triton.jit
@@ -42,11 +44,11 @@ def _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM: tl.constexpr,
 
 @triton.jit
 def _l1_fwd_kernel(
-    QT, KT, V, SCALE, MASK, OUT, STATS_M, STATS_L, RBAR,
+    QT, KT, V, SCALE, MASK, UPPER_EMPTY, OUT, STATS_M, STATS_L, RBAR,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sob, soh, som, sod,
-    H, HKV, N_Q, N_K, GROUP, seed, dropout_p,
+    H, HKV, N_Q, N_K, GROUP, seed, dropout_p, threshold,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, STATS: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -77,10 +79,7 @@ def _l1_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     r_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
-    if CAUSAL:
-        hi = tl.minimum(N_K, (pid_m + 1) * BLOCK_M)
-    else:
-        hi = N_K
+    hi = _key_end(pid_m, N_K, UPPER_EMPTY, MASK_KIND, CAUSAL, BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         dist = _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
@@ -94,7 +93,7 @@ def _l1_fwd_kernel(
             r_i = r_i * alpha - tl.sum(p * dist, axis=1)
         acc = acc * alpha[:, None]
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, N_K, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
         acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision=DOT_PREC)
@@ -110,11 +109,11 @@ def _l1_fwd_kernel(
 
 @triton.jit
 def _l1_bwd_dkdv_kernel(
-    QT, KT, V, SCALE, MASK, DO, STATS_M, STATS_L, DELTA, DKT, DV,
+    QT, KT, V, SCALE, MASK, UPPER_EMPTY, DO, STATS_M, STATS_L, DELTA, DKT, DV,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sdob, sdoh, sdom, sdod,
-    H, HKV, N_Q, N_K, GROUP, seed, dropout_p,
+    H, HKV, N_Q, N_K, GROUP, seed, dropout_p, threshold,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -134,10 +133,7 @@ def _l1_bwd_dkdv_kernel(
     dkt_base = DKT + bhk * HEAD_DIM * N_K
     v = _load_rows(V + b * svb + hk * svh, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
     dv_acc = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
-    if CAUSAL:
-        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
-    else:
-        lo = 0
+    lo = _query_start(pid_n, UPPER_EMPTY, MASK_KIND, CAUSAL, BLOCK_M, BLOCK_N)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
@@ -156,7 +152,7 @@ def _l1_bwd_dkdv_kernel(
             p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             if DROPOUT:
-                keep = _dropout_keep(seed, bh, offs_m, offs_n, N_K, dropout_p)
+                keep = _dropout_keep(seed, bh, offs_m, pid_n * BLOCK_N, N_K, threshold, BLOCK_M, BLOCK_N)
                 rescale = 1.0 / (1.0 - dropout_p)
                 pd = tl.where(keep, p * rescale, 0.0)
                 dp = tl.where(keep, dp * rescale, 0.0)
@@ -180,12 +176,12 @@ def _l1_bwd_dkdv_kernel(
 
 @triton.jit
 def _l1_bwd_dq_kernel(
-    QT, KT, V, SCALE, MASK, DO, STATS_M, STATS_L, RBAR, DELTA, DQT, DSCALE, DMASK,
+    QT, KT, V, SCALE, MASK, UPPER_EMPTY, DO, STATS_M, STATS_L, RBAR, DELTA, DQT, DSCALE, DMASK,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sdob, sdoh, sdom, sdod,
     sgb, sgh, sgm, sgn,
-    H, HKV, N_Q, N_K, GROUP, seed, dropout_p,
+    H, HKV, N_Q, N_K, GROUP, seed, dropout_p, threshold,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
     SCALE_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -213,10 +209,7 @@ def _l1_bwd_dq_kernel(
     delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
     rbar = tl.load(RBAR + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
     dsc = tl.zeros([BLOCK_M], tl.float32)
-    if CAUSAL:
-        hi = tl.minimum(N_K, (pid_m + 1) * BLOCK_M)
-    else:
-        hi = N_K
+    hi = _key_end(pid_m, N_K, UPPER_EMPTY, MASK_KIND, CAUSAL, BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         dist = _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
@@ -225,7 +218,7 @@ def _l1_bwd_dq_kernel(
         v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, N_K, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         if MASK_GRAD:
@@ -290,9 +283,10 @@ def l1_attention_forward(q, k, v, scale, *, causal=False, mask=None, dropout_p=0
     m4, ms, mkind = _mask_args(mask, B, H, Nq, Nk, q.device)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     _l1_fwd_kernel[(triton.cdiv(Nq, bm), B * H)](
-        qt, kt, v, scale, m4, out, row_stats[0], row_stats[2], row_stats[1],
+        qt, kt, v, scale, m4, upper_empty_flag(mask, Nq, Nk, causal, q.device), out, row_stats[0], row_stats[2],
+        row_stats[1],
         *v.stride(), *ms, *out.stride(),
-        H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p),
+        H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
         HEAD_DIM=D, HEAD_DIM_V=Dv, DV_PAD=_pad_dim(Dv),
         MASK_KIND=mkind, CAUSAL=causal, DROPOUT=dropout_p > 0, STATS=stats,
         EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
@@ -311,6 +305,7 @@ def l1_attention_backward(do, q, k, v, scale, out, row_stats, *, causal=False, m
     qt, kt = _transposed_f32(q), _transposed_f32(k)
     delta = row_dot(do, out)
     m4, ms, mkind = _mask_args(mask, B, H, Nq, Nk, q.device)
+    upper_empty = upper_empty_flag(mask, Nq, Nk, causal, q.device)
     dqt = torch.zeros(B, H, D, Nq, device=q.device, dtype=torch.float32)
     dkt = torch.zeros(B, Hkv, D, Nk, device=q.device, dtype=torch.float32)
     dv = torch.empty(B, Hkv, Nk, Dv, device=q.device, dtype=v.dtype)
@@ -323,15 +318,16 @@ def l1_attention_backward(do, q, k, v, scale, out, row_stats, *, causal=False, m
                   DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q.dtype))
     bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
     _l1_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
-        qt, kt, v, scale, m4, do, row_stats[0], row_stats[2], delta, dkt, dv,
+        qt, kt, v, scale, m4, upper_empty, do, row_stats[0], row_stats[2], delta, dkt, dv,
         *v.stride(), *ms, *do.stride(),
-        H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p),
+        H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
         EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common)
     bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
     _l1_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
-        qt, kt, v, scale, m4, do, row_stats[0], row_stats[2], row_stats[1], delta, dqt, dsc, gbuf,
+        qt, kt, v, scale, m4, upper_empty, do, row_stats[0], row_stats[2], row_stats[1], delta, dqt, dsc, gbuf,
         *v.stride(), *ms, *do.stride(), *gs,
-        H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,
+        H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
+        MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,
         EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_q, **common)
     dq = dqt.transpose(-1, -2).to(q.dtype).contiguous()
     dk = dkt.transpose(-1, -2).to(k.dtype).contiguous()

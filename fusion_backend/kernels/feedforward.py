@@ -13,13 +13,7 @@ Two ways to run it share every formula here:
 * cuBLAS for the products plus `hidden_epilogue(...)` / `output_epilogue(...)`, elementwise kernels
   that do the same epilogue work in one pass over memory.
 
-Dropout never stores a mask. The keep decision of element (i, j) of an (M, N) matrix is a pure
-function of the seed and (i, j): one Philox-4x32-10 call (`tl.randint4x`) with counter
-i * ceil(N/4) + j // 4 gives four words, and word j % 4 decides element (i, j) (kept when its top
-31 bits are >= `threshold` = round(p * 2**31)). One Philox call per four elements: Philox is
-integer-multiply heavy, and one call per element cost more than the memory traffic of the pass.
-`philox_keep_mask` is the same function in PyTorch, so a reference and a kernel given the same
-seed drop the same elements, and backward regenerates forward's mask.
+Dropout never stores a mask: `kernels.philox` regenerates it from a seed and the position.
 
 Activation codes (ACT constexpr): see `ACTIVATIONS`. Kernels compute in float32 and round to the
 output dtype on store. Pre-activations are rounded to the storage dtype before the activation so
@@ -33,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .philox import dropout_scale, dropout_threshold, keep_mask
 from .runtime import interpreting
 
 ACTIVATIONS = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
@@ -47,59 +42,6 @@ _SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program; H100 allows 2
 _SQRT1_2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 _SQRT_2_OVER_PI = 0.7978845608028654
-
-
-def dropout_threshold(p: float) -> int:
-    """Integer threshold on 31-bit draws: an element is kept when draw >= threshold."""
-    return min(int(round(p * 2.0**31)), 2**31 - 1)
-
-
-def dropout_scale(p: float) -> float:
-    """Scale for kept elements: 1/(1-p); 0 when p == 1 (everything dropped)."""
-    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
-
-
-# ----------------------------------------------------------------------------------------------
-# Philox in PyTorch (bit-exact with tl.randint), for references and tests
-# ----------------------------------------------------------------------------------------------
-
-_M32 = 0xFFFFFFFF
-
-
-def _mul_hi_lo(a: torch.Tensor, b: int):
-    """High and low 32 bits of a * b for uint32 values held in int64, without int64 overflow."""
-    b_lo, b_hi = b & 0xFFFF, b >> 16
-    p_lo = a * b_lo  # < 2**48
-    t = a * b_hi + (p_lo >> 16)  # < 2**49
-    hi = (t >> 16) & _M32
-    lo = ((t & 0xFFFF) << 16) | (p_lo & 0xFFFF)
-    return hi, lo
-
-
-def philox_keep_mask(seed: int, rows: int, cols: int, p: float, device=None, row0: int = 0) -> torch.Tensor:
-    """Bool (rows, cols) keep mask of dropout with probability p, identical to the kernels'.
-
-    Element (i, j) takes word j % 4 of Philox-4x32-10 with key `seed` and counter
-    (row0 + i) * ceil(cols / 4) + j // 4, exactly as the kernels' `tl.randint4x` does.
-    """
-    if p <= 0.0:
-        return torch.ones(rows, cols, dtype=torch.bool, device=device)
-    n4 = -(-cols // 4)
-    off = (torch.arange(rows, dtype=torch.int64, device=device)[:, None] + row0) * n4 + torch.arange(
-        n4, dtype=torch.int64, device=device)[None, :]
-    off = off.reshape(-1)
-    c0, c1 = off & _M32, (off >> 32) & _M32
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
-    for _ in range(10):
-        hi_b, lo_b = _mul_hi_lo(c2, 0xCD9E8D57)
-        hi_a, lo_a = _mul_hi_lo(c0, 0xD2511F53)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + 0x9E3779B9) & _M32
-        k1 = (k1 + 0xBB67AE85) & _M32
-    words = torch.stack([c0, c1, c2, c3], dim=-1).reshape(rows, 4 * n4)[:, :cols]
-    return (words >> 1) >= dropout_threshold(p)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,14 +96,8 @@ def _act_and_grad(z, ACT: tl.constexpr):
 @triton.jit
 def _dropout(v, seed, rows, col0, N, threshold, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Inverted dropout of the float32 (BLOCK_M, BLOCK_N) block v whose global row indices are
-    `rows` (int64) and whose first global column is col0 (a multiple of 4); N the matrix width.
-    One Philox call per 4 columns; its four words are interleaved back to column order."""
-    q = col0 // 4 + tl.arange(0, BLOCK_N // 4)
-    r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * ((N + 3) // 4) + q[None, :])
-    # join(join(r0, r2), join(r1, r3)) has shape (BM, BN/4, 2, 2) and element [.., q, a, b] is
-    # word 2a + b, so the row-major reshape puts word k of counter q at column 4q + k.
-    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N))
-    keep = (r >> 1).to(tl.int32) >= threshold
+    `rows` (int64) and whose first global column is col0 (a multiple of 4); N the matrix width."""
+    keep = keep_mask(seed, rows, col0, N, threshold, BLOCK_M, BLOCK_N)
     return tl.where(keep, v * scale, 0.0)
 
 

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from fusion_backend.kernels import attention as _tc
 from fusion_backend.kernels import attention_l1 as _l1
+from fusion_backend.kernels.philox import philox_keep_mask
 from fusion_backend.kernels.runtime import can_launch, device_unsupported, interpreting
 from fusion_backend.ops.fallback import warn_fallback_once
 
@@ -133,9 +134,10 @@ def _scale_vector(scale, metric, D, H, device):
 
 
 def _dropout_keep_reference(shape, p, seed, device):
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed))
-    return torch.rand(shape, generator=gen, device=device) >= p
+    """The kernels' dropout mask, in PyTorch: `kernels.philox` with seed + b*H + h per head."""
+    B, H, Nq, Nk = shape
+    heads = [philox_keep_mask(int(seed) + i, Nq, Nk, p, device=device) for i in range(B * H)]
+    return torch.stack(heads).view(B, H, Nq, Nk)
 
 
 def _reference_core(q, k, v, scale_h, metric, causal, mask, dropout_p, seed, dtype):
@@ -186,8 +188,8 @@ def _reference_core(q, k, v, scale_h, metric, causal, mask, dropout_p, seed, dty
 def attention_reference(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None, dropout_p=0.0,
                         enable_gqa=False, dropout_seed=None, config=None):
     """Pure PyTorch `attention` with identical semantics (float32 math, float64 for float64 inputs).
-    Dropout draws its mask from a generator seeded with `dropout_seed` (or a fresh seed from torch's
-    default generator); that mask is not the kernels' Philox mask."""
+    Dropout draws the kernels' Philox mask for `dropout_seed` (or a fresh seed from torch's default
+    generator), so with the seed the kernels were given it drops the same elements."""
     _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale)
     B, H, Nq, D = q.shape
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -264,8 +266,8 @@ def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dr
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dscale, dmask
         except Exception as e:
             warn_fallback_once("attention", f"backward kernel failed: {type(e).__name__}: {str(e)[:200]}")
-    # Reference backward. With dropout this mask is the reference's, not the kernels' Philox mask:
-    # only consistent when the forward also ran the reference.
+    # Reference backward: it regenerates the forward's dropout mask (kernels and reference draw
+    # the same Philox mask for a seed), so it also serves a forward that ran the kernels.
     with torch.enable_grad():
         qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
         sf = scale.detach().float().requires_grad_()

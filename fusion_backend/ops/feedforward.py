@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import feedforward as K
+from ..kernels.philox import dropout_scale, philox_keep_mask
 from ..kernels.runtime import can_launch, device_unsupported, interpreting
 from .fallback import warn_fallback_once
 
@@ -231,7 +232,7 @@ def _draw_seed() -> torch.Tensor:
 
 def _mask_scale(seed: int, rows: int, cols: int, p: float, device, dtype):
     """Dropout multiplier (keep / (1 - p)) of a (rows, cols) matrix, the kernels' Philox stream."""
-    return K.philox_keep_mask(seed, rows, cols, p, device=device).to(dtype) * K.dropout_scale(p)
+    return philox_keep_mask(seed, rows, cols, p, device=device).to(dtype) * dropout_scale(p)
 
 
 def feedforward_reference(

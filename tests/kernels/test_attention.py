@@ -147,6 +147,53 @@ def test_dropout_determinism_rate_and_gradient(metric):
     assert abs(fd - an) <= 1e-2 * max(1.0, abs(an))
 
 
+@pytest.mark.parametrize("metric", ["dot", "l1"])
+def test_dropout_kernels_draw_the_references_mask(metric):
+    """The kernels' Philox mask is the reference's for the same seed: outputs and gradients of a
+    causal, GQA, odd-shaped call with dropout equal the float64 reference given that seed (Nk = 37
+    is not a multiple of the four columns one Philox call covers)."""
+    q, k, v = make(2, 4, 2, 19, 37, 16, 8)
+    ins = [t.requires_grad_() for t in (q, k, v)]
+    sc = None if metric == "dot" else 0.1
+    torch.manual_seed(3)
+    seed = int(torch.randint(0, 2**30, ()).item())  # what the op draws after the same reseed
+    torch.manual_seed(3)
+    out = attention(*ins, metric=metric, scale=sc, causal=True, enable_gqa=True, dropout_p=0.3)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, ins, g)
+    ins64 = [t.detach().double().requires_grad_() for t in ins]
+    ref = attention_reference(*ins64, metric=metric, scale=sc, causal=True, enable_gqa=True, dropout_p=0.3,
+                              dropout_seed=seed)
+    assert (ref == 0).any() and rel(out, ref) < 1e-5
+    for a, b in zip(grads, torch.autograd.grad(ref, ins64, g.double())):
+        assert rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_tril_bool_mask_skips_the_upper_blocks_with_the_same_result(metric):
+    """A bool mask that keeps nothing above the diagonal (a registered tril buffer) lets the
+    kernels skip those blocks, as causal=True does; results equal the reference, outputs and
+    gradients, for Nq != Nk and sizes that are no multiple of the 64-wide interpreter tiles."""
+    Nq, Nk = 130, 150
+    keep = torch.ones(Nq, Nk, dtype=torch.bool).tril()
+    keep[70, :5] = False  # not exactly the triangle: still nothing kept above it
+    assert tc.upper_empty_flag(keep, Nq, Nk, False, "cpu").item() == 1
+    q, k, v = make(1, 2, 2, Nq, Nk, 16, 16)
+    run_and_compare(metric, q, k, v, scale=0.3 if metric != "dot" else None, mask=keep)
+
+
+def test_upper_empty_flag_only_for_masks_that_keep_nothing_above_the_diagonal():
+    tril = torch.ones(5, 7, dtype=torch.bool).tril()
+    assert tc.upper_empty_flag(tril[None, None], 5, 7, False, "cpu").item() == 1
+    above = tril.clone()
+    above[1, 4] = True
+    assert tc.upper_empty_flag(above, 5, 7, False, "cpu").item() == 0
+    assert tc.upper_empty_flag(tril[:1], 1, 7, False, "cpu").item() == 0  # a single query row: nothing to skip
+    assert tc.upper_empty_flag(torch.ones(1, 7, dtype=torch.bool), 5, 7, False, "cpu").item() == 0  # broadcast rows
+    assert tc.upper_empty_flag(tril.float(), 5, 7, False, "cpu").item() == 0  # float masks: not bool
+    assert tc.upper_empty_flag(None, 5, 7, False, "cpu").item() == 0
+
+
 def test_opcheck():
     q, k, v = make(1, 2, 1, 9, 11, 16, 16)
     for t in (q, k, v):
