@@ -57,6 +57,22 @@ def _kernel_scale(scale, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
+def _apply_mask(s, mask_ptr, offs_r, offs_c, s_r, s_c, N_R, N_C, MASK_KIND: tl.constexpr):
+    """Apply the user mask to a logit tile whose rows are offs_r and columns offs_c (queries and
+    keys, or keys and queries for a transposed tile; s_r/s_c and N_R/N_C follow): a bool mask sets
+    dropped entries to -inf, a float mask is added."""
+    if MASK_KIND != 0:
+        mptr = mask_ptr + offs_r[:, None] * s_r + offs_c[None, :] * s_c
+        inb = (offs_r[:, None] < N_R) & (offs_c[None, :] < N_C)
+        if MASK_KIND == 1:
+            keep = tl.load(mptr, mask=inb, other=0) != 0
+            s = tl.where(keep, s, float("-inf"))
+        else:
+            s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32)
+    return s
+
+
+@triton.jit
 def _logits(raw, scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
             MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, EVEN_N: tl.constexpr):
     """Logits of one [BLOCK_M, BLOCK_N] tile: raw * scale_k, plus the mask, with causal and
@@ -66,15 +82,7 @@ def _logits(raw, scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
     are natural (scale_k = scale, the mask added as is): finfo.min * log2(e) overflows to -inf, which
     would turn an eager-uniform, finfo.min-padded row into a fully masked one. `_exp_rel` and
     `_probs` undo the units."""
-    s = raw * scale_k
-    if MASK_KIND != 0:
-        mptr = mask_ptr + offs_m[:, None] * smm + offs_n[None, :] * smn
-        inb = (offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K)
-        if MASK_KIND == 1:
-            keep = tl.load(mptr, mask=inb, other=0) != 0
-            s = tl.where(keep, s, float("-inf"))
-        else:
-            s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32)
+    s = _apply_mask(raw * scale_k, mask_ptr, offs_m, offs_n, smm, smn, N_Q, N_K, MASK_KIND)
     if CAUSAL:
         s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
     if not EVEN_N:
@@ -87,15 +95,7 @@ def _logits_t(rawT, scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr):
     """`_logits` for a transposed [BLOCK_N, BLOCK_M] tile (keys along rows). Out-of-range key rows
     are left finite: the dK/dV kernel never stores them and they feed nothing else."""
-    s = rawT * scale_k
-    if MASK_KIND != 0:
-        mptr = mask_ptr + offs_n[:, None] * smn + offs_m[None, :] * smm
-        inb = (offs_n[:, None] < N_K) & (offs_m[None, :] < N_Q)
-        if MASK_KIND == 1:
-            keep = tl.load(mptr, mask=inb, other=0) != 0
-            s = tl.where(keep, s, float("-inf"))
-        else:
-            s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32)
+    s = _apply_mask(rawT * scale_k, mask_ptr, offs_n, offs_m, smn, smm, N_K, N_Q, MASK_KIND)
     if CAUSAL:
         s = tl.where(offs_n[:, None] <= offs_m[None, :], s, float("-inf"))
     return s
@@ -203,6 +203,33 @@ def _normalize_grad(g, xh, nrm):
     return tl.where(nrm[:, None] > 1e-12, (g - xh * proj[:, None]) / nrm[:, None], g / nrm[:, None])
 
 
+@triton.jit
+def _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND: tl.constexpr, STATS: tl.constexpr):
+    """One key tile of the online softmax: fold logits s (and, when STATS, E_p[raw]) into the row
+    max m_i, row sum l_i and r_i, and rescale the output accumulator acc to the new max. Returns
+    the tile's unnormalized probabilities p with the updated m_i, l_i, r_i, acc."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = _exp_rel(s - m_safe[:, None], MASK_KIND)
+    alpha = _exp_rel(m_i - m_safe, MASK_KIND)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if STATS:
+        r_i = r_i * alpha + tl.sum(p * raw, axis=1)
+    return p, m_new, l_i, r_i, acc * alpha[:, None]
+
+
+@triton.jit
+def _fwd_epilogue(acc, m_i, l_i, r_i, OUT, RBAR, STATS_M, STATS_L, b, h, bh, offs_m, offs_dv, sob, soh, som, sod,
+                  N_Q, HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Normalize and store one query block's output, E_p[raw] and row stats."""
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(RBAR + bh * N_Q + offs_m, r_i / tl.where(empty, 1.0, l_i), mask=offs_m < N_Q)
+    _store_row_stats(STATS_M, STATS_L, bh, offs_m, N_Q, m_i, l_i, MASK_KIND)
+    o_ptrs = OUT + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & (offs_dv[None, :] < HEAD_DIM_V))
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
@@ -271,27 +298,14 @@ def _attn_fwd_kernel(
         else:
             raw = qk
         s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = _exp_rel(s - m_safe[:, None], MASK_KIND)
-        alpha = _exp_rel(m_i - m_safe, MASK_KIND)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if STATS:
-            r_i = r_i * alpha + tl.sum(p * raw, axis=1)
-        acc = acc * alpha[:, None]
+        p, m_i, l_i, r_i, acc = _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND, STATS)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
         acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision=DOT_PREC)
-        m_i = m_new
-
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    tl.store(RBAR + bh * N_Q + offs_m, r_i / tl.where(empty, 1.0, l_i), mask=offs_m < N_Q)
-    _store_row_stats(STATS_M, STATS_L, bh, offs_m, N_Q, m_i, l_i, MASK_KIND)
-    o_ptrs = OUT + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & (offs_dv[None, :] < HEAD_DIM_V))
+    _fwd_epilogue(acc, m_i, l_i, r_i, OUT, RBAR, STATS_M, STATS_L, b, h, bh, offs_m, offs_dv, sob, soh, som, sod,
+                  N_Q, HEAD_DIM_V, MASK_KIND)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ import triton
 import triton.language as tl
 
 from fusion_backend.kernels.attention import (
-    _dropout_keep, _exp_rel, _kernel_scale, _key_end, _load_row_stats, _load_rows, _logits, _mask_args, _pad_dim,
-    _probs, _query_start, _store_row_stats, backward_tiles, mask_grad_buffer, new_row_stats, reduce_mask_grad,
-    row_dot, upper_empty_flag,
+    _dropout_keep, _fwd_epilogue, _kernel_scale, _key_end, _load_row_stats, _load_rows, _logits, _mask_args,
+    _pad_dim, _probs, _query_start, _softmax_step, backward_tiles, mask_grad_buffer, new_row_stats,
+    reduce_mask_grad, row_dot, upper_empty_flag,
 )
 from fusion_backend.kernels.philox import dropout_threshold
 
@@ -40,6 +40,31 @@ def _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM: tl.constexpr,
             kc = tl.load(kt_base + d * N_K + offs_n, mask=offs_n < N_K, other=0.0)
         dist += tl.abs(qc[:, None] - kc[None, :])
     return dist
+
+
+@triton.jit
+def _add_sign_grad(g, qt_base, kt_base, out_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM: tl.constexpr,
+                   INTO_QUERIES: tl.constexpr):
+    """For every head-dim column d, add sum of g * sign(q_d - k_d) into column d of a transposed
+    fp32 gradient buffer the program owns: over keys into dQ^T's rows offs_m (INTO_QUERIES), else
+    over queries into dK^T's rows offs_n. sign(0) = 0."""
+    for d in range(0, HEAD_DIM):
+        qc = tl.load(qt_base + d * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+        kc = tl.load(kt_base + d * N_K + offs_n, mask=offs_n < N_K, other=0.0)
+        diff = qc[:, None] - kc[None, :]
+        signed = tl.where(diff > 0, g, tl.where(diff < 0, -g, 0.0))
+        if INTO_QUERIES:
+            ptr = out_base + d * N_Q + offs_m
+            inb = offs_m < N_Q
+            col = tl.sum(signed, axis=1)
+        else:
+            ptr = out_base + d * N_K + offs_n
+            inb = offs_n < N_K
+            col = tl.sum(signed, axis=0)
+        old = tl.load(ptr, mask=inb, other=0.0)
+        # replicas of `col` live in several warps: all must read before any writes
+        tl.debug_barrier()
+        tl.store(ptr, old + col, mask=inb)
 
 
 @triton.jit
@@ -82,29 +107,16 @@ def _l1_fwd_kernel(
     hi = _key_end(pid_m, N_K, UPPER_EMPTY, MASK_KIND, CAUSAL, BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        dist = _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
-        s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = _exp_rel(s - m_safe[:, None], MASK_KIND)
-        alpha = _exp_rel(m_i - m_safe, MASK_KIND)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if STATS:
-            r_i = r_i * alpha - tl.sum(p * dist, axis=1)
-        acc = acc * alpha[:, None]
+        raw = -_l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
+        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+        p, m_i, l_i, r_i, acc = _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND, STATS)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
         acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision=DOT_PREC)
-        m_i = m_new
-
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    tl.store(RBAR + bh * N_Q + offs_m, r_i / tl.where(empty, 1.0, l_i), mask=offs_m < N_Q)
-    _store_row_stats(STATS_M, STATS_L, bh, offs_m, N_Q, m_i, l_i, MASK_KIND)
-    o_ptrs = OUT + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & (offs_dv[None, :] < HEAD_DIM_V))
+    _fwd_epilogue(acc, m_i, l_i, r_i, OUT, RBAR, STATS_M, STATS_L, b, h, bh, offs_m, offs_dv, sob, soh, som, sod,
+                  N_Q, HEAD_DIM_V, MASK_KIND)
 
 
 @triton.jit
@@ -160,16 +172,7 @@ def _l1_bwd_dkdv_kernel(
                 pd = p
             dv_acc = tl.dot(tl.trans(pd.to(DO.dtype.element_ty)), do, dv_acc, input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None]) * scale
-            for d in range(0, HEAD_DIM):
-                qc = tl.load(qt_base + d * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
-                kc = tl.load(kt_base + d * N_K + offs_n, mask=offs_n < N_K, other=0.0)
-                diff = qc[:, None] - kc[None, :]
-                col = tl.sum(tl.where(diff > 0, ds, tl.where(diff < 0, -ds, 0.0)), axis=0)
-                ptr = dkt_base + d * N_K + offs_n
-                old = tl.load(ptr, mask=offs_n < N_K, other=0.0)
-                # replicas of `col` live in several warps: all must read before any writes
-                tl.debug_barrier()
-                tl.store(ptr, old + col, mask=offs_n < N_K)
+            _add_sign_grad(ds, qt_base, kt_base, dkt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, False)
     dv_ptrs = DV + bhk * N_K * HEAD_DIM_V + offs_n[:, None] * HEAD_DIM_V + offs_dv[None, :]
     tl.store(dv_ptrs, dv_acc.to(DV.dtype.element_ty), mask=(offs_n[:, None] < N_K) & (offs_dv[None, :] < HEAD_DIM_V))
 
@@ -226,17 +229,7 @@ def _l1_bwd_dq_kernel(
             tl.atomic_add(g_ptrs, ds, mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))
         if SCALE_GRAD:
             dsc += tl.sum(-ds * (dist + rbar[:, None]), axis=1)
-        dsn = -ds * scale
-        for d in range(0, HEAD_DIM):
-            qc = tl.load(qt_base + d * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
-            kc = tl.load(kt_base + d * N_K + offs_n, mask=offs_n < N_K, other=0.0)
-            diff = qc[:, None] - kc[None, :]
-            col = tl.sum(tl.where(diff > 0, dsn, tl.where(diff < 0, -dsn, 0.0)), axis=1)
-            ptr = dqt_base + d * N_Q + offs_m
-            old = tl.load(ptr, mask=offs_m < N_Q, other=0.0)
-            # replicas of `col` live in several warps: all must read before any writes
-            tl.debug_barrier()
-            tl.store(ptr, old + col, mask=offs_m < N_Q)
+        _add_sign_grad(-ds * scale, qt_base, kt_base, dqt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, True)
     tl.store(DSCALE + bh * N_Q + offs_m, dsc, mask=offs_m < N_Q)
 
 
