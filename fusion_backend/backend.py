@@ -83,6 +83,8 @@ class TruthfuseBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: List[Any]) -> Callable:
         started = time.perf_counter()
+        if self.options.inner == "inductor":
+            _warm_inductor_compile_pool()
         record = GraphRecord(index=len(self.records))
         self.records.append(record)
         compiled_gm = self._rewrite(gm, example_inputs, record)
@@ -232,6 +234,18 @@ def _keep_reason(site: Site, candidates: List[Site], fused_ids: set, record: Gra
         if other.id in fused_ids and other.nodes & site.nodes:
             return f"overlaps fused site {other.rule.name} ({other.location})"
     return record.tuning_reason or "the tuner kept it"
+
+
+def _warm_inductor_compile_pool() -> None:
+    """Start Inductor's pool of kernel-compiling worker processes now, as Dynamo's own "inductor"
+    backend does before compiling: until the pool reports ready, Inductor compiles Triton kernels
+    one at a time in this process, and a backend that calls compile_fx directly would otherwise
+    start the pool only when its first kernels are due. Analysis and tuning run meanwhile."""
+    try:
+        from torch._inductor.async_compile import maybe_warm_pool
+    except ImportError:  # private API; without it Inductor still starts the pool itself, later
+        return
+    maybe_warm_pool()
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs: List[Any], options: Options) -> Callable:
