@@ -660,8 +660,10 @@ def upper_empty_flag(mask, Nq, Nk, causal, device):
     """int32 flag for the kernels: 1 when a bool keep mask keeps no (query i, key j > i) entry, so
     that blocks above the diagonal can be skipped as under causal=True, with the same result (a
     registered tril buffer, nanoGPT-style, is such a mask). Checked on the device for every call,
-    so a mask that changes between calls is always read as it is now. 0 for other masks."""
-    if mask is not None and mask.dtype == torch.bool and not causal and mask.shape[-2:] == (Nq, Nk) and Nq > 1:
+    so a mask that changes between calls is always read as it is now. Only for a mask shared by
+    every batch and head (the check copies it once: Nq x Nk bytes); 0 for other masks."""
+    shared = mask is not None and all(n == 1 for n in mask.shape[:-2])
+    if shared and mask.dtype == torch.bool and not causal and mask.shape[-2:] == (Nq, Nk) and Nq > 1:
         return (~mask.triu(1).any()).to(torch.int32)
     return torch.zeros((), device=device, dtype=torch.int32)
 

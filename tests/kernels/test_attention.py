@@ -191,6 +191,7 @@ def test_upper_empty_flag_only_for_masks_that_keep_nothing_above_the_diagonal():
     assert tc.upper_empty_flag(tril[:1], 1, 7, False, "cpu").item() == 0  # a single query row: nothing to skip
     assert tc.upper_empty_flag(torch.ones(1, 7, dtype=torch.bool), 5, 7, False, "cpu").item() == 0  # broadcast rows
     assert tc.upper_empty_flag(tril.float(), 5, 7, False, "cpu").item() == 0  # float masks: not bool
+    assert tc.upper_empty_flag(tril.expand(2, 1, 5, 7), 5, 7, False, "cpu").item() == 0  # per-batch masks
     assert tc.upper_empty_flag(None, 5, 7, False, "cpu").item() == 0
 
 
