@@ -35,6 +35,14 @@ OPTS = {"strategy": "aggressive", "inner": "eager", "cache": False}
 TOL = dict(atol=2e-5, rtol=1e-4)
 
 
+def assert_grad_close(g, r, **kwargs):
+    """A gradient against eager's, with the absolute tolerance scaled to the gradient's largest
+    entry: a parameter gradient sums many fp32 terms, so eager's own rounding error grows with their
+    size, and a near-zero entry of a large gradient differs by about eps times that size."""
+    scale = max(1.0, r.abs().max().item())
+    torch.testing.assert_close(g, r, atol=TOL["atol"] * scale, rtol=TOL["rtol"], **kwargs)
+
+
 @pytest.fixture(autouse=True)
 def _kernels_only():
     """A fused site must run the Triton kernels, never the op's PyTorch fallback: the fallback's
@@ -76,7 +84,7 @@ def assert_matches_eager(model, x, backend=None, dynamic=False, compiled=None):
     for i, (g, r) in enumerate(zip(grads, ref_grads)):
         assert (g is None) == (r is None), f"gradient {i} present in only one of compiled/eager"
         if r is not None:
-            torch.testing.assert_close(g, r, **TOL, msg=lambda m: f"gradient {i}: {m}")
+            assert_grad_close(g, r, msg=lambda m: f"gradient {i}: {m}")
     return backend
 
 
@@ -217,7 +225,7 @@ def test_hf_models_every_layer(name, variant):
     torch.testing.assert_close(out, ref_out, **TOL)
     assert len(grads) == len(ref_grads)
     for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, **TOL)
+        assert_grad_close(g, r)
     report = fusion_backend.explain(model, ids, options=options)
     fused = feedforward_sites(report, "fused")
     assert len(fused) == 2 and {s.variant for s in fused} == {variant}, str(report)
@@ -288,7 +296,7 @@ def _seeded_against_reference(model, x, reference, seed=1234):
     ref_out, ref_grads = _forward_backward(reference, model, x, cot, seed=seed)
     torch.testing.assert_close(out, ref_out, **TOL)
     for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, **TOL)
+        assert_grad_close(g, r)
     return out
 
 
