@@ -665,7 +665,13 @@ def upper_empty_flag(mask, Nq, Nk, causal, device):
     shared = mask is not None and all(n == 1 for n in mask.shape[:-2])
     if shared and mask.dtype == torch.bool and not causal and mask.shape[-2:] == (Nq, Nk) and Nq > 1:
         return (~mask.triu(1).any()).to(torch.int32)
-    return torch.zeros((), device=device, dtype=torch.int32)
+    device = torch.device(device)
+    if device not in _NO_SKIP:  # one read-only zero per device: no fill launched per call
+        _NO_SKIP[device] = torch.zeros((), device=device, dtype=torch.int32)
+    return _NO_SKIP[device]
+
+
+_NO_SKIP: dict = {}
 
 
 def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, dropout_p=0.0, seed=0,
