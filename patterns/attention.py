@@ -15,9 +15,9 @@ K/V with enable_gqa, and `dot_causal` turns an added mask that is provably the c
 
 Masks: -inf fills become a bool mask; finite fills become -1e30 in an additive mask, and fp16's
 "masked" value -65504 in a hand-written fp16 form becomes -1e30 too, so that the op, which adds
-masks in fp32, absorbs the score as eager does (floor_additive_mask). softmax over any dim but the last, scales that vary per key, masks that
-would broadcast the scores up, finite fills above -1e30 and intermediates used elsewhere are
-near-misses, reported with their reason.
+masks in fp32, absorbs the score as eager does (absorbing_fp16_mask). softmax over any dim but
+the last, scales that vary per key, masks that would broadcast the scores up, finite fills above
+-1e30 and intermediates used elsewhere are near-misses, reported with their reason.
 """
 from __future__ import annotations
 
@@ -380,18 +380,14 @@ def _combined_scale(scale, scale2, default, negate=False, heads=None):
     return -float(value) if negate else float(value)
 
 
-def floor_additive_mask(mask, fp16_sentinel: bool = True):
-    """An additive mask the op reproduces eager softmax with. The op adds a float mask to the
-    logits in fp32, as eager does for fp32 and bf16 masks (finfo.min padding rows come out uniform
-    in both, and get the same gradients), so those pass unchanged; only a hand-written fp16 form's
-    -65504 needs replacing (below)."""
-    if mask is None or mask.dtype == torch.bool:
-        return mask
-    if mask.dtype == torch.float16 and fp16_sentinel:
-        # (hand-written attention only: SDPA's kernels add an fp16 mask in fp32, as the op does)
-        # fp16's "masked" is its min, -65504: eager's fp16 score + mask rounds every such entry of
-        # a row to -65504 (absorbed, as finfo.min is in fp32); the op adds in fp32, where it is
-        # not. As -1e30 (which needs fp32) it is absorbed there too.
+def absorbing_fp16_mask(mask):
+    """The hand-written form's additive mask as the op should add it. The op adds float masks in
+    fp32, as eager does for fp32 and bf16 masks (finfo.min padding rows come out uniform in both,
+    with the same gradients), so those pass unchanged. fp16's "masked" value is its min, -65504:
+    eager's fp16 score + mask rounds every such entry of a row to -65504 (absorbed, as finfo.min is
+    in fp32), while in fp32 it would not be; as -1e30 it is absorbed there too. (SDPA's kernels add
+    an fp16 mask in fp32, as the op does, so the SDPA rules pass masks unchanged.)"""
+    if mask is not None and mask.dtype == torch.float16:
         return torch.where(mask == torch.finfo(torch.float16).min, _HUGE_NEGATIVE, mask.float())
     return mask
 
@@ -405,7 +401,7 @@ def _mask_for_op(q, mask_a, fill_a, bias, mask_b, fill_b):
         for m, _ in fills[1:]:
             keep = keep & ~m
         return keep
-    mask = floor_additive_mask(bias)
+    mask = absorbing_fp16_mask(bias)
     for m, f in fills:
         fill = torch.tensor(f if f == -math.inf else _HUGE_NEGATIVE, dtype=torch.float32, device=q.device)
         if mask is None:

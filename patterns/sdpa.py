@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from fusion_backend import Match, Rule, known_equal, register_rule
 from fusion_backend.ops import attention as attention_op
 
-from .attention import (check_repeat_kv, check_supported_shapes, configs_for, exact_unless_dropout,
-                        floor_additive_mask)
+from .attention import check_repeat_kv, check_supported_shapes, configs_for, exact_unless_dropout
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -102,7 +101,7 @@ def sdpa_replacement(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
     three_d = q.dim() == 3
     if three_d:  # the op left-pads the mask's dims, so a (N, L, S) mask lines up with (1, N, L, S)
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    out = attention_op(q, k, v, metric="dot", scale=scale, causal=is_causal, attn_mask=floor_additive_mask(attn_mask, fp16_sentinel=False),
+    out = attention_op(q, k, v, metric="dot", scale=scale, causal=is_causal, attn_mask=attn_mask,
                        dropout_p=float(dropout_p), enable_gqa=enable_gqa, config=config)
     return out.squeeze(0) if three_d else out
 
@@ -120,7 +119,7 @@ def sdpa_repeat_kv_pattern(q, k, v, attn_mask, dropout_p, is_causal, scale, enab
 
 def sdpa_repeat_kv_replacement(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                config=None, **_):
-    return attention_op(q, k, v, metric="dot", scale=scale, causal=is_causal, attn_mask=floor_additive_mask(attn_mask, fp16_sentinel=False),
+    return attention_op(q, k, v, metric="dot", scale=scale, causal=is_causal, attn_mask=attn_mask,
                         dropout_p=float(dropout_p), enable_gqa=True, config=config)
 
 
@@ -236,7 +235,7 @@ def mha_replacement(query, key, value, embed_dim, num_heads, in_proj_weight=None
     q = q.view(bsz, num_heads, tgt_len, head_dim)
     k = k.view(bsz, num_heads, src_len, head_dim)
     v = v.view(bsz, num_heads, src_len, head_dim)
-    out = attention_op(q, k, v, metric="dot", causal=causal, attn_mask=floor_additive_mask(attn_mask, fp16_sentinel=False),
+    out = attention_op(q, k, v, metric="dot", causal=causal, attn_mask=attn_mask,
                        dropout_p=p, config=config)
     out = out.permute(2, 0, 1, 3).contiguous().view(bsz * tgt_len, E)
     out = F.linear(out, out_proj_weight, out_proj_bias)
