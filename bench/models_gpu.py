@@ -162,6 +162,19 @@ def check(model, runner, loss_fn, idx, tgt):
     return ok, ref, got
 
 
+def write_profile(step, path, title, steps=5):
+    """Append the GPU kernels that take the most time over `steps` training steps to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        _sync()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=90)
+    with open(path, "a") as f:
+        f.write(f"=== {title}: {steps} steps ===\n{table}\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="gpt2-eager,gpt2-sdpa,truthgpt-l2")
@@ -171,6 +184,8 @@ def main():
     ap.add_argument("--tag", default="models", help="results go to $OUT/<tag>.json")
     ap.add_argument("--batch", type=int, help="TruthGPT batch size (default 8)")
     ap.add_argument("--seq", type=int, help="TruthGPT sequence length (default 4096)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, profile 5 steps and write the top GPU kernels to $OUT/<tag>-profile.txt")
     ap.add_argument("--stack-dump", type=float, metavar="S",
                     help="print every thread's Python stack every S seconds (finds where a run hangs)")
     args = ap.parse_args()
@@ -205,6 +220,8 @@ def main():
                         row["warm"] = summary(backend)
                 ms, mb = measure(step, warmup, rep)
                 row.update(ms=ms, peak_mb=mb)
+                if args.profile and DEV == "cuda":
+                    write_profile(step, os.path.join(out_dir, f"{args.tag}-profile.txt"), f"{name} {mode}")
             except Exception as exc:  # noqa: BLE001 -- a row that fails is reported, not fatal
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
             results.append(row)
