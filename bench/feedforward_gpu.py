@@ -261,6 +261,39 @@ def bench(args):
         torch.cuda.empty_cache()
 
 
+def profile_training(T=8192, d=1024, h=4096, steps=10):
+    """The GPU kernels (and the host time around them) of training steps, eager against ours."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    base = FFN(d, h, 0.1).to(dev, torch.bfloat16)
+    ours = FusedFFN(d, h, 0.1, "cublas").to(dev, torch.bfloat16)
+    ours.load_state_dict(base.state_dict())
+    x = torch.randn(T, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    path = os.path.join(OUT, "feedforward-profile.txt")
+    for name, fn in (("eager", base), ("ours-cublas", ours)):
+        def step():
+            out = fn(x)
+            out.backward(torch.ones_like(out))
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        host_ms = (time.perf_counter() - t0) / steps * 1e3  # before the sync: host issue time per step
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) / steps * 1e3
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=80)
+        with open(path, "a") as f:
+            f.write(f"=== {name}: host issue {host_ms:.3f} ms/step, wall {wall_ms:.3f} ms/step, {steps} steps ===\n{table}\n")
+        print(f"profile {name}: host issue {host_ms:.3f} ms/step, wall {wall_ms:.3f} ms/step", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="skip the config sweep and 16384 inference")
@@ -268,9 +301,14 @@ def main():
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--cases", default="", help="comma-separated indices into CASES (default: all)")
     ap.add_argument("--no-compile-check", dest="compile_check", action="store_false")
+    ap.add_argument("--profile", action="store_true",
+                    help="only profile training at T=8192 (eager and ours-cublas) into $OUT/feedforward-profile.txt")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop timing new variants after this many seconds")
     args = ap.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
+    if args.profile:
+        profile_training()
+        return
     if not args.skip_correctness:
         cases = [CASES[int(i)] for i in args.cases.split(",")] if args.cases else CASES
         ok = correctness(cases, args.compile_check)
