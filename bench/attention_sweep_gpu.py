@@ -2,7 +2,9 @@
 
     TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 python bench/attention_sweep_gpu.py [--metrics dot,l2,cosine]
 
-B=4, H=8, N=8192, D=64, bf16, non-causal, no mask (the issue's benchmark shape). For the first
+B=4, H=8, N=8192, D=64, bf16, non-causal, no mask (the issue's benchmark shape; `--shape B,H,N,D`,
+`--mask tril|causal` and `--dropout P` sweep another, e.g. TruthGPT's 8,8,4096,32 with a tril
+buffer and dropout 0.1). For the first
 metric every candidate tile of each kernel is timed: the forward, then the dK/dV kernel (with the
 dQ tile held at the default), then the dQ kernel (dK/dV at its best). The other metrics time the
 first metric's three best tiles of each kernel. Every timed config's output is first compared with
@@ -78,6 +80,9 @@ def tile_of(cfg, part):
     return tuple(cfg[n] for n in FIELDS[part])
 
 
+EXTRA = {}  # mask / causal / dropout arguments of every kernel call (--mask, --dropout)
+
+
 def sweep(metric, tiles):
     dt = torch.bfloat16 if DEV == "cuda" else torch.float32
     q, k, v, do = (torch.randn(B, H, N, D, device=DEV, dtype=dt) for _ in range(4))
@@ -87,9 +92,9 @@ def sweep(metric, tiles):
     d_kv, d_q = tc.backward_tiles(default)
     tile = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
     base = cfg_of(tile_of(default, "fwd"), tuple(d_kv[n] for n in tile), tuple(d_q[n] for n in tile))
-    ref_out, stats = tc.attention_forward(q, k, v, scale, metric=metric, config=base, stats=False)
+    ref_out, stats = tc.attention_forward(q, k, v, scale, metric=metric, config=base, stats=False, **EXTRA)
     ref_grads = tc.attention_backward(do, q, k, v, scale, ref_out, stats, metric=metric, config=base,
-                                      scale_grad=False)[:3]
+                                      scale_grad=False, **EXTRA)[:3]
     best = dict(base)
     for part in ("fwd", "dkdv", "dq"):
         rows = RES[part].setdefault(metric, [])
@@ -100,15 +105,15 @@ def sweep(metric, tiles):
             try:
                 if part == "fwd":
                     out = torch.full_like(ref_out, float("nan"))
-                    tc.attention_forward(q, k, v, scale, metric=metric, config=cfg, out=out, stats=False)
+                    tc.attention_forward(q, k, v, scale, metric=metric, config=cfg, out=out, stats=False, **EXTRA)
                     err = rel_err(out, ref_out)
-                    fn = lambda: tc.attention_forward(q, k, v, scale, metric=metric, config=cfg, stats=False)  # noqa: E731
+                    fn = lambda: tc.attention_forward(q, k, v, scale, metric=metric, config=cfg, stats=False, **EXTRA)  # noqa: E731
                 else:
                     grads = tc.attention_backward(do, q, k, v, scale, ref_out, stats, metric=metric, config=cfg,
-                                                  scale_grad=False)[:3]
+                                                  scale_grad=False, **EXTRA)[:3]
                     err = max(rel_err(a, b) for a, b in zip(grads, ref_grads))
                     fn = lambda: tc.attention_backward(do, q, k, v, scale, ref_out, stats, metric=metric,  # noqa: E731
-                                                       config=cfg, scale_grad=False)
+                                                       config=cfg, scale_grad=False, **EXTRA)
                 row["rel_err"] = err
                 if not err <= 1e-2:
                     row["error"] = f"disagrees with the default config: rel err {err}"
@@ -128,8 +133,8 @@ def sweep(metric, tiles):
     # the op end to end with the best config against the default, and SDPA, fwd+bwd
     def full(cfg):
         def run():
-            out, st = tc.attention_forward(q, k, v, scale, metric=metric, config=cfg, stats=False)
-            tc.attention_backward(do, q, k, v, scale, out, st, metric=metric, config=cfg, scale_grad=False)
+            out, st = tc.attention_forward(q, k, v, scale, metric=metric, config=cfg, stats=False, **EXTRA)
+            tc.attention_backward(do, q, k, v, scale, out, st, metric=metric, config=cfg, scale_grad=False, **EXTRA)
         return bench(run)
     RES["best"][metric].update(best_fwd_bwd_ms=full(best), default_fwd_bwd_ms=full(base))
     print(metric, "best", json.dumps(RES["best"][metric]), flush=True)
@@ -148,13 +153,14 @@ def sdpa_reference():
     if DEV != "cuda":
         return
     q, k, v = (torch.randn(B, H, N, D, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    kw = dict(is_causal="mask" in EXTRA or "causal" in EXTRA, dropout_p=EXTRA.get("dropout_p", 0.0))
     with torch.no_grad():
-        RES["sdpa"]["fwd_ms"] = bench(lambda: F.scaled_dot_product_attention(q, k, v))
-    o = F.scaled_dot_product_attention(q, k, v)
+        RES["sdpa"]["fwd_ms"] = bench(lambda: F.scaled_dot_product_attention(q, k, v, **kw))
+    o = F.scaled_dot_product_attention(q, k, v, **kw)
     g = torch.randn_like(o)
 
     def fb():
-        F.scaled_dot_product_attention(q, k, v).backward(g)
+        F.scaled_dot_product_attention(q, k, v, **kw).backward(g)
     RES["sdpa"]["fwd_bwd_ms"] = bench(fb)
     print("sdpa", json.dumps(RES["sdpa"]), flush=True)
 
@@ -164,7 +170,22 @@ def main():
     ap.add_argument("--metrics", default="dot,l2,cosine")
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--quick", action="store_true", help="six tiles per kernel")
+    ap.add_argument("--shape", help="B,H,N,D (default 4,8,8192,64)")
+    ap.add_argument("--mask", choices=("none", "tril", "causal"), default="none",
+                    help="tril: a shared bool lower-triangle mask (a registered buffer); causal: causal=True")
+    ap.add_argument("--dropout", type=float, default=0.0)
     args = ap.parse_args()
+    global B, H, N, D
+    if args.shape and not SMALL:
+        B, H, N, D = (int(x) for x in args.shape.split(","))
+        RES["env"]["shape"] = [B, H, N, D]
+    if args.mask == "tril":
+        EXTRA["mask"] = torch.ones(N, N, dtype=torch.bool, device=DEV).tril()
+    elif args.mask == "causal":
+        EXTRA["causal"] = True
+    if args.dropout:
+        EXTRA.update(dropout_p=args.dropout, seed=123)
+    RES["env"].update(mask=args.mask, dropout=args.dropout)
     if args.quick:
         FWD_TILES[:] = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 32, 4, 4),
                         (64, 64, 4, 4)]

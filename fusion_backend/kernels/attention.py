@@ -21,9 +21,13 @@ Conventions shared by the kernels (and by `attention_l1`):
   probabilities from them. A fully masked row stores max = +inf, so its probabilities recompute as
   0 and its output is 0 (the convention of torch's safe softmax).
 - Masks: MASK_KIND 0 none, 1 bool (True = keep), 2 float (added to the logits). The mask pointer
-  carries four strides over (B, H, Nq, Nk), 0 on broadcast dims.
+  carries four strides over (B, H, Nq, Nk), 0 on broadcast dims. A bool mask shared by every
+  batch and head comes with layout flags computed on the device (`mask_layout_flags`): blocks
+  above the diagonal are skipped when it keeps nothing there, and an exact lower triangle is
+  tested as a triangle rather than read.
 - Dropout: the keep mask of (b, h) is `kernels.philox`'s for an (Nq, Nk) matrix with seed
-  seed + b*H + h; kept values are scaled by 1/(1-p). The backward regenerates the same mask.
+  seed + b*H + h; kept values are scaled by 1/(1-p) (once per output row, not per element). The
+  backward regenerates the same mask.
 - GQA: query head h reads key/value head h // GROUP.
 
 Nothing here knows about FX or custom ops; `fusion_backend.ops.attention` wraps these launchers.
@@ -36,6 +40,7 @@ import triton
 import triton.language as tl
 
 from .philox import dropout_threshold, keep_mask
+from .runtime import interpreting
 
 LOG2E = 1.4426950408889634
 COSINE_EPS = 1e-12
@@ -73,16 +78,36 @@ def _apply_mask(s, mask_ptr, offs_r, offs_c, s_r, s_c, N_R, N_C, MASK_KIND: tl.c
 
 
 @triton.jit
-def _logits(raw, scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
+def _masked(s, mask_ptr, offs_r, offs_c, s_r, s_c, N_R, N_C, keys_on_rows: tl.constexpr, tril,
+            MASK_KIND: tl.constexpr):
+    """The user mask applied to a logit tile (`_apply_mask`), except that a bool mask found to be
+    exactly the lower triangle (`tril`, see `mask_layout_flags`) is applied as a triangle test
+    without reading it."""
+    if MASK_KIND == 1:
+        if tril:
+            if keys_on_rows:
+                s = tl.where(offs_r[:, None] <= offs_c[None, :], s, float("-inf"))
+            else:
+                s = tl.where(offs_c[None, :] <= offs_r[:, None], s, float("-inf"))
+        else:
+            s = _apply_mask(s, mask_ptr, offs_r, offs_c, s_r, s_c, N_R, N_C, MASK_KIND)
+    else:
+        s = _apply_mask(s, mask_ptr, offs_r, offs_c, s_r, s_c, N_R, N_C, MASK_KIND)
+    return s
+
+
+@triton.jit
+def _logits(raw, scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K, tril,
             MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, EVEN_N: tl.constexpr):
     """Logits of one [BLOCK_M, BLOCK_N] tile: raw * scale_k, plus the mask, with causal and
-    out-of-range keys set to -inf. `mask_ptr` already points at this (batch, head).
+    out-of-range keys set to -inf. `mask_ptr` already points at this (batch, head); `tril` is
+    `_is_tril`'s flag.
 
     Units: base 2 (scale_k = scale * log2(e)) except with a float mask (MASK_KIND 2), where they
     are natural (scale_k = scale, the mask added as is): finfo.min * log2(e) overflows to -inf, which
     would turn an eager-uniform, finfo.min-padded row into a fully masked one. `_exp_rel` and
     `_probs` undo the units."""
-    s = _apply_mask(raw * scale_k, mask_ptr, offs_m, offs_n, smm, smn, N_Q, N_K, MASK_KIND)
+    s = _masked(raw * scale_k, mask_ptr, offs_m, offs_n, smm, smn, N_Q, N_K, False, tril, MASK_KIND)
     if CAUSAL:
         s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
     if not EVEN_N:
@@ -91,11 +116,11 @@ def _logits(raw, scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
 
 
 @triton.jit
-def _logits_t(rawT, scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
+def _logits_t(rawT, scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K, tril,
               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr):
     """`_logits` for a transposed [BLOCK_N, BLOCK_M] tile (keys along rows). Out-of-range key rows
     are left finite: the dK/dV kernel never stores them and they feed nothing else."""
-    s = _apply_mask(rawT * scale_k, mask_ptr, offs_n, offs_m, smn, smm, N_K, N_Q, MASK_KIND)
+    s = _masked(rawT * scale_k, mask_ptr, offs_n, offs_m, smn, smm, N_K, N_Q, True, tril, MASK_KIND)
     if CAUSAL:
         s = tl.where(offs_n[:, None] <= offs_m[None, :], s, float("-inf"))
     return s
@@ -147,35 +172,44 @@ def _probs(s, a, b, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
-def _key_end(pid_m, N_K, UPPER_EMPTY, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+def _is_tril(MASK_FLAGS, MASK_KIND: tl.constexpr):
+    """Whether the bool mask is exactly the lower triangle (flags 3, see `mask_layout_flags`)."""
+    if MASK_KIND == 1:
+        return tl.load(MASK_FLAGS) == 3
+    else:
+        return False
+
+
+@triton.jit
+def _key_end(pid_m, N_K, MASK_FLAGS, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
     """One past the last key that query block pid_m must visit: N_K, or the end of its diagonal
     block when nothing above the diagonal is kept: causal, or a bool mask for which the launcher
-    found that (UPPER_EMPTY, an int32 flag, then holds 1; see `upper_empty_flag`)."""
+    found that (bit 1 of the int32 MASK_FLAGS, see `mask_layout_flags`)."""
     diag = tl.minimum(N_K, (pid_m + 1) * BLOCK_M)
     if CAUSAL:
         return diag
     elif MASK_KIND == 1:
-        return tl.where(tl.load(UPPER_EMPTY) != 0, diag, N_K)
+        return tl.where((tl.load(MASK_FLAGS) & 1) != 0, diag, N_K)
     else:
         return N_K
 
 
 @triton.jit
-def _query_start(pid_n, UPPER_EMPTY, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+def _query_start(pid_n, MASK_FLAGS, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """First query (a multiple of BLOCK_M) that key block pid_n must visit; see `_key_end`."""
     diag = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
     if CAUSAL:
         return diag
     elif MASK_KIND == 1:
-        return tl.where(tl.load(UPPER_EMPTY) != 0, diag, 0)
+        return tl.where((tl.load(MASK_FLAGS) & 1) != 0, diag, 0)
     else:
         return 0
 
 
 @triton.jit
 def _dropout_keep(seed, bh, offs_m, col0, N_K, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Bool [BLOCK_M, BLOCK_N] tile for queries offs_m and keys col0.. (col0 a multiple of 4):
+    """Bool [BLOCK_M, BLOCK_N] tile for queries offs_m and keys col0.. (col0 a multiple of 8):
     which probabilities survive dropout. A function of (seed + b*H + h, i, j) only, so forward and
     backward agree for any blocking."""
     return keep_mask(seed + bh, offs_m, col0, N_K, threshold, BLOCK_M, BLOCK_N)
@@ -235,7 +269,7 @@ def _fwd_epilogue(acc, m_i, l_i, r_i, OUT, RBAR, STATS_M, STATS_L, b, h, bh, off
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, SCALE, KVEC, MASK, UPPER_EMPTY, OUT, STATS_M, STATS_L, RBAR,
+    Q, K, V, SCALE, KVEC, MASK, MASK_FLAGS, OUT, STATS_M, STATS_L, RBAR,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -255,7 +289,7 @@ def _attn_fwd_kernel(
     KVEC:  (B*Hkv, Nk) fp32: |k|^2 for l2 (summed in fp32 from the un-rounded k); unused otherwise.
            For cosine, Q and K arrive already normalized (`_prepass`), so the kernel is the dot one.
     MASK:  (B, H, Nq, Nk) broadcast view, strides sm* (0 on broadcast dims); unused if MASK_KIND 0.
-    UPPER_EMPTY: int32 flag, 1 when a bool mask keeps nothing above the diagonal (`_key_end`).
+    MASK_FLAGS: int32 flags of a bool mask's layout (`mask_layout_flags`): skip or triangle-test.
     OUT:   (B, H, Nq, Dv) strides so*, written in OUT's dtype.
     STATS_M, STATS_L: (B*H, Nq) fp32 contiguous, see `_store_row_stats`.
     RBAR:  (B*H, Nq) fp32: E_p[raw] per row when STATS (else 0). The backward centres the scale
@@ -287,7 +321,8 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     r_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
-    hi = _key_end(pid_m, N_K, UPPER_EMPTY, MASK_KIND, CAUSAL, BLOCK_M)
+    hi = _key_end(pid_m, N_K, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M)
+    tril = _is_tril(MASK_FLAGS, MASK_KIND)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
@@ -297,13 +332,15 @@ def _attn_fwd_kernel(
             raw = 2.0 * qk - kn[None, :]
         else:
             raw = qk
-        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, tril, MASK_KIND, CAUSAL, EVEN_N)
         p, m_i, l_i, r_i, acc = _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND, STATS)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N)
-            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            p = tl.where(keep, p, 0.0)
         v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
         acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision=DOT_PREC)
+    if DROPOUT:  # kept probabilities scale by 1/(1-p): once per row here, not per element above
+        acc = acc * (1.0 / (1.0 - dropout_p))
     _fwd_epilogue(acc, m_i, l_i, r_i, OUT, RBAR, STATS_M, STATS_L, b, h, bh, offs_m, offs_dv, sob, soh, som, sod,
                   N_Q, HEAD_DIM_V, MASK_KIND)
 
@@ -313,7 +350,7 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, SCALE, KVEC, MASK, UPPER_EMPTY, DO, STATS_M, STATS_L, DELTA, DK, DV,
+    Q, K, V, SCALE, KVEC, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, DELTA, DK, DV,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -350,7 +387,8 @@ def _attn_bwd_dkdv_kernel(
     dk_acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
     csum = tl.zeros([BLOCK_N], tl.float32)
-    lo = _query_start(pid_n, UPPER_EMPTY, MASK_KIND, CAUSAL, BLOCK_M, BLOCK_N)
+    lo = _query_start(pid_n, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M, BLOCK_N)
+    tril = _is_tril(MASK_FLAGS, MASK_KIND)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
@@ -372,13 +410,13 @@ def _attn_bwd_dkdv_kernel(
                 rawT = 2.0 * qkT - kvec[:, None]
             else:
                 rawT = qkT
-            sT = _logits_t(rawT, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL)
+            sT = _logits_t(rawT, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, tril, MASK_KIND, CAUSAL)
             pT = _probs(sT, sa[None, :], sb[None, :], MASK_KIND)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             if DROPOUT:
                 keep = tl.trans(_dropout_keep(seed, bh, offs_m, pid_n * BLOCK_N, N_K, threshold, BLOCK_M, BLOCK_N))
                 rescale = 1.0 / (1.0 - dropout_p)
-                pdT = tl.where(keep, pT * rescale, 0.0)
+                pdT = tl.where(keep, pT, 0.0)  # dV takes the 1/(1-p) once, at the end
                 dpT = tl.where(keep, dpT * rescale, 0.0)
             else:
                 pdT = pT
@@ -398,6 +436,8 @@ def _attn_bwd_dkdv_kernel(
     dk_ptrs = DK + bhk * N_K * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=nmask & (offs_d[None, :] < HEAD_DIM))
     dv_ptrs = DV + bhk * N_K * HEAD_DIM_V + offs_n[:, None] * HEAD_DIM_V + offs_dv[None, :]
+    if DROPOUT:
+        dv_acc = dv_acc * (1.0 / (1.0 - dropout_p))
     tl.store(dv_ptrs, dv_acc.to(DV.dtype.element_ty), mask=nmask & (offs_dv[None, :] < HEAD_DIM_V))
 
 
@@ -406,7 +446,7 @@ def _attn_bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, SCALE, QVEC, KVEC, MASK, UPPER_EMPTY, DO, STATS_M, STATS_L, RBAR, DELTA, DQ, DSCALE, DMASK,
+    Q, K, V, SCALE, QVEC, KVEC, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, RBAR, DELTA, DQ, DSCALE, DMASK,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -453,7 +493,8 @@ def _attn_bwd_dq_kernel(
 
     dq_acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     dsc = tl.zeros([BLOCK_M], tl.float32)
-    hi = _key_end(pid_m, N_K, UPPER_EMPTY, MASK_KIND, CAUSAL, BLOCK_M)
+    hi = _key_end(pid_m, N_K, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M)
+    tril = _is_tril(MASK_FLAGS, MASK_KIND)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
@@ -463,12 +504,12 @@ def _attn_bwd_dq_kernel(
             raw = 2.0 * qk - tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)[None, :]
         else:
             raw = qk
-        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, tril, MASK_KIND, CAUSAL, EVEN_N)
         p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         if MASK_GRAD:
             g_ptrs = DMASK + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_n[None, :] * sgn
@@ -656,15 +697,38 @@ def new_row_stats(B, H, Nq, device):
     return torch.empty(3, B * H, Nq, device=device, dtype=torch.float32)
 
 
-def upper_empty_flag(mask, Nq, Nk, causal, device):
-    """int32 flag for the kernels: 1 when a bool keep mask keeps no (query i, key j > i) entry, so
-    that blocks above the diagonal can be skipped as under causal=True, with the same result (a
-    registered tril buffer, nanoGPT-style, is such a mask). Checked on the device for every call,
-    so a mask that changes between calls is always read as it is now. Only for a mask shared by
-    every batch and head (the check copies it once: Nq x Nk bytes); 0 for other masks."""
+@triton.jit
+def _mask_layout_kernel(MASK, FLAGS, N_Q, N_K, smm, smn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Clear bit 1 of FLAGS if this tile keeps an entry above the diagonal (j > i), and bit 2 if
+    it drops one on or below it."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    inb = (offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K)
+    keep = tl.load(MASK + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=inb, other=0) != 0
+    upper = offs_n[None, :] > offs_m[:, None]
+    kept_upper = tl.max((keep & upper & inb).to(tl.int32))
+    dropped_lower = tl.max(((~keep) & (~upper) & inb).to(tl.int32))
+    tl.atomic_and(FLAGS, 3 - kept_upper - 2 * dropped_lower)
+
+
+def mask_layout_flags(mask, Nq, Nk, causal, device):
+    """int32 flags for the kernels about a bool keep mask: bit 1 set when it keeps no (query i,
+    key j > i) entry, so blocks above the diagonal can be skipped as under causal=True with the
+    same result (a registered tril buffer, nanoGPT-style, is such a mask); bit 2 set when it keeps
+    every entry on and below the diagonal. Both set (3): the mask is exactly the lower triangle,
+    and the kernels test the triangle instead of reading the mask. Computed on the device for
+    every call, one pass over the mask, so a mask that changes between calls is always read as it
+    is now, and no host sync is needed. Only for a mask shared by every batch and head; 0 for
+    other masks."""
     shared = mask is not None and all(n == 1 for n in mask.shape[:-2])
     if shared and mask.dtype == torch.bool and not causal and mask.shape[-2:] == (Nq, Nk) and Nq > 1:
-        return (~mask.triu(1).any()).to(torch.int32)
+        flags = torch.full((), 3, device=mask.device, dtype=torch.int32)
+        m2 = mask.reshape(mask.shape[-2:]) if mask.dim() > 2 else mask
+        m2 = m2.view(torch.uint8)
+        bm, bn = (64, 256) if not interpreting() else (128, 512)
+        _mask_layout_kernel[(triton.cdiv(Nq, bm), triton.cdiv(Nk, bn))](
+            m2, flags, Nq, Nk, m2.stride(0), m2.stride(1), BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+        return flags
     device = torch.device(device)
     if device not in _NO_SKIP:  # one read-only zero per device: no fill launched per call
         _NO_SKIP[device] = torch.zeros((), device=device, dtype=torch.int32)
@@ -691,7 +755,7 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
     grid = (triton.cdiv(Nq, bm), B * H)
     q, k, _qvec, kvec = _prepass(metric, q, k)
     _attn_fwd_kernel[grid](
-        q, k, v, scale, kvec, m4, upper_empty_flag(mask, Nq, Nk, causal, q.device), out, row_stats[0], row_stats[2], row_stats[1],
+        q, k, v, scale, kvec, m4, mask_layout_flags(mask, Nq, Nk, causal, q.device), out, row_stats[0], row_stats[2], row_stats[1],
         *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
         H, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
         HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv),
@@ -756,7 +820,7 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
     tile_kv, tile_q = backward_tiles(config or default_attention_config(metric, D, q.dtype, q.device.type))
     delta = row_dot(do, out)
     m4, ms, mkind = _mask_args(mask, B, H, Nq, Nk, q.device)
-    upper_empty = upper_empty_flag(mask, Nq, Nk, causal, q.device)
+    mask_flags = mask_layout_flags(mask, Nq, Nk, causal, q.device)
     q, k, qvec, kvec = _prepass(metric, q, k)
     dq = torch.empty(B, H, Nq, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, Hkv, Nk, D, device=q.device, dtype=k.dtype)
@@ -771,13 +835,13 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
                   DOT_PREC=_dot_prec(q.dtype))
     bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
     _attn_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
-        q, k, v, scale, kvec, m4, upper_empty, do, row_stats[0], row_stats[2], delta, dk, dv,
+        q, k, v, scale, kvec, m4, mask_flags, do, row_stats[0], row_stats[2], delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(),
         H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
         EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common)
     bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
     _attn_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
-        q, k, v, scale, qvec, kvec, m4, upper_empty, do, row_stats[0], row_stats[2], row_stats[1], delta, dq, dsc,
+        q, k, v, scale, qvec, kvec, m4, mask_flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dq, dsc,
         gbuf,
         *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *gs,
         H, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),

@@ -17,9 +17,9 @@ import triton
 import triton.language as tl
 
 from fusion_backend.kernels.attention import (
-    _dropout_keep, _fwd_epilogue, _kernel_scale, _key_end, _load_row_stats, _load_rows, _logits, _mask_args,
+    _dropout_keep, _fwd_epilogue, _is_tril, _kernel_scale, _key_end, _load_row_stats, _load_rows, _logits, _mask_args,
     _pad_dim, _probs, _query_start, _softmax_step, backward_tiles, mask_grad_buffer, new_row_stats,
-    reduce_mask_grad, row_dot, upper_empty_flag,
+    reduce_mask_grad, row_dot, mask_layout_flags,
 )
 from fusion_backend.kernels.philox import dropout_threshold
 
@@ -69,7 +69,7 @@ def _add_sign_grad(g, qt_base, kt_base, out_base, offs_m, offs_n, N_Q, N_K, HEAD
 
 @triton.jit
 def _l1_fwd_kernel(
-    QT, KT, V, SCALE, MASK, UPPER_EMPTY, OUT, STATS_M, STATS_L, RBAR,
+    QT, KT, V, SCALE, MASK, MASK_FLAGS, OUT, STATS_M, STATS_L, RBAR,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sob, soh, som, sod,
@@ -104,24 +104,27 @@ def _l1_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     r_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
-    hi = _key_end(pid_m, N_K, UPPER_EMPTY, MASK_KIND, CAUSAL, BLOCK_M)
+    hi = _key_end(pid_m, N_K, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M)
+    tril = _is_tril(MASK_FLAGS, MASK_KIND)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         raw = -_l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
-        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, tril, MASK_KIND, CAUSAL, EVEN_N)
         p, m_i, l_i, r_i, acc = _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND, STATS)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N)
-            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            p = tl.where(keep, p, 0.0)
         v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
         acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision=DOT_PREC)
+    if DROPOUT:  # kept probabilities scale by 1/(1-p): once per row here, not per element above
+        acc = acc * (1.0 / (1.0 - dropout_p))
     _fwd_epilogue(acc, m_i, l_i, r_i, OUT, RBAR, STATS_M, STATS_L, b, h, bh, offs_m, offs_dv, sob, soh, som, sod,
                   N_Q, HEAD_DIM_V, MASK_KIND)
 
 
 @triton.jit
 def _l1_bwd_dkdv_kernel(
-    QT, KT, V, SCALE, MASK, UPPER_EMPTY, DO, STATS_M, STATS_L, DELTA, DKT, DV,
+    QT, KT, V, SCALE, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, DELTA, DKT, DV,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sdob, sdoh, sdom, sdod,
@@ -145,7 +148,8 @@ def _l1_bwd_dkdv_kernel(
     dkt_base = DKT + bhk * HEAD_DIM * N_K
     v = _load_rows(V + b * svb + hk * svh, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
     dv_acc = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
-    lo = _query_start(pid_n, UPPER_EMPTY, MASK_KIND, CAUSAL, BLOCK_M, BLOCK_N)
+    lo = _query_start(pid_n, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M, BLOCK_N)
+    tril = _is_tril(MASK_FLAGS, MASK_KIND)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
@@ -160,13 +164,13 @@ def _l1_bwd_dkdv_kernel(
             sa, sb = _load_row_stats(STATS_M, STATS_L, bh, offs_m, N_Q, MASK_KIND)
             delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
             dist = _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
-            s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+            s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, tril, MASK_KIND, CAUSAL, EVEN_N)
             p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             if DROPOUT:
                 keep = _dropout_keep(seed, bh, offs_m, pid_n * BLOCK_N, N_K, threshold, BLOCK_M, BLOCK_N)
                 rescale = 1.0 / (1.0 - dropout_p)
-                pd = tl.where(keep, p * rescale, 0.0)
+                pd = tl.where(keep, p, 0.0)  # dV takes the 1/(1-p) once, at the end
                 dp = tl.where(keep, dp * rescale, 0.0)
             else:
                 pd = p
@@ -174,12 +178,14 @@ def _l1_bwd_dkdv_kernel(
             ds = p * (dp - delta[:, None]) * scale
             _add_sign_grad(ds, qt_base, kt_base, dkt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, False)
     dv_ptrs = DV + bhk * N_K * HEAD_DIM_V + offs_n[:, None] * HEAD_DIM_V + offs_dv[None, :]
+    if DROPOUT:
+        dv_acc = dv_acc * (1.0 / (1.0 - dropout_p))
     tl.store(dv_ptrs, dv_acc.to(DV.dtype.element_ty), mask=(offs_n[:, None] < N_K) & (offs_dv[None, :] < HEAD_DIM_V))
 
 
 @triton.jit
 def _l1_bwd_dq_kernel(
-    QT, KT, V, SCALE, MASK, UPPER_EMPTY, DO, STATS_M, STATS_L, RBAR, DELTA, DQT, DSCALE, DMASK,
+    QT, KT, V, SCALE, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, RBAR, DELTA, DQT, DSCALE, DMASK,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sdob, sdoh, sdom, sdod,
@@ -212,17 +218,18 @@ def _l1_bwd_dq_kernel(
     delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
     rbar = tl.load(RBAR + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
     dsc = tl.zeros([BLOCK_M], tl.float32)
-    hi = _key_end(pid_m, N_K, UPPER_EMPTY, MASK_KIND, CAUSAL, BLOCK_M)
+    hi = _key_end(pid_m, N_K, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M)
+    tril = _is_tril(MASK_FLAGS, MASK_KIND)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         dist = _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
-        s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+        s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, tril, MASK_KIND, CAUSAL, EVEN_N)
         p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
         v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         if MASK_GRAD:
             g_ptrs = DMASK + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_n[None, :] * sgn
@@ -276,7 +283,7 @@ def l1_attention_forward(q, k, v, scale, *, causal=False, mask=None, dropout_p=0
     m4, ms, mkind = _mask_args(mask, B, H, Nq, Nk, q.device)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     _l1_fwd_kernel[(triton.cdiv(Nq, bm), B * H)](
-        qt, kt, v, scale, m4, upper_empty_flag(mask, Nq, Nk, causal, q.device), out, row_stats[0], row_stats[2],
+        qt, kt, v, scale, m4, mask_layout_flags(mask, Nq, Nk, causal, q.device), out, row_stats[0], row_stats[2],
         row_stats[1],
         *v.stride(), *ms, *out.stride(),
         H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
@@ -298,7 +305,7 @@ def l1_attention_backward(do, q, k, v, scale, out, row_stats, *, causal=False, m
     qt, kt = _transposed_f32(q), _transposed_f32(k)
     delta = row_dot(do, out)
     m4, ms, mkind = _mask_args(mask, B, H, Nq, Nk, q.device)
-    upper_empty = upper_empty_flag(mask, Nq, Nk, causal, q.device)
+    mask_flags = mask_layout_flags(mask, Nq, Nk, causal, q.device)
     dqt = torch.zeros(B, H, D, Nq, device=q.device, dtype=torch.float32)
     dkt = torch.zeros(B, Hkv, D, Nk, device=q.device, dtype=torch.float32)
     dv = torch.empty(B, Hkv, Nk, Dv, device=q.device, dtype=v.dtype)
@@ -311,13 +318,13 @@ def l1_attention_backward(do, q, k, v, scale, out, row_stats, *, causal=False, m
                   DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q.dtype))
     bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
     _l1_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
-        qt, kt, v, scale, m4, upper_empty, do, row_stats[0], row_stats[2], delta, dkt, dv,
+        qt, kt, v, scale, m4, mask_flags, do, row_stats[0], row_stats[2], delta, dkt, dv,
         *v.stride(), *ms, *do.stride(),
         H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
         EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common)
     bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
     _l1_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
-        qt, kt, v, scale, m4, upper_empty, do, row_stats[0], row_stats[2], row_stats[1], delta, dqt, dsc, gbuf,
+        qt, kt, v, scale, m4, mask_flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dqt, dsc, gbuf,
         *v.stride(), *ms, *do.stride(), *gs,
         H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
         MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,

@@ -96,7 +96,7 @@ def _act_and_grad(z, ACT: tl.constexpr):
 @triton.jit
 def _dropout(v, seed, rows, col0, N, threshold, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Inverted dropout of the float32 (BLOCK_M, BLOCK_N) block v whose global row indices are
-    `rows` (int64) and whose first global column is col0 (a multiple of 4); N the matrix width."""
+    `rows` (int64) and whose first global column is col0 (a multiple of 8); N the matrix width."""
     keep = keep_mask(seed, rows, col0, N, threshold, BLOCK_M, BLOCK_N)
     return tl.where(keep, v * scale, 0.0)
 
@@ -144,7 +144,7 @@ def _gemm_kernel(
              EPI_DHIDDEN: dL/dz in c, and dL/dzu in c2 when GATED. Otherwise the result in c.
       db_ptr, db2_ptr (cdiv(M, BLOCK_M), N) float32 contiguous: EPI_DHIDDEN with BIAS_GRAD: each
              M-tile's column sums of dL/dz (and dL/dzu), summed over dim 0 for bias gradients.
-    Scalars: seed (Philox key), threshold (int, keep if 31-bit draw >= it), scale (1/(1-p)),
+    Scalars: seed (Philox key), threshold (int, keep if 16-bit draw >= it), scale (1/(1-p)),
       used when HAS_DROPOUT; element (i, j) is drawn as element (row0 + i, j) of the matrix, so
       a block of rows of a larger matrix (starting at row row0) draws that matrix's mask.
     Constexprs: EPI (EPI_* code), ACT (activation code), HAS_BIAS/HAS_BIAS2/GATED/HAS_K2/
@@ -394,7 +394,7 @@ def _hidden_epilogue_kernel(
     Scalars: seed, threshold, scale: dropout, element (i, j) drawn as element (row0 + i, j).
     Constexprs: ACT activation code; BACKWARD picks the direction; GATED, HAS_BIAS, HAS_BIAS2,
       HAS_DROPOUT, BIAS_GRAD switch the pieces above; BLOCK_M x BLOCK_N the tile (BLOCK_N a
-      multiple of 4: one Philox call covers 4 columns).
+      multiple of 8: one Philox call covers 8 columns).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -508,7 +508,7 @@ def _output_epilogue_kernel(
     Scalars: seed, threshold, scale of the dropout (element (i, j) drawn as (row0 + i, j)), if
     HAS_DROPOUT.
     Constexprs: HAS_BIAS, HAS_DROPOUT, HAS_RES switch the three steps; BLOCK_M x BLOCK_N the tile
-    (BLOCK_N a multiple of 4: one Philox call covers 4 columns).
+    (BLOCK_N a multiple of 8: one Philox call covers 8 columns).
     In backward the same kernel with only HAS_DROPOUT gives dL/dy = dropout(dL/dout).
     """
     pid_m = tl.program_id(0)

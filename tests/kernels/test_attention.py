@@ -151,7 +151,7 @@ def test_dropout_determinism_rate_and_gradient(metric):
 def test_dropout_kernels_draw_the_references_mask(metric):
     """The kernels' Philox mask is the reference's for the same seed: outputs and gradients of a
     causal, GQA, odd-shaped call with dropout equal the float64 reference given that seed (Nk = 37
-    is not a multiple of the four columns one Philox call covers)."""
+    is not a multiple of the eight columns one Philox call covers)."""
     q, k, v = make(2, 4, 2, 19, 37, 16, 8)
     ins = [t.requires_grad_() for t in (q, k, v)]
     sc = None if metric == "dot" else 0.1
@@ -177,22 +177,57 @@ def test_tril_bool_mask_skips_the_upper_blocks_with_the_same_result(metric):
     Nq, Nk = 130, 150
     keep = torch.ones(Nq, Nk, dtype=torch.bool).tril()
     keep[70, :5] = False  # not exactly the triangle: still nothing kept above it
-    assert tc.upper_empty_flag(keep, Nq, Nk, False, "cpu").item() == 1
+    assert tc.mask_layout_flags(keep, Nq, Nk, False, "cpu").item() == 1
     q, k, v = make(1, 2, 2, Nq, Nk, 16, 16)
     run_and_compare(metric, q, k, v, scale=0.3 if metric != "dot" else None, mask=keep)
 
 
-def test_upper_empty_flag_only_for_masks_that_keep_nothing_above_the_diagonal():
+@pytest.mark.parametrize("metric", METRICS)
+def test_exact_tril_bool_mask_is_tested_as_a_triangle_with_the_same_result(metric):
+    """A bool mask that is exactly the lower triangle is never read by the kernels (they test
+    the triangle instead), with dropout too; a transposed (non-contiguous) view of it as well."""
+    Nq, Nk = 130, 150
+    keep = torch.ones(Nq, Nk, dtype=torch.bool).tril()
+    assert tc.mask_layout_flags(keep, Nq, Nk, False, "cpu").item() == 3
+    strided = torch.ones(Nk, Nq, dtype=torch.bool).triu().t()  # the same values, column-major
+    assert torch.equal(strided, keep) and tc.mask_layout_flags(strided, Nq, Nk, False, "cpu").item() == 3
+    q, k, v = make(1, 2, 2, Nq, Nk, 16, 16)
+    sc = 0.3 if metric != "dot" else None
+    run_and_compare(metric, q, k, v, scale=sc, mask=strided[None, None])
+    ins = [t.detach().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, 2**30, ()).item())  # what the op draws after the same reseed
+    torch.manual_seed(5)
+    out = attention(*ins, metric=metric, scale=sc, attn_mask=keep, dropout_p=0.2)
+    g = torch.randn_like(out)
+    ins64 = [t.detach().double().requires_grad_() for t in ins]
+    ref = attention_reference(*ins64, metric=metric, scale=sc, attn_mask=keep, dropout_p=0.2, dropout_seed=seed)
+    assert rel(out, ref) < 1e-5
+    for a, b in zip(torch.autograd.grad(out, ins, g), torch.autograd.grad(ref, ins64, g.double())):
+        assert rel(a, b) < 1e-4
+
+
+def test_mask_layout_flags_read_the_mask_as_it_is():
     tril = torch.ones(5, 7, dtype=torch.bool).tril()
-    assert tc.upper_empty_flag(tril[None, None], 5, 7, False, "cpu").item() == 1
+    assert tc.mask_layout_flags(tril[None, None], 5, 7, False, "cpu").item() == 3
     above = tril.clone()
     above[1, 4] = True
-    assert tc.upper_empty_flag(above, 5, 7, False, "cpu").item() == 0
-    assert tc.upper_empty_flag(tril[:1], 1, 7, False, "cpu").item() == 0  # a single query row: nothing to skip
-    assert tc.upper_empty_flag(torch.ones(1, 7, dtype=torch.bool), 5, 7, False, "cpu").item() == 0  # broadcast rows
-    assert tc.upper_empty_flag(tril.float(), 5, 7, False, "cpu").item() == 0  # float masks: not bool
-    assert tc.upper_empty_flag(tril.expand(2, 1, 5, 7), 5, 7, False, "cpu").item() == 0  # per-batch masks
-    assert tc.upper_empty_flag(None, 5, 7, False, "cpu").item() == 0
+    assert tc.mask_layout_flags(above, 5, 7, False, "cpu").item() == 2  # lower full, upper not empty
+    holed = tril.clone()
+    holed[4, 0] = False
+    assert tc.mask_layout_flags(holed, 5, 7, False, "cpu").item() == 1  # upper empty, lower not full
+    holed[0, 6] = True
+    assert tc.mask_layout_flags(holed, 5, 7, False, "cpu").item() == 0
+    assert tc.mask_layout_flags(tril[:1], 1, 7, False, "cpu").item() == 0  # a single query row: nothing to skip
+    assert tc.mask_layout_flags(torch.ones(1, 7, dtype=torch.bool), 5, 7, False, "cpu").item() == 0  # broadcast rows
+    assert tc.mask_layout_flags(tril.float(), 5, 7, False, "cpu").item() == 0  # float masks: not bool
+    assert tc.mask_layout_flags(tril.expand(2, 1, 5, 7), 5, 7, False, "cpu").item() == 0  # per-batch masks
+    assert tc.mask_layout_flags(tril, 5, 7, True, "cpu").item() == 0  # causal: already skipped
+    assert tc.mask_layout_flags(None, 5, 7, False, "cpu").item() == 0
+    big = torch.ones(300, 700, dtype=torch.bool).tril()  # several tiles in both directions
+    assert tc.mask_layout_flags(big, 300, 700, False, "cpu").item() == 3
+    big[299, 699] = True
+    assert tc.mask_layout_flags(big, 300, 700, False, "cpu").item() == 2
 
 
 def test_opcheck():
