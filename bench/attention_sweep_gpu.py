@@ -15,6 +15,7 @@ $OUT/attention_sweep.json: per kernel and metric the median ms of every tile, an
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -174,6 +175,8 @@ def main():
     ap.add_argument("--mask", choices=("none", "tril", "causal"), default="none",
                     help="tril: a shared bool lower-triangle mask (a registered buffer); causal: causal=True")
     ap.add_argument("--dropout", type=float, default=0.0)
+    for part in ("fwd", "dkdv", "dq"):
+        ap.add_argument(f"--{part}-tiles", help="comma-separated tiles like m128n64w8s3 (replaces the list)")
     args = ap.parse_args()
     global B, H, N, D
     if args.shape and not SMALL:
@@ -193,6 +196,11 @@ def main():
                          (16, 128, 4, 5)]
         DQ_TILES[:] = [(64, 64, 4, 2), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 5),
                        (128, 64, 4, 3)]
+    for part, tiles in (("fwd", FWD_TILES), ("dkdv", DKDV_TILES), ("dq", DQ_TILES)):
+        given = getattr(args, f"{part}_tiles")
+        if given:
+            tiles[:] = [tuple(int(x) for x in re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)", t).groups())
+                        for t in given.split(",")]
     sdpa_reference()
     metrics = args.metrics.split(",")
     sweep(metrics[0], dict(fwd=FWD_TILES, dkdv=DKDV_TILES, dq=DQ_TILES))

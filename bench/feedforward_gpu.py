@@ -292,6 +292,20 @@ def profile_training(T=8192, d=1024, h=4096, steps=10):
         with open(path, "a") as f:
             f.write(f"=== {name}: host issue {host_ms:.3f} ms/step, wall {wall_ms:.3f} ms/step, {steps} steps ===\n{table}\n")
         print(f"profile {name}: host issue {host_ms:.3f} ms/step, wall {wall_ms:.3f} ms/step", flush=True)
+        # where the host time goes, by Python function
+        import cProfile
+        import io
+        import pstats
+        prof_py = cProfile.Profile()
+        prof_py.enable()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        prof_py.disable()
+        text = io.StringIO()
+        pstats.Stats(prof_py, stream=text).sort_stats("tottime").print_stats(30)
+        with open(os.path.join(OUT, "feedforward-cprofile.txt"), "a") as f:
+            f.write(f"=== {name}: {steps} steps ===\n{text.getvalue()}\n")
 
 
 def main():

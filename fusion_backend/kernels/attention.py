@@ -78,36 +78,16 @@ def _apply_mask(s, mask_ptr, offs_r, offs_c, s_r, s_c, N_R, N_C, MASK_KIND: tl.c
 
 
 @triton.jit
-def _masked(s, mask_ptr, offs_r, offs_c, s_r, s_c, N_R, N_C, keys_on_rows: tl.constexpr, tril,
-            MASK_KIND: tl.constexpr):
-    """The user mask applied to a logit tile (`_apply_mask`), except that a bool mask found to be
-    exactly the lower triangle (`tril`, see `mask_layout_flags`) is applied as a triangle test
-    without reading it."""
-    if MASK_KIND == 1:
-        if tril:
-            if keys_on_rows:
-                s = tl.where(offs_r[:, None] <= offs_c[None, :], s, float("-inf"))
-            else:
-                s = tl.where(offs_c[None, :] <= offs_r[:, None], s, float("-inf"))
-        else:
-            s = _apply_mask(s, mask_ptr, offs_r, offs_c, s_r, s_c, N_R, N_C, MASK_KIND)
-    else:
-        s = _apply_mask(s, mask_ptr, offs_r, offs_c, s_r, s_c, N_R, N_C, MASK_KIND)
-    return s
-
-
-@triton.jit
-def _logits(raw, scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K, tril,
+def _logits(raw, scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
             MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, EVEN_N: tl.constexpr):
     """Logits of one [BLOCK_M, BLOCK_N] tile: raw * scale_k, plus the mask, with causal and
-    out-of-range keys set to -inf. `mask_ptr` already points at this (batch, head); `tril` is
-    `_is_tril`'s flag.
+    out-of-range keys set to -inf. `mask_ptr` already points at this (batch, head).
 
     Units: base 2 (scale_k = scale * log2(e)) except with a float mask (MASK_KIND 2), where they
     are natural (scale_k = scale, the mask added as is): finfo.min * log2(e) overflows to -inf, which
     would turn an eager-uniform, finfo.min-padded row into a fully masked one. `_exp_rel` and
     `_probs` undo the units."""
-    s = _masked(raw * scale_k, mask_ptr, offs_m, offs_n, smm, smn, N_Q, N_K, False, tril, MASK_KIND)
+    s = _apply_mask(raw * scale_k, mask_ptr, offs_m, offs_n, smm, smn, N_Q, N_K, MASK_KIND)
     if CAUSAL:
         s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
     if not EVEN_N:
@@ -116,11 +96,11 @@ def _logits(raw, scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K, tril,
 
 
 @triton.jit
-def _logits_t(rawT, scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K, tril,
+def _logits_t(rawT, scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr):
     """`_logits` for a transposed [BLOCK_N, BLOCK_M] tile (keys along rows). Out-of-range key rows
     are left finite: the dK/dV kernel never stores them and they feed nothing else."""
-    s = _masked(rawT * scale_k, mask_ptr, offs_n, offs_m, smn, smm, N_K, N_Q, True, tril, MASK_KIND)
+    s = _apply_mask(rawT * scale_k, mask_ptr, offs_n, offs_m, smn, smm, N_K, N_Q, MASK_KIND)
     if CAUSAL:
         s = tl.where(offs_n[:, None] <= offs_m[None, :], s, float("-inf"))
     return s
@@ -169,15 +149,6 @@ def _probs(s, a, b, MASK_KIND: tl.constexpr):
         return tl.math.exp2((s - a) * 1.4426950408889634 - b)
     else:
         return tl.math.exp2(s - a)
-
-
-@triton.jit
-def _is_tril(MASK_FLAGS, MASK_KIND: tl.constexpr):
-    """Whether the bool mask is exactly the lower triangle (flags 3, see `mask_layout_flags`)."""
-    if MASK_KIND == 1:
-        return tl.load(MASK_FLAGS) == 3
-    else:
-        return False
 
 
 @triton.jit
@@ -279,7 +250,7 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     STATS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
 ):
     """Forward of dot / l2 / cosine attention for one block of BLOCK_M queries of one (b, h).
 
@@ -301,6 +272,13 @@ def _attn_fwd_kernel(
     EVEN_M/EVEN_N whether Nq/Nk are multiples of the blocks (skip bounds checks);
     DOT_PREC tl.dot input precision ("ieee" for fp32 inputs); BLOCK_M/BLOCK_N the tile.
     """
+    # one of the two launches for a shared bool mask, which decide on the device (`mask_launches`)
+    if RUN_IF == 1:
+        if tl.load(MASK_FLAGS) != 3:
+            return
+    if RUN_IF == 2:
+        if tl.load(MASK_FLAGS) == 3:
+            return
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -322,7 +300,6 @@ def _attn_fwd_kernel(
     r_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     hi = _key_end(pid_m, N_K, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M)
-    tril = _is_tril(MASK_FLAGS, MASK_KIND)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
@@ -332,7 +309,7 @@ def _attn_fwd_kernel(
             raw = 2.0 * qk - kn[None, :]
         else:
             raw = qk
-        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, tril, MASK_KIND, CAUSAL, EVEN_N)
+        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
         p, m_i, l_i, r_i, acc = _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND, STATS)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N)
@@ -360,7 +337,7 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
 ):
     """dK, dV for BLOCK_N keys of one (b, kv head), summed over the GROUP query heads that read it.
 
@@ -371,6 +348,13 @@ def _attn_bwd_dkdv_kernel(
     DK:    (B, Hkv, Nk, D) contiguous, K's dtype;  DV: (B, Hkv, Nk, Dv) contiguous, V's dtype.
     BLOCK_N keys are owned by the program, BLOCK_M queries are visited per step.
     """
+    # one of the two launches for a shared bool mask, which decide on the device (`mask_launches`)
+    if RUN_IF == 1:
+        if tl.load(MASK_FLAGS) != 3:
+            return
+    if RUN_IF == 2:
+        if tl.load(MASK_FLAGS) == 3:
+            return
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // HKV
@@ -388,7 +372,6 @@ def _attn_bwd_dkdv_kernel(
     dv_acc = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
     csum = tl.zeros([BLOCK_N], tl.float32)
     lo = _query_start(pid_n, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M, BLOCK_N)
-    tril = _is_tril(MASK_FLAGS, MASK_KIND)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
@@ -410,7 +393,7 @@ def _attn_bwd_dkdv_kernel(
                 rawT = 2.0 * qkT - kvec[:, None]
             else:
                 rawT = qkT
-            sT = _logits_t(rawT, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, tril, MASK_KIND, CAUSAL)
+            sT = _logits_t(rawT, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL)
             pT = _probs(sT, sa[None, :], sb[None, :], MASK_KIND)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             if DROPOUT:
@@ -457,7 +440,7 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     MASK_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
 ):
     """dQ for BLOCK_M queries of one (b, h); also d(loss)/d(scale) per row (when SCALE_GRAD) and dMask.
 
@@ -469,6 +452,13 @@ def _attn_bwd_dq_kernel(
     DMASK:  fp32 buffer addressed with strides sg* over (B, H, Nq, Nk) (0 on dims the mask
             broadcasts over B/H); dS is atomically added when MASK_GRAD.
     """
+    # one of the two launches for a shared bool mask, which decide on the device (`mask_launches`)
+    if RUN_IF == 1:
+        if tl.load(MASK_FLAGS) != 3:
+            return
+    if RUN_IF == 2:
+        if tl.load(MASK_FLAGS) == 3:
+            return
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -494,7 +484,6 @@ def _attn_bwd_dq_kernel(
     dq_acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     dsc = tl.zeros([BLOCK_M], tl.float32)
     hi = _key_end(pid_m, N_K, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M)
-    tril = _is_tril(MASK_FLAGS, MASK_KIND)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
@@ -504,7 +493,7 @@ def _attn_bwd_dq_kernel(
             raw = 2.0 * qk - tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)[None, :]
         else:
             raw = qk
-        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, tril, MASK_KIND, CAUSAL, EVEN_N)
+        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
         p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:
@@ -680,7 +669,7 @@ def _prepass(metric, q, k):
     every query program."""
     dummy = torch.empty(1, device=q.device, dtype=torch.float32)
     if metric == "l2":
-        return q, k, dummy, (k.float() ** 2).sum(-1).contiguous()
+        return q, k, dummy, row_dot(k, k)
     if metric == "cosine":
         qf, kf = q.float(), k.float()
         qn = qf.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
@@ -715,13 +704,11 @@ def mask_layout_flags(mask, Nq, Nk, causal, device):
     """int32 flags for the kernels about a bool keep mask: bit 1 set when it keeps no (query i,
     key j > i) entry, so blocks above the diagonal can be skipped as under causal=True with the
     same result (a registered tril buffer, nanoGPT-style, is such a mask); bit 2 set when it keeps
-    every entry on and below the diagonal. Both set (3): the mask is exactly the lower triangle,
-    and the kernels test the triangle instead of reading the mask. Computed on the device for
-    every call, one pass over the mask, so a mask that changes between calls is always read as it
-    is now, and no host sync is needed. Only for a mask shared by every batch and head; 0 for
-    other masks."""
-    shared = mask is not None and all(n == 1 for n in mask.shape[:-2])
-    if shared and mask.dtype == torch.bool and not causal and mask.shape[-2:] == (Nq, Nk) and Nq > 1:
+    every entry on and below the diagonal. Both set (3): the mask is exactly the lower triangle.
+    Computed on the device for every call, one pass over the mask, so a mask that changes between
+    calls is always read as it is now, and no host sync is needed. Only for a mask shared by every
+    batch and head (see `flags_apply`); the shared zero for other masks."""
+    if flags_apply(mask, Nq, Nk, causal):
         flags = torch.full((), 3, device=mask.device, dtype=torch.int32)
         m2 = mask.reshape(mask.shape[-2:]) if mask.dim() > 2 else mask
         m2 = m2.view(torch.uint8)
@@ -738,6 +725,24 @@ def mask_layout_flags(mask, Nq, Nk, causal, device):
 _NO_SKIP: dict = {}
 
 
+def flags_apply(mask, Nq, Nk, causal) -> bool:
+    """Whether `mask_layout_flags` computes flags for this mask (else they are a constant 0)."""
+    shared = mask is not None and all(n == 1 for n in mask.shape[:-2])
+    return shared and mask.dtype == torch.bool and not causal and tuple(mask.shape[-2:]) == (Nq, Nk) and Nq > 1
+
+
+def mask_launches(mask, Nq, Nk, causal, device):
+    """(flags, launches) for one kernel call: each launch is (RUN_IF, mask, causal) for the kernel.
+    A shared bool mask gets two launches that decide on the device which of them computes: one
+    specialized as causal=True without the mask (it runs when the flags say the mask is exactly
+    the lower triangle, and is then as fast as causal), and one that reads the mask (it runs
+    otherwise; the program that does not compute returns at once). Other calls get one launch."""
+    flags = mask_layout_flags(mask, Nq, Nk, causal, device)
+    if not flags_apply(mask, Nq, Nk, causal):
+        return flags, [(0, mask, causal)]
+    return flags, [(1, None, True), (2, mask, False)]
+
+
 def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, dropout_p=0.0, seed=0,
                       config=None, out=None, stats=True):
     """Run the forward kernel. q (B,H,Nq,D), k (B,Hkv,Nk,D), v (B,Hkv,Nk,Dv) any strides, one dtype;
@@ -750,19 +755,21 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
     if out is None:
         out = torch.empty(B, H, Nq, Dv, device=q.device, dtype=q.dtype)
     row_stats = new_row_stats(B, H, Nq, q.device)
-    m4, ms, mkind = _mask_args(mask, B, H, Nq, Nk, q.device)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (triton.cdiv(Nq, bm), B * H)
     q, k, _qvec, kvec = _prepass(metric, q, k)
-    _attn_fwd_kernel[grid](
-        q, k, v, scale, kvec, m4, mask_layout_flags(mask, Nq, Nk, causal, q.device), out, row_stats[0], row_stats[2], row_stats[1],
-        *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
-        H, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
-        HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv),
-        METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=causal, DROPOUT=dropout_p > 0, STATS=stats,
-        EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    flags, launches = mask_launches(mask, Nq, Nk, causal, q.device)
+    for run_if, l_mask, l_causal in launches:
+        m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
+        _attn_fwd_kernel[grid](
+            q, k, v, scale, kvec, m4, flags, out, row_stats[0], row_stats[2], row_stats[1],
+            *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
+            H, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
+            HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv),
+            METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=l_causal, DROPOUT=dropout_p > 0, STATS=stats,
+            EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
+            BLOCK_M=bm, BLOCK_N=bn, RUN_IF=run_if, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     return out, row_stats
 
 
@@ -819,8 +826,7 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     tile_kv, tile_q = backward_tiles(config or default_attention_config(metric, D, q.dtype, q.device.type))
     delta = row_dot(do, out)
-    m4, ms, mkind = _mask_args(mask, B, H, Nq, Nk, q.device)
-    mask_flags = mask_layout_flags(mask, Nq, Nk, causal, q.device)
+    flags, launches = mask_launches(mask, Nq, Nk, causal, q.device)
     q, k, qvec, kvec = _prepass(metric, q, k)
     dq = torch.empty(B, H, Nq, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, Hkv, Nk, D, device=q.device, dtype=k.dtype)
@@ -830,23 +836,25 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
         gbuf, gs = mask_grad_buffer(mask, B, H, Nq, Nk)
     else:
         gbuf, gs = torch.empty(1, device=q.device, dtype=torch.float32), (0, 0, 0, 0)
-    common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv),
-                  METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=causal, DROPOUT=dropout_p > 0,
-                  DOT_PREC=_dot_prec(q.dtype))
-    bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
-    _attn_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
-        q, k, v, scale, kvec, m4, mask_flags, do, row_stats[0], row_stats[2], delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(),
-        H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
-        EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common)
-    bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
-    _attn_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
-        q, k, v, scale, qvec, kvec, m4, mask_flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dq, dsc,
-        gbuf,
-        *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *gs,
-        H, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
-        MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,
-        EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_q, **common)
+    for run_if, l_mask, l_causal in launches:
+        m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
+        common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv),
+                      METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=l_causal, DROPOUT=dropout_p > 0,
+                      DOT_PREC=_dot_prec(q.dtype), RUN_IF=run_if)
+        bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
+        _attn_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
+            q, k, v, scale, kvec, m4, flags, do, row_stats[0], row_stats[2], delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(),
+            H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
+            EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common)
+        bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
+        _attn_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
+            q, k, v, scale, qvec, kvec, m4, flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dq, dsc,
+            gbuf,
+            *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *gs,
+            H, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
+            MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,
+            EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_q, **common)
     dscale = dsc.view(B, H, Nq).sum(dim=(0, 2))
     dmask = reduce_mask_grad(gbuf, mask) if mask_grad else None
     return dq, dk, dv, dscale, dmask

@@ -17,9 +17,9 @@ import triton
 import triton.language as tl
 
 from fusion_backend.kernels.attention import (
-    _dropout_keep, _fwd_epilogue, _is_tril, _kernel_scale, _key_end, _load_row_stats, _load_rows, _logits, _mask_args,
-    _pad_dim, _probs, _query_start, _softmax_step, backward_tiles, mask_grad_buffer, new_row_stats,
-    reduce_mask_grad, row_dot, mask_layout_flags,
+    _dropout_keep, _fwd_epilogue, _kernel_scale, _key_end, _load_row_stats, _load_rows, _logits, _mask_args,
+    _pad_dim, _probs, _query_start, _softmax_step, backward_tiles, mask_grad_buffer, mask_launches,
+    new_row_stats, reduce_mask_grad, row_dot,
 )
 from fusion_backend.kernels.philox import dropout_threshold
 
@@ -77,7 +77,7 @@ def _l1_fwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, STATS: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
 ):
     """L1 attention forward for BLOCK_M queries of one (b, h). Grid: (cdiv(Nq, BLOCK_M), B * H).
 
@@ -87,6 +87,13 @@ def _l1_fwd_kernel(
     `attention._store_row_stats`;  RBAR: (B*H, Nq) E_p[raw] if STATS.
     Constexprs as in `attention._attn_fwd_kernel` (DV_PAD the padded value head dim).
     """
+    # one of the two launches for a shared bool mask, which decide on the device (`mask_launches`)
+    if RUN_IF == 1:
+        if tl.load(MASK_FLAGS) != 3:
+            return
+    if RUN_IF == 2:
+        if tl.load(MASK_FLAGS) == 3:
+            return
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -105,11 +112,10 @@ def _l1_fwd_kernel(
     r_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     hi = _key_end(pid_m, N_K, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M)
-    tril = _is_tril(MASK_FLAGS, MASK_KIND)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         raw = -_l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
-        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, tril, MASK_KIND, CAUSAL, EVEN_N)
+        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
         p, m_i, l_i, r_i, acc = _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND, STATS)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N)
@@ -132,12 +138,19 @@ def _l1_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
 ):
     """dK (into DKT: (B, Hkv, D, Nk) fp32 zeros, transposed) and dV ((B, Hkv, Nk, Dv) contiguous)
     for BLOCK_N keys of one (b, kv head), summed over its GROUP query heads.
     Grid: (cdiv(Nk, BLOCK_N), B * Hkv). DO (B, H, Nq, Dv) strides sdo*; STATS_M, STATS_L, DELTA
     (B*H, Nq) fp32."""
+    # one of the two launches for a shared bool mask, which decide on the device (`mask_launches`)
+    if RUN_IF == 1:
+        if tl.load(MASK_FLAGS) != 3:
+            return
+    if RUN_IF == 2:
+        if tl.load(MASK_FLAGS) == 3:
+            return
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // HKV
@@ -149,7 +162,6 @@ def _l1_bwd_dkdv_kernel(
     v = _load_rows(V + b * svb + hk * svh, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
     dv_acc = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
     lo = _query_start(pid_n, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M, BLOCK_N)
-    tril = _is_tril(MASK_FLAGS, MASK_KIND)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
@@ -164,7 +176,7 @@ def _l1_bwd_dkdv_kernel(
             sa, sb = _load_row_stats(STATS_M, STATS_L, bh, offs_m, N_Q, MASK_KIND)
             delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
             dist = _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
-            s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, tril, MASK_KIND, CAUSAL, EVEN_N)
+            s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
             p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             if DROPOUT:
@@ -194,11 +206,18 @@ def _l1_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
     SCALE_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
 ):
     """dQ (into DQT: (B, H, D, Nq) fp32 zeros, transposed), per-row scale gradient DSCALE (B*H, Nq)
     and float-mask gradient (atomics into DMASK, strides sg*) for BLOCK_M queries of one (b, h).
     Grid: (cdiv(Nq, BLOCK_M), B * H)."""
+    # one of the two launches for a shared bool mask, which decide on the device (`mask_launches`)
+    if RUN_IF == 1:
+        if tl.load(MASK_FLAGS) != 3:
+            return
+    if RUN_IF == 2:
+        if tl.load(MASK_FLAGS) == 3:
+            return
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -219,11 +238,10 @@ def _l1_bwd_dq_kernel(
     rbar = tl.load(RBAR + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
     dsc = tl.zeros([BLOCK_M], tl.float32)
     hi = _key_end(pid_m, N_K, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M)
-    tril = _is_tril(MASK_FLAGS, MASK_KIND)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         dist = _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
-        s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, tril, MASK_KIND, CAUSAL, EVEN_N)
+        s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
         p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
         v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
@@ -280,18 +298,19 @@ def l1_attention_forward(q, k, v, scale, *, causal=False, mask=None, dropout_p=0
     if out is None:
         out = torch.empty(B, H, Nq, Dv, device=q.device, dtype=q.dtype)
     row_stats = new_row_stats(B, H, Nq, q.device)
-    m4, ms, mkind = _mask_args(mask, B, H, Nq, Nk, q.device)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    _l1_fwd_kernel[(triton.cdiv(Nq, bm), B * H)](
-        qt, kt, v, scale, m4, mask_layout_flags(mask, Nq, Nk, causal, q.device), out, row_stats[0], row_stats[2],
-        row_stats[1],
-        *v.stride(), *ms, *out.stride(),
-        H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
-        HEAD_DIM=D, HEAD_DIM_V=Dv, DV_PAD=_pad_dim(Dv),
-        MASK_KIND=mkind, CAUSAL=causal, DROPOUT=dropout_p > 0, STATS=stats,
-        EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    flags, launches = mask_launches(mask, Nq, Nk, causal, q.device)
+    for run_if, l_mask, l_causal in launches:
+        m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
+        _l1_fwd_kernel[(triton.cdiv(Nq, bm), B * H)](
+            qt, kt, v, scale, m4, flags, out, row_stats[0], row_stats[2], row_stats[1],
+            *v.stride(), *ms, *out.stride(),
+            H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
+            HEAD_DIM=D, HEAD_DIM_V=Dv, DV_PAD=_pad_dim(Dv),
+            MASK_KIND=mkind, CAUSAL=l_causal, DROPOUT=dropout_p > 0, STATS=stats,
+            EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
+            BLOCK_M=bm, BLOCK_N=bn, RUN_IF=run_if, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     return out, row_stats
 
 
@@ -304,8 +323,7 @@ def l1_attention_backward(do, q, k, v, scale, out, row_stats, *, causal=False, m
     tile_kv, tile_q = backward_tiles(config or default_l1_config(D, q.dtype, q.device.type))
     qt, kt = _transposed_f32(q), _transposed_f32(k)
     delta = row_dot(do, out)
-    m4, ms, mkind = _mask_args(mask, B, H, Nq, Nk, q.device)
-    mask_flags = mask_layout_flags(mask, Nq, Nk, causal, q.device)
+    flags, launches = mask_launches(mask, Nq, Nk, causal, q.device)
     dqt = torch.zeros(B, H, D, Nq, device=q.device, dtype=torch.float32)
     dkt = torch.zeros(B, Hkv, D, Nk, device=q.device, dtype=torch.float32)
     dv = torch.empty(B, Hkv, Nk, Dv, device=q.device, dtype=v.dtype)
@@ -314,21 +332,23 @@ def l1_attention_backward(do, q, k, v, scale, out, row_stats, *, causal=False, m
         gbuf, gs = mask_grad_buffer(mask, B, H, Nq, Nk)
     else:
         gbuf, gs = torch.empty(1, device=q.device, dtype=torch.float32), (0, 0, 0, 0)
-    common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, DV_PAD=_pad_dim(Dv), MASK_KIND=mkind, CAUSAL=causal,
-                  DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q.dtype))
-    bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
-    _l1_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
-        qt, kt, v, scale, m4, mask_flags, do, row_stats[0], row_stats[2], delta, dkt, dv,
-        *v.stride(), *ms, *do.stride(),
-        H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
-        EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common)
-    bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
-    _l1_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
-        qt, kt, v, scale, m4, mask_flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dqt, dsc, gbuf,
-        *v.stride(), *ms, *do.stride(), *gs,
-        H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
-        MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,
-        EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_q, **common)
+    for run_if, l_mask, l_causal in launches:
+        m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
+        common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, DV_PAD=_pad_dim(Dv), MASK_KIND=mkind, CAUSAL=l_causal,
+                      DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q.dtype), RUN_IF=run_if)
+        bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
+        _l1_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
+            qt, kt, v, scale, m4, flags, do, row_stats[0], row_stats[2], delta, dkt, dv,
+            *v.stride(), *ms, *do.stride(),
+            H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
+            EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common)
+        bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
+        _l1_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
+            qt, kt, v, scale, m4, flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dqt, dsc, gbuf,
+            *v.stride(), *ms, *do.stride(), *gs,
+            H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
+            MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,
+            EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_q, **common)
     dq = dqt.transpose(-1, -2).to(q.dtype).contiguous()
     dk = dkt.transpose(-1, -2).to(k.dtype).contiguous()
     dscale = dsc.view(B, H, Nq).sum(dim=(0, 2))

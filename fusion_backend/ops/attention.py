@@ -32,6 +32,7 @@ from fusion_backend.kernels import attention_l1 as _l1
 from fusion_backend.kernels.philox import philox_keep_mask
 from fusion_backend.kernels.runtime import can_launch, device_unsupported, interpreting
 from fusion_backend.ops.fallback import warn_fallback_once
+from fusion_backend.ops.seed import draw_seed
 
 METRICS = ("dot", "l2", "l1", "cosine")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -356,10 +357,7 @@ def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None
         mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
         if mask.device != q.device:
             mask = mask.to(q.device)
-    if dropout_p > 0:
-        seed = torch.randint(0, 2**30, (), dtype=torch.int64)
-    else:
-        seed = torch.zeros((), dtype=torch.int64)
+    seed = draw_seed(q, 2**30, draw=dropout_p > 0)
     if isinstance(config, dict):
         config = config_key(config)
     elif config is not None:

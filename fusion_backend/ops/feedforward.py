@@ -28,6 +28,7 @@ from ..kernels import feedforward as K
 from ..kernels.philox import dropout_scale, philox_keep_mask
 from ..kernels.runtime import can_launch, device_unsupported, interpreting
 from .fallback import warn_fallback_once
+from .seed import draw_seed
 
 __all__ = [
     "ACTIVATIONS",
@@ -600,7 +601,7 @@ def feedforward(
     _validate(x, w_in, b_in, w_out, b_out, activation, w_gate, b_gate, hidden_dropout_p, output_dropout_p, residual, impl, config)
     impl = impl or _DEFAULT_IMPL
     p_h, p_o = float(hidden_dropout_p), float(output_dropout_p)
-    seed = _draw_seed() if (p_h > 0 or p_o > 0) else None
+    seed = draw_seed(x, 2**31 - 2) if (p_h > 0 or p_o > 0) else None
     d_out = w_out.shape[0]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])

@@ -1,0 +1,141 @@
+"""Registers, spills and shared memory of the attention kernels, compiled for a GPU that is not here.
+
+    TRITON_INTERPRET=0 python bench/kernel_resources.py [--arch 90] [--shape 8,8,4096,32]
+        [--metric l2] [--mask none|bool|float] [--causal] [--dropout] [--config KEY]
+
+Triton compiles for a target given by name (here sm_90, the H100) without a device, and ptxas
+reports what each kernel uses, so a change that makes a kernel spill registers shows on a CPU-only
+machine before any device time is spent. Speed still has to be measured on the device.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "0"
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fusion_backend.kernels import attention as tc  # noqa: E402
+
+_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
+        torch.bool: "*i1", torch.uint8: "*u8", torch.int64: "*i64"}
+
+
+def _signature(fn, args: dict):
+    """Triton signature and constexprs for `fn` from example argument values."""
+    sig, consts = {}, {}
+    for name in fn.arg_names:
+        v = args[name]
+        if name in fn.constexprs_names if hasattr(fn, "constexprs_names") else False:
+            sig[name], consts[name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[name] = _PTR[v.dtype]
+        elif isinstance(v, bool) or isinstance(v, str):
+            sig[name], consts[name] = "constexpr", v
+        elif isinstance(v, int):
+            sig[name] = "i32"
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{name}: {type(v)}")
+    return sig, consts
+
+
+def compile_report(fn, args: dict, constexprs: dict, num_warps: int, num_stages: int, arch: int) -> dict:
+    """Compile `fn` for sm_<arch> and return ptxas's resource usage."""
+    params = {p.name: p for p in fn.params}
+    sig, consts = {}, {}
+    for name in fn.arg_names:
+        if params[name].is_constexpr:
+            sig[name], consts[name] = "constexpr", constexprs[name]
+        else:
+            v = args[name]
+            sig[name] = _PTR[v.dtype] if isinstance(v, torch.Tensor) else ("fp32" if isinstance(v, float) else "i32")
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        ptx = os.path.join(d, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", ptx, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spill_st = re.search(r"(\d+) bytes spill stores", out)
+    spill_ld = re.search(r"(\d+) bytes spill loads", out)
+    return dict(registers=int(regs.group(1)) if regs else None,
+                spill_store_bytes=int(spill_st.group(1)) if spill_st else 0,
+                spill_load_bytes=int(spill_ld.group(1)) if spill_ld else 0,
+                shared_bytes=kernel.metadata.shared)
+
+
+def attention_reports(B, H, N, D, metric, mask_kind, causal, dropout, config_key, arch, run_if=0):
+    """Resource usage of the forward, dK/dV and dQ kernels for one call's specialization."""
+    dt = torch.bfloat16
+    cfg = tc.parse_config_key(config_key) if config_key else tc.default_attention_config(metric, D, dt, "cuda")
+    tile_kv, tile_q = tc.backward_tiles(cfg)
+    t = torch.empty(1, dtype=dt)
+    f32 = torch.empty(1, dtype=torch.float32)
+    flags = torch.empty(1, dtype=torch.int32)
+    mask = torch.empty(1, dtype=torch.bool if mask_kind == 1 else torch.float32)
+    dpad = tc._pad_dim(D)
+    common = dict(HEAD_DIM=D, HEAD_DIM_V=D, D_PAD=dpad, DV_PAD=dpad, METRIC=tc.METRIC_IDS[metric],
+                  MASK_KIND=mask_kind, CAUSAL=causal, DROPOUT=dropout, DOT_PREC="tf32", RUN_IF=run_if)
+    ints = {n: 1 for n in ("sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd",
+                           "smb", "smh", "smm", "smn", "sob", "soh", "som", "sod", "sdob", "sdoh", "sdom", "sdod",
+                           "sgb", "sgh", "sgm", "sgn", "H", "HKV", "N_Q", "N_K", "GROUP", "seed", "threshold")}
+    ptrs = {n: t for n in ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV")}
+    ptrs.update({n: f32 for n in ("SCALE", "KVEC", "QVEC", "STATS_M", "STATS_L", "RBAR", "DELTA", "DSCALE", "DMASK")})
+    ptrs.update(MASK=mask, MASK_FLAGS=flags)
+    args = dict(ints, **ptrs, dropout_p=0.1)
+    out = {}
+    for name, fn, tile, extra in (
+        ("fwd", tc._attn_fwd_kernel, dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+                                          num_stages=cfg["num_stages"]), dict(STATS=True)),
+        ("dkdv", tc._attn_bwd_dkdv_kernel, tile_kv, {}),
+        ("dq", tc._attn_bwd_dq_kernel, tile_q, dict(MASK_GRAD=False, SCALE_GRAD=True)),
+    ):
+        cx = dict(common, **extra, EVEN_M=N % tile["BLOCK_M"] == 0, EVEN_N=N % tile["BLOCK_N"] == 0,
+                  BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"])
+        cx.update({k: v for k, v in _kernel_constexpr_defaults(fn).items() if k not in cx})
+        out[name] = compile_report(fn, args, cx, tile["num_warps"], tile["num_stages"], arch)
+    return cfg, out
+
+
+def _kernel_constexpr_defaults(fn) -> dict:
+    """Constexprs this script does not set explicitly (new flags default to 0)."""
+    return {p.name: 0 for p in fn.params if p.is_constexpr}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--shape", default="8,8,4096,32", help="B,H,N,D")
+    ap.add_argument("--metric", default="l2", choices=tc.METRICS_TC)
+    ap.add_argument("--mask", default="none", choices=("none", "bool", "float"))
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--dropout", action="store_true")
+    ap.add_argument("--config", help="a config key (default: the op's default for the shape)")
+    ap.add_argument("--run-if", type=int, default=0, choices=(0, 1, 2), help="the RUN_IF launch (mask_launches)")
+    a = ap.parse_args()
+    B, H, N, D = (int(x) for x in a.shape.split(","))
+    kind = {"none": 0, "bool": 1, "float": 2}[a.mask]
+    cfg, reports = attention_reports(B, H, N, D, a.metric, kind, a.causal, a.dropout, a.config, a.arch, a.run_if)
+    print(f"{a.metric} D={D} mask={a.mask} causal={a.causal} dropout={a.dropout} config={tc.config_key(cfg)}")
+    for name, r in reports.items():
+        print(f"  {name:5s} registers {r['registers']}, spills {r['spill_store_bytes']} B stored / "
+              f"{r['spill_load_bytes']} B loaded, shared {r['shared_bytes']} B")
+
+
+if __name__ == "__main__":
+    main()
