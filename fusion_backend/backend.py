@@ -128,7 +128,7 @@ class TruthfuseBackend:
             ok_configs = []
             failure = None
             if not self.options.search_configs:
-                site.configs = [None]  # the op's default for the device: no Triton compile per config
+                site.configs = site.configs[:1]  # the rule's default: no Triton compile per config
             for config in site.configs:
                 try:
                     built[(site.id, config)] = build_replacement(site, config)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from fusion_backend import Match, Rule, dtype_in, is_scalar_like, known_equal, maybe, register_rule
 from fusion_backend.ops import attention as attention_op
+from fusion_backend.ops.attention import SDPA_CONFIG
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 # A finite fill at or below this is absorbed exactly when added in fp32 to any realistic score:
@@ -433,20 +434,36 @@ def _make_replacement(metric: str, gqa: bool = False, causal_bias: bool = False)
     return replacement
 
 
-def configs_for(metric: str):
-    """The launch configs the tuner may try for a site of this metric (the op's default only on CPU)."""
+def configs_for(metric: str, causal_bias: bool = False, offer_sdpa: bool = True):
+    """The configs the tuner may try for a site of this metric, the default first: on CUDA, torch's
+    SDPA kernels for a dot-product site they compute exactly (no mask besides a causal one, a
+    number scale; see `sdpa_supports`), which are the fastest for plain dot-product attention,
+    then the op's Triton kernels with their default and other launch configs. On CPU only the
+    op's default: timing launch configs in Triton's interpreter tells nothing. The rules that
+    match SDPA calls themselves pass offer_sdpa=False: their "keep" already is SDPA."""
     def configs(m: Match):
         q = m.values["q"] if "q" in m.values else m.values["query"]
         if q.device.type != "cuda":
-            return [None]  # timing launch configs in Triton's CPU interpreter tells nothing
+            return [None]
+        choices = [None]
+        if offer_sdpa and metric == "dot" and _sdpa_computes(m, causal_bias):
+            choices = [SDPA_CONFIG, None]
         try:
             from fusion_backend.ops.attention import attention_config_space, config_key
 
             space = attention_config_space(metric, int(q.shape[-1]), q.dtype, q.device.type)
         except Exception:  # noqa: BLE001 -- no declared space: the op's default only
-            return [None]
-        return [None] + [config_key(c) for c in space][:7]
+            return choices
+        return choices + [config_key(c) for c in space][:7]
     return configs
+
+
+def _sdpa_computes(m: Match, causal_bias: bool) -> bool:
+    """Whether the site's replacement would call the op with no mask and a number scale."""
+    masks = ["mask_a", "mask_b"] + ([] if causal_bias else ["bias"])
+    if any(m.present(name) for name in masks):
+        return False
+    return not any(isinstance(m.values.get(name), torch.Tensor) for name in ("scale", "scale2"))
 
 
 def exact_unless_dropout(name):
@@ -461,7 +478,7 @@ def exact_unless_dropout(name):
 def _rule(name, metric, pattern, extra=(), priority=100, gqa=False, causal_bias=False):
     return Rule(name=name, kind="attention", pattern=pattern, replacement=_make_replacement(metric, gqa, causal_bias),
                 constraints=COMMON_CONSTRAINTS[:-1] + tuple(extra) + COMMON_CONSTRAINTS[-1:],
-                priority=priority, variant=metric, exact=exact_unless_dropout("p"), configs=configs_for(metric),
+                priority=priority, variant=metric, exact=exact_unless_dropout("p"), configs=configs_for(metric, causal_bias),
                 # bf16 q/k upcast for the scores: the kernels accumulate in fp32 from the bf16 values,
                 # which is what the upcast computes, without the copies
                 look_through_upcasts=("q", "k"))

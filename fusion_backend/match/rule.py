@@ -72,7 +72,8 @@ class Rule:
         "conservative" strategy only fuses exact sites). A bool, or a function of the Match (a
         site with dropout is not exact: the fused kernel draws its own random stream).
     configs: a function of the Match returning the launch configs the tuner may try for the site
-        (a list of strings; None means the op's default only).
+        (a list of strings, None standing for the op's default). The first is the site's
+        default: the only one used unless configs are searched (options configs="search").
     look_through_upcasts: wildcards that may bind to the input of a lossless floating upcast
         (`q.float()` on a bf16 q binds q itself) when the replacement computes in at least the
         wider precision anyway; saves the copy and lets half-precision kernels run.

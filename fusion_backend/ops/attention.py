@@ -343,13 +343,40 @@ attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 # Public op
 # ----------------------------------------------------------------------------------------------
+SDPA_CONFIG = "sdpa"
+"""The config that computes the call with torch's own fused SDPA kernels (FlashAttention where it
+applies) instead of truthfuse's: for plain dot-product attention they are the fastest there is,
+and the tuner may choose them for a site whose math they compute exactly (`sdpa_supports`)."""
+
+
+def sdpa_supports(metric, attn_mask, scale) -> tuple:
+    """(True, "") if config="sdpa" computes this call with the op's semantics, else (False, why).
+    SDPA computes dot-product logits with a number scale; masks stay with truthfuse's kernels, which
+    give a fully masked row 0 where SDPA's fused kernels give NaN or uniform rows."""
+    if metric != "dot":
+        return False, f"config='sdpa' computes dot-product attention only, not {metric!r}"
+    if attn_mask is not None:
+        return False, "config='sdpa' takes no attn_mask (causal=True is fine)"
+    if isinstance(scale, Tensor):
+        return False, "config='sdpa' takes a number scale, not a tensor"
+    return True, ""
+
+
 def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None, dropout_p=0.0,
               enable_gqa=False, config=None):
     """Fused attention with the semantics of F.scaled_dot_product_attention and a choice of
     metric ("dot", "l2", "l1", "cosine"); see the module docstring. `config` is None (the
-    device default), a config dict from `attention_config_space`, or its `config_key` string.
-    Raises ValueError on bad input before anything is launched."""
+    device default), a config dict from `attention_config_space`, its `config_key` string, or
+    "sdpa" (torch's SDPA kernels, see `sdpa_supports`; their dropout draws torch's own random
+    stream). Raises ValueError on bad input before anything is launched."""
     _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale)
+    if config == SDPA_CONFIG:
+        ok, why = sdpa_supports(metric, attn_mask, scale)
+        if not ok:
+            raise ValueError(f"attention: {why}")
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=float(dropout_p), is_causal=bool(causal),
+                                              scale=None if scale is None else float(scale),
+                                              enable_gqa=bool(enable_gqa))
     B, H, Nq, D = q.shape
     scale_h = _scale_vector(scale, metric, D, H, q.device)
     mask = None

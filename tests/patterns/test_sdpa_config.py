@@ -1,0 +1,89 @@
+"""config="sdpa": torch's SDPA kernels for the dot-product sites whose math they compute exactly.
+
+The op runs them on any device; the rules offer them first on CUDA, so these tests read the
+config list a site would get there, from sites found on CPU."""
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import fusion_backend
+from fusion_backend.ops.attention import SDPA_CONFIG, attention, attention_reference
+
+from .checks import qkv
+from .models import SDPA, DotAttention, L2Attention
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_op_with_sdpa_config_equals_the_reference(causal):
+    q, k, v = (t.requires_grad_() for t in qkv(2, 4, T=9, S=11 if not causal else 9, D=16, Hkv=2))
+    out = attention(q, k, v, causal=causal, scale=0.3, enable_gqa=True, config=SDPA_CONFIG)
+    ins64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attention_reference(*ins64, causal=causal, scale=0.3, enable_gqa=True)
+    assert rel(out, ref) < 1e-5
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, ins64, g.double())):
+        assert rel(a, b) < 1e-5
+
+
+def test_op_rejects_sdpa_config_where_sdpa_differs():
+    q, k, v = qkv(1, 2, T=5, D=8)
+    with pytest.raises(ValueError, match="dot-product attention only"):
+        attention(q, k, v, metric="l2", config=SDPA_CONFIG)
+    with pytest.raises(ValueError, match="no attn_mask"):
+        attention(q, k, v, attn_mask=torch.ones(5, 5, dtype=torch.bool), config=SDPA_CONFIG)
+    with pytest.raises(ValueError, match="number scale"):
+        attention(q, k, v, scale=torch.tensor(0.3), config=SDPA_CONFIG)
+
+
+def _sites(model, *inputs):
+    captured = []
+
+    def capture(gm, example_inputs):
+        captured.append(gm)
+        return gm.forward
+
+    torch.compile(model, backend=capture)(*inputs)
+    torch._dynamo.reset()
+    _, sites = fusion_backend.backend(strategy="aggressive", inner="eager")._find(captured[0], "g0")
+    return [s for s in sites if s.kind == "attention" and not s.near_miss]
+
+
+def _configs_on_cuda(site):
+    """The site's config list as the rule builds it for CUDA tensors of the same shapes."""
+    values = dict(site.match.values)
+    for name in ("q", "query"):
+        if name in values:
+            t = values[name]
+            values[name] = SimpleNamespace(device=torch.device("cuda"), shape=t.shape, dtype=t.dtype)
+    match = copy.copy(site.match)
+    match.values = values
+    return site.rule.configs(match)
+
+
+@pytest.mark.parametrize("model, offered", [
+    (DotAttention(scale="mul_float"), True),
+    (DotAttention(scale="pow", causal="additive", dropout="functional", p=0.1), True),  # constant causal mask
+    (DotAttention(scale="mul_float", causal="tril"), False),  # a mask buffer: its values may change
+    (DotAttention(scale="tensor"), False),  # a tensor scale
+    (L2Attention(), False),
+    (SDPA(is_causal=True), False),  # already SDPA: keeping it is the same
+])
+def test_rules_offer_sdpa_first_only_where_it_computes_the_site(model, offered):
+    sites = _sites(model, *qkv(2, 2, T=8, D=8))
+    assert sites, "no attention site found"
+    configs = {site.rule.name: _configs_on_cuda(site) for site in sites}
+    for c in configs.values():
+        assert None in c and c.count(SDPA_CONFIG) <= 1  # the op's own kernels stay a choice
+        assert SDPA_CONFIG not in c or c[0] == SDPA_CONFIG
+    # the most specific rule (the one that wins the site) decides; a plain "dot" alternative of
+    # the causal-mask site keeps its mask and is rightly not offered SDPA
+    winner = max(sites, key=lambda s: s.rule.priority).rule.name
+    assert (configs[winner][0] == SDPA_CONFIG) == offered, configs
+    if not offered:
+        assert all(SDPA_CONFIG not in c for c in configs.values()), configs
