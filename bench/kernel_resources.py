@@ -79,7 +79,7 @@ def compile_report(fn, args: dict, constexprs: dict, num_warps: int, num_stages:
                 shared_bytes=kernel.metadata.shared)
 
 
-def attention_reports(B, H, N, D, metric, mask_kind, causal, dropout, config_key, arch, run_if=0):
+def attention_reports(B, H, N, D, metric, mask_kind, causal, dropout, config_key, arch, run_if=0, drop_bits=16):
     """Resource usage of the forward, dK/dV and dQ kernels for one call's specialization."""
     dt = torch.bfloat16
     cfg = tc.parse_config_key(config_key) if config_key else tc.default_attention_config(metric, D, dt, "cuda")
@@ -90,7 +90,7 @@ def attention_reports(B, H, N, D, metric, mask_kind, causal, dropout, config_key
     mask = torch.empty(1, dtype=torch.bool if mask_kind == 1 else torch.float32)
     dpad = tc._pad_dim(D)
     common = dict(HEAD_DIM=D, HEAD_DIM_V=D, D_PAD=dpad, DV_PAD=dpad, METRIC=tc.METRIC_IDS[metric],
-                  MASK_KIND=mask_kind, CAUSAL=causal, DROPOUT=dropout, DOT_PREC="tf32", RUN_IF=run_if)
+                  MASK_KIND=mask_kind, CAUSAL=causal, DROPOUT=dropout, DOT_PREC="tf32", RUN_IF=run_if, DROP_BITS=drop_bits)
     ints = {n: 1 for n in ("sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd",
                            "smb", "smh", "smm", "smn", "sob", "soh", "som", "sod", "sdob", "sdoh", "sdom", "sdod",
                            "sgb", "sgh", "sgm", "sgn", "H", "HKV", "N_Q", "N_K", "GROUP", "seed", "threshold")}
@@ -126,11 +126,12 @@ def main():
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--dropout", action="store_true")
     ap.add_argument("--config", help="a config key (default: the op's default for the shape)")
+    ap.add_argument("--drop-bits", type=int, default=16, choices=(8, 16))
     ap.add_argument("--run-if", type=int, default=0, choices=(0, 1, 2), help="the RUN_IF launch (mask_launches)")
     a = ap.parse_args()
     B, H, N, D = (int(x) for x in a.shape.split(","))
     kind = {"none": 0, "bool": 1, "float": 2}[a.mask]
-    cfg, reports = attention_reports(B, H, N, D, a.metric, kind, a.causal, a.dropout, a.config, a.arch, a.run_if)
+    cfg, reports = attention_reports(B, H, N, D, a.metric, kind, a.causal, a.dropout, a.config, a.arch, a.run_if, a.drop_bits)
     print(f"{a.metric} D={D} mask={a.mask} causal={a.causal} dropout={a.dropout} config={tc.config_key(cfg)}")
     for name, r in reports.items():
         print(f"  {name:5s} registers {r['registers']}, spills {r['spill_store_bytes']} B stored / "

@@ -33,13 +33,14 @@ Conventions shared by the kernels (and by `attention_l1`):
 Nothing here knows about FX or custom ops; `fusion_backend.ops.attention` wraps these launchers.
 """
 import math
+import os
 import re
 
 import torch
 import triton
 import triton.language as tl
 
-from .philox import dropout_threshold, keep_mask
+from .philox import dropout_threshold, effective_p, keep_mask
 from .runtime import interpreting
 
 LOG2E = 1.4426950408889634
@@ -47,6 +48,11 @@ COSINE_EPS = 1e-12
 METRICS_TC = ("dot", "l2", "cosine")
 METRIC_IDS = {"dot": 0, "l2": 1, "cosine": 2, "l1": 3}
 MAX_HEAD_DIM = 256
+# Bits per dropout draw (see kernels.philox): 16 rounds p to a multiple of 2**-16; 8, as
+# FlashAttention does, to a multiple of 2**-8 for fewer Philox calls. Read once, at import.
+DROPOUT_BITS = int(os.environ.get("TRUTHFUSE_ATTENTION_DROPOUT_BITS", "16"))
+if DROPOUT_BITS not in (8, 16):
+    raise ValueError(f"TRUTHFUSE_ATTENTION_DROPOUT_BITS must be 8 or 16, got {DROPOUT_BITS}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,11 +185,12 @@ def _query_start(pid_n, MASK_FLAGS, MASK_KIND: tl.constexpr, CAUSAL: tl.constexp
 
 
 @triton.jit
-def _dropout_keep(seed, bh, offs_m, col0, N_K, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_keep(seed, bh, offs_m, col0, N_K, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DROP_BITS: tl.constexpr):
     """Bool [BLOCK_M, BLOCK_N] tile for queries offs_m and keys col0.. (col0 a multiple of 8):
     which probabilities survive dropout. A function of (seed + b*H + h, i, j) only, so forward and
     backward agree for any blocking."""
-    return keep_mask(seed + bh, offs_m, col0, N_K, threshold, BLOCK_M, BLOCK_N)
+    return keep_mask(seed + bh, offs_m, col0, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
 
 
 @triton.jit
@@ -251,6 +258,7 @@ def _attn_fwd_kernel(
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     STATS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
+    DROP_BITS: tl.constexpr = 16,
 ):
     """Forward of dot / l2 / cosine attention for one block of BLOCK_M queries of one (b, h).
 
@@ -312,7 +320,7 @@ def _attn_fwd_kernel(
         s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
         p, m_i, l_i, r_i, acc = _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND, STATS)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N)
+            keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
             p = tl.where(keep, p, 0.0)
         v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
         acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision=DOT_PREC)
@@ -338,6 +346,7 @@ def _attn_bwd_dkdv_kernel(
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
+    DROP_BITS: tl.constexpr = 16,
 ):
     """dK, dV for BLOCK_N keys of one (b, kv head), summed over the GROUP query heads that read it.
 
@@ -397,7 +406,7 @@ def _attn_bwd_dkdv_kernel(
             pT = _probs(sT, sa[None, :], sb[None, :], MASK_KIND)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             if DROPOUT:
-                keep = tl.trans(_dropout_keep(seed, bh, offs_m, pid_n * BLOCK_N, N_K, threshold, BLOCK_M, BLOCK_N))
+                keep = tl.trans(_dropout_keep(seed, bh, offs_m, pid_n * BLOCK_N, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS))
                 rescale = 1.0 / (1.0 - dropout_p)
                 pdT = tl.where(keep, pT, 0.0)  # dV takes the 1/(1-p) once, at the end
                 dpT = tl.where(keep, dpT * rescale, 0.0)
@@ -441,6 +450,7 @@ def _attn_bwd_dq_kernel(
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     MASK_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
+    DROP_BITS: tl.constexpr = 16,
 ):
     """dQ for BLOCK_M queries of one (b, h); also d(loss)/d(scale) per row (when SCALE_GRAD) and dMask.
 
@@ -497,7 +507,7 @@ def _attn_bwd_dq_kernel(
         p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N)
+            keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         if MASK_GRAD:
@@ -581,6 +591,7 @@ _BACKWARD_PAIRS = (
     ((32, 128, 4, 5), (128, 64, 8, 3)),
     ((64, 64, 4, 3), (128, 32, 4, 5)),
     ((64, 64, 4, 2), (64, 64, 4, 2)),
+    ((32, 128, 4, 3), (64, 32, 4, 3)),
 )
 
 
@@ -625,6 +636,8 @@ def default_attention_config(metric: str, head_dim: int, dtype: torch.dtype, dev
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2,
                     BWD_BLOCK_M=32, BWD_BLOCK_N=32, bwd_num_warps=4, bwd_num_stages=1)
+    if d_pad <= 32:  # fastest of four tiles per kernel at D=32 (TruthGPT: causal, dropout) on an H100
+        return _with_backward(dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3), _BACKWARD_PAIRS[4])
     if d_pad <= 64:  # forward m128n64w8s3: fastest of six forward tiles in the same sweep
         return _with_backward(dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3), _BACKWARD_PAIRS[0])
     if d_pad <= 128:
@@ -677,6 +690,12 @@ def _prepass(metric, q, k):
         return ((qf / qn).to(q.dtype).contiguous(), (kf / kn).to(k.dtype).contiguous(),
                 qn.squeeze(-1).contiguous(), kn.squeeze(-1).contiguous())
     return q, k, dummy, dummy
+
+
+def dropout_args(p: float) -> tuple:
+    """The kernels' (dropout_p, threshold) arguments: the probability the masks really have
+    (kept values are scaled by its 1/(1-p)) and the draw threshold."""
+    return effective_p(p, DROPOUT_BITS), dropout_threshold(p, DROPOUT_BITS)
 
 
 def new_row_stats(B, H, Nq, device):
@@ -764,11 +783,11 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
         _attn_fwd_kernel[grid](
             q, k, v, scale, kvec, m4, flags, out, row_stats[0], row_stats[2], row_stats[1],
             *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
-            H, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
+            H, Nq, Nk, H // Hkv, seed, *dropout_args(dropout_p),
             HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv),
             METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=l_causal, DROPOUT=dropout_p > 0, STATS=stats,
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
-            BLOCK_M=bm, BLOCK_N=bn, RUN_IF=run_if, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            BLOCK_M=bm, BLOCK_N=bn, RUN_IF=run_if, DROP_BITS=DROPOUT_BITS, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return out, row_stats
 
@@ -840,19 +859,19 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
         m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
         common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv),
                       METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=l_causal, DROPOUT=dropout_p > 0,
-                      DOT_PREC=_dot_prec(q.dtype), RUN_IF=run_if)
+                      DOT_PREC=_dot_prec(q.dtype), RUN_IF=run_if, DROP_BITS=DROPOUT_BITS)
         bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
         _attn_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
             q, k, v, scale, kvec, m4, flags, do, row_stats[0], row_stats[2], delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(),
-            H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
+            H, Hkv, Nq, Nk, H // Hkv, seed, *dropout_args(dropout_p),
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common)
         bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
         _attn_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
             q, k, v, scale, qvec, kvec, m4, flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dq, dsc,
             gbuf,
             *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *gs,
-            H, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
+            H, Nq, Nk, H // Hkv, seed, *dropout_args(dropout_p),
             MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_q, **common)
     dscale = dsc.view(B, H, Nq).sum(dim=(0, 2))

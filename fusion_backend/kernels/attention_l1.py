@@ -17,11 +17,10 @@ import triton
 import triton.language as tl
 
 from fusion_backend.kernels.attention import (
-    _dropout_keep, _fwd_epilogue, _kernel_scale, _key_end, _load_row_stats, _load_rows, _logits, _mask_args,
-    _pad_dim, _probs, _query_start, _softmax_step, backward_tiles, mask_grad_buffer, mask_launches,
-    new_row_stats, reduce_mask_grad, row_dot,
+    DROPOUT_BITS, _dropout_keep, _fwd_epilogue, _kernel_scale, _key_end, _load_row_stats, _load_rows, _logits,
+    _mask_args, _pad_dim, _probs, _query_start, _softmax_step, backward_tiles, dropout_args, mask_grad_buffer,
+    mask_launches, new_row_stats, reduce_mask_grad, row_dot,
 )
-from fusion_backend.kernels.philox import dropout_threshold
 
 
 @triton.jit
@@ -78,6 +77,7 @@ def _l1_fwd_kernel(
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, STATS: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
+    DROP_BITS: tl.constexpr = 16,
 ):
     """L1 attention forward for BLOCK_M queries of one (b, h). Grid: (cdiv(Nq, BLOCK_M), B * H).
 
@@ -118,7 +118,7 @@ def _l1_fwd_kernel(
         s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
         p, m_i, l_i, r_i, acc = _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND, STATS)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N)
+            keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
             p = tl.where(keep, p, 0.0)
         v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
         acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision=DOT_PREC)
@@ -139,6 +139,7 @@ def _l1_bwd_dkdv_kernel(
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
+    DROP_BITS: tl.constexpr = 16,
 ):
     """dK (into DKT: (B, Hkv, D, Nk) fp32 zeros, transposed) and dV ((B, Hkv, Nk, Dv) contiguous)
     for BLOCK_N keys of one (b, kv head), summed over its GROUP query heads.
@@ -180,7 +181,7 @@ def _l1_bwd_dkdv_kernel(
             p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             if DROPOUT:
-                keep = _dropout_keep(seed, bh, offs_m, pid_n * BLOCK_N, N_K, threshold, BLOCK_M, BLOCK_N)
+                keep = _dropout_keep(seed, bh, offs_m, pid_n * BLOCK_N, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
                 rescale = 1.0 / (1.0 - dropout_p)
                 pd = tl.where(keep, p, 0.0)  # dV takes the 1/(1-p) once, at the end
                 dp = tl.where(keep, dp * rescale, 0.0)
@@ -207,6 +208,7 @@ def _l1_bwd_dq_kernel(
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
     SCALE_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
+    DROP_BITS: tl.constexpr = 16,
 ):
     """dQ (into DQT: (B, H, D, Nq) fp32 zeros, transposed), per-row scale gradient DSCALE (B*H, Nq)
     and float-mask gradient (atomics into DMASK, strides sg*) for BLOCK_M queries of one (b, h).
@@ -246,7 +248,7 @@ def _l1_bwd_dq_kernel(
         v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N)
+            keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         if MASK_GRAD:
@@ -305,11 +307,11 @@ def l1_attention_forward(q, k, v, scale, *, causal=False, mask=None, dropout_p=0
         _l1_fwd_kernel[(triton.cdiv(Nq, bm), B * H)](
             qt, kt, v, scale, m4, flags, out, row_stats[0], row_stats[2], row_stats[1],
             *v.stride(), *ms, *out.stride(),
-            H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
+            H, Hkv, Nq, Nk, H // Hkv, seed, *dropout_args(dropout_p),
             HEAD_DIM=D, HEAD_DIM_V=Dv, DV_PAD=_pad_dim(Dv),
             MASK_KIND=mkind, CAUSAL=l_causal, DROPOUT=dropout_p > 0, STATS=stats,
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
-            BLOCK_M=bm, BLOCK_N=bn, RUN_IF=run_if, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            BLOCK_M=bm, BLOCK_N=bn, RUN_IF=run_if, DROP_BITS=DROPOUT_BITS, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return out, row_stats
 
@@ -335,18 +337,18 @@ def l1_attention_backward(do, q, k, v, scale, out, row_stats, *, causal=False, m
     for run_if, l_mask, l_causal in launches:
         m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
         common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, DV_PAD=_pad_dim(Dv), MASK_KIND=mkind, CAUSAL=l_causal,
-                      DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q.dtype), RUN_IF=run_if)
+                      DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q.dtype), RUN_IF=run_if, DROP_BITS=DROPOUT_BITS)
         bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
         _l1_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
             qt, kt, v, scale, m4, flags, do, row_stats[0], row_stats[2], delta, dkt, dv,
             *v.stride(), *ms, *do.stride(),
-            H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
+            H, Hkv, Nq, Nk, H // Hkv, seed, *dropout_args(dropout_p),
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common)
         bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
         _l1_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
             qt, kt, v, scale, m4, flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dqt, dsc, gbuf,
             *v.stride(), *ms, *do.stride(), *gs,
-            H, Hkv, Nq, Nk, H // Hkv, seed, float(dropout_p), dropout_threshold(dropout_p),
+            H, Hkv, Nq, Nk, H // Hkv, seed, *dropout_args(dropout_p),
             MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_q, **common)
     dq = dqt.transpose(-1, -2).to(q.dtype).contiguous()

@@ -1,15 +1,17 @@
 """Dropout masks that are never stored: Philox-4x32-10 keyed by a seed, countered by position.
 
-The keep decision of element (i, j) of an (M, N) matrix is a pure function of the seed and (i, j):
-one Philox call (`tl.randint4x`) with counter i * ceil(N/8) + j // 8 gives four 32-bit words, that
-is eight 16-bit draws; element (i, j) takes half j % 2 (0 the low 16 bits) of word (j % 8) // 2,
-and is kept when that draw is >= `dropout_threshold(p)` = round(p * 2**16). So the drop
-probability is p rounded to a multiple of 2**-16 (at most 7.7e-6 away; FlashAttention's dropout
-rounds it to a multiple of 2**-8). Eight draws per call because Philox is integer-multiply heavy:
-attention draws Nq x Nk decisions three times (forward, and both backward kernels), and at one
-call per four elements the generator still took a large share of a training step.
+The keep decision of element (i, j) of an (M, N) matrix is a pure function of the seed and (i, j).
+One Philox call (`tl.randint4x`) gives four 32-bit words, cut into draws of BITS = 16 or 8 bits:
+G = 128 / BITS draws (8 or 16) per call. Element (i, j) uses the call with counter
+i * ceil(N / G) + j // G, and within it draw (j % G) % (32 / BITS) of word (j % G) // (32 / BITS)
+(draw 0 the lowest bits). It is kept when the draw is >= `dropout_threshold(p, BITS)` =
+round(p * 2**BITS), so the drop probability is `effective_p(p, BITS)`: p rounded to a multiple of
+2**-BITS. Kept values are scaled by 1 / (1 - effective_p), so their expectation is exact. (With
+8 bits this is FlashAttention's choice: p = 0.1 drops 26/256 = 10.16%.) Several draws per call
+because Philox is integer-multiply heavy: attention draws Nq x Nk decisions three times (forward
+and both backward kernels), and the generator is a large share of a training step.
 
-`keep_mask` is the Triton side (any tile whose first column is a multiple of 4), and
+`keep_mask` is the Triton side (any tile whose first column is a multiple of G), and
 `philox_keep_mask` the same function in PyTorch for references and tests, so a reference and a
 kernel given one seed drop the same elements and a backward regenerates its forward's mask.
 """
@@ -19,29 +21,48 @@ import triton.language as tl
 
 
 @triton.jit
-def keep_mask(seed, rows, col0, N, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _split_draws(w, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, BITS: tl.constexpr):
+    """(BLOCK_M, WIDTH) words -> (BLOCK_M, WIDTH * 32 / BITS) draws, draw k of word c at column
+    c * (32 / BITS) + k (joins put the new axis last; the row-major reshape flattens it)."""
+    if BITS == 16:
+        return tl.reshape(tl.join(w & 0xFFFF, w >> 16), (BLOCK_M, WIDTH * 2))
+    else:
+        tl.static_assert(BITS == 8, "dropout draws are 16 or 8 bits")
+        b = tl.join(tl.join(w & 0xFF, (w >> 16) & 0xFF), tl.join((w >> 8) & 0xFF, w >> 24))
+        return tl.reshape(b, (BLOCK_M, WIDTH * 4))
+
+
+@triton.jit
+def keep_mask(seed, rows, col0, N, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BITS: tl.constexpr = 16):
     """Bool (BLOCK_M, BLOCK_N) keep tile for global rows `rows` and columns col0 .. col0+BLOCK_N-1
-    (col0 a multiple of 8) of an (M, N) matrix."""
-    tl.static_assert(BLOCK_N % 8 == 0, "dropout tiles cover whole groups of 8 columns")
-    q = col0 // 8 + tl.arange(0, BLOCK_N // 8)
-    r0, r1, r2, r3 = tl.randint4x(seed, rows.to(tl.int64)[:, None] * ((N + 7) // 8) + q[None, :])
-    # join(join(r0, r2), join(r1, r3)) has shape (BM, BN/8, 2, 2) and element [.., q, a, b] is
-    # word 2a + b, so the row-major reshape puts word k of counter q at position 4q + k; joining
-    # its low and high halves and reshaping again puts half h of that word at column 8q + 2k + h.
-    w = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N // 2))
-    r = tl.reshape(tl.join(w & 0xFFFF, w >> 16), (BLOCK_M, BLOCK_N))
-    return r.to(tl.int32) >= threshold
+    (col0 a multiple of 128 / BITS) of an (M, N) matrix."""
+    G: tl.constexpr = 128 // BITS
+    tl.static_assert(BLOCK_N % G == 0, "dropout tiles cover whole groups of columns")
+    q = col0 // G + tl.arange(0, BLOCK_N // G)
+    r0, r1, r2, r3 = tl.randint4x(seed, rows.to(tl.int64)[:, None] * ((N + G - 1) // G) + q[None, :])
+    # join(join(r0, r2), join(r1, r3)) has shape (BM, BN/G, 2, 2) and element [.., q, a, b] is
+    # word 2a + b, so the row-major reshape puts word k of counter q at position 4q + k.
+    w = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N // G * 4))
+    return _split_draws(w, BLOCK_M, BLOCK_N // G * 4, BITS).to(tl.int32) >= threshold
 
 
-def dropout_threshold(p: float) -> int:
-    """Integer threshold on 16-bit draws: an element is kept when draw >= threshold, so p = 1
-    (threshold 2**16) keeps nothing."""
-    return min(max(int(round(p * 2.0**16)), 0), 2**16)
+def dropout_threshold(p: float, bits: int = 16) -> int:
+    """Integer threshold on `bits`-bit draws: an element is kept when draw >= threshold, so p = 1
+    (threshold 2**bits) keeps nothing."""
+    return min(max(int(round(p * 2.0**bits)), 0), 2**bits)
 
 
-def dropout_scale(p: float) -> float:
-    """Scale for kept elements: 1/(1-p); 0 when p == 1 (everything dropped)."""
-    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+def effective_p(p: float, bits: int = 16) -> float:
+    """The drop probability the masks have: p rounded to a multiple of 2**-bits."""
+    return dropout_threshold(p, bits) / 2.0**bits
+
+
+def dropout_scale(p: float, bits: int = 16) -> float:
+    """Scale for kept elements, 1 / (1 - effective_p): exact in expectation; 0 when everything
+    is dropped."""
+    q = effective_p(p, bits)
+    return 0.0 if q >= 1.0 else 1.0 / (1.0 - q)
 
 
 _M32 = 0xFFFFFFFF
@@ -57,17 +78,16 @@ def _mul_hi_lo(a: torch.Tensor, b: int):
     return hi, lo
 
 
-def philox_keep_mask(seed: int, rows: int, cols: int, p: float, device=None, row0: int = 0) -> torch.Tensor:
-    """Bool (rows, cols) keep mask of dropout with probability p, identical to the kernels'.
-
-    Element (i, j) takes half j % 2 of word (j % 8) // 2 of Philox-4x32-10 with key `seed` and
-    counter (row0 + i) * ceil(cols / 8) + j // 8, exactly as the kernels' `tl.randint4x` does.
-    """
+def philox_keep_mask(seed: int, rows: int, cols: int, p: float, device=None, row0: int = 0,
+                     bits: int = 16) -> torch.Tensor:
+    """Bool (rows, cols) keep mask of dropout with probability p, identical to the kernels' for
+    the same `bits` (see the module docstring for which draw decides element (i, j))."""
     if p <= 0.0:
         return torch.ones(rows, cols, dtype=torch.bool, device=device)
-    n8 = -(-cols // 8)
-    off = (torch.arange(rows, dtype=torch.int64, device=device)[:, None] + row0) * n8 + torch.arange(
-        n8, dtype=torch.int64, device=device)[None, :]
+    g = 128 // bits
+    ng = -(-cols // g)
+    off = (torch.arange(rows, dtype=torch.int64, device=device)[:, None] + row0) * ng + torch.arange(
+        ng, dtype=torch.int64, device=device)[None, :]
     off = off.reshape(-1)
     c0, c1 = off & _M32, (off >> 32) & _M32
     c2 = torch.zeros_like(c0)
@@ -79,6 +99,7 @@ def philox_keep_mask(seed: int, rows: int, cols: int, p: float, device=None, row
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + 0x9E3779B9) & _M32
         k1 = (k1 + 0xBB67AE85) & _M32
-    words = torch.stack([c0, c1, c2, c3], dim=-1)  # (rows * n8, 4): word k of each counter
-    halves = torch.stack([words & 0xFFFF, words >> 16], dim=-1)  # (rows * n8, 4, 2)
-    return halves.reshape(rows, 8 * n8)[:, :cols] >= dropout_threshold(p)
+    words = torch.stack([c0, c1, c2, c3], dim=-1)  # (rows * ng, 4): word k of each counter
+    per_word = 32 // bits
+    draws = torch.stack([(words >> (bits * k)) & (2**bits - 1) for k in range(per_word)], dim=-1)
+    return draws.reshape(rows, g * ng)[:, :cols] >= dropout_threshold(p, bits)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from fusion_backend.kernels import attention as _tc
 from fusion_backend.kernels import attention_l1 as _l1
-from fusion_backend.kernels.philox import philox_keep_mask
+from fusion_backend.kernels.philox import dropout_scale, philox_keep_mask
 from fusion_backend.kernels.runtime import can_launch, device_unsupported, interpreting
 from fusion_backend.ops.fallback import warn_fallback_once
 from fusion_backend.ops.seed import draw_seed
@@ -137,7 +137,7 @@ def _scale_vector(scale, metric, D, H, device):
 def _dropout_keep_reference(shape, p, seed, device):
     """The kernels' dropout mask, in PyTorch: `kernels.philox` with seed + b*H + h per head."""
     B, H, Nq, Nk = shape
-    heads = [philox_keep_mask(int(seed) + i, Nq, Nk, p, device=device) for i in range(B * H)]
+    heads = [philox_keep_mask(int(seed) + i, Nq, Nk, p, device=device, bits=_tc.DROPOUT_BITS) for i in range(B * H)]
     return torch.stack(heads).view(B, H, Nq, Nk)
 
 
@@ -179,7 +179,7 @@ def _reference_core(q, k, v, scale_h, metric, causal, mask, dropout_p, seed, dty
         rbar = (torch.softmax(s, -1) * raw).sum(-1)
     if dropout_p > 0:
         keep = _dropout_keep_reference(p.shape, dropout_p, seed, q.device)
-        p = p * keep / (1.0 - dropout_p)
+        p = p * keep * dropout_scale(dropout_p, _tc.DROPOUT_BITS)
     out = p @ vf
     stats = torch.stack([row_max.masked_fill(dead, float("inf")).reshape(B * H, Nq), rbar.reshape(B * H, Nq),
                          log2_sum.masked_fill(dead, 0.0).reshape(B * H, Nq)])

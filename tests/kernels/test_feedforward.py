@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fusion_backend.kernels import feedforward as K
-from fusion_backend.kernels.philox import philox_keep_mask
+from fusion_backend.kernels.philox import dropout_scale, philox_keep_mask
 from fusion_backend.ops.fallback import FusionFallbackWarning, reset_fallback_warnings
 from fusion_backend.ops.feedforward import (
     default_feedforward_config,
@@ -194,7 +194,7 @@ def test_philox_reference_is_the_kernels_stream():
     out = K.output_epilogue(ones, out=nan_like((M, N)), seed=seed, p=p, config=EW_CFG)
     mask = philox_keep_mask(seed, M, N, p)
     assert torch.equal(out != 0, mask)
-    torch.testing.assert_close(out[mask], torch.full_like(out[mask], 1 / (1 - p)))
+    torch.testing.assert_close(out[mask], torch.full_like(out[mask], dropout_scale(p)))
     assert abs(mask.float().mean().item() - (1 - p)) < 0.01
     # A block of rows with row0 draws the same counters as the whole matrix.
     part = K.output_epilogue(ones[40:90], out=nan_like((50, N)), seed=seed, p=p, row0=40, config=EW_CFG)
@@ -206,7 +206,7 @@ def test_philox_reference_is_the_kernels_stream():
         assert torch.equal(o != 0, philox_keep_mask(seed, 9, n, p))
     a, w = torch.randn(M, 24), torch.randn(N, 24)
     o = K.gemm(a, w.t(), epi=K.EPI_OUT, seed=seed, p=p, out=nan_like((M, N)), config=GEMM_CFG)
-    torch.testing.assert_close(o, (a @ w.t()) * mask / (1 - p))
+    torch.testing.assert_close(o, (a @ w.t()) * mask * dropout_scale(p))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -260,7 +260,7 @@ def test_gemm_epilogues(act):
     a, w, wg, b, bg = torch.randn(M, Kd), torch.randn(N, Kd), torch.randn(N, Kd), torch.randn(N), torch.randn(N)
     A, W, WG, B, BG = (v.double() for v in (a, w, wg, b, bg))
     act64 = {"gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "relu": F.relu, "silu": F.silu}[act]
-    keep = philox_keep_mask(11, M, N, 0.2).double() / 0.8
+    keep = philox_keep_mask(11, M, N, 0.2).double() * dropout_scale(0.2)
     # EPI_HIDDEN gated: z = a wg^T + bg, zu = a w^T + b, out = dropout(act(z) * zu)
     h, z, zu = K.gemm(a, w.t(), epi=K.EPI_HIDDEN, act=code, bias=b, b2=wg.t(), bias2=bg, seed=11, p=0.2,
                       out=nan_like((M, N)), z=nan_like((M, N)), zu=nan_like((M, N)), config=GEMM_CFG)
@@ -279,7 +279,7 @@ def test_gemm_epilogues(act):
     # EPI_OUT: dropout(a w^T + b) + residual
     r = torch.randn(M, N)
     o = K.gemm(a, w.t(), epi=K.EPI_OUT, bias=b, residual=r, seed=3, p=0.4, out=nan_like((M, N)), config=GEMM_CFG)
-    assert rel(o, (A @ W.T + B) * philox_keep_mask(3, M, N, 0.4).double() / 0.6 + r.double()) < 1e-6
+    assert rel(o, (A @ W.T + B) * philox_keep_mask(3, M, N, 0.4).double() * dropout_scale(0.4) + r.double()) < 1e-6
     # EPI_PLAIN with a second K segment and in-place accumulation
     a2, w2 = torch.randn(M, 24), torch.randn(24, N)
     c = torch.randn(M, N)
@@ -294,7 +294,7 @@ def test_hidden_epilogue_forward_backward(gated):
     with the bias gradient summed in the same pass."""
     M, N, p, seed = 123, 72, 0.3, 4242
     z, zu, b, b2, g = torch.randn(M, N), torch.randn(M, N), torch.randn(N), torch.randn(N), torch.randn(M, N)
-    keep = philox_keep_mask(seed, M, N, p).double() / (1 - p)
+    keep = philox_keep_mask(seed, M, N, p).double() * dropout_scale(p)
     Z = (z.double() + b.double()).requires_grad_()
     ZU = (zu.double() + b2.double()).requires_grad_()
     ref = F.gelu(Z) * (ZU if gated else 1.0) * keep
