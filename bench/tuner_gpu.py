@@ -63,14 +63,44 @@ def compare(space, cost, budget, seeds=20):
                 random_ms_mean=statistics.mean(rand), random_gap_mean=statistics.mean(rand) / truth.best_cost - 1)
 
 
-def part_ops(quick):
+def _configs(metric, D, dtype):
+    configs = [config_key(c) for c in attention_config_space(metric, D, dtype, DEV)]
+    return configs[:3] if SMALL else configs
+
+
+def precompile(metric, part, parts, D=64, N=1024):
+    """Compile every `parts`-th config of the metric's space (starting at `part`) by running it
+    once at a small N that every tile divides, as the timed N does, so the kernels' specializations
+    match: several processes fill Triton's on-disk cache in parallel before the timing process
+    runs, which then only loads them."""
+    dtype = torch.float32 if SMALL else torch.bfloat16
+    q, k, v = (torch.randn(1, 2, N, D, device=DEV, dtype=dtype, requires_grad=True) for _ in range(3))
+    scale = torch.tensor(0.125 if metric == "dot" else 0.05, device=DEV, requires_grad=metric != "dot")
+    for i, cfg in enumerate(_configs(metric, D, dtype)):
+        if i % parts == part:
+            try:
+                out = attention(q, k, v, metric=metric, scale=scale, causal=False, config=cfg)
+                out.backward(torch.ones_like(out))
+            except Exception as exc:  # noqa: BLE001 -- the timing process reports failures
+                print(f"  precompile {metric} {cfg}: {type(exc).__name__}", flush=True)
+
+
+def part_ops(quick, workers=0, metrics=("dot", "l2", "cosine", "l1")):
     B, H, N, D = (1, 2, 64, 16) if SMALL else (4, 8, 8192, 64)
     dtype = torch.float32 if SMALL else torch.bfloat16
     rows = []
-    for metric in ("dot", "l2", "cosine", "l1"):
-        configs = [config_key(c) for c in attention_config_space(metric, D, dtype, DEV)]
-        if SMALL:
-            configs = configs[:3]
+    for metric in metrics:
+        configs = _configs(metric, D, dtype)
+        if workers > 1:
+            import subprocess
+            t0 = time.perf_counter()
+            procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--precompile", metric,
+                                       f"{i}/{workers}"] + (["--small"] if SMALL else []))
+                     for i in range(workers)]
+            for pr in procs:
+                pr.wait()
+            print(f"  {metric}: {len(configs)} configs precompiled by {workers} processes in "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
         q, k, v = (torch.randn(B, H, N, D, device=DEV, dtype=dtype, requires_grad=True) for _ in range(3))
         scale = torch.tensor(0.125 if metric == "dot" else 0.05, device=DEV, requires_grad=metric != "dot")
         measured = {}
@@ -141,13 +171,20 @@ def main():
     ap.add_argument("--part", default="ops,model")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--small", action="store_true", help="tiny shapes on CPU: checks the script runs")
+    ap.add_argument("--workers", type=int, default=0, help="processes that compile the ops part's configs first")
+    ap.add_argument("--metrics", default="dot,l2,cosine,l1", help="the ops part's metrics")
+    ap.add_argument("--precompile", nargs=2, metavar=("METRIC", "I/N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.precompile:
+        i, n = (int(x) for x in args.precompile[1].split("/"))
+        precompile(args.precompile[0], i, n, D=16 if SMALL else 64, N=64 if SMALL else 1024)
+        return
     import triton
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name() if DEV == "cuda" else "cpu", flush=True)
     rows = []
     out = os.path.join(os.environ.get("OUT", "/tmp"), "tuner.json")
     for part in args.part.split(","):
-        rows += part_ops(args.quick) if part == "ops" else part_model()
+        rows += part_ops(args.quick, args.workers, args.metrics.split(",")) if part == "ops" else part_model()
         with open(out, "w") as f:
             json.dump(rows, f, indent=1, default=str)
 
