@@ -87,3 +87,24 @@ def test_rules_offer_sdpa_first_only_where_it_computes_the_site(model, offered):
     assert (configs[winner][0] == SDPA_CONFIG) == offered, configs
     if not offered:
         assert all(SDPA_CONFIG not in c for c in configs.values()), configs
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_a_site_fused_with_sdpa_matches_eager(monkeypatch, inner):
+    """The rules offer "sdpa" on CUDA only; here it is forced on CPU to check the replacement
+    itself: the site is fused with config "sdpa", outputs and gradients equal eager's."""
+    from fusion_backend.match.registry import all_rules
+
+    rule = next(r for r in all_rules() if r.name == "attention.dot_causal")
+    monkeypatch.setattr(rule, "configs", lambda m: [SDPA_CONFIG])
+    model = DotAttention(scale="pow", causal="additive")
+    q, k, v = (t.requires_grad_() for t in qkv(2, 2, T=8, D=8))
+    backend = fusion_backend.backend(strategy="aggressive", inner=inner, cache=False)
+    out = torch.compile(model, backend=backend)(q, k, v)
+    ref = model(q, k, v)
+    decisions = [(s.rule, s.decision, s.config) for r in backend.records for s in r.sites]
+    assert ("attention.dot_causal", "fused", SDPA_CONFIG) in decisions, decisions
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
