@@ -262,8 +262,8 @@ COMMON_CONSTRAINTS = (check_qkv, check_softmax_dim, dtype_in("q", _FLOATS), chec
 # Ops a mask may be built from and still be a compile-time constant: index arithmetic,
 # comparisons, views and fills. Nothing random, nothing reading an input.
 _CONSTANT_FUNCTIONS = {
-    torch.arange, torch.zeros, torch.ones, torch.full, torch.tril, torch.triu, torch.masked_fill,
-    torch.where, torch.unsqueeze, torch.logical_not, torch.logical_and, torch.logical_or,
+    torch.arange, torch.zeros, torch.ones, torch.full, torch.tensor, torch.scalar_tensor, torch.tril,
+    torch.triu, torch.masked_fill, torch.where, torch.unsqueeze, torch.logical_not, torch.logical_and, torch.logical_or,
     torch.add, torch.sub, torch.mul, torch.le, torch.lt, torch.ge, torch.gt, torch.eq, torch.ne,
     torch.Tensor.to, torch.transpose, torch.reshape, torch.broadcast_to,
     operator.add, operator.sub, operator.le, operator.lt, operator.ge, operator.gt, operator.eq,

@@ -49,6 +49,8 @@ class AddedMask(torch.nn.Module):
         j = torch.arange(S)[None, :]
         if self.kind == "hf_causal":  # HF's eager mask: arange comparison, finfo.min fill
             mask = torch.zeros(()).masked_fill(~(j <= i), torch.finfo(torch.float32).min)
+        elif self.kind == "hf_5_17_causal":  # transformers 5.17 starts from torch.tensor(0.0)
+            mask = torch.tensor(0.0, dtype=q.dtype).masked_fill(~(j <= i), torch.finfo(q.dtype).min)
         elif self.kind == "triu_inf":
             mask = torch.full((T, S), float("-inf")).triu(1)
         elif self.kind == "shifted":  # one more key visible: not SDPA's causal triangle
@@ -58,12 +60,12 @@ class AddedMask(torch.nn.Module):
         return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)) + mask, dim=-1) @ v
 
 
-@pytest.mark.parametrize("kind", ["hf_causal", "triu_inf", "shifted", "finite"])
+@pytest.mark.parametrize("kind", ["hf_causal", "hf_5_17_causal", "triu_inf", "shifted", "finite"])
 def test_constant_added_mask(kind):
     """A constant added mask that is exactly the causal triangle becomes causal=True (rule
     attention.dot_causal); any other is passed as a float mask (attention.dot). Both exact."""
     model = AddedMask(kind)
-    causal = kind in ("hf_causal", "triu_inf")
+    causal = kind in ("hf_causal", "hf_5_17_causal", "triu_inf")
     assert_fused(model, *qkv(), variant="dot", rule="attention.dot_causal" if causal else "attention.dot")
     assert_matches_eager(model, *qkv())
     if kind == "hf_causal":  # Nq != Nk: SDPA's causal is the top-left triangle, as is this mask
