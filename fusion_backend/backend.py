@@ -208,8 +208,10 @@ class TruthfuseBackend:
                           lambda sub, args: _inner_compile(sub, args, opts), train)
         if self.tuning_observer is not None:
             self.tuning_observer(space, timer, opts)
+        by_id = {s.id: s for s in candidates}
         decision = choose_plan(space, timer, opts.strategy, simulations=opts.budget,
-                               time_budget_s=opts.tuning_seconds, seed=opts.seed)
+                               time_budget_s=opts.tuning_seconds, seed=opts.seed,
+                               site_cost=lambda sid, option: timer.site_cost(by_id[sid], option))
         _fill_record(record, decision, cache_hit=False)
         # The plans the search scored were priced from site timings; report the timed runs.
         record.plans_evaluated = decision.measurements

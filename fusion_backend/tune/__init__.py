@@ -23,6 +23,7 @@ from .mcts import (
     TuningDecision,
     choose_plan,
     exhaustive_search,
+    greedy_plan,
     mcts_search,
     random_search,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "choose_plan",
     "default_cache_dir",
     "exhaustive_search",
+    "greedy_plan",
     "l2_rotation_count",
     "load_state",
     "mcts_search",

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .progress import TuningProgress
-from .space import DEFAULT_STRATEGY, DecisionSpace, Plan, restrict
+from .space import DEFAULT_STRATEGY, KEEP, DecisionSpace, Plan, restrict
 
 Evaluate = Callable[[Plan], float]
 
@@ -459,9 +459,40 @@ def _in_tree_order(space: DecisionSpace) -> DecisionSpace:
     return DecisionSpace(ordered, list(space.conflicts))
 
 
+SiteCost = Callable[[str, str], float]
+
+
+def greedy_plan(space: DecisionSpace, site_cost: SiteCost) -> Plan | None:
+    """The plan an additive cost model says is best, or None if it builds no valid plan.
+
+    site_cost(site_id, option_name) -> milliseconds that site takes with that option (the
+    backend's per-site timings). Each site takes its cheapest option; of conflicting sites, the
+    one whose cheapest option saves more against its "keep" fuses first, and the others keep. When
+    the plan's cost is the sum of its sites' (as the backend prices it) this is the optimum up to
+    conflicts: a search seeded with it need not rediscover per site what each site's timings say.
+    """
+    best: dict[str, str] = {}
+    saving: dict[str, float] = {}
+    for site in space.sites:
+        costs = {name: site_cost(site.site_id, name) for name in site.option_names}
+        name = min(costs, key=lambda n: (costs[n], n != KEEP))  # ties keep
+        best[site.site_id] = name
+        saving[site.site_id] = costs.get(KEEP, math.inf) - costs[name]
+    partners: dict[str, set] = {s.site_id: set() for s in space.sites}
+    for a, b in space.conflicts:
+        partners[a].add(b)
+        partners[b].add(a)
+    plan: dict[str, str] = {}
+    for sid in sorted(best, key=lambda sid: -saving[sid]):
+        fused_partner = any(plan.get(other, KEEP) != KEEP for other in partners[sid])
+        plan[sid] = KEEP if fused_partner and space.site(sid).has_keep else best[sid]
+    plan = Plan(plan)
+    return plan if space.is_valid(plan) else None
+
+
 def mcts_search(space: DecisionSpace, evaluate: Evaluate, *, simulations: int = 30,
                 time_budget_s: float | None = None, seed: int = 0,
-                progress: bool | None = None) -> SearchResult:
+                progress: bool | None = None, seeds: tuple = ()) -> SearchResult:
     """Monte Carlo tree search for the fastest plan in `space`.
 
     evaluate(plan) -> median milliseconds on the device; called at most once per distinct plan
@@ -472,6 +503,8 @@ def mcts_search(space: DecisionSpace, evaluate: Evaluate, *, simulations: int = 
     seed: all random choices come from random.Random(seed), so a search is reproducible given
         the same costs (a time budget can still cut it at a different point).
     progress: None draws a bar only on a terminal with logging on; True/False force it.
+    seeds: plans to measure right after the baseline (e.g. `greedy_plan`), counted in the
+        budget; their statistics guide the search like every other measurement.
 
     The search ends early when every valid plan has been measured.
     """
@@ -484,8 +517,9 @@ def mcts_search(space: DecisionSpace, evaluate: Evaluate, *, simulations: int = 
         # ends; the cap only guards against pathological spaces where rollouts keep repeating.
         max_iterations = 20 * simulations + 10 * max(1, len(space.sites)) + 100
         try:
-            for plan in _first_plans(space):
-                search.seed_with(plan)
+            for plan in _first_plans(space) + [p for p in seeds if p is not None and space.is_valid(p)]:
+                if not measurer.measured(plan):
+                    search.seed_with(plan)
             iterations = 0
             while not search.root.exhausted and measurer.can_measure():
                 iterations += 1
@@ -630,6 +664,25 @@ class TuningDecision:
         )
 
 
+def _greedy_within(space: DecisionSpace, site_cost: SiteCost, time_budget_s: float | None,
+                   started: float) -> Plan | None:
+    """`greedy_plan` within the tuning time budget (None once it is spent); a site option whose
+    timing fails costs inf."""
+    def cost(site_id: str, option: str) -> float:
+        if time_budget_s is not None and time.perf_counter() - started > time_budget_s:
+            raise _BudgetExhausted
+        try:
+            return float(site_cost(site_id, option))
+        except Exception as exc:  # noqa: BLE001 -- the search measures (and reports) it again
+            _log.debug("site timing of %s %s failed: %s", site_id, option, exc)
+            return math.inf
+
+    try:
+        return greedy_plan(space, cost)
+    except _BudgetExhausted:
+        return None
+
+
 def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
@@ -641,8 +694,11 @@ def _mean(values: list[float]) -> float:
 def choose_plan(space: DecisionSpace, evaluate: Evaluate, strategy: str = DEFAULT_STRATEGY, *,
                 simulations: int = 30, time_budget_s: float | None = None, seed: int = 0,
                 noise_margin: float = DEFAULT_NOISE_MARGIN, confirm: bool = True,
-                progress: bool | None = None) -> TuningDecision:
+                progress: bool | None = None, site_cost: SiteCost | None = None) -> TuningDecision:
     """Search the strategy's part of `space` and decide which plan to compile.
+
+    site_cost: optional per-site timings (see `greedy_plan`); the search then measures the plan
+    they say is best right after the baseline.
 
     The search (MCTS) always measures the all-keep plan first when the strategy allows it. The
     best fused plan is used only if it beats all-keep by more than `noise_margin` (relative: 0.03
@@ -666,8 +722,9 @@ def choose_plan(space: DecisionSpace, evaluate: Evaluate, strategy: str = DEFAUL
         return TuningDecision(only, None, None, only, None, strategy, 0,
                               time.perf_counter() - started, "only one valid plan: nothing to tune")
 
+    seeds = (_greedy_within(restricted, site_cost, time_budget_s, started),) if site_cost is not None else ()
     result = mcts_search(restricted, evaluate, simulations=simulations,
-                         time_budget_s=time_budget_s, seed=seed, progress=progress)
+                         time_budget_s=time_budget_s, seed=seed, progress=progress, seeds=seeds)
     baseline = _baseline_of(restricted)
     best, best_cost = result.best_plan, result.best_cost
 
