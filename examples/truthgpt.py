@@ -302,8 +302,10 @@ def train(variant: str, model: nn.Module, data: Sequence[tuple], device: torch.d
           strategy: str = "aggressive", inner: str = "inductor", warmup: int = 2,
           log_every: int = 0) -> Dict[str, object]:
     """Train `model` (modified in place) on `data` under one variant; returns its step times (ms),
-    losses, peak memory (bytes; CUDA allocator peak, or the CPU allocator's from the profiler over
-    one extra step) and the first step's time, which includes compilation and tuning."""
+    losses, peak memory of training (bytes; the CUDA allocator's peak over the steps after the
+    first, whose compilation and tuning are no training step, or the CPU allocator's from the
+    profiler over one extra step) and the first step's time, which includes compilation and
+    tuning."""
     step_model, backend = _compiled(model, variant, strategy, inner)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
 
@@ -327,6 +329,8 @@ def train(variant: str, model: nn.Module, data: Sequence[tuple], device: torch.d
         _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
         losses.append(loss.detach().item())
+        if i == 0 and device.type == "cuda" and len(data) > 1:
+            torch.cuda.reset_peak_memory_stats(device)  # the tuner's timings are no training step
         if log_every and (i % log_every == 0 or i == len(data) - 1):
             print(f"  [{variant}] step {i:4d}  loss {losses[-1]:.4f}  {times[-1]:9.1f} ms", flush=True)
     if device.type == "cuda":
@@ -467,7 +471,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
         print("peak MB on CPU: the most the CPU allocator held beyond what was already live (model, optimizer "
               "state), over one extra profiled step")
     else:
-        print("peak MB: torch.cuda.max_memory_allocated over training (parameters and optimizer state included)")
+        print("peak MB: torch.cuda.max_memory_allocated over the training steps after the first, which compiles "
+              "and tunes (parameters and optimizer state included)")
     return results
 
 
