@@ -373,19 +373,36 @@ def _format_row(r: Dict[str, Any]) -> str:
                if "eager_peak_mb" in r else ""))
 
 
+def _load_bench_json(path: str) -> Dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        for key in ("env", "config", "results"):
+            data[key]  # noqa: B018 -- the file must have come from `truthfuse bench --json`
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CLIError(f"--from-json {path}: not a file written by `truthfuse bench --json` ({exc})") from None
+    return data
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    _check_device(args.device)
     _check_plot_support(args.plot)
-    metrics = _choices_list(args.metrics, METRICS, "--metrics")
-    batch, heads, head_dim, default_seqs = SIZES[args.device]
-    seqs = _int_list(args.seqs, "--seqs") if args.seqs else list(default_seqs)
-    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        print("note: on CPU truthfuse's Triton kernels run only in Triton's interpreter; without "
-              "TRITON_INTERPRET=1 every site is kept and 'truthfuse' times Inductor's code", file=sys.stderr)
-    data = run_bench(args.device, metrics, seqs, batch=args.batch or batch, heads=args.heads or heads,
-                     head_dim=args.head_dim or head_dim, dtype=args.dtype, strategy=args.strategy,
-                     backward=args.backward, model=not args.no_model, reps=args.reps, inner=args.inner,
-                     progress=lambda line: print(line, flush=True))
+    if args.from_json:  # results measured elsewhere (a GPU machine), printed and plotted here
+        data = _load_bench_json(args.from_json)
+        args.dtype, args.backward = data["config"]["dtype"], data["config"]["backward"]
+        for row in data["results"]:
+            print(_format_row(row))
+    else:
+        _check_device(args.device)
+        metrics = _choices_list(args.metrics, METRICS, "--metrics")
+        batch, heads, head_dim, default_seqs = SIZES[args.device]
+        seqs = _int_list(args.seqs, "--seqs") if args.seqs else list(default_seqs)
+        if args.device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            print("note: on CPU truthfuse's Triton kernels run only in Triton's interpreter; without "
+                  "TRITON_INTERPRET=1 every site is kept and 'truthfuse' times Inductor's code", file=sys.stderr)
+        data = run_bench(args.device, metrics, seqs, batch=args.batch or batch, heads=args.heads or heads,
+                         head_dim=args.head_dim or head_dim, dtype=args.dtype, strategy=args.strategy,
+                         backward=args.backward, model=not args.no_model, reps=args.reps, inner=args.inner,
+                         progress=lambda line: print(line, flush=True))
     env = data["env"]
     print(f"\n{env['card']}, torch {env['torch']}, triton {env.get('triton', '-')}, {args.dtype}, "
           f"{'forward+backward' if args.backward else 'forward'} (model rows: training step); "
@@ -516,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU (default 5)")
     p.add_argument("--json", metavar="OUT.json", help="write every number and the environment as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="draw truthfuse's speedup against sequence length per metric")
+    p.add_argument("--from-json", metavar="IN.json",
+                   help="measure nothing: print and plot the results of an earlier --json (from a GPU machine, say)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("cache", formatter_class=fmt, help="show, clear, export or import tuning decisions",

@@ -135,6 +135,31 @@ def test_bench_writes_json(capsys, tmp_path):
     assert "attention-l2" in capsys.readouterr().out
 
 
+def test_bench_from_json_prints_and_plots_without_measuring(capsys, monkeypatch, tmp_path):
+    """--from-json: rows measured elsewhere are printed and plotted; nothing is timed here."""
+    rows = [{"name": "attention-l2", "seq": s, "eager_ms": 4.0, "inductor_ms": 2.0, "truthfuse_ms": 1.0,
+             "speedup_vs_inductor": 2.0, "speedup_vs_eager": 4.0, "fused_sites": 1} for s in (1024, 2048)]
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"env": {"card": "NVIDIA H100", "torch": "2.11"},
+                                "config": {"batch": 4, "heads": 8, "head_dim": 64, "dtype": "bf16", "backward": True,
+                                           "timer": "triton.testing.do_bench median"},
+                                "results": rows}))
+    monkeypatch.setattr(cli, "run_bench", lambda *a, **k: pytest.fail("measured"))
+    plotted = []
+    monkeypatch.setattr(cli, "_check_plot_support", lambda p: None)
+    monkeypatch.setattr(cli, "_plot", lambda results, out, title: plotted.append((len(results), out, title)))
+    assert cli.main(["bench", "--from-json", str(path), "--plot", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("attention-l2") == 2 and "NVIDIA H100" in out
+    assert plotted == [(2, str(tmp_path / "p.png"), "NVIDIA H100: B=4 H=8 D=64 bf16, causal, fwd+bwd")]
+
+
+def test_bench_from_json_rejects_other_files(capsys, tmp_path):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"results": []}))
+    _one_line_error(capsys, cli.main(["bench", "--from-json", str(path)]), "not a file written by")
+
+
 def test_bench_plot_calls(monkeypatch, tmp_path):
     """_plot against a stand-in matplotlib: one line per metric on each panel, saved to the path."""
     from unittest import mock
