@@ -393,6 +393,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(_format_row(row))
     else:
         _check_device(args.device)
+        args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
         metrics = _choices_list(args.metrics, METRICS, "--metrics")
         batch, heads, head_dim, default_seqs = SIZES[args.device]
         seqs = _int_list(args.seqs, "--seqs") if args.seqs else list(default_seqs)
@@ -523,7 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="attention batch size (default: built-in)")
     p.add_argument("--heads", type=int, default=None, help="attention heads (default: built-in)")
     p.add_argument("--head-dim", type=int, default=None, help="attention head dim (default: built-in)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="default fp32 (bf16 or fp16 on GPUs)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="default bf16 on cuda (what models train in), fp32 on cpu (the interpreter computes "
+                        "bf16 wrongly)")
     p.add_argument("--strategy", choices=STRATEGIES, default="aggressive",
                    help="truthfuse's strategy (default aggressive: time the fused kernels)")
     p.add_argument("--inner", choices=INNERS, default="inductor",
