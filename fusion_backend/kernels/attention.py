@@ -158,6 +158,19 @@ def _probs(s, a, b, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
+def _idle_launch(MASK_FLAGS, RUN_IF: tl.constexpr):
+    """Whether this program belongs to the launch of a pair that does not compute: a shared bool
+    mask gets two launches (RUN_IF 1: the causal specialization, 2: the one that reads the mask),
+    and MASK_FLAGS, computed on the device, decides which one works (`mask_launches`)."""
+    if RUN_IF == 1:
+        return tl.load(MASK_FLAGS) != 3
+    elif RUN_IF == 2:
+        return tl.load(MASK_FLAGS) == 3
+    else:
+        return False
+
+
+@triton.jit
 def _key_end(pid_m, N_K, MASK_FLAGS, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
     """One past the last key that query block pid_m must visit: N_K, or the end of its diagonal
     block when nothing above the diagonal is kept: causal, or a bool mask for which the launcher
@@ -280,13 +293,8 @@ def _attn_fwd_kernel(
     EVEN_M/EVEN_N whether Nq/Nk are multiples of the blocks (skip bounds checks);
     DOT_PREC tl.dot input precision ("ieee" for fp32 inputs); BLOCK_M/BLOCK_N the tile.
     """
-    # one of the two launches for a shared bool mask, which decide on the device (`mask_launches`)
-    if RUN_IF == 1:
-        if tl.load(MASK_FLAGS) != 3:
-            return
-    if RUN_IF == 2:
-        if tl.load(MASK_FLAGS) == 3:
-            return
+    if _idle_launch(MASK_FLAGS, RUN_IF):
+        return
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -357,13 +365,8 @@ def _attn_bwd_dkdv_kernel(
     DK:    (B, Hkv, Nk, D) contiguous, K's dtype;  DV: (B, Hkv, Nk, Dv) contiguous, V's dtype.
     BLOCK_N keys are owned by the program, BLOCK_M queries are visited per step.
     """
-    # one of the two launches for a shared bool mask, which decide on the device (`mask_launches`)
-    if RUN_IF == 1:
-        if tl.load(MASK_FLAGS) != 3:
-            return
-    if RUN_IF == 2:
-        if tl.load(MASK_FLAGS) == 3:
-            return
+    if _idle_launch(MASK_FLAGS, RUN_IF):
+        return
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // HKV
@@ -462,13 +465,8 @@ def _attn_bwd_dq_kernel(
     DMASK:  fp32 buffer addressed with strides sg* over (B, H, Nq, Nk) (0 on dims the mask
             broadcasts over B/H); dS is atomically added when MASK_GRAD.
     """
-    # one of the two launches for a shared bool mask, which decide on the device (`mask_launches`)
-    if RUN_IF == 1:
-        if tl.load(MASK_FLAGS) != 3:
-            return
-    if RUN_IF == 2:
-        if tl.load(MASK_FLAGS) == 3:
-            return
+    if _idle_launch(MASK_FLAGS, RUN_IF):
+        return
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H

@@ -17,9 +17,9 @@ import triton
 import triton.language as tl
 
 from fusion_backend.kernels.attention import (
-    DROPOUT_BITS, _dropout_keep, _fwd_epilogue, _kernel_scale, _key_end, _load_row_stats, _load_rows, _logits,
-    _mask_args, _pad_dim, _probs, _query_start, _softmax_step, backward_tiles, dropout_args, mask_grad_buffer,
-    mask_launches, new_row_stats, reduce_mask_grad, row_dot,
+    DROPOUT_BITS, _dropout_keep, _fwd_epilogue, _idle_launch, _kernel_scale, _key_end, _load_row_stats,
+    _load_rows, _logits, _mask_args, _pad_dim, _probs, _query_start, _softmax_step, backward_tiles, dropout_args,
+    mask_grad_buffer, mask_launches, new_row_stats, reduce_mask_grad, row_dot,
 )
 
 
@@ -87,13 +87,8 @@ def _l1_fwd_kernel(
     `attention._store_row_stats`;  RBAR: (B*H, Nq) E_p[raw] if STATS.
     Constexprs as in `attention._attn_fwd_kernel` (DV_PAD the padded value head dim).
     """
-    # one of the two launches for a shared bool mask, which decide on the device (`mask_launches`)
-    if RUN_IF == 1:
-        if tl.load(MASK_FLAGS) != 3:
-            return
-    if RUN_IF == 2:
-        if tl.load(MASK_FLAGS) == 3:
-            return
+    if _idle_launch(MASK_FLAGS, RUN_IF):
+        return
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -145,13 +140,8 @@ def _l1_bwd_dkdv_kernel(
     for BLOCK_N keys of one (b, kv head), summed over its GROUP query heads.
     Grid: (cdiv(Nk, BLOCK_N), B * Hkv). DO (B, H, Nq, Dv) strides sdo*; STATS_M, STATS_L, DELTA
     (B*H, Nq) fp32."""
-    # one of the two launches for a shared bool mask, which decide on the device (`mask_launches`)
-    if RUN_IF == 1:
-        if tl.load(MASK_FLAGS) != 3:
-            return
-    if RUN_IF == 2:
-        if tl.load(MASK_FLAGS) == 3:
-            return
+    if _idle_launch(MASK_FLAGS, RUN_IF):
+        return
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // HKV
@@ -213,13 +203,8 @@ def _l1_bwd_dq_kernel(
     """dQ (into DQT: (B, H, D, Nq) fp32 zeros, transposed), per-row scale gradient DSCALE (B*H, Nq)
     and float-mask gradient (atomics into DMASK, strides sg*) for BLOCK_M queries of one (b, h).
     Grid: (cdiv(Nq, BLOCK_M), B * H)."""
-    # one of the two launches for a shared bool mask, which decide on the device (`mask_launches`)
-    if RUN_IF == 1:
-        if tl.load(MASK_FLAGS) != 3:
-            return
-    if RUN_IF == 2:
-        if tl.load(MASK_FLAGS) == 3:
-            return
+    if _idle_launch(MASK_FLAGS, RUN_IF):
+        return
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
