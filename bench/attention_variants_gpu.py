@@ -132,13 +132,54 @@ def time_sdpa(name, B, H, T, D, rep):
     save()
 
 
+def host_profile(steps=50):
+    """Where the host time of op calls goes (cProfile), at a shape small enough for the GPU to idle:
+    B=4, H=8, T=1024, D=64, L2 with a learnable per-head scale and a tril bool mask, fwd+bwd."""
+    import cProfile
+    import io
+    import pstats
+
+    q, k, v, scale = inputs(4, 8, 1024, 64, "l2", grad=True)
+    mask = torch.ones(1024, 1024, dtype=torch.bool, device=DEV).tril()
+
+    def step():
+        out = attention(q, k, v, metric="l2", scale=scale, attn_mask=mask, dropout_p=0.1)
+        out.backward(torch.ones_like(out))
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    issue_ms = (time.perf_counter() - t0) / steps * 1e3
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) / steps * 1e3
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(25)
+    with open(os.path.join(OUT, "attention_host_profile.txt"), "w") as f:
+        f.write(f"host issue {issue_ms:.3f} ms/step, wall {wall_ms:.3f} ms/step, {steps} steps\n{text.getvalue()}")
+    print(f"host profile: issue {issue_ms:.3f} ms/step, wall {wall_ms:.3f} ms/step", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--old", help="a folder holding an `oldkernels` package (an earlier fusion_backend/kernels)")
     ap.add_argument("--shapes", default="truthgpt,gpt2")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--host-profile", action="store_true", help="only profile the op's host time (cProfile)")
     args = ap.parse_args()
+    if args.host_profile:
+        host_profile()
+        return
     rep = 50 if args.quick else 200
     print(RESULTS["env"], flush=True)
     codes = [("new", new_kernels)]
