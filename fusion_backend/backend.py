@@ -235,6 +235,9 @@ def _keep_reason(site: Site, candidates: List[Site], fused_ids: set, record: Gra
     for other in candidates:
         if other.id in fused_ids and other.nodes & site.nodes:
             return f"overlaps fused site {other.rule.name} ({other.location})"
+    if fused_ids and record.tuning_reason:
+        # the plan fused other sites: its reason is about them, not about this one
+        return f"the tuner's plan keeps it; the plan fuses other sites ({record.tuning_reason})"
     return record.tuning_reason or "the tuner kept it"
 
 
