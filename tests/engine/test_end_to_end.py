@@ -1,5 +1,7 @@
 """The pipeline end to end on a small attention + MLP model: numerics, explain, graph breaks,
 dynamic shapes, and a model with nothing to match."""
+import sys
+
 import pytest
 import torch
 
@@ -101,3 +103,17 @@ def test_moderate_strategy_measures_and_never_crashes():
     assert report.tuning.measurements >= 2  # the all-keep plan and the fused one
     assert len(report.sites) == 1 and report.sites[0].decision in ("fused", "kept")
     assert report.sites[0].reason
+
+
+def test_a_site_kept_in_a_plan_that_fuses_others_says_so():
+    """The plan's reason ("fused plan X ms vs all-keep Y ms") is about the fused sites; a site the
+    plan keeps must not read as if it had won."""
+    from types import SimpleNamespace
+
+    backend_module = sys.modules["fusion_backend.backend"]
+    kept = SimpleNamespace(id="g0.ffn", nodes={"a"})
+    fused = SimpleNamespace(id="g0.attn", nodes={"b"}, rule=SimpleNamespace(name="attention.dot"), location="m.py:1")
+    record = SimpleNamespace(tuning_reason="fused plan 20.4 ms vs all-keep 40.4 ms")
+    reason = backend_module._keep_reason(kept, [kept, fused], {"g0.attn"}, record)
+    assert reason.startswith("the tuner's plan keeps it") and "20.4 ms" in reason
+    assert backend_module._keep_reason(kept, [kept], set(), record) == record.tuning_reason
