@@ -263,7 +263,8 @@ COMMON_CONSTRAINTS = (check_qkv, check_softmax_dim, dtype_in("q", _FLOATS), chec
 # comparisons, views and fills. Nothing random, nothing reading an input.
 _CONSTANT_FUNCTIONS = {
     torch.arange, torch.zeros, torch.ones, torch.full, torch.tensor, torch.scalar_tensor, torch.tril,
-    torch.triu, torch.masked_fill, torch.where, torch.unsqueeze, torch.logical_not, torch.logical_and, torch.logical_or,
+    torch.triu, torch.masked_fill, torch.where, torch.unsqueeze, torch.logical_not, torch.logical_and,
+    torch.logical_or,
     torch.add, torch.sub, torch.mul, torch.le, torch.lt, torch.ge, torch.gt, torch.eq, torch.ne,
     torch.Tensor.to, torch.transpose, torch.reshape, torch.broadcast_to,
     operator.add, operator.sub, operator.le, operator.lt, operator.ge, operator.gt, operator.eq,
@@ -478,7 +479,8 @@ def exact_unless_dropout(name):
 def _rule(name, metric, pattern, extra=(), priority=100, gqa=False, causal_bias=False):
     return Rule(name=name, kind="attention", pattern=pattern, replacement=_make_replacement(metric, gqa, causal_bias),
                 constraints=COMMON_CONSTRAINTS[:-1] + tuple(extra) + COMMON_CONSTRAINTS[-1:],
-                priority=priority, variant=metric, exact=exact_unless_dropout("p"), configs=configs_for(metric, causal_bias),
+                priority=priority, variant=metric, exact=exact_unless_dropout("p"),
+                configs=configs_for(metric, causal_bias),
                 # bf16 q/k upcast for the scores: the kernels accumulate in fp32 from the bf16 values,
                 # which is what the upcast computes, without the copies
                 look_through_upcasts=("q", "k"))

@@ -244,12 +244,14 @@ def mha_replacement(query, key, value, embed_dim, num_heads, in_proj_weight=None
 
 RULES = [
     Rule(name="attention.sdpa", kind="attention", pattern=sdpa_pattern, replacement=sdpa_replacement,
-         constraints=(check_sdpa,), priority=100, variant="dot", exact=exact_unless_dropout("dropout_p"), configs=configs_for("dot", offer_sdpa=False)),
+         constraints=(check_sdpa,), priority=100, variant="dot", exact=exact_unless_dropout("dropout_p"),
+         configs=configs_for("dot", offer_sdpa=False)),
     Rule(name="attention.sdpa_repeat_kv", kind="attention", pattern=sdpa_repeat_kv_pattern,
          replacement=sdpa_repeat_kv_replacement, constraints=(check_repeat_kv, check_sdpa_repeated_kv), priority=120,
          variant="dot", exact=exact_unless_dropout("dropout_p"), configs=configs_for("dot", offer_sdpa=False)),
     Rule(name="attention.multihead", kind="attention", pattern=mha_pattern, replacement=mha_replacement,
-         constraints=(check_mha,), priority=100, variant="dot", exact=exact_unless_dropout("dropout_p"), configs=configs_for("dot", offer_sdpa=False)),
+         constraints=(check_mha,), priority=100, variant="dot", exact=exact_unless_dropout("dropout_p"),
+         configs=configs_for("dot", offer_sdpa=False)),
 ]
 
 for _r in RULES:

@@ -409,7 +409,8 @@ def _attn_bwd_dkdv_kernel(
             pT = _probs(sT, sa[None, :], sb[None, :], MASK_KIND)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             if DROPOUT:
-                keep = tl.trans(_dropout_keep(seed, bh, offs_m, pid_n * BLOCK_N, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS))
+                keep = tl.trans(_dropout_keep(seed, bh, offs_m, pid_n * BLOCK_N, N_K, threshold, BLOCK_M, BLOCK_N,
+                                              DROP_BITS))
                 rescale = 1.0 / (1.0 - dropout_p)
                 pdT = tl.where(keep, pT, 0.0)  # dV takes the 1/(1-p) once, at the end
                 dpT = tl.where(keep, dpT * rescale, 0.0)
@@ -785,7 +786,8 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
             HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv),
             METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=l_causal, DROPOUT=dropout_p > 0, STATS=stats,
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
-            BLOCK_M=bm, BLOCK_N=bn, RUN_IF=run_if, DROP_BITS=DROPOUT_BITS, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            BLOCK_M=bm, BLOCK_N=bn, RUN_IF=run_if, DROP_BITS=DROPOUT_BITS,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return out, row_stats
 

@@ -296,7 +296,8 @@ def l1_attention_forward(q, k, v, scale, *, causal=False, mask=None, dropout_p=0
             HEAD_DIM=D, HEAD_DIM_V=Dv, DV_PAD=_pad_dim(Dv),
             MASK_KIND=mkind, CAUSAL=l_causal, DROPOUT=dropout_p > 0, STATS=stats,
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
-            BLOCK_M=bm, BLOCK_N=bn, RUN_IF=run_if, DROP_BITS=DROPOUT_BITS, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            BLOCK_M=bm, BLOCK_N=bn, RUN_IF=run_if, DROP_BITS=DROPOUT_BITS,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return out, row_stats
 

@@ -137,7 +137,8 @@ def _scale_vector(scale, metric, D, H, device):
 def _dropout_keep_reference(shape, p, seed, device):
     """The kernels' dropout mask, in PyTorch: `kernels.philox` with seed + b*H + h per head."""
     B, H, Nq, Nk = shape
-    heads = [philox_keep_mask(int(seed) + i, Nq, Nk, p, device=device, bits=_tc.DROPOUT_BITS) for i in range(B * H)]
+    heads = [philox_keep_mask(int(seed) + i, Nq, Nk, p, device=device, bits=_tc.DROPOUT_BITS)
+             for i in range(B * H)]
     return torch.stack(heads).view(B, H, Nq, Nk)
 
 
