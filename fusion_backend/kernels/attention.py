@@ -258,7 +258,7 @@ def _fwd_epilogue(acc, m_i, l_i, r_i, OUT, RBAR, STATS_M, STATS_L, b, h, bh, off
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
 def _attn_fwd_kernel(
     Q, K, V, SCALE, KVEC, MASK, MASK_FLAGS, OUT, STATS_M, STATS_L, RBAR,
     sqb, sqh, sqm, sqd,
@@ -341,7 +341,7 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # Backward: dK and dV (one program per key block of one kv head, looping over its query heads)
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
 def _attn_bwd_dkdv_kernel(
     Q, K, V, SCALE, KVEC, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, DELTA, DK, DV,
     sqb, sqh, sqm, sqd,
@@ -440,7 +440,7 @@ def _attn_bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------------------
 # Backward: dQ, the per-row scale gradient, and the float-mask gradient
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
 def _attn_bwd_dq_kernel(
     Q, K, V, SCALE, QVEC, KVEC, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, RBAR, DELTA, DQ, DSCALE, DMASK,
     sqb, sqh, sqm, sqd,

@@ -66,7 +66,7 @@ def _add_sign_grad(g, qt_base, kt_base, out_base, offs_m, offs_n, N_Q, N_K, HEAD
         tl.store(ptr, old + col, mask=inb)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
 def _l1_fwd_kernel(
     QT, KT, V, SCALE, MASK, MASK_FLAGS, OUT, STATS_M, STATS_L, RBAR,
     svb, svh, svn, svd,
@@ -123,7 +123,7 @@ def _l1_fwd_kernel(
                   N_Q, HEAD_DIM_V, MASK_KIND)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
 def _l1_bwd_dkdv_kernel(
     QT, KT, V, SCALE, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, DELTA, DKT, DV,
     svb, svh, svn, svd,
@@ -186,7 +186,7 @@ def _l1_bwd_dkdv_kernel(
     tl.store(dv_ptrs, dv_acc.to(DV.dtype.element_ty), mask=(offs_n[:, None] < N_K) & (offs_dv[None, :] < HEAD_DIM_V))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
 def _l1_bwd_dq_kernel(
     QT, KT, V, SCALE, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, RBAR, DELTA, DQT, DSCALE, DMASK,
     svb, svh, svn, svd,

@@ -106,7 +106,7 @@ def _dropout(v, seed, rows, col0, N, threshold, scale, BLOCK_M: tl.constexpr, BL
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
 def _gemm_kernel(
     a_ptr, b_ptr, a2_ptr, b2_ptr,
     bias_ptr, bias2_ptr,
@@ -368,7 +368,7 @@ def gemm(
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
 def _hidden_epilogue_kernel(
     z_ptr, zu_ptr, bias_ptr, bias2_ptr, g_ptr, out_ptr, out2_ptr, dbias_ptr, dbias2_ptr,
     M, N, stride_zm, stride_gm, stride_om,
@@ -493,7 +493,7 @@ def hidden_epilogue(
     return out, out2, (db.sum(0) if db is not None else None), (db2.sum(0) if db2 is not None else None)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
 def _output_epilogue_kernel(
     y_ptr, bias_ptr, res_ptr, out_ptr,
     M, N, stride_ym, stride_rm, stride_om,

@@ -39,3 +39,26 @@ def test_inductor_calls_the_seed_op_instead_of_generating_a_kernel_for_it():
     code = "\n".join(codes)
     assert code.count("truthfuse.dropout_seed") >= 3
     assert "randint" not in code.replace("truthfuse.dropout_seed", "")
+
+
+def test_no_kernel_specializes_on_the_seed():
+    """Triton compiles a new kernel for an int argument divisible by 16 (or equal to 1); a seed is
+    new every call, so a kernel specialized on it compiled again, seconds into training, the first
+    time a seed fell in the other class. Checked on the compiled (not interpreted) kernels."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import inspect, triton\n"
+        "from fusion_backend.kernels import attention, attention_l1, feedforward\n"
+        "kernels = [(f'{m.__name__}.{n}', k) for m in (attention, attention_l1, feedforward)\n"
+        "           for n, k in inspect.getmembers(m, lambda k: isinstance(k, triton.runtime.jit.JITFunction))\n"
+        "           if n.endswith('_kernel') and any(p.name == 'seed' for p in k.params)]\n"
+        "bad = [n for n, k in kernels if not next(p for p in k.params if p.name == 'seed').do_not_specialize]\n"
+        "print(len(kernels), bad)\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    seeded, bad = out.strip().split(" ", 1)
+    assert int(seeded) == 9 and bad == "[]", out
