@@ -135,9 +135,7 @@ def time_sdpa(name, B, H, T, D, rep):
 def host_profile(steps=50):
     """Where the host time of op calls goes (cProfile), at a shape small enough for the GPU to idle:
     B=4, H=8, T=1024, D=64, L2 with a learnable per-head scale and a tril bool mask, fwd+bwd."""
-    import cProfile
-    import io
-    import pstats
+    from host_timing import cprofile_text, host_and_wall_ms
 
     q, k, v, scale = inputs(4, 8, 1024, 64, "l2", grad=True)
     mask = torch.ones(1024, 1024, dtype=torch.bool, device=DEV).tril()
@@ -145,27 +143,10 @@ def host_profile(steps=50):
     def step():
         out = attention(q, k, v, metric="l2", scale=scale, attn_mask=mask, dropout_p=0.1)
         out.backward(torch.ones_like(out))
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    issue_ms = (time.perf_counter() - t0) / steps * 1e3
-    torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - t0) / steps * 1e3
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    prof.disable()
-    text = io.StringIO()
-    stats = pstats.Stats(prof, stream=text)
-    stats.sort_stats("tottime").print_stats(25)
-    stats.sort_stats("cumulative").print_stats(25)
+    issue_ms, wall_ms = host_and_wall_ms(step, steps)
+    text = cprofile_text(step, steps, limit=25, orders=("tottime", "cumulative"))
     with open(os.path.join(OUT, "attention_host_profile.txt"), "w") as f:
-        f.write(f"host issue {issue_ms:.3f} ms/step, wall {wall_ms:.3f} ms/step, {steps} steps\n{text.getvalue()}")
+        f.write(f"host issue {issue_ms:.3f} ms/step, wall {wall_ms:.3f} ms/step, {steps} steps\n{text}")
     print(f"host profile: issue {issue_ms:.3f} ms/step, wall {wall_ms:.3f} ms/step", flush=True)
 
 

@@ -263,6 +263,7 @@ def bench(args):
 
 def profile_training(T=8192, d=1024, h=4096, steps=10):
     """The GPU kernels (and the host time around them) of training steps, eager against ours."""
+    from host_timing import cprofile_text, host_and_wall_ms
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
@@ -275,15 +276,7 @@ def profile_training(T=8192, d=1024, h=4096, steps=10):
         def step():
             out = fn(x)
             out.backward(torch.ones_like(out))
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        host_ms = (time.perf_counter() - t0) / steps * 1e3  # before the sync: host issue time per step
-        torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - t0) / steps * 1e3
+        host_ms, wall_ms = host_and_wall_ms(step, steps)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
                 step()
@@ -293,19 +286,8 @@ def profile_training(T=8192, d=1024, h=4096, steps=10):
             f.write(f"=== {name}: host issue {host_ms:.3f} ms/step, wall {wall_ms:.3f} ms/step, {steps} steps ===\n{table}\n")
         print(f"profile {name}: host issue {host_ms:.3f} ms/step, wall {wall_ms:.3f} ms/step", flush=True)
         # where the host time goes, by Python function
-        import cProfile
-        import io
-        import pstats
-        prof_py = cProfile.Profile()
-        prof_py.enable()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-        prof_py.disable()
-        text = io.StringIO()
-        pstats.Stats(prof_py, stream=text).sort_stats("tottime").print_stats(30)
         with open(os.path.join(OUT, "feedforward-cprofile.txt"), "a") as f:
-            f.write(f"=== {name}: {steps} steps ===\n{text.getvalue()}\n")
+            f.write(f"=== {name}: {steps} steps ===\n{cprofile_text(step, steps)}\n")
 
 
 def main():
