@@ -23,8 +23,8 @@ Conventions shared by the kernels (and by `attention_l1`):
 - Masks: MASK_KIND 0 none, 1 bool (True = keep), 2 float (added to the logits). The mask pointer
   carries four strides over (B, H, Nq, Nk), 0 on broadcast dims. A bool mask shared by every
   batch and head comes with layout flags computed on the device (`mask_layout_flags`): blocks
-  above the diagonal are skipped when it keeps nothing there, and an exact lower triangle is
-  tested as a triangle rather than read.
+  above the diagonal are skipped when it keeps nothing there, and an exact lower triangle runs
+  the causal specialization, which never reads the mask (`mask_launches`).
 - Dropout: the keep mask of (b, h) is `kernels.philox`'s for an (Nq, Nk) matrix with seed
   seed + b*H + h; kept values are scaled by 1/(1-p) (once per output row, not per element). The
   backward regenerates the same mask.
@@ -726,14 +726,20 @@ def mask_layout_flags(mask, Nq, Nk, causal, device):
     Computed on the device for every call, one pass over the mask, so a mask that changes between
     calls is always read as it is now, and no host sync is needed. Only for a mask shared by every
     batch and head (see `flags_apply`); the shared zero for other masks."""
-    if flags_apply(mask, Nq, Nk, causal):
-        flags = torch.full((), 3, device=mask.device, dtype=torch.int32)
-        m2 = mask.reshape(mask.shape[-2:]) if mask.dim() > 2 else mask
-        m2 = m2.view(torch.uint8)
-        bm, bn = (64, 256) if not interpreting() else (128, 512)
-        _mask_layout_kernel[(triton.cdiv(Nq, bm), triton.cdiv(Nk, bn))](
-            m2, flags, Nq, Nk, m2.stride(0), m2.stride(1), BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
-        return flags
+    return _device_flags(mask, Nq, Nk) if flags_apply(mask, Nq, Nk, causal) else _zero_flags(device)
+
+
+def _device_flags(mask, Nq, Nk):
+    flags = torch.full((), 3, device=mask.device, dtype=torch.int32)
+    m2 = mask.reshape(mask.shape[-2:]) if mask.dim() > 2 else mask
+    m2 = m2.view(torch.uint8)
+    bm, bn = (64, 256) if not interpreting() else (128, 512)
+    _mask_layout_kernel[(triton.cdiv(Nq, bm), triton.cdiv(Nk, bn))](
+        m2, flags, Nq, Nk, m2.stride(0), m2.stride(1), BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+    return flags
+
+
+def _zero_flags(device):
     device = torch.device(device)
     if device not in _NO_SKIP:  # one read-only zero per device: no fill launched per call
         _NO_SKIP[device] = torch.zeros((), device=device, dtype=torch.int32)
@@ -755,10 +761,9 @@ def mask_launches(mask, Nq, Nk, causal, device):
     specialized as causal=True without the mask (it runs when the flags say the mask is exactly
     the lower triangle, and is then as fast as causal), and one that reads the mask (it runs
     otherwise; the program that does not compute returns at once). Other calls get one launch."""
-    flags = mask_layout_flags(mask, Nq, Nk, causal, device)
     if not flags_apply(mask, Nq, Nk, causal):
-        return flags, [(0, mask, causal)]
-    return flags, [(1, None, True), (2, mask, False)]
+        return _zero_flags(device), [(0, mask, causal)]
+    return _device_flags(mask, Nq, Nk), [(1, None, True), (2, mask, False)]
 
 
 def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, dropout_p=0.0, seed=0,

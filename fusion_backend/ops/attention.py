@@ -32,7 +32,7 @@ from fusion_backend.kernels import attention_l1 as _l1
 from fusion_backend.kernels.philox import dropout_scale, philox_keep_mask
 from fusion_backend.kernels.runtime import can_launch, device_unsupported, interpreting
 from fusion_backend.ops.fallback import warn_fallback_once
-from fusion_backend.ops.seed import draw_seed
+from fusion_backend.ops.seed import draw_seed, reference_seed
 
 METRICS = ("dot", "l2", "l1", "cosine")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -198,7 +198,7 @@ def attention_reference(q, k, v, *, metric="dot", scale=None, causal=False, attn
     scale_h = _scale_vector(scale, metric, D, H, q.device).to(dtype)
     mask = None if attn_mask is None else attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     if dropout_p > 0 and dropout_seed is None:
-        dropout_seed = int(torch.randint(0, 2**30, ()).item())
+        dropout_seed = reference_seed()
     out, _ = _reference_core(q, k, v, scale_h, metric, causal, mask, float(dropout_p), dropout_seed or 0, dtype)
     return out.to(q.dtype)
 
@@ -385,7 +385,7 @@ def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None
         mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
         if mask.device != q.device:
             mask = mask.to(q.device)
-    seed = draw_seed(q, 2**30, draw=dropout_p > 0)
+    seed = draw_seed(q, draw=dropout_p > 0)
     if isinstance(config, dict):
         config = config_key(config)
     elif config is not None:

@@ -28,7 +28,7 @@ from ..kernels import feedforward as K
 from ..kernels.philox import dropout_scale, philox_keep_mask
 from ..kernels.runtime import can_launch, device_unsupported, interpreting
 from .fallback import warn_fallback_once
-from .seed import draw_seed
+from .seed import draw_seed, reference_seed
 
 __all__ = [
     "ACTIVATIONS",
@@ -226,11 +226,6 @@ def _act_and_grad_ref(z, activation):
     return z * s, s * (1.0 + z * (1.0 - s))
 
 
-def _draw_seed() -> torch.Tensor:
-    """A dropout seed from torch's default (CPU) generator, as an int64 scalar tensor."""
-    return torch.randint(0, 2**31 - 2, (), dtype=torch.int64)
-
-
 def _mask_scale(seed: int, rows: int, cols: int, p: float, device, dtype):
     """Dropout multiplier (keep / (1 - p)) of a (rows, cols) matrix, the kernels' Philox stream."""
     return philox_keep_mask(seed, rows, cols, p, device=device).to(dtype) * dropout_scale(p)
@@ -249,7 +244,7 @@ def feedforward_reference(
     _validate(x, w_in, b_in, w_out, b_out, activation, w_gate, b_gate, hidden_dropout_p, output_dropout_p, residual, None, None)
     p_h, p_o = float(hidden_dropout_p), float(output_dropout_p)
     if seed is None and (p_h > 0 or p_o > 0):
-        seed = int(_draw_seed())
+        seed = reference_seed()
     x2 = x.reshape(-1, x.shape[-1])
     if w_gate is not None:
         hid = _act_ref(F.linear(x2, w_gate, b_gate), activation) * F.linear(x2, w_in, b_in)
@@ -601,7 +596,7 @@ def feedforward(
     _validate(x, w_in, b_in, w_out, b_out, activation, w_gate, b_gate, hidden_dropout_p, output_dropout_p, residual, impl, config)
     impl = impl or _DEFAULT_IMPL
     p_h, p_o = float(hidden_dropout_p), float(output_dropout_p)
-    seed = draw_seed(x, 2**31 - 2) if (p_h > 0 or p_o > 0) else None
+    seed = draw_seed(x) if (p_h > 0 or p_o > 0) else None
     d_out = w_out.shape[0]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])

@@ -27,6 +27,16 @@ def _(anchor, high, draw):
     return torch.empty((), dtype=torch.int64, device="cpu")
 
 
-def draw_seed(anchor: Tensor, high: int, draw: bool = True) -> Tensor:
+SEED_HIGH = 2**30
+"""Seeds are uniform in [0, SEED_HIGH): the kernels add b*H + h to it and keep it in int32."""
+
+
+def draw_seed(anchor: Tensor, draw: bool = True) -> Tensor:
     """The seed tensor for one call of a fused op (see the module docstring)."""
-    return dropout_seed_op(anchor.detach(), int(high), bool(draw))
+    return dropout_seed_op(anchor.detach(), SEED_HIGH, bool(draw))
+
+
+def reference_seed() -> int:
+    """The seed a fused op would draw now, for the PyTorch references: the same draw from torch's
+    default generator, so after one `torch.manual_seed` a reference and an op drop alike."""
+    return int(torch.randint(0, SEED_HIGH, (), dtype=torch.int64))
