@@ -14,6 +14,7 @@ against eager and Inductor of the same module, measured in the same run.
     impl="cublas". Writes $OUT/feedforward_gpu.json and prints a table.
 """
 import argparse
+import importlib
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from fusion_backend.ops.fallback import FusionFallbackWarning  # noqa: E402
 from fusion_backend.ops.feedforward import (  # noqa: E402
     feedforward,
     default_feedforward_config,
+    feedforward_config_space,
     feedforward_reference,
 )
 
@@ -101,7 +103,8 @@ def check(dtype, T, d, h, act, gated, p_h, p_o, residual, bias, impl):
     ok = worst <= max(TOL[dtype], 2 * max(eerrs))
     row = dict(dtype=str(dtype).split(".")[-1], T=T, d=d, h=h, act=act, gated=gated, p_h=p_h, p_o=p_o,
                residual=residual, bias=bias, impl=impl, err=dict(zip(["out"] + names, errs)),
-               eager_err=dict(zip(["out"] + names, eerrs)), ok=ok)
+               eager_err=dict(zip(["out"] + names, eerrs)), ok=ok,
+               backward_rows=FF._backward_rows, saved_pre_activation=FF.SAVE_PRE_ACTIVATION)
     results["correctness"].append(row)
     print(f"{'PASS' if ok else 'FAIL'} {row['dtype']:8s} T={T:5d} d={d:4d} h={h:5d} {act:9s} gated={gated!s:5s} "
           f"p=({p_h},{p_o}) res={residual!s:5s} bias={bias!s:5s} {impl:6s} worst {worst:.1e} (eager {max(eerrs):.1e})", flush=True)
@@ -132,6 +135,18 @@ def correctness(cases, compile_check=True):
             except Exception as e:  # keep going: report every failure
                 ok = False
                 print("FAIL", c, impl, type(e).__name__, str(e)[:300], flush=True)
+    # Backward in ragged row blocks (100 rows) with the pre-activation saved and recomputed.
+    for save_pre in (True, False):
+        FF._backward_rows, FF.SAVE_PRE_ACTIVATION = 100, save_pre
+        for c in [c for c in cases if c[1] > 100]:
+            for impl in ("triton", "cublas"):
+                try:
+                    print(f"  row blocks of 100, pre-activation {'saved' if save_pre else 'recomputed'}:", flush=True)
+                    ok &= check(*c, impl)
+                except Exception as e:
+                    ok = False
+                    print("FAIL", c, impl, type(e).__name__, str(e)[:300], flush=True)
+    FF._backward_rows, FF.SAVE_PRE_ACTIVATION = None, _SCHEME_DEFAULTS["SAVE_PRE_ACTIVATION"]
     if not compile_check:
         results["correctness_all_ok"] = bool(ok)
         save()
@@ -183,13 +198,25 @@ class FFN(torch.nn.Module):
         return x + F.dropout(s.l2(F.dropout(F.gelu(s.l1(x)), s.p, s.training)), s.p, s.training)
 
 
+FF = importlib.import_module("fusion_backend.ops.feedforward")  # the module (ops re-exports the function)
+# How backward keeps memory down: keep the pre-activation and walk 4 row blocks, or recompute it
+# in 2 blocks. A variant sets these in its forward; its backward runs before the next variant's.
+MEMORY_SCHEMES = {
+    "saved-4": dict(SAVE_PRE_ACTIVATION=True, BACKWARD_ROW_BLOCKS=4),
+    "recompute-2": dict(SAVE_PRE_ACTIVATION=False, RECOMPUTE_ROW_BLOCKS=2),
+}
+_SCHEME_DEFAULTS = {k: getattr(FF, k) for k in ("SAVE_PRE_ACTIVATION", "BACKWARD_ROW_BLOCKS", "RECOMPUTE_ROW_BLOCKS")}
+
+
 class FusedFFN(FFN):
     """The same module through `feedforward` (same parameters, same math)."""
 
-    def __init__(s, d, h, p, impl, config=None):
-        super().__init__(d, h, p); s.impl = impl; s.config = config
+    def __init__(s, d, h, p, impl, config=None, scheme=None):
+        super().__init__(d, h, p); s.impl = impl; s.config = config; s.scheme = scheme
 
     def forward(s, x):
+        for k, v in {**_SCHEME_DEFAULTS, **MEMORY_SCHEMES.get(s.scheme, {})}.items():
+            setattr(FF, k, v)
         p = s.p if s.training else 0.0
         return feedforward(x, s.l1.weight, s.l1.bias, s.l2.weight, s.l2.bias, activation="gelu",
                            hidden_dropout_p=p, output_dropout_p=p, residual=x, impl=s.impl, config=s.config)
@@ -199,12 +226,20 @@ def bench_epilogue():
     """The elementwise epilogue alone against PyTorch's gelu / dropout on (8192, 4096) bf16."""
     z = torch.randn(8192, 4096, device=dev, dtype=torch.bfloat16)
     nbytes = 2 * z.numel() * z.element_size()
-    for name, fn in (
+    g = torch.randn_like(z)
+    cases = [
         ("torch gelu", lambda: F.gelu(z)),
         ("torch gelu+dropout", lambda: F.dropout(F.gelu(z), 0.1, True)),
-        ("hidden_epilogue gelu", lambda: K.hidden_epilogue(z, act=1, config=default_feedforward_config("cublas"))),
-        ("hidden_epilogue gelu+dropout", lambda: K.hidden_epilogue(z, act=1, seed=7, p=0.1, config=default_feedforward_config("cublas"))),
-    ):
+    ]
+    for cfg in feedforward_config_space("cublas"):
+        cases += [
+            (f"hidden_epilogue gelu {cfg['key']}", lambda c=cfg: K.hidden_epilogue(z, act=1, config=c)),
+            (f"hidden_epilogue gelu+dropout {cfg['key']}", lambda c=cfg: K.hidden_epilogue(z, act=1, seed=7, p=0.1, config=c)),
+            # backward reads z and g and writes dz: 1.5x the bytes of the forward rows
+            (f"hidden_epilogue backward+dropout+bias {cfg['key']}",
+             lambda c=cfg: K.hidden_epilogue(z, act=1, grad=g, seed=7, p=0.1, bias_grad=True, config=c)),
+        ]
+    for name, fn in cases:
         ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
         results.setdefault("epilogue", []).append(dict(name=name, ms=ms, gbps=nbytes / ms / 1e6))
         print(f"epilogue {name:30s} {ms * 1000:8.1f} us  {nbytes / ms / 1e6:7.0f} GB/s", flush=True)
@@ -222,10 +257,16 @@ def bench(args):
         variants = [("eager", base), ("inductor", torch.compile(base))]
         if args.max_autotune and T == 8192:
             variants.append(("max-autotune", torch.compile(base, mode="max-autotune-no-cudagraphs")))
-        for impl in ("cublas", "triton"):
+        for impl in ("cublas", "triton") if args.triton_impl else ("cublas",):
             m = FusedFFN(d, h, 0.1, impl).to(dev, torch.bfloat16).train(train)
             m.load_state_dict(base.state_dict())
             variants.append((f"ours-{impl}", m))
+        if train and args.schemes:  # the other memory scheme, and other elementwise tiles
+            for scheme in MEMORY_SCHEMES:
+                for key in ([None] + args.ew_configs) if scheme == "saved-4" else [None]:
+                    m = FusedFFN(d, h, 0.1, "cublas", key, scheme).to(dev, torch.bfloat16).train(train)
+                    m.load_state_dict(base.state_dict())
+                    variants.append((f"ours-cublas-{scheme}" + (f"-{key}" if key else ""), m))
         if T == 8192 and not train:  # two other GEMM tiles for the fused inference path
             for key in ("triton:m128n128k64g8w8s4", "triton:m128n128k64g8w4s4"):
                 m = FusedFFN(d, h, 0.1, "triton", key).to(dev, torch.bfloat16).train(train)
@@ -299,6 +340,12 @@ def main():
     ap.add_argument("--no-compile-check", dest="compile_check", action="store_false")
     ap.add_argument("--profile", action="store_true",
                     help="only profile training at T=8192 (eager and ours-cublas) into $OUT/feedforward-profile.txt")
+    ap.add_argument("--schemes", action="store_true",
+                    help="also time training with each memory scheme (MEMORY_SCHEMES) and --ew-configs")
+    ap.add_argument("--ew-configs", default="cublas:m32n128w4,cublas:m32n256w8,cublas:m8n512w4",
+                    type=lambda v: [k for k in v.split(",") if k], help="elementwise tiles tried with --schemes")
+    ap.add_argument("--no-triton-impl", dest="triton_impl", action="store_false",
+                    help="leave out the impl='triton' rows")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop timing new variants after this many seconds")
     args = ap.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)

@@ -106,6 +106,16 @@ def _dropout(v, seed, rows, col0, N, threshold, scale, BLOCK_M: tl.constexpr, BL
 # ----------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _store_partial(ptrs, col_sums, mask, BIAS_GRAD: tl.constexpr):
+    """Write one tile row's column sums of a bias gradient (BIAS_GRAD 1), or add them to what an
+    earlier row block left there (BIAS_GRAD 2). Each program owns its slots: no atomics, and the
+    summation order is fixed."""
+    if BIAS_GRAD == 2:
+        col_sums += tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, col_sums, mask=mask)
+
+
 @triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
 def _gemm_kernel(
     a_ptr, b_ptr, a2_ptr, b2_ptr,
@@ -142,7 +152,7 @@ def _gemm_kernel(
              EPI_PLAIN, if HAS_RES (res may be c itself: C += A @ B).
       c_ptr, c2_ptr (M, N) strides (stride_cm, stride_cn): outputs. EPI_HIDDEN: hidden in c.
              EPI_DHIDDEN: dL/dz in c, and dL/dzu in c2 when GATED. Otherwise the result in c.
-      db_ptr, db2_ptr (cdiv(M, BLOCK_M), N) float32 contiguous: EPI_DHIDDEN with BIAS_GRAD: each
+      db_ptr, db2_ptr (cdiv(M, BLOCK_M), N) float32 contiguous: EPI_DHIDDEN with BIAS_GRAD (1 write, 2 add to): each
              M-tile's column sums of dL/dz (and dL/dzu), summed over dim 0 for bias gradients.
     Scalars: seed (Philox key), threshold (int, keep if 16-bit draw >= it), scale (1/(1-p)),
       used when HAS_DROPOUT; element (i, j) is drawn as element (row0 + i, j) of the matrix, so
@@ -266,14 +276,13 @@ def _gemm_kernel(
             dzu = (acc * a_val).to(out_ty)
             tl.store(c2_ptr + c_off, dzu, mask=mask)
             if BIAS_GRAD:
-                s2 = tl.sum(tl.where(mask, dzu.to(tl.float32), 0.0), 0)
-                tl.store(db2_ptr + pid_m * N + rn, s2, mask=rn < N)
+                _store_partial(db2_ptr + pid_m * N + rn, tl.sum(tl.where(mask, dzu.to(tl.float32), 0.0), 0), rn < N,
+                               BIAS_GRAD)
         else:
             dz = (acc * a_grad).to(out_ty)
         tl.store(c_ptr + c_off, dz, mask=mask)
         if BIAS_GRAD:  # sums of the rounded values, as dz.sum(0) would give
-            s1 = tl.sum(tl.where(mask, dz.to(tl.float32), 0.0), 0)
-            tl.store(db_ptr + pid_m * N + rn, s1, mask=rn < N)
+            _store_partial(db_ptr + pid_m * N + rn, tl.sum(tl.where(mask, dz.to(tl.float32), 0.0), 0), rn < N, BIAS_GRAD)
     else:  # EPI_PLAIN
         if HAS_BIAS:
             acc += tl.load(bias_ptr + bn).to(tl.float32)[None, :]
@@ -286,7 +295,8 @@ def _gemm_kernel(
 def gemm(
     a, b, *, epi=EPI_PLAIN, act=0, bias=None, b2=None, bias2=None, a2=None,
     z=None, zu=None, residual=None, out=None, out2=None,
-    seed=0, p=0.0, row0=0, store_z=True, bias_grad=False, config=None,
+    seed=0, p=0.0, row0=0, store_z=True, bias_grad=False, bias_partials=None,
+    accumulate_partials=False, config=None,
 ):
     """Launch `_gemm_kernel`: out (M, N) = a (M, K) @ b (K, N), with the epilogue `epi`.
 
@@ -298,6 +308,11 @@ def gemm(
     epi=EPI_DHIDDEN: g = dropout(a @ b, p) with the forward mask; out = g * act'(z) [* zu];
         gated: out2 = g * act(z) (dL/dzu). Returns (out, out2 or None, db, db2): with bias_grad,
         db / db2 are the float32 column sums of out / out2 (bias gradients), else None.
+    bias_partials: EPI_DHIDDEN only: (db, db2) float32 buffers of `bias_partial_rows(M, config)`
+        rows to write the per-tile column sums into (db2 None unless gated); then nothing is
+        summed here (db, db2 come back None) and the caller sums every partial once. With
+        accumulate_partials the sums are added to the buffers' contents (row blocks of one
+        matrix share one buffer; a shorter block adds to its first rows).
     row0: the dropout counters are those of rows row0.. of a larger matrix (row blocks).
     out/out2/z/zu: preallocated (M, N) outputs (any strides) or None to allocate contiguous ones.
     config: dict with BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; num_stages is
@@ -326,8 +341,8 @@ def gemm(
     a2t = a2 if a2 is not None else a
     b2t = b2 if b2 is not None else b
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    db = db2 = None
-    if epi == EPI_DHIDDEN and bias_grad:
+    db, db2 = bias_partials if (epi == EPI_DHIDDEN and bias_partials is not None) else (None, None)
+    if epi == EPI_DHIDDEN and bias_grad and bias_partials is None:
         db = torch.empty(triton.cdiv(M, cfg["BLOCK_M"]), N, device=dev, dtype=torch.float32)
         db2 = torch.empty_like(db) if gated else None
     stages = cfg["num_stages"]
@@ -350,7 +365,8 @@ def gemm(
         EPI=epi, ACT=act,
         HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, GATED=gated, HAS_K2=has_k2,
         HAS_DROPOUT=p > 0.0, HAS_RES=residual is not None, STORE_Z=bool(store_z),
-        UPCAST=interpreting() or dt == torch.float64, EVEN_K=even_k, BIAS_GRAD=db is not None,
+        UPCAST=interpreting() or dt == torch.float64, EVEN_K=even_k,
+        BIAS_GRAD=0 if db is None else (2 if accumulate_partials else 1),
         # 16-bit inputs keep the default; float32 follows torch's flag like the cuBLAS path does.
         PRECISION="ieee" if (dt == torch.float32 and not torch.backends.cuda.matmul.allow_tf32) else "tf32",
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
@@ -359,8 +375,16 @@ def gemm(
     if epi == EPI_HIDDEN:
         return out, z, zu
     if epi == EPI_DHIDDEN:
+        if bias_partials is not None:
+            return out, out2, None, None
         return out, out2, (db.sum(0) if db is not None else None), (db2.sum(0) if db2 is not None else None)
     return out
+
+
+def bias_partial_rows(M: int, config: dict) -> int:
+    """Rows of the float32 partial column sums that one backward epilogue over M rows writes
+    (`bias_partials` of `gemm` and `hidden_epilogue`): one per tile row."""
+    return triton.cdiv(M, config["BLOCK_M"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,7 +412,7 @@ def _hidden_epilogue_kernel(
       g_ptr (M, N) row stride stride_gm: dL/dhidden, read in BACKWARD.
       out_ptr (M, N) row stride stride_om: forward: hidden = dropout(act(z)[* zu]);
         BACKWARD: dL/dz. out2_ptr: BACKWARD and GATED: dL/dzu. out may alias g (in place).
-      dbias_ptr (cdiv(M, BLOCK_M), N) float32, contiguous: BACKWARD with BIAS_GRAD: per row-block
+      dbias_ptr (cdiv(M, BLOCK_M), N) float32, contiguous: BACKWARD with BIAS_GRAD (1 write, 2 add to): per row-block
         column sums of dL/dz (sum them over dim 0 for the bias gradient); dbias2_ptr the same for
         dL/dzu. Summing inside the pass spares another read of a (M, N) tensor.
     Scalars: seed, threshold, scale: dropout, element (i, j) drawn as element (row0 + i, j).
@@ -437,10 +461,11 @@ def _hidden_epilogue_kernel(
         tl.store(out_ptr + o_off, dz, mask=mask)
         if BIAS_GRAD:
             # Sum the rounded values, as a separate dz.sum(0) would.
-            tl.store(dbias_ptr + pid_m * N + rn, tl.sum(tl.where(mask, dz.to(tl.float32), 0.0), 0), mask=rn < N)
+            _store_partial(dbias_ptr + pid_m * N + rn, tl.sum(tl.where(mask, dz.to(tl.float32), 0.0), 0), rn < N,
+                           BIAS_GRAD)
             if GATED:
                 dzu = dzu.to(out_ty).to(tl.float32)
-                tl.store(dbias2_ptr + pid_m * N + rn, tl.sum(tl.where(mask, dzu, 0.0), 0), mask=rn < N)
+                _store_partial(dbias2_ptr + pid_m * N + rn, tl.sum(tl.where(mask, dzu, 0.0), 0), rn < N, BIAS_GRAD)
     else:
         h = _act(z, ACT)
         if GATED:
@@ -452,11 +477,14 @@ def _hidden_epilogue_kernel(
 
 def hidden_epilogue(
     z, *, act, zu=None, bias=None, bias2=None, grad=None, out=None, out2=None,
-    seed=0, p=0.0, row0=0, bias_grad=False, config=None,
+    seed=0, p=0.0, row0=0, bias_grad=False, bias_partials=None, accumulate_partials=False, config=None,
 ):
     """Forward: hidden = dropout(act(z + bias) [* (zu + bias2)], p).
     Backward (grad given, dL/dhidden): returns (dz, dzu or None, dbias or None, dbias2 or None),
     where dbias are column sums of dz / dzu (when bias_grad), computed in the same pass.
+    bias_partials: (db, db2) float32 buffers of `bias_partial_rows(M, config)` rows to write the
+    per-tile column sums into instead (db2 None unless gated); dbias then come back None.
+    accumulate_partials: add to the buffers' contents instead of overwriting them.
 
     z, zu, grad, out, out2: (M, N) with contiguous rows (any row stride). out may be `grad` to
     write in place. row0: the rows are rows row0.. of a larger matrix (dropout counters).
@@ -471,8 +499,8 @@ def hidden_epilogue(
     if backward and gated and out2 is None:
         out2 = torch.empty(M, N, device=z.device, dtype=z.dtype)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-    db = db2 = None
-    if backward and bias_grad:
+    db, db2 = bias_partials if (backward and bias_partials is not None) else (None, None)
+    if backward and bias_grad and bias_partials is None:
         db = torch.empty(grid[0], N, device=z.device, dtype=torch.float32)
         db2 = torch.empty(grid[0], N, device=z.device, dtype=torch.float32) if gated else None
     dummy = out
@@ -485,20 +513,22 @@ def hidden_epilogue(
         int(seed), dropout_threshold(p), dropout_scale(p), int(row0),
         ACT=act, BACKWARD=backward, GATED=gated,
         HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, HAS_DROPOUT=p > 0.0,
-        BIAS_GRAD=db is not None,
+        BIAS_GRAD=0 if db is None else (2 if accumulate_partials else 1),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
     )
     if not backward:
         return out
+    if bias_partials is not None:
+        return out, out2, None, None
     return out, out2, (db.sum(0) if db is not None else None), (db2.sum(0) if db2 is not None else None)
 
 
 @triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
 def _output_epilogue_kernel(
-    y_ptr, bias_ptr, res_ptr, out_ptr,
+    y_ptr, bias_ptr, res_ptr, out_ptr, dbias_ptr,
     M, N, stride_ym, stride_rm, stride_om,
     seed, threshold, scale, row0,
-    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_RES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_RES: tl.constexpr, BIAS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """out = dropout(y + bias) + residual, elementwise over (M, N); columns contiguous.
@@ -509,7 +539,9 @@ def _output_epilogue_kernel(
     HAS_DROPOUT.
     Constexprs: HAS_BIAS, HAS_DROPOUT, HAS_RES switch the three steps; BLOCK_M x BLOCK_N the tile
     (BLOCK_N a multiple of 8: one Philox call covers 8 columns).
-    In backward the same kernel with only HAS_DROPOUT gives dL/dy = dropout(dL/dout).
+    In backward the same kernel with only HAS_DROPOUT gives dL/dy = dropout(dL/dout), and with
+    BIAS_GRAD (1 write, 2 add to) the per-tile column sums of the stored values into dbias_ptr
+    ((cdiv(M, BLOCK_M), N) float32, contiguous), as `_hidden_epilogue_kernel` does.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -527,12 +559,19 @@ def _output_epilogue_kernel(
         y = _dropout(y, seed, lm + m0 + row0, pid_n * BLOCK_N, N, threshold, scale, BLOCK_M, BLOCK_N)
     if HAS_RES:
         y += tl.load(res_ptr + lm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + lm[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    y = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + lm[:, None] * stride_om + rn[None, :], y, mask=mask)
+    if BIAS_GRAD:  # sums of the rounded values, as out.sum(0) would give
+        _store_partial(dbias_ptr + pid_m * N + rn, tl.sum(tl.where(mask, y.to(tl.float32), 0.0), 0), rn < N, BIAS_GRAD)
 
 
-def output_epilogue(y, *, bias=None, residual=None, out=None, seed=0, p=0.0, row0=0, config=None):
+def output_epilogue(y, *, bias=None, residual=None, out=None, seed=0, p=0.0, row0=0, bias_partials=None,
+                    accumulate_partials=False, config=None):
     """out = dropout(y + bias, p) + residual; y, residual, out (M, N) with contiguous rows.
-    out may be y (in place). row0: dropout counters of rows row0.. of a larger matrix. config: dict with BLOCK_M, BLOCK_N, num_warps."""
+    out may be y (in place). row0: dropout counters of rows row0.. of a larger matrix.
+    bias_partials: a float32 buffer of `bias_partial_rows(M, config)` rows that receives the
+    per-tile column sums of out (added to its contents with accumulate_partials).
+    config: dict with BLOCK_M, BLOCK_N, num_warps."""
     M, N = y.shape
     cfg = config
     if out is None:
@@ -540,9 +579,11 @@ def output_epilogue(y, *, bias=None, residual=None, out=None, seed=0, p=0.0, row
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     _output_epilogue_kernel[grid](
         y, bias if bias is not None else y, residual if residual is not None else y, out,
+        bias_partials if bias_partials is not None else out,
         M, N, y.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
         int(seed), dropout_threshold(p), dropout_scale(p), int(row0),
         HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, HAS_RES=residual is not None,
+        BIAS_GRAD=0 if bias_partials is None else (2 if accumulate_partials else 1),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
     )
     return out

@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils import _python_dispatch
 
 from ..kernels import feedforward as K
 from ..kernels.philox import dropout_scale, philox_keep_mask
@@ -99,7 +100,7 @@ def default_feedforward_config(impl: str = "triton", *, gated: bool = False, int
     if interpret is None:
         interpret = interpreting()
     if impl == "cublas":
-        return dict(_INTERP_EW if interpret else _BY_KEY["cublas:m16n256w4"])
+        return dict(_INTERP_EW if interpret else _BY_KEY["cublas:m32n128w4"])
     if interpret:
         return dict(_INTERP_GEMM)
     return dict(_BY_KEY["triton:m128n128k64g8w8s4" if gated else "triton:m128n256k64g8w8s3"])
@@ -346,41 +347,69 @@ def _fused_forward(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, 
 
         z = lin(w_gate, b_gate) if gated else lin(w_in, b_in)
         zu = lin(w_in, b_in) if gated else None
-        hid = K.hidden_epilogue(z, act=code, zu=zu, seed=seed, p=p_h, config=ew_cfg)
+        # Without backward, the pre-activation is dead once read: the hidden overwrites it.
+        hid = K.hidden_epilogue(z, act=code, zu=zu, seed=seed, p=p_h, out=None if save else z, config=ew_cfg)
         out = torch.addmm(b_out, hid, w_out.t()) if b_out is not None else torch.mm(hid, w_out.t())
-        if p_o > 0 or residual is not None:
+        if p_o > 0:
             K.output_epilogue(out, residual=residual, out=out, seed=seed + 1, p=p_o, config=ew_cfg)
+        elif residual is not None:  # same rounding as the epilogue, one cheaper launch
+            out.add_(residual)
     if not save:  # distinct empties: a custom op's outputs may not alias each other
         return out, x.new_empty(0), x.new_empty(0)
     return out, z, zu if zu is not None else x.new_empty(0)
 
 
+SAVE_PRE_ACTIVATION = True
+"""Whether training keeps the (T, h) pre-activation for backward (True), or backward recomputes
+it from x block by block (one more GEMM, a (T, h) matrix less)."""
 BACKWARD_ROW_BLOCKS = 4
-"""Backward walks the rows (tokens) in this many blocks once a (T, h) matrix has 2**24 elements
-or more, so that only a (T/4, h) slice of hidden or dL/dhidden is alive at a time: with the saved
-pre-activation that is what keeps training memory under eager's. Weight gradients accumulate
-over the blocks (C += A @ B in the output dtype, as cuBLAS's beta=1)."""
+RECOMPUTE_ROW_BLOCKS = 2
+"""Backward walks the rows (tokens) in this many blocks (BACKWARD_ROW_BLOCKS when the
+pre-activation was saved, RECOMPUTE_ROW_BLOCKS when it is recomputed) once a (T, h) matrix has
+2**24 elements or more, so that only slices of hidden, dL/dhidden (and the recomputed
+pre-activation) are alive at a time: that is what keeps training memory under eager's. Weight
+gradients accumulate over the blocks (C += A @ B in the output dtype, as cuBLAS's beta=1)."""
 _CHUNK_MIN_ELEMENTS = 2**24
 _backward_rows = None  # tests set a row count here to force the blocked path on small shapes
 
 
-def _row_block(M, h):
+def _row_block(M, h, recompute):
     if _backward_rows is not None:
         return max(1, min(M, int(_backward_rows)))
     if M * h < _CHUNK_MIN_ELEMENTS:
         return M
-    return min(M, -(-M // (BACKWARD_ROW_BLOCKS * 128)) * 128)  # keep GEMM edges on 128 rows
+    blocks = RECOMPUTE_ROW_BLOCKS if recompute else BACKWARD_ROW_BLOCKS
+    return min(M, -(-M // (blocks * 128)) * 128)  # keep GEMM edges on 128 rows
 
 
-def _fused_backward(grad, x, z, zu, w_in, w_out, w_gate, seed, act, p_h, p_o, impl, gemm_cfg, ew_cfg, needs):
+def _linear_into(out, x, w, b):
+    """out = x @ w.T (+ b), written into out."""
+    if b is not None:
+        torch.addmm(b, x, w.t(), out=out)
+    else:
+        torch.mm(x, w.t(), out=out)
+
+
+def _fused_backward(grad, x, z, zu, w_in, b_in, w_out, w_gate, b_gate, seed, act, p_h, p_o, impl, gemm_cfg, ew_cfg,
+                    needs):
+    """The 7 gradients of `_fused_forward` (see `_feedforward_backward_op`). z None: the
+    pre-activations were not saved, and each row block recomputes its own from x.
+
+    At transformer sizes the step is host-bound (each launch costs the CPU more than the GPU), so
+    each block reuses one (rows, h) buffer for the recomputed hidden and then dL/dhidden, and the
+    kernels that make a gradient also add its bias's partial sums into one buffer summed once at
+    the end, instead of a sum and an add per block.
+    """
     code = K.ACTIVATIONS[act]
     gated = w_gate is not None
     n_dx, n_win, n_bin, n_wout, n_bout, n_wg, n_bg = needs
     use_triton = impl == "triton"
     grad = _rows(grad)  # the elementwise kernels want unit column stride (grads may be expanded)
     M = x.shape[0]
-    R = _row_block(M, w_in.shape[0])
-    f32 = torch.float32
+    h = w_in.shape[0]
+    recompute = z is None
+    R = _row_block(M, h, recompute)
+    starts = range(0, M, R)
 
     def mm(a, b, out=None):
         if use_triton:
@@ -395,39 +424,73 @@ def _fused_backward(grad, x, z, zu, w_in, w_out, w_gate, seed, act, p_h, p_o, im
             return K.gemm(a, b, residual=dst, out=dst, config=gemm_cfg)
         return dst.addmm_(a, b)
 
+    # dL/dy = dropout(dL/dout) is made per block (the output dropout's mask comes back from
+    # seed + 1), with the output bias's partial sums; without that dropout it is dL/dout itself.
+    db_out = grad.sum(0) if (n_bout and p_o == 0) else None
+    out_partials = None
+    if n_bout and p_o > 0:
+        out_partials = torch.empty(K.bias_partial_rows(min(R, M), ew_cfg), grad.shape[1], device=x.device,
+                                   dtype=torch.float32)
+    gy_buf = torch.empty(min(R, M), grad.shape[1], device=x.device, dtype=grad.dtype) if p_o > 0 else None
     need_dz = n_dx or n_win or n_bin or n_wg or n_bg
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if n_dx else None
+    # One buffer per block: the recomputed hidden, then (in place) dL/dhidden and dL/dz.
+    buf = torch.empty(min(R, M), h, device=x.device, dtype=x.dtype) if (n_wout or need_dz) else None
+    buf2 = torch.empty_like(buf) if (gated and need_dz) else None
+    if recompute:
+        zbuf = torch.empty(min(R, M), h, device=x.device, dtype=x.dtype)
+        zubuf = torch.empty_like(zbuf) if gated else None
+    partials = partials2 = None
+    bias_grad = need_dz and (n_bin or (gated and n_bg))
+    if bias_grad:  # one buffer for all blocks: the first writes, later ones add
+        rows = K.bias_partial_rows(min(R, M), gemm_cfg if use_triton else ew_cfg)
+        partials = torch.empty(rows, h, device=x.device, dtype=torch.float32)
+        partials2 = torch.empty_like(partials) if gated else None
     dw_out = dw_in = dw_g = None
-    db_out = db_in = db_g = None  # float32 sums over row blocks
-    for r0 in range(0, M, R):
+    for r0 in starts:
         r1 = min(M, r0 + R)
-        g_r = grad[r0:r1]
-        z_r = z[r0:r1]
-        zu_r = zu[r0:r1] if gated else None
-        # dL/dy: the output dropout's mask comes back from seed + 1.
-        gy = K.output_epilogue(g_r, seed=seed + 1, p=p_o, row0=r0, config=ew_cfg) if p_o > 0 else g_r
+        if p_o > 0:
+            gy_r = K.output_epilogue(grad[r0:r1], out=gy_buf[: r1 - r0], seed=seed + 1, p=p_o, row0=r0,
+                                     bias_partials=out_partials, accumulate_partials=r0 > 0, config=ew_cfg)
+        else:
+            gy_r = grad[r0:r1]
+        x_r = x[r0:r1]
+        buf_r = buf[: r1 - r0] if buf is not None else None
+        hidden_done = False
+        if recompute:
+            z_r = zbuf[: r1 - r0]
+            zu_r = zubuf[: r1 - r0] if gated else None
+            if use_triton:  # one GEMM gives the pre-activations and the hidden
+                K.gemm(x_r, w_in.t(), epi=K.EPI_HIDDEN, act=code, bias=b_in, b2=w_gate.t() if gated else None,
+                       bias2=b_gate, seed=seed, p=p_h, row0=r0, out=buf_r, z=z_r, zu=zu_r, config=gemm_cfg)
+                hidden_done = True
+            else:
+                up_proj = zu_r if gated else z_r  # z is the gate's projection when gated
+                _linear_into(up_proj, x_r, w_in, b_in)
+                if gated:
+                    _linear_into(z_r, x_r, w_gate, b_gate)
+        else:
+            z_r = z[r0:r1]
+            zu_r = zu[r0:r1] if gated else None
         if n_wout:
-            # Recompute hidden from the stored pre-activations; it lives only for this product.
-            hid = K.hidden_epilogue(z_r, act=code, zu=zu_r, seed=seed, p=p_h, row0=r0, config=ew_cfg)
-            dw_out = acc(dw_out, gy.t(), hid)
-            del hid
-        if n_bout:
-            # sum in gy's dtype (float accumulation inside): sum(dtype=float32) may upcast a copy
-            s_ = gy.sum(0).to(f32)
-            db_out = s_ if db_out is None else db_out + s_
+            # The hidden, recomputed from the pre-activations; it lives only for this product.
+            if not hidden_done:
+                K.hidden_epilogue(z_r, act=code, zu=zu_r, seed=seed, p=p_h, row0=r0, out=buf_r, config=ew_cfg)
+            dw_out = acc(dw_out, gy_r.t(), buf_r)
         if not need_dz:
             continue
+        parts = (partials, partials2) if bias_grad else None
+        buf2_r = buf2[: r1 - r0] if gated else None
         if use_triton:
-            dz, dzu, db_a, db_b = K.gemm(gy, w_out, epi=K.EPI_DHIDDEN, act=code, z=z_r, zu=zu_r, seed=seed, p=p_h,
-                                         row0=r0, bias_grad=True, config=gemm_cfg)
+            dz, dzu, _, _ = K.gemm(gy_r, w_out, epi=K.EPI_DHIDDEN, act=code, z=z_r, zu=zu_r, seed=seed, p=p_h,
+                                   row0=r0, out=buf_r, out2=buf2_r, bias_partials=parts, accumulate_partials=r0 > 0,
+                                   config=gemm_cfg)
         else:
-            dh = torch.mm(gy, w_out)
-            dz, dzu, db_a, db_b = K.hidden_epilogue(
-                z_r, act=code, zu=zu_r, grad=dh, out=dh, seed=seed, p=p_h, row0=r0, bias_grad=True, config=ew_cfg,
-            )
-        del gy
+            dh = torch.mm(gy_r, w_out, out=buf_r)  # the hidden above is consumed: same stream, in order
+            dz, dzu, _, _ = K.hidden_epilogue(z_r, act=code, zu=zu_r, grad=dh, out=dh, out2=buf2_r, seed=seed,
+                                              p=p_h, row0=r0, bias_partials=parts, accumulate_partials=r0 > 0,
+                                              config=ew_cfg)
         up = dzu if gated else dz  # gradient of the w_in projection's pre-activation
-        db_up = db_b if gated else db_a
         if n_dx:
             dx_r = dx[r0:r1]
             if gated and use_triton:
@@ -436,18 +499,19 @@ def _fused_backward(grad, x, z, zu, w_in, w_out, w_gate, seed, act, p_h, p_o, im
                 mm(up, w_in, out=dx_r)
                 if gated:
                     dx_r.addmm_(dz, w_gate)
-        x_r = x[r0:r1]
         if n_win:
             dw_in = acc(dw_in, up.t(), x_r)
-        if n_bin:
-            db_in = db_up if db_in is None else db_in + db_up
         if gated and n_wg:
             dw_g = acc(dw_g, dz.t(), x_r)
-        if gated and n_bg:
-            db_g = db_a if db_g is None else db_g + db_a
-        del dz, dzu, up
-    cast = lambda t: t.to(grad.dtype) if t is not None else None  # noqa: E731
-    return [dx, dw_in, cast(db_in), dw_out, cast(db_out), dw_g, cast(db_g)]
+    if out_partials is not None:
+        db_out = out_partials.sum(0)
+    db_in = db_g = None
+    if bias_grad:
+        # gated: partials hold dL/dz_gate, partials2 dL/dz_up (the w_in projection)
+        db_a = partials.sum(0)
+        db_in, db_g = (partials2.sum(0), db_a) if gated else (db_a, None)
+    cast = lambda t, n: t.to(grad.dtype) if (t is not None and n) else None  # noqa: E731
+    return [dx, dw_in, cast(db_in, n_bin), dw_out, cast(db_out, n_bout), dw_g, cast(db_g, n_bg)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,6 +531,47 @@ def _fit_impl(impl, M, w_in, w_out):
     return "cublas" if (impl == "triton" and widest > _MAX_NUMEL) else impl
 
 
+def _forward_impl(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, activation,
+                  hidden_dropout_p, output_dropout_p, impl, config, save):
+    """Forward on 2-D x; see `_feedforward_op`. Shared by the custom op and the eager path."""
+    s = int(seed.item()) if seed is not None else 0
+    args = (x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual)
+    if _use_kernels([t for t in args if t is not None], x.dtype, x.shape[0]):
+        gemm_cfg, ew_cfg = _resolve_config(impl, config or None, w_gate is not None)
+        impl = _fit_impl(impl, x.shape[0], w_in, w_out)
+        try:
+            return _fused_forward(*args, s, activation, hidden_dropout_p, output_dropout_p, impl, gemm_cfg, ew_cfg, save)
+        except Exception as e:  # a kernel that cannot compile or launch must not break the model
+            warn_fallback_once("feedforward", f"{type(e).__name__}: {str(e)[:200]}")
+    return _ref_forward(*args, s, activation, hidden_dropout_p, output_dropout_p, save)
+
+
+def _backward_impl(grad, x, z, zu, w_in, b_in, w_out, w_gate, b_gate, seed, activation,
+                   hidden_dropout_p, output_dropout_p, impl, config, needs):
+    """Backward on 2-D tensors; see `_feedforward_backward_op`. Shared like `_forward_impl`."""
+    s = int(seed.item()) if seed is not None else 0
+    gated = w_gate is not None
+    tensors = [t for t in (grad, x, w_in, b_in, w_out, w_gate, b_gate) if t is not None]
+    kernels = _use_kernels(tensors, x.dtype, x.shape[0])
+    res = None
+    if kernels:
+        gemm_cfg, ew_cfg = _resolve_config(impl, config or None, gated)
+        impl = _fit_impl(impl, x.shape[0], w_in, w_out)
+        try:
+            saved = z.dim() == 2
+            res = _fused_backward(grad, x, z if saved else None, zu if (saved and gated) else None, w_in, b_in,
+                                  w_out, w_gate, b_gate, s, activation, hidden_dropout_p, output_dropout_p, impl,
+                                  gemm_cfg, ew_cfg, needs)
+        except Exception as e:
+            warn_fallback_once("feedforward", f"{type(e).__name__}: {str(e)[:200]}")
+    if res is None:
+        if z.dim() != 2:
+            _, z, zu = _ref_forward(x, w_in, b_in, w_out, None, w_gate, b_gate, None, s, activation, 0.0, 0.0, True)
+        res = _ref_backward(grad, x, z, zu if gated else None, w_in, w_out, w_gate, s, activation,
+                            hidden_dropout_p, output_dropout_p, needs)
+    return [r if r is not None else x.new_empty(0) for r in res]
+
+
 @torch.library.custom_op("truthfuse::feedforward", mutates_args=())
 def _feedforward_op(
     x: torch.Tensor, w_in: torch.Tensor, b_in: Optional[torch.Tensor], w_out: torch.Tensor,
@@ -478,16 +583,8 @@ def _feedforward_op(
     pre-activation (M, h), zu the up projection's (M, h) when gated; each an empty (0,) tensor
     when not saved (save=False, or no gate). `seed` is an int64 scalar tensor (or None without
     dropout); config "" means the default."""
-    s = int(seed.item()) if seed is not None else 0
-    args = (x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual)
-    if _use_kernels([t for t in args if t is not None], x.dtype, x.shape[0]):
-        gemm_cfg, ew_cfg = _resolve_config(impl, config or None, w_gate is not None)
-        impl = _fit_impl(impl, x.shape[0], w_in, w_out)
-        try:
-            return _fused_forward(*args, s, activation, hidden_dropout_p, output_dropout_p, impl, gemm_cfg, ew_cfg, save)
-        except Exception as e:  # a kernel that cannot compile or launch must not break the model
-            warn_fallback_once("feedforward", f"{type(e).__name__}: {str(e)[:200]}")
-    return _ref_forward(*args, s, activation, hidden_dropout_p, output_dropout_p, save)
+    return _forward_impl(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, activation,
+                         hidden_dropout_p, output_dropout_p, impl, config, save)
 
 
 @_feedforward_op.register_fake
@@ -511,27 +608,8 @@ def _feedforward_backward_op(
     (x, w_in, b_in, w_out, b_out, w_gate, b_gate), each an empty (0,) tensor where `needs` is
     False. z/zu are forward's saved pre-activations; when forward did not save them (z empty),
     they are recomputed from x (b_in / b_gate are needed only for that)."""
-    s = int(seed.item()) if seed is not None else 0
-    gated = w_gate is not None
-    tensors = [t for t in (grad, x, w_in, b_in, w_out, w_gate, b_gate) if t is not None]
-    kernels = _use_kernels(tensors, x.dtype, x.shape[0])
-    res = None
-    if kernels:
-        gemm_cfg, ew_cfg = _resolve_config(impl, config or None, gated)
-        impl = _fit_impl(impl, x.shape[0], w_in, w_out)
-        try:
-            if z.dim() != 2:
-                _, z, zu = _fused_forward(x, w_in, b_in, w_out, None, w_gate, b_gate, None, s, activation, 0.0, 0.0, impl, gemm_cfg, ew_cfg, True)
-            res = _fused_backward(grad, x, z, zu if gated else None, w_in, w_out, w_gate, s, activation,
-                                  hidden_dropout_p, output_dropout_p, impl, gemm_cfg, ew_cfg, needs)
-        except Exception as e:
-            warn_fallback_once("feedforward", f"{type(e).__name__}: {str(e)[:200]}")
-    if res is None:
-        if z.dim() != 2:
-            _, z, zu = _ref_forward(x, w_in, b_in, w_out, None, w_gate, b_gate, None, s, activation, 0.0, 0.0, True)
-        res = _ref_backward(grad, x, z, zu if gated else None, w_in, w_out, w_gate, s, activation,
-                            hidden_dropout_p, output_dropout_p, needs)
-    return [r if r is not None else x.new_empty(0) for r in res]
+    return _backward_impl(grad, x, z, zu, w_in, b_in, w_out, w_gate, b_gate, seed, activation,
+                          hidden_dropout_p, output_dropout_p, impl, config, needs)
 
 
 @_feedforward_backward_op.register_fake
@@ -553,7 +631,9 @@ def _setup_context(ctx, inputs, output):
     ctx.has = (b_in is not None, b_out is not None, w_gate is not None, b_gate is not None, residual is not None)
 
 
-def _backward(ctx, grad_out, _grad_z, _grad_zu):
+def _input_grads(ctx, grad_out, backward):
+    """The 15 input gradients of the forward's arguments, computing the 7 tensor ones with
+    `backward` (the backward op, or its implementation on the eager path)."""
     x, z, zu, w_in, b_in, w_out, w_gate, b_gate, seed = ctx.saved_tensors
     act, p_h, p_o, impl, config = ctx.attrs
     has_bin, has_bout, has_gate, has_bgate, has_res = ctx.has
@@ -563,16 +643,48 @@ def _backward(ctx, grad_out, _grad_z, _grad_zu):
     if grad_out is None:
         return tuple(grads)
     if any(needs):
-        res = torch.ops.truthfuse.feedforward_backward(
-            grad_out, x, z, zu, w_in, b_in, w_out, w_gate, b_gate, seed, act, p_h, p_o, impl, config, needs,
-        )
+        res = backward(grad_out, x, z, zu, w_in, b_in, w_out, w_gate, b_gate, seed, act, p_h, p_o, impl, config, needs)
         grads[:7] = [r if n else None for r, n in zip(res, needs)]
     if has_res and ng[7]:
         grads[7] = grad_out
     return tuple(grads)
 
 
+def _backward(ctx, grad_out, _grad_z, _grad_zu):
+    return _input_grads(ctx, grad_out, torch.ops.truthfuse.feedforward_backward)
+
+
 _feedforward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerFeedforward(torch.autograd.Function):
+    """The custom op's forward and backward for plain eager calls, without torch.library's
+    dispatch layers: at transformer sizes the step is host-bound, and those layers cost more
+    host time than several kernel launches. Same implementations, so the same numbers."""
+
+    @staticmethod
+    def forward(*inputs):
+        return _forward_impl(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_z, _grad_zu):
+        return _input_grads(ctx, grad_out, _backward_impl)
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_eager_call(tensors) -> bool:
+    """Whether this call runs eagerly on ordinary tensors: not traced by torch.compile, no
+    tensor subclass (fake, functional, DTensor) and no dispatch mode. Anything else takes the
+    custom op, which those systems understand."""
+    if torch.compiler.is_compiling() or _python_dispatch._get_current_dispatch_mode() is not None:
+        return False
+    return all(type(t) in _PLAIN_TENSORS for t in tensors if t is not None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -601,10 +713,13 @@ def feedforward(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     res2 = residual.reshape(-1, d_out) if residual is not None else None
-    save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, w_in, b_in, w_out, b_out, w_gate, b_gate)
+    differentiable = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual)
     )
-    out, _, _ = torch.ops.truthfuse.feedforward(
-        x2, w_in, b_in, w_out, b_out, w_gate, b_gate, res2, seed, activation, p_h, p_o, impl, config or "", save,
-    )
+    save = SAVE_PRE_ACTIVATION and differentiable
+    args = (x2, w_in, b_in, w_out, b_out, w_gate, b_gate, res2, seed, activation, p_h, p_o, impl, config or "", save)
+    if _plain_eager_call(args[:8]):  # eager: skip the dispatch layers (and autograd when unneeded)
+        out, _, _ = _EagerFeedforward.apply(*args) if differentiable else _forward_impl(*args)
+    else:
+        out, _, _ = torch.ops.truthfuse.feedforward(*args)
     return out.reshape(tuple(lead) + (d_out,))

@@ -157,12 +157,68 @@ def test_conv1d_transposed_weights(impl):
     check_against_float64(t, 1e-5, activation="gelu_tanh", hidden_dropout_p=0.1, impl=impl)
 
 
+@pytest.mark.parametrize("save", [True, False], ids=["saved", "recomputed"])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_blocked_backward(impl, monkeypatch):
-    """Backward walks rows in blocks on large shapes; force it on a small one (5 blocks, ragged)."""
+def test_blocked_backward(impl, gated, save, monkeypatch):
+    """Backward walks rows in blocks on large shapes; force it on a small one (5 blocks, ragged:
+    the last block is shorter, and its bias partial sums and buffer slice are too). Without a
+    saved pre-activation each block recomputes its own."""
     monkeypatch.setattr(FF, "_backward_rows", 10)
-    t = make_inputs(42, 40, 72, gated=True, residual=True)
+    monkeypatch.setattr(FF, "SAVE_PRE_ACTIVATION", save)
+    t = make_inputs(42, 40, 72, gated=gated, residual=True)
     check_against_float64(t, 1e-5, activation="gelu", hidden_dropout_p=0.2, output_dropout_p=0.1, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_eager_path_equals_custom_op(impl, monkeypatch):
+    """Plain eager calls skip torch.library's dispatch (`_EagerFeedforward`); the custom op that
+    torch.compile sees must give the same bits: same implementations, same seed draw."""
+    t = make_inputs(42, 40, 72, gated=True, residual=True)
+    names = [k for k, v in t.items() if v is not None]
+    g = torch.randn(42, 40)
+
+    def run():
+        y = call(feedforward, t, impl=impl, activation="gelu", hidden_dropout_p=0.2, output_dropout_p=0.1)
+        return [y.detach()] + list(torch.autograd.grad(y, [t[n] for n in names], g))
+
+    seen = []
+    monkeypatch.setattr(FF._EagerFeedforward, "apply", _recording(FF._EagerFeedforward.apply, seen))
+    eager = run()
+    assert seen, "a plain eager call should take the autograd.Function path"
+    monkeypatch.setattr(FF, "_plain_eager_call", lambda tensors: False)
+    op = run()
+    for a, b in zip(eager, op):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_grad_forward_equals_training_forward(impl, gated):
+    """Without autograd the forward skips the autograd.Function and writes the hidden over the
+    pre-activation (nothing keeps it): the output must be the same bits."""
+    t = make_inputs(42, 40, 72, gated=gated, residual=True)
+    kw = dict(impl=impl, activation="gelu_tanh", hidden_dropout_p=0.1, output_dropout_p=0.1)
+    y = call(feedforward, t, **kw)
+    with torch.no_grad():
+        y_ng = call(feedforward, t, **kw)
+    assert torch.isfinite(y_ng).all() and torch.equal(y.detach(), y_ng)
+
+
+def _recording(fn, seen):
+    def wrapped(*args):
+        seen.append(True)
+        return fn(*args)
+    return wrapped
+
+
+def test_traced_calls_take_the_custom_op():
+    """Fake tensors (what torch.compile traces with) are not plain eager calls."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        x = mode.from_tensor(torch.randn(4, 8))
+        assert not FF._plain_eager_call([x])
+    assert FF._plain_eager_call([torch.randn(4, 8), None])
 
 
 def test_pre_activation_not_saved_is_recomputed():
@@ -309,6 +365,31 @@ def test_hidden_epilogue_forward_backward(gated):
     assert rel(dz, grads[0]) < 1e-6 and rel(db, grads[0].sum(0)) < 1e-6
     if gated:
         assert rel(dzu, grads[1]) < 1e-6 and rel(db2, grads[1].sum(0)) < 1e-6
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_bias_partials_accumulate_over_row_blocks(gated):
+    """Row blocks of one matrix share one partial-sum buffer: the first block writes its column
+    sums, later ones (the last shorter) add to them; the buffer's sum is the bias gradient."""
+    M, N, p, seed = 150, 72, 0.2, 77
+    z, zu, g = torch.randn(M, N), torch.randn(M, N), torch.randn(M, N)
+    kw = dict(act=K.ACTIVATIONS["silu"], seed=seed, p=p, config=EW_CFG)
+    full = K.hidden_epilogue(z, zu=zu if gated else None, grad=g, out=nan_like((M, N)),
+                             out2=nan_like((M, N)) if gated else None, bias_grad=True, **kw)
+    R = 96  # two blocks of the interpreter tile's 64 rows, then one
+    rows = K.bias_partial_rows(R, EW_CFG)
+    parts = (nan_like((rows, N)), nan_like((rows, N)) if gated else None)
+    for r0 in range(0, M, R):
+        sl = slice(r0, min(M, r0 + R))
+        n = sl.stop - r0
+        out = K.hidden_epilogue(z[sl], zu=zu[sl] if gated else None, grad=g[sl], out=nan_like((n, N)),
+                                out2=nan_like((n, N)) if gated else None, row0=r0, bias_partials=parts,
+                                accumulate_partials=r0 > 0, **kw)
+        assert out[2] is None and out[3] is None
+        assert torch.equal(out[0], full[0][sl])
+    assert rel(parts[0].sum(0), full[2]) < 1e-6
+    if gated:
+        assert rel(parts[1].sum(0), full[3]) < 1e-6
 
 
 # ----------------------------------------------------------------------------------------------
