@@ -39,7 +39,9 @@ from fusion_backend.ops.seed import reference_seed  # noqa: E402
 
 DEV = "cuda"
 OUT = os.environ.get("OUT", "/tmp")
-SHAPES = {"truthgpt": (8, 8, 4096, 32, "l2"), "gpt2": (8, 12, 1024, 64, "dot")}
+SHAPES = {"truthgpt": (8, 8, 4096, 32, "l2"), "gpt2": (8, 12, 1024, 64, "dot"),
+          # issue 3's benchmark shape (run with --variants none --dropout 0)
+          "dot8k": (4, 8, 8192, 64, "dot"), "l2-8k": (4, 8, 8192, 64, "l2"), "cosine8k": (4, 8, 8192, 64, "cosine")}
 RESULTS = {"env": dict(torch=torch.__version__, card=torch.cuda.get_device_name(),
                        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())), "check": [], "time": []}
 
@@ -53,7 +55,7 @@ def masks(T):
     tril = torch.ones(T, T, dtype=torch.bool, device=DEV).tril()
     holed = tril.clone()
     holed[T // 2, 0] = False  # still nothing above the diagonal, but no longer the exact triangle
-    return {"tril": dict(mask=tril), "tril-read": dict(mask=holed), "causal": dict(causal=True)}
+    return {"tril": dict(mask=tril), "tril-read": dict(mask=holed), "causal": dict(causal=True), "none": {}}
 
 
 def inputs(B, H, T, D, metric, grad=False):
@@ -67,9 +69,11 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def check(name, metric, B, H, D, T=512):
+def check(name, metric, B, H, D, T=512, variants=None, drops=(0.0, 0.1)):
     for var, kw in masks(T).items():
-        for p in (0.0, 0.1):
+        if variants and var not in variants:
+            continue
+        for p in drops:
             torch.manual_seed(1)
             q, k, v, scale = inputs(B, H, T, D, metric, grad=True)
             torch.cuda.empty_cache()
@@ -95,11 +99,13 @@ def check(name, metric, B, H, D, T=512):
     save()
 
 
-def time_kernels(label, K, name, B, H, T, D, metric, rep):
+def time_kernels(label, K, name, B, H, T, D, metric, rep, variants=None, drops=(0.1, 0.0)):
     torch.manual_seed(0)
     q, k, v, scale = inputs(B, H, T, D, metric)
     for var, kw in masks(T).items():
-        for p in (0.1, 0.0):
+        if variants and var not in variants:
+            continue
+        for p in drops:
             args = dict(metric=metric, causal=kw.get("causal", False), mask=kw.get("mask"), dropout_p=p, seed=123)
             try:
                 fwd = do_bench(lambda: K.attention_forward(q, k, v, scale, stats=True, **args),
@@ -158,6 +164,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--host-profile", action="store_true", help="only profile the op's host time (cProfile)")
+    ap.add_argument("--variants", help="comma-separated subset of tril,tril-read,causal,none (default: the first three)")
+    ap.add_argument("--dropout", default="0.1,0.0", help="comma-separated dropout probabilities")
     args = ap.parse_args()
     if args.host_profile:
         host_profile()
@@ -168,13 +176,15 @@ def main():
     if args.old:
         sys.path.insert(0, args.old)
         codes.append(("old", importlib.import_module("oldkernels.attention")))
+    variants = args.variants.split(",") if args.variants else ["tril", "tril-read", "causal"]
+    drops = tuple(float(p) for p in args.dropout.split(","))
     for name in args.shapes.split(","):
         B, H, T, D, metric = SHAPES[name]
         if not args.skip_check:
-            check(name, metric, B, H, D)
+            check(name, metric, B, H, D, variants=variants, drops=drops)
         for label, K in codes:
-            time_kernels(label, K, name, B, H, T, D, metric, rep)
-        if metric == "dot":
+            time_kernels(label, K, name, B, H, T, D, metric, rep, variants=variants, drops=drops)
+        if metric == "dot" and "causal" in variants:
             time_sdpa(name, B, H, T, D, rep)
     bad = [r for r in RESULTS["check"] if not r["ok"]]
     print(f"checks: {len(RESULTS['check'])}, failed {len(bad)}")

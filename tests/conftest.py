@@ -8,9 +8,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests never read or write the user's tuning cache.
 if "TRUTHFUSE_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["TRUTHFUSE_CACHE_DIR"] = tempfile.mkdtemp(prefix="truthfuse-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["TRUTHFUSE_CACHE_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -18,7 +21,11 @@ import torch  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _seed_and_reset():
-    """Fresh random inputs per test, and no compiled state leaking between tests."""
+    """Fresh random inputs per test, and no compiled state leaking between tests. Fallback
+    warnings are once per reason; each test starts with none reported, so its own show."""
+    from fusion_backend.ops.fallback import reset_fallback_warnings
+
     torch.seed()
+    reset_fallback_warnings()
     yield
     torch._dynamo.reset()

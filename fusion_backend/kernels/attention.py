@@ -93,7 +93,14 @@ def _logits(raw, scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
     are natural (scale_k = scale, the mask added as is): finfo.min * log2(e) overflows to -inf, which
     would turn an eager-uniform, finfo.min-padded row into a fully masked one. `_exp_rel` and
     `_probs` undo the units."""
-    s = _apply_mask(raw * scale_k, mask_ptr, offs_m, offs_n, smm, smn, N_Q, N_K, MASK_KIND)
+    return _mask_logits(raw * scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+
+
+@triton.jit
+def _mask_logits(s, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
+                 MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, EVEN_N: tl.constexpr):
+    """`_logits` for logits already in the kernels' units (scaled): mask, causal, bounds."""
+    s = _apply_mask(s, mask_ptr, offs_m, offs_n, smm, smn, N_Q, N_K, MASK_KIND)
     if CAUSAL:
         s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
     if not EVEN_N:
@@ -106,10 +113,16 @@ def _logits_t(rawT, scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr):
     """`_logits` for a transposed [BLOCK_N, BLOCK_M] tile (keys along rows). Out-of-range key rows
     are left finite: the dK/dV kernel never stores them and they feed nothing else."""
-    s = _apply_mask(rawT * scale_k, mask_ptr, offs_n, offs_m, smn, smm, N_K, N_Q, MASK_KIND)
+    return _mask_logits_t(rawT * scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL)
+
+
+@triton.jit
+def _mask_logits_t(sT, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr):
+    """`_logits_t` for logits already in the kernels' units."""
+    sT = _apply_mask(sT, mask_ptr, offs_n, offs_m, smn, smm, N_K, N_Q, MASK_KIND)
     if CAUSAL:
-        s = tl.where(offs_n[:, None] <= offs_m[None, :], s, float("-inf"))
-    return s
+        sT = tl.where(offs_n[:, None] <= offs_m[None, :], sT, float("-inf"))
+    return sT
 
 
 @triton.jit
@@ -321,11 +334,14 @@ def _attn_fwd_kernel(
         k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if METRIC == 1:
+            # scale * (2 q.k - |k|^2) as one multiply-add per element: the |k|^2 row is scaled once
             kn = tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)
-            raw = 2.0 * qk - kn[None, :]
+            s = qk * (2.0 * scale_k) - (kn * scale_k)[None, :]
+            raw = 2.0 * qk - kn[None, :]  # read only when STATS
         else:
+            s = qk * scale_k
             raw = qk
-        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+        s = _mask_logits(s, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
         p, m_i, l_i, r_i, acc = _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND, STATS)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
@@ -343,7 +359,7 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, SCALE, KVEC, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, DELTA, DK, DV,
+    Q, K, V, SCALE, KVEC, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, DELTA, DK, DV, DSCALE_K,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -352,7 +368,7 @@ def _attn_bwd_dkdv_kernel(
     H, HKV, N_Q, N_K, GROUP, seed, dropout_p, threshold,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, SCALE_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
     DROP_BITS: tl.constexpr = 16,
 ):
@@ -363,6 +379,9 @@ def _attn_bwd_dkdv_kernel(
            forward's row stats; DELTA = rowsum(dO*O));
     KVEC:  (B*Hkv, Nk) fp32: |k|^2 for l2, max(|k|, eps) for cosine (Q, K then hold q^, k^).
     DK:    (B, Hkv, Nk, D) contiguous, K's dtype;  DV: (B, Hkv, Nk, Dv) contiguous, V's dtype.
+    DSCALE_K: (B*H, cdiv(Nk, BLOCK_N)) fp32, l2 with SCALE_GRAD 1: this key block's
+           sum_j |k_j|^2 sum_i dS_ij per query head, the |k|^2 part of the scale gradient (see
+           `_attn_bwd_dq_kernel`), with dS = dL/dlogit / scale.
     BLOCK_N keys are owned by the program, BLOCK_M queries are visited per step.
     """
     if _idle_launch(MASK_FLAGS, RUN_IF):
@@ -389,6 +408,8 @@ def _attn_bwd_dkdv_kernel(
         bh = b * H + h
         scale = tl.load(SCALE + h)
         scale_k = _kernel_scale(scale, MASK_KIND)
+        kvec_s = kvec * scale_k  # l2: the |k|^2 term of the logits, scaled once per key
+        csum_h = tl.zeros([BLOCK_N], tl.float32)  # l2: sum_i dS_ij of this query head
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
         mask_base = MASK + b * smb + h * smh
@@ -402,10 +423,10 @@ def _attn_bwd_dkdv_kernel(
             # left operands of dV += P^T dO and dK += dS^T Q, with no register transposes.
             qkT = tl.dot(k_op, tl.trans(q), input_precision=DOT_PREC)
             if METRIC == 1:
-                rawT = 2.0 * qkT - kvec[:, None]
+                sT = qkT * (2.0 * scale_k) - kvec_s[:, None]
             else:
-                rawT = qkT
-            sT = _logits_t(rawT, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL)
+                sT = qkT * scale_k
+            sT = _mask_logits_t(sT, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL)
             pT = _probs(sT, sa[None, :], sb[None, :], MASK_KIND)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             if DROPOUT:
@@ -417,10 +438,15 @@ def _attn_bwd_dkdv_kernel(
             else:
                 pdT = pT
             dv_acc = tl.dot(pdT.to(DO.dtype.element_ty), do, dv_acc, input_precision=DOT_PREC)
-            dsT = pT * (dpT - delta[None, :]) * scale
+            dsT = pT * (dpT - delta[None, :])
             if METRIC == 1:
-                csum += tl.sum(dsT, axis=1)
-            dk_acc = tl.dot(dsT.to(Q.dtype.element_ty), q, dk_acc, input_precision=DOT_PREC)
+                csum_h += tl.sum(dsT, axis=1)
+            dk_acc = tl.dot((dsT * scale).to(Q.dtype.element_ty), q, dk_acc, input_precision=DOT_PREC)
+        if METRIC == 1:
+            csum += csum_h * scale
+            if SCALE_GRAD == 1:  # keys past N_K hold finite junk: leave them out
+                kn_csum = tl.sum(tl.where(offs_n < N_K, kvec * csum_h, 0.0), axis=0)
+                tl.store(DSCALE_K + bh * tl.num_programs(0) + pid_n, kn_csum)
 
     if METRIC == 1:
         dk = 2.0 * dk_acc - 2.0 * k.to(tl.float32) * csum[:, None]
@@ -456,13 +482,22 @@ def _attn_bwd_dq_kernel(
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
     DROP_BITS: tl.constexpr = 16,
 ):
-    """dQ for BLOCK_M queries of one (b, h); also d(loss)/d(scale) per row (when SCALE_GRAD) and dMask.
+    """dQ for BLOCK_M queries of one (b, h); also d(loss)/d(scale) per row (SCALE_GRAD) and dMask.
 
     Grid: (cdiv(Nq, BLOCK_M), B * H). Pointers as in `_attn_bwd_dkdv_kernel`, plus
     QVEC:   (B*H, Nq) fp32: max(|q|, eps) for cosine (Q, K then hold q^, k^); KVEC as in dkdv.
     DQ:     (B, H, Nq, D) contiguous, Q's dtype.
-    RBAR:   (B*H, Nq) fp32 from the forward (E_p[raw] or 0).
-    DSCALE: (B*H, Nq) fp32: sum_j dS_ij * (raw_ij - RBAR_i) (raw = logit / scale); summed over b, i outside.
+    RBAR:   (B*H, Nq) fp32 from the forward: E_p[raw] when SCALE_GRAD is 2, else unused.
+    DSCALE: (B*H, Nq) fp32: row i's share of d(loss)/d(scale) = sum_ij dS_ij * raw_ij, with dS the
+            gradient of the logits over scale and raw = logit / scale (before the mask). Since
+            sum_j dS_ij = 0 exactly, each row is centred on a value c_i near the probable raws:
+            rounding (bf16 O inside delta) leaves sum_j dS_ij slightly off zero, and with a large
+            raw (l2's |k|^2) that error would swamp the sum otherwise. SCALE_GRAD 1 (no float
+            mask): c_i = the raw at the row's largest logit (its max over scale), and the sum is
+            taken from the products: sum_j dS_ij raw_ij = m q_i . (sum_j dS_ij k_j) (m = 2 for
+            l2, whose -|k|^2 part comes from the dK/dV kernel's DSCALE_K), minus c_i sum_j dS_ij:
+            one add per element. SCALE_GRAD 2 (float mask, whose values shift the max):
+            sum_j dS_ij (raw_ij - RBAR_i) element by element.
     DMASK:  fp32 buffer addressed with strides sg* over (B, H, Nq, Nk) (0 on dims the mask
             broadcasts over B/H); dS is atomically added when MASK_GRAD.
     """
@@ -492,6 +527,7 @@ def _attn_bwd_dq_kernel(
 
     dq_acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     dsc = tl.zeros([BLOCK_M], tl.float32)
+    ds_sum = tl.zeros([BLOCK_M], tl.float32)
     hi = _key_end(pid_m, N_K, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -499,10 +535,13 @@ def _attn_bwd_dq_kernel(
         v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
         qk = tl.dot(q_op, tl.trans(k), input_precision=DOT_PREC)
         if METRIC == 1:
-            raw = 2.0 * qk - tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)[None, :]
+            kn = tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)
+            s = qk * (2.0 * scale_k) - (kn * scale_k)[None, :]
+            raw = 2.0 * qk - kn[None, :]  # read only when SCALE_GRAD == 2
         else:
+            s = qk * scale_k
             raw = qk
-        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+        s = _mask_logits(s, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
         p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:
@@ -512,10 +551,21 @@ def _attn_bwd_dq_kernel(
         if MASK_GRAD:
             g_ptrs = DMASK + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_n[None, :] * sgn
             tl.atomic_add(g_ptrs, ds, mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))
-        if SCALE_GRAD:
+        if SCALE_GRAD == 1:
+            ds_sum += tl.sum(ds, axis=1)
+        elif SCALE_GRAD == 2:
             dsc += tl.sum(ds * (raw - rbar[:, None]), axis=1)
         dq_acc = tl.dot(ds.to(K.dtype.element_ty), k, dq_acc, input_precision=DOT_PREC)
 
+    if SCALE_GRAD == 1:
+        # the row's largest logit over scale is the raw there (+inf marks an empty row)
+        m_nat = tl.load(STATS_M + bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
+        inv_scale = tl.where(scale != 0.0, 1.0 / tl.where(scale != 0.0, scale, 1.0), 0.0)
+        center = tl.where(m_nat != float("inf"), m_nat, 0.0) * inv_scale
+        q_dot = tl.sum(q_op.to(tl.float32) * dq_acc, axis=1)
+        if METRIC == 1:
+            q_dot = 2.0 * q_dot
+        dsc = q_dot - center * ds_sum
     dq_acc = dq_acc * scale
     if METRIC == 1:
         dq = 2.0 * dq_acc
@@ -683,12 +733,41 @@ def _prepass(metric, q, k):
     if metric == "l2":
         return q, k, dummy, row_dot(k, k)
     if metric == "cosine":
-        qf, kf = q.float(), k.float()
-        qn = qf.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
-        kn = kf.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
-        return ((qf / qn).to(q.dtype).contiguous(), (kf / kn).to(k.dtype).contiguous(),
-                qn.squeeze(-1).contiguous(), kn.squeeze(-1).contiguous())
+        (qh, qn), (kh, kn) = normalize_rows(q), normalize_rows(k)
+        return qh, kh, qn, kn
     return q, k, dummy, dummy
+
+
+@triton.jit
+def _normalize_rows_kernel(X, XH, NRM, H, N, sxb, sxh, sxm, sxd, D: tl.constexpr, D_PAD: tl.constexpr,
+                           EPS: tl.constexpr, BLOCK: tl.constexpr):
+    """XH[b, h, m] = X[b, h, m] / NRM[b*H + h, m], NRM = max(|X[b, h, m]|, EPS) in fp32; XH contiguous
+    (B, H, N, D) in its own dtype."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_PAD)
+    inb = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+    x = tl.load(X + b * sxb + h * sxh + offs_m[:, None] * sxm + offs_d[None, :] * sxd, mask=inb, other=0.0)
+    x = x.to(tl.float32)
+    nrm = tl.maximum(tl.sqrt_rn(tl.sum(x * x, axis=1)), EPS)
+    xh = tl.div_rn(x, nrm[:, None])
+    tl.store(XH + bh * N * D + offs_m[:, None] * D + offs_d[None, :], xh.to(XH.dtype.element_ty), mask=inb)
+    tl.store(NRM + bh * N + offs_m, nrm, mask=offs_m < N)
+
+
+def normalize_rows(x):
+    """(x / max(|x|, eps) rounded once to x's dtype, contiguous; the clamped norms (B, H, N) fp32)
+    of a (B, H, N, D) tensor of any strides: cosine's inputs in one launch instead of eager's
+    casts, norm, clamp and division."""
+    B, H, N, D = x.shape
+    xh = torch.empty(B, H, N, D, device=x.device, dtype=x.dtype)
+    nrm = torch.empty(B, H, N, device=x.device, dtype=torch.float32)
+    block = max(16, min(128, 8192 // _pad_dim(D)))
+    _normalize_rows_kernel[(triton.cdiv(N, block), B * H)](x, xh, nrm, H, N, *x.stride(), D=D, D_PAD=_pad_dim(D),
+                                                         EPS=COSINE_EPS, BLOCK=block, num_warps=4)
+    return xh, nrm
 
 
 def dropout_args(p: float) -> tuple:
@@ -766,18 +845,29 @@ def mask_launches(mask, Nq, Nk, causal, device):
     return _device_flags(mask, Nq, Nk), [(1, None, True), (2, mask, False)]
 
 
+def scale_grad_mode(scale_grad: bool, mask) -> int:
+    """How the backward computes the scale gradient (`_attn_bwd_dq_kernel`'s SCALE_GRAD): 0 not at
+    all, 1 from the products (no float mask), 2 element by element around the forward's E_p[raw]
+    (a float mask, whose values move the row max away from a raw)."""
+    if not scale_grad:
+        return 0
+    return 2 if (mask is not None and mask.dtype != torch.bool) else 1
+
+
 def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, dropout_p=0.0, seed=0,
                       config=None, out=None, stats=True):
     """Run the forward kernel. q (B,H,Nq,D), k (B,Hkv,Nk,D), v (B,Hkv,Nk,Dv) any strides, one dtype;
     scale (H,) fp32; mask broadcastable to (B,H,Nq,Nk) (bool keep / float additive) or None.
     Returns (out (B,H,Nq,Dv) in q's dtype, or written into `out`; the row stats of `new_row_stats`,
-    with E_p[raw] computed when `stats` (needed for an accurate scale gradient))."""
+    with E_p[raw] computed when the backward will want it: `stats` (a scale gradient is coming)
+    and a float mask (see `scale_grad_mode`))."""
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     cfg = config or default_attention_config(metric, D, q.dtype, q.device.type)
     if out is None:
         out = torch.empty(B, H, Nq, Dv, device=q.device, dtype=q.dtype)
     row_stats = new_row_stats(B, H, Nq, q.device)
+    stats = scale_grad_mode(stats, mask) == 2
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (triton.cdiv(Nq, bm), B * H)
     q, k, _qvec, kvec = _prepass(metric, q, k)
@@ -856,6 +946,10 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
     dk = torch.empty(B, Hkv, Nk, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, Hkv, Nk, Dv, device=q.device, dtype=v.dtype)
     dsc = torch.zeros(B * H, Nq, device=q.device, dtype=torch.float32)
+    sg_mode = scale_grad_mode(scale_grad, mask)
+    n_kb = triton.cdiv(Nk, tile_kv["BLOCK_N"])
+    split_l2 = sg_mode == 1 and metric == "l2"  # the dK/dV kernel sums the -|k|^2 part
+    dsc_k = torch.zeros(B * H, n_kb, device=q.device, dtype=torch.float32) if split_l2 else dsc
     if mask_grad:
         gbuf, gs = mask_grad_buffer(mask, B, H, Nq, Nk)
     else:
@@ -867,18 +961,20 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
                       DOT_PREC=_dot_prec(q.dtype), RUN_IF=run_if, DROP_BITS=DROPOUT_BITS)
         bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
         _attn_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
-            q, k, v, scale, kvec, m4, flags, do, row_stats[0], row_stats[2], delta, dk, dv,
+            q, k, v, scale, kvec, m4, flags, do, row_stats[0], row_stats[2], delta, dk, dv, dsc_k,
             *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(),
             H, Hkv, Nq, Nk, H // Hkv, seed, *dropout_args(dropout_p),
-            EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common)
+            EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, SCALE_GRAD=sg_mode, **tile_kv, **common)
         bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
         _attn_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
             q, k, v, scale, qvec, kvec, m4, flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dq, dsc,
             gbuf,
             *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *gs,
             H, Nq, Nk, H // Hkv, seed, *dropout_args(dropout_p),
-            MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,
+            MASK_GRAD=mask_grad, SCALE_GRAD=sg_mode,
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_q, **common)
     dscale = dsc.view(B, H, Nq).sum(dim=(0, 2))
+    if split_l2:
+        dscale = dscale - dsc_k.view(B, H, n_kb).sum(dim=(0, 2))
     dmask = reduce_mask_grad(gbuf, mask) if mask_grad else None
     return dq, dk, dv, dscale, dmask

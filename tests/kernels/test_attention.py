@@ -17,6 +17,9 @@ from fusion_backend.ops.attention import (
 )
 from fusion_backend.ops.seed import reference_seed
 
+# A kernel that falls back to the PyTorch reference would pass these checks while broken.
+pytestmark = pytest.mark.filterwarnings("error::fusion_backend.ops.fallback.FusionFallbackWarning")
+
 METRICS = ["dot", "l2", "l1", "cosine"]
 
 
@@ -89,6 +92,48 @@ def test_cosine_scale_100_and_mask_2d():
     q, k, v = make(2, 2, 2, 40, 40, 32, 32)
     run_and_compare("cosine", q, k, v, scale=torch.tensor([50.0, 100.0]), mask=torch.randn(40, 40), tol=1e-4,
                     gtol=2e-3)
+
+
+@pytest.mark.parametrize("metric", ["dot", "l2", "cosine"])
+def test_learnable_scale_without_float_mask(metric):
+    """Without a float mask the scale gradient comes from the products (q . dQ, and l2's |k|^2 part
+    from the dK/dV kernel), centred per row on the raw at the largest logit: causal, GQA, a bool
+    key-padding mask with a fully masked row, a negative scale, and large l2 norms."""
+    q, k, v = make(2, 4, 2, 37, 45, 24, 24)
+    if metric == "l2":
+        q, k = q + 3.0, k + 3.0  # |k|^2 ~ 250: an uncentred sum would lose the gradient
+    scale = torch.tensor([0.2, -0.15, 0.05, 0.3]) * (1.0 if metric != "cosine" else 20.0)
+    run_and_compare(metric, q, k, v, scale=scale, causal=True, gtol=1e-4)
+    mask = torch.rand(2, 1, 1, 45) > 0.3
+    mask[1, 0, 0, :] = False  # batch 1: every key dropped
+    run_and_compare(metric, q, k, v, scale=scale, mask=mask, gtol=1e-4)
+
+
+@pytest.mark.parametrize("metric", ["dot", "l2"])
+def test_zero_scale_gradient(metric):
+    """scale = 0: every logit is 0 (dQ and dK are 0) and the row centre falls back to 0; the
+    scale and V gradients are still right."""
+    q, k, v = make(1, 2, 2, 20, 30, 16, 16)
+    scale = torch.zeros(2, requires_grad=True)
+    vv = v.clone().requires_grad_()
+    out = attention(q, k, vv, metric=metric, scale=scale)
+    g = torch.randn_like(out)
+    ds, dv = torch.autograd.grad(out, [scale, vv], g)
+    s64, v64 = torch.zeros(2, dtype=torch.float64, requires_grad=True), v.double().requires_grad_()
+    ref = attention_reference(q.double(), k.double(), v64, metric=metric, scale=s64)
+    ds64, dv64 = torch.autograd.grad(ref, [s64, v64], g.double())
+    assert torch.isfinite(ds).all() and rel(ds, ds64) < 1e-4 and rel(dv, dv64) < 1e-5
+
+
+def test_normalize_rows_matches_torch():
+    x = torch.randn(2, 40, 3, 24).transpose(1, 2)  # a strided (B, H, N, D) view
+    x[0, 1, 5] = 0.0  # a zero row: clamped norm, zero output
+    xh, nrm = tc.normalize_rows(x)
+    assert xh.is_contiguous() and xh.dtype == x.dtype and nrm.shape == x.shape[:3]
+    ref_n = x.double().norm(dim=-1).clamp_min(tc.COSINE_EPS)
+    assert rel(nrm, ref_n) < 1e-6
+    assert rel(xh, x.double() / ref_n[..., None]) < 1e-6
+    assert torch.all(xh[0, 1, 5] == 0)
 
 
 def test_fully_masked_row_gives_zero_and_finite_grads():

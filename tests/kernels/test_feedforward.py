@@ -24,6 +24,9 @@ from fusion_backend.ops.feedforward import (
     feedforward_supports,
 )
 
+# A kernel that falls back to the PyTorch reference would pass these checks while broken.
+pytestmark = pytest.mark.filterwarnings("error::fusion_backend.ops.fallback.FusionFallbackWarning")
+
 # The module, not the `feedforward` function that fusion_backend.ops re-exports under its name.
 FF = importlib.import_module("fusion_backend.ops.feedforward")
 K = importlib.import_module("fusion_backend.kernels.feedforward")
