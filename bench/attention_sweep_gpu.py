@@ -82,6 +82,7 @@ def tile_of(cfg, part):
 
 
 EXTRA = {}  # mask / causal / dropout arguments of every kernel call (--mask, --dropout)
+SCALE_GRAD = False  # --scale-grad: a learnable scale (the forward's stats and the scale gradient)
 
 
 def sweep(metric, tiles):
@@ -93,9 +94,9 @@ def sweep(metric, tiles):
     d_kv, d_q = tc.backward_tiles(default)
     tile = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
     base = cfg_of(tile_of(default, "fwd"), tuple(d_kv[n] for n in tile), tuple(d_q[n] for n in tile))
-    ref_out, stats = tc.attention_forward(q, k, v, scale, metric=metric, config=base, stats=False, **EXTRA)
+    ref_out, stats = tc.attention_forward(q, k, v, scale, metric=metric, config=base, stats=SCALE_GRAD, **EXTRA)
     ref_grads = tc.attention_backward(do, q, k, v, scale, ref_out, stats, metric=metric, config=base,
-                                      scale_grad=False, **EXTRA)[:3]
+                                      scale_grad=SCALE_GRAD, **EXTRA)[:3]
     best = dict(base)
     for part in ("fwd", "dkdv", "dq"):
         rows = RES[part].setdefault(metric, [])
@@ -106,15 +107,15 @@ def sweep(metric, tiles):
             try:
                 if part == "fwd":
                     out = torch.full_like(ref_out, float("nan"))
-                    tc.attention_forward(q, k, v, scale, metric=metric, config=cfg, out=out, stats=False, **EXTRA)
+                    tc.attention_forward(q, k, v, scale, metric=metric, config=cfg, out=out, stats=SCALE_GRAD, **EXTRA)
                     err = rel_err(out, ref_out)
-                    fn = lambda: tc.attention_forward(q, k, v, scale, metric=metric, config=cfg, stats=False, **EXTRA)  # noqa: E731
+                    fn = lambda: tc.attention_forward(q, k, v, scale, metric=metric, config=cfg, stats=SCALE_GRAD, **EXTRA)  # noqa: E731
                 else:
                     grads = tc.attention_backward(do, q, k, v, scale, ref_out, stats, metric=metric, config=cfg,
-                                                  scale_grad=False, **EXTRA)[:3]
+                                                  scale_grad=SCALE_GRAD, **EXTRA)[:3]
                     err = max(rel_err(a, b) for a, b in zip(grads, ref_grads))
                     fn = lambda: tc.attention_backward(do, q, k, v, scale, ref_out, stats, metric=metric,  # noqa: E731
-                                                       config=cfg, scale_grad=False, **EXTRA)
+                                                       config=cfg, scale_grad=SCALE_GRAD, **EXTRA)
                 row["rel_err"] = err
                 if not err <= 1e-2:
                     row["error"] = f"disagrees with the default config: rel err {err}"
@@ -134,8 +135,8 @@ def sweep(metric, tiles):
     # the op end to end with the best config against the default, and SDPA, fwd+bwd
     def full(cfg):
         def run():
-            out, st = tc.attention_forward(q, k, v, scale, metric=metric, config=cfg, stats=False, **EXTRA)
-            tc.attention_backward(do, q, k, v, scale, out, st, metric=metric, config=cfg, scale_grad=False, **EXTRA)
+            out, st = tc.attention_forward(q, k, v, scale, metric=metric, config=cfg, stats=SCALE_GRAD, **EXTRA)
+            tc.attention_backward(do, q, k, v, scale, out, st, metric=metric, config=cfg, scale_grad=SCALE_GRAD, **EXTRA)
         return bench(run)
     RES["best"][metric].update(best_fwd_bwd_ms=full(best), default_fwd_bwd_ms=full(base))
     print(metric, "best", json.dumps(RES["best"][metric]), flush=True)
@@ -175,6 +176,7 @@ def main():
     ap.add_argument("--mask", choices=("none", "tril", "causal"), default="none",
                     help="tril: a shared bool lower-triangle mask (a registered buffer); causal: causal=True")
     ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--scale-grad", action="store_true", help="time with a learnable scale (its gradient computed)")
     for part in ("fwd", "dkdv", "dq"):
         ap.add_argument(f"--{part}-tiles", help="comma-separated tiles like m128n64w8s3 (replaces the list)")
     args = ap.parse_args()
@@ -188,7 +190,9 @@ def main():
         EXTRA["causal"] = True
     if args.dropout:
         EXTRA.update(dropout_p=args.dropout, seed=123)
-    RES["env"].update(mask=args.mask, dropout=args.dropout)
+    global SCALE_GRAD
+    SCALE_GRAD = args.scale_grad
+    RES["env"].update(mask=args.mask, dropout=args.dropout, scale_grad=SCALE_GRAD)
     if args.quick:
         FWD_TILES[:] = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 32, 4, 4),
                         (64, 64, 4, 4)]

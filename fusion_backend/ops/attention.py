@@ -32,6 +32,7 @@ from fusion_backend.kernels import attention_l1 as _l1
 from fusion_backend.kernels.philox import dropout_scale, philox_keep_mask
 from fusion_backend.kernels.runtime import can_launch, device_unsupported, interpreting
 from fusion_backend.ops.fallback import warn_fallback_once
+from fusion_backend.ops.eager import plain_eager_call
 from fusion_backend.ops.seed import draw_seed, reference_seed
 
 METRICS = ("dot", "l2", "l1", "cosine")
@@ -324,21 +325,44 @@ def _(grad_out, q, k, v, scale, attn_mask, out, lse, seed, metric, causal, dropo
 def _setup_context(ctx, inputs, output):
     q, k, v, scale, mask, seed, metric, causal, dropout_p, config, scale_grad = inputs
     out, lse = output
+    ctx.mark_non_differentiable(lse)  # saved for backward, never a result
     ctx.mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[4]
     ctx.scale_grad = ctx.needs_input_grad[3]
     ctx.args = (metric, causal, dropout_p, config)
     ctx.save_for_backward(q, k, v, scale, mask, seed, out, lse)
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _input_grads(ctx, grad_out, backward):
+    """Gradients of the forward's 11 inputs, computed by `backward` (the backward op, or its
+    implementation on the eager path)."""
     q, k, v, scale, mask, seed, out, lse = ctx.saved_tensors
     metric, causal, dropout_p, config = ctx.args
-    dq, dk, dv, dscale, dmask = attention_bwd_op(grad_out, q, k, v, scale, mask, out, lse, seed,
-                                                 metric, causal, dropout_p, config, ctx.mask_grad, ctx.scale_grad)
+    dq, dk, dv, dscale, dmask = backward(grad_out, q, k, v, scale, mask, out, lse, seed,
+                                         metric, causal, dropout_p, config, ctx.mask_grad, ctx.scale_grad)
     return dq, dk, dv, dscale, (dmask if ctx.mask_grad else None), None, None, None, None, None, None
 
 
+def _backward(ctx, grad_out, grad_lse):
+    return _input_grads(ctx, grad_out, attention_bwd_op)
+
+
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The custom ops' forward and backward for plain eager calls (see `ops.eager`)."""
+
+    @staticmethod
+    def forward(*inputs):
+        return _fwd_impl(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return _input_grads(ctx, grad_out, _bwd_impl)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,6 +415,10 @@ def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None
     elif config is not None:
         _tc.parse_config_key(config)  # fail early on a malformed key
     scale_grad = isinstance(scale, Tensor) and scale.requires_grad and torch.is_grad_enabled()
-    out, _ = attention_fwd_op(q, k, v, scale_h, mask, seed, metric, bool(causal), float(dropout_p), config,
-                              scale_grad)
+    args = (q, k, v, scale_h, mask, seed, metric, bool(causal), float(dropout_p), config, scale_grad)
+    if plain_eager_call(args[:5]):  # eager: skip the dispatch layers (and autograd when unneeded)
+        differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5])
+        out, _ = _EagerAttention.apply(*args) if differentiable else _fwd_impl(*args)
+    else:
+        out, _ = attention_fwd_op(*args)
     return out

@@ -23,11 +23,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils import _python_dispatch
 
 from ..kernels import feedforward as K
 from ..kernels.philox import dropout_scale, philox_keep_mask
 from ..kernels.runtime import can_launch, device_unsupported, interpreting
+from .eager import plain_eager_call
 from .fallback import warn_fallback_once
 from .seed import draw_seed, reference_seed
 
@@ -658,9 +658,7 @@ _feedforward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerFeedforward(torch.autograd.Function):
-    """The custom op's forward and backward for plain eager calls, without torch.library's
-    dispatch layers: at transformer sizes the step is host-bound, and those layers cost more
-    host time than several kernel launches. Same implementations, so the same numbers."""
+    """The custom ops' forward and backward for plain eager calls (see `ops.eager`)."""
 
     @staticmethod
     def forward(*inputs):
@@ -673,18 +671,6 @@ class _EagerFeedforward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_z, _grad_zu):
         return _input_grads(ctx, grad_out, _backward_impl)
-
-
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-
-
-def _plain_eager_call(tensors) -> bool:
-    """Whether this call runs eagerly on ordinary tensors: not traced by torch.compile, no
-    tensor subclass (fake, functional, DTensor) and no dispatch mode. Anything else takes the
-    custom op, which those systems understand."""
-    if torch.compiler.is_compiling() or _python_dispatch._get_current_dispatch_mode() is not None:
-        return False
-    return all(type(t) in _PLAIN_TENSORS for t in tensors if t is not None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -718,7 +704,7 @@ def feedforward(
     )
     save = SAVE_PRE_ACTIVATION and differentiable
     args = (x2, w_in, b_in, w_out, b_out, w_gate, b_gate, res2, seed, activation, p_h, p_o, impl, config or "", save)
-    if _plain_eager_call(args[:8]):  # eager: skip the dispatch layers (and autograd when unneeded)
+    if plain_eager_call(args[:8]):  # eager: skip the dispatch layers (and autograd when unneeded)
         out, _, _ = _EagerFeedforward.apply(*args) if differentiable else _forward_impl(*args)
     else:
         out, _, _ = torch.ops.truthfuse.feedforward(*args)

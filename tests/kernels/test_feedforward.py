@@ -189,7 +189,7 @@ def test_eager_path_equals_custom_op(impl, monkeypatch):
     monkeypatch.setattr(FF._EagerFeedforward, "apply", _recording(FF._EagerFeedforward.apply, seen))
     eager = run()
     assert seen, "a plain eager call should take the autograd.Function path"
-    monkeypatch.setattr(FF, "_plain_eager_call", lambda tensors: False)
+    monkeypatch.setattr(FF, "plain_eager_call", lambda tensors: False)
     op = run()
     for a, b in zip(eager, op):
         assert torch.isfinite(a).all() and torch.equal(a, b)
@@ -218,10 +218,12 @@ def _recording(fn, seen):
 def test_traced_calls_take_the_custom_op():
     """Fake tensors (what torch.compile traces with) are not plain eager calls."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fusion_backend.ops.eager import plain_eager_call
     with FakeTensorMode() as mode:
         x = mode.from_tensor(torch.randn(4, 8))
-        assert not FF._plain_eager_call([x])
-    assert FF._plain_eager_call([torch.randn(4, 8), None])
+        assert not plain_eager_call([x])
+    assert plain_eager_call([torch.randn(4, 8), None])
 
 
 def test_pre_activation_not_saved_is_recomputed():
