@@ -359,7 +359,7 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, SCALE, KVEC, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, DELTA, DK, DV, DSCALE_K,
+    Q, K, V, SCALE, KVEC, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, DELTA, DK, DV,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -368,7 +368,7 @@ def _attn_bwd_dkdv_kernel(
     H, HKV, N_Q, N_K, GROUP, seed, dropout_p, threshold,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, SCALE_GRAD: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
     DROP_BITS: tl.constexpr = 16,
 ):
@@ -379,9 +379,6 @@ def _attn_bwd_dkdv_kernel(
            forward's row stats; DELTA = rowsum(dO*O));
     KVEC:  (B*Hkv, Nk) fp32: |k|^2 for l2, max(|k|, eps) for cosine (Q, K then hold q^, k^).
     DK:    (B, Hkv, Nk, D) contiguous, K's dtype;  DV: (B, Hkv, Nk, Dv) contiguous, V's dtype.
-    DSCALE_K: (B*H, cdiv(Nk, BLOCK_N)) fp32, l2 with SCALE_GRAD 1: this key block's
-           sum_j |k_j|^2 sum_i dS_ij per query head, the |k|^2 part of the scale gradient (see
-           `_attn_bwd_dq_kernel`), with dS = dL/dlogit / scale.
     BLOCK_N keys are owned by the program, BLOCK_M queries are visited per step.
     """
     if _idle_launch(MASK_FLAGS, RUN_IF):
@@ -409,7 +406,6 @@ def _attn_bwd_dkdv_kernel(
         scale = tl.load(SCALE + h)
         scale_k = _kernel_scale(scale, MASK_KIND)
         kvec_s = kvec * scale_k  # l2: the |k|^2 term of the logits, scaled once per key
-        csum_h = tl.zeros([BLOCK_N], tl.float32)  # l2: sum_i dS_ij of this query head
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
         mask_base = MASK + b * smb + h * smh
@@ -438,15 +434,10 @@ def _attn_bwd_dkdv_kernel(
             else:
                 pdT = pT
             dv_acc = tl.dot(pdT.to(DO.dtype.element_ty), do, dv_acc, input_precision=DOT_PREC)
-            dsT = pT * (dpT - delta[None, :])
+            dsT = pT * (dpT - delta[None, :]) * scale
             if METRIC == 1:
-                csum_h += tl.sum(dsT, axis=1)
-            dk_acc = tl.dot((dsT * scale).to(Q.dtype.element_ty), q, dk_acc, input_precision=DOT_PREC)
-        if METRIC == 1:
-            csum += csum_h * scale
-            if SCALE_GRAD == 1:  # keys past N_K hold finite junk: leave them out
-                kn_csum = tl.sum(tl.where(offs_n < N_K, kvec * csum_h, 0.0), axis=0)
-                tl.store(DSCALE_K + bh * tl.num_programs(0) + pid_n, kn_csum)
+                csum += tl.sum(dsT, axis=1)
+            dk_acc = tl.dot(dsT.to(Q.dtype.element_ty), q, dk_acc, input_precision=DOT_PREC)
 
     if METRIC == 1:
         dk = 2.0 * dk_acc - 2.0 * k.to(tl.float32) * csum[:, None]
@@ -488,16 +479,17 @@ def _attn_bwd_dq_kernel(
     QVEC:   (B*H, Nq) fp32: max(|q|, eps) for cosine (Q, K then hold q^, k^); KVEC as in dkdv.
     DQ:     (B, H, Nq, D) contiguous, Q's dtype.
     RBAR:   (B*H, Nq) fp32 from the forward: E_p[raw] when SCALE_GRAD is 2, else unused.
-    DSCALE: (B*H, Nq) fp32: row i's share of d(loss)/d(scale) = sum_ij dS_ij * raw_ij, with dS the
-            gradient of the logits over scale and raw = logit / scale (before the mask). Since
-            sum_j dS_ij = 0 exactly, each row is centred on a value c_i near the probable raws:
-            rounding (bf16 O inside delta) leaves sum_j dS_ij slightly off zero, and with a large
-            raw (l2's |k|^2) that error would swamp the sum otherwise. SCALE_GRAD 1 (no float
-            mask): c_i = the raw at the row's largest logit (its max over scale), and the sum is
-            taken from the products: sum_j dS_ij raw_ij = m q_i . (sum_j dS_ij k_j) (m = 2 for
-            l2, whose -|k|^2 part comes from the dK/dV kernel's DSCALE_K), minus c_i sum_j dS_ij:
-            one add per element. SCALE_GRAD 2 (float mask, whose values shift the max):
-            sum_j dS_ij (raw_ij - RBAR_i) element by element.
+    DSCALE: (B*H, Nq) fp32: row i's share of d(loss)/d(scale) = sum_j dS_ij * (raw_ij - c_i), with
+            dS the gradient of the logits over scale and raw = logit / scale (before the mask).
+            Since sum_j dS_ij = 0 exactly, any row constant c_i leaves the sum unchanged, but
+            rounding (bf16 O inside delta) leaves sum_j dS_ij slightly off zero, and with large raws
+            (l2's |k|^2) that error would swamp the result unless c_i sits near the probable raws.
+            SCALE_GRAD 1 (no float mask): c_i = the raw at the row's largest logit (its max over
+            scale), applied once per row as sum_j dS_ij raw_ij - c_i sum_j dS_ij, so the forward
+            needs no E_p[raw]. SCALE_GRAD 2 (float mask, whose values shift the max):
+            c_i = RBAR_i. (Taking sum_j dS_ij raw_ij from q . dQ instead, without per-score work,
+            was measured: dS rounded to bf16 for the product left the bf16 scale gradient up to
+            2.6e-2 off.)
     DMASK:  fp32 buffer addressed with strides sg* over (B, H, Nq, Nk) (0 on dims the mask
             broadcasts over B/H); dS is atomically added when MASK_GRAD.
     """
@@ -537,7 +529,7 @@ def _attn_bwd_dq_kernel(
         if METRIC == 1:
             kn = tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)
             s = qk * (2.0 * scale_k) - (kn * scale_k)[None, :]
-            raw = 2.0 * qk - kn[None, :]  # read only when SCALE_GRAD == 2
+            raw = 2.0 * qk - kn[None, :]  # read only with SCALE_GRAD
         else:
             s = qk * scale_k
             raw = qk
@@ -553,6 +545,7 @@ def _attn_bwd_dq_kernel(
             tl.atomic_add(g_ptrs, ds, mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))
         if SCALE_GRAD == 1:
             ds_sum += tl.sum(ds, axis=1)
+            dsc += tl.sum(ds * raw, axis=1)
         elif SCALE_GRAD == 2:
             dsc += tl.sum(ds * (raw - rbar[:, None]), axis=1)
         dq_acc = tl.dot(ds.to(K.dtype.element_ty), k, dq_acc, input_precision=DOT_PREC)
@@ -562,10 +555,7 @@ def _attn_bwd_dq_kernel(
         m_nat = tl.load(STATS_M + bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
         inv_scale = tl.where(scale != 0.0, 1.0 / tl.where(scale != 0.0, scale, 1.0), 0.0)
         center = tl.where(m_nat != float("inf"), m_nat, 0.0) * inv_scale
-        q_dot = tl.sum(q_op.to(tl.float32) * dq_acc, axis=1)
-        if METRIC == 1:
-            q_dot = 2.0 * q_dot
-        dsc = q_dot - center * ds_sum
+        dsc = dsc - center * ds_sum
     dq_acc = dq_acc * scale
     if METRIC == 1:
         dq = 2.0 * dq_acc
@@ -947,9 +937,6 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
     dv = torch.empty(B, Hkv, Nk, Dv, device=q.device, dtype=v.dtype)
     dsc = torch.zeros(B * H, Nq, device=q.device, dtype=torch.float32)
     sg_mode = scale_grad_mode(scale_grad, mask)
-    n_kb = triton.cdiv(Nk, tile_kv["BLOCK_N"])
-    split_l2 = sg_mode == 1 and metric == "l2"  # the dK/dV kernel sums the -|k|^2 part
-    dsc_k = torch.zeros(B * H, n_kb, device=q.device, dtype=torch.float32) if split_l2 else dsc
     if mask_grad:
         gbuf, gs = mask_grad_buffer(mask, B, H, Nq, Nk)
     else:
@@ -961,10 +948,10 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
                       DOT_PREC=_dot_prec(q.dtype), RUN_IF=run_if, DROP_BITS=DROPOUT_BITS)
         bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
         _attn_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
-            q, k, v, scale, kvec, m4, flags, do, row_stats[0], row_stats[2], delta, dk, dv, dsc_k,
+            q, k, v, scale, kvec, m4, flags, do, row_stats[0], row_stats[2], delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(),
             H, Hkv, Nq, Nk, H // Hkv, seed, *dropout_args(dropout_p),
-            EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, SCALE_GRAD=sg_mode, **tile_kv, **common)
+            EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common)
         bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
         _attn_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
             q, k, v, scale, qvec, kvec, m4, flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dq, dsc,
@@ -974,7 +961,5 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
             MASK_GRAD=mask_grad, SCALE_GRAD=sg_mode,
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_q, **common)
     dscale = dsc.view(B, H, Nq).sum(dim=(0, 2))
-    if split_l2:
-        dscale = dscale - dsc_k.view(B, H, n_kb).sum(dim=(0, 2))
     dmask = reduce_mask_grad(gbuf, mask) if mask_grad else None
     return dq, dk, dv, dscale, dmask
