@@ -95,18 +95,15 @@ def attention_reports(B, H, N, D, metric, mask_kind, causal, dropout, config_key
                            "smb", "smh", "smm", "smn", "sob", "soh", "som", "sod", "sdob", "sdoh", "sdom", "sdod",
                            "sgb", "sgh", "sgm", "sgn", "H", "HKV", "N_Q", "N_K", "GROUP", "seed", "threshold")}
     ptrs = {n: t for n in ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV")}
-    ptrs.update({n: f32 for n in ("SCALE", "KVEC", "QVEC", "STATS_M", "STATS_L", "RBAR", "DELTA", "DSCALE", "DSCALE_K",
-                                  "DMASK")})
+    ptrs.update({n: f32 for n in ("SCALE", "KVEC", "QVEC", "STATS_M", "STATS_L", "RBAR", "DELTA", "DSCALE", "DMASK")})
     ptrs.update(MASK=mask, MASK_FLAGS=flags)
     args = dict(ints, **ptrs, dropout_p=0.1)
     out = {}
-    # a learnable scale, as the op computes it (tc.scale_grad_mode)
-    sg_mode = 2 if mask_kind == 2 else 1
-    for name, fn, tile, extra in (
+    for name, fn, tile, extra in (  # a learnable scale: the forward's stats and the scale gradient
         ("fwd", tc._attn_fwd_kernel, dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
-                                          num_stages=cfg["num_stages"]), dict(STATS=sg_mode == 2)),
-        ("dkdv", tc._attn_bwd_dkdv_kernel, tile_kv, dict(SCALE_GRAD=sg_mode)),
-        ("dq", tc._attn_bwd_dq_kernel, tile_q, dict(MASK_GRAD=False, SCALE_GRAD=sg_mode)),
+                                          num_stages=cfg["num_stages"]), dict(STATS=True)),
+        ("dkdv", tc._attn_bwd_dkdv_kernel, tile_kv, {}),
+        ("dq", tc._attn_bwd_dq_kernel, tile_q, dict(MASK_GRAD=False, SCALE_GRAD=True)),
     ):
         cx = dict(common, **extra, EVEN_M=N % tile["BLOCK_M"] == 0, EVEN_N=N % tile["BLOCK_N"] == 0,
                   BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"])

@@ -473,23 +473,19 @@ def _attn_bwd_dq_kernel(
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
     DROP_BITS: tl.constexpr = 16,
 ):
-    """dQ for BLOCK_M queries of one (b, h); also d(loss)/d(scale) per row (SCALE_GRAD) and dMask.
+    """dQ for BLOCK_M queries of one (b, h); also d(loss)/d(scale) per row (when SCALE_GRAD) and dMask.
 
     Grid: (cdiv(Nq, BLOCK_M), B * H). Pointers as in `_attn_bwd_dkdv_kernel`, plus
     QVEC:   (B*H, Nq) fp32: max(|q|, eps) for cosine (Q, K then hold q^, k^); KVEC as in dkdv.
     DQ:     (B, H, Nq, D) contiguous, Q's dtype.
-    RBAR:   (B*H, Nq) fp32 from the forward: E_p[raw] when SCALE_GRAD is 2, else unused.
-    DSCALE: (B*H, Nq) fp32: row i's share of d(loss)/d(scale) = sum_j dS_ij * (raw_ij - c_i), with
-            dS the gradient of the logits over scale and raw = logit / scale (before the mask).
-            Since sum_j dS_ij = 0 exactly, any row constant c_i leaves the sum unchanged, but
-            rounding (bf16 O inside delta) leaves sum_j dS_ij slightly off zero, and with large raws
-            (l2's |k|^2) that error would swamp the result unless c_i sits near the probable raws.
-            SCALE_GRAD 1 (no float mask): c_i = the raw at the row's largest logit (its max over
-            scale), applied once per row as sum_j dS_ij raw_ij - c_i sum_j dS_ij, so the forward
-            needs no E_p[raw]. SCALE_GRAD 2 (float mask, whose values shift the max):
-            c_i = RBAR_i. (Taking sum_j dS_ij raw_ij from q . dQ instead, without per-score work,
-            was measured: dS rounded to bf16 for the product left the bf16 scale gradient up to
-            2.6e-2 off.)
+    RBAR:   (B*H, Nq) fp32 from the forward (E_p[raw] or 0).
+    DSCALE: (B*H, Nq) fp32: sum_j dS_ij * (raw_ij - RBAR_i) (raw = logit / scale); summed over b, i
+            outside. Centring on E_p[raw] changes nothing exactly (sum_j dS_ij = 0) but removes the
+            cancellation that rounding (bf16 O inside delta) would expose with large raws (l2's
+            |k|^2). Two cheaper forms were measured on the H100 and set aside for accuracy: the
+            sum from the products (q . dQ, no per-score work; bf16 scale gradients up to 2.6e-2
+            off) and centring on the raw at the row's largest logit (no E_p[raw] in the forward;
+            up to 4.3e-3 off). This form gives about 1e-6.
     DMASK:  fp32 buffer addressed with strides sg* over (B, H, Nq, Nk) (0 on dims the mask
             broadcasts over B/H); dS is atomically added when MASK_GRAD.
     """
@@ -519,7 +515,6 @@ def _attn_bwd_dq_kernel(
 
     dq_acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     dsc = tl.zeros([BLOCK_M], tl.float32)
-    ds_sum = tl.zeros([BLOCK_M], tl.float32)
     hi = _key_end(pid_m, N_K, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -529,7 +524,7 @@ def _attn_bwd_dq_kernel(
         if METRIC == 1:
             kn = tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)
             s = qk * (2.0 * scale_k) - (kn * scale_k)[None, :]
-            raw = 2.0 * qk - kn[None, :]  # read only with SCALE_GRAD
+            raw = 2.0 * qk - kn[None, :]  # read only when SCALE_GRAD
         else:
             s = qk * scale_k
             raw = qk
@@ -543,19 +538,10 @@ def _attn_bwd_dq_kernel(
         if MASK_GRAD:
             g_ptrs = DMASK + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_n[None, :] * sgn
             tl.atomic_add(g_ptrs, ds, mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))
-        if SCALE_GRAD == 1:
-            ds_sum += tl.sum(ds, axis=1)
-            dsc += tl.sum(ds * raw, axis=1)
-        elif SCALE_GRAD == 2:
+        if SCALE_GRAD:
             dsc += tl.sum(ds * (raw - rbar[:, None]), axis=1)
         dq_acc = tl.dot(ds.to(K.dtype.element_ty), k, dq_acc, input_precision=DOT_PREC)
 
-    if SCALE_GRAD == 1:
-        # the row's largest logit over scale is the raw there (+inf marks an empty row)
-        m_nat = tl.load(STATS_M + bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
-        inv_scale = tl.where(scale != 0.0, 1.0 / tl.where(scale != 0.0, scale, 1.0), 0.0)
-        center = tl.where(m_nat != float("inf"), m_nat, 0.0) * inv_scale
-        dsc = dsc - center * ds_sum
     dq_acc = dq_acc * scale
     if METRIC == 1:
         dq = 2.0 * dq_acc
@@ -835,29 +821,18 @@ def mask_launches(mask, Nq, Nk, causal, device):
     return _device_flags(mask, Nq, Nk), [(1, None, True), (2, mask, False)]
 
 
-def scale_grad_mode(scale_grad: bool, mask) -> int:
-    """How the backward computes the scale gradient (`_attn_bwd_dq_kernel`'s SCALE_GRAD): 0 not at
-    all, 1 from the products (no float mask), 2 element by element around the forward's E_p[raw]
-    (a float mask, whose values move the row max away from a raw)."""
-    if not scale_grad:
-        return 0
-    return 2 if (mask is not None and mask.dtype != torch.bool) else 1
-
-
 def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, dropout_p=0.0, seed=0,
                       config=None, out=None, stats=True):
     """Run the forward kernel. q (B,H,Nq,D), k (B,Hkv,Nk,D), v (B,Hkv,Nk,Dv) any strides, one dtype;
     scale (H,) fp32; mask broadcastable to (B,H,Nq,Nk) (bool keep / float additive) or None.
     Returns (out (B,H,Nq,Dv) in q's dtype, or written into `out`; the row stats of `new_row_stats`,
-    with E_p[raw] computed when the backward will want it: `stats` (a scale gradient is coming)
-    and a float mask (see `scale_grad_mode`))."""
+    with E_p[raw] computed when `stats` (needed for an accurate scale gradient))."""
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     cfg = config or default_attention_config(metric, D, q.dtype, q.device.type)
     if out is None:
         out = torch.empty(B, H, Nq, Dv, device=q.device, dtype=q.dtype)
     row_stats = new_row_stats(B, H, Nq, q.device)
-    stats = scale_grad_mode(stats, mask) == 2
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (triton.cdiv(Nq, bm), B * H)
     q, k, _qvec, kvec = _prepass(metric, q, k)
@@ -936,7 +911,6 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
     dk = torch.empty(B, Hkv, Nk, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, Hkv, Nk, Dv, device=q.device, dtype=v.dtype)
     dsc = torch.zeros(B * H, Nq, device=q.device, dtype=torch.float32)
-    sg_mode = scale_grad_mode(scale_grad, mask)
     if mask_grad:
         gbuf, gs = mask_grad_buffer(mask, B, H, Nq, Nk)
     else:
@@ -958,7 +932,7 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
             gbuf,
             *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *gs,
             H, Nq, Nk, H // Hkv, seed, *dropout_args(dropout_p),
-            MASK_GRAD=mask_grad, SCALE_GRAD=sg_mode,
+            MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_q, **common)
     dscale = dsc.view(B, H, Nq).sum(dim=(0, 2))
     dmask = reduce_mask_grad(gbuf, mask) if mask_grad else None

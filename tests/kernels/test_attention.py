@@ -96,9 +96,9 @@ def test_cosine_scale_100_and_mask_2d():
 
 @pytest.mark.parametrize("metric", ["dot", "l2", "cosine"])
 def test_learnable_scale_without_float_mask(metric):
-    """Without a float mask the scale gradient comes from the products (q . dQ, and l2's |k|^2 part
-    from the dK/dV kernel), centred per row on the raw at the largest logit: causal, GQA, a bool
-    key-padding mask with a fully masked row, a negative scale, and large l2 norms."""
+    """A learnable scale without a float mask: causal, GQA, a bool key-padding mask with a fully
+    masked row, a negative scale, and large l2 norms (the scale gradient's rows are centred on
+    E_p[raw])."""
     q, k, v = make(2, 4, 2, 37, 45, 24, 24)
     if metric == "l2":
         q, k = q + 3.0, k + 3.0  # |k|^2 ~ 250: an uncentred sum would lose the gradient
@@ -111,8 +111,7 @@ def test_learnable_scale_without_float_mask(metric):
 
 @pytest.mark.parametrize("metric", ["dot", "l2"])
 def test_zero_scale_gradient(metric):
-    """scale = 0: every logit is 0 (dQ and dK are 0) and the row centre falls back to 0; the
-    scale and V gradients are still right."""
+    """scale = 0: every logit is 0 (dQ and dK are 0); the scale and V gradients are still right."""
     q, k, v = make(1, 2, 2, 20, 30, 16, 16)
     scale = torch.zeros(2, requires_grad=True)
     vv = v.clone().requires_grad_()
