@@ -93,14 +93,7 @@ def _logits(raw, scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
     are natural (scale_k = scale, the mask added as is): finfo.min * log2(e) overflows to -inf, which
     would turn an eager-uniform, finfo.min-padded row into a fully masked one. `_exp_rel` and
     `_probs` undo the units."""
-    return _mask_logits(raw * scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
-
-
-@triton.jit
-def _mask_logits(s, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
-                 MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, EVEN_N: tl.constexpr):
-    """`_logits` for logits already in the kernels' units (scaled): mask, causal, bounds."""
-    s = _apply_mask(s, mask_ptr, offs_m, offs_n, smm, smn, N_Q, N_K, MASK_KIND)
+    s = _apply_mask(raw * scale_k, mask_ptr, offs_m, offs_n, smm, smn, N_Q, N_K, MASK_KIND)
     if CAUSAL:
         s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
     if not EVEN_N:
@@ -113,16 +106,10 @@ def _logits_t(rawT, scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr):
     """`_logits` for a transposed [BLOCK_N, BLOCK_M] tile (keys along rows). Out-of-range key rows
     are left finite: the dK/dV kernel never stores them and they feed nothing else."""
-    return _mask_logits_t(rawT * scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL)
-
-
-@triton.jit
-def _mask_logits_t(sT, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr):
-    """`_logits_t` for logits already in the kernels' units."""
-    sT = _apply_mask(sT, mask_ptr, offs_n, offs_m, smn, smm, N_K, N_Q, MASK_KIND)
+    s = _apply_mask(rawT * scale_k, mask_ptr, offs_n, offs_m, smn, smm, N_K, N_Q, MASK_KIND)
     if CAUSAL:
-        sT = tl.where(offs_n[:, None] <= offs_m[None, :], sT, float("-inf"))
-    return sT
+        s = tl.where(offs_n[:, None] <= offs_m[None, :], s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -334,14 +321,11 @@ def _attn_fwd_kernel(
         k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if METRIC == 1:
-            # scale * (2 q.k - |k|^2) as one multiply-add per element: the |k|^2 row is scaled once
             kn = tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)
-            s = qk * (2.0 * scale_k) - (kn * scale_k)[None, :]
-            raw = 2.0 * qk - kn[None, :]  # read only when STATS
+            raw = 2.0 * qk - kn[None, :]
         else:
-            s = qk * scale_k
             raw = qk
-        s = _mask_logits(s, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
         p, m_i, l_i, r_i, acc = _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND, STATS)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
@@ -405,7 +389,6 @@ def _attn_bwd_dkdv_kernel(
         bh = b * H + h
         scale = tl.load(SCALE + h)
         scale_k = _kernel_scale(scale, MASK_KIND)
-        kvec_s = kvec * scale_k  # l2: the |k|^2 term of the logits, scaled once per key
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
         mask_base = MASK + b * smb + h * smh
@@ -419,10 +402,10 @@ def _attn_bwd_dkdv_kernel(
             # left operands of dV += P^T dO and dK += dS^T Q, with no register transposes.
             qkT = tl.dot(k_op, tl.trans(q), input_precision=DOT_PREC)
             if METRIC == 1:
-                sT = qkT * (2.0 * scale_k) - kvec_s[:, None]
+                rawT = 2.0 * qkT - kvec[:, None]
             else:
-                sT = qkT * scale_k
-            sT = _mask_logits_t(sT, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL)
+                rawT = qkT
+            sT = _logits_t(rawT, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL)
             pT = _probs(sT, sa[None, :], sb[None, :], MASK_KIND)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             if DROPOUT:
@@ -522,13 +505,10 @@ def _attn_bwd_dq_kernel(
         v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
         qk = tl.dot(q_op, tl.trans(k), input_precision=DOT_PREC)
         if METRIC == 1:
-            kn = tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)
-            s = qk * (2.0 * scale_k) - (kn * scale_k)[None, :]
-            raw = 2.0 * qk - kn[None, :]  # read only when SCALE_GRAD
+            raw = 2.0 * qk - tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)[None, :]
         else:
-            s = qk * scale_k
             raw = qk
-        s = _mask_logits(s, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
         p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:
