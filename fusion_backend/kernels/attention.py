@@ -695,22 +695,32 @@ def _prepass(metric, q, k):
 
 
 @triton.jit
+def _row_tile(X, H, N, sxb, sxh, sxm, sxd, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """The fp32 [BLOCK, D_PAD] tile of rows of a (B, H, N, D) tensor that program (i, b*H + h) of a
+    row-wise kernel owns (zeros outside), with bh, its row offsets and its in-bounds mask."""
+    bh = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_PAD)
+    inb = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+    ptrs = X + (bh // H) * sxb + (bh % H) * sxh + offs_m[:, None] * sxm + offs_d[None, :] * sxd
+    return tl.load(ptrs, mask=inb, other=0.0).to(tl.float32), bh, offs_m, offs_d, inb
+
+
+@triton.jit
 def _normalize_rows_kernel(X, XH, NRM, H, N, sxb, sxh, sxm, sxd, D: tl.constexpr, D_PAD: tl.constexpr,
                            EPS: tl.constexpr, BLOCK: tl.constexpr):
     """XH[b, h, m] = X[b, h, m] / NRM[b*H + h, m], NRM = max(|X[b, h, m]|, EPS) in fp32; XH contiguous
     (B, H, N, D) in its own dtype."""
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D_PAD)
-    inb = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-    x = tl.load(X + b * sxb + h * sxh + offs_m[:, None] * sxm + offs_d[None, :] * sxd, mask=inb, other=0.0)
-    x = x.to(tl.float32)
+    x, bh, offs_m, offs_d, inb = _row_tile(X, H, N, sxb, sxh, sxm, sxd, D, D_PAD, BLOCK)
     nrm = tl.maximum(tl.sqrt_rn(tl.sum(x * x, axis=1)), EPS)
     xh = tl.div_rn(x, nrm[:, None])
     tl.store(XH + bh * N * D + offs_m[:, None] * D + offs_d[None, :], xh.to(XH.dtype.element_ty), mask=inb)
     tl.store(NRM + bh * N + offs_m, nrm, mask=offs_m < N)
+
+
+def _rows_per_program(d: int) -> int:
+    """Rows per program of the row-wise kernels: about 8K elements a tile."""
+    return max(16, min(128, 8192 // _pad_dim(d)))
 
 
 def normalize_rows(x):
@@ -720,7 +730,7 @@ def normalize_rows(x):
     B, H, N, D = x.shape
     xh = torch.empty(B, H, N, D, device=x.device, dtype=x.dtype)
     nrm = torch.empty(B, H, N, device=x.device, dtype=torch.float32)
-    block = max(16, min(128, 8192 // _pad_dim(D)))
+    block = _rows_per_program(D)
     _normalize_rows_kernel[(triton.cdiv(N, block), B * H)](x, xh, nrm, H, N, *x.stride(), D=D, D_PAD=_pad_dim(D),
                                                          EPS=COSINE_EPS, BLOCK=block, num_warps=4)
     return xh, nrm
@@ -836,15 +846,9 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
 def _row_dot_kernel(A, B, OUT, H, N, sab, sah, sam, sad, sbb, sbh, sbm, sbd,
                     DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr):
     """OUT[b*H + h, m] = sum_d A[b, h, m, d] * B[b, h, m, d] in fp32 (the backward's delta)."""
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, DV_PAD)
-    inb = (offs_m[:, None] < N) & (offs_d[None, :] < DV)
-    a = tl.load(A + b * sab + h * sah + offs_m[:, None] * sam + offs_d[None, :] * sad, mask=inb, other=0.0)
-    c = tl.load(B + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_d[None, :] * sbd, mask=inb, other=0.0)
-    tl.store(OUT + bh * N + offs_m, tl.sum(a.to(tl.float32) * c.to(tl.float32), axis=1), mask=offs_m < N)
+    a, bh, offs_m, _, _ = _row_tile(A, H, N, sab, sah, sam, sad, DV, DV_PAD, BLOCK)
+    c, _, _, _, _ = _row_tile(B, H, N, sbb, sbh, sbm, sbd, DV, DV_PAD, BLOCK)
+    tl.store(OUT + bh * N + offs_m, tl.sum(a * c, axis=1), mask=offs_m < N)
 
 
 def row_dot(a, b):
@@ -852,7 +856,7 @@ def row_dot(a, b):
     instead of eager's casts, product and sum."""
     B, H, N, Dv = a.shape
     out = torch.empty(B * H, N, device=a.device, dtype=torch.float32)
-    block = max(16, min(128, 8192 // _pad_dim(Dv)))
+    block = _rows_per_program(Dv)
     _row_dot_kernel[(triton.cdiv(N, block), B * H)](a, b, out, H, N, *a.stride(), *b.stride(),
                                                    DV=Dv, DV_PAD=_pad_dim(Dv), BLOCK=block, num_warps=4)
     return out

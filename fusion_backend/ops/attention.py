@@ -32,7 +32,7 @@ from fusion_backend.kernels import attention_l1 as _l1
 from fusion_backend.kernels.philox import dropout_scale, philox_keep_mask
 from fusion_backend.kernels.runtime import can_launch, device_unsupported, interpreting
 from fusion_backend.ops.fallback import warn_fallback_once
-from fusion_backend.ops.eager import plain_eager_call
+from fusion_backend.ops.eager import eager_function, plain_eager_call
 from fusion_backend.ops.seed import draw_seed, reference_seed
 
 METRICS = ("dot", "l2", "l1", "cosine")
@@ -349,20 +349,7 @@ def _backward(ctx, grad_out, grad_lse):
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerAttention(torch.autograd.Function):
-    """The custom ops' forward and backward for plain eager calls (see `ops.eager`)."""
-
-    @staticmethod
-    def forward(*inputs):
-        return _fwd_impl(*inputs)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        return _input_grads(ctx, grad_out, _bwd_impl)
+_EagerAttention = eager_function("_EagerAttention", _fwd_impl, _setup_context, _input_grads, _bwd_impl)
 
 
 # ----------------------------------------------------------------------------------------------

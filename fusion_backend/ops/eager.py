@@ -19,3 +19,20 @@ def plain_eager_call(tensors) -> bool:
     if torch.compiler.is_compiling() or _python_dispatch._get_current_dispatch_mode() is not None:
         return False
     return all(type(t) in _PLAIN_TENSORS for t in tensors if t is not None)
+
+
+def eager_function(name: str, forward, setup_context, input_grads, backward):
+    """An autograd.Function class for a custom op's plain eager calls: `forward(*inputs)` is the
+    op's implementation, `setup_context` the one registered with it, and its backward returns
+    `input_grads(ctx, grad_out, backward)`, with `backward` the backward op's implementation
+    (gradients of the forward's other outputs, saved tensors only, are ignored)."""
+
+    def backward_fn(ctx, grad_out, *_other_outputs):
+        return input_grads(ctx, grad_out, backward)
+
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": f"{name}: the custom ops' forward and backward for plain eager calls (see `ops.eager`).",
+        "forward": staticmethod(lambda *inputs: forward(*inputs)),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward_fn),
+    })

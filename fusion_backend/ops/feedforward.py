@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..kernels import feedforward as K
 from ..kernels.philox import dropout_scale, philox_keep_mask
 from ..kernels.runtime import can_launch, device_unsupported, interpreting
-from .eager import plain_eager_call
+from .eager import eager_function, plain_eager_call
 from .fallback import warn_fallback_once
 from .seed import draw_seed, reference_seed
 
@@ -657,20 +657,7 @@ def _backward(ctx, grad_out, _grad_z, _grad_zu):
 _feedforward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerFeedforward(torch.autograd.Function):
-    """The custom ops' forward and backward for plain eager calls (see `ops.eager`)."""
-
-    @staticmethod
-    def forward(*inputs):
-        return _forward_impl(*inputs)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_z, _grad_zu):
-        return _input_grads(ctx, grad_out, _backward_impl)
+_EagerFeedforward = eager_function("_EagerFeedforward", _forward_impl, _setup_context, _input_grads, _backward_impl)
 
 
 # ----------------------------------------------------------------------------------------------
