@@ -12,14 +12,21 @@ The op is tagged nondeterministic_seeded, so graph passes never merge two sites'
 import torch
 from torch import Tensor
 
+from .eager import plain_eager_call
 
-@torch.library.custom_op("truthfuse::dropout_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def dropout_seed_op(anchor: Tensor, high: int, draw: bool) -> Tensor:
+
+def _draw(high: int, draw: bool) -> Tensor:
     """A 0-d int64 CPU tensor: uniform in [0, high) from torch's default generator when `draw`,
     else 0 (no dropout: nothing is drawn, so the generator's state does not move)."""
     if not draw:
         return torch.zeros((), dtype=torch.int64)
     return torch.randint(0, high, (), dtype=torch.int64)
+
+
+@torch.library.custom_op("truthfuse::dropout_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def dropout_seed_op(anchor: Tensor, high: int, draw: bool) -> Tensor:
+    """`_draw` as an op that traced graphs keep opaque."""
+    return _draw(high, draw)
 
 
 @dropout_seed_op.register_fake
@@ -32,7 +39,10 @@ SEED_HIGH = 2**30
 
 
 def draw_seed(anchor: Tensor, draw: bool = True) -> Tensor:
-    """The seed tensor for one call of a fused op (see the module docstring)."""
+    """The seed tensor for one call of a fused op (see the module docstring). A plain eager call
+    draws it directly: the op is only needed where a graph is traced (`ops.eager`)."""
+    if plain_eager_call([anchor]):
+        return _draw(SEED_HIGH, bool(draw))
     return dropout_seed_op(anchor.detach(), SEED_HIGH, bool(draw))
 
 

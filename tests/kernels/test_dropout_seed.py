@@ -62,3 +62,17 @@ def test_no_kernel_specializes_on_the_seed():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     seeded, bad = out.strip().split(" ", 1)
     assert int(seeded) == 9 and bad == "[]", out
+
+
+def test_eager_draw_is_the_ops_draw():
+    """Plain eager calls draw the seed without the op; after one manual_seed both give the same
+    seeds, and no dropout draws nothing (the generator does not move)."""
+    from fusion_backend.ops.seed import SEED_HIGH, draw_seed, dropout_seed_op
+
+    x = torch.randn(3)
+    torch.manual_seed(11)
+    eager = [int(draw_seed(x)) for _ in range(3)] + [int(draw_seed(x, draw=False)), int(draw_seed(x))]
+    torch.manual_seed(11)
+    op = [int(dropout_seed_op(x, SEED_HIGH, True)) for _ in range(3)]
+    op += [int(dropout_seed_op(x, SEED_HIGH, False)), int(dropout_seed_op(x, SEED_HIGH, True))]
+    assert eager == op and eager[3] == 0 and len(set(eager[:3] + eager[4:])) == 4
