@@ -68,13 +68,14 @@ def _kernel_scale(scale, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
-def _apply_mask(s, mask_ptr, offs_r, offs_c, s_r, s_c, N_R, N_C, MASK_KIND: tl.constexpr):
-    """Apply the user mask to a logit tile whose rows are offs_r and columns offs_c (queries and
-    keys, or keys and queries for a transposed tile; s_r/s_c and N_R/N_C follow): a bool mask sets
-    dropped entries to -inf, a float mask is added."""
+def _apply_mask(s, mask_ptr, rows, cols, s_r, s_c, N_R, N_C, MASK_KIND: tl.constexpr):
+    """Apply the user mask to a logit tile: a bool mask sets dropped entries to -inf, a float mask
+    is added. rows / cols: index tensors that broadcast against s (offs_r[:, None] and
+    offs_c[None, :] for a 2-d tile; queries and keys, or keys and queries for a transposed tile,
+    with s_r/s_c and N_R/N_C to match)."""
     if MASK_KIND != 0:
-        mptr = mask_ptr + offs_r[:, None] * s_r + offs_c[None, :] * s_c
-        inb = (offs_r[:, None] < N_R) & (offs_c[None, :] < N_C)
+        mptr = mask_ptr + rows * s_r + cols * s_c
+        inb = (rows < N_R) & (cols < N_C)
         if MASK_KIND == 1:
             keep = tl.load(mptr, mask=inb, other=0) != 0
             s = tl.where(keep, s, float("-inf"))
@@ -84,20 +85,21 @@ def _apply_mask(s, mask_ptr, offs_r, offs_c, s_r, s_c, N_R, N_C, MASK_KIND: tl.c
 
 
 @triton.jit
-def _logits(raw, scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
+def _logits(raw, scale_k, mask_ptr, smm, smn, rows, cols, N_Q, N_K,
             MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, EVEN_N: tl.constexpr):
-    """Logits of one [BLOCK_M, BLOCK_N] tile: raw * scale_k, plus the mask, with causal and
-    out-of-range keys set to -inf. `mask_ptr` already points at this (batch, head).
+    """Logits of one tile: raw * scale_k, plus the mask, with causal and out-of-range keys set to
+    -inf. `mask_ptr` already points at this (batch, head). rows / cols: query and key indices
+    that broadcast against raw (offs_m[:, None] and offs_n[None, :] for a [BLOCK_M, BLOCK_N] tile).
 
     Units: base 2 (scale_k = scale * log2(e)) except with a float mask (MASK_KIND 2), where they
     are natural (scale_k = scale, the mask added as is): finfo.min * log2(e) overflows to -inf, which
     would turn an eager-uniform, finfo.min-padded row into a fully masked one. `_exp_rel` and
     `_probs` undo the units."""
-    s = _apply_mask(raw * scale_k, mask_ptr, offs_m, offs_n, smm, smn, N_Q, N_K, MASK_KIND)
+    s = _apply_mask(raw * scale_k, mask_ptr, rows, cols, smm, smn, N_Q, N_K, MASK_KIND)
     if CAUSAL:
-        s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+        s = tl.where(cols <= rows, s, float("-inf"))
     if not EVEN_N:
-        s = tl.where(offs_n[None, :] < N_K, s, float("-inf"))
+        s = tl.where(cols < N_K, s, float("-inf"))
     return s
 
 
@@ -106,7 +108,7 @@ def _logits_t(rawT, scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr):
     """`_logits` for a transposed [BLOCK_N, BLOCK_M] tile (keys along rows). Out-of-range key rows
     are left finite: the dK/dV kernel never stores them and they feed nothing else."""
-    s = _apply_mask(rawT * scale_k, mask_ptr, offs_n, offs_m, smn, smm, N_K, N_Q, MASK_KIND)
+    s = _apply_mask(rawT * scale_k, mask_ptr, offs_n[:, None], offs_m[None, :], smn, smm, N_K, N_Q, MASK_KIND)
     if CAUSAL:
         s = tl.where(offs_n[:, None] <= offs_m[None, :], s, float("-inf"))
     return s
@@ -325,7 +327,8 @@ def _attn_fwd_kernel(
             raw = 2.0 * qk - kn[None, :]
         else:
             raw = qk
-        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND, CAUSAL,
+                    EVEN_N)
         p, m_i, l_i, r_i, acc = _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND, STATS)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
@@ -508,7 +511,8 @@ def _attn_bwd_dq_kernel(
             raw = 2.0 * qk - tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)[None, :]
         else:
             raw = qk
-        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND, CAUSAL,
+                    EVEN_N)
         p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:

@@ -3,7 +3,15 @@
 No tensor cores for the scores: each [BLOCK_M, BLOCK_N] tile is built on the FP32 units from one
 query column and one key column per head-dim step (two instructions per (i, j, d): a subtract and an
 add of its absolute value). q and k are first copied to fp32, transposed to (B, H, D, N), so each
-column is a contiguous, coalesced load. P @ V still uses the tensor cores.
+column is a contiguous load. P @ V still uses the tensor cores.
+
+The forward keeps that tile, and its online softmax, as a 4-d [SUB_M, SUB_N, TM, TN] tensor
+(`_l1_dist_sub`): Triton's default layout puts lanes and warps on the two trailing dims, so every
+thread owns a SUB_M x SUB_N block of scores and loads SUB_M + SUB_N values per head-dim step for
+SUB_M * SUB_N of them. Laid out as a plain 2-d tile, each thread owned a 64 x 1 strip and needed
+about one shared-memory load per subtract, which held the kernel to a third of the FP32 peak. On
+a GPU the column loads are issued as inline PTX vector loads (not layout anchors for Triton, so
+the 4-d layout survives) and the next key block is prefetched into L1.
 
 The backward recomputes the tile from the logsumexp. dL/dq_d = -s * sum_j dS_ij sign(q_d - k_jd)
 and dL/dk_d = s * sum_i dS_ij sign(q_id - k_d) are reduced one head-dim column at a time into fp32
@@ -17,10 +25,11 @@ import triton
 import triton.language as tl
 
 from fusion_backend.kernels.attention import (
-    DROPOUT_BITS, _dropout_keep, _fwd_epilogue, _idle_launch, _kernel_scale, _key_end, _load_row_stats,
-    _load_rows, _logits, _mask_args, _pad_dim, _probs, _query_start, _softmax_step, backward_tiles, dropout_args,
+    DROPOUT_BITS, _dropout_keep, _exp_rel, _fwd_epilogue, _idle_launch, _kernel_scale, _key_end, _load_row_stats,
+    _load_rows, _logits, _mask_args, _pad_dim, _probs, _query_start, backward_tiles, dropout_args,
     mask_grad_buffer, mask_launches, new_row_stats, reduce_mask_grad, row_dot,
 )
+from fusion_backend.kernels.runtime import interpreting
 
 
 @triton.jit
@@ -66,6 +75,109 @@ def _add_sign_grad(g, qt_base, kt_base, out_base, offs_m, offs_n, N_Q, N_K, HEAD
         tl.store(ptr, old + col, mask=inb)
 
 
+@triton.jit
+def _l1_sub_idx(start, BLOCK: tl.constexpr, SUB: tl.constexpr, AXIS: tl.constexpr, CONTIG: tl.constexpr = False):
+    """Global indices start + r * (BLOCK // SUB) + t of a 4-d [SUB_M, SUB_N, TM, TN] tile's rows
+    (AXIS 0: shape [SUB, 1, T, 1]) or columns (AXIS 1: shape [1, SUB, 1, T])."""
+    T: tl.constexpr = BLOCK // SUB
+    if CONTIG:  # start + t * SUB + r: a thread's SUB indices are contiguous
+        if AXIS == 0:
+            return start + tl.arange(0, SUB)[:, None, None, None] + tl.arange(0, T)[None, None, :, None] * SUB
+        else:
+            return start + tl.arange(0, SUB)[None, :, None, None] + tl.arange(0, T)[None, None, None, :] * SUB
+    if AXIS == 0:
+        return start + tl.arange(0, SUB)[:, None, None, None] * T + tl.arange(0, T)[None, None, :, None]
+    else:
+        return start + tl.arange(0, SUB)[None, :, None, None] * T + tl.arange(0, T)[None, None, None, :]
+
+
+@triton.jit
+def _ldg(ptrs, VEC: tl.constexpr):
+    """Unmasked fp32 load, issued as inline PTX so that it is not a layout anchor for Triton (the
+    tile keeps its default layout whatever the number of elements). VEC 4: one ld.v4 per four
+    consecutive registers of a thread, which must be four consecutive, 16-byte aligned floats;
+    VEC 1: scalar loads."""
+    if VEC == 4:
+        return tl.inline_asm_elementwise("ld.global.nc.v4.f32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l,l,l,l",
+                                         [ptrs], dtype=tl.float32, is_pure=True, pack=4)
+    else:
+        return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [ptrs], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _prefetch_l1(ptrs):
+    """prefetch.global.L1 for every address (no result; a side effect Triton keeps)."""
+    tl.inline_asm_elementwise("prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_key_cols(kt_base, col0, N_K, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pull the [HEAD_DIM, BLOCK_N] fp32 K^T block at columns col0.. into L1, one 128-byte line
+    per (d, 32 columns), so that the next key tile's column loads hit L1 instead of waiting on L2."""
+    C: tl.constexpr = BLOCK_N // 32
+    idx = tl.arange(0, HEAD_DIM * C)
+    _prefetch_l1(kt_base + (idx // C) * N_K + col0 + (idx % C) * 32)
+
+
+@triton.jit
+def _l1_dist_sub(qt_base, kt_base, qi, kj, N_Q, N_K, HEAD_DIM: tl.constexpr, EVEN_M: tl.constexpr,
+              EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
+              SUB_N: tl.constexpr, UNROLL: tl.constexpr, ASM_M: tl.constexpr = 0, ASM_N: tl.constexpr = 0,
+              CONTIG_M: tl.constexpr = False, CONTIG_N: tl.constexpr = False):
+    """sum_d |q_id - k_jd| on the 4-d tile of row indices qi [SUB_M, 1, TM, 1] and column indices
+    kj [1, SUB_N, 1, TN]. Triton's default layout gives each thread a SUB_M x SUB_N sub-tile
+    (threads and warps go to the trailing dims) as long as neither load is a layout anchor (fewer
+    elements than threads): a thread then loads SUB_M + SUB_N values per SUB_M * SUB_N elements."""
+    dist = tl.zeros([SUB_M, SUB_N, BLOCK_M // SUB_M, BLOCK_N // SUB_N], tl.float32)
+    # ld.v4 takes four consecutive registers of a thread: they must be four consecutive floats
+    tl.static_assert(ASM_M != 4 or (CONTIG_M and SUB_M % 4 == 0), "ASM_M=4 needs CONTIG_M and SUB_M % 4 == 0")
+    tl.static_assert(ASM_N != 4 or (CONTIG_N and SUB_N % 4 == 0), "ASM_N=4 needs CONTIG_N and SUB_N % 4 == 0")
+    for d in tl.range(0, HEAD_DIM, loop_unroll_factor=UNROLL):
+        if EVEN_M and ASM_M > 0:
+            qc = _ldg(qt_base + d * N_Q + qi, ASM_M)
+        elif EVEN_M:
+            qc = tl.load(qt_base + d * N_Q + qi)
+        else:
+            qc = tl.load(qt_base + d * N_Q + qi, mask=qi < N_Q, other=0.0)
+        if EVEN_N and ASM_N > 0:
+            kc = _ldg(kt_base + d * N_K + kj, ASM_N)
+        elif EVEN_N:
+            kc = tl.load(kt_base + d * N_K + kj)
+        else:
+            kc = tl.load(kt_base + d * N_K + kj, mask=kj < N_K, other=0.0)
+        dist += tl.abs(qc - kc)
+    return dist
+
+
+@triton.jit
+def _rowred_max(x):
+    return tl.max(tl.max(x, axis=1, keep_dims=True), axis=3, keep_dims=True)  # in-thread first
+
+
+@triton.jit
+def _rowred_sum(x):
+    return tl.sum(tl.sum(x, axis=1, keep_dims=True), axis=3, keep_dims=True)  # in-thread first
+
+
+@triton.jit
+def _to_2d(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CONTIG_M: tl.constexpr, CONTIG_N: tl.constexpr):
+    """[SUB_M, SUB_N, TM, TN] (or a row-vector [SUB_M, 1, TM, 1]) -> [BLOCK_M, BLOCK_N] in the
+    index order of `_l1_sub_idx`."""
+    if CONTIG_M:
+        if CONTIG_N:
+            y = tl.permute(x, (2, 0, 3, 1))
+        else:
+            y = tl.permute(x, (2, 0, 1, 3))
+    else:
+        if CONTIG_N:
+            y = tl.permute(x, (0, 2, 3, 1))
+        else:
+            y = tl.permute(x, (0, 2, 1, 3))
+    return tl.reshape(y, (BLOCK_M, BLOCK_N))
+
+
 @triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
 def _l1_fwd_kernel(
     QT, KT, V, SCALE, MASK, MASK_FLAGS, OUT, STATS_M, STATS_L, RBAR,
@@ -77,7 +189,9 @@ def _l1_fwd_kernel(
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, STATS: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
-    DROP_BITS: tl.constexpr = 16,
+    DROP_BITS: tl.constexpr = 16, SUB_M: tl.constexpr = 8, SUB_N: tl.constexpr = 8, UNROLL: tl.constexpr = 4,
+    CONTIG_M: tl.constexpr = False, CONTIG_N: tl.constexpr = False, ASM_M: tl.constexpr = 0,
+    ASM_N: tl.constexpr = 0, PREFETCH: tl.constexpr = False,
 ):
     """L1 attention forward for BLOCK_M queries of one (b, h). Grid: (cdiv(Nq, BLOCK_M), B * H).
 
@@ -85,7 +199,11 @@ def _l1_fwd_kernel(
     V: (B, Hkv, Nk, Dv) strides sv*;  SCALE: (H,) fp32;  MASK: (B,H,Nq,Nk) view with strides sm*.
     OUT: (B, H, Nq, Dv) strides so*;  STATS_M, STATS_L: (B*H, Nq) fp32, see
     `attention._store_row_stats`;  RBAR: (B*H, Nq) E_p[raw] if STATS.
-    Constexprs as in `attention._attn_fwd_kernel` (DV_PAD the padded value head dim).
+    Constexprs as in `attention._attn_fwd_kernel` (DV_PAD the padded value head dim), and the
+    sub-tile layout of `l1_sub_tiles`: the score tile and the online softmax are a 4-d
+    [SUB_M, SUB_N, BLOCK_M // SUB_M, BLOCK_N // SUB_N] tensor (see `_l1_dist_sub`), so each thread
+    owns a SUB_M x SUB_N block and row reductions are in-thread ops plus shuffles over the lanes.
+    Only the 16-bit probabilities are reshaped to 2-d, for P @ V.
     """
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
@@ -94,7 +212,8 @@ def _l1_fwd_kernel(
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = pid_m * BLOCK_M
+    qi = _l1_sub_idx(row0, BLOCK_M, SUB_M, 0, CONTIG_M)
     offs_dv = tl.arange(0, DV_PAD)
     scale_k = _kernel_scale(tl.load(SCALE + h), MASK_KIND)
     qt_base = QT + bh * HEAD_DIM * N_Q
@@ -102,25 +221,44 @@ def _l1_fwd_kernel(
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    r_i = tl.zeros([BLOCK_M], tl.float32)
+    m_i = tl.full([SUB_M, 1, BLOCK_M // SUB_M, 1], float("-inf"), tl.float32)
+    l_i = tl.zeros([SUB_M, 1, BLOCK_M // SUB_M, 1], tl.float32)
+    r_i = tl.zeros([SUB_M, 1, BLOCK_M // SUB_M, 1], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     hi = _key_end(pid_m, N_K, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        raw = -_l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
-        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
-        p, m_i, l_i, r_i, acc = _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND, STATS)
+        kj = _l1_sub_idx(start_n, BLOCK_N, SUB_N, 1, CONTIG_N)
+        if PREFETCH and EVEN_N:  # the next key tile (the last one re-fetches itself: stays in bounds)
+            _prefetch_key_cols(kt_base, tl.maximum(tl.minimum(start_n + BLOCK_N, hi - BLOCK_N), 0), N_K, HEAD_DIM,
+                               BLOCK_N)
+        raw = -_l1_dist_sub(qt_base, kt_base, qi, kj, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N,
+                         SUB_M, SUB_N, UNROLL, ASM_M, ASM_N, CONTIG_M, CONTIG_N)
+        s = _logits(raw, scale_k, mask_base, smm, smn, qi, kj, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+        # attention._softmax_step, with row reductions over the 4-d tile's axes 1 and 3
+        m_new = tl.maximum(m_i, _rowred_max(s))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = _exp_rel(s - m_safe, MASK_KIND)
+        alpha = _exp_rel(m_i - m_safe, MASK_KIND)
+        l_i = l_i * alpha + _rowred_sum(p)
+        if STATS:
+            r_i = r_i * alpha + _rowred_sum(p * raw)
+        m_i = m_new
+        p2 = _to_2d(p.to(V.dtype.element_ty), BLOCK_M, BLOCK_N, CONTIG_M, CONTIG_N)  # 2-d in 16 bits
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
-            p = tl.where(keep, p, 0.0)
-        v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
-        acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision=DOT_PREC)
+            keep = _dropout_keep(seed, bh, row0 + tl.arange(0, BLOCK_M), start_n, N_K, threshold, BLOCK_M, BLOCK_N,
+                                 DROP_BITS)
+            p2 = tl.where(keep, p2, 0.0)
+        acc = acc * _to_2d(alpha, BLOCK_M, 1, CONTIG_M, CONTIG_N)
+        v = _load_rows(v_base, start_n + tl.arange(0, BLOCK_N), offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N,
+                       HEAD_DIM_V == DV_PAD)
+        acc = tl.dot(p2, v, acc, input_precision=DOT_PREC)
     if DROPOUT:  # kept probabilities scale by 1/(1-p): once per row here, not per element above
         acc = acc * (1.0 / (1.0 - dropout_p))
-    _fwd_epilogue(acc, m_i, l_i, r_i, OUT, RBAR, STATS_M, STATS_L, b, h, bh, offs_m, offs_dv, sob, soh, som, sod,
-                  N_Q, HEAD_DIM_V, MASK_KIND)
+    m_i = tl.reshape(_to_2d(m_i, BLOCK_M, 1, CONTIG_M, CONTIG_N), (BLOCK_M,))
+    l_i = tl.reshape(_to_2d(l_i, BLOCK_M, 1, CONTIG_M, CONTIG_N), (BLOCK_M,))
+    r_i = tl.reshape(_to_2d(r_i, BLOCK_M, 1, CONTIG_M, CONTIG_N), (BLOCK_M,))
+    _fwd_epilogue(acc, m_i, l_i, r_i, OUT, RBAR, STATS_M, STATS_L, b, h, bh, row0 + tl.arange(0, BLOCK_M), offs_dv,
+                  sob, soh, som, sod, N_Q, HEAD_DIM_V, MASK_KIND)
 
 
 @triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
@@ -167,7 +305,8 @@ def _l1_bwd_dkdv_kernel(
             sa, sb = _load_row_stats(STATS_M, STATS_L, bh, offs_m, N_Q, MASK_KIND)
             delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
             dist = _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
-            s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+            s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND,
+                          CAUSAL, EVEN_N)
             p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             if DROPOUT:
@@ -228,7 +367,8 @@ def _l1_bwd_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         dist = _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
-        s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
+        s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND,
+                          CAUSAL, EVEN_N)
         p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
         v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
@@ -250,9 +390,30 @@ def default_l1_config(head_dim: int, dtype: torch.dtype, device_type: str) -> di
     if device_type == "cpu":
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1,
                     BWD_BLOCK_M=64, BWD_BLOCK_N=64, bwd_num_warps=4, bwd_num_stages=1)
-    # m256n64w8 measured fastest of five forward tiles on an H100 (bench/attention_gpu.py, 2026-11-26)
-    return dict(BLOCK_M=256, BLOCK_N=64, num_warps=8, num_stages=1,
+    # m128n128w8 (8 x 8 scores a thread) was the fastest of the forward tiles and sub-tile layouts timed on
+    # an H100: 14.9 ms at B=4 H=8 N=8192 D=64 bf16, 64% of the FP32 peak (bench/l1_forward_gpu.py)
+    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=1,
                 BWD_BLOCK_M=64, BWD_BLOCK_N=64, bwd_num_warps=4, bwd_num_stages=1)
+
+
+def l1_sub_tiles(cfg: dict, interpret: bool) -> dict:
+    """The forward's per-thread layout for a tile: SUB_M x SUB_N scores a thread (8 x 8 when the
+    tile has 64 a thread, 4 x 8 for 32, 4 x 4 for 16), contiguous indices a thread, and on a GPU
+    vector loads through inline PTX, the next key block prefetched into L1 and the head-dim loop
+    unrolled 8 times (the interpreter runs none of the PTX). Keys given in cfg override these."""
+    per_thread = cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * cfg["num_warps"])
+    sub_m, sub_n = {64: (8, 8), 32: (4, 8), 16: (4, 4)}.get(per_thread, (0, 0))
+    if not sub_m or cfg["BLOCK_M"] % sub_m or cfg["BLOCK_N"] % sub_n:
+        raise ValueError(f"L1 forward tile {cfg['BLOCK_M']}x{cfg['BLOCK_N']} with {cfg['num_warps']} warps holds "
+                         f"{per_thread} scores a thread; supported: 16, 32 or 64")
+    gpu = not interpret
+    out = dict(SUB_M=sub_m, SUB_N=sub_n, CONTIG_M=True, CONTIG_N=True, ASM_M=4 if gpu else 0,
+               ASM_N=4 if gpu else 0, PREFETCH=gpu and cfg["BLOCK_N"] >= 32, UNROLL=8 if gpu else 4)
+    out.update({k: cfg[k] for k in out if k in cfg})
+    return out
+
+
+_L1_FORWARD_TILES = ((128, 128, 8), (256, 64, 8), (128, 64, 8), (64, 128, 4), (64, 64, 4))
 
 
 def l1_config_space(head_dim: int, dtype: torch.dtype, device_type: str) -> list:
@@ -260,7 +421,7 @@ def l1_config_space(head_dim: int, dtype: torch.dtype, device_type: str) -> list
     if device_type == "cpu":
         return [default_l1_config(head_dim, dtype, device_type)]
     out = []
-    for bm, bn, w in ((64, 64, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8), (64, 128, 4), (256, 64, 8)):
+    for bm, bn, w in _L1_FORWARD_TILES:
         for bbm, bbn, bw in ((64, 64, 4), (32, 64, 4), (64, 32, 4)):
             out.append(dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=1,
                             BWD_BLOCK_M=bbm, BWD_BLOCK_N=bbn, bwd_num_warps=bw, bwd_num_stages=1))
@@ -286,6 +447,7 @@ def l1_attention_forward(q, k, v, scale, *, causal=False, mask=None, dropout_p=0
         out = torch.empty(B, H, Nq, Dv, device=q.device, dtype=q.dtype)
     row_stats = new_row_stats(B, H, Nq, q.device)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    sub = l1_sub_tiles(cfg, interpreting())
     flags, launches = mask_launches(mask, Nq, Nk, causal, q.device)
     for run_if, l_mask, l_causal in launches:
         m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
@@ -297,7 +459,7 @@ def l1_attention_forward(q, k, v, scale, *, causal=False, mask=None, dropout_p=0
             MASK_KIND=mkind, CAUSAL=l_causal, DROPOUT=dropout_p > 0, STATS=stats,
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
             BLOCK_M=bm, BLOCK_N=bn, RUN_IF=run_if, DROP_BITS=DROPOUT_BITS,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **sub,
         )
     return out, row_stats
 

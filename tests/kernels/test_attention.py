@@ -190,6 +190,36 @@ def test_poisoned_output_fully_written(metric):
     assert torch.isfinite(out).all() and rel(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("tile", [(64, 64, 4, {}), (32, 64, 2, {"CONTIG_M": False, "CONTIG_N": False}),
+                                  (16, 32, 1, {"CONTIG_M": False})], ids=["4x8", "8x8-strided", "4x4-rows-strided"])
+def test_l1_forward_sub_tile_layouts(tile):
+    """The L1 forward keeps its scores as a 4-d tile, SUB_M x SUB_N a thread; every layout (sub-tile
+    size, contiguous or strided indices a thread) gives the same result on a ragged causal case
+    with a bool mask, with every output written."""
+    bm, bn, w, extra = tile
+    q, k, v = make(1, 2, 2, 45, 70, 24, 16)
+    mask = torch.rand(1, 1, 45, 70) > 0.3
+    out = torch.full((1, 2, 45, 16), float("nan"))
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=1, **extra)
+    sc = torch.tensor([0.3, 0.1])
+    l1_attention_forward(q, k, v, sc, causal=True, mask=mask.expand(1, 2, 45, 70), config=cfg, out=out)
+    ref = attention_reference(q.double(), k.double(), v.double(), metric="l1", scale=sc.double(), causal=True,
+                              attn_mask=mask)
+    assert torch.isfinite(out).all() and rel(out, ref) < 1e-5
+
+
+def test_l1_sub_tiles_from_the_tile():
+    from fusion_backend.kernels.attention_l1 import l1_sub_tiles
+
+    gpu = l1_sub_tiles(dict(BLOCK_M=128, BLOCK_N=128, num_warps=8), interpret=False)
+    assert (gpu["SUB_M"], gpu["SUB_N"], gpu["ASM_M"], gpu["PREFETCH"]) == (8, 8, 4, True)
+    cpu = l1_sub_tiles(dict(BLOCK_M=64, BLOCK_N=64, num_warps=4), interpret=True)
+    assert (cpu["SUB_M"], cpu["SUB_N"], cpu["ASM_M"], cpu["ASM_N"], cpu["PREFETCH"]) == (4, 8, 0, 0, False)
+    assert l1_sub_tiles(dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, SUB_M=8, SUB_N=4), True)["SUB_M"] == 8
+    with pytest.raises(ValueError, match="supported: 16, 32 or 64"):
+        l1_sub_tiles(dict(BLOCK_M=128, BLOCK_N=128, num_warps=4), interpret=False)
+
+
 @pytest.mark.parametrize("metric", ["dot", "l1"])
 def test_dropout_determinism_rate_and_gradient(metric):
     N = 64
