@@ -359,9 +359,15 @@ def _fused_forward(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, 
     return out, z, zu if zu is not None else x.new_empty(0)
 
 
-SAVE_PRE_ACTIVATION = True
+SAVE_PRE_ACTIVATION = None
 """Whether training keeps the (T, h) pre-activation for backward (True), or backward recomputes
-it from x block by block (one more GEMM, a (T, h) matrix less)."""
+it from x block by block (False: one more GEMM, a (T, h) matrix less). None decides by size, see
+`_saves_pre_activation`."""
+HOST_BOUND_MACS = 2**36
+"""Below this many multiply-adds per GEMM (T * d * h), a training step on an H100 is paced by the
+host issuing its launches, not by the GPU (about 0.5 ms of GEMMs at T=8192, d=1024, h=4096
+against 1.7 ms or more of host time): recomputing costs no time there, and fewer blocks save
+launches. Measured in bench/feedforward_gpu.py (docs/performance.md)."""
 BACKWARD_ROW_BLOCKS = 4
 RECOMPUTE_ROW_BLOCKS = 2
 """Backward walks the rows (tokens) in this many blocks (BACKWARD_ROW_BLOCKS when the
@@ -371,6 +377,15 @@ pre-activation) are alive at a time: that is what keeps training memory under ea
 gradients accumulate over the blocks (C += A @ B in the output dtype, as cuBLAS's beta=1)."""
 _CHUNK_MIN_ELEMENTS = 2**24
 _backward_rows = None  # tests set a row count here to force the blocked path on small shapes
+
+
+def _saves_pre_activation(M, d, h):
+    """SAVE_PRE_ACTIVATION, or by size when it is None: recompute (in RECOMPUTE_ROW_BLOCKS
+    blocks) where the step is host-bound, save (and walk BACKWARD_ROW_BLOCKS blocks) where the
+    GPU work dominates and the extra GEMM would cost its time."""
+    if SAVE_PRE_ACTIVATION is not None:
+        return bool(SAVE_PRE_ACTIVATION)
+    return M * d * h >= HOST_BOUND_MACS
 
 
 def _row_block(M, h, recompute):
@@ -689,7 +704,7 @@ def feedforward(
     differentiable = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual)
     )
-    save = SAVE_PRE_ACTIVATION and differentiable
+    save = differentiable and _saves_pre_activation(x2.shape[0], x2.shape[1], w_in.shape[0])
     args = (x2, w_in, b_in, w_out, b_out, w_gate, b_gate, res2, seed, activation, p_h, p_o, impl, config or "", save)
     if plain_eager_call(args[:8]):  # eager: skip the dispatch layers (and autograd when unneeded)
         out, _, _ = _EagerFeedforward.apply(*args) if differentiable else _forward_impl(*args)

@@ -173,6 +173,19 @@ def test_blocked_backward(impl, gated, save, monkeypatch):
     check_against_float64(t, 1e-5, activation="gelu", hidden_dropout_p=0.2, output_dropout_p=0.1, impl=impl)
 
 
+def test_pre_activation_saved_by_size(monkeypatch):
+    """By default the pre-activation is recomputed where the step is host-bound (small GEMMs) and
+    saved where the GPU work dominates; SAVE_PRE_ACTIVATION forces either."""
+    monkeypatch.setattr(FF, "SAVE_PRE_ACTIVATION", None)
+    assert not FF._saves_pre_activation(8192, 1024, 4096)
+    assert FF._saves_pre_activation(16384, 4096, 16384)
+    assert FF._saves_pre_activation(2 * 8192, 1024, 4096)  # the threshold itself saves
+    monkeypatch.setattr(FF, "SAVE_PRE_ACTIVATION", True)
+    assert FF._saves_pre_activation(8, 8, 8)
+    monkeypatch.setattr(FF, "SAVE_PRE_ACTIVATION", False)
+    assert not FF._saves_pre_activation(16384, 4096, 16384)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_eager_path_equals_custom_op(impl, monkeypatch):
     """Plain eager calls skip torch.library's dispatch (`_EagerFeedforward`); the custom op that
