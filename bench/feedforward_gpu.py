@@ -271,8 +271,6 @@ def bench(args):
         if train and args.schemes:  # the other memory scheme, and other elementwise tiles
             for scheme in MEMORY_SCHEMES:
                 for key in ([None] + args.ew_configs) if scheme == "saved-4" else [None]:
-                    if scheme == "saved-4" and key is None:  # the default: the ours-cublas row
-                        continue
                     m = FusedFFN(d, h, 0.1, "cublas", key, scheme).to(dev, torch.bfloat16).train(train)
                     m.load_state_dict(base.state_dict())
                     variants.append((f"ours-cublas-{scheme}" + (f"-{key}" if key else ""), m))

@@ -123,6 +123,15 @@ def main():
         RES["time"].append(dict(config=key, ms=ms, of_ceiling=floor_ms / ms))
         print(f"{key:28s} {ms:8.3f} ms  {floor_ms / ms * 100:5.1f}% of the FP32 ceiling", flush=True)
         json.dump(RES, open(os.path.join(OUT, "l1_forward_gpu.json"), "w"), indent=1)
+    # The same forward through the op, as bench/attention_gpu.py times it (no grad: no row stats)
+    from fusion_backend.ops.attention import attention
+    lam = torch.tensor(0.05, device=dev)
+    for name, fn in (("kernel, default, no row stats", lambda: L1.l1_attention_forward(q, k, v, sc, stats=False)),
+                     ("op, no grad", lambda: attention(q, k, v, metric="l1", scale=lam))):
+        with torch.no_grad():
+            ms = do_bench(fn, warmup=5, rep=100, return_mode="median")
+        RES["time"].append(dict(config=name, ms=ms, of_ceiling=floor_ms / ms))
+        print(f"{name:28s} {ms:8.3f} ms  {floor_ms / ms * 100:5.1f}% of the FP32 ceiling", flush=True)
     json.dump(RES, open(os.path.join(OUT, "l1_forward_gpu.json"), "w"), indent=1)
 
 
