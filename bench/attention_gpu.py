@@ -365,11 +365,16 @@ def run_bench():
             lam_c = torch.tensor(10.0, device=dev, requires_grad=bwd)
             lam_l1 = torch.tensor(0.05, device=dev, requires_grad=bwd)
             lam_f = torch.tensor(1.0 / math.sqrt(D), device=dev)
+            cos_triton = tc.config_key(tc.default_attention_config("cosine", D, torch.bfloat16, "cuda"))
             cases = [
                 ("ours dot", lambda: attention(q, k, v, metric="dot")),
                 ("ours l2", lambda: attention(q, k, v, metric="l2", scale=lam)),
                 ("ours cosine", lambda: attention(q, k, v, metric="cosine", scale=lam_c)),
                 ("ours l1", lambda: attention(q, k, v, metric="l1", scale=lam_l1)),
+                # cosine's default on a GPU is SDPA after the Triton normalization; its fused
+                # Triton kernels, as with a mask or dropout:
+                ("ours cosine, Triton kernels", lambda: attention(q, k, v, metric="cosine", scale=lam_c,
+                                                                  config=cos_triton)),
                 ("sdpa flash dot", lambda: sdpa_flash(q, k, v)),
                 ("sdpa default dot", lambda: F.scaled_dot_product_attention(q, k, v)),
                 ("sdpa-trick l2", lambda: l2_trick(q, k, v, lam)),

@@ -711,15 +711,36 @@ def _row_tile(X, H, N, sxb, sxh, sxm, sxd, D: tl.constexpr, D_PAD: tl.constexpr,
 
 
 @triton.jit
-def _normalize_rows_kernel(X, XH, NRM, H, N, sxb, sxh, sxm, sxd, D: tl.constexpr, D_PAD: tl.constexpr,
-                           EPS: tl.constexpr, BLOCK: tl.constexpr):
-    """XH[b, h, m] = X[b, h, m] / NRM[b*H + h, m], NRM = max(|X[b, h, m]|, EPS) in fp32; XH contiguous
-    (B, H, N, D) in its own dtype."""
+def _normalize_rows_kernel(X, XH, NRM, SCALE, H, N, sxb, sxh, sxm, sxd, D: tl.constexpr, D_PAD: tl.constexpr,
+                           EPS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """XH[b, h, m] = X[b, h, m] / NRM[b*H + h, m] (times SCALE[h] when HAS_SCALE),
+    NRM = max(|X[b, h, m]|, EPS) in fp32; XH contiguous (B, H, N, D) in its own dtype."""
     x, bh, offs_m, offs_d, inb = _row_tile(X, H, N, sxb, sxh, sxm, sxd, D, D_PAD, BLOCK)
     nrm = tl.maximum(tl.sqrt_rn(tl.sum(x * x, axis=1)), EPS)
     xh = tl.div_rn(x, nrm[:, None])
+    if HAS_SCALE:
+        xh = xh * tl.load(SCALE + bh % H)
     tl.store(XH + bh * N * D + offs_m[:, None] * D + offs_d[None, :], xh.to(XH.dtype.element_ty), mask=inb)
     tl.store(NRM + bh * N + offs_m, nrm, mask=offs_m < N)
+
+
+@triton.jit
+def _normalize_rows_bwd_kernel(X, G, DX, SCALE, DSCALE, H, N, sxb, sxh, sxm, sxd, sgb, sgh, sgm, sgd,
+                               D: tl.constexpr, D_PAD: tl.constexpr, EPS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                               BLOCK: tl.constexpr):
+    """Backward of `_normalize_rows_kernel` for y = s * x / max(|x|, EPS), given G = dL/dy:
+    DX (B, H, N, D) contiguous in its own dtype, and with HAS_SCALE this program's share of
+    dL/ds = sum over its rows of G . x^ into DSCALE[program_id(0), b*H + h] (fp32). x^ is
+    recomputed from X in fp32."""
+    x, bh, offs_m, offs_d, inb = _row_tile(X, H, N, sxb, sxh, sxm, sxd, D, D_PAD, BLOCK)
+    g, _, _, _, _ = _row_tile(G, H, N, sgb, sgh, sgm, sgd, D, D_PAD, BLOCK)
+    nrm = tl.maximum(tl.sqrt_rn(tl.sum(x * x, axis=1)), EPS)
+    xh = x / nrm[:, None]
+    dx = _normalize_grad(g, xh, nrm)
+    if HAS_SCALE:
+        dx = dx * tl.load(SCALE + bh % H)
+        tl.store(DSCALE + tl.program_id(0) * tl.num_programs(1) + bh, tl.sum(tl.sum(g * xh, axis=1), axis=0))
+    tl.store(DX + bh * N * D + offs_m[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty), mask=inb)
 
 
 def _rows_per_program(d: int) -> int:
@@ -727,17 +748,35 @@ def _rows_per_program(d: int) -> int:
     return max(16, min(128, 8192 // _pad_dim(d)))
 
 
-def normalize_rows(x):
-    """(x / max(|x|, eps) rounded once to x's dtype, contiguous; the clamped norms (B, H, N) fp32)
-    of a (B, H, N, D) tensor of any strides: cosine's inputs in one launch instead of eager's
-    casts, norm, clamp and division."""
+def normalize_rows(x, scale=None):
+    """(x / max(|x|, eps), times scale[h] when given, rounded once to x's dtype, contiguous; the
+    clamped norms (B, H, N) fp32) of a (B, H, N, D) tensor of any strides: cosine's inputs in one
+    launch instead of eager's casts, norm, clamp and division. scale: (H,) fp32 or None."""
     B, H, N, D = x.shape
     xh = torch.empty(B, H, N, D, device=x.device, dtype=x.dtype)
     nrm = torch.empty(B, H, N, device=x.device, dtype=torch.float32)
     block = _rows_per_program(D)
-    _normalize_rows_kernel[(triton.cdiv(N, block), B * H)](x, xh, nrm, H, N, *x.stride(), D=D, D_PAD=_pad_dim(D),
-                                                         EPS=COSINE_EPS, BLOCK=block, num_warps=4)
+    _normalize_rows_kernel[(triton.cdiv(N, block), B * H)](
+        x, xh, nrm, scale if scale is not None else nrm, H, N, *x.stride(), D=D, D_PAD=_pad_dim(D),
+        EPS=COSINE_EPS, HAS_SCALE=scale is not None, BLOCK=block, num_warps=4)
     return xh, nrm
+
+
+def normalize_rows_backward(x, grad, scale=None):
+    """Gradients of `normalize_rows(x, scale)[0]` given grad: (dx in x's dtype, dscale (H,) fp32
+    or None without a scale)."""
+    B, H, N, D = x.shape
+    dx = torch.empty(B, H, N, D, device=x.device, dtype=x.dtype)
+    block = _rows_per_program(D)
+    grid = (triton.cdiv(N, block), B * H)
+    dscale = torch.empty(grid[0], B * H, device=x.device, dtype=torch.float32) if scale is not None else None
+    _normalize_rows_bwd_kernel[grid](
+        x, grad, dx, scale if scale is not None else dx, dscale if scale is not None else dx, H, N,
+        *x.stride(), *grad.stride(), D=D, D_PAD=_pad_dim(D), EPS=COSINE_EPS, HAS_SCALE=scale is not None,
+        BLOCK=block, num_warps=4)
+    if dscale is None:
+        return dx, None
+    return dx, dscale.view(grid[0], B, H).sum(dim=(0, 1))
 
 
 def dropout_args(p: float) -> tuple:

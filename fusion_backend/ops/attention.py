@@ -353,25 +353,117 @@ _EagerAttention = eager_function("_EagerAttention", _fwd_impl, _setup_context, _
 
 
 # ----------------------------------------------------------------------------------------------
+# Row normalization (cosine on SDPA)
+# ----------------------------------------------------------------------------------------------
+def _normalize_reference(x, scale):
+    y = F.normalize(x.float(), dim=-1, eps=_tc.COSINE_EPS)
+    if scale is not None:
+        y = y * scale.float().view(-1, 1, 1)
+    return y.to(x.dtype)
+
+
+def _normalize_kernels(x):
+    return can_launch(x) and x.dtype in _DTYPES and x.numel() > 0
+
+
+@torch.library.custom_op("truthfuse::normalize_rows", mutates_args=())
+def normalize_rows_op(x: Tensor, scale: Optional[Tensor]) -> Tensor:
+    """x / max(|x|, eps) over the last dim of a (B, H, N, D) tensor, times scale[h] ((H,) fp32) when
+    given, rounded once to x's dtype: cosine attention's inputs, in one Triton pass."""
+    if _normalize_kernels(x):
+        try:
+            (xk,) = _kernel_inputs(x)
+            return _tc.normalize_rows(xk, scale)[0].to(x.dtype)
+        except Exception as e:  # compile / launch failure: keep the model running
+            warn_fallback_once("normalize_rows", f"kernel failed: {type(e).__name__}: {str(e)[:200]}")
+    return _normalize_reference(x, scale).contiguous()
+
+
+@normalize_rows_op.register_fake
+def _(x, scale):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("truthfuse::normalize_rows_bwd", mutates_args=())
+def normalize_rows_bwd_op(grad: Tensor, x: Tensor, scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Backward of truthfuse::normalize_rows: (dx, dscale (H,) fp32, empty without a scale)."""
+    if _normalize_kernels(x):
+        try:
+            gk, xk = _kernel_inputs(grad, x)
+            dx, dscale = _tc.normalize_rows_backward(xk, gk, scale)
+            return dx.to(x.dtype), dscale if dscale is not None else x.new_empty(0, dtype=torch.float32)
+        except Exception as e:
+            warn_fallback_once("normalize_rows", f"backward kernel failed: {type(e).__name__}: {str(e)[:200]}")
+    with torch.enable_grad():
+        xf = x.detach().float().requires_grad_()
+        sf = scale.detach().float().requires_grad_() if scale is not None else None
+        y = F.normalize(xf, dim=-1, eps=_tc.COSINE_EPS)
+        if sf is not None:
+            y = y * sf.view(-1, 1, 1)
+        gs = torch.autograd.grad(y, [xf] + ([sf] if sf is not None else []), grad.float())
+    return gs[0].to(x.dtype), gs[1] if sf is not None else x.new_empty(0, dtype=torch.float32)
+
+
+@normalize_rows_bwd_op.register_fake
+def _(grad, x, scale):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
+        scale.shape if scale is not None else (0,), dtype=torch.float32)
+
+
+def _normalize_setup(ctx, inputs, output):
+    x, scale = inputs
+    ctx.save_for_backward(x, scale)
+
+
+def _normalize_backward(ctx, grad):
+    x, scale = ctx.saved_tensors
+    dx, dscale = normalize_rows_bwd_op(grad, x, scale)
+    return dx, (dscale if (scale is not None and ctx.needs_input_grad[1]) else None)
+
+
+normalize_rows_op.register_autograd(_normalize_backward, setup_context=_normalize_setup)
+
+
+def _cosine_on_sdpa(q, k, v, scale_h, causal, dropout_p, enable_gqa):
+    """Cosine attention as torch's SDPA (cuDNN or FlashAttention on a GPU) on λ·q^ and k^: the rows
+    normalized (and q's scaled per head) by one Triton pass each way, the rest SDPA's kernels."""
+    qs = normalize_rows_op(q, scale_h)
+    kh = normalize_rows_op(k, None)
+    return F.scaled_dot_product_attention(qs, kh, v, dropout_p=float(dropout_p), is_causal=bool(causal), scale=1.0,
+                                          enable_gqa=bool(enable_gqa))
+
+
+# ----------------------------------------------------------------------------------------------
 # Public op
 # ----------------------------------------------------------------------------------------------
 SDPA_CONFIG = "sdpa"
-"""The config that computes the call with torch's own fused SDPA kernels (FlashAttention where it
-applies) instead of truthfuse's: for plain dot-product attention they are the fastest there is,
-and the tuner may choose them for a site whose math they compute exactly (`sdpa_supports`)."""
+"""The config that computes the call with torch's own fused SDPA kernels (cuDNN or FlashAttention
+where they apply) instead of truthfuse's attention kernels: for plain dot-product attention they
+are the fastest there is, and cosine runs on them after a Triton pass that normalizes q and k.
+The tuner may choose them for a site whose math they compute exactly (`sdpa_supports`); for
+cosine without a mask or dropout on a GPU they are the default."""
 
 
 def sdpa_supports(metric, attn_mask, scale) -> tuple:
     """(True, "") if config="sdpa" computes this call with the op's semantics, else (False, why).
-    SDPA computes dot-product logits with a number scale; masks stay with truthfuse's kernels, which
-    give a fully masked row 0 where SDPA's fused kernels give NaN or uniform rows."""
-    if metric != "dot":
-        return False, f"config='sdpa' computes dot-product attention only, not {metric!r}"
+    SDPA computes dot-product logits (cosine's on normalized rows) with a number scale (cosine: any
+    scale, folded into q); masks stay with truthfuse's kernels, which give a fully masked row 0
+    where SDPA's fused kernels give NaN or uniform rows."""
+    if metric not in ("dot", "cosine"):
+        return False, f"config='sdpa' computes dot-product and cosine attention only, not {metric!r}"
     if attn_mask is not None:
         return False, "config='sdpa' takes no attn_mask (causal=True is fine)"
-    if isinstance(scale, Tensor):
-        return False, "config='sdpa' takes a number scale, not a tensor"
+    if metric == "dot" and isinstance(scale, Tensor):
+        return False, "config='sdpa' takes a number scale for dot-product attention, not a tensor"
     return True, ""
+
+
+def _cosine_default_on_sdpa(q, metric, attn_mask, dropout_p) -> bool:
+    """config=None for cosine on a GPU without a mask or dropout: SDPA's kernels after the Triton
+    normalization (measured faster than the fused Triton kernels on an H100, docs/performance.md).
+    With dropout the op keeps its own Philox stream, so it stays on the Triton kernels."""
+    return (metric == "cosine" and attn_mask is None and float(dropout_p) == 0.0 and q.device.type == "cuda"
+            and not interpreting())
 
 
 def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None, dropout_p=0.0,
@@ -380,17 +472,23 @@ def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None
     metric ("dot", "l2", "l1", "cosine"); see the module docstring. `config` is None (the
     device default), a config dict from `attention_config_space`, its `config_key` string, or
     "sdpa" (torch's SDPA kernels, see `sdpa_supports`; their dropout draws torch's own random
-    stream). Raises ValueError on bad input before anything is launched."""
+    stream; cosine without a mask or dropout on a GPU takes them by default). Raises ValueError on
+    bad input before anything is launched."""
     _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale)
+    B, H, Nq, D = q.shape
     if config == SDPA_CONFIG:
         ok, why = sdpa_supports(metric, attn_mask, scale)
         if not ok:
             raise ValueError(f"attention: {why}")
+        if metric == "cosine":
+            return _cosine_on_sdpa(q, k, v, _scale_vector(scale, metric, D, H, q.device), causal, dropout_p,
+                                   enable_gqa)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=float(dropout_p), is_causal=bool(causal),
                                               scale=None if scale is None else float(scale),
                                               enable_gqa=bool(enable_gqa))
-    B, H, Nq, D = q.shape
     scale_h = _scale_vector(scale, metric, D, H, q.device)
+    if config is None and _cosine_default_on_sdpa(q, metric, attn_mask, dropout_p):
+        return _cosine_on_sdpa(q, k, v, scale_h, causal, 0.0, enable_gqa)
     mask = None
     if attn_mask is not None:
         mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))

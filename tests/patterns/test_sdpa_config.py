@@ -3,6 +3,7 @@
 The op runs them on any device; the rules offer them first on CUDA, so these tests read the
 config list a site would get there, from sites found on CPU."""
 import copy
+import importlib
 from types import SimpleNamespace
 
 import pytest
@@ -31,9 +32,58 @@ def test_op_with_sdpa_config_equals_the_reference(causal):
         assert rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("scale", ["per-head", "scalar", "number"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cosine_on_sdpa_equals_the_reference(causal, scale):
+    """Cosine as SDPA on the normalized rows (q's times the scale, by the truthfuse::normalize_rows
+    op), with GQA: output and the gradients of q, k, v and a tensor scale, against float64."""
+    q, k, v = qkv(2, 4, T=9, S=11 if not causal else 9, D=16, Hkv=2)
+    q = q * torch.linspace(0.5, 3.0, 9)[:, None]  # rows of other lengths than sqrt(D)
+    sc = {"per-head": torch.tensor([2.0, 5.0, 0.5, 10.0]), "scalar": torch.tensor(7.0), "number": 4.0}[scale]
+    ins = [t.detach().requires_grad_() for t in (q, k, v)] + ([sc.clone().requires_grad_()]
+                                                              if isinstance(sc, torch.Tensor) else [])
+    s_in = ins[3] if len(ins) > 3 else sc
+    out = attention(*ins[:3], metric="cosine", scale=s_in, causal=causal, enable_gqa=True, config=SDPA_CONFIG)
+    ins64 = [t.detach().double().requires_grad_() for t in ins]
+    ref = attention_reference(*ins64[:3], metric="cosine", scale=ins64[3] if len(ins) > 3 else sc, causal=causal,
+                              enable_gqa=True)
+    assert rel(out, ref) < 1e-5
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, ins, g), torch.autograd.grad(ref, ins64, g.double())):
+        assert a.shape == b.shape and rel(a, b) < 1e-4
+
+
+def test_normalize_rows_op_opcheck_and_zero_rows():
+    x = torch.randn(2, 3, 5, 8)
+    x[0, 1, 2] = 0.0  # a zero row: clamped norm, as F.normalize
+    x.requires_grad_()
+    sc = torch.rand(3, requires_grad=True)
+    torch.library.opcheck(torch.ops.truthfuse.normalize_rows.default, (x, sc))
+    torch.library.opcheck(torch.ops.truthfuse.normalize_rows.default, (x, None))
+    y = torch.ops.truthfuse.normalize_rows(x, sc)
+    ref = torch.nn.functional.normalize(x.double(), dim=-1, eps=1e-12) * sc.double().view(-1, 1, 1)
+    assert torch.isfinite(y).all() and rel(y, ref) < 1e-6
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, (x, sc), g), torch.autograd.grad(ref, (x, sc), g.double())):
+        assert torch.isfinite(a).all() and rel(a, b) < 1e-5
+
+
+def test_cosine_defaults_to_sdpa_only_on_a_gpu_without_mask_or_dropout(monkeypatch):
+    A = importlib.import_module("fusion_backend.ops.attention")  # the module (ops re-exports the function)
+    gpu = SimpleNamespace(device=torch.device("cuda"))
+    monkeypatch.setattr(A, "interpreting", lambda: False)
+    assert A._cosine_default_on_sdpa(gpu, "cosine", None, 0.0)
+    assert not A._cosine_default_on_sdpa(gpu, "cosine", torch.ones(2, 2, dtype=torch.bool), 0.0)
+    assert not A._cosine_default_on_sdpa(gpu, "cosine", None, 0.1)  # keeps its own dropout stream
+    assert not A._cosine_default_on_sdpa(gpu, "dot", None, 0.0)
+    assert not A._cosine_default_on_sdpa(SimpleNamespace(device=torch.device("cpu")), "cosine", None, 0.0)
+    monkeypatch.setattr(A, "interpreting", lambda: True)
+    assert not A._cosine_default_on_sdpa(gpu, "cosine", None, 0.0)
+
+
 def test_op_rejects_sdpa_config_where_sdpa_differs():
     q, k, v = qkv(1, 2, T=5, D=8)
-    with pytest.raises(ValueError, match="dot-product attention only"):
+    with pytest.raises(ValueError, match="dot-product and cosine attention only"):
         attention(q, k, v, metric="l2", config=SDPA_CONFIG)
     with pytest.raises(ValueError, match="no attn_mask"):
         attention(q, k, v, attn_mask=torch.ones(5, 5, dtype=torch.bool), config=SDPA_CONFIG)
