@@ -123,9 +123,9 @@ def _prefetch_key_cols(kt_base, col0, N_K, HEAD_DIM: tl.constexpr, BLOCK_N: tl.c
 
 @triton.jit
 def _l1_dist_sub(qt_base, kt_base, qi, kj, N_Q, N_K, HEAD_DIM: tl.constexpr, EVEN_M: tl.constexpr,
-              EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
-              SUB_N: tl.constexpr, UNROLL: tl.constexpr, ASM_M: tl.constexpr = 0, ASM_N: tl.constexpr = 0,
-              CONTIG_M: tl.constexpr = False, CONTIG_N: tl.constexpr = False):
+                 EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
+                 SUB_N: tl.constexpr, UNROLL: tl.constexpr, ASM_M: tl.constexpr = 0, ASM_N: tl.constexpr = 0,
+                 CONTIG_M: tl.constexpr = False, CONTIG_N: tl.constexpr = False):
     """sum_d |q_id - k_jd| on the 4-d tile of row indices qi [SUB_M, 1, TM, 1] and column indices
     kj [1, SUB_N, 1, TN]. Triton's default layout gives each thread a SUB_M x SUB_N sub-tile
     (threads and warps go to the trailing dims) as long as neither load is a layout anchor (fewer
@@ -135,20 +135,22 @@ def _l1_dist_sub(qt_base, kt_base, qi, kj, N_Q, N_K, HEAD_DIM: tl.constexpr, EVE
     tl.static_assert(ASM_M != 4 or (CONTIG_M and SUB_M % 4 == 0), "ASM_M=4 needs CONTIG_M and SUB_M % 4 == 0")
     tl.static_assert(ASM_N != 4 or (CONTIG_N and SUB_N % 4 == 0), "ASM_N=4 needs CONTIG_N and SUB_N % 4 == 0")
     for d in tl.range(0, HEAD_DIM, loop_unroll_factor=UNROLL):
-        if EVEN_M and ASM_M > 0:
-            qc = _ldg(qt_base + d * N_Q + qi, ASM_M)
-        elif EVEN_M:
-            qc = tl.load(qt_base + d * N_Q + qi)
-        else:
-            qc = tl.load(qt_base + d * N_Q + qi, mask=qi < N_Q, other=0.0)
-        if EVEN_N and ASM_N > 0:
-            kc = _ldg(kt_base + d * N_K + kj, ASM_N)
-        elif EVEN_N:
-            kc = tl.load(kt_base + d * N_K + kj)
-        else:
-            kc = tl.load(kt_base + d * N_K + kj, mask=kj < N_K, other=0.0)
+        qc = _load_column(qt_base + d * N_Q + qi, qi, N_Q, EVEN_M, ASM_M)
+        kc = _load_column(kt_base + d * N_K + kj, kj, N_K, EVEN_N, ASM_N)
         dist += tl.abs(qc - kc)
     return dist
+
+
+@triton.jit
+def _load_column(ptrs, idx, N, EVEN: tl.constexpr, ASM: tl.constexpr):
+    """One head-dim column of q^T or k^T at indices idx (masked to idx < N unless EVEN); through
+    `_ldg` when ASM > 0 and no mask is needed."""
+    if EVEN and ASM > 0:
+        return _ldg(ptrs, ASM)
+    elif EVEN:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=idx < N, other=0.0)
 
 
 @triton.jit
@@ -232,7 +234,7 @@ def _l1_fwd_kernel(
             _prefetch_key_cols(kt_base, tl.maximum(tl.minimum(start_n + BLOCK_N, hi - BLOCK_N), 0), N_K, HEAD_DIM,
                                BLOCK_N)
         raw = -_l1_dist_sub(qt_base, kt_base, qi, kj, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N,
-                         SUB_M, SUB_N, UNROLL, ASM_M, ASM_N, CONTIG_M, CONTIG_N)
+                            SUB_M, SUB_N, UNROLL, ASM_M, ASM_N, CONTIG_M, CONTIG_N)
         s = _logits(raw, scale_k, mask_base, smm, smn, qi, kj, N_Q, N_K, MASK_KIND, CAUSAL, EVEN_N)
         # attention._softmax_step, with row reductions over the 4-d tile's axes 1 and 3
         m_new = tl.maximum(m_i, _rowred_max(s))
