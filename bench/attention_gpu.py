@@ -170,6 +170,42 @@ def check_dropout(metric):
           f"different-seed-differs {not torch.equal(o1, o3)} grad-vs-finite-diff {fd_err:.1e}", flush=True)
 
 
+def check_compiled_cosine():
+    """A hand-written cosine attention (F.normalize, a per-head learnable scale) under
+    torch.compile with the truthfuse backend: the site is fused (on a GPU, without a mask or
+    dropout, as SDPA after the Triton normalization), and output and gradients match float64."""
+    import fusion_backend
+
+    class CosineAttention(torch.nn.Module):
+        def __init__(self, heads):
+            super().__init__()
+            self.lam = torch.nn.Parameter(torch.tensor([5.0, 10.0, 20.0, 2.0][:heads]).view(heads, 1, 1))
+
+        def forward(self, q, k, v):
+            cos = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+            return torch.softmax(self.lam * cos, dim=-1) @ v
+
+    torch._dynamo.reset()
+    model = CosineAttention(4).to(dev)
+    q, k, v = (torch.randn(2, 4, 256, 64, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    backend = fusion_backend.TruthfuseBackend(fusion_backend.parse_options({"strategy": "aggressive"}))
+    compiled = torch.compile(model, backend=backend)
+    out = compiled(q, k, v)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, model.lam), g)
+    ref_model = CosineAttention(4).to(dev).double()
+    ins64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = ref_model(*ins64)
+    g64 = torch.autograd.grad(ref, ins64 + [ref_model.lam], g.double())
+    fused = [s for s in fusion_backend.Report.from_records(backend.records).fused if s.kind == "attention"]
+    errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, g64)]
+    ok = bool(fused) and errs[0] <= TOL_OUT[torch.bfloat16] and all(e <= TOL_GRAD[torch.bfloat16] for e in errs[1:])
+    RES["check"].append(dict(check="compiled_cosine", fused=len(fused), errs=errs, ok=ok))
+    print(f"{'OK ' if ok else 'BAD'} compiled cosine module: {len(fused)} attention site(s) fused, out "
+          f"{errs[0]:.1e} grads {' '.join(f'{e:.1e}' for e in errs[1:])}", flush=True)
+    return ok
+
+
 def check_peaked(seeds=30):
     """Very peaked rows (dot, lambda up to 20/sqrt(D), one query row): the relative error of dq and
     dk is large for any flash-style backward, which takes delta = rowsum(dO * O) from the output
@@ -260,6 +296,7 @@ def run_checks(part=0, nparts=1):
     jobs.append(lambda: check("l2", torch.bfloat16, 1, 4, 4, 200, 200, 64, 64, smax=0.2))
     jobs.append(l2_accuracy)
     jobs.append(check_peaked)
+    jobs.append(check_compiled_cosine)
     for i, job in enumerate(jobs):
         if i % nparts == part:
             job()
