@@ -69,12 +69,13 @@ def check_once(metric, dtype, B, H, Hkv, Nq, Nk, D, Dv, causal=False, mask=None,
     q = torch.randn(B, H, Nq, D, device=dev, dtype=dtype)
     k = torch.randn(B, Hkv, Nk, D, device=dev, dtype=dtype)
     v = torch.randn(B, Hkv, Nk, Dv, device=dev, dtype=dtype)
-    if scale == "tensor":
+    if scale in ("tensor", "constant"):  # a per-head scale, learnable or not
         sc = (torch.rand(H, device=dev) * 0.9 + 0.1) * smax
         if metric == "dot":
             sc = sc / math.sqrt(D)
     else:
         sc = None
+    learn = scale == "tensor"
     m = None
     if mask == "float":
         m = torch.randn(1, H, Nq, Nk, device=dev)
@@ -85,31 +86,31 @@ def check_once(metric, dtype, B, H, Hkv, Nq, Nk, D, Dv, causal=False, mask=None,
     elif mask == "pad_min":  # HF-style padding: finfo.min on batch 0's first 3 keys (with causal,
         m = torch.zeros(B, 1, 1, Nk, device=dev)  # query rows 0-2 see only padded keys: uniform rows)
         m[0, ..., :3] = torch.finfo(torch.float32).min
-    ins = [q, k, v] + ([sc] if sc is not None else []) + ([m] if m is not None and m.dtype != torch.bool else [])
+    ins = [q, k, v] + ([sc] if learn else []) + ([m] if m is not None and m.dtype != torch.bool else [])
     ins = [t.detach().requires_grad_() for t in ins]
     qi, ki, vi = ins[:3]
-    si = ins[3] if sc is not None else None
+    si = ins[3] if learn else sc
     mi = ins[-1] if (m is not None and m.dtype != torch.bool) else m
     kw = dict(metric=metric, causal=causal, enable_gqa=H != Hkv)
     out = attention(qi, ki, vi, scale=si, attn_mask=mi, **kw)
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, ins, g)
     ins64 = [t.detach().double().requires_grad_() for t in ins]
-    s64 = ins64[3] if sc is not None else None
+    s64 = ins64[3] if learn else (sc.double() if sc is not None else None)
     m64 = ins64[-1] if (m is not None and m.dtype != torch.bool) else m
     ref = attention_reference(*ins64[:3], scale=s64, attn_mask=m64, **kw)
     g64 = torch.autograd.grad(ref, ins64, g.double())
     eo = rel(out, ref)
     eg = [rel(a, b) for a, b in zip(grads, g64)]
     tols = [TOL_GRAD[dtype]] * len(eg)
-    if sc is not None and metric != "cosine":
+    if learn and metric != "cosine":
         tols[3] = TOL_SCALE_GRAD[dtype]
     ok = eo <= TOL_OUT[dtype] and all(e <= t for e, t in zip(eg, tols)) and bool(torch.isfinite(out).all())
     rec = dict(metric=metric, dtype=str(dtype).split(".")[-1], shape=[B, H, Hkv, Nq, Nk, D, Dv], causal=causal,
-               mask=mask, smax=smax, repeat=repeat, err_out=eo, err_grads=eg, ok=ok)
+               mask=mask, smax=smax, scale=scale, repeat=repeat, err_out=eo, err_grads=eg, ok=ok)
     RES["check"].append(rec)
     print(f"{'OK ' if ok else 'BAD'} {metric:6s} {rec['dtype']:8s} {rec['shape']} causal={causal} mask={mask} "
-          f"smax={smax} rep={repeat} out {eo:.1e} grads {' '.join(f'{e:.1e}' for e in eg)}", flush=True)
+          f"smax={smax} scale={scale} rep={repeat} out {eo:.1e} grads {' '.join(f'{e:.1e}' for e in eg)}", flush=True)
     return ok
 
 
@@ -170,16 +171,17 @@ def check_dropout(metric):
           f"different-seed-differs {not torch.equal(o1, o3)} grad-vs-finite-diff {fd_err:.1e}", flush=True)
 
 
-def check_compiled_cosine():
-    """A hand-written cosine attention (F.normalize, a per-head learnable scale) under
-    torch.compile with the truthfuse backend: the site is fused (on a GPU, without a mask or
-    dropout, as SDPA after the Triton normalization), and output and gradients match float64."""
+def check_compiled_cosine(learnable):
+    """A hand-written cosine attention (F.normalize, a per-head scale) under torch.compile with the
+    truthfuse backend: the site is fused (a constant scale: as SDPA after the Triton normalization;
+    a learnable one: the fused Triton kernels), and output and gradients match float64."""
     import fusion_backend
 
     class CosineAttention(torch.nn.Module):
         def __init__(self, heads):
             super().__init__()
-            self.lam = torch.nn.Parameter(torch.tensor([5.0, 10.0, 20.0, 2.0][:heads]).view(heads, 1, 1))
+            self.lam = torch.nn.Parameter(torch.tensor([5.0, 10.0, 20.0, 2.0][:heads]).view(heads, 1, 1),
+                                          requires_grad=learnable)
 
         def forward(self, q, k, v):
             cos = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
@@ -192,16 +194,18 @@ def check_compiled_cosine():
     compiled = torch.compile(model, backend=backend)
     out = compiled(q, k, v)
     g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v, model.lam), g)
+    params = [model.lam] if learnable else []
+    grads = torch.autograd.grad(out, [q, k, v] + params, g)
     ref_model = CosineAttention(4).to(dev).double()
     ins64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = ref_model(*ins64)
-    g64 = torch.autograd.grad(ref, ins64 + [ref_model.lam], g.double())
+    g64 = torch.autograd.grad(ref, ins64 + ([ref_model.lam] if learnable else []), g.double())
     fused = [s for s in fusion_backend.Report.from_records(backend.records).fused if s.kind == "attention"]
     errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, g64)]
     ok = bool(fused) and errs[0] <= TOL_OUT[torch.bfloat16] and all(e <= TOL_GRAD[torch.bfloat16] for e in errs[1:])
-    RES["check"].append(dict(check="compiled_cosine", fused=len(fused), errs=errs, ok=ok))
-    print(f"{'OK ' if ok else 'BAD'} compiled cosine module: {len(fused)} attention site(s) fused, out "
+    RES["check"].append(dict(check="compiled_cosine", learnable=learnable, fused=len(fused), errs=errs, ok=ok))
+    print(f"{'OK ' if ok else 'BAD'} compiled cosine module, {'learnable' if learnable else 'constant'} scale: "
+          f"{len(fused)} attention site(s) fused, out "
           f"{errs[0]:.1e} grads {' '.join(f'{e:.1e}' for e in errs[1:])}", flush=True)
     return ok
 
@@ -293,10 +297,12 @@ def run_checks(part=0, nparts=1):
     for D in (16, 256):  # the L1 forward's head-dim loop and its widest accumulator
         jobs.append(lambda D=D: check("l1", torch.bfloat16, 1, 2, 2, 128, 128, D, D))
     jobs.append(lambda: check("cosine", torch.bfloat16, 1, 4, 4, 200, 200, 64, 64, smax=100.0))
+    jobs.append(lambda: check("cosine", torch.bfloat16, 1, 4, 4, 200, 200, 64, 64, smax=100.0, scale="constant"))
     jobs.append(lambda: check("l2", torch.bfloat16, 1, 4, 4, 200, 200, 64, 64, smax=0.2))
     jobs.append(l2_accuracy)
     jobs.append(check_peaked)
-    jobs.append(check_compiled_cosine)
+    for learnable in (False, True):
+        jobs.append(lambda learnable=learnable: check_compiled_cosine(learnable))
     for i, job in enumerate(jobs):
         if i % nparts == part:
             job()
@@ -402,16 +408,14 @@ def run_bench():
             lam_c = torch.tensor(10.0, device=dev, requires_grad=bwd)
             lam_l1 = torch.tensor(0.05, device=dev, requires_grad=bwd)
             lam_f = torch.tensor(1.0 / math.sqrt(D), device=dev)
-            cos_triton = tc.config_key(tc.default_attention_config("cosine", D, torch.bfloat16, "cuda"))
             cases = [
                 ("ours dot", lambda: attention(q, k, v, metric="dot")),
                 ("ours l2", lambda: attention(q, k, v, metric="l2", scale=lam)),
                 ("ours cosine", lambda: attention(q, k, v, metric="cosine", scale=lam_c)),
                 ("ours l1", lambda: attention(q, k, v, metric="l1", scale=lam_l1)),
-                # cosine's default on a GPU is SDPA after the Triton normalization; its fused
-                # Triton kernels, as with a mask or dropout:
-                ("ours cosine, Triton kernels", lambda: attention(q, k, v, metric="cosine", scale=lam_c,
-                                                                  config=cos_triton)),
+                # with a constant scale, cosine's default on a GPU is SDPA after the Triton
+                # normalization (a learnable one, as above, keeps the fused Triton kernels):
+                ("ours cosine, constant scale", lambda: attention(q, k, v, metric="cosine", scale=10.0)),
                 ("sdpa flash dot", lambda: sdpa_flash(q, k, v)),
                 ("sdpa default dot", lambda: F.scaled_dot_product_attention(q, k, v)),
                 ("sdpa-trick l2", lambda: l2_trick(q, k, v, lam)),

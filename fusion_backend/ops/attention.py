@@ -441,7 +441,7 @@ SDPA_CONFIG = "sdpa"
 where they apply) instead of truthfuse's attention kernels: for plain dot-product attention they
 are the fastest there is, and cosine runs on them after a Triton pass that normalizes q and k.
 The tuner may choose them for a site whose math they compute exactly (`sdpa_supports`); for
-cosine without a mask or dropout on a GPU they are the default."""
+cosine on a GPU without a mask, dropout or a learnable scale they are the default."""
 
 
 def sdpa_supports(metric, attn_mask, scale) -> tuple:
@@ -455,15 +455,24 @@ def sdpa_supports(metric, attn_mask, scale) -> tuple:
         return False, "config='sdpa' takes no attn_mask (causal=True is fine)"
     if metric == "dot" and isinstance(scale, Tensor):
         return False, "config='sdpa' takes a number scale for dot-product attention, not a tensor"
+    if metric == "cosine" and _needs_scale_grad(scale):
+        return False, ("config='sdpa' for cosine takes a scale that needs no gradient: its scale gradient, "
+                       "summed from SDPA's rounded dq, is up to 14% off at scales near 100 in bf16")
     return True, ""
 
 
-def _cosine_default_on_sdpa(q, metric, attn_mask, dropout_p) -> bool:
-    """config=None for cosine on a GPU without a mask or dropout: SDPA's kernels after the Triton
-    normalization (measured faster than the fused Triton kernels on an H100, docs/performance.md).
-    With dropout the op keeps its own Philox stream, so it stays on the Triton kernels."""
-    return (metric == "cosine" and attn_mask is None and float(dropout_p) == 0.0 and q.device.type == "cuda"
-            and not interpreting())
+def _needs_scale_grad(scale) -> bool:
+    return isinstance(scale, Tensor) and scale.requires_grad and torch.is_grad_enabled()
+
+
+def _cosine_default_on_sdpa(q, metric, attn_mask, dropout_p, scale) -> bool:
+    """config=None for cosine on a GPU without a mask, dropout or a scale that needs a gradient:
+    SDPA's kernels after the Triton normalization (faster than the fused Triton kernels on an
+    H100, docs/performance.md). The fused kernels keep the rest: their own Philox dropout, and an
+    accurate scale gradient (centred on E_p[cos] per row, which cancels the error that delta =
+    rowsum(dO * O) carries on peaked rows; summed from SDPA's dq it was 14% off at scale 100)."""
+    return (metric == "cosine" and attn_mask is None and float(dropout_p) == 0.0 and not _needs_scale_grad(scale)
+            and q.device.type == "cuda" and not interpreting())
 
 
 def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None, dropout_p=0.0,
@@ -472,8 +481,8 @@ def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None
     metric ("dot", "l2", "l1", "cosine"); see the module docstring. `config` is None (the
     device default), a config dict from `attention_config_space`, its `config_key` string, or
     "sdpa" (torch's SDPA kernels, see `sdpa_supports`; their dropout draws torch's own random
-    stream; cosine without a mask or dropout on a GPU takes them by default). Raises ValueError on
-    bad input before anything is launched."""
+    stream; cosine on a GPU without a mask, dropout or a learnable scale takes them by default).
+    Raises ValueError on bad input before anything is launched."""
     _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale)
     B, H, Nq, D = q.shape
     if config == SDPA_CONFIG:
@@ -487,7 +496,7 @@ def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None
                                               scale=None if scale is None else float(scale),
                                               enable_gqa=bool(enable_gqa))
     scale_h = _scale_vector(scale, metric, D, H, q.device)
-    if config is None and _cosine_default_on_sdpa(q, metric, attn_mask, dropout_p):
+    if config is None and _cosine_default_on_sdpa(q, metric, attn_mask, dropout_p, scale):
         return _cosine_on_sdpa(q, k, v, scale_h, causal, 0.0, enable_gqa)
     mask = None
     if attn_mask is not None:

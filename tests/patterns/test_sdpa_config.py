@@ -36,17 +36,16 @@ def test_op_with_sdpa_config_equals_the_reference(causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_cosine_on_sdpa_equals_the_reference(causal, scale):
     """Cosine as SDPA on the normalized rows (q's times the scale, by the truthfuse::normalize_rows
-    op), with GQA: output and the gradients of q, k, v and a tensor scale, against float64."""
+    op), with GQA: output and the gradients of q, k, v against float64. The scale is a constant
+    (config='sdpa' refuses one that needs a gradient)."""
     q, k, v = qkv(2, 4, T=9, S=11 if not causal else 9, D=16, Hkv=2)
     q = q * torch.linspace(0.5, 3.0, 9)[:, None]  # rows of other lengths than sqrt(D)
     sc = {"per-head": torch.tensor([2.0, 5.0, 0.5, 10.0]), "scalar": torch.tensor(7.0), "number": 4.0}[scale]
-    ins = [t.detach().requires_grad_() for t in (q, k, v)] + ([sc.clone().requires_grad_()]
-                                                              if isinstance(sc, torch.Tensor) else [])
-    s_in = ins[3] if len(ins) > 3 else sc
-    out = attention(*ins[:3], metric="cosine", scale=s_in, causal=causal, enable_gqa=True, config=SDPA_CONFIG)
+    ins = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = attention(*ins, metric="cosine", scale=sc, causal=causal, enable_gqa=True, config=SDPA_CONFIG)
     ins64 = [t.detach().double().requires_grad_() for t in ins]
-    ref = attention_reference(*ins64[:3], metric="cosine", scale=ins64[3] if len(ins) > 3 else sc, causal=causal,
-                              enable_gqa=True)
+    sc64 = sc.double() if isinstance(sc, torch.Tensor) else sc
+    ref = attention_reference(*ins64, metric="cosine", scale=sc64, causal=causal, enable_gqa=True)
     assert rel(out, ref) < 1e-5
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, ins, g), torch.autograd.grad(ref, ins64, g.double())):
@@ -72,13 +71,18 @@ def test_cosine_defaults_to_sdpa_only_on_a_gpu_without_mask_or_dropout(monkeypat
     A = importlib.import_module("fusion_backend.ops.attention")  # the module (ops re-exports the function)
     gpu = SimpleNamespace(device=torch.device("cuda"))
     monkeypatch.setattr(A, "interpreting", lambda: False)
-    assert A._cosine_default_on_sdpa(gpu, "cosine", None, 0.0)
-    assert not A._cosine_default_on_sdpa(gpu, "cosine", torch.ones(2, 2, dtype=torch.bool), 0.0)
-    assert not A._cosine_default_on_sdpa(gpu, "cosine", None, 0.1)  # keeps its own dropout stream
-    assert not A._cosine_default_on_sdpa(gpu, "dot", None, 0.0)
-    assert not A._cosine_default_on_sdpa(SimpleNamespace(device=torch.device("cpu")), "cosine", None, 0.0)
+    learnable = torch.tensor(10.0, requires_grad=True)
+    for fixed in (10.0, torch.tensor(10.0)):
+        assert A._cosine_default_on_sdpa(gpu, "cosine", None, 0.0, fixed)
+    with torch.no_grad():  # inference: no scale gradient
+        assert A._cosine_default_on_sdpa(gpu, "cosine", None, 0.0, learnable)
+    assert not A._cosine_default_on_sdpa(gpu, "cosine", None, 0.0, learnable)  # an accurate scale gradient
+    assert not A._cosine_default_on_sdpa(gpu, "cosine", torch.ones(2, 2, dtype=torch.bool), 0.0, 10.0)
+    assert not A._cosine_default_on_sdpa(gpu, "cosine", None, 0.1, 10.0)  # keeps its own dropout stream
+    assert not A._cosine_default_on_sdpa(gpu, "dot", None, 0.0, 10.0)
+    assert not A._cosine_default_on_sdpa(SimpleNamespace(device=torch.device("cpu")), "cosine", None, 0.0, 10.0)
     monkeypatch.setattr(A, "interpreting", lambda: True)
-    assert not A._cosine_default_on_sdpa(gpu, "cosine", None, 0.0)
+    assert not A._cosine_default_on_sdpa(gpu, "cosine", None, 0.0, 10.0)
 
 
 def test_op_rejects_sdpa_config_where_sdpa_differs():
@@ -89,6 +93,8 @@ def test_op_rejects_sdpa_config_where_sdpa_differs():
         attention(q, k, v, attn_mask=torch.ones(5, 5, dtype=torch.bool), config=SDPA_CONFIG)
     with pytest.raises(ValueError, match="number scale"):
         attention(q, k, v, scale=torch.tensor(0.3), config=SDPA_CONFIG)
+    with pytest.raises(ValueError, match="needs no gradient"):
+        attention(q, k, v, metric="cosine", scale=torch.tensor(3.0, requires_grad=True), config=SDPA_CONFIG)
 
 
 def _sites(model, *inputs):
