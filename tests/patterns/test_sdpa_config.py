@@ -164,3 +164,35 @@ def test_a_site_fused_with_sdpa_matches_eager(monkeypatch, inner):
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("learnable", [True, False])
+def test_compiled_cosine_site_sees_whether_its_scale_learns(learnable, monkeypatch):
+    """Under torch.compile the replacement is traced on fake tensors: the default-path decision
+    must still see a learnable scale as needing a gradient (it keeps the Triton kernels, whose
+    scale gradient is the accurate one) and a constant one as not."""
+    A = importlib.import_module("fusion_backend.ops.attention")
+    seen = []
+    decide = A._cosine_default_on_sdpa
+
+    def spy(q, metric, attn_mask, dropout_p, scale):
+        seen.append(A._needs_scale_grad(scale))
+        return decide(q, metric, attn_mask, dropout_p, scale)
+
+    monkeypatch.setattr(A, "_cosine_default_on_sdpa", spy)
+
+    class Cosine(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lam = torch.nn.Parameter(torch.tensor([5.0, 10.0]).view(2, 1, 1), requires_grad=learnable)
+
+        def forward(self, q, k, v):
+            cos = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).transpose(-2, -1)
+            return torch.softmax(self.lam * cos, dim=-1) @ v
+
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 2, 8, 16, requires_grad=True) for _ in range(3))
+    backend = fusion_backend.TruthfuseBackend(fusion_backend.parse_options({"strategy": "aggressive",
+                                                                            "inner": "aot_eager"}))
+    torch.compile(Cosine(), backend=backend)(q, k, v)
+    assert seen and all(s == learnable for s in seen), seen
