@@ -308,7 +308,7 @@ def _l1_bwd_dkdv_kernel(
             delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
             dist = _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
             s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND,
-                          CAUSAL, EVEN_N)
+                        CAUSAL, EVEN_N)
             p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             if DROPOUT:
@@ -370,7 +370,7 @@ def _l1_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         dist = _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
         s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND,
-                          CAUSAL, EVEN_N)
+                    CAUSAL, EVEN_N)
         p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
         v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
