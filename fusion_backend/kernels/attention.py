@@ -32,7 +32,6 @@ Conventions shared by the kernels (and by `attention_l1`):
 
 Nothing here knows about FX or custom ops; `fusion_backend.ops.attention` wraps these launchers.
 """
-import math
 import os
 import re
 

@@ -21,7 +21,6 @@ that forward, and backward's recomputation from the stored pre-activation, see t
 
 Launchers take tensors and Python scalars only; nothing here knows about FX or custom ops.
 """
-import math
 
 import torch
 import triton
