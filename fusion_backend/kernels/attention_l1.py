@@ -13,10 +13,15 @@ about one shared-memory load per subtract, which held the kernel to a third of t
 a GPU the column loads are issued as inline PTX vector loads (not layout anchors for Triton, so
 the 4-d layout survives) and the next key block is prefetched into L1.
 
-The backward recomputes the tile from the logsumexp. dL/dq_d = -s * sum_j dS_ij sign(q_d - k_jd)
-and dL/dk_d = s * sum_i dS_ij sign(q_id - k_d) are reduced one head-dim column at a time into fp32
-transposed buffers that the program owns (no atomics); sign(0) = 0 as in torch's abs backward.
-Extra memory: the fp32 transposed copies and gradient buffers, O(N).
+The backward recomputes the tile from the logsumexp (the distance as the forward's 4-d tile, made
+2-d once per tile for the dots). dL/dq_d = -s * sum_j dS_ij sign(q_d - k_jd) and dL/dk_d =
+s * sum_i dS_ij sign(q_id - k_d) are accumulated in registers, a SUB_R x SUB_D block of (row, head
+dim) a thread: each tile's dS goes through a small per-program scratch tile, then every thread
+walks the other operand's rows adding +-dS with predicated adds (sign(0) = 0 as in torch's abs
+backward). No atomics: the result is deterministic. Tiles or head dims without such a layout use
+the earlier kernels (`_l1_bwd_dkdv_kernel`, `_l1_bwd_dq_kernel`), which reduce one head-dim column
+at a time into fp32 transposed buffers. Extra memory: fp32 copies of q and k, fp32 gradient
+buffers and the scratch tiles, O(N).
 
 Conventions (base-2 LSE, masks, dropout, GQA) are those of `fusion_backend.kernels.attention`.
 """
@@ -387,6 +392,245 @@ def _l1_bwd_dq_kernel(
     tl.store(DSCALE + bh * N_Q + offs_m, dsc, mask=offs_m < N_Q)
 
 
+# ----------------------------------------------------------------------------------------------
+# Backward, sub-tile version (BWD_IMPL "sub"): the distance tile is built as the forward's 4-d
+# [SUB_M, SUB_N, TM, TN] tensor and made 2-d once per tile; the sign gradient is accumulated in
+# registers as a 4-d [SUB_R, SUB_D, TR, TD] (row, head-dim) tensor that the program keeps for all
+# its tiles. Per tile, the fp32 gradient factor g = dS * (+-scale) goes through a per-program
+# global scratch tile (L1-resident), then one key (dq) or query (dk) at a time each thread adds
+# g * sign(q_d - k_d) into its SUB_R x SUB_D accumulators: no reduction across threads, no
+# per-head-dim loads of the gradient, and SUB_R + SUB_D loaded values per SUB_R * SUB_D elements.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _ld_plain(ptrs, VEC: tl.constexpr):
+    """`_ldg` through the coherent path (ld.global, not .nc): for data this kernel wrote. Not pure:
+    the same addresses are read again after the next barrier and store, so the compiler must neither
+    hoist nor merge these loads."""
+    if VEC == 4:
+        return tl.inline_asm_elementwise("ld.global.v4.f32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l,l,l,l",
+                                         [ptrs], dtype=tl.float32, is_pure=False, pack=4)
+    else:
+        return tl.inline_asm_elementwise("ld.global.f32 $0, [$1];", "=r,l", [ptrs], dtype=tl.float32,
+                                         is_pure=False, pack=1)
+
+
+@triton.jit
+def _load_any(ptrs, ASM: tl.constexpr, COHERENT: tl.constexpr):
+    """Unmasked fp32 load: inline PTX (ASM 4: ld.v4, 1: scalar) or tl.load (ASM 0)."""
+    if ASM == 0:
+        return tl.load(ptrs)
+    elif COHERENT:
+        return _ld_plain(ptrs, ASM)
+    else:
+        return _ldg(ptrs, ASM)
+
+
+@triton.jit
+def _sign_acc(acc, a, b, g, SIGN_ASM: tl.constexpr):
+    """acc + g * sign(a - b), sign(0) = 0. SIGN_ASM: two compares and two predicated adds in PTX
+    (4 instructions, no subtract); else tl.where."""
+    if SIGN_ASM:
+        return tl.inline_asm_elementwise(
+            "{.reg .pred p, n; setp.gt.f32 p, $2, $3; setp.lt.f32 n, $2, $3; mov.b32 $0, $1; "
+            "@p add.f32 $0, $0, $4; @n sub.f32 $0, $0, $4;}",
+            "=r,r,r,r,r", [acc, a, b, g], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return acc + tl.where(a > b, g, tl.where(a < b, -g, 0.0))
+
+
+@triton.jit
+def _grad_idx(BLOCK_R: tl.constexpr, SUB_R: tl.constexpr, HEAD_DIM: tl.constexpr, SUB_D: tl.constexpr):
+    """Local row indices [SUB_R, 1, TR, 1] and head-dim indices [1, SUB_D, 1, TD] of the 4-d gradient
+    accumulator; a thread's SUB_R rows and SUB_D columns are contiguous."""
+    return _l1_sub_idx(0, BLOCK_R, SUB_R, 0, True), _l1_sub_idx(0, HEAD_DIM, SUB_D, 1, True)
+
+
+@triton.jit
+def _sign_grad_tile(acc, own, other_base, g_base, other0, N_OTHER, ri, dd,
+                    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+                    OWN_IS_Q: tl.constexpr, ASM_R: tl.constexpr, ASM_D: tl.constexpr,
+                    SIGN_ASM: tl.constexpr, GUNROLL: tl.constexpr, EVEN_O: tl.constexpr):
+    """acc[r, d] += sum_o g[o, r] * sign(q_d - k_d) over the BLOCK_O rows o of the other operand
+    (keys when OWN_IS_Q, else queries) starting at other0. own: this program's rows [r, d] (q rows
+    or k rows); other_base: fp32 (N, HEAD_DIM) rows of the other operand; g_base: the scratch tile,
+    g[o, r] at g_base + o * BLOCK_R + r. Rows past N_OTHER read row N_OTHER - 1 (their g is 0)
+    unless EVEN_O (N_OTHER a multiple of BLOCK_O)."""
+    other_ptrs = other_base + other0 * HEAD_DIM + dd
+    for o in tl.range(0, BLOCK_O, loop_unroll_factor=GUNROLL):
+        g = _load_any(g_base + o * BLOCK_R + ri, ASM_R, True)
+        if EVEN_O:
+            x = _load_any(other_ptrs + o * HEAD_DIM, ASM_D, False)
+        else:
+            x = _load_any(other_base + tl.minimum(other0 + o, N_OTHER - 1) * HEAD_DIM + dd, ASM_D, False)
+        if OWN_IS_Q:
+            acc = _sign_acc(acc, own, x, g, SIGN_ASM)
+        else:
+            acc = _sign_acc(acc, x, own, g, SIGN_ASM)
+    return acc
+
+
+@triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
+def _l1_bwd_dkdv_sub_kernel(
+    QT, KT, QF, KF, V, SCALE, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, DELTA, DK, DV, SCRATCH,
+    svb, svh, svn, svd,
+    smb, smh, smm, smn,
+    sdob, sdoh, sdom, sdod,
+    H, HKV, N_Q, N_K, GROUP, seed, dropout_p, threshold,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
+    DROP_BITS: tl.constexpr = 16, SUB_M: tl.constexpr = 4, SUB_N: tl.constexpr = 8, UNROLL: tl.constexpr = 4,
+    CONTIG_M: tl.constexpr = False, CONTIG_N: tl.constexpr = False, ASM_M: tl.constexpr = 0,
+    ASM_N: tl.constexpr = 0, PREFETCH: tl.constexpr = False, GSUB_R: tl.constexpr = 4, GSUB_D: tl.constexpr = 8,
+    GASM: tl.constexpr = 0, SIGN_ASM: tl.constexpr = False, GUNROLL: tl.constexpr = 4,
+):
+    """`_l1_bwd_dkdv_kernel` with the sub-tile layouts: dK into DK (B, Hkv, Nk, D) fp32 (every row
+    written), dV as there. QF/KF: (B, H, Nq, D) / (B, Hkv, Nk, D) fp32 contiguous; SCRATCH: fp32,
+    BLOCK_M * BLOCK_N per program."""
+    if _idle_launch(MASK_FLAGS, RUN_IF):
+        return
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // HKV
+    hk = bhk % HKV
+    col0 = pid_n * BLOCK_N
+    offs_n = col0 + tl.arange(0, BLOCK_N)
+    offs_dv = tl.arange(0, DV_PAD)
+    kj = _l1_sub_idx(col0, BLOCK_N, SUB_N, 1, CONTIG_N)
+    kt_base = KT + bhk * HEAD_DIM * N_K
+    kf_base = KF + bhk * N_K * HEAD_DIM
+    g_base = SCRATCH + (bhk * tl.num_programs(0) + pid_n).to(tl.int64) * (BLOCK_M * BLOCK_N)
+    rj, dd = _grad_idx(BLOCK_N, GSUB_R, HEAD_DIM, GSUB_D)
+    own = _load_any(kf_base + tl.minimum(col0 + rj, N_K - 1) * HEAD_DIM + dd, GASM, False)
+    acc = tl.zeros([GSUB_R, GSUB_D, BLOCK_N // GSUB_R, HEAD_DIM // GSUB_D], tl.float32)
+    v = _load_rows(V + b * svb + hk * svh, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
+    dv_acc = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
+    lo = _query_start(pid_n, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M, BLOCK_N)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        scale = tl.load(SCALE + h)
+        scale_k = _kernel_scale(scale, MASK_KIND)
+        qt_base = QT + bh * HEAD_DIM * N_Q
+        qf_base = QF + bh * N_Q * HEAD_DIM
+        do_base = DO + b * sdob + h * sdoh
+        mask_base = MASK + b * smb + h * smh
+        for start_m in range(lo, N_Q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            qi = _l1_sub_idx(start_m, BLOCK_M, SUB_M, 0, CONTIG_M)
+            do = _load_rows(do_base, offs_m, offs_dv, sdom, sdod, N_Q, HEAD_DIM_V, EVEN_M, HEAD_DIM_V == DV_PAD)
+            sa, sb = _load_row_stats(STATS_M, STATS_L, bh, offs_m, N_Q, MASK_KIND)
+            delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+            dist = _to_2d(_l1_dist_sub(qt_base, kt_base, qi, kj, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M,
+                                       BLOCK_N, SUB_M, SUB_N, UNROLL, ASM_M, ASM_N, CONTIG_M, CONTIG_N),
+                          BLOCK_M, BLOCK_N, CONTIG_M, CONTIG_N)
+            s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND,
+                        CAUSAL, EVEN_N)
+            p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            if DROPOUT:
+                keep = _dropout_keep(seed, bh, offs_m, pid_n * BLOCK_N, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
+                rescale = 1.0 / (1.0 - dropout_p)
+                pd = tl.where(keep, p, 0.0)  # dV takes the 1/(1-p) once, at the end
+                dp = tl.where(keep, dp * rescale, 0.0)
+            else:
+                pd = p
+            dv_acc = tl.dot(tl.trans(pd.to(DO.dtype.element_ty)), do, dv_acc, input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None]) * scale
+            tl.debug_barrier()  # every thread is done reading the previous tile's g
+            loc = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            tl.store(g_base + loc, tl.where((offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K), ds, 0.0))
+            tl.debug_barrier()
+            acc = _sign_grad_tile(acc, own, qf_base, g_base, start_m, N_Q, rj, dd, HEAD_DIM, BLOCK_N, BLOCK_M,
+                                  False, GASM, GASM, SIGN_ASM, GUNROLL, EVEN_M)
+    rows = col0 + rj
+    tl.store(DK + bhk * N_K * HEAD_DIM + rows * HEAD_DIM + dd, acc, mask=(rows < N_K) & (dd < HEAD_DIM))
+    dv_ptrs = DV + bhk * N_K * HEAD_DIM_V + offs_n[:, None] * HEAD_DIM_V + offs_dv[None, :]
+    if DROPOUT:
+        dv_acc = dv_acc * (1.0 / (1.0 - dropout_p))
+    tl.store(dv_ptrs, dv_acc.to(DV.dtype.element_ty), mask=(offs_n[:, None] < N_K) & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
+def _l1_bwd_dq_sub_kernel(
+    QT, KT, QF, KF, V, SCALE, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, RBAR, DELTA, DQ, DSCALE, DMASK, SCRATCH,
+    svb, svh, svn, svd,
+    smb, smh, smm, smn,
+    sdob, sdoh, sdom, sdod,
+    sgb, sgh, sgm, sgn,
+    H, HKV, N_Q, N_K, GROUP, seed, dropout_p, threshold,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
+    SCALE_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
+    DROP_BITS: tl.constexpr = 16, SUB_M: tl.constexpr = 4, SUB_N: tl.constexpr = 8, UNROLL: tl.constexpr = 4,
+    CONTIG_M: tl.constexpr = False, CONTIG_N: tl.constexpr = False, ASM_M: tl.constexpr = 0,
+    ASM_N: tl.constexpr = 0, PREFETCH: tl.constexpr = False, GSUB_R: tl.constexpr = 4, GSUB_D: tl.constexpr = 8,
+    GASM: tl.constexpr = 0, SIGN_ASM: tl.constexpr = False, GUNROLL: tl.constexpr = 4,
+):
+    """`_l1_bwd_dq_kernel` with the sub-tile layouts: dQ into DQ (B, H, Nq, D) fp32 (every row
+    written); the rest as there. QF/KF and SCRATCH as in `_l1_bwd_dkdv_sub_kernel`."""
+    if _idle_launch(MASK_FLAGS, RUN_IF):
+        return
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    row0 = pid_m * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    qi = _l1_sub_idx(row0, BLOCK_M, SUB_M, 0, CONTIG_M)
+    offs_dv = tl.arange(0, DV_PAD)
+    scale = tl.load(SCALE + h)
+    scale_k = _kernel_scale(scale, MASK_KIND)
+    qt_base = QT + bh * HEAD_DIM * N_Q
+    kt_base = KT + (b * HKV + hk) * HEAD_DIM * N_K
+    kf_base = KF + (b * HKV + hk) * N_K * HEAD_DIM
+    v_base = V + b * svb + hk * svh
+    mask_base = MASK + b * smb + h * smh
+    g_base = SCRATCH + (bh * tl.num_programs(0) + pid_m).to(tl.int64) * (BLOCK_M * BLOCK_N)
+    ri, dd = _grad_idx(BLOCK_M, GSUB_R, HEAD_DIM, GSUB_D)
+    own = _load_any(QF + bh * N_Q * HEAD_DIM + tl.minimum(row0 + ri, N_Q - 1) * HEAD_DIM + dd, GASM, False)
+    acc = tl.zeros([GSUB_R, GSUB_D, BLOCK_M // GSUB_R, HEAD_DIM // GSUB_D], tl.float32)
+    do = _load_rows(DO + b * sdob + h * sdoh, offs_m, offs_dv, sdom, sdod, N_Q, HEAD_DIM_V, EVEN_M,
+                    HEAD_DIM_V == DV_PAD)
+    sa, sb = _load_row_stats(STATS_M, STATS_L, bh, offs_m, N_Q, MASK_KIND)
+    delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    rbar = tl.load(RBAR + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    dsc = tl.zeros([BLOCK_M], tl.float32)
+    hi = _key_end(pid_m, N_K, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kj = _l1_sub_idx(start_n, BLOCK_N, SUB_N, 1, CONTIG_N)
+        dist = _to_2d(_l1_dist_sub(qt_base, kt_base, qi, kj, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N,
+                                   SUB_M, SUB_N, UNROLL, ASM_M, ASM_N, CONTIG_M, CONTIG_N),
+                      BLOCK_M, BLOCK_N, CONTIG_M, CONTIG_N)
+        s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND,
+                    CAUSAL, EVEN_N)
+        p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
+        v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        if MASK_GRAD:
+            g_ptrs = DMASK + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_n[None, :] * sgn
+            tl.atomic_add(g_ptrs, ds, mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))
+        if SCALE_GRAD:
+            dsc += tl.sum(-ds * (dist + rbar[:, None]), axis=1)
+        tl.debug_barrier()  # every thread is done reading the previous tile's g
+        loc = tl.arange(0, BLOCK_N)[None, :] * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+        tl.store(g_base + loc, tl.where((offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K), -ds * scale, 0.0))
+        tl.debug_barrier()
+        acc = _sign_grad_tile(acc, own, kf_base, g_base, start_n, N_K, ri, dd, HEAD_DIM, BLOCK_M, BLOCK_N,
+                              True, GASM, GASM, SIGN_ASM, GUNROLL, EVEN_N)
+    rows = row0 + ri
+    tl.store(DQ + bh * N_Q * HEAD_DIM + rows * HEAD_DIM + dd, acc, mask=(rows < N_Q) & (dd < HEAD_DIM))
+    tl.store(DSCALE + bh * N_Q + offs_m, dsc, mask=offs_m < N_Q)
+
+
 def default_l1_config(head_dim: int, dtype: torch.dtype, device_type: str) -> dict:
     """Default tiles for the L1 kernels (same dict layout as `attention.attention_config_space`)."""
     if device_type == "cpu":
@@ -415,6 +659,45 @@ def l1_sub_tiles(cfg: dict, interpret: bool) -> dict:
     return out
 
 
+_PER_THREAD_SUB = {64: (8, 8), 32: (4, 8), 16: (4, 4)}
+
+
+def l1_bwd_sub_tiles(tile: dict, head_dim: int, cfg: dict, interpret: bool):
+    """Constexprs of the sub-tile backward kernels for one backward tile (BLOCK_M, BLOCK_N,
+    num_warps): the distance tile's layout as `l1_sub_tiles`, and the gradient accumulator's
+    GSUB_R x GSUB_D (rows x head dims) a thread, GASM (4: ld.v4 of the gradient factors and the
+    other operand's rows), SIGN_ASM (compare + predicated adds in PTX) and GUNROLL (unroll of the
+    per-key / per-query loop). Keys of cfg["bwd_sub"] override these. None if unsupported
+    (head_dim not a power of two, or a per-thread count without a layout): use the legacy kernels."""
+    over = dict(cfg.get("bwd_sub", {}))
+    threads = 32 * tile["num_warps"]
+    try:
+        out = l1_sub_tiles(dict(tile, **{k: over[k] for k in over if k in ("SUB_M", "SUB_N", "CONTIG_M", "CONTIG_N",
+                                                                          "ASM_M", "ASM_N", "PREFETCH", "UNROLL")}),
+                           interpret)
+    except ValueError:
+        return None
+    out["PREFETCH"] = False
+    if head_dim & (head_dim - 1):
+        return None
+    gpu = not interpret
+    for key, rows in (("kv", tile["BLOCK_N"]), ("q", tile["BLOCK_M"])):
+        pt = rows * head_dim // threads
+        if pt not in _PER_THREAD_SUB:
+            return None
+    # dkdv accumulates BLOCK_N rows, dq BLOCK_M rows: one layout for both needs equal counts
+    if tile["BLOCK_N"] != tile["BLOCK_M"]:
+        return None
+    gr, gd = _PER_THREAD_SUB[tile["BLOCK_M"] * head_dim // threads]
+    if gd > head_dim or gr > tile["BLOCK_M"]:
+        return None
+    # GUNROLL 8: 97.1 ms against 106.0 with 4 for the backward at B=4 H=8 N=8192 D=64 bf16 on an
+    # H100 (bench/l1_backward_gpu.py; the 2-d kernels: 256.5 ms)
+    out.update(GSUB_R=gr, GSUB_D=gd, GASM=4 if gpu and head_dim % 4 == 0 else 0, SIGN_ASM=gpu,
+               GUNROLL=8 if gpu else 4)
+    out.update({k: over[k] for k in over if k in out})
+    return out
+
 _L1_FORWARD_TILES = ((128, 128, 8), (256, 64, 8), (128, 64, 8), (64, 128, 4), (64, 64, 4))
 
 
@@ -424,7 +707,7 @@ def l1_config_space(head_dim: int, dtype: torch.dtype, device_type: str) -> list
         return [default_l1_config(head_dim, dtype, device_type)]
     out = []
     for bm, bn, w in _L1_FORWARD_TILES:
-        for bbm, bbn, bw in ((64, 64, 4), (32, 64, 4), (64, 32, 4)):
+        for bbm, bbn, bw in ((64, 64, 4), (128, 128, 8)):  # square: the sub-tile backward kernels
             out.append(dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=1,
                             BWD_BLOCK_M=bbm, BWD_BLOCK_N=bbn, bwd_num_warps=bw, bwd_num_stages=1))
     return out
@@ -479,18 +762,50 @@ def l1_attention_backward(do, q, k, v, scale, out, row_stats, *, causal=False, m
     qt, kt = _transposed_f32(q), _transposed_f32(k)
     delta = row_dot(do, out)
     flags, launches = mask_launches(mask, Nq, Nk, causal, q.device)
-    dqt = torch.zeros(B, H, D, Nq, device=q.device, dtype=torch.float32)
-    dkt = torch.zeros(B, Hkv, D, Nk, device=q.device, dtype=torch.float32)
+    dqt = dkt = None
     dv = torch.empty(B, Hkv, Nk, Dv, device=q.device, dtype=v.dtype)
     dsc = torch.zeros(B * H, Nq, device=q.device, dtype=torch.float32)
     if mask_grad:
         gbuf, gs = mask_grad_buffer(mask, B, H, Nq, Nk)
     else:
         gbuf, gs = torch.empty(1, device=q.device, dtype=torch.float32), (0, 0, 0, 0)
+    cfg = config or default_l1_config(D, q.dtype, q.device.type)
+    impl = cfg.get("BWD_IMPL", "sub")
+    subs = None
+    if impl == "sub":
+        subs = [l1_bwd_sub_tiles(t, D, cfg, interpreting()) for t in (tile_kv, tile_q)]
+        if None in subs:
+            impl = "legacy"
+    if impl == "sub":
+        qf, kf = q.float().contiguous(), k.float().contiguous()
+        dq32 = torch.zeros(B, H, Nq, D, device=q.device, dtype=torch.float32)
+        dk32 = torch.zeros(B, Hkv, Nk, D, device=q.device, dtype=torch.float32)
+        n_scr = max(triton.cdiv(Nk, tile_kv["BLOCK_N"]) * B * Hkv * tile_kv["BLOCK_M"] * tile_kv["BLOCK_N"],
+                    triton.cdiv(Nq, tile_q["BLOCK_M"]) * B * H * tile_q["BLOCK_M"] * tile_q["BLOCK_N"])
+        scratch = torch.empty(n_scr, device=q.device, dtype=torch.float32)
+    elif impl != "legacy":
+        raise ValueError(f"BWD_IMPL {impl!r}: 'sub' or 'legacy'")
     for run_if, l_mask, l_causal in launches:
         m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
         common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, DV_PAD=_pad_dim(Dv), MASK_KIND=mkind, CAUSAL=l_causal,
                       DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q.dtype), RUN_IF=run_if, DROP_BITS=DROPOUT_BITS)
+        if impl == "sub":
+            bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
+            _l1_bwd_dkdv_sub_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
+                qt, kt, qf, kf, v, scale, m4, flags, do, row_stats[0], row_stats[2], delta, dk32, dv, scratch,
+                *v.stride(), *ms, *do.stride(),
+                H, Hkv, Nq, Nk, H // Hkv, seed, *dropout_args(dropout_p),
+                EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common, **subs[0])
+            bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
+            _l1_bwd_dq_sub_kernel[(triton.cdiv(Nq, bm), B * H)](
+                qt, kt, qf, kf, v, scale, m4, flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dq32, dsc,
+                gbuf, scratch, *v.stride(), *ms, *do.stride(), *gs,
+                H, Hkv, Nq, Nk, H // Hkv, seed, *dropout_args(dropout_p),
+                MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,
+                EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_q, **common, **subs[1])
+            continue
+        dqt = torch.zeros(B, H, D, Nq, device=q.device, dtype=torch.float32) if dqt is None else dqt
+        dkt = torch.zeros(B, Hkv, D, Nk, device=q.device, dtype=torch.float32) if dkt is None else dkt
         bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
         _l1_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
             qt, kt, v, scale, m4, flags, do, row_stats[0], row_stats[2], delta, dkt, dv,
@@ -504,8 +819,11 @@ def l1_attention_backward(do, q, k, v, scale, out, row_stats, *, causal=False, m
             H, Hkv, Nq, Nk, H // Hkv, seed, *dropout_args(dropout_p),
             MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_q, **common)
-    dq = dqt.transpose(-1, -2).to(q.dtype).contiguous()
-    dk = dkt.transpose(-1, -2).to(k.dtype).contiguous()
+    if impl == "sub":
+        dq, dk = dq32.to(q.dtype), dk32.to(k.dtype)
+    else:
+        dq = dqt.transpose(-1, -2).to(q.dtype).contiguous()
+        dk = dkt.transpose(-1, -2).to(k.dtype).contiguous()
     dscale = dsc.view(B, H, Nq).sum(dim=(0, 2))
     dmask = reduce_mask_grad(gbuf, mask) if mask_grad else None
     return dq, dk, dv, dscale, dmask
