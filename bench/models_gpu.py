@@ -6,6 +6,7 @@ Models (bf16, AdamW step included, as in shared/bench/anchors_gpu.py):
     gpt2-eager   HF GPT-2 small (12 layers, 768 wide), B=8, T=1024, attn_implementation="eager"
     gpt2-sdpa    the same with attn_implementation="sdpa"
     truthgpt-l2  examples/truthgpt.py with L2 attention, B=8, T=4096
+    truthgpt-l1  the same with L1 attention
 
 Per model and mode: a correctness check first (eval-mode logits/loss against eager on the same
 weights and inputs; NaN fails), then median step time (triton.testing.do_bench) and peak extra
@@ -78,6 +79,7 @@ MODELS = {
     "gpt2-eager": lambda: gpt2("eager"),
     "gpt2-sdpa": lambda: gpt2("sdpa"),
     "truthgpt-l2": lambda: truthgpt("l2"),
+    "truthgpt-l1": lambda: truthgpt("l1"),  # cdist(p=1): eager's backward fails at this size (issue 3)
 }
 
 
