@@ -212,8 +212,11 @@ def main():
                 if backend is not None:
                     row["cold"] = summary(backend)
                 if mode != "eager":
-                    ok, ref, got = check(model, runner, loss_fn, idx, tgt)
-                    row.update(check_ok=ok, eager_loss=ref, loss=got)
+                    try:
+                        ok, ref, got = check(model, runner, loss_fn, idx, tgt)
+                        row.update(check_ok=ok, eager_loss=ref, loss=got)
+                    except Exception as exc:  # noqa: BLE001 -- eager itself may fail (cdist in bf16)
+                        row["check_error"] = f"eager reference failed: {type(exc).__name__}: {str(exc)[:200]}"
                     # warm: a fresh Dynamo, the same process's caches (Inductor's, truthfuse's)
                     torch._dynamo.reset()
                     step, seconds, backend, runner = compile_and_step(model, mode, loss_fn, idx, tgt)
