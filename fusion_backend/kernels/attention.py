@@ -442,6 +442,30 @@ def _attn_bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------------------
 # Backward: dQ, the per-row scale gradient, and the float-mask gradient
 # ----------------------------------------------------------------------------------------------
+@triton.jit
+def _dq_tile(raw, do, v, delta, rbar, dsc, sa, sb, scale_k, mask_base, smm, smn, dmask_base, sgm, sgn, offs_m, offs_n,
+             N_Q, N_K, seed, bh, start_n, threshold, dropout_p, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+             EVEN_N: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
+             DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr):
+    """One (query block, key block) tile of a dQ kernel (here and in `attention_l1`), from its raw
+    scores: returns (dS, dsc plus the tile's share of the per-row scale gradient, centred on
+    E_p[raw]), and adds dS into the float-mask gradient at dmask_base when MASK_GRAD."""
+    s = _logits(raw, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND, CAUSAL,
+                EVEN_N)
+    p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
+        dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+    ds = p * (dp - delta[:, None])
+    if MASK_GRAD:
+        tl.atomic_add(dmask_base + offs_m[:, None] * sgm + offs_n[None, :] * sgn, ds,
+                      mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))
+    if SCALE_GRAD:
+        dsc += tl.sum(ds * (raw - rbar[:, None]), axis=1)
+    return ds, dsc
+
+
 @triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
 def _attn_bwd_dq_kernel(
     Q, K, V, SCALE, QVEC, KVEC, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, RBAR, DELTA, DQ, DSCALE, DMASK,
@@ -510,19 +534,10 @@ def _attn_bwd_dq_kernel(
             raw = 2.0 * qk - tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)[None, :]
         else:
             raw = qk
-        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND, CAUSAL,
-                    EVEN_N)
-        p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
-            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = p * (dp - delta[:, None])
-        if MASK_GRAD:
-            g_ptrs = DMASK + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_n[None, :] * sgn
-            tl.atomic_add(g_ptrs, ds, mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))
-        if SCALE_GRAD:
-            dsc += tl.sum(ds * (raw - rbar[:, None]), axis=1)
+        ds, dsc = _dq_tile(raw, do, v, delta, rbar, dsc, sa, sb, scale_k, mask_base, smm, smn,
+                           DMASK + b * sgb + h * sgh, sgm, sgn, offs_m, offs_n, N_Q, N_K, seed, bh, start_n,
+                           threshold, dropout_p, MASK_KIND, CAUSAL, EVEN_N, DROPOUT, MASK_GRAD, SCALE_GRAD, DOT_PREC,
+                           BLOCK_M, BLOCK_N, DROP_BITS)
         dq_acc = tl.dot(ds.to(K.dtype.element_ty), k, dq_acc, input_precision=DOT_PREC)
 
     dq_acc = dq_acc * scale

@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from fusion_backend.kernels.attention import (
-    DROPOUT_BITS, _dropout_keep, _exp_rel, _fwd_epilogue, _idle_launch, _kernel_scale, _key_end, _load_row_stats,
-    _load_rows, _logits, _mask_args, _pad_dim, _probs, _query_start, backward_tiles, dropout_args,
+    DROPOUT_BITS, _dq_tile, _dropout_keep, _exp_rel, _fwd_epilogue, _idle_launch, _kernel_scale, _key_end,
+    _load_row_stats, _load_rows, _logits, _mask_args, _pad_dim, _probs, _query_start, backward_tiles, dropout_args,
     mask_grad_buffer, mask_launches, new_row_stats, reduce_mask_grad, row_dot,
 )
 from fusion_backend.kernels.runtime import interpreting
@@ -268,6 +268,27 @@ def _l1_fwd_kernel(
                   sob, soh, som, sod, N_Q, HEAD_DIM_V, MASK_KIND)
 
 
+@triton.jit
+def _l1_dkdv_tile(dist, do, v, dv_acc, delta, sa, sb, scale, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K,
+                  seed, bh, pid_n, threshold, dropout_p, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+                  EVEN_N: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr):
+    """One (query block, key block) tile of the dK/dV kernels, from its [BLOCK_M, BLOCK_N]
+    distances: returns (scale * dS, dv_acc + P^T dO). dV takes the dropout's 1/(1-p) at the end."""
+    s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND, CAUSAL,
+                EVEN_N)
+    p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m, pid_n * BLOCK_N, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
+        pd = tl.where(keep, p, 0.0)
+        dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+    else:
+        pd = p
+    dv_acc = tl.dot(tl.trans(pd.to(do.dtype)), do, dv_acc, input_precision=DOT_PREC)
+    return p * (dp - delta[:, None]) * scale, dv_acc
+
+
 @triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
 def _l1_bwd_dkdv_kernel(
     QT, KT, V, SCALE, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, DELTA, DKT, DV,
@@ -312,19 +333,9 @@ def _l1_bwd_dkdv_kernel(
             sa, sb = _load_row_stats(STATS_M, STATS_L, bh, offs_m, N_Q, MASK_KIND)
             delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
             dist = _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
-            s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND,
-                        CAUSAL, EVEN_N)
-            p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            if DROPOUT:
-                keep = _dropout_keep(seed, bh, offs_m, pid_n * BLOCK_N, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
-                rescale = 1.0 / (1.0 - dropout_p)
-                pd = tl.where(keep, p, 0.0)  # dV takes the 1/(1-p) once, at the end
-                dp = tl.where(keep, dp * rescale, 0.0)
-            else:
-                pd = p
-            dv_acc = tl.dot(tl.trans(pd.to(DO.dtype.element_ty)), do, dv_acc, input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None]) * scale
+            ds, dv_acc = _l1_dkdv_tile(dist, do, v, dv_acc, delta, sa, sb, scale, scale_k, mask_base, smm, smn,
+                                       offs_m, offs_n, N_Q, N_K, seed, bh, pid_n, threshold, dropout_p, MASK_KIND,
+                                       CAUSAL, EVEN_N, DROPOUT, DOT_PREC, BLOCK_M, BLOCK_N, DROP_BITS)
             _add_sign_grad(ds, qt_base, kt_base, dkt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, False)
     dv_ptrs = DV + bhk * N_K * HEAD_DIM_V + offs_n[:, None] * HEAD_DIM_V + offs_dv[None, :]
     if DROPOUT:
@@ -374,20 +385,11 @@ def _l1_bwd_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         dist = _l1_dist(qt_base, kt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N)
-        s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND,
-                    CAUSAL, EVEN_N)
-        p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
         v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
-            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = p * (dp - delta[:, None])
-        if MASK_GRAD:
-            g_ptrs = DMASK + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_n[None, :] * sgn
-            tl.atomic_add(g_ptrs, ds, mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))
-        if SCALE_GRAD:
-            dsc += tl.sum(-ds * (dist + rbar[:, None]), axis=1)
+        ds, dsc = _dq_tile(-dist, do, v, delta, rbar, dsc, sa, sb, scale_k, mask_base, smm, smn,
+                           DMASK + b * sgb + h * sgh, sgm, sgn, offs_m, offs_n, N_Q, N_K, seed, bh, start_n,
+                           threshold, dropout_p, MASK_KIND, CAUSAL, EVEN_N, DROPOUT, MASK_GRAD, SCALE_GRAD,
+                           DOT_PREC, BLOCK_M, BLOCK_N, DROP_BITS)
         _add_sign_grad(-ds * scale, qt_base, kt_base, dqt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, True)
     tl.store(DSCALE + bh * N_Q + offs_m, dsc, mask=offs_m < N_Q)
 
@@ -525,19 +527,9 @@ def _l1_bwd_dkdv_sub_kernel(
             dist = _to_2d(_l1_dist_sub(qt_base, kt_base, qi, kj, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M,
                                        BLOCK_N, SUB_M, SUB_N, UNROLL, ASM_M, ASM_N, CONTIG_M, CONTIG_N),
                           BLOCK_M, BLOCK_N, CONTIG_M, CONTIG_N)
-            s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND,
-                        CAUSAL, EVEN_N)
-            p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            if DROPOUT:
-                keep = _dropout_keep(seed, bh, offs_m, pid_n * BLOCK_N, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
-                rescale = 1.0 / (1.0 - dropout_p)
-                pd = tl.where(keep, p, 0.0)  # dV takes the 1/(1-p) once, at the end
-                dp = tl.where(keep, dp * rescale, 0.0)
-            else:
-                pd = p
-            dv_acc = tl.dot(tl.trans(pd.to(DO.dtype.element_ty)), do, dv_acc, input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None]) * scale
+            ds, dv_acc = _l1_dkdv_tile(dist, do, v, dv_acc, delta, sa, sb, scale, scale_k, mask_base, smm, smn,
+                                       offs_m, offs_n, N_Q, N_K, seed, bh, pid_n, threshold, dropout_p, MASK_KIND,
+                                       CAUSAL, EVEN_N, DROPOUT, DOT_PREC, BLOCK_M, BLOCK_N, DROP_BITS)
             tl.debug_barrier()  # every thread is done reading the previous tile's g
             loc = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
             tl.store(g_base + loc, tl.where((offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K), ds, 0.0))
@@ -606,20 +598,11 @@ def _l1_bwd_dq_sub_kernel(
         dist = _to_2d(_l1_dist_sub(qt_base, kt_base, qi, kj, N_Q, N_K, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N,
                                    SUB_M, SUB_N, UNROLL, ASM_M, ASM_N, CONTIG_M, CONTIG_N),
                       BLOCK_M, BLOCK_N, CONTIG_M, CONTIG_N)
-        s = _logits(-dist, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND,
-                    CAUSAL, EVEN_N)
-        p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
         v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
-            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = p * (dp - delta[:, None])
-        if MASK_GRAD:
-            g_ptrs = DMASK + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_n[None, :] * sgn
-            tl.atomic_add(g_ptrs, ds, mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))
-        if SCALE_GRAD:
-            dsc += tl.sum(-ds * (dist + rbar[:, None]), axis=1)
+        ds, dsc = _dq_tile(-dist, do, v, delta, rbar, dsc, sa, sb, scale_k, mask_base, smm, smn,
+                           DMASK + b * sgb + h * sgh, sgm, sgn, offs_m, offs_n, N_Q, N_K, seed, bh, start_n,
+                           threshold, dropout_p, MASK_KIND, CAUSAL, EVEN_N, DROPOUT, MASK_GRAD, SCALE_GRAD,
+                           DOT_PREC, BLOCK_M, BLOCK_N, DROP_BITS)
         tl.debug_barrier()  # every thread is done reading the previous tile's g
         loc = tl.arange(0, BLOCK_N)[None, :] * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
         tl.store(g_base + loc, tl.where((offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K), -ds * scale, 0.0))
