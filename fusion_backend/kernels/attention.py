@@ -26,7 +26,7 @@ Conventions shared by the kernels (and by `attention_l1`):
   above the diagonal are skipped when it keeps nothing there, and an exact lower triangle runs
   the causal specialization, which never reads the mask (`mask_launches`).
 - Dropout: the keep mask of (b, h) is `kernels.philox`'s for an (Nq, Nk) matrix with seed
-  seed + b*H + h; kept values are scaled by 1/(1-p) (once per output row, not per element). The
+  seed + b*H + h, the seed read on the device (`philox.seed_arg`); kept values are scaled by 1/(1-p) (once per output row, not per element). The
   backward regenerates the same mask.
 - GQA: query head h reads key/value head h // GROUP.
 
@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import dropout_threshold, effective_p, keep_mask
+from .philox import dropout_threshold, effective_p, keep_mask, load_seed, seed_arg
 from .runtime import interpreting
 
 LOG2E = 1.4426950408889634
@@ -259,7 +259,7 @@ def _fwd_epilogue(acc, m_i, l_i, r_i, OUT, RBAR, STATS_M, STATS_L, b, h, bh, off
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, SCALE, KVEC, MASK, MASK_FLAGS, OUT, STATS_M, STATS_L, RBAR,
     sqb, sqh, sqm, sqd,
@@ -267,7 +267,7 @@ def _attn_fwd_kernel(
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sob, soh, som, sod,
-    H, N_Q, N_K, GROUP, seed, dropout_p, threshold,
+    H, N_Q, N_K, GROUP, SEED, dropout_p, threshold,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     STATS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -288,12 +288,13 @@ def _attn_fwd_kernel(
     RBAR:  (B*H, Nq) fp32: E_p[raw] per row when STATS (else 0). The backward centres the scale
            gradient on it: sum_j dS_ij = 0, so subtracting it changes nothing exactly but removes
            the cancellation that bf16 rounding of O (through delta) would otherwise expose.
-    GROUP: H // Hkv.  seed, dropout_p: see the module docstring.
+    GROUP: H // Hkv.  SEED (the int64 seed, `philox.seed_arg`), dropout_p: see the module docstring.
     Constexprs: HEAD_DIM/HEAD_DIM_V the true head dims, D_PAD/DV_PAD their powers of two (>= 16);
     METRIC 0 dot, 1 l2, 2 cosine; MASK_KIND 0/1/2; CAUSAL top-left triangle; DROPOUT on/off;
     EVEN_M/EVEN_N whether Nq/Nk are multiples of the blocks (skip bounds checks);
     DOT_PREC tl.dot input precision ("ieee" for fp32 inputs); BLOCK_M/BLOCK_N the tile.
     """
+    seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
     pid_m = tl.program_id(0)
@@ -343,7 +344,7 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # Backward: dK and dV (one program per key block of one kv head, looping over its query heads)
 # ----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, SCALE, KVEC, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, DELTA, DK, DV,
     sqb, sqh, sqm, sqd,
@@ -351,7 +352,7 @@ def _attn_bwd_dkdv_kernel(
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sdob, sdoh, sdom, sdod,
-    H, HKV, N_Q, N_K, GROUP, seed, dropout_p, threshold,
+    H, HKV, N_Q, N_K, GROUP, SEED, dropout_p, threshold,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -367,6 +368,7 @@ def _attn_bwd_dkdv_kernel(
     DK:    (B, Hkv, Nk, D) contiguous, K's dtype;  DV: (B, Hkv, Nk, Dv) contiguous, V's dtype.
     BLOCK_N keys are owned by the program, BLOCK_M queries are visited per step.
     """
+    seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
     pid_n = tl.program_id(0)
@@ -466,7 +468,7 @@ def _dq_tile(raw, do, v, delta, rbar, dsc, sa, sb, scale_k, mask_base, smm, smn,
     return ds, dsc
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
+@triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, SCALE, QVEC, KVEC, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, RBAR, DELTA, DQ, DSCALE, DMASK,
     sqb, sqh, sqm, sqd,
@@ -475,7 +477,7 @@ def _attn_bwd_dq_kernel(
     smb, smh, smm, smn,
     sdob, sdoh, sdom, sdod,
     sgb, sgh, sgm, sgn,
-    H, N_Q, N_K, GROUP, seed, dropout_p, threshold,
+    H, N_Q, N_K, GROUP, SEED, dropout_p, threshold,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     MASK_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
@@ -498,6 +500,7 @@ def _attn_bwd_dq_kernel(
     DMASK:  fp32 buffer addressed with strides sg* over (B, H, Nq, Nk) (0 on dims the mask
             broadcasts over B/H); dS is atomically added when MASK_GRAD.
     """
+    seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
     pid_m = tl.program_id(0)
@@ -868,7 +871,7 @@ def mask_launches(mask, Nq, Nk, causal, device):
     return _device_flags(mask, Nq, Nk), [(1, None, True), (2, mask, False)]
 
 
-def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, dropout_p=0.0, seed=0,
+def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, dropout_p=0.0, seed=None,
                       config=None, out=None, stats=True):
     """Run the forward kernel. q (B,H,Nq,D), k (B,Hkv,Nk,D), v (B,Hkv,Nk,Dv) any strides, one dtype;
     scale (H,) fp32; mask broadcastable to (B,H,Nq,Nk) (bool keep / float additive) or None.
@@ -884,12 +887,13 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
     grid = (triton.cdiv(Nq, bm), B * H)
     q, k, _qvec, kvec = _prepass(metric, q, k)
     flags, launches = mask_launches(mask, Nq, Nk, causal, q.device)
+    seed_t = seed_arg(seed if dropout_p > 0 else None, q)
     for run_if, l_mask, l_causal in launches:
         m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
         _attn_fwd_kernel[grid](
             q, k, v, scale, kvec, m4, flags, out, row_stats[0], row_stats[2], row_stats[1],
             *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
-            H, Nq, Nk, H // Hkv, seed, *dropout_args(dropout_p),
+            H, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
             HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv),
             METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=l_causal, DROPOUT=dropout_p > 0, STATS=stats,
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
@@ -938,7 +942,7 @@ def reduce_mask_grad(buf, mask):
 
 
 def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", causal=False, mask=None,
-                       dropout_p=0.0, seed=0, mask_grad=False, scale_grad=True, config=None):
+                       dropout_p=0.0, seed=None, mask_grad=False, scale_grad=True, config=None):
     """Gradients of the forward above. do (B,H,Nq,Dv); out, row_stats from `attention_forward`.
     Returns dq (q's shape/dtype), dk, dv (k/v's shapes/dtypes), dscale (H,) fp32 (zeros unless
     `scale_grad`), and dmask (the 4-d mask's shape, fp32 summed over broadcast dims) or None."""
@@ -947,6 +951,7 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
     tile_kv, tile_q = backward_tiles(config or default_attention_config(metric, D, q.dtype, q.device.type))
     delta = row_dot(do, out)
     flags, launches = mask_launches(mask, Nq, Nk, causal, q.device)
+    seed_t = seed_arg(seed if dropout_p > 0 else None, q)
     q, k, qvec, kvec = _prepass(metric, q, k)
     dq = torch.empty(B, H, Nq, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, Hkv, Nk, D, device=q.device, dtype=k.dtype)
@@ -965,14 +970,14 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
         _attn_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
             q, k, v, scale, kvec, m4, flags, do, row_stats[0], row_stats[2], delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(),
-            H, Hkv, Nq, Nk, H // Hkv, seed, *dropout_args(dropout_p),
+            H, Hkv, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common)
         bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
         _attn_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
             q, k, v, scale, qvec, kvec, m4, flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dq, dsc,
             gbuf,
             *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *gs,
-            H, Nq, Nk, H // Hkv, seed, *dropout_args(dropout_p),
+            H, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
             MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_q, **common)
     dscale = dsc.view(B, H, Nq).sum(dim=(0, 2))

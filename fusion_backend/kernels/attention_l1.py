@@ -34,6 +34,7 @@ from fusion_backend.kernels.attention import (
     _load_row_stats, _load_rows, _logits, _mask_args, _pad_dim, _probs, _query_start, backward_tiles, dropout_args,
     mask_grad_buffer, mask_launches, new_row_stats, reduce_mask_grad, row_dot,
 )
+from fusion_backend.kernels.philox import load_seed, seed_arg
 from fusion_backend.kernels.runtime import interpreting
 
 
@@ -185,13 +186,13 @@ def _to_2d(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CONTIG_M: tl.constex
     return tl.reshape(y, (BLOCK_M, BLOCK_N))
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
+@triton.jit
 def _l1_fwd_kernel(
     QT, KT, V, SCALE, MASK, MASK_FLAGS, OUT, STATS_M, STATS_L, RBAR,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sob, soh, som, sod,
-    H, HKV, N_Q, N_K, GROUP, seed, dropout_p, threshold,
+    H, HKV, N_Q, N_K, GROUP, SEED, dropout_p, threshold,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, STATS: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -212,6 +213,7 @@ def _l1_fwd_kernel(
     owns a SUB_M x SUB_N block and row reductions are in-thread ops plus shuffles over the lanes.
     Only the 16-bit probabilities are reshaped to 2-d, for P @ V.
     """
+    seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
     pid_m = tl.program_id(0)
@@ -289,13 +291,13 @@ def _l1_dkdv_tile(dist, do, v, dv_acc, delta, sa, sb, scale, scale_k, mask_base,
     return p * (dp - delta[:, None]) * scale, dv_acc
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
+@triton.jit
 def _l1_bwd_dkdv_kernel(
     QT, KT, V, SCALE, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, DELTA, DKT, DV,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sdob, sdoh, sdom, sdod,
-    H, HKV, N_Q, N_K, GROUP, seed, dropout_p, threshold,
+    H, HKV, N_Q, N_K, GROUP, SEED, dropout_p, threshold,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -306,6 +308,7 @@ def _l1_bwd_dkdv_kernel(
     for BLOCK_N keys of one (b, kv head), summed over its GROUP query heads.
     Grid: (cdiv(Nk, BLOCK_N), B * Hkv). DO (B, H, Nq, Dv) strides sdo*; STATS_M, STATS_L, DELTA
     (B*H, Nq) fp32."""
+    seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
     pid_n = tl.program_id(0)
@@ -343,14 +346,14 @@ def _l1_bwd_dkdv_kernel(
     tl.store(dv_ptrs, dv_acc.to(DV.dtype.element_ty), mask=(offs_n[:, None] < N_K) & (offs_dv[None, :] < HEAD_DIM_V))
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
+@triton.jit
 def _l1_bwd_dq_kernel(
     QT, KT, V, SCALE, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, RBAR, DELTA, DQT, DSCALE, DMASK,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sdob, sdoh, sdom, sdod,
     sgb, sgh, sgm, sgn,
-    H, HKV, N_Q, N_K, GROUP, seed, dropout_p, threshold,
+    H, HKV, N_Q, N_K, GROUP, SEED, dropout_p, threshold,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
     SCALE_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -360,6 +363,7 @@ def _l1_bwd_dq_kernel(
     """dQ (into DQT: (B, H, D, Nq) fp32 zeros, transposed), per-row scale gradient DSCALE (B*H, Nq)
     and float-mask gradient (atomics into DMASK, strides sg*) for BLOCK_M queries of one (b, h).
     Grid: (cdiv(Nq, BLOCK_M), B * H)."""
+    seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
     pid_m = tl.program_id(0)
@@ -471,13 +475,13 @@ def _sign_grad_tile(acc, own, other_base, g_base, other0, N_OTHER, ri, dd,
     return acc
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
+@triton.jit
 def _l1_bwd_dkdv_sub_kernel(
     QT, KT, QF, KF, V, SCALE, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, DELTA, DK, DV, SCRATCH,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sdob, sdoh, sdom, sdod,
-    H, HKV, N_Q, N_K, GROUP, seed, dropout_p, threshold,
+    H, HKV, N_Q, N_K, GROUP, SEED, dropout_p, threshold,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -490,6 +494,7 @@ def _l1_bwd_dkdv_sub_kernel(
     """`_l1_bwd_dkdv_kernel` with the sub-tile layouts: dK into DK (B, Hkv, Nk, D) fp32 (every row
     written), dV as there. QF/KF: (B, H, Nq, D) / (B, Hkv, Nk, D) fp32 contiguous; SCRATCH: fp32,
     BLOCK_M * BLOCK_N per program."""
+    seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
     pid_n = tl.program_id(0)
@@ -544,14 +549,14 @@ def _l1_bwd_dkdv_sub_kernel(
     tl.store(dv_ptrs, dv_acc.to(DV.dtype.element_ty), mask=(offs_n[:, None] < N_K) & (offs_dv[None, :] < HEAD_DIM_V))
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
+@triton.jit
 def _l1_bwd_dq_sub_kernel(
     QT, KT, QF, KF, V, SCALE, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, RBAR, DELTA, DQ, DSCALE, DMASK, SCRATCH,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sdob, sdoh, sdom, sdod,
     sgb, sgh, sgm, sgn,
-    H, HKV, N_Q, N_K, GROUP, seed, dropout_p, threshold,
+    H, HKV, N_Q, N_K, GROUP, SEED, dropout_p, threshold,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
     SCALE_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -563,6 +568,7 @@ def _l1_bwd_dq_sub_kernel(
 ):
     """`_l1_bwd_dq_kernel` with the sub-tile layouts: dQ into DQ (B, H, Nq, D) fp32 (every row
     written); the rest as there. QF/KF and SCRATCH as in `_l1_bwd_dkdv_sub_kernel`."""
+    seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
     pid_m = tl.program_id(0)
@@ -704,7 +710,7 @@ def _dot_prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def l1_attention_forward(q, k, v, scale, *, causal=False, mask=None, dropout_p=0.0, seed=0, config=None, out=None,
+def l1_attention_forward(q, k, v, scale, *, causal=False, mask=None, dropout_p=0.0, seed=None, config=None, out=None,
                          stats=True):
     """L1 attention forward. Shapes as `attention.attention_forward`; returns (out, row_stats).
     `stats` is accepted for the same signature; E_p[raw] is computed either way."""
@@ -718,12 +724,13 @@ def l1_attention_forward(q, k, v, scale, *, causal=False, mask=None, dropout_p=0
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     sub = l1_sub_tiles(cfg, interpreting())
     flags, launches = mask_launches(mask, Nq, Nk, causal, q.device)
+    seed_t = seed_arg(seed if dropout_p > 0 else None, q)
     for run_if, l_mask, l_causal in launches:
         m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
         _l1_fwd_kernel[(triton.cdiv(Nq, bm), B * H)](
             qt, kt, v, scale, m4, flags, out, row_stats[0], row_stats[2], row_stats[1],
             *v.stride(), *ms, *out.stride(),
-            H, Hkv, Nq, Nk, H // Hkv, seed, *dropout_args(dropout_p),
+            H, Hkv, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
             HEAD_DIM=D, HEAD_DIM_V=Dv, DV_PAD=_pad_dim(Dv),
             # E_p[raw] is always computed: on an H100 the kernel compiled without it ran 21.7 ms
             # against 15.1 with it (N=8192, bench/l1_forward_gpu.py), its per-tile work is small
@@ -735,7 +742,7 @@ def l1_attention_forward(q, k, v, scale, *, causal=False, mask=None, dropout_p=0
     return out, row_stats
 
 
-def l1_attention_backward(do, q, k, v, scale, out, row_stats, *, causal=False, mask=None, dropout_p=0.0, seed=0,
+def l1_attention_backward(do, q, k, v, scale, out, row_stats, *, causal=False, mask=None, dropout_p=0.0, seed=None,
                           mask_grad=False, scale_grad=True, config=None):
     """L1 attention backward; returns dq, dk, dv, dscale (H,) fp32 (zeros unless `scale_grad`),
     dmask or None."""
@@ -745,6 +752,7 @@ def l1_attention_backward(do, q, k, v, scale, out, row_stats, *, causal=False, m
     qt, kt = _transposed_f32(q), _transposed_f32(k)
     delta = row_dot(do, out)
     flags, launches = mask_launches(mask, Nq, Nk, causal, q.device)
+    seed_t = seed_arg(seed if dropout_p > 0 else None, q)
     dqt = dkt = None
     dv = torch.empty(B, Hkv, Nk, Dv, device=q.device, dtype=v.dtype)
     dsc = torch.zeros(B * H, Nq, device=q.device, dtype=torch.float32)
@@ -777,13 +785,13 @@ def l1_attention_backward(do, q, k, v, scale, out, row_stats, *, causal=False, m
             _l1_bwd_dkdv_sub_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
                 qt, kt, qf, kf, v, scale, m4, flags, do, row_stats[0], row_stats[2], delta, dk32, dv, scratch,
                 *v.stride(), *ms, *do.stride(),
-                H, Hkv, Nq, Nk, H // Hkv, seed, *dropout_args(dropout_p),
+                H, Hkv, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
                 EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common, **subs[0])
             bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
             _l1_bwd_dq_sub_kernel[(triton.cdiv(Nq, bm), B * H)](
                 qt, kt, qf, kf, v, scale, m4, flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dq32, dsc,
                 gbuf, scratch, *v.stride(), *ms, *do.stride(), *gs,
-                H, Hkv, Nq, Nk, H // Hkv, seed, *dropout_args(dropout_p),
+                H, Hkv, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
                 MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,
                 EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_q, **common, **subs[1])
             continue
@@ -793,13 +801,13 @@ def l1_attention_backward(do, q, k, v, scale, out, row_stats, *, causal=False, m
         _l1_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
             qt, kt, v, scale, m4, flags, do, row_stats[0], row_stats[2], delta, dkt, dv,
             *v.stride(), *ms, *do.stride(),
-            H, Hkv, Nq, Nk, H // Hkv, seed, *dropout_args(dropout_p),
+            H, Hkv, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common)
         bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
         _l1_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
             qt, kt, v, scale, m4, flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dqt, dsc, gbuf,
             *v.stride(), *ms, *do.stride(), *gs,
-            H, Hkv, Nq, Nk, H // Hkv, seed, *dropout_args(dropout_p),
+            H, Hkv, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
             MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_q, **common)
     if impl == "sub":

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import dropout_scale, dropout_threshold, keep_mask
+from .philox import dropout_scale, dropout_threshold, keep_mask, load_seed, seed_arg
 from .runtime import interpreting
 
 ACTIVATIONS = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
@@ -115,7 +115,7 @@ def _store_partial(ptrs, col_sums, mask, BIAS_GRAD: tl.constexpr):
     tl.store(ptrs, col_sums, mask=mask)
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
+@triton.jit
 def _gemm_kernel(
     a_ptr, b_ptr, a2_ptr, b2_ptr,
     bias_ptr, bias2_ptr,
@@ -125,7 +125,7 @@ def _gemm_kernel(
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_a2m, stride_a2k, stride_b2k, stride_b2n,
     stride_zm, stride_zn, stride_rm, stride_rn, stride_cm, stride_cn,
-    seed, threshold, scale, row0,
+    SEED, seed_offset, threshold, scale, row0,
     EPI: tl.constexpr, ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, GATED: tl.constexpr, HAS_K2: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_RES: tl.constexpr, STORE_Z: tl.constexpr, UPCAST: tl.constexpr,
@@ -153,8 +153,8 @@ def _gemm_kernel(
              EPI_DHIDDEN: dL/dz in c, and dL/dzu in c2 when GATED. Otherwise the result in c.
       db_ptr, db2_ptr (cdiv(M, BLOCK_M), N) float32 contiguous: EPI_DHIDDEN with BIAS_GRAD (1 write, 2 add to): each
              M-tile's column sums of dL/dz (and dL/dzu), summed over dim 0 for bias gradients.
-    Scalars: seed (Philox key), threshold (int, keep if 16-bit draw >= it), scale (1/(1-p)),
-      used when HAS_DROPOUT; element (i, j) is drawn as element (row0 + i, j) of the matrix, so
+    SEED: the int64 Philox key (`philox.seed_arg`), plus seed_offset; threshold (int, keep if a
+      16-bit draw >= it), scale (1/(1-p)); used when HAS_DROPOUT; element (i, j) is drawn as element (row0 + i, j) of the matrix, so
       a block of rows of a larger matrix (starting at row row0) draws that matrix's mask.
     Constexprs: EPI (EPI_* code), ACT (activation code), HAS_BIAS/HAS_BIAS2/GATED/HAS_K2/
       HAS_DROPOUT/HAS_RES/STORE_Z switch the pieces above; UPCAST computes the dot in float32
@@ -164,6 +164,7 @@ def _gemm_kernel(
       cuBLAS; ignored for 16-bit inputs); BLOCK_M/N/K the tile; GROUP_M how many
       M-tiles share a sweep over N, so that B tiles stay in L2.
     """
+    seed = load_seed(SEED, HAS_DROPOUT) + seed_offset
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -294,7 +295,7 @@ def _gemm_kernel(
 def gemm(
     a, b, *, epi=EPI_PLAIN, act=0, bias=None, b2=None, bias2=None, a2=None,
     z=None, zu=None, residual=None, out=None, out2=None,
-    seed=0, p=0.0, row0=0, store_z=True, bias_grad=False, bias_partials=None,
+    seed=None, seed_offset=0, p=0.0, row0=0, store_z=True, bias_grad=False, bias_partials=None,
     accumulate_partials=False, config=None,
 ):
     """Launch `_gemm_kernel`: out (M, N) = a (M, K) @ b (K, N), with the epilogue `epi`.
@@ -360,7 +361,7 @@ def gemm(
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         a2t.stride(0), a2t.stride(1), b2t.stride(0), b2t.stride(1),
         zt.stride(0), zt.stride(1), rt.stride(0), rt.stride(1), out.stride(0), out.stride(1),
-        int(seed), dropout_threshold(p), dropout_scale(p), int(row0),
+        seed_arg(seed if p > 0.0 else None, out), int(seed_offset), dropout_threshold(p), dropout_scale(p), int(row0),
         EPI=epi, ACT=act,
         HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, GATED=gated, HAS_K2=has_k2,
         HAS_DROPOUT=p > 0.0, HAS_RES=residual is not None, STORE_Z=bool(store_z),
@@ -391,11 +392,11 @@ def bias_partial_rows(M: int, config: dict) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
+@triton.jit
 def _hidden_epilogue_kernel(
     z_ptr, zu_ptr, bias_ptr, bias2_ptr, g_ptr, out_ptr, out2_ptr, dbias_ptr, dbias2_ptr,
     M, N, stride_zm, stride_gm, stride_om,
-    seed, threshold, scale, row0,
+    SEED, seed_offset, threshold, scale, row0,
     ACT: tl.constexpr, BACKWARD: tl.constexpr, GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BIAS_GRAD: tl.constexpr,
@@ -414,11 +415,12 @@ def _hidden_epilogue_kernel(
       dbias_ptr (cdiv(M, BLOCK_M), N) float32, contiguous: BACKWARD with BIAS_GRAD (1 write, 2 add to): per row-block
         column sums of dL/dz (sum them over dim 0 for the bias gradient); dbias2_ptr the same for
         dL/dzu. Summing inside the pass spares another read of a (M, N) tensor.
-    Scalars: seed, threshold, scale: dropout, element (i, j) drawn as element (row0 + i, j).
+    SEED (+ seed_offset), threshold, scale: dropout, element (i, j) drawn as element (row0 + i, j).
     Constexprs: ACT activation code; BACKWARD picks the direction; GATED, HAS_BIAS, HAS_BIAS2,
       HAS_DROPOUT, BIAS_GRAD switch the pieces above; BLOCK_M x BLOCK_N the tile (BLOCK_N a
       multiple of 8: one Philox call covers 8 columns).
     """
+    seed = load_seed(SEED, HAS_DROPOUT) + seed_offset
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     # 64-bit row base as a scalar, 32-bit offsets inside the tile: the loads stay vectorized.
@@ -476,7 +478,7 @@ def _hidden_epilogue_kernel(
 
 def hidden_epilogue(
     z, *, act, zu=None, bias=None, bias2=None, grad=None, out=None, out2=None,
-    seed=0, p=0.0, row0=0, bias_grad=False, bias_partials=None, accumulate_partials=False, config=None,
+    seed=None, seed_offset=0, p=0.0, row0=0, bias_grad=False, bias_partials=None, accumulate_partials=False, config=None,
 ):
     """Forward: hidden = dropout(act(z + bias) [* (zu + bias2)], p).
     Backward (grad given, dL/dhidden): returns (dz, dzu or None, dbias or None, dbias2 or None),
@@ -509,7 +511,7 @@ def hidden_epilogue(
         grad if backward else dummy, out, out2 if out2 is not None else dummy,
         db if db is not None else dummy, db2 if db2 is not None else dummy,
         M, N, z.stride(0), grad.stride(0) if backward else 0, out.stride(0),
-        int(seed), dropout_threshold(p), dropout_scale(p), int(row0),
+        seed_arg(seed if p > 0.0 else None, out), int(seed_offset), dropout_threshold(p), dropout_scale(p), int(row0),
         ACT=act, BACKWARD=backward, GATED=gated,
         HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, HAS_DROPOUT=p > 0.0,
         BIAS_GRAD=0 if db is None else (2 if accumulate_partials else 1),
@@ -522,11 +524,11 @@ def hidden_epilogue(
     return out, out2, (db.sum(0) if db is not None else None), (db2.sum(0) if db2 is not None else None)
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled kernel
+@triton.jit
 def _output_epilogue_kernel(
     y_ptr, bias_ptr, res_ptr, out_ptr, dbias_ptr,
     M, N, stride_ym, stride_rm, stride_om,
-    seed, threshold, scale, row0,
+    SEED, seed_offset, threshold, scale, row0,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_RES: tl.constexpr, BIAS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -534,7 +536,7 @@ def _output_epilogue_kernel(
 
     Pointers: y_ptr (M, N) row stride stride_ym; bias_ptr (N,) if HAS_BIAS; res_ptr (M, N) row
     stride stride_rm if HAS_RES; out_ptr (M, N) row stride stride_om (may alias y).
-    Scalars: seed, threshold, scale of the dropout (element (i, j) drawn as (row0 + i, j)), if
+    SEED (+ seed_offset), threshold, scale: the dropout (element (i, j) drawn as (row0 + i, j)), if
     HAS_DROPOUT.
     Constexprs: HAS_BIAS, HAS_DROPOUT, HAS_RES switch the three steps; BLOCK_M x BLOCK_N the tile
     (BLOCK_N a multiple of 8: one Philox call covers 8 columns).
@@ -542,6 +544,7 @@ def _output_epilogue_kernel(
     BIAS_GRAD (1 write, 2 add to) the per-tile column sums of the stored values into dbias_ptr
     ((cdiv(M, BLOCK_M), N) float32, contiguous), as `_hidden_epilogue_kernel` does.
     """
+    seed = load_seed(SEED, HAS_DROPOUT) + seed_offset
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     m0 = pid_m.to(tl.int64) * BLOCK_M
@@ -564,7 +567,7 @@ def _output_epilogue_kernel(
         _store_partial(dbias_ptr + pid_m * N + rn, tl.sum(tl.where(mask, y.to(tl.float32), 0.0), 0), rn < N, BIAS_GRAD)
 
 
-def output_epilogue(y, *, bias=None, residual=None, out=None, seed=0, p=0.0, row0=0, bias_partials=None,
+def output_epilogue(y, *, bias=None, residual=None, out=None, seed=None, seed_offset=0, p=0.0, row0=0, bias_partials=None,
                     accumulate_partials=False, config=None):
     """out = dropout(y + bias, p) + residual; y, residual, out (M, N) with contiguous rows.
     out may be y (in place). row0: dropout counters of rows row0.. of a larger matrix.
@@ -580,7 +583,7 @@ def output_epilogue(y, *, bias=None, residual=None, out=None, seed=0, p=0.0, row
         y, bias if bias is not None else y, residual if residual is not None else y, out,
         bias_partials if bias_partials is not None else out,
         M, N, y.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
-        int(seed), dropout_threshold(p), dropout_scale(p), int(row0),
+        seed_arg(seed if p > 0.0 else None, out), int(seed_offset), dropout_threshold(p), dropout_scale(p), int(row0),
         HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, HAS_RES=residual is not None,
         BIAS_GRAD=0 if bias_partials is None else (2 if accumulate_partials else 1),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],

@@ -47,6 +47,31 @@ def keep_mask(seed, rows, col0, N, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl
     return _split_draws(w, BLOCK_M, BLOCK_N // G * 4, BITS).to(tl.int32) >= threshold
 
 
+@triton.jit
+def load_seed(SEED, DROPOUT: tl.constexpr):
+    """The dropout seed, read on the device from SEED (see `seed_arg`); 0 without dropout, where
+    SEED is never read."""
+    if DROPOUT:
+        return tl.load(SEED)
+    else:
+        return 0
+
+
+def seed_arg(seed, like: torch.Tensor) -> torch.Tensor:
+    """The kernels' SEED argument. The seed stays a 0-d int64 tensor on the kernels' device, read
+    by the kernel: no host sync, and a CUDA graph replays with each step's fresh draw. An int
+    (tests, benchmarks) is copied there; None (no dropout) passes `like`, which the kernels do not
+    read then."""
+    if seed is None:
+        return like
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != like.device:
+            raise ValueError(f"dropout seed: expected one int64 on {like.device}, got {seed.dtype} "
+                             f"{tuple(seed.shape)} on {seed.device}")
+        return seed
+    return torch.tensor(int(seed), dtype=torch.int64, device=like.device)
+
+
 def dropout_threshold(p: float, bits: int = 16) -> int:
     """Integer threshold on `bits`-bit draws: an element is kept when draw >= threshold, so p = 1
     (threshold 2**bits) keeps nothing."""

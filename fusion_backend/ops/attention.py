@@ -13,7 +13,7 @@ is the top-left lower triangle. A fully masked row gives 0.
 
 Two custom ops carry the work: truthfuse::attention_fwd returns (out, row stats) and
 truthfuse::attention_bwd returns (dq, dk, dv, dscale, dmask); `register_autograd` joins them. The
-dropout seed is an input tensor drawn from torch's default generator, so the ops themselves are
+dropout seed is an input tensor drawn from the device's torch generator, so the ops themselves are
 deterministic and the backward regenerates the forward's dropout mask.
 
 Where kernels cannot run (CPU without TRITON_INTERPRET=1) the PyTorch reference computes the
@@ -33,7 +33,7 @@ from fusion_backend.kernels.philox import dropout_scale, philox_keep_mask
 from fusion_backend.kernels.runtime import can_launch, device_unsupported, interpreting
 from fusion_backend.ops.fallback import warn_fallback_once
 from fusion_backend.ops.eager import eager_function, plain_eager_call
-from fusion_backend.ops.seed import draw_seed, reference_seed
+from fusion_backend.ops.seed import draw_seed, reference_seed, seed_value
 
 METRICS = ("dot", "l2", "l1", "cosine")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -199,7 +199,7 @@ def attention_reference(q, k, v, *, metric="dot", scale=None, causal=False, attn
     scale_h = _scale_vector(scale, metric, D, H, q.device).to(dtype)
     mask = None if attn_mask is None else attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     if dropout_p > 0 and dropout_seed is None:
-        dropout_seed = reference_seed()
+        dropout_seed = reference_seed(q.device)
     out, _ = _reference_core(q, k, v, scale_h, metric, causal, mask, float(dropout_p), dropout_seed or 0, dtype)
     return out.to(q.dtype)
 
@@ -233,36 +233,34 @@ def _use_kernels(q, k, v, metric, mask, dropout_p):
 
 
 def _fwd_impl(q, k, v, scale, mask, seed, metric, causal, dropout_p, config, scale_grad):
-    seed_i = int(seed.item())
     if _use_kernels(q, k, v, metric, mask, dropout_p):
         try:
             qk, kk, vk, mk = _kernel_inputs(q, k, v, mask)
             cfg = _resolve_config(config, metric, q.shape[-1], q.dtype, q.device.type)
             launch = _l1.l1_attention_forward if metric == "l1" else _tc.attention_forward
             kw = {} if metric == "l1" else dict(metric=metric)
-            out, lse = launch(qk, kk, vk, scale, causal=causal, mask=mk, dropout_p=dropout_p, seed=seed_i,
+            out, lse = launch(qk, kk, vk, scale, causal=causal, mask=mk, dropout_p=dropout_p, seed=seed,
                               config=cfg, stats=scale_grad, **kw)
             return out.to(q.dtype), lse
         except Exception as e:  # compile / launch failure: keep the model running
             warn_fallback_once("attention", f"kernel failed: {type(e).__name__}: {str(e)[:200]}")
-    out, lse = _reference_core(q, k, v, scale, metric, causal, mask, dropout_p, seed_i, torch.float32)
+    out, lse = _reference_core(q, k, v, scale, metric, causal, mask, dropout_p, seed_value(seed), torch.float32)
     return out.to(q.dtype).contiguous(), lse
 
 
 def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dropout_p, config, mask_grad,
               scale_grad):
-    seed_i = int(seed.item())
     if _use_kernels(q, k, v, metric, mask, dropout_p):
         try:
             gk, qk, kk, vk, mk, ok = _kernel_inputs(grad_out, q, k, v, mask, out)
             cfg = _resolve_config(config, metric, q.shape[-1], q.dtype, q.device.type)
             if metric == "l1":
                 r = _l1.l1_attention_backward(gk, qk, kk, vk, scale, ok, lse, causal=causal, mask=mk,
-                                              dropout_p=dropout_p, seed=seed_i, mask_grad=mask_grad,
+                                              dropout_p=dropout_p, seed=seed, mask_grad=mask_grad,
                                               scale_grad=scale_grad, config=cfg)
             else:
                 r = _tc.attention_backward(gk, qk, kk, vk, scale, ok, lse, metric=metric, causal=causal, mask=mk,
-                                           dropout_p=dropout_p, seed=seed_i, mask_grad=mask_grad,
+                                           dropout_p=dropout_p, seed=seed, mask_grad=mask_grad,
                                            scale_grad=scale_grad, config=cfg)
             dq, dk, dv, dscale, dmask = r
             dmask = dmask.to(mask.dtype) if mask_grad else q.new_empty(0)
@@ -277,7 +275,7 @@ def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dr
         mf = mask
         if mask_grad:
             mf = mask.detach().float().requires_grad_()
-        o, _ = _reference_core(qf, kf, vf, sf, metric, causal, mf, dropout_p, seed_i, torch.float32)
+        o, _ = _reference_core(qf, kf, vf, sf, metric, causal, mf, dropout_p, seed_value(seed), torch.float32)
         ins = [qf, kf, vf, sf] + ([mf] if mask_grad else [])
         gs = torch.autograd.grad(o, ins, grad_out.float(), allow_unused=True)
     gs = [torch.zeros_like(i) if g is None else g for g, i in zip(gs, ins)]
@@ -289,12 +287,12 @@ def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dr
 # Custom ops
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("truthfuse::attention_fwd", mutates_args=())
-def attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: Tensor, attn_mask: Optional[Tensor], seed: Tensor,
+def attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: Tensor, attn_mask: Optional[Tensor], seed: Optional[Tensor],
                      metric: str, causal: bool, dropout_p: float, config: Optional[str],
                      scale_grad: bool) -> tuple[Tensor, Tensor]:
     """Forward: (out (B, H, Nq, Dv) in q's dtype, row stats (3, B*H, Nq) fp32: row max, E_p[raw]
     (when scale_grad, else 0) and log2 of the row sum). scale (H,) fp32; attn_mask 4-d broadcastable
-    or None; seed a 0-d int64 CPU tensor."""
+    or None; seed the dropout's 0-d int64 tensor on q's device (`ops.seed`), None without dropout."""
     return _fwd_impl(q, k, v, scale, attn_mask, seed, metric, causal, dropout_p, config, scale_grad)
 
 
@@ -306,7 +304,7 @@ def _(q, k, v, scale, attn_mask, seed, metric, causal, dropout_p, config, scale_
 
 @torch.library.custom_op("truthfuse::attention_bwd", mutates_args=())
 def attention_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: Tensor, attn_mask: Optional[Tensor],
-                     out: Tensor, lse: Tensor, seed: Tensor, metric: str, causal: bool, dropout_p: float,
+                     out: Tensor, lse: Tensor, seed: Optional[Tensor], metric: str, causal: bool, dropout_p: float,
                      config: Optional[str], mask_grad: bool,
                      scale_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward: (dq, dk, dv, dscale (H,) fp32 (zeros unless scale_grad), dmask (attn_mask's shape,
@@ -503,7 +501,7 @@ def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None
         mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
         if mask.device != q.device:
             mask = mask.to(q.device)
-    seed = draw_seed(q, draw=dropout_p > 0)
+    seed = draw_seed(q) if dropout_p > 0 else None
     if isinstance(config, dict):
         config = config_key(config)
     elif config is not None:

@@ -29,7 +29,7 @@ from ..kernels.philox import dropout_scale, philox_keep_mask
 from ..kernels.runtime import can_launch, device_unsupported, interpreting
 from .eager import eager_function, plain_eager_call
 from .fallback import warn_fallback_once
-from .seed import draw_seed, reference_seed
+from .seed import draw_seed, reference_seed, seed_value
 
 __all__ = [
     "ACTIVATIONS",
@@ -245,7 +245,7 @@ def feedforward_reference(
     _validate(x, w_in, b_in, w_out, b_out, activation, w_gate, b_gate, hidden_dropout_p, output_dropout_p, residual, None, None)
     p_h, p_o = float(hidden_dropout_p), float(output_dropout_p)
     if seed is None and (p_h > 0 or p_o > 0):
-        seed = reference_seed()
+        seed = reference_seed(x.device)
     x2 = x.reshape(-1, x.shape[-1])
     if w_gate is not None:
         hid = _act_ref(F.linear(x2, w_gate, b_gate), activation) * F.linear(x2, w_in, b_in)
@@ -340,7 +340,8 @@ def _fused_forward(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, 
             x, w_in.t(), epi=K.EPI_HIDDEN, act=code, bias=b_in,
             b2=w_gate.t() if gated else None, bias2=b_gate, seed=seed, p=p_h, store_z=save, config=gemm_cfg,
         )
-        out = K.gemm(hid, w_out.t(), epi=K.EPI_OUT, bias=b_out, residual=residual, seed=seed + 1, p=p_o, config=gemm_cfg)
+        out = K.gemm(hid, w_out.t(), epi=K.EPI_OUT, bias=b_out, residual=residual, seed=seed, seed_offset=1, p=p_o,
+                     config=gemm_cfg)
     else:
         def lin(w, b):
             return torch.addmm(b, x, w.t()) if b is not None else torch.mm(x, w.t())
@@ -351,7 +352,7 @@ def _fused_forward(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, 
         hid = K.hidden_epilogue(z, act=code, zu=zu, seed=seed, p=p_h, out=None if save else z, config=ew_cfg)
         out = torch.addmm(b_out, hid, w_out.t()) if b_out is not None else torch.mm(hid, w_out.t())
         if p_o > 0:
-            K.output_epilogue(out, residual=residual, out=out, seed=seed + 1, p=p_o, config=ew_cfg)
+            K.output_epilogue(out, residual=residual, out=out, seed=seed, seed_offset=1, p=p_o, config=ew_cfg)
         elif residual is not None:  # same rounding as the epilogue, one cheaper launch
             out.add_(residual)
     if not save:  # distinct empties: a custom op's outputs may not alias each other
@@ -465,7 +466,7 @@ def _fused_backward(grad, x, z, zu, w_in, b_in, w_out, w_gate, b_gate, seed, act
     for r0 in starts:
         r1 = min(M, r0 + R)
         if p_o > 0:
-            gy_r = K.output_epilogue(grad[r0:r1], out=gy_buf[: r1 - r0], seed=seed + 1, p=p_o, row0=r0,
+            gy_r = K.output_epilogue(grad[r0:r1], out=gy_buf[: r1 - r0], seed=seed, seed_offset=1, p=p_o, row0=r0,
                                      bias_partials=out_partials, accumulate_partials=r0 > 0, config=ew_cfg)
         else:
             gy_r = grad[r0:r1]
@@ -549,22 +550,20 @@ def _fit_impl(impl, M, w_in, w_out):
 def _forward_impl(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, activation,
                   hidden_dropout_p, output_dropout_p, impl, config, save):
     """Forward on 2-D x; see `_feedforward_op`. Shared by the custom op and the eager path."""
-    s = int(seed.item()) if seed is not None else 0
     args = (x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual)
     if _use_kernels([t for t in args if t is not None], x.dtype, x.shape[0]):
         gemm_cfg, ew_cfg = _resolve_config(impl, config or None, w_gate is not None)
         impl = _fit_impl(impl, x.shape[0], w_in, w_out)
         try:
-            return _fused_forward(*args, s, activation, hidden_dropout_p, output_dropout_p, impl, gemm_cfg, ew_cfg, save)
+            return _fused_forward(*args, seed, activation, hidden_dropout_p, output_dropout_p, impl, gemm_cfg, ew_cfg, save)
         except Exception as e:  # a kernel that cannot compile or launch must not break the model
             warn_fallback_once("feedforward", f"{type(e).__name__}: {str(e)[:200]}")
-    return _ref_forward(*args, s, activation, hidden_dropout_p, output_dropout_p, save)
+    return _ref_forward(*args, seed_value(seed), activation, hidden_dropout_p, output_dropout_p, save)
 
 
 def _backward_impl(grad, x, z, zu, w_in, b_in, w_out, w_gate, b_gate, seed, activation,
                    hidden_dropout_p, output_dropout_p, impl, config, needs):
     """Backward on 2-D tensors; see `_feedforward_backward_op`. Shared like `_forward_impl`."""
-    s = int(seed.item()) if seed is not None else 0
     gated = w_gate is not None
     tensors = [t for t in (grad, x, w_in, b_in, w_out, w_gate, b_gate) if t is not None]
     kernels = _use_kernels(tensors, x.dtype, x.shape[0])
@@ -575,11 +574,12 @@ def _backward_impl(grad, x, z, zu, w_in, b_in, w_out, w_gate, b_gate, seed, acti
         try:
             saved = z.dim() == 2
             res = _fused_backward(grad, x, z if saved else None, zu if (saved and gated) else None, w_in, b_in,
-                                  w_out, w_gate, b_gate, s, activation, hidden_dropout_p, output_dropout_p, impl,
+                                  w_out, w_gate, b_gate, seed, activation, hidden_dropout_p, output_dropout_p, impl,
                                   gemm_cfg, ew_cfg, needs)
         except Exception as e:
             warn_fallback_once("feedforward", f"{type(e).__name__}: {str(e)[:200]}")
     if res is None:
+        s = seed_value(seed)
         if z.dim() != 2:
             _, z, zu = _ref_forward(x, w_in, b_in, w_out, None, w_gate, b_gate, None, s, activation, 0.0, 0.0, True)
         res = _ref_backward(grad, x, z, zu if gated else None, w_in, w_out, w_gate, s, activation,
@@ -596,8 +596,8 @@ def _feedforward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward on 2-D x (M, d). Returns (out (M, d_out), z, zu): z the (gate's, when gated)
     pre-activation (M, h), zu the up projection's (M, h) when gated; each an empty (0,) tensor
-    when not saved (save=False, or no gate). `seed` is an int64 scalar tensor (or None without
-    dropout); config "" means the default."""
+    when not saved (save=False, or no gate). `seed` is the dropout's 0-d int64 tensor on x's
+    device (or None without dropout); config "" means the default."""
     return _forward_impl(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, activation,
                          hidden_dropout_p, output_dropout_p, impl, config, save)
 

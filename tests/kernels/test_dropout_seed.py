@@ -1,5 +1,6 @@
 """The fused ops' dropout seeds under torch.compile: drawn by an opaque op at run time, one per
 call site, in the order eager draws them."""
+import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
@@ -41,10 +42,11 @@ def test_inductor_calls_the_seed_op_instead_of_generating_a_kernel_for_it():
     assert "randint" not in code.replace("truthfuse.dropout_seed", "")
 
 
-def test_no_kernel_specializes_on_the_seed():
-    """Triton compiles a new kernel for an int argument divisible by 16 (or equal to 1); a seed is
-    new every call, so a kernel specialized on it compiled again, seconds into training, the first
-    time a seed fell in the other class. Checked on the compiled (not interpreted) kernels."""
+def test_kernels_read_the_seed_on_the_device():
+    """Every kernel that drops takes its seed as a pointer (SEED) and none as an int: a seed read
+    on the host would need a sync per call and would be frozen into a CUDA graph, and an int seed
+    made Triton compile a new kernel the first time a seed fell in another divisibility class.
+    Checked on the compiled (not interpreted) kernels."""
     import os
     import subprocess
     import sys
@@ -52,27 +54,38 @@ def test_no_kernel_specializes_on_the_seed():
     code = (
         "import inspect, triton\n"
         "from fusion_backend.kernels import attention, attention_l1, feedforward\n"
-        "kernels = [(f'{m.__name__}.{n}', k) for m in (attention, attention_l1, feedforward)\n"
+        "kernels = [(n, {p.name for p in k.params}) for m in (attention, attention_l1, feedforward)\n"
         "           for n, k in inspect.getmembers(m, lambda k: isinstance(k, triton.runtime.jit.JITFunction))\n"
-        "           if n.endswith('_kernel') and any(p.name == 'seed' for p in k.params)]\n"
-        "bad = [n for n, k in kernels if not next(p for p in k.params if p.name == 'seed').do_not_specialize]\n"
-        "print(len(kernels), bad)\n"
+        "           if n.endswith('_kernel')]\n"
+        "print(sum('SEED' in p for _, p in kernels), [n for n, p in kernels if 'seed' in p])\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    seeded, bad = out.strip().split(" ", 1)
-    assert int(seeded) == 11 and bad == "[]", out
+    seeded, int_seeded = out.strip().split(" ", 1)
+    assert int(seeded) == 11 and int_seeded == "[]", out
 
 
 def test_eager_draw_is_the_ops_draw():
     """Plain eager calls draw the seed without the op; after one manual_seed both give the same
-    seeds, and no dropout draws nothing (the generator does not move)."""
-    from fusion_backend.ops.seed import SEED_HIGH, draw_seed, dropout_seed_op
+    seeds, on the anchor's device, and `reference_seed` predicts them."""
+    from fusion_backend.ops.seed import SEED_HIGH, draw_seed, dropout_seed_op, reference_seed
 
     x = torch.randn(3)
     torch.manual_seed(11)
-    eager = [int(draw_seed(x)) for _ in range(3)] + [int(draw_seed(x, draw=False)), int(draw_seed(x))]
+    eager = [draw_seed(x) for _ in range(3)]
     torch.manual_seed(11)
-    op = [int(dropout_seed_op(x, SEED_HIGH, True)) for _ in range(3)]
-    op += [int(dropout_seed_op(x, SEED_HIGH, False)), int(dropout_seed_op(x, SEED_HIGH, True))]
-    assert eager == op and eager[3] == 0 and len(set(eager[:3] + eager[4:])) == 4
+    op = [dropout_seed_op(x, SEED_HIGH) for _ in range(3)]
+    torch.manual_seed(11)
+    ref = [reference_seed(x.device) for _ in range(3)]
+    assert [int(t) for t in eager] == [int(t) for t in op] == ref and len(set(ref)) == 3
+    assert all(t.device == x.device and t.dtype == torch.int64 and t.dim() == 0 for t in eager + op)
+
+
+def test_seed_argument_is_checked():
+    from fusion_backend.kernels.philox import seed_arg
+
+    x = torch.zeros(2)
+    assert seed_arg(None, x) is x
+    assert int(seed_arg(7, x)) == 7
+    with pytest.raises(ValueError, match="int64"):
+        seed_arg(torch.tensor(7, dtype=torch.int32), x)
