@@ -229,6 +229,85 @@ class FusedFFN(FFN):
                            hidden_dropout_p=p, output_dropout_p=p, residual=x, impl=s.impl, config=s.config)
 
 
+def _compiled(base, backend, mode):
+    """torch.compile of `base` by Inductor or truthfuse (every valid match fused, so the fused op
+    is what is timed), in Inductor's `mode` ("default" or "reduce-overhead": CUDA graphs)."""
+    if backend == "inductor":
+        return torch.compile(base, mode=None if mode == "default" else mode)
+    return torch.compile(base, backend="truthfuse", options=dict(strategy="aggressive", mode=mode, cache=False))
+
+
+def _graph_skips():
+    return {k: v for k, v in torch._dynamo.utils.counters["inductor"].items() if "cudagraph" in k}
+
+
+def _graph_launches(step):
+    """cudaGraphLaunch calls in one run of `step` (the evidence that it replays CUDA graphs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if "cudaGraphLaunch" in e.name)
+
+
+def check_graphs():
+    """truthfuse under mode="reduce-overhead": the whole step becomes CUDA graphs (no skips) with
+    the fused op inside, the numbers match float64 without dropout, and with dropout each replay
+    draws a fresh mask (the seed is drawn on the device inside the graph)."""
+    ok = True
+    T, d, h = 1024, 256, 1024
+    torch.manual_seed(0)
+    for p in (0.0, 0.1):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        base = FFN(d, h, p).to(dev, torch.bfloat16)
+        ref = FFN(d, h, p).to(dev, torch.float64)
+        ref.load_state_dict(base.state_dict())
+        cm = _compiled(base, "truthfuse", "reduce-overhead")
+        outs = []
+        for step in range(4):
+            x = torch.randn(T, d, device=dev, dtype=torch.bfloat16)
+            xg = x.clone().requires_grad_()
+            out = cm(xg)
+            out.backward(torch.ones_like(out))
+            outs.append((x, out.detach().clone(), xg.grad.clone()))
+        skips = _graph_skips()
+        launches = _graph_launches(lambda: cm(outs[0][0].clone().requires_grad_()).sum().backward())
+        graphed = launches >= 2 and not any("skip" in k for k in skips)  # forward and backward graphs
+        print(f"{'PASS' if graphed else 'FAIL'} reduce-overhead p={p}: {launches} cudaGraphLaunch calls in a step, "
+              f"counters {skips}", flush=True)
+        ok &= graphed
+        if p == 0.0:
+            x, out, gx = outs[-1]
+            x64 = x.double().requires_grad_()
+            o64 = ref(x64)
+            o64.backward(torch.ones_like(o64))
+            e_out, e_gx = rel(out, o64.detach()), rel(gx, x64.grad)
+            good = e_out < 1e-2 and e_gx < 3e-2
+            print(f"{'PASS' if good else 'FAIL'} reduce-overhead p=0 vs float64: out {e_out:.1e} dx {e_gx:.1e}", flush=True)
+            ok &= good
+        else:
+            # out = x + dropout(y): a dropped element of y leaves out == x exactly.
+            rates = [(o == x).float().mean().item() for x, o, _ in outs]
+            fresh = all(not torch.equal(outs[i][1] - outs[i][0], outs[i + 1][1] - outs[i + 1][0]) for i in range(3))
+            x0 = outs[0][0]
+            same_in = []
+            for _ in range(2):
+                o = cm(x0.clone().requires_grad_())
+                o.backward(torch.ones_like(o))
+                same_in.append(o.detach().clone())
+            fresh &= not torch.equal(same_in[0], same_in[1])
+            good = fresh and all(0.08 < r < 0.12 for r in rates)
+            print(f"{'PASS' if good else 'FAIL'} reduce-overhead p=0.1: drop rates {[round(r, 4) for r in rates]}, "
+                  f"fresh mask every replay: {fresh}", flush=True)
+            ok &= good
+        results.setdefault("graphs", []).append(dict(p=p, counters=skips, ok=bool(ok)))
+    torch._dynamo.reset()
+    save()
+    return ok
+
+
 def bench_epilogue():
     """The elementwise epilogue alone against PyTorch's gelu / dropout on (8192, 4096) bf16."""
     z = torch.randn(8192, 4096, device=dev, dtype=torch.bfloat16)
@@ -264,6 +343,10 @@ def bench(args):
         variants = [("eager", base), ("inductor", torch.compile(base))]
         if args.max_autotune and T == 8192:
             variants.append(("max-autotune", torch.compile(base, mode="max-autotune-no-cudagraphs")))
+        if args.graphs and T == 8192:  # compiled: truthfuse and Inductor, with and without CUDA graphs
+            variants += [("inductor-reduce-overhead", _compiled(base, "inductor", "reduce-overhead")),
+                         ("truthfuse", _compiled(base, "truthfuse", "default")),
+                         ("truthfuse-reduce-overhead", _compiled(base, "truthfuse", "reduce-overhead"))]
         for impl in ("cublas", "triton") if args.triton_impl else ("cublas",):
             m = FusedFFN(d, h, 0.1, impl).to(dev, torch.bfloat16).train(train)
             m.load_state_dict(base.state_dict())
@@ -300,10 +383,13 @@ def bench(args):
             row = dict(T=T, d=d, h=h, train=train, mode=name, ms=ms, peak_mb=mb, tflops=fl / ms / 1e9,
                        speedup_vs_eager=eager_ms / ms if eager_ms else None,
                        mem_vs_eager=mb / eager_mb if eager_mb else None)
+            if args.graphs:
+                row["cudagraph_counters"] = _graph_skips()
             results["bench"].append(row)
             print(f"ffn T={T} d={d} h={h} train={train!s:5s} {name:34s} {ms:8.3f} ms {fl / ms / 1e9:6.1f} TFLOP/s "
                   f"{mb:8.1f} MB  x{row['speedup_vs_eager'] or 0:.3f} speed  x{row['mem_vs_eager'] or 0:.3f} mem", flush=True)
             torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
             save()
         del base, x, variants
         torch.cuda.empty_cache()
@@ -361,6 +447,8 @@ def main():
                     type=lambda v: [k for k in v.split(",") if k], help="elementwise tiles tried with --schemes")
     ap.add_argument("--no-triton-impl", dest="triton_impl", action="store_false",
                     help="leave out the impl='triton' rows")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also time torch.compile by truthfuse and Inductor, with mode='reduce-overhead' (CUDA graphs)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop timing new variants after this many seconds")
     args = ap.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
@@ -370,6 +458,8 @@ def main():
     if not args.skip_correctness:
         cases = [CASES[int(i)] for i in args.cases.split(",")] if args.cases else CASES
         ok = correctness(cases, args.compile_check)
+        if args.graphs:
+            ok &= check_graphs()
         print(f"correctness: {'all passed' if ok else 'FAILURES'} ({time.time() - T0:.0f} s)", flush=True)
     bench_epilogue()
     bench(args)

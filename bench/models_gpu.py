@@ -88,9 +88,11 @@ def compiled_for(model, mode):
     records say what was fused and how the tuner decided."""
     if mode == "eager":
         return model, None
-    if mode == "inductor":
-        return torch.compile(model), None
-    backend = fusion_backend.backend(strategy=mode.split(":", 1)[1], tuning_seconds=TUNING_SECONDS)
+    parts = mode.split(":")  # inductor[:MODE] or truthfuse:STRATEGY[:MODE], MODE e.g. reduce-overhead
+    if parts[0] == "inductor":
+        return torch.compile(model, mode=parts[1] if len(parts) > 1 else None), None
+    extra = {"mode": parts[2]} if len(parts) > 2 else {}
+    backend = fusion_backend.backend(strategy=parts[1], tuning_seconds=TUNING_SECONDS, **extra)
     return torch.compile(model, backend=backend), backend
 
 
