@@ -178,12 +178,16 @@ def measure(name, fn, args, bwd=False):
     torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     try:
+        # Each call is a new step: CUDA-graph trees (mode="reduce-overhead") may then reuse the
+        # previous step's output memory; other variants ignore the mark.
         if bwd:
             def run():
+                torch.compiler.cudagraph_mark_step_begin()
                 out = fn(*args)
                 out.backward(torch.ones_like(out))
         else:
             def run():
+                torch.compiler.cudagraph_mark_step_begin()
                 with torch.no_grad():
                     fn(*args)
         ms = do_bench(run, warmup=50, rep=200, return_mode="median")
@@ -271,11 +275,13 @@ def check_graphs():
         for step in range(4):
             x = torch.randn(T, d, device=dev, dtype=torch.bfloat16)
             xg = x.clone().requires_grad_()
+            torch.compiler.cudagraph_mark_step_begin()
             out = cm(xg)
             out.backward(torch.ones_like(out))
             outs.append((x, out.detach().clone(), xg.grad.clone()))
         skips = _graph_skips()
-        launches = _graph_launches(lambda: cm(outs[0][0].clone().requires_grad_()).sum().backward())
+        launches = _graph_launches(lambda: (torch.compiler.cudagraph_mark_step_begin(),
+                                            cm(outs[0][0].clone().requires_grad_()).sum().backward()))
         graphed = launches >= 2 and not any("skip" in k for k in skips)  # forward and backward graphs
         print(f"{'PASS' if graphed else 'FAIL'} reduce-overhead p={p}: {launches} cudaGraphLaunch calls in a step, "
               f"counters {skips}", flush=True)
@@ -296,6 +302,7 @@ def check_graphs():
             x0 = outs[0][0]
             same_in = []
             for _ in range(2):
+                torch.compiler.cudagraph_mark_step_begin()
                 o = cm(x0.clone().requires_grad_())
                 o.backward(torch.ones_like(o))
                 same_in.append(o.detach().clone())

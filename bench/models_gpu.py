@@ -117,6 +117,7 @@ def step_fn(model, runner, loss_fn, idx, tgt):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph trees (reduce-overhead)
         loss = loss_fn(runner, idx, tgt)
         loss.backward()
         opt.step()
