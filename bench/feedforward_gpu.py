@@ -178,10 +178,15 @@ def measure(name, fn, args, bwd=False):
     torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     try:
-        # Each call is a new step: CUDA-graph trees (mode="reduce-overhead") may then reuse the
-        # previous step's output memory; other variants ignore the mark.
+        # Each call is a new step, as in a training loop: gradients start from None (a CUDA-graph
+        # replay, mode="reduce-overhead", overwrites the memory of the previous step's gradients,
+        # so they cannot be accumulated into), and the mark tells CUDA-graph trees that a step
+        # begins. Every variant runs the same loop.
         if bwd:
             def run():
+                fn.zero_grad(set_to_none=True)
+                for a in args:
+                    a.grad = None
                 torch.compiler.cudagraph_mark_step_begin()
                 out = fn(*args)
                 out.backward(torch.ones_like(out))
@@ -275,12 +280,14 @@ def check_graphs():
         for step in range(4):
             x = torch.randn(T, d, device=dev, dtype=torch.bfloat16)
             xg = x.clone().requires_grad_()
+            base.zero_grad(set_to_none=True)  # replays overwrite the last step's gradients
             torch.compiler.cudagraph_mark_step_begin()
             out = cm(xg)
             out.backward(torch.ones_like(out))
             outs.append((x, out.detach().clone(), xg.grad.clone()))
         skips = _graph_skips()
-        launches = _graph_launches(lambda: (torch.compiler.cudagraph_mark_step_begin(),
+        launches = _graph_launches(lambda: (base.zero_grad(set_to_none=True),
+                                            torch.compiler.cudagraph_mark_step_begin(),
                                             cm(outs[0][0].clone().requires_grad_()).sum().backward()))
         graphed = launches >= 2 and not any("skip" in k for k in skips)  # forward and backward graphs
         print(f"{'PASS' if graphed else 'FAIL'} reduce-overhead p={p}: {launches} cudaGraphLaunch calls in a step, "
@@ -302,6 +309,7 @@ def check_graphs():
             x0 = outs[0][0]
             same_in = []
             for _ in range(2):
+                base.zero_grad(set_to_none=True)
                 torch.compiler.cudagraph_mark_step_begin()
                 o = cm(x0.clone().requires_grad_())
                 o.backward(torch.ones_like(o))

@@ -53,14 +53,21 @@ def _signature(fn, args: dict):
 def compile_report(fn, args: dict, constexprs: dict, num_warps: int, num_stages: int, arch: int) -> dict:
     """Compile `fn` for sm_<arch> and return ptxas's resource usage."""
     params = {p.name: p for p in fn.params}
-    sig, consts = {}, {}
-    for name in fn.arg_names:
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
         if params[name].is_constexpr:
             sig[name], consts[name] = "constexpr", constexprs[name]
-        else:
-            v = args[name]
-            sig[name] = _PTR[v.dtype] if isinstance(v, torch.Tensor) else ("fp32" if isinstance(v, float) else "i32")
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+            continue
+        v = args[name]
+        # What the launcher would specialize on: ints equal to 1 become constants, and pointers
+        # (torch allocations are 16-byte aligned) and ints divisible by 16 carry that divisibility.
+        if isinstance(v, int) and v == 1 and not params[name].do_not_specialize:
+            sig[name], consts[name] = "constexpr", 1
+            continue
+        sig[name] = _PTR[v.dtype] if isinstance(v, torch.Tensor) else ("fp32" if isinstance(v, float) else "i32")
+        if isinstance(v, torch.Tensor) or (isinstance(v, int) and v % 16 == 0 and not params[name].do_not_specialize):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options=dict(num_warps=num_warps, num_stages=num_stages))
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -70,13 +77,28 @@ def compile_report(fn, args: dict, constexprs: dict, num_warps: int, num_stages:
             f.write(kernel.asm["ptx"])
         out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", ptx, "-o", os.path.join(d, "k.cubin")],
                              capture_output=True, text=True).stderr
+        sass = ""
+        if SASS:
+            nvdisasm = os.path.join(os.path.dirname(ptxas), "cuobjdump")
+            sass = subprocess.run([nvdisasm, "-sass", os.path.join(d, "k.cubin")], capture_output=True, text=True).stdout
     regs = re.search(r"Used (\d+) registers", out)
     spill_st = re.search(r"(\d+) bytes spill stores", out)
     spill_ld = re.search(r"(\d+) bytes spill loads", out)
     return dict(registers=int(regs.group(1)) if regs else None,
                 spill_store_bytes=int(spill_st.group(1)) if spill_st else 0,
                 spill_load_bytes=int(spill_ld.group(1)) if spill_ld else 0,
-                shared_bytes=kernel.metadata.shared)
+                shared_bytes=kernel.metadata.shared, opcodes=_opcode_counts(sass))
+
+
+SASS = False  # --sass: also count the SASS instructions by opcode
+
+
+def _opcode_counts(sass: str) -> dict:
+    """Static count of each SASS opcode (the part before the first dot: FFMA, MUFU, HMMA, ...)."""
+    counts = {}
+    for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass):
+        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return counts
 
 
 def attention_reports(B, H, N, D, metric, mask_kind, causal, dropout, config_key, arch, run_if=0, drop_bits=16):
@@ -91,12 +113,15 @@ def attention_reports(B, H, N, D, metric, mask_kind, causal, dropout, config_key
     dpad = tc._pad_dim(D)
     common = dict(HEAD_DIM=D, HEAD_DIM_V=D, D_PAD=dpad, DV_PAD=dpad, METRIC=tc.METRIC_IDS[metric],
                   MASK_KIND=mask_kind, CAUSAL=causal, DROPOUT=dropout, DOT_PREC="tf32", RUN_IF=run_if, DROP_BITS=drop_bits)
-    ints = {n: 1 for n in ("sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd",
-                           "smb", "smh", "smm", "smn", "sob", "soh", "som", "sod", "sdob", "sdoh", "sdom", "sdod",
-                           "sgb", "sgh", "sgm", "sgn", "H", "HKV", "N_Q", "N_K", "GROUP", "seed", "threshold")}
+    # Integer arguments as a contiguous call passes them: Triton specializes an int equal to 1 or
+    # divisible by 16, and the loads vectorize only where the row strides are known to be.
+    ints = {n: 64 for n in ("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "som",
+                            "sdob", "sdoh", "sdom", "smb", "smh", "smm", "sgb", "sgh", "sgm", "threshold")}
+    ints.update({n: 1 for n in ("sqd", "skd", "svd", "sod", "sdod", "smn", "sgn")})
+    ints.update(H=H, HKV=H, N_Q=N, N_K=N, GROUP=1)
     ptrs = {n: t for n in ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV")}
     ptrs.update({n: f32 for n in ("SCALE", "KVEC", "QVEC", "STATS_M", "STATS_L", "RBAR", "DELTA", "DSCALE", "DMASK")})
-    ptrs.update(MASK=mask, MASK_FLAGS=flags)
+    ptrs.update(MASK=mask, MASK_FLAGS=flags, SEED=torch.empty(1, dtype=torch.int64))
     args = dict(ints, **ptrs, dropout_p=0.1)
     out = {}
     for name, fn, tile, extra in (  # a learnable scale: the forward's stats and the scale gradient
@@ -127,8 +152,11 @@ def main():
     ap.add_argument("--dropout", action="store_true")
     ap.add_argument("--config", help="a config key (default: the op's default for the shape)")
     ap.add_argument("--drop-bits", type=int, default=16, choices=(8, 16))
+    ap.add_argument("--sass", action="store_true", help="also count SASS instructions by opcode (static)")
     ap.add_argument("--run-if", type=int, default=0, choices=(0, 1, 2), help="the RUN_IF launch (mask_launches)")
     a = ap.parse_args()
+    global SASS
+    SASS = a.sass
     B, H, N, D = (int(x) for x in a.shape.split(","))
     kind = {"none": 0, "bool": 1, "float": 2}[a.mask]
     cfg, reports = attention_reports(B, H, N, D, a.metric, kind, a.causal, a.dropout, a.config, a.arch, a.run_if, a.drop_bits)
@@ -136,6 +164,9 @@ def main():
     for name, r in reports.items():
         print(f"  {name:5s} registers {r['registers']}, spills {r['spill_store_bytes']} B stored / "
               f"{r['spill_load_bytes']} B loaded, shared {r['shared_bytes']} B")
+        if a.sass:
+            top = sorted(r["opcodes"].items(), key=lambda kv: -kv[1])
+            print("        " + " ".join(f"{k}:{v}" for k, v in top[:16]) + f"  total {sum(r['opcodes'].values())}")
 
 
 if __name__ == "__main__":
