@@ -19,6 +19,7 @@ same Philox stream as the kernels, so under one `torch.manual_seed` both give th
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -380,13 +381,31 @@ _CHUNK_MIN_ELEMENTS = 2**24
 _backward_rows = None  # tests set a row count here to force the blocked path on small shapes
 
 
+_replayed_as_graphs = False  # set while `replayed_as_cuda_graphs` is active
+
+
+@contextlib.contextmanager
+def replayed_as_cuda_graphs():
+    """Trace feed-forward calls for steps that replay as CUDA graphs (torch.compile's
+    mode="reduce-overhead", where the backend enters this). A replay issues every launch at no
+    host cost, so no size is host-bound: training keeps the pre-activation, the scheme that is
+    fastest on the GPU (`_saves_pre_activation`)."""
+    global _replayed_as_graphs
+    before, _replayed_as_graphs = _replayed_as_graphs, True
+    try:
+        yield
+    finally:
+        _replayed_as_graphs = before
+
+
 def _saves_pre_activation(M, d, h):
     """SAVE_PRE_ACTIVATION, or by size when it is None: recompute (in RECOMPUTE_ROW_BLOCKS
     blocks) where the step is host-bound, save (and walk BACKWARD_ROW_BLOCKS blocks) where the
-    GPU work dominates and the extra GEMM would cost its time."""
+    GPU work dominates and the extra GEMM would cost its time, or where CUDA graphs replay the
+    step (`replayed_as_cuda_graphs`)."""
     if SAVE_PRE_ACTIVATION is not None:
         return bool(SAVE_PRE_ACTIVATION)
-    return M * d * h >= HOST_BOUND_MACS
+    return _replayed_as_graphs or M * d * h >= HOST_BOUND_MACS
 
 
 def _row_block(M, h, recompute):

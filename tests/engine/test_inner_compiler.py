@@ -30,3 +30,25 @@ def test_inductor_compile_pool_is_warmed_before_analysis(monkeypatch):
 
 def test_no_compile_pool_for_other_inner_compilers(monkeypatch):
     assert _compile_with(monkeypatch, "eager") == []
+
+
+def test_cuda_graph_modes_trace_feedforward_for_replays(monkeypatch):
+    """The backend traces replacements inside `replayed_as_cuda_graphs` exactly when Inductor will
+    replay the graphs as CUDA graphs."""
+    from fusion_backend.ops import feedforward as _  # noqa: F401  (the module below is loaded)
+    ff = sys.modules["fusion_backend.ops.feedforward"]
+    from fusion_backend.options import parse_options
+
+    seen = []
+    monkeypatch.setattr(TruthfuseBackend, "_rewrite",
+                        lambda self, gm, inputs, record: seen.append(ff._replayed_as_graphs) or gm)
+    monkeypatch.setattr(backend_module, "_inner_compile", lambda gm, inputs, options: gm.forward)
+    gm = torch.fx.symbolic_trace(lambda x: torch.sin(x))
+    cases = [({"mode": "reduce-overhead"}, True), ({"mode": "max-autotune"}, True), ({}, False),
+             ({"mode": "max-autotune-no-cudagraphs"}, False),
+             ({"inductor_options": {"triton.cudagraphs": True}}, True),
+             ({"mode": "reduce-overhead", "inner": "aot_eager"}, False)]
+    for opts, expected in cases:
+        TruthfuseBackend(parse_options(dict(opts, cache=False)))(gm, [torch.randn(3)])
+        assert seen.pop() is expected, opts
+    assert ff._replayed_as_graphs is False

@@ -75,6 +75,42 @@ def test_decode_and_bool_mask(metric):
     run_and_compare(metric, q, k, v, scale=0.3 if metric != "dot" else None, mask=mask)
 
 
+class _RecordLaunches:
+    """Stands in for a Triton kernel: records each launch's keyword arguments, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("metric", ["dot", "cosine"])
+def test_unmasked_forward_with_negative_and_zero_scales(metric, monkeypatch):
+    """Without masks and with whole key tiles the forward takes the logits' max from q.k itself,
+    after moving the scale's sign into q: per-head scales of both signs and zero must give the
+    reference's output and gradients (the scale's too, through E_p[raw])."""
+    spy = _RecordLaunches(tc._attn_fwd_kernel)
+    monkeypatch.setattr(tc, "_attn_fwd_kernel", spy)
+    q, k, v = make(2, 4, 4, 33, 128, 16, 16)
+    scale = torch.tensor([0.7, -0.4, 0.0, -1.3]) * (3.0 if metric == "cosine" else 1.0)
+    run_and_compare(metric, q, k, v, scale=scale)
+    assert [kw["UNMASKED_DOT"] for kw in spy.launches] == [True]
+    # E_p[raw], which the scale gradient is centred on (exact sums do not depend on it, so the
+    # gradients above cannot show a wrong one)
+    _, stats = tc.attention_forward(q, k, v, scale, metric=metric, stats=True)
+    qd, kd = q.double(), k.double()
+    if metric == "cosine":
+        qd, kd = qd / qd.norm(dim=-1, keepdim=True), kd / kd.norm(dim=-1, keepdim=True)
+    raw = qd @ kd.transpose(-1, -2)
+    p = torch.softmax(raw * scale.double()[None, :, None, None], dim=-1)
+    expected = (p * raw).sum(-1).reshape(-1, raw.shape[2])
+    torch.testing.assert_close(stats[1].double(), expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("D", [16, 80, 112])
 def test_head_dims(D):
     q, k, v = make(1, 2, 2, 20, 70, D, D)

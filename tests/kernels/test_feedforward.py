@@ -186,6 +186,18 @@ def test_pre_activation_saved_by_size(monkeypatch):
     assert not FF._saves_pre_activation(16384, 4096, 16384)
 
 
+def test_cuda_graph_replays_save_the_pre_activation_at_every_size(monkeypatch):
+    """Replayed as CUDA graphs no step is host-bound: the pre-activation is kept, the scheme that
+    is fastest on the GPU; leaving the context restores the size rule."""
+    monkeypatch.setattr(FF, "SAVE_PRE_ACTIVATION", None)
+    with FF.replayed_as_cuda_graphs():
+        assert FF._saves_pre_activation(8192, 1024, 4096)
+        with FF.replayed_as_cuda_graphs():
+            assert FF._saves_pre_activation(8, 8, 8)
+        assert FF._saves_pre_activation(8, 8, 8)
+    assert not FF._saves_pre_activation(8192, 1024, 4096)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_eager_path_equals_custom_op(impl, monkeypatch):
     """Plain eager calls skip torch.library's dispatch (`_EagerFeedforward`); the custom op that
