@@ -14,10 +14,12 @@ against eager and Inductor of the same module, measured in the same run.
     impl="cublas". Writes $OUT/feedforward_gpu.json and prints a table.
 """
 import argparse
+import gc
 import importlib
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -174,20 +176,22 @@ def correctness(cases, compile_check=True):
 # ---------------------------------------------------------------------------------------------
 
 
-def measure(name, fn, args, bwd=False):
-    torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+def measure(name, fn, args, bwd=False, fresh_grads=False):
+    """Median ms and peak extra MiB of fn(*args) (with backward when bwd), as the anchors measure
+    them (shared/bench/baseline_gpu.py: gradients accumulate over the steps). fresh_grads: every
+    step starts from None gradients instead, as a training loop with zero_grad(set_to_none=True)
+    does; CUDA-graph replays (mode="reduce-overhead") need it, since a replay overwrites the memory
+    of the previous step's gradients. Those new gradients then count in the peak."""
+    torch.cuda.synchronize(); gc.collect(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     try:
-        # Each call is a new step, as in a training loop: gradients start from None (a CUDA-graph
-        # replay, mode="reduce-overhead", overwrites the memory of the previous step's gradients,
-        # so they cannot be accumulated into), and the mark tells CUDA-graph trees that a step
-        # begins. Every variant runs the same loop.
         if bwd:
             def run():
-                fn.zero_grad(set_to_none=True)
-                for a in args:
-                    a.grad = None
-                torch.compiler.cudagraph_mark_step_begin()
+                if fresh_grads:
+                    fn.zero_grad(set_to_none=True)
+                    for a in args:
+                        a.grad = None
+                torch.compiler.cudagraph_mark_step_begin()  # a new step, for CUDA-graph trees
                 out = fn(*args)
                 out.backward(torch.ones_like(out))
         else:
@@ -360,10 +364,17 @@ def bench(args):
         variants = [("eager", base), ("inductor", torch.compile(base))]
         if args.max_autotune and T == 8192:
             variants.append(("max-autotune", torch.compile(base, mode="max-autotune-no-cudagraphs")))
-        if args.graphs and T == 8192:  # compiled: truthfuse and Inductor, with and without CUDA graphs
-            variants += [("inductor-reduce-overhead", _compiled(base, "inductor", "reduce-overhead")),
-                         ("truthfuse", _compiled(base, "truthfuse", "default")),
+        if args.graphs and T == 8192:
+            # Compiled by truthfuse and Inductor, with and without CUDA graphs. The CUDA-graph rows
+            # run with fresh gradients every step (see `measure`), so they are compared with eager
+            # measured the same way ("eager, fresh grads").
+            variants += [("truthfuse", _compiled(base, "truthfuse", "default")),
+                         ("eager, fresh grads", base),
+                         ("inductor-reduce-overhead", _compiled(base, "inductor", "reduce-overhead")),
                          ("truthfuse-reduce-overhead", _compiled(base, "truthfuse", "reduce-overhead"))]
+            if train:  # backward row blocks under CUDA graphs
+                variants += [(f"truthfuse-reduce-overhead, {b} row blocks", _compiled(base, "truthfuse", "reduce-overhead"))
+                             for b in args.graph_blocks]
         for impl in ("cublas", "triton") if args.triton_impl else ("cublas",):
             m = FusedFFN(d, h, 0.1, impl).to(dev, torch.bfloat16).train(train)
             m.load_state_dict(base.state_dict())
@@ -388,18 +399,25 @@ def bench(args):
                 m = FusedFFN(d, h, 0.1, "cublas", key).to(dev, torch.bfloat16).train(train)
                 m.load_state_dict(base.state_dict())
                 variants.append((f"ours-{key}", m))
-        eager_ms = eager_mb = None
+        eager_ms = eager_mb = fresh_ms = fresh_mb = None
         for name, fn in variants:
             if time.time() - T0 > args.budget_s:
                 print("time budget reached, skipping", name, T, train, flush=True)
                 continue
-            ms, mb = measure(name, fn, (x,), train)
+            fresh = "reduce-overhead" in name or "fresh grads" in name
+            blocks = re.search(r"(\d+) row blocks", name)
+            FF.BACKWARD_ROW_BLOCKS = int(blocks.group(1)) if blocks else _SCHEME_DEFAULTS["BACKWARD_ROW_BLOCKS"]
+            ms, mb = measure(name, fn, (x,), train, fresh_grads=fresh and train)
+            FF.BACKWARD_ROW_BLOCKS = _SCHEME_DEFAULTS["BACKWARD_ROW_BLOCKS"]
             fl = 2 * 2 * T * d * h * (3 if train else 1)
             if name == "eager":
                 eager_ms, eager_mb = ms, mb
+            if name == "eager, fresh grads":
+                fresh_ms, fresh_mb = ms, mb
+            ref_ms, ref_mb = (fresh_ms, fresh_mb) if (fresh and train) else (eager_ms, eager_mb)
             row = dict(T=T, d=d, h=h, train=train, mode=name, ms=ms, peak_mb=mb, tflops=fl / ms / 1e9,
-                       speedup_vs_eager=eager_ms / ms if eager_ms else None,
-                       mem_vs_eager=mb / eager_mb if eager_mb else None)
+                       fresh_grads=fresh and train, speedup_vs_eager=ref_ms / ms if ref_ms else None,
+                       mem_vs_eager=mb / ref_mb if ref_mb else None)
             if args.graphs:
                 row["cudagraph_counters"] = _graph_skips()
             results["bench"].append(row)
@@ -464,6 +482,8 @@ def main():
                     type=lambda v: [k for k in v.split(",") if k], help="elementwise tiles tried with --schemes")
     ap.add_argument("--no-triton-impl", dest="triton_impl", action="store_false",
                     help="leave out the impl='triton' rows")
+    ap.add_argument("--graph-blocks", type=lambda v: [int(b) for b in v.split(",") if b], default=[],
+                    help="with --graphs: also time truthfuse under CUDA graphs with these backward row blocks")
     ap.add_argument("--graphs", action="store_true",
                     help="also time torch.compile by truthfuse and Inductor, with mode='reduce-overhead' (CUDA graphs)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop timing new variants after this many seconds")

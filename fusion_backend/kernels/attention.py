@@ -246,11 +246,15 @@ def _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND: tl.constexpr, STATS: tl
 
 @triton.jit
 def _softmax_step_unmasked(x, scale_k, m_i, l_i, r_i, acc, STATS: tl.constexpr):
-    """`_softmax_step` for a tile without masks whose logits are x * scale_k with scale_k >= 0
-    (log2 units). The row max comes from x itself (rounding is monotonic, so max(x) * scale_k is
-    exactly the max of the logits) and each exponent is one FMA, instead of the logits tile and
-    then the shift. r_i accumulates p * x."""
-    m_new = tl.maximum(m_i, tl.max(x, axis=1) * scale_k)
+    """`_softmax_step` for a tile without masks whose logits are x * scale_k (log2 units). The
+    row max comes from x itself, its max or its min by the scale's sign (rounding is monotonic, so
+    that times scale_k is exactly the max of the logits), and each exponent is one FMA, instead of
+    the logits tile and then the shift. r_i accumulates p * x."""
+    if scale_k >= 0:  # uniform per program: one reduction runs
+        x_top = tl.max(x, axis=1)
+    else:
+        x_top = tl.min(x, axis=1)
+    m_new = tl.maximum(m_i, x_top * scale_k)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(x * scale_k - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
@@ -325,13 +329,6 @@ def _attn_fwd_kernel(
     scale_k = _kernel_scale(tl.load(SCALE + h), MASK_KIND)
 
     q = _load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, N_Q, HEAD_DIM, EVEN_M, HEAD_DIM == D_PAD)
-    raw_sign = 1.0
-    if UNMASKED_DOT:
-        # Move the scale's sign into q (exact), so that the logits are q.k times a scale >= 0 and
-        # `_softmax_step_unmasked` applies; the raw scores come back as raw_sign * q.k.
-        raw_sign = tl.where(scale_k < 0, -1.0, 1.0)
-        q = tl.where(scale_k < 0, -q, q)
-        scale_k = scale_k * raw_sign
     kvec_base = KVEC + (b * (H // GROUP) + hk) * N_K
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
@@ -364,7 +361,7 @@ def _attn_fwd_kernel(
         acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision=DOT_PREC)
     if DROPOUT:  # kept probabilities scale by 1/(1-p): once per row here, not per element above
         acc = acc * (1.0 / (1.0 - dropout_p))
-    _fwd_epilogue(acc, m_i, l_i, r_i * raw_sign, OUT, RBAR, STATS_M, STATS_L, b, h, bh, offs_m, offs_dv, sob, soh,
+    _fwd_epilogue(acc, m_i, l_i, r_i, OUT, RBAR, STATS_M, STATS_L, b, h, bh, offs_m, offs_dv, sob, soh,
                   som, sod, N_Q, HEAD_DIM_V, MASK_KIND)
 
 
