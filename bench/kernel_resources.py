@@ -126,8 +126,7 @@ def attention_reports(B, H, N, D, metric, mask_kind, causal, dropout, config_key
     out = {}
     for name, fn, tile, extra in (  # a learnable scale: the forward's stats and the scale gradient
         ("fwd", tc._attn_fwd_kernel, dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
-                                          num_stages=cfg["num_stages"]),
-         dict(STATS=True, UNMASKED_DOT=metric != "l2" and mask_kind == 0 and not causal and N % cfg["BLOCK_N"] == 0)),
+                                          num_stages=cfg["num_stages"]), dict(STATS=True)),
         ("dkdv", tc._attn_bwd_dkdv_kernel, tile_kv, {}),
         ("dq", tc._attn_bwd_dq_kernel, tile_q, dict(MASK_GRAD=False, SCALE_GRAD=True)),
     ):

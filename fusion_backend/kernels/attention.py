@@ -245,26 +245,6 @@ def _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND: tl.constexpr, STATS: tl
 
 
 @triton.jit
-def _softmax_step_unmasked(x, scale_k, m_i, l_i, r_i, acc, STATS: tl.constexpr):
-    """`_softmax_step` for a tile without masks whose logits are x * scale_k (log2 units). The
-    row max comes from x itself, its max or its min by the scale's sign (rounding is monotonic, so
-    that times scale_k is exactly the max of the logits), and each exponent is one FMA, instead of
-    the logits tile and then the shift. r_i accumulates p * x."""
-    if scale_k >= 0:  # uniform per program: one reduction runs
-        x_top = tl.max(x, axis=1)
-    else:
-        x_top = tl.min(x, axis=1)
-    m_new = tl.maximum(m_i, x_top * scale_k)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(x * scale_k - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    if STATS:
-        r_i = r_i * alpha + tl.sum(p * x, axis=1)
-    return p, m_new, l_i, r_i, acc * alpha[:, None]
-
-
-@triton.jit
 def _fwd_epilogue(acc, m_i, l_i, r_i, OUT, RBAR, STATS_M, STATS_L, b, h, bh, offs_m, offs_dv, sob, soh, som, sod,
                   N_Q, HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr):
     """Normalize and store one query block's output, E_p[raw] and row stats."""
@@ -292,7 +272,7 @@ def _attn_fwd_kernel(
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     STATS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
-    DROP_BITS: tl.constexpr = 16, UNMASKED_DOT: tl.constexpr = False,
+    DROP_BITS: tl.constexpr = 16,
 ):
     """Forward of dot / l2 / cosine attention for one block of BLOCK_M queries of one (b, h).
 
@@ -312,8 +292,7 @@ def _attn_fwd_kernel(
     Constexprs: HEAD_DIM/HEAD_DIM_V the true head dims, D_PAD/DV_PAD their powers of two (>= 16);
     METRIC 0 dot, 1 l2, 2 cosine; MASK_KIND 0/1/2; CAUSAL top-left triangle; DROPOUT on/off;
     EVEN_M/EVEN_N whether Nq/Nk are multiples of the blocks (skip bounds checks);
-    DOT_PREC tl.dot input precision ("ieee" for fp32 inputs); BLOCK_M/BLOCK_N the tile;
-    UNMASKED_DOT: dot or cosine with no mask, not causal, EVEN_N (`_softmax_step_unmasked`).
+    DOT_PREC tl.dot input precision ("ieee" for fp32 inputs); BLOCK_M/BLOCK_N the tile.
     """
     seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
@@ -343,17 +322,14 @@ def _attn_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if UNMASKED_DOT:
-            p, m_i, l_i, r_i, acc = _softmax_step_unmasked(qk, scale_k, m_i, l_i, r_i, acc, STATS)
+        if METRIC == 1:
+            kn = tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)
+            raw = 2.0 * qk - kn[None, :]
         else:
-            if METRIC == 1:
-                kn = tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)
-                raw = 2.0 * qk - kn[None, :]
-            else:
-                raw = qk
-            s = _logits(raw, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND,
-                        CAUSAL, EVEN_N)
-            p, m_i, l_i, r_i, acc = _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND, STATS)
+            raw = qk
+        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND, CAUSAL,
+                    EVEN_N)
+        p, m_i, l_i, r_i, acc = _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND, STATS)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
             p = tl.where(keep, p, 0.0)
@@ -361,8 +337,8 @@ def _attn_fwd_kernel(
         acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision=DOT_PREC)
     if DROPOUT:  # kept probabilities scale by 1/(1-p): once per row here, not per element above
         acc = acc * (1.0 / (1.0 - dropout_p))
-    _fwd_epilogue(acc, m_i, l_i, r_i, OUT, RBAR, STATS_M, STATS_L, b, h, bh, offs_m, offs_dv, sob, soh,
-                  som, sod, N_Q, HEAD_DIM_V, MASK_KIND)
+    _fwd_epilogue(acc, m_i, l_i, r_i, OUT, RBAR, STATS_M, STATS_L, b, h, bh, offs_m, offs_dv, sob, soh, som, sod,
+                  N_Q, HEAD_DIM_V, MASK_KIND)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -922,7 +898,6 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
             METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=l_causal, DROPOUT=dropout_p > 0, STATS=stats,
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
             BLOCK_M=bm, BLOCK_N=bn, RUN_IF=run_if, DROP_BITS=DROPOUT_BITS,
-            UNMASKED_DOT=metric != "l2" and mkind == 0 and not l_causal and Nk % bn == 0,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return out, row_stats
