@@ -189,7 +189,7 @@ def main():
     elif args.mask == "causal":
         EXTRA["causal"] = True
     if args.dropout:
-        EXTRA.update(dropout_p=args.dropout, seed=123)
+        EXTRA.update(dropout_p=args.dropout, seed=torch.tensor(123, device=DEV))  # a device seed, as the op passes it
     global SCALE_GRAD
     SCALE_GRAD = args.scale_grad
     RES["env"].update(mask=args.mask, dropout=args.dropout, scale_grad=SCALE_GRAD)

@@ -106,7 +106,8 @@ def time_kernels(label, K, name, B, H, T, D, metric, rep, variants=None, drops=(
         if variants and var not in variants:
             continue
         for p in drops:
-            args = dict(metric=metric, causal=kw.get("causal", False), mask=kw.get("mask"), dropout_p=p, seed=123)
+            args = dict(metric=metric, causal=kw.get("causal", False), mask=kw.get("mask"), dropout_p=p,
+                        seed=torch.tensor(123, device=q.device))  # a device seed, as the op passes it
             try:
                 fwd = do_bench(lambda: K.attention_forward(q, k, v, scale, stats=True, **args),
                                warmup=10, rep=rep, return_mode="median")

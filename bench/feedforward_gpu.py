@@ -336,6 +336,7 @@ def bench_epilogue():
     z = torch.randn(8192, 4096, device=dev, dtype=torch.bfloat16)
     nbytes = 2 * z.numel() * z.element_size()
     g = torch.randn_like(z)
+    seed = torch.tensor(7, device=dev)  # on the device, as the op passes it (an int is copied there per call)
     cases = [
         ("torch gelu", lambda: F.gelu(z)),
         ("torch gelu+dropout", lambda: F.dropout(F.gelu(z), 0.1, True)),
@@ -343,10 +344,10 @@ def bench_epilogue():
     for cfg in feedforward_config_space("cublas"):
         cases += [
             (f"hidden_epilogue gelu {cfg['key']}", lambda c=cfg: K.hidden_epilogue(z, act=1, config=c)),
-            (f"hidden_epilogue gelu+dropout {cfg['key']}", lambda c=cfg: K.hidden_epilogue(z, act=1, seed=7, p=0.1, config=c)),
+            (f"hidden_epilogue gelu+dropout {cfg['key']}", lambda c=cfg: K.hidden_epilogue(z, act=1, seed=seed, p=0.1, config=c)),
             # backward reads z and g and writes dz: 1.5x the bytes of the forward rows
             (f"hidden_epilogue backward+dropout+bias {cfg['key']}",
-             lambda c=cfg: K.hidden_epilogue(z, act=1, grad=g, seed=7, p=0.1, bias_grad=True, config=c)),
+             lambda c=cfg: K.hidden_epilogue(z, act=1, grad=g, seed=seed, p=0.1, bias_grad=True, config=c)),
         ]
     for name, fn in cases:
         ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
