@@ -25,6 +25,7 @@ EXIT_USAGE = 2
 METRICS = ("dot", "l2", "l1", "cosine")
 STRATEGIES = ("conservative", "moderate", "aggressive")
 INNERS = ("inductor", "eager", "aot_eager")
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # as in options.py
 DTYPES = ("fp32", "bf16", "fp16")
 # The built-in attention sizes: (batch, heads, head dim, sequence lengths). The CPU row is small
 # because truthfuse's kernels run there only in Triton's interpreter.
@@ -214,24 +215,32 @@ def _fused_count(backend) -> int:
 
 
 def _bench_case(make_fn, inputs: tuple, device: str, strategy: str, inner: str, timer,
-                backward: bool) -> Dict[str, Any]:
-    """Time eager, Inductor and truthfuse on one function and one set of inputs; on CUDA also the
-    memory each allocates beyond what was live before one call (`<variant>_peak_mb`)."""
+                backward: bool, mode: str = "default", params: Sequence[Any] = ()) -> Dict[str, Any]:
+    """Time eager, Inductor and truthfuse (both compiled in `mode`) on one function and one set of
+    inputs; on CUDA also the memory each allocates beyond what was live before one call
+    (`<variant>_peak_mb`). params: the weights behind the function, whose gradients a step fills."""
     import torch
 
     import fusion_backend
 
     row: Dict[str, Any] = {}
-    backend = fusion_backend.backend(strategy=strategy, inner=inner)
-    variants = {"eager": make_fn(), "inductor": torch.compile(make_fn()),
+    backend = fusion_backend.backend(strategy=strategy, inner=inner, mode=mode)
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad] + list(params)
+    variants = {"eager": make_fn(), "inductor": torch.compile(make_fn(), mode=None if mode == "default" else mode),
                 "truthfuse": torch.compile(make_fn(), backend=backend)}
     for name, fn in variants.items():
         if backward:
             def run(fn=fn):
+                # Each step as a training loop runs it: gradients from None, which CUDA graphs
+                # (reduce-overhead) need, since a replay reuses the last step's gradient memory.
+                for t in leaves:
+                    t.grad = None
+                torch.compiler.cudagraph_mark_step_begin()
                 out = fn(*inputs)
                 out.float().sum().backward()
         else:
             def run(fn=fn):
+                torch.compiler.cudagraph_mark_step_begin()
                 with torch.no_grad():
                     return fn(*inputs)
         run()  # compile (and tune) outside the timing
@@ -286,7 +295,7 @@ def _plot(results: List[Dict[str, Any]], path: str, title: str) -> None:
 
 def run_bench(device: str, metrics: Sequence[str], seqs: Sequence[int], *, batch: int, heads: int, head_dim: int,
               dtype: str, strategy: str, backward: bool, model: bool, reps: int, inner: str = "inductor",
-              progress: Callable[[str], None] = lambda line: None) -> Dict[str, Any]:
+              mode: str = "default", progress: Callable[[str], None] = lambda line: None) -> Dict[str, Any]:
     """Every (metric, seq) attention case, then the TruthGPT training step per metric; returns
     {"env": ..., "config": ..., "results": [row, ...]}."""
     import torch
@@ -308,7 +317,7 @@ def run_bench(device: str, metrics: Sequence[str], seqs: Sequence[int], *, batch
             row = {"name": f"attention-{metric}", "metric": metric, "seq": seq, "batch": batch, "heads": heads,
                    "head_dim": head_dim, "dtype": dtype, "backward": backward}
             row.update(_bench_case(lambda m=metric: _attention_fn(m), (q, k, v, lam, future), device, strategy,
-                                   inner, timer, backward))
+                                   inner, timer, backward, mode))
             results.append(row)
             progress(_format_row(row))
     truthgpt = _import_example() if model else None
@@ -321,7 +330,7 @@ def run_bench(device: str, metrics: Sequence[str], seqs: Sequence[int], *, batch
             row = {"name": f"truthgpt-{metric}", "metric": metric, "seq": mseq, "batch": mbatch,
                    "heads": truthgpt.HEADS, "head_dim": truthgpt.HIDDEN // truthgpt.HEADS, "dtype": dtype, "backward": True}
             row.update(_bench_case(lambda n=net: _LossStep(n), (tokens, targets), device, strategy, inner,
-                                   timer, True))
+                                   timer, True, mode, params=list(net.parameters())))
             results.append(row)
             progress(_format_row(row))
     env = {"torch": torch.__version__, "device": device,
@@ -335,7 +344,8 @@ def run_bench(device: str, metrics: Sequence[str], seqs: Sequence[int], *, batch
     except ImportError:
         pass
     config = {"metrics": list(metrics), "seqs": list(seqs), "batch": batch, "heads": heads, "head_dim": head_dim,
-              "dtype": dtype, "strategy": strategy, "inner": inner, "backward": backward, "model": model,
+              "dtype": dtype, "strategy": strategy, "inner": inner, "mode": mode, "backward": backward,
+              "model": model,
               "timer": "triton.testing.do_bench median" if device == "cuda" else f"wall clock median of {reps}"}
     return {"env": env, "config": config, "results": results}
 
@@ -403,7 +413,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         data = run_bench(args.device, metrics, seqs, batch=args.batch or batch, heads=args.heads or heads,
                          head_dim=args.head_dim or head_dim, dtype=args.dtype, strategy=args.strategy,
                          backward=args.backward, model=not args.no_model, reps=args.reps, inner=args.inner,
-                         progress=lambda line: print(line, flush=True))
+                         mode=args.mode, progress=lambda line: print(line, flush=True))
     env = data["env"]
     print(f"\n{env['card']}, torch {env['torch']}, triton {env.get('triton', '-')}, {args.dtype}, "
           f"{'forward+backward' if args.backward else 'forward'} (model rows: training step); "
@@ -531,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="truthfuse's strategy (default aggressive: time the fused kernels)")
     p.add_argument("--inner", choices=INNERS, default="inductor",
                    help="truthfuse's compiler for the rewritten graph (default inductor)")
+    p.add_argument("--mode", choices=MODES, default="default",
+                   help="torch.compile mode for Inductor and truthfuse alike (reduce-overhead: CUDA graphs, "
+                        "for steps the host paces)")
     p.add_argument("--backward", action="store_true", help="time forward+backward of the attention cases")
     p.add_argument("--no-model", action="store_true", help="skip the TruthGPT training-step rows")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU (default 5)")
