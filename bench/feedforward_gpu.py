@@ -306,7 +306,8 @@ def check_graphs():
             o64.backward(torch.ones_like(o64))
             e_out, e_gx = rel(out, o64.detach()), rel(gx, x64.grad)
             good = e_out < 1e-2 and e_gx < 3e-2
-            print(f"{'PASS' if good else 'FAIL'} reduce-overhead p=0 vs float64: out {e_out:.1e} dx {e_gx:.1e}", flush=True)
+            print(f"{'PASS' if good else 'FAIL'} reduce-overhead p=0 vs float64: out {e_out:.1e} dx {e_gx:.1e}",
+                  flush=True)
             ok &= good
         else:
             # out = x + dropout(y): a dropped element of y leaves out == x exactly.
@@ -344,7 +345,8 @@ def bench_epilogue():
     for cfg in feedforward_config_space("cublas"):
         cases += [
             (f"hidden_epilogue gelu {cfg['key']}", lambda c=cfg: K.hidden_epilogue(z, act=1, config=c)),
-            (f"hidden_epilogue gelu+dropout {cfg['key']}", lambda c=cfg: K.hidden_epilogue(z, act=1, seed=seed, p=0.1, config=c)),
+            (f"hidden_epilogue gelu+dropout {cfg['key']}",
+             lambda c=cfg: K.hidden_epilogue(z, act=1, seed=seed, p=0.1, config=c)),
             # backward reads z and g and writes dz: 1.5x the bytes of the forward rows
             (f"hidden_epilogue backward+dropout+bias {cfg['key']}",
              lambda c=cfg: K.hidden_epilogue(z, act=1, grad=g, seed=seed, p=0.1, bias_grad=True, config=c)),
@@ -376,8 +378,8 @@ def bench(args):
                          ("inductor-reduce-overhead", _compiled(base, "inductor", "reduce-overhead")),
                          ("truthfuse-reduce-overhead", _compiled(base, "truthfuse", "reduce-overhead"))]
             if train:  # backward row blocks under CUDA graphs
-                variants += [(f"truthfuse-reduce-overhead, {b} row blocks", _compiled(base, "truthfuse", "reduce-overhead"))
-                             for b in args.graph_blocks]
+                variants += [(f"truthfuse-reduce-overhead, {b} row blocks",
+                              _compiled(base, "truthfuse", "reduce-overhead")) for b in args.graph_blocks]
         for impl in ("cublas", "triton") if args.triton_impl else ("cublas",):
             m = FusedFFN(d, h, 0.1, impl).to(dev, torch.bfloat16).train(train)
             m.load_state_dict(base.state_dict())

@@ -79,8 +79,9 @@ def compile_report(fn, args: dict, constexprs: dict, num_warps: int, num_stages:
                              capture_output=True, text=True).stderr
         sass = ""
         if SASS:
-            nvdisasm = os.path.join(os.path.dirname(ptxas), "cuobjdump")
-            sass = subprocess.run([nvdisasm, "-sass", os.path.join(d, "k.cubin")], capture_output=True, text=True).stdout
+            cuobjdump = os.path.join(os.path.dirname(ptxas), "cuobjdump")
+            sass = subprocess.run([cuobjdump, "-sass", os.path.join(d, "k.cubin")], capture_output=True,
+                                  text=True).stdout
     regs = re.search(r"Used (\d+) registers", out)
     spill_st = re.search(r"(\d+) bytes spill stores", out)
     spill_ld = re.search(r"(\d+) bytes spill loads", out)

@@ -154,8 +154,9 @@ def _gemm_kernel(
       db_ptr, db2_ptr (cdiv(M, BLOCK_M), N) float32 contiguous: EPI_DHIDDEN with BIAS_GRAD (1 write, 2 add to): each
              M-tile's column sums of dL/dz (and dL/dzu), summed over dim 0 for bias gradients.
     SEED: the int64 Philox key (`philox.seed_arg`), plus seed_offset; threshold (int, keep if a
-      16-bit draw >= it), scale (1/(1-p)); used when HAS_DROPOUT; element (i, j) is drawn as element (row0 + i, j) of the matrix, so
-      a block of rows of a larger matrix (starting at row row0) draws that matrix's mask.
+      16-bit draw >= it), scale (1/(1-p)); used when HAS_DROPOUT. Element (i, j) is drawn as
+      element (row0 + i, j) of the matrix, so a block of rows of a larger matrix (starting at row
+      row0) draws that matrix's mask.
     Constexprs: EPI (EPI_* code), ACT (activation code), HAS_BIAS/HAS_BIAS2/GATED/HAS_K2/
       HAS_DROPOUT/HAS_RES/STORE_Z switch the pieces above; UPCAST computes the dot in float32
       (the interpreter's bf16 arithmetic is wrong); EVEN_K: K (and K2) are multiples of BLOCK_K,
@@ -314,6 +315,8 @@ def gemm(
         accumulate_partials the sums are added to the buffers' contents (row blocks of one
         matrix share one buffer; a shorter block adds to its first rows).
     row0: the dropout counters are those of rows row0.. of a larger matrix (row blocks).
+    seed: the dropout's seed, a 0-d int64 tensor on the device or an int (`philox.seed_arg`);
+        seed_offset is added to it in the kernel (the output dropout draws with seed + 1).
     out/out2/z/zu: preallocated (M, N) outputs (any strides) or None to allocate contiguous ones.
     config: dict with BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; num_stages is
         lowered where the pipeline's tiles would not fit in shared memory (float32, gated).
@@ -478,7 +481,8 @@ def _hidden_epilogue_kernel(
 
 def hidden_epilogue(
     z, *, act, zu=None, bias=None, bias2=None, grad=None, out=None, out2=None,
-    seed=None, seed_offset=0, p=0.0, row0=0, bias_grad=False, bias_partials=None, accumulate_partials=False, config=None,
+    seed=None, seed_offset=0, p=0.0, row0=0, bias_grad=False, bias_partials=None, accumulate_partials=False,
+    config=None,
 ):
     """Forward: hidden = dropout(act(z + bias) [* (zu + bias2)], p).
     Backward (grad given, dL/dhidden): returns (dz, dzu or None, dbias or None, dbias2 or None),
@@ -567,8 +571,8 @@ def _output_epilogue_kernel(
         _store_partial(dbias_ptr + pid_m * N + rn, tl.sum(tl.where(mask, y.to(tl.float32), 0.0), 0), rn < N, BIAS_GRAD)
 
 
-def output_epilogue(y, *, bias=None, residual=None, out=None, seed=None, seed_offset=0, p=0.0, row0=0, bias_partials=None,
-                    accumulate_partials=False, config=None):
+def output_epilogue(y, *, bias=None, residual=None, out=None, seed=None, seed_offset=0, p=0.0, row0=0,
+                    bias_partials=None, accumulate_partials=False, config=None):
     """out = dropout(y + bias, p) + residual; y, residual, out (M, N) with contiguous rows.
     out may be y (in place). row0: dropout counters of rows row0.. of a larger matrix.
     bias_partials: a float32 buffer of `bias_partial_rows(M, config)` rows that receives the

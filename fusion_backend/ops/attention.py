@@ -287,8 +287,8 @@ def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dr
 # Custom ops
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("truthfuse::attention_fwd", mutates_args=())
-def attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: Tensor, attn_mask: Optional[Tensor], seed: Optional[Tensor],
-                     metric: str, causal: bool, dropout_p: float, config: Optional[str],
+def attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: Tensor, attn_mask: Optional[Tensor],
+                     seed: Optional[Tensor], metric: str, causal: bool, dropout_p: float, config: Optional[str],
                      scale_grad: bool) -> tuple[Tensor, Tensor]:
     """Forward: (out (B, H, Nq, Dv) in q's dtype, row stats (3, B*H, Nq) fp32: row max, E_p[raw]
     (when scale_grad, else 0) and log2 of the row sum). scale (H,) fp32; attn_mask 4-d broadcastable

@@ -574,7 +574,8 @@ def _forward_impl(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, a
         gemm_cfg, ew_cfg = _resolve_config(impl, config or None, w_gate is not None)
         impl = _fit_impl(impl, x.shape[0], w_in, w_out)
         try:
-            return _fused_forward(*args, seed, activation, hidden_dropout_p, output_dropout_p, impl, gemm_cfg, ew_cfg, save)
+            return _fused_forward(*args, seed, activation, hidden_dropout_p, output_dropout_p, impl, gemm_cfg, ew_cfg,
+                                  save)
         except Exception as e:  # a kernel that cannot compile or launch must not break the model
             warn_fallback_once("feedforward", f"{type(e).__name__}: {str(e)[:200]}")
     return _ref_forward(*args, seed_value(seed), activation, hidden_dropout_p, output_dropout_p, save)
