@@ -211,7 +211,7 @@ class TruthfuseBackend:
         train = torch.is_grad_enabled() and any(
             isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
         timer = SiteTimer(gm_canon, candidates, built,
-                          lambda sub, args: _inner_compile(sub, args, opts), train)
+                          lambda sub, args: _inner_compile(sub, args, opts), train, graphs=_replays_cuda_graphs(opts))
         if self.tuning_observer is not None:
             self.tuning_observer(space, timer, opts)
         by_id = {s.id: s for s in candidates}

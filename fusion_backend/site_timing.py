@@ -86,9 +86,12 @@ class SiteTimer:
     """Times sites' options and adds them up into a plan's cost, for the tuner's `evaluate`."""
 
     def __init__(self, gm: fx.GraphModule, sites: List[Site], built: Dict[tuple, tuple],
-                 compile_fn: Callable[[fx.GraphModule, list], Callable], train: bool):
+                 compile_fn: Callable[[fx.GraphModule, list], Callable], train: bool, graphs: bool = False):
+        """graphs: the compiled graphs will replay as CUDA graphs, so a fused option is timed as
+        replays of a CUDA graph of its own (`_measure_replays`); a kept one already is, by the
+        compile_fn of such a mode."""
         self.gm, self.sites, self.built = gm, sites, built
-        self.compile_fn, self.train = compile_fn, train
+        self.compile_fn, self.train, self.graphs = compile_fn, train, graphs
         self.memo: Dict[tuple, float] = {}
         self.rounds: Dict[tuple, int] = {}
         self.measurements = 0
@@ -147,8 +150,41 @@ class SiteTimer:
             sets = rotated_input_sets(args, device)
             grad_ctx = contextlib.nullcontext() if train else torch.no_grad()
             with grad_ctx:
+                if self.graphs and choice != "keep" and device.type == "cuda":
+                    try:
+                        return _measure_replays(run, sets, device)
+                    except Exception as exc:  # noqa: BLE001 -- then time it as it would run without graphs
+                        log.info("tuning: %s %s: no CUDA graph (%s: %s); timed without one", site.rule.name, choice,
+                                 type(exc).__name__, str(exc)[:120])
                 ms = measure(run, sets, device=device, warmup=3, repeats=10)
         return ms
+
+
+def _measure_replays(run: Callable, sets: List[tuple], device: torch.device) -> float:
+    """Median ms of `run` replayed as CUDA graphs, one graph per input set: what it costs where the
+    compiled graphs replay as CUDA graphs (mode="reduce-overhead") and no launch costs the host
+    anything. Gradients start from None at capture, as they do in such a training step."""
+    def fresh(args):
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.requires_grad:
+                a.grad = None
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm up off the default stream, as capture requires
+        for args in sets:
+            fresh(args)
+            run(*args)
+    torch.cuda.current_stream(device).wait_stream(side)
+    pool = torch.cuda.graph_pool_handle()
+    graphs = []
+    for args in sets:
+        fresh(args)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            run(*args)
+        graphs.append(graph)
+    return measure(lambda g: g.replay(), [(g,) for g in graphs], device=device, warmup=3, repeats=10)
 
 
 def site_group(site: Site) -> str:

@@ -52,3 +52,28 @@ def test_cuda_graph_modes_trace_feedforward_for_replays(monkeypatch):
         TruthfuseBackend(parse_options(dict(opts, cache=False)))(gm, [torch.randn(3)])
         assert seen.pop() is expected, opts
     assert ff._replayed_as_graphs is False
+
+
+def test_the_tuner_times_for_cuda_graphs_in_such_modes(monkeypatch):
+    """Where the graphs will replay as CUDA graphs the site timer is told so (it then times each
+    fused option as graph replays); otherwise not."""
+    from fusion_backend import site_timing
+    from fusion_backend.options import parse_options
+    from tests.engine.models import CausalSelfAttention
+
+    told = []
+
+    class Recording(site_timing.SiteTimer):
+        def __init__(self, *args, graphs=False, **kwargs):
+            told.append(graphs)
+            super().__init__(*args, graphs=graphs, **kwargs)
+
+    monkeypatch.setattr(backend_module, "SiteTimer", Recording)
+    for replays in (True, False):
+        monkeypatch.setattr(backend_module, "_replays_cuda_graphs", lambda options, r=replays: r)
+        torch._dynamo.reset()
+        model = torch.compile(CausalSelfAttention(), backend=TruthfuseBackend(
+            parse_options({"inner": "eager", "simulations": 2, "cache": False})))
+        model(torch.randn(2, 16, 32))
+        assert told.pop() is replays
+    torch._dynamo.reset()
