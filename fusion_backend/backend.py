@@ -8,6 +8,7 @@ A graph in which nothing is fused is handed to the inner compiler exactly as Dyn
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import time
@@ -210,8 +211,13 @@ class TruthfuseBackend:
 
         train = torch.is_grad_enabled() and any(
             isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
+        graphs = _replays_cuda_graphs(opts)
+        # Under CUDA graphs the timer replays both options of a site as graphs of its own, so a
+        # kept subgraph is compiled without Inductor's (they would nest).
+        timing_opts = dataclasses.replace(opts, inductor_options={**opts.inductor_options, "triton.cudagraphs": False})
         timer = SiteTimer(gm_canon, candidates, built,
-                          lambda sub, args: _inner_compile(sub, args, opts), train, graphs=_replays_cuda_graphs(opts))
+                          lambda sub, args: _inner_compile(sub, args, timing_opts if graphs else opts), train,
+                          graphs=graphs)
         if self.tuning_observer is not None:
             self.tuning_observer(space, timer, opts)
         by_id = {s.id: s for s in candidates}

@@ -87,9 +87,9 @@ class SiteTimer:
 
     def __init__(self, gm: fx.GraphModule, sites: List[Site], built: Dict[tuple, tuple],
                  compile_fn: Callable[[fx.GraphModule, list], Callable], train: bool, graphs: bool = False):
-        """graphs: the compiled graphs will replay as CUDA graphs, so a fused option is timed as
-        replays of a CUDA graph of its own (`_measure_replays`); a kept one already is, by the
-        compile_fn of such a mode."""
+        """graphs: the compiled graphs will replay as CUDA graphs, so every option is timed as
+        replays of a CUDA graph of its own (`_measure_replays`); compile_fn must then compile
+        without CUDA graphs of its own."""
         self.gm, self.sites, self.built = gm, sites, built
         self.compile_fn, self.train, self.graphs = compile_fn, train, graphs
         self.memo: Dict[tuple, float] = {}
@@ -150,7 +150,7 @@ class SiteTimer:
             sets = rotated_input_sets(args, device)
             grad_ctx = contextlib.nullcontext() if train else torch.no_grad()
             with grad_ctx:
-                if self.graphs and choice != "keep" and device.type == "cuda":
+                if self.graphs and device.type == "cuda":
                     try:
                         return _measure_replays(run, sets, device)
                     except Exception as exc:  # noqa: BLE001 -- then time it as it would run without graphs

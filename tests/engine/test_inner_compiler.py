@@ -55,8 +55,9 @@ def test_cuda_graph_modes_trace_feedforward_for_replays(monkeypatch):
 
 
 def test_the_tuner_times_for_cuda_graphs_in_such_modes(monkeypatch):
-    """Where the graphs will replay as CUDA graphs the site timer is told so (it then times each
-    fused option as graph replays); otherwise not."""
+    """Where the graphs will replay as CUDA graphs the site timer is told so (it then times every
+    option as replays of a graph of its own), and the kept subgraphs it times are compiled without
+    Inductor's CUDA graphs, which would nest in those; the graph itself keeps the mode."""
     from fusion_backend import site_timing
     from fusion_backend.options import parse_options
     from tests.engine.models import CausalSelfAttention
@@ -68,12 +69,23 @@ def test_the_tuner_times_for_cuda_graphs_in_such_modes(monkeypatch):
             told.append(graphs)
             super().__init__(*args, graphs=graphs, **kwargs)
 
+    compiled = []
+    real_inner = backend_module._inner_compile
+
+    def inner(gm, inputs, options):
+        compiled.append(options.inductor_options.get("triton.cudagraphs"))
+        return real_inner(gm, inputs, options)
+
     monkeypatch.setattr(backend_module, "SiteTimer", Recording)
+    monkeypatch.setattr(backend_module, "_inner_compile", inner)
     for replays in (True, False):
         monkeypatch.setattr(backend_module, "_replays_cuda_graphs", lambda options, r=replays: r)
         torch._dynamo.reset()
+        compiled.clear()
         model = torch.compile(CausalSelfAttention(), backend=TruthfuseBackend(
             parse_options({"inner": "eager", "simulations": 2, "cache": False})))
         model(torch.randn(2, 16, 32))
         assert told.pop() is replays
+        timing, final = compiled[:-1], compiled[-1]
+        assert timing and set(timing) == ({False} if replays else {None}) and final is None, compiled
     torch._dynamo.reset()
