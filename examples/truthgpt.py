@@ -246,15 +246,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _compiled(model: nn.Module, variant: str, strategy: str, inner: str = "inductor"):
-    """(the callable to train, truthfuse's backend or None)."""
+def _compiled(model: nn.Module, variant: str, strategy: str, inner: str = "inductor", mode: str = "default"):
+    """(the callable to train, truthfuse's backend or None); Inductor and truthfuse compile in
+    torch.compile's `mode` alike."""
     if variant == "eager":
         return model, None
     if variant == "inductor":
-        return torch.compile(model), None
+        return torch.compile(model, mode=None if mode == "default" else mode), None
     import fusion_backend
 
-    backend = fusion_backend.backend(strategy=strategy, inner=inner)
+    backend = fusion_backend.backend(strategy=strategy, inner=inner, mode=mode)
     return torch.compile(model, backend=backend), backend
 
 
@@ -300,16 +301,17 @@ def _cpu_peak_bytes(fn) -> Optional[int]:
 
 def train(variant: str, model: nn.Module, data: Sequence[tuple], device: torch.device, *, lr: float = 3e-3,
           strategy: str = "aggressive", inner: str = "inductor", warmup: int = 2,
-          log_every: int = 0) -> Dict[str, object]:
+          log_every: int = 0, mode: str = "default") -> Dict[str, object]:
     """Train `model` (modified in place) on `data` under one variant; returns its step times (ms),
     losses, peak memory of training (bytes; the CUDA allocator's peak over the steps after the
     first, whose compilation and tuning are no training step, or the CPU allocator's from the
     profiler over one extra step) and the first step's time, which includes compilation and
     tuning."""
-    step_model, backend = _compiled(model, variant, strategy, inner)
+    step_model, backend = _compiled(model, variant, strategy, inner, mode)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
 
     def step(x, y):
+        torch.compiler.cudagraph_mark_step_begin()  # a new step, for CUDA graphs (reduce-overhead)
         loss = step_model(x, y)
         loss.backward()
         opt.step()
@@ -407,6 +409,9 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         "of the fused kernels; moderate lets the tuner keep a site that measures slower)")
     p.add_argument("--inner", choices=("inductor", "eager", "aot_eager"), default="inductor",
                    help="truthfuse's compiler for the rewritten graph (default inductor)")
+    p.add_argument("--mode", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   default="default", help="torch.compile mode for Inductor and truthfuse alike "
+                                           "(reduce-overhead: CUDA graphs; default default)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated subset of eager,inductor,truthfuse (default all three)")
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the step time (default 2)")
@@ -452,7 +457,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
             torch.cuda.manual_seed_all(args.seed + 1)
         try:
             results.append(train(variant, replica, data, device, lr=args.lr, strategy=args.strategy,
-                                 inner=args.inner, warmup=args.warmup, log_every=args.log_every))
+                                 inner=args.inner, warmup=args.warmup, log_every=args.log_every, mode=args.mode))
         except Exception as exc:  # noqa: BLE001 -- one variant failing must not hide the others
             # e.g. torch.cdist has no half-precision kernel for p=1 (nor for p=2 on <= 25 rows),
             # so eager and Inductor L1 attention fail in bf16 where truthfuse's kernel runs.

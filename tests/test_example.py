@@ -100,6 +100,22 @@ def test_main_runs_two_cpu_steps(capsys):
     assert any(line.startswith("truthfuse") for line in out.splitlines())
 
 
+def test_mode_reaches_both_compilers(monkeypatch):
+    """--mode compiles Inductor and truthfuse alike (reduce-overhead: CUDA graphs on a GPU)."""
+    seen = []
+    real_compile = torch.compile
+
+    def spy(model, *, backend="inductor", mode=None, **kw):
+        seen.append(mode if backend == "inductor" else backend.options.mode)
+        return real_compile(model, backend="eager" if backend == "inductor" else backend, **kw)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    results = truthgpt.main(["--steps", "1", "--batch", "1", "--seq", "8", "--variants", "inductor,truthfuse",
+                             "--inner", "eager", "--warmup", "0", "--dropout", "0", "--mode", "reduce-overhead"])
+    assert seen == ["reduce-overhead", "reduce-overhead"]
+    assert all(len(r["losses"]) == 1 for r in results)
+
+
 def test_main_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit) as exc:
         truthgpt.main(["--variants", "eager,jax"])
