@@ -370,13 +370,16 @@ HOST_BOUND_MACS = 2**36
 host issuing its launches, not by the GPU (about 0.5 ms of GEMMs at T=8192, d=1024, h=4096
 against 1.7 ms or more of host time): recomputing costs no time there, and fewer blocks save
 launches. Measured in bench/feedforward_gpu.py (docs/performance.md)."""
-BACKWARD_ROW_BLOCKS = 4
+BACKWARD_ROW_BLOCKS = 2
 RECOMPUTE_ROW_BLOCKS = 2
 """Backward walks the rows (tokens) in this many blocks (BACKWARD_ROW_BLOCKS when the
 pre-activation was saved, RECOMPUTE_ROW_BLOCKS when it is recomputed) once a (T, h) matrix has
 2**24 elements or more, so that only slices of hidden, dL/dhidden (and the recomputed
 pre-activation) are alive at a time: that is what keeps training memory under eager's. Weight
-gradients accumulate over the blocks (C += A @ B in the output dtype, as cuBLAS's beta=1)."""
+gradients accumulate over the blocks (C += A @ B in the output dtype, as cuBLAS's beta=1), and
+each block after the first reads and writes them once more: at T=16384, d=4096, h=16384 on an
+H100, 2 blocks ran 20.48 ms at 0.65x eager's memory against 20.72 ms at 0.60x for 4 (1.01x and
+0.99x eager's speed; docs/performance.md)."""
 _CHUNK_MIN_ELEMENTS = 2**24
 _backward_rows = None  # tests set a row count here to force the blocked path on small shapes
 
