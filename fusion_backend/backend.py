@@ -64,6 +64,7 @@ class GraphRecord:
     baseline_ms: Optional[float] = None
     tuning_reason: str = ""
     compile_seconds: float = 0.0
+    timed_as_graphs: bool = False  # sites timed as CUDA-graph replays (a CUDA-graph mode)
 
 
 class TruthfuseBackend:
@@ -211,7 +212,7 @@ class TruthfuseBackend:
 
         train = torch.is_grad_enabled() and any(
             isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
-        graphs = _replays_cuda_graphs(opts)
+        graphs = record.timed_as_graphs = _replays_cuda_graphs(opts)
         # Under CUDA graphs the timer replays both options of a site as graphs of its own, so a
         # kept subgraph is compiled without Inductor's (they would nest).
         timing_opts = dataclasses.replace(opts, inductor_options={**opts.inductor_options, "triton.cudagraphs": False})

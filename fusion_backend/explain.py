@@ -21,6 +21,7 @@ class TuningSummary:
     plan_ms: List[Optional[float]] = field(default_factory=list)
     baseline_ms: List[Optional[float]] = field(default_factory=list)
     reasons: List[str] = field(default_factory=list)
+    cuda_graphs: bool = False  # the sites were timed as CUDA-graph replays (mode="reduce-overhead")
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Report:
             plan_ms=[r.plan_ms for r in tuned],
             baseline_ms=[r.baseline_ms for r in tuned],
             reasons=[r.tuning_reason for r in tuned],
+            cuda_graphs=any(r.timed_as_graphs for r in records),
         )
         return cls(sites=sites, tuning=tuning, graphs=len(records),
                    compile_seconds=sum(r.compile_seconds for r in records))
@@ -70,7 +72,7 @@ class Report:
         t = self.tuning
         lines.append("")
         lines.append(f"tuning: cache_hit={t.cache_hit} measurements={t.measurements} "
-                     f"time={t.seconds:.2f} s")
+                     f"time={t.seconds:.2f} s" + ("; sites timed as CUDA-graph replays" if t.cuda_graphs else ""))
         for plan, ms, base, why in zip(t.plans, t.plan_ms, t.baseline_ms, t.reasons):
             timing = ""
             if ms is not None and base is not None:

@@ -56,9 +56,11 @@ def test_cuda_graph_modes_trace_feedforward_for_replays(monkeypatch):
 
 def test_the_tuner_times_for_cuda_graphs_in_such_modes(monkeypatch):
     """Where the graphs will replay as CUDA graphs the site timer is told so (it then times every
-    option as replays of a graph of its own), and the kept subgraphs it times are compiled without
-    Inductor's CUDA graphs, which would nest in those; the graph itself keeps the mode."""
+    option as replays of a graph of its own) and the report says so, and the kept subgraphs it
+    times are compiled without Inductor's CUDA graphs, which would nest in those; the graph itself
+    keeps the mode."""
     from fusion_backend import site_timing
+    from fusion_backend.explain import Report
     from fusion_backend.options import parse_options
     from tests.engine.models import CausalSelfAttention
 
@@ -82,10 +84,13 @@ def test_the_tuner_times_for_cuda_graphs_in_such_modes(monkeypatch):
         monkeypatch.setattr(backend_module, "_replays_cuda_graphs", lambda options, r=replays: r)
         torch._dynamo.reset()
         compiled.clear()
-        model = torch.compile(CausalSelfAttention(), backend=TruthfuseBackend(
-            parse_options({"inner": "eager", "simulations": 2, "cache": False})))
+        backend = TruthfuseBackend(parse_options({"inner": "eager", "simulations": 2, "cache": False}))
+        model = torch.compile(CausalSelfAttention(), backend=backend)
         model(torch.randn(2, 16, 32))
         assert told.pop() is replays
+        report = Report.from_records(backend.records)
+        assert report.tuning.cuda_graphs is replays
+        assert ("timed as CUDA-graph replays" in str(report)) is replays
         timing, final = compiled[:-1], compiled[-1]
         assert timing and set(timing) == ({False} if replays else {None}) and final is None, compiled
     torch._dynamo.reset()
