@@ -159,6 +159,25 @@ def _probs(s, a, b, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
+def _query_program(H, GROUP):
+    """(pid_m, bh, b, h, hk) of a program that owns one query block of one (b, h): grid
+    (cdiv(Nq, BLOCK_M), B * H); hk is the kv head that h reads."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    h = bh % H
+    return pid_m, bh, bh // H, h, h // GROUP
+
+
+@triton.jit
+def _key_program(HKV):
+    """(pid_n, bhk, b, hk) of a program that owns one key block of one (b, kv head): grid
+    (cdiv(Nk, BLOCK_N), B * Hkv)."""
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    return pid_n, bhk, bhk // HKV, bhk % HKV
+
+
+@triton.jit
 def _idle_launch(MASK_FLAGS, RUN_IF: tl.constexpr):
     """Whether this program belongs to the launch of a pair that does not compute: a shared bool
     mask gets two launches (RUN_IF 1: the causal specialization, 2: the one that reads the mask),
@@ -297,11 +316,7 @@ def _attn_fwd_kernel(
     seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
+    pid_m, bh, b, h, hk = _query_program(H, GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
@@ -371,10 +386,7 @@ def _attn_bwd_dkdv_kernel(
     seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
-    pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
-    b = bhk // HKV
-    hk = bhk % HKV
+    pid_n, bhk, b, hk = _key_program(HKV)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
@@ -503,11 +515,7 @@ def _attn_bwd_dq_kernel(
     seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
+    pid_m, bh, b, h, hk = _query_program(H, GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)

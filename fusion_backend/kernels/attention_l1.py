@@ -31,8 +31,8 @@ import triton.language as tl
 
 from fusion_backend.kernels.attention import (
     DROPOUT_BITS, _dq_tile, _dropout_keep, _exp_rel, _fwd_epilogue, _idle_launch, _kernel_scale, _key_end,
-    _load_row_stats, _load_rows, _logits, _mask_args, _pad_dim, _probs, _query_start, backward_tiles, dropout_args,
-    mask_grad_buffer, mask_launches, new_row_stats, reduce_mask_grad, row_dot,
+    _key_program, _load_row_stats, _load_rows, _logits, _mask_args, _pad_dim, _probs, _query_program, _query_start,
+    backward_tiles, dropout_args, mask_grad_buffer, mask_launches, new_row_stats, reduce_mask_grad, row_dot,
 )
 from fusion_backend.kernels.philox import load_seed, seed_arg
 from fusion_backend.kernels.runtime import interpreting
@@ -216,11 +216,7 @@ def _l1_fwd_kernel(
     seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
+    pid_m, bh, b, h, hk = _query_program(H, GROUP)
     row0 = pid_m * BLOCK_M
     qi = _l1_sub_idx(row0, BLOCK_M, SUB_M, 0, CONTIG_M)
     offs_dv = tl.arange(0, DV_PAD)
@@ -311,10 +307,7 @@ def _l1_bwd_dkdv_kernel(
     seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
-    pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
-    b = bhk // HKV
-    hk = bhk % HKV
+    pid_n, bhk, b, hk = _key_program(HKV)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_dv = tl.arange(0, DV_PAD)
     kt_base = KT + bhk * HEAD_DIM * N_K
@@ -366,11 +359,7 @@ def _l1_bwd_dq_kernel(
     seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
+    pid_m, bh, b, h, hk = _query_program(H, GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, DV_PAD)
     scale = tl.load(SCALE + h)
@@ -497,10 +486,7 @@ def _l1_bwd_dkdv_sub_kernel(
     seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
-    pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
-    b = bhk // HKV
-    hk = bhk % HKV
+    pid_n, bhk, b, hk = _key_program(HKV)
     col0 = pid_n * BLOCK_N
     offs_n = col0 + tl.arange(0, BLOCK_N)
     offs_dv = tl.arange(0, DV_PAD)
@@ -571,11 +557,7 @@ def _l1_bwd_dq_sub_kernel(
     seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
+    pid_m, bh, b, h, hk = _query_program(H, GROUP)
     row0 = pid_m * BLOCK_M
     offs_m = row0 + tl.arange(0, BLOCK_M)
     qi = _l1_sub_idx(row0, BLOCK_M, SUB_M, 0, CONTIG_M)
