@@ -65,6 +65,7 @@ class GraphRecord:
     tuning_reason: str = ""
     compile_seconds: float = 0.0
     timed_as_graphs: bool = False  # sites timed as CUDA-graph replays (a CUDA-graph mode)
+    site_notes: Dict[str, str] = field(default_factory=dict)  # site id -> the tuner's note on it
 
 
 class TruthfuseBackend:
@@ -157,7 +158,8 @@ class TruthfuseBackend:
         fused_ids = set(s for s, choice in plan.items() if choice != "keep")
         if not fused_ids:
             for site in candidates:
-                decisions[site.id].reason = decisions[site.id].reason or record.tuning_reason
+                d = decisions[site.id]
+                d.reason = _with_note(d.reason or record.tuning_reason, record.site_notes.get(site.id))
             return gm
         apply_plan(canon, candidates, plan, built)
         if self.options.monitor:
@@ -171,7 +173,7 @@ class TruthfuseBackend:
                 d.config = None if choice == "fuse" else choice.split(":", 1)[1]
                 d.reason = record.tuning_reason
             elif not d.reason:
-                d.reason = _keep_reason(site, candidates, fused_ids, record)
+                d.reason = _with_note(_keep_reason(site, candidates, fused_ids, record), record.site_notes.get(site.id))
         return canon
 
     def _decide(self, gm, gm_canon, example_inputs, candidates: List[Site], record: GraphRecord,
@@ -225,6 +227,10 @@ class TruthfuseBackend:
         decision = choose_plan(space, timer, opts.strategy, simulations=opts.budget,
                                time_budget_s=opts.tuning_seconds, seed=opts.seed,
                                site_cost=lambda sid, option: timer.site_cost(by_id[sid], option))
+        if not graphs:
+            chosen = dict(decision.plan)
+            notes = {s.id: timer.host_bound_note(s) for s in candidates if chosen.get(s.id, "keep") == "keep"}
+            decision.notes = {sid: note for sid, note in notes.items() if note}
         _fill_record(record, decision, cache_hit=False)
         # The plans the search scored were priced from site timings; report the timed runs.
         record.plans_evaluated = decision.measurements
@@ -242,6 +248,11 @@ def _fill_record(record: GraphRecord, decision, cache_hit: bool) -> None:
     record.plan_ms = decision.cost_ms
     record.baseline_ms = decision.baseline_ms
     record.tuning_reason = ("cached: " if cache_hit else "") + decision.reason
+    record.site_notes = dict(decision.notes)
+
+
+def _with_note(reason: str, note: Optional[str]) -> str:
+    return f"{reason}; {note}" if note else reason
 
 
 def _keep_reason(site: Site, candidates: List[Site], fused_ids: set, record: GraphRecord) -> str:

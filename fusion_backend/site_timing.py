@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from .canonicalize.passes import example_value
 from .match.sites import Site
-from .tune.timing import measure, rotated_input_sets
+from .tune.timing import Timing, measure, measure_timing, rotated_input_sets
 
 Node = fx.Node
 log = logging.getLogger("truthfuse")
@@ -93,6 +93,8 @@ class SiteTimer:
         self.gm, self.sites, self.built = gm, sites, built
         self.compile_fn, self.train, self.graphs = compile_fn, train, graphs
         self.memo: Dict[tuple, float] = {}
+        # CUDA timings without CUDA graphs, with their host issue time (`host_bound_note`)
+        self.timings: Dict[tuple, Timing] = {}
         self.rounds: Dict[tuple, int] = {}
         self.measurements = 0
         self._generator = torch.Generator().manual_seed(0)
@@ -111,7 +113,10 @@ class SiteTimer:
         if key not in self.memo:
             started = time.perf_counter()
             with _fresh_compile_context():
-                self.memo[key] = self._measure(site, choice)
+                timing = self._measure(site, choice)
+            self.memo[key] = timing if isinstance(timing, float) else timing.ms
+            if isinstance(timing, Timing):
+                self.timings[key] = timing
             self.measurements += 1
             log.info("tuning: %s %s: %.3f ms (measured in %.1f s)", site.rule.name, choice,
                      self.memo[key], time.perf_counter() - started)
@@ -119,7 +124,25 @@ class SiteTimer:
 
     # -- one measurement ---------------------------------------------------------------------
 
-    def _measure(self, site: Site, choice: str) -> float:
+    def host_bound_note(self, site: Site) -> str:
+        """For a site the plan keeps: a note when its fastest fused option was slower than keeping
+        it and host-bound (CUDA, timed without CUDA graphs): the GPU waited while the host issued
+        its launches, which CUDA graphs take away. "" otherwise."""
+        group = site_group(site)
+        keep = self.timings.get((group, "keep", 0))
+        fused = [t for (g, choice, r), t in self.timings.items() if g == group and choice != "keep" and r == 0]
+        if keep is None or not fused:
+            return ""
+        best = min(fused, key=lambda t: t.ms)
+        if best.ms <= keep.ms or not best.host_bound:
+            return ""
+        return (f"fused it took {best.ms:.3f} ms against {keep.ms:.3f} ms kept, {best.issue_ms:.3f} ms of that "
+                f"issuing launches while the GPU waited; with mode=\"reduce-overhead\" CUDA graphs take the "
+                f"launches off the host and the tuner times the site that way (docs/troubleshooting.md)")
+
+    def _measure(self, site: Site, choice: str):
+        """The site's timing with this choice: a Timing (CUDA, without graphs: with its issue time)
+        or ms."""
         if choice == "keep":
             sub, example = keep_subgraph(self.gm, site)
         else:
@@ -156,8 +179,9 @@ class SiteTimer:
                     except Exception as exc:  # noqa: BLE001 -- then time it as it would run without graphs
                         log.info("tuning: %s %s: no CUDA graph (%s: %s); timed without one", site.rule.name, choice,
                                  type(exc).__name__, str(exc)[:120])
-                ms = measure(run, sets, device=device, warmup=3, repeats=10)
-        return ms
+                if device.type == "cuda":
+                    return measure_timing(run, sets, device=device, warmup=3, repeats=10)
+                return measure(run, sets, device=device, warmup=3, repeats=10)
 
 
 def _measure_replays(run: Callable, sets: List[tuple], device: torch.device) -> float:

@@ -28,7 +28,7 @@ from .mcts import (
     random_search,
 )
 from .space import KEEP, STRATEGIES, DecisionSpace, Option, Plan, SiteChoices, restrict
-from .timing import l2_rotation_count, measure, rotated_input_sets, tensor_bytes
+from .timing import Timing, l2_rotation_count, measure, measure_timing, rotated_input_sets, tensor_bytes
 
 __all__ = [
     "KEEP",
@@ -43,6 +43,7 @@ __all__ = [
     "TuningCacheWarning",
     "TuningDecision",
     "TuningStateError",
+    "Timing",
     "cache_key",
     "choose_plan",
     "default_cache_dir",
@@ -52,6 +53,7 @@ __all__ = [
     "load_state",
     "mcts_search",
     "measure",
+    "measure_timing",
     "random_search",
     "restrict",
     "rotated_input_sets",

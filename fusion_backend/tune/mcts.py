@@ -601,6 +601,8 @@ class TuningDecision:
         explain() and logs.
     history: the search's measurements in order; failures: (plan, error) for candidates whose
         evaluation raised.
+    notes: site id -> a note on that site's decision for explain() (the backend's host-bound
+        note), kept with the decision in the cache.
     """
 
     plan: Plan
@@ -614,6 +616,7 @@ class TuningDecision:
     reason: str
     history: list[Measurement] = field(default_factory=list)
     failures: list[tuple[Plan, str]] = field(default_factory=list)
+    notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def fused(self) -> bool:
@@ -642,6 +645,7 @@ class TuningDecision:
             "history": [[m.plan.to_dict(), _finite_or_none(m.cost_ms), m.seconds]
                         for m in self.history],
             "failures": [[plan.to_dict(), message] for plan, message in self.failures],
+            "notes": dict(self.notes),
         }
 
     @classmethod
@@ -661,6 +665,7 @@ class TuningDecision:
             reason=str(record["reason"]),
             history=history,
             failures=[(Plan(p), str(m)) for p, m in record.get("failures", [])],
+            notes={str(k): str(v) for k, v in record.get("notes", {}).items()},
         )
 
 

@@ -7,12 +7,17 @@ A real model step reads weights and activations from HBM; timing from a warm L2 
 kernels that only win when everything is cached.
 
 On CPU (tests, and Triton's interpreter): wall clock with time.perf_counter, same median.
+
+`measure_timing` also reports how long the host took to issue a call it did not wait on: when
+that is most of the call's time, the device sat waiting for launches (`Timing.host_bound`), which
+CUDA graphs (torch.compile's mode="reduce-overhead") take away.
 """
 from __future__ import annotations
 
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,9 +36,33 @@ def _as_args(input_set: Any) -> tuple:
     return tuple(input_set) if isinstance(input_set, (tuple, list)) else (input_set,)
 
 
+@dataclass(frozen=True)
+class Timing:
+    """One measurement: `ms`, the median time of a call; `issue_ms`, the median time the host took
+    to return from a call that it did not wait on (CUDA; the same as ms on CPU). A call whose issue
+    time is close to its time is paced by the host issuing its launches, not by the device."""
+
+    ms: float
+    issue_ms: float
+
+    @property
+    def host_bound(self) -> bool:
+        return self.issue_ms >= HOST_BOUND_SHARE * self.ms
+
+
+HOST_BOUND_SHARE = 0.8
+"""A CUDA call counts as host-bound when issuing it takes at least this share of its time."""
+
+
 def measure(fn: Callable[..., Any], input_sets: Sequence[Any], *,
             device: torch.device | str | int, warmup: int = 3, repeats: int = 10) -> float:
-    """Median time of one call `fn(*input_set)`, in milliseconds.
+    """Median time of one call `fn(*input_set)`, in milliseconds (`measure_timing(...).ms`)."""
+    return measure_timing(fn, input_sets, device=device, warmup=warmup, repeats=repeats).ms
+
+
+def measure_timing(fn: Callable[..., Any], input_sets: Sequence[Any], *,
+                   device: torch.device | str | int, warmup: int = 3, repeats: int = 10) -> Timing:
+    """The median time of one call `fn(*input_set)` and of issuing it, in milliseconds.
 
     input_sets: one or more argument tuples (a non-tuple is passed as the single argument). Calls
         cycle through them, so pass `l2_rotation_count(...)` sets to keep L2 cold.
@@ -41,7 +70,7 @@ def measure(fn: Callable[..., Any], input_sets: Sequence[Any], *,
         clock.
     warmup: untimed calls before timing (at least one per input set is made anyway on CUDA, so
         that every set has been touched once before timing starts).
-    repeats: timed calls; the median of them is returned.
+    repeats: timed calls; the medians of them are returned.
     """
     if not input_sets:
         raise ValueError("measure needs at least one input set")
@@ -56,7 +85,7 @@ def measure(fn: Callable[..., Any], input_sets: Sequence[Any], *,
     return _measure_wall_clock(fn, args, warmup, repeats)
 
 
-def _measure_wall_clock(fn, args: list[tuple], warmup: int, repeats: int) -> float:
+def _measure_wall_clock(fn, args: list[tuple], warmup: int, repeats: int) -> Timing:
     for i in range(warmup):
         fn(*args[i % len(args)])
     times = []
@@ -65,10 +94,11 @@ def _measure_wall_clock(fn, args: list[tuple], warmup: int, repeats: int) -> flo
         start = time.perf_counter()
         fn(*call_args)
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    ms = statistics.median(times)
+    return Timing(ms, ms)
 
 
-def _measure_cuda(fn, args: list[tuple], device: torch.device, warmup: int, repeats: int) -> float:
+def _measure_cuda(fn, args: list[tuple], device: torch.device, warmup: int, repeats: int) -> Timing:
     with torch.cuda.device(device):
         # The first pass over every set also faults in lazily allocated memory.
         for i in range(max(warmup, len(args))):
@@ -79,13 +109,16 @@ def _measure_cuda(fn, args: list[tuple], device: torch.device, warmup: int, repe
         # Continue the rotation where warm-up stopped, so the set about to be timed is always the
         # one least recently used.
         offset = max(warmup, len(args))
+        issue = []
         for i in range(repeats):
             call_args = args[(offset + i) % len(args)]
             starts[i].record()
+            begun = time.perf_counter()
             fn(*call_args)
+            issue.append((time.perf_counter() - begun) * 1e3)
             ends[i].record()
         torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+        return Timing(statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)), statistics.median(issue))
 
 
 def l2_cache_bytes(device: torch.device | str | int) -> int:

@@ -94,3 +94,42 @@ def test_the_tuner_times_for_cuda_graphs_in_such_modes(monkeypatch):
         timing, final = compiled[:-1], compiled[-1]
         assert timing and set(timing) == ({False} if replays else {None}) and final is None, compiled
     torch._dynamo.reset()
+
+
+def test_kept_sites_carry_the_timers_host_bound_note_also_from_the_cache(monkeypatch, tmp_path):
+    """A site the tuner keeps gets the timer's note (the fused option was host-bound) in its
+    reason, from a fresh search and from the tuning cache alike; under CUDA graphs no note is asked
+    for (the timings are replays there)."""
+    from fusion_backend import site_timing
+    from fusion_backend.explain import Report
+    from fusion_backend.options import parse_options
+    from tests.engine.models import CausalSelfAttention
+
+    asked = []
+
+    class KeepingTimer(site_timing.SiteTimer):
+        def site_cost(self, site, choice, round_=0):
+            return 1.0 if choice == "keep" else 2.0
+
+        def host_bound_note(self, site):
+            asked.append(site.id)
+            return "HOST-BOUND NOTE"
+
+    monkeypatch.setattr(backend_module, "SiteTimer", KeepingTimer)
+    monkeypatch.setenv("TRUTHFUSE_CACHE_DIR", str(tmp_path))
+    for cached in (False, True):
+        torch._dynamo.reset()
+        backend = TruthfuseBackend(parse_options({"inner": "eager", "simulations": 4}))
+        torch.compile(CausalSelfAttention(), backend=backend)(torch.randn(2, 16, 32))
+        report = Report.from_records(backend.records)
+        assert report.kept and not report.fused
+        assert report.tuning.cache_hit is cached
+        assert all(s.reason.endswith("; HOST-BOUND NOTE") for s in report.kept), [s.reason for s in report.kept]
+    assert len(asked) == len(report.kept)  # asked once, by the search that filled the cache
+    monkeypatch.setattr(backend_module, "_replays_cuda_graphs", lambda options: True)
+    torch._dynamo.reset()
+    backend = TruthfuseBackend(parse_options({"inner": "eager", "simulations": 4, "cache": False}))
+    torch.compile(CausalSelfAttention(), backend=backend)(torch.randn(2, 16, 32))
+    report = Report.from_records(backend.records)
+    assert report.kept and not any("HOST-BOUND" in s.reason for s in report.kept)
+    torch._dynamo.reset()

@@ -31,3 +31,30 @@ def test_kept_site_backward_runs_on_another_thread_while_the_compile_lock_is_hel
         worker.join(timeout=120)
     assert finished, "the kept site's backward waited for the compile lock"
     torch.testing.assert_close(x.grad, 2 * torch.cos(x.detach()))
+
+
+def _site(rule="feedforward_gelu"):
+    from types import SimpleNamespace
+    return SimpleNamespace(rule=SimpleNamespace(name=rule), match=SimpleNamespace(values={"x": torch.zeros(2, 3)}))
+
+
+def test_host_bound_note_only_where_the_fastest_fused_option_lost_while_host_bound():
+    from fusion_backend.site_timing import SiteTimer, site_group
+    from fusion_backend.tune.timing import Timing
+
+    timer = SiteTimer(None, [], {}, None, train=False)
+    site = _site()
+    group = site_group(site)
+    assert timer.host_bound_note(site) == ""  # nothing timed on a GPU
+    timer.timings[(group, "keep", 0)] = Timing(1.0, 0.1)
+    timer.timings[(group, "fuse:a", 0)] = Timing(2.0, 1.9)
+    timer.timings[(group, "fuse:b", 0)] = Timing(2.5, 0.2)
+    timer.timings[(group, "fuse:c", 1)] = Timing(0.5, 0.5)  # a confirmation round does not count
+    note = timer.host_bound_note(site)
+    assert "2.000 ms against 1.000 ms kept, 1.900 ms of that issuing launches" in note
+    assert 'mode="reduce-overhead"' in note
+    assert timer.host_bound_note(_site("other_rule")) == ""
+    timer.timings[(group, "fuse:b", 0)] = Timing(1.5, 0.2)  # the fastest fused option is GPU-bound
+    assert timer.host_bound_note(site) == ""
+    timer.timings = {(group, "keep", 0): Timing(3.0, 0.1), (group, "fuse:a", 0): Timing(2.0, 1.9)}
+    assert timer.host_bound_note(site) == ""  # fused won: nothing to explain

@@ -121,6 +121,15 @@ def test_decision_record_round_trips_through_json():
     assert [m.plan for m in again.history] == [m.plan for m in decision.history]
 
 
+def test_decision_notes_round_trip_and_old_records_have_none():
+    decision = choose_plan(_space(), _costs({"v0": 0.5, "v1": 0.4}), simulations=10)
+    decision.notes = {"s0": "fused it was host-bound"}
+    record = json.loads(json.dumps(decision.to_record(), allow_nan=False))
+    assert TuningDecision.from_record(record).notes == {"s0": "fused it was host-bound"}
+    del record["notes"]  # a cache entry written before notes existed
+    assert TuningDecision.from_record(record).notes == {}
+
+
 def test_failing_candidates_are_reported_and_never_chosen():
     inner = _costs({"v0": 0.5, "v1": 0.4}, ffn_whole=2.5, gelu=1.2)
 

@@ -8,7 +8,9 @@ import torch
 
 from fusion_backend.tune import progress as progress_module
 from fusion_backend.tune.progress import TuningProgress, progress_enabled
-from fusion_backend.tune.timing import l2_rotation_count, measure, rotated_input_sets, tensor_bytes
+from fusion_backend.tune.timing import (
+    HOST_BOUND_SHARE, Timing, l2_rotation_count, measure, measure_timing, rotated_input_sets, tensor_bytes,
+)
 
 
 def test_measure_on_cpu_returns_a_positive_median_in_ms():
@@ -127,3 +129,20 @@ def test_search_draws_nothing_when_told_not_to(terminal):
     assert terminal.getvalue() == ""
     mcts_search(space, lambda plan: 1.0)
     assert "MCTS" in terminal.getvalue()
+
+
+def test_host_bound_is_a_share_of_the_call_time():
+    assert Timing(ms=2.0, issue_ms=2.0 * HOST_BOUND_SHARE).host_bound
+    assert not Timing(ms=2.0, issue_ms=2.0 * HOST_BOUND_SHARE * 0.99).host_bound
+    assert not Timing(ms=1.0, issue_ms=0.05).host_bound  # a GPU-bound call returns at once
+
+
+def test_wall_clock_timing_issues_as_long_as_it_runs():
+    calls = []
+
+    def sleepy(x):
+        calls.append(x)
+        time.sleep(0.002)
+
+    timing = measure_timing(sleepy, [(1,), (2,)], device="cpu", warmup=1, repeats=5)
+    assert len(calls) == 6 and timing.ms >= 2.0 and timing.issue_ms == timing.ms
