@@ -150,7 +150,8 @@ def l2_rotation_count(bytes_per_set: int, device: torch.device | str | int) -> i
 def rotated_input_sets(inputs: Sequence[Any], device: torch.device | str | int) -> list[tuple]:
     """`inputs` plus enough tensor copies of them that rotating among the sets exceeds L2.
 
-    The first set is `inputs` itself; the others clone every tensor (non-tensors are shared). Extra
+    The first set is `inputs` itself; the others clone every tensor (as leaves that require grad
+    where the original does; non-tensors are shared). Extra
     memory stays below about one L2 size plus one set: a set larger than L2 gets no copies at all.
     On CPU this is just [tuple(inputs)].
     """
@@ -158,9 +159,11 @@ def rotated_input_sets(inputs: Sequence[Any], device: torch.device | str | int) 
     size = tensor_bytes(inputs)
     count = l2_rotation_count(size, device) if size > 0 else 1
     sets = [inputs]
-    with torch.no_grad():
-        for _ in range(count - 1):
-            sets.append(tuple(v.clone() if isinstance(v, torch.Tensor) else v for v in inputs))
+    for _ in range(count - 1):
+        # Leaves that require grad as the originals do: a training step's timing must run its
+        # backward on every set, not only on the first.
+        sets.append(tuple(v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
+                          for v in inputs))
     return sets
 
 

@@ -68,6 +68,30 @@ def test_rotated_input_sets(monkeypatch):
     assert all(s[2] == 3 and torch.equal(s[0], x) and s[0] is not x for s in sets[1:])
 
 
+def test_rotated_sets_of_a_training_step_require_grad_like_the_first(monkeypatch):
+    """Copies that do not require grad would time a training step's backward on one set in
+    nine: the median would be the forward's time."""
+    from fusion_backend.tune import timing
+
+    x, w = torch.randn(256, 256, requires_grad=True), torch.randn(256, 256)
+    monkeypatch.setattr(timing, "l2_cache_bytes", lambda device: 4 * 1024 * 1024)
+    sets = timing.rotated_input_sets([x, w], "cuda")
+    assert len(sets) > 1
+    for xs, ws in sets[1:]:
+        assert xs.requires_grad and xs.is_leaf and xs.grad_fn is None and not ws.requires_grad
+    backwards = []
+
+    def step(a, b):
+        out = (a @ b).sum()
+        if out.requires_grad:
+            out.backward()
+            backwards.append(True)
+
+    for args in sets:
+        step(*args)
+    assert len(backwards) == len(sets)
+
+
 # -- progress ------------------------------------------------------------------------------------
 
 
