@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .philox import dropout_threshold, effective_p, keep_mask, load_seed, seed_arg
-from .runtime import interpreting
+from .runtime import cdiv, interpreting, next_power_of_2
 
 LOG2E = 1.4426950408889634
 COSINE_EPS = 1e-12
@@ -600,7 +600,7 @@ def parse_config_key(key: str) -> dict:
 
 
 def _pad_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 def _feasible(cfg: dict, metric: str, d_pad: int, elem_bytes: int) -> bool:
@@ -781,7 +781,7 @@ def normalize_rows(x, scale=None):
     xh = torch.empty(B, H, N, D, device=x.device, dtype=x.dtype)
     nrm = torch.empty(B, H, N, device=x.device, dtype=torch.float32)
     block = _rows_per_program(D)
-    _normalize_rows_kernel[(triton.cdiv(N, block), B * H)](
+    _normalize_rows_kernel[(cdiv(N, block), B * H)](
         x, xh, nrm, scale if scale is not None else nrm, H, N, *x.stride(), D=D, D_PAD=_pad_dim(D),
         EPS=COSINE_EPS, HAS_SCALE=scale is not None, BLOCK=block, num_warps=4)
     return xh, nrm
@@ -793,7 +793,7 @@ def normalize_rows_backward(x, grad, scale=None):
     B, H, N, D = x.shape
     dx = torch.empty(B, H, N, D, device=x.device, dtype=x.dtype)
     block = _rows_per_program(D)
-    grid = (triton.cdiv(N, block), B * H)
+    grid = (cdiv(N, block), B * H)
     dscale = torch.empty(grid[0], B * H, device=x.device, dtype=torch.float32) if scale is not None else None
     _normalize_rows_bwd_kernel[grid](
         x, grad, dx, scale if scale is not None else dx, dscale if scale is not None else dx, H, N,
@@ -847,7 +847,7 @@ def _device_flags(mask, Nq, Nk):
     m2 = mask.reshape(mask.shape[-2:]) if mask.dim() > 2 else mask
     m2 = m2.view(torch.uint8)
     bm, bn = (64, 256) if not interpreting() else (128, 512)
-    _mask_layout_kernel[(triton.cdiv(Nq, bm), triton.cdiv(Nk, bn))](
+    _mask_layout_kernel[(cdiv(Nq, bm), cdiv(Nk, bn))](
         m2, flags, Nq, Nk, m2.stride(0), m2.stride(1), BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
     return flags
 
@@ -892,7 +892,7 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
         out = torch.empty(B, H, Nq, Dv, device=q.device, dtype=q.dtype)
     row_stats = new_row_stats(B, H, Nq, q.device)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    grid = (triton.cdiv(Nq, bm), B * H)
+    grid = (cdiv(Nq, bm), B * H)
     q, k, _qvec, kvec = _prepass(metric, q, k)
     flags, launches = mask_launches(mask, Nq, Nk, causal, q.device)
     seed_t = seed_arg(seed if dropout_p > 0 else None, q)
@@ -926,7 +926,7 @@ def row_dot(a, b):
     B, H, N, Dv = a.shape
     out = torch.empty(B * H, N, device=a.device, dtype=torch.float32)
     block = _rows_per_program(Dv)
-    _row_dot_kernel[(triton.cdiv(N, block), B * H)](a, b, out, H, N, *a.stride(), *b.stride(),
+    _row_dot_kernel[(cdiv(N, block), B * H)](a, b, out, H, N, *a.stride(), *b.stride(),
                                                    DV=Dv, DV_PAD=_pad_dim(Dv), BLOCK=block, num_warps=4)
     return out
 
@@ -975,13 +975,13 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
                       METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=l_causal, DROPOUT=dropout_p > 0,
                       DOT_PREC=_dot_prec(q.dtype), RUN_IF=run_if, DROP_BITS=DROPOUT_BITS)
         bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
-        _attn_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
+        _attn_bwd_dkdv_kernel[(cdiv(Nk, bn), B * Hkv)](
             q, k, v, scale, kvec, m4, flags, do, row_stats[0], row_stats[2], delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(),
             H, Hkv, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common)
         bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
-        _attn_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
+        _attn_bwd_dq_kernel[(cdiv(Nq, bm), B * H)](
             q, k, v, scale, qvec, kvec, m4, flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dq, dsc,
             gbuf,
             *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *gs,

@@ -35,7 +35,7 @@ from fusion_backend.kernels.attention import (
     backward_tiles, dropout_args, mask_grad_buffer, mask_launches, new_row_stats, reduce_mask_grad, row_dot,
 )
 from fusion_backend.kernels.philox import load_seed, seed_arg
-from fusion_backend.kernels.runtime import interpreting
+from fusion_backend.kernels.runtime import cdiv, interpreting
 
 
 @triton.jit
@@ -709,7 +709,7 @@ def l1_attention_forward(q, k, v, scale, *, causal=False, mask=None, dropout_p=0
     seed_t = seed_arg(seed if dropout_p > 0 else None, q)
     for run_if, l_mask, l_causal in launches:
         m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
-        _l1_fwd_kernel[(triton.cdiv(Nq, bm), B * H)](
+        _l1_fwd_kernel[(cdiv(Nq, bm), B * H)](
             qt, kt, v, scale, m4, flags, out, row_stats[0], row_stats[2], row_stats[1],
             *v.stride(), *ms, *out.stride(),
             H, Hkv, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
@@ -753,8 +753,8 @@ def l1_attention_backward(do, q, k, v, scale, out, row_stats, *, causal=False, m
         qf, kf = q.float().contiguous(), k.float().contiguous()
         dq32 = torch.zeros(B, H, Nq, D, device=q.device, dtype=torch.float32)
         dk32 = torch.zeros(B, Hkv, Nk, D, device=q.device, dtype=torch.float32)
-        n_scr = max(triton.cdiv(Nk, tile_kv["BLOCK_N"]) * B * Hkv * tile_kv["BLOCK_M"] * tile_kv["BLOCK_N"],
-                    triton.cdiv(Nq, tile_q["BLOCK_M"]) * B * H * tile_q["BLOCK_M"] * tile_q["BLOCK_N"])
+        n_scr = max(cdiv(Nk, tile_kv["BLOCK_N"]) * B * Hkv * tile_kv["BLOCK_M"] * tile_kv["BLOCK_N"],
+                    cdiv(Nq, tile_q["BLOCK_M"]) * B * H * tile_q["BLOCK_M"] * tile_q["BLOCK_N"])
         scratch = torch.empty(n_scr, device=q.device, dtype=torch.float32)
     elif impl != "legacy":
         raise ValueError(f"BWD_IMPL {impl!r}: 'sub' or 'legacy'")
@@ -764,13 +764,13 @@ def l1_attention_backward(do, q, k, v, scale, out, row_stats, *, causal=False, m
                       DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q.dtype), RUN_IF=run_if, DROP_BITS=DROPOUT_BITS)
         if impl == "sub":
             bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
-            _l1_bwd_dkdv_sub_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
+            _l1_bwd_dkdv_sub_kernel[(cdiv(Nk, bn), B * Hkv)](
                 qt, kt, qf, kf, v, scale, m4, flags, do, row_stats[0], row_stats[2], delta, dk32, dv, scratch,
                 *v.stride(), *ms, *do.stride(),
                 H, Hkv, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
                 EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common, **subs[0])
             bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
-            _l1_bwd_dq_sub_kernel[(triton.cdiv(Nq, bm), B * H)](
+            _l1_bwd_dq_sub_kernel[(cdiv(Nq, bm), B * H)](
                 qt, kt, qf, kf, v, scale, m4, flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dq32, dsc,
                 gbuf, scratch, *v.stride(), *ms, *do.stride(), *gs,
                 H, Hkv, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
@@ -780,13 +780,13 @@ def l1_attention_backward(do, q, k, v, scale, out, row_stats, *, causal=False, m
         dqt = torch.zeros(B, H, D, Nq, device=q.device, dtype=torch.float32) if dqt is None else dqt
         dkt = torch.zeros(B, Hkv, D, Nk, device=q.device, dtype=torch.float32) if dkt is None else dkt
         bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
-        _l1_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hkv)](
+        _l1_bwd_dkdv_kernel[(cdiv(Nk, bn), B * Hkv)](
             qt, kt, v, scale, m4, flags, do, row_stats[0], row_stats[2], delta, dkt, dv,
             *v.stride(), *ms, *do.stride(),
             H, Hkv, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common)
         bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
-        _l1_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
+        _l1_bwd_dq_kernel[(cdiv(Nq, bm), B * H)](
             qt, kt, v, scale, m4, flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dqt, dsc, gbuf,
             *v.stride(), *ms, *do.stride(), *gs,
             H, Hkv, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .philox import dropout_scale, dropout_threshold, keep_mask, load_seed, seed_arg
-from .runtime import interpreting
+from .runtime import cdiv, interpreting
 
 ACTIVATIONS = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
 """Activation name -> ACT constexpr code. Code 0 is the identity (no activation)."""
@@ -343,10 +343,10 @@ def gemm(
     rt = residual if residual is not None else dummy
     a2t = a2 if a2 is not None else a
     b2t = b2 if b2 is not None else b
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     db, db2 = bias_partials if (epi == EPI_DHIDDEN and bias_partials is not None) else (None, None)
     if epi == EPI_DHIDDEN and bias_grad and bias_partials is None:
-        db = torch.empty(triton.cdiv(M, cfg["BLOCK_M"]), N, device=dev, dtype=torch.float32)
+        db = torch.empty(cdiv(M, cfg["BLOCK_M"]), N, device=dev, dtype=torch.float32)
         db2 = torch.empty_like(db) if gated else None
     stages = cfg["num_stages"]
     tile_bytes = (cfg["BLOCK_M"] + (2 if gated else 1) * cfg["BLOCK_N"]) * cfg["BLOCK_K"] * a.element_size()
@@ -387,7 +387,7 @@ def gemm(
 def bias_partial_rows(M: int, config: dict) -> int:
     """Rows of the float32 partial column sums that one backward epilogue over M rows writes
     (`bias_partials` of `gemm` and `hidden_epilogue`): one per tile row."""
-    return triton.cdiv(M, config["BLOCK_M"])
+    return cdiv(M, config["BLOCK_M"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,7 +503,7 @@ def hidden_epilogue(
         out = torch.empty(M, N, device=z.device, dtype=z.dtype)
     if backward and gated and out2 is None:
         out2 = torch.empty(M, N, device=z.device, dtype=z.dtype)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(N, cfg["BLOCK_N"]))
     db, db2 = bias_partials if (backward and bias_partials is not None) else (None, None)
     if backward and bias_grad and bias_partials is None:
         db = torch.empty(grid[0], N, device=z.device, dtype=torch.float32)
@@ -582,7 +582,7 @@ def output_epilogue(y, *, bias=None, residual=None, out=None, seed=None, seed_of
     cfg = config
     if out is None:
         out = torch.empty_like(y)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(N, cfg["BLOCK_N"]))
     _output_epilogue_kernel[grid](
         y, bias if bias is not None else y, residual if residual is not None else y, out,
         bias_partials if bias_partials is not None else out,

@@ -33,3 +33,17 @@ def device_unsupported(t: torch.Tensor) -> str:
     if dev not in ("cpu", "cuda"):
         return f"device {dev!r} has no Triton kernel"
     return ""
+
+
+# Launch arithmetic on the host. In triton 3.6, triton.cdiv and triton.next_power_of_2 are
+# ConstexprFunction objects: about 1.8 us a call from Python against 0.04 us for the integer
+# expressions below, and an op's launchers make a few dozen such calls per forward and backward
+# while the host sets the pace of small steps.
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for non-negative a and positive b."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
