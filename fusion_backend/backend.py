@@ -25,7 +25,7 @@ from .match.sites import Site
 from .ops.feedforward import replayed_as_cuda_graphs
 from .options import Options, parse_options
 from .replace import ReplacementError, apply_plan, build_replacement, option_name
-from .site_timing import SiteTimer, site_group
+from .site_timing import TIMING_REVISION, SiteTimer, site_group
 
 log = logging.getLogger("truthfuse")
 
@@ -201,7 +201,8 @@ class TruthfuseBackend:
         if cache is not None:
             key = cache_key(_graph_signature(gm), _shapes(example_inputs), _dtypes(example_inputs),
                             _device_name(example_inputs), opts.strategy,
-                            extra={"space": space.signature(), "inner": opts.inner, "mode": opts.mode})
+                            extra={"space": space.signature(), "inner": opts.inner, "mode": opts.mode,
+                                   "timing": TIMING_REVISION})
             cached = cache.get(key)
             if cached is not None:
                 try:

@@ -32,6 +32,12 @@ from .tune.timing import Timing, measure, measure_timing, rotated_input_sets
 Node = fx.Node
 log = logging.getLogger("truthfuse")
 
+TIMING_REVISION = 2
+"""Part of every tuning-cache key: raise it when the way sites are timed changes, so that plans
+chosen from the old timings are tuned again. 2: the backward of a training site runs on every
+rotated input set (revision 1 ran it on the first set only, so small sites timed mostly their
+forward)."""
+
 
 def _real_like(value: Any, generator: torch.Generator) -> Any:
     """A real tensor (or number) standing in for a fake example value, sizes at their hints."""

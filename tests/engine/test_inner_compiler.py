@@ -133,3 +133,22 @@ def test_kept_sites_carry_the_timers_host_bound_note_also_from_the_cache(monkeyp
     report = Report.from_records(backend.records)
     assert report.kept and not any("HOST-BOUND" in s.reason for s in report.kept)
     torch._dynamo.reset()
+
+
+def test_a_new_timing_revision_retunes_instead_of_reusing_the_cache(monkeypatch, tmp_path):
+    """Plans chosen from an older way of timing sites are not reused: the timing revision is part
+    of the cache key."""
+    from fusion_backend.explain import Report
+    from fusion_backend.options import parse_options
+    from tests.engine.models import CausalSelfAttention
+
+    monkeypatch.setenv("TRUTHFUSE_CACHE_DIR", str(tmp_path))
+    hits = []
+    for revision in (backend_module.TIMING_REVISION, backend_module.TIMING_REVISION, 99):
+        monkeypatch.setattr(backend_module, "TIMING_REVISION", revision)
+        torch._dynamo.reset()
+        backend = TruthfuseBackend(parse_options({"inner": "eager", "simulations": 2}))
+        torch.compile(CausalSelfAttention(), backend=backend)(torch.randn(2, 16, 32))
+        hits.append(Report.from_records(backend.records).tuning.cache_hit)
+    assert hits == [False, True, False]
+    torch._dynamo.reset()
