@@ -324,6 +324,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, scale, mask, seed, metric, causal, dropout_p, config, scale_grad = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)  # saved for backward, never a result
+    ctx.set_materialize_grads(False)  # so autograd does not fill a zero gradient for lse every backward
     ctx.mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[4]
     ctx.scale_grad = ctx.needs_input_grad[3]
     ctx.args = (metric, causal, dropout_p, config)
@@ -333,6 +334,8 @@ def _setup_context(ctx, inputs, output):
 def _input_grads(ctx, grad_out, backward):
     """Gradients of the forward's 11 inputs, computed by `backward` (the backward op, or its
     implementation on the eager path)."""
+    if grad_out is None:  # the output did not reach the loss
+        return (None,) * 11
     q, k, v, scale, mask, seed, out, lse = ctx.saved_tensors
     metric, causal, dropout_p, config = ctx.args
     dq, dk, dv, dscale, dmask = backward(grad_out, q, k, v, scale, mask, out, lse, seed,
