@@ -178,6 +178,15 @@ def _key_program(HKV):
 
 
 @triton.jit
+def _group_head(b, hk, g, H, GROUP, SCALE, MASK_KIND: tl.constexpr):
+    """(h, bh, scale, scale_k) of the g-th query head that kv head hk serves, in a key-block program:
+    its index, its (b, h) row, its scale and that scale in the kernels' logit units."""
+    h = hk * GROUP + g
+    scale = tl.load(SCALE + h)
+    return h, b * H + h, scale, _kernel_scale(scale, MASK_KIND)
+
+
+@triton.jit
 def _idle_launch(MASK_FLAGS, RUN_IF: tl.constexpr):
     """Whether this program belongs to the launch of a pair that does not compute: a shared bool
     mask gets two launches (RUN_IF 1: the causal specialization, 2: the one that reads the mask),
@@ -401,10 +410,7 @@ def _attn_bwd_dkdv_kernel(
     csum = tl.zeros([BLOCK_N], tl.float32)
     lo = _query_start(pid_n, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M, BLOCK_N)
     for g in range(0, GROUP):
-        h = hk * GROUP + g
-        bh = b * H + h
-        scale = tl.load(SCALE + h)
-        scale_k = _kernel_scale(scale, MASK_KIND)
+        h, bh, scale, scale_k = _group_head(b, hk, g, H, GROUP, SCALE, MASK_KIND)
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
         mask_base = MASK + b * smb + h * smh

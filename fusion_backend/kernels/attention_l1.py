@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from fusion_backend.kernels.attention import (
-    DROPOUT_BITS, _dq_tile, _dropout_keep, _exp_rel, _fwd_epilogue, _idle_launch, _kernel_scale, _key_end,
+    DROPOUT_BITS, _dq_tile, _dropout_keep, _exp_rel, _fwd_epilogue, _group_head, _idle_launch, _kernel_scale, _key_end,
     _key_program, _load_row_stats, _load_rows, _logits, _mask_args, _pad_dim, _probs, _query_program, _query_start,
     backward_tiles, dropout_args, mask_grad_buffer, mask_launches, new_row_stats, reduce_mask_grad, row_dot,
 )
@@ -316,10 +316,7 @@ def _l1_bwd_dkdv_kernel(
     dv_acc = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
     lo = _query_start(pid_n, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M, BLOCK_N)
     for g in range(0, GROUP):
-        h = hk * GROUP + g
-        bh = b * H + h
-        scale = tl.load(SCALE + h)
-        scale_k = _kernel_scale(scale, MASK_KIND)
+        h, bh, scale, scale_k = _group_head(b, hk, g, H, GROUP, SCALE, MASK_KIND)
         qt_base = QT + bh * HEAD_DIM * N_Q
         do_base = DO + b * sdob + h * sdoh
         mask_base = MASK + b * smb + h * smh
@@ -501,10 +498,7 @@ def _l1_bwd_dkdv_sub_kernel(
     dv_acc = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
     lo = _query_start(pid_n, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M, BLOCK_N)
     for g in range(0, GROUP):
-        h = hk * GROUP + g
-        bh = b * H + h
-        scale = tl.load(SCALE + h)
-        scale_k = _kernel_scale(scale, MASK_KIND)
+        h, bh, scale, scale_k = _group_head(b, hk, g, H, GROUP, SCALE, MASK_KIND)
         qt_base = QT + bh * HEAD_DIM * N_Q
         qf_base = QF + bh * N_Q * HEAD_DIM
         do_base = DO + b * sdob + h * sdoh
