@@ -97,18 +97,26 @@ def _l1_sub_idx(start, BLOCK: tl.constexpr, SUB: tl.constexpr, AXIS: tl.constexp
         return start + tl.arange(0, SUB)[None, :, None, None] * T + tl.arange(0, T)[None, None, None, :]
 
 
+@triton.constexpr_function
+def _ld_ptx(vec, coherent):
+    """(PTX, constraints) of `_ldg`: ld.global.nc (the read-only path) or, coherent, ld.global;
+    four floats (ld.v4) or one."""
+    op = "ld.global" if coherent else "ld.global.nc"
+    if vec == 4:
+        return f"{op}.v4.f32 {{$0, $1, $2, $3}}, [$4];", "=r,=r,=r,=r,l,l,l,l"
+    return f"{op}.f32 $0, [$1];", "=r,l"
+
+
 @triton.jit
-def _ldg(ptrs, VEC: tl.constexpr):
+def _ldg(ptrs, VEC: tl.constexpr, COHERENT: tl.constexpr = False):
     """Unmasked fp32 load, issued as inline PTX so that it is not a layout anchor for Triton (the
     tile keeps its default layout whatever the number of elements). VEC 4: one ld.v4 per four
     consecutive registers of a thread, which must be four consecutive, 16-byte aligned floats;
-    VEC 1: scalar loads."""
-    if VEC == 4:
-        return tl.inline_asm_elementwise("ld.global.nc.v4.f32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l,l,l,l",
-                                         [ptrs], dtype=tl.float32, is_pure=True, pack=4)
-    else:
-        return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [ptrs], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+    VEC 1: scalar loads. COHERENT: through the coherent path (ld.global, not .nc), for data this
+    kernel wrote, and not pure: the same addresses are read again after the next barrier and
+    store, so the compiler must neither hoist nor merge these loads."""
+    ptx: tl.constexpr = _ld_ptx(VEC, COHERENT)
+    return tl.inline_asm_elementwise(ptx[0], ptx[1], [ptrs], dtype=tl.float32, is_pure=not COHERENT, pack=VEC)
 
 
 @triton.jit
@@ -394,27 +402,12 @@ def _l1_bwd_dq_kernel(
 # per-head-dim loads of the gradient, and SUB_R + SUB_D loaded values per SUB_R * SUB_D elements.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _ld_plain(ptrs, VEC: tl.constexpr):
-    """`_ldg` through the coherent path (ld.global, not .nc): for data this kernel wrote. Not pure:
-    the same addresses are read again after the next barrier and store, so the compiler must neither
-    hoist nor merge these loads."""
-    if VEC == 4:
-        return tl.inline_asm_elementwise("ld.global.v4.f32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l,l,l,l",
-                                         [ptrs], dtype=tl.float32, is_pure=False, pack=4)
-    else:
-        return tl.inline_asm_elementwise("ld.global.f32 $0, [$1];", "=r,l", [ptrs], dtype=tl.float32,
-                                         is_pure=False, pack=1)
-
-
-@triton.jit
 def _load_any(ptrs, ASM: tl.constexpr, COHERENT: tl.constexpr):
     """Unmasked fp32 load: inline PTX (ASM 4: ld.v4, 1: scalar) or tl.load (ASM 0)."""
     if ASM == 0:
         return tl.load(ptrs)
-    elif COHERENT:
-        return _ld_plain(ptrs, ASM)
     else:
-        return _ldg(ptrs, ASM)
+        return _ldg(ptrs, ASM, COHERENT)
 
 
 @triton.jit
