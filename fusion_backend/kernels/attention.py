@@ -187,6 +187,16 @@ def _group_head(b, hk, g, H, GROUP, SCALE, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
+def _store_dv(DV, bhk, offs_n, offs_dv, dv_acc, N_K, dropout_p, HEAD_DIM_V: tl.constexpr, DROPOUT: tl.constexpr):
+    """Store a key-block program's dV ((B, Hkv, Nk, Dv) contiguous, DV's dtype), taking the
+    dropout's 1/(1-p) once here rather than per probability."""
+    if DROPOUT:
+        dv_acc = dv_acc * (1.0 / (1.0 - dropout_p))
+    ptrs = DV + bhk * N_K * HEAD_DIM_V + offs_n[:, None] * HEAD_DIM_V + offs_dv[None, :]
+    tl.store(ptrs, dv_acc.to(DV.dtype.element_ty), mask=(offs_n[:, None] < N_K) & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
 def _idle_launch(MASK_FLAGS, RUN_IF: tl.constexpr):
     """Whether this program belongs to the launch of a pair that does not compute: a shared bool
     mask gets two launches (RUN_IF 1: the causal specialization, 2: the one that reads the mask),
@@ -453,10 +463,7 @@ def _attn_bwd_dkdv_kernel(
     nmask = offs_n[:, None] < N_K
     dk_ptrs = DK + bhk * N_K * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=nmask & (offs_d[None, :] < HEAD_DIM))
-    dv_ptrs = DV + bhk * N_K * HEAD_DIM_V + offs_n[:, None] * HEAD_DIM_V + offs_dv[None, :]
-    if DROPOUT:
-        dv_acc = dv_acc * (1.0 / (1.0 - dropout_p))
-    tl.store(dv_ptrs, dv_acc.to(DV.dtype.element_ty), mask=nmask & (offs_dv[None, :] < HEAD_DIM_V))
+    _store_dv(DV, bhk, offs_n, offs_dv, dv_acc, N_K, dropout_p, HEAD_DIM_V, DROPOUT)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import triton.language as tl
 from fusion_backend.kernels.attention import (
     DROPOUT_BITS, _dq_tile, _dropout_keep, _exp_rel, _fwd_epilogue, _group_head, _idle_launch, _kernel_scale, _key_end,
     _key_program, _load_row_stats, _load_rows, _logits, _mask_args, _pad_dim, _probs, _query_program, _query_start,
+    _store_dv,
     backward_tiles, dropout_args, mask_grad_buffer, mask_launches, new_row_stats, reduce_mask_grad, row_dot,
 )
 from fusion_backend.kernels.philox import load_seed, seed_arg
@@ -338,10 +339,7 @@ def _l1_bwd_dkdv_kernel(
                                        offs_m, offs_n, N_Q, N_K, seed, bh, pid_n, threshold, dropout_p, MASK_KIND,
                                        CAUSAL, EVEN_N, DROPOUT, DOT_PREC, BLOCK_M, BLOCK_N, DROP_BITS)
             _add_sign_grad(ds, qt_base, kt_base, dkt_base, offs_m, offs_n, N_Q, N_K, HEAD_DIM, False)
-    dv_ptrs = DV + bhk * N_K * HEAD_DIM_V + offs_n[:, None] * HEAD_DIM_V + offs_dv[None, :]
-    if DROPOUT:
-        dv_acc = dv_acc * (1.0 / (1.0 - dropout_p))
-    tl.store(dv_ptrs, dv_acc.to(DV.dtype.element_ty), mask=(offs_n[:, None] < N_K) & (offs_dv[None, :] < HEAD_DIM_V))
+    _store_dv(DV, bhk, offs_n, offs_dv, dv_acc, N_K, dropout_p, HEAD_DIM_V, DROPOUT)
 
 
 @triton.jit
@@ -516,10 +514,7 @@ def _l1_bwd_dkdv_sub_kernel(
                                   False, GASM, GASM, SIGN_ASM, GUNROLL, EVEN_M)
     rows = col0 + rj
     tl.store(DK + bhk * N_K * HEAD_DIM + rows * HEAD_DIM + dd, acc, mask=(rows < N_K) & (dd < HEAD_DIM))
-    dv_ptrs = DV + bhk * N_K * HEAD_DIM_V + offs_n[:, None] * HEAD_DIM_V + offs_dv[None, :]
-    if DROPOUT:
-        dv_acc = dv_acc * (1.0 / (1.0 - dropout_p))
-    tl.store(dv_ptrs, dv_acc.to(DV.dtype.element_ty), mask=(offs_n[:, None] < N_K) & (offs_dv[None, :] < HEAD_DIM_V))
+    _store_dv(DV, bhk, offs_n, offs_dv, dv_acc, N_K, dropout_p, HEAD_DIM_V, DROPOUT)
 
 
 @triton.jit
