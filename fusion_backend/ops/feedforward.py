@@ -9,7 +9,9 @@ gated (SwiGLU / GEGLU), forward and backward, as `torch.library` custom ops.
 Two implementations, chosen by `impl` (the tuner picks per shape):
   "triton": Triton GEMMs whose epilogues do bias, activation, gating, dropout and residual.
   "cublas": torch.matmul / addmm for the products and one fused Triton elementwise pass per
-            epilogue.
+            epilogue. Where the forward keeps no pre-activation and has no hidden dropout, ReLU
+            and tanh GELU come from cuBLASLt's epilogue of the first product instead
+            (`gemm_epilogue_computes`), with no elementwise pass over the hidden at all.
 Training memory: forward saves x, the pre-activation(s) and the dropout seed, never the
 activation output or a mask; backward regenerates the masks from the seed (Philox) and recomputes
 the activation from the pre-activation.
@@ -347,10 +349,17 @@ def _fused_forward(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, 
         def lin(w, b):
             return torch.addmm(b, x, w.t()) if b is not None else torch.mm(x, w.t())
 
-        z = lin(w_gate, b_gate) if gated else lin(w_in, b_in)
-        zu = lin(w_in, b_in) if gated else None
-        # Without backward, the pre-activation is dead once read: the hidden overwrites it.
-        hid = K.hidden_epilogue(z, act=code, zu=zu, seed=seed, p=p_h, out=None if save else z, config=ew_cfg)
+        if not (gated or save or p_h > 0) and gemm_epilogue_computes(act, x.device):
+            # cuBLASLt applies the bias and activation to the product's fp32 accumulator: one pass
+            # over the (T, h) hidden less, and one rounding less. Nothing needs the pre-activation.
+            z = zu = None
+            bias = b_in if b_in is not None else x.new_zeros(w_in.shape[0])
+            hid = torch._addmm_activation(bias, x, w_in.t(), use_gelu=act == "gelu_tanh")
+        else:
+            z = lin(w_gate, b_gate) if gated else lin(w_in, b_in)
+            zu = lin(w_in, b_in) if gated else None
+            # Without backward, the pre-activation is dead once read: the hidden overwrites it.
+            hid = K.hidden_epilogue(z, act=code, zu=zu, seed=seed, p=p_h, out=None if save else z, config=ew_cfg)
         out = torch.addmm(b_out, hid, w_out.t()) if b_out is not None else torch.mm(hid, w_out.t())
         if p_o > 0:
             K.output_epilogue(out, residual=residual, out=out, seed=seed, seed_offset=1, p=p_o, config=ew_cfg)
@@ -359,6 +368,51 @@ def _fused_forward(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, 
     if not save:  # distinct empties: a custom op's outputs may not alias each other
         return out, x.new_empty(0), x.new_empty(0)
     return out, z, zu if zu is not None else x.new_empty(0)
+
+
+_GEMM_EPILOGUE_ACTIVATIONS = ("relu", "gelu_tanh")
+_gemm_epilogue_checked: dict = {}
+
+
+def gemm_epilogue_computes(activation: str, device: torch.device) -> bool:
+    """Whether `torch._addmm_activation` computes `activation` on `device`, so that the forward may
+    take the activation from the first product's epilogue (cuBLASLt's RELU_BIAS / GELU_BIAS).
+
+    Its GELU is not the same function everywhere: the tanh approximation on CUDA (cuBLASLt's
+    epilogue, and ATen's fallback when cuBLASLt is not used) but exact GELU on CPU (torch 2.13).
+    So its meaning is measured once per device and activation, on inputs whose products are exact
+    in fp32 and TF32 alike, against both GELUs; a device where it does not match the tanh form
+    (or ReLU) keeps the two-pass path. Never measured during CUDA-graph capture (a host sync)."""
+    if activation not in _GEMM_EPILOGUE_ACTIVATIONS or not hasattr(torch, "_addmm_activation"):
+        return False
+    key = (device.type, device.index, activation)
+    known = _gemm_epilogue_checked.get(key)
+    if known is not None:
+        return known
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    # Multiples of 1/8 in [-1, 1] with 16 terms: every product and sum is exact, and the
+    # pre-activations spread over [-4, 4], where the two GELUs differ by up to 5e-4.
+    steps = torch.arange(-8, 9, dtype=torch.float32) / 8
+    x = steps[(torch.arange(64 * 16) * 7) % 17].reshape(64, 16)
+    w = steps[(torch.arange(48 * 16) * 5 + 3) % 17].reshape(48, 16)
+    b = steps[torch.arange(48) % 17] * 2
+    try:
+        got = torch._addmm_activation(b.to(device), x.to(device), w.to(device).t(),
+                                      use_gelu=activation == "gelu_tanh").double().cpu()
+    except RuntimeError:
+        got = None
+    if got is None:
+        ok = False
+    else:
+        z = torch.addmm(b.double(), x.double(), w.double().t())
+        want = F.gelu(z, approximate="tanh") if activation == "gelu_tanh" else F.relu(z)
+        err = (got - want).abs().max().item()
+        ok = err <= 5e-5
+        if activation == "gelu_tanh":  # and tell the tanh form from exact GELU
+            ok = ok and (got - F.gelu(z)).abs().max().item() > 4 * err
+    _gemm_epilogue_checked[key] = ok
+    return ok
 
 
 SAVE_PRE_ACTIVATION = None

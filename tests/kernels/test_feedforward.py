@@ -122,6 +122,8 @@ CASES = [
     (6, 40, 72, "gelu", True, True, True, 0.2, 0.1),  # GEGLU
     (123, 24, 72, "gelu_tanh", True, True, False, 0.1, 0.0),
     (42, 64, 128, "relu", True, True, True, 0.1, 0.1),  # K a multiple of BLOCK_K: unmasked loop
+    (42, 40, 72, "relu", False, True, True, 0.0, 0.1),  # cublas: ReLU from the product's epilogue
+    (6, 24, 72, "relu", False, False, False, 0.0, 0.0),  # ... with a zero bias
 ]
 
 
@@ -566,3 +568,75 @@ def test_fallback_warns_and_matches_reference(monkeypatch):
         check_against_float64(t, 1e-5, activation="gelu", hidden_dropout_p=0.1, output_dropout_p=0.1, impl="triton")
     assert any(issubclass(x.category, FusionFallbackWarning) and "simulated" in str(x.message) for x in w)
     reset_fallback_warnings()
+
+
+# ----------------------------------------------------------------------------------------------
+# The activation from cuBLASLt's epilogue (impl "cublas", forward without a saved pre-activation)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_gemm_epilogue_meaning_is_measured(monkeypatch):
+    """torch._addmm_activation's GELU is exact on CPU but the tanh form on CUDA: the check tells
+    them apart, so on CPU only ReLU may come from the product's epilogue."""
+    monkeypatch.setattr(FF, "_gemm_epilogue_checked", {})
+    cpu = torch.device("cpu")
+    assert FF.gemm_epilogue_computes("relu", cpu)
+    assert not FF.gemm_epilogue_computes("gelu_tanh", cpu)
+    assert not FF.gemm_epilogue_computes("gelu", cpu) and not FF.gemm_epilogue_computes("silu", cpu)
+
+    # A GELU that is the tanh form passes; a ReLU that is off by a little does not.
+    real = torch._addmm_activation
+
+    def tanh_gelu_or_shifted_relu(bias, a, b, use_gelu=False):
+        z = torch.addmm(bias, a, b)
+        return F.gelu(z, approximate="tanh") if use_gelu else F.relu(z) + 1e-3
+
+    monkeypatch.setattr(FF, "_gemm_epilogue_checked", {})
+    monkeypatch.setattr(torch, "_addmm_activation", tanh_gelu_or_shifted_relu)
+    assert FF.gemm_epilogue_computes("gelu_tanh", cpu)
+    assert not FF.gemm_epilogue_computes("relu", cpu)
+    monkeypatch.setattr(torch, "_addmm_activation", real)
+    assert not FF.gemm_epilogue_computes("relu", cpu), "the first answer is kept for the process"
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_cublas_forward_takes_relu_from_the_gemm_epilogue(bias, monkeypatch):
+    """Without hidden dropout and a saved pre-activation, the cublas forward's first product comes
+    with its activation (one call, no elementwise pass); the result matches float64, in training
+    too (backward recomputes the pre-activation)."""
+    assert FF.gemm_epilogue_computes("relu", torch.device("cpu"))  # measured before the spy goes in
+    calls = []
+    real = torch._addmm_activation
+    monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(FF, "SAVE_PRE_ACTIVATION", False)
+    t = make_inputs(42, 40, 72, bias=bias, residual=True)
+    with torch.no_grad():
+        y = call(feedforward, t, impl="cublas", activation="relu")
+    y64 = call(feedforward_reference, as64(t), activation="relu")
+    assert calls == [dict(use_gelu=False)] and rel(y, y64) < TOL[torch.float32]
+    check_against_float64(t, TOL[torch.float32], impl="cublas", activation="relu", output_dropout_p=0.1)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("why", ["hidden dropout", "saved pre-activation", "exact gelu", "gated", "triton impl"])
+def test_gemm_epilogue_not_used_where_it_cannot_serve(why, monkeypatch):
+    assert FF.gemm_epilogue_computes("relu", torch.device("cpu"))  # measured before the spy goes in
+    calls = []
+    real = torch._addmm_activation
+    monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(FF, "SAVE_PRE_ACTIVATION", why == "saved pre-activation")
+    t = make_inputs(42, 40, 72, gated=why == "gated")
+    kw = dict(impl="triton" if why == "triton impl" else "cublas", activation="gelu" if why == "exact gelu" else "relu",
+              hidden_dropout_p=0.1 if why == "hidden dropout" else 0.0)
+    check_against_float64(t, TOL[torch.float32], **kw)
+    assert calls == []
+
+
+def test_float32_gemm_precision_follows_the_tf32_flag(monkeypatch):
+    """float32 products: exact ("ieee") unless torch allows TF32, and then three TF32 products,
+    not one (one left ReLU gradients up to 2.7e-2 off on the H100, against cuBLAS TF32's 4e-4)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert K._fp32_dot_precision(torch.float32) == "tf32x3"
+    assert K._fp32_dot_precision(torch.bfloat16) == "tf32"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert K._fp32_dot_precision(torch.float32) == "ieee"
