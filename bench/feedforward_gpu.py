@@ -130,6 +130,10 @@ CASES = [
     (torch.float32, 300, 256, 1024, "gelu", True, 0.0, 0.0, True, True),
     (torch.float16, 777, 512, 2048, "silu", True, 0.2, 0.1, True, True),
     (torch.bfloat16, 4096, 1024, 4096, "gelu", False, 0.1, 0.1, True, True),
+    # no hidden dropout: impl "cublas" takes ReLU / tanh GELU from the first product's epilogue
+    (torch.float16, 333, 64, 130, "gelu_tanh", False, 0.0, 0.1, True, True),
+    (torch.float32, 123, 40, 72, "relu", False, 0.0, 0.0, True, False),
+    (torch.bfloat16, 4096, 1024, 4096, "gelu_tanh", False, 0.0, 0.1, True, True),
 ]
 
 
@@ -210,12 +214,17 @@ def measure(name, fn, args, bwd=False, fresh_grads=False):
         return float("nan"), float("nan")
 
 
+ACT_FNS = {"gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "relu": F.relu, "silu": F.silu}
+
+
 class FFN(torch.nn.Module):
-    def __init__(s, d, h, p):
-        super().__init__(); s.l1 = torch.nn.Linear(d, h); s.l2 = torch.nn.Linear(h, d); s.p = p
+    """The anchors' block (shared/bench/baseline_gpu.py), with the activation a choice (--activation)."""
+
+    def __init__(s, d, h, p, act="gelu"):
+        super().__init__(); s.l1 = torch.nn.Linear(d, h); s.l2 = torch.nn.Linear(h, d); s.p = p; s.act = act
 
     def forward(s, x):
-        return x + F.dropout(s.l2(F.dropout(F.gelu(s.l1(x)), s.p, s.training)), s.p, s.training)
+        return x + F.dropout(s.l2(F.dropout(ACT_FNS[s.act](s.l1(x)), s.p, s.training)), s.p, s.training)
 
 
 FF = importlib.import_module("fusion_backend.ops.feedforward")  # the module (ops re-exports the function)
@@ -233,14 +242,14 @@ _SCHEME_DEFAULTS = {k: getattr(FF, k) for k in ("SAVE_PRE_ACTIVATION", "BACKWARD
 class FusedFFN(FFN):
     """The same module through `feedforward` (same parameters, same math)."""
 
-    def __init__(s, d, h, p, impl, config=None, scheme=None):
-        super().__init__(d, h, p); s.impl = impl; s.config = config; s.scheme = scheme
+    def __init__(s, d, h, p, impl, config=None, scheme=None, act="gelu"):
+        super().__init__(d, h, p, act); s.impl = impl; s.config = config; s.scheme = scheme
 
     def forward(s, x):
         for k, v in {**_SCHEME_DEFAULTS, **MEMORY_SCHEMES.get(s.scheme, {})}.items():
             setattr(FF, k, v)
         p = s.p if s.training else 0.0
-        return feedforward(x, s.l1.weight, s.l1.bias, s.l2.weight, s.l2.bias, activation="gelu",
+        return feedforward(x, s.l1.weight, s.l1.bias, s.l2.weight, s.l2.bias, activation=s.act,
                            hidden_dropout_p=p, output_dropout_p=p, residual=x, impl=s.impl, config=s.config)
 
 
@@ -362,9 +371,12 @@ def bench(args):
     shapes = [(8192, 1024, 4096, False), (8192, 1024, 4096, True), (16384, 4096, 16384, True)]
     if not args.quick:
         shapes.insert(2, (16384, 4096, 16384, False))
+    if args.inference_only:
+        shapes = [s for s in shapes if not s[3]]
+    act = args.activation
     for (T, d, h, train) in shapes:
         torch.manual_seed(0)
-        base = FFN(d, h, 0.1).to(dev, torch.bfloat16).train(train)
+        base = FFN(d, h, 0.1, act).to(dev, torch.bfloat16).train(train)
         x = torch.randn(T, d, device=dev, dtype=torch.bfloat16, requires_grad=train)
         variants = [("eager", base), ("inductor", torch.compile(base))]
         if args.max_autotune and T == 8192:
@@ -381,27 +393,27 @@ def bench(args):
                 variants += [(f"truthfuse-reduce-overhead, {b} row blocks",
                               _compiled(base, "truthfuse", "reduce-overhead")) for b in args.graph_blocks]
         for impl in ("cublas", "triton") if args.triton_impl else ("cublas",):
-            m = FusedFFN(d, h, 0.1, impl).to(dev, torch.bfloat16).train(train)
+            m = FusedFFN(d, h, 0.1, impl, act=act).to(dev, torch.bfloat16).train(train)
             m.load_state_dict(base.state_dict())
             variants.append((f"ours-{impl}", m))
         if train and args.schemes:  # the other memory scheme, and other elementwise tiles
             for scheme in MEMORY_SCHEMES:
                 for key in ([None] + args.ew_configs) if scheme == "saved-4" else [None]:
-                    m = FusedFFN(d, h, 0.1, "cublas", key, scheme).to(dev, torch.bfloat16).train(train)
+                    m = FusedFFN(d, h, 0.1, "cublas", key, scheme, act).to(dev, torch.bfloat16).train(train)
                     m.load_state_dict(base.state_dict())
                     variants.append((f"ours-cublas-{scheme}" + (f"-{key}" if key else ""), m))
         if T == 8192 and not train:  # two other GEMM tiles for the fused inference path
             for key in ("triton:m128n128k64g8w8s4", "triton:m128n128k64g8w4s4"):
-                m = FusedFFN(d, h, 0.1, "triton", key).to(dev, torch.bfloat16).train(train)
+                m = FusedFFN(d, h, 0.1, "triton", key, act=act).to(dev, torch.bfloat16).train(train)
                 m.load_state_dict(base.state_dict())
                 variants.append((f"ours-{key}", m))
         if T == 8192 and not args.quick:  # a few other configs, for the tuner's sake
             for key in ("triton:m128n128k64g8w8s4", "triton:m128n128k64g8w4s4", "triton:m64n256k64g8w4s4"):
-                m = FusedFFN(d, h, 0.1, "triton", key).to(dev, torch.bfloat16).train(train)
+                m = FusedFFN(d, h, 0.1, "triton", key, act=act).to(dev, torch.bfloat16).train(train)
                 m.load_state_dict(base.state_dict())
                 variants.append((f"ours-{key}", m))
             for key in ("cublas:m32n128w4", "cublas:m8n512w4"):
-                m = FusedFFN(d, h, 0.1, "cublas", key).to(dev, torch.bfloat16).train(train)
+                m = FusedFFN(d, h, 0.1, "cublas", key, act=act).to(dev, torch.bfloat16).train(train)
                 m.load_state_dict(base.state_dict())
                 variants.append((f"ours-{key}", m))
         eager_ms = eager_mb = fresh_ms = fresh_mb = None
@@ -420,13 +432,13 @@ def bench(args):
             if name == "eager, fresh grads":
                 fresh_ms, fresh_mb = ms, mb
             ref_ms, ref_mb = (fresh_ms, fresh_mb) if (fresh and train) else (eager_ms, eager_mb)
-            row = dict(T=T, d=d, h=h, train=train, mode=name, ms=ms, peak_mb=mb, tflops=fl / ms / 1e9,
+            row = dict(T=T, d=d, h=h, act=act, train=train, mode=name, ms=ms, peak_mb=mb, tflops=fl / ms / 1e9,
                        fresh_grads=fresh and train, speedup_vs_eager=ref_ms / ms if ref_ms else None,
                        mem_vs_eager=mb / ref_mb if ref_mb else None)
             if args.graphs:
                 row["cudagraph_counters"] = _graph_skips()
             results["bench"].append(row)
-            print(f"ffn T={T} d={d} h={h} train={train!s:5s} {name:34s} {ms:8.3f} ms {fl / ms / 1e9:6.1f} TFLOP/s "
+            print(f"ffn {act} T={T} d={d} h={h} train={train!s:5s} {name:34s} {ms:8.3f} ms {fl / ms / 1e9:6.1f} TFLOP/s "
                   f"{mb:8.1f} MB  x{row['speedup_vs_eager'] or 0:.3f} speed  x{row['mem_vs_eager'] or 0:.3f} mem", flush=True)
             torch._dynamo.reset()
             torch._dynamo.utils.counters.clear()
@@ -498,6 +510,9 @@ def main():
     ap.add_argument("--graphs", action="store_true",
                     help="also time torch.compile by truthfuse and Inductor, with mode='reduce-overhead' (CUDA graphs)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop timing new variants after this many seconds")
+    ap.add_argument("--activation", default="gelu", choices=tuple(ACT_FNS),
+                    help="the block's activation in the timings (the anchors' is gelu)")
+    ap.add_argument("--inference-only", action="store_true", help="time the inference rows only")
     args = ap.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
     if args.profile:
@@ -514,7 +529,7 @@ def main():
     save()
     print("\nsummary (median ms, peak extra MB; ratios vs eager of the same run)")
     for r in results["bench"]:
-        print(f"T={r['T']:5d} d={r['d']:4d} h={r['h']:5d} {'train' if r['train'] else 'infer'} {r['mode']:34s} "
+        print(f"T={r['T']:5d} d={r['d']:4d} h={r['h']:5d} {r.get('act', 'gelu'):9s} {'train' if r['train'] else 'infer'} {r['mode']:34s} "
               f"{r['ms']:8.3f} {r['peak_mb']:8.1f}  x{r['speedup_vs_eager'] or 0:.3f}  mem x{r['mem_vs_eager'] or 0:.3f}")
     print(f"total {time.time() - T0:.0f} s; {torch.__version__} {triton.__version__} {torch.cuda.get_device_name()}")
 
