@@ -161,8 +161,8 @@ def _gemm_kernel(
       HAS_DROPOUT/HAS_RES/STORE_Z switch the pieces above; UPCAST computes the dot in float32
       (the interpreter's bf16 arithmetic is wrong); EVEN_K: K (and K2) are multiples of BLOCK_K,
       so the K-loop loads need no mask; BIAS_GRAD see db_ptr; PRECISION the float32 dot's
-      input precision (`_fp32_dot_precision`; ignored for 16-bit inputs); BLOCK_M/N/K the tile; GROUP_M how many
-      M-tiles share a sweep over N, so that B tiles stay in L2.
+      input precision (`_fp32_dot_precision`; ignored for 16-bit inputs); BLOCK_M/N/K the tile;
+      GROUP_M how many M-tiles share a sweep over N, so that B tiles stay in L2.
     """
     seed = load_seed(SEED, HAS_DROPOUT) + seed_offset
     pid = tl.program_id(0)
