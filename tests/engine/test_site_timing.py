@@ -58,3 +58,38 @@ def test_host_bound_note_only_where_the_fastest_fused_option_lost_while_host_bou
     assert timer.host_bound_note(site) == ""
     timer.timings = {(group, "keep", 0): Timing(3.0, 0.1), (group, "fuse:a", 0): Timing(2.0, 1.9)}
     assert timer.host_bound_note(site) == ""  # fused won: nothing to explain
+
+
+def test_a_host_paced_fused_option_is_timed_again_compiled():
+    """A fused option is timed as traced; where issuing it takes COMPILED_RECHECK_SHARE of its
+    time or more, it is compiled by the inner compiler (on a copy of the traced graph, which is
+    the replacement) and timed again, since a compiled graph calls it through wrappers the traced
+    timing does not pay. A compile that fails keeps the traced timing."""
+    from fusion_backend import site_timing
+    from fusion_backend.tune.timing import Timing
+
+    compiled = []
+
+    def compile_fn(gm, args):
+        compiled.append(gm)
+        return gm.forward
+
+    timer = site_timing.SiteTimer(None, [], {}, compile_fn, train=False)
+    sub = torch.fx.symbolic_trace(_SinTwice())
+    graph_before = str(sub.graph)
+    x = torch.randn(8)
+    traced = Timing(1.0, 0.3)
+    assert timer._compiled_if_host_paced(_site(), "fuse", sub, [x], [(x,)], traced, False, x.device) is traced
+    assert compiled == []
+
+    paced = Timing(1.0, site_timing.COMPILED_RECHECK_SHARE)
+    again = timer._compiled_if_host_paced(_site(), "fuse", sub, [x], [(x,)], paced, False, x.device)
+    assert again is not paced and isinstance(again, Timing) and again.ms > 0
+    assert len(compiled) == 1 and compiled[0] is not sub and compiled[0].graph is not sub.graph
+    assert str(sub.graph) == graph_before
+
+    def failing(gm, args):
+        raise RuntimeError("no compile")
+
+    timer.compile_fn = failing
+    assert timer._compiled_if_host_paced(_site(), "fuse", sub, [x], [(x,)], paced, False, x.device) is paced
