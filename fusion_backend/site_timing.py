@@ -115,6 +115,8 @@ class SiteTimer:
         self.rounds: Dict[tuple, int] = {}
         self.measurements = 0
         self._generator = torch.Generator().manual_seed(0)
+        # (site group, choice) -> the inner compiler's callable: a confirmation round reuses it
+        self._compiled: Dict[tuple, Callable] = {}
 
     def __call__(self, plan) -> float:
         key = tuple(sorted(dict(plan).items()))
@@ -175,8 +177,7 @@ class SiteTimer:
             # nearly paces it, `_compiled_if_host_paced`).
             train = self.train and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
             if choice == "keep":
-                with _eager_backward_compile():
-                    fn = self.compile_fn(sub, args)
+                fn = self._compile(site, choice, sub, args)
             else:
                 fn = sub.forward
             run = _timed_call(fn, train)
@@ -206,8 +207,7 @@ class SiteTimer:
             return timing
         try:
             # A copy: compilers may rewrite a graph in place, and the traced one is the replacement.
-            with _eager_backward_compile():
-                fn = self.compile_fn(fx.GraphModule(sub, copy.deepcopy(sub.graph)), args)
+            fn = self._compile(site, choice, fx.GraphModule(sub, copy.deepcopy(sub.graph)), args)
         except Exception as exc:  # noqa: BLE001 -- the traced timing stands
             log.info("tuning: %s %s: not compiled for timing (%s: %s)", site.rule.name, choice,
                      type(exc).__name__, str(exc)[:120])
@@ -216,6 +216,15 @@ class SiteTimer:
         log.info("tuning: %s %s: %.3f ms traced (%.3f ms issuing), %.3f ms compiled", site.rule.name, choice,
                  timing.ms, timing.issue_ms, compiled.ms)
         return compiled
+
+    def _compile(self, site: Site, choice: str, gm: fx.GraphModule, args: list) -> Callable:
+        """The inner compiler's callable for one option of a site group, compiled once: the guard's
+        confirmation round times the same code again on fresh inputs."""
+        key = (site_group(site), choice)
+        if key not in self._compiled:
+            with _eager_backward_compile():
+                self._compiled[key] = self.compile_fn(gm, args)
+        return self._compiled[key]
 
 
 def _timed_call(fn: Callable, train: bool) -> Callable:

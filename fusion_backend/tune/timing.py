@@ -151,8 +151,8 @@ def rotated_input_sets(inputs: Sequence[Any], device: torch.device | str | int) 
     """`inputs` plus enough tensor copies of them that rotating among the sets exceeds L2.
 
     The first set is `inputs` itself; the others clone every tensor (as leaves that require grad
-    where the original does; non-tensors are shared). Extra
-    memory stays below about one L2 size plus one set: a set larger than L2 gets no copies at all.
+    where the original does; non-tensors are shared). Extra memory stays below about one L2 size
+    plus one set: a set larger than L2 gets no copies at all.
     On CPU this is just [tuple(inputs)].
     """
     inputs = tuple(inputs)

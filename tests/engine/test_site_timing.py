@@ -87,9 +87,12 @@ def test_a_host_paced_fused_option_is_timed_again_compiled():
     assert again is not paced and isinstance(again, Timing) and again.ms > 0
     assert len(compiled) == 1 and compiled[0] is not sub and compiled[0].graph is not sub.graph
     assert str(sub.graph) == graph_before
+    # the guard's confirmation round times the same compiled code again: no second compile
+    timer._compiled_if_host_paced(_site(), "fuse", sub, [x], [(x,)], paced, False, x.device)
+    assert len(compiled) == 1
 
     def failing(gm, args):
         raise RuntimeError("no compile")
 
-    timer.compile_fn = failing
+    timer = site_timing.SiteTimer(None, [], {}, failing, train=False)
     assert timer._compiled_if_host_paced(_site(), "fuse", sub, [x], [(x,)], paced, False, x.device) is paced
