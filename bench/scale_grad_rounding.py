@@ -9,7 +9,11 @@ tensor cores fill from bf16-rounded dS, and for l2 also Σ_j |k_j|² Σ_i dS_ij 
 emulates both in float32 with the kernels' roundings (bf16 inputs, the forward's P rounded to bf16
 for P·V, bf16 O for delta = rowsum(dO·O), bf16 dS into the dQ product), against float64 autograd,
 for one head of N=1024, D=64. "products, exact delta" uses delta = Σ_j P_ij dP_ij, to show that
-the delta's rounding is not what spoils the products form. Prints the worst relative error of 3 draws.
+the delta's rounding is not what spoils the products form. "products, centred" takes every term
+from the same bf16-rounded dS, centred on E_p[raw] (for l2 the Σ_j dS_ij |k_j|² and Σ_j dS_ij parts
+would come from a narrow extra product against [|k|² split in bf16 parts, 1]), so that the delta's
+error cancels as in the kernels; what is left is dS's own bf16 rounding. Prints the worst relative
+error of 3 draws.
 """
 import torch
 
@@ -19,7 +23,7 @@ def bf16(t):
 
 
 def errors(metric, lam, N=1024, D=64, draws=3, spread=1.0):
-    worst = {"centred": 0.0, "products": 0.0, "products, exact delta": 0.0}
+    worst = {"centred": 0.0, "products": 0.0, "products, exact delta": 0.0, "products, centred": 0.0}
     for _ in range(draws):
         q, k = bf16(torch.randn(N, D) * spread), bf16(torch.randn(N, D) * spread)
         v, do = bf16(torch.randn(N, D)), bf16(torch.randn(N, D))
@@ -43,11 +47,20 @@ def errors(metric, lam, N=1024, D=64, draws=3, spread=1.0):
         p = unnorm / rowsum
         dp = do @ v.T
         deltas = {"centred": (do * out).sum(1, keepdim=True), "products": (do * out).sum(1, keepdim=True),
-                  "products, exact delta": (p * dp).sum(1, keepdim=True)}
+                  "products, exact delta": (p * dp).sum(1, keepdim=True),
+                  "products, centred": (do * out).sum(1, keepdim=True)}
         for name, delta in deltas.items():
             ds = p * (dp - delta)
+            rbar = (p * raw).sum(1)
             if name == "centred":
-                got = (ds * (raw - (p * raw).sum(1, keepdim=True))).sum().item()
+                got = (ds * (raw - rbar[:, None])).sum().item()
+            elif name == "products, centred":
+                dsb = bf16(ds)
+                centring = (rbar * dsb.sum(1)).sum()
+                if metric == "cosine":
+                    got = ((qk * (dsb @ kk)).sum() - centring).item()
+                else:
+                    got = (2 * (q * (dsb @ k)).sum() - (dsb @ kvec).sum() - centring).item()
             elif metric == "cosine":
                 got = (qk * (bf16(ds) @ kk)).sum().item()
             else:
