@@ -632,6 +632,24 @@ def test_gemm_epilogue_not_used_where_it_cannot_serve(why, monkeypatch):
     assert calls == []
 
 
+@pytest.mark.parametrize("act", ["gelu", "silu"])
+def test_cublas_inference_activates_in_place_without_a_triton_pass(act, monkeypatch):
+    """Inference of a plain block with an activation cuBLASLt cannot apply: ATen's in-place
+    activation on the first product, no epilogue kernel; float16 to see its single rounding."""
+    launched = []
+    real = K.hidden_epilogue
+    monkeypatch.setattr(K, "hidden_epilogue", lambda *a, **k: launched.append(k) or real(*a, **k))
+    t = make_inputs(42, 40, 72, residual=True)
+    t16 = {n: v.detach().half() if v is not None else None for n, v in t.items()}
+    with torch.no_grad():
+        y = call(feedforward, t16, impl="cublas", activation=act)
+        y64 = call(feedforward_reference, as64(t), activation=act)
+    assert launched == [] and y.dtype == torch.float16
+    assert rel(y, y64) < TOL[torch.float16], rel(y, y64)
+    check_against_float64(t, TOL[torch.float32], impl="cublas", activation=act)  # training: the kernels
+    assert launched, "training keeps the epilogue kernel, which also draws dropout and saves"
+
+
 def test_float32_gemm_precision_follows_the_tf32_flag(monkeypatch):
     """float32 products: exact ("ieee") unless torch allows TF32, and then three TF32 products,
     not one (one left ReLU gradients up to 2.7e-2 off on the H100, against cuBLAS TF32's 4e-4)."""
