@@ -50,8 +50,10 @@ an inference feed-forward block at T=8192 timed 0.211 ms traced against 0.249 ms
 0.369 ms compiled (host-bound) against Inductor's 0.253."""
 
 
-def _real_like(value: Any, generator: torch.Generator) -> Any:
-    """A real tensor (or number) standing in for a fake example value, sizes at their hints."""
+def _real_like(value: Any, generators: Dict[torch.device, torch.Generator]) -> Any:
+    """A real tensor (or number) standing in for a fake example value, sizes at their hints, drawn
+    on its own device (a GPT-2's site inputs drawn on the CPU and copied over took seconds of a cold
+    compile) from that device's generator in `generators`, made on first use."""
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         hint = value.node.hint
         return type(hint)(hint) if hint is not None else 1
@@ -59,10 +61,13 @@ def _real_like(value: Any, generator: torch.Generator) -> Any:
         return value
     shape = [int(s.node.hint) if isinstance(s, torch.SymInt) else int(s) for s in value.shape]
     device = value.device
+    if device not in generators:
+        generators[device] = torch.Generator(device).manual_seed(0)
+    generator = generators[device]
     if value.dtype == torch.bool:
-        t = torch.rand(shape, generator=generator).to(device) > 0.2
+        t = torch.rand(shape, generator=generator, device=device) > 0.2
     elif value.is_floating_point():
-        t = (torch.randn(shape, generator=generator) * 0.5).to(device=device, dtype=value.dtype)
+        t = (torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * 0.5).to(value.dtype)
     else:
         t = torch.zeros(shape, dtype=value.dtype, device=device)
     return t.requires_grad_(value.requires_grad and value.is_floating_point())
@@ -114,7 +119,7 @@ class SiteTimer:
         self.timings: Dict[tuple, Timing] = {}
         self.rounds: Dict[tuple, int] = {}
         self.measurements = 0
-        self._generator = torch.Generator().manual_seed(0)
+        self._generators: Dict[torch.device, torch.Generator] = {}
         # (site group, choice) -> the inner compiler's callable: a confirmation round reuses it
         self._compiled: Dict[tuple, Callable] = {}
 
