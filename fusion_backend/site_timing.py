@@ -174,7 +174,7 @@ class SiteTimer:
             traced, _ = self.built[(site.id, config)]
             sub = traced
             example = [site.match.values[n] for n in traced.tensor_names]
-        args = [_real_like(v, self._generator) for v in example]
+        args = [_real_like(v, self._generators) for v in example]
         with _preserved_rng(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # The fused option is one op call plus glue: Inductor would add a compile per launch
@@ -207,8 +207,15 @@ class SiteTimer:
                                 timing: Timing, train: bool, device: torch.device) -> Timing:
         """`timing` of a fused option timed as traced, or, where issuing it takes
         COMPILED_RECHECK_SHARE of its time or more, its timing compiled by the inner compiler (as
-        the kept option is). A compile that fails keeps the traced timing."""
+        the kept option is). A compile that fails keeps the traced timing. An option that is
+        already slower traced than its site kept (timed first) is not compiled: compiled it can
+        only take longer, and it loses either way."""
         if timing.issue_ms < COMPILED_RECHECK_SHARE * timing.ms:
+            return timing
+        kept_ms = self.memo.get((site_group(site), "keep", 0))
+        if kept_ms is not None and timing.ms >= kept_ms:
+            log.info("tuning: %s %s: %.3f ms traced, slower than kept (%.3f ms): not compiled", site.rule.name,
+                     choice, timing.ms, kept_ms)
             return timing
         try:
             # A copy: compilers may rewrite a graph in place, and the traced one is the replacement.

@@ -96,3 +96,22 @@ def test_a_host_paced_fused_option_is_timed_again_compiled():
 
     timer = site_timing.SiteTimer(None, [], {}, failing, train=False)
     assert timer._compiled_if_host_paced(_site(), "fuse", sub, [x], [(x,)], paced, False, x.device) is paced
+
+
+def test_a_fused_option_slower_traced_than_kept_is_not_compiled_for_the_recheck():
+    """Compiling adds wrappers and never removes work, so an option that already loses to the
+    kept site as traced keeps its traced timing (a cold compile saved), and still loses."""
+    from fusion_backend import site_timing
+    from fusion_backend.tune.timing import Timing
+
+    compiled = []
+    timer = site_timing.SiteTimer(None, [], {}, lambda gm, args: compiled.append(gm) or gm.forward, train=False)
+    sub = torch.fx.symbolic_trace(_SinTwice())
+    x = torch.randn(8)
+    paced = Timing(1.0, 0.9)
+    timer.memo[(site_timing.site_group(_site()), "keep", 0)] = 0.8
+    assert timer._compiled_if_host_paced(_site(), "fuse", sub, [x], [(x,)], paced, False, x.device) is paced
+    assert compiled == []
+    timer.memo[(site_timing.site_group(_site()), "keep", 0)] = 1.2  # could win: compiled and timed again
+    again = timer._compiled_if_host_paced(_site(), "fuse", sub, [x], [(x,)], paced, False, x.device)
+    assert again is not paced and len(compiled) == 1
