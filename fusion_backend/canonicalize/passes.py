@@ -210,6 +210,39 @@ _INPLACE_METHODS = {
 }
 
 
+# `x *= y` and the like on a tensor: Dynamo records the operator module's in-place functions.
+_INPLACE_OPERATORS = {
+    operator.imul: torch.mul, operator.itruediv: torch.div, operator.iadd: torch.add, operator.isub: torch.sub,
+}
+
+# Out-of-place forms that may promote: t.mul_(w) keeps t's dtype, torch.mul(t, w) may not.
+_PROMOTING = (torch.mul, torch.div, torch.add, torch.sub, torch.pow, torch.clamp)
+
+
+def _keeps_dtype(functional, args, kwargs) -> bool:
+    """Whether the out-of-place `functional` gives the mutated tensor's dtype, as the in-place op
+    does by casting its result back (a bf16 activation scaled in place by an fp32 vector stays
+    bf16; out of place it would become fp32). Unknown: no."""
+    mutated = example_value(args[0])
+    if not isinstance(mutated, torch.Tensor):
+        return False
+    if functional not in _PROMOTING:
+        return True
+    for operand in list(args[1:]) + [v for k, v in kwargs.items() if k in ("other", "exponent", "min", "max")]:
+        if operand is None:
+            continue
+        value = example_value(operand)
+        if isinstance(value, torch.SymFloat):
+            value = 1.0
+        elif isinstance(value, (torch.SymInt, torch.SymBool)):
+            value = 1
+        if not isinstance(value, (torch.Tensor, bool, int, float)):
+            return False
+        if torch.result_type(mutated, value) != mutated.dtype:
+            return False
+    return True
+
+
 def _is_fresh_intermediate(x: Any) -> bool:
     """A value that nothing else aliases: computed by a non-view op inside the graph."""
     if not isinstance(x, Node) or x.op not in ("call_function", "call_method"):
@@ -229,6 +262,8 @@ def _functionalize_inplace(rw: _Rewriter) -> None:
         args, kwargs = node.args, dict(node.kwargs)
         if node.op == "call_method" and node.target in _INPLACE_METHODS:
             functional = _INPLACE_METHODS[node.target]
+        elif node.op == "call_function" and node.target in _INPLACE_OPERATORS:
+            functional = _INPLACE_OPERATORS[node.target]
         elif node.op == "call_function" and node.target in (F.dropout, F.relu, F.silu) and \
                 (kwargs.get("inplace") or (node.target is F.dropout and len(args) > 3 and args[3])):
             functional = node.target
@@ -238,7 +273,7 @@ def _functionalize_inplace(rw: _Rewriter) -> None:
         if functional is None or not args:
             continue
         mutated = args[0]
-        if not _is_fresh_intermediate(mutated):
+        if not _is_fresh_intermediate(mutated) or not _keeps_dtype(functional, args, kwargs):
             continue
         later = [u for u in mutated.users if u is not node and order.get(u, -1) > order[node]]
         earlier_views = [u for u in mutated.users if u is not node and order.get(u, -1) < order[node]

@@ -29,8 +29,15 @@ def _targets(gm):
     return [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
 
 
-# Eight spellings of scaled dot-product attention scores -> probabilities -> output.
+def _augmented_assignment(q, k, v):
+    s = q @ k.transpose(-1, -2)
+    s /= 4.0  # Falcon's eager attention scales its scores this way
+    return torch.softmax(s, dim=-1) @ v
+
+
+# Nine spellings of scaled dot-product attention scores -> probabilities -> output.
 SPELLINGS = {
+    "augmented_assignment": _augmented_assignment,
     "matmul_mul": lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-1) @ v,
     "div_sqrt": lambda q, k, v: F.softmax(torch.matmul(q, k.transpose(2, 3)) / math.sqrt(16), -1) @ v,
     "pow_scale": lambda q, k, v: (q @ k.permute(0, 1, 3, 2) * q.size(-1) ** -0.5).softmax(-1).matmul(v),
@@ -51,7 +58,8 @@ def test_spellings_share_one_canonical_form(name):
     canon = canonical_copy(gm)
     targets = _targets(canon)
     assert targets.count(torch.matmul) == 2 and targets.count(torch.softmax) == 1
-    for textual in (operator.matmul, torch.einsum, operator.truediv, "permute", "mul_", "softmax", "float"):
+    for textual in (operator.matmul, torch.einsum, operator.truediv, operator.itruediv, "permute", "mul_", "softmax",
+                    "float"):
         assert textual not in targets, (name, textual)
     # The canonical graph still computes the same function ...
     torch.testing.assert_close(canon(*inputs)[0], gm(*inputs)[0], atol=1e-6, rtol=1e-5)
@@ -99,6 +107,28 @@ def test_inplace_on_an_input_is_left_alone():
     x = torch.randn(3)
     canon = canonical_copy(_dynamo_graph(fn, x.clone()))
     assert "mul_" in _targets(canon)
+
+
+def test_inplace_that_would_promote_stays_in_place():
+    """t.mul_(w) and t *= w keep t's dtype; out of place a bf16 t times an fp32 w is fp32. Where
+    the functional form would change the dtype, the in-place op stays, and the canonical graph
+    computes exactly what eager does."""
+    def fn(a, w):
+        t = a + 1
+        t.mul_(w)
+        u = a * 2
+        u *= w
+        x = a * 3
+        x *= 2.0  # a Python scalar does not promote: this one becomes torch.mul
+        return t, u, x
+
+    a, w = torch.randn(3, 4, dtype=torch.bfloat16), torch.randn(4)
+    gm, inputs = _dynamo_graph(fn, a, w, with_inputs=True)
+    canon = canonical_copy(gm)
+    targets = _targets(canon)
+    assert "mul_" in targets and operator.imul in targets and targets.count(torch.mul) == 2
+    for got, want in zip(canon(*inputs), fn(a, w)):
+        assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
 def test_permute_that_is_not_a_swap_stays_a_permute():
