@@ -123,18 +123,30 @@ def _heads(m: Match) -> Optional[Any]:
     return q.shape[-3] if q.dim() == 4 else None
 
 
+def kv_heads_broadcast(q, k, v) -> bool:
+    """4-D k and v with a single head that q's H > 1 heads share by broadcasting (multi-query
+    attention, as Falcon writes it): the same math as enable_gqa with one K/V head, whose
+    gradient the op sums over the H query heads as autograd sums over the broadcast."""
+    return (q.dim() == k.dim() == v.dim() == 4 and known_equal(k.shape[1], 1) and known_equal(v.shape[1], 1)
+            and isinstance(q.shape[1], int) and q.shape[1] > 1)
+
+
 def check_qkv(m: Match) -> Optional[str]:
-    """q, k, v are 3-D or 4-D floating tensors with identical leading dims, one device."""
+    """q, k, v are 3-D or 4-D floating tensors with identical leading dims (or k and v with one
+    head that q's heads share, `kv_heads_broadcast`), one device."""
     q, k, v = (m.values.get(n) for n in ("q", "k", "v"))
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         return "q, k and v must all be tensors"
     if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
         return f"q, k, v must all be 3-D or 4-D (got {q.dim()}, {k.dim()}, {v.dim()})"
     repeats = m.values.get("n")  # grouped-query rules: K/V heads are repeated n times
+    one_kv_head = repeats is None and kv_heads_broadcast(q, k, v)
     for name, t in (("k", k), ("v", v)):
         lead = list(t.shape[:-2])
         if isinstance(repeats, int) and len(lead) == 2:
             lead[-1] = lead[-1] * repeats
+        elif one_kv_head:
+            lead[-1] = q.shape[1]
         if not all(known_equal(a, b) for a, b in zip(q.shape[:-2], lead)):
             return f"{name}'s batch/head dims {tuple(t.shape[:-2])} differ from q's {tuple(q.shape[:-2])} (broadcasting)"
     if not known_equal(k.shape[-2], v.shape[-2]):
@@ -428,7 +440,8 @@ def _make_replacement(metric: str, gqa: bool = False, causal_bias: bool = False)
         mask = _mask_for_op(q, mask_a, fill_a, bias, mask_b, fill_b)
         if mask is not None and three_d and mask.dim() == 3:
             mask = mask.unsqueeze(0)
-        out = attention_op(q, k, v, metric=metric, scale=s, attn_mask=mask, enable_gqa=gqa, causal=causal_bias,
+        grouped = gqa or kv_heads_broadcast(q, k, v)
+        out = attention_op(q, k, v, metric=metric, scale=s, attn_mask=mask, enable_gqa=grouped, causal=causal_bias,
                            dropout_p=float(p) if p is not None else 0.0, config=config)
         return out.squeeze(0) if three_d else out
     replacement.__name__ = f"{metric}_attention_replacement"

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import fusion_backend
 from .checks import OPTIONS, assert_fused, assert_matches_eager, qkv
@@ -194,6 +195,32 @@ def test_dot_grouped_query(form):
     mask = torch.full((8, 8), torch.finfo(torch.float32).min).triu(1)[None, None]
     assert_fused(DotRepeatKV(form), q, k, v, mask, variant="dot", rule="attention.dot_repeat_kv")
     assert_matches_eager(DotRepeatKV(form), q, k, v, mask)
+
+
+class SharedKV(nn.Module):
+    """Multi-query attention written with broadcasting, as Falcon does: one K/V head for all."""
+
+    def __init__(self, metric):
+        super().__init__()
+        self.metric = metric
+        self.lam = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, q, k, v):
+        if self.metric == "dot":
+            scores = q @ k.transpose(-1, -2) * 0.25
+        elif self.metric == "l2":
+            scores = -self.lam * torch.cdist(q, k) ** 2
+        else:
+            scores = self.lam * (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2))
+        return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("metric", ["dot", "l2", "cosine"])
+def test_keys_and_values_broadcast_over_heads(metric):
+    # the same math as grouped-query attention with one K/V head; dK and dV sum over the heads
+    q, k, v = qkv(H=4, Hkv=1, T=9, S=11)
+    assert_fused(SharedKV(metric), q, k, v, variant=metric)
+    assert_matches_eager(SharedKV(metric), q, k, v)
 
 
 def test_dot_dynamic_shapes():

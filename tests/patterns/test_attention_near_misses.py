@@ -54,9 +54,17 @@ class SharedKeys(nn.Module):
         return torch.softmax(q @ k.transpose(-2, -1) * 0.35, dim=-1) @ v
 
 
-def test_keys_broadcast_over_heads():
+def test_keys_shared_by_heads_but_values_not():
+    # one key head for every query head, but a value head each: not grouped-query attention
+    q, _, v = qkv()
+    k = torch.randn(2, 1, 8, 8)
+    assert_near_miss(SharedKeys(), q, k, v, reason="(broadcasting)")
+    assert_matches_eager(SharedKeys(), q, k, v)
+
+
+def test_keys_broadcast_over_the_batch():
     q, _, _ = qkv()
-    k, v = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    k, v = torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8)
     assert_near_miss(SharedKeys(), q, k, v, reason="(broadcasting)")
     assert_matches_eager(SharedKeys(), q, k, v)
 
