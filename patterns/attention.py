@@ -6,12 +6,14 @@ Every form shares one tail, written once in `_scores_to_output`:
     scores -> [* scale] -> [* scale2] -> [masked_fill] -> [+ bias] -> [masked_fill]
            -> softmax(-1) -> [dropout] -> @ v
 
-Canonicalization makes this cover `/ sqrt(d)`, `* d ** -0.5`, `mul_`, casts around softmax,
+Canonicalization makes this cover `/ sqrt(d)`, `* d ** -0.5`, `mul_`, `/=`, casts around softmax,
 `torch.where` masks, module or functional dropout, `bmm`, `einsum` and transposes by permute. The
 forms differ only in how the scores are computed, one rule each. Two refinements of the dot rule
 win where they apply: `dot_repeat_kv` (K/V repeated per head, Llama eager) passes the un-repeated
 K/V with enable_gqa, and `dot_causal` turns an added mask that is provably the causal triangle
-(built from constants, as HF's eager masks are) into causal=True.
+(built from constants, as HF's eager masks are) into causal=True. K and V with a single head that
+every query head shares by broadcasting (multi-query attention, Falcon's) go to the op with
+enable_gqa as one K/V head (`kv_heads_broadcast`).
 
 Masks: -inf fills become a bool mask; finite fills become -1e30 in an additive mask, and fp16's
 "masked" value -65504 in a hand-written fp16 form becomes -1e30 too, so that the op, which adds
