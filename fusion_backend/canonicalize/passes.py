@@ -3,7 +3,7 @@
 Canonical vocabulary (all positional, dims negative where the rank is known):
 
     torch.matmul(a, b)              matmul, bmm, @, two-operand einsum that is a batched matmul
-    torch.transpose(x, d0, d1)      transpose, swapaxes, .t(), a permute that swaps two dims
+    torch.transpose(x, d0, d1)      transpose, swapaxes, .t(), .T (2-D), .mT, a permute that swaps two dims
     torch.mul(x, s)                 *, mul, and / by s (as * 1/s), unary minus (as * -1.0)
     torch.add(a, b), torch.sub(a, b)
     torch.softmax(x, dim)           F.softmax / Tensor.softmax; a dtype= becomes a cast before it
@@ -402,6 +402,11 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
             rw.replace(node, torch.transpose, (args[0], moved[0] - rank, moved[1] - rank))
         return
     if op == "call_method" and t == "t" and rank_of(args[0]) == 2:
+        rw.replace(node, torch.transpose, (args[0], -2, -1))
+        return
+    # the .T and .mT properties, which Dynamo records as getattr (Falcon's `x @ self.weight.T`)
+    if op == "call_function" and t is getattr and len(args) == 2 and not node.kwargs and (
+            (args[1] == "T" and rank_of(args[0]) == 2) or (args[1] == "mT" and (rank_of(args[0]) or 0) >= 2)):
         rw.replace(node, torch.transpose, (args[0], -2, -1))
         return
 

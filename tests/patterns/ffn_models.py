@@ -36,7 +36,8 @@ class MLP(nn.Module):
 
     "module": nn.Linear;  "functional": F.linear;  "matmul": x @ W (+ b), W stored (d, h);
     "mm": torch.mm on 2-D x (+ b);  "addmm": torch.addmm(b, x2d, W) as HF's Conv1D does it,
-    flattening x to 2-D and restoring its shape afterwards.
+    flattening x to 2-D and restoring its shape afterwards;  "matmul_T": x @ W.T (+ b), W stored
+    (h, d), as HF's FalconLinear does it.
     """
 
     def __init__(self, d=8, h=24, act="gelu", bias=True, p_hidden=0.0, p_out=0.0, residual=False,
@@ -45,7 +46,7 @@ class MLP(nn.Module):
         d_out = d_out or d
         self.act, self.linear, self.residual = ACTIVATIONS[act], linear, residual
         self.p_hidden, self.p_out = p_hidden, p_out
-        if linear in ("module", "functional"):
+        if linear in ("module", "functional", "matmul_T"):
             self.fc1, self.fc2 = nn.Linear(d, h, bias=bias), nn.Linear(h, d_out, bias=bias)
         else:  # weights in (in, out) layout, as x @ W and Conv1D keep them
             self.w1, self.w2 = _param(d, h, fan_in=d), _param(h, d_out, fan_in=h)
@@ -55,8 +56,11 @@ class MLP(nn.Module):
     def _lin(self, x, i):
         if self.linear == "module":
             return (self.fc1 if i == 1 else self.fc2)(x)
-        if self.linear == "functional":
+        if self.linear in ("functional", "matmul_T"):
             m = self.fc1 if i == 1 else self.fc2
+            if self.linear == "matmul_T":
+                y = x @ m.weight.T
+                return y + m.bias if m.bias is not None else y
             return F.linear(x, m.weight, m.bias)
         w, b = (self.w1, self.b1) if i == 1 else (self.w2, self.b2)
         if self.linear == "matmul":

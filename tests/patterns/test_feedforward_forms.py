@@ -134,6 +134,8 @@ def test_plain_activations(act, training):
     ("matmul", False, (7, 8)),
     ("mm", True, (10, 8)),
     ("addmm", True, (2, 5, 8)),
+    ("matmul_T", False, (2, 5, 8)),
+    ("matmul_T", True, (7, 8)),
 ])
 def test_linear_spellings(linear, bias, shape):
     check_form(MLP(act="gelu", bias=bias, linear=linear), _x(*shape), True, "gelu")
