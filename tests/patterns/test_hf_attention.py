@@ -1,4 +1,4 @@
-"""HF transformers GPT-2 and Llama (grouped-query: 2 KV heads for 4 query heads) built offline from
+"""HF transformers GPT-2, Llama (grouped-query: 2 KV heads for 4 query heads) and Falcon (multi-query) built offline from
 tiny configs, with attn_implementation "eager" and "sdpa": each layer's attention is fused and the
 model equals eager in logits and parameter gradients (fp32), with and without left padding."""
 import pytest
@@ -73,3 +73,21 @@ def test_hf_attention_inference(arch):
         assert_fused(model, ids, variant="dot", rule=RULES[(arch, "eager", False)])
         out = torch.compile(model, backend="truthfuse", options=OPTIONS)(ids)
         torch.testing.assert_close(out, model(ids), atol=2e-5, rtol=2e-4)
+
+
+def _falcon():
+    # multi-query: one K/V head that the 4 query heads share by broadcasting; scores scaled by `/=`
+    cfg = transformers.FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, multi_query=True,
+                                    alibi=False, vocab_size=VOCAB, attention_dropout=0.0, hidden_dropout=0.0,
+                                    bos_token_id=0, eos_token_id=0)
+    return transformers.FalconForCausalLM._from_config(cfg, attn_implementation="eager")
+
+
+def test_hf_falcon_multi_query_eager_attention():
+    torch.manual_seed(0)
+    model = Logits(_falcon()).train()
+    ids = torch.randint(0, VOCAB, (2, T))
+    am = torch.ones(2, T, dtype=torch.long)
+    am[0, :3] = 0
+    assert_fused(model, ids, am, variant="dot", rule="attention.dot", count=1)
+    assert_matches_eager(model, ids, am, grad_inputs=False, loss_mask=am[..., None].float(), atol=2e-5, rtol=2e-4)
