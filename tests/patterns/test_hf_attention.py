@@ -1,6 +1,7 @@
-"""HF transformers GPT-2, Llama (grouped-query: 2 KV heads for 4 query heads) and Falcon (multi-query) built offline from
-tiny configs, with attn_implementation "eager" and "sdpa": each layer's attention is fused and the
-model equals eager in logits and parameter gradients (fp32), with and without left padding."""
+"""HF transformers GPT-2, Llama (grouped-query: 2 KV heads for 4 query heads) and Falcon
+(multi-query, eager) built offline from tiny configs, with attn_implementation "eager" and "sdpa":
+each layer's attention is fused and the model equals eager in logits and parameter gradients
+(fp32), with and without left padding."""
 import pytest
 import torch
 
