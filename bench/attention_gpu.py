@@ -285,6 +285,8 @@ def run_checks(part=0, nparts=1):
                                            smax=0.2 if m == "l2" else 1.0))
         jobs.append(lambda m=metric: check(m, torch.bfloat16, 2, 2, 2, 256, 256, 64, 64, causal=True))
         jobs.append(lambda m=metric: check(m, torch.bfloat16, 1, 2, 1, 100, 100, 96 if m != "l1" else 80, 32, mask="bool"))
+        # one K/V head for all query heads (multi-query, as the rules pass Falcon's broadcast form)
+        jobs.append(lambda m=metric: check(m, torch.bfloat16, 2, 4, 1, 100, 129, 64, 64, causal=True))
         jobs.append(lambda m=metric: check_poison(m, torch.bfloat16))
         jobs.append(lambda m=metric: check_dropout(m))
     for metric in ("dot", "l1"):  # the two kernel families; float32 and bfloat16
