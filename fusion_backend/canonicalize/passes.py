@@ -222,8 +222,12 @@ _PROMOTING = (torch.mul, torch.div, torch.add, torch.sub, torch.pow, torch.clamp
 def _keeps_dtype(functional, args, kwargs) -> bool:
     """Whether the out-of-place `functional` gives the mutated tensor's dtype, as the in-place op
     does by casting its result back (a bf16 activation scaled in place by an fp32 vector stays
-    bf16; out of place it would become fp32). Unknown: no."""
+    bf16; out of place it would become fp32). Unknown operand dtypes: no. A pattern graph carries no
+    example values: there the in-place op takes the functional form, so that a pattern written with
+    one matches targets whose in-place op became functional (and no other)."""
     mutated = example_value(args[0])
+    if mutated is None and isinstance(args[0], Node):
+        return True
     if not isinstance(mutated, torch.Tensor):
         return False
     if functional not in _PROMOTING:

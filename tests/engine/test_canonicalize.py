@@ -159,3 +159,15 @@ def test_matmul_with_out_is_left_alone():
     out_buffer = [t for t in inputs if isinstance(t, torch.Tensor) and t.shape == (3, 5)][0]
     torch.testing.assert_close(canon(*inputs)[0], (a @ b) * 2)
     torch.testing.assert_close(out_buffer, a @ b)
+
+
+def test_inplace_in_a_pattern_takes_the_functional_form():
+    """Pattern graphs carry no dtypes to check: their in-place ops become functional, as a target's
+    do where the dtype allows, so a rule written with `mul_` matches those targets."""
+    from fusion_backend.match.pattern import trace_pattern
+
+    def pattern(q, k, v):
+        return torch.softmax((q @ k.transpose(-1, -2)).mul_(0.25), -1) @ v
+
+    targets = [n.target for n in trace_pattern(pattern).graph.nodes if n.op in ("call_function", "call_method")]
+    assert torch.mul in targets and "mul_" not in targets
