@@ -61,13 +61,15 @@ def _real_like(value: Any, generators: Dict[torch.device, torch.Generator]) -> A
         return value
     shape = [int(s.node.hint) if isinstance(s, torch.SymInt) else int(s) for s in value.shape]
     device = value.device
-    if device not in generators:
-        generators[device] = torch.Generator(device).manual_seed(0)
-    generator = generators[device]
+    # CPU and CUDA have generators of their own; another device gets CPU draws, copied over
+    draw_on = device if device.type in ("cpu", "cuda") else torch.device("cpu")
+    if draw_on not in generators:
+        generators[draw_on] = torch.Generator(draw_on).manual_seed(0)
+    generator = generators[draw_on]
     if value.dtype == torch.bool:
-        t = torch.rand(shape, generator=generator, device=device) > 0.2
+        t = (torch.rand(shape, generator=generator, device=draw_on) > 0.2).to(device)
     elif value.is_floating_point():
-        t = (torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * 0.5).to(value.dtype)
+        t = (torch.randn(shape, generator=generator, device=draw_on, dtype=torch.float32) * 0.5).to(device, value.dtype)
     else:
         t = torch.zeros(shape, dtype=value.dtype, device=device)
     return t.requires_grad_(value.requires_grad and value.is_floating_point())

@@ -115,3 +115,20 @@ def test_a_fused_option_slower_traced_than_kept_is_not_compiled_for_the_recheck(
     timer.memo[(site_timing.site_group(_site()), "keep", 0)] = 1.2  # could win: compiled and timed again
     again = timer._compiled_if_host_paced(_site(), "fuse", sub, [x], [(x,)], paced, False, x.device)
     assert again is not paced and len(compiled) == 1
+
+
+def test_timing_inputs_are_drawn_from_the_timers_own_generators():
+    """Stand-ins for a site's fake inputs: the value's shape, dtype and grad flag, drawn on its
+    device from a generator of the timer's own (the user's random stream does not move), and the
+    same values for the same seed."""
+    from fusion_backend.site_timing import _real_like
+
+    before = torch.random.get_rng_state()
+    gens = {}
+    x = _real_like(torch.empty(3, 5, dtype=torch.float16).requires_grad_(), gens)
+    mask = _real_like(torch.empty(4, 4, dtype=torch.bool), gens)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert x.shape == (3, 5) and x.dtype == torch.float16 and x.requires_grad and x.std() > 0
+    assert mask.dtype == torch.bool and mask.any() and not mask.all()
+    again = _real_like(torch.empty(3, 5, dtype=torch.float16), {})
+    assert torch.equal(again, x.detach()) and not again.requires_grad
