@@ -7,8 +7,9 @@ pattern per call covers every keyword spelling; the aten ops SDPA lowers to are 
 the same call. Grouped-query attention written with `repeat_interleave` or HF's
 `expand`+`reshape` of K/V (canonical: repeat_interleave) is matched by `attention.sdpa_repeat_kv`,
 which passes the un-repeated K/V with `enable_gqa=True` (the same pairing of query head h with K/V
-head h // n), saving the copies. With `need_weights=True` and the weights used, nn.MultiheadAttention
-is kept: its call node escapes the match and explain() says so.
+head h // n), saving the copies; K/V with one head that SDPA broadcasts over q's heads (Falcon's
+multi-query path) go with `enable_gqa=True` too. With `need_weights=True` and the weights used,
+nn.MultiheadAttention is kept: its call node escapes the match and explain() says so.
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def _check_sdpa(m: Match, repeated_kv: bool) -> Optional[str]:
         return "k and v differ in heads or sequence length"
     hq, hk = q.shape[-3], k.shape[-3]
     if not known_equal(hq, hk):
-        if not (m["enable_gqa"] or repeated_kv):
+        if not (m["enable_gqa"] or repeated_kv or shares_one_kv_head(q, k)):
             return f"q has {hq} heads and k {hk} without enable_gqa (broadcasting)"
         if not (isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0):
             return f"q heads {hq} are not a known multiple of k/v heads {hk}"
@@ -96,8 +97,16 @@ def _check_sdpa(m: Match, repeated_kv: bool) -> Optional[str]:
     return check_supported_shapes(q, k, v, "dot")
 
 
+def shares_one_kv_head(q, k) -> bool:
+    """4-D k (and v, checked alongside) with one head that SDPA broadcasts over q's H > 1 heads
+    (Falcon's multi-query path): the same math as enable_gqa with one K/V head."""
+    return (q.dim() == 4 and k.dim() == 4 and known_equal(k.shape[-3], 1) and isinstance(q.shape[-3], int)
+            and q.shape[-3] > 1)
+
+
 def sdpa_replacement(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                      enable_gqa=False, config=None):
+    enable_gqa = enable_gqa or shares_one_kv_head(q, k)
     three_d = q.dim() == 3
     if three_d:  # the op left-pads the mask's dims, so a (N, L, S) mask lines up with (1, N, L, S)
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)

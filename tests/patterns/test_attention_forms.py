@@ -264,6 +264,13 @@ def test_sdpa_grouped_query(gqa):
     assert_matches_eager(model, *inputs)
 
 
+def test_sdpa_broadcasts_one_kv_head():
+    # SDPA broadcasts a single K/V head over q's heads: enable_gqa with one K/V head
+    inputs = qkv(H=4, Hkv=1)
+    assert_fused(SDPA(is_causal=True), *inputs, variant="dot", rule="attention.sdpa")
+    assert_matches_eager(SDPA(is_causal=True), *inputs)
+
+
 def test_sdpa_dropout_training_and_eval():
     model = SDPA(p=0.2).train()
     q, k, v = qkv()

@@ -76,19 +76,22 @@ def test_hf_attention_inference(arch):
         torch.testing.assert_close(out, model(ids), atol=2e-5, rtol=2e-4)
 
 
-def _falcon():
-    # multi-query: one K/V head that the 4 query heads share by broadcasting; scores scaled by `/=`
+def _falcon(impl):
+    # multi-query: one K/V head that the 4 query heads share by broadcasting (eager: scores scaled
+    # by `/=`; sdpa: the single head passed to SDPA, which broadcasts it)
     cfg = transformers.FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, multi_query=True,
                                     alibi=False, vocab_size=VOCAB, attention_dropout=0.0, hidden_dropout=0.0,
                                     bos_token_id=0, eos_token_id=0)
-    return transformers.FalconForCausalLM._from_config(cfg, attn_implementation="eager")
+    return transformers.FalconForCausalLM._from_config(cfg, attn_implementation=impl)
 
 
-def test_hf_falcon_multi_query_eager_attention():
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_hf_falcon_multi_query_attention(impl):
     torch.manual_seed(0)
-    model = Logits(_falcon()).train()
+    model = Logits(_falcon(impl)).train()
     ids = torch.randint(0, VOCAB, (2, T))
     am = torch.ones(2, T, dtype=torch.long)
     am[0, :3] = 0
-    assert_fused(model, ids, am, variant="dot", rule="attention.dot", count=1)
+    rule = "attention.dot" if impl == "eager" else "attention.sdpa"
+    assert_fused(model, ids, am, variant="dot", rule=rule, count=1)
     assert_matches_eager(model, ids, am, grad_inputs=False, loss_mask=am[..., None].float(), atol=2e-5, rtol=2e-4)
