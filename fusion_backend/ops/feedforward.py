@@ -349,18 +349,17 @@ def _fused_forward(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, 
         def lin(w, b):
             return torch.addmm(b, x, w.t()) if b is not None else torch.mm(x, w.t())
 
-        if not (gated or save or p_h > 0) and gemm_epilogue_computes(act, x.device):
-            # cuBLASLt applies the bias and activation to the product's fp32 accumulator: one pass
-            # over the (T, h) hidden less, and one rounding less. Nothing needs the pre-activation.
+        if not (gated or save or p_h > 0):  # nothing reads the pre-activation after the activation
             z = zu = None
-            bias = b_in if b_in is not None else x.new_zeros(w_in.shape[0])
-            hid = torch._addmm_activation(bias, x, w_in.t(), use_gelu=act == "gelu_tanh")
-        elif not (gated or save or p_h > 0):
-            # Nothing else reads the pre-activation, so ATen's activation overwrites it: the same
-            # float32 math and single rounding as our epilogue kernel, for a quarter of a Triton
-            # launch's host time (this path is the inference of exact GELU and SiLU).
-            z = zu = None
-            hid = _ACTIVATE_IN_PLACE[act](lin(w_in, b_in))
+            if gemm_epilogue_computes(act, x.device):
+                # cuBLASLt applies the bias and activation to the product's fp32 accumulator: one
+                # pass over the (T, h) hidden less, and one rounding less.
+                bias = b_in if b_in is not None else x.new_zeros(w_in.shape[0])
+                hid = torch._addmm_activation(bias, x, w_in.t(), use_gelu=act == "gelu_tanh")
+            else:
+                # ATen's activation in place: the same float32 math and single rounding as our
+                # epilogue kernel, for a quarter of a Triton launch's host time (exact GELU, SiLU).
+                hid = _ACTIVATE_IN_PLACE[act](lin(w_in, b_in))
         else:
             z = lin(w_gate, b_gate) if gated else lin(w_in, b_in)
             zu = lin(w_in, b_in) if gated else None
