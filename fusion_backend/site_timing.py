@@ -184,7 +184,7 @@ class SiteTimer:
             # nearly paces it, `_compiled_if_host_paced`).
             train = self.train and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
             if choice == "keep":
-                fn = self._compile(site, choice, sub, args)
+                fn = self._compile(site, choice, lambda: sub, args)
             else:
                 fn = sub.forward
             run = _timed_call(fn, train)
@@ -221,7 +221,7 @@ class SiteTimer:
             return timing
         try:
             # A copy: compilers may rewrite a graph in place, and the traced one is the replacement.
-            fn = self._compile(site, choice, fx.GraphModule(sub, copy.deepcopy(sub.graph)), args)
+            fn = self._compile(site, choice, lambda: fx.GraphModule(sub, copy.deepcopy(sub.graph)), args)
         except Exception as exc:  # noqa: BLE001 -- the traced timing stands
             log.info("tuning: %s %s: not compiled for timing (%s: %s)", site.rule.name, choice,
                      type(exc).__name__, str(exc)[:120])
@@ -231,13 +231,13 @@ class SiteTimer:
                  timing.ms, timing.issue_ms, compiled.ms)
         return compiled
 
-    def _compile(self, site: Site, choice: str, gm: fx.GraphModule, args: list) -> Callable:
-        """The inner compiler's callable for one option of a site group, compiled once: the guard's
-        confirmation round times the same code again on fresh inputs."""
+    def _compile(self, site: Site, choice: str, make_gm: Callable[[], fx.GraphModule], args: list) -> Callable:
+        """The inner compiler's callable for one option of a site group, compiled once from the graph
+        `make_gm` gives: the guard's confirmation round times the same code again on fresh inputs."""
         key = (site_group(site), choice)
         if key not in self._compiled:
             with _eager_backward_compile():
-                self._compiled[key] = self.compile_fn(gm, args)
+                self._compiled[key] = self.compile_fn(make_gm(), args)
         return self._compiled[key]
 
 
