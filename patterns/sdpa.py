@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from fusion_backend import Match, Rule, known_equal, register_rule
 from fusion_backend.ops import attention as attention_op
 
-from .attention import check_repeat_kv, check_supported_shapes, configs_for, exact_unless_dropout
+from .attention import check_repeat_kv, check_supported_shapes, configs_for, exact_unless_dropout, kv_heads_broadcast
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -80,7 +80,7 @@ def _check_sdpa(m: Match, repeated_kv: bool) -> Optional[str]:
         return "k and v differ in heads or sequence length"
     hq, hk = q.shape[-3], k.shape[-3]
     if not known_equal(hq, hk):
-        if not (m["enable_gqa"] or repeated_kv or shares_one_kv_head(q, k)):
+        if not (m["enable_gqa"] or repeated_kv or kv_heads_broadcast(q, k, v)):
             return f"q has {hq} heads and k {hk} without enable_gqa (broadcasting)"
         if not (isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0):
             return f"q heads {hq} are not a known multiple of k/v heads {hk}"
@@ -97,16 +97,9 @@ def _check_sdpa(m: Match, repeated_kv: bool) -> Optional[str]:
     return check_supported_shapes(q, k, v, "dot")
 
 
-def shares_one_kv_head(q, k) -> bool:
-    """4-D k (and v, checked alongside) with one head that SDPA broadcasts over q's H > 1 heads
-    (Falcon's multi-query path): the same math as enable_gqa with one K/V head."""
-    return (q.dim() == 4 and k.dim() == 4 and known_equal(k.shape[-3], 1) and isinstance(q.shape[-3], int)
-            and q.shape[-3] > 1)
-
-
 def sdpa_replacement(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                      enable_gqa=False, config=None):
-    enable_gqa = enable_gqa or shares_one_kv_head(q, k)
+    enable_gqa = enable_gqa or kv_heads_broadcast(q, k, v)  # SDPA broadcasts a single K/V head
     three_d = q.dim() == 3
     if three_d:  # the op left-pads the mask's dims, so a (N, L, S) mask lines up with (1, N, L, S)
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
