@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .philox import dropout_scale, dropout_threshold, keep_mask, load_seed, seed_arg
-from .runtime import cdiv, interpreting
+from .runtime import KernelLauncher, cdiv, interpreting
 
 ACTIVATIONS = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
 """Activation name -> ACT constexpr code. Code 0 is the identity (no activation)."""
@@ -517,17 +517,17 @@ def hidden_epilogue(
         db = torch.empty(grid[0], N, device=z.device, dtype=torch.float32)
         db2 = torch.empty(grid[0], N, device=z.device, dtype=torch.float32) if gated else None
     dummy = out
-    _hidden_epilogue_kernel[grid](
-        z, zu if gated else dummy,
-        bias if bias is not None else dummy, bias2 if bias2 is not None else dummy,
-        grad if backward else dummy, out, out2 if out2 is not None else dummy,
-        db if db is not None else dummy, db2 if db2 is not None else dummy,
-        M, N, z.stride(0), grad.stride(0) if backward else 0, out.stride(0),
-        seed_arg(seed if p > 0.0 else None, out), int(seed_offset), dropout_threshold(p), dropout_scale(p), int(row0),
-        ACT=act, BACKWARD=backward, GATED=gated,
-        HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, HAS_DROPOUT=p > 0.0,
-        BIAS_GRAD=0 if db is None else (2 if accumulate_partials else 1),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+    _launch_hidden_epilogue(
+        grid,
+        (z, zu if gated else dummy,
+         bias if bias is not None else dummy, bias2 if bias2 is not None else dummy,
+         grad if backward else dummy, out, out2 if out2 is not None else dummy,
+         db if db is not None else dummy, db2 if db2 is not None else dummy,
+         M, N, z.stride(0), grad.stride(0) if backward else 0, out.stride(0),
+         seed_arg(seed if p > 0.0 else None, out), int(seed_offset), dropout_threshold(p), dropout_scale(p), int(row0)),
+        (act, backward, gated, bias is not None, bias2 is not None, p > 0.0,
+         0 if db is None else (2 if accumulate_partials else 1), cfg["BLOCK_M"], cfg["BLOCK_N"]),
+        cfg["num_warps"],
     )
     if not backward:
         return out
@@ -591,13 +591,20 @@ def output_epilogue(y, *, bias=None, residual=None, out=None, seed=None, seed_of
     if out is None:
         out = torch.empty_like(y)
     grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(N, cfg["BLOCK_N"]))
-    _output_epilogue_kernel[grid](
-        y, bias if bias is not None else y, residual if residual is not None else y, out,
-        bias_partials if bias_partials is not None else out,
-        M, N, y.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
-        seed_arg(seed if p > 0.0 else None, out), int(seed_offset), dropout_threshold(p), dropout_scale(p), int(row0),
-        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, HAS_RES=residual is not None,
-        BIAS_GRAD=0 if bias_partials is None else (2 if accumulate_partials else 1),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+    _launch_output_epilogue(
+        grid,
+        (y, bias if bias is not None else y, residual if residual is not None else y, out,
+         bias_partials if bias_partials is not None else out,
+         M, N, y.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+         seed_arg(seed if p > 0.0 else None, out), int(seed_offset), dropout_threshold(p), dropout_scale(p), int(row0)),
+        (bias is not None, p > 0.0, residual is not None,
+         0 if bias_partials is None else (2 if accumulate_partials else 1), cfg["BLOCK_M"], cfg["BLOCK_N"]),
+        cfg["num_warps"],
     )
     return out
+
+
+# The epilogues pair with cuBLAS products in host-bound steps: launched without Triton's
+# per-call binding (`KernelLauncher`).
+_launch_hidden_epilogue = KernelLauncher(_hidden_epilogue_kernel)
+_launch_output_epilogue = KernelLauncher(_output_epilogue_kernel)

@@ -1,7 +1,9 @@
 """Where a Triton kernel can run: on a GPU, or on CPU tensors through Triton's interpreter."""
+import inspect
 import os
 
 import torch
+import triton
 
 
 def interpreting() -> bool:
@@ -47,3 +49,64 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+# Triton versions whose `CompiledKernel[grid](*args)` takes the same argument list as the
+# JITFunction (constexprs included), checked bit for bit on the GPU (bench/feedforward_gpu.py).
+_DIRECT_LAUNCH_VERSIONS = ("3.6.",)
+
+
+def launch_key(args) -> tuple:
+    """What Triton specializes a compiled kernel on, for each runtime argument, or more: a
+    tensor's dtype and the address modulo 16, an int's residue modulo 16, whether it is 1 and
+    which integer width holds it; floats are never specialized; anything else by value."""
+    return tuple([
+        (a.dtype, a.data_ptr() & 15) if type(a) is torch.Tensor
+        else (a & 15, a == 1, -0x80000000 <= a <= 0x7FFFFFFF, a <= 0x7FFFFFFFFFFFFFFF) if type(a) is int
+        else 0 if type(a) is float
+        else (type(a), a)
+        for a in args
+    ])
+
+
+class KernelLauncher:
+    """Launches one @triton.jit kernel whose constexpr parameters follow its runtime ones.
+
+    Triton's own launch binds and specializes every argument on each call, about 20 us of host
+    time for a kernel of ~30 parameters on an H100 host (more on slower ones), and a feed-forward
+    training step makes a dozen such launches while the host sets its pace. This launcher keys the
+    compiled kernel by `launch_key` (a superset of what Triton specializes on) and calls it
+    directly once seen, through the compiled kernel's own launcher (which still calls Triton's
+    launch hooks, for profilers). The first call of a key, the interpreter and untested Triton
+    versions take Triton's path."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        # JITFunction and the interpreter's InterpretedFunction both keep the Python function
+        params = list(inspect.signature(kernel.fn).parameters.values())
+        is_constexpr = ["constexpr" in str(p.annotation) for p in params]
+        self.constexpr_names = tuple(p.name for p, c in zip(params, is_constexpr) if c)
+        if any(is_constexpr[:len(params) - len(self.constexpr_names)]):
+            raise ValueError(f"{kernel.fn.__name__}: constexpr parameters must follow the runtime ones")
+        self._compiled = {}
+        self._direct = triton.__version__.startswith(_DIRECT_LAUNCH_VERSIONS)
+
+    def __call__(self, grid, args, constexprs, num_warps):
+        """kernel[grid](*args, **constexprs by name, num_warps=num_warps); constexprs in signature order."""
+        direct = self._direct and not interpreting()
+        if direct:
+            device = _driver().get_current_device()
+            key = (constexprs, num_warps, device, launch_key(args))
+            compiled = self._compiled.get(key)
+            if compiled is not None:
+                # a CompiledKernel's launcher reads all three grid dimensions
+                grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+                compiled[grid3](*args, *constexprs, stream=_driver().get_current_stream(device))
+                return
+        compiled = self.kernel[grid](*args, **dict(zip(self.constexpr_names, constexprs)), num_warps=num_warps)
+        if direct and hasattr(compiled, "function"):  # a CompiledKernel (JITFunction.run returns it)
+            self._compiled[key] = compiled
+
+
+def _driver():
+    return triton.runtime.driver.active

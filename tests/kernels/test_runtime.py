@@ -1,7 +1,11 @@
-"""The host-side launch arithmetic agrees with Triton's own."""
+"""The host-side launch arithmetic agrees with Triton's own, and the direct launcher reuses a
+compiled kernel only for arguments Triton would have compiled the same way."""
+import torch
 import triton
+import triton.language as tl
 
-from fusion_backend.kernels.runtime import cdiv, next_power_of_2
+from fusion_backend.kernels import runtime
+from fusion_backend.kernels.runtime import KernelLauncher, cdiv, launch_key, next_power_of_2
 
 
 def test_cdiv_and_next_power_of_2_match_triton():
@@ -10,3 +14,90 @@ def test_cdiv_and_next_power_of_2_match_triton():
             assert cdiv(a, b) == triton.cdiv(a, b)
     for n in list(range(1, 1100)) + [2**20 - 1, 2**20, 2**20 + 1]:
         assert next_power_of_2(n) == triton.next_power_of_2(n)
+
+
+def test_launch_key_separates_what_triton_specializes_on():
+    base = torch.zeros(64, dtype=torch.float16)
+    same = torch.ones(64, dtype=torch.float16)
+    assert launch_key((base, 64, 0.5)) == launch_key((same, 64, 0.25))  # floats are not specialized
+    for other in [
+        (base[1:], 64, 0.5),  # address 2 bytes off 16-byte alignment
+        (base.float(), 64, 0.5),  # dtype
+        (base, 65, 0.5),  # not a multiple of 16
+        (base, 1, 0.5),  # equal to 1
+        (base, 64 + 2**32, 0.5),  # needs 64 bits
+        (base, 64.0, 0.5),  # a float where an int was
+    ]:
+        assert launch_key(other) != launch_key((base, 64, 0.5)), other
+
+
+class _Compiled:
+    """Stands in for a CompiledKernel: records direct launches."""
+    function = object()
+
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):  # Triton's launcher reads grid[0], grid[1] and grid[2]
+        return lambda *args, stream: self.log.append(("direct", (grid[0], grid[1], grid[2]), args))
+
+
+class _Jit:
+    """Stands in for a JITFunction: records launches through Triton's path."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.log = []
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps, **constexprs):
+            self.log.append(("triton", grid, args, constexprs, num_warps))
+            return _Compiled(self.log)
+        return launch
+
+
+def _kernel(x_ptr, n, scale, BLOCK: tl.constexpr, FLAG: tl.constexpr):
+    pass
+
+
+def test_kernel_launcher_reuses_a_compiled_kernel_only_for_the_same_key(monkeypatch):
+    monkeypatch.setattr(runtime, "interpreting", lambda: False)
+    driver = type("Driver", (), {"get_current_device": staticmethod(lambda: 0),
+                                 "get_current_stream": staticmethod(lambda device: 7)})()
+    monkeypatch.setattr(runtime, "_driver", lambda: driver)
+    jit = _Jit(_kernel)
+    launch = KernelLauncher(jit)
+    launch._direct = True
+    assert launch.constexpr_names == ("BLOCK", "FLAG")
+    x = torch.zeros(32)
+    launch((2, 1), (x, 32, 0.5), (64, True), 4)
+    launch((3, 1), (x, 32, 0.25), (64, True), 4)  # same key: direct, with the constexprs appended
+    launch((3, 1), (x[1:], 32, 0.25), (64, True), 4)  # misaligned: Triton's path again
+    launch((3, 1), (x, 32, 0.25), (64, False), 4)  # another constexpr
+    launch((3, 1), (x, 32, 0.25), (64, True), 8)  # other warps
+    kinds = [entry[0] for entry in jit.log]
+    assert kinds == ["triton", "direct", "triton", "triton", "triton"]
+    assert jit.log[0][3] == {"BLOCK": 64, "FLAG": True} and jit.log[0][4] == 4
+    assert jit.log[1][1:] == ((3, 1, 1), (x, 32, 0.25, 64, True))
+
+
+def test_kernel_launcher_takes_tritons_path_in_the_interpreter(monkeypatch):
+    monkeypatch.setattr(runtime, "interpreting", lambda: True)
+    jit = _Jit(_kernel)
+    launch = KernelLauncher(jit)
+    launch._direct = True
+    for _ in range(3):
+        launch((1, 1), (torch.zeros(4), 4, 1.0), (16, False), 4)
+    assert [entry[0] for entry in jit.log] == ["triton"] * 3
+
+
+def test_kernel_launcher_wants_constexprs_last():
+    def bad(x_ptr, BLOCK: tl.constexpr, n):
+        pass
+
+    try:
+        KernelLauncher(_Jit(bad))
+    except ValueError as e:
+        assert "constexpr" in str(e)
+    else:
+        raise AssertionError("a constexpr before a runtime parameter was accepted")
