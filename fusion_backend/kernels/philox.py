@@ -15,6 +15,8 @@ and both backward kernels), and the generator is a large share of a training ste
 `philox_keep_mask` the same function in PyTorch for references and tests, so a reference and a
 kernel given one seed drop the same elements and a backward regenerates its forward's mask.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -72,6 +74,7 @@ def seed_arg(seed, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(int(seed), dtype=torch.int64, device=like.device)
 
 
+@functools.lru_cache(maxsize=256)  # asked on every launch of a dropout kernel
 def dropout_threshold(p: float, bits: int = 16) -> int:
     """Integer threshold on `bits`-bit draws: an element is kept when draw >= threshold, so p = 1
     (threshold 2**bits) keeps nothing."""
@@ -83,6 +86,7 @@ def effective_p(p: float, bits: int = 16) -> float:
     return dropout_threshold(p, bits) / 2.0**bits
 
 
+@functools.lru_cache(maxsize=256)
 def dropout_scale(p: float, bits: int = 16) -> float:
     """Scale for kept elements, 1 / (1 - effective_p): exact in expectation; 0 when everything
     is dropped."""
