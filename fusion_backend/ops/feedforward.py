@@ -22,6 +22,7 @@ same Philox stream as the kernels, so under one `torch.manual_seed` both give th
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -115,9 +116,14 @@ def _check_impl(impl):
 
 
 def _resolve_config(impl: str, config: Optional[str], gated: bool):
-    """(gemm config, elementwise config) for a launch."""
-    ew = default_feedforward_config("cublas")
-    gemm = default_feedforward_config("triton", gated=gated)
+    """(gemm config, elementwise config) for a launch. Read-only: the dicts are shared."""
+    return _resolved_config(impl, config, gated, interpreting())
+
+
+@functools.lru_cache(maxsize=None)  # every forward and backward asks again, and host time counts
+def _resolved_config(impl: str, config: Optional[str], gated: bool, interpret: bool):
+    ew = default_feedforward_config("cublas", interpret=interpret)
+    gemm = default_feedforward_config("triton", gated=gated, interpret=interpret)
     if config:
         cfg = _BY_KEY.get(config)
         if cfg is None or cfg["impl"] != impl:
@@ -528,16 +534,25 @@ def _fused_backward(grad, x, z, zu, w_in, b_in, w_out, w_gate, b_gate, seed, act
             return K.gemm(a, b, residual=dst, out=dst, config=gemm_cfg)
         return dst.addmm_(a, b)
 
-    # dL/dy = dropout(dL/dout) is made per block (the output dropout's mask comes back from
-    # seed + 1), with the output bias's partial sums; without that dropout it is dL/dout itself.
-    db_out = grad.sum(0) if (n_bout and p_o == 0) else None
-    out_partials = None
-    if n_bout and p_o > 0:
-        out_partials = torch.empty(K.bias_partial_rows(min(R, M), ew_cfg), grad.shape[1], device=x.device,
-                                   dtype=torch.float32)
-    gy_buf = torch.empty(min(R, M), grad.shape[1], device=x.device, dtype=grad.dtype) if p_o > 0 else None
     need_dz = n_dx or n_win or n_bin or n_wg or n_bg
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if n_dx else None
+    # dL/dy = dropout(dL/dout) (the output dropout's mask comes back from seed + 1), with the
+    # output bias's partial sums; without that dropout it is dL/dout itself. When dx has its shape,
+    # dL/dy is made for all rows in one launch into dx's memory: block r's rows of dL/dy are last
+    # read before block r's dx overwrites them.
+    db_out = grad.sum(0) if (n_bout and p_o == 0) else None
+    gy = gy_buf = out_partials = None
+    if p_o > 0:
+        whole = dx is not None and dx.shape == grad.shape
+        rows = M if whole else min(R, M)
+        if n_bout:
+            out_partials = torch.empty(K.bias_partial_rows(rows, ew_cfg), grad.shape[1], device=x.device,
+                                       dtype=torch.float32)
+        if whole:
+            gy = K.output_epilogue(grad, out=dx, seed=seed, seed_offset=1, p=p_o, bias_partials=out_partials,
+                                   config=ew_cfg)
+        else:
+            gy_buf = torch.empty(rows, grad.shape[1], device=x.device, dtype=grad.dtype)
     # One buffer per block: the recomputed hidden, then (in place) dL/dhidden and dL/dz.
     buf = torch.empty(min(R, M), h, device=x.device, dtype=x.dtype) if (n_wout or need_dz) else None
     buf2 = torch.empty_like(buf) if (gated and need_dz) else None
@@ -553,7 +568,9 @@ def _fused_backward(grad, x, z, zu, w_in, b_in, w_out, w_gate, b_gate, seed, act
     dw_out = dw_in = dw_g = None
     for r0 in starts:
         r1 = min(M, r0 + R)
-        if p_o > 0:
+        if gy is not None:
+            gy_r = gy[r0:r1]
+        elif gy_buf is not None:
             gy_r = K.output_epilogue(grad[r0:r1], out=gy_buf[: r1 - r0], seed=seed, seed_offset=1, p=p_o, row0=r0,
                                      bias_partials=out_partials, accumulate_partials=r0 > 0, config=ew_cfg)
         else:
