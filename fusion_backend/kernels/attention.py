@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .philox import dropout_threshold, effective_p, keep_mask, load_seed, seed_arg
-from .runtime import cdiv, interpreting, next_power_of_2
+from .runtime import KernelLauncher, cdiv, interpreting, next_power_of_2
 
 LOG2E = 1.4426950408889634
 COSINE_EPS = 1e-12
@@ -794,7 +794,7 @@ def normalize_rows(x, scale=None):
     xh = torch.empty(B, H, N, D, device=x.device, dtype=x.dtype)
     nrm = torch.empty(B, H, N, device=x.device, dtype=torch.float32)
     block = _rows_per_program(D)
-    _normalize_rows_kernel[(cdiv(N, block), B * H)](
+    _launch_normalize_rows[(cdiv(N, block), B * H)](
         x, xh, nrm, scale if scale is not None else nrm, H, N, *x.stride(), D=D, D_PAD=_pad_dim(D),
         EPS=COSINE_EPS, HAS_SCALE=scale is not None, BLOCK=block, num_warps=4)
     return xh, nrm
@@ -808,7 +808,7 @@ def normalize_rows_backward(x, grad, scale=None):
     block = _rows_per_program(D)
     grid = (cdiv(N, block), B * H)
     dscale = torch.empty(grid[0], B * H, device=x.device, dtype=torch.float32) if scale is not None else None
-    _normalize_rows_bwd_kernel[grid](
+    _launch_normalize_rows_bwd[grid](
         x, grad, dx, scale if scale is not None else dx, dscale if scale is not None else dx, H, N,
         *x.stride(), *grad.stride(), D=D, D_PAD=_pad_dim(D), EPS=COSINE_EPS, HAS_SCALE=scale is not None,
         BLOCK=block, num_warps=4)
@@ -860,7 +860,7 @@ def _device_flags(mask, Nq, Nk):
     m2 = mask.reshape(mask.shape[-2:]) if mask.dim() > 2 else mask
     m2 = m2.view(torch.uint8)
     bm, bn = (64, 256) if not interpreting() else (128, 512)
-    _mask_layout_kernel[(cdiv(Nq, bm), cdiv(Nk, bn))](
+    _launch_mask_layout[(cdiv(Nq, bm), cdiv(Nk, bn))](
         m2, flags, Nq, Nk, m2.stride(0), m2.stride(1), BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
     return flags
 
@@ -911,7 +911,7 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
     seed_t = seed_arg(seed if dropout_p > 0 else None, q)
     for run_if, l_mask, l_causal in launches:
         m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
-        _attn_fwd_kernel[grid](
+        _launch_attn_fwd[grid](
             q, k, v, scale, kvec, m4, flags, out, row_stats[0], row_stats[2], row_stats[1],
             *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
             H, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
@@ -939,7 +939,7 @@ def row_dot(a, b):
     B, H, N, Dv = a.shape
     out = torch.empty(B * H, N, device=a.device, dtype=torch.float32)
     block = _rows_per_program(Dv)
-    _row_dot_kernel[(cdiv(N, block), B * H)](a, b, out, H, N, *a.stride(), *b.stride(),
+    _launch_row_dot[(cdiv(N, block), B * H)](a, b, out, H, N, *a.stride(), *b.stride(),
                                                    DV=Dv, DV_PAD=_pad_dim(Dv), BLOCK=block, num_warps=4)
     return out
 
@@ -988,13 +988,13 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
                       METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=l_causal, DROPOUT=dropout_p > 0,
                       DOT_PREC=_dot_prec(q.dtype), RUN_IF=run_if, DROP_BITS=DROPOUT_BITS)
         bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
-        _attn_bwd_dkdv_kernel[(cdiv(Nk, bn), B * Hkv)](
+        _launch_attn_bwd_dkdv[(cdiv(Nk, bn), B * Hkv)](
             q, k, v, scale, kvec, m4, flags, do, row_stats[0], row_stats[2], delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(),
             H, Hkv, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common)
         bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
-        _attn_bwd_dq_kernel[(cdiv(Nq, bm), B * H)](
+        _launch_attn_bwd_dq[(cdiv(Nq, bm), B * H)](
             q, k, v, scale, qvec, kvec, m4, flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dq, dsc,
             gbuf,
             *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *gs,
@@ -1004,3 +1004,14 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
     dscale = dsc.view(B, H, Nq).sum(dim=(0, 2))
     dmask = reduce_mask_grad(gbuf, mask) if mask_grad else None
     return dq, dk, dv, dscale, dmask
+
+
+# Launched without Triton's per-call binding once compiled (`KernelLauncher`): at small shapes and
+# in decoding, the host's launch time sets the pace.
+_launch_normalize_rows = KernelLauncher(_normalize_rows_kernel)
+_launch_normalize_rows_bwd = KernelLauncher(_normalize_rows_bwd_kernel)
+_launch_mask_layout = KernelLauncher(_mask_layout_kernel)
+_launch_attn_fwd = KernelLauncher(_attn_fwd_kernel)
+_launch_row_dot = KernelLauncher(_row_dot_kernel)
+_launch_attn_bwd_dkdv = KernelLauncher(_attn_bwd_dkdv_kernel)
+_launch_attn_bwd_dq = KernelLauncher(_attn_bwd_dq_kernel)

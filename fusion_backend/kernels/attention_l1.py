@@ -36,7 +36,7 @@ from fusion_backend.kernels.attention import (
     backward_tiles, dropout_args, mask_grad_buffer, mask_launches, new_row_stats, reduce_mask_grad, row_dot,
 )
 from fusion_backend.kernels.philox import load_seed, seed_arg
-from fusion_backend.kernels.runtime import cdiv, interpreting
+from fusion_backend.kernels.runtime import KernelLauncher, cdiv, interpreting
 
 
 @triton.jit
@@ -691,7 +691,7 @@ def l1_attention_forward(q, k, v, scale, *, causal=False, mask=None, dropout_p=0
     seed_t = seed_arg(seed if dropout_p > 0 else None, q)
     for run_if, l_mask, l_causal in launches:
         m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
-        _l1_fwd_kernel[(cdiv(Nq, bm), B * H)](
+        _launch_l1_fwd[(cdiv(Nq, bm), B * H)](
             qt, kt, v, scale, m4, flags, out, row_stats[0], row_stats[2], row_stats[1],
             *v.stride(), *ms, *out.stride(),
             H, Hkv, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
@@ -746,13 +746,13 @@ def l1_attention_backward(do, q, k, v, scale, out, row_stats, *, causal=False, m
                       DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q.dtype), RUN_IF=run_if, DROP_BITS=DROPOUT_BITS)
         if impl == "sub":
             bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
-            _l1_bwd_dkdv_sub_kernel[(cdiv(Nk, bn), B * Hkv)](
+            _launch_l1_bwd_dkdv_sub[(cdiv(Nk, bn), B * Hkv)](
                 qt, kt, qf, kf, v, scale, m4, flags, do, row_stats[0], row_stats[2], delta, dk32, dv, scratch,
                 *v.stride(), *ms, *do.stride(),
                 H, Hkv, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
                 EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common, **subs[0])
             bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
-            _l1_bwd_dq_sub_kernel[(cdiv(Nq, bm), B * H)](
+            _launch_l1_bwd_dq_sub[(cdiv(Nq, bm), B * H)](
                 qt, kt, qf, kf, v, scale, m4, flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dq32, dsc,
                 gbuf, scratch, *v.stride(), *ms, *do.stride(), *gs,
                 H, Hkv, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
@@ -762,13 +762,13 @@ def l1_attention_backward(do, q, k, v, scale, out, row_stats, *, causal=False, m
         dqt = torch.zeros(B, H, D, Nq, device=q.device, dtype=torch.float32) if dqt is None else dqt
         dkt = torch.zeros(B, Hkv, D, Nk, device=q.device, dtype=torch.float32) if dkt is None else dkt
         bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
-        _l1_bwd_dkdv_kernel[(cdiv(Nk, bn), B * Hkv)](
+        _launch_l1_bwd_dkdv[(cdiv(Nk, bn), B * Hkv)](
             qt, kt, v, scale, m4, flags, do, row_stats[0], row_stats[2], delta, dkt, dv,
             *v.stride(), *ms, *do.stride(),
             H, Hkv, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common)
         bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
-        _l1_bwd_dq_kernel[(cdiv(Nq, bm), B * H)](
+        _launch_l1_bwd_dq[(cdiv(Nq, bm), B * H)](
             qt, kt, v, scale, m4, flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dqt, dsc, gbuf,
             *v.stride(), *ms, *do.stride(), *gs,
             H, Hkv, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
@@ -782,3 +782,12 @@ def l1_attention_backward(do, q, k, v, scale, out, row_stats, *, causal=False, m
     dscale = dsc.view(B, H, Nq).sum(dim=(0, 2))
     dmask = reduce_mask_grad(gbuf, mask) if mask_grad else None
     return dq, dk, dv, dscale, dmask
+
+
+# Launched without Triton's per-call binding once compiled (`KernelLauncher`): at small shapes and
+# in decoding, the host's launch time sets the pace.
+_launch_l1_fwd = KernelLauncher(_l1_fwd_kernel)
+_launch_l1_bwd_dkdv_sub = KernelLauncher(_l1_bwd_dkdv_sub_kernel)
+_launch_l1_bwd_dq_sub = KernelLauncher(_l1_bwd_dq_sub_kernel)
+_launch_l1_bwd_dkdv = KernelLauncher(_l1_bwd_dkdv_kernel)
+_launch_l1_bwd_dq = KernelLauncher(_l1_bwd_dq_kernel)

@@ -88,24 +88,45 @@ class KernelLauncher:
         self.constexpr_names = tuple(p.name for p, c in zip(params, is_constexpr) if c)
         if any(is_constexpr[:len(params) - len(self.constexpr_names)]):
             raise ValueError(f"{kernel.fn.__name__}: constexpr parameters must follow the runtime ones")
+        self._constexpr_defaults = {p.name: p.default for p, c in zip(params, is_constexpr)
+                                    if c and p.default is not inspect.Parameter.empty}
         self._compiled = {}
         self._direct = triton.__version__.startswith(_DIRECT_LAUNCH_VERSIONS)
 
-    def __call__(self, grid, args, constexprs, num_warps):
-        """kernel[grid](*args, **constexprs by name, num_warps=num_warps); constexprs in signature order."""
+    def __call__(self, grid, args, constexprs, num_warps=None, num_stages=None):
+        """kernel[grid](*args, **constexprs by name, num_warps=..., num_stages=...), with the
+        constexprs as a tuple in signature order (None: Triton's default warps or stages)."""
         direct = self._direct and not interpreting()
         if direct:
             device = _driver().get_current_device()
-            key = (constexprs, num_warps, device, launch_key(args))
+            key = (constexprs, num_warps, num_stages, device, launch_key(args))
             compiled = self._compiled.get(key)
             if compiled is not None:
                 # a CompiledKernel's launcher reads all three grid dimensions
                 grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
                 compiled[grid3](*args, *constexprs, stream=_driver().get_current_stream(device))
                 return
-        compiled = self.kernel[grid](*args, **dict(zip(self.constexpr_names, constexprs)), num_warps=num_warps)
+        options = {}
+        if num_warps is not None:
+            options["num_warps"] = num_warps
+        if num_stages is not None:
+            options["num_stages"] = num_stages
+        compiled = self.kernel[grid](*args, **dict(zip(self.constexpr_names, constexprs)), **options)
         if direct and hasattr(compiled, "function"):  # a CompiledKernel (JITFunction.run returns it)
             self._compiled[key] = compiled
+
+    def __getitem__(self, grid):
+        """Triton's launch syntax: launcher[grid](*args, CONSTEXPR=..., num_warps=..., num_stages=...)."""
+        def launch(*args, num_warps=None, num_stages=None, **constexprs):
+            unknown = constexprs.keys() - set(self.constexpr_names)
+            missing = [n for n in self.constexpr_names if n not in constexprs and n not in self._constexpr_defaults]
+            if unknown or missing:
+                raise TypeError(f"{self.kernel.fn.__name__}: unknown launch arguments {sorted(unknown)}, "
+                                f"missing constexprs {missing}")
+            values = tuple(constexprs[n] if n in constexprs else self._constexpr_defaults[n]
+                           for n in self.constexpr_names)
+            self(grid, args, values, num_warps, num_stages)
+        return launch
 
 
 def _driver():

@@ -101,3 +101,25 @@ def test_kernel_launcher_wants_constexprs_last():
         assert "constexpr" in str(e)
     else:
         raise AssertionError("a constexpr before a runtime parameter was accepted")
+
+
+def _kernel_with_default(x_ptr, n, BLOCK: tl.constexpr, FLAG: tl.constexpr = False):
+    pass
+
+
+def test_kernel_launcher_launch_syntax_orders_constexprs_and_fills_defaults(monkeypatch):
+    monkeypatch.setattr(runtime, "interpreting", lambda: True)  # Triton's path: records what it is given
+    jit = _Jit(_kernel_with_default)
+    launch = KernelLauncher(jit)
+    x = torch.zeros(8)
+    launch[(2, 1)](x, 8, FLAG=True, BLOCK=32, num_warps=8)
+    launch[(2, 1)](x, 8, BLOCK=16, num_warps=4)
+    assert jit.log[0][3] == {"BLOCK": 32, "FLAG": True}
+    assert jit.log[1][3] == {"BLOCK": 16, "FLAG": False}  # the signature's default
+    for bad in (dict(BLOCK=16, WIDTH=2), dict(FLAG=True)):  # an unknown name; BLOCK missing
+        try:
+            launch[(1, 1)](x, 8, num_warps=4, **bad)
+        except TypeError as e:
+            assert "_kernel_with_default" in str(e)
+        else:
+            raise AssertionError(f"{bad} was launched")
