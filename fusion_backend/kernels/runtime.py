@@ -77,8 +77,8 @@ class KernelLauncher:
     training step makes a dozen such launches while the host sets its pace. This launcher keys the
     compiled kernel by `launch_key` (a superset of what Triton specializes on) and calls it
     directly once seen, through the compiled kernel's own launcher (which still calls Triton's
-    launch hooks, for profilers). The first call of a key, the interpreter and untested Triton
-    versions take Triton's path."""
+    launch hooks, for profilers). The first call of a key, the interpreter, untested Triton
+    versions and TRUTHFUSE_DIRECT_LAUNCH=0 take Triton's path."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -91,7 +91,9 @@ class KernelLauncher:
         self._constexpr_defaults = {p.name: p.default for p, c in zip(params, is_constexpr)
                                     if c and p.default is not inspect.Parameter.empty}
         self._compiled = {}
-        self._direct = triton.__version__.startswith(_DIRECT_LAUNCH_VERSIONS)
+        # TRUTHFUSE_DIRECT_LAUNCH=0 keeps every launch on Triton's own path (to rule this one out)
+        self._direct = (triton.__version__.startswith(_DIRECT_LAUNCH_VERSIONS)
+                        and os.environ.get("TRUTHFUSE_DIRECT_LAUNCH", "1") != "0")
 
     def __call__(self, grid, args, constexprs, num_warps=None, num_stages=None):
         """kernel[grid](*args, **constexprs by name, num_warps=..., num_stages=...), with the

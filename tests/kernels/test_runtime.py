@@ -123,3 +123,10 @@ def test_kernel_launcher_launch_syntax_orders_constexprs_and_fills_defaults(monk
             assert "_kernel_with_default" in str(e)
         else:
             raise AssertionError(f"{bad} was launched")
+
+
+def test_direct_launch_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("TRUTHFUSE_DIRECT_LAUNCH", "0")
+    assert not KernelLauncher(_Jit(_kernel))._direct
+    monkeypatch.setenv("TRUTHFUSE_DIRECT_LAUNCH", "1")
+    assert KernelLauncher(_Jit(_kernel))._direct == triton.__version__.startswith(runtime._DIRECT_LAUNCH_VERSIONS)
