@@ -74,6 +74,41 @@ def test_constant_added_mask(kind):
         assert_matches_eager(model, *qkv(T=5, S=9))
 
 
+class TwoBiases(torch.nn.Module):
+    """T5's eager attention: unscaled scores, plus a learned position bias, plus a mask (an
+    additive padding mask passed in, or HF's constant causal mask)."""
+
+    def __init__(self, H=2, T=8, S=8, mask="padding"):
+        super().__init__()
+        self.position_bias = torch.nn.Parameter(torch.randn(1, H, T, S))
+        self.mask = mask
+
+    def forward(self, q, k, v, pad=None):
+        s = torch.matmul(q, k.transpose(2, 3)) * 1.0 + self.position_bias
+        if self.mask == "padding":
+            s = s + pad
+        else:
+            i = torch.arange(q.size(-2))[:, None]
+            j = torch.arange(k.size(-2))[None, :]
+            s = s + torch.zeros(()).masked_fill(~(j <= i), torch.finfo(torch.float32).min)
+        return torch.softmax(s, dim=-1) @ v
+
+
+def test_two_added_terms_position_bias_and_padding():
+    """Both additive terms reach the op as one mask, and the position bias gets its gradient."""
+    model = TwoBiases()
+    q, k, v = qkv()
+    assert_fused(model, q, k, v, _pad_mask(), variant="dot", rule="attention.dot")
+    assert_matches_eager(model, q, k, v, _pad_mask())
+
+
+def test_two_added_terms_with_a_constant_causal_mask():
+    """The outer term proven causal becomes causal=True; the position bias stays a mask."""
+    model = TwoBiases(mask="causal")
+    assert_fused(model, *qkv(), variant="dot", rule="attention.dot_causal")
+    assert_matches_eager(model, *qkv())
+
+
 def _dead_rows():
     """Query rows 0-2 of batch 0 see no key (causal + padding of keys 0-2): a real loss ignores
     them (padded positions), so their outputs get no gradient."""
