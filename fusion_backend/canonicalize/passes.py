@@ -20,7 +20,8 @@ Canonical vocabulary (all positional, dims negative where the rank is known):
     torch.pow, torch.sum, torch.abs, torch.exp, torch.clamp, torch.cdist, F.normalize,
     torch.relu, F.silu, torch.tanh
 
-Identity casts are removed (`.contiguous()` is not: a later `.view` depends on it). In-place variants become functional when that is
+Identity casts and views or reshapes to a tensor's own shape are removed (`.contiguous()` is
+not: a later `.view` depends on it). In-place variants become functional when that is
 provably the same: the mutated tensor is a fresh intermediate (not an input, not a view) and every
 later reader is redirected to the functional result.
 """
@@ -768,6 +769,24 @@ def _same_size(a: Any, b: Any) -> bool:
         return False
 
 
+def _drop_identity_reshapes(rw: _Rewriter) -> None:
+    """`x.view(shape)` / `x.reshape(shape)` / `torch.reshape(x, shape)` to the shape x already has
+    is x itself (the same sizes and strides, the same memory), so consumers may read x: Falcon
+    views its attention scores and probabilities to the shapes they have, which would otherwise
+    sit between the product and the softmax. Reinterpreting views (`view(dtype)`) are kept."""
+    for node in list(rw.graph.nodes):
+        if node not in rw.graph.nodes or not _method_or_function(node, *_RESHAPES):
+            continue
+        x = node.args[0] if node.args else None
+        if not isinstance(x, Node) or any(isinstance(a, torch.dtype) for a in node.args[1:]):
+            continue
+        xv, ov = example_value(x), example_value(node)
+        if not (isinstance(xv, torch.Tensor) and isinstance(ov, torch.Tensor)) or xv.dtype != ov.dtype:
+            continue
+        if xv.dim() == ov.dim() and all(_same_size(a, b) for a, b in zip(xv.shape, ov.shape)):
+            rw.bypass(node, x)
+
+
 def _is_weight(x: Any) -> bool:
     """A 2-D tensor the graph receives (a parameter or input) rather than computes."""
     return isinstance(x, Node) and x.op in ("placeholder", "get_attr") and rank_of(x) == 2
@@ -940,6 +959,7 @@ def canonicalize(graph: fx.Graph) -> int:
         if node.graph is graph and node in graph.nodes:
             _canonical_node(rw, node)
     _fold_scalar_products(rw)
+    _drop_identity_reshapes(rw)
     _repeat_kv_as_repeat_interleave(rw)
     _matmul_to_linear(rw)
     _unflatten_linear(rw)

@@ -47,6 +47,9 @@ SPELLINGS = {
     "casts": lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1) * 0.25).float(), -1).to(q.dtype) @ v,
     "tensor_scale": lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) / torch.tensor(4.0), -1) @ v,
     "softmax_dtype": lambda q, k, v: F.softmax(q @ k.transpose(-2, -1) * 0.25, dim=3, dtype=torch.float32) @ v,
+    # Falcon views its scores and probabilities to the shapes they already have
+    "identity_views": lambda q, k, v: torch.softmax((q @ k.transpose(-1, -2)).view(2, 3, 8, 8) * 0.25,
+                                                    -1).reshape(2, 3, 8, 8) @ v,
 }
 
 
@@ -59,7 +62,7 @@ def test_spellings_share_one_canonical_form(name):
     targets = _targets(canon)
     assert targets.count(torch.matmul) == 2 and targets.count(torch.softmax) == 1
     for textual in (operator.matmul, torch.einsum, operator.truediv, operator.itruediv, "permute", "mul_", "softmax",
-                    "float"):
+                    "float", "view", "reshape"):
         assert textual not in targets, (name, textual)
     # The canonical graph still computes the same function ...
     torch.testing.assert_close(canon(*inputs)[0], gm(*inputs)[0], atol=1e-6, rtol=1e-5)
@@ -68,6 +71,20 @@ def test_spellings_share_one_canonical_form(name):
     assert [(s.kind, s.variant, s.decision) for s in report.sites] == [("attention", "dot", "fused")]
     compiled = torch.compile(fn, backend=fusion_backend.backend(**AGGRESSIVE_EAGER))
     torch.testing.assert_close(compiled(q, k, v), fn(q, k, v), atol=1e-5, rtol=1e-4)
+
+
+def test_views_to_another_shape_or_dtype_are_kept():
+    def fn(x):
+        y = x.view(4, 6) * 2  # another shape
+        return y.view(torch.int32), y.reshape(4, 6) + 1  # another dtype; the same shape (dropped)
+
+    x = torch.randn(24)
+    gm, inputs = _dynamo_graph(fn, x, with_inputs=True)
+    canon = canonical_copy(gm)
+    targets = _targets(canon)
+    assert targets.count("view") == 2 and "reshape" not in targets
+    for a, b in zip(canon(*inputs), gm(*inputs)):
+        assert torch.equal(a, b)
 
 
 def test_eval_dropout_is_removed_and_training_dropout_is_normalized():
