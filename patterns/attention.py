@@ -3,7 +3,8 @@
 
 Every form shares one tail, written once in `_scores_to_output`:
 
-    scores -> [* scale] -> [* scale2] -> [masked_fill] -> [+ bias2] -> [+ bias] -> [masked_fill]
+    scores -> [+ bias0] -> [* scale] -> [* scale2] -> [masked_fill] -> [+ bias2] -> [+ bias]
+           -> [masked_fill]
            -> softmax(-1) -> [dropout] -> @ v
 
 Canonicalization makes this cover `/ sqrt(d)`, `* d ** -0.5`, `mul_`, `/=`, casts around softmax,
@@ -48,8 +49,11 @@ _HUGE_NEGATIVE = -1e30
 _MASKING_FILL = -1e9
 
 
-def _scores_to_output(scores, v, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim):
-    s = maybe(torch.mul)(scores, scale)
+def _scores_to_output(scores, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim):
+    # A term added before the scales (Falcon's ALiBi: (q.k + alibi) * inv_norm): the op takes it
+    # scaled, as part of its mask.
+    s = maybe(torch.add)(scores, bias0)
+    s = maybe(torch.mul)(s, scale)
     s = maybe(torch.mul)(s, scale2)
     s = maybe(torch.masked_fill)(s, mask_a, fill_a)
     # Two additive terms, as T5 adds its position bias and then the padding mask. The outer add is
@@ -66,57 +70,57 @@ def _scores_to_output(scores, v, scale, scale2, mask_a, fill_a, bias2, bias, mas
 # Score forms (one pattern each)
 # ------------------------------------------------------------------------------------------------
 
-def dot_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim):
+def dot_pattern(q, k, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim):
     # nanoGPT, HF GPT-2/BERT/Llama eager, nn.MultiheadAttention's math path, 3-D bmm forms
     return _scores_to_output(torch.matmul(q, torch.transpose(k, -2, -1)), v,
-                             scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
+                             bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
 
 
-def dot_repeat_kv_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim, n, nv):
+def dot_repeat_kv_pattern(q, k, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim, n, nv):
     # Llama/Mistral eager: repeat_kv(k), repeat_kv(v) (canonical: repeat_interleave over heads)
     kr, vr = torch.repeat_interleave(k, n, -3), torch.repeat_interleave(v, nv, -3)
     return _scores_to_output(torch.matmul(q, torch.transpose(kr, -2, -1)), vr,
-                             scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
+                             bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
 
 
-def l2_cdist_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim):
+def l2_cdist_pattern(q, k, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim):
     # TruthGPT: softmax(-lam * cdist(q, k) ** 2)
     d2 = torch.pow(torch.cdist(q, k, 2.0), 2)
-    return _scores_to_output(d2, v, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
+    return _scores_to_output(d2, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
 
 
-def l2_broadcast_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim):
+def l2_broadcast_pattern(q, k, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim):
     # ((q[..., :, None, :] - k[..., None, :, :]) ** 2).sum(-1)
     diff = torch.sub(torch.unsqueeze(q, -2), torch.unsqueeze(k, -3))
     d2 = torch.sum(torch.pow(diff, 2), -1, False)
-    return _scores_to_output(d2, v, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
+    return _scores_to_output(d2, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
 
 
-def l2_expanded_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim):
+def l2_expanded_pattern(q, k, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim):
     # |q|^2 - 2 q.k + |k|^2, with the norms kept as (..., N, 1) columns
     qq = torch.sum(torch.pow(q, 2), -1, True)
     kk = torch.sum(torch.pow(k, 2), -1, True)
     qk = torch.matmul(q, torch.transpose(k, -2, -1))
     d2 = torch.add(torch.sub(qq, torch.mul(qk, 2)), torch.transpose(kk, -2, -1))
-    return _scores_to_output(d2, v, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
+    return _scores_to_output(d2, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
 
 
-def l1_cdist_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim):
+def l1_cdist_pattern(q, k, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim):
     d1 = torch.cdist(q, k, 1.0)
-    return _scores_to_output(d1, v, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
+    return _scores_to_output(d1, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
 
 
-def l1_broadcast_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim):
+def l1_broadcast_pattern(q, k, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim):
     diff = torch.sub(torch.unsqueeze(q, -2), torch.unsqueeze(k, -3))
     d1 = torch.sum(torch.abs(diff), -1, False)
-    return _scores_to_output(d1, v, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
+    return _scores_to_output(d1, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
 
 
-def cosine_pattern(q, k, v, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim, eps_q, eps_k):
+def cosine_pattern(q, k, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim, eps_q, eps_k):
     # F.normalize(q) @ F.normalize(k).T times a (learnable, possibly clamped-and-exp'd) scale;
     # Swin-V2 adds its relative-position bias afterwards
     cos = torch.matmul(F.normalize(q, 2.0, -1, eps_q), torch.transpose(F.normalize(k, 2.0, -1, eps_k), -2, -1))
-    return _scores_to_output(cos, v, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
+    return _scores_to_output(cos, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,7 +227,7 @@ def check_masks(m: Match) -> Optional[str]:
         if not (value == -math.inf or value <= _MASKING_FILL):
             return (f"masked_fill value {value} is not -inf or <= {_MASKING_FILL:g}: the fused kernel "
                     "would not reproduce fully masked rows exactly")
-    for name in ("bias", "bias2"):
+    for name in ("bias0", "bias2", "bias"):
         if not m.present(name):
             continue
         b = m.values[name]
@@ -413,14 +417,15 @@ def absorbing_fp16_mask(mask):
     return mask
 
 
-def _mask_for_op(q, mask_a, fill_a, bias2, bias, mask_b, fill_b):
+def _mask_for_op(q, mask_a, fill_a, terms, mask_b, fill_b):
     """One attn_mask for the op: bool (keep) when only -inf fills are present, float additive
-    otherwise (finite fills, all at or below -1e9, as -1e30: see _MASKING_FILL). Two additive
-    terms are summed first (one rounding fewer than eager's two adds into the scores; a padding
-    mask's 0 and finfo.min come out exact)."""
+    otherwise (finite fills, all at or below -1e9, as -1e30: see _MASKING_FILL). `terms` are the
+    additive terms present, summed first (one rounding fewer than eager's adds into the scores; a
+    padding mask's 0 and finfo.min come out exact)."""
     fills = [(m, f) for m, f in ((mask_a, fill_a), (mask_b, fill_b)) if m is not None]
-    if bias2 is not None:
-        bias = absorbing_fp16_mask(bias2) if bias is None else absorbing_fp16_mask(bias2) + absorbing_fp16_mask(bias)
+    bias = None
+    for term in terms:
+        bias = absorbing_fp16_mask(term) if bias is None else bias + absorbing_fp16_mask(term)
     if bias is None and fills and all(f == -math.inf for _, f in fills):
         keep = ~fills[0][0]
         for m, _ in fills[1:]:
@@ -439,16 +444,20 @@ def _mask_for_op(q, mask_a, fill_a, bias2, bias, mask_b, fill_b):
 def _make_replacement(metric: str, gqa: bool = False, causal_bias: bool = False):
     """causal_bias: check_constant_causal_bias proved the added mask is the causal triangle; it
     becomes causal=True and is not read."""
-    def replacement(q, k, v, scale=None, scale2=None, mask_a=None, fill_a=None, bias2=None, bias=None,
+    def replacement(q, k, v, bias0=None, scale=None, scale2=None, mask_a=None, fill_a=None, bias2=None, bias=None,
                     mask_b=None, fill_b=None, p=None, config=None, **_):
         if causal_bias:
             bias = None
+        if bias0 is not None:  # (scores + bias0) * scales: the op adds bias0 * scales, in fp32 like the scores
+            for factor in (scale, scale2):
+                if factor is not None:
+                    bias0 = bias0.float() * factor
         three_d = q.dim() == 3
         if three_d:
             q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
         default = 1.0
         s = _combined_scale(scale, scale2, default, negate=metric in ("l2", "l1"))
-        mask = _mask_for_op(q, mask_a, fill_a, bias2, bias, mask_b, fill_b)
+        mask = _mask_for_op(q, mask_a, fill_a, [t for t in (bias0, bias2, bias) if t is not None], mask_b, fill_b)
         if mask is not None and three_d and mask.dim() == 3:
             mask = mask.unsqueeze(0)
         grouped = gqa or kv_heads_broadcast(q, k, v)
@@ -485,7 +494,7 @@ def configs_for(metric: str, causal_bias: bool = False, offer_sdpa: bool = True)
 
 def _sdpa_computes(m: Match, causal_bias: bool) -> bool:
     """Whether the site's replacement would call the op with no mask and a number scale."""
-    masks = ["mask_a", "mask_b", "bias2"] + ([] if causal_bias else ["bias"])
+    masks = ["mask_a", "mask_b", "bias0", "bias2"] + ([] if causal_bias else ["bias"])
     if any(m.present(name) for name in masks):
         return False
     return not any(isinstance(m.values.get(name), torch.Tensor) for name in ("scale", "scale2"))

@@ -109,6 +109,34 @@ def test_two_added_terms_with_a_constant_causal_mask():
     assert_matches_eager(model, *qkv())
 
 
+class BiasBeforeScale(torch.nn.Module):
+    """Falcon's ALiBi path: (q.k + alibi) * inv_norm + mask, scores upcast to fp32 first; the
+    slopes are learnable here so that their gradient is checked too."""
+
+    def __init__(self, H=2, S=8, metric="dot"):
+        super().__init__()
+        self.slopes = torch.nn.Parameter(torch.rand(H, 1, 1))
+        self.S, self.metric = S, metric
+
+    def forward(self, q, k, v, pad):
+        alibi = self.slopes * torch.arange(self.S, dtype=torch.float32)
+        if self.metric == "dot":
+            s = (q @ k.transpose(-1, -2)).to(torch.float32)
+        else:
+            s = torch.cdist(q, k) ** 2
+        s = s + alibi
+        s *= -0.5 if self.metric == "l2" else 1 / math.sqrt(q.size(-1))
+        return torch.softmax(s + pad, dim=-1) @ v
+
+
+@pytest.mark.parametrize("metric", ["dot", "l2"])
+def test_additive_term_before_the_scale(metric):
+    model = BiasBeforeScale(metric=metric)
+    q, k, v = qkv()
+    assert_fused(model, q, k, v, _pad_mask(), variant=metric)
+    assert_matches_eager(model, q, k, v, _pad_mask())
+
+
 def _dead_rows():
     """Query rows 0-2 of batch 0 see no key (causal + padding of keys 0-2): a real loss ignores
     them (padded positions), so their outputs get no gradient."""
