@@ -1,7 +1,7 @@
-"""HF transformers GPT-2, Llama (grouped-query: 2 KV heads for 4 query heads) and Falcon
-(multi-query, eager) built offline from tiny configs, with attn_implementation "eager" and "sdpa":
-each layer's attention is fused and the model equals eager in logits and parameter gradients
-(fp32), with and without left padding."""
+"""HF transformers GPT-2, Llama (grouped-query: 2 KV heads for 4 query heads), Falcon
+(multi-query; and with ALiBi) and T5 built offline from tiny configs, with attn_implementation
+"eager" and "sdpa": each layer's attention is fused and the model equals eager in logits and
+parameter gradients (fp32), with and without left padding."""
 import pytest
 import torch
 
@@ -95,3 +95,44 @@ def test_hf_falcon_multi_query_attention(impl):
     rule = "attention.dot" if impl == "eager" else "attention.sdpa"
     assert_fused(model, ids, am, variant="dot", rule=rule, count=1)
     assert_matches_eager(model, ids, am, grad_inputs=False, loss_mask=am[..., None].float(), atol=2e-5, rtol=2e-4)
+
+
+def test_hf_falcon_alibi_attention():
+    """Falcon with ALiBi: (q.k + alibi) * inv_norm + mask, its scores and probabilities viewed to
+    the shapes they have; the term before the scale joins the mask."""
+    torch.manual_seed(0)
+    cfg = transformers.FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, multi_query=False,
+                                    alibi=True, vocab_size=VOCAB, attention_dropout=0.0, hidden_dropout=0.0,
+                                    bos_token_id=0, eos_token_id=0)
+    model = Logits(transformers.FalconForCausalLM._from_config(cfg, attn_implementation="eager")).train()
+    ids = torch.randint(0, VOCAB, (2, T))
+    am = torch.ones(2, T, dtype=torch.long)
+    am[0, :3] = 0
+    assert_fused(model, ids, am, variant="dot", rule="attention.dot", count=1)
+    assert_matches_eager(model, ids, am, grad_inputs=False, loss_mask=am[..., None].float(), atol=2e-5, rtol=2e-4)
+
+
+class Seq2SeqLogits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, attention_mask, decoder_ids):
+        return self.model(input_ids=ids, attention_mask=attention_mask, decoder_input_ids=decoder_ids).logits
+
+
+def test_hf_t5_position_bias_and_padding():
+    """T5 adds a learned position bias and then the padding (or causal) mask to unscaled scores:
+    every attention of encoder and decoder fuses, and the bias gets its gradient."""
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
+                                relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                dropout_rate=0.0, vocab_size=VOCAB, pad_token_id=0, eos_token_id=1,
+                                decoder_start_token_id=0)
+    model = Seq2SeqLogits(transformers.T5ForConditionalGeneration._from_config(cfg, attn_implementation="eager"))
+    model.train()
+    ids, decoder_ids = torch.randint(2, VOCAB, (2, T)), torch.randint(2, VOCAB, (2, 5))
+    am = torch.ones(2, T, dtype=torch.long)
+    am[0, :3] = 0
+    assert_fused(model, ids, am, decoder_ids, variant="dot", count=3)
+    assert_matches_eager(model, ids, am, decoder_ids, grad_inputs=False, atol=2e-5, rtol=2e-4)
