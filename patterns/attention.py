@@ -519,7 +519,28 @@ def _rule(name, metric, pattern, extra=(), priority=100, gqa=False, causal_bias=
                 look_through_upcasts=("q", "k"))
 
 
+# -- reported, not fused ------------------------------------------------------------------------
+
+def softcap_pattern(q, k, v, scale, cap, bias, p, sdim):
+    """Gemma 2 soft-caps its scores, tanh(s * scale / cap) * cap, before the mask and softmax."""
+    s = torch.tanh(maybe(torch.mul)(torch.matmul(q, k.transpose(-2, -1)), scale)) * cap
+    s = maybe(torch.add)(s, bias)
+    return torch.matmul(maybe(F.dropout)(torch.softmax(s, sdim), p), v)
+
+
+def never_fused_softcap(m: Match) -> Optional[str]:
+    return ("the scores are soft-capped (tanh(s / cap) * cap, as in Gemma 2) before the softmax: no fused "
+            "kernel computes that yet")
+
+
+def _reported_only(**_):
+    raise RuntimeError("attention.softcap only reports its sites; it never replaces them")
+
+
 RULES = [
+    # Found only so that explain() names the site and why it stays unfused
+    Rule(name="attention.softcap", kind="attention", pattern=softcap_pattern, replacement=_reported_only,
+         constraints=(never_fused_softcap,), variant="dot"),
     _rule("attention.dot", "dot", dot_pattern),
     _rule("attention.dot_repeat_kv", "dot", dot_repeat_kv_pattern, (check_repeat_kv,), priority=120, gqa=True),
     # HF eager builds its causal mask from aranges: proven causal at compile time, it becomes
