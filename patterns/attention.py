@@ -423,15 +423,15 @@ def _mask_for_op(q, mask_a, fill_a, terms, mask_b, fill_b):
     additive terms present, summed first (one rounding fewer than eager's adds into the scores; a
     padding mask's 0 and finfo.min come out exact)."""
     fills = [(m, f) for m, f in ((mask_a, fill_a), (mask_b, fill_b)) if m is not None]
-    bias = None
+    mask = None
     for term in terms:
-        bias = absorbing_fp16_mask(term) if bias is None else bias + absorbing_fp16_mask(term)
-    if bias is None and fills and all(f == -math.inf for _, f in fills):
+        term = absorbing_fp16_mask(term)
+        mask = term if mask is None else mask + term
+    if mask is None and fills and all(f == -math.inf for _, f in fills):
         keep = ~fills[0][0]
         for m, _ in fills[1:]:
             keep = keep & ~m
         return keep
-    mask = absorbing_fp16_mask(bias)
     for m, f in fills:
         fill = torch.tensor(f if f == -math.inf else _HUGE_NEGATIVE, dtype=torch.float32, device=q.device)
         if mask is None:
