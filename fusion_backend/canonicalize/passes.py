@@ -773,12 +773,15 @@ def _drop_identity_reshapes(rw: _Rewriter) -> None:
     """`x.view(shape)` / `x.reshape(shape)` / `torch.reshape(x, shape)` to the shape x already has
     is x itself (the same sizes and strides, the same memory), so consumers may read x: Falcon
     views its attention scores and probabilities to the shapes they have, which would otherwise
-    sit between the product and the softmax. Reinterpreting views (`view(dtype)`) are kept."""
+    sit between the product and the softmax. Reinterpreting views (`view(dtype)`) and views the
+    graph returns are kept."""
     for node in list(rw.graph.nodes):
         if node not in rw.graph.nodes or not _method_or_function(node, *_RESHAPES):
             continue
         x = node.args[0] if node.args else None
         if not isinstance(x, Node) or any(isinstance(a, torch.dtype) for a in node.args[1:]):
+            continue
+        if any(u.op == "output" for u in node.users):  # what the caller gets back stays as written
             continue
         xv, ov = example_value(x), example_value(node)
         if not (isinstance(xv, torch.Tensor) and isinstance(ov, torch.Tensor)) or xv.dtype != ov.dtype:

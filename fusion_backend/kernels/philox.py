@@ -74,10 +74,14 @@ def seed_arg(seed, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(int(seed), dtype=torch.int64, device=like.device)
 
 
-@functools.lru_cache(maxsize=256)  # asked on every launch of a dropout kernel
 def dropout_threshold(p: float, bits: int = 16) -> int:
     """Integer threshold on `bits`-bit draws: an element is kept when draw >= threshold, so p = 1
     (threshold 2**bits) keeps nothing."""
+    return _threshold(float(p), int(bits))
+
+
+@functools.lru_cache(maxsize=256)  # asked on every launch of a dropout kernel; keyed by value
+def _threshold(p: float, bits: int) -> int:
     return min(max(int(round(p * 2.0**bits)), 0), 2**bits)
 
 
@@ -86,7 +90,6 @@ def effective_p(p: float, bits: int = 16) -> float:
     return dropout_threshold(p, bits) / 2.0**bits
 
 
-@functools.lru_cache(maxsize=256)
 def dropout_scale(p: float, bits: int = 16) -> float:
     """Scale for kept elements, 1 / (1 - effective_p): exact in expectation; 0 when everything
     is dropped."""

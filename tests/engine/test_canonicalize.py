@@ -76,13 +76,14 @@ def test_spellings_share_one_canonical_form(name):
 def test_views_to_another_shape_or_dtype_are_kept():
     def fn(x):
         y = x.view(4, 6) * 2  # another shape
-        return y.view(torch.int32), y.reshape(4, 6) + 1  # another dtype; the same shape (dropped)
+        # another dtype; the same shape (dropped); the same shape but returned (kept)
+        return y.view(torch.int32), y.reshape(4, 6) + 1, y.view(4, 6)
 
     x = torch.randn(24)
     gm, inputs = _dynamo_graph(fn, x, with_inputs=True)
     canon = canonical_copy(gm)
     targets = _targets(canon)
-    assert targets.count("view") == 2 and "reshape" not in targets
+    assert targets.count("view") == 3 and "reshape" not in targets
     for a, b in zip(canon(*inputs), gm(*inputs)):
         assert torch.equal(a, b)
 
