@@ -65,14 +65,19 @@ def check(*args, **kwargs):
     return all([check_once(*args, **kwargs, repeat=r) for r in range(2)])
 
 
-def check_once(metric, dtype, B, H, Hkv, Nq, Nk, D, Dv, causal=False, mask=None, scale="tensor", smax=1.0, repeat=0):
-    q = torch.randn(B, H, Nq, D, device=dev, dtype=dtype)
-    k = torch.randn(B, Hkv, Nk, D, device=dev, dtype=dtype)
+def check_once(metric, dtype, B, H, Hkv, Nq, Nk, D, Dv, causal=False, mask=None, scale="tensor", smax=1.0, repeat=0,
+               softcap=None):
+    """softcap: soft-capped dot logits (Gemma 2), with a number scale and inputs drawn 3x wider so
+    that the cap saturates."""
+    q = torch.randn(B, H, Nq, D, device=dev, dtype=dtype) * (3 if softcap else 1)
+    k = torch.randn(B, Hkv, Nk, D, device=dev, dtype=dtype) * (3 if softcap else 1)
     v = torch.randn(B, Hkv, Nk, Dv, device=dev, dtype=dtype)
     if scale in ("tensor", "constant"):  # a per-head scale, learnable or not
         sc = (torch.rand(H, device=dev) * 0.9 + 0.1) * smax
         if metric == "dot":
             sc = sc / math.sqrt(D)
+    elif scale == "number":
+        sc = (torch.rand(()).item() * 0.9 + 0.1) * smax / (math.sqrt(D) if metric == "dot" else 1)
     else:
         sc = None
     learn = scale == "tensor"
@@ -91,12 +96,12 @@ def check_once(metric, dtype, B, H, Hkv, Nq, Nk, D, Dv, causal=False, mask=None,
     qi, ki, vi = ins[:3]
     si = ins[3] if learn else sc
     mi = ins[-1] if (m is not None and m.dtype != torch.bool) else m
-    kw = dict(metric=metric, causal=causal, enable_gqa=H != Hkv)
+    kw = dict(metric=metric, causal=causal, enable_gqa=H != Hkv, softcap=softcap)
     out = attention(qi, ki, vi, scale=si, attn_mask=mi, **kw)
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, ins, g)
     ins64 = [t.detach().double().requires_grad_() for t in ins]
-    s64 = ins64[3] if learn else (sc.double() if sc is not None else None)
+    s64 = ins64[3] if learn else (sc.double() if isinstance(sc, torch.Tensor) else sc)
     m64 = ins64[-1] if (m is not None and m.dtype != torch.bool) else m
     ref = attention_reference(*ins64[:3], scale=s64, attn_mask=m64, **kw)
     g64 = torch.autograd.grad(ref, ins64, g.double())
@@ -107,10 +112,11 @@ def check_once(metric, dtype, B, H, Hkv, Nq, Nk, D, Dv, causal=False, mask=None,
         tols[3] = TOL_SCALE_GRAD[dtype]
     ok = eo <= TOL_OUT[dtype] and all(e <= t for e, t in zip(eg, tols)) and bool(torch.isfinite(out).all())
     rec = dict(metric=metric, dtype=str(dtype).split(".")[-1], shape=[B, H, Hkv, Nq, Nk, D, Dv], causal=causal,
-               mask=mask, smax=smax, scale=scale, repeat=repeat, err_out=eo, err_grads=eg, ok=ok)
+               mask=mask, smax=smax, scale=scale, repeat=repeat, softcap=softcap, err_out=eo, err_grads=eg, ok=ok)
     RES["check"].append(rec)
     print(f"{'OK ' if ok else 'BAD'} {metric:6s} {rec['dtype']:8s} {rec['shape']} causal={causal} mask={mask} "
-          f"smax={smax} scale={scale} rep={repeat} out {eo:.1e} grads {' '.join(f'{e:.1e}' for e in eg)}", flush=True)
+          f"smax={smax} scale={scale} softcap={softcap} rep={repeat} out {eo:.1e} "
+          f"grads {' '.join(f'{e:.1e}' for e in eg)}", flush=True)
     return ok
 
 
@@ -169,6 +175,30 @@ def check_dropout(metric):
     RES["check"].append(dict(check="dropout", metric=metric, rate=rate, same_seed_same=same, fd_err=fd_err, ok=ok))
     print(f"{'OK ' if ok else 'BAD'} dropout {metric}: rate {rate:.3f} (p={p}) same-seed-equal {same} "
           f"different-seed-differs {not torch.equal(o1, o3)} grad-vs-finite-diff {fd_err:.1e}", flush=True)
+
+
+def check_softcap_dropout():
+    """Soft-capped logits with dropout: the kernels' output and gradients equal the float64
+    reference given the seed the op drew (the reference draws the same Philox mask)."""
+    from fusion_backend.ops.seed import reference_seed
+    q, k, v = (torch.randn(2, 4, 150, 64, device=dev, dtype=torch.bfloat16) * s for s in (3, 3, 1))
+    ins = [t.requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(11)
+    seed = reference_seed(torch.device(dev))
+    torch.manual_seed(11)
+    out = attention(*ins, causal=True, dropout_p=0.2, softcap=10.0)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, ins, g)
+    ins64 = [t.detach().double().requires_grad_() for t in ins]
+    ref = attention_reference(*ins64, causal=True, dropout_p=0.2, softcap=10.0, dropout_seed=seed)
+    g64 = torch.autograd.grad(ref, ins64, g.double())
+    eo, eg = rel(out, ref), [rel(a, b) for a, b in zip(grads, g64)]
+    ok = eo <= TOL_OUT[torch.bfloat16] and all(e <= TOL_GRAD[torch.bfloat16] for e in eg) and bool(
+        torch.isfinite(out).all())
+    RES["check"].append(dict(check="softcap_dropout", err_out=eo, err_grads=eg, ok=ok))
+    print(f"{'OK ' if ok else 'BAD'} softcap dropout bf16 out {eo:.1e} grads {' '.join(f'{e:.1e}' for e in eg)}",
+          flush=True)
+    return ok
 
 
 def check_compiled_cosine(learnable):
@@ -301,6 +331,18 @@ def run_checks(part=0, nparts=1):
     jobs.append(lambda: check("cosine", torch.bfloat16, 1, 4, 4, 200, 200, 64, 64, smax=100.0))
     jobs.append(lambda: check("cosine", torch.bfloat16, 1, 4, 4, 200, 200, 64, 64, smax=100.0, scale="constant"))
     jobs.append(lambda: check("l2", torch.bfloat16, 1, 4, 4, 200, 200, 64, 64, smax=0.2))
+    # soft-capped dot logits (Gemma 2: cap 50, head dim 256, grouped K/V, causal or a float mask)
+    jobs.append(lambda: check("dot", torch.bfloat16, 2, 4, 2, 37, 123, 256, 256, causal=True, mask="float",
+                              scale="number", softcap=50.0))
+    jobs.append(lambda: check("dot", torch.bfloat16, 2, 8, 4, 300, 300, 64, 64, causal=True, scale="number",
+                              softcap=5.0))
+    jobs.append(lambda: check("dot", torch.float16, 1, 4, 4, 100, 129, 128, 128, mask="bool", scale="number",
+                              softcap=20.0))
+    jobs.append(lambda: check("dot", torch.bfloat16, 1, 4, 2, 1, 200, 256, 256, mask="bool", scale="number",
+                              softcap=50.0))
+    jobs.append(lambda: check("dot", torch.float32, 2, 2, 2, 65, 65, 80, 80, causal=True, mask="pad_min",
+                              scale="number", softcap=30.0))
+    jobs.append(check_softcap_dropout)
     jobs.append(l2_accuracy)
     jobs.append(check_peaked)
     for learnable in (False, True):

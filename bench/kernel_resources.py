@@ -102,8 +102,10 @@ def _opcode_counts(sass: str) -> dict:
     return counts
 
 
-def attention_reports(B, H, N, D, metric, mask_kind, causal, dropout, config_key, arch, run_if=0, drop_bits=16):
-    """Resource usage of the forward, dK/dV and dQ kernels for one call's specialization."""
+def attention_reports(B, H, N, D, metric, mask_kind, causal, dropout, config_key, arch, run_if=0, drop_bits=16,
+                      softcap=False):
+    """Resource usage of the forward, dK/dV and dQ kernels for one call's specialization (with a
+    learnable scale, or soft-capped dot logits and a constant scale when softcap)."""
     dt = torch.bfloat16
     cfg = tc.parse_config_key(config_key) if config_key else tc.default_attention_config(metric, D, dt, "cuda")
     tile_kv, tile_q = tc.backward_tiles(cfg)
@@ -113,7 +115,8 @@ def attention_reports(B, H, N, D, metric, mask_kind, causal, dropout, config_key
     mask = torch.empty(1, dtype=torch.bool if mask_kind == 1 else torch.float32)
     dpad = tc._pad_dim(D)
     common = dict(HEAD_DIM=D, HEAD_DIM_V=D, D_PAD=dpad, DV_PAD=dpad, METRIC=tc.METRIC_IDS[metric],
-                  MASK_KIND=mask_kind, CAUSAL=causal, DROPOUT=dropout, DOT_PREC="tf32", RUN_IF=run_if, DROP_BITS=drop_bits)
+                  MASK_KIND=mask_kind, CAUSAL=causal, DROPOUT=dropout, DOT_PREC="tf32", RUN_IF=run_if, DROP_BITS=drop_bits,
+                  SOFTCAP=softcap)
     # Integer arguments as a contiguous call passes them: Triton specializes an int equal to 1 or
     # divisible by 16, and the loads vectorize only where the row strides are known to be.
     ints = {n: 64 for n in ("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "som",
@@ -123,13 +126,13 @@ def attention_reports(B, H, N, D, metric, mask_kind, causal, dropout, config_key
     ptrs = {n: t for n in ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV")}
     ptrs.update({n: f32 for n in ("SCALE", "KVEC", "QVEC", "STATS_M", "STATS_L", "RBAR", "DELTA", "DSCALE", "DMASK")})
     ptrs.update(MASK=mask, MASK_FLAGS=flags, SEED=torch.empty(1, dtype=torch.int64))
-    args = dict(ints, **ptrs, dropout_p=0.1)
+    args = dict(ints, **ptrs, dropout_p=0.1, cap=1.0)
     out = {}
     for name, fn, tile, extra in (  # a learnable scale: the forward's stats and the scale gradient
         ("fwd", tc._attn_fwd_kernel, dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
-                                          num_stages=cfg["num_stages"]), dict(STATS=True)),
+                                          num_stages=cfg["num_stages"]), dict(STATS=not softcap)),
         ("dkdv", tc._attn_bwd_dkdv_kernel, tile_kv, {}),
-        ("dq", tc._attn_bwd_dq_kernel, tile_q, dict(MASK_GRAD=False, SCALE_GRAD=True)),
+        ("dq", tc._attn_bwd_dq_kernel, tile_q, dict(MASK_GRAD=False, SCALE_GRAD=not softcap)),
     ):
         cx = dict(common, **extra, EVEN_M=N % tile["BLOCK_M"] == 0, EVEN_N=N % tile["BLOCK_N"] == 0,
                   BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"])
@@ -155,13 +158,16 @@ def main():
     ap.add_argument("--drop-bits", type=int, default=16, choices=(8, 16))
     ap.add_argument("--sass", action="store_true", help="also count SASS instructions by opcode (static)")
     ap.add_argument("--run-if", type=int, default=0, choices=(0, 1, 2), help="the RUN_IF launch (mask_launches)")
+    ap.add_argument("--softcap", action="store_true", help="soft-capped dot logits (constant scale)")
     a = ap.parse_args()
     global SASS
     SASS = a.sass
     B, H, N, D = (int(x) for x in a.shape.split(","))
     kind = {"none": 0, "bool": 1, "float": 2}[a.mask]
-    cfg, reports = attention_reports(B, H, N, D, a.metric, kind, a.causal, a.dropout, a.config, a.arch, a.run_if, a.drop_bits)
-    print(f"{a.metric} D={D} mask={a.mask} causal={a.causal} dropout={a.dropout} config={tc.config_key(cfg)}")
+    cfg, reports = attention_reports(B, H, N, D, a.metric, kind, a.causal, a.dropout, a.config, a.arch, a.run_if, a.drop_bits,
+                                      a.softcap)
+    print(f"{a.metric} D={D} mask={a.mask} causal={a.causal} dropout={a.dropout} softcap={a.softcap} "
+          f"config={tc.config_key(cfg)}")
     for name, r in reports.items():
         print(f"  {name:5s} registers {r['registers']}, spills {r['spill_store_bytes']} B stored / "
               f"{r['spill_load_bytes']} B loaded, shared {r['shared_bytes']} B")

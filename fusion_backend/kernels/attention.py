@@ -13,6 +13,9 @@ Logits, with s the per-head scale (one fp32 value per query head):
             where its error at large s comes from).
     cosine  s * q^.k^  with q^ = q / max(|q|, eps) normalized in fp32 by a pre-pass (`_prepass`)
             and rounded once to the input dtype; the backward projects the gradient with the norms.
+    dot, soft-capped (SOFTCAP, Gemma 2)  cap * tanh(s * q.k / cap), the mask added after the cap;
+            tanh is built from exp2 (`_softcap`), so its derivative 1 - tanh^2 comes out without
+            cancellation where the cap saturates.
 
 Conventions shared by the kernels (and by `attention_l1`):
 - Logits are handled in base 2 (multiplied by log2(e)) so the softmax uses exp2, except with a
@@ -156,6 +159,16 @@ def _probs(s, a, b, MASK_KIND: tl.constexpr):
         return tl.math.exp2((s - a) * 1.4426950408889634 - b)
     else:
         return tl.math.exp2(s - a)
+
+
+@triton.jit
+def _softcap(raw, cap_in):
+    """(tanh(raw * cap_in), 1 - tanh^2) for soft-capped logits (cap_in = scale / cap), from one exp2:
+    with r = 2 / (1 + e^(2x)), tanh x = 1 - r and 1 - tanh^2 = r * (2 - r). Saturates to +-1 (and a
+    derivative of 0) for large |x| instead of overflowing; near 0 tanh is off by ~1e-7 absolute, i.e.
+    cap * 1e-7 in the logit."""
+    r = 2.0 / (1.0 + tl.math.exp2(raw * (cap_in * 2.8853900817779268)))
+    return 1.0 - r, r * (2.0 - r)
 
 
 @triton.jit
@@ -305,12 +318,12 @@ def _attn_fwd_kernel(
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sob, soh, som, sod,
-    H, N_Q, N_K, GROUP, SEED, dropout_p, threshold,
+    H, N_Q, N_K, GROUP, SEED, dropout_p, threshold, cap,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     STATS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
-    DROP_BITS: tl.constexpr = 16,
+    DROP_BITS: tl.constexpr = 16, SOFTCAP: tl.constexpr = False,
 ):
     """Forward of dot / l2 / cosine attention for one block of BLOCK_M queries of one (b, h).
 
@@ -327,6 +340,7 @@ def _attn_fwd_kernel(
            gradient on it: sum_j dS_ij = 0, so subtracting it changes nothing exactly but removes
            the cancellation that bf16 rounding of O (through delta) would otherwise expose.
     GROUP: H // Hkv.  SEED (the int64 seed, `philox.seed_arg`), dropout_p: see the module docstring.
+    cap:   the soft cap (fp32, > 0) when SOFTCAP (dot only, no STATS): logits cap * tanh(s * q.k / cap).
     Constexprs: HEAD_DIM/HEAD_DIM_V the true head dims, D_PAD/DV_PAD their powers of two (>= 16);
     METRIC 0 dot, 1 l2, 2 cosine; MASK_KIND 0/1/2; CAUSAL top-left triangle; DROPOUT on/off;
     EVEN_M/EVEN_N whether Nq/Nk are multiples of the blocks (skip bounds checks);
@@ -339,7 +353,11 @@ def _attn_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    scale_k = _kernel_scale(tl.load(SCALE + h), MASK_KIND)
+    scale = tl.load(SCALE + h)
+    if SOFTCAP:  # the logits are cap * t: scale the tanh by cap in the kernel's units
+        scale_k = _kernel_scale(cap, MASK_KIND)
+    else:
+        scale_k = _kernel_scale(scale, MASK_KIND)
 
     q = _load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, N_Q, HEAD_DIM, EVEN_M, HEAD_DIM == D_PAD)
     kvec_base = KVEC + (b * (H // GROUP) + hk) * N_K
@@ -359,6 +377,8 @@ def _attn_fwd_kernel(
         if METRIC == 1:
             kn = tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)
             raw = 2.0 * qk - kn[None, :]
+        elif SOFTCAP:
+            raw, _ = _softcap(qk, scale / cap)
         else:
             raw = qk
         s = _logits(raw, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND, CAUSAL,
@@ -386,12 +406,12 @@ def _attn_bwd_dkdv_kernel(
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sdob, sdoh, sdom, sdod,
-    H, HKV, N_Q, N_K, GROUP, SEED, dropout_p, threshold,
+    H, HKV, N_Q, N_K, GROUP, SEED, dropout_p, threshold, cap,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
-    DROP_BITS: tl.constexpr = 16,
+    DROP_BITS: tl.constexpr = 16, SOFTCAP: tl.constexpr = False,
 ):
     """dK, dV for BLOCK_N keys of one (b, kv head), summed over the GROUP query heads that read it.
 
@@ -435,9 +455,13 @@ def _attn_bwd_dkdv_kernel(
             qkT = tl.dot(k_op, tl.trans(q), input_precision=DOT_PREC)
             if METRIC == 1:
                 rawT = 2.0 * qkT - kvec[:, None]
+                sT = _logits_t(rawT, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL)
+            elif SOFTCAP:
+                tT, dtT = _softcap(qkT, scale / cap)
+                sT = _logits_t(tT, _kernel_scale(cap, MASK_KIND), mask_base, smm, smn, offs_m, offs_n, N_Q, N_K,
+                               MASK_KIND, CAUSAL)
             else:
-                rawT = qkT
-            sT = _logits_t(rawT, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL)
+                sT = _logits_t(qkT, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL)
             pT = _probs(sT, sa[None, :], sb[None, :], MASK_KIND)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             if DROPOUT:
@@ -450,6 +474,8 @@ def _attn_bwd_dkdv_kernel(
                 pdT = pT
             dv_acc = tl.dot(pdT.to(DO.dtype.element_ty), do, dv_acc, input_precision=DOT_PREC)
             dsT = pT * (dpT - delta[None, :]) * scale
+            if SOFTCAP:  # through cap * tanh(scale * q.k / cap): d/d(scale * q.k) = 1 - tanh^2
+                dsT = dsT * dtT
             if METRIC == 1:
                 csum += tl.sum(dsT, axis=1)
             dk_acc = tl.dot(dsT.to(Q.dtype.element_ty), q, dk_acc, input_precision=DOT_PREC)
@@ -502,12 +528,12 @@ def _attn_bwd_dq_kernel(
     smb, smh, smm, smn,
     sdob, sdoh, sdom, sdod,
     sgb, sgh, sgm, sgn,
-    H, N_Q, N_K, GROUP, SEED, dropout_p, threshold,
+    H, N_Q, N_K, GROUP, SEED, dropout_p, threshold, cap,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     MASK_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
-    DROP_BITS: tl.constexpr = 16,
+    DROP_BITS: tl.constexpr = 16, SOFTCAP: tl.constexpr = False,
 ):
     """dQ for BLOCK_M queries of one (b, h); also d(loss)/d(scale) per row (when SCALE_GRAD) and dMask.
 
@@ -533,7 +559,10 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     scale = tl.load(SCALE + h)
-    scale_k = _kernel_scale(scale, MASK_KIND)
+    if SOFTCAP:  # the logits are cap * t (no scale gradient: SCALE_GRAD is off)
+        scale_k = _kernel_scale(cap, MASK_KIND)
+    else:
+        scale_k = _kernel_scale(scale, MASK_KIND)
 
     q = _load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, N_Q, HEAD_DIM, EVEN_M, HEAD_DIM == D_PAD)
     q_op = q
@@ -556,12 +585,16 @@ def _attn_bwd_dq_kernel(
         qk = tl.dot(q_op, tl.trans(k), input_precision=DOT_PREC)
         if METRIC == 1:
             raw = 2.0 * qk - tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)[None, :]
+        elif SOFTCAP:
+            raw, dt = _softcap(qk, scale / cap)
         else:
             raw = qk
         ds, dsc = _dq_tile(raw, do, v, delta, rbar, dsc, sa, sb, scale_k, mask_base, smm, smn,
                            DMASK + b * sgb + h * sgh, sgm, sgn, offs_m, offs_n, N_Q, N_K, seed, bh, start_n,
                            threshold, dropout_p, MASK_KIND, CAUSAL, EVEN_N, DROPOUT, MASK_GRAD, SCALE_GRAD, DOT_PREC,
                            BLOCK_M, BLOCK_N, DROP_BITS)
+        if SOFTCAP:  # the mask's gradient (inside _dq_tile) is taken after the cap, dq's before it
+            ds = ds * dt
         dq_acc = tl.dot(ds.to(K.dtype.element_ty), k, dq_acc, input_precision=DOT_PREC)
 
     dq_acc = dq_acc * scale
@@ -823,6 +856,17 @@ def dropout_args(p: float) -> tuple:
     return effective_p(p, DROPOUT_BITS), dropout_threshold(p, DROPOUT_BITS)
 
 
+def _cap_arg(metric: str, softcap: float, scale_stats: bool) -> float:
+    """The kernels' `cap` argument: the soft cap, or 1.0 (unread) without one. The kernels soft-cap
+    dot logits only, and compute no scale gradient (nor its E_p[raw] statistic) through the cap."""
+    if softcap > 0:
+        if metric != "dot" or scale_stats:
+            raise ValueError(f"softcap applies to metric 'dot' with a constant scale (got {metric!r}, "
+                             f"scale gradient {scale_stats})")
+        return float(softcap)
+    return 1.0
+
+
 def new_row_stats(B, H, Nq, device):
     """The forward's per-row stats, (3, B*H, Nq) fp32: [0] the row max of the logits (natural
     units, +inf for a fully masked row), [1] E_p[raw] (when asked for, else 0), [2] log2 of the row
@@ -893,9 +937,10 @@ def mask_launches(mask, Nq, Nk, causal, device):
 
 
 def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, dropout_p=0.0, seed=None,
-                      config=None, out=None, stats=True):
+                      config=None, out=None, stats=True, softcap=0.0):
     """Run the forward kernel. q (B,H,Nq,D), k (B,Hkv,Nk,D), v (B,Hkv,Nk,Dv) any strides, one dtype;
-    scale (H,) fp32; mask broadcastable to (B,H,Nq,Nk) (bool keep / float additive) or None.
+    scale (H,) fp32; mask broadcastable to (B,H,Nq,Nk) (bool keep / float additive) or None;
+    softcap > 0 soft-caps dot logits at that value (then `stats` must be False).
     Returns (out (B,H,Nq,Dv) in q's dtype, or written into `out`; the row stats of `new_row_stats`,
     with E_p[raw] computed when `stats` (needed for an accurate scale gradient))."""
     B, H, Nq, D = q.shape
@@ -914,11 +959,11 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
         _launch_attn_fwd[grid](
             q, k, v, scale, kvec, m4, flags, out, row_stats[0], row_stats[2], row_stats[1],
             *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
-            H, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
+            H, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p), _cap_arg(metric, softcap, stats),
             HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv),
             METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=l_causal, DROPOUT=dropout_p > 0, STATS=stats,
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
-            BLOCK_M=bm, BLOCK_N=bn, RUN_IF=run_if, DROP_BITS=DROPOUT_BITS,
+            BLOCK_M=bm, BLOCK_N=bn, RUN_IF=run_if, DROP_BITS=DROPOUT_BITS, SOFTCAP=softcap > 0,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return out, row_stats
@@ -963,8 +1008,9 @@ def reduce_mask_grad(buf, mask):
 
 
 def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", causal=False, mask=None,
-                       dropout_p=0.0, seed=None, mask_grad=False, scale_grad=True, config=None):
-    """Gradients of the forward above. do (B,H,Nq,Dv); out, row_stats from `attention_forward`.
+                       dropout_p=0.0, seed=None, mask_grad=False, scale_grad=True, config=None, softcap=0.0):
+    """Gradients of the forward above. do (B,H,Nq,Dv); out, row_stats from `attention_forward`
+    (with the same softcap; no scale gradient with one).
     Returns dq (q's shape/dtype), dk, dv (k/v's shapes/dtypes), dscale (H,) fp32 (zeros unless
     `scale_grad`), and dmask (the 4-d mask's shape, fp32 summed over broadcast dims) or None."""
     B, H, Nq, D = q.shape
@@ -982,23 +1028,24 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
         gbuf, gs = mask_grad_buffer(mask, B, H, Nq, Nk)
     else:
         gbuf, gs = torch.empty(1, device=q.device, dtype=torch.float32), (0, 0, 0, 0)
+    cap = _cap_arg(metric, softcap, scale_grad)
     for run_if, l_mask, l_causal in launches:
         m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
         common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv),
                       METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=l_causal, DROPOUT=dropout_p > 0,
-                      DOT_PREC=_dot_prec(q.dtype), RUN_IF=run_if, DROP_BITS=DROPOUT_BITS)
+                      DOT_PREC=_dot_prec(q.dtype), RUN_IF=run_if, DROP_BITS=DROPOUT_BITS, SOFTCAP=softcap > 0)
         bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
         _launch_attn_bwd_dkdv[(cdiv(Nk, bn), B * Hkv)](
             q, k, v, scale, kvec, m4, flags, do, row_stats[0], row_stats[2], delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(),
-            H, Hkv, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
+            H, Hkv, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p), cap,
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common)
         bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
         _launch_attn_bwd_dq[(cdiv(Nq, bm), B * H)](
             q, k, v, scale, qvec, kvec, m4, flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dq, dsc,
             gbuf,
             *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *gs,
-            H, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p),
+            H, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p), cap,
             MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_q, **common)
     dscale = dsc.view(B, H, Nq).sum(dim=(0, 2))

@@ -2,12 +2,13 @@
 `F.scaled_dot_product_attention`, as `torch.library` custom ops with fake kernels and autograd.
 
     attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None, dropout_p=0.0,
-              enable_gqa=False, config=None)
+              enable_gqa=False, softcap=None, config=None)
 
 q (B, H, Nq, D); k (B, Hkv, Nk, D); v (B, Hkv, Nk, Dv); output (B, H, Nq, Dv) in q's dtype.
 Logits: dot scale*q.k (default 1/sqrt(D)); l2 -scale*|q-k|^2; l1 -scale*sum|q-k|; cosine
 scale*cos(q, k) (default scale 1.0 for the distances). `scale` is a float or a tensor with 1 or H
-elements (any shape) that receives a gradient. A bool mask keeps where True, a float mask is added
+elements (any shape) that receives a gradient. `softcap` (dot only, with a number scale) soft-caps
+the logits as Gemma 2 does: cap * tanh(scale*q.k / cap), before the mask. A bool mask keeps where True, a float mask is added
 to the logits (and gets a gradient if it requires one); both broadcast to (B, H, Nq, Nk). `causal`
 is the top-left lower triangle. A fully masked row gives 0.
 
@@ -59,9 +60,16 @@ def attention_config_space(metric: str, head_dim: int, dtype: torch.dtype, devic
 # ----------------------------------------------------------------------------------------------
 # Validation and support
 # ----------------------------------------------------------------------------------------------
-def _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale):
+def _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale, softcap=None):
     if metric not in METRICS:
         raise ValueError(f"attention: unknown metric {metric!r}; valid metrics are {', '.join(METRICS)}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf:
+            raise ValueError(f"attention: softcap must be None or a positive finite number, got {softcap!r}")
+        if metric != "dot":
+            raise ValueError(f"attention: softcap applies to metric 'dot' only, not {metric!r}")
+        if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale == 0):
+            raise ValueError(f"attention: softcap needs a nonzero number scale (or None), got {scale!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             raise ValueError(f"attention: {name} must be a 4-d tensor (B, H, N, D), got "
@@ -143,9 +151,10 @@ def _dropout_keep_reference(shape, p, seed, device):
     return torch.stack(heads).view(B, H, Nq, Nk)
 
 
-def _reference_core(q, k, v, scale_h, metric, causal, mask, dropout_p, seed, dtype):
+def _reference_core(q, k, v, scale_h, metric, causal, mask, dropout_p, seed, dtype, softcap=0.0):
     """Float (dtype) reference returning (out, stats): stats are the kernels' row stats
-    (`kernels.attention.new_row_stats`: row max, E_p[raw], log2 of the row sum). scale_h: (H,)."""
+    (`kernels.attention.new_row_stats`: row max, E_p[raw], log2 of the row sum). scale_h: (H,).
+    softcap > 0: logits softcap * tanh(scale * raw / softcap) (dot)."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -162,6 +171,8 @@ def _reference_core(q, k, v, scale_h, metric, causal, mask, dropout_p, seed, dty
     else:
         raw = F.normalize(qf, dim=-1, eps=_tc.COSINE_EPS) @ F.normalize(kf, dim=-1, eps=_tc.COSINE_EPS).transpose(-1, -2)
     s = raw * scale_h.to(dtype).view(1, H, 1, 1)
+    if softcap > 0:
+        s = torch.tanh(s / softcap) * softcap
     if mask is not None:
         if mask.dtype == torch.bool:
             s = s.masked_fill(~mask, float("-inf"))
@@ -189,18 +200,19 @@ def _reference_core(q, k, v, scale_h, metric, causal, mask, dropout_p, seed, dty
 
 
 def attention_reference(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None, dropout_p=0.0,
-                        enable_gqa=False, dropout_seed=None, config=None):
+                        enable_gqa=False, softcap=None, dropout_seed=None, config=None):
     """Pure PyTorch `attention` with identical semantics (float32 math, float64 for float64 inputs).
     Dropout draws the kernels' Philox mask for `dropout_seed` (or a fresh seed from torch's default
     generator), so with the seed the kernels were given it drops the same elements."""
-    _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale)
+    _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale, softcap)
     B, H, Nq, D = q.shape
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale_h = _scale_vector(scale, metric, D, H, q.device).to(dtype)
     mask = None if attn_mask is None else attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     if dropout_p > 0 and dropout_seed is None:
         dropout_seed = reference_seed(q.device)
-    out, _ = _reference_core(q, k, v, scale_h, metric, causal, mask, float(dropout_p), dropout_seed or 0, dtype)
+    out, _ = _reference_core(q, k, v, scale_h, metric, causal, mask, float(dropout_p), dropout_seed or 0, dtype,
+                             float(softcap or 0.0))
     return out.to(q.dtype)
 
 
@@ -232,24 +244,25 @@ def _use_kernels(q, k, v, metric, mask, dropout_p):
     return True
 
 
-def _fwd_impl(q, k, v, scale, mask, seed, metric, causal, dropout_p, config, scale_grad):
+def _fwd_impl(q, k, v, scale, mask, seed, metric, causal, dropout_p, config, scale_grad, softcap):
     if _use_kernels(q, k, v, metric, mask, dropout_p):
         try:
             qk, kk, vk, mk = _kernel_inputs(q, k, v, mask)
             cfg = _resolve_config(config, metric, q.shape[-1], q.dtype, q.device.type)
             launch = _l1.l1_attention_forward if metric == "l1" else _tc.attention_forward
-            kw = {} if metric == "l1" else dict(metric=metric)
+            kw = {} if metric == "l1" else dict(metric=metric, softcap=softcap)
             out, lse = launch(qk, kk, vk, scale, causal=causal, mask=mk, dropout_p=dropout_p, seed=seed,
                               config=cfg, stats=scale_grad, **kw)
             return out.to(q.dtype), lse
         except Exception as e:  # compile / launch failure: keep the model running
             warn_fallback_once("attention", f"kernel failed: {type(e).__name__}: {str(e)[:200]}")
-    out, lse = _reference_core(q, k, v, scale, metric, causal, mask, dropout_p, seed_value(seed), torch.float32)
+    out, lse = _reference_core(q, k, v, scale, metric, causal, mask, dropout_p, seed_value(seed), torch.float32,
+                               softcap)
     return out.to(q.dtype).contiguous(), lse
 
 
 def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dropout_p, config, mask_grad,
-              scale_grad):
+              scale_grad, softcap):
     if _use_kernels(q, k, v, metric, mask, dropout_p):
         try:
             gk, qk, kk, vk, mk, ok = _kernel_inputs(grad_out, q, k, v, mask, out)
@@ -261,7 +274,7 @@ def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dr
             else:
                 r = _tc.attention_backward(gk, qk, kk, vk, scale, ok, lse, metric=metric, causal=causal, mask=mk,
                                            dropout_p=dropout_p, seed=seed, mask_grad=mask_grad,
-                                           scale_grad=scale_grad, config=cfg)
+                                           scale_grad=scale_grad, config=cfg, softcap=softcap)
             dq, dk, dv, dscale, dmask = r
             dmask = dmask.to(mask.dtype) if mask_grad else q.new_empty(0)
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dscale, dmask
@@ -275,7 +288,8 @@ def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dr
         mf = mask
         if mask_grad:
             mf = mask.detach().float().requires_grad_()
-        o, _ = _reference_core(qf, kf, vf, sf, metric, causal, mf, dropout_p, seed_value(seed), torch.float32)
+        o, _ = _reference_core(qf, kf, vf, sf, metric, causal, mf, dropout_p, seed_value(seed), torch.float32,
+                               softcap)
         ins = [qf, kf, vf, sf] + ([mf] if mask_grad else [])
         gs = torch.autograd.grad(o, ins, grad_out.float(), allow_unused=True)
     gs = [torch.zeros_like(i) if g is None else g for g, i in zip(gs, ins)]
@@ -289,15 +303,16 @@ def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dr
 @torch.library.custom_op("truthfuse::attention_fwd", mutates_args=())
 def attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: Tensor, attn_mask: Optional[Tensor],
                      seed: Optional[Tensor], metric: str, causal: bool, dropout_p: float, config: Optional[str],
-                     scale_grad: bool) -> tuple[Tensor, Tensor]:
+                     scale_grad: bool, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     """Forward: (out (B, H, Nq, Dv) in q's dtype, row stats (3, B*H, Nq) fp32: row max, E_p[raw]
     (when scale_grad, else 0) and log2 of the row sum). scale (H,) fp32; attn_mask 4-d broadcastable
-    or None; seed the dropout's 0-d int64 tensor on q's device (`ops.seed`), None without dropout."""
-    return _fwd_impl(q, k, v, scale, attn_mask, seed, metric, causal, dropout_p, config, scale_grad)
+    or None; seed the dropout's 0-d int64 tensor on q's device (`ops.seed`), None without dropout;
+    softcap the dot logits' soft cap, 0 for none."""
+    return _fwd_impl(q, k, v, scale, attn_mask, seed, metric, causal, dropout_p, config, scale_grad, softcap)
 
 
 @attention_fwd_op.register_fake
-def _(q, k, v, scale, attn_mask, seed, metric, causal, dropout_p, config, scale_grad):
+def _(q, k, v, scale, attn_mask, seed, metric, causal, dropout_p, config, scale_grad, softcap=0.0):
     B, H, Nq, _ = q.shape
     return q.new_empty((B, H, Nq, v.shape[-1])), q.new_empty((3, B * H, Nq), dtype=torch.float32)
 
@@ -306,41 +321,44 @@ def _(q, k, v, scale, attn_mask, seed, metric, causal, dropout_p, config, scale_
 def attention_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: Tensor, attn_mask: Optional[Tensor],
                      out: Tensor, lse: Tensor, seed: Optional[Tensor], metric: str, causal: bool, dropout_p: float,
                      config: Optional[str], mask_grad: bool,
-                     scale_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     scale_grad: bool, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward: (dq, dk, dv, dscale (H,) fp32 (zeros unless scale_grad), dmask (attn_mask's shape,
     or empty when not mask_grad))."""
     return _bwd_impl(grad_out, q, k, v, scale, attn_mask, out, lse, seed, metric, causal, dropout_p, config, mask_grad,
-                     scale_grad)
+                     scale_grad, softcap)
 
 
 @attention_bwd_op.register_fake
-def _(grad_out, q, k, v, scale, attn_mask, out, lse, seed, metric, causal, dropout_p, config, mask_grad, scale_grad):
+def _(grad_out, q, k, v, scale, attn_mask, out, lse, seed, metric, causal, dropout_p, config, mask_grad, scale_grad,
+      softcap=0.0):
     dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty(0)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             scale.new_empty(scale.shape, dtype=torch.float32), dmask)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, mask, seed, metric, causal, dropout_p, config, scale_grad = inputs
+    q, k, v, scale, mask, seed, metric, causal, dropout_p, config, scale_grad = inputs[:11]
+    softcap = inputs[11] if len(inputs) > 11 else 0.0
     out, lse = output
     ctx.mark_non_differentiable(lse)  # saved for backward, never a result
     ctx.set_materialize_grads(False)  # so autograd does not fill a zero gradient for lse every backward
     ctx.mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[4]
     ctx.scale_grad = ctx.needs_input_grad[3]
-    ctx.args = (metric, causal, dropout_p, config)
+    ctx.args = (metric, causal, dropout_p, config, softcap)
+    ctx.n_inputs = len(inputs)
     ctx.save_for_backward(q, k, v, scale, mask, seed, out, lse)
 
 
 def _input_grads(ctx, grad_out, backward):
-    """Gradients of the forward's 11 inputs, computed by `backward` (the backward op, or its
-    implementation on the eager path)."""
+    """Gradients of the forward's inputs (11, or 12 with softcap), computed by `backward` (the
+    backward op, or its implementation on the eager path)."""
     if grad_out is None:  # the output did not reach the loss
-        return (None,) * 11
+        return (None,) * ctx.n_inputs
     q, k, v, scale, mask, seed, out, lse = ctx.saved_tensors
-    metric, causal, dropout_p, config = ctx.args
+    metric, causal, dropout_p, config, softcap = ctx.args
     dq, dk, dv, dscale, dmask = backward(grad_out, q, k, v, scale, mask, out, lse, seed,
-                                         metric, causal, dropout_p, config, ctx.mask_grad, ctx.scale_grad)
-    return dq, dk, dv, dscale, (dmask if ctx.mask_grad else None), None, None, None, None, None, None
+                                         metric, causal, dropout_p, config, ctx.mask_grad, ctx.scale_grad, softcap)
+    return (dq, dk, dv, dscale, (dmask if ctx.mask_grad else None)) + (None,) * (ctx.n_inputs - 5)
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -445,7 +463,7 @@ The tuner may choose them for a site whose math they compute exactly (`sdpa_supp
 cosine on a GPU without a mask, dropout or a learnable scale they are the default."""
 
 
-def sdpa_supports(metric, attn_mask, scale) -> tuple:
+def sdpa_supports(metric, attn_mask, scale, softcap=None) -> tuple:
     """(True, "") if config="sdpa" computes this call with the op's semantics, else (False, why).
     SDPA computes dot-product logits (cosine's on normalized rows) with a number scale (cosine: any
     scale, folded into q); masks stay with truthfuse's kernels, which give a fully masked row 0
@@ -454,6 +472,8 @@ def sdpa_supports(metric, attn_mask, scale) -> tuple:
         return False, f"config='sdpa' computes dot-product and cosine attention only, not {metric!r}"
     if attn_mask is not None:
         return False, "config='sdpa' takes no attn_mask (causal=True is fine)"
+    if softcap is not None:
+        return False, "config='sdpa' does not soft-cap the logits"
     if metric == "dot" and isinstance(scale, Tensor):
         return False, "config='sdpa' takes a number scale for dot-product attention, not a tensor"
     if metric == "cosine" and _needs_scale_grad(scale):
@@ -477,17 +497,18 @@ def _cosine_default_on_sdpa(q, metric, attn_mask, dropout_p, scale) -> bool:
 
 
 def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None, dropout_p=0.0,
-              enable_gqa=False, config=None):
+              enable_gqa=False, softcap=None, config=None):
     """Fused attention with the semantics of F.scaled_dot_product_attention and a choice of
     metric ("dot", "l2", "l1", "cosine"); see the module docstring. `config` is None (the
     device default), a config dict from `attention_config_space`, its `config_key` string, or
     "sdpa" (torch's SDPA kernels, see `sdpa_supports`; their dropout draws torch's own random
     stream; cosine on a GPU without a mask, dropout or a learnable scale takes them by default).
+    `softcap` (dot, a number scale): logits softcap * tanh(scale * q.k / softcap), as Gemma 2.
     Raises ValueError on bad input before anything is launched."""
-    _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale)
+    _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale, softcap)
     B, H, Nq, D = q.shape
     if config == SDPA_CONFIG:
-        ok, why = sdpa_supports(metric, attn_mask, scale)
+        ok, why = sdpa_supports(metric, attn_mask, scale, softcap)
         if not ok:
             raise ValueError(f"attention: {why}")
         if metric == "cosine":
@@ -510,7 +531,8 @@ def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None
     elif config is not None:
         _tc.parse_config_key(config)  # fail early on a malformed key
     scale_grad = isinstance(scale, Tensor) and scale.requires_grad and torch.is_grad_enabled()
-    args = (q, k, v, scale_h, mask, seed, metric, bool(causal), float(dropout_p), config, scale_grad)
+    args = (q, k, v, scale_h, mask, seed, metric, bool(causal), float(dropout_p), config, scale_grad,
+            float(softcap or 0.0))
     if plain_eager_call(args[:5]):  # eager: skip the dispatch layers (and autograd when unneeded)
         differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5])
         out, _ = _EagerAttention.apply(*args) if differentiable else _fwd_impl(*args)

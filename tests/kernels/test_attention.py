@@ -474,3 +474,84 @@ def test_l1_backward_sub_tiles_match_legacy(case):
     for x, y in zip(a, b):
         if x is not None:
             torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
+
+
+# -- soft-capped logits (Gemma 2) ------------------------------------------------------------------
+
+def _capped_reference_grads(ins, g, attn_mask=None, **kw):
+    """float64 reference output and gradients of every tensor in ins (q, k, v, then a float mask)."""
+    ins64 = [t.detach().double().requires_grad_() for t in ins]
+    mask64 = ins64[3] if len(ins64) > 3 else attn_mask
+    ref = attention_reference(*ins64[:3], attn_mask=mask64, **kw)
+    return ref, torch.autograd.grad(ref, ins64, g.double())
+
+
+@pytest.mark.parametrize("case", [
+    dict(shape=(2, 4, 2, 37, 45, 24), scale=None, cap=50.0, causal=True),  # GQA, odd sizes
+    dict(shape=(1, 2, 2, 29, 70, 40), scale=0.5, cap=5.0, mask="float"),  # saturating, learnable bias
+    dict(shape=(1, 2, 1, 1, 77, 32), scale=None, cap=30.0, mask="bool"),  # decoding, key padding
+])
+def test_softcap_matches_float64(case):
+    """cap * tanh(scale * q.k / cap) before the mask, forward and every gradient (q, k, v and a float
+    mask's, which is taken after the cap), against float64 autograd of the reference."""
+    B, H, Hkv, Nq, Nk, D = case["shape"]
+    q, k, v = (t * 2 for t in make(B, H, Hkv, Nq, Nk, D, D))  # large logits, so that the cap bites
+    ins = [t.requires_grad_() for t in (q, k, v)]
+    mask = None
+    if case.get("mask") == "float":
+        mask = torch.randn(1, H, Nq, Nk).requires_grad_()
+        ins.append(mask)
+    elif case.get("mask") == "bool":
+        mask = torch.rand(1, 1, 1, Nk) > 0.3
+    kw = dict(scale=case["scale"], causal=case.get("causal", False), enable_gqa=H != Hkv, softcap=case["cap"])
+    out = attention(*ins[:3], attn_mask=mask, **kw)
+    assert torch.isfinite(out).all()
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, ins, g)
+    ref, g64 = _capped_reference_grads(ins, g, attn_mask=mask, **kw)
+    assert rel(out, ref) < 1e-5
+    for a, b in zip(grads, g64):
+        assert torch.isfinite(a).all() and rel(a, b) < 1e-4
+    # the cap is applied: without it the result is 100x further from the reference than the error
+    fixed = [t.detach() for t in ins[:3]] + [mask.detach() if mask is not None else None]
+    uncapped = attention(*fixed[:3], attn_mask=fixed[3], **dict(kw, softcap=None))
+    assert rel(uncapped, ref.detach()) > 1e-3
+
+
+def test_softcap_with_dropout_draws_the_references_mask():
+    q, k, v = make(1, 2, 2, 19, 37, 16, 16)
+    ins = [t.requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(3)
+    seed = reference_seed()
+    torch.manual_seed(3)
+    out = attention(*ins, causal=True, dropout_p=0.3, softcap=2.0)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, ins, g)
+    ref, g64 = _capped_reference_grads(ins, g, causal=True, dropout_p=0.3, softcap=2.0, dropout_seed=seed)
+    assert rel(out, ref) < 1e-5
+    assert rel(attention(*(t.detach() for t in ins), causal=True, softcap=2.0), ref.detach()) > 1e-2  # it dropped
+    for a, b in zip(grads, g64):
+        assert rel(a, b) < 1e-4
+
+
+def test_softcap_validation_and_sdpa():
+    q, k, v = make(1, 2, 2, 8, 8, 16, 16)
+    for bad in (0.0, -1.0, math.inf, "50", True):
+        with pytest.raises(ValueError, match="softcap must be"):
+            attention(q, k, v, softcap=bad)
+    with pytest.raises(ValueError, match="metric 'dot' only"):
+        attention(q, k, v, metric="l2", scale=0.1, softcap=10.0)
+    with pytest.raises(ValueError, match="nonzero number scale"):
+        attention(q, k, v, scale=torch.tensor(0.1, requires_grad=True), softcap=10.0)
+    with pytest.raises(ValueError, match="soft-cap"):
+        attention(q, k, v, softcap=10.0, config="sdpa")
+
+
+def test_softcap_opcheck():
+    q, k, v = make(1, 2, 1, 9, 11, 16, 16)
+    for t in (q, k, v):
+        t.requires_grad_()
+    scale = torch.full((2,), 0.25)
+    mask = torch.randn(1, 2, 9, 11, requires_grad=True)
+    torch.library.opcheck(torch.ops.truthfuse.attention_fwd.default,
+                          (q, k, v, scale, mask, None, "dot", True, 0.0, None, False, 20.0))
