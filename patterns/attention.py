@@ -9,7 +9,9 @@ Every form shares one tail, written once in `_scores_to_output`:
 
 Canonicalization makes this cover `/ sqrt(d)`, `* d ** -0.5`, `mul_`, `/=`, casts around softmax,
 `torch.where` masks, module or functional dropout, `bmm`, `einsum` and transposes by permute. The
-forms differ only in how the scores are computed, one rule each. Two refinements of the dot rule
+forms differ only in how the scores are computed, one rule each. Soft-capped dot-product scores
+(Gemma 2: `tanh(scores * scales / cap) * cap`, then the masks) have rules of their own, which pass
+the cap to the op's `softcap`. Two refinements of the dot rule
 win where they apply: `dot_repeat_kv` (K/V repeated per head, Llama eager) passes the un-repeated
 K/V with enable_gqa, and `dot_causal` turns an added mask that is provably the causal triangle
 (built from constants, as HF's eager masks are) into causal=True. K and V with a single head that
@@ -55,6 +57,10 @@ def _scores_to_output(scores, v, bias0, scale, scale2, mask_a, fill_a, bias2, bi
     s = maybe(torch.add)(scores, bias0)
     s = maybe(torch.mul)(s, scale)
     s = maybe(torch.mul)(s, scale2)
+    return _logits_to_output(s, v, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
+
+
+def _logits_to_output(s, v, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim):
     s = maybe(torch.masked_fill)(s, mask_a, fill_a)
     # Two additive terms, as T5 adds its position bias and then the padding mask. The outer add is
     # `bias` (a single add binds there first), the one the causal check reads.
@@ -443,9 +449,9 @@ def _mask_for_op(q, mask_a, fill_a, terms, mask_b, fill_b):
 
 def _make_replacement(metric: str, gqa: bool = False, causal_bias: bool = False):
     """causal_bias: check_constant_causal_bias proved the added mask is the causal triangle; it
-    becomes causal=True and is not read."""
+    becomes causal=True and is not read. A site with a soft cap (`cap`) passes it as softcap."""
     def replacement(q, k, v, bias0=None, scale=None, scale2=None, mask_a=None, fill_a=None, bias2=None, bias=None,
-                    mask_b=None, fill_b=None, p=None, config=None, **_):
+                    mask_b=None, fill_b=None, p=None, config=None, cap=None, **_):
         if causal_bias:
             bias = None
         if bias0 is not None:  # (scores + bias0) * scales: the op adds bias0 * scales, in fp32 like the scores
@@ -455,14 +461,17 @@ def _make_replacement(metric: str, gqa: bool = False, causal_bias: bool = False)
         three_d = q.dim() == 3
         if three_d:
             q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-        default = 1.0
-        s = _combined_scale(scale, scale2, default, negate=metric in ("l2", "l1"))
+        softcap = None
+        if cap is not None:
+            s, softcap = _softcap_args(scale, scale2, cap)
+        else:
+            s = _combined_scale(scale, scale2, 1.0, negate=metric in ("l2", "l1"))
         mask = _mask_for_op(q, mask_a, fill_a, [t for t in (bias0, bias2, bias) if t is not None], mask_b, fill_b)
         if mask is not None and three_d and mask.dim() == 3:
             mask = mask.unsqueeze(0)
         grouped = gqa or kv_heads_broadcast(q, k, v)
         out = attention_op(q, k, v, metric=metric, scale=s, attn_mask=mask, enable_gqa=grouped, causal=causal_bias,
-                           dropout_p=float(p) if p is not None else 0.0, config=config)
+                           dropout_p=float(p) if p is not None else 0.0, softcap=softcap, config=config)
         return out.squeeze(0) if three_d else out
     replacement.__name__ = f"{metric}_attention_replacement"
     return replacement
@@ -509,38 +518,62 @@ def exact_unless_dropout(name):
     return exact
 
 
-def _rule(name, metric, pattern, extra=(), priority=100, gqa=False, causal_bias=False):
+def _rule(name, metric, pattern, extra=(), priority=100, gqa=False, causal_bias=False, offer_sdpa=True):
     return Rule(name=name, kind="attention", pattern=pattern, replacement=_make_replacement(metric, gqa, causal_bias),
                 constraints=COMMON_CONSTRAINTS[:-1] + tuple(extra) + COMMON_CONSTRAINTS[-1:],
                 priority=priority, variant=metric, exact=exact_unless_dropout("p"),
-                configs=configs_for(metric, causal_bias),
+                configs=configs_for(metric, causal_bias, offer_sdpa),
                 # bf16 q/k upcast for the scores: the kernels accumulate in fp32 from the bf16 values,
                 # which is what the upcast computes, without the copies
                 look_through_upcasts=("q", "k"))
 
 
-# -- reported, not fused ------------------------------------------------------------------------
+# -- soft-capped dot-product scores (Gemma 2) -------------------------------------------------------
 
-def softcap_pattern(q, k, v, scale, cap, bias, p, sdim):
-    """Gemma 2 soft-caps its scores, tanh(s * scale / cap) * cap, before the mask and softmax."""
-    s = torch.tanh(maybe(torch.mul)(torch.matmul(q, k.transpose(-2, -1)), scale)) * cap
-    s = maybe(torch.add)(s, bias)
-    return torch.matmul(maybe(F.dropout)(torch.softmax(s, sdim), p), v)
-
-
-def never_fused_softcap(m: Match) -> Optional[str]:
-    return ("the scores are soft-capped (tanh(s / cap) * cap, as in Gemma 2) before the softmax: no fused "
-            "kernel computes that yet")
+def _capped(scores, scale, scale2, cap):
+    # Gemma 2: tanh(q.k * scaling / softcap) * softcap, the masks added after the cap
+    s = maybe(torch.mul)(scores, scale)
+    s = maybe(torch.mul)(s, scale2)
+    return torch.mul(torch.tanh(s), cap)
 
 
-def _reported_only(**_):
-    raise RuntimeError("attention.softcap only reports its sites; it never replaces them")
+def softcap_pattern(q, k, v, scale, scale2, cap, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim):
+    capped = _capped(torch.matmul(q, torch.transpose(k, -2, -1)), scale, scale2, cap)
+    return _logits_to_output(capped, v, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
+
+
+def softcap_repeat_kv_pattern(q, k, v, scale, scale2, cap, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim,
+                              n, nv):
+    kr, vr = torch.repeat_interleave(k, n, -3), torch.repeat_interleave(v, nv, -3)
+    capped = _capped(torch.matmul(q, torch.transpose(kr, -2, -1)), scale, scale2, cap)
+    return _logits_to_output(capped, vr, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_softcap(m: Match) -> Optional[str]:
+    """The cap and the scales before tanh are nonzero Python numbers: the kernels take one number
+    scale and a positive cap (a tensor there, learnable or per-head, is left to eager)."""
+    cap = m.values.get("cap")
+    if not _is_number(cap) or cap == 0:
+        return f"the soft cap {cap!r} is not a nonzero Python number"
+    for name in ("scale", "scale2"):
+        if m.present(name) and (not _is_number(m.values[name]) or m.values[name] == 0):
+            return f"the {name} before the soft cap is not a nonzero Python number"
+    return None
+
+
+def _softcap_args(scale, scale2, cap):
+    """(scale, softcap) for the op from the pattern's cap * tanh(scale * scale2 * q.k): the op
+    computes softcap * tanh(scale * q.k / softcap), so softcap = |cap| and scale = the scales * cap
+    (a negative cap is tanh's oddness: -c * tanh(x) = c * tanh(-x))."""
+    pre = _combined_scale(scale, scale2, 1.0)
+    return pre * cap, abs(float(cap))
 
 
 RULES = [
-    # Found only so that explain() names the site and why it stays unfused
-    Rule(name="attention.softcap", kind="attention", pattern=softcap_pattern, replacement=_reported_only,
-         constraints=(never_fused_softcap,), variant="dot"),
     _rule("attention.dot", "dot", dot_pattern),
     _rule("attention.dot_repeat_kv", "dot", dot_repeat_kv_pattern, (check_repeat_kv,), priority=120, gqa=True),
     # HF eager builds its causal mask from aranges: proven causal at compile time, it becomes
@@ -555,6 +588,15 @@ RULES = [
     _rule("attention.l1_cdist", "l1", l1_cdist_pattern, (check_distance_scale,)),
     _rule("attention.l1_broadcast", "l1", l1_broadcast_pattern, (check_distance_scale,)),
     _rule("attention.cosine", "cosine", cosine_pattern, (check_cosine_eps,), priority=110),
+    # Gemma 2's soft-capped scores (SDPA has no soft cap: the op's kernels only)
+    _rule("attention.softcap", "dot", softcap_pattern, (check_softcap,), offer_sdpa=False),
+    _rule("attention.softcap_repeat_kv", "dot", softcap_repeat_kv_pattern, (check_softcap, check_repeat_kv),
+          priority=120, gqa=True, offer_sdpa=False),
+    _rule("attention.softcap_causal", "dot", softcap_pattern, (check_softcap, check_constant_causal_bias),
+          priority=105, causal_bias=True, offer_sdpa=False),
+    _rule("attention.softcap_repeat_kv_causal", "dot", softcap_repeat_kv_pattern,
+          (check_softcap, check_repeat_kv, check_constant_causal_bias), priority=125, gqa=True, causal_bias=True,
+          offer_sdpa=False),
 ]
 
 for _r in RULES:

@@ -493,3 +493,54 @@ def test_distance_cross_attention(metric):
     inputs = qkv(T=5, S=11)
     assert_fused(model, *inputs, variant=metric)
     assert_matches_eager(model, *inputs)
+
+
+# ------------------------------------------------------------------------------------------------
+# soft-capped scores (Gemma 2): cap * tanh(scale * q.k / cap), then the mask
+# ------------------------------------------------------------------------------------------------
+
+class SoftCapped(nn.Module):
+    """Gemma 2's eager attention: scaled, divided by the cap, tanh, times the cap, mask, softmax in
+    fp32; K/V repeated per head when there are fewer of them."""
+
+    def __init__(self, cap=50.0, repeat=1):
+        super().__init__()
+        self.cap, self.repeat = cap, repeat
+
+    def forward(self, q, k, v, mask):
+        if self.repeat > 1:
+            k, v = (t.repeat_interleave(self.repeat, dim=1) for t in (k, v))
+        s = torch.matmul(q, k.transpose(2, 3)) * q.size(-1) ** -0.5
+        s = s / self.cap
+        s = torch.tanh(s)
+        s = s * self.cap
+        return torch.matmul(F.softmax(s + mask, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def _causal_additive(T):
+    return torch.zeros(T, T).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+
+
+@pytest.mark.parametrize("cap, repeat, rule", [
+    (2.0, 1, "attention.softcap"),  # a cap that saturates on these scores
+    (50.0, 2, "attention.softcap_repeat_kv"),
+    (-3.0, 1, "attention.softcap"),  # tanh is odd: the op takes |cap| and flips the scale
+])
+def test_softcap(cap, repeat, rule):
+    model = SoftCapped(cap, repeat)
+    q, k, v = qkv(H=4, Hkv=4 // repeat, T=8, D=8)
+    q, k = q * 3, k * 3
+    mask = torch.randn(2, 1, 8, 8)  # not causal: the general rules
+    assert_fused(model, q, k, v, mask, variant="dot", rule=rule)
+    assert_matches_eager(model, q, k, v, mask)
+
+
+def test_softcap_causal_mask_becomes_causal():
+    class Constant(SoftCapped):
+        def forward(self, q, k, v):
+            return super().forward(q, k, v, _causal_additive(q.shape[-2]))
+
+    model = Constant(5.0, 2)
+    q, k, v = qkv(H=4, Hkv=2, T=8, D=8)
+    assert_fused(model, q, k, v, variant="dot", rule="attention.softcap_repeat_kv_causal")
+    assert_matches_eager(model, q, k, v)

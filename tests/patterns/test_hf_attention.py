@@ -136,3 +136,24 @@ def test_hf_t5_position_bias_and_padding():
     am[0, :3] = 0
     assert_fused(model, ids, am, decoder_ids, variant="dot", count=3)
     assert_matches_eager(model, ids, am, decoder_ids, grad_inputs=False, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_hf_gemma2_soft_capped_attention(padded):
+    """Gemma 2 soft-caps its scores (tanh(s / 50) * 50) and repeats K/V for its grouped heads; its
+    layers alternate sliding-window and global attention. Each attention site fuses with the cap."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, sliding_window=4,
+                                    attn_logit_softcapping=5.0, final_logit_softcapping=None,
+                                    max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = Logits(transformers.Gemma2ForCausalLM._from_config(cfg, attn_implementation="eager")).train()
+    ids = torch.randint(1, VOCAB, (2, T))
+    args, loss_mask = (ids,), None
+    if padded:
+        am = torch.ones(2, T, dtype=torch.long)
+        am[0, :3] = 0
+        args, loss_mask = (ids, am), am[..., None].float()
+    sites = assert_fused(model, *args, variant="dot", count=2)
+    assert all(s.rule.startswith("attention.softcap") for s in sites if s.kind == "attention")
+    assert_matches_eager(model, *args, grad_inputs=False, loss_mask=loss_mask, atol=2e-5, rtol=2e-4)
