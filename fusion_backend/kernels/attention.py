@@ -649,29 +649,40 @@ def _pad_dim(d: int) -> int:
     return max(16, next_power_of_2(d))
 
 
+# fp32 accumulator elements one thread of a kernel may hold. At 256 the D=256 dK/dV tiles ran
+# 1.9x slower than at 128 (bench/attention_sweep_gpu.py, H100, 2026-11-27): they spill.
+_ACC_PER_THREAD = 128
+
+
 def _feasible(cfg: dict, metric: str, d_pad: int, elem_bytes: int) -> bool:
-    """Like the tutorial's keep(): drop tiles whose registers or shared memory cannot fit."""
+    """Drop tiles whose accumulators or shared memory cannot fit: per thread, at most
+    _ACC_PER_THREAD fp32 elements of each kernel's accumulators (the forward's output rows and its
+    score tile, dK/dV's two gradients of its keys, dQ's query rows), and the forward's K/V stages
+    within 160 KB of shared memory."""
     bm, bn, w = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]
-    if bm * d_pad > 128 * 128 or bn * d_pad * cfg["num_stages"] * elem_bytes * 2 > 160 * 1024:
+    if bn * d_pad * cfg["num_stages"] * elem_bytes * 2 > 160 * 1024 or bm < 16 * w // 4:
         return False
-    if bm < 16 * w // 4 or bm * bn // (32 * w) > 128:  # accumulator tile per thread
+    if max(bm * bn, bm * d_pad) // (32 * w) > _ACC_PER_THREAD:
         return False
-    for tile in backward_tiles(cfg):
-        if max(tile["BLOCK_M"], tile["BLOCK_N"]) * d_pad > 128 * 128 and d_pad > 64:
-            return False
-    return True
+    kv, q = backward_tiles(cfg)
+    if kv["BLOCK_N"] * 2 * d_pad // (32 * kv["num_warps"]) > _ACC_PER_THREAD:
+        return False
+    return q["BLOCK_M"] * d_pad // (32 * q["num_warps"]) <= _ACC_PER_THREAD
 
 
 # (dK/dV tile, dQ tile) pairs as (BLOCK_M, BLOCK_N, num_warps, num_stages). The first is the
 # default for head dims up to 64 in half precision: the fastest of 6 x 6 tiles timed one kernel at
 # a time (bench/attention_sweep_gpu.py, H100, dot, B=4 H=8 N=8192 D=64 bf16, forward+backward
 # 5.02 ms against 5.67 with the earlier shared 64x64 tile); the others were next best.
+# The last two are the defaults at head dims 128 and 256 (see default_attention_config).
 _BACKWARD_PAIRS = (
     ((32, 128, 4, 3), (128, 64, 4, 3)),
     ((32, 128, 4, 5), (128, 64, 8, 3)),
     ((64, 64, 4, 3), (128, 32, 4, 5)),
     ((64, 64, 4, 2), (64, 64, 4, 2)),
     ((32, 128, 4, 3), (64, 32, 4, 3)),
+    ((32, 64, 4, 3), (128, 64, 8, 2)),
+    ((64, 32, 4, 2), (128, 32, 8, 2)),
 )
 
 
@@ -720,11 +731,12 @@ def default_attention_config(metric: str, head_dim: int, dtype: torch.dtype, dev
         return _with_backward(dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3), _BACKWARD_PAIRS[4])
     if d_pad <= 64:  # forward m128n64w8s3: fastest of six forward tiles in the same sweep
         return _with_backward(dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3), _BACKWARD_PAIRS[0])
+    # D=128 and 256: the fastest tiles per kernel of 7-8 each (bench/attention_sweep_gpu.py, H100,
+    # bf16, N=8192, causal dot; at 256 also soft-capped dot and learnable l2 / cosine): forward and
+    # backward 8.57 -> 5.45 ms at D=128 (B=2, H=16), 22.1 -> 7.2 ms at D=256 (B=2, H=8)
     if d_pad <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2,
-                    BWD_BLOCK_M=32, BWD_BLOCK_N=64, bwd_num_warps=4, bwd_num_stages=1)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1,
-                BWD_BLOCK_M=16, BWD_BLOCK_N=32, bwd_num_warps=4, bwd_num_stages=1)
+        return _with_backward(dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3), _BACKWARD_PAIRS[5])
+    return _with_backward(dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2), _BACKWARD_PAIRS[6])
 
 
 def backward_tiles(cfg: dict) -> tuple:
