@@ -3,7 +3,7 @@
     TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 python bench/attention_sweep_gpu.py [--metrics dot,l2,cosine]
 
 B=4, H=8, N=8192, D=64, bf16, non-causal, no mask (the issue's benchmark shape; `--shape B,H,N,D`,
-`--mask tril|causal` and `--dropout P` sweep another, e.g. TruthGPT's 8,8,4096,32 with a tril
+`--mask tril|causal`, `--dropout P` and `--softcap CAP` sweep another, e.g. TruthGPT's 8,8,4096,32 with a tril
 buffer and dropout 0.1). For the first
 metric every candidate tile of each kernel is timed: the forward, then the dK/dV kernel (with the
 dQ tile held at the default), then the dQ kernel (dK/dV at its best). The other metrics time the
@@ -177,6 +177,7 @@ def main():
                     help="tril: a shared bool lower-triangle mask (a registered buffer); causal: causal=True")
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--scale-grad", action="store_true", help="time with a learnable scale (its gradient computed)")
+    ap.add_argument("--softcap", type=float, default=0.0, help="soft-capped dot logits at this cap (Gemma 2: 50)")
     for part in ("fwd", "dkdv", "dq"):
         ap.add_argument(f"--{part}-tiles", help="comma-separated tiles like m128n64w8s3 (replaces the list)")
     args = ap.parse_args()
@@ -190,9 +191,11 @@ def main():
         EXTRA["causal"] = True
     if args.dropout:
         EXTRA.update(dropout_p=args.dropout, seed=torch.tensor(123, device=DEV))  # a device seed, as the op passes it
+    if args.softcap:
+        EXTRA["softcap"] = args.softcap
     global SCALE_GRAD
     SCALE_GRAD = args.scale_grad
-    RES["env"].update(mask=args.mask, dropout=args.dropout, scale_grad=SCALE_GRAD)
+    RES["env"].update(mask=args.mask, dropout=args.dropout, scale_grad=SCALE_GRAD, softcap=args.softcap)
     if args.quick:
         FWD_TILES[:] = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 32, 4, 4),
                         (64, 64, 4, 4)]
