@@ -7,6 +7,9 @@ Models (bf16, AdamW step included, as in shared/bench/anchors_gpu.py):
     gpt2-sdpa    the same with attn_implementation="sdpa"
     truthgpt-l2  examples/truthgpt.py with L2 attention, B=8, T=4096
     truthgpt-l1  the same with L1 attention
+    gemma2-eager HF Gemma 2 with Gemma-2-2B's layer shapes (hidden 2304, 8 heads, 4 K/V heads, head
+                 dim 256, MLP 9216, attention cap 50, final cap 30), 4 layers, a 32000 vocabulary,
+                 B=4, T=2048, attn_implementation="eager" (soft-capped attention)
 
 Per model and mode: a correctness check first (eval-mode logits/loss against eager on the same
 weights and inputs; NaN fails), then median step time (triton.testing.do_bench) and peak extra
@@ -75,11 +78,30 @@ def truthgpt(metric="l2", batch=8, seq=4096):
     return model, idx, tgt, lambda m, i, t: m(i, t)
 
 
+def gemma2(batch=4, seq=2048):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    if SMALL:
+        batch, seq = 2, 16
+    cfg = Gemma2Config(hidden_size=64 if SMALL else 2304, intermediate_size=128 if SMALL else 9216,
+                       num_hidden_layers=2 if SMALL else 4, num_attention_heads=4 if SMALL else 8,
+                       num_key_value_heads=2 if SMALL else 4, head_dim=16 if SMALL else 256,
+                       vocab_size=1000 if SMALL else 32000, max_position_embeddings=seq, sliding_window=4096,
+                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0, attention_dropout=0.0,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = Gemma2ForCausalLM._from_config(cfg, attn_implementation="eager")
+    model = LogitsOnly(model).to(DEV, torch.float32 if SMALL else torch.bfloat16)
+    idx = torch.randint(0, cfg.vocab_size, (batch, seq), device=DEV)
+    tgt = torch.randint(0, cfg.vocab_size, (batch, seq), device=DEV)
+    return model, idx, tgt, lambda m, i, t: F.cross_entropy(m(i).float().flatten(0, 1), t.flatten())
+
+
 MODELS = {
     "gpt2-eager": lambda: gpt2("eager"),
     "gpt2-sdpa": lambda: gpt2("sdpa"),
     "truthgpt-l2": lambda: truthgpt("l2"),
     "truthgpt-l1": lambda: truthgpt("l1"),  # cdist(p=1): eager's backward fails at this size (issue 3)
+    "gemma2-eager": lambda: gemma2(),
 }
 
 
