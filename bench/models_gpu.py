@@ -81,6 +81,7 @@ def truthgpt(metric="l2", batch=8, seq=4096):
 def gemma2(batch=4, seq=2048):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
+    batch, seq = SIZE_OVERRIDE.get("batch", batch), SIZE_OVERRIDE.get("seq", seq)
     if SMALL:
         batch, seq = 2, 16
     cfg = Gemma2Config(hidden_size=64 if SMALL else 2304, intermediate_size=128 if SMALL else 9216,
@@ -119,7 +120,7 @@ def compiled_for(model, mode):
 
 
 TUNING_SECONDS = 90.0
-SIZE_OVERRIDE = {}  # --batch / --seq for TruthGPT (a quicker diagnostic run)
+SIZE_OVERRIDE = {}  # --batch / --seq for TruthGPT and Gemma 2
 
 
 def summary(backend):
@@ -209,8 +210,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer timing repetitions")
     ap.add_argument("--small", action="store_true", help="tiny models on CPU: checks the script runs")
     ap.add_argument("--tag", default="models", help="results go to $OUT/<tag>.json")
-    ap.add_argument("--batch", type=int, help="TruthGPT batch size (default 8)")
-    ap.add_argument("--seq", type=int, help="TruthGPT sequence length (default 4096)")
+    ap.add_argument("--batch", type=int, help="TruthGPT / Gemma 2 batch size (default 8 / 4)")
+    ap.add_argument("--seq", type=int, help="TruthGPT / Gemma 2 sequence length (default 4096 / 2048)")
     ap.add_argument("--profile", action="store_true",
                     help="after timing, profile 5 steps and write the top GPU kernels to $OUT/<tag>-profile.txt")
     ap.add_argument("--stack-dump", type=float, metavar="S",
