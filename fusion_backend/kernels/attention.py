@@ -27,7 +27,10 @@ Conventions shared by the kernels (and by `attention_l1`):
   carries four strides over (B, H, Nq, Nk), 0 on broadcast dims. A bool mask shared by every
   batch and head comes with layout flags computed on the device (`mask_layout_flags`): blocks
   above the diagonal are skipped when it keeps nothing there, and an exact lower triangle runs
-  the causal specialization, which never reads the mask (`mask_launches`).
+  the causal specialization, which never reads the mask (`mask_launches`). A mask of over 1M
+  entries also gets, on the device, each row's and column's kept range (`MaskRanges`): the kernels
+  visit only blocks inside them (sliding windows, packed documents, padding), still applying the
+  mask there, so the result is the same.
 - Dropout: the keep mask of (b, h) is `kernels.philox`'s for an (Nq, Nk) matrix with seed
   seed + b*H + h, the seed read on the device (`philox.seed_arg`); kept values are scaled by
   1/(1-p) (once per output row, not per element). The backward regenerates the same mask.
@@ -169,6 +172,32 @@ def _softcap(raw, cap_in):
     cap * 1e-7 in the logit."""
     r = 2.0 / (1.0 + tl.math.exp2(raw * (cap_in * 2.8853900817779268)))
     return 1.0 - r, r * (2.0 - r)
+
+
+@triton.jit
+def _key_range(RANGES, base, plane, offs_m, N_Q, N_K, BLOCK_N: tl.constexpr):
+    """[lo, hi) of the keys that the query rows offs_m keep anywhere, from the mask's row ranges
+    (`MaskRanges`; base: this (b, h)'s offset), lo rounded down to a multiple of BLOCK_N; empty
+    when none keeps anything."""
+    lo = tl.min(tl.load(RANGES + base + offs_m, mask=offs_m < N_Q, other=N_K), axis=0)
+    hi = tl.max(tl.load(RANGES + plane + base + offs_m, mask=offs_m < N_Q, other=0), axis=0)
+    return (lo // BLOCK_N) * BLOCK_N, hi
+
+
+@triton.jit
+def _query_range(RANGES, base, plane, key_lo, key_hi, N_Q, N_K, BLOCK_M: tl.constexpr):
+    """[lo, hi) of the query rows whose kept range meets keys [key_lo, key_hi), scanning every
+    row's range (a few KB from L2 per key block), lo rounded down to a multiple of BLOCK_M."""
+    q_lo = N_Q
+    q_hi = 0
+    for start in range(0, N_Q, 1024):
+        rows = start + tl.arange(0, 1024)
+        lo = tl.load(RANGES + base + rows, mask=rows < N_Q, other=N_K)
+        hi = tl.load(RANGES + plane + base + rows, mask=rows < N_Q, other=0)
+        meets = (lo < key_hi) & (hi > key_lo)
+        q_lo = tl.minimum(q_lo, tl.min(tl.where(meets, rows, N_Q), axis=0))
+        q_hi = tl.maximum(q_hi, tl.max(tl.where(meets, rows + 1, 0), axis=0))
+    return (q_lo // BLOCK_M) * BLOCK_M, q_hi
 
 
 @triton.jit
@@ -318,12 +347,12 @@ def _attn_fwd_kernel(
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sob, soh, som, sod,
-    H, N_Q, N_K, GROUP, SEED, dropout_p, threshold, cap,
+    H, N_Q, N_K, GROUP, SEED, dropout_p, threshold, cap, RANGES, rgb, rgh, rg_plane,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     STATS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
-    DROP_BITS: tl.constexpr = 16, SOFTCAP: tl.constexpr = False,
+    DROP_BITS: tl.constexpr = 16, SOFTCAP: tl.constexpr = False, SKIP: tl.constexpr = False,
 ):
     """Forward of dot / l2 / cosine attention for one block of BLOCK_M queries of one (b, h).
 
@@ -341,6 +370,8 @@ def _attn_fwd_kernel(
            the cancellation that bf16 rounding of O (through delta) would otherwise expose.
     GROUP: H // Hkv.  SEED (the int64 seed, `philox.seed_arg`), dropout_p: see the module docstring.
     cap:   the soft cap (fp32, > 0) when SOFTCAP (dot only, no STATS): logits cap * tanh(s * q.k / cap).
+    RANGES, rgb, rgh, rg_plane: the mask's per-row key ranges (`MaskRanges.args()`); with
+           SKIP the program visits only the key blocks its rows keep anything in.
     Constexprs: HEAD_DIM/HEAD_DIM_V the true head dims, D_PAD/DV_PAD their powers of two (>= 16);
     METRIC 0 dot, 1 l2, 2 cosine; MASK_KIND 0/1/2; CAUSAL top-left triangle; DROPOUT on/off;
     EVEN_M/EVEN_N whether Nq/Nk are multiples of the blocks (skip bounds checks);
@@ -370,7 +401,11 @@ def _attn_fwd_kernel(
     r_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     hi = _key_end(pid_m, N_K, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
+    lo = 0
+    if SKIP:
+        lo, kept_end = _key_range(RANGES, b * rgb + h * rgh, rg_plane, offs_m, N_Q, N_K, BLOCK_N)
+        hi = tl.minimum(hi, kept_end)
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
@@ -406,12 +441,12 @@ def _attn_bwd_dkdv_kernel(
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sdob, sdoh, sdom, sdod,
-    H, HKV, N_Q, N_K, GROUP, SEED, dropout_p, threshold, cap,
+    H, HKV, N_Q, N_K, GROUP, SEED, dropout_p, threshold, cap, RANGES, rgb, rgh, rg_plane,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
-    DROP_BITS: tl.constexpr = 16, SOFTCAP: tl.constexpr = False,
+    DROP_BITS: tl.constexpr = 16, SOFTCAP: tl.constexpr = False, SKIP: tl.constexpr = False,
 ):
     """dK, dV for BLOCK_N keys of one (b, kv head), summed over the GROUP query heads that read it.
 
@@ -420,6 +455,8 @@ def _attn_bwd_dkdv_kernel(
            forward's row stats; DELTA = rowsum(dO*O));
     KVEC:  (B*Hkv, Nk) fp32: |k|^2 for l2, max(|k|, eps) for cosine (Q, K then hold q^, k^).
     DK:    (B, Hkv, Nk, D) contiguous, K's dtype;  DV: (B, Hkv, Nk, Dv) contiguous, V's dtype.
+    RANGES, rgb, rgh, rg_plane: the mask's per-row key ranges (`MaskRanges.args()`); with SKIP
+           each query head visits only the query blocks whose ranges meet these keys.
     BLOCK_N keys are owned by the program, BLOCK_M queries are visited per step.
     """
     seed = load_seed(SEED, DROPOUT)
@@ -444,7 +481,14 @@ def _attn_bwd_dkdv_kernel(
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
         mask_base = MASK + b * smb + h * smh
-        for start_m in range(lo, N_Q, BLOCK_M):
+        lo_g = lo
+        hi_g = N_Q
+        if SKIP:
+            kept_lo, kept_end = _query_range(RANGES, b * rgb + h * rgh, rg_plane, pid_n * BLOCK_N,
+                                             pid_n * BLOCK_N + BLOCK_N, N_Q, N_K, BLOCK_M)
+            lo_g = tl.maximum(lo, kept_lo)
+            hi_g = tl.minimum(N_Q, kept_end)
+        for start_m in range(lo_g, hi_g, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _load_rows(q_base, offs_m, offs_d, sqm, sqd, N_Q, HEAD_DIM, EVEN_M, HEAD_DIM == D_PAD)
             do = _load_rows(do_base, offs_m, offs_dv, sdom, sdod, N_Q, HEAD_DIM_V, EVEN_M, HEAD_DIM_V == DV_PAD)
@@ -528,12 +572,12 @@ def _attn_bwd_dq_kernel(
     smb, smh, smm, smn,
     sdob, sdoh, sdom, sdod,
     sgb, sgh, sgm, sgn,
-    H, N_Q, N_K, GROUP, SEED, dropout_p, threshold, cap,
+    H, N_Q, N_K, GROUP, SEED, dropout_p, threshold, cap, RANGES, rgb, rgh, rg_plane,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     MASK_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
-    DROP_BITS: tl.constexpr = 16, SOFTCAP: tl.constexpr = False,
+    DROP_BITS: tl.constexpr = 16, SOFTCAP: tl.constexpr = False, SKIP: tl.constexpr = False,
 ):
     """dQ for BLOCK_M queries of one (b, h); also d(loss)/d(scale) per row (when SCALE_GRAD) and dMask.
 
@@ -578,7 +622,11 @@ def _attn_bwd_dq_kernel(
     dq_acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     dsc = tl.zeros([BLOCK_M], tl.float32)
     hi = _key_end(pid_m, N_K, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
+    lo = 0
+    if SKIP:  # the forward's ranges (rows): skipped blocks have p = 0, so dS = 0 there
+        lo, kept_end = _key_range(RANGES, b * rgb + h * rgh, rg_plane, offs_m, N_Q, N_K, BLOCK_N)
+        hi = tl.minimum(hi, kept_end)
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
         v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
@@ -948,11 +996,132 @@ def mask_launches(mask, Nq, Nk, causal, device):
     return _device_flags(mask, Nq, Nk), [(1, None, True), (2, mask, False)]
 
 
+@triton.jit
+def _kept(MASK, b, h, offs_m, offs_n, N_Q, N_K, smb, smh, smm, smn, MASK_KIND: tl.constexpr):
+    """Which entries of a [rows, cols] mask tile keep their score: a bool True, or a float above
+    -1e30 (NaN included, so that it reaches the result as in eager); False outside the mask. A
+    float at or below -1e30, added in fp32 to any realistic logit, leaves exp(logit - row max)
+    exactly 0 once the row keeps one entry (see the patterns' _HUGE_NEGATIVE)."""
+    inb = (offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K)
+    vals = tl.load(MASK + b * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=inb, other=0)
+    if MASK_KIND == 1:
+        return (vals != 0) & inb
+    else:
+        return (~(vals.to(tl.float32) <= -1e30)) & inb
+
+
+@triton.jit
+def _mask_row_ranges_kernel(MASK, ROWS, H_M, N_Q, N_K, smb, smh, smm, smn, rpb, rph, ROW_PLANE,
+                            MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """ROWS[0/1, b, h, i] (offsets rpb, rph, plane ROW_PLANE) = [lo, hi) holding every kept key of
+    query row i of the mask's own (b, h), to BLOCK_N keys (the start of the first tile that keeps
+    one, the end of the last); program (i block, b*H_M + h) walks all keys. A float row with nothing
+    kept softmaxes over every key in eager (all its logits sit at one huge negative): it gets the
+    whole range. A bool row with nothing kept gives 0: an empty range (N_K, 0)."""
+    bhm = tl.program_id(1)
+    b = bhm // H_M
+    h = bhm % H_M
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_lo = tl.full([BLOCK_M], N_K, tl.int32)
+    row_hi = tl.zeros([BLOCK_M], tl.int32)
+    for start_n in range(0, N_K, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kept = _kept(MASK, b, h, offs_m, offs_n, N_Q, N_K, smb, smh, smm, smn, MASK_KIND)
+        # to the tile: one reduction per row and tile (the kernels still apply the mask inside)
+        hit = tl.max(kept.to(tl.int32), axis=1) != 0
+        row_lo = tl.minimum(row_lo, tl.where(hit, start_n, N_K))
+        row_hi = tl.maximum(row_hi, tl.where(hit, tl.minimum(start_n + BLOCK_N, N_K), 0))
+    row_in = offs_m < N_Q
+    if MASK_KIND == 2:
+        dead = (row_hi == 0) & row_in
+        row_lo = tl.where(dead, 0, row_lo)
+        row_hi = tl.where(dead, N_K, row_hi)
+    tl.store(ROWS + b * rpb + h * rph + offs_m, row_lo, mask=row_in)
+    tl.store(ROWS + ROW_PLANE + b * rpb + h * rph + offs_m, row_hi, mask=row_in)
+
+
+# Masks this small are read whole: finding their ranges would cost about what skipping saves.
+# TRUTHFUSE_MASK_SKIP=0 turns block skipping off (read at import).
+_RANGES_MIN_ENTRIES = 1 << 20 if os.environ.get("TRUTHFUSE_MASK_SKIP", "1") != "0" else float("inf")
+
+
+def ranges_layout(mask, B, H, Nq, Nk, metric="dot"):
+    """(Bm, Hm) of the kept ranges a call's mask gets (`MaskRanges`: B / H, or 1 where the mask
+    broadcasts), or None where they would not pay: no mask, one under _RANGES_MIN_ENTRIES entries,
+    or L1 (its kernels read every block). Reads shapes only, so it works on fake tensors."""
+    if mask is None or metric == "l1" or Nq * Nk < _RANGES_MIN_ENTRIES:
+        return None
+    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    return (B if shape[0] != 1 else 1), (H if shape[1] != 1 else 1)
+
+
+def new_ranges(layout, Nq, device):
+    """An empty ranges tensor, (2, Bm, Hm, Nq) int32: the [lo, hi) planes of each query row."""
+    bm, hm = layout
+    return torch.empty(2, bm, hm, Nq, device=device, dtype=torch.int32)
+
+
+class MaskRanges:
+    """Each query row's range of kept keys in a mask, for the kernels to skip blocks the mask drops
+    whole (a sliding window, packed documents, padding): a (2, Bm, Hm, Nq) int32 tensor `t` of
+    [lo, hi) planes. The forward and dQ kernels visit the key blocks their rows' ranges cover; the
+    dK/dV kernel the query blocks whose ranges meet its keys. `compute` fills it from the mask
+    (`_mask_row_ranges_kernel`, one pass); `full` with whole ranges (nothing skipped). `args()`
+    gives a kernel's (pointer, batch offset, head offset, plane offset)."""
+
+    def __init__(self, t, Nq, Nk):
+        self.t, self.nq, self.nk = t, Nq, Nk
+        self.bm, self.hm = t.shape[1], t.shape[2]
+
+    @classmethod
+    def compute(cls, mask4, B, H, Nq, Nk, out=None):
+        """Ranges of mask4 (the mask expanded to (B, H, Nq, Nk)), into `out` when given."""
+        layout = (B if mask4.stride(0) != 0 else 1, H if mask4.stride(1) != 0 else 1)
+        self = cls(out if out is not None else new_ranges(layout, Nq, mask4.device), Nq, Nk)
+        if self.bm not in (layout[0], B) or self.hm not in (layout[1], H):  # per b / h, or shared
+            raise ValueError(f"ranges of shape {tuple(self.t.shape)} for a mask broadcast as {layout}")
+        m = mask4.view(torch.uint8) if mask4.dtype == torch.bool else mask4
+        # the interpreter runs programs one at a time: few large ones there
+        block_m, block_n = (128, 256) if interpreting() else (32, 128)
+        _launch_mask_row_ranges[(cdiv(Nq, block_m), self.bm * self.hm)](
+            m, self.t, self.hm, Nq, Nk, *m.stride(), *self.args()[1:],
+            MASK_KIND=1 if mask4.dtype == torch.bool else 2, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        return self
+
+    @classmethod
+    def full(cls, t, Nq, Nk):
+        """Fill t with whole ranges: every block visited, as without ranges."""
+        self = cls(t, Nq, Nk)
+        t[0].fill_(0)
+        t[1].fill_(Nk)
+        return self
+
+    def args(self) -> tuple:
+        return (self.t, self.hm * self.nq if self.bm > 1 else 0, self.nq if self.hm > 1 else 0,
+                self.bm * self.hm * self.nq)
+
+
+def _call_ranges(mask4, mask, B, H, Nq, Nk, metric, given):
+    """The MaskRanges a launch uses: the `given` tensor (from the forward; empty: none), or
+    computed now where `ranges_layout` says they pay."""
+    if given is not None:
+        return MaskRanges(given, Nq, Nk) if given.numel() else None
+    if ranges_layout(mask, B, H, Nq, Nk, metric) is None:
+        return None
+    return MaskRanges.compute(mask4, B, H, Nq, Nk)
+
+
+def _no_ranges(device):
+    return (_zero_flags(device), 0, 0, 0)
+
+
 def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, dropout_p=0.0, seed=None,
-                      config=None, out=None, stats=True, softcap=0.0):
+                      config=None, out=None, stats=True, softcap=0.0, ranges=None):
     """Run the forward kernel. q (B,H,Nq,D), k (B,Hkv,Nk,D), v (B,Hkv,Nk,Dv) any strides, one dtype;
     scale (H,) fp32; mask broadcastable to (B,H,Nq,Nk) (bool keep / float additive) or None;
-    softcap > 0 soft-caps dot logits at that value (then `stats` must be False).
+    softcap > 0 soft-caps dot logits at that value (then `stats` must be False); ranges: a tensor
+    of `new_ranges(ranges_layout(...))` to fill with the mask's kept ranges (and skip by), for the
+    backward to reuse; None computes them here where they pay.
     Returns (out (B,H,Nq,Dv) in q's dtype, or written into `out`; the row stats of `new_row_stats`,
     with E_p[raw] computed when `stats` (needed for an accurate scale gradient))."""
     B, H, Nq, D = q.shape
@@ -966,17 +1135,26 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
     q, k, _qvec, kvec = _prepass(metric, q, k)
     flags, launches = mask_launches(mask, Nq, Nk, causal, q.device)
     seed_t = seed_arg(seed if dropout_p > 0 else None, q)
+    kept = None
+    if mask is not None:
+        m4 = _mask_args(mask, B, H, Nq, Nk, q.device)[0]
+        if ranges is None:
+            kept = _call_ranges(m4, mask, B, H, Nq, Nk, metric, None)
+        elif ranges.numel():
+            kept = MaskRanges.compute(m4, B, H, Nq, Nk, out=ranges)
     for run_if, l_mask, l_causal in launches:
         m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
+        ranges_used = kept if l_mask is not None else None
         _launch_attn_fwd[grid](
             q, k, v, scale, kvec, m4, flags, out, row_stats[0], row_stats[2], row_stats[1],
             *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
             H, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p), _cap_arg(metric, softcap, stats),
+            *(ranges_used.args() if ranges_used else _no_ranges(q.device)),
             HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv),
             METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=l_causal, DROPOUT=dropout_p > 0, STATS=stats,
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
             BLOCK_M=bm, BLOCK_N=bn, RUN_IF=run_if, DROP_BITS=DROPOUT_BITS, SOFTCAP=softcap > 0,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            SKIP=ranges_used is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return out, row_stats
 
@@ -1020,9 +1198,11 @@ def reduce_mask_grad(buf, mask):
 
 
 def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", causal=False, mask=None,
-                       dropout_p=0.0, seed=None, mask_grad=False, scale_grad=True, config=None, softcap=0.0):
+                       dropout_p=0.0, seed=None, mask_grad=False, scale_grad=True, config=None, softcap=0.0,
+                       ranges=None):
     """Gradients of the forward above. do (B,H,Nq,Dv); out, row_stats from `attention_forward`
-    (with the same softcap; no scale gradient with one).
+    (with the same softcap; no scale gradient with one); ranges: the tensor the forward filled
+    (empty: none), or None to compute them here where they pay.
     Returns dq (q's shape/dtype), dk, dv (k/v's shapes/dtypes), dscale (H,) fp32 (zeros unless
     `scale_grad`), and dmask (the 4-d mask's shape, fp32 summed over broadcast dims) or None."""
     B, H, Nq, D = q.shape
@@ -1041,8 +1221,12 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
     else:
         gbuf, gs = torch.empty(1, device=q.device, dtype=torch.float32), (0, 0, 0, 0)
     cap = _cap_arg(metric, softcap, scale_grad)
+    kept = None
+    if mask is not None:
+        kept = _call_ranges(_mask_args(mask, B, H, Nq, Nk, q.device)[0], mask, B, H, Nq, Nk, metric, ranges)
     for run_if, l_mask, l_causal in launches:
         m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
+        ranges_used = kept if l_mask is not None else None
         common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv),
                       METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=l_causal, DROPOUT=dropout_p > 0,
                       DOT_PREC=_dot_prec(q.dtype), RUN_IF=run_if, DROP_BITS=DROPOUT_BITS, SOFTCAP=softcap > 0)
@@ -1051,15 +1235,17 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
             q, k, v, scale, kvec, m4, flags, do, row_stats[0], row_stats[2], delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(),
             H, Hkv, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p), cap,
-            EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_kv, **common)
+            *(ranges_used.args() if ranges_used else _no_ranges(q.device)),
+            EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, SKIP=ranges_used is not None, **tile_kv, **common)
         bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
         _launch_attn_bwd_dq[(cdiv(Nq, bm), B * H)](
             q, k, v, scale, qvec, kvec, m4, flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dq, dsc,
             gbuf,
             *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *gs,
             H, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p), cap,
+            *(ranges_used.args() if ranges_used else _no_ranges(q.device)),
             MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,
-            EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, **tile_q, **common)
+            EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, SKIP=ranges_used is not None, **tile_q, **common)
     dscale = dsc.view(B, H, Nq).sum(dim=(0, 2))
     dmask = reduce_mask_grad(gbuf, mask) if mask_grad else None
     return dq, dk, dv, dscale, dmask
@@ -1070,6 +1256,7 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
 _launch_normalize_rows = KernelLauncher(_normalize_rows_kernel)
 _launch_normalize_rows_bwd = KernelLauncher(_normalize_rows_bwd_kernel)
 _launch_mask_layout = KernelLauncher(_mask_layout_kernel)
+_launch_mask_row_ranges = KernelLauncher(_mask_row_ranges_kernel)
 _launch_attn_fwd = KernelLauncher(_attn_fwd_kernel)
 _launch_row_dot = KernelLauncher(_row_dot_kernel)
 _launch_attn_bwd_dkdv = KernelLauncher(_attn_bwd_dkdv_kernel)

@@ -12,7 +12,7 @@ the logits as Gemma 2 does: cap * tanh(scale*q.k / cap), before the mask. A bool
 to the logits (and gets a gradient if it requires one); both broadcast to (B, H, Nq, Nk). `causal`
 is the top-left lower triangle. A fully masked row gives 0.
 
-Two custom ops carry the work: truthfuse::attention_fwd returns (out, row stats) and
+Two custom ops carry the work: truthfuse::attention_fwd returns (out, row stats, mask ranges) and
 truthfuse::attention_bwd returns (dq, dk, dv, dscale, dmask); `register_autograd` joins them. The
 dropout seed is an input tensor drawn from the device's torch generator, so the ops themselves are
 deterministic and the backward regenerates the forward's dropout mask.
@@ -164,7 +164,9 @@ def _reference_core(q, k, v, scale_h, metric, causal, mask, dropout_p, seed, dty
     if metric == "dot":
         raw = qf @ kf.transpose(-1, -2)
     elif metric == "l2":
-        raw = -((qf * qf).sum(-1)[..., :, None] + (kf * kf).sum(-1)[..., None, :] - 2 * qf @ kf.transpose(-1, -2))
+        # -|q - k|^2 up to -|q|^2, constant along a softmax row: the kernels' raw score, so that
+        # the row stats of a reference forward serve a backward on the kernels as their own do
+        raw = 2 * qf @ kf.transpose(-1, -2) - (kf * kf).sum(-1)[..., None, :]
     elif metric == "l1":
         raw = -(qf[..., :, None, :] - kf[..., None, :, :]).abs().sum(-1) if Nq * Nk * D <= 2**24 \
             else -torch.cdist(qf, kf, p=1.0)
@@ -244,25 +246,39 @@ def _use_kernels(q, k, v, metric, mask, dropout_p):
     return True
 
 
+def _new_ranges(q, k, mask, metric):
+    """The forward's mask-ranges output: `kernels.attention.new_ranges` where the mask gets them,
+    else an empty int32 tensor. Decided from shapes alone, as the fake implementation does."""
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    layout = _tc.ranges_layout(mask, B, H, Nq, Nk, metric)
+    if layout is None:
+        return q.new_empty(0, dtype=torch.int32)
+    return _tc.new_ranges(layout, Nq, q.device)
+
+
 def _fwd_impl(q, k, v, scale, mask, seed, metric, causal, dropout_p, config, scale_grad, softcap):
+    ranges = _new_ranges(q, k, mask, metric)
     if _use_kernels(q, k, v, metric, mask, dropout_p):
         try:
             qk, kk, vk, mk = _kernel_inputs(q, k, v, mask)
             cfg = _resolve_config(config, metric, q.shape[-1], q.dtype, q.device.type)
             launch = _l1.l1_attention_forward if metric == "l1" else _tc.attention_forward
-            kw = {} if metric == "l1" else dict(metric=metric, softcap=softcap)
+            kw = {} if metric == "l1" else dict(metric=metric, softcap=softcap, ranges=ranges)
             out, lse = launch(qk, kk, vk, scale, causal=causal, mask=mk, dropout_p=dropout_p, seed=seed,
                               config=cfg, stats=scale_grad, **kw)
-            return out.to(q.dtype), lse
+            return out.to(q.dtype), lse, ranges
         except Exception as e:  # compile / launch failure: keep the model running
             warn_fallback_once("attention", f"kernel failed: {type(e).__name__}: {str(e)[:200]}")
     out, lse = _reference_core(q, k, v, scale, metric, causal, mask, dropout_p, seed_value(seed), torch.float32,
                                softcap)
-    return out.to(q.dtype).contiguous(), lse
+    if ranges.numel():  # whole ranges: a backward on the kernels skips nothing
+        _tc.MaskRanges.full(ranges, q.shape[2], k.shape[2])
+    return out.to(q.dtype).contiguous(), lse, ranges
 
 
 def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dropout_p, config, mask_grad,
-              scale_grad, softcap):
+              scale_grad, softcap, ranges=None):
     if _use_kernels(q, k, v, metric, mask, dropout_p):
         try:
             gk, qk, kk, vk, mk, ok = _kernel_inputs(grad_out, q, k, v, mask, out)
@@ -274,7 +290,7 @@ def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dr
             else:
                 r = _tc.attention_backward(gk, qk, kk, vk, scale, ok, lse, metric=metric, causal=causal, mask=mk,
                                            dropout_p=dropout_p, seed=seed, mask_grad=mask_grad,
-                                           scale_grad=scale_grad, config=cfg, softcap=softcap)
+                                           scale_grad=scale_grad, config=cfg, softcap=softcap, ranges=ranges)
             dq, dk, dv, dscale, dmask = r
             dmask = dmask.to(mask.dtype) if mask_grad else q.new_empty(0)
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dscale, dmask
@@ -303,9 +319,10 @@ def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dr
 @torch.library.custom_op("truthfuse::attention_fwd", mutates_args=())
 def attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: Tensor, attn_mask: Optional[Tensor],
                      seed: Optional[Tensor], metric: str, causal: bool, dropout_p: float, config: Optional[str],
-                     scale_grad: bool, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+                     scale_grad: bool, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """Forward: (out (B, H, Nq, Dv) in q's dtype, row stats (3, B*H, Nq) fp32: row max, E_p[raw]
-    (when scale_grad, else 0) and log2 of the row sum). scale (H,) fp32; attn_mask 4-d broadcastable
+    (when scale_grad, else 0) and log2 of the row sum, the mask's kept ranges for the backward
+    (`kernels.attention.MaskRanges`; empty without). scale (H,) fp32; attn_mask 4-d broadcastable
     or None; seed the dropout's 0-d int64 tensor on q's device (`ops.seed`), None without dropout;
     softcap the dot logits' soft cap, 0 for none."""
     return _fwd_impl(q, k, v, scale, attn_mask, seed, metric, causal, dropout_p, config, scale_grad, softcap)
@@ -314,23 +331,24 @@ def attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: Tensor, attn_mask: 
 @attention_fwd_op.register_fake
 def _(q, k, v, scale, attn_mask, seed, metric, causal, dropout_p, config, scale_grad, softcap=0.0):
     B, H, Nq, _ = q.shape
-    return q.new_empty((B, H, Nq, v.shape[-1])), q.new_empty((3, B * H, Nq), dtype=torch.float32)
+    return (q.new_empty((B, H, Nq, v.shape[-1])), q.new_empty((3, B * H, Nq), dtype=torch.float32),
+            _new_ranges(q, k, attn_mask, metric))
 
 
 @torch.library.custom_op("truthfuse::attention_bwd", mutates_args=())
 def attention_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: Tensor, attn_mask: Optional[Tensor],
                      out: Tensor, lse: Tensor, seed: Optional[Tensor], metric: str, causal: bool, dropout_p: float,
-                     config: Optional[str], mask_grad: bool,
-                     scale_grad: bool, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     config: Optional[str], mask_grad: bool, scale_grad: bool, softcap: float = 0.0,
+                     ranges: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward: (dq, dk, dv, dscale (H,) fp32 (zeros unless scale_grad), dmask (attn_mask's shape,
-    or empty when not mask_grad))."""
+    or empty when not mask_grad)). ranges: the forward's third output."""
     return _bwd_impl(grad_out, q, k, v, scale, attn_mask, out, lse, seed, metric, causal, dropout_p, config, mask_grad,
-                     scale_grad, softcap)
+                     scale_grad, softcap, ranges)
 
 
 @attention_bwd_op.register_fake
 def _(grad_out, q, k, v, scale, attn_mask, out, lse, seed, metric, causal, dropout_p, config, mask_grad, scale_grad,
-      softcap=0.0):
+      softcap=0.0, ranges=None):
     dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty(0)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             scale.new_empty(scale.shape, dtype=torch.float32), dmask)
@@ -339,14 +357,14 @@ def _(grad_out, q, k, v, scale, attn_mask, out, lse, seed, metric, causal, dropo
 def _setup_context(ctx, inputs, output):
     q, k, v, scale, mask, seed, metric, causal, dropout_p, config, scale_grad = inputs[:11]
     softcap = inputs[11] if len(inputs) > 11 else 0.0
-    out, lse = output
-    ctx.mark_non_differentiable(lse)  # saved for backward, never a result
+    out, lse, ranges = output
+    ctx.mark_non_differentiable(lse, ranges)  # saved for backward, never results
     ctx.set_materialize_grads(False)  # so autograd does not fill a zero gradient for lse every backward
     ctx.mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[4]
     ctx.scale_grad = ctx.needs_input_grad[3]
     ctx.args = (metric, causal, dropout_p, config, softcap)
     ctx.n_inputs = len(inputs)
-    ctx.save_for_backward(q, k, v, scale, mask, seed, out, lse)
+    ctx.save_for_backward(q, k, v, scale, mask, seed, out, lse, ranges)
 
 
 def _input_grads(ctx, grad_out, backward):
@@ -354,14 +372,14 @@ def _input_grads(ctx, grad_out, backward):
     backward op, or its implementation on the eager path)."""
     if grad_out is None:  # the output did not reach the loss
         return (None,) * ctx.n_inputs
-    q, k, v, scale, mask, seed, out, lse = ctx.saved_tensors
+    q, k, v, scale, mask, seed, out, lse, ranges = ctx.saved_tensors
     metric, causal, dropout_p, config, softcap = ctx.args
-    dq, dk, dv, dscale, dmask = backward(grad_out, q, k, v, scale, mask, out, lse, seed,
-                                         metric, causal, dropout_p, config, ctx.mask_grad, ctx.scale_grad, softcap)
+    dq, dk, dv, dscale, dmask = backward(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dropout_p,
+                                         config, ctx.mask_grad, ctx.scale_grad, softcap, ranges)
     return (dq, dk, dv, dscale, (dmask if ctx.mask_grad else None)) + (None,) * (ctx.n_inputs - 5)
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _backward(ctx, grad_out, grad_lse, grad_ranges):
     return _input_grads(ctx, grad_out, attention_bwd_op)
 
 
@@ -535,7 +553,7 @@ def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None
             float(softcap or 0.0))
     if plain_eager_call(args[:5]):  # eager: skip the dispatch layers (and autograd when unneeded)
         differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5])
-        out, _ = _EagerAttention.apply(*args) if differentiable else _fwd_impl(*args)
+        out = (_EagerAttention.apply(*args) if differentiable else _fwd_impl(*args))[0]
     else:
-        out, _ = attention_fwd_op(*args)
+        out = attention_fwd_op(*args)[0]
     return out

@@ -15,6 +15,7 @@ from fusion_backend.ops.attention import (
     attention, attention_config_space, attention_reference, attention_supports, config_key,
     default_attention_config,
 )
+from fusion_backend.ops import fallback
 from fusion_backend.ops.seed import reference_seed
 
 # A kernel that falls back to the PyTorch reference would pass these checks while broken.
@@ -555,3 +556,154 @@ def test_softcap_opcheck():
     mask = torch.randn(1, 2, 9, 11, requires_grad=True)
     torch.library.opcheck(torch.ops.truthfuse.attention_fwd.default,
                           (q, k, v, scale, mask, None, "dot", True, 0.0, None, False, 20.0))
+
+
+# -- block skipping from the mask's kept ranges ---------------------------------------------------
+
+def _band(N, width):
+    i = torch.arange(N)
+    return (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - width)
+
+
+def _torch_kept(mask4, float_mask):
+    """Which entries count as kept (float rows with nothing kept read every key), by PyTorch."""
+    keep = ~(mask4.float() <= -1e30) if float_mask else mask4
+    if float_mask:
+        keep = keep | ~keep.any(-1, keepdim=True)
+    return keep
+
+
+@pytest.mark.parametrize("kind", ["band_float", "band_bool", "docs_bool", "padding", "dead_rows"])
+def test_mask_ranges_hold_every_kept_entry(kind):
+    """Each query row's [lo, hi) holds all its kept keys, tight to one tile of the range kernel; a
+    bool row with nothing kept is empty, a float one reads every key."""
+    B, H, Nq, Nk = 2, 3, 150, 570
+    fmin = torch.finfo(torch.float32).min
+    band = _band(max(Nq, Nk), 40)[:Nq, :Nk]
+    if kind == "band_float":
+        mask = torch.zeros(Nq, Nk).masked_fill(~band, fmin)[None, None]
+    elif kind == "band_bool":
+        mask = band[None, None]
+    elif kind == "docs_bool":  # packed documents: block-diagonal, per batch
+        i = torch.arange(max(Nq, Nk))
+        mask = torch.stack([(i[:Nq, None] // d) == (i[None, :Nk] // d) for d in (37, 64)])[:, None]
+    elif kind == "padding":  # key padding on one batch row, broadcast over queries
+        mask = torch.zeros(B, 1, 1, Nk)
+        mask[0, ..., 300:] = float("-inf")
+    else:  # per-head float masks, some rows with nothing kept
+        mask = torch.zeros(1, H, Nq, Nk).masked_fill(~band, fmin)
+        mask[0, 1, 20:30] = fmin
+    m4 = mask.expand(B, H, Nq, Nk)
+    r = tc.MaskRanges.compute(m4, B, H, Nq, Nk)
+    keep = _torch_kept(m4[:r.bm, :r.hm], mask.dtype != torch.bool)  # broadcast dims: one copy
+    cols = torch.arange(Nk)
+    lo, hi = r.t[0].long(), r.t[1].long()
+    inside = (cols >= lo[..., None]) & (cols < hi[..., None])
+    assert not (keep & ~inside).any(), kind  # nothing kept outside the range
+    first = torch.where(keep, cols, Nk).amin(-1)
+    last = torch.where(keep, cols + 1, 0).amax(-1)
+    some = keep.any(-1)
+    assert ((first - lo)[some] < 256).all() and ((hi - last)[some] < 256).all(), kind  # tight to a tile
+    assert (hi[~some] == 0).all(), kind  # nothing kept (bool): an empty range
+
+
+@pytest.mark.parametrize("case", ["band_float_causal_dropout", "docs_bool_l2_learnable", "dead_float_rows_gqa"])
+def test_block_skipping_matches_float64(case, monkeypatch):
+    """With the kernels skipping the blocks a mask drops whole (threshold lowered so these small
+    masks qualify), outputs and gradients still equal the float64 reference: sliding-window bands,
+    packed documents, rows with nothing kept (uniform in eager for a float mask)."""
+    monkeypatch.setattr(tc, "_RANGES_MIN_ENTRIES", 0)
+    N, fmin = 230, torch.finfo(torch.float32).min
+    band = _band(N, 50)
+    kw, metric, scale = {}, "dot", None
+    if case == "band_float_causal_dropout":
+        q, k, v = make(1, 2, 2, N, N, 16, 16)
+        mask = torch.zeros(N, N).masked_fill(~band, fmin)
+        kw = dict(causal=True, dropout_p=0.2)
+    elif case == "docs_bool_l2_learnable":
+        q, k, v = make(2, 2, 2, N, N, 16, 16)
+        i = torch.arange(N)
+        mask = (i[:, None] // 70) == (i[None, :] // 70)
+        metric, scale = "l2", torch.tensor(0.1)
+    else:
+        q, k, v = make(1, 4, 2, N, N, 16, 16)
+        mask = torch.zeros(1, 4, N, N).masked_fill(~band, fmin)
+        mask[0, 2, 100:120] = fmin
+        kw = dict(enable_gqa=True)
+    ins = [t.requires_grad_() for t in (q, k, v)]
+    if isinstance(scale, torch.Tensor):
+        scale = scale.requires_grad_()
+        ins.append(scale)
+    if mask.is_floating_point():
+        mask = mask.requires_grad_()
+        ins.append(mask)
+    torch.manual_seed(7)
+    seed = reference_seed()
+    torch.manual_seed(7)
+    out = attention(q, k, v, metric=metric, scale=scale, attn_mask=mask, **kw)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, ins, g)
+    ins64 = [t.detach().double().requires_grad_() for t in ins]
+    it = iter(ins64[3:])
+    s64 = next(it) if isinstance(scale, torch.Tensor) else scale
+    m64 = next(it) if mask.is_floating_point() else mask
+    ref = attention_reference(*ins64[:3], metric=metric, scale=s64, attn_mask=m64, dropout_seed=seed, **kw)
+    g64 = torch.autograd.grad(ref, ins64, g.double())
+    assert torch.isfinite(out).all() and rel(out, ref) < 1e-5
+    for a, b in zip(grads, g64):
+        assert torch.isfinite(a).all() and rel(a, b) < 1e-4
+
+
+def test_block_skipping_through_the_custom_ops(monkeypatch):
+    """The forward hands its mask ranges to the backward as a third output: opcheck's fake tensors
+    agree with the real ones, and a compiled call (aot_eager, fullgraph) equals the eager one."""
+    monkeypatch.setattr(tc, "_RANGES_MIN_ENTRIES", 0)
+    N = 140
+    q, k, v = make(1, 2, 2, N, N, 16, 16)
+    for t in (q, k, v):
+        t.requires_grad_()
+    mask = torch.zeros(1, 2, N, N).masked_fill(~_band(N, 30), torch.finfo(torch.float32).min).requires_grad_()
+    torch.library.opcheck(torch.ops.truthfuse.attention_fwd.default,
+                          (q, k, v, torch.full((2,), 0.25), mask, None, "dot", False, 0.0, None, False, 0.0))
+    ranges = torch.ops.truthfuse.attention_fwd.default(q, k, v, torch.full((2,), 0.25), mask, None, "dot", False,
+                                                       0.0, None, False, 0.0)[2]
+    assert ranges.shape == (2, 1, 2, N) and ranges.dtype == torch.int32
+
+    def f(q, k, v, mask):
+        return attention(q, k, v, attn_mask=mask)
+    g = torch.randn(1, 2, N, 16)
+    want = torch.autograd.grad(f(q, k, v, mask), (q, k, v, mask), g)
+    got = torch.autograd.grad(torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v, mask), (q, k, v, mask), g)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    # odd tiles: a dK/dV key tile of 8, a forward tile of 32 x 16
+    odd = torch.autograd.grad(attention(q, k, v, attn_mask=mask, config="m32n16w4s1-bm32n8w4s1"), (q, k, v, mask), g)
+    for a, b in zip(odd, want):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_reference_forward_then_kernel_backward(metric, monkeypatch):
+    """A forward kernel that fails falls back to the reference; the backward may still run on the
+    kernels, from the reference's row stats: they use the kernels' raw scores, so the gradients
+    (the learnable scale's included) stay right."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated compile failure")
+    monkeypatch.setattr(tc, "attention_forward", broken)
+    fallback.reset_fallback_warnings()  # the one warning per process and reason comes here
+    q, k, v = make(1, 2, 2, 37, 45, 16, 16)
+    with pytest.warns(fallback.FusionFallbackWarning, match="simulated compile failure"):
+        run_and_compare(metric, q * 2, k * 2 + 1, v, scale=torch.rand(2) + 0.2, causal=True)
+
+
+def test_block_skipping_with_a_mask_expanded_by_the_caller(monkeypatch):
+    """A mask the caller expanded over the batch (stride 0, shape B) gets ranges per batch row from
+    the op's shape-based layout: the same result as the shared mask, no fallback."""
+    monkeypatch.setattr(tc, "_RANGES_MIN_ENTRIES", 0)
+    N = 120
+    q, k, v = make(2, 2, 2, N, N, 16, 16)
+    shared = torch.zeros(1, 1, N, N).masked_fill(~_band(N, 25), float("-inf"))
+    a = attention(q, k, v, attn_mask=shared)
+    b = attention(q, k, v, attn_mask=shared.expand(2, 1, N, N))
+    assert torch.equal(a, b)
+    assert rel(a, attention_reference(q.double(), k.double(), v.double(), attn_mask=shared.double())) < 1e-5
