@@ -88,6 +88,15 @@ def check_once(metric, dtype, B, H, Hkv, Nq, Nk, D, Dv, causal=False, mask=None,
         m = torch.rand(B, 1, Nq, Nk, device=dev) > 0.2
     elif mask == "tril":  # a registered-buffer causal mask: the kernels skip the blocks above it
         m = torch.ones(Nq, Nk, device=dev, dtype=torch.bool).tril()[None, None]
+    elif mask in ("band", "band_dead"):  # a sliding window of 300 (float, finfo.min outside): over 1M
+        i = torch.arange(max(Nq, Nk), device=dev)  # entries, the kernels skip the blocks it drops
+        band = ((i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 300))[:Nq, :Nk]
+        m = torch.zeros(1, H, Nq, Nk, device=dev).masked_fill(~band, torch.finfo(torch.float32).min)
+        if mask == "band_dead":  # rows with nothing kept: uniform over every key, as in eager
+            m[0, H - 1, Nq // 2:Nq // 2 + 40] = torch.finfo(torch.float32).min
+    elif mask == "docs":  # packed documents (bool, block-diagonal), different per batch row
+        i = torch.arange(max(Nq, Nk), device=dev)
+        m = torch.stack([(i[:Nq, None] // d) == (i[None, :Nk] // d) for d in (257, 390)][:B])[:, None]
     elif mask == "pad_min":  # HF-style padding: finfo.min on batch 0's first 3 keys (with causal,
         m = torch.zeros(B, 1, 1, Nk, device=dev)  # query rows 0-2 see only padded keys: uniform rows)
         m[0, ..., :3] = torch.finfo(torch.float32).min
@@ -343,6 +352,12 @@ def run_checks(part=0, nparts=1):
     jobs.append(lambda: check("dot", torch.float32, 2, 2, 2, 65, 65, 80, 80, causal=True, mask="pad_min",
                               scale="number", softcap=30.0))
     jobs.append(check_softcap_dropout)
+    # block skipping from the mask's kept ranges (masks of over 1M entries)
+    jobs.append(lambda: check("dot", torch.bfloat16, 1, 4, 2, 1100, 1100, 64, 64, causal=True, mask="band"))
+    jobs.append(lambda: check("l2", torch.bfloat16, 2, 2, 2, 1100, 1030, 64, 64, mask="docs", smax=0.2))
+    jobs.append(lambda: check("cosine", torch.bfloat16, 1, 4, 4, 1100, 1100, 64, 64, mask="band_dead"))
+    jobs.append(lambda: check("dot", torch.float16, 1, 2, 2, 1100, 1100, 128, 128, mask="band", scale="number",
+                              softcap=30.0))
     jobs.append(l2_accuracy)
     jobs.append(check_peaked)
     for learnable in (False, True):
