@@ -27,9 +27,10 @@ os.environ.setdefault("TRITON_INTERPRET", "0")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+os.environ.setdefault("BENCH_REP_MS", "150")
+from attention_gpu import bench  # noqa: E402  (median ms and extra MB of forward or forward+backward)
 from fusion_backend.kernels import attention as tc  # noqa: E402
 from fusion_backend.ops.attention import attention  # noqa: E402
 
@@ -38,24 +39,6 @@ OUT = os.environ.get("OUT", "/tmp")
 RES = {"env": dict(torch=torch.__version__, triton=triton.__version__, card=torch.cuda.get_device_name(),
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())), "bench": []}
 CAP = 50.0
-
-
-def bench(fn, bwd):
-    torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-
-    def run():
-        if bwd:
-            o = fn(); o.backward(torch.ones_like(o))
-        else:
-            with torch.no_grad():
-                fn()
-    try:
-        ms = do_bench(run, warmup=25, rep=150, return_mode="median")
-    except Exception as e:  # a baseline that cannot run this case is recorded as such
-        print("ERR", type(e).__name__, str(e)[:300], flush=True)
-        return float("nan"), float("nan")
-    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def record(case, name, bwd, fn, skip=True):
@@ -71,6 +54,12 @@ def record(case, name, bwd, fn, skip=True):
     RES["bench"].append(dict(case=case, variant=name, bwd=bwd, ms=ms, extra_mb=mb))
     print(f"{case:28s} {name:24s} {'fwd+bwd' if bwd else 'fwd    '} {ms:9.3f} ms {mb:9.1f} MB", flush=True)
     json.dump(RES, open(os.path.join(OUT, "mask_skip_gpu.json"), "w"), indent=1)
+
+
+def record_ours(case, bwd, ours):
+    """The op with block skipping, and the same call reading every block."""
+    record(case, "ours, skipping", bwd, ours)
+    record(case, "ours, every block", bwd, ours, skip=False)
 
 
 def gemma_eager(q, k, v, scale, mask):
@@ -102,10 +91,8 @@ def windows():
                 k, v = (torch.randn(B, Hkv, N, D, device=dev, dtype=torch.bfloat16, requires_grad=bwd)
                         for _ in range(2))
 
-                def ours():
-                    return attention(q, k, v, scale=scale, attn_mask=mask, enable_gqa=True, softcap=CAP)
-                record(case, "ours, skipping", bwd, ours)
-                record(case, "ours, every block", bwd, ours, skip=False)
+                record_ours(case, bwd, lambda: attention(q, k, v, scale=scale, attn_mask=mask, enable_gqa=True,
+                                                         softcap=CAP))
                 record(case, "flex", bwd, lambda: flex(q, k, v, score_mod=capped, block_mask=block, scale=scale,
                                                        enable_gqa=True))
                 record(case, "inductor, eager form", bwd, lambda: inductor(q, k, v, scale, mask))
@@ -123,11 +110,7 @@ def documents():
     case = f"8 documents of {doc}, causal"
     for bwd in (False, True):
         q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16, requires_grad=bwd) for _ in range(3))
-
-        def ours():
-            return attention(q, k, v, attn_mask=keep)
-        record(case, "ours, skipping", bwd, ours)
-        record(case, "ours, every block", bwd, ours, skip=False)
+        record_ours(case, bwd, lambda: attention(q, k, v, attn_mask=keep))
         record(case, "flex", bwd, lambda: flex(q, k, v, block_mask=block))
         record(case, "sdpa, bool mask", bwd, lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep))
         del q, k, v
@@ -142,11 +125,7 @@ def dense():
     case = "dense padding mask"
     for bwd in (False, True):
         q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16, requires_grad=bwd) for _ in range(3))
-
-        def ours():
-            return attention(q, k, v, attn_mask=mask)
-        record(case, "ours, skipping", bwd, ours)
-        record(case, "ours, every block", bwd, ours, skip=False)
+        record_ours(case, bwd, lambda: attention(q, k, v, attn_mask=mask))
         del q, k, v
 
 

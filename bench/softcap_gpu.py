@@ -16,7 +16,6 @@ Env: SKIP_BENCH=1, SKIP_MODEL=1, SIZES=2048, DIMS=256 to shorten a run.
 """
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -26,9 +25,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from attention_gpu import bench  # noqa: E402  (median ms and extra MB of forward or forward+backward)
 import fusion_backend  # noqa: E402
 from fusion_backend.ops.attention import attention  # noqa: E402
 
@@ -41,24 +40,6 @@ CAP = 50.0
 
 def save():
     json.dump(RES, open(os.path.join(OUT, "softcap_gpu.json"), "w"), indent=1)
-
-
-def bench(fn, bwd):
-    torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-
-    def run():
-        if bwd:
-            o = fn(); o.backward(torch.ones_like(o))
-        else:
-            with torch.no_grad():
-                fn()
-    try:
-        ms = do_bench(run, warmup=25, rep=200, return_mode="median")
-    except Exception as e:  # a baseline that cannot run this shape is recorded as such
-        print("ERR", type(e).__name__, str(e)[:300], flush=True)
-        return float("nan"), float("nan")
-    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def gemma_eager(q, k, v, scale, mask):
