@@ -1112,6 +1112,7 @@ def _call_ranges(mask4, mask, B, H, Nq, Nk, metric, given):
 
 
 def _no_ranges(device):
+    """Kernel arguments for "no ranges" (SKIP off): the shared zero as an unread pointer."""
     return (_zero_flags(device), 0, 0, 0)
 
 

@@ -8,9 +8,10 @@ q (B, H, Nq, D); k (B, Hkv, Nk, D); v (B, Hkv, Nk, Dv); output (B, H, Nq, Dv) in
 Logits: dot scale*q.k (default 1/sqrt(D)); l2 -scale*|q-k|^2; l1 -scale*sum|q-k|; cosine
 scale*cos(q, k) (default scale 1.0 for the distances). `scale` is a float or a tensor with 1 or H
 elements (any shape) that receives a gradient. `softcap` (dot only, with a number scale) soft-caps
-the logits as Gemma 2 does: cap * tanh(scale*q.k / cap), before the mask. A bool mask keeps where True, a float mask is added
-to the logits (and gets a gradient if it requires one); both broadcast to (B, H, Nq, Nk). `causal`
-is the top-left lower triangle. A fully masked row gives 0.
+the logits as Gemma 2 does: cap * tanh(scale*q.k / cap), before the mask. A bool mask keeps where
+True, a float mask is added to the logits (and gets a gradient if it requires one); both broadcast
+to (B, H, Nq, Nk). `causal` is the top-left lower triangle. A fully masked row gives 0. Blocks a
+large mask drops whole are skipped (`kernels.attention.MaskRanges`), with the same result.
 
 Two custom ops carry the work: truthfuse::attention_fwd returns (out, row stats, mask ranges) and
 truthfuse::attention_bwd returns (dq, dk, dv, dscale, dmask); `register_autograd` joins them. The
