@@ -1081,8 +1081,9 @@ class MaskRanges:
         if self.bm not in (layout[0], B) or self.hm not in (layout[1], H):  # per b / h, or shared
             raise ValueError(f"ranges of shape {tuple(self.t.shape)} for a mask broadcast as {layout}")
         m = mask4.view(torch.uint8) if mask4.dtype == torch.bool else mask4
-        # the interpreter runs programs one at a time: few large ones there
-        block_m, block_n = (128, 256) if interpreting() else (32, 128)
+        # the interpreter runs programs one at a time: few tall ones there, as narrow as the
+        # interpreter's attention tiles so that its kernels skip as the GPU's do
+        block_m, block_n = (128, 64) if interpreting() else (32, 128)
         _launch_mask_row_ranges[(cdiv(Nq, block_m), self.bm * self.hm)](
             m, self.t, self.hm, Nq, Nk, *m.stride(), *self.args()[1:],
             MASK_KIND=1 if mask4.dtype == torch.bool else 2, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)

@@ -613,7 +613,7 @@ def test_block_skipping_matches_float64(case, monkeypatch):
     masks qualify), outputs and gradients still equal the float64 reference: sliding-window bands,
     packed documents, rows with nothing kept (uniform in eager for a float mask)."""
     monkeypatch.setattr(tc, "_RANGES_MIN_ENTRIES", 0)
-    N, fmin = 230, torch.finfo(torch.float32).min
+    N, fmin = 300, torch.finfo(torch.float32).min  # over the interpreter's 64-wide tiles
     band = _band(N, 50)
     kw, metric, scale = {}, "dot", None
     if case == "band_float_causal_dropout":
@@ -637,6 +637,9 @@ def test_block_skipping_matches_float64(case, monkeypatch):
     if mask.is_floating_point():
         mask = mask.requires_grad_()
         ins.append(mask)
+    m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(q.shape[0], q.shape[1], N, N)
+    ranges = tc.MaskRanges.compute(m4, q.shape[0], q.shape[1], N, N).t
+    assert ((ranges[1] - ranges[0]) < N - 64).any()  # some rows skip a whole tile: the test tests skipping
     torch.manual_seed(7)
     seed = reference_seed()
     torch.manual_seed(7)
