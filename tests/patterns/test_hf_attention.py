@@ -157,3 +157,32 @@ def test_hf_gemma2_soft_capped_attention(padded):
     sites = assert_fused(model, *args, variant="dot", count=2)
     assert all(s.rule.startswith("attention.softcap") for s in sites if s.kind == "attention")
     assert_matches_eager(model, *args, grad_inputs=False, loss_mask=loss_mask, atol=2e-5, rtol=2e-4)
+
+
+def test_hf_mistral_sliding_window_skips_blocks(monkeypatch):
+    """Mistral's sliding window reaches the op as an additive float mask (finfo.min outside the
+    window); with block skipping on for masks this small, the kernels visit only the blocks inside
+    the window, and the model still equals eager, with left padding too."""
+    from fusion_backend.kernels import attention as tc
+
+    monkeypatch.setattr(tc, "_RANGES_MIN_ENTRIES", 0)
+    widths = []
+    compute = tc.MaskRanges.compute.__func__
+
+    def spy(cls, mask4, B, H, Nq, Nk, out=None):
+        r = compute(cls, mask4, B, H, Nq, Nk, out)
+        widths.append(int((r.t[1] - r.t[0]).min()))
+        return r
+    monkeypatch.setattr(tc.MaskRanges, "compute", classmethod(spy))
+    torch.manual_seed(0)
+    n = 160
+    cfg = transformers.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=VOCAB, sliding_window=40,
+                                     max_position_embeddings=n, bos_token_id=0, eos_token_id=0)
+    model = Logits(transformers.MistralForCausalLM._from_config(cfg, attn_implementation="eager")).train()
+    ids = torch.randint(0, VOCAB, (2, n))
+    am = torch.ones(2, n, dtype=torch.long)
+    am[0, :30] = 0
+    assert_fused(model, ids, am, variant="dot", count=1)
+    assert_matches_eager(model, ids, am, grad_inputs=False, loss_mask=am[..., None].float(), atol=2e-5, rtol=2e-4)
+    assert widths and min(widths) <= n - 64  # rows whose kept range leaves out a whole 64-key tile
