@@ -28,9 +28,9 @@ Conventions shared by the kernels (and by `attention_l1`):
   batch and head comes with layout flags computed on the device (`mask_layout_flags`): blocks
   above the diagonal are skipped when it keeps nothing there, and an exact lower triangle runs
   the causal specialization, which never reads the mask (`mask_launches`). A mask of over 1M
-  entries also gets, on the device, each row's and column's kept range (`MaskRanges`): the kernels
-  visit only blocks inside them (sliding windows, packed documents, padding), still applying the
-  mask there, so the result is the same.
+  entries also gets, on the device, each query row's range of kept keys (`MaskRanges`): the kernels
+  visit only the blocks those ranges reach (sliding windows, packed documents, padding), still
+  applying the mask there, so the result is the same.
 - Dropout: the keep mask of (b, h) is `kernels.philox`'s for an (Nq, Nk) matrix with seed
   seed + b*H + h, the seed read on the device (`philox.seed_arg`); kept values are scaled by
   1/(1-p) (once per output row, not per element). The backward regenerates the same mask.
@@ -1138,12 +1138,10 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
     flags, launches = mask_launches(mask, Nq, Nk, causal, q.device)
     seed_t = seed_arg(seed if dropout_p > 0 else None, q)
     kept = None
-    if mask is not None:
+    if mask is not None and (ranges is None or ranges.numel()):
         m4 = _mask_args(mask, B, H, Nq, Nk, q.device)[0]
-        if ranges is None:
-            kept = _call_ranges(m4, mask, B, H, Nq, Nk, metric, None)
-        elif ranges.numel():
-            kept = MaskRanges.compute(m4, B, H, Nq, Nk, out=ranges)
+        kept = (_call_ranges(m4, mask, B, H, Nq, Nk, metric, None) if ranges is None
+                else MaskRanges.compute(m4, B, H, Nq, Nk, out=ranges))
     for run_if, l_mask, l_causal in launches:
         m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
         ranges_used = kept if l_mask is not None else None
