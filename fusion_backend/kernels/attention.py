@@ -28,9 +28,10 @@ Conventions shared by the kernels (and by `attention_l1`):
   batch and head comes with layout flags computed on the device (`mask_layout_flags`): blocks
   above the diagonal are skipped when it keeps nothing there, and an exact lower triangle runs
   the causal specialization, which never reads the mask (`mask_launches`). A mask of over 1M
-  entries also gets, on the device, each query row's range of kept keys (`MaskRanges`): the kernels
-  visit only the blocks those ranges reach (sliding windows, packed documents, padding), still
-  applying the mask there, so the result is the same.
+  entries also gets, on the device, each query row's range of kept keys and its run of keys kept
+  unchanged (`MaskRanges`; the same pass finds a shared bool mask's flags): the kernels visit only
+  the blocks those ranges reach (sliding windows, packed documents, padding), and read the mask
+  only in the blocks that are not inside every row's clean run, so the result is the same.
 - Dropout: the keep mask of (b, h) is `kernels.philox`'s for an (Nq, Nk) matrix with seed
   seed + b*H + h, the seed read on the device (`philox.seed_arg`); kept values are scaled by
   1/(1-p) (once per output row, not per element). The backward regenerates the same mask.
@@ -73,12 +74,14 @@ def _kernel_scale(scale, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
-def _apply_mask(s, mask_ptr, rows, cols, s_r, s_c, N_R, N_C, MASK_KIND: tl.constexpr):
+def _apply_mask(s, mask_ptr, rows, cols, s_r, s_c, N_R, N_C, MASK_KIND: tl.constexpr, clean):
     """Apply the user mask to a logit tile: a bool mask sets dropped entries to -inf, a float mask
     is added. rows / cols: index tensors that broadcast against s (offs_r[:, None] and
     offs_c[None, :] for a 2-d tile; queries and keys, or keys and queries for a transposed tile,
-    with s_r/s_c and N_R/N_C to match)."""
-    if MASK_KIND != 0:
+    with s_r/s_c and N_R/N_C to match). clean: the mask keeps the whole tile unchanged (its
+    `MaskRanges` clean run), so it is not read at all; a constant, or a flag computed per tile (then
+    the read is branched around)."""
+    if MASK_KIND != 0 and clean == 0:
         mptr = mask_ptr + rows * s_r + cols * s_c
         inb = (rows < N_R) & (cols < N_C)
         if MASK_KIND == 1:
@@ -91,7 +94,7 @@ def _apply_mask(s, mask_ptr, rows, cols, s_r, s_c, N_R, N_C, MASK_KIND: tl.const
 
 @triton.jit
 def _logits(raw, scale_k, mask_ptr, smm, smn, rows, cols, N_Q, N_K,
-            MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, EVEN_N: tl.constexpr):
+            MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, clean=False):
     """Logits of one tile: raw * scale_k, plus the mask, with causal and out-of-range keys set to
     -inf. `mask_ptr` already points at this (batch, head). rows / cols: query and key indices
     that broadcast against raw (offs_m[:, None] and offs_n[None, :] for a [BLOCK_M, BLOCK_N] tile).
@@ -99,8 +102,8 @@ def _logits(raw, scale_k, mask_ptr, smm, smn, rows, cols, N_Q, N_K,
     Units: base 2 (scale_k = scale * log2(e)) except with a float mask (MASK_KIND 2), where they
     are natural (scale_k = scale, the mask added as is): finfo.min * log2(e) overflows to -inf, which
     would turn an eager-uniform, finfo.min-padded row into a fully masked one. `_exp_rel` and
-    `_probs` undo the units."""
-    s = _apply_mask(raw * scale_k, mask_ptr, rows, cols, smm, smn, N_Q, N_K, MASK_KIND)
+    `_probs` undo the units. clean: see `_apply_mask`."""
+    s = _apply_mask(raw * scale_k, mask_ptr, rows, cols, smm, smn, N_Q, N_K, MASK_KIND, clean)
     if CAUSAL:
         s = tl.where(cols <= rows, s, float("-inf"))
     if not EVEN_N:
@@ -110,10 +113,11 @@ def _logits(raw, scale_k, mask_ptr, smm, smn, rows, cols, N_Q, N_K,
 
 @triton.jit
 def _logits_t(rawT, scale_k, mask_ptr, smm, smn, offs_m, offs_n, N_Q, N_K,
-              MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr):
+              MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, clean=False):
     """`_logits` for a transposed [BLOCK_N, BLOCK_M] tile (keys along rows). Out-of-range key rows
     are left finite: the dK/dV kernel never stores them and they feed nothing else."""
-    s = _apply_mask(rawT * scale_k, mask_ptr, offs_n[:, None], offs_m[None, :], smn, smm, N_K, N_Q, MASK_KIND)
+    s = _apply_mask(rawT * scale_k, mask_ptr, offs_n[:, None], offs_m[None, :], smn, smm, N_K, N_Q, MASK_KIND,
+                    clean)
     if CAUSAL:
         s = tl.where(offs_n[:, None] <= offs_m[None, :], s, float("-inf"))
     return s
@@ -178,10 +182,35 @@ def _softcap(raw, cap_in):
 def _key_range(RANGES, base, plane, offs_m, N_Q, N_K, BLOCK_N: tl.constexpr):
     """[lo, hi) of the keys that the query rows offs_m keep anywhere, from the mask's row ranges
     (`MaskRanges`; base: this (b, h)'s offset), lo rounded down to a multiple of BLOCK_N; empty
-    when none keeps anything."""
-    lo = tl.min(tl.load(RANGES + base + offs_m, mask=offs_m < N_Q, other=N_K), axis=0)
-    hi = tl.max(tl.load(RANGES + plane + base + offs_m, mask=offs_m < N_Q, other=0), axis=0)
-    return (lo // BLOCK_N) * BLOCK_N, hi
+    when none keeps anything. Then [clean_lo, clean_hi), the keys that every one of the rows keeps
+    unchanged (empty when one of them has no clean run)."""
+    rows_in = offs_m < N_Q
+    lo = tl.min(tl.load(RANGES + base + offs_m, mask=rows_in, other=N_K), axis=0)
+    hi = tl.max(tl.load(RANGES + plane + base + offs_m, mask=rows_in, other=0), axis=0)
+    clean_lo = tl.max(tl.load(RANGES + 2 * plane + base + offs_m, mask=rows_in, other=0), axis=0)
+    clean_hi = tl.min(tl.load(RANGES + 3 * plane + base + offs_m, mask=rows_in, other=N_K), axis=0)
+    return (lo // BLOCK_N) * BLOCK_N, hi, clean_lo, clean_hi
+
+
+@triton.jit
+def _span_bounds(span: tl.constexpr, lo, c0, c1, hi):
+    """Bounds of span 0, 1 or 2 of a loop over [lo, hi) split at c0 <= c1: [lo, c0) reads the mask,
+    [c0, c1) holds the clean tiles, [c1, hi) reads the mask again. One span: c0 = hi."""
+    if span == 0:
+        return lo, c0
+    elif span == 1:
+        return c0, c1
+    else:
+        return c1, hi
+
+
+@triton.jit
+def _clean_span(lo, hi, clean_lo, clean_hi, BLOCK: tl.constexpr):
+    """[c0, c1): the tiles of a loop over [lo, hi) in steps of BLOCK (lo a multiple of BLOCK) that
+    lie inside the clean run [clean_lo, clean_hi), as a middle span: lo <= c0 <= c1 <= hi."""
+    c0 = tl.minimum(lo + ((tl.maximum(clean_lo - lo, 0) + BLOCK - 1) // BLOCK) * BLOCK, hi)
+    c1 = tl.minimum(c0 + (tl.maximum(clean_hi - c0, 0) // BLOCK) * BLOCK, hi)
+    return c0, c1
 
 
 @triton.jit
@@ -198,6 +227,22 @@ def _query_range(RANGES, base, plane, key_lo, key_hi, N_Q, N_K, BLOCK_M: tl.cons
         q_lo = tl.minimum(q_lo, tl.min(tl.where(meets, rows, N_Q), axis=0))
         q_hi = tl.maximum(q_hi, tl.max(tl.where(meets, rows + 1, 0), axis=0))
     return (q_lo // BLOCK_M) * BLOCK_M, q_hi
+
+
+@triton.jit
+def _tile_is_clean(start, clean_lo, clean_hi, BLOCK: tl.constexpr):
+    """Whether keys [start, start + BLOCK) lie inside the clean run [clean_lo, clean_hi)."""
+    return (start >= clean_lo) & (start + BLOCK <= clean_hi)
+
+
+@triton.jit
+def _query_block_clean(RANGES, base, plane, offs_m, N_Q, N_K, key_lo, BLOCK_N: tl.constexpr):
+    """For the dK/dV kernel: whether every query row offs_m keeps keys [key_lo, key_lo + BLOCK_N)
+    unchanged (rows past N_Q do not count)."""
+    rows_in = offs_m < N_Q
+    c_lo = tl.max(tl.load(RANGES + 2 * plane + base + offs_m, mask=rows_in, other=0), axis=0)
+    c_hi = tl.min(tl.load(RANGES + 3 * plane + base + offs_m, mask=rows_in, other=N_K), axis=0)
+    return _tile_is_clean(key_lo, c_lo, c_hi, BLOCK_N)
 
 
 @triton.jit
@@ -340,6 +385,36 @@ def _fwd_epilogue(acc, m_i, l_i, r_i, OUT, RBAR, STATS_M, STATS_L, b, h, bh, off
 # Forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _fwd_step(start_n, q, m_i, l_i, r_i, acc, k_base, v_base, kvec_base, mask_base, skn, skd, svn, svd, smm, smn,
+              offs_m, offs_d, offs_dv, N_Q, N_K, scale, scale_k, cap, seed, bh, threshold,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+              METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+              STATS: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr, SOFTCAP: tl.constexpr, CLEAN: tl.constexpr):
+    """One key tile of `_attn_fwd_kernel`, from key start_n: returns the updated m_i, l_i, r_i, acc.
+    CLEAN: the tile lies in the clean run of every row, so the mask is not read."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    if METRIC == 1:
+        kn = tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)
+        raw = 2.0 * qk - kn[None, :]
+    elif SOFTCAP:
+        raw, _ = _softcap(qk, scale / cap)
+    else:
+        raw = qk
+    s = _logits(raw, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND, CAUSAL,
+                EVEN_N, CLEAN)
+    p, m_i, l_i, r_i, acc = _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND, STATS)
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
+        p = tl.where(keep, p, 0.0)
+    v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return m_i, l_i, r_i, acc
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, SCALE, KVEC, MASK, MASK_FLAGS, OUT, STATS_M, STATS_L, RBAR,
     sqb, sqh, sqm, sqd,
@@ -402,28 +477,21 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     hi = _key_end(pid_m, N_K, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M)
     lo = 0
+    c0 = hi
+    c1 = hi
     if SKIP:
-        lo, kept_end = _key_range(RANGES, b * rgb + h * rgh, rg_plane, offs_m, N_Q, N_K, BLOCK_N)
+        lo, kept_end, clean_lo, clean_hi = _key_range(RANGES, b * rgb + h * rgh, rg_plane, offs_m, N_Q, N_K,
+                                                      BLOCK_N)
         hi = tl.minimum(hi, kept_end)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if METRIC == 1:
-            kn = tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)
-            raw = 2.0 * qk - kn[None, :]
-        elif SOFTCAP:
-            raw, _ = _softcap(qk, scale / cap)
-        else:
-            raw = qk
-        s = _logits(raw, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND, CAUSAL,
-                    EVEN_N)
-        p, m_i, l_i, r_i, acc = _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND, STATS)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, start_n, N_K, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
-            p = tl.where(keep, p, 0.0)
-        v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
-        acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision=DOT_PREC)
+        c0, c1 = _clean_span(lo, hi, clean_lo, clean_hi, BLOCK_N)
+    for span in tl.static_range(1 + 2 * SKIP):  # with ranges: masked, clean, masked
+        span_lo, span_hi = _span_bounds(span, lo, c0, c1, hi)
+        for start_n in range(span_lo, span_hi, BLOCK_N):
+            m_i, l_i, r_i, acc = _fwd_step(
+                start_n, q, m_i, l_i, r_i, acc, k_base, v_base, kvec_base, mask_base, skn, skd, svn, svd, smm, smn,
+                offs_m, offs_d, offs_dv, N_Q, N_K, scale, scale_k, cap, seed, bh, threshold, HEAD_DIM, HEAD_DIM_V,
+                D_PAD, DV_PAD, METRIC, MASK_KIND, CAUSAL, DROPOUT, STATS, EVEN_N, DOT_PREC, BLOCK_M, BLOCK_N,
+                DROP_BITS, SOFTCAP, span == 1)
     if DROPOUT:  # kept probabilities scale by 1/(1-p): once per row here, not per element above
         acc = acc * (1.0 / (1.0 - dropout_p))
     _fwd_epilogue(acc, m_i, l_i, r_i, OUT, RBAR, STATS_M, STATS_L, b, h, bh, offs_m, offs_dv, sob, soh, som, sod,
@@ -433,6 +501,54 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # Backward: dK and dV (one program per key block of one kv head, looping over its query heads)
 # ----------------------------------------------------------------------------------------------
+@triton.jit
+def _dkdv_step(start_m, k_op, v, kvec, dk_acc, dv_acc, csum, q_base, do_base, mask_base, sqm, sqd, sdom, sdod,
+               smm, smn, STATS_M, STATS_L, DELTA, bh, offs_n, offs_d, offs_dv, N_Q, N_K, scale, scale_k, cap,
+               seed, pid_n, threshold, dropout_p, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+               D_PAD: tl.constexpr, DV_PAD: tl.constexpr, METRIC: tl.constexpr, MASK_KIND: tl.constexpr,
+               CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, DOT_PREC: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr, SOFTCAP: tl.constexpr,
+               clean):
+    """One query block (from start_m) of `_attn_bwd_dkdv_kernel` for one query head: returns the
+    updated dk_acc, dv_acc and (l2) csum. clean: the mask keeps these keys for all of the block's
+    rows (`_apply_mask`)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _load_rows(q_base, offs_m, offs_d, sqm, sqd, N_Q, HEAD_DIM, EVEN_M, HEAD_DIM == D_PAD)
+    do = _load_rows(do_base, offs_m, offs_dv, sdom, sdod, N_Q, HEAD_DIM_V, EVEN_M, HEAD_DIM_V == DV_PAD)
+    sa, sb = _load_row_stats(STATS_M, STATS_L, bh, offs_m, N_Q, MASK_KIND)
+    delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    # Transposed tile [BLOCK_N, BLOCK_M]: P^T and dS^T come out of the dots already as the
+    # left operands of dV += P^T dO and dK += dS^T Q, with no register transposes.
+    qkT = tl.dot(k_op, tl.trans(q), input_precision=DOT_PREC)
+    if METRIC == 1:
+        rawT = 2.0 * qkT - kvec[:, None]
+        sT = _logits_t(rawT, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, clean)
+    elif SOFTCAP:
+        tT, dtT = _softcap(qkT, scale / cap)
+        sT = _logits_t(tT, _kernel_scale(cap, MASK_KIND), mask_base, smm, smn, offs_m, offs_n, N_Q, N_K,
+                       MASK_KIND, CAUSAL, clean)
+    else:
+        sT = _logits_t(qkT, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL, clean)
+    pT = _probs(sT, sa[None, :], sb[None, :], MASK_KIND)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    if DROPOUT:
+        keep = tl.trans(_dropout_keep(seed, bh, offs_m, pid_n * BLOCK_N, N_K, threshold, BLOCK_M, BLOCK_N,
+                                      DROP_BITS))
+        rescale = 1.0 / (1.0 - dropout_p)
+        pdT = tl.where(keep, pT, 0.0)  # dV takes the 1/(1-p) once, at the end
+        dpT = tl.where(keep, dpT * rescale, 0.0)
+    else:
+        pdT = pT
+    dv_acc = tl.dot(pdT.to(do.dtype), do, dv_acc, input_precision=DOT_PREC)
+    dsT = pT * (dpT - delta[None, :]) * scale
+    if SOFTCAP:  # through cap * tanh(scale * q.k / cap): d/d(scale * q.k) = 1 - tanh^2
+        dsT = dsT * dtT
+    if METRIC == 1:
+        csum += tl.sum(dsT, axis=1)
+    dk_acc = tl.dot(dsT.to(q.dtype), q, dk_acc, input_precision=DOT_PREC)
+    return dk_acc, dv_acc, csum
+
+
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, SCALE, KVEC, MASK, MASK_FLAGS, DO, STATS_M, STATS_L, DELTA, DK, DV,
@@ -489,40 +605,16 @@ def _attn_bwd_dkdv_kernel(
             lo_g = tl.maximum(lo, kept_lo)
             hi_g = tl.minimum(N_Q, kept_end)
         for start_m in range(lo_g, hi_g, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = _load_rows(q_base, offs_m, offs_d, sqm, sqd, N_Q, HEAD_DIM, EVEN_M, HEAD_DIM == D_PAD)
-            do = _load_rows(do_base, offs_m, offs_dv, sdom, sdod, N_Q, HEAD_DIM_V, EVEN_M, HEAD_DIM_V == DV_PAD)
-            sa, sb = _load_row_stats(STATS_M, STATS_L, bh, offs_m, N_Q, MASK_KIND)
-            delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
-            # Transposed tile [BLOCK_N, BLOCK_M]: P^T and dS^T come out of the dots already as the
-            # left operands of dV += P^T dO and dK += dS^T Q, with no register transposes.
-            qkT = tl.dot(k_op, tl.trans(q), input_precision=DOT_PREC)
-            if METRIC == 1:
-                rawT = 2.0 * qkT - kvec[:, None]
-                sT = _logits_t(rawT, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL)
-            elif SOFTCAP:
-                tT, dtT = _softcap(qkT, scale / cap)
-                sT = _logits_t(tT, _kernel_scale(cap, MASK_KIND), mask_base, smm, smn, offs_m, offs_n, N_Q, N_K,
-                               MASK_KIND, CAUSAL)
+            if SKIP:  # a query block can be clean for these keys anywhere in the range: decided per block
+                clean = _query_block_clean(RANGES, b * rgb + h * rgh, rg_plane, start_m + tl.arange(0, BLOCK_M), N_Q,
+                                           N_K, pid_n * BLOCK_N, BLOCK_N)
             else:
-                sT = _logits_t(qkT, scale_k, mask_base, smm, smn, offs_m, offs_n, N_Q, N_K, MASK_KIND, CAUSAL)
-            pT = _probs(sT, sa[None, :], sb[None, :], MASK_KIND)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            if DROPOUT:
-                keep = tl.trans(_dropout_keep(seed, bh, offs_m, pid_n * BLOCK_N, N_K, threshold, BLOCK_M, BLOCK_N,
-                                              DROP_BITS))
-                rescale = 1.0 / (1.0 - dropout_p)
-                pdT = tl.where(keep, pT, 0.0)  # dV takes the 1/(1-p) once, at the end
-                dpT = tl.where(keep, dpT * rescale, 0.0)
-            else:
-                pdT = pT
-            dv_acc = tl.dot(pdT.to(DO.dtype.element_ty), do, dv_acc, input_precision=DOT_PREC)
-            dsT = pT * (dpT - delta[None, :]) * scale
-            if SOFTCAP:  # through cap * tanh(scale * q.k / cap): d/d(scale * q.k) = 1 - tanh^2
-                dsT = dsT * dtT
-            if METRIC == 1:
-                csum += tl.sum(dsT, axis=1)
-            dk_acc = tl.dot(dsT.to(Q.dtype.element_ty), q, dk_acc, input_precision=DOT_PREC)
+                clean = False
+            dk_acc, dv_acc, csum = _dkdv_step(
+                start_m, k_op, v, kvec, dk_acc, dv_acc, csum, q_base, do_base, mask_base, sqm, sqd, sdom, sdod,
+                smm, smn, STATS_M, STATS_L, DELTA, bh, offs_n, offs_d, offs_dv, N_Q, N_K, scale, scale_k, cap,
+                seed, pid_n, threshold, dropout_p, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, METRIC, MASK_KIND, CAUSAL,
+                DROPOUT, EVEN_M, DOT_PREC, BLOCK_M, BLOCK_N, DROP_BITS, SOFTCAP, clean)
 
     if METRIC == 1:
         dk = 2.0 * dk_acc - 2.0 * k.to(tl.float32) * csum[:, None]
@@ -543,12 +635,13 @@ def _attn_bwd_dkdv_kernel(
 def _dq_tile(raw, do, v, delta, rbar, dsc, sa, sb, scale_k, mask_base, smm, smn, dmask_base, sgm, sgn, offs_m, offs_n,
              N_Q, N_K, seed, bh, start_n, threshold, dropout_p, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
              EVEN_N: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
-             DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr):
+             DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr,
+             clean=False):
     """One (query block, key block) tile of a dQ kernel (here and in `attention_l1`), from its raw
     scores: returns (dS, dsc plus the tile's share of the per-row scale gradient, centred on
     E_p[raw]), and adds dS into the float-mask gradient at dmask_base when MASK_GRAD."""
     s = _logits(raw, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND, CAUSAL,
-                EVEN_N)
+                EVEN_N, clean)
     p = _probs(s, sa[:, None], sb[:, None], MASK_KIND)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     if DROPOUT:
@@ -561,6 +654,34 @@ def _dq_tile(raw, do, v, delta, rbar, dsc, sa, sb, scale_k, mask_base, smm, smn,
     if SCALE_GRAD:
         dsc += tl.sum(ds * (raw - rbar[:, None]), axis=1)
     return ds, dsc
+
+
+@triton.jit
+def _dq_step(start_n, q_op, do, delta, rbar, sa, sb, dq_acc, dsc, k_base, v_base, kvec_base, mask_base, dmask_base,
+             skn, skd, svn, svd, smm, smn, sgm, sgn, offs_m, offs_d, offs_dv, N_Q, N_K, scale, scale_k, cap, seed,
+             bh, threshold, dropout_p, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr,
+             DV_PAD: tl.constexpr, METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+             DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr, EVEN_N: tl.constexpr,
+             DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr,
+             SOFTCAP: tl.constexpr, clean):
+    """One key tile (from start_n) of `_attn_bwd_dq_kernel`: returns the updated dq_acc and dsc.
+    clean: the tile lies in the clean run of every row, so the mask is not read."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
+    v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
+    qk = tl.dot(q_op, tl.trans(k), input_precision=DOT_PREC)
+    if METRIC == 1:
+        raw = 2.0 * qk - tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)[None, :]
+    elif SOFTCAP:
+        raw, dt = _softcap(qk, scale / cap)
+    else:
+        raw = qk
+    ds, dsc = _dq_tile(raw, do, v, delta, rbar, dsc, sa, sb, scale_k, mask_base, smm, smn, dmask_base, sgm, sgn,
+                       offs_m, offs_n, N_Q, N_K, seed, bh, start_n, threshold, dropout_p, MASK_KIND, CAUSAL, EVEN_N,
+                       DROPOUT, MASK_GRAD, SCALE_GRAD, DOT_PREC, BLOCK_M, BLOCK_N, DROP_BITS, clean)
+    if SOFTCAP:  # the mask's gradient (inside _dq_tile) is taken after the cap, dq's before it
+        ds = ds * dt
+    return tl.dot(ds.to(k.dtype), k, dq_acc, input_precision=DOT_PREC), dsc
 
 
 @triton.jit
@@ -624,26 +745,20 @@ def _attn_bwd_dq_kernel(
     hi = _key_end(pid_m, N_K, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M)
     lo = 0
     if SKIP:  # the forward's ranges (rows): skipped blocks have p = 0, so dS = 0 there
-        lo, kept_end = _key_range(RANGES, b * rgb + h * rgh, rg_plane, offs_m, N_Q, N_K, BLOCK_N)
+        lo, kept_end, clean_lo, clean_hi = _key_range(RANGES, b * rgb + h * rgh, rg_plane, offs_m, N_Q, N_K,
+                                                      BLOCK_N)
         hi = tl.minimum(hi, kept_end)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
-        v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
-        qk = tl.dot(q_op, tl.trans(k), input_precision=DOT_PREC)
-        if METRIC == 1:
-            raw = 2.0 * qk - tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)[None, :]
-        elif SOFTCAP:
-            raw, dt = _softcap(qk, scale / cap)
+        if SKIP:  # one loop with the mask read branched around: faster here than the forward's spans
+            clean = _tile_is_clean(start_n, clean_lo, clean_hi, BLOCK_N)
         else:
-            raw = qk
-        ds, dsc = _dq_tile(raw, do, v, delta, rbar, dsc, sa, sb, scale_k, mask_base, smm, smn,
-                           DMASK + b * sgb + h * sgh, sgm, sgn, offs_m, offs_n, N_Q, N_K, seed, bh, start_n,
-                           threshold, dropout_p, MASK_KIND, CAUSAL, EVEN_N, DROPOUT, MASK_GRAD, SCALE_GRAD, DOT_PREC,
-                           BLOCK_M, BLOCK_N, DROP_BITS)
-        if SOFTCAP:  # the mask's gradient (inside _dq_tile) is taken after the cap, dq's before it
-            ds = ds * dt
-        dq_acc = tl.dot(ds.to(K.dtype.element_ty), k, dq_acc, input_precision=DOT_PREC)
+            clean = False
+        dq_acc, dsc = _dq_step(
+            start_n, q_op, do, delta, rbar, sa, sb, dq_acc, dsc, k_base, v_base, kvec_base, mask_base,
+            DMASK + b * sgb + h * sgh, skn, skd, svn, svd, smm, smn, sgm, sgn, offs_m, offs_d, offs_dv, N_Q, N_K,
+            scale, scale_k, cap, seed, bh, threshold, dropout_p, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, METRIC,
+            MASK_KIND, CAUSAL, DROPOUT, MASK_GRAD, SCALE_GRAD, EVEN_N, DOT_PREC, BLOCK_M, BLOCK_N, DROP_BITS,
+            SOFTCAP, clean)
 
     dq_acc = dq_acc * scale
     if METRIC == 1:
@@ -985,59 +1100,93 @@ def flags_apply(mask, Nq, Nk, causal) -> bool:
     return shared and mask.dtype == torch.bool and not causal and tuple(mask.shape[-2:]) == (Nq, Nk) and Nq > 1
 
 
-def mask_launches(mask, Nq, Nk, causal, device):
+def mask_launches(mask, Nq, Nk, causal, device, ranges=None):
     """(flags, launches) for one kernel call: each launch is (RUN_IF, mask, causal) for the kernel.
     A shared bool mask gets two launches that decide on the device which of them computes: one
     specialized as causal=True without the mask (it runs when the flags say the mask is exactly
     the lower triangle, and is then as fast as causal), and one that reads the mask (it runs
-    otherwise; the program that does not compute returns at once). Other calls get one launch."""
+    otherwise; the program that does not compute returns at once). Other calls get one launch. With
+    kept ranges (`MaskRanges`) the flags come from the ranges' own pass over the mask."""
     if not flags_apply(mask, Nq, Nk, causal):
         return _zero_flags(device), [(0, mask, causal)]
-    return _device_flags(mask, Nq, Nk), [(1, None, True), (2, mask, False)]
+    flags = ranges.flags if ranges is not None else _device_flags(mask, Nq, Nk)
+    return flags, [(1, None, True), (2, mask, False)]
 
 
 @triton.jit
 def _kept(MASK, b, h, offs_m, offs_n, N_Q, N_K, smb, smh, smm, smn, MASK_KIND: tl.constexpr):
-    """Which entries of a [rows, cols] mask tile keep their score: a bool True, or a float above
-    -1e30 (NaN included, so that it reaches the result as in eager); False outside the mask. A
-    float at or below -1e30, added in fp32 to any realistic logit, leaves exp(logit - row max)
-    exactly 0 once the row keeps one entry (see the patterns' _HUGE_NEGATIVE)."""
+    """(kept, clean) for a [rows, cols] mask tile: kept where an entry keeps its score (a bool True,
+    or a float above -1e30, NaN included, so that it reaches the result as in eager), clean where
+    it keeps it unchanged (a bool True, a float 0). False outside the mask. A float at or below
+    -1e30, added in fp32 to any realistic logit, leaves exp(logit - row max) exactly 0 once the
+    row keeps one entry (see the patterns' _HUGE_NEGATIVE)."""
     inb = (offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K)
     vals = tl.load(MASK + b * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=inb, other=0)
     if MASK_KIND == 1:
-        return (vals != 0) & inb
+        kept = (vals != 0) & inb
+        return kept, kept
     else:
-        return (~(vals.to(tl.float32) <= -1e30)) & inb
+        f = vals.to(tl.float32)
+        return (~(f <= -1e30)) & inb, (f == 0.0) & inb
 
 
 @triton.jit
-def _mask_row_ranges_kernel(MASK, ROWS, H_M, N_Q, N_K, smb, smh, smm, smn, rpb, rph, ROW_PLANE,
-                            MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """ROWS[0/1, b, h, i] (offsets rpb, rph, plane ROW_PLANE) = [lo, hi) holding every kept key of
-    query row i of the mask's own (b, h), to BLOCK_N keys (the start of the first tile that keeps
-    one, the end of the last); program (i block, b*H_M + h) walks all keys. A float row with nothing
-    kept softmaxes over every key in eager (all its logits sit at one huge negative): it gets the
-    whole range. A bool row with nothing kept gives 0: an empty range (N_K, 0)."""
+def _mask_row_ranges_kernel(MASK, ROWS, FLAGS, H_M, N_Q, N_K, smb, smh, smm, smn, rpb, rph, ROW_PLANE,
+                            MASK_KIND: tl.constexpr, LAYOUT_FLAGS: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
+    """Planes 0, 1 of ROWS[:, b, h, i] (offsets rpb, rph, planes ROW_PLANE apart) = [lo, hi) holding
+    every kept key of query row i of the mask's own (b, h), to BLOCK_N keys (the start of the first
+    tile that keeps one, the end of the last). Planes 2, 3 = [clean_lo, clean_hi): the longest run
+    of whole BLOCK_N tiles in which the row keeps every key unchanged (`_kept`), empty (0, 0)
+    without one; a kernel tile inside every row's run needs no mask read. Program (i block,
+    b*H_M + h) walks all keys. A float row with nothing kept softmaxes over every key in eager (all
+    its logits sit at one huge negative): it gets the whole range. A bool row with nothing kept
+    gives 0: an empty range (N_K, 0). LAYOUT_FLAGS (a bool mask shared by every batch and head):
+    also clear FLAGS' bits as `_mask_layout_kernel` does (FLAGS set to 3 before the launch), so
+    the same pass finds an exact lower triangle."""
     bhm = tl.program_id(1)
     b = bhm // H_M
     h = bhm % H_M
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_lo = tl.full([BLOCK_M], N_K, tl.int32)
     row_hi = tl.zeros([BLOCK_M], tl.int32)
+    run_lo = tl.zeros([BLOCK_M], tl.int32)  # start of the current run of clean tiles
+    clean_lo = tl.zeros([BLOCK_M], tl.int32)
+    clean_hi = tl.zeros([BLOCK_M], tl.int32)
+    # the layout flags' two violations, kept per element and reduced once after the loop
+    kept_upper = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    dropped_lower = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
     for start_n in range(0, N_K, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kept = _kept(MASK, b, h, offs_m, offs_n, N_Q, N_K, smb, smh, smm, smn, MASK_KIND)
+        kept, clean = _kept(MASK, b, h, offs_m, offs_n, N_Q, N_K, smb, smh, smm, smn, MASK_KIND)
+        if LAYOUT_FLAGS:
+            upper = offs_n[None, :] > offs_m[:, None]
+            inb = (offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K)
+            kept_upper = kept_upper | (kept & upper).to(tl.int32)
+            dropped_lower = dropped_lower | ((~kept) & (~upper) & inb).to(tl.int32)
         # to the tile: one reduction per row and tile (the kernels still apply the mask inside)
         hit = tl.max(kept.to(tl.int32), axis=1) != 0
         row_lo = tl.minimum(row_lo, tl.where(hit, start_n, N_K))
-        row_hi = tl.maximum(row_hi, tl.where(hit, tl.minimum(start_n + BLOCK_N, N_K), 0))
+        end = tl.minimum(start_n + BLOCK_N, N_K)
+        row_hi = tl.maximum(row_hi, tl.where(hit, end, 0))
+        # a tile is clean for a row when all its in-range keys are (a ragged last tile counts)
+        whole = tl.min((clean | (offs_n[None, :] >= N_K)).to(tl.int32), axis=1) != 0
+        run_lo = tl.where(whole, run_lo, end)
+        longer = whole & (end - run_lo > clean_hi - clean_lo)
+        clean_lo = tl.where(longer, run_lo, clean_lo)
+        clean_hi = tl.where(longer, end, clean_hi)
     row_in = offs_m < N_Q
     if MASK_KIND == 2:
         dead = (row_hi == 0) & row_in
         row_lo = tl.where(dead, 0, row_lo)
         row_hi = tl.where(dead, N_K, row_hi)
-    tl.store(ROWS + b * rpb + h * rph + offs_m, row_lo, mask=row_in)
-    tl.store(ROWS + ROW_PLANE + b * rpb + h * rph + offs_m, row_hi, mask=row_in)
+    base = ROWS + b * rpb + h * rph + offs_m
+    tl.store(base, row_lo, mask=row_in)
+    tl.store(base + ROW_PLANE, row_hi, mask=row_in)
+    tl.store(base + 2 * ROW_PLANE, clean_lo, mask=row_in)
+    tl.store(base + 3 * ROW_PLANE, clean_hi, mask=row_in)
+    if LAYOUT_FLAGS:
+        tl.atomic_and(FLAGS, 3 - tl.max(kept_upper) - 2 * tl.max(dropped_lower))
 
 
 # Masks this small are read whole: finding their ranges would cost about what skipping saves.
@@ -1056,18 +1205,24 @@ def ranges_layout(mask, B, H, Nq, Nk, metric="dot"):
 
 
 def new_ranges(layout, Nq, device):
-    """An empty ranges tensor, (2, Bm, Hm, Nq) int32: the [lo, hi) planes of each query row."""
+    """An empty ranges tensor, (5, Bm, Hm, Nq) int32: the [lo, hi) and [clean_lo, clean_hi) planes
+    of each query row, and a fifth whose first element holds a shared bool mask's layout flags
+    (`MaskRanges`)."""
     bm, hm = layout
-    return torch.empty(2, bm, hm, Nq, device=device, dtype=torch.int32)
+    return torch.empty(5, bm, hm, Nq, device=device, dtype=torch.int32)
 
 
 class MaskRanges:
     """Each query row's range of kept keys in a mask, for the kernels to skip blocks the mask drops
-    whole (a sliding window, packed documents, padding): a (2, Bm, Hm, Nq) int32 tensor `t` of
-    [lo, hi) planes. The forward and dQ kernels visit the key blocks their rows' ranges cover; the
-    dK/dV kernel the query blocks whose ranges meet its keys. `compute` fills it from the mask
-    (`_mask_row_ranges_kernel`, one pass); `full` with whole ranges (nothing skipped). `args()`
-    gives a kernel's (pointer, batch offset, head offset, plane offset)."""
+    whole (a sliding window, packed documents, padding), and its run of keys the mask leaves
+    unchanged: a (5, Bm, Hm, Nq) int32 tensor `t` of [lo, hi) and [clean_lo, clean_hi) planes, and
+    in the fifth a bool mask's layout flags when the mask is shared (`mask_layout_flags`). The
+    forward and dQ kernels visit the key blocks their rows' ranges cover; the dK/dV kernel the query
+    blocks whose ranges meet its keys. A visited tile inside the clean run of all its rows skips
+    the mask read (the interior of a window or a document, below a causal diagonal). `compute`
+    fills it from the mask (`_mask_row_ranges_kernel`, one pass); `full` with whole ranges and no
+    clean runs (nothing skipped, the mask read everywhere). `args()` gives a kernel's (pointer,
+    batch offset, head offset, plane offset)."""
 
     def __init__(self, t, Nq, Nk):
         self.t, self.nq, self.nk = t, Nq, Nk
@@ -1081,13 +1236,21 @@ class MaskRanges:
         if self.bm not in (layout[0], B) or self.hm not in (layout[1], H):  # per b / h, or shared
             raise ValueError(f"ranges of shape {tuple(self.t.shape)} for a mask broadcast as {layout}")
         m = mask4.view(torch.uint8) if mask4.dtype == torch.bool else mask4
+        layout_flags = mask4.dtype == torch.bool and self.bm == self.hm == 1
+        self.t[4].fill_(3 if layout_flags else 0)  # the flags and the rest of their plane (defined values)
         # the interpreter runs programs one at a time: few tall ones there, as narrow as the
         # interpreter's attention tiles so that its kernels skip as the GPU's do
         block_m, block_n = (128, 64) if interpreting() else (32, 128)
         _launch_mask_row_ranges[(cdiv(Nq, block_m), self.bm * self.hm)](
-            m, self.t, self.hm, Nq, Nk, *m.stride(), *self.args()[1:],
-            MASK_KIND=1 if mask4.dtype == torch.bool else 2, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+            m, self.t, self.flags, self.hm, Nq, Nk, *m.stride(), *self.args()[1:],
+            MASK_KIND=1 if mask4.dtype == torch.bool else 2, LAYOUT_FLAGS=layout_flags, BLOCK_M=block_m,
+            BLOCK_N=block_n, num_warps=4)
         return self
+
+    @property
+    def flags(self):
+        """The layout flags of a shared bool mask (int32, one element; 0 otherwise)."""
+        return self.t[4, 0, 0, :1]
 
     @classmethod
     def full(cls, t, Nq, Nk):
@@ -1095,6 +1258,7 @@ class MaskRanges:
         self = cls(t, Nq, Nk)
         t[0].fill_(0)
         t[1].fill_(Nk)
+        t[2:].fill_(0)  # no clean runs, no layout flags
         return self
 
     def args(self) -> tuple:
@@ -1135,13 +1299,13 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (cdiv(Nq, bm), B * H)
     q, k, _qvec, kvec = _prepass(metric, q, k)
-    flags, launches = mask_launches(mask, Nq, Nk, causal, q.device)
     seed_t = seed_arg(seed if dropout_p > 0 else None, q)
     kept = None
     if mask is not None and (ranges is None or ranges.numel()):
         m4 = _mask_args(mask, B, H, Nq, Nk, q.device)[0]
         kept = (_call_ranges(m4, mask, B, H, Nq, Nk, metric, None) if ranges is None
                 else MaskRanges.compute(m4, B, H, Nq, Nk, out=ranges))
+    flags, launches = mask_launches(mask, Nq, Nk, causal, q.device, kept)
     for run_if, l_mask, l_causal in launches:
         m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
         ranges_used = kept if l_mask is not None else None
@@ -1209,7 +1373,6 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     tile_kv, tile_q = backward_tiles(config or default_attention_config(metric, D, q.dtype, q.device.type))
     delta = row_dot(do, out)
-    flags, launches = mask_launches(mask, Nq, Nk, causal, q.device)
     seed_t = seed_arg(seed if dropout_p > 0 else None, q)
     q, k, qvec, kvec = _prepass(metric, q, k)
     dq = torch.empty(B, H, Nq, D, device=q.device, dtype=q.dtype)
@@ -1224,6 +1387,7 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
     kept = None
     if mask is not None:
         kept = _call_ranges(_mask_args(mask, B, H, Nq, Nk, q.device)[0], mask, B, H, Nq, Nk, metric, ranges)
+    flags, launches = mask_launches(mask, Nq, Nk, causal, q.device, kept)
     for run_if, l_mask, l_causal in launches:
         m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
         ranges_used = kept if l_mask is not None else None

@@ -605,6 +605,14 @@ def test_mask_ranges_hold_every_kept_entry(kind):
     some = keep.any(-1)
     assert ((first - lo)[some] < 256).all() and ((hi - last)[some] < 256).all(), kind  # tight to a tile
     assert (hi[~some] == 0).all(), kind  # nothing kept (bool): an empty range
+    # the clean run: every key in it kept unchanged (bool True, float 0), so the kernels need not read it
+    c_lo, c_hi = r.t[2].long(), r.t[3].long()
+    in_run = (cols >= c_lo[..., None]) & (cols < c_hi[..., None])
+    unchanged = m4[:r.bm, :r.hm] if mask.dtype == torch.bool else m4[:r.bm, :r.hm] == 0
+    assert not (in_run & ~unchanged).any(), kind
+    assert (c_lo <= c_hi).all(), kind
+    if kind in ("docs_bool", "padding"):  # a whole 64-key tile fits (the 40-wide bands have none)
+        assert ((c_hi - c_lo) > 0).any(), kind
 
 
 @pytest.mark.parametrize("case", ["band_float_causal_dropout", "docs_bool_l2_learnable", "dead_float_rows_gqa"])
@@ -657,6 +665,126 @@ def test_block_skipping_matches_float64(case, monkeypatch):
         assert torch.isfinite(a).all() and rel(a, b) < 1e-4
 
 
+def _clean_tiles(ranges, block_m, block_n, Nq, Nk):
+    """How many (query block, key block) kernel tiles lie inside the clean run of all their rows."""
+    c_lo, c_hi = ranges[2].long(), ranges[3].long()
+    n = 0
+    for i0 in range(0, Nq, block_m):
+        lo = c_lo[..., i0:i0 + block_m].amax(-1)
+        hi = c_hi[..., i0:i0 + block_m].amin(-1)
+        for j0 in range(0, Nk, block_n):
+            n += int(((lo <= j0) & (j0 + block_n <= hi)).sum())
+    return n
+
+
+@pytest.mark.parametrize("case", ["docs_bool_causal_gqa", "docs_float_l2_learnable", "biased_docs_float",
+                                  "tril_bool_dropout", "docs_tril_bool"])
+def test_clean_tiles_match_float64(case, monkeypatch):
+    """Tiles inside a mask's clean run (the interior of a document, below the diagonal of a
+    triangle) skip the mask read: outputs and gradients still equal the float64 reference. A float
+    mask whose kept entries carry a bias has no clean run, and must still be added everywhere."""
+    monkeypatch.setattr(tc, "_RANGES_MIN_ENTRIES", 0)
+    N, fmin = 300, torch.finfo(torch.float32).min
+    i = torch.arange(N)
+    docs = (i[:, None] // 150) == (i[None, :] // 150)
+    kw, metric, scale = {}, "dot", None
+    if case == "docs_bool_causal_gqa":
+        q, k, v = make(1, 4, 2, N, N, 16, 16)
+        mask, kw = docs, dict(causal=True, enable_gqa=True)
+    elif case == "docs_float_l2_learnable":
+        q, k, v = make(2, 2, 2, N, N, 16, 16)
+        mask = torch.zeros(N, N).masked_fill(~docs, fmin)
+        metric, scale = "l2", torch.tensor(0.1)
+    elif case == "biased_docs_float":
+        q, k, v = make(1, 2, 2, N, N, 16, 16)
+        mask = (torch.rand(N, N) - 0.5).masked_fill(~docs, fmin)
+    elif case == "tril_bool_dropout":  # an exact triangle: the launch specialized as causal runs
+        q, k, v = make(1, 2, 2, N, N, 16, 16)
+        mask, kw = i[None, :] <= i[:, None], dict(dropout_p=0.2)
+    else:  # nothing kept above the diagonal, but not the triangle: the launch that reads the mask
+        q, k, v = make(1, 2, 2, N, N, 16, 16)
+        mask = docs & (i[None, :] <= i[:, None])
+    m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(q.shape[0], q.shape[1], N, N)
+    ranges = tc.MaskRanges.compute(m4, q.shape[0], q.shape[1], N, N).t
+    clean = _clean_tiles(ranges, 64, 64, N, N)  # the interpreter's attention tiles
+    assert (clean == 0) if case == "biased_docs_float" else (clean > 0), clean
+    ins = [t.requires_grad_() for t in (q, k, v)]
+    if isinstance(scale, torch.Tensor):
+        ins.append(scale.requires_grad_())
+    if mask.is_floating_point():
+        ins.append(mask.requires_grad_())
+    torch.manual_seed(7)
+    seed = reference_seed()
+    torch.manual_seed(7)
+    out = attention(q, k, v, metric=metric, scale=scale, attn_mask=mask, **kw)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, ins, g)
+    ins64 = [t.detach().double().requires_grad_() for t in ins]
+    it = iter(ins64[3:])
+    s64 = next(it) if isinstance(scale, torch.Tensor) else scale
+    m64 = next(it) if mask.is_floating_point() else mask
+    ref = attention_reference(*ins64[:3], metric=metric, scale=s64, attn_mask=m64, dropout_seed=seed, **kw)
+    g64 = torch.autograd.grad(ref, ins64, g.double())
+    assert torch.isfinite(out).all() and rel(out, ref) < 1e-5
+    for a, b in zip(grads, g64):
+        assert torch.isfinite(a).all() and rel(a, b) < 1e-4
+
+
+def test_range_pass_finds_the_layout_flags():
+    """For a bool mask shared by every batch and head, the ranges' pass also finds the layout
+    flags (an exact lower triangle runs the causal specialization), equal to those of the
+    separate layout pass used for smaller masks; other masks get none."""
+    N = 200
+    i = torch.arange(N)
+    tril = i[None, :] <= i[:, None]
+    holed = tril.clone()
+    holed[150, 3] = False
+    docs = (i[:, None] // 64) == (i[None, :] // 64)
+    for mask, want in ((tril, 3), (holed, 1), (docs & tril, 1), (docs, 0), (torch.ones(N, N, dtype=torch.bool), 2)):
+        r = tc.MaskRanges.compute(mask.expand(2, 3, N, N), 2, 3, N, N)
+        assert int(r.flags) == want == int(tc._device_flags(mask, N, N))
+    per_head = tril.expand(1, 3, N, N).clone()
+    assert int(tc.MaskRanges.compute(per_head.expand(2, 3, N, N), 2, 3, N, N).flags) == 0
+    assert int(tc.MaskRanges.compute(torch.zeros(N, N).expand(2, 3, N, N), 2, 3, N, N).flags) == 0
+
+
+def test_clean_tiles_are_not_read(monkeypatch):
+    """The kernels take the ranges' word for it: with NaN written into the mask inside the clean
+    runs after the ranges were found, forward and backward are unchanged bit for bit (a kernel
+    that read a clean tile would carry the NaN), and NaN outside the runs still reaches the result."""
+    monkeypatch.setattr(tc, "_RANGES_MIN_ENTRIES", 0)
+    N = 300
+    i = torch.arange(N)
+    mask = torch.zeros(1, 1, N, N).masked_fill(((i[:, None] // 150) != (i[None, :] // 150)), float("-inf"))
+    q, k, v = make(1, 2, 2, N, N, 16, 16)
+    m4 = mask.expand(1, 2, N, N)
+    found = tc.MaskRanges.compute(m4, 1, 2, N, N).t.clone()
+    assert _clean_tiles(found, 64, 64, N, N) > 0
+    monkeypatch.setattr(tc.MaskRanges, "compute",
+                        classmethod(lambda cls, m4, B, H, Nq, Nk, out=None: cls(
+                            out.copy_(found) if out is not None else found.clone(), Nq, Nk)))
+    c_lo, c_hi = found[2, 0, 0].long(), found[3, 0, 0].long()
+    in_run = torch.zeros(N, N, dtype=torch.bool)  # the 64 x 64 kernel tiles inside all their rows' runs
+    for i0 in range(0, N, 64):
+        lo, hi = c_lo[i0:i0 + 64].max(), c_hi[i0:i0 + 64].min()
+        for j0 in range(0, N, 64):
+            if lo <= j0 and j0 + 64 <= hi:
+                in_run[i0:i0 + 64, j0:j0 + 64] = True
+    assert in_run.sum() >= 64 * 64
+    poisoned = mask.clone()
+    poisoned[0, 0][in_run] = float("nan")
+
+    def step(m):
+        ins = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = attention(*ins, attn_mask=m)
+        return (out,) + torch.autograd.grad(out, ins, torch.ones_like(out))
+    for a, b in zip(step(poisoned), step(mask)):
+        assert torch.equal(a, b)
+    outside = mask.clone()  # a kept entry in a tile that is read (it straddles two documents)
+    outside[0, 0, 140, 145] = float("nan")
+    assert not in_run[140, 145] and torch.isnan(step(outside)[0]).any()
+
+
 def test_block_skipping_through_the_custom_ops(monkeypatch):
     """The forward hands its mask ranges to the backward as a third output: opcheck's fake tensors
     agree with the real ones, and a compiled call (aot_eager, fullgraph) equals the eager one."""
@@ -670,7 +798,7 @@ def test_block_skipping_through_the_custom_ops(monkeypatch):
                           (q, k, v, torch.full((2,), 0.25), mask, None, "dot", False, 0.0, None, False, 0.0))
     ranges = torch.ops.truthfuse.attention_fwd.default(q, k, v, torch.full((2,), 0.25), mask, None, "dot", False,
                                                        0.0, None, False, 0.0)[2]
-    assert ranges.shape == (2, 1, 2, N) and ranges.dtype == torch.int32
+    assert ranges.shape == (5, 1, 2, N) and ranges.dtype == torch.int32
 
     def f(q, k, v, mask):
         return attention(q, k, v, attn_mask=mask)
