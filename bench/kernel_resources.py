@@ -103,9 +103,10 @@ def _opcode_counts(sass: str) -> dict:
 
 
 def attention_reports(B, H, N, D, metric, mask_kind, causal, dropout, config_key, arch, run_if=0, drop_bits=16,
-                      softcap=False):
+                      softcap=False, skip=False):
     """Resource usage of the forward, dK/dV and dQ kernels for one call's specialization (with a
-    learnable scale, or soft-capped dot logits and a constant scale when softcap)."""
+    learnable scale, or soft-capped dot logits and a constant scale when softcap; skip: the mask's
+    kept ranges read, as for a mask of over 1M entries)."""
     dt = torch.bfloat16
     cfg = tc.parse_config_key(config_key) if config_key else tc.default_attention_config(metric, D, dt, "cuda")
     tile_kv, tile_q = tc.backward_tiles(cfg)
@@ -116,7 +117,7 @@ def attention_reports(B, H, N, D, metric, mask_kind, causal, dropout, config_key
     dpad = tc._pad_dim(D)
     common = dict(HEAD_DIM=D, HEAD_DIM_V=D, D_PAD=dpad, DV_PAD=dpad, METRIC=tc.METRIC_IDS[metric],
                   MASK_KIND=mask_kind, CAUSAL=causal, DROPOUT=dropout, DOT_PREC="tf32", RUN_IF=run_if, DROP_BITS=drop_bits,
-                  SOFTCAP=softcap)
+                  SOFTCAP=softcap, SKIP=skip)
     # Integer arguments as a contiguous call passes them: Triton specializes an int equal to 1 or
     # divisible by 16, and the loads vectorize only where the row strides are known to be.
     ints = {n: 64 for n in ("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "som",
@@ -159,14 +160,15 @@ def main():
     ap.add_argument("--sass", action="store_true", help="also count SASS instructions by opcode (static)")
     ap.add_argument("--run-if", type=int, default=0, choices=(0, 1, 2), help="the RUN_IF launch (mask_launches)")
     ap.add_argument("--softcap", action="store_true", help="soft-capped dot logits (constant scale)")
+    ap.add_argument("--skip", action="store_true", help="read the mask's kept ranges (block skipping)")
     a = ap.parse_args()
     global SASS
     SASS = a.sass
     B, H, N, D = (int(x) for x in a.shape.split(","))
     kind = {"none": 0, "bool": 1, "float": 2}[a.mask]
     cfg, reports = attention_reports(B, H, N, D, a.metric, kind, a.causal, a.dropout, a.config, a.arch, a.run_if, a.drop_bits,
-                                      a.softcap)
-    print(f"{a.metric} D={D} mask={a.mask} causal={a.causal} dropout={a.dropout} softcap={a.softcap} "
+                                      a.softcap, a.skip)
+    print(f"{a.metric} D={D} mask={a.mask} causal={a.causal} dropout={a.dropout} softcap={a.softcap} skip={a.skip} "
           f"config={tc.config_key(cfg)}")
     for name, r in reports.items():
         print(f"  {name:5s} registers {r['registers']}, spills {r['spill_store_bytes']} B stored / "

@@ -1,7 +1,8 @@
 """Block skipping from a mask's kept ranges, on the GPU: sliding windows and packed documents.
 
-The attention kernels read a mask's per-row and per-column kept ranges (`kernels.attention.
-MaskRanges`, computed on the device every call) and visit only the blocks inside them. This
+The attention kernels read a mask's per-row kept ranges and clean runs (`kernels.attention.
+MaskRanges`, computed on the device every call), visit only the blocks inside the ranges, and read
+the mask only where a block is not inside all its rows' clean runs. This
 times, bf16, forward and forward+backward (median ms, extra MB):
 1. Gemma 2-style sliding windows: B=1, 8 query heads, 4 K/V heads, N=8192, D in (128, 256), cap 50,
    the window as an additive float mask (finfo.min outside, as HF builds it), windows 4096 and
@@ -14,9 +15,12 @@ times, bf16, forward and forward+backward (median ms, extra MB):
 
 3. A dense mask (padding on one batch row, B=2, H=8, N=8192, D=128): what finding the ranges costs
    where nothing can be skipped.
+4. A causal mask as HF's eager attention passes it (a (1, 1, N, N) float mask, finfo.min above the
+   diagonal; B=1, H=16, D=128): the op with and without skipping, the op told causal=True (no
+   mask), and SDPA with is_causal=True.
 
 Usage:  TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 python bench/mask_skip_gpu.py   (writes $OUT/mask_skip_gpu.json)
-Env: PARTS=windows,documents,dense (any subset).
+Env: PARTS=windows,documents,dense,hf_causal (any subset).
 """
 import json
 import os
@@ -129,7 +133,21 @@ def dense():
         del q, k, v
 
 
+def hf_causal():
+    B, H, N, D = 1, 16, 8192, 128
+    i = torch.arange(N, device=dev)
+    mask = torch.zeros(1, 1, N, N, device=dev, dtype=torch.bfloat16).masked_fill(i[None, :] > i[:, None],
+                                                                                 torch.finfo(torch.bfloat16).min)
+    case = "HF causal float mask"
+    for bwd in (False, True):
+        q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16, requires_grad=bwd) for _ in range(3))
+        record_ours(case, bwd, lambda: attention(q, k, v, attn_mask=mask))
+        record(case, "ours, causal=True", bwd, lambda: attention(q, k, v, causal=True))
+        record(case, "sdpa, is_causal", bwd, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        del q, k, v
+
+
 if __name__ == "__main__":
     torch._dynamo.config.recompile_limit = 256
-    for part in os.environ.get("PARTS", "windows,documents,dense").split(","):
+    for part in os.environ.get("PARTS", "windows,documents,dense,hf_causal").split(","):
         globals()[part]()
