@@ -221,7 +221,7 @@ class TruthfuseBackend:
         timing_opts = dataclasses.replace(opts, inductor_options={**opts.inductor_options, "triton.cudagraphs": False})
         timer = SiteTimer(gm_canon, candidates, built,
                           lambda sub, args: _inner_compile(sub, args, timing_opts if graphs else opts), train,
-                          graphs=graphs)
+                          graphs=graphs, example_inputs=example_inputs)
         if self.tuning_observer is not None:
             self.tuning_observer(space, timer, opts)
         by_id = {s.id: s for s in candidates}

@@ -33,12 +33,13 @@ from .tune.timing import Timing, measure, measure_timing, rotated_input_sets
 Node = fx.Node
 log = logging.getLogger("truthfuse")
 
-TIMING_REVISION = 3
+TIMING_REVISION = 4
 """Part of every tuning-cache key: raise it when the way sites are timed changes, so that plans
 chosen from the old timings are tuned again. 2: the backward of a training site runs on every
 rotated input set (revision 1 ran it on the first set only, so small sites timed mostly their
 forward). 3: a fused option that the host nearly paces is timed again compiled
-(`COMPILED_RECHECK_SHARE`)."""
+(`COMPILED_RECHECK_SHARE`). 4: short-produced inputs (masks) are computed for real
+(`PRODUCER_LIMIT`)."""
 
 COMPILED_RECHECK_SHARE = 0.5
 """A fused option is timed as traced, without the runtime wrappers a compiled graph calls it
@@ -75,8 +76,17 @@ def _real_like(value: Any, generators: Dict[torch.device, torch.Generator]) -> A
     return t.requires_grad_(value.requires_grad and value.is_floating_point())
 
 
-def keep_subgraph(gm: fx.GraphModule, site: Site) -> Tuple[fx.GraphModule, List[Any]]:
-    """The site's matched nodes as a GraphModule of their own, and its inputs' example values.
+PRODUCER_LIMIT = 64
+"""A site input that at most this many graph nodes compute from the graph's inputs (an attention
+mask built from positions, padding or a registered triangle; a position bias) is computed for real,
+from the first call's inputs, when the site is timed: a mask that drops whole blocks makes the
+fused kernels skip them, and a random stand-in would hide that. Other inputs (activations, with
+the network before them as producer) get random stand-ins (`_real_like`)."""
+
+
+def keep_subgraph(gm: fx.GraphModule, site: Site) -> Tuple[fx.GraphModule, List[Any], List[Node]]:
+    """The site's matched nodes as a GraphModule of their own, its inputs' example values, and the
+    graph nodes those inputs come from.
 
     Every value a matched node reads from outside the match becomes a placeholder; the anchor's
     value is the output.
@@ -84,6 +94,7 @@ def keep_subgraph(gm: fx.GraphModule, site: Site) -> Tuple[fx.GraphModule, List[
     graph = fx.Graph()
     env: Dict[Node, Node] = {}
     inputs: List[Any] = []
+    sources: List[Node] = []
     covered = [n for n in gm.graph.nodes if n in site.nodes]
 
     def lookup(n: Node) -> Node:
@@ -95,6 +106,7 @@ def keep_subgraph(gm: fx.GraphModule, site: Site) -> Tuple[fx.GraphModule, List[
         ph = graph.placeholder(f"in_{len(inputs)}")
         env[n] = ph
         inputs.append(example_value(n))
+        sources.append(n)
         return ph
 
     for node in covered:
@@ -103,18 +115,101 @@ def keep_subgraph(gm: fx.GraphModule, site: Site) -> Tuple[fx.GraphModule, List[
                 lookup(dep)
         env[node] = graph.node_copy(node, lookup)
     graph.output(env[site.anchor])
-    return fx.GraphModule(gm, graph), inputs
+    return fx.GraphModule(gm, graph), inputs, sources
+
+
+def _mutates(node: Node) -> bool:
+    """Whether a node may write to one of its inputs (then its producer is not run at compile time)."""
+    if "out" in node.kwargs:
+        return True
+    target = node.target
+    if node.op == "call_method":
+        return isinstance(target, str) and target.endswith("_") and not target.endswith("__")
+    schema = getattr(target, "_schema", None)
+    if schema is not None:
+        return schema.is_mutable
+    name = getattr(target, "__name__", "")
+    if getattr(target, "__module__", None) in ("_operator", "operator"):  # and_, or_ are pure; iadd is not
+        return name in _OPERATOR_MUTATIONS
+    return name.endswith("_") and not name.endswith("__")
+
+
+_OPERATOR_MUTATIONS = {"setitem", "delitem", "iadd", "iand", "iconcat", "ifloordiv", "ilshift", "imatmul", "imod",
+                       "imul", "ior", "ipow", "irshift", "isub", "itruediv", "ixor"}
+
+
+def _producer(gm: fx.GraphModule, node: Node, limit: int) -> Optional[List[Node]]:
+    """The nodes that compute `node` from the graph's inputs and attributes, in graph order, or
+    None where they are more than `limit`, or one of them is not a pure function call."""
+    seen = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op in ("placeholder", "get_attr"):
+            continue
+        if n.op not in ("call_function", "call_method") or _mutates(n) or len(seen) > limit:
+            return None
+        stack.extend(n.all_input_nodes)
+    return [n for n in gm.graph.nodes if n in seen]
+
+
+def _first_call_value(gm: fx.GraphModule, node: Node, graph_inputs: Dict[Node, Any]) -> Optional[torch.Tensor]:
+    """`node`'s value for the graph's first call (`graph_inputs`: its placeholders' real values),
+    computed by its producer where that is short (`PRODUCER_LIMIT`); None where it is not, where
+    an input is fake, or where the result does not match the node's example value."""
+    nodes = _producer(gm, node, PRODUCER_LIMIT)
+    want = example_value(node)
+    if nodes is None or not isinstance(want, torch.Tensor):
+        return None
+    graph = fx.Graph()
+    env: Dict[Node, Node] = {}
+    args = []
+    for n in nodes:
+        if n.op == "placeholder":
+            if n not in graph_inputs:
+                return None
+            value = graph_inputs[n]
+            if isinstance(value, torch.Tensor) and torch._subclasses.fake_tensor.is_fake(value):
+                return None
+            env[n] = graph.placeholder(n.name)
+            args.append(value.node.hint if isinstance(value, torch.SymInt) else value)
+        else:
+            env[n] = graph.node_copy(n, lambda x: env[x])
+    graph.output(env[node])
+    try:
+        with torch.no_grad(), _preserved_rng(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = fx.GraphModule(gm, graph)(*args)
+    except Exception as exc:  # noqa: BLE001 -- the site is then timed on a random stand-in
+        log.debug("tuning: %s not computed for timing (%s: %s)", node.name, type(exc).__name__, str(exc)[:120])
+        return None
+    shape = [int(s.node.hint) if isinstance(s, torch.SymInt) else int(s) for s in want.shape]
+    if (not isinstance(out, torch.Tensor) or list(out.shape) != shape or out.dtype != want.dtype
+            or out.device != want.device):
+        return None
+    # a copy: the value may be a view of a graph input, which timing must never write to
+    return out.detach().clone().requires_grad_(want.requires_grad and want.is_floating_point())
 
 
 class SiteTimer:
     """Times sites' options and adds them up into a plan's cost, for the tuner's `evaluate`."""
 
     def __init__(self, gm: fx.GraphModule, sites: List[Site], built: Dict[tuple, tuple],
-                 compile_fn: Callable[[fx.GraphModule, list], Callable], train: bool, graphs: bool = False):
+                 compile_fn: Callable[[fx.GraphModule, list], Callable], train: bool, graphs: bool = False,
+                 example_inputs: Optional[List[Any]] = None):
         """graphs: the compiled graphs will replay as CUDA graphs, so every option is timed as
         replays of a CUDA graph of its own (`_measure_replays`); compile_fn must then compile
-        without CUDA graphs of its own."""
+        without CUDA graphs of its own. example_inputs: the graph's first-call inputs (its
+        placeholders' values), from which short-produced site inputs are computed for real
+        (`PRODUCER_LIMIT`)."""
         self.gm, self.sites, self.built = gm, sites, built
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"] if example_inputs is not None else []
+        self._graph_inputs = (dict(zip(placeholders, example_inputs))
+                              if example_inputs is not None and len(example_inputs) == len(placeholders) else {})
+        self._first_call: Dict[Node, Optional[torch.Tensor]] = {}
         self.compile_fn, self.train, self.graphs = compile_fn, train, graphs
         self.memo: Dict[tuple, float] = {}
         # CUDA timings without CUDA graphs, with their host issue time (`host_bound_note`)
@@ -170,13 +265,14 @@ class SiteTimer:
         """The site's timing with this choice: a Timing (CUDA, without graphs: with its issue time)
         or ms."""
         if choice == "keep":
-            sub, example = keep_subgraph(self.gm, site)
+            sub, example, sources = keep_subgraph(self.gm, site)
         else:
             config = None if choice == "fuse" else choice.split(":", 1)[1]
             traced, _ = self.built[(site.id, config)]
             sub = traced
             example = [site.match.values[n] for n in traced.tensor_names]
-        args = [_real_like(v, self._generators) for v in example]
+            sources = [site.match.bindings[n] for n in traced.tensor_names]
+        args = [self._input_value(node, v) for node, v in zip(sources, example)]
         with _preserved_rng(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # The fused option is one op call plus glue: Inductor would add a compile per launch
@@ -204,6 +300,18 @@ class SiteTimer:
                         timing = self._compiled_if_host_paced(site, choice, sub, args, sets, timing, train, device)
                     return timing
                 return measure(run, sets, device=device, warmup=3, repeats=10)
+
+    def _input_value(self, node: Any, value: Any) -> Any:
+        """A real value for one site input: its first-call value where a short producer computes
+        it (`PRODUCER_LIMIT`), else a random stand-in of the example value's shape."""
+        if isinstance(node, Node) and isinstance(value, torch.Tensor):
+            if node not in self._first_call:
+                self._first_call[node] = (_first_call_value(self.gm, node, self._graph_inputs)
+                                          if self._graph_inputs else None)
+            real = self._first_call[node]
+            if real is not None:
+                return real
+        return _real_like(value, self._generators)
 
     def _compiled_if_host_paced(self, site: Site, choice: str, sub: fx.GraphModule, args: list, sets: List[tuple],
                                 timing: Timing, train: bool, device: torch.device) -> Timing:

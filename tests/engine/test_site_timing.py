@@ -132,3 +132,56 @@ def test_timing_inputs_are_drawn_from_the_timers_own_generators():
     assert mask.dtype == torch.bool and mask.any() and not mask.all()
     again = _real_like(torch.empty(3, 5, dtype=torch.float16), {})
     assert torch.equal(again, x.detach()) and not again.requires_grad
+
+
+def test_a_mask_built_in_the_graph_is_timed_as_the_first_call_builds_it():
+    """The tuner times a site's inputs that a short producer makes from the graph's inputs (here
+    an attention mask from positions and a padding input; a graph input itself) as the first call
+    makes them, so that a mask's skippable blocks count; an input with a long producer (an
+    activation) gets a random stand-in. Nothing the graph's inputs hold is written."""
+    import math
+
+    import fusion_backend
+
+    def attend(q, k, v, pad):
+        n = q.shape[-2]
+        i = torch.arange(n)
+        keep = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 8) & pad[:, None, None, :]
+        mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, torch.finfo(q.dtype).min)
+        for _ in range(70):  # q's producer: longer than PRODUCER_LIMIT
+            q = torch.sin(q)
+        s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask
+        return torch.softmax(s, -1) @ v
+
+    q, k, v = (torch.randn(1, 2, 24, 16) for _ in range(3))
+    pad = torch.ones(1, 24, dtype=torch.bool)
+    pad[0, :3] = False
+    pad_before = pad.clone()
+    seen = []
+    be = fusion_backend.backend(strategy="moderate", cache=False)
+
+    def observe(space, timer, opts):
+        value_of = timer._input_value
+
+        def spy(node, value):
+            out = value_of(node, value)
+            seen.append((value, out))
+            return out
+        timer._input_value = spy
+    be.tuning_observer = observe
+    torch._dynamo.reset()
+    out = torch.compile(attend, backend=be, fullgraph=True)(q, k, v, pad)
+    torch.testing.assert_close(out, attend(q, k, v, pad))
+    assert torch.equal(pad, pad_before)
+    i = torch.arange(24)
+    keep = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 8) & pad[:, None, None, :]
+    want = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    masks = [got for value, got in seen if tuple(value.shape) == (1, 1, 24, 24)]
+    assert masks and all(torch.equal(got, want) for got in masks)
+    inputs = [got for value, got in seen if tuple(value.shape) == (1, 2, 24, 16)]
+    assert any(torch.equal(got, k) for got in inputs) and any(torch.equal(got, v) for got in inputs)
+    long_q = q
+    for _ in range(70):
+        long_q = torch.sin(long_q)
+    assert not any(torch.allclose(got, long_q, rtol=1e-3) for got in inputs)  # the random stand-in
+    assert len(inputs) >= 3
