@@ -66,6 +66,11 @@ def record_ours(case, bwd, ours):
     record(case, "ours, every block", bwd, ours, skip=False)
 
 
+def qkv(B, H, N, D, bwd):
+    """Fresh bf16 q, k, v of (B, H, N, D), leaves that require grad when bwd."""
+    return (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16, requires_grad=bwd) for _ in range(3))
+
+
 def gemma_eager(q, k, v, scale, mask):
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
@@ -113,7 +118,7 @@ def documents():
                               device=dev)
     case = f"8 documents of {doc}, causal"
     for bwd in (False, True):
-        q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16, requires_grad=bwd) for _ in range(3))
+        q, k, v = qkv(B, H, N, D, bwd)
         record_ours(case, bwd, lambda: attention(q, k, v, attn_mask=keep))
         record(case, "flex", bwd, lambda: flex(q, k, v, block_mask=block))
         record(case, "sdpa, bool mask", bwd, lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep))
@@ -128,7 +133,7 @@ def dense():
     mask[0, ..., -100:] = torch.finfo(torch.bfloat16).min
     case = "dense padding mask"
     for bwd in (False, True):
-        q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16, requires_grad=bwd) for _ in range(3))
+        q, k, v = qkv(B, H, N, D, bwd)
         record_ours(case, bwd, lambda: attention(q, k, v, attn_mask=mask))
         del q, k, v
 
@@ -140,7 +145,7 @@ def hf_causal():
                                                                                  torch.finfo(torch.bfloat16).min)
     case = "HF causal float mask"
     for bwd in (False, True):
-        q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16, requires_grad=bwd) for _ in range(3))
+        q, k, v = qkv(B, H, N, D, bwd)
         record_ours(case, bwd, lambda: attention(q, k, v, attn_mask=mask))
         record(case, "ours, causal=True", bwd, lambda: attention(q, k, v, causal=True))
         record(case, "sdpa, is_causal", bwd, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))

@@ -638,16 +638,20 @@ def test_block_skipping_matches_float64(case, monkeypatch):
         mask = torch.zeros(1, 4, N, N).masked_fill(~band, fmin)
         mask[0, 2, 100:120] = fmin
         kw = dict(enable_gqa=True)
-    ins = [t.requires_grad_() for t in (q, k, v)]
-    if isinstance(scale, torch.Tensor):
-        scale = scale.requires_grad_()
-        ins.append(scale)
-    if mask.is_floating_point():
-        mask = mask.requires_grad_()
-        ins.append(mask)
     m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(q.shape[0], q.shape[1], N, N)
     ranges = tc.MaskRanges.compute(m4, q.shape[0], q.shape[1], N, N).t
     assert ((ranges[1] - ranges[0]) < N - 64).any()  # some rows skip a whole tile: the test tests skipping
+    _masked_call_matches_float64(q, k, v, mask, metric, scale, **kw)
+
+
+def _masked_call_matches_float64(q, k, v, mask, metric, scale, **kw):
+    """The op with `mask` (dropout seeded) against the float64 reference: output, and gradients of
+    q, k, v, a tensor scale and a float mask."""
+    ins = [t.requires_grad_() for t in (q, k, v)]
+    if isinstance(scale, torch.Tensor):
+        ins.append(scale.requires_grad_())
+    if mask.is_floating_point():
+        ins.append(mask.requires_grad_())
     torch.manual_seed(7)
     seed = reference_seed()
     torch.manual_seed(7)
@@ -708,26 +712,7 @@ def test_clean_tiles_match_float64(case, monkeypatch):
     ranges = tc.MaskRanges.compute(m4, q.shape[0], q.shape[1], N, N).t
     clean = _clean_tiles(ranges, 64, 64, N, N)  # the interpreter's attention tiles
     assert (clean == 0) if case == "biased_docs_float" else (clean > 0), clean
-    ins = [t.requires_grad_() for t in (q, k, v)]
-    if isinstance(scale, torch.Tensor):
-        ins.append(scale.requires_grad_())
-    if mask.is_floating_point():
-        ins.append(mask.requires_grad_())
-    torch.manual_seed(7)
-    seed = reference_seed()
-    torch.manual_seed(7)
-    out = attention(q, k, v, metric=metric, scale=scale, attn_mask=mask, **kw)
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, ins, g)
-    ins64 = [t.detach().double().requires_grad_() for t in ins]
-    it = iter(ins64[3:])
-    s64 = next(it) if isinstance(scale, torch.Tensor) else scale
-    m64 = next(it) if mask.is_floating_point() else mask
-    ref = attention_reference(*ins64[:3], metric=metric, scale=s64, attn_mask=m64, dropout_seed=seed, **kw)
-    g64 = torch.autograd.grad(ref, ins64, g.double())
-    assert torch.isfinite(out).all() and rel(out, ref) < 1e-5
-    for a, b in zip(grads, g64):
-        assert torch.isfinite(a).all() and rel(a, b) < 1e-4
+    _masked_call_matches_float64(q, k, v, mask, metric, scale, **kw)
 
 
 def test_range_pass_finds_the_layout_flags():
