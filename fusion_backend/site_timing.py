@@ -190,8 +190,9 @@ def _first_call_value(gm: fx.GraphModule, node: Node, graph_inputs: Dict[Node, A
     if (not isinstance(out, torch.Tensor) or list(out.shape) != shape or out.dtype != want.dtype
             or out.device != want.device):
         return None
-    # a copy: the value may be a view of a graph input, which timing must never write to
-    return out.detach().clone().requires_grad_(want.requires_grad and want.is_floating_point())
+    # detached, not copied: it may be a graph input itself (a model's weight, kept for the whole
+    # tuning), and timing only reads its inputs; a gradient lands on this alias, not on the input
+    return out.detach().requires_grad_(want.requires_grad and want.is_floating_point())
 
 
 class SiteTimer:
