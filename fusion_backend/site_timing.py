@@ -138,9 +138,10 @@ _OPERATOR_MUTATIONS = {"setitem", "delitem", "iadd", "iand", "iconcat", "ifloord
                        "imul", "ior", "ipow", "irshift", "isub", "itruediv", "ixor"}
 
 
-def _producer(gm: fx.GraphModule, node: Node, limit: int) -> Optional[List[Node]]:
-    """The nodes that compute `node` from the graph's inputs and attributes, in graph order, or
-    None where they are more than `limit`, or one of them is not a pure function call."""
+def _producer(gm, node: Node, limit: int) -> Optional[List[Node]]:
+    """The nodes that compute `node` from the graph's inputs and attributes, in the order of `gm`
+    (a GraphModule or its Graph), or None where they are more than `limit`, or one of them is not
+    a pure function call."""
     seen = set()
     stack = [node]
     while stack:
@@ -153,7 +154,8 @@ def _producer(gm: fx.GraphModule, node: Node, limit: int) -> Optional[List[Node]
         if n.op not in ("call_function", "call_method") or _mutates(n) or len(seen) > limit:
             return None
         stack.extend(n.all_input_nodes)
-    return [n for n in gm.graph.nodes if n in seen]
+    graph = gm.graph if isinstance(gm, fx.GraphModule) else gm
+    return [n for n in graph.nodes if n in seen]
 
 
 def _first_call_value(gm: fx.GraphModule, node: Node, graph_inputs: Dict[Node, Any]) -> Optional[torch.Tensor]:
@@ -390,13 +392,42 @@ def _measure_replays(run: Callable, sets: List[tuple], device: torch.device) -> 
 
 
 def site_group(site: Site) -> str:
-    """Sites that time alike: same rule, same tensor shapes/dtypes/grad, same constants. They
-    share measurements here and, in the tuner, what the search learns about launch configs."""
+    """Sites that time alike: same rule, same tensor shapes/dtypes/grad, same constants, and the same
+    graph-built inputs (a mask a short producer makes, which is timed as built: a sliding-window
+    layer and a global one must not share timings). They share measurements here and, in the
+    tuner, what the search learns about launch configs."""
     shapes = ";".join(f"{k}={tuple(v.shape)}:{v.dtype}:{v.requires_grad}"
                       for k, v in sorted(site.match.values.items()) if isinstance(v, torch.Tensor))
     consts = ";".join(f"{k}={v!r}" for k, v in sorted(site.match.values.items())
                       if not isinstance(v, torch.Tensor))
-    return f"{site.rule.name}|{shapes}|{consts}"
+    return f"{site.rule.name}|{shapes}|{consts}|{_graph_built_inputs(site)}"
+
+
+def _graph_built_inputs(site: Site) -> str:
+    """The site's tensor inputs that the graph builds in a few steps from integer, bool or size
+    inputs alone (masks from positions and padding: `PRODUCER_LIMIT`), as binding=node names; not
+    activations, whose values do not change a site's speed. Found once per site (the tuner asks
+    for a site's group at every plan)."""
+    found = getattr(site, "_graph_built", None)
+    if found is None:
+        bindings = getattr(site.match, "bindings", {})
+        found = ";".join(f"{k}={node.name}" for k, node in sorted(bindings.items())
+                         if isinstance(node, Node) and node.op not in ("placeholder", "get_attr")
+                         and isinstance(site.match.values.get(k), torch.Tensor) and _built_from_indices(node))
+        site._graph_built = found
+    return found
+
+
+def _built_from_indices(node: Node) -> bool:
+    """Whether a short producer makes `node` with no floating-point graph input among its sources."""
+    nodes = _producer(node.graph, node, PRODUCER_LIMIT)
+    if nodes is None:
+        return False
+    for n in nodes:
+        value = example_value(n) if n.op == "placeholder" else None
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return False
+    return True
 
 
 @contextlib.contextmanager

@@ -185,3 +185,38 @@ def test_a_mask_built_in_the_graph_is_timed_as_the_first_call_builds_it():
         long_q = torch.sin(long_q)
     assert not any(torch.allclose(got, long_q, rtol=1e-3) for got in inputs)  # the random stand-in
     assert len(inputs) >= 3
+
+
+def test_sites_with_different_graph_built_masks_do_not_share_timings():
+    """Two attention layers alike in rule and shapes but with different masks built in the graph (a
+    sliding window and a causal triangle) time apart; layers sharing one mask share a timing."""
+    import math
+
+    import fusion_backend
+    from fusion_backend.site_timing import site_group
+
+    def mask_of(keep):
+        return torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+
+    def layers(x):
+        n = x.shape[-2]
+        i = torch.arange(n)
+        causal = mask_of(i[None, :] <= i[:, None])
+        window = mask_of((i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 6))
+        for mask in (causal, window, causal):
+            s = x @ x.transpose(-1, -2) / math.sqrt(x.shape[-1]) + mask
+            x = torch.softmax(s, -1) @ x
+        return x
+
+    sites = []
+    be = fusion_backend.backend(strategy="moderate", cache=False)
+    be.tuning_observer = lambda space, timer, opts: sites.extend(timer.sites)
+    torch._dynamo.reset()
+    x = torch.randn(1, 2, 20, 16)
+    torch.testing.assert_close(torch.compile(layers, backend=be, fullgraph=True)(x), layers(x))
+    # the rule that matches every layer (the causal ones also match a causal variant)
+    generic = sorted((s for s in sites if s.rule.name == "attention.dot"),
+                     key=lambda s: int(s.anchor.name.split("_")[-1]))
+    groups = [site_group(s) for s in generic]
+    assert len(groups) == 3
+    assert groups[0] == groups[2] != groups[1]
