@@ -184,12 +184,20 @@ def _key_range(RANGES, base, plane, offs_m, N_Q, N_K, BLOCK_N: tl.constexpr):
     (`MaskRanges`; base: this (b, h)'s offset), lo rounded down to a multiple of BLOCK_N; empty
     when none keeps anything. Then [clean_lo, clean_hi), the keys that every one of the rows keeps
     unchanged (empty when one of them has no clean run)."""
+    lo = tl.min(tl.load(RANGES + base + offs_m, mask=offs_m < N_Q, other=N_K), axis=0)
+    hi = tl.max(tl.load(RANGES + plane + base + offs_m, mask=offs_m < N_Q, other=0), axis=0)
+    clean_lo, clean_hi = _shared_clean_run(RANGES, base, plane, offs_m, N_Q, N_K)
+    return (lo // BLOCK_N) * BLOCK_N, hi, clean_lo, clean_hi
+
+
+@triton.jit
+def _shared_clean_run(RANGES, base, plane, offs_m, N_Q, N_K):
+    """[clean_lo, clean_hi): the keys that every query row offs_m keeps unchanged, from the rows'
+    clean runs (`MaskRanges`); empty when one of them has none. Rows past N_Q do not count."""
     rows_in = offs_m < N_Q
-    lo = tl.min(tl.load(RANGES + base + offs_m, mask=rows_in, other=N_K), axis=0)
-    hi = tl.max(tl.load(RANGES + plane + base + offs_m, mask=rows_in, other=0), axis=0)
     clean_lo = tl.max(tl.load(RANGES + 2 * plane + base + offs_m, mask=rows_in, other=0), axis=0)
     clean_hi = tl.min(tl.load(RANGES + 3 * plane + base + offs_m, mask=rows_in, other=N_K), axis=0)
-    return (lo // BLOCK_N) * BLOCK_N, hi, clean_lo, clean_hi
+    return clean_lo, clean_hi
 
 
 @triton.jit
@@ -239,9 +247,7 @@ def _tile_is_clean(start, clean_lo, clean_hi, BLOCK: tl.constexpr):
 def _query_block_clean(RANGES, base, plane, offs_m, N_Q, N_K, key_lo, BLOCK_N: tl.constexpr):
     """For the dK/dV kernel: whether every query row offs_m keeps keys [key_lo, key_lo + BLOCK_N)
     unchanged (rows past N_Q do not count)."""
-    rows_in = offs_m < N_Q
-    c_lo = tl.max(tl.load(RANGES + 2 * plane + base + offs_m, mask=rows_in, other=0), axis=0)
-    c_hi = tl.min(tl.load(RANGES + 3 * plane + base + offs_m, mask=rows_in, other=N_K), axis=0)
+    c_lo, c_hi = _shared_clean_run(RANGES, base, plane, offs_m, N_Q, N_K)
     return _tile_is_clean(key_lo, c_lo, c_hi, BLOCK_N)
 
 
@@ -1159,7 +1165,7 @@ def _mask_row_ranges_kernel(MASK, ROWS, FLAGS, H_M, N_Q, N_K, smb, smh, smm, smn
     for start_n in range(0, N_K, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kept, clean = _kept(MASK, b, h, offs_m, offs_n, N_Q, N_K, smb, smh, smm, smn, MASK_KIND)
-        if LAYOUT_FLAGS:
+        if LAYOUT_FLAGS:  # `_mask_layout_kernel`'s two tests, accumulated per element
             upper = offs_n[None, :] > offs_m[:, None]
             inb = (offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K)
             kept_upper = kept_upper | (kept & upper).to(tl.int32)
