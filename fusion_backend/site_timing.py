@@ -138,31 +138,33 @@ _OPERATOR_MUTATIONS = {"setitem", "delitem", "iadd", "iand", "iconcat", "ifloord
                        "imul", "ior", "ipow", "irshift", "isub", "itruediv", "ixor"}
 
 
-def _producer(gm, node: Node, limit: int) -> Optional[List[Node]]:
-    """The nodes that compute `node` from the graph's inputs and attributes, in the order of `gm`
-    (a GraphModule or its Graph), or None where they are more than `limit`, or one of them is not
-    a pure function call."""
+def _producer(node: Node, limit: int) -> Optional[List[Node]]:
+    """The nodes that compute `node` from the graph's inputs and attributes, each after its own
+    inputs, or None where they are more than `limit`, or one of them is not a pure function call."""
+    order: List[Node] = []
     seen = set()
-    stack = [node]
+    stack = [(node, False)]
     while stack:
-        n = stack.pop()
+        n, inputs_done = stack.pop()
+        if inputs_done:
+            order.append(n)  # a post-order walk: every input of n is in order already
+            continue
         if n in seen:
             continue
         seen.add(n)
-        if n.op in ("placeholder", "get_attr"):
-            continue
-        if n.op not in ("call_function", "call_method") or _mutates(n) or len(seen) > limit:
-            return None
-        stack.extend(n.all_input_nodes)
-    graph = gm.graph if isinstance(gm, fx.GraphModule) else gm
-    return [n for n in graph.nodes if n in seen]
+        if n.op not in ("placeholder", "get_attr"):
+            if n.op not in ("call_function", "call_method") or _mutates(n) or len(seen) > limit:
+                return None
+        stack.append((n, True))
+        stack.extend((d, False) for d in n.all_input_nodes if d not in seen)
+    return order
 
 
 def _first_call_value(gm: fx.GraphModule, node: Node, graph_inputs: Dict[Node, Any]) -> Optional[torch.Tensor]:
     """`node`'s value for the graph's first call (`graph_inputs`: its placeholders' real values),
     computed by its producer where that is short (`PRODUCER_LIMIT`); None where it is not, where
     an input is fake, or where the result does not match the node's example value."""
-    nodes = _producer(gm, node, PRODUCER_LIMIT)
+    nodes = _producer(node, PRODUCER_LIMIT)
     want = example_value(node)
     if nodes is None or not isinstance(want, torch.Tensor):
         return None
@@ -209,9 +211,11 @@ class SiteTimer:
         placeholders' values), from which short-produced site inputs are computed for real
         (`PRODUCER_LIMIT`)."""
         self.gm, self.sites, self.built = gm, sites, built
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"] if example_inputs is not None else []
-        self._graph_inputs = (dict(zip(placeholders, example_inputs))
-                              if example_inputs is not None and len(example_inputs) == len(placeholders) else {})
+        self._graph_inputs: Dict[Node, Any] = {}
+        if example_inputs is not None:
+            placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+            if len(placeholders) == len(example_inputs):
+                self._graph_inputs = dict(zip(placeholders, example_inputs))
         self._first_call: Dict[Node, Optional[torch.Tensor]] = {}
         self.compile_fn, self.train, self.graphs = compile_fn, train, graphs
         self.memo: Dict[tuple, float] = {}
@@ -420,7 +424,7 @@ def _graph_built_inputs(site: Site) -> str:
 
 def _built_from_indices(node: Node) -> bool:
     """Whether a short producer makes `node` with no floating-point graph input among its sources."""
-    nodes = _producer(node.graph, node, PRODUCER_LIMIT)
+    nodes = _producer(node, PRODUCER_LIMIT)
     if nodes is None:
         return False
     for n in nodes:
