@@ -71,6 +71,17 @@ def qkv(B, H, N, D, bwd):
     return (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16, requires_grad=bwd) for _ in range(3))
 
 
+def time_case(case, shape, mask, others=()):
+    """Forward, then forward+backward on fresh inputs of shape (B, H, N, D): the op with `mask`
+    (`record_ours`) and each (name, fn(q, k, v)) of `others` on the same inputs."""
+    for bwd in (False, True):
+        q, k, v = qkv(*shape, bwd)
+        record_ours(case, bwd, lambda: attention(q, k, v, attn_mask=mask))
+        for name, fn in others:
+            record(case, name, bwd, lambda: fn(q, k, v))
+        del q, k, v
+
+
 def gemma_eager(q, k, v, scale, mask):
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
@@ -116,13 +127,9 @@ def documents():
     keep = ((i[:, None] // doc) == (i[None, :] // doc)) & (i[None, :] <= i[:, None])
     block = create_block_mask(lambda b, h, qi, ki: ((qi // doc) == (ki // doc)) & (ki <= qi), None, None, N, N,
                               device=dev)
-    case = f"8 documents of {doc}, causal"
-    for bwd in (False, True):
-        q, k, v = qkv(B, H, N, D, bwd)
-        record_ours(case, bwd, lambda: attention(q, k, v, attn_mask=keep))
-        record(case, "flex", bwd, lambda: flex(q, k, v, block_mask=block))
-        record(case, "sdpa, bool mask", bwd, lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep))
-        del q, k, v
+    time_case(f"8 documents of {doc}, causal", (B, H, N, D), keep,
+              [("flex", lambda q, k, v: flex(q, k, v, block_mask=block)),
+               ("sdpa, bool mask", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=keep))])
 
 
 def dense():
@@ -131,11 +138,7 @@ def dense():
     B, H, N, D = 2, 8, 8192, 128
     mask = torch.zeros(B, 1, N, N, device=dev, dtype=torch.bfloat16)
     mask[0, ..., -100:] = torch.finfo(torch.bfloat16).min
-    case = "dense padding mask"
-    for bwd in (False, True):
-        q, k, v = qkv(B, H, N, D, bwd)
-        record_ours(case, bwd, lambda: attention(q, k, v, attn_mask=mask))
-        del q, k, v
+    time_case("dense padding mask", (B, H, N, D), mask)
 
 
 def hf_causal():
@@ -143,13 +146,9 @@ def hf_causal():
     i = torch.arange(N, device=dev)
     mask = torch.zeros(1, 1, N, N, device=dev, dtype=torch.bfloat16).masked_fill(i[None, :] > i[:, None],
                                                                                  torch.finfo(torch.bfloat16).min)
-    case = "HF causal float mask"
-    for bwd in (False, True):
-        q, k, v = qkv(B, H, N, D, bwd)
-        record_ours(case, bwd, lambda: attention(q, k, v, attn_mask=mask))
-        record(case, "ours, causal=True", bwd, lambda: attention(q, k, v, causal=True))
-        record(case, "sdpa, is_causal", bwd, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-        del q, k, v
+    time_case("HF causal float mask", (B, H, N, D), mask,
+              [("ours, causal=True", lambda q, k, v: attention(q, k, v, causal=True)),
+               ("sdpa, is_causal", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))])
 
 
 if __name__ == "__main__":
