@@ -855,6 +855,20 @@ _BACKWARD_PAIRS = (
 )
 
 
+# Half-precision tiles for calls that skip blocks (windows, packed documents, masked triangles), by
+# padded head dim: (forward tile, backward pair). A program there walks a few key blocks, and a
+# forward tile that lets two programs share an SM (m64n32, 4 warps: 156-168 registers, 50-82 KB of
+# shared memory) hides one program's start and end behind the other's loop: forwards 13-17%
+# faster than the dense defaults on an H100 (N=8192: sliding windows of 1024 and 4096, 8 packed
+# documents, HF's float causal mask; docs/performance.md). The backward keeps the dense pairs,
+# except that at D=64 the dQ tile m64n32 wins too (a window of 1024 with l2: training 1.55-1.65
+# against 1.76 ms); the pairs tried in their place at D=128 were slower (up to 1.7x).
+_SKIP_TILES = {
+    64: ((64, 32, 4, 3), _BACKWARD_PAIRS[4]),
+    128: ((64, 32, 4, 3), _BACKWARD_PAIRS[5]),
+}
+
+
 def _with_backward(cfg: dict, pair) -> dict:
     (bm, bn, w, st), (qm, qn, qw, qs) = pair
     return dict(cfg, BWD_BLOCK_M=bm, BWD_BLOCK_N=bn, bwd_num_warps=w, bwd_num_stages=st,
@@ -888,11 +902,17 @@ def attention_config_space(metric: str, head_dim: int, dtype: torch.dtype, devic
     return out
 
 
-def default_attention_config(metric: str, head_dim: int, dtype: torch.dtype, device_type: str) -> dict:
-    """A sound default per device: big blocks on CPU (interpreter), measured tiles on GPU."""
+def default_attention_config(metric: str, head_dim: int, dtype: torch.dtype, device_type: str,
+                             skips: bool = False) -> dict:
+    """A sound default per device: big blocks on CPU (interpreter), measured tiles on GPU. skips:
+    the call skips blocks by its mask's kept ranges (`ranges_layout`), so each program walks a
+    short key range, and at head dims 64 and 128 smaller tiles win there (`_SKIP_TILES`)."""
     d_pad = _pad_dim(head_dim)
     if device_type == "cpu":
         return attention_config_space(metric, head_dim, dtype, device_type)[0]
+    if skips and dtype != torch.float32 and d_pad in _SKIP_TILES:
+        forward, pair = _SKIP_TILES[d_pad]
+        return _with_backward(dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), forward)), pair)
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2,
                     BWD_BLOCK_M=32, BWD_BLOCK_N=32, bwd_num_warps=4, bwd_num_stages=1)
@@ -1245,8 +1265,10 @@ class MaskRanges:
         layout_flags = mask4.dtype == torch.bool and self.bm == self.hm == 1
         self.t[4].fill_(3 if layout_flags else 0)  # the flags and the rest of their plane (defined values)
         # the interpreter runs programs one at a time: few tall ones there, as narrow as the
-        # interpreter's attention tiles so that its kernels skip as the GPU's do
-        block_m, block_n = (128, 64) if interpreting() else (32, 128)
+        # interpreter's attention tiles so that its kernels skip as the GPU's do. On the GPU, 4
+        # rows a program: 2048 programs for N=8192 keep enough loads in flight (1.3-1.9x faster than
+        # 32 rows on an H100, docs/performance.md)
+        block_m, block_n = (128, 64) if interpreting() else (4, 128)
         _launch_mask_row_ranges[(cdiv(Nq, block_m), self.bm * self.hm)](
             m, self.t, self.flags, self.hm, Nq, Nk, *m.stride(), *self.args()[1:],
             MASK_KIND=1 if mask4.dtype == torch.bool else 2, LAYOUT_FLAGS=layout_flags, BLOCK_M=block_m,
@@ -1298,7 +1320,8 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
     with E_p[raw] computed when `stats` (needed for an accurate scale gradient))."""
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = config or default_attention_config(metric, D, q.dtype, q.device.type)
+    cfg = config or default_attention_config(metric, D, q.dtype, q.device.type,
+                                             skips=ranges_layout(mask, B, H, Nq, Nk, metric) is not None)
     if out is None:
         out = torch.empty(B, H, Nq, Dv, device=q.device, dtype=q.dtype)
     row_stats = new_row_stats(B, H, Nq, q.device)
@@ -1377,7 +1400,8 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
     `scale_grad`), and dmask (the 4-d mask's shape, fp32 summed over broadcast dims) or None."""
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    tile_kv, tile_q = backward_tiles(config or default_attention_config(metric, D, q.dtype, q.device.type))
+    skips = ranges_layout(mask, B, H, Nq, Nk, metric) is not None
+    tile_kv, tile_q = backward_tiles(config or default_attention_config(metric, D, q.dtype, q.device.type, skips))
     delta = row_dot(do, out)
     seed_t = seed_arg(seed if dropout_p > 0 else None, q)
     q, k, qvec, kvec = _prepass(metric, q, k)

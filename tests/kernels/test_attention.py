@@ -434,6 +434,29 @@ def test_config_space_and_keys():
         attention(q, k, v, config="blocks-please")
 
 
+def test_calls_that_skip_blocks_get_their_own_default_tiles():
+    """A call whose mask gets kept ranges resolves config=None to the skipping tiles (GPU, half
+    precision, head dims 64 and 128), in forward and backward alike; other calls keep the dense
+    default. Every such default is a config the kernels can take."""
+    from fusion_backend.ops.attention import _resolve_config
+    for D in (64, 128):
+        dense = default_attention_config("l2", D, torch.bfloat16, "cuda")
+        skip = default_attention_config("l2", D, torch.bfloat16, "cuda", skips=True)
+        assert skip != dense and (skip["BLOCK_M"], skip["BLOCK_N"]) == (64, 32)
+        assert tc._feasible(skip, "l2", D, 2) and tc.parse_config_key(config_key(skip)) == skip
+        ranges = tc.new_ranges((1, 1), 8, "cpu")
+        assert _resolve_config(None, "l2", D, torch.bfloat16, "cuda", ranges) == skip
+        assert _resolve_config(None, "l2", D, torch.bfloat16, "cuda", ranges[:0].flatten()) == dense
+        assert _resolve_config(None, "l2", D, torch.bfloat16, "cuda", None) == dense
+    for D, dtype in ((256, torch.bfloat16), (64, torch.float32)):  # not measured: the dense tiles
+        assert default_attention_config("dot", D, dtype, "cuda", skips=True) == default_attention_config(
+            "dot", D, dtype, "cuda")
+    # the launchers decide from the mask's shape, as the fake implementation does
+    big = torch.ones(1, 1, 1024, 1024, dtype=torch.bool)
+    assert tc.ranges_layout(big, 1, 2, 1024, 1024) == (1, 1)
+    assert tc.ranges_layout(big[..., :512, :512], 1, 2, 512, 512) is None
+
+
 def test_key_padding_float_mask_grad_and_noncontiguous_inputs():
     q, k, v = make(2, 2, 2, 19, 31, 16, 16)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, N, D) view of a (B, N, H, D) buffer
