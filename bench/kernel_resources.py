@@ -132,7 +132,7 @@ def attention_reports(B, H, N, D, metric, mask_kind, causal, dropout, config_key
     for name, fn, tile, extra in (  # a learnable scale: the forward's stats and the scale gradient
         ("fwd", tc._attn_fwd_kernel, dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
                                           num_stages=cfg["num_stages"]), dict(STATS=not softcap)),
-        ("dkdv", tc._attn_bwd_dkdv_kernel, tile_kv, {}),
+        ("dkdv", tc._attn_bwd_dkdv_kernel, tile_kv, dict(SCAN_ROWS=tc.QUERY_SCAN_ROWS)),
         ("dq", tc._attn_bwd_dq_kernel, tile_q, dict(MASK_GRAD=False, SCALE_GRAD=not softcap)),
     ):
         cx = dict(common, **extra, EVEN_M=N % tile["BLOCK_M"] == 0, EVEN_N=N % tile["BLOCK_N"] == 0,
