@@ -594,7 +594,10 @@ def _attn_bwd_dkdv_kernel(
     k = _load_rows(K + b * skb + hk * skh, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
     v = _load_rows(V + b * svb + hk * svh, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
     k_op = k
-    kvec = tl.load(KVEC + bhk * N_K + offs_n, mask=offs_n < N_K, other=1.0)
+    if METRIC == 0:  # dot reads no per-key vector: KVEC is a 1-element placeholder then
+        kvec = tl.full([BLOCK_N], 1.0, tl.float32)
+    else:
+        kvec = tl.load(KVEC + bhk * N_K + offs_n, mask=offs_n < N_K, other=1.0)
 
     dk_acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
