@@ -861,10 +861,10 @@ _BACKWARD_PAIRS = (
 
 
 # Half-precision tiles for calls that skip blocks (windows, packed documents, masked triangles), by
-# padded head dim: (forward tile, backward pair). A program there walks a few key blocks, and a
+# padded head dim: (forward tile, backward pair). A program there walks a few key blocks; a
 # forward tile that lets two programs share an SM (m64n32, 4 warps: 156-168 registers, 50-82 KB of
-# shared memory) hides one program's start and end behind the other's loop: forwards 11-17%
-# faster than the dense defaults on an H100 (N=8192: sliding windows of 1024 and 4096, 8 packed
+# shared memory), presumably hiding one program's start and end behind the other's loop, ran
+# forwards 11-17% faster than the dense defaults on an H100 (N=8192: sliding windows of 1024 and 4096, 8 packed
 # documents, HF's float causal mask; docs/performance.md). The backward keeps the dense pairs,
 # except that at D=64 the dQ tile m64n32 wins too (a window of 1024 with l2: training 1.62 against
 # 1.77 ms with only that tile changed); the pairs tried in their place at D=128 were slower (up to
