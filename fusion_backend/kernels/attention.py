@@ -60,6 +60,11 @@ DROPOUT_BITS = int(os.environ.get("TRUTHFUSE_ATTENTION_DROPOUT_BITS", "16"))
 if DROPOUT_BITS not in (8, 16):
     raise ValueError(f"TRUTHFUSE_ATTENTION_DROPOUT_BITS must be 8 or 16, got {DROPOUT_BITS}")
 
+# Rows of the kept ranges a dK/dV program scans at a time (`_query_range`): the scan is a few
+# percent of a skipping dK/dV kernel on an H100, 2048 rows 1-4% faster than 1024 (packed documents,
+# windows, HF's causal mask) where 4096 was 2% slower on the causal mask (docs/performance.md)
+QUERY_SCAN_ROWS = 2048
+
 
 # ----------------------------------------------------------------------------------------------
 # Shared jit helpers (also used by attention_l1)
@@ -570,7 +575,7 @@ def _attn_bwd_dkdv_kernel(
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
     DROP_BITS: tl.constexpr = 16, SOFTCAP: tl.constexpr = False, SKIP: tl.constexpr = False,
-    SCAN_ROWS: tl.constexpr = 1024,
+    SCAN_ROWS: tl.constexpr = QUERY_SCAN_ROWS,
 ):
     """dK, dV for BLOCK_N keys of one (b, kv head), summed over the GROUP query heads that read it.
 
@@ -864,11 +869,11 @@ _BACKWARD_PAIRS = (
 # padded head dim: (forward tile, backward pair). A program there walks a few key blocks; a
 # forward tile that lets two programs share an SM (m64n32, 4 warps: 156-168 registers, 50-82 KB of
 # shared memory), presumably hiding one program's start and end behind the other's loop, ran
-# forwards 11-17% faster than the dense defaults on an H100 (N=8192: sliding windows of 1024 and 4096, 8 packed
-# documents, HF's float causal mask; docs/performance.md). The backward keeps the dense pairs,
-# except that at D=64 the dQ tile m64n32 wins too (a window of 1024 with l2: training 1.62 against
-# 1.77 ms with only that tile changed); the pairs tried in their place at D=128 were slower (up to
-# 1.7x).
+# forwards 11-17% faster than the dense defaults on an H100 (N=8192: sliding windows of 1024 and
+# 4096, 8 packed documents, HF's float causal mask; docs/performance.md). The backward keeps the
+# dense pairs, except that at D=64 the dQ tile m64n32 wins too (a window of 1024 with l2: training
+# 1.62 against 1.77 ms with only that tile changed); the pairs tried in their place at D=128 were
+# slower (up to 1.7x).
 _SKIP_TILES = {
     64: ((64, 32, 4, 3), _BACKWARD_PAIRS[4]),
     128: ((64, 32, 4, 3), _BACKWARD_PAIRS[5]),
@@ -1221,11 +1226,6 @@ def _mask_row_ranges_kernel(MASK, ROWS, FLAGS, H_M, N_Q, N_K, smb, smh, smm, smn
         tl.atomic_and(FLAGS, 3 - tl.max(kept_upper) - 2 * tl.max(dropped_lower))
 
 
-# Rows of the kept ranges a dK/dV program scans at a time (`_query_range`): the scan is a few
-# percent of a skipping dK/dV kernel on an H100, 2048 rows 1-4% faster than 1024 (packed documents,
-# windows, HF's causal mask) where 4096 was 2% slower on the causal mask (docs/performance.md)
-QUERY_SCAN_ROWS = 2048
-
 # Masks this small are read whole: finding their ranges would cost about what skipping saves.
 # TRUTHFUSE_MASK_SKIP=0 turns block skipping off (read at import).
 _RANGES_MIN_ENTRIES = 1 << 20 if os.environ.get("TRUTHFUSE_MASK_SKIP", "1") != "0" else float("inf")
@@ -1411,8 +1411,8 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
     `scale_grad`), and dmask (the 4-d mask's shape, fp32 summed over broadcast dims) or None."""
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    skips = ranges_layout(mask, B, H, Nq, Nk, metric) is not None
-    tile_kv, tile_q = backward_tiles(config or default_attention_config(metric, D, q.dtype, q.device.type, skips))
+    tile_kv, tile_q = backward_tiles(config or default_attention_config(
+        metric, D, q.dtype, q.device.type, skips=ranges_layout(mask, B, H, Nq, Nk, metric) is not None))
     delta = row_dot(do, out)
     seed_t = seed_arg(seed if dropout_p > 0 else None, q)
     q, k, qvec, kvec = _prepass(metric, q, k)
