@@ -5,6 +5,8 @@ import os
 import torch
 import triton
 
+from . import compile_ahead
+
 
 def interpreting() -> bool:
     """True when Triton's interpreter is on (TRITON_INTERPRET=1), so kernels run on CPU tensors.
@@ -98,6 +100,11 @@ class KernelLauncher:
     def __call__(self, grid, args, constexprs, num_warps=None, num_stages=None):
         """kernel[grid](*args, **constexprs by name, num_warps=..., num_stages=...), with the
         constexprs as a tuple in signature order (None: Triton's default warps or stages)."""
+        if compile_ahead.active() is not None and not interpreting():
+            # recording what a call compiles (`compile_ahead.recording`): nothing launches
+            options = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
+            self.kernel.warmup(*args, grid=grid, **dict(zip(self.constexpr_names, constexprs)), **options)
+            return
         direct = self._direct and not interpreting()
         if direct:
             device = _driver().get_current_device()
