@@ -79,6 +79,8 @@ class TruthfuseBackend:
         # Benchmarks of the tuner set this to see each graph's decision space and plan timer
         # (called as observer(space, timer, options) before the search runs).
         self.tuning_observer: Optional[Callable] = None
+        # Triton kernels of an "aggressive" plan compiling on worker processes (`_decide`)
+        self._kernel_compiles = None
 
     # Dynamo compares backends when deciding whether cached code can be reused.
     def __eq__(self, other):
@@ -100,7 +102,15 @@ class TruthfuseBackend:
         rewritten = time.perf_counter()
         log.info("graph %d: analysis, replacements and tuning took %.1f s; %s compile starts",
                  record.index, rewritten - started, self.options.inner)
-        compiled = _inner_compile(compiled_gm, example_inputs, self.options)
+        try:
+            compiled = _inner_compile(compiled_gm, example_inputs, self.options)
+        finally:
+            if self._kernel_compiles is not None:  # started in `_decide`, to overlap with that compile
+                pending, self._kernel_compiles = self._kernel_compiles, None
+                done = pending.wait()
+                log.info("graph %d: %d Triton kernel(s) compiled ahead in %.1f s (%d here, the rest on %d "
+                         "worker(s); %.1f s of compiling)", record.index, done["kernels"], done["seconds"],
+                         done["here"], done["workers"], done["compile_seconds"])
         record.compile_seconds = time.perf_counter() - started
         log.info("graph %d: %s compile took %.1f s", record.index, self.options.inner,
                  time.perf_counter() - rewritten)
@@ -179,7 +189,8 @@ class TruthfuseBackend:
     def _decide(self, gm, gm_canon, example_inputs, candidates: List[Site], record: GraphRecord,
                 built: Dict[tuple, tuple]) -> Dict[str, str]:
         """Choose a plan (site id -> "keep" / "fuse[:config]") with the tuner, through the cache."""
-        from .tune import DecisionSpace, Option, SiteChoices, TuningCache, TuningDecision, cache_key, choose_plan
+        from .tune import (DecisionSpace, Option, SiteChoices, TuningCache, TuningDecision, cache_key, choose_plan,
+                           restrict)
 
         conflicts = []
         for i, a in enumerate(candidates):
@@ -225,9 +236,16 @@ class TruthfuseBackend:
         if self.tuning_observer is not None:
             self.tuning_observer(space, timer, opts)
         by_id = {s.id: s for s in candidates}
+        aggressive = opts.strategy == "aggressive"
+        if not aggressive:  # every fused option may be timed: compile their kernels in parallel first
+            fusable = {c.site_id for c in restrict(space, opts.strategy).sites if any(o.fused for o in c.options)}
+            timer.start_kernel_compiles([s for s in candidates if s.id in fusable])
         decision = choose_plan(space, timer, opts.strategy, simulations=opts.budget,
                                time_budget_s=opts.tuning_seconds, seed=opts.seed,
                                site_cost=lambda sid, option: timer.site_cost(by_id[sid], option))
+        if aggressive:  # nothing was timed: the fused sites' kernels compile while Inductor compiles
+            fused = {sid for sid, choice in dict(decision.plan).items() if choice != "keep"}
+            self._kernel_compiles = timer.start_kernel_compiles([s for s in candidates if s.id in fused])
         if not graphs:
             chosen = dict(decision.plan)
             notes = {s.id: timer.host_bound_note(s) for s in candidates if chosen.get(s.id, "keep") == "keep"}

@@ -27,6 +27,8 @@ import torch
 import torch.fx as fx
 
 from .canonicalize.passes import example_value
+from .kernels import compile_ahead
+from .kernels.runtime import interpreting
 from .match.sites import Site
 from .tune.timing import Timing, measure, measure_timing, rotated_input_sets
 
@@ -226,6 +228,7 @@ class SiteTimer:
         self._generators: Dict[torch.device, torch.Generator] = {}
         # (site group, choice) -> the inner compiler's callable: a confirmation round reuses it
         self._compiled: Dict[tuple, Callable] = {}
+        self._compiling: Optional[compile_ahead.Compiling] = None  # `start_kernel_compiles`
 
     def __call__(self, plan) -> float:
         key = tuple(sorted(dict(plan).items()))
@@ -250,6 +253,64 @@ class SiteTimer:
                      self.memo[key], time.perf_counter() - started)
         return self.memo[key]
 
+    # -- the kernels' compiles, ahead of the measurements ------------------------------------
+
+    def start_kernel_compiles(self, sites: List[Site]) -> Optional[compile_ahead.Compiling]:
+        """Start compiling, on worker processes, the Triton kernels that the sites' fused options
+        (each site group's first launch config) launch, and return the handle to wait on; None
+        where there is nothing to do (CPU, the interpreter, a Triton this does not read, or every
+        kernel compiled already). Each option runs once with its launches recorded instead
+        (`compile_ahead.recording`): a fused attention option launches three to eight kernels,
+        which its first measurement would otherwise compile one after another."""
+        if interpreting() or not compile_ahead.available():
+            return None
+        self.wait_for_kernel_compiles()
+        started = time.perf_counter()
+        if not any(isinstance(v, torch.Tensor) and v.device.type == "cuda"
+                   for site in sites for v in site.match.values.values()):
+            return None
+        # The workers import torch and set up Triton's compiler while the options run; until they
+        # are ready, `Compiling.wait` compiles in this process.
+        compile_ahead.start_pool()
+        seen = set()
+        with _fresh_compile_context(), _preserved_rng(), warnings.catch_warnings(), \
+                compile_ahead.recording() as recorded:
+            warnings.simplefilter("ignore")
+            for site in sites:
+                group = site_group(site)
+                if group in seen or (site.id, site.configs[0]) not in self.built:
+                    continue
+                seen.add(group)
+                traced, _ = self.built[(site.id, site.configs[0])]
+                example = [site.match.values[n] for n in traced.tensor_names]
+                sources = [site.match.bindings[n] for n in traced.tensor_names]
+                args = [self._input_value(node, v) for node, v in zip(sources, example)]
+                if not any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in args):
+                    continue
+                train = self.train and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+                try:
+                    with contextlib.nullcontext() if train else torch.no_grad():
+                        _timed_call(traced.forward, train)(*args)
+                except Exception as exc:  # noqa: BLE001 -- its kernels then compile when it is timed
+                    log.info("tuning: %s: its kernels are not compiled ahead (%s: %s)", site.rule.name,
+                             type(exc).__name__, str(exc)[:120])
+        if not recorded.kernels:
+            return None
+        self._compiling = compile_ahead.start_compiles(recorded)
+        log.info("tuning: %d fused option(s) run in %.1f s to list their Triton kernels; compiling %d of them on %d "
+                 "worker process(es)", len(seen), time.perf_counter() - started, len(recorded.kernels),
+                 self._compiling.workers)
+        return self._compiling
+
+    def wait_for_kernel_compiles(self) -> None:
+        """Wait for the compiles `start_kernel_compiles` started (a measurement must not compile
+        the same kernels again in this process, nor share the CPU with the workers)."""
+        if self._compiling is not None:
+            done, self._compiling = self._compiling.wait(), None
+            log.info("tuning: %d kernel(s) compiled ahead in %.1f s (%d here, the rest on %d worker(s); %.1f s of "
+                     "compiling)", done["kernels"], done["seconds"], done["here"], done["workers"],
+                     done["compile_seconds"])
+
     # -- one measurement ---------------------------------------------------------------------
 
     def host_bound_note(self, site: Site) -> str:
@@ -271,6 +332,7 @@ class SiteTimer:
     def _measure(self, site: Site, choice: str):
         """The site's timing with this choice: a Timing (CUDA, without graphs: with its issue time)
         or ms."""
+        self.wait_for_kernel_compiles()
         if choice == "keep":
             sub, example, sources = keep_subgraph(self.gm, site)
         else:
