@@ -20,9 +20,13 @@ enable_gqa as one K/V head (`kv_heads_broadcast`).
 
 Masks: -inf fills become a bool mask; finite fills become -1e30 in an additive mask, and fp16's
 "masked" value -65504 in a hand-written fp16 form becomes -1e30 too, so that the op, which adds
-masks in fp32, absorbs the score as eager does (absorbing_fp16_mask). softmax over any dim but
-the last, scales that vary per key, masks that would broadcast the scores up, finite fills above
--1e30 and intermediates used elsewhere are near-misses, reported with their reason.
+masks in fp32, absorbs the score as eager does (absorbing_fp16_mask). A row that a finite fill
+masks whole is uniform in eager with no gradient to q and k; the replacement gives it that
+(`_rows_filled_whole_as_eager`) where the fill is the last step before the softmax, and other
+combinations of finite fills are fused only with constant masks that mask no row whole.
+softmax over any dim but the last, scales that vary per key, masks that would broadcast the
+scores up, finite fills above -1e9 and intermediates used elsewhere are near-misses, reported
+with their reason.
 """
 from __future__ import annotations
 
@@ -241,6 +245,45 @@ def check_masks(m: Match) -> Optional[str]:
             return "the added mask/bias is not a floating tensor"
         if not _broadcastable_to_scores(b, m):
             return f"bias of shape {tuple(b.shape)} does not broadcast to the scores"
+    return _check_whole_rows_filled(m)
+
+
+def _final_fill(mask_a, fill_a, mask_b, fill_b, bias2, bias) -> Optional[str]:
+    """"mask_a" or "mask_b" where a site's only masked_fill has a finite fill and nothing is added
+    to the scores after it, so that a row it masks whole is uniform over all keys in eager, with no
+    gradient to the scores (`_rows_filled_whole_as_eager`); None otherwise. Arguments: whether
+    each is present, and the fills."""
+    fills = [(name, fill) for name, present, fill in (("mask_a", mask_a, fill_a), ("mask_b", mask_b, fill_b))
+             if present]
+    if len(fills) != 1 or fills[0][1] == -math.inf:
+        return None
+    name = fills[0][0]
+    return name if name == "mask_b" or not (bias2 or bias) else None
+
+
+def _check_whole_rows_filled(m: Match) -> Optional[str]:
+    """masked_fill with a finite fill: a row it masks whole comes out uniform in eager, and its
+    scores get no gradient, while the op, which adds the fill as -1e30, would give them one. The
+    replacement reproduces such rows where they are uniform over all keys (`_final_fill`); other
+    combinations (two fills, additive terms after the fill) are fused only when the fill masks are
+    constants that mask no row whole."""
+    finite = [name for name, fill in (("mask_a", "fill_a"), ("mask_b", "fill_b"))
+              if m.present(name) and m.values[fill] != -math.inf]
+    if not finite:
+        return None
+    present = {name: m.present(name) for name in ("mask_a", "mask_b", "bias2", "bias")}
+    if _final_fill(present["mask_a"], m.values.get("fill_a"), present["mask_b"], m.values.get("fill_b"),
+                   present["bias2"], present["bias"]):
+        return None
+    union = None
+    for name in finite:
+        value = constant_value(m.nodes.get(name))
+        if value is None:
+            return ("a masked_fill with a finite fill, combined with other masks or added terms, may mask "
+                    "whole rows, which eager computes differently from the fused op")
+        union = value if union is None else union | value
+    if bool(union.all(-1).any()):
+        return "a constant masked_fill mask masks whole rows, which eager computes differently from the fused op"
     return None
 
 
@@ -447,11 +490,29 @@ def _mask_for_op(q, mask_a, fill_a, terms, mask_b, fill_b):
     return mask
 
 
+def _rows_filled_whole_as_eager(out, v, fill_mask):
+    """Rows of `out` whose scores masked_fill replaced whole (the site's only fill, nothing added
+    after it: `_final_fill`) as eager computes them: softmax of equal scores is uniform over all
+    keys, so the row is the mean of v, and the replaced scores get no gradient, so q and k get none
+    from it. The op, which adds the fill as -1e30, gives the same mean but passes gradients to q
+    and k through such a row. Rows with dropout: eager drops entries of the uniform weights; here
+    they are the plain mean (the expectation), the one place where the fused site draws no dropout.
+    Other rows are the op's."""
+    whole = fill_mask.all(-1, keepdim=True)  # broadcasts over (B, H, Nq, 1)
+    mean = v.float().mean(-2, keepdim=True)
+    if mean.shape[-3] not in (1, out.shape[-3]):  # grouped K/V heads: query head h reads h // group
+        mean = mean.repeat_interleave(out.shape[-3] // mean.shape[-3], dim=-3)
+    return torch.where(whole, mean.to(out.dtype), out)
+
+
 def _make_replacement(metric: str, gqa: bool = False, causal_bias: bool = False):
     """causal_bias: check_constant_causal_bias proved the added mask is the causal triangle; it
     becomes causal=True and is not read. A site with a soft cap (`cap`) passes it as softcap."""
     def replacement(q, k, v, bias0=None, scale=None, scale2=None, mask_a=None, fill_a=None, bias2=None, bias=None,
                     mask_b=None, fill_b=None, p=None, config=None, cap=None, **_):
+        final_fill = _final_fill(mask_a is not None, fill_a, mask_b is not None, fill_b, bias2 is not None,
+                                 bias is not None)
+        whole_rows = None if final_fill is None else (mask_a if final_fill == "mask_a" else mask_b)
         if causal_bias:
             bias = None
         if bias0 is not None:  # (scores + bias0) * scales: the op adds bias0 * scales, in fp32 like the scores
@@ -472,6 +533,8 @@ def _make_replacement(metric: str, gqa: bool = False, causal_bias: bool = False)
         grouped = gqa or kv_heads_broadcast(q, k, v)
         out = attention_op(q, k, v, metric=metric, scale=s, attn_mask=mask, enable_gqa=grouped, causal=causal_bias,
                            dropout_p=float(p) if p is not None else 0.0, softcap=softcap, config=config)
+        if whole_rows is not None:
+            out = _rows_filled_whole_as_eager(out, v, whole_rows.unsqueeze(0) if three_d else whole_rows)
         return out.squeeze(0) if three_d else out
     replacement.__name__ = f"{metric}_attention_replacement"
     return replacement

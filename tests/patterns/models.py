@@ -236,3 +236,20 @@ class MaskedFill(nn.Module):
     def forward(self, q, k, v, mask):
         s = (q @ k.transpose(-2, -1)) * 0.35
         return torch.softmax(s.masked_fill(mask, self.fill), dim=-1) @ v
+
+
+class MaskedFillRepeatKV(MaskedFill):
+    """MaskedFill with grouped K/V heads repeated to q's heads (Llama's repeat_kv)."""
+
+    def forward(self, q, k, v, mask):
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        return super().forward(q, k, v, mask)
+
+
+class MaskedFillThenAdd(MaskedFill):
+    """masked_fill with a given mask and fill, then an additive mask."""
+
+    def forward(self, q, k, v, mask, bias):
+        s = (q @ k.transpose(-2, -1)) * 0.35
+        return torch.softmax(s.masked_fill(mask, self.fill) + bias, dim=-1) @ v

@@ -8,8 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusion_backend
-from .checks import OPTIONS, assert_fused, assert_matches_eager, qkv
-from .models import MHA, SDPA, CosineAttention, DotAttention, L1Attention, L2Attention, MaskedFill
+from .checks import OPTIONS, assert_fused, assert_matches_eager, assert_near_miss, qkv
+from .models import (MHA, SDPA, CosineAttention, DotAttention, L1Attention, L2Attention, MaskedFill, MaskedFillRepeatKV,
+                     MaskedFillThenAdd)
 
 
 def _pad_mask(B=2, S=8, dtype=torch.float32):
@@ -154,15 +155,38 @@ def test_dot_padding_mask_with_fully_masked_rows():
     assert_matches_eager(model, q, k, v, _pad_mask(), loss_mask=_dead_rows())
 
 
-def test_dot_masked_fill_minus_1e9_with_fully_masked_rows():
-    # the Annotated Transformer's scores.masked_fill(mask == 0, -1e9); batch 0 pads keys 0-2, so
-    # with the causal mask its rows 0-2 see nothing and eager makes them uniform over keys 0..i
-    model = MaskedFill(-1e9)
+@pytest.mark.parametrize("fill", [-1e9, torch.finfo(torch.float32).min])
+def test_dot_masked_fill_with_fully_masked_rows(fill):
+    # the Annotated Transformer's scores.masked_fill(mask == 0, -1e9), MPT's finfo.min; batch 0
+    # pads keys 0-2, so with the causal mask its rows 0-2 see nothing: eager fills every score of
+    # those rows, makes them uniform over all keys and gives q and k no gradient through them.
+    # The loss reads those rows too (a model whose loss reads padded positions found this).
+    model = MaskedFill(fill)
     mask = ~torch.ones(8, 8, dtype=torch.bool).tril()
     mask = mask | (torch.arange(8) < 3)[None, None, None, :] & torch.tensor([True, False])[:, None, None, None]
     q, k, v = qkv()
     assert_fused(model, q, k, v, mask, variant="dot")
-    assert_matches_eager(model, q, k, v, mask, loss_mask=_dead_rows())
+    assert_matches_eager(model, q, k, v, mask)
+
+
+def test_masked_fill_rows_filled_whole_with_grouped_kv_heads():
+    # the rows' mean of v is taken per K/V head and read by each of its query heads
+    model = MaskedFillRepeatKV(torch.finfo(torch.float32).min)
+    q, k, v = torch.randn(2, 4, 8, 8), torch.randn(2, 2, 8, 8), torch.randn(2, 2, 8, 8)
+    mask = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    mask[0, :, :2] = True   # rows 0-1 of batch 0 masked whole
+    mask[1, :, 3, 5:] = True
+    assert_fused(model, q, k, v, mask, variant="dot")
+    assert_matches_eager(model, q, k, v, mask)
+
+
+def test_finite_fill_followed_by_an_added_mask_is_a_near_miss():
+    # masked_fill(m, -1e9) and then + bias: a row m masks whole is softmax(-1e9 + bias) in eager,
+    # not uniform; with m an input the rule cannot rule such rows out, so the site is kept
+    model = MaskedFillThenAdd(-1e9)
+    q, k, v = qkv()
+    mask = torch.rand(2, 1, 8, 8) < 0.3
+    assert_near_miss(model, q, k, v, mask, _pad_mask(), reason="may mask whole rows")
 
 
 def test_dot_padding_mask_fp16():

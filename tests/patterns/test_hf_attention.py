@@ -1,7 +1,7 @@
 """HF transformers GPT-2, Llama (grouped-query: 2 KV heads for 4 query heads), Falcon
-(multi-query; and with ALiBi) and T5 built offline from tiny configs, with attn_implementation
-"eager" and "sdpa": each layer's attention is fused and the model equals eager in logits and
-parameter gradients (fp32), with and without left padding."""
+(multi-query; and with ALiBi), MPT (masked_fill with finfo.min) and T5 built offline from tiny
+configs, with attn_implementation "eager" and "sdpa": each layer's attention is fused and the
+model equals eager in logits and parameter gradients (fp32), with and without left padding."""
 import pytest
 import torch
 
@@ -186,3 +186,19 @@ def test_hf_mistral_sliding_window_skips_blocks(monkeypatch):
     assert_fused(model, ids, am, variant="dot", count=1)
     assert_matches_eager(model, ids, am, grad_inputs=False, loss_mask=am[..., None].float(), atol=2e-5, rtol=2e-4)
     assert widths and min(widths) <= n - 64  # rows whose kept range leaves out a whole 64-key tile
+
+
+def test_hf_mpt_masked_fill_rows_padded_whole():
+    """MPT masks with scores.masked_fill(mask, finfo.min) (ALiBi added before). With left padding,
+    batch 0's first query rows see no key: eager fills every score of those rows, so they are
+    uniform and send q and k no gradient. The loss here reads every position, padded ones too."""
+    torch.manual_seed(0)
+    cfg = transformers.MptConfig(d_model=32, n_heads=4, n_layers=1, expansion_ratio=2, max_seq_len=16,
+                                 vocab_size=VOCAB, attn_config={"attn_pdrop": 0, "alibi": True},
+                                 resid_pdrop=0, emb_pdrop=0)
+    model = Logits(transformers.MptForCausalLM._from_config(cfg, attn_implementation="eager")).train()
+    ids = torch.randint(0, VOCAB, (2, T))
+    am = torch.ones(2, T, dtype=torch.long)
+    am[0, :3] = 0
+    assert_fused(model, ids, am, variant="dot", count=1)
+    assert_matches_eager(model, ids, am, grad_inputs=False, atol=2e-5, rtol=2e-4)
