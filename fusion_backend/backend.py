@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from .canonicalize import canonical_copy
+from .canonicalize.passes import UnrewrittenMutation
 from .match import all_rules, find_sites
 from .match.sites import Site
 from .ops.feedforward import replayed_as_cuda_graphs
@@ -132,6 +133,11 @@ class TruthfuseBackend:
         graph_id = f"g{record.index}"
         try:
             canon, sites = self._find(gm, graph_id)
+        except UnrewrittenMutation as exc:
+            record.tuning_reason = f"not rewritten: {exc}"
+            warnings.warn(f"truthfuse: graph {record.index} compiled unchanged, nothing fused: {exc} "
+                          "(docs/troubleshooting.md, \"In-place operations\")", FusionWarning)
+            return gm
         except Exception as exc:  # noqa: BLE001 -- analysis must never break compilation
             warnings.warn(f"truthfuse: graph analysis failed, compiling unchanged: {exc}", FusionWarning)
             return gm

@@ -27,6 +27,8 @@ later reader is redirected to the functional result.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import operator
 from typing import Any, Callable, Optional
@@ -58,6 +60,16 @@ _VIEW_FUNCTIONS = {
     operator.getitem, torch.transpose, torch.permute, torch.reshape, torch.unsqueeze,
     torch.squeeze, torch.flatten, torch.narrow, torch.select, torch.split, torch.chunk,
     torch.unbind, torch.t, torch.swapaxes, torch.movedim, torch.detach,
+}
+# Not views, but they may hand back their input itself (a cast to the dtype it has, dropout in
+# eval or at p=0) or a view of it (expand_as, the .T / .mT attributes): a mutation of their
+# result may be a mutation of their input.
+_MAY_ALIAS_METHODS = {
+    "to", "float", "half", "double", "bfloat16", "type", "type_as", "expand_as", "reshape_as", "cpu", "cuda",
+}
+_MAY_ALIAS_FUNCTIONS = {
+    getattr, F.dropout, torch.dropout, F.alpha_dropout, F.feature_alpha_dropout, F.dropout1d, F.dropout2d,
+    F.dropout3d,
 }
 
 
@@ -249,12 +261,14 @@ def _keeps_dtype(functional, args, kwargs) -> bool:
 
 
 def _is_fresh_intermediate(x: Any) -> bool:
-    """A value that nothing else aliases: computed by a non-view op inside the graph."""
+    """A value that nothing else aliases: computed inside the graph by an op that neither makes a
+    view nor may return its input (`_MAY_ALIAS_METHODS`)."""
     if not isinstance(x, Node) or x.op not in ("call_function", "call_method"):
         return False
-    if x.op == "call_method" and x.target in _VIEW_METHODS:
+    if x.op == "call_method" and (x.target in _VIEW_METHODS or x.target in _MAY_ALIAS_METHODS):
         return False
-    if x.op == "call_function" and x.target in _VIEW_FUNCTIONS:
+    if x.op == "call_function" and (x.target in _VIEW_FUNCTIONS or x.target in _MAY_ALIAS_FUNCTIONS
+                                    or x.target is _to):
         return False
     return is_tensor_node(x)
 
@@ -278,7 +292,12 @@ def _functionalize_inplace(rw: _Rewriter) -> None:
         if functional is None or not args:
             continue
         mutated = args[0]
-        if not _is_fresh_intermediate(mutated) or not _keeps_dtype(functional, args, kwargs):
+        if not _is_fresh_intermediate(mutated):
+            continue
+        # An in-place op casts its result back to the mutated tensor's dtype (a bf16 t times an
+        # fp32 w stays bf16): out of place, a cast after the op does the same, rounding once.
+        cast_back = not _keeps_dtype(functional, args, kwargs)
+        if cast_back and not isinstance(example_value(mutated), torch.Tensor):
             continue
         later = [u for u in mutated.users if u is not node and order.get(u, -1) > order[node]]
         earlier_views = [u for u in mutated.users if u is not node and order.get(u, -1) < order[node]
@@ -288,6 +307,10 @@ def _functionalize_inplace(rw: _Rewriter) -> None:
             continue  # a view taken before the mutation would observe it; leave the graph alone
         with graph.inserting_before(node):
             new = graph.call_function(functional, tuple(args), kwargs)
+            if cast_back:
+                new.meta.update(node.meta)
+                new.meta.pop("example_value", None)
+                new = graph.call_function(_to, (new, example_value(mutated).dtype))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         for user in later:
@@ -362,7 +385,7 @@ def _parse_einsum_matmul(equation: str):
 
 def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one table, read top to bottom
     op, t = node.op, node.target
-    if op not in ("call_function", "call_method"):
+    if op not in ("call_function", "call_method") or mutates(node):  # an in-place op left in place stays as is
         return
     args = node.args
 
@@ -908,19 +931,88 @@ def _fold_tanh_gelu(rw: _Rewriter) -> None:
                 rw.replace(node, F.gelu, (x,), {"approximate": "tanh"})
 
 
-def is_impure(node: Node) -> bool:
-    """Nodes dead-code elimination must keep: FX's notion of impure, plus anything that mutates
-    its arguments (in-place methods and functions, `out=`, `inplace=True`, item assignment)."""
-    if node.op == "placeholder" or node.is_impure():
-        return True
+_INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__",
+                    "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__", "__setitem__"}
+_OPERATOR_INPLACE = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                     operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                     operator.ilshift, operator.irshift, operator.imatmul, operator.iconcat}
+
+
+class UnrewrittenMutation(Exception):
+    """The graph mutates a tensor in place where canonicalization cannot make it functional (the
+    tensor is an input, or may alias another value). Rewriting around such a node could drop the
+    mutation or read a value from before it, so the graph is not rewritten at all."""
+
+
+@functools.lru_cache(maxsize=None)
+def _inplace_position(target) -> Optional[int]:
+    """The position of an `inplace` parameter of `target` (F.relu(x, True)), or None."""
+    try:
+        params = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("inplace") if "inplace" in params else None
+
+
+def mutates(node: Node) -> bool:
+    """Whether a call may write into one of its arguments: in-place methods (`relu_`, `__iadd__`)
+    and functions (`torch.relu_`, `operator.imul`, item assignment), `out=`, and `inplace=True`
+    given by keyword or by position."""
     if node.op not in ("call_function", "call_method"):
         return False
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    if name.endswith("_") and not name.endswith("__"):
+    if node.kwargs.get("out") is not None or node.kwargs.get("inplace") is True:
         return True
-    if node.target is operator.setitem or "out" in node.kwargs or node.kwargs.get("inplace") is True:
+    target = node.target
+    if node.op == "call_method":
+        return (target.endswith("_") and not target.endswith("__")) or target in _INPLACE_DUNDERS
+    try:
+        if target in _OPERATOR_INPLACE:
+            return True
+    except TypeError:  # an unhashable callable
+        return False
+    position = _inplace_position(target) if callable(target) else None
+    if position is not None and len(node.args) > position and node.args[position] is True:
         return True
-    return False
+    if getattr(target, "__module__", None) in ("_operator", "operator"):  # and_, or_, not_ are pure
+        return False
+    name = getattr(target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _aliases(node: Node) -> bool:
+    return (node.op == "call_method" and (node.target in _VIEW_METHODS or node.target in _MAY_ALIAS_METHODS)) or \
+        (node.op == "call_function" and (node.target in _VIEW_FUNCTIONS or node.target in _MAY_ALIAS_FUNCTIONS
+                                         or node.target is _to))
+
+
+def _mutation_is_observed(node: Node) -> bool:
+    """Whether anything but `node` reads the memory `node` writes: its first argument, the values
+    that argument views (or may be), and their views, read by any node that is not itself one of
+    those views. A buffer's counter bumped in place (BatchNorm's num_batches_tracked) and read by
+    nothing else in the graph is not observed: rewriting around it cannot change what anyone reads."""
+    target = node.kwargs.get("out")
+    if target is None:
+        target = node.args[0] if node.args else None
+    if not isinstance(target, Node):
+        return True
+    family, stack = set(), [target]
+    while stack:  # up through the ops that view or may return their input, then down through them
+        n = stack.pop()
+        if n in family:
+            continue
+        family.add(n)
+        if _aliases(n) and n.args and isinstance(n.args[0], Node):
+            stack.append(n.args[0])
+        stack.extend(u for u in n.users if _aliases(u))
+    return any(u is not node and u not in family for n in family for u in n.users)
+
+
+def is_impure(node: Node) -> bool:
+    """Nodes dead-code elimination must keep: FX's notion of impure, plus anything that mutates
+    its arguments (`mutates`)."""
+    if node.op == "placeholder" or node.is_impure():
+        return True
+    return mutates(node)
 
 
 def _repeat_kv_as_repeat_interleave(rw: _Rewriter) -> None:
@@ -958,6 +1050,12 @@ def canonicalize(graph: fx.Graph) -> int:
     """Rewrite `graph` in place into the canonical vocabulary. Returns the number of rewrites."""
     rw = _Rewriter(graph)
     _functionalize_inplace(rw)
+    left = [n for n in graph.nodes if mutates(n) and _mutation_is_observed(n)]
+    if left:
+        op = left[0].target if isinstance(left[0].target, str) else getattr(left[0].target, "__name__", "")
+        raise UnrewrittenMutation(
+            f"`{op}` (node {left[0].name}) writes in place into a tensor that may be a graph input or share "
+            f"memory with another value that the graph reads ({len(left)} such node(s) in the graph)")
     for node in list(graph.nodes):
         if node.graph is graph and node in graph.nodes:
             _canonical_node(rw, node)
