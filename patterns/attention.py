@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from fusion_backend import Match, Rule, dtype_in, is_scalar_like, known_equal, maybe, register_rule
 from fusion_backend.ops import attention as attention_op
-from fusion_backend.ops.attention import SDPA_CONFIG
+from fusion_backend.ops.attention import COSINE_EPS, SDPA_CONFIG
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 # A finite fill at or below this is absorbed exactly when added in fp32 to any realistic score:
@@ -252,13 +252,21 @@ def _final_fill(mask_a, fill_a, mask_b, fill_b, bias2, bias) -> Optional[str]:
     """"mask_a" or "mask_b" where a site's only masked_fill has a finite fill and nothing is added
     to the scores after it, so that a row it masks whole is uniform over all keys in eager, with no
     gradient to the scores (`_rows_filled_whole_as_eager`); None otherwise. Arguments: whether
-    each is present, and the fills."""
+    each is present, and the fills. (Terms added before the fill must also mask nothing:
+    `_check_whole_rows_filled`.)"""
     fills = [(name, fill) for name, present, fill in (("mask_a", mask_a, fill_a), ("mask_b", mask_b, fill_b))
              if present]
     if len(fills) != 1 or fills[0][1] == -math.inf:
         return None
     name = fills[0][0]
     return name if name == "mask_b" or not (bias2 or bias) else None
+
+
+def _masks_nothing(m: Match, name: str) -> bool:
+    """An added term that is a constant above the masking range everywhere (ALiBi's slopes times
+    distances): no score it is added to can fall below a finite fill."""
+    value = constant_value(m.nodes.get(name))
+    return value is not None and value.is_floating_point() and bool((value.float() > _MASKING_FILL).all())
 
 
 def _check_whole_rows_filled(m: Match) -> Optional[str]:
@@ -272,8 +280,12 @@ def _check_whole_rows_filled(m: Match) -> Optional[str]:
     if not finite:
         return None
     present = {name: m.present(name) for name in ("mask_a", "mask_b", "bias2", "bias")}
+    # A row that the fill covers only in part, its other scores masked by an added term (-inf,
+    # finfo.min: left padding under a causal mask), is uniform over the filled keys in eager, with
+    # no gradient to q and k; the op would give them one. So every added term must mask nothing.
+    added = [name for name in ("bias0", "bias2", "bias") if m.present(name)]
     if _final_fill(present["mask_a"], m.values.get("fill_a"), present["mask_b"], m.values.get("fill_b"),
-                   present["bias2"], present["bias"]):
+                   present["bias2"], present["bias"]) and all(_masks_nothing(m, name) for name in added):
         return None
     union = None
     for name in finite:
@@ -338,7 +350,8 @@ _CONSTANT_FUNCTIONS = {
     torch.triu, torch.masked_fill, torch.where, torch.unsqueeze, torch.logical_not, torch.logical_and,
     torch.logical_or,
     torch.add, torch.sub, torch.mul, torch.le, torch.lt, torch.ge, torch.gt, torch.eq, torch.ne,
-    torch.Tensor.to, torch.transpose, torch.reshape, torch.broadcast_to,
+    torch.Tensor.to, torch.transpose, torch.reshape, torch.broadcast_to, torch.pow, torch.div, torch.cat,
+    torch.concat, torch.squeeze, operator.mul, operator.truediv, operator.pow,
     operator.add, operator.sub, operator.le, operator.lt, operator.ge, operator.gt, operator.eq,
     operator.ne, operator.and_, operator.or_, operator.invert, operator.getitem, operator.neg,
 }
@@ -346,7 +359,8 @@ _CONSTANT_METHODS = {
     "expand", "view", "reshape", "unsqueeze", "to", "bool", "float", "half", "bfloat16", "masked_fill",
     "__and__", "__or__", "__invert__", "le", "lt", "ge", "gt", "eq", "ne", "tril", "triu",
     "logical_not", "logical_and", "logical_or", "type", "transpose", "permute", "contiguous", "clone",
-    "__getitem__", "expand_as", "add", "sub",
+    "__getitem__", "expand_as", "add", "sub", "mul", "div", "pow", "squeeze", "__mul__", "__rmul__",
+    "__truediv__", "__rtruediv__", "__pow__", "__rpow__", "__neg__",
 }
 _CONSTANT_MAX_NODES = 64
 _CONSTANT_MAX_NUMEL = 1 << 26
@@ -426,10 +440,13 @@ def check_distance_scale(m: Match) -> Optional[str]:
 
 
 def check_cosine_eps(m: Match) -> Optional[str]:
+    """The kernels divide by max(|x|, COSINE_EPS): another eps changes rows whose norm is below
+    the larger of the two (a zero row, from a padding token through a projection without bias,
+    gets a gradient scaled by 1/eps), so only F.normalize's default matches."""
     for name in ("eps_q", "eps_k"):
         eps = m.values.get(name)
-        if not isinstance(eps, (int, float)) or eps > 1e-6:
-            return f"F.normalize eps={eps} is larger than the kernel's 1e-12 floor allows"
+        if not isinstance(eps, (int, float)) or eps != COSINE_EPS:
+            return f"F.normalize eps={eps} is not the kernels' {COSINE_EPS:g} (F.normalize's default)"
     return None
 
 

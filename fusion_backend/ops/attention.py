@@ -38,6 +38,8 @@ from fusion_backend.ops.eager import eager_function, plain_eager_call
 from fusion_backend.ops.seed import draw_seed, reference_seed, seed_value
 
 METRICS = ("dot", "l2", "l1", "cosine")
+COSINE_EPS = _tc.COSINE_EPS
+"""Cosine divides by max(|x|, COSINE_EPS), as F.normalize(x, eps=COSINE_EPS) does (its default)."""
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 config_key = _tc.config_key

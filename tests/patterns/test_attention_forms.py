@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusion_backend
-from .checks import OPTIONS, assert_fused, assert_matches_eager, assert_near_miss, qkv
+from .checks import OPTIONS, assert_fused, assert_matches_eager, assert_near_miss, explain_sites, qkv
 from .models import (MHA, SDPA, CosineAttention, DotAttention, L1Attention, L2Attention, MaskedFill, MaskedFillRepeatKV,
                      MaskedFillThenAdd)
 
@@ -568,3 +568,56 @@ def test_softcap_causal_mask_becomes_causal():
     q, k, v = qkv(H=4, Hkv=2, T=8, D=8)
     assert_fused(model, q, k, v, variant="dot", rule="attention.softcap_repeat_kv_causal")
     assert_matches_eager(model, q, k, v)
+
+
+class _CausalThenFill(nn.Module):
+    """(scores + a causal -inf triangle).masked_fill(pad, -1e9): a left-padded row whose unpadded
+    keys the triangle hides sees only filled keys, so eager makes it uniform over those and gives q
+    and k no gradient through it (found by fuzzing hand-written attention)."""
+
+    def __init__(self, metric, constant):
+        super().__init__()
+        self.metric, self.constant = metric, constant
+        self.register_buffer("triangle", torch.full((8, 8), float("-inf")).triu(1))
+
+    def forward(self, q, k, v, pad):
+        if self.metric == "dot":
+            s = q @ k.transpose(-2, -1) * 0.35
+        else:
+            s = -0.3 * torch.cdist(q, k) ** 2
+        triangle = torch.full((8, 8), float("-inf")).triu(1) if self.constant else self.triangle
+        return torch.softmax((s + triangle).masked_fill(pad, -1e9), -1) @ v
+
+
+@pytest.mark.parametrize("metric,constant", [("dot", True), ("dot", False), ("l2", True)])
+def test_fill_after_an_added_mask_is_kept_and_matches_eager(metric, constant):
+    model = _CausalThenFill(metric, constant)
+    q, k, v = qkv()
+    pad = torch.zeros(2, 1, 1, 8, dtype=torch.bool)
+    pad[0, ..., :3] = True
+    assert_near_miss(model, q, k, v, pad, reason="may mask whole rows")
+    assert_matches_eager(model, q, k, v, pad)
+
+
+class _CosineWithEps(nn.Module):
+    def __init__(self, eps):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, q, k, v):
+        s = F.normalize(q, dim=-1, eps=self.eps) @ F.normalize(k, dim=-1, eps=self.eps).transpose(-2, -1)
+        return torch.softmax(s * 10.0, -1) @ v
+
+
+def test_cosine_fuses_only_with_the_kernels_eps():
+    # a zero query row (a padding token through a projection without bias): its gradient is
+    # scaled by 1/eps, so a fused site must divide by the same eps as eager
+    q, k, v = qkv()
+    q[0, 0, 0] = 0.0
+    assert_fused(_CosineWithEps(1e-12), q, k, v, variant="cosine")
+    assert_matches_eager(_CosineWithEps(1e-12), q, k, v)
+    sites = explain_sites(_CosineWithEps(1e-6), q, k, v)
+    cosine = [s for s in sites if s.rule == "attention.cosine"]
+    assert not any(s.decision == "fused" and s.variant == "cosine" for s in sites)
+    assert any("eps=1e-06 is not" in s.reason for s in cosine) or not cosine, [(s.rule, s.reason) for s in sites]
+    assert_matches_eager(_CosineWithEps(1e-6), q, k, v)
