@@ -263,12 +263,7 @@ def _keeps_dtype(functional, args, kwargs) -> bool:
 def _is_fresh_intermediate(x: Any) -> bool:
     """A value that nothing else aliases: computed inside the graph by an op that neither makes a
     view nor may return its input (`_MAY_ALIAS_METHODS`)."""
-    if not isinstance(x, Node) or x.op not in ("call_function", "call_method"):
-        return False
-    if x.op == "call_method" and (x.target in _VIEW_METHODS or x.target in _MAY_ALIAS_METHODS):
-        return False
-    if x.op == "call_function" and (x.target in _VIEW_FUNCTIONS or x.target in _MAY_ALIAS_FUNCTIONS
-                                    or x.target is _to):
+    if not isinstance(x, Node) or x.op not in ("call_function", "call_method") or _aliases(x):
         return False
     return is_tensor_node(x)
 
@@ -980,6 +975,8 @@ def mutates(node: Node) -> bool:
 
 
 def _aliases(node: Node) -> bool:
+    """Whether `node`'s value may share memory with its first argument (a view, or an op that may
+    return its input)."""
     return (node.op == "call_method" and (node.target in _VIEW_METHODS or node.target in _MAY_ALIAS_METHODS)) or \
         (node.op == "call_function" and (node.target in _VIEW_FUNCTIONS or node.target in _MAY_ALIAS_FUNCTIONS
                                          or node.target is _to))
