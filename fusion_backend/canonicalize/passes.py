@@ -1043,12 +1043,14 @@ def _repeat_kv_as_repeat_interleave(rw: _Rewriter) -> None:
         new.meta["example_value"] = out
 
 
-def canonicalize(graph: fx.Graph) -> int:
-    """Rewrite `graph` in place into the canonical vocabulary. Returns the number of rewrites."""
+def canonicalize(graph: fx.Graph, mutations_left: bool = False) -> int:
+    """Rewrite `graph` in place into the canonical vocabulary. Returns the number of rewrites.
+    Raises UnrewrittenMutation where an in-place write that stays reaches memory the graph also
+    reads, unless `mutations_left` (for a report of what the graph holds, never to run)."""
     rw = _Rewriter(graph)
     _functionalize_inplace(rw)
     left = [n for n in graph.nodes if mutates(n) and _mutation_is_observed(n)]
-    if left:
+    if left and not mutations_left:
         op = left[0].target if isinstance(left[0].target, str) else getattr(left[0].target, "__name__", "")
         raise UnrewrittenMutation(
             f"`{op}` (node {left[0].name}) writes in place into a tensor that may be a graph input or share "
@@ -1067,15 +1069,15 @@ def canonicalize(graph: fx.Graph) -> int:
     return rw.changed
 
 
-def canonical_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A canonicalized copy of a GraphModule; the original is left untouched so that a graph in
-    which nothing is fused can be handed on exactly as Dynamo produced it."""
+def canonical_copy(gm: fx.GraphModule, mutations_left: bool = False) -> fx.GraphModule:
+    """A canonicalized copy of a GraphModule (`canonicalize`); the original is left untouched so
+    that a graph in which nothing is fused can be handed on exactly as Dynamo produced it."""
     graph = fx.Graph()
     value_map: dict = {}
     out = graph.graph_copy(gm.graph, value_map)
     graph.output(out)
     copy_gm = fx.GraphModule(gm, graph)
-    canonicalize(copy_gm.graph)
+    canonicalize(copy_gm.graph, mutations_left=mutations_left)
     copy_gm.recompile()
     return copy_gm
 

@@ -2,6 +2,7 @@
 computes exactly what the original did."""
 import math
 import operator
+import warnings
 
 import pytest
 import torch
@@ -180,10 +181,38 @@ def test_mutation_that_reaches_a_read_tensor_leaves_the_graph_unchanged(form):
     x = torch.randn(4, 16)
     x_eager, x_compiled = x.clone(), x.clone()
     want = model(x_eager)
-    with pytest.warns(fusion_backend.FusionWarning, match="compiled unchanged"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         got = torch.compile(model, backend="truthfuse", options=AGGRESSIVE_EAGER)(x_compiled)
+    # a warning where a site would have fused: not through the cast, whose MLP reads h twice
+    warned = any("compiled unchanged" in str(w.message) for w in caught)
+    assert warned == (form != "relu_through_a_same_dtype_cast"), [str(w.message) for w in caught]
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     torch.testing.assert_close(x_compiled, x_eager, atol=0, rtol=0)  # the caller's tensor mutated alike
+    torch._dynamo.reset()
+
+
+def test_sites_of_an_unrewritten_graph_are_reported_kept_with_the_reason():
+    torch._dynamo.reset()
+    sites = fusion_backend.explain(_InplaceThroughAlias("relu_inplace_on_input").eval(), torch.randn(4, 16),
+                                   options=AGGRESSIVE_EAGER).sites
+    assert sites and all(s.decision == "kept" and "not rewritten" in s.reason for s in sites), sites
+    torch._dynamo.reset()
+
+
+def test_an_unrewritten_graph_without_sites_gives_no_warning():
+    # Mixtral's router normalizes its top-k weights in place (a view of topk's result)
+    def router(x):
+        top = x.topk(2, dim=-1)[0]
+        top /= top.sum(-1, keepdim=True)
+        return top * 2
+
+    torch._dynamo.reset()
+    x = torch.rand(4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fusion_backend.FusionWarning)
+        got = torch.compile(router, backend="truthfuse", options=AGGRESSIVE_EAGER)(x)
+    torch.testing.assert_close(got, router(x), atol=0, rtol=0)
     torch._dynamo.reset()
 
 
