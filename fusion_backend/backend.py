@@ -20,7 +20,6 @@ import torch
 import torch.fx as fx
 
 from .canonicalize import canonical_copy
-from .canonicalize.passes import UnrewrittenMutation
 from .match import all_rules, find_sites
 from .match.sites import Site
 from .ops.feedforward import replayed_as_cuda_graphs
@@ -124,33 +123,15 @@ class TruthfuseBackend:
         disabled = set(self.options.disable)
         return [r for r in all_rules() if r.name not in disabled and r.kind not in disabled]
 
-    def _find(self, gm: fx.GraphModule, graph_id: str, mutations_left: bool = False):
-        canon = canonical_copy(gm, mutations_left=mutations_left)
+    def _find(self, gm: fx.GraphModule, graph_id: str):
+        canon = canonical_copy(gm)
         sites = find_sites(canon.graph, self._rules(), graph_id)
         return canon, sites
-
-    def _report_unrewritten(self, gm: fx.GraphModule, graph_id: str, record: GraphRecord, why: Exception) -> None:
-        """The graph is compiled as Dynamo captured it (`UnrewrittenMutation`): its sites, found for
-        the report only, are kept with that reason, and one warning says so where any would fuse."""
-        reason = f"the graph is not rewritten: {why}"
-        record.tuning_reason = reason
-        try:
-            _, sites = self._find(gm, graph_id, mutations_left=True)
-        except Exception:  # noqa: BLE001 -- the report only
-            sites = []
-        record.sites = [SiteDecision(s.id, s.rule.name, s.kind, s.variant, "kept", s.near_miss or reason, s.location,
-                                     graph_index=record.index) for s in sites]
-        if any(not s.near_miss for s in sites):
-            warnings.warn(f"truthfuse: graph {record.index} compiled unchanged, nothing fused: {why} "
-                          "(docs/troubleshooting.md, \"In-place operations\")", FusionWarning)
 
     def _rewrite(self, gm: fx.GraphModule, example_inputs: List[Any], record: GraphRecord) -> fx.GraphModule:
         graph_id = f"g{record.index}"
         try:
             canon, sites = self._find(gm, graph_id)
-        except UnrewrittenMutation as exc:
-            self._report_unrewritten(gm, graph_id, record, exc)
-            return gm
         except Exception as exc:  # noqa: BLE001 -- analysis must never break compilation
             warnings.warn(f"truthfuse: graph analysis failed, compiling unchanged: {exc}", FusionWarning)
             return gm

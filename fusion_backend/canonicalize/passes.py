@@ -380,8 +380,8 @@ def _parse_einsum_matmul(equation: str):
 
 def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one table, read top to bottom
     op, t = node.op, node.target
-    if op not in ("call_function", "call_method") or mutates(node):  # an in-place op left in place stays as is
-        return
+    if op not in ("call_function", "call_method") or mutates(node) or node.meta.get(WRITTEN_IN_PLACE):
+        return  # an in-place write left in place, and what it may write, stay as they are
     args = node.args
 
     # matmul family
@@ -933,10 +933,9 @@ _OPERATOR_INPLACE = {operator.setitem, operator.iadd, operator.isub, operator.im
                      operator.ilshift, operator.irshift, operator.imatmul, operator.iconcat}
 
 
-class UnrewrittenMutation(Exception):
-    """The graph mutates a tensor in place where canonicalization cannot make it functional (the
-    tensor is an input, or may alias another value). Rewriting around such a node could drop the
-    mutation or read a value from before it, so the graph is not rewritten at all."""
+WRITTEN_IN_PLACE = "truthfuse_written_in_place"
+"""Node meta key: an in-place write that canonicalization leaves in place may change this value
+while the graph also reads it elsewhere (BatchNorm's counter, read nowhere else, is not marked)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -976,23 +975,23 @@ def mutates(node: Node) -> bool:
 
 def _aliases(node: Node) -> bool:
     """Whether `node`'s value may share memory with its first argument (a view, or an op that may
-    return its input)."""
+    return its input). Indexing by a tensor copies."""
+    if node.op == "call_function" and node.target is operator.getitem and len(node.args) > 1:
+        index = node.args[1] if isinstance(node.args[1], (tuple, list)) else (node.args[1],)
+        if any(is_tensor_node(i) for i in index):
+            return False
     return (node.op == "call_method" and (node.target in _VIEW_METHODS or node.target in _MAY_ALIAS_METHODS)) or \
         (node.op == "call_function" and (node.target in _VIEW_FUNCTIONS or node.target in _MAY_ALIAS_FUNCTIONS
                                          or node.target is _to))
 
 
-def _mutation_is_observed(node: Node) -> bool:
-    """Whether anything but `node` reads the memory `node` writes: its first argument, the values
-    that argument views (or may be), and their views, read by any node that is not itself one of
-    those views. A buffer's counter bumped in place (BatchNorm's num_batches_tracked) and read by
-    nothing else in the graph is not observed: rewriting around it cannot change what anyone reads."""
+def _written_family(node: Node) -> set:
+    """The values whose memory `node` may write: its target (its `out=`, else its first
+    argument), the values that target views (or may be), and their views."""
     target = node.kwargs.get("out")
     if target is None:
         target = node.args[0] if node.args else None
-    if not isinstance(target, Node):
-        return True
-    family, stack = set(), [target]
+    family, stack = set(), [target] if isinstance(target, Node) else []
     while stack:  # up through the ops that view or may return their input, then down through them
         n = stack.pop()
         if n in family:
@@ -1001,7 +1000,7 @@ def _mutation_is_observed(node: Node) -> bool:
         if _aliases(n) and n.args and isinstance(n.args[0], Node):
             stack.append(n.args[0])
         stack.extend(u for u in n.users if _aliases(u))
-    return any(u is not node and u not in family for n in family for u in n.users)
+    return family
 
 
 def is_impure(node: Node) -> bool:
@@ -1043,18 +1042,19 @@ def _repeat_kv_as_repeat_interleave(rw: _Rewriter) -> None:
         new.meta["example_value"] = out
 
 
-def canonicalize(graph: fx.Graph, mutations_left: bool = False) -> int:
+def canonicalize(graph: fx.Graph) -> int:
     """Rewrite `graph` in place into the canonical vocabulary. Returns the number of rewrites.
-    Raises UnrewrittenMutation where an in-place write that stays reaches memory the graph also
-    reads, unless `mutations_left` (for a report of what the graph holds, never to run)."""
+    An in-place write that stays (its target may be an input or share memory with another value)
+    and whose memory the graph also reads marks the values it may write `WRITTEN_IN_PLACE`: they
+    are not rewritten here, and no site may take them in (`match.sites`)."""
     rw = _Rewriter(graph)
     _functionalize_inplace(rw)
-    left = [n for n in graph.nodes if mutates(n) and _mutation_is_observed(n)]
-    if left and not mutations_left:
-        op = left[0].target if isinstance(left[0].target, str) else getattr(left[0].target, "__name__", "")
-        raise UnrewrittenMutation(
-            f"`{op}` (node {left[0].name}) writes in place into a tensor that may be a graph input or share "
-            f"memory with another value that the graph reads ({len(left)} such node(s) in the graph)")
+    for node in list(graph.nodes):
+        if mutates(node):
+            family = _written_family(node)
+            if any(u is not node and u not in family for n in family for u in n.users):
+                for n in family:  # read elsewhere: no rewrite may move those reads across the write
+                    n.meta[WRITTEN_IN_PLACE] = True
     for node in list(graph.nodes):
         if node.graph is graph and node in graph.nodes:
             _canonical_node(rw, node)
@@ -1069,7 +1069,7 @@ def canonicalize(graph: fx.Graph, mutations_left: bool = False) -> int:
     return rw.changed
 
 
-def canonical_copy(gm: fx.GraphModule, mutations_left: bool = False) -> fx.GraphModule:
+def canonical_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A canonicalized copy of a GraphModule (`canonicalize`); the original is left untouched so
     that a graph in which nothing is fused can be handed on exactly as Dynamo produced it."""
     graph = fx.Graph()
@@ -1077,7 +1077,7 @@ def canonical_copy(gm: fx.GraphModule, mutations_left: bool = False) -> fx.Graph
     out = graph.graph_copy(gm.graph, value_map)
     graph.output(out)
     copy_gm = fx.GraphModule(gm, graph)
-    canonicalize(copy_gm.graph, mutations_left=mutations_left)
+    canonicalize(copy_gm.graph)
     copy_gm.recompile()
     return copy_gm
 

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from ..canonicalize import is_cast
-from ..canonicalize.passes import example_value
+from ..canonicalize.passes import WRITTEN_IN_PLACE, example_value
 
 from .matcher import Matcher, escaping_nodes
 from .rule import Match, Rule
@@ -97,6 +97,18 @@ def _alignment_to_match(rule: Rule, al, anchor: Node) -> Match:
     return Match(rule, bindings, anchor, covered)
 
 
+def _written_in_place(al, match) -> Optional[str]:
+    """A reason where the site takes in a value that an in-place write left in place may change
+    (`canonicalize.passes.WRITTEN_IN_PLACE`): the fused op reads its inputs where the site ends,
+    and the nodes it replaces are gone, so it could see the value from the other side of the write."""
+    nodes = list(al.covered) + [b for b in match.bindings.values() if isinstance(b, fx.Node)]
+    written = sorted({n.name for n in nodes if n.meta.get(WRITTEN_IN_PLACE)})
+    if not written:
+        return None
+    return (f"{', '.join(written)} may be written in place elsewhere in the graph (directly or through a view), "
+            "so the fused op could read it before or after that write where eager does not")
+
+
 def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> List[Site]:
     """All valid sites and near-misses of `rules` in `graph` (a canonical graph).
 
@@ -137,6 +149,8 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
                     reason = ("intermediate value " + ", ".join(sorted(n.name for n in escaping)) +
                               " is also used outside the pattern (for example attention weights "
                               "returned to the caller), so fusing would not remove it")
+                if reason is None:
+                    reason = _written_in_place(al, match)
                 if reason is None:
                     reason = rule.check(match)
                 try:
