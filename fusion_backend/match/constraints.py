@@ -79,17 +79,20 @@ def dims_equal(a: str, dim_a: int, b: str, dim_b: int):
 
 
 def is_scalar_like(value: Any, per_head: Optional[int] = None, rank: int = 4) -> bool:
-    """A Python number, or a tensor with one element, or (with per_head=H) a tensor that only
-    varies along the head dim (-3) of rank-`rank` scores: shapes (H,1,1), (1,H,1,1), (H,)."""
+    """A Python number, or a tensor with one element and no more dims than rank-`rank` scores
+    (more would broadcast them up), or (with per_head=H) a tensor that only varies along the head
+    dim (-3) of such scores: shapes (H,1,1), (1,H,1,1), (H,)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return True
     if isinstance(value, torch.SymFloat) or isinstance(value, torch.SymInt):
         return True
     if not isinstance(value, torch.Tensor):
         return False
+    if value.dim() > rank:
+        return False
     if known_equal(value.numel(), 1):
         return True
-    if per_head is None or value.dim() > rank:
+    if per_head is None:
         return False
     shape = list(value.shape)
     padded = [1] * (rank - len(shape)) + shape

@@ -1,9 +1,13 @@
 """Forms that look like attention but mean something else (or something the op cannot reproduce
 exactly): explain() reports them as kept near-misses with the reason, and the compiled model still
 equals eager."""
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fusion_backend import FusionWarning
 
 from .checks import assert_matches_eager, assert_near_miss, qkv
 from .models import MHA, MaskedFill, NonScalarScale, ReturnsWeights, SoftmaxOverQueries
@@ -114,3 +118,22 @@ class TensorCapped(nn.Module):
 def test_soft_cap_that_is_a_tensor_is_kept():
     assert_near_miss(TensorCapped(), *qkv(), reason="soft cap")
     assert_matches_eager(TensorCapped(), *qkv())
+
+
+class _FiveDimScale(nn.Module):
+    """A one-element scale of rank 5 makes the scores (and the output) rank 5."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("lam", torch.full((1, 1, 1, 1, 1), 0.3))
+
+    def forward(self, q, k, v):
+        return torch.softmax(-torch.cdist(q, k) ** 2 * self.lam, -1) @ v
+
+
+def test_one_element_scale_that_broadcasts_the_scores_up():
+    q, k, v = qkv()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FusionWarning)  # a near-miss, not a replacement that fails
+        assert_near_miss(_FiveDimScale(), q, k, v, reason="neither a scalar nor per-head")
+    assert_matches_eager(_FiveDimScale(), q, k, v)
