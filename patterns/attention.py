@@ -23,7 +23,7 @@ Masks: -inf fills become a bool mask; finite fills become -1e30 in an additive m
 masks in fp32, absorbs the score as eager does (absorbing_fp16_mask). A row that a finite fill
 masks whole is uniform in eager with no gradient to q and k; the replacement gives it that
 (`_rows_filled_whole_as_eager`) where the fill is the last step before the softmax, and other
-combinations of finite fills are fused only with constant masks that mask no row whole.
+combinations of finite fills are fused only with constant masks that together mask no row whole.
 softmax over any dim but the last, scales that vary per key, masks that would broadcast the
 scores up, finite fills above -1e9 and intermediates used elsewhere are near-misses, reported
 with their reason.
@@ -273,8 +273,8 @@ def _check_whole_rows_filled(m: Match) -> Optional[str]:
     """masked_fill with a finite fill: a row it masks whole comes out uniform in eager, and its
     scores get no gradient, while the op, which adds the fill as -1e30, would give them one. The
     replacement reproduces such rows where they are uniform over all keys (`_final_fill`); other
-    combinations (two fills, additive terms after the fill) are fused only when the fill masks are
-    constants that mask no row whole."""
+    combinations (two fills, additive terms that can mask) are fused only when every mask is a
+    constant and together they mask no row whole."""
     finite = [name for name, fill in (("mask_a", "fill_a"), ("mask_b", "fill_b"))
               if m.present(name) and m.values[fill] != -math.inf]
     if not finite:
@@ -287,15 +287,19 @@ def _check_whole_rows_filled(m: Match) -> Optional[str]:
     if _final_fill(present["mask_a"], m.values.get("fill_a"), present["mask_b"], m.values.get("fill_b"),
                    present["bias2"], present["bias"]) and all(_masks_nothing(m, name) for name in added):
         return None
-    union = None
-    for name in finite:
+    # Otherwise every mask must be a constant, and no row may be masked whole by the fills and the
+    # added terms together: then each row keeps a score, and masked entries get probability 0 (and
+    # no gradient) in eager and in the op alike.
+    masked = None
+    for name in finite + added:
         value = constant_value(m.nodes.get(name))
         if value is None:
             return ("a masked_fill with a finite fill, combined with other masks or added terms, may mask "
                     "whole rows, which eager computes differently from the fused op")
-        union = value if union is None else union | value
-    if bool(union.all(-1).any()):
-        return "a constant masked_fill mask masks whole rows, which eager computes differently from the fused op"
+        value = value if name in finite else value.float() <= _MASKING_FILL
+        masked = value if masked is None else masked | value
+    if bool(masked.all(-1).any()):
+        return "constant masks hide whole rows, which eager computes differently from the fused op"
     return None
 
 

@@ -621,3 +621,21 @@ def test_cosine_fuses_only_with_the_kernels_eps():
     assert not any(s.decision == "fused" and s.variant == "cosine" for s in sites)
     assert any("eps=1e-06 is not" in s.reason for s in cosine) or not cosine, [(s.rule, s.reason) for s in sites]
     assert_matches_eager(_CosineWithEps(1e-6), q, k, v)
+
+
+class _ConstantCausalThenConstantFill(_CausalThenFill):
+    """_CausalThenFill with the padding a constant too: the fill alone hides no row whole, but
+    with the triangle it does."""
+
+    def __init__(self):
+        super().__init__("dot", True)
+
+    def forward(self, q, k, v):
+        pad = (torch.arange(8) < 3)[None, None, None, :] & torch.tensor([True, False])[:, None, None, None]
+        return super().forward(q, k, v, pad)
+
+
+def test_constant_masks_that_hide_rows_together_are_a_near_miss():
+    q, k, v = qkv()
+    assert_near_miss(_ConstantCausalThenConstantFill(), q, k, v, reason="constant masks hide whole rows")
+    assert_matches_eager(_ConstantCausalThenConstantFill(), q, k, v)
