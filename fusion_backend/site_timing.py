@@ -281,13 +281,10 @@ class SiteTimer:
                 if group in seen or (site.id, site.configs[0]) not in self.built:
                     continue
                 seen.add(group)
-                traced, _ = self.built[(site.id, site.configs[0])]
-                example = [site.match.values[n] for n in traced.tensor_names]
-                sources = [site.match.bindings[n] for n in traced.tensor_names]
-                args = [self._input_value(node, v) for node, v in zip(sources, example)]
+                traced, args = self._fused_option(site, site.configs[0])
                 if not any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in args):
                     continue
-                train = self.train and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+                train = self._trains(args)
                 try:
                     with contextlib.nullcontext() if train else torch.no_grad():
                         _timed_call(traced.forward, train)(*args)
@@ -313,6 +310,16 @@ class SiteTimer:
 
     # -- one measurement ---------------------------------------------------------------------
 
+    def _fused_option(self, site: Site, config: Optional[str]) -> Tuple[fx.GraphModule, list]:
+        """The traced replacement of `site` with `config`, and real values for its inputs."""
+        traced, _ = self.built[(site.id, config)]
+        example = [site.match.values[n] for n in traced.tensor_names]
+        sources = [site.match.bindings[n] for n in traced.tensor_names]
+        return traced, [self._input_value(node, v) for node, v in zip(sources, example)]
+
+    def _trains(self, args: list) -> bool:
+        return self.train and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
     def host_bound_note(self, site: Site) -> str:
         """For a site the plan keeps: a note when its fastest fused option was slower than keeping
         it and host-bound (CUDA, timed without CUDA graphs): the GPU waited while the host issued
@@ -335,19 +342,15 @@ class SiteTimer:
         self.wait_for_kernel_compiles()
         if choice == "keep":
             sub, example, sources = keep_subgraph(self.gm, site)
+            args = [self._input_value(node, v) for node, v in zip(sources, example)]
         else:
-            config = None if choice == "fuse" else choice.split(":", 1)[1]
-            traced, _ = self.built[(site.id, config)]
-            sub = traced
-            example = [site.match.values[n] for n in traced.tensor_names]
-            sources = [site.match.bindings[n] for n in traced.tensor_names]
-        args = [self._input_value(node, v) for node, v in zip(sources, example)]
+            sub, args = self._fused_option(site, None if choice == "fuse" else choice.split(":", 1)[1])
         with _preserved_rng(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # The fused option is one op call plus glue: Inductor would add a compile per launch
             # config and nothing to the kernel, so it runs as traced (compiled only where the host
             # nearly paces it, `_compiled_if_host_paced`).
-            train = self.train and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+            train = self._trains(args)
             if choice == "keep":
                 fn = self._compile(site, choice, lambda: sub, args)
             else:

@@ -79,7 +79,10 @@ def active() -> Optional[Recorded]:
 def recording() -> Iterator[Recorded]:
     """Within: launchers launch nothing, and Triton records what it would compile instead of
     compiling it. The ops still run (their PyTorch parts on real memory), so their outputs are
-    meaningless: run them only to find out which kernels they launch."""
+    meaningless: run them only to find out which kernels they launch. A kernel launched other than
+    through a `KernelLauncher` (the feed-forward op's Triton GEMM) is recorded too where it is not
+    compiled yet, but launches where it is, on whatever its inputs hold: a GEMM reads and writes
+    only within its operands, whatever their values."""
     global _active
     from triton import knobs
 
