@@ -1,0 +1,279 @@
+"""GPU correctness of whole models through backend="truthfuse", against float64.
+
+    TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 python bench/model_checks_gpu.py [--cases mpt,gpt2] [--small]
+
+The CPU tests check the rules in fp32 with the kernels in Triton's interpreter; this runs the same
+kinds of models on the GPU, where the kernels run compiled (tf32 products in fp32, bf16 for real).
+Each case is a small HF model (dropout 0, train mode) or a hand-written block. Per case and dtype
+(bf16, fp32): the model in float64 gives the reference; eager in the dtype and truthfuse
+("aggressive", so every valid site fuses) in the dtype are both compared to it, outputs and every
+parameter gradient, as max |x - ref| / max |ref| over each tensor (the worst tensor counts). A case
+passes when truthfuse's error is at most 3x eager's plus a floor (1e-3 bf16, 2e-3 fp32 for the tf32
+products), nothing is NaN, and the fused site count is the expected one. Writes
+$OUT/model_checks.json and exits 1 if any check fails.
+
+--small runs every case on the CPU at tiny sizes (a dry run of the script itself).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import fusion_backend  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL = "--small" in sys.argv
+WIDTH, HEADS, T, VOCAB = (32, 4, 8, 64) if SMALL else (256, 4, 72, 512)
+FLOOR = {torch.bfloat16: 1e-3, torch.float32: 2e-3}
+OPTIONS = {"strategy": "aggressive", "inner": "eager", "cache": False}
+
+
+class Logits(nn.Module):
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids, attention_mask=None, decoder_ids=None):
+        kwargs = {} if decoder_ids is None else {"decoder_input_ids": decoder_ids}
+        return self.lm(ids, attention_mask=attention_mask, **kwargs).logits
+
+
+def _hf(cls_name, config_name, impl="eager", **cfg):
+    import transformers
+
+    config = getattr(transformers, config_name)(**cfg)
+    return Logits(getattr(transformers, cls_name)._from_config(config, attn_implementation=impl))
+
+
+def _left_padded(batch=2, pad=T // 3):
+    """Batch 0's first `pad` positions are padding."""
+    mask = torch.ones(batch, T, dtype=torch.long)
+    mask[0, :pad] = 0
+    return mask
+
+
+def _ids(low=0):
+    return torch.randint(low, VOCAB, (2, T))
+
+
+def case_gpt2():
+    model = _hf("GPT2LMHeadModel", "GPT2Config", n_embd=WIDTH, n_layer=2, n_head=HEADS, n_positions=T,
+                vocab_size=VOCAB, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    am = _left_padded()
+    return model, (_ids(), am), am[..., None].float(), 2
+
+
+def case_llama():
+    model = _hf("LlamaForCausalLM", "LlamaConfig", hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2,
+                num_attention_heads=HEADS, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=T,
+                bos_token_id=0, eos_token_id=0)
+    am = _left_padded()
+    return model, (_ids(), am), am[..., None].float(), 2
+
+
+def case_mpt():
+    """MPT's masked_fill(mask, finfo.min) after ALiBi: left-padded rows see no key, and the loss reads
+    them too (session 14's fix: such rows are the mean of v and send q and k no gradient)."""
+    model = _hf("MptForCausalLM", "MptConfig", d_model=WIDTH, n_heads=HEADS, n_layers=2, expansion_ratio=2,
+                max_seq_len=T, vocab_size=VOCAB, attn_config={"attn_pdrop": 0, "alibi": True},
+                resid_pdrop=0, emb_pdrop=0)
+    return model, (_ids(), _left_padded()), None, 2
+
+
+def case_falcon_alibi():
+    model = _hf("FalconForCausalLM", "FalconConfig", hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS,
+                multi_query=False, alibi=True, vocab_size=VOCAB, attention_dropout=0.0, hidden_dropout=0.0,
+                bos_token_id=0, eos_token_id=0)
+    am = _left_padded()
+    return model, (_ids(), am), am[..., None].float(), 2
+
+
+def case_gemma2():
+    model = _hf("Gemma2ForCausalLM", "Gemma2Config", hidden_size=WIDTH, intermediate_size=2 * WIDTH,
+                num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=2, head_dim=WIDTH // HEADS,
+                vocab_size=VOCAB, sliding_window=T // 4, attn_logit_softcapping=50.0, final_logit_softcapping=None,
+                max_position_embeddings=T, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    am = _left_padded()
+    return model, (_ids(1), am), am[..., None].float(), 2
+
+
+def case_t5():
+    model = _hf("T5ForConditionalGeneration", "T5Config", d_model=WIDTH, d_kv=WIDTH // HEADS, d_ff=2 * WIDTH,
+                num_layers=1, num_decoder_layers=1, num_heads=HEADS, relative_attention_num_buckets=8,
+                relative_attention_max_distance=T, dropout_rate=0.0, vocab_size=VOCAB, pad_token_id=0,
+                eos_token_id=1, decoder_start_token_id=0)
+    return model, (_ids(2), _left_padded(), torch.randint(2, VOCAB, (2, T // 2))), None, 3
+
+
+def case_bert():
+    import transformers
+
+    cfg = transformers.BertConfig(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2,
+                                  num_attention_heads=HEADS, vocab_size=VOCAB, max_position_embeddings=T,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+    class Hidden(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = transformers.BertModel._from_config(cfg, attn_implementation="eager")
+
+        def forward(self, ids, attention_mask):
+            return self.bert(ids, attention_mask=attention_mask).last_hidden_state
+
+    am = _left_padded()
+    return Hidden(), (_ids(), am), am[..., None].float(), 2
+
+
+class FilledRows(nn.Module):
+    """Hand-written attention whose finite masked_fill hides some query rows whole (a padded batch
+    with a query-side mask), the only fill, nothing added after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(WIDTH, 3 * WIDTH), nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x, hidden):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, HEADS, -1).permute(2, 0, 3, 1, 4)
+        s = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+        s = s.masked_fill(hidden, torch.finfo(s.dtype).min)
+        return self.out((torch.softmax(s, dim=-1) @ v).transpose(1, 2).reshape(B, N, -1))
+
+
+def case_filled_rows():
+    hidden = torch.zeros(2, 1, T, T, dtype=torch.bool)
+    hidden[0, :, : T // 3, :] = True  # these rows see no key
+    hidden[1, :, :, T // 2:] = True  # these columns are hidden from every row
+    return FilledRows(), (torch.randn(2, T, WIDTH), hidden), None, 1
+
+
+class InplaceNextToMLP(nn.Module):
+    """A fused MLP beside an in-place add that would promote (a bf16 tensor += an fp32 vector),
+    which canonicalization makes functional with a cast back."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(WIDTH, 4 * WIDTH), nn.Linear(4 * WIDTH, WIDTH)
+
+    def forward(self, x):
+        y = self.fc2(F.gelu(self.fc1(x))) + x
+        z = y * 1.0
+        z.add_(torch.linspace(-1, 1, z.shape[-1], device=z.device))  # fp32: z keeps its dtype in place
+        return F.relu(z) + y
+
+
+def case_inplace_mlp():
+    return InplaceNextToMLP(), (torch.randn(2, T, WIDTH),), None, 1
+
+
+CASES = {"gpt2": case_gpt2, "llama": case_llama, "mpt": case_mpt, "falcon_alibi": case_falcon_alibi,
+         "gemma2": case_gemma2, "t5": case_t5, "bert": case_bert, "filled_rows": case_filled_rows,
+         "inplace_mlp": case_inplace_mlp}
+
+
+def _run(model, inputs, weight):
+    out = model(*inputs)
+    (out.double() * weight).sum().backward()
+    grads = [p.grad.detach().double().clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return [out.detach().double()] + grads
+
+
+def _rel_errors(got, ref):
+    """Per tensor, max |a - b| over max |b|; a gradient that is zero by the math (max |b| below
+    1e-6 of the largest gradient's) is measured against that bound instead."""
+    floor = 1e-6 * max(float(b.abs().max()) for b in ref[1:]) if len(ref) > 1 else 1e-30
+    errs = []
+    for a, b in zip(got, ref):
+        if not torch.isfinite(a).all():
+            return [float("inf")] * len(ref)
+        errs.append(float((a - b).abs().max() / b.abs().max().clamp_min(floor)))
+    return errs
+
+
+def check(name, dtype):
+    torch.manual_seed(0)
+    model, inputs, loss_mask, fused_expected = CASES[name]()
+    model = model.train()
+    to = lambda x, dt: x.to(DEV, dt) if x.is_floating_point() else x.to(DEV)  # noqa: E731
+    reference = "float64"
+    ref_model = copy.deepcopy(model).to(DEV, torch.float64)
+    ref_inputs = [to(x, torch.float64) for x in inputs]
+    with torch.no_grad():
+        probe = ref_model(*ref_inputs)
+    weight = torch.randn(probe.shape, dtype=torch.float64, device=DEV)
+    if loss_mask is not None:
+        weight = weight * loss_mask.to(DEV, torch.float64)
+    ref = _run(ref_model, ref_inputs, weight)
+    if not all(torch.isfinite(r).all() for r in ref):
+        # HF's float64 masks add finfo.min twice where a row sees no key, which overflows to -inf
+        # and makes those rows NaN; fp32 on the CPU (no tf32) is then the reference
+        reference = "fp32 on the CPU"
+        ref_model = copy.deepcopy(model).float()
+        ref = [r.to(DEV) for r in _run(ref_model, [x.float() if x.is_floating_point() else x for x in inputs],
+                                       weight.cpu())]
+
+    lp_model = copy.deepcopy(model).to(DEV, dtype)
+    lp_inputs = [to(x, dtype) for x in inputs]
+    eager = _rel_errors(_run(lp_model, lp_inputs, weight), ref)
+    report = fusion_backend.explain(lp_model, *lp_inputs, options=OPTIONS)
+    torch._dynamo.reset()
+    fused = [f"{s.rule}" for s in report.sites if s.decision == "fused"]
+    kept = [f"{s.rule}: {s.reason}" for s in report.sites if s.decision != "fused"]
+    compiled = torch.compile(lp_model, backend="truthfuse", options=OPTIONS)
+    ours = _rel_errors(_run(compiled, lp_inputs, weight), ref)
+    torch._dynamo.reset()
+    worst_eager, worst_ours = max(eager), max(ours)
+    n_fused_attention_or_ffn = len(fused)
+    ok = (len(ours) == len(eager) and all(o <= 3 * e + FLOOR[dtype] for o, e in zip(ours, eager))
+          and n_fused_attention_or_ffn >= fused_expected)
+    row = {"case": name, "dtype": str(dtype).replace("torch.", ""), "ok": ok, "reference": reference, "fused": fused, "kept": kept,
+           "expected_fused_at_least": fused_expected, "eager_err": worst_eager, "ours_err": worst_ours,
+           "ours_err_output": ours[0], "eager_err_output": eager[0]}
+    print(f"== check {name:13s} {row['dtype']:8s} {'ok' if ok else 'FAIL'}  fused {len(fused)} "
+          f"(need >= {fused_expected})  worst rel err: eager {worst_eager:.2e}, truthfuse {worst_ours:.2e}  "
+          f"(output {eager[0]:.2e} / {ours[0]:.2e}), reference {reference}", flush=True)
+    if not ok:
+        print("   fused:", fused, "\n   kept:", kept, flush=True)
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    parser.add_argument("--small", action="store_true")
+    args = parser.parse_args()
+    names = args.cases.split(",")
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; valid: {', '.join(CASES)}")
+    rows = []
+    for name in names:
+        for dtype in (torch.bfloat16, torch.float32):
+            if SMALL and dtype == torch.bfloat16:
+                continue  # the interpreter computes bf16 wrongly
+            try:
+                rows.append(check(name, dtype))
+            except Exception as exc:  # a crash is a failed check, and the other cases still run
+                print(f"== check {name:13s} {dtype} FAIL: {type(exc).__name__}: {exc}", flush=True)
+                rows.append({"case": name, "dtype": str(dtype), "ok": False, "error": repr(exc)})
+    out = os.environ.get("OUT", ".")
+    with open(os.path.join(out, "model_checks.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    failed = [r for r in rows if not r["ok"]]
+    print(f"== {len(rows) - len(failed)} of {len(rows)} checks passed", flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
