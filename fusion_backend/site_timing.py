@@ -300,8 +300,9 @@ class SiteTimer:
         return self._compiling
 
     def wait_for_kernel_compiles(self) -> None:
-        """Wait for the compiles `start_kernel_compiles` started (a measurement must not compile
-        the same kernels again in this process, nor share the CPU with the workers)."""
+        """Wait for the compiles `start_kernel_compiles` started: a fused option's measurement must
+        not compile the same kernels again in this process, and no timing may share the CPU with
+        the workers. (The inner compiler's compile of a kept option runs while they go on.)"""
         if self._compiling is not None:
             done, self._compiling = self._compiling.wait(), None
             log.info("tuning: %d kernel(s) compiled ahead in %.1f s (%d here, the rest on %d worker(s); %.1f s of "
@@ -339,11 +340,11 @@ class SiteTimer:
     def _measure(self, site: Site, choice: str):
         """The site's timing with this choice: a Timing (CUDA, without graphs: with its issue time)
         or ms."""
-        self.wait_for_kernel_compiles()
         if choice == "keep":
             sub, example, sources = keep_subgraph(self.gm, site)
             args = [self._input_value(node, v) for node, v in zip(sources, example)]
         else:
+            self.wait_for_kernel_compiles()
             sub, args = self._fused_option(site, None if choice == "fuse" else choice.split(":", 1)[1])
         with _preserved_rng(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -353,6 +354,7 @@ class SiteTimer:
             train = self._trains(args)
             if choice == "keep":
                 fn = self._compile(site, choice, lambda: sub, args)
+                self.wait_for_kernel_compiles()  # the compile above ran beside the workers; the timing does not
             else:
                 fn = sub.forward
             run = _timed_call(fn, train)

@@ -220,3 +220,40 @@ def test_sites_with_different_graph_built_masks_do_not_share_timings():
     groups = [site_group(s) for s in generic]
     assert len(groups) == 3
     assert groups[0] == groups[2] != groups[1]
+
+
+def test_a_kept_options_compile_runs_beside_the_kernel_compiles_and_its_timing_after_them():
+    """The Triton kernels compiled ahead on worker processes (`start_kernel_compiles`) go on while
+    the inner compiler compiles a kept option; every timing, and a fused option's run, which would
+    compile those kernels itself, waits for them."""
+    import math
+
+    import fusion_backend
+
+    def attend(q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ v
+
+    timers = []
+    be = fusion_backend.backend(strategy="moderate", cache=False)
+    be.tuning_observer = lambda space, timer, opts: timers.append(timer)
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
+    torch.compile(attend, backend=be, fullgraph=True)(q, k, v)
+    (timer,) = timers
+    events = []
+
+    class Compiling:  # stands in for compile_ahead.Compiling
+        def wait(self):
+            events.append("wait")
+            return {"kernels": 1, "workers": 1, "here": 0, "failed": [], "seconds": 0.0, "compile_seconds": 0.0}
+
+    inner = timer.compile_fn
+    timer.compile_fn = lambda gm, args: events.append("compile") or inner(gm, args)
+    site = timer.sites[0]
+    for choice, expected in (("keep", ["compile", "wait"]), ("fuse", ["wait"])):
+        events.clear()
+        timer._compiled.clear()
+        timer._compiling = Compiling()
+        timer._measure(site, choice)
+        assert events == expected, choice
+        assert timer._compiling is None
