@@ -2,7 +2,8 @@
 
 Canonical vocabulary (all positional, dims negative where the rank is known):
 
-    torch.matmul(a, b)              matmul, bmm, @, two-operand einsum that is a batched matmul
+    torch.matmul(a, b)              matmul, bmm, @, two-operand einsum that is a batched matmul;
+                                    baddbmm as that product scaled by alpha, plus beta * input
     torch.transpose(x, d0, d1)      transpose, swapaxes, .t(), .T (2-D), .mT, a permute that swaps two dims
     torch.mul(x, s)                 *, mul, and / by s (as * 1/s), unary minus (as * -1.0)
     torch.add(a, b), torch.sub(a, b)
@@ -10,7 +11,8 @@ Canonical vocabulary (all positional, dims negative where the rank is known):
     torch.Tensor.to(x, dtype)       .float(), .half(), .to(dtype), .type(dtype), .type_as(t)
     F.dropout(x, p, True)           functional, module and torch.dropout; eval-mode dropout and
                                     p == 0 are removed (they are the identity)
-    torch.masked_fill(x, m, v)      masked_fill, and torch.where with a scalar on one side
+    torch.masked_fill(x, m, v)      masked_fill, and torch.where with a scalar on one side (or a
+                                    torch.tensor(scalar) of the other side's dtype)
     torch._C._nn.linear(x, w, b)    F.linear, nn.Linear, addmm(b, x, w) (HF Conv1D, its flatten/
                                     restore views dropped), x @ W and mm(x, W) with W a 2-D
                                     parameter, a following + b of shape (out,) as the bias
@@ -536,6 +538,7 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
         return
     if op == "call_function" and t is torch.where and len(args) == 3 and not node.kwargs:
         cond, a, b = args
+        a, b = _literal_of_dtype(a, b), _literal_of_dtype(b, a)
         if is_tensor_node(a) and isinstance(b, (int, float)) and not isinstance(b, bool):
             keep_not = rw.emit(node, torch.logical_not, (cond,))
             rw.replace(node, torch.masked_fill, (a, keep_not, b))
@@ -555,6 +558,23 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
         if rank_of(bias) in (1, None) and rank_of(x) in (2, None):
             wt = rw.emit(node, torch.transpose, (w, -2, -1))
             rw.replace(node, _linear, (x, wt, bias))
+        return
+    # baddbmm(input, b1, b2, beta=, alpha=) is beta * input + alpha * (b1 @ b2): BLOOM adds its ALiBi
+    # term to the scaled scores so, and Megatron-style code scales the scores with beta=0 (input
+    # then ignored, NaN included)
+    if _method_or_function(node, {"baddbmm"}, {torch.baddbmm}):
+        bound = _bind(node, _BADDBMM_PARAMS, ("beta", "alpha"))
+        if bound is not None and _is_number(bound[3]) and _is_number(bound[4]):
+            added, batch1, batch2, beta, alpha = bound
+            product = rw.emit(node, torch.matmul, (batch1, batch2))
+            if alpha != 1:
+                product = rw.emit(node, torch.mul, (product, float(alpha)))
+            if beta == 0:  # the output has the product's shape whatever input broadcasts from
+                rw.bypass(node, product)
+            else:
+                if beta != 1:
+                    added = rw.emit(node, torch.mul, (added, float(beta)))
+                rw.replace(node, torch.add, (product, added))
         return
     if _method_or_function(node, {"mm"}, {torch.mm}) and len(args) == 2:
         rw.replace(node, torch.matmul, (args[0], args[1]))
@@ -695,6 +715,9 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
         return
 
 
+_BADDBMM_PARAMS = (("input", _REQUIRED), ("batch1", _REQUIRED), ("batch2", _REQUIRED), ("beta", 1), ("alpha", 1))
+
+
 def _bind(node: Node, params: tuple, keyword_only: tuple) -> Optional[list]:
     """The node's arguments in parameter order with defaults filled in, or None if they do not
     bind (too many positionals, unknown keywords, a required one missing)."""
@@ -745,6 +768,20 @@ _ATEN_SDPA_SINGLE = {t for t in _ATEN_SDPA if "scaled_dot_product_attention" == 
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _literal_of_dtype(x: Any, other: Any) -> Any:
+    """The number in x = torch.tensor(number, dtype=D) when `other` is a tensor of dtype D (GPT-Neo's
+    `torch.where(causal, scores, torch.tensor(finfo.min, dtype=scores.dtype))`): there the 0-d
+    tensor holds the number rounded to D, as a scalar fill would be. Otherwise x itself."""
+    if not (isinstance(x, Node) and x.op == "call_function" and x.target is torch.tensor and len(x.args) == 1
+            and _is_number(x.args[0]) and set(x.kwargs) <= {"dtype", "device"}):
+        return x
+    value, dtype = example_value(x), dtype_of(other)
+    if not (isinstance(value, torch.Tensor) and value.dim() == 0 and dtype is not None and value.dtype == dtype
+            and is_tensor_node(other) and rank_of(other)):
+        return x
+    return x.args[0]
 
 
 def _fold_scalar_products(rw: _Rewriter) -> None:

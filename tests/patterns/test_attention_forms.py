@@ -214,6 +214,45 @@ def test_dot_layouts(layout):
     assert_matches_eager(model, *inputs)
 
 
+class _Baddbmm(nn.Module):
+    """3-D scores by baddbmm: BLOOM's `alibi.baddbmm(q, kT, beta=1, alpha=scale)` and the
+    Megatron-style `baddbmm(buffer, q, kT, beta=0, alpha=scale)`, whose buffer is ignored."""
+
+    def __init__(self, beta, added):
+        super().__init__()
+        self.beta = beta
+        self.register_buffer("added", added)
+
+    def forward(self, q, k, v):
+        s = torch.baddbmm(self.added, q, k.transpose(1, 2), beta=self.beta, alpha=0.3)
+        return torch.softmax(s, dim=-1) @ v
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5, 0.0])
+def test_dot_scores_by_baddbmm(beta):
+    q, k, v = (t.flatten(0, 1) for t in qkv())
+    # a per-key bias as ALiBi's (heads in batch, one row broadcast over queries); NaN where beta=0
+    # ignores it
+    model = _Baddbmm(beta, torch.full((4, 1, 8), float("nan")) if beta == 0 else torch.randn(4, 1, 8))
+    assert_fused(model, q, k, v, variant="dot")
+    assert_matches_eager(model, q, k, v)
+
+
+class _WhereWithTensorFill(nn.Module):
+    """GPT-Neo's causal mask: torch.where(keep, scores, torch.tensor(finfo.min, dtype=scores.dtype))."""
+
+    def forward(self, q, k, v):
+        s = q @ k.transpose(-2, -1)
+        keep = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).tril()
+        s = torch.where(keep, s, torch.tensor(torch.finfo(s.dtype).min, dtype=s.dtype, device=s.device))
+        return torch.softmax(s, dim=-1) @ v
+
+
+def test_where_with_a_tensor_literal_fill_is_a_masked_fill():
+    assert_fused(_WhereWithTensorFill(), *qkv(), variant="dot")
+    assert_matches_eager(_WhereWithTensorFill(), *qkv())
+
+
 def test_dot_cross_attention_and_non_contiguous_inputs():
     # Nq != Nk, Dv != D, and q/k/v as transposed views of (B, N, H, D) tensors
     q, k, v = (t.transpose(1, 2) for t in (torch.randn(2, 5, 2, 8), torch.randn(2, 11, 2, 8), torch.randn(2, 11, 2, 4)))

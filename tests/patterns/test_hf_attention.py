@@ -7,7 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from .checks import OPTIONS, assert_fused, assert_matches_eager  # noqa: E402
+from .checks import OPTIONS, assert_fused, assert_matches_eager, assert_near_miss  # noqa: E402
 
 VOCAB, T = 64, 8
 
@@ -202,3 +202,15 @@ def test_hf_mpt_masked_fill_rows_padded_whole():
     am[0, :3] = 0
     assert_fused(model, ids, am, variant="dot", count=1)
     assert_matches_eager(model, ids, am, grad_inputs=False, atol=2e-5, rtol=2e-4)
+
+
+def test_hf_gpt_neo_is_reported_kept():
+    """GPT-Neo fills non-causal scores with torch.where(causal, s, tensor(finfo.min)) from a buffer
+    (not a constant: it could hide whole rows) and then adds the padding mask: each attention is
+    found and kept with the reason, not silently missed."""
+    cfg = transformers.GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+                                    window_size=4, vocab_size=VOCAB, max_position_embeddings=16, embed_dropout=0,
+                                    attention_dropout=0, resid_dropout=0, bos_token_id=0, eos_token_id=0)
+    model = Logits(transformers.GPTNeoForCausalLM._from_config(cfg, attn_implementation="eager")).train()
+    sites = assert_near_miss(model, torch.randint(0, VOCAB, (2, T)), reason="may mask whole rows")
+    assert sum(s.rule == "attention.dot" for s in sites) == 2  # one per layer
