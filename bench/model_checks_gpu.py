@@ -7,9 +7,10 @@ kinds of models on the GPU, where the kernels run compiled (tf32 products in fp3
 Each case is a small HF model (dropout 0, train mode) or a hand-written block. Per case and dtype
 (bf16, fp32): the model in float64 gives the reference; eager in the dtype and truthfuse
 ("aggressive", so every valid site fuses) in the dtype are both compared to it, outputs and every
-parameter gradient, as max |x - ref| / max |ref| over each tensor (the worst tensor counts). A case
-passes when truthfuse's error is at most 3x eager's plus a floor (1e-3 bf16, 2e-3 fp32 for the tf32
-products), nothing is NaN, and the fused site count is the expected one. Writes
+parameter gradient, as max |x - ref| / max |ref| per tensor (a gradient far smaller than the
+largest: against 1% of the largest). A case passes when, for every tensor, truthfuse's error is
+at most 3x eager's plus a floor (1e-3 bf16, 2e-3 fp32 for the tf32 products), nothing is NaN, and
+at least the expected number of sites fused. Writes
 $OUT/model_checks.json and exits 1 if any check fails.
 
 --small runs every case on the CPU at tiny sizes (a dry run of the script itself).
@@ -184,20 +185,25 @@ CASES = {"gpt2": case_gpt2, "llama": case_llama, "mpt": case_mpt, "falcon_alibi"
 def _run(model, inputs, weight):
     out = model(*inputs)
     (out.double() * weight).sum().backward()
-    grads = [p.grad.detach().double().clone() for p in model.parameters() if p.grad is not None]
+    grads = {n.removeprefix("_orig_mod."): p.grad.detach().double().clone()  # torch.compile's wrapper
+             for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    return [out.detach().double()] + grads
+    return {"output": out.detach().double(), **grads}
 
 
 def _rel_errors(got, ref):
-    """Per tensor, max |a - b| over max |b|; a gradient that is zero by the math (max |b| below
-    1e-6 of the largest gradient's) is measured against that bound instead."""
-    floor = 1e-6 * max(float(b.abs().max()) for b in ref[1:]) if len(ref) > 1 else 1e-30
-    errs = []
-    for a, b in zip(got, ref):
-        if not torch.isfinite(a).all():
-            return [float("inf")] * len(ref)
-        errs.append(float((a - b).abs().max() / b.abs().max().clamp_min(floor)))
+    """Per tensor, max |a - b| over max |b|. A gradient far smaller than the largest one is
+    measured against 1% of the largest: some are zero by the math (a key projection's bias, which
+    the softmax cancels), and their rounding noise over their own size says nothing."""
+    floor = 1e-2 * max((float(b.abs().max()) for n, b in ref.items() if n != "output"), default=0.0)
+    errs = {}
+    for name, b in ref.items():
+        a = got.get(name)
+        if a is None or not torch.isfinite(a).all():
+            errs[name] = float("inf")
+            continue
+        scale = b.abs().max().clamp_min(floor if name != "output" else 1e-30)
+        errs[name] = float((a - b).abs().max() / scale)
     return errs
 
 
@@ -215,13 +221,13 @@ def check(name, dtype):
     if loss_mask is not None:
         weight = weight * loss_mask.to(DEV, torch.float64)
     ref = _run(ref_model, ref_inputs, weight)
-    if not all(torch.isfinite(r).all() for r in ref):
+    if not all(torch.isfinite(r).all() for r in ref.values()):
         # HF's float64 masks add finfo.min twice where a row sees no key, which overflows to -inf
         # and makes those rows NaN; fp32 on the CPU (no tf32) is then the reference
         reference = "fp32 on the CPU"
         ref_model = copy.deepcopy(model).float()
-        ref = [r.to(DEV) for r in _run(ref_model, [x.float() if x.is_floating_point() else x for x in inputs],
-                                       weight.cpu())]
+        ref = {n: r.to(DEV) for n, r in _run(ref_model, [x.float() if x.is_floating_point() else x for x in inputs],
+                                             weight.cpu()).items()}
 
     lp_model = copy.deepcopy(model).to(DEV, dtype)
     lp_inputs = [to(x, dtype) for x in inputs]
@@ -235,18 +241,16 @@ def check(name, dtype):
     compiled = torch.compile(lp_model, backend=fusion_backend.backend(**OPTIONS))
     ours = _rel_errors(_run(compiled, lp_inputs, weight), ref)
     torch._dynamo.reset()
-    worst_eager, worst_ours = max(eager), max(ours)
-    n_fused_attention_or_ffn = len(fused)
-    ok = (len(ours) == len(eager) and all(o <= 3 * e + FLOOR[dtype] for o, e in zip(ours, eager))
-          and n_fused_attention_or_ffn >= fused_expected)
-    row = {"case": name, "dtype": str(dtype).replace("torch.", ""), "ok": ok, "reference": reference, "fused": fused, "kept": kept,
-           "expected_fused_at_least": fused_expected, "eager_err": worst_eager, "ours_err": worst_ours,
-           "ours_err_output": ours[0], "eager_err_output": eager[0]}
+    worst = max(ours, key=lambda n: ours[n] / (3 * eager[n] + FLOOR[dtype]))  # the tensor nearest to failing
+    bad = [n for n in ours if not ours[n] <= 3 * eager[n] + FLOOR[dtype]]
+    ok = not bad and len(fused) >= fused_expected
+    row = {"case": name, "dtype": str(dtype).replace("torch.", ""), "ok": ok, "reference": reference, "fused": fused,
+           "kept": kept, "expected_fused_at_least": fused_expected, "eager_err": eager, "ours_err": ours}
     print(f"== check {name:13s} {row['dtype']:8s} {'ok' if ok else 'FAIL'}  fused {len(fused)} "
-          f"(need >= {fused_expected})  worst rel err: eager {worst_eager:.2e}, truthfuse {worst_ours:.2e}  "
-          f"(output {eager[0]:.2e} / {ours[0]:.2e}), reference {reference}", flush=True)
+          f"(need >= {fused_expected})  nearest to failing: {worst} eager {eager[worst]:.2e}, truthfuse "
+          f"{ours[worst]:.2e}; output {eager['output']:.2e} / {ours['output']:.2e}; reference {reference}", flush=True)
     if not ok:
-        print("   fused:", fused, "\n   kept:", kept, flush=True)
+        print("   over:", {n: (eager[n], ours[n]) for n in bad}, "\n   fused:", fused, "\n   kept:", kept, flush=True)
     return row
 
 
