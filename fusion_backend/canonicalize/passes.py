@@ -3,7 +3,9 @@
 Canonical vocabulary (all positional, dims negative where the rank is known):
 
     torch.matmul(a, b)              matmul, bmm, @, two-operand einsum that is a batched matmul;
-                                    baddbmm as that product scaled by alpha, plus beta * input
+                                    baddbmm as that product scaled by alpha, plus beta * input;
+                                    an attention with its heads folded into the batch whose scores
+                                    are viewed to (B, H, N, S) and back, unfolded to 4-d (BLOOM)
     torch.transpose(x, d0, d1)      transpose, swapaxes, .t(), .T (2-D), .mT, a permute that swaps two dims
     torch.mul(x, s)                 *, mul, and / by s (as * 1/s), unary minus (as * -1.0)
     torch.add(a, b), torch.sub(a, b)
@@ -845,6 +847,116 @@ def _drop_identity_reshapes(rw: _Rewriter) -> None:
             rw.bypass(node, x)
 
 
+def _shape_args(node: Node) -> Optional[list]:
+    """The target shape of a view/reshape node as written: graph values, ints or -1."""
+    if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
+        return list(node.args[1])
+    return list(node.args[1:]) if len(node.args) > 1 and not node.kwargs else None
+
+
+def _sizes_equal(a, b) -> bool:
+    return len(a) == len(b) and all(_same_size(x, y) for x, y in zip(a, b))
+
+
+# What the 3-d scores may go through between their product and the view to (B, H, N, S).
+_SCORE_STEPS = (torch.add, torch.mul, torch.sub, _to)
+
+
+def _unfold_heads_from_batch(rw: _Rewriter) -> None:
+    """BLOOM's attention folds the heads into the batch: 3-d products give (B*H, N, S) scores,
+    which are viewed to (B, H, N, S) for the 4-d mask and the softmax, and the probabilities back to
+    (B*H, N, S) for the product with v. That becomes one 4-d attention: q, k (below its
+    transpose), v and any (B*H, ...) term added to the scores are unflattened to (B, H, ...), the
+    products are 4-d, and their output is flattened back. The same products per (b, h) and the
+    same elementwise steps, so value for value the same. Every step of the scores is used once;
+    anything else, or a shape not proven from the recorded sizes, leaves the graph as it is."""
+    for split in list(rw.graph.nodes):
+        if split not in rw.graph.nodes or not _method_or_function(split, *_RESHAPES) or not split.args:
+            continue
+        scores3, shape = split.args[0], _shape_args(split)
+        s3, s4 = example_value(scores3), example_value(split)
+        if not (isinstance(scores3, Node) and shape is not None and len(shape) == 4
+                and isinstance(s3, torch.Tensor) and isinstance(s4, torch.Tensor) and s3.dim() == 3 and s4.dim() == 4
+                and _sizes_equal(s4.shape[2:], s3.shape[1:]) and _same_size(s4.shape[0] * s4.shape[1], s3.shape[0])):
+            continue
+        heads = (shape[0], shape[1])
+        if sum(1 for h in heads if h == -1) > 1:
+            continue
+        bh = s3.shape[0]
+        # Up: the steps from a 3-d product to the scores, each used once.
+        steps, node = [], scores3
+        while (isinstance(node, Node) and node.op == "call_function" and len(node.users) == 1
+               and node.target in _SCORE_STEPS):
+            steps.append(node)
+            full = [a for a in node.args[:2] if isinstance(a, Node) and isinstance(example_value(a), torch.Tensor)
+                    and _sizes_equal(example_value(a).shape, s3.shape)]
+            node = full[0] if len(full) == 1 else None
+        if not (isinstance(node, Node) and node.op == "call_function" and node.target is torch.matmul
+                and len(node.users) == 1):
+            continue
+        product = node
+        q3, kt3 = product.args
+        qv, ktv = example_value(q3), example_value(kt3)
+        if not (isinstance(qv, torch.Tensor) and isinstance(ktv, torch.Tensor) and qv.dim() == 3 and ktv.dim() == 3
+                and _same_size(qv.shape[0], bh) and _same_size(ktv.shape[0], bh)):
+            continue
+
+        def folds(x):  # a term that the 4-d scores take as it is, or unflattened
+            v = example_value(x)
+            if not isinstance(x, Node) or not isinstance(v, torch.Tensor) or v.dim() < 3:
+                return "as is"
+            if v.dim() == 3 and _same_size(v.shape[0], bh):
+                return "unflatten"
+            return "as is" if v.dim() == 3 and _same_size(v.shape[0], 1) else None
+        if any(folds(a) is None for step in steps for a in step.args[:2] if a not in steps and a is not product):
+            continue
+        # Down: single uses, every value (B, H, N, S), to the view back before the product with v.
+        merge, node = None, split
+        for _ in range(16):
+            if len(node.users) != 1:
+                break
+            (user,) = node.users
+            uv = example_value(user)
+            if not isinstance(uv, torch.Tensor):
+                break
+            if _method_or_function(user, *_RESHAPES) and uv.dim() == 3 and _sizes_equal(uv.shape, s3.shape):
+                merge = user
+                break
+            if not _sizes_equal(uv.shape, s4.shape):
+                break
+            node = user
+        if merge is None or len(merge.users) != 1:
+            continue
+        (pv,) = merge.users
+        if not (pv.op == "call_function" and pv.target is torch.matmul and pv.args[0] is merge
+                and isinstance(example_value(pv.args[1]), torch.Tensor) and example_value(pv.args[1]).dim() == 3
+                and _same_size(example_value(pv.args[1]).shape[0], bh)):
+            continue
+
+        def unflatten(x, before):
+            return rw.emit(before, torch.unflatten, (x, 0, heads))
+        q4 = unflatten(q3, product)
+        if kt3.op == "call_function" and kt3.target is torch.transpose and tuple(kt3.args[1:]) == (-2, -1):
+            kt4 = rw.emit(product, torch.transpose, (unflatten(kt3.args[0], product), -2, -1))
+        else:
+            kt4 = unflatten(kt3, product)
+        new = rw.emit(product, torch.matmul, (q4, kt4))
+        old_to_new = {product: new}
+        for step in reversed(steps):
+            args = tuple(old_to_new.get(a, a) if not (isinstance(a, Node) and a not in old_to_new
+                                                      and folds(a) == "unflatten") else unflatten(a, step)
+                         for a in step.args)
+            new = old_to_new[step] = rw.emit(step, step.target, args, kwargs=dict(step.kwargs))
+        split.replace_all_uses_with(new)
+        v4 = unflatten(pv.args[1], pv)
+        out4 = rw.emit(pv, torch.matmul, (merge.args[0], v4))
+        rw.replace(pv, torch.flatten, (out4, 0, 1))
+        for dead in [merge, split] + steps + [product]:
+            if not dead.users:
+                rw.graph.erase_node(dead)
+        rw.changed += 1
+
+
 def _is_weight(x: Any) -> bool:
     """A 2-D tensor the graph receives (a parameter or input) rather than computes."""
     return isinstance(x, Node) and x.op in ("placeholder", "get_attr") and rank_of(x) == 2
@@ -1097,6 +1209,7 @@ def canonicalize(graph: fx.Graph) -> int:
             _canonical_node(rw, node)
     _fold_scalar_products(rw)
     _drop_identity_reshapes(rw)
+    _unfold_heads_from_batch(rw)
     _repeat_kv_as_repeat_interleave(rw)
     _matmul_to_linear(rw)
     _unflatten_linear(rw)

@@ -238,6 +238,55 @@ def test_dot_scores_by_baddbmm(beta):
     assert_matches_eager(model, q, k, v)
 
 
+class _HeadsInBatch(nn.Module):
+    """Scores from 3-d bmm with the heads folded into the batch plus a per-(batch*head) key bias,
+    viewed to 4-d for a 4-d mask, the softmax and dropout, and back for the product with v."""
+
+    def __init__(self, p=0.0, return_scores=False):
+        super().__init__()
+        self.p, self.return_scores = p, return_scores
+
+    def forward(self, q, k, v, bias, mask):
+        B, H, N, D = q.shape
+        q3, k3, v3 = (t.reshape(B * H, -1, D) for t in (q, k, v))
+        s3 = torch.bmm(q3, k3.transpose(1, 2)) * D ** -0.5 + bias
+        s4 = s3.view(B, H, N, -1) + mask
+        p4 = F.dropout(torch.softmax(s4.float(), dim=-1).to(q.dtype), self.p, self.training)
+        out = torch.bmm(p4.view(B * H, N, -1), v3).view(B, H, N, D)
+        return (out, s3) if self.return_scores else out
+
+
+def _heads_in_batch_inputs():
+    q, k, v = qkv(H=3, T=6, S=6)
+    return q, k, v, torch.randn(6, 1, 6), _pad_mask(B=2, S=6)
+
+
+def test_heads_folded_into_the_batch_unfold_to_one_4d_attention():
+    model = _HeadsInBatch()
+    assert_fused(model, *_heads_in_batch_inputs(), variant="dot")
+    assert_matches_eager(model, *_heads_in_batch_inputs())
+
+
+@pytest.mark.parametrize("return_scores", [False, True])
+def test_heads_folded_into_the_batch_unfold_only_where_nothing_else_reads_the_scores(return_scores):
+    """The canonical graph computes what the model does either way; where the 3-d scores are also
+    returned, it keeps them as written (unfolding would compute them twice)."""
+    from fusion_backend.canonicalize import canonical_copy
+
+    captured = []
+    model = _HeadsInBatch(return_scores=return_scores)
+    torch.compile(model, backend=lambda gm, ex: captured.append(gm) or gm.forward, fullgraph=True)(
+        *_heads_in_batch_inputs())
+    canon = canonical_copy(captured[0])
+    unfolded = any(n.target is torch.unflatten for n in canon.graph.nodes)
+    assert unfolded != return_scores
+    inputs = _heads_in_batch_inputs()  # the graph's placeholders: the model has no parameters
+    want, got = captured[0](*inputs), canon(*inputs)
+    assert len(want) == len(got) == (2 if return_scores else 1)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+
+
 class _WhereWithTensorFill(nn.Module):
     """GPT-Neo's causal mask: torch.where(keep, scores, torch.tensor(finfo.min, dtype=scores.dtype))."""
 

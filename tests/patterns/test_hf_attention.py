@@ -214,3 +214,22 @@ def test_hf_gpt_neo_is_reported_kept():
     model = Logits(transformers.GPTNeoForCausalLM._from_config(cfg, attn_implementation="eager")).train()
     sites = assert_near_miss(model, torch.randint(0, VOCAB, (2, T)), reason="may mask whole rows")
     assert sum(s.rule == "attention.dot" for s in sites) == 2  # one per layer
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_hf_bloom_heads_folded_into_the_batch(padded):
+    """BLOOM scores with alibi.baddbmm(q, kT, beta=1, alpha=1/sqrt(d)) on (B*H, N, D) tensors,
+    views the scores to (B, H, N, S) for the mask and the softmax and back for bmm with v: the
+    attention is unfolded to 4-d, fused, and equals eager."""
+    torch.manual_seed(0)
+    cfg = transformers.BloomConfig(hidden_size=32, n_layer=1, n_head=4, vocab_size=VOCAB, attention_dropout=0.0,
+                                   hidden_dropout=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = Logits(transformers.BloomForCausalLM._from_config(cfg, attn_implementation="eager")).train()
+    ids = torch.randint(1, VOCAB, (2, T))
+    args, loss_mask = (ids,), None
+    if padded:
+        am = torch.ones(2, T, dtype=torch.long)
+        am[0, :3] = 0
+        args, loss_mask = (ids, am), am[..., None].float()
+    assert_fused(model, *args, variant="dot", rule="attention.dot" if padded else "attention.dot_causal", count=1)
+    assert_matches_eager(model, *args, grad_inputs=False, loss_mask=loss_mask, atol=2e-5, rtol=2e-4)
