@@ -108,6 +108,14 @@ def case_gemma2():
     return model, (_ids(1), am), am[..., None].float(), 2
 
 
+def case_bloom():
+    """ALiBi by baddbmm, heads folded into the batch and unfolded by canonicalization."""
+    model = _hf("BloomForCausalLM", "BloomConfig", hidden_size=WIDTH, n_layer=2, n_head=HEADS, vocab_size=VOCAB,
+                attention_dropout=0.0, hidden_dropout=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    am = _left_padded()
+    return model, (_ids(1), am), am[..., None].float(), 2
+
+
 def case_t5():
     model = _hf("T5ForConditionalGeneration", "T5Config", d_model=WIDTH, d_kv=WIDTH // HEADS, d_ff=2 * WIDTH,
                 num_layers=1, num_decoder_layers=1, num_heads=HEADS, relative_attention_num_buckets=8,
@@ -178,7 +186,7 @@ def case_inplace_mlp():
 
 
 CASES = {"gpt2": case_gpt2, "llama": case_llama, "mpt": case_mpt, "falcon_alibi": case_falcon_alibi,
-         "gemma2": case_gemma2, "t5": case_t5, "bert": case_bert, "filled_rows": case_filled_rows,
+         "gemma2": case_gemma2, "bloom": case_bloom, "t5": case_t5, "bert": case_bert, "filled_rows": case_filled_rows,
          "inplace_mlp": case_inplace_mlp}
 
 

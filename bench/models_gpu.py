@@ -7,6 +7,8 @@ Models (bf16, AdamW step included, as in shared/bench/anchors_gpu.py):
     gpt2-sdpa    the same with attn_implementation="sdpa"
     truthgpt-l2  examples/truthgpt.py with L2 attention, B=8, T=4096
     truthgpt-l1  the same with L1 attention
+    bloom-eager  HF BLOOM with bloom-560m's layer shapes (hidden 1024, 16 heads), 4 layers, a 32000
+                 vocabulary, B=4, T=2048 (ALiBi by baddbmm, heads folded into the batch)
     gemma2-eager HF Gemma 2 with Gemma-2-2B's layer shapes (hidden 2304, 8 heads, 4 K/V heads, head
                  dim 256, MLP 9216, attention cap 50, final cap 30), 4 layers, a 32000 vocabulary,
                  B=4, T=2048, attn_implementation="eager" (soft-capped attention)
@@ -97,12 +99,31 @@ def gemma2(batch=4, seq=2048):
     return model, idx, tgt, lambda m, i, t: F.cross_entropy(m(i).float().flatten(0, 1), t.flatten())
 
 
+def bloom(batch=4, seq=2048):
+    """BLOOM with bloom-560m's layer shapes (hidden 1024, 16 heads of 64), 4 layers, a 32000
+    vocabulary: ALiBi added by baddbmm, the heads folded into the batch."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    batch, seq = SIZE_OVERRIDE.get("batch", batch), SIZE_OVERRIDE.get("seq", seq)
+    if SMALL:
+        batch, seq = 2, 16
+    cfg = BloomConfig(hidden_size=64 if SMALL else 1024, n_layer=2 if SMALL else 4, n_head=4 if SMALL else 16,
+                      vocab_size=1000 if SMALL else 32000, attention_dropout=0.0, hidden_dropout=0.0,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = BloomForCausalLM._from_config(cfg, attn_implementation="eager")
+    model = LogitsOnly(model).to(DEV, torch.float32 if SMALL else torch.bfloat16)
+    idx = torch.randint(0, cfg.vocab_size, (batch, seq), device=DEV)
+    tgt = torch.randint(0, cfg.vocab_size, (batch, seq), device=DEV)
+    return model, idx, tgt, lambda m, i, t: F.cross_entropy(m(i).float().flatten(0, 1), t.flatten())
+
+
 MODELS = {
     "gpt2-eager": lambda: gpt2("eager"),
     "gpt2-sdpa": lambda: gpt2("sdpa"),
     "truthgpt-l2": lambda: truthgpt("l2"),
     "truthgpt-l1": lambda: truthgpt("l1"),  # cdist(p=1): eager's backward fails at this size (issue 3)
     "gemma2-eager": lambda: gemma2(),
+    "bloom-eager": lambda: bloom(),
 }
 
 
@@ -210,8 +231,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer timing repetitions")
     ap.add_argument("--small", action="store_true", help="tiny models on CPU: checks the script runs")
     ap.add_argument("--tag", default="models", help="results go to $OUT/<tag>.json")
-    ap.add_argument("--batch", type=int, help="TruthGPT / Gemma 2 batch size (default 8 / 4)")
-    ap.add_argument("--seq", type=int, help="TruthGPT / Gemma 2 sequence length (default 4096 / 2048)")
+    ap.add_argument("--batch", type=int, help="TruthGPT / Gemma 2 / BLOOM batch size (default 8 / 4 / 4)")
+    ap.add_argument("--seq", type=int, help="TruthGPT / Gemma 2 / BLOOM sequence length (default 4096 / 2048 / 2048)")
     ap.add_argument("--profile", action="store_true",
                     help="after timing, profile 5 steps and write the top GPU kernels to $OUT/<tag>-profile.txt")
     ap.add_argument("--stack-dump", type=float, metavar="S",
