@@ -54,7 +54,12 @@ def _silu(z, approx):
     return F.silu(z)
 
 
-ACTIVATIONS = {"gelu": _gelu, "relu": _relu, "silu": _silu}
+def _quick_gelu(z, approx):
+    # CLIP's quick_gelu (HF QuickGELUActivation)
+    return torch.mul(z, torch.sigmoid(torch.mul(z, 1.702)))
+
+
+ACTIVATIONS = {"gelu": _gelu, "relu": _relu, "silu": _silu, "quick_gelu": _quick_gelu}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -327,7 +332,8 @@ def _configs(gated: bool) -> Callable:
 
 
 def _variant(structure: str, rule_activation: str) -> Callable:
-    gated_names = {"gelu": "geglu", "gelu_tanh": "geglu", "relu": "reglu", "silu": "swiglu"}
+    gated_names = {"gelu": "geglu", "gelu_tanh": "geglu", "relu": "reglu", "silu": "swiglu",
+                   "quick_gelu": "quick_geglu"}
 
     def variant(m: Match) -> str:
         act = _activation_name(rule_activation, m.values.get("approx"))

@@ -29,7 +29,8 @@ import triton.language as tl
 from .philox import dropout_scale, dropout_threshold, keep_mask, load_seed, seed_arg
 from .runtime import KernelLauncher, cdiv, interpreting
 
-ACTIVATIONS = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
+ACTIVATIONS = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4, "quick_gelu": 5}
+QUICK_GELU_SLOPE = 1.702  # quick_gelu(z) = z * sigmoid(1.702 z) (CLIP's MLP)
 """Activation name -> ACT constexpr code. Code 0 is the identity (no activation)."""
 
 EPI_PLAIN = 0  # C = A @ B (+ bias); optional second K segment C += A2 @ B2
@@ -58,7 +59,8 @@ def _tanh(x):
 
 @triton.jit
 def _act(z, ACT: tl.constexpr):
-    """act(z) in float32 for activation code ACT (0 identity, 1 gelu, 2 gelu_tanh, 3 relu, 4 silu)."""
+    """act(z) in float32 for activation code ACT (0 identity, 1 gelu, 2 gelu_tanh, 3 relu, 4 silu,
+    5 quick_gelu)."""
     if ACT == 1:
         return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
     elif ACT == 2:
@@ -68,6 +70,8 @@ def _act(z, ACT: tl.constexpr):
         return tl.maximum(z, 0.0)
     elif ACT == 4:
         return z / (1.0 + tl.exp(-z))
+    elif ACT == 5:
+        return z / (1.0 + tl.exp(-1.702 * z))
     else:
         return z
 
@@ -88,6 +92,9 @@ def _act_and_grad(z, ACT: tl.constexpr):
     elif ACT == 4:
         s = 1.0 / (1.0 + tl.exp(-z))
         return z * s, s * (1.0 + z * (1.0 - s))
+    elif ACT == 5:
+        s = 1.0 / (1.0 + tl.exp(-1.702 * z))
+        return z * s, s * (1.0 + 1.702 * z * (1.0 - s))
     else:
         return z, tl.full(z.shape, 1.0, tl.float32)
 

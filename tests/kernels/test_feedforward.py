@@ -125,6 +125,7 @@ CASES = [
     (42, 64, 128, "relu", True, True, True, 0.1, 0.1),  # K a multiple of BLOCK_K: unmasked loop
     (42, 40, 72, "relu", False, True, True, 0.0, 0.1),  # cublas: ReLU from the product's epilogue
     (6, 24, 72, "relu", False, False, False, 0.0, 0.0),  # ... with a zero bias
+    (42, 40, 72, "quick_gelu", False, True, True, 0.1, 0.1),  # CLIP's activation
 ]
 
 
@@ -360,7 +361,8 @@ def test_gemm_epilogues(act):
     code = K.ACTIVATIONS[act]
     a, w, wg, b, bg = torch.randn(M, Kd), torch.randn(N, Kd), torch.randn(N, Kd), torch.randn(N), torch.randn(N)
     A, W, WG, B, BG = (v.double() for v in (a, w, wg, b, bg))
-    act64 = {"gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "relu": F.relu, "silu": F.silu}[act]
+    act64 = {"gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "relu": F.relu, "silu": F.silu,
+             "quick_gelu": lambda v: v * torch.sigmoid(1.702 * v)}[act]
     keep = philox_keep_mask(11, M, N, 0.2).double() * dropout_scale(0.2)
     # EPI_HIDDEN gated: z = a wg^T + bg, zu = a w^T + b, out = dropout(act(z) * zu)
     h, z, zu = K.gemm(a, w.t(), epi=K.EPI_HIDDEN, act=code, bias=b, b2=wg.t(), bias2=bg, seed=11, p=0.2,
@@ -670,3 +672,18 @@ def test_float32_gemm_precision_follows_the_tf32_flag(monkeypatch):
     assert K._fp32_dot_precision(torch.bfloat16) == "tf32"
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     assert K._fp32_dot_precision(torch.float32) == "ieee"
+
+
+def test_cublas_inference_of_quick_gelu_runs_the_epilogue_kernel_in_place(monkeypatch):
+    """No ATen op computes quick_gelu in one pass: inference of a plain block applies our epilogue
+    kernel to the first product in place (float16, one rounding of the float32 math)."""
+    launched = []
+    real = K.hidden_epilogue
+    monkeypatch.setattr(K, "hidden_epilogue", lambda z, **k: launched.append(k["out"] is z) or real(z, **k))
+    t = make_inputs(42, 40, 72, residual=True)
+    t16 = {n: v.detach().half() if v is not None else None for n, v in t.items()}
+    with torch.no_grad():
+        y = call(feedforward, t16, impl="cublas", activation="quick_gelu")
+        y64 = call(feedforward_reference, as64(t), activation="quick_gelu")
+    assert launched == [True] and y.dtype == torch.float16
+    assert rel(y, y64) < TOL[torch.float16], rel(y, y64)

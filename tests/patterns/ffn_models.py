@@ -21,10 +21,13 @@ ACTIVATIONS = {
     "gelu_new": gelu_new,
     "relu": torch.relu,
     "silu": F.silu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP's
 }
 # What explain() calls each activation (the written-out GELU is the tanh approximation).
-VARIANTS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "relu": "relu", "silu": "silu"}
-GATED_VARIANTS = {"gelu": "geglu", "gelu_tanh": "geglu", "gelu_new": "geglu", "relu": "reglu", "silu": "swiglu"}
+VARIANTS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "relu": "relu", "silu": "silu",
+            "quick_gelu": "quick_gelu"}
+GATED_VARIANTS = {"gelu": "geglu", "gelu_tanh": "geglu", "gelu_new": "geglu", "relu": "reglu", "silu": "swiglu",
+                  "quick_gelu": "quick_geglu"}
 
 
 def _param(*shape, fan_in):
@@ -187,6 +190,10 @@ def tiny_hf_model(name, layers=2):
         cfg = tf.LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2,
                              num_key_value_heads=2, **common)
         return tf.LlamaModel._from_config(cfg)
+    if name == "clip":  # the text tower: quick_gelu MLPs
+        cfg = tf.CLIPTextConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, hidden_act="quick_gelu",
+                                **common)
+        return tf.CLIPTextModel._from_config(cfg)
     cfg = tf.BertConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common)
     return tf.BertModel._from_config(cfg)
