@@ -6,6 +6,8 @@ Canonical vocabulary (all positional, dims negative where the rank is known):
                                     baddbmm as that product scaled by alpha, plus beta * input;
                                     an attention with its heads folded into the batch whose scores
                                     are viewed to (B, H, N, S) and back, unfolded to 4-d (BLOOM)
+    torch.add(scores, term)         terms added to (B*nW, H, N, S) scores through a (B, nW, H, N, S)
+                                    view and viewed back (Swin V2's window mask): one 4-d term
     torch.transpose(x, d0, d1)      transpose, swapaxes, .t(), .T (2-D), .mT, a permute that swaps two dims
     torch.mul(x, s)                 *, mul, and / by s (as * 1/s), unary minus (as * -1.0)
     torch.add(a, b), torch.sub(a, b)
@@ -957,6 +959,55 @@ def _unfold_heads_from_batch(rw: _Rewriter) -> None:
         rw.changed += 1
 
 
+def _window_terms_into_batch(rw: _Rewriter) -> None:
+    """Swin V2 adds its shifted windows' mask through a 5-d view: the (B*nW, H, N, S) scores are
+    viewed to (B, nW, H, N, S), a (1, nW, 1, N, S) mask is added (twice, as HF writes it), and the
+    sum is viewed back. That is the 4-d scores plus one term made 4-d: the added terms, summed and
+    expanded to (B, nW, ...), with the two leading dims flattened to (B*nW, ...). Every step is used
+    once and every size proven from the recorded shapes; otherwise the graph stays as it is."""
+    for split in list(rw.graph.nodes):
+        if split not in rw.graph.nodes or not _method_or_function(split, *_RESHAPES) or not split.args:
+            continue
+        x4, shape = split.args[0], _shape_args(split)
+        xv, sv = example_value(x4), example_value(split)
+        if not (isinstance(x4, Node) and shape is not None and len(shape) == 5 and -1 not in shape[:2]
+                and isinstance(xv, torch.Tensor) and isinstance(sv, torch.Tensor) and xv.dim() == 4 and sv.dim() == 5
+                and _sizes_equal(sv.shape[2:], xv.shape[1:]) and _same_size(sv.shape[0] * sv.shape[1], xv.shape[0])
+                and len(split.users) == 1):
+            continue
+        terms, chain, node = [], [], split
+        while len(node.users) == 1:
+            (user,) = node.users
+            if not (user.op == "call_function" and user.target is torch.add and len(user.args) == 2
+                    and not user.kwargs and node in user.args):
+                break
+            other = user.args[1] if user.args[0] is node else user.args[0]
+            ov, uv = example_value(other), example_value(user)
+            if not (isinstance(other, Node) and isinstance(ov, torch.Tensor) and ov.dim() <= 5
+                    and isinstance(uv, torch.Tensor) and _sizes_equal(uv.shape, sv.shape)):
+                break
+            terms.append(other)
+            chain.append(user)
+            node = user
+        if not terms or len(node.users) != 1:
+            continue
+        (merge,) = node.users
+        mv = example_value(merge)
+        if not (_method_or_function(merge, *_RESHAPES) and isinstance(mv, torch.Tensor)
+                and _sizes_equal(mv.shape, xv.shape)):
+            continue
+        total = terms[0]
+        for term in terms[1:]:
+            total = rw.emit(merge, torch.add, (total, term))
+        for _ in range(5 - example_value(total).dim()):
+            total = rw.emit(merge, torch.unsqueeze, (total, 0))
+        total = rw.emit(merge, torch.broadcast_to, (total, (shape[0], shape[1], -1, -1, -1)))
+        total = rw.emit(merge, torch.flatten, (total, 0, 1))
+        rw.replace(merge, torch.add, (x4, total))
+        for dead in reversed([split] + chain):
+            rw.graph.erase_node(dead)
+
+
 def _is_weight(x: Any) -> bool:
     """A 2-D tensor the graph receives (a parameter or input) rather than computes."""
     return isinstance(x, Node) and x.op in ("placeholder", "get_attr") and rank_of(x) == 2
@@ -1210,6 +1261,7 @@ def canonicalize(graph: fx.Graph) -> int:
     _fold_scalar_products(rw)
     _drop_identity_reshapes(rw)
     _unfold_heads_from_batch(rw)
+    _window_terms_into_batch(rw)
     _repeat_kv_as_repeat_interleave(rw)
     _matmul_to_linear(rw)
     _unflatten_linear(rw)

@@ -275,16 +275,64 @@ def test_heads_folded_into_the_batch_unfold_only_where_nothing_else_reads_the_sc
 
     captured = []
     model = _HeadsInBatch(return_scores=return_scores)
-    torch.compile(model, backend=lambda gm, ex: captured.append(gm) or gm.forward, fullgraph=True)(
+    torch.compile(model, backend=lambda gm, ex: captured.append((gm, ex)) or gm.forward, fullgraph=True)(
         *_heads_in_batch_inputs())
-    canon = canonical_copy(captured[0])
+    gm, inputs = captured[0]  # the graph's placeholders come in the order of first use
+    canon = canonical_copy(gm)
     unfolded = any(n.target is torch.unflatten for n in canon.graph.nodes)
     assert unfolded != return_scores
-    inputs = _heads_in_batch_inputs()  # the graph's placeholders: the model has no parameters
-    want, got = captured[0](*inputs), canon(*inputs)
+    want, got = gm(*inputs), canon(*inputs)
     assert len(want) == len(got) == (2 if return_scores else 1)
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+
+
+class _WindowMaskIn5d(nn.Module):
+    """Scores of B*nW windows plus a per-window mask added through a (B, nW, H, N, N) view, once
+    or twice (Swin V2), and a per-head term of lower rank."""
+
+    def __init__(self, windows, twice=True, read_5d=False):
+        super().__init__()
+        self.windows, self.twice, self.read_5d = windows, twice, read_5d
+
+    def forward(self, q, k, v, mask, head_term):
+        BW, H, N, _ = q.shape
+        s = (q @ k.transpose(-2, -1)) * 0.3
+        s5 = s.view(BW // self.windows, self.windows, H, N, N) + mask.unsqueeze(1).unsqueeze(0)
+        if self.twice:
+            s5 = s5 + head_term
+        out = torch.softmax(s5.view(-1, H, N, N), dim=-1) @ v
+        return (out, s5) if self.read_5d else out
+
+
+def _window_inputs():
+    q, k, v = qkv(B=6, H=2, T=5)  # 2 images of 3 windows
+    mask = torch.zeros(3, 5, 5).masked_fill(torch.rand(3, 5, 5) < 0.3, -100.0)
+    return q, k, v, mask, torch.randn(2, 1, 5)
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_window_masks_added_through_a_5d_view_fuse(twice):
+    model = _WindowMaskIn5d(3, twice=twice)
+    assert_fused(model, *_window_inputs(), variant="dot")
+    assert_matches_eager(model, *_window_inputs())
+
+
+@pytest.mark.parametrize("read_5d", [False, True])
+def test_window_masks_fold_only_where_nothing_else_reads_the_5d_scores(read_5d):
+    from fusion_backend.canonicalize import canonical_copy
+
+    captured = []
+    model = _WindowMaskIn5d(3, read_5d=read_5d)
+    torch.compile(model, backend=lambda gm, ex: captured.append((gm, ex)) or gm.forward, fullgraph=True)(
+        *_window_inputs())
+    gm, inputs = captured[0]  # the graph's placeholders come in the order of first use
+    canon = canonical_copy(gm)
+    assert any(n.target is torch.broadcast_to for n in canon.graph.nodes) != read_5d
+    want, got = gm(*inputs), canon(*inputs)
+    assert len(want) == len(got) == (2 if read_5d else 1)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
 class _WhereWithTensorFill(nn.Module):

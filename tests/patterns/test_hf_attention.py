@@ -7,7 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from .checks import OPTIONS, assert_fused, assert_matches_eager, assert_near_miss  # noqa: E402
+from .checks import OPTIONS, assert_as_close_to_float64_as_eager, assert_fused, assert_matches_eager, assert_near_miss  # noqa: E402,E501
 
 VOCAB, T = 64, 8
 
@@ -233,3 +233,26 @@ def test_hf_bloom_heads_folded_into_the_batch(padded):
         args, loss_mask = (ids, am), am[..., None].float()
     assert_fused(model, *args, variant="dot", rule="attention.dot" if padded else "attention.dot_causal", count=1)
     assert_matches_eager(model, *args, grad_inputs=False, loss_mask=loss_mask, atol=2e-5, rtol=2e-4)
+
+
+def test_hf_swinv2_shifted_window_blocks():
+    """Swin V2's shifted-window block adds its window mask through a 5-d view of the (B*nW, H, N, N)
+    scores, twice: both blocks of the stage fuse as cosine attention, and the model is as close to
+    float64 as eager (its logit scale of 10 leaves eager's own gradients 1e-5 off in places)."""
+    torch.manual_seed(0)
+    cfg = transformers.Swinv2Config(image_size=16, patch_size=2, num_channels=3, embed_dim=16, depths=[2], num_heads=[2],
+                                    window_size=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                    drop_path_rate=0.0)
+
+    class Hidden(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.swin = transformers.Swinv2Model._from_config(cfg)
+
+        def forward(self, pixels):
+            return self.swin(pixels).last_hidden_state
+
+    model = Hidden().train()
+    pixels = torch.randn(2, 3, 16, 16)
+    assert_fused(model, pixels, variant="cosine", rule="attention.cosine", count=2)
+    assert_as_close_to_float64_as_eager(model, pixels)
