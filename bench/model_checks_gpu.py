@@ -143,6 +143,27 @@ def case_bert():
     return Hidden(), (_ids(), am), am[..., None].float(), 2
 
 
+def case_swinv2():
+    """Cosine attention with a learnable logit scale; the shifted-window block adds its mask through
+    a 5-d view (unfolded by canonicalization)."""
+    import transformers
+
+    size = 16 if SMALL else 64
+    cfg = transformers.Swinv2Config(image_size=size, patch_size=2, num_channels=3, embed_dim=WIDTH // 2, depths=[2],
+                                    num_heads=[HEADS], window_size=4 if SMALL else 8, hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
+
+    class Hidden(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.swin = transformers.Swinv2Model._from_config(cfg)
+
+        def forward(self, pixels):
+            return self.swin(pixels).last_hidden_state
+
+    return Hidden(), (torch.randn(2, 3, size, size),), None, 2
+
+
 class FilledRows(nn.Module):
     """Hand-written attention whose finite masked_fill hides some query rows whole (a padded batch
     with a query-side mask), the only fill, nothing added after it."""
@@ -186,7 +207,7 @@ def case_inplace_mlp():
 
 
 CASES = {"gpt2": case_gpt2, "llama": case_llama, "mpt": case_mpt, "falcon_alibi": case_falcon_alibi,
-         "gemma2": case_gemma2, "bloom": case_bloom, "t5": case_t5, "bert": case_bert, "filled_rows": case_filled_rows,
+         "gemma2": case_gemma2, "bloom": case_bloom, "t5": case_t5, "bert": case_bert, "swinv2": case_swinv2, "filled_rows": case_filled_rows,
          "inplace_mlp": case_inplace_mlp}
 
 
