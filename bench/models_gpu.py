@@ -55,6 +55,14 @@ class LogitsOnly(nn.Module):
         return self.model(idx).logits
 
 
+def _lm_step(lm, vocab, batch, seq):
+    """An HF causal LM in the bench's dtype, random tokens and targets, and its cross-entropy loss."""
+    model = LogitsOnly(lm).to(DEV, torch.float32 if SMALL else torch.bfloat16)
+    idx = torch.randint(0, vocab, (batch, seq), device=DEV)
+    tgt = torch.randint(0, vocab, (batch, seq), device=DEV)
+    return model, idx, tgt, lambda m, i, t: F.cross_entropy(m(i).float().flatten(0, 1), t.flatten())
+
+
 def gpt2(impl: str, batch=8, seq=1024):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -62,11 +70,7 @@ def gpt2(impl: str, batch=8, seq=1024):
         batch, seq = 2, 16
     cfg = GPT2Config(n_layer=2 if SMALL else 12, n_embd=64 if SMALL else 768, n_head=4 if SMALL else 12,
                      n_positions=seq, vocab_size=1000 if SMALL else 50257)
-    model = GPT2LMHeadModel._from_config(cfg, attn_implementation=impl)
-    model = LogitsOnly(model).to(DEV, torch.float32 if SMALL else torch.bfloat16)
-    idx = torch.randint(0, cfg.vocab_size, (batch, seq), device=DEV)
-    tgt = torch.randint(0, cfg.vocab_size, (batch, seq), device=DEV)
-    return model, idx, tgt, lambda m, i, t: F.cross_entropy(m(i).float().flatten(0, 1), t.flatten())
+    return _lm_step(GPT2LMHeadModel._from_config(cfg, attn_implementation=impl), cfg.vocab_size, batch, seq)
 
 
 def truthgpt(metric="l2", batch=8, seq=4096):
@@ -92,11 +96,7 @@ def gemma2(batch=4, seq=2048):
                        vocab_size=1000 if SMALL else 32000, max_position_embeddings=seq, sliding_window=4096,
                        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, attention_dropout=0.0,
                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = Gemma2ForCausalLM._from_config(cfg, attn_implementation="eager")
-    model = LogitsOnly(model).to(DEV, torch.float32 if SMALL else torch.bfloat16)
-    idx = torch.randint(0, cfg.vocab_size, (batch, seq), device=DEV)
-    tgt = torch.randint(0, cfg.vocab_size, (batch, seq), device=DEV)
-    return model, idx, tgt, lambda m, i, t: F.cross_entropy(m(i).float().flatten(0, 1), t.flatten())
+    return _lm_step(Gemma2ForCausalLM._from_config(cfg, attn_implementation="eager"), cfg.vocab_size, batch, seq)
 
 
 def bloom(batch=4, seq=2048):
@@ -110,11 +110,7 @@ def bloom(batch=4, seq=2048):
     cfg = BloomConfig(hidden_size=64 if SMALL else 1024, n_layer=2 if SMALL else 4, n_head=4 if SMALL else 16,
                       vocab_size=1000 if SMALL else 32000, attention_dropout=0.0, hidden_dropout=0.0,
                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = BloomForCausalLM._from_config(cfg, attn_implementation="eager")
-    model = LogitsOnly(model).to(DEV, torch.float32 if SMALL else torch.bfloat16)
-    idx = torch.randint(0, cfg.vocab_size, (batch, seq), device=DEV)
-    tgt = torch.randint(0, cfg.vocab_size, (batch, seq), device=DEV)
-    return model, idx, tgt, lambda m, i, t: F.cross_entropy(m(i).float().flatten(0, 1), t.flatten())
+    return _lm_step(BloomForCausalLM._from_config(cfg, attn_implementation="eager"), cfg.vocab_size, batch, seq)
 
 
 MODELS = {

@@ -26,6 +26,17 @@ def _llama(impl):
     return transformers.LlamaForCausalLM._from_config(cfg, attn_implementation=impl)
 
 
+def _ids_and_padding(padded, low=1):
+    """The model's inputs, without or with left padding (batch 0's first 3 tokens), and the loss
+    mask a real loss would use (None without padding)."""
+    ids = torch.randint(low, VOCAB, (2, T))
+    if not padded:
+        return (ids,), None
+    am = torch.ones(2, T, dtype=torch.long)
+    am[0, :3] = 0
+    return (ids, am), am[..., None].float()
+
+
 class Logits(torch.nn.Module):
     """The LM's logits as a plain tensor (HF returns a ModelOutput)."""
 
@@ -148,12 +159,7 @@ def test_hf_gemma2_soft_capped_attention(padded):
                                     attn_logit_softcapping=5.0, final_logit_softcapping=None,
                                     max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model = Logits(transformers.Gemma2ForCausalLM._from_config(cfg, attn_implementation="eager")).train()
-    ids = torch.randint(1, VOCAB, (2, T))
-    args, loss_mask = (ids,), None
-    if padded:
-        am = torch.ones(2, T, dtype=torch.long)
-        am[0, :3] = 0
-        args, loss_mask = (ids, am), am[..., None].float()
+    args, loss_mask = _ids_and_padding(padded)
     sites = assert_fused(model, *args, variant="dot", count=2)
     assert all(s.rule.startswith("attention.softcap") for s in sites if s.kind == "attention")
     assert_matches_eager(model, *args, grad_inputs=False, loss_mask=loss_mask, atol=2e-5, rtol=2e-4)
@@ -225,12 +231,7 @@ def test_hf_bloom_heads_folded_into_the_batch(padded):
     cfg = transformers.BloomConfig(hidden_size=32, n_layer=1, n_head=4, vocab_size=VOCAB, attention_dropout=0.0,
                                    hidden_dropout=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model = Logits(transformers.BloomForCausalLM._from_config(cfg, attn_implementation="eager")).train()
-    ids = torch.randint(1, VOCAB, (2, T))
-    args, loss_mask = (ids,), None
-    if padded:
-        am = torch.ones(2, T, dtype=torch.long)
-        am[0, :3] = 0
-        args, loss_mask = (ids, am), am[..., None].float()
+    args, loss_mask = _ids_and_padding(padded)
     assert_fused(model, *args, variant="dot", rule="attention.dot" if padded else "attention.dot_causal", count=1)
     assert_matches_eager(model, *args, grad_inputs=False, loss_mask=loss_mask, atol=2e-5, rtol=2e-4)
 
