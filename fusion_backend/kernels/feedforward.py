@@ -30,8 +30,8 @@ from .philox import dropout_scale, dropout_threshold, keep_mask, load_seed, seed
 from .runtime import KernelLauncher, cdiv, interpreting
 
 ACTIVATIONS = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4, "quick_gelu": 5}
-QUICK_GELU_SLOPE = 1.702  # quick_gelu(z) = z * sigmoid(1.702 z) (CLIP's MLP)
 """Activation name -> ACT constexpr code. Code 0 is the identity (no activation)."""
+QUICK_GELU_SLOPE = 1.702  # quick_gelu(z) = z * sigmoid(1.702 z), CLIP's MLP (written out in the kernels)
 
 EPI_PLAIN = 0  # C = A @ B (+ bias); optional second K segment C += A2 @ B2
 EPI_HIDDEN = 1  # forward first GEMM: store pre-activation(s), then dropout(act(.)[* up])
