@@ -1,5 +1,7 @@
 """Shared checks for the pattern tests: explain() says the site is fused with the right variant,
 and the model compiled with backend="truthfuse" matches eager in outputs and gradients (fp32)."""
+import copy
+
 import torch
 
 import fusion_backend
@@ -92,8 +94,6 @@ def assert_as_close_to_float64_as_eager(model, *inputs, factor=3.0, floor=1e-6):
     places), compare with float64 instead of with eager: the compiled model's output and each
     parameter gradient are within `factor` times eager's own error against float64 (+ `floor`),
     each measured relative to the tensor's largest entry."""
-    import copy
-
     def run(m, xs):
         out = _first(m(*xs))
         out_weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
