@@ -959,12 +959,24 @@ def _unfold_heads_from_batch(rw: _Rewriter) -> None:
         rw.changed += 1
 
 
+def _feeds_softmax(node: Node) -> bool:
+    """node's only use, through casts, is a softmax: attention scores."""
+    while len(node.users) == 1:
+        (node,) = node.users
+        if node.op == "call_function" and node.target is torch.softmax:
+            return True
+        if not is_cast(node):
+            return False
+    return False
+
+
 def _window_terms_into_batch(rw: _Rewriter) -> None:
     """Swin V2 adds its shifted windows' mask through a 5-d view: the (B*nW, H, N, S) scores are
     viewed to (B, nW, H, N, S), a (1, nW, 1, N, S) mask is added (twice, as HF writes it), and the
     sum is viewed back. That is the 4-d scores plus one term made 4-d: the added terms, summed and
-    expanded to (B, nW, ...), with the two leading dims flattened to (B*nW, ...). Every step is used
-    once and every size proven from the recorded shapes; otherwise the graph stays as it is."""
+    expanded to (B, nW, ...), with the two leading dims flattened to (B*nW, ...), a copy the size of
+    the mask per image. Only where the sum goes to a softmax (attention scores), every step is used
+    once and every size is proven from the recorded shapes; otherwise the graph stays as it is."""
     for split in list(rw.graph.nodes):
         if split not in rw.graph.nodes or not _method_or_function(split, *_RESHAPES) or not split.args:
             continue
@@ -994,7 +1006,7 @@ def _window_terms_into_batch(rw: _Rewriter) -> None:
         (merge,) = node.users
         mv = example_value(merge)
         if not (_method_or_function(merge, *_RESHAPES) and isinstance(mv, torch.Tensor)
-                and _sizes_equal(mv.shape, xv.shape)):
+                and _sizes_equal(mv.shape, xv.shape) and _feeds_softmax(merge)):
             continue
         total = terms[0]
         for term in terms[1:]:

@@ -335,6 +335,20 @@ def test_window_masks_fold_only_where_nothing_else_reads_the_5d_scores(read_5d):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
+def test_window_terms_outside_attention_stay_as_written():
+    """The same 5-d view and add feeding anything but a softmax is left alone (the folded term is a
+    copy the size of the mask per image)."""
+    from fusion_backend.canonicalize import canonical_copy
+
+    def windows(x, mask):
+        return torch.relu((x.view(2, 3, 2, 5, 5) + mask.unsqueeze(1).unsqueeze(0)).view(-1, 2, 5, 5))
+
+    captured = []
+    torch.compile(windows, backend=lambda gm, ex: captured.append(gm) or gm.forward, fullgraph=True)(
+        torch.randn(6, 2, 5, 5), torch.randn(3, 5, 5))
+    assert not any(n.target is torch.broadcast_to for n in canonical_copy(captured[0]).graph.nodes)
+
+
 class _WhereWithTensorFill(nn.Module):
     """GPT-Neo's causal mask: torch.where(keep, scores, torch.tensor(finfo.min, dtype=scores.dtype))."""
 
