@@ -34,6 +34,7 @@ later reader is redirected to the functional result.
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import math
 import operator
@@ -1215,10 +1216,33 @@ def _written_family(node: Node) -> set:
     return family
 
 
+def _functorch_state_calls() -> frozenset:
+    """functorch's transform state, set and reset by calls whose results the graph need not read:
+    Dynamo inlines torch.vmap as torch._functorch.predispatch's lazy_load_decompositions,
+    _vmap_increment_nesting ... _vmap_decrement_nesting (the Mamba scan of Jamba and Zamba has one).
+    FX does not count them impure, and dropping one leaves the transform open."""
+    names = ("lazy_load_decompositions", "_vmap_increment_nesting", "_vmap_decrement_nesting",
+             "_grad_increment_nesting", "_grad_decrement_nesting", "_jvp_increment_nesting",
+             "_jvp_decrement_nesting", "_set_fwd_grad_enabled")
+    found = set()
+    for module in ("torch._functorch.predispatch", "torch._C._functorch"):
+        try:
+            namespace = importlib.import_module(module)
+        except ImportError:
+            continue
+        found.update(f for f in (getattr(namespace, name, None) for name in names) if f is not None)
+    return frozenset(found)
+
+
+_FUNCTORCH_STATE_CALLS = _functorch_state_calls()
+
+
 def is_impure(node: Node) -> bool:
-    """Nodes dead-code elimination must keep: FX's notion of impure, plus anything that mutates
-    its arguments (`mutates`)."""
+    """Nodes dead-code elimination must keep: FX's notion of impure, functorch's transform state
+    (`_FUNCTORCH_STATE_CALLS`), plus anything that mutates its arguments (`mutates`)."""
     if node.op == "placeholder" or node.is_impure():
+        return True
+    if node.op == "call_function" and node.target in _FUNCTORCH_STATE_CALLS:
         return True
     return mutates(node)
 

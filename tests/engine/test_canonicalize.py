@@ -286,3 +286,26 @@ def test_inplace_in_a_pattern_takes_the_functional_form():
 
     targets = [n.target for n in trace_pattern(pattern).graph.nodes if n.op in ("call_function", "call_method")]
     assert torch.mul in targets and "mul_" not in targets
+
+
+class _VmapBesideAnMLP(torch.nn.Module):
+    """A fused gated MLP in a graph that also runs torch.vmap (Jamba's and Zamba's Mamba scan do):
+    Dynamo inlines the vmap as calls that open and close its level, whose results nothing reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up = torch.nn.Linear(16, 32, bias=False), torch.nn.Linear(16, 32, bias=False)
+        self.down = torch.nn.Linear(32, 16, bias=False)
+
+    def forward(self, x, a, b):
+        y = torch.vmap(lambda left, right: left * right)(a, b)
+        return self.down(F.silu(self.gate(x)) * self.up(x)) + y.sum()
+
+
+def test_vmap_in_a_graph_with_a_fused_site_keeps_its_levels():
+    model, inputs = _VmapBesideAnMLP(), (torch.randn(2, 5, 16), torch.randn(4, 3), torch.randn(4, 3))
+    backend = fusion_backend.backend(**AGGRESSIVE_EAGER)
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=backend)(*inputs)
+    torch.testing.assert_close(out, model(*inputs))
+    assert any(s.decision == "fused" and s.kind == "feedforward" for r in backend.records for s in r.sites)
