@@ -6,8 +6,8 @@ Canonical vocabulary (all positional, dims negative where the rank is known):
                                     baddbmm as that product scaled by alpha, plus beta * input;
                                     an attention with its heads folded into the batch whose scores
                                     are viewed to (B, H, N, S) and back, unfolded to 4-d (BLOOM)
-    torch.add(scores, term)         terms added to (B*nW, H, N, S) scores through a (B, nW, H, N, S)
-                                    view and viewed back (Swin V2's window mask): one 4-d term
+    torch.add(scores, term)         terms added to (B*nW, ...) scores through a (B, nW, ...) view and
+                                    viewed back (Swin V2's window mask, LED's mask): one term
     torch.transpose(x, d0, d1)      transpose, swapaxes, .t(), .T (2-D), .mT, a permute that swaps two dims
     torch.mul(x, s)                 *, mul, and / by s (as * 1/s), unary minus (as * -1.0)
     torch.add(a, b), torch.sub(a, b)
@@ -594,6 +594,14 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
             rw.replace(node, torch.chunk, (args[0], chunks, dim))
         return
 
+    # x.reshape_as(y) with y's sizes known: reshape to those sizes, so that y's only use is not a
+    # read of its shape (SAM adds its relative-position terms reshaped as the scores)
+    if op == "call_method" and t == "reshape_as" and len(args) == 2 and not node.kwargs:
+        target = example_value(args[1])
+        if isinstance(target, torch.Tensor) and all(isinstance(d, int) for d in target.shape):
+            rw.replace(node, torch.reshape, (args[0], tuple(target.shape)))
+        return
+
     # unsqueeze, including indexing with a single None (q[..., :, None, :])
     if _method_or_function(node, {"unsqueeze"}, {torch.unsqueeze}) and len(args) == 2:
         rank = rank_of(args[0])
@@ -971,20 +979,23 @@ def _feeds_softmax(node: Node) -> bool:
     return False
 
 
-def _window_terms_into_batch(rw: _Rewriter) -> None:
-    """Swin V2 adds its shifted windows' mask through a 5-d view: the (B*nW, H, N, S) scores are
-    viewed to (B, nW, H, N, S), a (1, nW, 1, N, S) mask is added (twice, as HF writes it), and the
-    sum is viewed back. That is the 4-d scores plus one term made 4-d: the added terms, summed and
-    expanded to (B, nW, ...), with the two leading dims flattened to (B*nW, ...), a copy the size of
-    the mask per image. Only where the sum goes to a softmax (attention scores), every step is used
-    once and every size is proven from the recorded shapes; otherwise the graph stays as it is."""
+def _terms_added_through_a_split_batch(rw: _Rewriter) -> None:
+    """Scores whose batch dim is split in two for an add and merged back:
+    - Swin V2 views its (B*nW, H, N, S) window scores to (B, nW, H, N, S), adds a (1, nW, 1, N, S)
+      mask (twice, as HF writes it), and views the sum back;
+    - LED views its (B*H, T, S) scores to (B, H, T, S), adds the (B, 1, T, S) mask, and views back.
+    That is the scores plus one term: the added terms, summed and expanded to the two split dims,
+    with those flattened into one, a copy the size of the mask per batch entry. Only where the sum
+    goes to a softmax (attention scores), every step is used once and every size is proven from the
+    recorded shapes; otherwise the graph stays as it is."""
     for split in list(rw.graph.nodes):
         if split not in rw.graph.nodes or not _method_or_function(split, *_RESHAPES) or not split.args:
             continue
         x4, shape = split.args[0], _shape_args(split)
         xv, sv = example_value(x4), example_value(split)
-        if not (isinstance(x4, Node) and shape is not None and len(shape) == 5 and -1 not in shape[:2]
-                and isinstance(xv, torch.Tensor) and isinstance(sv, torch.Tensor) and xv.dim() == 4 and sv.dim() == 5
+        if not (isinstance(x4, Node) and shape is not None and isinstance(xv, torch.Tensor)
+                and isinstance(sv, torch.Tensor) and xv.dim() >= 3 and sv.dim() == xv.dim() + 1
+                and len(shape) == sv.dim() and -1 not in shape[:2]
                 and _sizes_equal(sv.shape[2:], xv.shape[1:]) and _same_size(sv.shape[0] * sv.shape[1], xv.shape[0])
                 and len(split.users) == 1):
             continue
@@ -996,7 +1007,7 @@ def _window_terms_into_batch(rw: _Rewriter) -> None:
                 break
             other = user.args[1] if user.args[0] is node else user.args[0]
             ov, uv = example_value(other), example_value(user)
-            if not (isinstance(other, Node) and isinstance(ov, torch.Tensor) and ov.dim() <= 5
+            if not (isinstance(other, Node) and isinstance(ov, torch.Tensor) and ov.dim() <= sv.dim()
                     and isinstance(uv, torch.Tensor) and _sizes_equal(uv.shape, sv.shape)):
                 break
             terms.append(other)
@@ -1012,9 +1023,9 @@ def _window_terms_into_batch(rw: _Rewriter) -> None:
         total = terms[0]
         for term in terms[1:]:
             total = rw.emit(merge, torch.add, (total, term))
-        for _ in range(5 - example_value(total).dim()):
+        for _ in range(sv.dim() - example_value(total).dim()):
             total = rw.emit(merge, torch.unsqueeze, (total, 0))
-        total = rw.emit(merge, torch.broadcast_to, (total, (shape[0], shape[1], -1, -1, -1)))
+        total = rw.emit(merge, torch.broadcast_to, (total, (shape[0], shape[1]) + (-1,) * (sv.dim() - 2)))
         total = rw.emit(merge, torch.flatten, (total, 0, 1))
         rw.replace(merge, torch.add, (x4, total))
         for dead in reversed([split] + chain):
@@ -1297,7 +1308,7 @@ def canonicalize(graph: fx.Graph) -> int:
     _fold_scalar_products(rw)
     _drop_identity_reshapes(rw)
     _unfold_heads_from_batch(rw)
-    _window_terms_into_batch(rw)
+    _terms_added_through_a_split_batch(rw)
     _repeat_kv_as_repeat_interleave(rw)
     _matmul_to_linear(rw)
     _unflatten_linear(rw)

@@ -335,6 +335,24 @@ def test_window_masks_fold_only_where_nothing_else_reads_the_5d_scores(read_5d):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
+class _MaskThrough4d(nn.Module):
+    """LED's attention: heads folded into the batch, bmm scores, the (B, 1, T, S) mask added through
+    a (B, H, T, S) view and viewed back, then a 3-d softmax and bmm with v."""
+
+    def forward(self, q, k, v, mask):
+        B, H, T, D = q.shape
+        q3, k3, v3 = (t.reshape(B * H, -1, D) for t in (q, k, v))
+        s = torch.bmm(q3 * D ** -0.5, k3.transpose(1, 2))
+        s = (s.view(B, H, T, -1) + mask).view(B * H, T, -1)
+        return torch.bmm(torch.softmax(s, dim=-1), v3).view(B, H, T, D)
+
+
+def test_a_mask_added_through_a_4d_view_of_3d_scores_fuses():
+    q, k, v = qkv(H=3, T=6, S=6)
+    assert_fused(_MaskThrough4d(), q, k, v, _pad_mask(S=6), variant="dot")
+    assert_matches_eager(_MaskThrough4d(), q, k, v, _pad_mask(S=6))
+
+
 def test_window_terms_outside_attention_stay_as_written():
     """The same 5-d view and add feeding anything but a softmax is left alone (the folded term is a
     copy the size of the mask per image)."""

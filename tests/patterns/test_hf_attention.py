@@ -257,3 +257,30 @@ def test_hf_swinv2_shifted_window_blocks():
     pixels = torch.randn(2, 3, 16, 16)
     assert_fused(model, pixels, variant="cosine", rule="attention.cosine", count=2)
     assert_as_close_to_float64_as_eager(model, pixels)
+
+
+def test_hf_sam_vision_relative_positions_reshaped_as_the_scores():
+    """SAM's vision encoder adds decomposed relative positions `.reshape_as(scores)`: canonicalization
+    reads that as a reshape to the scores' sizes, so the scores' only use is the attention and both
+    the windowed and the global block fuse; as close to float64 as eager."""
+    torch.manual_seed(0)
+    cfg = transformers.SamVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                                       patch_size=8, output_channels=16, window_size=4, global_attn_indexes=[1],
+                                       mlp_dim=64, use_rel_pos=True)
+
+    class Hidden(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sam = transformers.SamVisionModel._from_config(cfg, attn_implementation="eager")
+            with torch.no_grad():  # initialised to zero: make the relative positions matter
+                for name, p in self.sam.named_parameters():
+                    if "rel_pos" in name:
+                        p.normal_(0, 0.05)
+
+        def forward(self, pixels):
+            return self.sam(pixels).last_hidden_state
+
+    model = Hidden().train()
+    pixels = torch.randn(1, 3, 64, 64)
+    assert_fused(model, pixels, variant="dot", rule="attention.dot", count=2)
+    assert_as_close_to_float64_as_eager(model, pixels)
