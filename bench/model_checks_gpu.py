@@ -164,6 +164,53 @@ def case_swinv2():
     return Hidden(), (torch.randn(2, 3, size, size),), None, 2
 
 
+def case_sam():
+    """SAM's vision encoder: relative positions added `.reshape_as(scores)`, windowed and global
+    blocks, heads folded into the batch."""
+    import transformers
+
+    cfg = transformers.SamVisionConfig(hidden_size=WIDTH // 2, num_hidden_layers=2, num_attention_heads=HEADS,
+                                       image_size=64, patch_size=8, output_channels=16, window_size=4,
+                                       global_attn_indexes=[1], mlp_dim=WIDTH, use_rel_pos=True)
+
+    class Hidden(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sam = transformers.SamVisionModel._from_config(cfg, attn_implementation="eager")
+            with torch.no_grad():  # initialised to zero: make the relative positions matter
+                for name, p in self.sam.named_parameters():
+                    if "rel_pos" in name:
+                        p.normal_(0, 0.05)
+
+        def forward(self, pixels):
+            return self.sam(pixels).last_hidden_state
+
+    return Hidden(), (torch.randn(2, 3, 64, 64),), None, 2
+
+
+def case_led():
+    """LED's decoder: heads folded into the batch, the mask added through a 4-d view of bmm scores."""
+    import transformers
+
+    cfg = transformers.LEDConfig(d_model=WIDTH, encoder_layers=1, decoder_layers=1, encoder_attention_heads=HEADS,
+                                 decoder_attention_heads=HEADS, encoder_ffn_dim=2 * WIDTH, decoder_ffn_dim=2 * WIDTH,
+                                 vocab_size=VOCAB, max_encoder_position_embeddings=128,
+                                 max_decoder_position_embeddings=128, attention_window=[8], dropout=0.0,
+                                 attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1)
+
+    class Hidden(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.led = transformers.LEDModel._from_config(cfg)
+
+        def forward(self, ids, attention_mask, decoder_ids):
+            return self.led(input_ids=ids, attention_mask=attention_mask, decoder_input_ids=decoder_ids).last_hidden_state
+
+    am = torch.ones(2, 16, dtype=torch.long)
+    am[1, -5:] = 0
+    return Hidden(), (torch.randint(2, VOCAB, (2, 16)), am, torch.randint(2, VOCAB, (2, 12))), None, 2
+
+
 class FilledRows(nn.Module):
     """Hand-written attention whose finite masked_fill hides some query rows whole (a padded batch
     with a query-side mask), the only fill, nothing added after it."""
@@ -207,7 +254,7 @@ def case_inplace_mlp():
 
 
 CASES = {"gpt2": case_gpt2, "llama": case_llama, "mpt": case_mpt, "falcon_alibi": case_falcon_alibi,
-         "gemma2": case_gemma2, "bloom": case_bloom, "t5": case_t5, "bert": case_bert, "swinv2": case_swinv2, "filled_rows": case_filled_rows,
+         "gemma2": case_gemma2, "bloom": case_bloom, "t5": case_t5, "bert": case_bert, "swinv2": case_swinv2, "sam": case_sam, "led": case_led, "filled_rows": case_filled_rows,
          "inplace_mlp": case_inplace_mlp}
 
 
