@@ -9,6 +9,8 @@ Models (bf16, AdamW step included, as in shared/bench/anchors_gpu.py):
     truthgpt-l1  the same with L1 attention
     bloom-eager  HF BLOOM with bloom-560m's layer shapes (hidden 1024, 16 heads), 4 layers, a 32000
                  vocabulary, B=4, T=2048 (ALiBi by baddbmm, heads folded into the batch)
+    sam-vit-b    HF SAM vision encoder with SAM ViT-B's layer shapes, 4 layers (the last global), B=2,
+                 1024x1024 images (64x64 tokens; relative positions added `.reshape_as(scores)`)
     gemma2-eager HF Gemma 2 with Gemma-2-2B's layer shapes (hidden 2304, 8 heads, 4 K/V heads, head
                  dim 256, MLP 9216, attention cap 50, final cap 30), 4 layers, a 32000 vocabulary,
                  B=4, T=2048, attn_implementation="eager" (soft-capped attention)
@@ -113,6 +115,32 @@ def bloom(batch=4, seq=2048):
     return _lm_step(BloomForCausalLM._from_config(cfg, attn_implementation="eager"), cfg.vocab_size, batch, seq)
 
 
+def sam(batch=2):
+    """SAM's vision encoder with SAM ViT-B's layer shapes (hidden 768, 12 heads, MLP 3072, 1024x1024
+    images in 16x16 patches: 64x64 tokens, windows of 14), 4 layers, the last one global; the loss
+    is the mean square of the image embedding."""
+    from transformers import SamVisionConfig, SamVisionModel
+
+    batch = SIZE_OVERRIDE.get("batch", batch)
+    size = 64 if SMALL else 1024
+    cfg = SamVisionConfig(hidden_size=64 if SMALL else 768, num_hidden_layers=2 if SMALL else 4,
+                          num_attention_heads=4 if SMALL else 12, image_size=size, patch_size=8 if SMALL else 16,
+                          window_size=4 if SMALL else 14, global_attn_indexes=[1] if SMALL else [3],
+                          mlp_dim=128 if SMALL else 3072, output_channels=32 if SMALL else 256, use_rel_pos=True)
+
+    class Embedding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sam = SamVisionModel._from_config(cfg, attn_implementation="eager")
+
+        def forward(self, pixels):
+            return self.sam(pixels).last_hidden_state
+
+    model = Embedding().to(DEV, torch.float32 if SMALL else torch.bfloat16)
+    pixels = torch.randn(batch, 3, size, size, device=DEV, dtype=torch.float32 if SMALL else torch.bfloat16)
+    return model, pixels, None, lambda m, i, t: m(i).float().square().mean()
+
+
 MODELS = {
     "gpt2-eager": lambda: gpt2("eager"),
     "gpt2-sdpa": lambda: gpt2("sdpa"),
@@ -120,6 +148,7 @@ MODELS = {
     "truthgpt-l1": lambda: truthgpt("l1"),  # cdist(p=1): eager's backward fails at this size (issue 3)
     "gemma2-eager": lambda: gemma2(),
     "bloom-eager": lambda: bloom(),
+    "sam-vit-b": lambda: sam(),
 }
 
 
