@@ -49,6 +49,19 @@ class Logits(nn.Module):
         return self.lm(ids, attention_mask=attention_mask, **kwargs).logits
 
 
+class LastHidden(nn.Module):
+    """An encoder's last hidden state as a plain tensor (keyword inputs by name)."""
+
+    def __init__(self, model, names=None):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *inputs):
+        if self.names:
+            return self.model(**dict(zip(self.names, inputs))).last_hidden_state
+        return self.model(*inputs).last_hidden_state
+
+
 def _hf(cls_name, config_name, impl="eager", **cfg):
     import transformers
 
@@ -131,16 +144,9 @@ def case_bert():
                                   num_attention_heads=HEADS, vocab_size=VOCAB, max_position_embeddings=T,
                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
-    class Hidden(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bert = transformers.BertModel._from_config(cfg, attn_implementation="eager")
-
-        def forward(self, ids, attention_mask):
-            return self.bert(ids, attention_mask=attention_mask).last_hidden_state
-
     am = _left_padded()
-    return Hidden(), (_ids(), am), am[..., None].float(), 2
+    return LastHidden(transformers.BertModel._from_config(cfg, attn_implementation="eager")), (_ids(), am), \
+        am[..., None].float(), 2
 
 
 def case_swinv2():
@@ -153,15 +159,7 @@ def case_swinv2():
                                     num_heads=[HEADS], window_size=4 if SMALL else 8, hidden_dropout_prob=0.0,
                                     attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
 
-    class Hidden(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.swin = transformers.Swinv2Model._from_config(cfg)
-
-        def forward(self, pixels):
-            return self.swin(pixels).last_hidden_state
-
-    return Hidden(), (torch.randn(2, 3, size, size),), None, 2
+    return LastHidden(transformers.Swinv2Model._from_config(cfg)), (torch.randn(2, 3, size, size),), None, 2
 
 
 def case_sam():
@@ -173,19 +171,12 @@ def case_sam():
                                        image_size=64, patch_size=8, output_channels=16, window_size=4,
                                        global_attn_indexes=[1], mlp_dim=WIDTH, use_rel_pos=True)
 
-    class Hidden(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.sam = transformers.SamVisionModel._from_config(cfg, attn_implementation="eager")
-            with torch.no_grad():  # initialised to zero: make the relative positions matter
-                for name, p in self.sam.named_parameters():
-                    if "rel_pos" in name:
-                        p.normal_(0, 0.05)
-
-        def forward(self, pixels):
-            return self.sam(pixels).last_hidden_state
-
-    return Hidden(), (torch.randn(2, 3, 64, 64),), None, 2
+    model = LastHidden(transformers.SamVisionModel._from_config(cfg, attn_implementation="eager"))
+    with torch.no_grad():  # initialised to zero: make the relative positions matter
+        for name, p in model.named_parameters():
+            if "rel_pos" in name:
+                p.normal_(0, 0.05)
+    return model, (torch.randn(2, 3, 64, 64),), None, 2
 
 
 def case_led():
@@ -198,17 +189,10 @@ def case_led():
                                  max_decoder_position_embeddings=128, attention_window=[8], dropout=0.0,
                                  attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1)
 
-    class Hidden(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.led = transformers.LEDModel._from_config(cfg)
-
-        def forward(self, ids, attention_mask, decoder_ids):
-            return self.led(input_ids=ids, attention_mask=attention_mask, decoder_input_ids=decoder_ids).last_hidden_state
-
     am = torch.ones(2, 16, dtype=torch.long)
     am[1, -5:] = 0
-    return Hidden(), (torch.randint(2, VOCAB, (2, 16)), am, torch.randint(2, VOCAB, (2, 12))), None, 2
+    model = LastHidden(transformers.LEDModel._from_config(cfg), ("input_ids", "attention_mask", "decoder_input_ids"))
+    return model, (torch.randint(2, VOCAB, (2, 16)), am, torch.randint(2, VOCAB, (2, 12))), None, 2
 
 
 class FilledRows(nn.Module):

@@ -123,6 +123,17 @@ def test_hf_falcon_alibi_attention():
     assert_matches_eager(model, ids, am, grad_inputs=False, loss_mask=am[..., None].float(), atol=2e-5, rtol=2e-4)
 
 
+class LastHidden(torch.nn.Module):
+    """An encoder's last hidden state as a plain tensor."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs):
+        return self.model(*inputs).last_hidden_state
+
+
 class Seq2SeqLogits(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -245,15 +256,7 @@ def test_hf_swinv2_shifted_window_blocks():
                                     window_size=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                                     drop_path_rate=0.0)
 
-    class Hidden(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.swin = transformers.Swinv2Model._from_config(cfg)
-
-        def forward(self, pixels):
-            return self.swin(pixels).last_hidden_state
-
-    model = Hidden().train()
+    model = LastHidden(transformers.Swinv2Model._from_config(cfg)).train()
     pixels = torch.randn(2, 3, 16, 16)
     assert_fused(model, pixels, variant="cosine", rule="attention.cosine", count=2)
     assert_as_close_to_float64_as_eager(model, pixels)
@@ -268,19 +271,11 @@ def test_hf_sam_vision_relative_positions_reshaped_as_the_scores():
                                        patch_size=8, output_channels=16, window_size=4, global_attn_indexes=[1],
                                        mlp_dim=64, use_rel_pos=True)
 
-    class Hidden(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.sam = transformers.SamVisionModel._from_config(cfg, attn_implementation="eager")
-            with torch.no_grad():  # initialised to zero: make the relative positions matter
-                for name, p in self.sam.named_parameters():
-                    if "rel_pos" in name:
-                        p.normal_(0, 0.05)
-
-        def forward(self, pixels):
-            return self.sam(pixels).last_hidden_state
-
-    model = Hidden().train()
+    model = LastHidden(transformers.SamVisionModel._from_config(cfg, attn_implementation="eager")).train()
+    with torch.no_grad():  # initialised to zero: make the relative positions matter
+        for name, p in model.named_parameters():
+            if "rel_pos" in name:
+                p.normal_(0, 0.05)
     pixels = torch.randn(1, 3, 64, 64)
     assert_fused(model, pixels, variant="dot", rule="attention.dot", count=2)
     assert_as_close_to_float64_as_eager(model, pixels)
