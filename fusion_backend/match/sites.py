@@ -57,6 +57,9 @@ class Site:
     location: str
     near_miss: Optional[str] = None           # why it cannot be fused, if it cannot
     configs: List[Optional[str]] = field(default_factory=lambda: [None])
+    # For a near-miss: whether the rule's constraints hold, so that only the near-miss reason
+    # (a value used elsewhere, or written in place) stands in the way
+    constraints_hold: bool = False
 
     @property
     def kind(self) -> str:
@@ -153,6 +156,8 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
                     reason = _written_in_place(al, match)
                 if reason is None:
                     reason = rule.check(match)
+                else:
+                    site.constraints_hold = rule.check(match) is None
                 try:
                     site.variant = rule.variant_of(match)
                 except Exception:  # noqa: BLE001
@@ -174,4 +179,18 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
     # that a more specific rule (say, causal attention) did not apply where a general one does:
     # not worth reporting, and it would read as if the site were kept.
     valid = {(s.anchor, s.kind) for s in sites if s.near_miss is None}
-    return [s for s in sites if s.near_miss is None or (s.anchor, s.kind) not in valid]
+    sites = [s for s in sites if s.near_miss is None or (s.anchor, s.kind) not in valid]
+    return [s for s in sites if s.near_miss is None or s is _reported_near_miss(sites, s.anchor, s.kind)]
+
+
+def _reported_near_miss(sites: List[Site], anchor: Node, kind: str) -> Optional[Site]:
+    """One near-miss per anchor and kind, where several rules matched the same place: the most
+    specific rule (highest priority) whose constraints hold, so that the reason is what alone
+    stands in the way; else the most general rule's, whose failed constraint is the place's own
+    (a refinement's, say "the mask is not the causal triangle", would describe a rule that does
+    not apply)."""
+    group = [s for s in sites if s.near_miss is not None and s.anchor is anchor and s.kind == kind]
+    holding = [s for s in group if s.constraints_hold]
+    if holding:
+        return max(holding, key=lambda s: s.rule.priority)
+    return min(group, key=lambda s: s.rule.priority) if group else None

@@ -3,13 +3,14 @@ exactly): explain() reports them as kept near-misses with the reason, and the co
 equals eager."""
 import warnings
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fusion_backend import FusionWarning
 
-from .checks import assert_matches_eager, assert_near_miss, qkv
+from .checks import assert_fused, assert_matches_eager, assert_near_miss, qkv
 from .models import MHA, MaskedFill, NonScalarScale, ReturnsWeights, SoftmaxOverQueries
 
 
@@ -26,6 +27,34 @@ def test_scale_varies_per_key():
 def test_attention_weights_returned():
     assert_near_miss(ReturnsWeights(), *qkv(), reason="also used outside the pattern")
     assert_matches_eager(ReturnsWeights(), *qkv())
+
+
+class _ReturnsCausalWeights(nn.Module):
+    """Causal attention (a constant additive triangle, as HF's eager masks) whose probabilities
+    are also returned, or not."""
+
+    def __init__(self, returns=True):
+        super().__init__()
+        self.returns = returns
+
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        causal = torch.full((n, n), float("-inf"), device=q.device).triu(1)
+        a = torch.softmax(q @ k.transpose(-2, -1) * 0.35 + causal, dim=-1)
+        return (a @ v, a) if self.returns else a @ v
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_kept_entry_per_place_named_after_the_rule_that_applies(causal):
+    """Where the general and the causal rule both match a place and its probabilities are returned,
+    explain() lists it once: under the causal rule only where the mask is the causal triangle."""
+    if causal:  # not returned, the causal rule fuses it
+        assert_fused(_ReturnsCausalWeights(returns=False), *qkv(), variant="dot", rule="attention.dot_causal")
+    sites = assert_near_miss(_ReturnsCausalWeights() if causal else ReturnsWeights(), *qkv(),
+                             reason="also used outside the pattern")
+    attention = [s for s in sites if s.kind == "attention"]
+    assert [s.rule for s in attention] == ["attention.dot_causal" if causal else "attention.dot"], \
+        [(s.rule, s.reason) for s in attention]
 
 
 def test_multihead_attention_weights_returned():
