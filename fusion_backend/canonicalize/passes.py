@@ -34,7 +34,6 @@ later reader is redirected to the functional result.
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import math
 import operator
@@ -569,7 +568,10 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
     # then ignored, NaN included)
     if _method_or_function(node, {"baddbmm"}, {torch.baddbmm}):
         bound = _bind(node, _BADDBMM_PARAMS, ("beta", "alpha"))
-        if bound is not None and _is_number(bound[3]) and _is_number(bound[4]):
+        added_value = example_value(bound[0]) if bound is not None else None
+        # with beta=0 the input's gradient is zeros, not None: such an input stays where it is
+        grad_through_zero = bound is not None and bound[3] == 0 and getattr(added_value, "requires_grad", False)
+        if bound is not None and _is_number(bound[3]) and _is_number(bound[4]) and not grad_through_zero:
             added, batch1, batch2, beta, alpha = bound
             product = rw.emit(node, torch.matmul, (batch1, batch2))
             if alpha != 1:
@@ -786,7 +788,7 @@ def _is_number(x: Any) -> bool:
 def _literal_of_dtype(x: Any, other: Any) -> Any:
     """The number in x = torch.tensor(number, dtype=D) when `other` is a tensor of dtype D (GPT-Neo's
     `torch.where(causal, scores, torch.tensor(finfo.min, dtype=scores.dtype))`): there the 0-d
-    tensor holds the number rounded to D, as a scalar fill would be. Otherwise x itself."""
+    tensor holds the number rounded to D, and so does the fill returned. Otherwise x itself."""
     if not (isinstance(x, Node) and x.op == "call_function" and x.target is torch.tensor and len(x.args) == 1
             and _is_number(x.args[0]) and set(x.kwargs) <= {"dtype", "device"}):
         return x
@@ -794,7 +796,7 @@ def _literal_of_dtype(x: Any, other: Any) -> Any:
     if not (isinstance(value, torch.Tensor) and value.dim() == 0 and dtype is not None and value.dtype == dtype
             and is_tensor_node(other) and rank_of(other)):
         return x
-    return x.args[0]
+    return torch.tensor(x.args[0], dtype=dtype).item()  # as stored: finfo(fp32).min in fp16 is -inf
 
 
 def _fold_scalar_products(rw: _Rewriter) -> None:
@@ -944,20 +946,22 @@ def _unfold_heads_from_batch(rw: _Rewriter) -> None:
                 and _same_size(example_value(pv.args[1]).shape[0], bh)):
             continue
 
+        # Emitted where the view to 4-d was: every value they read (the sizes of that view too,
+        # which under dynamic shapes may be computed after the product) is defined by then.
         def unflatten(x, before):
             return rw.emit(before, torch.unflatten, (x, 0, heads))
-        q4 = unflatten(q3, product)
+        q4 = unflatten(q3, split)
         if kt3.op == "call_function" and kt3.target is torch.transpose and tuple(kt3.args[1:]) == (-2, -1):
-            kt4 = rw.emit(product, torch.transpose, (unflatten(kt3.args[0], product), -2, -1))
+            kt4 = rw.emit(split, torch.transpose, (unflatten(kt3.args[0], split), -2, -1))
         else:
-            kt4 = unflatten(kt3, product)
-        new = rw.emit(product, torch.matmul, (q4, kt4))
+            kt4 = unflatten(kt3, split)
+        new = rw.emit(split, torch.matmul, (q4, kt4))
         old_to_new = {product: new}
         for step in reversed(steps):
             args = tuple(old_to_new.get(a, a) if not (isinstance(a, Node) and a not in old_to_new
-                                                      and folds(a) == "unflatten") else unflatten(a, step)
+                                                      and folds(a) == "unflatten") else unflatten(a, split)
                          for a in step.args)
-            new = old_to_new[step] = rw.emit(step, step.target, args, kwargs=dict(step.kwargs))
+            new = old_to_new[step] = rw.emit(split, step.target, args, kwargs=dict(step.kwargs))
         split.replace_all_uses_with(new)
         v4 = unflatten(pv.args[1], pv)
         out4 = rw.emit(pv, torch.matmul, (merge.args[0], v4))
@@ -1007,8 +1011,11 @@ def _terms_added_through_a_split_batch(rw: _Rewriter) -> None:
                 break
             other = user.args[1] if user.args[0] is node else user.args[0]
             ov, uv = example_value(other), example_value(user)
-            if not (isinstance(other, Node) and isinstance(ov, torch.Tensor) and ov.dim() <= sv.dim()
-                    and isinstance(uv, torch.Tensor) and _sizes_equal(uv.shape, sv.shape)):
+            # terms of the scores' own floating dtype: summed first, they must round and overflow
+            # as each add would (fp16 masks summed in fp16 overflow; bool terms would OR)
+            if not (isinstance(other, Node) and other is not node and other not in chain
+                    and isinstance(ov, torch.Tensor) and ov.dim() <= sv.dim() and ov.dtype == sv.dtype
+                    and isinstance(uv, torch.Tensor) and uv.dtype == sv.dtype and _sizes_equal(uv.shape, sv.shape)):
                 break
             terms.append(other)
             chain.append(user)
@@ -1227,33 +1234,23 @@ def _written_family(node: Node) -> set:
     return family
 
 
-def _functorch_state_calls() -> frozenset:
-    """functorch's transform state, set and reset by calls whose results the graph need not read:
-    Dynamo inlines torch.vmap as torch._functorch.predispatch's lazy_load_decompositions,
-    _vmap_increment_nesting ... _vmap_decrement_nesting (the Mamba scan of Jamba and Zamba has one).
-    FX does not count them impure, and dropping one leaves the transform open."""
-    names = ("lazy_load_decompositions", "_vmap_increment_nesting", "_vmap_decrement_nesting",
-             "_grad_increment_nesting", "_grad_decrement_nesting", "_jvp_increment_nesting",
-             "_jvp_decrement_nesting", "_set_fwd_grad_enabled")
-    found = set()
-    for module in ("torch._functorch.predispatch", "torch._C._functorch"):
-        try:
-            namespace = importlib.import_module(module)
-        except ImportError:
-            continue
-        found.update(f for f in (getattr(namespace, name, None) for name in names) if f is not None)
-    return frozenset(found)
+# torch.func's and autograd's transform machinery, as Dynamo inlines it: torch.vmap becomes
+# _vmap_increment_nesting ... _vmap_decrement_nesting, torch.func.grad _grad_increment_nesting,
+# _set_tensor_requires_grad, _saved_tensors_hooks_disable ... Several of these calls set state and
+# return nothing the graph reads; FX does not count them impure, and dropping one leaves a
+# transform open or its gradients zero (Jamba's and Zamba's Mamba scan has a vmap). None is part
+# of a pattern, so every call into these modules is kept.
+_TRANSFORM_MODULES = ("torch._functorch", "torch._C._functorch", "torch._C._autograd")
 
 
-_FUNCTORCH_STATE_CALLS = _functorch_state_calls()
+def _transform_call(node: Node) -> bool:
+    return node.op == "call_function" and (getattr(node.target, "__module__", None) or "").startswith(_TRANSFORM_MODULES)
 
 
 def is_impure(node: Node) -> bool:
-    """Nodes dead-code elimination must keep: FX's notion of impure, functorch's transform state
-    (`_FUNCTORCH_STATE_CALLS`), plus anything that mutates its arguments (`mutates`)."""
-    if node.op == "placeholder" or node.is_impure():
-        return True
-    if node.op == "call_function" and node.target in _FUNCTORCH_STATE_CALLS:
+    """Nodes dead-code elimination must keep: FX's notion of impure, the calls of torch.func's
+    transforms (`_transform_call`), plus anything that mutates its arguments (`mutates`)."""
+    if node.op == "placeholder" or node.is_impure() or _transform_call(node):
         return True
     return mutates(node)
 

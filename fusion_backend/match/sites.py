@@ -112,6 +112,25 @@ def _written_in_place(al, match) -> Optional[str]:
             "so the fused op could read it before or after that write where eager does not")
 
 
+_TRANSFORM_LEVELS = ("_vmap_increment_nesting", "_grad_increment_nesting", "_jvp_increment_nesting")
+
+
+def _inside_transforms(graph: fx.Graph) -> set:
+    """The nodes between a torch.func transform's opening and closing calls (vmap, grad, jvp, as
+    Dynamo inlines them): their values are the transform's wrapped tensors, which an op of ours
+    cannot take."""
+    inside, depth = set(), 0
+    for node in graph.nodes:
+        name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+        if name in _TRANSFORM_LEVELS:
+            depth += 1
+        elif name.endswith("_decrement_nesting") and depth:
+            depth -= 1
+        elif depth:
+            inside.add(node)
+    return inside
+
+
 def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> List[Site]:
     """All valid sites and near-misses of `rules` in `graph` (a canonical graph).
 
@@ -122,6 +141,7 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
     """
     sites: List[Site] = []
     nodes = list(graph.nodes)
+    in_transform = _inside_transforms(graph)
     for rule in rules:
         try:
             pattern = rule.traced
@@ -154,6 +174,8 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
                               "returned to the caller), so fusing would not remove it")
                 if reason is None:
                     reason = _written_in_place(al, match)
+                if reason is None and anchor in in_transform:
+                    reason = "inside a torch.func transform (vmap, grad, jvp), whose wrapped tensors the op cannot take"
                 if reason is None:
                     reason = rule.check(match)
                 else:

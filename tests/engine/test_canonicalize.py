@@ -309,3 +309,100 @@ def test_vmap_in_a_graph_with_a_fused_site_keeps_its_levels():
     out = torch.compile(model, backend=backend)(*inputs)
     torch.testing.assert_close(out, model(*inputs))
     assert any(s.decision == "fused" and s.kind == "feedforward" for r in backend.records for s in r.sites)
+
+
+def _canonical_equals_original(fn, *args):
+    """The canonical copy of fn's Dynamo graph runs and computes what the graph does."""
+    gm, inputs = _dynamo_graph(fn, *args, with_inputs=True)
+    canon = canonical_copy(gm)
+    want, got = gm(*inputs), canon(*inputs)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, equal_nan=True, atol=1e-6, rtol=1e-6)
+    return canon
+
+
+def test_a_where_literal_fills_with_the_value_its_dtype_stores():
+    """torch.tensor(finfo(fp32).min, dtype=fp16) is -inf: the canonical fill is -inf too (a fill
+    of -3.4e38 would not convert to fp16 and raise)."""
+    def fill(s, keep):
+        return torch.where(keep, s, torch.tensor(torch.finfo(torch.float32).min, dtype=s.dtype))
+
+    canon = _canonical_equals_original(fill, torch.randn(4, 4, dtype=torch.float16), torch.rand(4, 4) > 0.5)
+    fills = [n.args[2] for n in canon.graph.nodes if n.target is torch.masked_fill]
+    assert fills == [float("-inf")]
+
+
+@pytest.mark.parametrize("form", ["fp16 terms", "bool term", "the split added to itself"])
+def test_terms_through_a_split_batch_fold_only_in_the_scores_dtype(form):
+    """Summed first, terms of another dtype would round or overflow differently (two fp16 finfo.min
+    masks sum to -inf) and bool terms would OR: such graphs stay as written, and still run."""
+    def scores(s, m):
+        s5 = s.view(2, 3, 2, 4, 4)
+        if form == "the split added to itself":
+            s5 = s5 + s5
+        else:
+            s5 = s5 + m.unsqueeze(1).unsqueeze(0)
+            s5 = s5 + m.unsqueeze(1).unsqueeze(0)
+        return torch.softmax(s5.view(-1, 2, 4, 4), dim=-1)
+
+    mask = {"fp16 terms": torch.full((3, 4, 4), torch.finfo(torch.float16).min, dtype=torch.float16),
+            "bool term": torch.rand(3, 4, 4) > 0.5, "the split added to itself": torch.zeros(3, 4, 4)}[form]
+    canon = _canonical_equals_original(scores, torch.randn(6, 2, 4, 4), mask)
+    assert not any(n.target is torch.broadcast_to for n in canon.graph.nodes)
+
+
+def test_heads_unfold_where_the_sizes_are_computed_after_the_product():
+    """Under dynamic shapes the batch size of the view to 4-d may be computed after the product:
+    the unfolded attention is emitted where the view was."""
+    def attend(q3, k3, v3):
+        s = torch.bmm(q3, k3.transpose(1, 2))
+        b = q3.shape[0] // 2
+        p = torch.softmax(s.view(b, 2, s.shape[1], s.shape[2]), dim=-1)
+        return torch.bmm(p.view(b * 2, s.shape[1], s.shape[2]), v3)
+
+    q, k, v = (torch.randn(4, 5, 8) for _ in range(3))
+    torch._dynamo.reset()
+    captured = []
+    torch.compile(attend, backend=lambda gm, ex: captured.append(gm) or gm.forward, dynamic=True)(q, k, v)
+    canon = canonical_copy(captured[0])  # linted: every value defined before its use
+    assert any(n.target is torch.unflatten for n in canon.graph.nodes)
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, backend="truthfuse", options=AGGRESSIVE_EAGER, dynamic=True)
+    for n in (5, 7):
+        q, k, v = (torch.randn(4, n, 8) for _ in range(3))
+        torch.testing.assert_close(compiled(q, k, v), attend(q, k, v))
+
+
+def test_func_grad_in_a_graph_keeps_its_gradients():
+    """torch.func.grad inlined by Dynamo sets state with calls whose results nothing reads
+    (_set_tensor_requires_grad, _saved_tensors_hooks_disable, ...): dropping them gave zeros."""
+    def fn(x):
+        return torch.func.grad(lambda t: (torch.sin(t) * t).sum())(x) * 2
+
+    _canonical_equals_original(fn, torch.randn(5))
+
+
+def test_attention_inside_func_grad_is_kept_with_its_reason():
+    def fn(q, k, v):
+        def loss(q_):
+            return (torch.softmax(q_ @ k.transpose(-2, -1) * 0.3, dim=-1) @ v).sum()
+        return torch.func.grad(loss)(q)
+
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    report = fusion_backend.explain(fn, q, k, v, options=AGGRESSIVE_EAGER)
+    torch._dynamo.reset()
+    attention = [s for s in report.sites if s.kind == "attention"]
+    assert attention and all(s.decision == "kept" and "torch.func transform" in s.reason for s in attention)
+    out = torch.compile(fn, backend="truthfuse", options=AGGRESSIVE_EAGER)(q, k, v)
+    torch.testing.assert_close(out, fn(q, k, v))
+
+
+def test_baddbmm_with_beta_zero_keeps_an_input_that_wants_a_gradient():
+    """With beta=0 the input's gradient is zeros, which a trainable input must still get."""
+    bias = torch.randn(2, 4, 4, requires_grad=True)
+
+    def scores(q, k):
+        return torch.softmax(torch.baddbmm(bias, q, k.transpose(1, 2), beta=0.0, alpha=0.5), dim=-1)
+
+    gm, inputs = _dynamo_graph(scores, torch.randn(2, 4, 8), torch.randn(2, 4, 8), with_inputs=True)
+    assert any(n.target is torch.baddbmm or n.target == "baddbmm" for n in canonical_copy(gm).graph.nodes)
