@@ -202,17 +202,20 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
     # not worth reporting, and it would read as if the site were kept.
     valid = {(s.anchor, s.kind) for s in sites if s.near_miss is None}
     sites = [s for s in sites if s.near_miss is None or (s.anchor, s.kind) not in valid]
-    return [s for s in sites if s.near_miss is None or s is _reported_near_miss(sites, s.anchor, s.kind)]
+    groups: dict = {}
+    for s in sites:
+        if s.near_miss is not None:
+            groups.setdefault((s.anchor, s.kind), []).append(s)
+    reported = {id(_reported_near_miss(group)) for group in groups.values()}
+    return [s for s in sites if s.near_miss is None or id(s) in reported]
 
 
-def _reported_near_miss(sites: List[Site], anchor: Node, kind: str) -> Optional[Site]:
-    """One near-miss per anchor and kind, where several rules matched the same place: the most
-    specific rule (highest priority) whose constraints hold, so that the reason is what alone
-    stands in the way; else the most general rule's, whose failed constraint is the place's own
-    (a refinement's, say "the mask is not the causal triangle", would describe a rule that does
-    not apply)."""
-    group = [s for s in sites if s.near_miss is not None and s.anchor is anchor and s.kind == kind]
+def _reported_near_miss(group: List[Site]) -> Site:
+    """One near-miss per place that several rules matched: the most specific rule (highest
+    priority) whose constraints hold, so that the reason is what alone stands in the way; else the
+    most general rule's, whose failed constraint is the place's own (a refinement's, say "the mask
+    is not the causal triangle", would describe a rule that does not apply)."""
     holding = [s for s in group if s.constraints_hold]
     if holding:
         return max(holding, key=lambda s: s.rule.priority)
-    return min(group, key=lambda s: s.rule.priority) if group else None
+    return min(group, key=lambda s: s.rule.priority)
