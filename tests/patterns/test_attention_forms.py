@@ -240,18 +240,19 @@ def test_dot_scores_by_baddbmm(beta):
 
 class _HeadsInBatch(nn.Module):
     """Scores from 3-d bmm with the heads folded into the batch plus a per-(batch*head) key bias,
-    viewed to 4-d for a 4-d mask, the softmax and dropout, and back for the product with v."""
+    viewed to 4-d for a 4-d mask, the softmax and dropout (p=0: canonicalization drops it), and
+    back for the product with v."""
 
-    def __init__(self, p=0.0, return_scores=False):
+    def __init__(self, return_scores=False):
         super().__init__()
-        self.p, self.return_scores = p, return_scores
+        self.return_scores = return_scores
 
     def forward(self, q, k, v, bias, mask):
         B, H, N, D = q.shape
         q3, k3, v3 = (t.reshape(B * H, -1, D) for t in (q, k, v))
         s3 = torch.bmm(q3, k3.transpose(1, 2)) * D ** -0.5 + bias
         s4 = s3.view(B, H, N, -1) + mask
-        p4 = F.dropout(torch.softmax(s4.float(), dim=-1).to(q.dtype), self.p, self.training)
+        p4 = F.dropout(torch.softmax(s4.float(), dim=-1).to(q.dtype), 0.0, self.training)
         out = torch.bmm(p4.view(B * H, N, -1), v3).view(B, H, N, D)
         return (out, s3) if self.return_scores else out
 
