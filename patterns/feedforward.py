@@ -59,7 +59,13 @@ def _quick_gelu(z, approx):
     return torch.mul(z, torch.sigmoid(torch.mul(z, 1.702)))
 
 
-ACTIVATIONS = {"gelu": _gelu, "relu": _relu, "silu": _silu, "quick_gelu": _quick_gelu}
+def _relu2(z, approx):
+    # the squared ReLU (HF ReLUSquaredActivation, "relu2": Nemotron, Persimmon); canonicalization
+    # reads torch.square(r), r * r and r ** 2 as this pow
+    return torch.pow(torch.relu(z), 2)
+
+
+ACTIVATIONS = {"gelu": _gelu, "relu": _relu, "silu": _silu, "quick_gelu": _quick_gelu, "relu2": _relu2}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -333,7 +339,7 @@ def _configs(gated: bool) -> Callable:
 
 def _variant(structure: str, rule_activation: str) -> Callable:
     gated_names = {"gelu": "geglu", "gelu_tanh": "geglu", "relu": "reglu", "silu": "swiglu",
-                   "quick_gelu": "quick_geglu"}
+                   "quick_gelu": "quick_geglu", "relu2": "relu2_glu"}
 
     def variant(m: Match) -> str:
         act = _activation_name(rule_activation, m.values.get("approx"))

@@ -29,7 +29,7 @@ import triton.language as tl
 from .philox import dropout_scale, dropout_threshold, keep_mask, load_seed, seed_arg
 from .runtime import KernelLauncher, cdiv, interpreting
 
-ACTIVATIONS = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4, "quick_gelu": 5}
+ACTIVATIONS = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4, "quick_gelu": 5, "relu2": 6}
 """Activation name -> ACT constexpr code. Code 0 is the identity (no activation)."""
 QUICK_GELU_SLOPE = 1.702  # quick_gelu(z) = z * sigmoid(1.702 z), CLIP's MLP (written out in the kernels)
 
@@ -60,7 +60,7 @@ def _tanh(x):
 @triton.jit
 def _act(z, ACT: tl.constexpr):
     """act(z) in float32 for activation code ACT (0 identity, 1 gelu, 2 gelu_tanh, 3 relu, 4 silu,
-    5 quick_gelu)."""
+    5 quick_gelu, 6 relu2 = relu(z)**2)."""
     if ACT == 1:
         return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
     elif ACT == 2:
@@ -72,6 +72,9 @@ def _act(z, ACT: tl.constexpr):
         return z / (1.0 + tl.exp(-z))
     elif ACT == 5:
         return z / (1.0 + tl.exp(-1.702 * z))
+    elif ACT == 6:
+        r = tl.maximum(z, 0.0)
+        return r * r
     else:
         return z
 
@@ -95,6 +98,9 @@ def _act_and_grad(z, ACT: tl.constexpr):
     elif ACT == 5:
         s = 1.0 / (1.0 + tl.exp(-1.702 * z))
         return z * s, s * (1.0 + 1.702 * z * (1.0 - s))
+    elif ACT == 6:
+        r = tl.maximum(z, 0.0)
+        return r * r, 2.0 * r
     else:
         return z, tl.full(z.shape, 1.0, tl.float32)
 

@@ -46,7 +46,8 @@ __all__ = [
 ]
 
 ACTIVATIONS = tuple(K.ACTIVATIONS)
-"""Valid `activation` names: gelu (exact erf), gelu_tanh, relu, silu, quick_gelu (z * sigmoid(1.702 z))."""
+"""Valid `activation` names: gelu (exact erf), gelu_tanh, relu, silu, quick_gelu (z * sigmoid(1.702 z)),
+relu2 (relu(z)**2, the squared ReLU of Nemotron and Persimmon)."""
 IMPLS = ("triton", "cublas")
 """Valid `impl` names; None picks `_DEFAULT_IMPL`."""
 _DEFAULT_IMPL = "cublas"  # cuBLAS products + fused epilogues: the faster of the two on H100 at LLM sizes
@@ -220,6 +221,8 @@ def _act_ref(z, activation):
         return F.relu(z)
     if activation == "quick_gelu":
         return z * torch.sigmoid(K.QUICK_GELU_SLOPE * z)
+    if activation == "relu2":
+        return F.relu(z).square()
     return F.silu(z)
 
 
@@ -234,6 +237,9 @@ def _act_and_grad_ref(z, activation):
         return 0.5 * z * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * dinner
     if activation == "relu":
         return z.clamp_min(0.0), (z > 0).to(z.dtype)
+    if activation == "relu2":
+        r = z.clamp_min(0.0)
+        return r * r, 2.0 * r
     slope = K.QUICK_GELU_SLOPE if activation == "quick_gelu" else 1.0
     s = torch.sigmoid(slope * z)
     return z * s, s * (1.0 + slope * z * (1.0 - s))
@@ -365,11 +371,16 @@ def _fused_forward(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, 
                 # pass over the (T, h) hidden less, and one rounding less.
                 bias = b_in if b_in is not None else x.new_zeros(w_in.shape[0])
                 hid = torch._addmm_activation(bias, x, w_in.t(), use_gelu=act == "gelu_tanh")
+            elif act == "relu2" and gemm_epilogue_computes("relu", x.device):
+                # ReLU from cuBLASLt's epilogue, then ATen's square in place: one pass over the
+                # hidden, and eager's roundings (ReLU commutes with rounding to x's dtype)
+                bias = b_in if b_in is not None else x.new_zeros(w_in.shape[0])
+                hid = torch._addmm_activation(bias, x, w_in.t()).square_()
             elif act in _ACTIVATE_IN_PLACE:
                 # ATen's activation in place: the same float32 math and single rounding as our
                 # epilogue kernel, for a quarter of a Triton launch's host time (exact GELU, SiLU).
                 hid = _ACTIVATE_IN_PLACE[act](lin(w_in, b_in))
-            else:  # no ATen op computes it in one pass (quick_gelu): our epilogue, in place
+            else:  # no ATen op computes it in one pass (quick_gelu, relu2): our epilogue, in place
                 z = lin(w_in, b_in)
                 hid = K.hidden_epilogue(z, act=code, seed=seed, p=0.0, out=z, config=ew_cfg)
                 z = None
@@ -801,7 +812,7 @@ def feedforward(
 
     x: (..., d); w_in, w_gate: (h, d); w_out: (d_out, h); b_in, b_gate: (h,); b_out: (d_out,)
     or None; residual: (..., d_out) or None. Any strides (HF Conv1D weights arrive transposed).
-    activation: "gelu" (exact), "gelu_tanh", "relu", "silu" or "quick_gelu". Dropout p > 0 means training-mode
+    activation: "gelu" (exact), "gelu_tanh", "relu", "silu", "quick_gelu" or "relu2". Dropout p > 0 means training-mode
     dropout, seeded from torch's default generator. impl: None, "triton" or "cublas"; config: a
     key from `feedforward_config_space(impl)` or None. Raises ValueError on invalid arguments.
     Returns (..., d_out) in x's dtype; differentiable in every tensor argument.

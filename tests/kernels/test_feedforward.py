@@ -126,6 +126,8 @@ CASES = [
     (42, 40, 72, "relu", False, True, True, 0.0, 0.1),  # cublas: ReLU from the product's epilogue
     (6, 24, 72, "relu", False, False, False, 0.0, 0.0),  # ... with a zero bias
     (42, 40, 72, "quick_gelu", False, True, True, 0.1, 0.1),  # CLIP's activation
+    (42, 40, 72, "relu2", False, True, True, 0.1, 0.1),  # Nemotron's squared ReLU
+    (6, 24, 72, "relu2", True, False, False, 0.0, 0.0),
 ]
 
 
@@ -362,7 +364,7 @@ def test_gemm_epilogues(act):
     a, w, wg, b, bg = torch.randn(M, Kd), torch.randn(N, Kd), torch.randn(N, Kd), torch.randn(N), torch.randn(N)
     A, W, WG, B, BG = (v.double() for v in (a, w, wg, b, bg))
     act64 = {"gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "relu": F.relu, "silu": F.silu,
-             "quick_gelu": lambda v: v * torch.sigmoid(1.702 * v)}[act]
+             "quick_gelu": lambda v: v * torch.sigmoid(1.702 * v), "relu2": lambda v: F.relu(v) ** 2}[act]
     keep = philox_keep_mask(11, M, N, 0.2).double() * dropout_scale(0.2)
     # EPI_HIDDEN gated: z = a wg^T + bg, zu = a w^T + b, out = dropout(act(z) * zu)
     h, z, zu = K.gemm(a, w.t(), epi=K.EPI_HIDDEN, act=code, bias=b, b2=wg.t(), bias2=bg, seed=11, p=0.2,
@@ -687,3 +689,20 @@ def test_cublas_inference_of_quick_gelu_runs_the_epilogue_kernel_in_place(monkey
         y64 = call(feedforward_reference, as64(t), activation="quick_gelu")
     assert launched == [True] and y.dtype == torch.float16
     assert rel(y, y64) < TOL[torch.float16], rel(y, y64)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_of_relu2_takes_relu_from_the_product_and_squares_in_place(monkeypatch, bias):
+    """Squared ReLU in inference: ReLU from the first product's epilogue and ATen's square in
+    place, no epilogue kernel; against float64, and bit for bit against eager's own ops."""
+    launched = []
+    real = K.hidden_epilogue
+    monkeypatch.setattr(K, "hidden_epilogue", lambda z, **k: launched.append(k) or real(z, **k))
+    t = make_inputs(42, 40, 72, residual=True, bias=bias)
+    with torch.no_grad():
+        y = call(feedforward, t, impl="cublas", activation="relu2")
+        y64 = call(feedforward_reference, as64(t), activation="relu2")
+        eager = F.linear(F.relu(F.linear(t["x"], t["w_in"], t["b_in"])).square(), t["w_out"], t["b_out"]) + t["residual"]
+    assert launched == [] and torch.isfinite(y).all()
+    assert rel(y, y64) < TOL[torch.float32], rel(y, y64)
+    assert torch.equal(y, eager)

@@ -22,12 +22,14 @@ ACTIVATIONS = {
     "relu": torch.relu,
     "silu": F.silu,
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP's
+    "relu2": lambda x: torch.square(F.relu(x)),  # HF's ReLUSquaredActivation (Nemotron)
+    "relu_pow": lambda x: torch.relu(x) ** 2,
 }
 # What explain() calls each activation (the written-out GELU is the tanh approximation).
 VARIANTS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "relu": "relu", "silu": "silu",
-            "quick_gelu": "quick_gelu"}
+            "quick_gelu": "quick_gelu", "relu2": "relu2", "relu_pow": "relu2"}
 GATED_VARIANTS = {"gelu": "geglu", "gelu_tanh": "geglu", "gelu_new": "geglu", "relu": "reglu", "silu": "swiglu",
-                  "quick_gelu": "quick_geglu"}
+                  "quick_gelu": "quick_geglu", "relu2": "relu2_glu", "relu_pow": "relu2_glu"}
 
 
 def _param(*shape, fan_in):
@@ -194,6 +196,10 @@ def tiny_hf_model(name, layers=2):
         cfg = tf.CLIPTextConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, hidden_act="quick_gelu",
                                 **common)
         return tf.CLIPTextModel._from_config(cfg)
+    if name == "nemotron":  # squared-ReLU MLPs, no gate
+        cfg = tf.NemotronConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2,
+                                **common)
+        return tf.NemotronModel._from_config(cfg)
     cfg = tf.BertConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common)
     return tf.BertModel._from_config(cfg)

@@ -121,7 +121,7 @@ def _x(*shape):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "gelu_new", "relu", "silu", "quick_gelu"])
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "gelu_new", "relu", "silu", "quick_gelu", "relu2", "relu_pow"])
 def test_plain_activations(act, training):
     p = 0.0 if training else 0.1  # numerics need the dropouts off: p = 0, or eval mode
     check_form(MLP(act=act, p_hidden=p, p_out=p), _x(), training, VARIANTS[act])
@@ -160,7 +160,7 @@ def test_output_wider_than_input():
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_new", "relu", "quick_gelu"])
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_new", "relu", "quick_gelu", "relu2"])
 def test_gated_two_projections(act, training):
     check_form(GatedMLP(act=act, bias=act != "silu", residual=act == "relu"), _x(), training,
                GATED_VARIANTS[act])
@@ -206,7 +206,7 @@ def test_transformer_encoder_layer(activation, norm_first, training):
 
 
 @pytest.mark.parametrize("name,variant", [("gpt2", "gelu_tanh"), ("llama", "swiglu"), ("bert", "gelu"),
-                                          ("clip", "quick_gelu")])
+                                          ("clip", "quick_gelu"), ("nemotron", "relu2")])
 def test_hf_models_every_layer(name, variant):
     """Whole tiny HF models (2 layers, training mode, dropout off): each layer's MLP is fused with
     its residual add, and the last hidden state and every parameter's gradient match eager.
