@@ -150,6 +150,10 @@ CASES = [
     (torch.bfloat16, 300, 256, 1024, "quick_gelu", False, 0.1, 0.1, True, True),
     (torch.float16, 333, 64, 130, "quick_gelu", False, 0.0, 0.0, True, True),
     (torch.float32, 123, 40, 72, "quick_gelu", True, 0.0, 0.1, True, False),
+    # Nemotron's squared ReLU: the same paths as quick_gelu
+    (torch.bfloat16, 300, 256, 1024, "relu2", False, 0.1, 0.1, True, True),
+    (torch.float16, 333, 64, 130, "relu2", False, 0.0, 0.0, True, True),
+    (torch.bfloat16, 777, 512, 2048, "relu2", True, 0.0, 0.1, False, False),
 ]
 
 
@@ -231,7 +235,7 @@ def measure(name, fn, args, bwd=False, fresh_grads=False):
 
 
 ACT_FNS = {"gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "relu": F.relu, "silu": F.silu,
-           "quick_gelu": lambda z: z * torch.sigmoid(1.702 * z)}
+           "quick_gelu": lambda z: z * torch.sigmoid(1.702 * z), "relu2": lambda z: F.relu(z) ** 2}
 
 
 class FFN(torch.nn.Module):
