@@ -13,7 +13,8 @@ at most 3x eager's plus a floor (1e-3 bf16, 2e-3 fp32 for the tf32 products), no
 at least the expected number of sites fused. Writes
 $OUT/model_checks.json and exits 1 if any check fails.
 
---small runs every case on the CPU at tiny sizes (a dry run of the script itself).
+--small runs every case on the CPU at tiny sizes (a dry run of the script itself; set
+TRITON_INTERPRET=1 for it, or nothing fuses there).
 """
 from __future__ import annotations
 
@@ -233,13 +234,22 @@ class InplaceNextToMLP(nn.Module):
         return F.relu(z) + y
 
 
+def case_nemotron():
+    """Squared-ReLU MLPs (relu2) with no bias, grouped K/V."""
+    model = _hf("NemotronForCausalLM", "NemotronConfig", hidden_size=WIDTH, intermediate_size=2 * WIDTH,
+                num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=2, vocab_size=VOCAB,
+                max_position_embeddings=T, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    am = _left_padded()
+    return model, (_ids(1), am), am[..., None].float(), 2
+
+
 def case_inplace_mlp():
     return InplaceNextToMLP(), (torch.randn(2, T, WIDTH),), None, 1
 
 
 CASES = {"gpt2": case_gpt2, "llama": case_llama, "mpt": case_mpt, "falcon_alibi": case_falcon_alibi,
          "gemma2": case_gemma2, "bloom": case_bloom, "t5": case_t5, "bert": case_bert, "swinv2": case_swinv2, "sam": case_sam, "led": case_led, "filled_rows": case_filled_rows,
-         "inplace_mlp": case_inplace_mlp}
+         "nemotron": case_nemotron, "inplace_mlp": case_inplace_mlp}
 
 
 def _run(model, inputs, weight):
