@@ -428,7 +428,7 @@ def _fwd_step(start_n, q, m_i, l_i, r_i, acc, k_base, v_base, kvec_base, mask_ba
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, SCALE, KVEC, MASK, MASK_FLAGS, OUT, STATS_M, STATS_L, RBAR,
+    Q, K, V, SCALE, KVEC, MASK, MASK_FLAGS, OUT, STATS_M, STATS_L, RBAR, SINKS,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -440,6 +440,7 @@ def _attn_fwd_kernel(
     STATS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
     DROP_BITS: tl.constexpr = 16, SOFTCAP: tl.constexpr = False, SKIP: tl.constexpr = False,
+    SINK: tl.constexpr = False,
 ):
     """Forward of dot / l2 / cosine attention for one block of BLOCK_M queries of one (b, h).
 
@@ -459,6 +460,9 @@ def _attn_fwd_kernel(
     cap:   the soft cap (fp32, > 0) when SOFTCAP (dot only, no STATS): logits cap * tanh(s * q.k / cap).
     RANGES, rgb, rgh, rg_plane: the mask's per-row key ranges (`MaskRanges.args()`); with
            SKIP the program visits only the key blocks its rows keep anything in.
+    SINKS: (H,) fp32 when SINK: each head's sink logit, one more key with no value that every row's
+           softmax sums over (GPT-OSS); the online softmax starts from it. The row stats include
+           it, so the backward kernels need nothing more.
     Constexprs: HEAD_DIM/HEAD_DIM_V the true head dims, D_PAD/DV_PAD their powers of two (>= 16);
     METRIC 0 dot, 1 l2, 2 cosine; MASK_KIND 0/1/2; CAUSAL top-left triangle; DROPOUT on/off;
     EVEN_M/EVEN_N whether Nq/Nk are multiples of the blocks (skip bounds checks);
@@ -483,8 +487,15 @@ def _attn_fwd_kernel(
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    if SINK:  # the sink as the first key seen: max = its logit, sum = exp(0)
+        sink = tl.load(SINKS + h)
+        if MASK_KIND != 2:
+            sink = sink * 1.4426950408889634
+        m_i = tl.full([BLOCK_M], 0.0, tl.float32) + sink
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
     r_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     hi = _key_end(pid_m, N_K, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M)
@@ -1321,12 +1332,13 @@ def _no_ranges(device):
 
 
 def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, dropout_p=0.0, seed=None,
-                      config=None, out=None, stats=True, softcap=0.0, ranges=None):
+                      config=None, out=None, stats=True, softcap=0.0, ranges=None, sinks=None):
     """Run the forward kernel. q (B,H,Nq,D), k (B,Hkv,Nk,D), v (B,Hkv,Nk,Dv) any strides, one dtype;
     scale (H,) fp32; mask broadcastable to (B,H,Nq,Nk) (bool keep / float additive) or None;
     softcap > 0 soft-caps dot logits at that value (then `stats` must be False); ranges: a tensor
     of `new_ranges(ranges_layout(...))` to fill with the mask's kept ranges (and skip by), for the
-    backward to reuse; None computes them here where they pay.
+    backward to reuse; None computes them here where they pay. sinks: (H,) fp32 sink logits (no
+    scale gradient with them: E_p[raw] then leaves the sink out) or None.
     Returns (out (B,H,Nq,Dv) in q's dtype, or written into `out`; the row stats of `new_row_stats`,
     with E_p[raw] computed when `stats` (needed for an accurate scale gradient))."""
     B, H, Nq, D = q.shape
@@ -1351,14 +1363,15 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
         ranges_used = kept if l_mask is not None else None
         _launch_attn_fwd[grid](
             q, k, v, scale, kvec, m4, flags, out, row_stats[0], row_stats[2], row_stats[1],
-            *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
+            sinks if sinks is not None else scale, *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
             H, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p), _cap_arg(metric, softcap, stats),
             *(ranges_used.args() if ranges_used else _no_ranges(q.device)),
             HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv),
             METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=l_causal, DROPOUT=dropout_p > 0, STATS=stats,
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
             BLOCK_M=bm, BLOCK_N=bn, RUN_IF=run_if, DROP_BITS=DROPOUT_BITS, SOFTCAP=softcap > 0,
-            SKIP=ranges_used is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            SKIP=ranges_used is not None, SINK=sinks is not None, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )
     return out, row_stats
 

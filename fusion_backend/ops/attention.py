@@ -2,13 +2,15 @@
 `F.scaled_dot_product_attention`, as `torch.library` custom ops with fake kernels and autograd.
 
     attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None, dropout_p=0.0,
-              enable_gqa=False, softcap=None, config=None)
+              enable_gqa=False, softcap=None, sinks=None, config=None)
 
 q (B, H, Nq, D); k (B, Hkv, Nk, D); v (B, Hkv, Nk, Dv); output (B, H, Nq, Dv) in q's dtype.
 Logits: dot scale*q.k (default 1/sqrt(D)); l2 -scale*|q-k|^2; l1 -scale*sum|q-k|; cosine
 scale*cos(q, k) (default scale 1.0 for the distances). `scale` is a float or a tensor with 1 or H
 elements (any shape) that receives a gradient. `softcap` (dot only, with a number scale) soft-caps
-the logits as Gemma 2 does: cap * tanh(scale*q.k / cap), before the mask. A bool mask keeps where
+the logits as Gemma 2 does: cap * tanh(scale*q.k / cap), before the mask. `sinks` (dot, H
+elements, learnable) are GPT-OSS's attention sinks: each head's softmax also sums exp(sinks[h])
+over one more key that has no value, so the weights of a row sum to less than 1. A bool mask keeps where
 True, a float mask is added to the logits (and gets a gradient if it requires one); both broadcast
 to (B, H, Nq, Nk). `causal` is the top-left lower triangle. A fully masked row gives 0. Blocks a
 large mask drops whole are skipped (`kernels.attention.MaskRanges`), with the same result.
@@ -65,9 +67,20 @@ def attention_config_space(metric: str, head_dim: int, dtype: torch.dtype, devic
 # ----------------------------------------------------------------------------------------------
 # Validation and support
 # ----------------------------------------------------------------------------------------------
-def _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale, softcap=None):
+def _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale, softcap=None, sinks=None):
     if metric not in METRICS:
         raise ValueError(f"attention: unknown metric {metric!r}; valid metrics are {', '.join(METRICS)}")
+    if sinks is not None:
+        H = q.shape[1] if isinstance(q, Tensor) and q.dim() == 4 else None
+        if not isinstance(sinks, Tensor) or not sinks.dtype.is_floating_point or sinks.numel() != H:
+            raise ValueError(f"attention: sinks must be a floating tensor with one logit per query head ({H}), got "
+                             f"{tuple(sinks.shape) if isinstance(sinks, Tensor) else type(sinks).__name__}")
+        if metric != "dot":
+            raise ValueError(f"attention: sinks apply to metric 'dot' only, not {metric!r}")
+        if softcap is not None:
+            raise ValueError("attention: sinks and softcap cannot be combined")
+        if _needs_scale_grad(scale):
+            raise ValueError("attention: with sinks the scale must be a number or a tensor that needs no gradient")
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf:
             raise ValueError(f"attention: softcap must be None or a positive finite number, got {softcap!r}")
@@ -156,10 +169,11 @@ def _dropout_keep_reference(shape, p, seed, device):
     return torch.stack(heads).view(B, H, Nq, Nk)
 
 
-def _reference_core(q, k, v, scale_h, metric, causal, mask, dropout_p, seed, dtype, softcap=0.0):
+def _reference_core(q, k, v, scale_h, metric, causal, mask, dropout_p, seed, dtype, softcap=0.0, sinks=None):
     """Float (dtype) reference returning (out, stats): stats are the kernels' row stats
     (`kernels.attention.new_row_stats`: row max, E_p[raw], log2 of the row sum). scale_h: (H,).
-    softcap > 0: logits softcap * tanh(scale * raw / softcap) (dot)."""
+    softcap > 0: logits softcap * tanh(scale * raw / softcap) (dot). sinks: (H,) sink logits, a
+    last column of every row's softmax, dropped before the product with v."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -188,6 +202,8 @@ def _reference_core(q, k, v, scale_h, metric, causal, mask, dropout_p, seed, dty
     if causal:
         tri = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~tri, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.to(dtype).view(1, H, 1, 1).expand(B, H, Nq, 1)], -1)
     dead = torch.isneginf(s).all(-1, keepdim=True)
     s = s.masked_fill(dead, 0.0)
     # softmax, not exp(s - logsumexp): where a whole row sits near a huge finite negative (finfo.min
@@ -196,7 +212,9 @@ def _reference_core(q, k, v, scale_h, metric, causal, mask, dropout_p, seed, dty
     with torch.no_grad():
         row_max = s.amax(-1, keepdim=True)
         log2_sum = torch.log2(torch.exp(s - row_max).sum(-1, keepdim=True))
-        rbar = (torch.softmax(s, -1) * raw).sum(-1)
+        rbar = (torch.softmax(s, -1)[..., :Nk] * raw).sum(-1)
+    if sinks is not None:
+        p = p[..., :Nk]
     if dropout_p > 0:
         keep = _dropout_keep_reference(p.shape, dropout_p, seed, q.device)
         p = p * keep * dropout_scale(dropout_p, _tc.DROPOUT_BITS)
@@ -207,11 +225,11 @@ def _reference_core(q, k, v, scale_h, metric, causal, mask, dropout_p, seed, dty
 
 
 def attention_reference(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None, dropout_p=0.0,
-                        enable_gqa=False, softcap=None, dropout_seed=None, config=None):
+                        enable_gqa=False, softcap=None, sinks=None, dropout_seed=None, config=None):
     """Pure PyTorch `attention` with identical semantics (float32 math, float64 for float64 inputs).
     Dropout draws the kernels' Philox mask for `dropout_seed` (or a fresh seed from torch's default
     generator), so with the seed the kernels were given it drops the same elements."""
-    _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale, softcap)
+    _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale, softcap, sinks)
     B, H, Nq, D = q.shape
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale_h = _scale_vector(scale, metric, D, H, q.device).to(dtype)
@@ -219,7 +237,7 @@ def attention_reference(q, k, v, *, metric="dot", scale=None, causal=False, attn
     if dropout_p > 0 and dropout_seed is None:
         dropout_seed = reference_seed(q.device)
     out, _ = _reference_core(q, k, v, scale_h, metric, causal, mask, float(dropout_p), dropout_seed or 0, dtype,
-                             float(softcap or 0.0))
+                             float(softcap or 0.0), None if sinks is None else sinks.reshape(-1))
     return out.to(q.dtype)
 
 
@@ -264,28 +282,28 @@ def _new_ranges(q, k, mask, metric):
     return _tc.new_ranges(layout, Nq, q.device)
 
 
-def _fwd_impl(q, k, v, scale, mask, seed, metric, causal, dropout_p, config, scale_grad, softcap):
+def _fwd_impl(q, k, v, scale, mask, seed, metric, causal, dropout_p, config, scale_grad, softcap, sinks=None):
     ranges = _new_ranges(q, k, mask, metric)
     if _use_kernels(q, k, v, metric, mask, dropout_p):
         try:
             qk, kk, vk, mk = _kernel_inputs(q, k, v, mask)
             cfg = _resolve_config(config, metric, q.shape[-1], q.dtype, q.device.type, ranges)
             launch = _l1.l1_attention_forward if metric == "l1" else _tc.attention_forward
-            kw = {} if metric == "l1" else dict(metric=metric, softcap=softcap, ranges=ranges)
+            kw = {} if metric == "l1" else dict(metric=metric, softcap=softcap, ranges=ranges, sinks=sinks)
             out, lse = launch(qk, kk, vk, scale, causal=causal, mask=mk, dropout_p=dropout_p, seed=seed,
                               config=cfg, stats=scale_grad, **kw)
             return out.to(q.dtype), lse, ranges
         except Exception as e:  # compile / launch failure: keep the model running
             warn_fallback_once("attention", f"kernel failed: {type(e).__name__}: {str(e)[:200]}")
     out, lse = _reference_core(q, k, v, scale, metric, causal, mask, dropout_p, seed_value(seed), torch.float32,
-                               softcap)
+                               softcap, sinks)
     if ranges.numel():  # whole ranges: a backward on the kernels skips nothing
         _tc.MaskRanges.full(ranges, q.shape[2], k.shape[2])
     return out.to(q.dtype).contiguous(), lse, ranges
 
 
 def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dropout_p, config, mask_grad,
-              scale_grad, softcap, ranges=None):
+              scale_grad, softcap, ranges=None, sinks=None):
     if _use_kernels(q, k, v, metric, mask, dropout_p):
         try:
             gk, qk, kk, vk, mk, ok = _kernel_inputs(grad_out, q, k, v, mask, out)
@@ -312,7 +330,7 @@ def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dr
         if mask_grad:
             mf = mask.detach().float().requires_grad_()
         o, _ = _reference_core(qf, kf, vf, sf, metric, causal, mf, dropout_p, seed_value(seed), torch.float32,
-                               softcap)
+                               softcap, None if sinks is None else sinks.detach())
         ins = [qf, kf, vf, sf] + ([mf] if mask_grad else [])
         gs = torch.autograd.grad(o, ins, grad_out.float(), allow_unused=True)
     gs = [torch.zeros_like(i) if g is None else g for g, i in zip(gs, ins)]
@@ -326,17 +344,18 @@ def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dr
 @torch.library.custom_op("truthfuse::attention_fwd", mutates_args=())
 def attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: Tensor, attn_mask: Optional[Tensor],
                      seed: Optional[Tensor], metric: str, causal: bool, dropout_p: float, config: Optional[str],
-                     scale_grad: bool, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+                     scale_grad: bool, softcap: float = 0.0,
+                     sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Forward: (out (B, H, Nq, Dv) in q's dtype, row stats (3, B*H, Nq) fp32: row max, E_p[raw]
     (when scale_grad, else 0) and log2 of the row sum, the mask's kept ranges for the backward
     (`kernels.attention.MaskRanges`; empty without). scale (H,) fp32; attn_mask 4-d broadcastable
     or None; seed the dropout's 0-d int64 tensor on q's device (`ops.seed`), None without dropout;
-    softcap the dot logits' soft cap, 0 for none."""
-    return _fwd_impl(q, k, v, scale, attn_mask, seed, metric, causal, dropout_p, config, scale_grad, softcap)
+    softcap the dot logits' soft cap, 0 for none; sinks (H,) fp32 sink logits or None."""
+    return _fwd_impl(q, k, v, scale, attn_mask, seed, metric, causal, dropout_p, config, scale_grad, softcap, sinks)
 
 
 @attention_fwd_op.register_fake
-def _(q, k, v, scale, attn_mask, seed, metric, causal, dropout_p, config, scale_grad, softcap=0.0):
+def _(q, k, v, scale, attn_mask, seed, metric, causal, dropout_p, config, scale_grad, softcap=0.0, sinks=None):
     B, H, Nq, _ = q.shape
     return (q.new_empty((B, H, Nq, v.shape[-1])), q.new_empty((3, B * H, Nq), dtype=torch.float32),
             _new_ranges(q, k, attn_mask, metric))
@@ -346,16 +365,17 @@ def _(q, k, v, scale, attn_mask, seed, metric, causal, dropout_p, config, scale_
 def attention_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: Tensor, attn_mask: Optional[Tensor],
                      out: Tensor, lse: Tensor, seed: Optional[Tensor], metric: str, causal: bool, dropout_p: float,
                      config: Optional[str], mask_grad: bool, scale_grad: bool, softcap: float = 0.0,
-                     ranges: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     ranges: Optional[Tensor] = None,
+                     sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward: (dq, dk, dv, dscale (H,) fp32 (zeros unless scale_grad), dmask (attn_mask's shape,
     or empty when not mask_grad)). ranges: the forward's third output."""
     return _bwd_impl(grad_out, q, k, v, scale, attn_mask, out, lse, seed, metric, causal, dropout_p, config, mask_grad,
-                     scale_grad, softcap, ranges)
+                     scale_grad, softcap, ranges, sinks)
 
 
 @attention_bwd_op.register_fake
 def _(grad_out, q, k, v, scale, attn_mask, out, lse, seed, metric, causal, dropout_p, config, mask_grad, scale_grad,
-      softcap=0.0, ranges=None):
+      softcap=0.0, ranges=None, sinks=None):
     dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty(0)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             scale.new_empty(scale.shape, dtype=torch.float32), dmask)
@@ -364,6 +384,7 @@ def _(grad_out, q, k, v, scale, attn_mask, out, lse, seed, metric, causal, dropo
 def _setup_context(ctx, inputs, output):
     q, k, v, scale, mask, seed, metric, causal, dropout_p, config, scale_grad = inputs[:11]
     softcap = inputs[11] if len(inputs) > 11 else 0.0
+    sinks = inputs[12] if len(inputs) > 12 else None
     out, lse, ranges = output
     ctx.mark_non_differentiable(lse, ranges)  # saved for backward, never results
     ctx.set_materialize_grads(False)  # so autograd does not fill a zero gradient for lse every backward
@@ -371,7 +392,8 @@ def _setup_context(ctx, inputs, output):
     ctx.scale_grad = ctx.needs_input_grad[3]
     ctx.args = (metric, causal, dropout_p, config, softcap)
     ctx.n_inputs = len(inputs)
-    ctx.save_for_backward(q, k, v, scale, mask, seed, out, lse, ranges)
+    ctx.sink_grad = sinks is not None and ctx.needs_input_grad[12]
+    ctx.save_for_backward(q, k, v, scale, mask, seed, out, lse, ranges, sinks)
 
 
 def _input_grads(ctx, grad_out, backward):
@@ -379,11 +401,23 @@ def _input_grads(ctx, grad_out, backward):
     backward op, or its implementation on the eager path)."""
     if grad_out is None:  # the output did not reach the loss
         return (None,) * ctx.n_inputs
-    q, k, v, scale, mask, seed, out, lse, ranges = ctx.saved_tensors
+    q, k, v, scale, mask, seed, out, lse, ranges, sinks = ctx.saved_tensors
     metric, causal, dropout_p, config, softcap = ctx.args
     dq, dk, dv, dscale, dmask = backward(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dropout_p,
-                                         config, ctx.mask_grad, ctx.scale_grad, softcap, ranges)
-    return (dq, dk, dv, dscale, (dmask if ctx.mask_grad else None)) + (None,) * (ctx.n_inputs - 5)
+                                         config, ctx.mask_grad, ctx.scale_grad, softcap, ranges, sinks)
+    grads = (dq, dk, dv, dscale, (dmask if ctx.mask_grad else None)) + (None,) * (ctx.n_inputs - 5)
+    if ctx.sink_grad:
+        grads = grads[:12] + (_sink_grad(grad_out, out, lse, sinks),)
+    return grads
+
+
+def _sink_grad(grad_out, out, stats, sinks):
+    """d loss / d sinks (H,) fp32: the sink's column of dS is -P_sink * delta per row (it has no
+    value, so dP is 0 there), with P_sink = exp(sink - logsumexp) from the forward's row stats."""
+    B, H, Nq, _ = out.shape
+    delta = (grad_out.float() * out.float()).sum(-1)
+    lse = (stats[0] + stats[2] * math.log(2.0)).view(B, H, Nq)
+    return -(torch.exp(sinks.view(1, H, 1) - lse) * delta).sum(dim=(0, 2))
 
 
 def _backward(ctx, grad_out, grad_lse, grad_ranges):
@@ -488,7 +522,7 @@ The tuner may choose them for a site whose math they compute exactly (`sdpa_supp
 cosine on a GPU without a mask, dropout or a learnable scale they are the default."""
 
 
-def sdpa_supports(metric, attn_mask, scale, softcap=None) -> tuple:
+def sdpa_supports(metric, attn_mask, scale, softcap=None, sinks=None) -> tuple:
     """(True, "") if config="sdpa" computes this call with the op's semantics, else (False, why).
     SDPA computes dot-product logits (cosine's on normalized rows) with a number scale (cosine: any
     scale, folded into q); masks stay with truthfuse's kernels, which give a fully masked row 0
@@ -499,6 +533,8 @@ def sdpa_supports(metric, attn_mask, scale, softcap=None) -> tuple:
         return False, "config='sdpa' takes no attn_mask (causal=True is fine)"
     if softcap is not None:
         return False, "config='sdpa' does not soft-cap the logits"
+    if sinks is not None:
+        return False, "config='sdpa' has no attention sinks"
     if metric == "dot" and isinstance(scale, Tensor):
         return False, "config='sdpa' takes a number scale for dot-product attention, not a tensor"
     if metric == "cosine" and _needs_scale_grad(scale):
@@ -522,18 +558,20 @@ def _cosine_default_on_sdpa(q, metric, attn_mask, dropout_p, scale) -> bool:
 
 
 def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None, dropout_p=0.0,
-              enable_gqa=False, softcap=None, config=None):
+              enable_gqa=False, softcap=None, sinks=None, config=None):
     """Fused attention with the semantics of F.scaled_dot_product_attention and a choice of
     metric ("dot", "l2", "l1", "cosine"); see the module docstring. `config` is None (the
     device default), a config dict from `attention_config_space`, its `config_key` string, or
     "sdpa" (torch's SDPA kernels, see `sdpa_supports`; their dropout draws torch's own random
     stream; cosine on a GPU without a mask, dropout or a learnable scale takes them by default).
     `softcap` (dot, a number scale): logits softcap * tanh(scale * q.k / softcap), as Gemma 2.
+    `sinks` (dot; H elements, may require grad; a scale that needs no gradient): GPT-OSS's sink
+    logits, one value-less key per head in every row's softmax.
     Raises ValueError on bad input before anything is launched."""
-    _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale, softcap)
+    _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale, softcap, sinks)
     B, H, Nq, D = q.shape
     if config == SDPA_CONFIG:
-        ok, why = sdpa_supports(metric, attn_mask, scale, softcap)
+        ok, why = sdpa_supports(metric, attn_mask, scale, softcap, sinks)
         if not ok:
             raise ValueError(f"attention: {why}")
         if metric == "cosine":
@@ -558,8 +596,12 @@ def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None
     scale_grad = isinstance(scale, Tensor) and scale.requires_grad and torch.is_grad_enabled()
     args = (q, k, v, scale_h, mask, seed, metric, bool(causal), float(dropout_p), config, scale_grad,
             float(softcap or 0.0))
-    if plain_eager_call(args[:5]):  # eager: skip the dispatch layers (and autograd when unneeded)
-        differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5])
+    tensors = args[:5]
+    if sinks is not None:  # (H,) fp32, still connected to the sinks' autograd graph
+        args = args + (sinks.reshape(-1).to(device=q.device, dtype=torch.float32).contiguous(),)
+        tensors = tensors + args[12:]
+    if plain_eager_call(tensors):  # eager: skip the dispatch layers (and autograd when unneeded)
+        differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
         out = (_EagerAttention.apply(*args) if differentiable else _fwd_impl(*args))[0]
     else:
         out = attention_fwd_op(*args)[0]

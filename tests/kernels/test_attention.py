@@ -352,6 +352,90 @@ def test_mask_layout_flags_read_the_mask_as_it_is():
     assert tc.mask_layout_flags(big, 300, 700, False, "cpu").item() == 2
 
 
+def _sink_reference(q, k, v, sinks, mask=None, causal=False):
+    """GPT-OSS's eager form in float64: a sink column in every row's softmax, then dropped."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // v.shape[1], 1)
+    s = (q @ k.transpose(-1, -2)) * D ** -0.5
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    if causal:
+        s = s.masked_fill(~torch.ones(Nq, Nk, dtype=torch.bool).tril(), float("-inf"))
+    c = torch.cat([s, sinks.view(1, H, 1, 1).expand(B, H, Nq, 1)], -1)
+    return torch.softmax(c - c.max(-1, keepdim=True).values, -1)[..., :-1] @ v
+
+
+@pytest.mark.parametrize("case", ["gqa", "causal", "finfo_min_mask", "bool_mask_dead_row", "fp16"])
+def test_sinks_match_float64(case):
+    """Attention sinks (GPT-OSS): output and the gradients of q, k, v and the sinks against
+    float64, with grouped K/V, causal, an HF-style finfo.min mask, a bool mask that drops a whole
+    row (its output is 0: all its weight goes to the sink), and fp16."""
+    dtype = torch.float16 if case == "fp16" else torch.float32
+    H, Hkv = (4, 2) if case in ("gqa", "fp16") else (2, 2)
+    Nq, Nk = (40, 40) if case == "causal" else (33, 57)
+    q, k, v = make(2, H, Hkv, Nq, Nk, 16, 16, dtype=dtype)
+    mask = None
+    if case == "finfo_min_mask":
+        mask = torch.zeros(2, 1, Nq, Nk)
+        mask[0, ..., :5] = torch.finfo(torch.float32).min
+    elif case == "bool_mask_dead_row":
+        mask = torch.rand(2, 1, Nq, Nk) > 0.3
+        mask[0, 0, 3] = False
+    sinks = torch.randn(H) * 2
+    ins = [t.detach().requires_grad_() for t in (q, k, v, sinks)]
+    out = attention(*ins[:3], sinks=ins[3], attn_mask=mask, causal=case == "causal", enable_gqa=H != Hkv)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, ins, g)
+    ins64 = [t.detach().double().requires_grad_() for t in ins]
+    m64 = mask.double() if mask is not None and mask.dtype != torch.bool else mask
+    ref = _sink_reference(*ins64, mask=m64, causal=case == "causal")
+    g64 = torch.autograd.grad(ref, ins64, g.double())
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    assert torch.isfinite(out).all() and rel(out, ref) < tol
+    for a, b in zip(grads, g64):
+        assert torch.isfinite(a).all() and rel(a, b) < 4 * tol, rel(a, b)
+    if case == "bool_mask_dead_row":
+        assert torch.all(out[0, :, 3] == 0)
+    via_ref = attention_reference(*[t.detach() for t in ins[:3]], sinks=sinks, attn_mask=mask,
+                                  causal=case == "causal", enable_gqa=H != Hkv)
+    assert rel(via_ref, ref) < tol
+
+
+def test_sinks_validation():
+    q, k, v = make(1, 2, 2, 8, 8, 16, 16)
+    with pytest.raises(ValueError, match="one logit per query head"):
+        attention(q, k, v, sinks=torch.zeros(3))
+    with pytest.raises(ValueError, match="metric 'dot' only"):
+        attention(q, k, v, metric="l2", sinks=torch.zeros(2))
+    with pytest.raises(ValueError, match="needs no gradient"):
+        attention(q, k, v, scale=torch.ones(2, requires_grad=True), sinks=torch.zeros(2))
+    with pytest.raises(ValueError, match="softcap"):
+        attention(q, k, v, scale=0.25, softcap=5.0, sinks=torch.zeros(2))
+    with pytest.raises(ValueError, match="sinks"):
+        attention(q, k, v, sinks=torch.zeros(2), config="sdpa")
+
+
+def test_sinks_opcheck_and_eager_path_equal_custom_op(monkeypatch):
+    import importlib
+
+    A = importlib.import_module("fusion_backend.ops.attention")
+    q, k, v = (t.requires_grad_() for t in make(1, 2, 2, 9, 11, 16, 16))
+    sinks = torch.randn(2, requires_grad=True)
+    torch.library.opcheck(torch.ops.truthfuse.attention_fwd.default,
+                          (q, k, v, torch.full((2,), 0.25), None, None, "dot", True, 0.0, None, False, 0.0, sinks))
+    g = torch.randn(1, 2, 9, 16)
+
+    def run():
+        out = attention(q, k, v, scale=0.25, causal=True, sinks=sinks)
+        return [out.detach()] + list(torch.autograd.grad(out, [q, k, v, sinks], g))
+
+    eager = run()
+    monkeypatch.setattr(A, "plain_eager_call", lambda tensors: False)
+    for a, b in zip(eager, run()):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
 def test_opcheck():
     q, k, v = make(1, 2, 1, 9, 11, 16, 16)
     for t in (q, k, v):
