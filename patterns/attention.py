@@ -40,8 +40,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fusion_backend import Match, Rule, dtype_in, is_scalar_like, known_equal, maybe, register_rule
+from fusion_backend.canonicalize import softmax_with_sinks
 from fusion_backend.ops import attention as attention_op
 from fusion_backend.ops.attention import COSINE_EPS, SDPA_CONFIG
+
+# One call in the traced patterns, as canonicalization writes it in the target graphs.
+fx.wrap("softmax_with_sinks")
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 # A finite fill at or below this is absorbed exactly when added in fp32 to any realistic score:
@@ -131,6 +135,27 @@ def cosine_pattern(q, k, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, m
     # Swin-V2 adds its relative-position bias afterwards
     cos = torch.matmul(F.normalize(q, 2.0, -1, eps_q), torch.transpose(F.normalize(k, 2.0, -1, eps_k), -2, -1))
     return _scores_to_output(cos, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
+
+
+def _sinks_to_output(scores, v, scale, scale2, bias2, bias, sinks, shifted, sdtype, p):
+    # GPT-OSS: (q.k * scaling + mask), a sink logit per head as one more softmax column, dropped
+    s = maybe(torch.mul)(scores, scale)
+    s = maybe(torch.mul)(s, scale2)
+    s = maybe(torch.add)(s, bias2)
+    s = maybe(torch.add)(s, bias)
+    probs = maybe(F.dropout)(softmax_with_sinks(s, sinks, shifted, sdtype), p)
+    return torch.matmul(probs, v)
+
+
+def dot_sinks_pattern(q, k, v, scale, scale2, bias2, bias, sinks, shifted, sdtype, p):
+    return _sinks_to_output(torch.matmul(q, torch.transpose(k, -2, -1)), v, scale, scale2, bias2, bias, sinks,
+                            shifted, sdtype, p)
+
+
+def dot_repeat_kv_sinks_pattern(q, k, v, scale, scale2, bias2, bias, sinks, shifted, sdtype, p, n, nv):
+    kr, vr = torch.repeat_interleave(k, n, -3), torch.repeat_interleave(v, nv, -3)
+    return _sinks_to_output(torch.matmul(q, torch.transpose(kr, -2, -1)), vr, scale, scale2, bias2, bias, sinks,
+                            shifted, sdtype, p)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -303,8 +328,26 @@ def _check_whole_rows_filled(m: Match) -> Optional[str]:
     return None
 
 
+def check_sinks(m: Match) -> Optional[str]:
+    """Sinks (GPT-OSS): q is 4-D, the sinks a floating tensor of one logit per query head, and the
+    scales numbers or tensors that need no gradient (the op takes no scale gradient with sinks)."""
+    q, sinks = m.values["q"], m.values["sinks"]
+    if q.dim() != 4:
+        return "attention with sinks needs 4-D q, k, v"
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point() or not known_equal(sinks.numel(),
+                                                                                                 q.shape[1]):
+        return "the sinks are not a floating tensor of one logit per query head"
+    for name in ("scale", "scale2"):
+        value = m.values.get(name)
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            return f"{name} needs a gradient, which the op does not compute with sinks"
+    return None
+
+
 def check_softmax_dim(m: Match) -> Optional[str]:
     """softmax runs over the keys (the last dim): over any other dim it is not attention."""
+    if "sdim" not in m.rule.traced.wildcards:  # softmax_with_sinks: over the last dim by definition
+        return None
     dim = m.values.get("sdim")
     rank = m.values["q"].dim() if isinstance(m.values.get("q"), torch.Tensor) else None
     if isinstance(dim, int) and rank is not None and dim == rank - 1:
@@ -528,9 +571,10 @@ def _rows_filled_whole_as_eager(out, v, fill_mask):
 
 def _make_replacement(metric: str, gqa: bool = False, causal_bias: bool = False):
     """causal_bias: check_constant_causal_bias proved the added mask is the causal triangle; it
-    becomes causal=True and is not read. A site with a soft cap (`cap`) passes it as softcap."""
+    becomes causal=True and is not read. A site with a soft cap (`cap`) passes it as softcap, one
+    with sinks (`sinks`) passes them."""
     def replacement(q, k, v, bias0=None, scale=None, scale2=None, mask_a=None, fill_a=None, bias2=None, bias=None,
-                    mask_b=None, fill_b=None, p=None, config=None, cap=None, **_):
+                    mask_b=None, fill_b=None, p=None, config=None, cap=None, sinks=None, **_):
         final_fill = _final_fill(mask_a is not None, fill_a, mask_b is not None, fill_b, bias2 is not None,
                                  bias is not None)
         whole_rows = None if final_fill is None else (mask_a if final_fill == "mask_a" else mask_b)
@@ -553,7 +597,7 @@ def _make_replacement(metric: str, gqa: bool = False, causal_bias: bool = False)
             mask = mask.unsqueeze(0)
         grouped = gqa or kv_heads_broadcast(q, k, v)
         out = attention_op(q, k, v, metric=metric, scale=s, attn_mask=mask, enable_gqa=grouped, causal=causal_bias,
-                           dropout_p=float(p) if p is not None else 0.0, softcap=softcap, config=config)
+                           dropout_p=float(p) if p is not None else 0.0, softcap=softcap, sinks=sinks, config=config)
         if whole_rows is not None:
             out = _rows_filled_whole_as_eager(out, v, whole_rows.unsqueeze(0) if three_d else whole_rows)
         return out.squeeze(0) if three_d else out
@@ -659,6 +703,15 @@ def _softcap_args(scale, scale2, cap):
 
 RULES = [
     _rule("attention.dot", "dot", dot_pattern),
+    # GPT-OSS: sinks in the softmax (SDPA has none, so it is not offered)
+    _rule("attention.dot_sinks", "dot", dot_sinks_pattern, (check_sinks,), offer_sdpa=False),
+    _rule("attention.dot_repeat_kv_sinks", "dot", dot_repeat_kv_sinks_pattern, (check_sinks, check_repeat_kv),
+          priority=120, gqa=True, offer_sdpa=False),
+    _rule("attention.dot_sinks_causal", "dot", dot_sinks_pattern, (check_sinks, check_constant_causal_bias),
+          priority=105, causal_bias=True, offer_sdpa=False),
+    _rule("attention.dot_repeat_kv_sinks_causal", "dot", dot_repeat_kv_sinks_pattern,
+          (check_sinks, check_repeat_kv, check_constant_causal_bias), priority=125, gqa=True, causal_bias=True,
+          offer_sdpa=False),
     _rule("attention.dot_repeat_kv", "dot", dot_repeat_kv_pattern, (check_repeat_kv,), priority=120, gqa=True),
     # HF eager builds its causal mask from aranges: proven causal at compile time, it becomes
     # causal=True (the kernels skip the masked half); other masks go to the rules above

@@ -25,6 +25,9 @@ Canonical vocabulary (all positional, dims negative where the rank is known):
                                     written out (HF gelu_new) as approximate="tanh"
     torch.pow, torch.sum, torch.abs, torch.exp, torch.clamp, torch.cdist, F.normalize,
     torch.relu, F.silu, torch.tanh
+    softmax_with_sinks(s, sinks, shifted, dtype)
+                                    softmax(cat([s, sinks per head], -1) [- row max], -1)[..., :-1]
+                                    (GPT-OSS's attention sinks)
 
 Identity casts and views or reshapes to a tensor's own shape are removed (`.contiguous()` is
 not: a later `.view` depends on it). In-place variants become functional when that is
@@ -49,8 +52,23 @@ Node = fx.Node
 _linear = torch._C._nn.linear
 _to = torch.Tensor.to
 
+def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor, shifted: bool, dtype: Optional[torch.dtype]):
+    """Attention sinks (GPT-OSS): the softmax over the last dim of `scores` (B, H, N, S) with one
+    more column, each head's sink logit `sinks[h]`, and that column dropped. `shifted`: the
+    columns' row max is subtracted first (as GPT-OSS writes it); `dtype`: the softmax's dtype
+    (None: the scores'). The canonical form of that computation, which it also computes exactly."""
+    B, H, N, _ = scores.shape
+    c = torch.cat([scores, sinks.reshape(1, H, 1, 1).expand(B, H, N, 1).to(scores.dtype)], -1)
+    if shifted:
+        c = c - c.amax(-1, keepdim=True)
+    if dtype is not None:
+        c = c.to(dtype)
+    return torch.softmax(c, -1)[..., :-1]
+
+
 # The targets the canonical graph uses; the matcher compares against these.
 CANONICAL_TARGETS = {
+    softmax_with_sinks,
     torch.matmul, torch.transpose, torch.mul, torch.add, torch.sub, torch.softmax, _to,
     F.dropout, torch.masked_fill, _linear, torch.pow, torch.sum, torch.abs, torch.exp,
     torch.clamp, torch.cdist, F.normalize, F.gelu, torch.relu, F.silu, torch.tanh,
@@ -1039,6 +1057,98 @@ def _terms_added_through_a_split_batch(rw: _Rewriter) -> None:
             rw.graph.erase_node(dead)
 
 
+def _sink_column(node: Any, scores: torch.Tensor) -> Optional[Node]:
+    """The (H,)-element tensor that `node` broadcasts as one column per head over (B, H, N, 1),
+    written `sinks.reshape(1, -1, 1, 1).expand(B, -1, N, -1)` (or view, and sizes spelled out),
+    or None."""
+    if not (isinstance(node, Node) and _method_or_function(node, {"expand"}, {torch.Tensor.expand})):
+        return None
+    ev = example_value(node)
+    B, H, N, _ = scores.shape
+    if not (isinstance(ev, torch.Tensor) and ev.dim() == 4 and _sizes_equal(ev.shape, (B, H, N, 1))):
+        return None
+    col = node.args[0]
+    if not (isinstance(col, Node) and _method_or_function(col, *_RESHAPES)):
+        return None
+    src, cv = col.args[0], example_value(col)
+    sv = example_value(src)
+    if not (isinstance(cv, torch.Tensor) and cv.dim() == 4 and _sizes_equal(cv.shape, (1, H, 1, 1))
+            and isinstance(sv, torch.Tensor) and sv.dim() >= 1 and _same_size(sv.numel(), H)
+            and all(_same_size(d, 1) for d in sv.shape[:-1])):
+        return None
+    return src
+
+
+def _softmax_with_sinks(rw: _Rewriter) -> None:
+    """`softmax(cat([scores, sinks column], -1) [- its row max] [cast], -1)[..., :-1]` becomes
+    `softmax_with_sinks(scores, sinks, shifted, dtype)` (GPT-OSS's attention sinks), where every
+    step is used only along that chain and every size is proven from the recorded shapes."""
+    for sm in list(rw.graph.nodes):
+        if sm not in rw.graph.nodes or not (sm.op == "call_function" and sm.target is torch.softmax):
+            continue
+        smv = example_value(sm)
+        if not (isinstance(smv, torch.Tensor) and smv.dim() == 4 and sm.args[1] in (-1, 3)
+                and len(sm.users) == 1):
+            continue
+        (cut,) = sm.users
+        index = cut.args[1] if (cut.op == "call_function" and cut.target is operator.getitem) else None
+        if not (isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis
+                and index[1] == slice(None, -1, None)):
+            continue
+        x, dtype = sm.args[0], None
+        if is_cast(x):
+            dtype, x = x.args[1], x.args[0]
+            if len(sm.args[0].users) != 1:
+                continue
+        shifted = False
+        if (isinstance(x, Node) and x.op == "call_function" and x.target is torch.sub and len(x.args) == 2
+                and len(x.users) == 1):
+            cat, top = x.args
+            if _row_max_of(top, cat):
+                shifted, x = True, cat
+        cat = x
+        if not (isinstance(cat, Node) and cat.op == "call_function" and cat.target in (torch.cat, torch.concat)):
+            continue
+        parts = cat.args[0] if cat.args else None
+        dim = cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0)
+        if not (isinstance(parts, (list, tuple)) and len(parts) == 2 and dim in (-1, 3)
+                and len(cat.users) == (2 if shifted else 1)):
+            continue
+        scores, column = parts
+        scv = example_value(scores)
+        if not (isinstance(scv, torch.Tensor) and scv.dim() == 4 and scv.dtype.is_floating_point):
+            continue
+        sinks = _sink_column(column, scv)
+        if sinks is None or len(column.users) != 1:
+            continue
+        new = rw.emit(cut, softmax_with_sinks, (scores, sinks, shifted, dtype), meta_from=cut)
+        cut.replace_all_uses_with(new)
+        for dead in (cut, sm, sm.args[0] if is_cast(sm.args[0]) else None):
+            if dead is not None and not dead.users:
+                rw.graph.erase_node(dead)
+        rw.changed += 1
+
+
+def _row_max_of(top: Any, x: Node) -> bool:
+    """`top` is x's max over the last dim with keepdim: `x.max(-1, keepdim=True)[0]` (the
+    `.values` Dynamo records as getitem 0) or `torch.amax(x, -1, True)`."""
+    if not isinstance(top, Node):
+        return False
+    if top.op == "call_function" and top.target is operator.getitem and top.args[1] == 0:
+        mx = top.args[0]
+        if not (isinstance(mx, Node) and _method_or_function(mx, {"max"}, {torch.max}) and len(mx.users) == 1):
+            return False
+    elif _method_or_function(top, {"amax"}, {torch.amax}):
+        mx = top
+    else:
+        return False
+    if mx.args[0] is not x or len(top.users) != 1:
+        return False
+    dim = _arg(mx, 1, "dim")
+    keep = _arg(mx, 2, "keepdim", False)
+    return dim in (-1, 3) and keep is True
+
+
 def _is_weight(x: Any) -> bool:
     """A 2-D tensor the graph receives (a parameter or input) rather than computes."""
     return isinstance(x, Node) and x.op in ("placeholder", "get_attr") and rank_of(x) == 2
@@ -1307,6 +1417,7 @@ def canonicalize(graph: fx.Graph) -> int:
     _unfold_heads_from_batch(rw)
     _terms_added_through_a_split_batch(rw)
     _repeat_kv_as_repeat_interleave(rw)
+    _softmax_with_sinks(rw)
     _matmul_to_linear(rw)
     _unflatten_linear(rw)
     _fold_tanh_gelu(rw)

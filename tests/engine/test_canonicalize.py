@@ -406,3 +406,51 @@ def test_baddbmm_with_beta_zero_keeps_an_input_that_wants_a_gradient():
 
     gm, inputs = _dynamo_graph(scores, torch.randn(2, 4, 8), torch.randn(2, 4, 8), with_inputs=True)
     assert any(n.target is torch.baddbmm or n.target == "baddbmm" for n in canonical_copy(gm).graph.nodes)
+
+
+class _SinkAttention(torch.nn.Module):
+    """GPT-OSS's eager attention core, with variants that are not attention sinks."""
+
+    def __init__(self, heads=4, form="gpt_oss"):
+        super().__init__()
+        self.sinks = torch.nn.Parameter(torch.randn(heads))
+        self.form = form
+
+    def forward(self, q, k, v, mask):
+        s = q @ k.transpose(2, 3) * 0.25 + mask
+        B, H, N, _ = s.shape
+        if self.form == "not_per_head":  # one sink value per (batch, query): no head structure
+            col = torch.arange(N, dtype=s.dtype).reshape(1, 1, N, 1).expand(B, H, N, 1)
+        else:
+            col = self.sinks.reshape(1, -1, 1, 1).expand(B, -1, N, -1)
+        c = torch.cat([s, col], dim=-1)
+        if self.form != "unshifted":
+            c = c - c.max(dim=-1, keepdim=True).values
+        probs = F.softmax(c, dim=-1, dtype=c.dtype)
+        if self.form == "first_column_dropped":
+            return probs[..., 1:] @ v
+        out = probs[..., :-1] @ v
+        return (out, probs) if self.form == "probs_returned" else out
+
+
+@pytest.mark.parametrize("form", ["gpt_oss", "unshifted", "not_per_head", "first_column_dropped", "probs_returned"])
+def test_attention_sinks_become_softmax_with_sinks_only_when_they_are_sinks(form):
+    """GPT-OSS's cat of a per-head sink column, shift by the row max, softmax and drop of the last
+    column is one `softmax_with_sinks` call that computes the same bits; the same steps with a
+    column that is not one logit per head, another column dropped, or probabilities used
+    elsewhere stay as they are."""
+    from fusion_backend.canonicalize import softmax_with_sinks
+
+    torch.manual_seed(0)
+    m = _SinkAttention(form=form)
+    q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
+    mask = torch.zeros(2, 1, 6, 6)
+    mask[0, ..., :2] = torch.finfo(torch.float32).min
+    gm, inputs = _dynamo_graph(m, q, k, v, mask, with_inputs=True)
+    canon = canonical_copy(gm)
+    rewritten = softmax_with_sinks in _targets(canon)
+    assert rewritten == (form in ("gpt_oss", "unshifted")), canon.graph
+    want = gm(*inputs)
+    got = canon(*inputs)
+    for a, b in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
+        assert torch.equal(a, b)

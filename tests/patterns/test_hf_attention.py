@@ -279,3 +279,43 @@ def test_hf_sam_vision_relative_positions_reshaped_as_the_scores():
     pixels = torch.randn(1, 3, 64, 64)
     assert_fused(model, pixels, variant="dot", rule="attention.dot", count=2)
     assert_as_close_to_float64_as_eager(model, pixels)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_hf_gpt_oss_attention_sinks(padded):
+    """GPT-OSS adds a learnable sink logit per head as one more softmax column and drops it; its
+    layers alternate a sliding window and full attention over grouped K/V. Each attention site
+    fuses with the sinks, and the model (the sinks' gradients included) equals eager."""
+    torch.manual_seed(0)
+    cfg = transformers.GptOssConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+                                    vocab_size=VOCAB, max_position_embeddings=16, sliding_window=4,
+                                    layer_types=["sliding_attention", "full_attention"], rope_parameters=None,
+                                    bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = Logits(transformers.GptOssForCausalLM._from_config(cfg, attn_implementation="eager")).train()
+    with torch.no_grad():
+        for layer in model.lm.model.layers:
+            layer.self_attn.sinks.normal_()
+    args, loss_mask = _ids_and_padding(padded)
+    sites = assert_fused(model, *args, variant="dot", count=2)
+    # without padding, the full-attention layer's mask is HF's constant causal triangle: causal=True
+    want = {"attention.dot_repeat_kv_sinks"} | ({"attention.dot_repeat_kv_sinks_causal"} if not padded else set())
+    assert {s.rule for s in sites if s.kind == "attention" and s.decision == "fused"} == want
+    assert_matches_eager(model, *args, grad_inputs=False, loss_mask=loss_mask, atol=2e-5, rtol=2e-4)
+
+
+def test_sinks_with_a_learnable_scale_are_a_near_miss():
+    """The op takes no scale gradient with sinks: such a site is kept, with the reason."""
+    class SinkAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sinks = torch.nn.Parameter(torch.randn(4))
+            self.scale = torch.nn.Parameter(torch.tensor(0.3))
+
+        def forward(self, q, k, v):
+            s = q @ k.transpose(-1, -2) * self.scale
+            c = torch.cat([s, self.sinks.reshape(1, -1, 1, 1).expand(s.shape[0], -1, s.shape[2], -1)], dim=-1)
+            return torch.softmax(c, dim=-1)[..., :-1] @ v
+
+    q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
+    assert_near_miss(SinkAttention(), q, k, v, reason="needs a gradient")
