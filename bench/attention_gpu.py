@@ -129,6 +129,39 @@ def check_once(metric, dtype, B, H, Hkv, Nq, Nk, D, Dv, causal=False, mask=None,
     return ok
 
 
+def check_sinks(dtype, B, H, Hkv, Nq, Nk, D, causal=False, mask=None):
+    """Attention sinks (GPT-OSS: one learnable logit per head in every row's softmax, no value):
+    output and the q, k, v and sinks gradients against float64. mask: "window" (HF's finfo.min
+    sliding window of 128, over 1M entries so the kernels skip blocks) or "dead" (a bool mask
+    dropping a whole row, whose output is 0)."""
+    q, k, v = (torch.randn(B, h, n, D, device=dev, dtype=dtype) for h, n in ((H, Nq), (Hkv, Nk), (Hkv, Nk)))
+    sinks = torch.randn(H, device=dev) * 2
+    m = None
+    if mask == "window":
+        i = torch.arange(max(Nq, Nk), device=dev)
+        band = ((i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 128))[:Nq, :Nk]
+        m = torch.zeros(1, 1, Nq, Nk, device=dev).masked_fill(~band, torch.finfo(torch.float32).min)
+    elif mask == "dead":
+        m = torch.rand(B, 1, Nq, Nk, device=dev) > 0.3
+        m[0, 0, Nq // 2] = False
+    ins = [t.requires_grad_() for t in (q, k, v, sinks)]
+    kw = dict(causal=causal, attn_mask=m, enable_gqa=H != Hkv)
+    out = attention(*ins[:3], sinks=ins[3], **kw)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, ins, g)
+    ins64 = [t.detach().double().requires_grad_() for t in ins]
+    ref = attention_reference(*ins64[:3], sinks=ins64[3], **kw)
+    g64 = torch.autograd.grad(ref, ins64, g.double())
+    eo, eg = rel(out, ref), [rel(a, b) for a, b in zip(grads, g64)]
+    ok = (eo <= TOL_OUT[dtype] and all(e <= TOL_GRAD[dtype] for e in eg) and bool(torch.isfinite(out).all())
+          and (mask != "dead" or bool((out[0, :, Nq // 2] == 0).all())))
+    RES["check"].append(dict(check="sinks", dtype=str(dtype), shape=[B, H, Hkv, Nq, Nk, D], causal=causal,
+                             mask=mask, err_out=eo, err_grads=eg, ok=ok))
+    print(f"{'OK ' if ok else 'BAD'} sinks {str(dtype).split('.')[-1]:8s} {[B, H, Hkv, Nq, Nk, D]} causal={causal} "
+          f"mask={mask} out {eo:.1e} grads {' '.join(f'{e:.1e}' for e in eg)}", flush=True)
+    return ok
+
+
 def check_poison(metric, dtype):
     for _ in range(2):  # a second draw of inputs, with the kernels already compiled
         check_poison_once(metric, dtype)
@@ -358,6 +391,12 @@ def run_checks(part=0, nparts=1):
     jobs.append(lambda: check("cosine", torch.bfloat16, 1, 4, 4, 1100, 1100, 64, 64, mask="band_dead"))
     jobs.append(lambda: check("dot", torch.float16, 1, 2, 2, 1100, 1100, 128, 128, mask="band", scale="number",
                               softcap=30.0))
+    # attention sinks (GPT-OSS: 64 query heads over 8 K/V heads, head dim 64, windows of 128)
+    jobs.append(lambda: check_sinks(torch.bfloat16, 1, 8, 1, 1100, 1100, 64, mask="window"))
+    jobs.append(lambda: check_sinks(torch.bfloat16, 2, 8, 2, 300, 300, 64, causal=True))
+    jobs.append(lambda: check_sinks(torch.float16, 2, 4, 4, 77, 150, 64, mask="dead"))
+    jobs.append(lambda: check_sinks(torch.float32, 1, 4, 2, 1, 200, 64))
+    jobs.append(lambda: check_sinks(torch.bfloat16, 1, 4, 4, 130, 130, 128, causal=True))
     jobs.append(l2_accuracy)
     jobs.append(check_peaked)
     for learnable in (False, True):
