@@ -701,17 +701,24 @@ def _softcap_args(scale, scale2, cap):
     return pre * cap, abs(float(cap))
 
 
+def _kernel_only_rules(name, pattern, repeat_kv_pattern, check):
+    """The four rules of a score form that SDPA cannot compute, whose sites go to the op's kernels
+    only: as written, with K/V repeated per head (grouped K/V), and each with HF's constant causal
+    mask read as causal=True."""
+    return [
+        _rule(f"attention.{name}", "dot", pattern, (check,), offer_sdpa=False),
+        _rule(f"attention.{name}_repeat_kv", "dot", repeat_kv_pattern, (check, check_repeat_kv), priority=120,
+              gqa=True, offer_sdpa=False),
+        _rule(f"attention.{name}_causal", "dot", pattern, (check, check_constant_causal_bias), priority=105,
+              causal_bias=True, offer_sdpa=False),
+        _rule(f"attention.{name}_repeat_kv_causal", "dot", repeat_kv_pattern,
+              (check, check_repeat_kv, check_constant_causal_bias), priority=125, gqa=True, causal_bias=True,
+              offer_sdpa=False),
+    ]
+
+
 RULES = [
     _rule("attention.dot", "dot", dot_pattern),
-    # GPT-OSS: sinks in the softmax (SDPA has none, so it is not offered)
-    _rule("attention.dot_sinks", "dot", dot_sinks_pattern, (check_sinks,), offer_sdpa=False),
-    _rule("attention.dot_repeat_kv_sinks", "dot", dot_repeat_kv_sinks_pattern, (check_sinks, check_repeat_kv),
-          priority=120, gqa=True, offer_sdpa=False),
-    _rule("attention.dot_sinks_causal", "dot", dot_sinks_pattern, (check_sinks, check_constant_causal_bias),
-          priority=105, causal_bias=True, offer_sdpa=False),
-    _rule("attention.dot_repeat_kv_sinks_causal", "dot", dot_repeat_kv_sinks_pattern,
-          (check_sinks, check_repeat_kv, check_constant_causal_bias), priority=125, gqa=True, causal_bias=True,
-          offer_sdpa=False),
     _rule("attention.dot_repeat_kv", "dot", dot_repeat_kv_pattern, (check_repeat_kv,), priority=120, gqa=True),
     # HF eager builds its causal mask from aranges: proven causal at compile time, it becomes
     # causal=True (the kernels skip the masked half); other masks go to the rules above
@@ -725,15 +732,9 @@ RULES = [
     _rule("attention.l1_cdist", "l1", l1_cdist_pattern, (check_distance_scale,)),
     _rule("attention.l1_broadcast", "l1", l1_broadcast_pattern, (check_distance_scale,)),
     _rule("attention.cosine", "cosine", cosine_pattern, (check_cosine_eps,), priority=110),
-    # Gemma 2's soft-capped scores (SDPA has no soft cap: the op's kernels only)
-    _rule("attention.softcap", "dot", softcap_pattern, (check_softcap,), offer_sdpa=False),
-    _rule("attention.softcap_repeat_kv", "dot", softcap_repeat_kv_pattern, (check_softcap, check_repeat_kv),
-          priority=120, gqa=True, offer_sdpa=False),
-    _rule("attention.softcap_causal", "dot", softcap_pattern, (check_softcap, check_constant_causal_bias),
-          priority=105, causal_bias=True, offer_sdpa=False),
-    _rule("attention.softcap_repeat_kv_causal", "dot", softcap_repeat_kv_pattern,
-          (check_softcap, check_repeat_kv, check_constant_causal_bias), priority=125, gqa=True, causal_bias=True,
-          offer_sdpa=False),
+    # Gemma 2's soft-capped scores and GPT-OSS's sinks (SDPA has neither)
+    *_kernel_only_rules("softcap", softcap_pattern, softcap_repeat_kv_pattern, check_softcap),
+    *_kernel_only_rules("sinks", dot_sinks_pattern, dot_repeat_kv_sinks_pattern, check_sinks),
 ]
 
 for _r in RULES:

@@ -299,7 +299,7 @@ def test_hf_gpt_oss_attention_sinks(padded):
     args, loss_mask = _ids_and_padding(padded)
     sites = assert_fused(model, *args, variant="dot", count=2)
     # without padding, the full-attention layer's mask is HF's constant causal triangle: causal=True
-    want = {"attention.dot_repeat_kv_sinks"} | ({"attention.dot_repeat_kv_sinks_causal"} if not padded else set())
+    want = {"attention.sinks_repeat_kv"} | ({"attention.sinks_repeat_kv_causal"} if not padded else set())
     assert {s.rule for s in sites if s.kind == "attention" and s.decision == "fused"} == want
     assert_matches_eager(model, *args, grad_inputs=False, loss_mask=loss_mask, atol=2e-5, rtol=2e-4)
 
