@@ -63,11 +63,11 @@ class LastHidden(nn.Module):
         return self.model(*inputs).last_hidden_state
 
 
-def _hf(cls_name, config_name, impl="eager", **cfg):
+def _hf(cls_name, config_name, impl="eager", from_config=None, **cfg):
     import transformers
 
     config = getattr(transformers, config_name)(**cfg)
-    return Logits(getattr(transformers, cls_name)._from_config(config, attn_implementation=impl))
+    return Logits(getattr(transformers, cls_name)._from_config(config, attn_implementation=impl, **(from_config or {})))
 
 
 def _left_padded(batch=2, pad=T // 3):
@@ -243,13 +243,29 @@ def case_nemotron():
     return model, (_ids(1), am), am[..., None].float(), 2
 
 
+def case_gpt_oss():
+    """Attention sinks (a learnable logit per head in every softmax row), sliding and full layers,
+    grouped K/V; the MoE experts stay unfused."""
+    model = _hf("GptOssForCausalLM", "GptOssConfig", hidden_size=WIDTH, intermediate_size=WIDTH, num_hidden_layers=2,
+                num_attention_heads=HEADS, num_key_value_heads=2, head_dim=WIDTH // HEADS, num_local_experts=2,
+                num_experts_per_tok=1, vocab_size=VOCAB, max_position_embeddings=T, sliding_window=T // 4,
+                layer_types=["sliding_attention", "full_attention"], rope_parameters=None, bos_token_id=0,
+                eos_token_id=0, pad_token_id=0,
+                from_config={"experts_implementation": "eager"})  # grouped_mm has no float64 reference
+    with torch.no_grad():
+        for layer in model.lm.model.layers:
+            layer.self_attn.sinks.normal_()
+    am = _left_padded()
+    return model, (_ids(1), am), am[..., None].float(), 2
+
+
 def case_inplace_mlp():
     return InplaceNextToMLP(), (torch.randn(2, T, WIDTH),), None, 1
 
 
 CASES = {"gpt2": case_gpt2, "llama": case_llama, "mpt": case_mpt, "falcon_alibi": case_falcon_alibi,
          "gemma2": case_gemma2, "bloom": case_bloom, "t5": case_t5, "bert": case_bert, "swinv2": case_swinv2, "sam": case_sam, "led": case_led, "filled_rows": case_filled_rows,
-         "nemotron": case_nemotron, "inplace_mlp": case_inplace_mlp}
+         "nemotron": case_nemotron, "gpt_oss": case_gpt_oss, "inplace_mlp": case_inplace_mlp}
 
 
 def _run(model, inputs, weight):
