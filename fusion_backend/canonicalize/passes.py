@@ -29,6 +29,9 @@ Canonical vocabulary (all positional, dims negative where the rank is known):
                                     softmax(cat([s, sinks per head], -1) [- row max], -1)[..., :-1]
                                     (GPT-OSS's attention sinks)
 
+`t = x.new_empty(...)` filled by slice copies that tile its last dim, read only after them, is
+the `torch.cat` of the pieces (DeepSeek-V3's keys).
+
 Identity casts and views or reshapes to a tensor's own shape are removed (`.contiguous()` is
 not: a later `.view` depends on it). In-place variants become functional when that is
 provably the same: the mutated tensor is a fresh intermediate (not an input, not a view) and every
@@ -290,6 +293,79 @@ def _is_fresh_intermediate(x: Any) -> bool:
     if not isinstance(x, Node) or x.op not in ("call_function", "call_method") or _aliases(x):
         return False
     return is_tensor_node(x)
+
+
+def _last_dim_slice(index: Any, size: int) -> Optional[tuple]:
+    """(start, stop) of an index `(..., a:b)` over a last dim of `size` (static ints, step 1), else None."""
+    if not (isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis and isinstance(index[1], slice)
+            and index[1].step in (None, 1)):
+        return None
+    start, stop = index[1].start, index[1].stop
+    if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (start, stop)):
+        return None
+    start, stop, _ = slice(start, stop).indices(size)
+    return (start, stop) if start < stop else None
+
+
+def _assembled_by_slice_copies(rw: _Rewriter) -> None:
+    """`t = x.new_empty(...)`, then `t[..., a:b].copy_(src)` for slices that tile its last dim (or
+    `t[..., a:b] = src`), read only after the copies: that is `torch.cat` of the sources (cast to
+    t's dtype), which builds the same tensor (DeepSeek-V3 assembles its keys this way). Only where
+    every size is a static int, every source has its slice's exact shape, and nothing else touches
+    t before the copies or writes it after them."""
+    graph = rw.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if not (node.op == "call_method" and node.target == "new_empty"):
+            continue
+        tv = example_value(node)
+        if not (isinstance(tv, torch.Tensor) and tv.dim() >= 1 and isinstance(tv.shape[-1], int)):
+            continue
+        D = tv.shape[-1]
+        pieces, readers = [], []
+        for user in node.users:
+            writer = None
+            if user.op == "call_function" and user.target is operator.getitem and len(user.users) == 1:
+                (writer,) = user.users
+                if not (writer.op == "call_method" and writer.target == "copy_" and len(writer.args) == 2
+                        and writer.args[0] is user and not writer.kwargs and not writer.users):
+                    writer = None
+                bounds, src = _last_dim_slice(user.args[1], D), writer.args[1] if writer is not None else None
+            elif user.op == "call_function" and user.target is operator.setitem and user.args[0] is node:
+                writer, bounds, src = user, _last_dim_slice(user.args[1], D), user.args[2]
+            if writer is None:
+                readers.append(user)
+                continue
+            sv = example_value(src)
+            view = example_value(user) if writer is not user else None
+            want = tuple(tv.shape[:-1]) + ((bounds[1] - bounds[0]),) if bounds else None
+            if not (bounds and isinstance(src, Node) and isinstance(sv, torch.Tensor) and sv.dtype.is_floating_point
+                    and sv.device == tv.device and tuple(sv.shape) == want
+                    and (view is None or tuple(view.shape) == want)):
+                pieces = None
+                break
+            pieces.append((bounds, src, writer, user))
+        if not pieces or not readers:
+            continue
+        pieces.sort(key=lambda piece: piece[0])
+        tiled = pieces[0][0][0] == 0 and pieces[-1][0][1] == D and all(
+            a[0][1] == b[0][0] for a, b in zip(pieces, pieces[1:]))
+        last_write = max(order[w] for _, _, w, _ in pieces)
+        first_read = min(order[r] for r in readers)
+        if not tiled or first_read < last_write or any(mutates(r) for r in readers):
+            continue
+        first = min(readers, key=order.get)
+        sources = [s if example_value(s).dtype == tv.dtype else rw.emit(first, _to, (s, tv.dtype))
+                   for _, s, _, _ in pieces]
+        cat = rw.emit(first, torch.cat, (sources, -1))
+        for reader in readers:
+            reader.replace_input_with(node, cat)
+        for _, _, writer, view in pieces:
+            graph.erase_node(writer)
+            if view is not writer:
+                graph.erase_node(view)
+        graph.erase_node(node)
+        rw.changed += 1
 
 
 def _functionalize_inplace(rw: _Rewriter) -> None:
@@ -1402,6 +1478,7 @@ def canonicalize(graph: fx.Graph) -> int:
     and whose memory the graph also reads marks the values it may write `WRITTEN_IN_PLACE`: they
     are not rewritten here, and no site may take them in (`match.sites`)."""
     rw = _Rewriter(graph)
+    _assembled_by_slice_copies(rw)
     _functionalize_inplace(rw)
     for node in list(graph.nodes):
         if mutates(node):

@@ -454,3 +454,42 @@ def test_attention_sinks_become_softmax_with_sinks_only_when_they_are_sinks(form
     got = canon(*inputs)
     for a, b in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
         assert torch.equal(a, b)
+
+
+def _assemble(kn, kr, form):
+    """A key assembled in place from two pieces, as DeepSeek-V3 does, and variants that are not a
+    concatenation (or not provably one)."""
+    d = kn.shape[-1]
+    k = kn.new_empty(*kn.shape[:-1], d + kr.shape[-1])
+    if form == "setitem":
+        k[..., :d] = kn
+        k[..., d:] = kr
+    elif form == "gap":  # the last column is never written
+        k[..., :d].copy_(kn)
+        k[..., d:-1].copy_(kr[..., :-1])
+    elif form == "read_between":  # read before the second piece is written
+        k[..., :d].copy_(kn)
+        early = k[..., :d].sum()  # the written part only: the rest is uninitialized memory
+        k[..., d:].copy_(kr)
+        return k * 2 + early
+    elif form == "broadcast":  # a piece broadcast by the copy: not cat's shape
+        k[..., :d].copy_(kn)
+        k[..., d:].copy_(kr[:, :1])
+    else:
+        k[..., :d].copy_(kn)
+        k[..., d:].copy_(kr)
+        if form == "written_after":
+            k.mul_(2)
+    return k * 2
+
+
+@pytest.mark.parametrize("form", ["copy", "setitem", "gap", "read_between", "broadcast", "written_after"])
+def test_slice_copies_into_a_fresh_tensor_become_cat_only_when_they_tile_it(form):
+    kn, kr = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 2)
+    gm, inputs = _dynamo_graph(lambda a, b: _assemble(a, b, form), kn, kr, with_inputs=True)
+    canon = canonical_copy(gm)
+    assert (torch.cat in _targets(canon)) == (form in ("copy", "setitem")), canon.graph
+    want, got = gm(*inputs), canon(*inputs)
+    want, got = (want[0], got[0]) if isinstance(want, tuple) else (want, got)
+    if form != "gap":  # the unwritten column is uninitialized memory in both
+        assert torch.equal(want, got)

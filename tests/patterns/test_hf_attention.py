@@ -319,3 +319,21 @@ def test_sinks_with_a_learnable_scale_are_a_near_miss():
 
     q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
     assert_near_miss(SinkAttention(), q, k, v, reason="needs a gradient")
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_hf_deepseek_v3_keys_assembled_in_place(impl, padded):
+    """DeepSeek-V3 (multi-head latent attention) assembles its keys by copying two pieces into
+    slices of a `new_empty` tensor; canonicalization reads that as their concatenation, so the
+    attention (query/key head dim 24, value head dim 16) fuses and the model equals eager."""
+    torch.manual_seed(0)
+    cfg = transformers.DeepseekV3Config(hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                                        num_hidden_layers=1, first_k_dense_replace=1, num_attention_heads=4,
+                                        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16,
+                                        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, vocab_size=VOCAB,
+                                        max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = Logits(transformers.DeepseekV3ForCausalLM._from_config(cfg, attn_implementation=impl)).train()
+    args, loss_mask = _ids_and_padding(padded)
+    assert_fused(model, *args, variant="dot", count=1)
+    assert_matches_eager(model, *args, grad_inputs=False, loss_mask=loss_mask, atol=2e-5, rtol=2e-4)
