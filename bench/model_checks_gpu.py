@@ -259,13 +259,26 @@ def case_gpt_oss():
     return model, (_ids(1), am), am[..., None].float(), 2
 
 
+def case_deepseek_v3():
+    """Multi-head latent attention: keys assembled by copies into slices of a new_empty tensor,
+    query/key head dim 24 and value head dim 16; a dense MLP."""
+    model = _hf("DeepseekV3ForCausalLM", "DeepseekV3Config", hidden_size=WIDTH, intermediate_size=2 * WIDTH,
+                moe_intermediate_size=WIDTH, num_hidden_layers=2, first_k_dense_replace=2, num_attention_heads=HEADS,
+                num_key_value_heads=HEADS, q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8,
+                qk_nope_head_dim=16, v_head_dim=16, vocab_size=VOCAB, max_position_embeddings=T, bos_token_id=0,
+                eos_token_id=0, pad_token_id=0)
+    am = _left_padded()
+    return model, (_ids(1), am), am[..., None].float(), 2
+
+
 def case_inplace_mlp():
     return InplaceNextToMLP(), (torch.randn(2, T, WIDTH),), None, 1
 
 
 CASES = {"gpt2": case_gpt2, "llama": case_llama, "mpt": case_mpt, "falcon_alibi": case_falcon_alibi,
          "gemma2": case_gemma2, "bloom": case_bloom, "t5": case_t5, "bert": case_bert, "swinv2": case_swinv2, "sam": case_sam, "led": case_led, "filled_rows": case_filled_rows,
-         "nemotron": case_nemotron, "gpt_oss": case_gpt_oss, "inplace_mlp": case_inplace_mlp}
+         "nemotron": case_nemotron, "gpt_oss": case_gpt_oss, "deepseek_v3": case_deepseek_v3,
+         "inplace_mlp": case_inplace_mlp}
 
 
 def _run(model, inputs, weight):
