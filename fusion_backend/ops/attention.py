@@ -10,9 +10,9 @@ scale*cos(q, k) (default scale 1.0 for the distances). `scale` is a float or a t
 elements (any shape) that receives a gradient. `softcap` (dot only, with a number scale) soft-caps
 the logits as Gemma 2 does: cap * tanh(scale*q.k / cap), before the mask. `sinks` (dot, H
 elements, learnable) are GPT-OSS's attention sinks: each head's softmax also sums exp(sinks[h])
-over one more key that has no value, so the weights of a row sum to less than 1. A bool mask keeps where
-True, a float mask is added to the logits (and gets a gradient if it requires one); both broadcast
-to (B, H, Nq, Nk). `causal` is the top-left lower triangle. A fully masked row gives 0. Blocks a
+over one more key that has no value, so the weights of a row sum to less than 1. A bool mask
+keeps where True, a float mask is added to the logits (and gets a gradient if it requires one);
+both broadcast to (B, H, Nq, Nk). `causal` is the top-left lower triangle. A fully masked row gives 0. Blocks a
 large mask drops whole are skipped (`kernels.attention.MaskRanges`), with the same result.
 
 Two custom ops carry the work: truthfuse::attention_fwd returns (out, row stats, mask ranges) and
