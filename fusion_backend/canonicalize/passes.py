@@ -61,7 +61,8 @@ def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor, shifted: bool,
     columns' row max is subtracted first (as GPT-OSS writes it); `dtype`: the softmax's dtype
     (None: the scores'). The canonical form of that computation, which it also computes exactly."""
     B, H, N, _ = scores.shape
-    c = torch.cat([scores, sinks.reshape(1, H, 1, 1).expand(B, H, N, 1).to(scores.dtype)], -1)
+    dt = torch.promote_types(scores.dtype, sinks.dtype)  # as torch.cat promotes
+    c = torch.cat([scores.to(dt), sinks.reshape(1, H, 1, 1).expand(B, H, N, 1).to(dt)], -1)
     if shifted:
         c = c - c.amax(-1, keepdim=True)
     if dtype is not None:

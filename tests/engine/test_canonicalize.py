@@ -415,9 +415,13 @@ class _SinkAttention(torch.nn.Module):
         super().__init__()
         self.sinks = torch.nn.Parameter(torch.randn(heads))
         self.form = form
+        if form == "bf16_scores":  # the cat promotes them to the fp32 sinks' dtype
+            self.sinks.data = torch.randn(heads) * 3.3
 
     def forward(self, q, k, v, mask):
         s = q @ k.transpose(2, 3) * 0.25 + mask
+        if self.form == "bf16_scores":
+            s = s.bfloat16()
         B, H, N, _ = s.shape
         if self.form == "not_per_head":  # one sink value per (batch, query): no head structure
             col = torch.arange(N, dtype=s.dtype).reshape(1, 1, N, 1).expand(B, H, N, 1)
@@ -433,7 +437,8 @@ class _SinkAttention(torch.nn.Module):
         return (out, probs) if self.form == "probs_returned" else out
 
 
-@pytest.mark.parametrize("form", ["gpt_oss", "unshifted", "not_per_head", "first_column_dropped", "probs_returned"])
+@pytest.mark.parametrize("form", ["gpt_oss", "unshifted", "bf16_scores", "not_per_head", "first_column_dropped",
+                                  "probs_returned"])
 def test_attention_sinks_become_softmax_with_sinks_only_when_they_are_sinks(form):
     """GPT-OSS's cat of a per-head sink column, shift by the row max, softmax and drop of the last
     column is one `softmax_with_sinks` call that computes the same bits; the same steps with a
@@ -449,7 +454,7 @@ def test_attention_sinks_become_softmax_with_sinks_only_when_they_are_sinks(form
     gm, inputs = _dynamo_graph(m, q, k, v, mask, with_inputs=True)
     canon = canonical_copy(gm)
     rewritten = softmax_with_sinks in _targets(canon)
-    assert rewritten == (form in ("gpt_oss", "unshifted")), canon.graph
+    assert rewritten == (form in ("gpt_oss", "unshifted", "bf16_scores")), canon.graph
     want = gm(*inputs)
     got = canon(*inputs)
     for a, b in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
