@@ -351,9 +351,14 @@ def _assembled_by_slice_copies(rw: _Rewriter) -> None:
         pieces.sort(key=lambda piece: piece[0])
         tiled = pieces[0][0][0] == 0 and pieces[-1][0][1] == D and all(
             a[0][1] == b[0][0] for a, b in zip(pieces, pieces[1:]))
-        last_write = max(order[w] for _, _, w, _ in pieces)
+        writers = {w for _, _, w, _ in pieces}
+        first_write = min(order[w] for w in writers)
+        last_write = max(order[w] for w in writers)
         first_read = min(order[r] for r in readers)
-        if not tiled or first_read < last_write or any(mutates(r) for r in readers):
+        # cat reads the sources where t is first read, not where each was copied: nothing else
+        # may write anything in between
+        if (not tiled or first_read < last_write or any(mutates(r) for r in readers)
+                or _writes_between(graph, order, first_write, first_read, writers)):
             continue
         first = min(readers, key=order.get)
         sources = [s if example_value(s).dtype == tv.dtype else rw.emit(first, _to, (s, tv.dtype))
@@ -367,6 +372,12 @@ def _assembled_by_slice_copies(rw: _Rewriter) -> None:
                 graph.erase_node(view)
         graph.erase_node(node)
         rw.changed += 1
+
+
+def _writes_between(graph: fx.Graph, order: dict, lo: int, hi: int, allowed=()) -> bool:
+    """Whether a node strictly between positions lo and hi of `order` (besides `allowed`) may
+    write into a value in place: then a read moved across that span could see another value."""
+    return any(lo < order[n] < hi and n not in allowed and mutates(n) for n in graph.nodes)
 
 
 def _functionalize_inplace(rw: _Rewriter) -> None:
@@ -1197,6 +1208,10 @@ def _softmax_with_sinks(rw: _Rewriter) -> None:
             continue
         sinks = _sink_column(column, scv)
         if sinks is None or len(column.users) != 1:
+            continue
+        # the call reads the scores and sinks where the probabilities are cut, not at the cat
+        order = {n: i for i, n in enumerate(rw.graph.nodes)}
+        if _writes_between(rw.graph, order, min(order[column.args[0]], order[cat]), order[cut]):
             continue
         new = rw.emit(cut, softmax_with_sinks, (scores, sinks, shifted, dtype), meta_from=cut)
         cut.replace_all_uses_with(new)

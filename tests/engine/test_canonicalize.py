@@ -428,17 +428,21 @@ class _SinkAttention(torch.nn.Module):
         else:
             col = self.sinks.reshape(1, -1, 1, 1).expand(B, -1, N, -1)
         c = torch.cat([s, col], dim=-1)
+        if self.form == "scores_written_after_cat":  # through a view: the cat copied them before
+            s.view(-1).mul_(2.0)
         if self.form != "unshifted":
             c = c - c.max(dim=-1, keepdim=True).values
         probs = F.softmax(c, dim=-1, dtype=c.dtype)
         if self.form == "first_column_dropped":
             return probs[..., 1:] @ v
         out = probs[..., :-1] @ v
+        if self.form == "scores_written_after_cat":
+            return out + s.sum()
         return (out, probs) if self.form == "probs_returned" else out
 
 
 @pytest.mark.parametrize("form", ["gpt_oss", "unshifted", "bf16_scores", "not_per_head", "first_column_dropped",
-                                  "probs_returned"])
+                                  "probs_returned", "scores_written_after_cat"])
 def test_attention_sinks_become_softmax_with_sinks_only_when_they_are_sinks(form):
     """GPT-OSS's cat of a per-head sink column, shift by the row max, softmax and drop of the last
     column is one `softmax_with_sinks` call that computes the same bits; the same steps with a
@@ -477,6 +481,12 @@ def _assemble(kn, kr, form):
         early = k[..., :d].sum()  # the written part only: the rest is uninitialized memory
         k[..., d:].copy_(kr)
         return k * 2 + early
+    elif form == "source_written_after":  # a source changed after its copy: t keeps the old values
+        a = kn * 1.0
+        k[..., :d].copy_(a)
+        k[..., d:].copy_(kr)
+        a.mul_(3.0)
+        return k * 2 + a.sum()
     elif form == "broadcast":  # a piece broadcast by the copy: not cat's shape
         k[..., :d].copy_(kn)
         k[..., d:].copy_(kr[:, :1])
@@ -488,7 +498,8 @@ def _assemble(kn, kr, form):
     return k * 2
 
 
-@pytest.mark.parametrize("form", ["copy", "setitem", "gap", "read_between", "broadcast", "written_after"])
+@pytest.mark.parametrize("form", ["copy", "setitem", "gap", "read_between", "broadcast", "written_after",
+                                  "source_written_after"])
 def test_slice_copies_into_a_fresh_tensor_become_cat_only_when_they_tile_it(form):
     kn, kr = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 2)
     gm, inputs = _dynamo_graph(lambda a, b: _assemble(a, b, form), kn, kr, with_inputs=True)
