@@ -415,6 +415,8 @@ def _sink_grad(grad_out, out, stats, sinks):
     """d loss / d sinks (H,) fp32: the sink's column of dS is -P_sink * delta per row (it has no
     value, so dP is 0 there), with P_sink = exp(sink - logsumexp) from the forward's row stats."""
     B, H, Nq, _ = out.shape
+    # in torch ops, not the kernels' row_dot: this runs in the autograd formula, which
+    # torch.compile traces (and Inductor fuses); the backward kernels' own delta stays inside them
     delta = (grad_out.float() * out.float()).sum(-1)
     lse = (stats[0] + stats[2] * math.log(2.0)).view(B, H, Nq)
     return -(torch.exp(sinks.view(1, H, 1) - lse) * delta).sum(dim=(0, 2))

@@ -366,16 +366,16 @@ def _fused_forward(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, 
 
         if not (gated or save or p_h > 0):  # nothing reads the pre-activation after the activation
             z = zu = None
-            if gemm_epilogue_computes(act, x.device):
+            # relu2 takes its ReLU from the epilogue and squares in place with ATen: one pass over
+            # the hidden, and eager's roundings (ReLU commutes with rounding to x's dtype)
+            epilogue_act = "relu" if act == "relu2" else act
+            if gemm_epilogue_computes(epilogue_act, x.device):
                 # cuBLASLt applies the bias and activation to the product's fp32 accumulator: one
                 # pass over the (T, h) hidden less, and one rounding less.
                 bias = b_in if b_in is not None else x.new_zeros(w_in.shape[0])
-                hid = torch._addmm_activation(bias, x, w_in.t(), use_gelu=act == "gelu_tanh")
-            elif act == "relu2" and gemm_epilogue_computes("relu", x.device):
-                # ReLU from cuBLASLt's epilogue, then ATen's square in place: one pass over the
-                # hidden, and eager's roundings (ReLU commutes with rounding to x's dtype)
-                bias = b_in if b_in is not None else x.new_zeros(w_in.shape[0])
-                hid = torch._addmm_activation(bias, x, w_in.t()).square_()
+                hid = torch._addmm_activation(bias, x, w_in.t(), use_gelu=epilogue_act == "gelu_tanh")
+                if act == "relu2":
+                    hid.square_()
             elif act in _ACTIVATE_IN_PLACE:
                 # ATen's activation in place: the same float32 math and single rounding as our
                 # epilogue kernel, for a quarter of a Triton launch's host time (exact GELU, SiLU).
