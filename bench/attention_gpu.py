@@ -391,6 +391,11 @@ def run_checks(part=0, nparts=1):
     jobs.append(lambda: check("cosine", torch.bfloat16, 1, 4, 4, 1100, 1100, 64, 64, mask="band_dead"))
     jobs.append(lambda: check("dot", torch.float16, 1, 2, 2, 1100, 1100, 128, 128, mask="band", scale="number",
                               softcap=30.0))
+    # the split forward (a few query rows, many keys; the query heads of a kv head packed together)
+    jobs.append(lambda: check("dot", torch.bfloat16, 2, 8, 2, 4, 1500, 128, 128, mask="float"))
+    jobs.append(lambda: check("l2", torch.float16, 1, 8, 2, 2, 3000, 64, 64, smax=0.2))
+    jobs.append(lambda: check("cosine", torch.bfloat16, 3, 4, 4, 3, 777, 40, 40, causal=True))
+    jobs.append(lambda: check("dot", torch.float32, 1, 16, 1, 1, 2000, 64, 64, mask="bool"))
     # attention sinks (GPT-OSS: 64 query heads over 8 K/V heads, head dim 64, windows of 128)
     jobs.append(lambda: check_sinks(torch.bfloat16, 1, 8, 1, 1100, 1100, 64, mask="window"))
     jobs.append(lambda: check_sinks(torch.bfloat16, 2, 8, 2, 300, 300, 64, causal=True))

@@ -2,7 +2,9 @@
 
 One pass with an online softmax; the forward stores the row logsumexp and the backward recomputes
 the probabilities from it (dK/dV in one kernel, dQ plus the scale and mask gradients in another),
-so no Nq x Nk matrix ever reaches memory.
+so no Nq x Nk matrix ever reaches memory. Calls with a few query rows (decoding) take a split
+forward instead: the keys are cut into ranges that run in parallel, each program takes every query
+head of one kv head, and a second pass joins the ranges into the same output and row statistics.
 
 Logits, with s the per-head scale (one fp32 value per query head):
     dot     s * q.k
@@ -519,6 +521,121 @@ def _attn_fwd_kernel(
         acc = acc * (1.0 / (1.0 - dropout_p))
     _fwd_epilogue(acc, m_i, l_i, r_i, OUT, RBAR, STATS_M, STATS_L, b, h, bh, offs_m, offs_dv, sob, soh, som, sod,
                   N_Q, HEAD_DIM_V, MASK_KIND)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward for a few query rows against many keys (decoding): split over the keys
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd_split_kernel(
+    Q, K, V, SCALE, KVEC, MASK, MASK_FLAGS, PART_O, PART_S,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    smb, smh, smm, smn,
+    H, N_Q, N_K, GROUP, cap, split_len, n_splits,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, STATS: tl.constexpr,
+    EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    RUN_IF: tl.constexpr = 0, SOFTCAP: tl.constexpr = False,
+):
+    """One key range (split) of the forward for every query row that one (b, kv head) serves.
+
+    Grid: (n_splits, B * Hkv). The GROUP query heads of the kv head and their N_Q rows are packed
+    into the program's BLOCK_M rows (row r: head hk * GROUP + r // N_Q, query r % N_Q), so each K/V
+    tile is read once for all of them; a decoding step has one or a few query rows, and the
+    per-(b, h) grid of `_attn_fwd_kernel` then leaves most of the GPU idle and most of each tile's
+    rows empty. Keys [split * split_len, + split_len) (split_len a multiple of BLOCK_N).
+    Arguments as in `_attn_fwd_kernel` (no dropout, no kept ranges), plus
+    PART_O: (n_splits, B*H, N_Q, DV_PAD) fp32, the split's unnormalized output rows;
+    PART_S: (3, n_splits, B*H, N_Q) fp32, the split's row max (kernel units), row sum and
+            sum of p * raw (when STATS); `_attn_split_combine_kernel` joins the splits.
+    """
+    if _idle_launch(MASK_FLAGS, RUN_IF):
+        return
+    split = tl.program_id(0)
+    bhk = tl.program_id(1)
+    hkv = H // GROUP
+    b = bhk // hkv
+    hk = bhk % hkv
+    offs_r = tl.arange(0, BLOCK_M)
+    row_ok = offs_r < GROUP * N_Q
+    h = hk * GROUP + tl.where(row_ok, offs_r // N_Q, 0)
+    offs_i = offs_r % N_Q
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    scale = tl.load(SCALE + h)[:, None]
+    if SOFTCAP:
+        scale_k = _kernel_scale(cap, MASK_KIND)
+    else:
+        scale_k = _kernel_scale(scale, MASK_KIND)
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + offs_i[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    mask_base = (MASK + b * smb + h * smh)[:, None]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    r_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    key_hi = N_K
+    if CAUSAL:  # top-left: row i keeps keys j <= i
+        key_hi = tl.minimum(N_K, N_Q)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, key_hi)
+    for start_n in range(lo, hi, BLOCK_N):
+        m_i, l_i, r_i, acc = _fwd_step(
+            start_n, q, m_i, l_i, r_i, acc, K + b * skb + hk * skh, V + b * svb + hk * svh, KVEC + bhk * N_K,
+            mask_base, skn, skd, svn, svd, smm, smn, offs_i, offs_d, offs_dv, N_Q, N_K, scale, scale_k, cap, 0, 0, 0,
+            HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, METRIC, MASK_KIND, CAUSAL, False, STATS, EVEN_N, DOT_PREC,
+            BLOCK_M, BLOCK_N, 16, SOFTCAP, False)
+    row = (split * (tl.num_programs(1) * GROUP) + b * H + h) * N_Q + offs_i
+    tl.store(PART_O + row[:, None] * DV_PAD + offs_dv[None, :], acc, mask=row_ok[:, None])
+    plane = n_splits * tl.num_programs(1) * GROUP * N_Q
+    tl.store(PART_S + row, m_i, mask=row_ok)
+    tl.store(PART_S + plane + row, l_i, mask=row_ok)
+    if STATS:
+        tl.store(PART_S + 2 * plane + row, r_i, mask=row_ok)
+
+
+@triton.jit
+def _attn_split_combine_kernel(
+    PART_O, PART_S, SINKS, OUT, STATS_M, STATS_L, RBAR, H, N_Q, N_ROWS, n_splits, sob, soh, som, sod,
+    HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, MASK_KIND: tl.constexpr, STATS: tl.constexpr,
+    SINK: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    """Join the splits of `_attn_fwd_split_kernel` for one of the N_ROWS = B*H*N_Q output rows (grid
+    (N_ROWS,)): every split's partial row is read at once and rescaled to the common row max, then
+    the output, E_p[raw] and the row stats are stored as `_fwd_epilogue` does. A sink (SINK) enters
+    here, once per row, as in `_attn_fwd_kernel`."""
+    row = tl.program_id(0) + tl.arange(0, 1)
+    bh = row // N_Q
+    h = bh % H
+    sp = tl.arange(0, SPLITS_PAD)
+    live = sp < n_splits
+    plane = n_splits * N_ROWS
+    m_s = tl.load(PART_S + sp * N_ROWS + row, mask=live, other=float("-inf"))
+    m = tl.max(m_s, axis=0) + tl.zeros([1], tl.float32)
+    if SINK:
+        sink = tl.load(SINKS + h)
+        if MASK_KIND != 2:
+            sink = sink * 1.4426950408889634
+        m = tl.maximum(m, sink)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = _exp_rel(m_s - m_safe, MASK_KIND)
+    l_i = tl.sum(w * tl.load(PART_S + plane + sp * N_ROWS + row, mask=live, other=0.0), axis=0) + tl.zeros([1], tl.float32)
+    if SINK:
+        l_i += _exp_rel(sink - m_safe, MASK_KIND)
+    r_i = tl.zeros([1], tl.float32)
+    if STATS:
+        r_i += tl.sum(w * tl.load(PART_S + 2 * plane + sp * N_ROWS + row, mask=live, other=0.0), axis=0)
+    offs_dv = tl.arange(0, DV_PAD)
+    parts = tl.load(PART_O + (sp * N_ROWS + row)[:, None] * DV_PAD + offs_dv[None, :], mask=live[:, None], other=0.0)
+    acc = tl.sum(w[:, None] * parts, axis=0)[None, :]
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(RBAR + row, r_i / tl.where(empty, 1.0, l_i))  # RBAR, STATS_*: (B*H, N_Q) = rows
+    _store_row_stats(STATS_M, STATS_L, 0, row, N_ROWS, m, l_i, MASK_KIND)
+    o_ptrs = OUT + ((bh // H) * sob + h * soh + (row % N_Q) * som)[:, None] + offs_dv[None, :] * sod
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_dv[None, :] < HEAD_DIM_V)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1358,6 +1475,9 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
         kept = (_call_ranges(m4, mask, B, H, Nq, Nk, metric, None) if ranges is None
                 else MaskRanges.compute(m4, B, H, Nq, Nk, out=ranges))
     flags, launches = mask_launches(mask, Nq, Nk, causal, q.device, kept)
+    if split_applies(Nq, H // Hkv, dropout_p, kept is not None):
+        _split_forward(q, k, v, scale, kvec, flags, launches, out, row_stats, metric, stats, softcap, sinks)
+        return out, row_stats
     for run_if, l_mask, l_causal in launches:
         m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
         ranges_used = kept if l_mask is not None else None
@@ -1374,6 +1494,81 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
             num_stages=cfg["num_stages"],
         )
     return out, row_stats
+
+
+# The split forward (`_attn_fwd_split_kernel`) serves calls with at most SPLIT_MAX_QUERIES query
+# rows whose query heads per kv head, times those rows, fit SPLIT_MAX_ROWS packed rows: decoding
+# steps, and a few speculative tokens at a time.
+SPLIT_MAX_QUERIES = 16
+SPLIT_MAX_ROWS = 64
+# Its key tile per padded head dim: (BLOCK_N, num_warps, num_stages)
+_SPLIT_TILES = {16: (128, 4, 3), 32: (128, 4, 3), 64: (128, 4, 3), 128: (128, 4, 2), 256: (64, 4, 2)}
+# Programs per streaming multiprocessor the split count aims at, and the fewest key tiles a split
+# walks (each split also costs a partial row to write and to join)
+SPLIT_WAVES = 2
+SPLIT_MIN_TILES = 1
+# At most this many splits: the join reads every split of a row at once
+SPLIT_MAX = 128
+_SM_COUNT: dict = {}
+
+
+def split_applies(Nq: int, group: int, dropout_p: float, skips: bool) -> bool:
+    """Whether `attention_forward` takes the split forward: few query rows, no dropout, and no
+    kept ranges to skip by (those come with masks of over 1M entries)."""
+    return Nq <= SPLIT_MAX_QUERIES and Nq * group <= SPLIT_MAX_ROWS and dropout_p == 0 and not skips
+
+
+def _sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device; 4 for the interpreter, so that CPU tests split."""
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def split_plan(B, Hkv, Nq, Nk, d_pad, causal, device) -> tuple:
+    """(n_splits, split_len, (BLOCK_N, num_warps, num_stages)) of the split forward: enough splits
+    that the (split, b, kv head) programs fill the GPU SPLIT_WAVES times over, each a whole number
+    of key tiles.
+    The interpreter takes big tiles (few, slow program instances)."""
+    tile = (64, 4, 1) if device.type == "cpu" else _SPLIT_TILES[d_pad]
+    key_hi = max(1, min(Nk, Nq) if causal else Nk)
+    blocks = cdiv(key_hi, tile[0])
+    want = max(1, min(cdiv(blocks, SPLIT_MIN_TILES), SPLIT_MAX, cdiv(SPLIT_WAVES * _sm_count(device), B * Hkv)))
+    split_len = cdiv(blocks, want) * tile[0]
+    return cdiv(key_hi, split_len), split_len, tile
+
+
+def _split_forward(q, k, v, scale, kvec, flags, launches, out, row_stats, metric, stats, softcap, sinks):
+    """`attention_forward` through the split kernels: the splits into an fp32 workspace, then one
+    pass that joins them into `out` and `row_stats` (the same statistics as the one-pass kernel,
+    so the backward is unchanged)."""
+    B, H, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    d_pad, dv_pad = _pad_dim(D), _pad_dim(Dv)
+    # a launch pair (`mask_launches`) needs every key in the mask's launch
+    causal_all = all(c for _, _, c in launches)
+    n_splits, split_len, (bn, warps, stages) = split_plan(B, Hkv, Nq, Nk, d_pad, causal_all, q.device)
+    block_m = max(16, next_power_of_2(Nq * (H // Hkv)))
+    part_o = torch.empty(n_splits, B * H, Nq, dv_pad, device=q.device, dtype=torch.float32)
+    part_s = torch.empty(3, n_splits, B * H, Nq, device=q.device, dtype=torch.float32)
+    cap = _cap_arg(metric, softcap, stats)
+    for run_if, l_mask, l_causal in launches:
+        m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
+        _launch_attn_fwd_split[(n_splits, B * Hkv)](
+            q, k, v, scale, kvec, m4, flags, part_o, part_s, *q.stride(), *k.stride(), *v.stride(), *ms,
+            H, Nq, Nk, H // Hkv, cap, split_len, n_splits,
+            HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=d_pad, DV_PAD=dv_pad, METRIC=METRIC_IDS[metric], MASK_KIND=mkind,
+            CAUSAL=l_causal, STATS=stats, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype), BLOCK_M=block_m,
+            BLOCK_N=bn, RUN_IF=run_if, SOFTCAP=softcap > 0, num_warps=warps, num_stages=stages)
+    # one MASK_KIND for the join: natural units only with a float mask (a pair of launches is bool)
+    mkind = _mask_args(launches[-1][1], B, H, Nq, Nk, q.device)[2]
+    _launch_split_combine[(B * H * Nq,)](
+        part_o, part_s, sinks if sinks is not None else scale, out, row_stats[0], row_stats[2], row_stats[1],
+        H, Nq, B * H * Nq, n_splits, *out.stride(), HEAD_DIM_V=Dv, DV_PAD=dv_pad, MASK_KIND=mkind, STATS=stats,
+        SINK=sinks is not None, SPLITS_PAD=max(2, next_power_of_2(n_splits)), num_warps=4)
 
 
 @triton.jit
@@ -1477,6 +1672,8 @@ _launch_normalize_rows_bwd = KernelLauncher(_normalize_rows_bwd_kernel)
 _launch_mask_layout = KernelLauncher(_mask_layout_kernel)
 _launch_mask_row_ranges = KernelLauncher(_mask_row_ranges_kernel)
 _launch_attn_fwd = KernelLauncher(_attn_fwd_kernel)
+_launch_attn_fwd_split = KernelLauncher(_attn_fwd_split_kernel)
+_launch_split_combine = KernelLauncher(_attn_split_combine_kernel)
 _launch_row_dot = KernelLauncher(_row_dot_kernel)
 _launch_attn_bwd_dkdv = KernelLauncher(_attn_bwd_dkdv_kernel)
 _launch_attn_bwd_dq = KernelLauncher(_attn_bwd_dq_kernel)

@@ -930,3 +930,84 @@ def test_block_skipping_with_a_mask_expanded_by_the_caller(monkeypatch):
     b = attention(q, k, v, attn_mask=shared.expand(2, 1, N, N))
     assert torch.equal(a, b)
     assert rel(a, attention_reference(q.double(), k.double(), v.double(), attn_mask=shared.double())) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# The split forward: a few query rows against many keys (decoding)
+# ----------------------------------------------------------------------------------------------
+def _one_pass_and_split(monkeypatch, q, k, v, scale, **kw):
+    """(out, row stats) of `attention_forward` through the split kernels, then through the one-pass
+    kernel (the split path turned off)."""
+    assert tc.split_applies(q.shape[2], q.shape[1] // k.shape[1], 0.0, False)
+    split = tc.attention_forward(q, k, v, scale, **kw)
+    monkeypatch.setattr(tc, "SPLIT_MAX_QUERIES", 0)
+    one_pass = tc.attention_forward(q, k, v, scale, **kw)
+    monkeypatch.undo()
+    return split, one_pass
+
+
+@pytest.mark.parametrize("case", ["gqa_float_mask", "l2_stats", "cosine_causal", "softcap_bool", "sinks_dead_row",
+                                  "exact_tril", "tril_not_exact"])
+def test_split_forward_equals_the_one_pass_kernel(case, monkeypatch):
+    """Output and every row statistic the backward reads (max, log2 sum, E_p[raw]) are the same as
+    the one-pass kernel's, to fp32 rounding: the splits are joined exactly, so the backward needs
+    nothing new. Several splits per row in every case, with empty ones under causal."""
+    H, Hkv, Nq, Nk, D = 8, 2, 3, 300, 24
+    kw = dict(metric="dot")
+    mask = None
+    if case == "gqa_float_mask":
+        mask = torch.randn(2, 1, Nq, Nk)
+    elif case == "l2_stats":
+        kw = dict(metric="l2", stats=True)
+    elif case == "cosine_causal":
+        kw = dict(metric="cosine", causal=True, stats=True)
+    elif case == "softcap_bool":
+        kw = dict(metric="dot", softcap=2.0, stats=False)
+        mask = torch.rand(2, H, Nq, Nk) > 0.5
+    elif case == "sinks_dead_row":
+        mask = torch.rand(2, 1, Nq, Nk) > 0.3
+        mask[1, 0, 2] = False
+        kw = dict(metric="dot", sinks=torch.randn(H), stats=False)
+    elif case in ("exact_tril", "tril_not_exact"):  # a shared bool mask: the two-launch pair
+        Nq = 4
+        mask = torch.ones(Nq, Nk, dtype=torch.bool).tril()
+        if case == "tril_not_exact":
+            mask[3, 1] = False
+    q, k, v = make(2, H, Hkv, Nq, Nk, D, 40)
+    scale = torch.rand(H) + 0.2 if case != "softcap_bool" else torch.full((H,), 0.5)  # the cap takes one scale
+    n_splits = tc.split_plan(2, Hkv, Nq, Nk, tc._pad_dim(D), False, q.device)[0]
+    assert n_splits > 1
+    (out_s, st_s), (out_1, st_1) = _one_pass_and_split(monkeypatch, q, k, v, scale, mask=mask, **kw)
+    assert torch.isfinite(out_s).all() and rel(out_s, out_1) < 1e-6
+    assert torch.allclose(st_s, st_1, rtol=1e-5, atol=1e-5, equal_nan=True)
+    ref = attention_reference(q.double(), k.double(), v.double(), metric=kw["metric"],
+                              scale=0.5 if case == "softcap_bool" else scale.double(),
+                              causal=kw.get("causal", False), attn_mask=mask, enable_gqa=True,
+                              softcap=kw.get("softcap"), sinks=kw.get("sinks"))
+    assert rel(out_s, ref) < 1e-5
+    if case == "sinks_dead_row":
+        assert torch.all(out_s[1, :, 2] == 0)
+
+
+def test_split_forward_writes_every_output_row_and_trains():
+    """Poisoned output fully written, and gradients (q, k, v, a learnable l2 scale) through the
+    split forward's statistics against float64."""
+    q, k, v = make(3, 6, 3, 2, 257, 40, 40)
+    out = torch.full((3, 6, 2, 40), float("nan"))
+    tc.attention_forward(q, k, v, torch.full((6,), 0.2), metric="l2", out=out)
+    ref = attention_reference(q.double(), k.double(), v.double(), metric="l2", scale=0.2, enable_gqa=True)
+    assert torch.isfinite(out).all() and rel(out, ref) < 1e-5
+    run_and_compare("l2", q, k, v, scale=torch.rand(6) * 0.3 + 0.05, mask=torch.rand(3, 1, 2, 257) > 0.2)
+
+
+def test_split_plan():
+    """Enough splits to fill the device, each a whole number of key tiles covering every key once;
+    a causal call (top-left) visits only the first Nq keys."""
+    cpu = torch.device("cpu")
+    n, length, tile = tc.split_plan(1, 2, 1, 1000, 64, False, cpu)
+    assert length % tile[0] == 0 and (n - 1) * length < 1000 <= n * length
+    assert n == tc.SPLIT_WAVES * tc._sm_count(cpu) // 2
+    assert tc.split_plan(64, 8, 1, 1000, 64, False, cpu)[0] == 1
+    assert tc.split_plan(1, 2, 3, 1000, 64, True, cpu)[:2] == (1, 64)
+    assert not tc.split_applies(17, 1, 0.0, False) and not tc.split_applies(2, 64, 0.0, False)
+    assert not tc.split_applies(1, 8, 0.1, False) and not tc.split_applies(1, 8, 0.0, True)

@@ -1,0 +1,140 @@
+"""Decoding-step attention on the GPU: a few query rows (Nq = 1 or a handful of speculative tokens)
+against a long key/value cache, as in generation. Checks truthfuse's attention op against float64
+on fresh inputs, then times it against SDPA's default dispatch and Inductor's compiled eager form.
+
+    TRITON_INTERPRET=0 python bench/decode_gpu.py [--out DIR] [--cases all|i,j,...]
+
+Times are GPU times of CUDA-graph replays (`triton.testing.do_bench_cudagraph`), since one decoding
+step's attention is a few microseconds of GPU work and its launch would otherwise be what is timed.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "0")
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench_cudagraph  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from fusion_backend.kernels import attention as tc  # noqa: E402
+from fusion_backend.ops.attention import attention  # noqa: E402
+
+# (name, B, H, Hkv, Nq, Nk, D, mask): Llama-3-8B's heads (32 over 8, D=128), GPT-2's (12, D=64),
+# GPT-OSS's (64 over 8, D=64); mask "pad" is HF's (B, 1, Nq, Nk) bool padding mask
+CASES = [
+    ("llama8b B=1 S=4096", 1, 32, 8, 1, 4096, 128, None),
+    ("llama8b B=1 S=32768", 1, 32, 8, 1, 32768, 128, None),
+    ("llama8b B=8 S=4096", 8, 32, 8, 1, 4096, 128, None),
+    ("llama8b B=8 S=4096 padded", 8, 32, 8, 1, 4096, 128, "pad"),
+    ("llama8b B=1 S=4096 Nq=4", 1, 32, 8, 4, 4096, 128, None),
+    ("gpt2 B=1 S=1024", 1, 12, 12, 1, 1024, 64, None),
+    ("gpt2 B=16 S=1024", 16, 12, 12, 1, 1024, 64, None),
+    ("gpt-oss B=1 S=8192", 1, 64, 8, 1, 8192, 64, None),
+]
+
+
+def _inputs(B, H, Hkv, Nq, Nk, D, mask_kind, dtype=torch.bfloat16):
+    q = torch.randn(B, H, Nq, D, device="cuda", dtype=dtype)
+    k = torch.randn(B, Hkv, Nk, D, device="cuda", dtype=dtype)
+    v = torch.randn(B, Hkv, Nk, D, device="cuda", dtype=dtype)
+    mask = None
+    if mask_kind == "pad":  # left padding of 0..Nk/4 keys per sequence
+        pad = torch.randint(0, Nk // 4, (B,), device="cuda")
+        mask = (torch.arange(Nk, device="cuda")[None, :] >= pad[:, None]).view(B, 1, 1, Nk).expand(B, 1, Nq, Nk)
+    return q, k, v, mask
+
+
+def _reference(q, k, v, mask):
+    g = q.shape[1] // k.shape[1]
+    q, k, v = q.double(), k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def _eager_form(q, k, v, mask):
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s.float(), -1).to(q.dtype) @ v
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--cases", default="all")
+    ap.add_argument("--configs", default="", help="comma-separated launch config keys to time as well")
+    ap.add_argument("--split-tiles", default="", help="split-forward tiles to time as well, e.g. n128w4s3,n64w4s2")
+    ap.add_argument("--split-waves", default="", help="SPLIT_WAVES values to time as well, e.g. 1,4")
+    ap.add_argument("--split-min-tiles", default="", help="SPLIT_MIN_TILES values to time as well, e.g. 2,4")
+    args = ap.parse_args()
+    picked = range(len(CASES)) if args.cases == "all" else [int(i) for i in args.cases.split(",")]
+    res = dict(env=dict(torch=torch.__version__, triton=triton.__version__, card=torch.cuda.get_device_name(),
+                        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())), checks=[], times=[])
+    inductor = torch.compile(_eager_form, dynamic=False)
+    ok_all = True
+    for i in picked:
+        name, B, H, Hkv, Nq, Nk, D, mk = CASES[i]
+        torch.manual_seed(i)
+        q, k, v, mask = _inputs(B, H, Hkv, Nq, Nk, D, mk)
+        ref = _reference(q, k, v, mask)
+        ours = attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        err = float((ours.double() - ref).norm() / ref.norm())
+        err_sdpa = float((sdpa.double() - ref).norm() / ref.norm())
+        ok = err == err and err <= 2 * err_sdpa + 1e-3
+        ok_all &= ok
+        res["checks"].append(dict(case=name, rel_err=err, sdpa_rel_err=err_sdpa, ok=ok))
+        print(f"{'OK ' if ok else 'BAD'} {name}: rel err {err:.2e} (SDPA {err_sdpa:.2e})", flush=True)
+        row = dict(case=name)
+        variants = [("truthfuse", lambda: attention(q, k, v, attn_mask=mask, enable_gqa=True)),
+                    ("sdpa", lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)),
+                    ("inductor", lambda: inductor(q, k, v, mask))]
+        for key in args.configs.split(",") if args.configs else []:
+            variants.append((f"truthfuse {key}", lambda key=key: attention(q, k, v, attn_mask=mask, enable_gqa=True,
+                                                                           config=key)))
+        call = variants[0][1]
+        d_pad = tc._pad_dim(D)
+        patches = [("one-pass kernel", dict(SPLIT_MAX_QUERIES=0))]
+        for t in args.split_tiles.split(",") if args.split_tiles else []:
+            bn, rest = t[1:].split("w")
+            w, st = rest.split("s")
+            patches.append((f"split {t}", dict(_SPLIT_TILES={**tc._SPLIT_TILES, d_pad: (int(bn), int(w), int(st))})))
+        for waves in args.split_waves.split(",") if args.split_waves else []:
+            patches.append((f"split waves {waves}", dict(SPLIT_WAVES=int(waves))))
+        for tiles in args.split_min_tiles.split(",") if args.split_min_tiles else []:
+            patches.append((f"split min tiles {tiles}", dict(SPLIT_MIN_TILES=int(tiles))))
+        for label, patch in patches:
+            def patched(patch=patch):
+                saved = {n: getattr(tc, n) for n in patch}
+                for n, val in patch.items():
+                    setattr(tc, n, val)
+                try:
+                    return call()
+                finally:
+                    for n, val in saved.items():
+                        setattr(tc, n, val)
+            variants.append((label, patched))
+        for label, fn in variants:
+            fn()
+            torch.cuda.synchronize()
+            row[label] = 1e3 * do_bench_cudagraph(fn, rep=50)
+        kv_bytes = 2 * B * Hkv * Nk * D * q.element_size()
+        row["kv_read_us_at_3tbs"] = kv_bytes / 3e12 * 1e6
+        res["times"].append(row)
+        print("    us: " + "  ".join(f"{n} {t:.1f}" for n, t in row.items() if n != "case"), flush=True)
+    with open(os.path.join(args.out, "decode_gpu.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print("checks", "all passed" if ok_all else "FAILED")
+
+
+if __name__ == "__main__":
+    main()
