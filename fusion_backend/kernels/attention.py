@@ -528,16 +528,18 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_fwd_split_kernel(
-    Q, K, V, SCALE, KVEC, MASK, MASK_FLAGS, PART_O, PART_S,
+    Q, K, V, SCALE, KVEC, MASK, MASK_FLAGS, PART_O, PART_S, SINKS, OUT, STATS_M, STATS_L, RBAR,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
+    sob, soh, som, sod,
     H, N_Q, N_K, GROUP, cap, split_len, n_splits,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, STATS: tl.constexpr,
     EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    RUN_IF: tl.constexpr = 0, SOFTCAP: tl.constexpr = False,
+    RUN_IF: tl.constexpr = 0, SOFTCAP: tl.constexpr = False, ONE_SPLIT: tl.constexpr = False,
+    SINK: tl.constexpr = False,
 ):
     """One key range (split) of the forward for every query row that one (b, kv head) serves.
 
@@ -550,6 +552,8 @@ def _attn_fwd_split_kernel(
     PART_O: (n_splits, B*H, N_Q, DV_PAD) fp32, the split's unnormalized output rows;
     PART_S: (3, n_splits, B*H, N_Q) fp32, the split's row max (kernel units), row sum and
             sum of p * raw (when STATS); `_attn_split_combine_kernel` joins the splits.
+    ONE_SPLIT: one split walks every key, so the program writes OUT, RBAR and the row stats itself
+    (with the sink, when SINK), as `_attn_fwd_kernel` does, and no join follows.
     """
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
@@ -572,8 +576,15 @@ def _attn_fwd_split_kernel(
     q = tl.load(Q + b * sqb + h[:, None] * sqh + offs_i[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     mask_base = (MASK + b * smb + h * smh)[:, None]
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    if ONE_SPLIT and SINK:  # the sink as the first key seen, as in `_attn_fwd_kernel`
+        sink = tl.load(SINKS + h)
+        if MASK_KIND != 2:
+            sink = sink * 1.4426950408889634
+        m_i = sink
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
     r_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     key_hi = N_K
@@ -587,13 +598,22 @@ def _attn_fwd_split_kernel(
             mask_base, skn, skd, svn, svd, smm, smn, offs_i, offs_d, offs_dv, N_Q, N_K, scale, scale_k, cap, 0, 0, 0,
             HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, METRIC, MASK_KIND, CAUSAL, False, STATS, EVEN_N, DOT_PREC,
             BLOCK_M, BLOCK_N, 16, SOFTCAP, False)
-    row = (split * (tl.num_programs(1) * GROUP) + b * H + h) * N_Q + offs_i
-    tl.store(PART_O + row[:, None] * DV_PAD + offs_dv[None, :], acc, mask=row_ok[:, None])
-    plane = n_splits * tl.num_programs(1) * GROUP * N_Q
-    tl.store(PART_S + row, m_i, mask=row_ok)
-    tl.store(PART_S + plane + row, l_i, mask=row_ok)
-    if STATS:
-        tl.store(PART_S + 2 * plane + row, r_i, mask=row_ok)
+    n_rows = tl.num_programs(1) * GROUP * N_Q  # B * H * N_Q
+    row = split * n_rows + (b * H + h) * N_Q + offs_i
+    if ONE_SPLIT:
+        empty = l_i == 0.0
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        tl.store(RBAR + row, r_i / tl.where(empty, 1.0, l_i), mask=row_ok)  # RBAR, STATS_*: (B*H, N_Q)
+        _store_row_stats(STATS_M, STATS_L, 0, tl.where(row_ok, row, n_rows), n_rows, m_i, l_i, MASK_KIND)
+        o_ptrs = OUT + (b * sob + h * soh + offs_i * som)[:, None] + offs_dv[None, :] * sod
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    else:
+        tl.store(PART_O + row[:, None] * DV_PAD + offs_dv[None, :], acc, mask=row_ok[:, None])
+        plane = n_splits * n_rows
+        tl.store(PART_S + row, m_i, mask=row_ok)
+        tl.store(PART_S + plane + row, l_i, mask=row_ok)
+        if STATS:
+            tl.store(PART_S + 2 * plane + row, r_i, mask=row_ok)
 
 
 @triton.jit
@@ -1552,17 +1572,25 @@ def _split_forward(q, k, v, scale, kvec, flags, launches, out, row_stats, metric
     causal_all = all(c for _, _, c in launches)
     n_splits, split_len, (bn, warps, stages) = split_plan(B, Hkv, Nq, Nk, d_pad, causal_all, q.device)
     block_m = max(16, next_power_of_2(Nq * (H // Hkv)))
-    part_o = torch.empty(n_splits, B * H, Nq, dv_pad, device=q.device, dtype=torch.float32)
-    part_s = torch.empty(3, n_splits, B * H, Nq, device=q.device, dtype=torch.float32)
+    one = n_splits == 1
+    if one:  # the program writes the result itself: the workspace is an unread placeholder
+        part_o = part_s = row_stats
+    else:
+        part_o = torch.empty(n_splits, B * H, Nq, dv_pad, device=q.device, dtype=torch.float32)
+        part_s = torch.empty(3, n_splits, B * H, Nq, device=q.device, dtype=torch.float32)
     cap = _cap_arg(metric, softcap, stats)
     for run_if, l_mask, l_causal in launches:
         m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
         _launch_attn_fwd_split[(n_splits, B * Hkv)](
-            q, k, v, scale, kvec, m4, flags, part_o, part_s, *q.stride(), *k.stride(), *v.stride(), *ms,
+            q, k, v, scale, kvec, m4, flags, part_o, part_s, sinks if sinks is not None else scale, out,
+            row_stats[0], row_stats[2], row_stats[1], *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
             H, Nq, Nk, H // Hkv, cap, split_len, n_splits,
             HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=d_pad, DV_PAD=dv_pad, METRIC=METRIC_IDS[metric], MASK_KIND=mkind,
             CAUSAL=l_causal, STATS=stats, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype), BLOCK_M=block_m,
-            BLOCK_N=bn, RUN_IF=run_if, SOFTCAP=softcap > 0, num_warps=warps, num_stages=stages)
+            BLOCK_N=bn, RUN_IF=run_if, SOFTCAP=softcap > 0, ONE_SPLIT=one, SINK=sinks is not None,
+            num_warps=warps, num_stages=stages)
+    if one:
+        return
     # one MASK_KIND for the join: natural units only with a float mask (a pair of launches is bool)
     mkind = _mask_args(launches[-1][1], B, H, Nq, Nk, q.device)[2]
     _launch_split_combine[(B * H * Nq,)](

@@ -947,12 +947,14 @@ def _one_pass_and_split(monkeypatch, q, k, v, scale, **kw):
 
 
 @pytest.mark.parametrize("case", ["gqa_float_mask", "l2_stats", "cosine_causal", "softcap_bool", "sinks_dead_row",
-                                  "exact_tril", "tril_not_exact"])
+                                  "exact_tril", "tril_not_exact", "one_split_sinks", "one_split_l2_stats"])
 def test_split_forward_equals_the_one_pass_kernel(case, monkeypatch):
     """Output and every row statistic the backward reads (max, log2 sum, E_p[raw]) are the same as
     the one-pass kernel's, to fp32 rounding: the splits are joined exactly, so the backward needs
-    nothing new. Several splits per row in every case, with empty ones under causal."""
+    nothing new. Several splits per row, with empty ones under causal; or, with enough (b, kv head)
+    programs to fill the device, one split that writes the result itself."""
     H, Hkv, Nq, Nk, D = 8, 2, 3, 300, 24
+    B = 4 if case.startswith("one_split") else 2
     kw = dict(metric="dot")
     mask = None
     if case == "gqa_float_mask":
@@ -964,19 +966,21 @@ def test_split_forward_equals_the_one_pass_kernel(case, monkeypatch):
     elif case == "softcap_bool":
         kw = dict(metric="dot", softcap=2.0, stats=False)
         mask = torch.rand(2, H, Nq, Nk) > 0.5
-    elif case == "sinks_dead_row":
-        mask = torch.rand(2, 1, Nq, Nk) > 0.3
+    elif case in ("sinks_dead_row", "one_split_sinks"):
+        mask = torch.rand(B, 1, Nq, Nk) > 0.3
         mask[1, 0, 2] = False
         kw = dict(metric="dot", sinks=torch.randn(H), stats=False)
+    elif case == "one_split_l2_stats":
+        kw = dict(metric="l2", stats=True)
     elif case in ("exact_tril", "tril_not_exact"):  # a shared bool mask: the two-launch pair
         Nq = 4
         mask = torch.ones(Nq, Nk, dtype=torch.bool).tril()
         if case == "tril_not_exact":
             mask[3, 1] = False
-    q, k, v = make(2, H, Hkv, Nq, Nk, D, 40)
+    q, k, v = make(B, H, Hkv, Nq, Nk, D, 40)
     scale = torch.rand(H) + 0.2 if case != "softcap_bool" else torch.full((H,), 0.5)  # the cap takes one scale
-    n_splits = tc.split_plan(2, Hkv, Nq, Nk, tc._pad_dim(D), False, q.device)[0]
-    assert n_splits > 1
+    n_splits = tc.split_plan(B, Hkv, Nq, Nk, tc._pad_dim(D), False, q.device)[0]
+    assert (n_splits == 1) == case.startswith("one_split")
     (out_s, st_s), (out_1, st_1) = _one_pass_and_split(monkeypatch, q, k, v, scale, mask=mask, **kw)
     assert torch.isfinite(out_s).all() and rel(out_s, out_1) < 1e-6
     assert torch.allclose(st_s, st_1, rtol=1e-5, atol=1e-5, equal_nan=True)
@@ -985,7 +989,7 @@ def test_split_forward_equals_the_one_pass_kernel(case, monkeypatch):
                               causal=kw.get("causal", False), attn_mask=mask, enable_gqa=True,
                               softcap=kw.get("softcap"), sinks=kw.get("sinks"))
     assert rel(out_s, ref) < 1e-5
-    if case == "sinks_dead_row":
+    if "sinks" in case:
         assert torch.all(out_s[1, :, 2] == 0)
 
 
