@@ -119,6 +119,11 @@ def check_once(metric, dtype, B, H, Hkv, Nq, Nk, D, Dv, causal=False, mask=None,
     tols = [TOL_GRAD[dtype]] * len(eg)
     if learn and metric != "cosine":
         tols[3] = TOL_SCALE_GRAD[dtype]
+    elif learn and dtype != torch.float32 and (m is None or m.dtype == torch.bool):
+        # Cosine's scale gradient in half precision is ill-conditioned on some draws (rows whose
+        # sum of dS * cos nearly cancels): there it may exceed TOL_GRAD, but never the error that
+        # the user's own form (F.normalize, matmul, fp32 softmax) makes in the same dtype.
+        tols[3] = max(tols[3], _eager_cosine_scale_grad_error(qi, ki, vi, si, mi, causal, g, g64[3]))
     ok = eo <= TOL_OUT[dtype] and all(e <= t for e, t in zip(eg, tols)) and bool(torch.isfinite(out).all())
     rec = dict(metric=metric, dtype=str(dtype).split(".")[-1], shape=[B, H, Hkv, Nq, Nk, D, Dv], causal=causal,
                mask=mask, smax=smax, scale=scale, repeat=repeat, softcap=softcap, err_out=eo, err_grads=eg, ok=ok)
@@ -127,6 +132,23 @@ def check_once(metric, dtype, B, H, Hkv, Nq, Nk, D, Dv, causal=False, mask=None,
           f"smax={smax} scale={scale} softcap={softcap} rep={repeat} out {eo:.1e} "
           f"grads {' '.join(f'{e:.1e}' for e in eg)}", flush=True)
     return ok
+
+
+def _eager_cosine_scale_grad_error(q, k, v, scale, mask, causal, g, ref):
+    """Relative error of the scale gradient that eager PyTorch gives for cosine attention written
+    as users write it, in the inputs' dtype, against the float64 reference `ref`."""
+    lam = scale.detach().float().view(1, -1, 1, 1).requires_grad_()
+    group = q.shape[1] // k.shape[1]
+    qn = F.normalize(q.detach(), dim=-1)
+    kn = F.normalize(k.detach(), dim=-1).repeat_interleave(group, 1)
+    s = lam * (qn @ kn.transpose(-1, -2)).float()
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    out = torch.softmax(s, -1).to(q.dtype) @ v.detach().repeat_interleave(group, 1)
+    grad = torch.autograd.grad((out.float() * g.float()).sum(), lam)[0].flatten()
+    return rel(grad, ref.flatten())
 
 
 def check_sinks(dtype, B, H, Hkv, Nq, Nk, D, causal=False, mask=None):
@@ -396,6 +418,9 @@ def run_checks(part=0, nparts=1):
     jobs.append(lambda: check("l2", torch.float16, 1, 8, 2, 2, 3000, 64, 64, smax=0.2))
     jobs.append(lambda: check("cosine", torch.bfloat16, 3, 4, 4, 3, 777, 40, 40, causal=True))
     jobs.append(lambda: check("dot", torch.float32, 1, 16, 1, 1, 2000, 64, 64, mask="bool"))
+    # enough (b, kv head) programs to fill an H100 twice: one split, which writes the result itself
+    jobs.append(lambda: check("l2", torch.bfloat16, 36, 16, 8, 2, 700, 64, 64, mask="bool", smax=0.2))
+    jobs.append(lambda: check_sinks(torch.bfloat16, 40, 16, 8, 1, 500, 64))
     # attention sinks (GPT-OSS: 64 query heads over 8 K/V heads, head dim 64, windows of 128)
     jobs.append(lambda: check_sinks(torch.bfloat16, 1, 8, 1, 1100, 1100, 64, mask="window"))
     jobs.append(lambda: check_sinks(torch.bfloat16, 2, 8, 2, 300, 300, 64, causal=True))
