@@ -1523,9 +1523,9 @@ SPLIT_MAX_QUERIES = 16
 SPLIT_MAX_ROWS = 64
 # Its key tile per padded head dim: (BLOCK_N, num_warps, num_stages)
 _SPLIT_TILES = {16: (128, 4, 3), 32: (128, 4, 3), 64: (128, 4, 3), 128: (128, 4, 2), 256: (64, 4, 2)}
-# Programs per streaming multiprocessor the split count aims at, and the fewest key tiles a split
-# walks (each split also costs a partial row to write and to join)
-SPLIT_WAVES = 2
+# Programs per streaming multiprocessor the split count aims at (one was 1-7% faster than two in 7
+# of 8 decoding cases on an H100, docs/performance.md), and the fewest key tiles a split walks
+SPLIT_WAVES = 1
 SPLIT_MIN_TILES = 1
 # At most this many splits: the join reads every split of a row at once
 SPLIT_MAX = 128
@@ -1539,9 +1539,9 @@ def split_applies(Nq: int, group: int, dropout_p: float, skips: bool) -> bool:
 
 
 def _sm_count(device) -> int:
-    """Streaming multiprocessors of a CUDA device; 4 for the interpreter, so that CPU tests split."""
+    """Streaming multiprocessors of a CUDA device; 8 for the interpreter, so that CPU tests split."""
     if device.type != "cuda":
-        return 4
+        return 8
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
