@@ -337,3 +337,41 @@ def test_hf_deepseek_v3_keys_assembled_in_place(impl, padded):
     args, loss_mask = _ids_and_padding(padded)
     assert_fused(model, *args, variant="dot", count=1)
     assert_matches_eager(model, *args, grad_inputs=False, loss_mask=loss_mask, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_oss"])
+def test_hf_greedy_generation_with_a_cache_runs_the_split_forward(arch, monkeypatch):
+    """Greedy generate() with a KV cache, the forward compiled: every decoding step's attention
+    (one query row per head against the cache) goes through the split forward, and the tokens and
+    scores equal eager's. Llama with left padding (a float mask per step) and grouped
+    K/V; GPT-OSS with sinks and a sliding-window layer."""
+    from fusion_backend.kernels import attention as kernels
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        lm = _llama("eager").eval()
+    else:
+        cfg = transformers.GptOssConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                                        num_experts_per_tok=1, vocab_size=VOCAB, max_position_embeddings=32,
+                                        sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                                        rope_parameters=None, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        lm = transformers.GptOssForCausalLM._from_config(cfg, attn_implementation="eager").eval()
+        with torch.no_grad():
+            for layer in lm.model.layers:
+                layer.self_attn.sinks.normal_()
+    (ids, am), _ = _ids_and_padding(True, low=1)
+    kw = dict(attention_mask=am, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True,
+              pad_token_id=0)
+    with torch.no_grad():
+        want = lm.generate(ids, **kw)
+        splits = []
+        real = kernels._split_forward
+        monkeypatch.setattr(kernels, "_split_forward", lambda *a, **k: splits.append(a[0].shape) or real(*a, **k))
+        lm.forward = torch.compile(lm.forward, backend="truthfuse", options=OPTIONS)
+        got = lm.generate(ids, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4)
+    decode_calls = [s for s in splits if s[2] == 1]
+    assert len(decode_calls) >= 3 * lm.config.num_hidden_layers, splits
