@@ -125,7 +125,7 @@ def attention_reports(B, H, N, D, metric, mask_kind, causal, dropout, config_key
     ints.update({n: 1 for n in ("sqd", "skd", "svd", "sod", "sdod", "smn", "sgn")})
     ints.update(H=H, HKV=H, N_Q=N, N_K=N, GROUP=1)
     ptrs = {n: t for n in ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV")}
-    ptrs.update({n: f32 for n in ("SCALE", "KVEC", "QVEC", "STATS_M", "STATS_L", "RBAR", "DELTA", "DSCALE", "DMASK")})
+    ptrs.update({n: f32 for n in ("SCALE", "KVEC", "QVEC", "STATS_M", "STATS_L", "RBAR", "DELTA", "DSCALE", "DMASK", "SINKS")})
     ptrs.update(MASK=mask, MASK_FLAGS=flags, SEED=torch.empty(1, dtype=torch.int64), RANGES=flags)
     args = dict(ints, **ptrs, dropout_p=0.1, cap=1.0, rgb=64, rgh=64, rg_plane=64)
     out = {}

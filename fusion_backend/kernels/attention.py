@@ -384,6 +384,29 @@ def _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND: tl.constexpr, STATS: tl
 
 
 @triton.jit
+def _sink_logit(SINKS, h, MASK_KIND: tl.constexpr):
+    """Head h's sink logit (h: a scalar or one per row) in the kernels' logit units."""
+    sink = tl.load(SINKS + h)
+    if MASK_KIND != 2:
+        sink = sink * 1.4426950408889634
+    return sink
+
+
+@triton.jit
+def _softmax_start(SINKS, h, BLOCK_M: tl.constexpr, DV_PAD: tl.constexpr, MASK_KIND: tl.constexpr,
+                   SINK: tl.constexpr):
+    """(m_i, l_i, r_i, acc) before a row block's first key tile: empty, or, with SINK, the head's
+    sink as the first key seen (max = its logit, sum = exp(0)), so the row stats include it."""
+    if SINK:
+        m_i = tl.full([BLOCK_M], 0.0, tl.float32) + _sink_logit(SINKS, h, MASK_KIND)
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+    return m_i, l_i, tl.zeros([BLOCK_M], tl.float32), tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+
+
+@triton.jit
 def _fwd_epilogue(acc, m_i, l_i, r_i, OUT, RBAR, STATS_M, STATS_L, b, h, bh, offs_m, offs_dv, sob, soh, som, sod,
                   N_Q, HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr):
     """Normalize and store one query block's output, E_p[raw] and row stats."""
@@ -489,17 +512,7 @@ def _attn_fwd_kernel(
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
 
-    if SINK:  # the sink as the first key seen: max = its logit, sum = exp(0)
-        sink = tl.load(SINKS + h)
-        if MASK_KIND != 2:
-            sink = sink * 1.4426950408889634
-        m_i = tl.full([BLOCK_M], 0.0, tl.float32) + sink
-        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
-    else:
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-    r_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    m_i, l_i, r_i, acc = _softmax_start(SINKS, h, BLOCK_M, DV_PAD, MASK_KIND, SINK)
     hi = _key_end(pid_m, N_K, MASK_FLAGS, MASK_KIND, CAUSAL, BLOCK_M)
     lo = 0
     c0 = hi
@@ -576,17 +589,8 @@ def _attn_fwd_split_kernel(
     q = tl.load(Q + b * sqb + h[:, None] * sqh + offs_i[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     mask_base = (MASK + b * smb + h * smh)[:, None]
-    if ONE_SPLIT and SINK:  # the sink as the first key seen, as in `_attn_fwd_kernel`
-        sink = tl.load(SINKS + h)
-        if MASK_KIND != 2:
-            sink = sink * 1.4426950408889634
-        m_i = sink
-        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
-    else:
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-    r_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    # with several splits the join adds the sink, once per row
+    m_i, l_i, r_i, acc = _softmax_start(SINKS, h, BLOCK_M, DV_PAD, MASK_KIND, ONE_SPLIT and SINK)
     key_hi = N_K
     if CAUSAL:  # top-left: row i keeps keys j <= i
         key_hi = tl.minimum(N_K, N_Q)
@@ -635,9 +639,7 @@ def _attn_split_combine_kernel(
     m_s = tl.load(PART_S + sp * N_ROWS + row, mask=live, other=float("-inf"))
     m = tl.max(m_s, axis=0) + tl.zeros([1], tl.float32)
     if SINK:
-        sink = tl.load(SINKS + h)
-        if MASK_KIND != 2:
-            sink = sink * 1.4426950408889634
+        sink = _sink_logit(SINKS, h, MASK_KIND)
         m = tl.maximum(m, sink)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = _exp_rel(m_s - m_safe, MASK_KIND)
