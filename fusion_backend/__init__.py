@@ -21,6 +21,7 @@ from .match import (
     dims_equal,
     dtype_in,
     get_rule,
+    guard_equal,
     is_scalar_like,
     known_equal,
     maybe,
@@ -37,7 +38,7 @@ from .tune import load_state, save_state
 __all__ = [
     "__version__", "backend", "truthfuse", "TruthfuseBackend", "FusionWarning", "explain", "Report",
     "Rule", "rule", "Match", "maybe", "register_rule", "unregister_rule", "all_rules", "get_rule",
-    "ENTRY_POINT_GROUP", "dims_equal", "dtype_in", "is_scalar_like", "known_equal", "rank_is",
+    "ENTRY_POINT_GROUP", "dims_equal", "dtype_in", "guard_equal", "is_scalar_like", "known_equal", "rank_is",
     "same_device", "Options", "OptionError", "parse_options", "STRATEGIES", "save_state",
     "load_state", "ops",
     "metrics", "reset_metrics",

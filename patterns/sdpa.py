@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fusion_backend import Match, Rule, known_equal, register_rule
+from fusion_backend import Match, Rule, guard_equal, known_equal, register_rule
 from fusion_backend.ops import attention as attention_op
 
 from .attention import check_repeat_kv, check_supported_shapes, configs_for, exact_unless_dropout, kv_heads_broadcast
@@ -76,7 +76,9 @@ def _check_sdpa(m: Match, repeated_kv: bool) -> Optional[str]:
         return "scale is not a Python number"
     if q.dim() == 4 and not known_equal(q.shape[0], k.shape[0]):
         return "q and k batch sizes differ (broadcast batch)"
-    if not (known_equal(k.shape[-3], v.shape[-3]) and known_equal(k.shape[-2], v.shape[-2])):
+    # SDPA needs k and v of one length; read from a KV cache in a dynamic-shape graph, the two may
+    # still be separate symbols: equal under a guard, so a call where they differ compiles anew
+    if not (known_equal(k.shape[-3], v.shape[-3]) and guard_equal(k.shape[-2], v.shape[-2])):
         return "k and v differ in heads or sequence length"
     hq, hk = q.shape[-3], k.shape[-3]
     if not known_equal(hq, hk):

@@ -1,13 +1,13 @@
 """Constraint helpers for rules. Shapes may be symbolic (dynamic=True): comparisons go through
 sympy via torch's symbolic-shape machinery and only succeed when they hold for every size the
-compiled graph accepts, without adding guards."""
+compiled graph accepts, without adding guards; `guard_equal` alone adds one, and says so."""
 from __future__ import annotations
 
 from typing import Any, Iterable, Optional
 
 import sympy
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import guard_bool, statically_known_true
 
 from .rule import Match
 
@@ -27,6 +27,18 @@ def known_equal(a: Any, b: Any) -> bool:
         return bool(statically_known_true(a == b))
     except Exception:  # noqa: BLE001
         return sympy.simplify(as_expr(a) - as_expr(b)) == 0
+
+
+def guard_equal(a: Any, b: Any) -> bool:
+    """Whether sizes a and b are equal: as `known_equal`, and also when they are separate symbols
+    whose example values agree. Then a guard keeps the compiled graph to calls where they stay
+    equal (a call where they differ compiles anew). For sizes a valid program always has equal but
+    Dynamo traced apart, such as the lengths of K and V read from a cache."""
+    if known_equal(a, b):
+        return True
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return bool(guard_bool(a == b))
+    return False
 
 
 def dtype_in(name: str, dtypes: Iterable[torch.dtype]):

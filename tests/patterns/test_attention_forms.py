@@ -568,6 +568,30 @@ def test_sdpa_dynamic_shapes():
     assert_matches_eager(SDPA(is_causal=True), *qkv(T=7), dynamic=True)
 
 
+def test_sdpa_with_k_and_v_lengths_traced_as_separate_symbols():
+    """K and V read from a cache can reach Dynamo with one length symbol each. The site fuses on
+    a guard that the two are equal, and a call where they differ fails the guard and compiles
+    anew. (Its result is not compared: SDPA on CPU does not check the lengths either, and reads
+    past the shorter one.)"""
+    def attend(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    q = torch.randn(2, 2, 1, 16)
+    k, v = torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    torch._dynamo.mark_dynamic(k, 2)
+    torch._dynamo.mark_dynamic(v, 2)
+    sites = explain_sites(attend, q, k, v)
+    assert [s.decision for s in sites] == ["fused"]
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, backend="truthfuse", options=OPTIONS)
+    torch.testing.assert_close(compiled(q, k, v), attend(q, k, v), atol=2e-6, rtol=2e-5)
+    k2, v2 = torch.randn(2, 2, 12, 16), torch.randn(2, 2, 12, 16)
+    torch.testing.assert_close(compiled(q, k2, v2), attend(q, k2, v2), atol=2e-6, rtol=2e-5)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled(q, torch.randn(2, 2, 12, 16), torch.randn(2, 2, 13, 16))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. nn.MultiheadAttention
 # ------------------------------------------------------------------------------------------------

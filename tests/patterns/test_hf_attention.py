@@ -339,17 +339,18 @@ def test_hf_deepseek_v3_keys_assembled_in_place(impl, padded):
     assert_matches_eager(model, *args, grad_inputs=False, loss_mask=loss_mask, atol=2e-5, rtol=2e-4)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt_oss"])
-def test_hf_greedy_generation_with_a_cache_runs_the_split_forward(arch, monkeypatch):
+@pytest.mark.parametrize("arch, impl", [("llama", "eager"), ("llama", "sdpa"), ("gpt_oss", "eager")])
+def test_hf_greedy_generation_with_a_cache_runs_the_split_forward(arch, impl, monkeypatch):
     """Greedy generate() with a KV cache, the forward compiled: every decoding step's attention
     (one query row per head against the cache) goes through the split forward, and the tokens and
-    scores equal eager's. Llama with left padding (a float mask per step) and grouped
-    K/V; GPT-OSS with sinks and a sliding-window layer."""
+    scores equal eager's. Llama with left padding (a float mask per step) and grouped K/V, eager
+    and sdpa (whose cached K and V lengths Dynamo traces as separate symbols from the second step
+    on); GPT-OSS with sinks and a sliding-window layer."""
     from fusion_backend.kernels import attention as kernels
 
     torch.manual_seed(0)
     if arch == "llama":
-        lm = _llama("eager").eval()
+        lm = _llama(impl).eval()
     else:
         cfg = transformers.GptOssConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
