@@ -1525,8 +1525,9 @@ SPLIT_MAX_QUERIES = 16
 SPLIT_MAX_ROWS = 64
 # Its key tile per padded head dim: (BLOCK_N, num_warps, num_stages)
 _SPLIT_TILES = {16: (128, 4, 3), 32: (128, 4, 3), 64: (128, 4, 3), 128: (128, 4, 2), 256: (64, 4, 2)}
-# Programs per streaming multiprocessor the split count aims at (one was 1-7% faster than two in 7
-# of 8 decoding cases on an H100, docs/performance.md), and the fewest key tiles a split walks
+# Programs per streaming multiprocessor the split count aims at (one was up to 14% faster than two
+# in 6 of 9 decoding cases on an H100 and 2-4% slower in 2, docs/performance.md), and the fewest
+# key tiles a split walks
 SPLIT_WAVES = 1
 SPLIT_MIN_TILES = 1
 # At most this many splits: the join reads every split of a row at once
@@ -1553,8 +1554,7 @@ def _sm_count(device) -> int:
 def split_plan(B, Hkv, Nq, Nk, d_pad, causal, device) -> tuple:
     """(n_splits, split_len, (BLOCK_N, num_warps, num_stages)) of the split forward: enough splits
     that the (split, b, kv head) programs fill the GPU SPLIT_WAVES times over, each a whole number
-    of key tiles.
-    The interpreter takes big tiles (few, slow program instances)."""
+    of key tiles. The interpreter takes big tiles (few, slow program instances)."""
     tile = (64, 4, 1) if device.type == "cpu" else _SPLIT_TILES[d_pad]
     key_hi = max(1, min(Nk, Nq) if causal else Nk)
     blocks = cdiv(key_hi, tile[0])
