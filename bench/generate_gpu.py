@@ -94,7 +94,9 @@ def main():
                        if torch.equal(torch.isinf(a), torch.isinf(b)) else float("inf")
                        for a, b in zip(got.scores, want.scores))
             decode = sum(1 for s in splits if s[2] == 1)
-            ok = same and diff < 1e-4 and not fallbacks and decode == 7 * 2  # both layers, every decoding step
+            # both layers in every decoding step; on a GPU each new graph's fused ops also run once, launching
+            # nothing, while `compile_ahead` records their kernels, so there can be more calls
+            ok = same and diff < 1e-4 and not fallbacks and decode >= 7 * 2
             ok_all &= ok
             res["runs"].append(dict(model=name, impl=impl, padded=padded, same_tokens=same, max_score_diff=diff,
                                     decode_split_calls=decode, fallbacks=fallbacks, ok=ok))
