@@ -1367,8 +1367,9 @@ _OPERATOR_INPLACE = {operator.setitem, operator.iadd, operator.isub, operator.im
 
 
 WRITTEN_IN_PLACE = "truthfuse_written_in_place"
-"""Node meta key: an in-place write that canonicalization leaves in place may change this value
-while the graph also reads it elsewhere (BatchNorm's counter, read nowhere else, is not marked)."""
+"""Node meta key: the in-place writes (nodes) that canonicalization leaves in place and that may
+change this value while the graph also reads it elsewhere (BatchNorm's counter, read nowhere else,
+is not marked)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -1501,7 +1502,7 @@ def canonicalize(graph: fx.Graph) -> int:
             family = _written_family(node)
             if any(u is not node and u not in family for n in family for u in n.users):
                 for n in family:  # read elsewhere: no rewrite may move those reads across the write
-                    n.meta[WRITTEN_IN_PLACE] = True
+                    n.meta.setdefault(WRITTEN_IN_PLACE, []).append(node)
     for node in list(graph.nodes):
         if node.graph is graph and node in graph.nodes:
             _canonical_node(rw, node)

@@ -102,10 +102,18 @@ def _alignment_to_match(rule: Rule, al, anchor: Node) -> Match:
 
 def _written_in_place(al, match) -> Optional[str]:
     """A reason where the site takes in a value that an in-place write left in place may change
-    (`canonicalize.passes.WRITTEN_IN_PLACE`): the fused op reads its inputs where the site ends,
-    and the nodes it replaces are gone, so it could see the value from the other side of the write."""
+    (`canonicalize.passes.WRITTEN_IN_PLACE`) at or after the site's first node: the fused op reads
+    its inputs where the site ends, and the nodes it replaces are gone, so it could see the value
+    from the other side of the write. Writes that all come before the site (a KV cache filled in
+    place, then read) leave eager's reads and the fused op's on the same side."""
     nodes = list(al.covered) + [b for b in match.bindings.values() if isinstance(b, fx.Node)]
-    written = sorted({n.name for n in nodes if n.meta.get(WRITTEN_IN_PLACE)})
+    marked = [n for n in nodes if n.meta.get(WRITTEN_IN_PLACE)]
+    if not marked:
+        return None
+    order = {n: i for i, n in enumerate(match.anchor.graph.nodes)}
+    first_read = min(order[n] for n in al.covered)
+    written = sorted({n.name for n in marked
+                      if any(order.get(w, first_read) >= first_read for w in n.meta[WRITTEN_IN_PLACE])})
     if not written:
         return None
     return (f"{', '.join(written)} may be written in place elsewhere in the graph (directly or through a view), "

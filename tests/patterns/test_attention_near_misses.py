@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fusion_backend import FusionWarning
 
-from .checks import assert_fused, assert_matches_eager, assert_near_miss, qkv
+from .checks import OPTIONS, assert_fused, assert_matches_eager, assert_near_miss, qkv
 from .models import MHA, MaskedFill, NonScalarScale, ReturnsWeights, SoftmaxOverQueries
 
 
@@ -166,3 +166,44 @@ def test_one_element_scale_that_broadcasts_the_scores_up():
         warnings.simplefilter("error", FusionWarning)  # a near-miss, not a replacement that fails
         assert_near_miss(_FiveDimScale(), q, k, v, reason="neither a scalar nor per-head")
     assert_matches_eager(_FiveDimScale(), q, k, v)
+
+
+class _CacheWrittenInPlace(nn.Module):
+    """A KV cache kept as buffers and written in place (HF's static cache), then read by SDPA; or
+    read first and written after (`write_after`), where a fused op reading its inputs at the
+    site's end could see the new values."""
+
+    def __init__(self, write_after=False):
+        super().__init__()
+        self.write_after = write_after
+        self.register_buffer("k_cache", torch.zeros(2, 4, 12, 16))
+        self.register_buffer("v_cache", torch.zeros(2, 4, 12, 16))
+
+    def forward(self, q, k, v):
+        if self.write_after:
+            out = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache)
+        self.k_cache[:, :, 4:4 + k.shape[2]] = k
+        self.v_cache[:, :, 4:4 + v.shape[2]].copy_(v)
+        if self.write_after:
+            return out
+        return F.scaled_dot_product_attention(q, self.k_cache, self.v_cache)
+
+
+def test_cache_written_in_place_before_attention_reads_it():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 4, 5, 16), torch.randn(2, 4, 5, 16)
+    model = _CacheWrittenInPlace()
+    model.k_cache.normal_(), model.v_cache.normal_()
+    assert_fused(model, q, k, v, variant="dot", rule="attention.sdpa")
+    twin = _CacheWrittenInPlace()
+    twin.load_state_dict(model.state_dict())
+    want = model(q, k, v)
+    got = torch.compile(twin, backend="truthfuse", options=OPTIONS)(q, k, v)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
+    torch.testing.assert_close(twin.k_cache, model.k_cache, atol=0, rtol=0)
+
+
+def test_cache_written_in_place_after_attention_read_it():
+    q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 4, 5, 16), torch.randn(2, 4, 5, 16)
+    sites = assert_near_miss(_CacheWrittenInPlace(write_after=True), q, k, v, reason="written in place")
+    assert {s.rule for s in sites if s.kind == "attention"} == {"attention.sdpa"}

@@ -339,13 +339,15 @@ def test_hf_deepseek_v3_keys_assembled_in_place(impl, padded):
     assert_matches_eager(model, *args, grad_inputs=False, loss_mask=loss_mask, atol=2e-5, rtol=2e-4)
 
 
-@pytest.mark.parametrize("arch, impl", [("llama", "eager"), ("llama", "sdpa"), ("gpt_oss", "eager")])
-def test_hf_greedy_generation_with_a_cache_runs_the_split_forward(arch, impl, monkeypatch):
+@pytest.mark.parametrize("arch, impl, cache", [("llama", "eager", None), ("llama", "sdpa", None),
+                                               ("llama", "sdpa", "static"), ("gpt_oss", "eager", None)])
+def test_hf_greedy_generation_with_a_cache_runs_the_split_forward(arch, impl, cache, monkeypatch):
     """Greedy generate() with a KV cache, the forward compiled: every decoding step's attention
     (one query row per head against the cache) goes through the split forward, and the tokens and
     scores equal eager's. Llama with left padding (a float mask per step) and grouped K/V, eager
     and sdpa (whose cached K and V lengths Dynamo traces as separate symbols from the second step
-    on); GPT-OSS with sinks and a sliding-window layer."""
+    on), and with a static cache (buffers written in place before attention reads them); GPT-OSS
+    with sinks and a sliding-window layer."""
     from fusion_backend.kernels import attention as kernels
 
     torch.manual_seed(0)
@@ -363,7 +365,7 @@ def test_hf_greedy_generation_with_a_cache_runs_the_split_forward(arch, impl, mo
                 layer.self_attn.sinks.normal_()
     (ids, am), _ = _ids_and_padding(True, low=1)
     kw = dict(attention_mask=am, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True,
-              pad_token_id=0)
+              pad_token_id=0, cache_implementation=cache)
     with torch.no_grad():
         want = lm.generate(ids, **kw)
         splits = []
