@@ -131,3 +131,23 @@ def test_third_party_rules_load_from_the_entry_point_group(tmp_path):
     env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_guard_equal_accepts_separate_symbols_under_a_guard_and_refuses_when_unsure():
+    """known_equal never guesses; guard_equal takes two backed symbols whose example values agree
+    (adding a guard), refuses ones that differ, and says no, without raising, for data-dependent
+    sizes that have no example value."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv(duck_shape=False)  # two sizes of 5 stay two symbols, as for K and V of a cache
+
+    def size(name, value):
+        return env.create_symintnode(env.create_symbol(value, ConstantSource(name)), hint=value)
+
+    a, b, c = size("a", 5), size("b", 5), size("c", 6)
+    assert not fusion_backend.known_equal(a, b)
+    assert fusion_backend.guard_equal(a, b) and fusion_backend.known_equal(a, b)  # the guard now holds
+    assert not fusion_backend.guard_equal(a, c)
+    assert not fusion_backend.guard_equal(env.create_unbacked_symint(), env.create_unbacked_symint())
+    assert fusion_backend.guard_equal(3, 3) and not fusion_backend.guard_equal(3, 4)
