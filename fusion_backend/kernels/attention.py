@@ -1497,7 +1497,8 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
         kept = (_call_ranges(m4, mask, B, H, Nq, Nk, metric, None) if ranges is None
                 else MaskRanges.compute(m4, B, H, Nq, Nk, out=ranges))
     flags, launches = mask_launches(mask, Nq, Nk, causal, q.device, kept)
-    if split_applies(Nq, H // Hkv, dropout_p, kept is not None):
+    if split_applies(Nq, H // Hkv, dropout_p):
+        # it reads every key: kept ranges, if computed above, only serve the backward
         _split_forward(q, k, v, scale, kvec, flags, launches, out, row_stats, metric, stats, softcap, sinks)
         return out, row_stats
     for run_if, l_mask, l_causal in launches:
@@ -1535,10 +1536,11 @@ SPLIT_MAX = 128
 _SM_COUNT: dict = {}
 
 
-def split_applies(Nq: int, group: int, dropout_p: float, skips: bool) -> bool:
-    """Whether `attention_forward` takes the split forward: few query rows, no dropout, and no
-    kept ranges to skip by (those come with masks of over 1M entries)."""
-    return Nq <= SPLIT_MAX_QUERIES and Nq * group <= SPLIT_MAX_ROWS and dropout_p == 0 and not skips
+def split_applies(Nq: int, group: int, dropout_p: float) -> bool:
+    """Whether `attention_forward` takes the split forward: few query rows and no dropout. It does
+    not skip blocks by a mask's kept ranges (few query rows rarely reach the size that computes
+    them); where they are computed, the backward still uses them."""
+    return Nq <= SPLIT_MAX_QUERIES and Nq * group <= SPLIT_MAX_ROWS and dropout_p == 0
 
 
 def _sm_count(device) -> int:

@@ -938,7 +938,7 @@ def test_block_skipping_with_a_mask_expanded_by_the_caller(monkeypatch):
 def _one_pass_and_split(monkeypatch, q, k, v, scale, **kw):
     """(out, row stats) of `attention_forward` through the split kernels, then through the one-pass
     kernel (the split path turned off)."""
-    assert tc.split_applies(q.shape[2], q.shape[1] // k.shape[1], 0.0, False)
+    assert tc.split_applies(q.shape[2], q.shape[1] // k.shape[1], 0.0)
     split = tc.attention_forward(q, k, v, scale, **kw)
     monkeypatch.setattr(tc, "SPLIT_MAX_QUERIES", 0)
     one_pass = tc.attention_forward(q, k, v, scale, **kw)
@@ -1013,5 +1013,19 @@ def test_split_plan():
     assert n == tc.SPLIT_WAVES * tc._sm_count(cpu) // 2
     assert tc.split_plan(64, 8, 1, 1000, 64, False, cpu)[0] == 1
     assert tc.split_plan(1, 2, 3, 1000, 64, True, cpu)[:2] == (1, 64)
-    assert not tc.split_applies(17, 1, 0.0, False) and not tc.split_applies(2, 64, 0.0, False)
-    assert not tc.split_applies(1, 8, 0.1, False) and not tc.split_applies(1, 8, 0.0, True)
+    assert tc.split_applies(16, 4, 0.0) and tc.split_applies(1, 64, 0.0)
+    assert not tc.split_applies(17, 1, 0.0) and not tc.split_applies(2, 64, 0.0) and not tc.split_applies(1, 8, 0.1)
+
+
+def test_split_forward_with_kept_ranges_for_the_backward(monkeypatch):
+    """A mask big enough for kept ranges (threshold lowered here) with few query rows: the split
+    forward reads every key, and still fills the ranges that the backward skips by. Outputs and
+    gradients against float64, with a sliding window that drops whole key tiles."""
+    monkeypatch.setattr(tc, "_RANGES_MIN_ENTRIES", 0)
+    Nq, Nk = 3, 400
+    q, k, v = make(2, 4, 2, Nq, Nk, 16, 16)
+    j = torch.arange(Nk)
+    mask = ((j >= 250) & (j < 330)).expand(2, 1, Nq, Nk).clone()  # a window: keys 250-329 only
+    mask[1, 0, 1] = False  # a row that keeps nothing
+    assert tc.ranges_layout(mask, 2, 4, Nq, Nk) is not None and tc.split_applies(Nq, 2, 0.0)
+    _masked_call_matches_float64(q, k, v, mask, "dot", None, enable_gqa=True)
