@@ -216,7 +216,7 @@ class _Rewriter:
         with self.graph.inserting_before(before):
             new = self.graph.call_function(target, args, kwargs)
         src = meta_from if meta_from is not None else before
-        for key in ("stack_trace", "source_fn_stack", "nn_module_stack", "truthfuse_optional"):
+        for key in ("stack_trace", "source_fn_stack", "nn_module_stack", "truthfuse_optional", WRITTEN_IN_PLACE):
             if key in src.meta:
                 new.meta[key] = src.meta[key]
         if meta_from is not None and "example_value" in meta_from.meta:
@@ -490,10 +490,26 @@ def _parse_einsum_matmul(equation: str):
     return a[-1] != c, b[-2] != c
 
 
+def _respells_a_view(node: Node) -> bool:
+    """A transpose, permute, `.t()`/`.T`/`.mT` or unsqueeze: `_canonical_node` writes each as
+    `torch.transpose` or `torch.unsqueeze` of the same input, a view of the same memory."""
+    if _method_or_function(node, {"transpose", "swapaxes", "swapdims", "permute", "unsqueeze"},
+                           {torch.transpose, torch.swapaxes, torch.permute, torch.unsqueeze}):
+        return True
+    if node.op == "call_method" and node.target == "t":
+        return True
+    return node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] in ("T", "mT")
+
+
 def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one table, read top to bottom
     op, t = node.op, node.target
-    if op not in ("call_function", "call_method") or mutates(node) or node.meta.get(WRITTEN_IN_PLACE):
-        return  # an in-place write left in place, and what it may write, stay as they are
+    if op not in ("call_function", "call_method") or mutates(node):
+        return  # an in-place write left in place stays as it is
+    if node.meta.get(WRITTEN_IN_PLACE) and not _respells_a_view(node):
+        # what a write may change stays as it is, except a view spelled another way: the canonical
+        # call views the same memory at the same place and keeps the node's writes
+        # (`match.sites` decides whether a site may read it)
+        return
     args = node.args
 
     # matmul family

@@ -207,3 +207,43 @@ def test_cache_written_in_place_after_attention_read_it():
     q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 4, 5, 16), torch.randn(2, 4, 5, 16)
     sites = assert_near_miss(_CacheWrittenInPlace(write_after=True), q, k, v, reason="written in place")
     assert {s.rule for s in sites if s.kind == "attention"} == {"attention.sdpa"}
+
+
+class _EagerCacheWrittenInPlace(nn.Module):
+    """Attention written out (matmul, softmax, matmul) over a cache written in place: before the
+    key's transpose (HF's static cache under eager attention: fused), or between the transpose,
+    a view of the cache, and the product that reads it (kept: eager reads the new values there)."""
+
+    def __init__(self, write_between=False):
+        super().__init__()
+        self.write_between = write_between
+        self.register_buffer("k_cache", torch.randn(2, 4, 12, 16))
+        self.register_buffer("v_cache", torch.randn(2, 4, 12, 16))
+
+    def forward(self, q, k, v):
+        self.v_cache.index_copy_(2, torch.arange(4, 4 + v.shape[2]), v)
+        if not self.write_between:
+            self.k_cache.index_copy_(2, torch.arange(4, 4 + k.shape[2]), k)
+        keys_t = self.k_cache.transpose(-1, -2)
+        if self.write_between:
+            self.k_cache.index_copy_(2, torch.arange(4, 4 + k.shape[2]), k)
+        scores = torch.matmul(q, keys_t) / 4.0
+        return torch.matmul(torch.softmax(scores, dim=-1), self.v_cache)
+
+
+@pytest.mark.parametrize("write_between", [False, True])
+def test_written_out_attention_over_a_cache_written_in_place(write_between):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 4, 5, 16), torch.randn(2, 4, 5, 16)
+    model, twin = _EagerCacheWrittenInPlace(write_between), _EagerCacheWrittenInPlace(write_between)
+    twin.load_state_dict(model.state_dict())
+    if write_between:
+        sites = assert_near_miss(model, q, k, v, reason="written in place")
+    else:
+        sites = assert_fused(model, q, k, v, variant="dot")
+    model.load_state_dict(twin.state_dict())  # explain ran the model: start both from one state
+    want = model(q, k, v)
+    got = torch.compile(twin, backend="truthfuse", options=OPTIONS)(q, k, v)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
+    torch.testing.assert_close(twin.k_cache, model.k_cache, atol=0, rtol=0)
+    assert sites

@@ -340,19 +340,22 @@ def test_hf_deepseek_v3_keys_assembled_in_place(impl, padded):
 
 
 @pytest.mark.parametrize("arch, impl, cache", [("llama", "eager", None), ("llama", "sdpa", None),
-                                               ("llama", "sdpa", "static"), ("gpt_oss", "eager", None)])
+                                               ("llama", "sdpa", "static"), ("llama", "eager", "static"),
+                                               ("gpt2", "eager", "static"), ("gpt_oss", "eager", None)])
 def test_hf_greedy_generation_with_a_cache_runs_the_split_forward(arch, impl, cache, monkeypatch):
     """Greedy generate() with a KV cache, the forward compiled: every decoding step's attention
     (one query row per head against the cache) goes through the split forward, and the tokens and
     scores equal eager's. Llama with left padding (a float mask per step) and grouped K/V, eager
     and sdpa (whose cached K and V lengths Dynamo traces as separate symbols from the second step
-    on), and with a static cache (buffers written in place before attention reads them); GPT-OSS
-    with sinks and a sliding-window layer."""
+    on), and with a static cache (buffers written in place before attention reads them, eager and
+    sdpa; GPT-2 too); GPT-OSS with sinks and a sliding-window layer."""
     from fusion_backend.kernels import attention as kernels
 
     torch.manual_seed(0)
     if arch == "llama":
         lm = _llama(impl).eval()
+    elif arch == "gpt2":
+        lm = _gpt2(impl).eval()
     else:
         cfg = transformers.GptOssConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
