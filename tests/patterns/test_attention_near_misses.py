@@ -168,64 +168,69 @@ def test_one_element_scale_that_broadcasts_the_scores_up():
     assert_matches_eager(_FiveDimScale(), q, k, v)
 
 
-class _CacheWrittenInPlace(nn.Module):
-    """A KV cache kept as buffers and written in place (HF's static cache), then read by SDPA; or
-    read first and written after (`write_after`), where a fused op reading its inputs at the
-    site's end could see the new values."""
+class _BufferCache(nn.Module):
+    """A KV cache kept as buffers and written in place, as HF's static cache is; `late` moves the
+    key's write to where a fused op that reads its inputs at the site's end could see it."""
 
-    def __init__(self, write_after=False):
+    def __init__(self, late=False):
         super().__init__()
-        self.write_after = write_after
-        self.register_buffer("k_cache", torch.zeros(2, 4, 12, 16))
-        self.register_buffer("v_cache", torch.zeros(2, 4, 12, 16))
+        self.late = late
+        self.register_buffer("k_cache", torch.randn(2, 4, 12, 16))
+        self.register_buffer("v_cache", torch.randn(2, 4, 12, 16))
+
+
+class _CacheWrittenInPlace(_BufferCache):
+    """The cache written, then read by SDPA; late: read first and written after."""
 
     def forward(self, q, k, v):
-        if self.write_after:
+        if self.late:
             out = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache)
         self.k_cache[:, :, 4:4 + k.shape[2]] = k
         self.v_cache[:, :, 4:4 + v.shape[2]].copy_(v)
-        if self.write_after:
+        if self.late:
             return out
         return F.scaled_dot_product_attention(q, self.k_cache, self.v_cache)
 
 
-def test_cache_written_in_place_before_attention_reads_it():
-    torch.manual_seed(0)
-    q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 4, 5, 16), torch.randn(2, 4, 5, 16)
-    model = _CacheWrittenInPlace()
-    model.k_cache.normal_(), model.v_cache.normal_()
-    assert_fused(model, q, k, v, variant="dot", rule="attention.sdpa")
-    twin = _CacheWrittenInPlace()
-    twin.load_state_dict(model.state_dict())
+def _cache_inputs():
+    return torch.randn(2, 4, 3, 16), torch.randn(2, 4, 5, 16), torch.randn(2, 4, 5, 16)
+
+
+def _compiled_equals_eager_and_writes_the_cache_alike(model, twin, q, k, v):
+    """From one state, the model run eagerly and its twin compiled give the same output and leave
+    the same cache behind."""
+    model.load_state_dict(twin.state_dict())
     want = model(q, k, v)
     got = torch.compile(twin, backend="truthfuse", options=OPTIONS)(q, k, v)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
     torch.testing.assert_close(twin.k_cache, model.k_cache, atol=0, rtol=0)
 
 
+def test_cache_written_in_place_before_attention_reads_it():
+    torch.manual_seed(0)
+    q, k, v = _cache_inputs()
+    model, twin = _CacheWrittenInPlace(), _CacheWrittenInPlace()
+    assert_fused(model, q, k, v, variant="dot", rule="attention.sdpa")
+    _compiled_equals_eager_and_writes_the_cache_alike(model, twin, q, k, v)
+
+
 def test_cache_written_in_place_after_attention_read_it():
-    q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 4, 5, 16), torch.randn(2, 4, 5, 16)
-    sites = assert_near_miss(_CacheWrittenInPlace(write_after=True), q, k, v, reason="written in place")
+    q, k, v = _cache_inputs()
+    sites = assert_near_miss(_CacheWrittenInPlace(late=True), q, k, v, reason="written in place")
     assert {s.rule for s in sites if s.kind == "attention"} == {"attention.sdpa"}
 
 
-class _EagerCacheWrittenInPlace(nn.Module):
-    """Attention written out (matmul, softmax, matmul) over a cache written in place: before the
-    key's transpose (HF's static cache under eager attention: fused), or between the transpose,
+class _EagerCacheWrittenInPlace(_BufferCache):
+    """Attention written out (matmul, softmax, matmul) over the cache: the key written before its
+    transpose (HF's static cache under eager attention: fused), or, late, between the transpose,
     a view of the cache, and the product that reads it (kept: eager reads the new values there)."""
-
-    def __init__(self, write_between=False):
-        super().__init__()
-        self.write_between = write_between
-        self.register_buffer("k_cache", torch.randn(2, 4, 12, 16))
-        self.register_buffer("v_cache", torch.randn(2, 4, 12, 16))
 
     def forward(self, q, k, v):
         self.v_cache.index_copy_(2, torch.arange(4, 4 + v.shape[2]), v)
-        if not self.write_between:
+        if not self.late:
             self.k_cache.index_copy_(2, torch.arange(4, 4 + k.shape[2]), k)
         keys_t = self.k_cache.transpose(-1, -2)
-        if self.write_between:
+        if self.late:
             self.k_cache.index_copy_(2, torch.arange(4, 4 + k.shape[2]), k)
         scores = torch.matmul(q, keys_t) / 4.0
         return torch.matmul(torch.softmax(scores, dim=-1), self.v_cache)
@@ -234,16 +239,11 @@ class _EagerCacheWrittenInPlace(nn.Module):
 @pytest.mark.parametrize("write_between", [False, True])
 def test_written_out_attention_over_a_cache_written_in_place(write_between):
     torch.manual_seed(0)
-    q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 4, 5, 16), torch.randn(2, 4, 5, 16)
+    q, k, v = _cache_inputs()
     model, twin = _EagerCacheWrittenInPlace(write_between), _EagerCacheWrittenInPlace(write_between)
-    twin.load_state_dict(model.state_dict())
     if write_between:
-        sites = assert_near_miss(model, q, k, v, reason="written in place")
+        assert_near_miss(model, q, k, v, reason="written in place")
     else:
-        sites = assert_fused(model, q, k, v, variant="dot")
-    model.load_state_dict(twin.state_dict())  # explain ran the model: start both from one state
-    want = model(q, k, v)
-    got = torch.compile(twin, backend="truthfuse", options=OPTIONS)(q, k, v)
-    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
-    torch.testing.assert_close(twin.k_cache, model.k_cache, atol=0, rtol=0)
-    assert sites
+        assert_fused(model, q, k, v, variant="dot")
+    # explain() ran the model and wrote its cache: the helper starts both from the twin's state
+    _compiled_equals_eager_and_writes_the_cache_alike(model, twin, q, k, v)
