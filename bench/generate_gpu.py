@@ -1,5 +1,6 @@
 """Greedy generation with a KV cache on the GPU, the model's forward compiled with truthfuse, against
 eager: the same tokens and scores, with every decoding step's attention on the split forward.
+With a static cache too (HF writes the cache buffers in place before attention reads them).
 
     TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 python bench/generate_gpu.py [--out DIR]
 
@@ -28,6 +29,9 @@ COMMON = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
 
 
 def build(name, impl):
+    if name == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, **COMMON)
+        return transformers.GPT2LMHeadModel._from_config(cfg, attn_implementation=impl)
     if name == "llama":
         cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64,
@@ -63,7 +67,10 @@ def main():
     real = kernels._split_forward
     kernels._split_forward = lambda *a, **k: splits.append(tuple(a[0].shape)) or real(*a, **k)
     ok_all = True
-    for name, impl in (("llama", "eager"), ("llama", "sdpa"), ("gemma2", "eager"), ("gpt_oss", "eager")):
+    runs = [(name, impl, None) for name, impl in (("llama", "eager"), ("llama", "sdpa"), ("gemma2", "eager"),
+                                                  ("gpt_oss", "eager"))]
+    runs += [("llama", "eager", "static"), ("llama", "sdpa", "static"), ("gpt2", "eager", "static")]
+    for name, impl, cache in runs:
         for padded in (False, True):
             torch.manual_seed(0)
             torch._dynamo.reset()
@@ -73,12 +80,12 @@ def main():
             if padded:
                 am[0, :4] = 0
             kw = dict(attention_mask=am, max_new_tokens=8, min_new_tokens=8, do_sample=False, output_scores=True,
-                      return_dict_in_generate=True, pad_token_id=0)
+                      return_dict_in_generate=True, pad_token_id=0, cache_implementation=cache)
             with torch.no_grad():
                 want = model.generate(ids, **kw)
                 # Inductor compiles the rest of Llama's graphs; the others use the eager inner
                 # compiler, to keep the run short (the fused sites are the same)
-                inner = "inductor" if (name, impl) == ("llama", "eager") else "eager"
+                inner = "inductor" if (name, impl, cache) == ("llama", "eager", None) else "eager"
                 # a configured backend object: the device's environment has no entry point installed
                 model.forward = torch.compile(model.forward, backend=fusion_backend.backend(
                     strategy="aggressive", cache=False, inner=inner))
@@ -98,10 +105,11 @@ def main():
             # nothing, while `compile_ahead` records their kernels, so there can be more calls
             ok = same and diff < 1e-4 and not fallbacks and decode >= 7 * 2
             ok_all &= ok
-            res["runs"].append(dict(model=name, impl=impl, padded=padded, same_tokens=same, max_score_diff=diff,
+            res["runs"].append(dict(model=name, impl=impl, cache=cache or "dynamic", padded=padded, same_tokens=same,
+                                    max_score_diff=diff,
                                     decode_split_calls=decode, fallbacks=fallbacks, ok=ok))
             res["runs"][-1]["inner"] = inner
-            print(f"{'OK ' if ok else 'BAD'} {name:8s} {impl:6s} {inner:8s} padded={padded!s:5s} tokens equal={same} "
+            print(f"{'OK ' if ok else 'BAD'} {name:8s} {impl:6s} {cache or 'dynamic':7s} {inner:8s} padded={padded!s:5s} tokens equal={same} "
                   f"max score diff {diff:.1e}, split-forward decode calls {decode}, fallbacks {len(fallbacks)}",
                   flush=True)
     with open(os.path.join(args.out, "generate_gpu.json"), "w") as f:
