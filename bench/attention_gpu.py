@@ -421,6 +421,11 @@ def run_checks(part=0, nparts=1):
     # enough (b, kv head) programs to fill an H100 twice: one split, which writes the result itself
     jobs.append(lambda: check("l2", torch.bfloat16, 36, 16, 8, 2, 700, 64, 64, mask="bool", smax=0.2))
     jobs.append(lambda: check_sinks(torch.bfloat16, 40, 16, 8, 1, 500, 64))
+    # L1's split forward (session 18): 16 packed rows, 64 (the key tile shrinks), MHA, one split
+    jobs.append(lambda: check("l1", torch.bfloat16, 2, 8, 2, 4, 1500, 128, 128, mask="float"))
+    jobs.append(lambda: check("l1", torch.float16, 1, 16, 1, 4, 2000, 64, 64, mask="bool"))
+    jobs.append(lambda: check("l1", torch.float32, 1, 12, 12, 1, 3000, 64, 64))
+    jobs.append(lambda: check("l1", torch.bfloat16, 36, 16, 8, 2, 700, 40, 40, causal=True))
     # attention sinks (GPT-OSS: 64 query heads over 8 K/V heads, head dim 64, windows of 128)
     jobs.append(lambda: check_sinks(torch.bfloat16, 1, 8, 1, 1100, 1100, 64, mask="window"))
     jobs.append(lambda: check_sinks(torch.bfloat16, 2, 8, 2, 300, 300, 64, causal=True))

@@ -422,24 +422,46 @@ def _fwd_epilogue(acc, m_i, l_i, r_i, OUT, RBAR, STATS_M, STATS_L, b, h, bh, off
 # Forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _l1_columns(q_rows, sqd, k_base, offs_n, skn, skd, N_K, HEAD_DIM: tl.constexpr, EVEN_N: tl.constexpr):
+    """sum_d |q_d - k_d| in fp32 for query rows at pointers q_rows [R] (each in bounds) and keys
+    offs_n, one head-dim column of each a step, from q and k in their own layouts. The split
+    forward's L1 logits: with a few query rows the columns are short and K's come from L1."""
+    dist = tl.zeros([q_rows.shape[0], offs_n.shape[0]], tl.float32)
+    for d in tl.range(0, HEAD_DIM, loop_unroll_factor=4):
+        qc = tl.load(q_rows + d * sqd).to(tl.float32)
+        if EVEN_N:
+            kc = tl.load(k_base + offs_n * skn + d * skd).to(tl.float32)
+        else:
+            kc = tl.load(k_base + offs_n * skn + d * skd, mask=offs_n < N_K, other=0.0).to(tl.float32)
+        dist += tl.abs(qc[:, None] - kc[None, :])
+    return dist
+
+
+@triton.jit
 def _fwd_step(start_n, q, m_i, l_i, r_i, acc, k_base, v_base, kvec_base, mask_base, skn, skd, svn, svd, smm, smn,
               offs_m, offs_d, offs_dv, N_Q, N_K, scale, scale_k, cap, seed, bh, threshold,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
               METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
               STATS: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr, SOFTCAP: tl.constexpr, CLEAN: tl.constexpr):
+              BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr, SOFTCAP: tl.constexpr, CLEAN: tl.constexpr,
+              q_rows=None, sqd=0):
     """One key tile of `_attn_fwd_kernel`, from key start_n: returns the updated m_i, l_i, r_i, acc.
-    CLEAN: the tile lies in the clean run of every row, so the mask is not read."""
+    CLEAN: the tile lies in the clean run of every row, so the mask is not read. METRIC 3 (l1, the
+    split forward only) reads q by columns from the row pointers q_rows and stride sqd instead of
+    the tile q."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-    if METRIC == 1:
-        kn = tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)
-        raw = 2.0 * qk - kn[None, :]
-    elif SOFTCAP:
-        raw, _ = _softcap(qk, scale / cap)
+    if METRIC == 3:
+        raw = -_l1_columns(q_rows, sqd, k_base, offs_n, skn, skd, N_K, HEAD_DIM, EVEN_N)
     else:
-        raw = qk
+        k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if METRIC == 1:
+            kn = tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)
+            raw = 2.0 * qk - kn[None, :]
+        elif SOFTCAP:
+            raw, _ = _softcap(qk, scale / cap)
+        else:
+            raw = qk
     s = _logits(raw, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND, CAUSAL,
                 EVEN_N, CLEAN)
     p, m_i, l_i, r_i, acc = _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND, STATS)
@@ -561,7 +583,8 @@ def _attn_fwd_split_kernel(
     tile is read once for all of them; a decoding step has one or a few query rows, and the
     per-(b, h) grid of `_attn_fwd_kernel` then leaves most of the GPU idle and most of each tile's
     rows empty. Keys [split * split_len, + split_len) (split_len a multiple of BLOCK_N).
-    Arguments as in `_attn_fwd_kernel` (no dropout, no kept ranges), plus
+    Arguments as in `_attn_fwd_kernel` (no dropout, no kept ranges; METRIC 3 also: L1 logits, q
+    and k as given, KVEC unread), plus
     PART_O: (n_splits, B*H, N_Q, DV_PAD) fp32, the split's unnormalized output rows;
     PART_S: (3, n_splits, B*H, N_Q) fp32, the split's row max (kernel units), row sum and
             sum of p * raw (when STATS); `_attn_split_combine_kernel` joins the splits.
@@ -586,8 +609,12 @@ def _attn_fwd_split_kernel(
         scale_k = _kernel_scale(cap, MASK_KIND)
     else:
         scale_k = _kernel_scale(scale, MASK_KIND)
-    q = tl.load(Q + b * sqb + h[:, None] * sqh + offs_i[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    q_rows = Q + b * sqb + h * sqh + offs_i * sqm  # in bounds for every packed row, used or not
+    if METRIC == 3:
+        q = q_rows  # unread: the L1 step loads q by columns
+    else:
+        q = tl.load(q_rows[:, None] + offs_d[None, :] * sqd, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+                    other=0.0)
     mask_base = (MASK + b * smb + h * smh)[:, None]
     # with several splits the join adds the sink, once per row
     m_i, l_i, r_i, acc = _softmax_start(SINKS, h, BLOCK_M, DV_PAD, MASK_KIND, ONE_SPLIT and SINK)
@@ -601,7 +628,7 @@ def _attn_fwd_split_kernel(
             start_n, q, m_i, l_i, r_i, acc, K + b * skb + hk * skh, V + b * svb + hk * svh, KVEC + bhk * N_K,
             mask_base, skn, skd, svn, svd, smm, smn, offs_i, offs_d, offs_dv, N_Q, N_K, scale, scale_k, cap, 0, 0, 0,
             HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, METRIC, MASK_KIND, CAUSAL, False, STATS, EVEN_N, DOT_PREC,
-            BLOCK_M, BLOCK_N, 16, SOFTCAP, False)
+            BLOCK_M, BLOCK_N, 16, SOFTCAP, False, q_rows, sqd)
     n_rows = tl.num_programs(1) * GROUP * N_Q  # B * H * N_Q
     row = split * n_rows + (b * H + h) * N_Q + offs_i
     if ONE_SPLIT:
@@ -1553,11 +1580,19 @@ def _sm_count(device) -> int:
     return _SM_COUNT[index]
 
 
-def split_plan(B, Hkv, Nq, Nk, d_pad, causal, device) -> tuple:
+# L1's split forward builds its [packed rows, BLOCK_N] distance tile on the FP32 units: past this many
+# scores a program (4 warps) the sm_90 kernel spills registers, so the key tile shrinks as rows grow
+SPLIT_L1_MAX_SCORES = 2048
+
+
+def split_plan(B, Hkv, Nq, Nk, d_pad, causal, device, l1_rows=0) -> tuple:
     """(n_splits, split_len, (BLOCK_N, num_warps, num_stages)) of the split forward: enough splits
     that the (split, b, kv head) programs fill the GPU SPLIT_WAVES times over, each a whole number
-    of key tiles. The interpreter takes big tiles (few, slow program instances)."""
+    of key tiles. The interpreter takes big tiles (few, slow program instances). l1_rows: for L1,
+    the program's packed rows (BLOCK_M), which bound its key tile."""
     tile = (64, 4, 1) if device.type == "cpu" else _SPLIT_TILES[d_pad]
+    if l1_rows:
+        tile = (max(16, min(tile[0], SPLIT_L1_MAX_SCORES // l1_rows)),) + tile[1:]
     key_hi = max(1, min(Nk, Nq) if causal else Nk)
     blocks = cdiv(key_hi, tile[0])
     want = max(1, min(cdiv(blocks, SPLIT_MIN_TILES), SPLIT_MAX, cdiv(SPLIT_WAVES * _sm_count(device), B * Hkv)))
@@ -1574,8 +1609,9 @@ def _split_forward(q, k, v, scale, kvec, flags, launches, out, row_stats, metric
     d_pad, dv_pad = _pad_dim(D), _pad_dim(Dv)
     # a launch pair (`mask_launches`) needs every key in the mask's launch
     causal_all = all(c for _, _, c in launches)
-    n_splits, split_len, (bn, warps, stages) = split_plan(B, Hkv, Nq, Nk, d_pad, causal_all, q.device)
     block_m = max(16, next_power_of_2(Nq * (H // Hkv)))
+    n_splits, split_len, (bn, warps, stages) = split_plan(B, Hkv, Nq, Nk, d_pad, causal_all, q.device,
+                                                          block_m if metric == "l1" else 0)
     one = n_splits == 1
     if one:  # the program writes the result itself: the workspace is an unread placeholder
         part_o = part_s = row_stats

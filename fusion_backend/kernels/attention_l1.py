@@ -32,8 +32,9 @@ import triton.language as tl
 from fusion_backend.kernels.attention import (
     DROPOUT_BITS, _dq_tile, _dropout_keep, _exp_rel, _fwd_epilogue, _group_head, _idle_launch, _kernel_scale, _key_end,
     _key_program, _load_row_stats, _load_rows, _logits, _mask_args, _pad_dim, _probs, _query_program, _query_start,
-    _store_dv,
+    _split_forward, _store_dv,
     backward_tiles, dropout_args, mask_grad_buffer, mask_launches, new_row_stats, reduce_mask_grad, row_dot,
+    split_applies,
 )
 from fusion_backend.kernels.philox import load_seed, seed_arg
 from fusion_backend.kernels.runtime import KernelLauncher, cdiv, interpreting
@@ -677,14 +678,20 @@ def _dot_prec(dtype):
 def l1_attention_forward(q, k, v, scale, *, causal=False, mask=None, dropout_p=0.0, seed=None, config=None, out=None,
                          stats=True):
     """L1 attention forward. Shapes as `attention.attention_forward`; returns (out, row_stats).
-    `stats` is accepted for the same signature; E_p[raw] is computed either way."""
+    `stats` is accepted for the same signature; E_p[raw] is computed either way. Few query rows
+    without dropout take the split forward (`attention.split_applies`), as the other metrics do."""
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     cfg = config or default_l1_config(D, q.dtype, q.device.type)
-    qt, kt = _transposed_f32(q), _transposed_f32(k)
     if out is None:
         out = torch.empty(B, H, Nq, Dv, device=q.device, dtype=q.dtype)
     row_stats = new_row_stats(B, H, Nq, q.device)
+    if split_applies(Nq, H // Hkv, dropout_p):
+        # decoding: the split forward reads q and k as they are, with no transposed fp32 copies
+        flags, launches = mask_launches(mask, Nq, Nk, causal, q.device)
+        _split_forward(q, k, v, scale, scale, flags, launches, out, row_stats, "l1", True, 0.0, None)
+        return out, row_stats
+    qt, kt = _transposed_f32(q), _transposed_f32(k)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     sub = l1_sub_tiles(cfg, interpreting())
     flags, launches = mask_launches(mask, Nq, Nk, causal, q.device)

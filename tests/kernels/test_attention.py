@@ -936,29 +936,41 @@ def test_block_skipping_with_a_mask_expanded_by_the_caller(monkeypatch):
 # The split forward: a few query rows against many keys (decoding)
 # ----------------------------------------------------------------------------------------------
 def _one_pass_and_split(monkeypatch, q, k, v, scale, **kw):
-    """(out, row stats) of `attention_forward` through the split kernels, then through the one-pass
-    kernel (the split path turned off)."""
+    """(out, row stats) of the forward through the split kernels, then through the one-pass kernel
+    (the split path turned off): `attention_forward`, or for metric l1 `l1_attention_forward`."""
     assert tc.split_applies(q.shape[2], q.shape[1] // k.shape[1], 0.0)
-    split = tc.attention_forward(q, k, v, scale, **kw)
+    forward = tc.attention_forward
+    if kw.get("metric") == "l1":
+        forward = l1_attention_forward
+        kw = {key: val for key, val in kw.items() if key != "metric"}
+    split = forward(q, k, v, scale, **kw)
     monkeypatch.setattr(tc, "SPLIT_MAX_QUERIES", 0)
-    one_pass = tc.attention_forward(q, k, v, scale, **kw)
+    one_pass = forward(q, k, v, scale, **kw)
     monkeypatch.undo()
     return split, one_pass
 
 
 @pytest.mark.parametrize("case", ["gqa_float_mask", "l2_stats", "cosine_causal", "softcap_bool", "sinks_dead_row",
-                                  "exact_tril", "tril_not_exact", "one_split_sinks", "one_split_l2_stats"])
+                                  "exact_tril", "tril_not_exact", "one_split_sinks", "one_split_l2_stats",
+                                  "l1_gqa_float_mask", "l1_causal_bool", "one_split_l1"])
 def test_split_forward_equals_the_one_pass_kernel(case, monkeypatch):
     """Output and every row statistic the backward reads (max, log2 sum, E_p[raw]) are the same as
     the one-pass kernel's, to fp32 rounding: the splits are joined exactly, so the backward needs
     nothing new. Several splits per row, with empty ones under causal; or, with enough (b, kv head)
-    programs to fill the device, one split that writes the result itself."""
+    programs to fill the device, one split that writes the result itself. L1 against its own
+    one-pass kernel."""
     H, Hkv, Nq, Nk, D = 8, 2, 3, 300, 24
     B = 4 if case.startswith("one_split") else 2
     kw = dict(metric="dot")
     mask = None
-    if case == "gqa_float_mask":
+    if case in ("gqa_float_mask", "l1_gqa_float_mask"):
         mask = torch.randn(2, 1, Nq, Nk)
+        kw = dict(metric="l1" if case.startswith("l1") else "dot")
+    elif case == "l1_causal_bool":
+        mask = torch.rand(2, H, Nq, Nk) > 0.4
+        kw = dict(metric="l1", causal=True)
+    elif case == "one_split_l1":
+        kw = dict(metric="l1")
     elif case == "l2_stats":
         kw = dict(metric="l2", stats=True)
     elif case == "cosine_causal":
@@ -1002,6 +1014,24 @@ def test_split_forward_writes_every_output_row_and_trains():
     ref = attention_reference(q.double(), k.double(), v.double(), metric="l2", scale=0.2, enable_gqa=True)
     assert torch.isfinite(out).all() and rel(out, ref) < 1e-5
     run_and_compare("l2", q, k, v, scale=torch.rand(6) * 0.3 + 0.05, mask=torch.rand(3, 1, 2, 257) > 0.2)
+    out = torch.full((3, 6, 2, 40), float("nan"))
+    l1_attention_forward(q, k, v, torch.full((6,), 0.05), out=out)
+    ref = attention_reference(q.double(), k.double(), v.double(), metric="l1", scale=0.05, enable_gqa=True)
+    assert torch.isfinite(out).all() and rel(out, ref) < 1e-5
+    run_and_compare("l1", q, k, v, scale=torch.rand(6) * 0.1 + 0.02, mask=torch.randn(3, 1, 2, 257))
+
+
+def test_l1_split_forward_with_many_packed_rows():
+    """64 packed rows (16 query heads of one kv head, 4 query rows each): L1's key tile shrinks to
+    keep the distance tile small, and every output row is written and matches float64."""
+    q, k, v = make(1, 16, 1, 4, 200, 16, 24)
+    mask = torch.rand(1, 1, 4, 200) > 0.3
+    assert tc.split_applies(4, 16, 0.0)
+    out = torch.full((1, 16, 4, 24), float("nan"))
+    l1_attention_forward(q, k, v, torch.full((16,), 0.2), mask=mask, out=out)
+    ref = attention_reference(q.double(), k.double(), v.double(), metric="l1", scale=0.2, attn_mask=mask,
+                              enable_gqa=True)
+    assert torch.isfinite(out).all() and rel(out, ref) < 1e-5
 
 
 def test_split_plan():
@@ -1013,6 +1043,9 @@ def test_split_plan():
     assert n == tc.SPLIT_WAVES * tc._sm_count(cpu) // 2
     assert tc.split_plan(64, 8, 1, 1000, 64, False, cpu)[0] == 1
     assert tc.split_plan(1, 2, 3, 1000, 64, True, cpu)[:2] == (1, 64)
+    # L1's key tile shrinks with the packed rows: its distance tile is built on the FP32 units
+    assert tc.split_plan(1, 2, 1, 1000, 64, False, cpu, l1_rows=16)[2][0] == 64
+    assert tc.split_plan(1, 2, 1, 1000, 64, False, cpu, l1_rows=64)[2][0] == tc.SPLIT_L1_MAX_SCORES // 64
     assert tc.split_applies(16, 4, 0.0) and tc.split_applies(1, 64, 0.0)
     assert not tc.split_applies(17, 1, 0.0) and not tc.split_applies(2, 64, 0.0) and not tc.split_applies(1, 8, 0.1)
 
