@@ -65,8 +65,8 @@ def _logits(q, k, metric, form="broadcast"):
     lam = 1.0 / math.sqrt(q.shape[-1])
     if metric == "dot":
         return (q @ k.transpose(-1, -2)) * lam
-    if form == "cdist":
-        return -lam * torch.cdist(q, k, p=1)
+    if form == "cdist":  # CUDA's cdist takes no 16-bit inputs: the user's form upcasts
+        return (-lam * torch.cdist(q.float(), k.float(), p=1)).to(q.dtype)
     return -lam * (q.unsqueeze(-2) - k.unsqueeze(-3)).abs().sum(-1)
 
 
