@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.fx as fx
 
+from .canonicalize.aliasing import mutates
 from .canonicalize.passes import example_value
 from .kernels import compile_ahead
 from .kernels.runtime import interpreting
@@ -120,26 +121,6 @@ def keep_subgraph(gm: fx.GraphModule, site: Site) -> Tuple[fx.GraphModule, List[
     return fx.GraphModule(gm, graph), inputs, sources
 
 
-def _mutates(node: Node) -> bool:
-    """Whether a node may write to one of its inputs (then its producer is not run at compile time)."""
-    if "out" in node.kwargs:
-        return True
-    target = node.target
-    if node.op == "call_method":
-        return isinstance(target, str) and target.endswith("_") and not target.endswith("__")
-    schema = getattr(target, "_schema", None)
-    if schema is not None:
-        return schema.is_mutable
-    name = getattr(target, "__name__", "")
-    if getattr(target, "__module__", None) in ("_operator", "operator"):  # and_, or_ are pure; iadd is not
-        return name in _OPERATOR_MUTATIONS
-    return name.endswith("_") and not name.endswith("__")
-
-
-_OPERATOR_MUTATIONS = {"setitem", "delitem", "iadd", "iand", "iconcat", "ifloordiv", "ilshift", "imatmul", "imod",
-                       "imul", "ior", "ipow", "irshift", "isub", "itruediv", "ixor"}
-
-
 def _producer(node: Node, limit: int) -> Optional[List[Node]]:
     """The nodes that compute `node` from the graph's inputs and attributes, each after its own
     inputs, or None where they are more than `limit`, or one of them is not a pure function call."""
@@ -155,7 +136,7 @@ def _producer(node: Node, limit: int) -> Optional[List[Node]]:
             continue
         seen.add(n)
         if n.op not in ("placeholder", "get_attr"):
-            if n.op not in ("call_function", "call_method") or _mutates(n) or len(seen) > limit:
+            if n.op not in ("call_function", "call_method") or mutates(n) or len(seen) > limit:
                 return None
         stack.append((n, True))
         stack.extend((d, False) for d in n.all_input_nodes if d not in seen)

@@ -39,7 +39,6 @@ later reader is redirected to the functional result.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import operator
@@ -49,6 +48,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .aliasing import alias_sources, is_fresh, mutates, shared_storage_inputs, sharing_memory, written_family
 
 Node = fx.Node
 
@@ -78,28 +79,6 @@ CANONICAL_TARGETS = {
     torch.clamp, torch.cdist, F.normalize, F.gelu, torch.relu, F.silu, torch.tanh,
     torch.reciprocal, torch.logical_not, torch.where, torch.unsqueeze, torch.repeat_interleave,
 }
-
-_VIEW_METHODS = {
-    "view", "reshape", "transpose", "permute", "expand", "unsqueeze", "squeeze", "flatten",
-    "unflatten", "narrow", "select", "split", "chunk", "unbind", "t", "as_strided", "view_as",
-    "__getitem__", "contiguous", "detach", "swapaxes", "swapdims", "movedim", "unfold",
-}
-_VIEW_FUNCTIONS = {
-    operator.getitem, torch.transpose, torch.permute, torch.reshape, torch.unsqueeze,
-    torch.squeeze, torch.flatten, torch.narrow, torch.select, torch.split, torch.chunk,
-    torch.unbind, torch.t, torch.swapaxes, torch.movedim, torch.detach,
-}
-# Not views, but they may hand back their input itself (a cast to the dtype it has, dropout in
-# eval or at p=0) or a view of it (expand_as, the .T / .mT attributes): a mutation of their
-# result may be a mutation of their input.
-_MAY_ALIAS_METHODS = {
-    "to", "float", "half", "double", "bfloat16", "type", "type_as", "expand_as", "reshape_as", "cpu", "cuda",
-}
-_MAY_ALIAS_FUNCTIONS = {
-    getattr, F.dropout, torch.dropout, F.alpha_dropout, F.feature_alpha_dropout, F.dropout1d, F.dropout2d,
-    F.dropout3d,
-}
-
 
 _REQUIRED = object()
 
@@ -289,11 +268,8 @@ def _keeps_dtype(functional, args, kwargs) -> bool:
 
 
 def _is_fresh_intermediate(x: Any) -> bool:
-    """A value that nothing else aliases: computed inside the graph by an op that neither makes a
-    view nor may return its input (`_MAY_ALIAS_METHODS`)."""
-    if not isinstance(x, Node) or x.op not in ("call_function", "call_method") or _aliases(x):
-        return False
-    return is_tensor_node(x)
+    """A tensor computed inside the graph into memory nothing else shares (`aliasing.is_fresh`)."""
+    return is_fresh(x) and is_tensor_node(x)
 
 
 def _last_dim_slice(index: Any, size: int) -> Optional[tuple]:
@@ -315,10 +291,10 @@ def _assembled_by_slice_copies(rw: _Rewriter) -> None:
     every size is a static int, every source has its slice's exact shape, and nothing else touches
     t before the copies or writes it after them."""
     graph = rw.graph
-    order = {n: i for i, n in enumerate(graph.nodes)}
     for node in list(graph.nodes):
         if not (node.op == "call_method" and node.target == "new_empty"):
             continue
+        order = {n: i for i, n in enumerate(graph.nodes)}  # afresh: an earlier rewrite adds nodes
         tv = example_value(node)
         if not (isinstance(tv, torch.Tensor) and tv.dim() >= 1 and isinstance(tv.shape[-1], int)):
             continue
@@ -357,7 +333,10 @@ def _assembled_by_slice_copies(rw: _Rewriter) -> None:
         first_read = min(order[r] for r in readers)
         # cat reads the sources where t is first read, not where each was copied: nothing else
         # may write anything in between
-        if (not tiled or first_read < last_write or any(mutates(r) for r in readers)
+        views = {v for _, _, _, v in pieces}
+        # any other write into t's memory, through whatever alias, would be lost with t
+        others = sharing_memory([node]) - {node} - writers - views
+        if (not tiled or first_read < last_write or any(mutates(n) for n in others)
                 or _writes_between(graph, order, first_write, first_read, writers)):
             continue
         first = min(readers, key=order.get)
@@ -407,11 +386,10 @@ def _functionalize_inplace(rw: _Rewriter) -> None:
         if cast_back and not isinstance(example_value(mutated), torch.Tensor):
             continue
         later = [u for u in mutated.users if u is not node and order.get(u, -1) > order[node]]
-        earlier_views = [u for u in mutated.users if u is not node and order.get(u, -1) < order[node]
-                         and ((u.op == "call_method" and u.target in _VIEW_METHODS)
-                              or (u.op == "call_function" and u.target in _VIEW_FUNCTIONS))]
-        if earlier_views:
-            continue  # a view taken before the mutation would observe it; leave the graph alone
+        earlier_aliases = [u for u in mutated.users if u is not node and order.get(u, -1) < order[node]
+                           and mutated in alias_sources(u)]
+        if earlier_aliases:
+            continue  # a view (or the value itself) taken before the mutation would observe it
         with graph.inserting_before(node):
             new = graph.call_function(functional, tuple(args), kwargs)
             if cast_back:
@@ -1375,82 +1353,10 @@ def _fold_tanh_gelu(rw: _Rewriter) -> None:
                 rw.replace(node, F.gelu, (x,), {"approximate": "tanh"})
 
 
-_INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__",
-                    "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__", "__setitem__"}
-_OPERATOR_INPLACE = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
-                     operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
-                     operator.ilshift, operator.irshift, operator.imatmul, operator.iconcat}
-
-
 WRITTEN_IN_PLACE = "truthfuse_written_in_place"
 """Node meta key: the in-place writes (nodes) that canonicalization leaves in place and that may
 change this value while the graph also reads it elsewhere (BatchNorm's counter, read nowhere else,
 is not marked)."""
-
-
-@functools.lru_cache(maxsize=None)
-def _inplace_position(target) -> Optional[int]:
-    """The position of an `inplace` parameter of `target` (F.relu(x, True)), or None."""
-    try:
-        params = list(inspect.signature(target).parameters)
-    except (TypeError, ValueError):
-        return None
-    return params.index("inplace") if "inplace" in params else None
-
-
-def mutates(node: Node) -> bool:
-    """Whether a call may write into one of its arguments: in-place methods (`relu_`, `__iadd__`)
-    and functions (`torch.relu_`, `operator.imul`, item assignment), `out=`, and `inplace=True`
-    given by keyword or by position."""
-    if node.op not in ("call_function", "call_method"):
-        return False
-    if node.kwargs.get("out") is not None or node.kwargs.get("inplace") is True:
-        return True
-    target = node.target
-    if node.op == "call_method":
-        return (target.endswith("_") and not target.endswith("__")) or target in _INPLACE_DUNDERS
-    try:
-        if target in _OPERATOR_INPLACE:
-            return True
-    except TypeError:  # an unhashable callable
-        return False
-    position = _inplace_position(target) if callable(target) else None
-    if position is not None and len(node.args) > position and node.args[position] is True:
-        return True
-    if getattr(target, "__module__", None) in ("_operator", "operator"):  # and_, or_, not_ are pure
-        return False
-    name = getattr(target, "__name__", "")
-    return name.endswith("_") and not name.endswith("__")
-
-
-def _aliases(node: Node) -> bool:
-    """Whether `node`'s value may share memory with its first argument (a view, or an op that may
-    return its input). Indexing by a tensor copies."""
-    if node.op == "call_function" and node.target is operator.getitem and len(node.args) > 1:
-        index = node.args[1] if isinstance(node.args[1], (tuple, list)) else (node.args[1],)
-        if any(is_tensor_node(i) for i in index):
-            return False
-    return (node.op == "call_method" and (node.target in _VIEW_METHODS or node.target in _MAY_ALIAS_METHODS)) or \
-        (node.op == "call_function" and (node.target in _VIEW_FUNCTIONS or node.target in _MAY_ALIAS_FUNCTIONS
-                                         or node.target is _to))
-
-
-def _written_family(node: Node) -> set:
-    """The values whose memory `node` may write: its target (its `out=`, else its first
-    argument), the values that target views (or may be), and their views."""
-    target = node.kwargs.get("out")
-    if target is None:
-        target = node.args[0] if node.args else None
-    family, stack = set(), [target] if isinstance(target, Node) else []
-    while stack:  # up through the ops that view or may return their input, then down through them
-        n = stack.pop()
-        if n in family:
-            continue
-        family.add(n)
-        if _aliases(n) and n.args and isinstance(n.args[0], Node):
-            stack.append(n.args[0])
-        stack.extend(u for u in n.users if _aliases(u))
-    return family
 
 
 # torch.func's and autograd's transform machinery, as Dynamo inlines it: torch.vmap becomes
@@ -1513,9 +1419,10 @@ def canonicalize(graph: fx.Graph) -> int:
     rw = _Rewriter(graph)
     _assembled_by_slice_copies(rw)
     _functionalize_inplace(rw)
+    peers = shared_storage_inputs(graph)
     for node in list(graph.nodes):
         if mutates(node):
-            family = _written_family(node)
+            family = written_family(node, peers)
             if any(u is not node and u not in family for n in family for u in n.users):
                 for n in family:  # read elsewhere: no rewrite may move those reads across the write
                     n.meta.setdefault(WRITTEN_IN_PLACE, []).append(node)
