@@ -95,6 +95,8 @@ def main():
     ap.add_argument("--split-tiles", default="", help="split-forward tiles to time as well, e.g. n128w4s3,n64w4s2")
     ap.add_argument("--split-waves", default="", help="SPLIT_WAVES values to time as well, e.g. 1,4")
     ap.add_argument("--split-min-tiles", default="", help="SPLIT_MIN_TILES values to time as well, e.g. 2,4")
+    ap.add_argument("--patch", default="", help="variants of the kernels module's integer constants to time as "
+                    "well: ';'-separated, each NAME=VALUE[,NAME=VALUE], e.g. SPLIT_L1_UNROLL=1;SPLIT_L1_MAX_CHUNK=16")
     args = ap.parse_args()
     picked = range(len(CASES)) if args.cases == "all" else [int(i) for i in args.cases.split(",")]
     metric = args.metric
@@ -152,6 +154,8 @@ def main():
             patches.append((f"split waves {waves}", dict(SPLIT_WAVES=int(waves))))
         for tiles in args.split_min_tiles.split(",") if args.split_min_tiles else []:
             patches.append((f"split min tiles {tiles}", dict(SPLIT_MIN_TILES=int(tiles))))
+        for group in args.patch.split(";") if args.patch else []:
+            patches.append((group, {n: int(val) for n, val in (kv.split("=") for kv in group.split(","))}))
         for label, patch in patches:
             def patched(patch=patch):
                 saved = {n: getattr(tc, n) for n in patch}

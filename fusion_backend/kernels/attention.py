@@ -422,46 +422,24 @@ def _fwd_epilogue(acc, m_i, l_i, r_i, OUT, RBAR, STATS_M, STATS_L, b, h, bh, off
 # Forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _l1_columns(q_rows, sqd, k_base, offs_n, skn, skd, N_K, HEAD_DIM: tl.constexpr, EVEN_N: tl.constexpr):
-    """sum_d |q_d - k_d| in fp32 for query rows at pointers q_rows [R] (each in bounds) and keys
-    offs_n, one head-dim column of each a step, from q and k in their own layouts. The split
-    forward's L1 logits: with a few query rows the columns are short and K's come from L1."""
-    dist = tl.zeros([q_rows.shape[0], offs_n.shape[0]], tl.float32)
-    for d in tl.range(0, HEAD_DIM, loop_unroll_factor=4):
-        qc = tl.load(q_rows + d * sqd).to(tl.float32)
-        if EVEN_N:
-            kc = tl.load(k_base + offs_n * skn + d * skd).to(tl.float32)
-        else:
-            kc = tl.load(k_base + offs_n * skn + d * skd, mask=offs_n < N_K, other=0.0).to(tl.float32)
-        dist += tl.abs(qc[:, None] - kc[None, :])
-    return dist
-
-
-@triton.jit
 def _fwd_step(start_n, q, m_i, l_i, r_i, acc, k_base, v_base, kvec_base, mask_base, skn, skd, svn, svd, smm, smn,
               offs_m, offs_d, offs_dv, N_Q, N_K, scale, scale_k, cap, seed, bh, threshold,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
               METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
               STATS: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr, SOFTCAP: tl.constexpr, CLEAN: tl.constexpr,
-              q_rows=None, sqd=0):
+              BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr, SOFTCAP: tl.constexpr, CLEAN: tl.constexpr):
     """One key tile of `_attn_fwd_kernel`, from key start_n: returns the updated m_i, l_i, r_i, acc.
-    CLEAN: the tile lies in the clean run of every row, so the mask is not read. METRIC 3 (l1, the
-    split forward only) reads q by columns from the row pointers q_rows and stride sqd instead of
-    the tile q."""
+    CLEAN: the tile lies in the clean run of every row, so the mask is not read."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    if METRIC == 3:
-        raw = -_l1_columns(q_rows, sqd, k_base, offs_n, skn, skd, N_K, HEAD_DIM, EVEN_N)
+    k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    if METRIC == 1:
+        kn = tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)
+        raw = 2.0 * qk - kn[None, :]
+    elif SOFTCAP:
+        raw, _ = _softcap(qk, scale / cap)
     else:
-        k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if METRIC == 1:
-            kn = tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)
-            raw = 2.0 * qk - kn[None, :]
-        elif SOFTCAP:
-            raw, _ = _softcap(qk, scale / cap)
-        else:
-            raw = qk
+        raw = qk
     s = _logits(raw, scale_k, mask_base, smm, smn, offs_m[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND, CAUSAL,
                 EVEN_N, CLEAN)
     p, m_i, l_i, r_i, acc = _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND, STATS)
@@ -562,6 +540,40 @@ def _attn_fwd_kernel(
 # Forward for a few query rows against many keys (decoding): split over the keys
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _l1_split_step(start_n, q_rows, sqd, m_i, l_i, r_i, acc, k_base, v_base, mask_base, skn, skd, svn, svd, smm, smn,
+                   offs_i, offs_dv, N_Q, N_K, scale_k, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                   DV_PAD: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, EVEN_N: tl.constexpr,
+                   DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_CHUNK: tl.constexpr,
+                   L1_UNROLL: tl.constexpr):
+    """One key tile of the split forward for L1 logits, -sum_d |q_d - k_d| in fp32 from q and k in
+    their own layouts (rows at pointers q_rows, in bounds for every packed row): D_CHUNK head dims
+    a step as one [BLOCK_M, BLOCK_N, D_CHUNK] tile, K's chunk a coalesced load. With fewer than 16
+    packed rows (no padding to a tensor-core tile), P @ V is a broadcast product summed in fp32."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, D_CHUNK)
+    dist = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for d0 in tl.range(0, HEAD_DIM, D_CHUNK, loop_unroll_factor=L1_UNROLL):
+        cols = d0 + offs_c
+        qc = tl.load(q_rows[:, None] + cols[None, :] * sqd, mask=cols[None, :] < HEAD_DIM, other=0.0)
+        k_ptrs = k_base + offs_n[:, None] * skn + cols[None, :] * skd
+        if EVEN_N and HEAD_DIM % D_CHUNK == 0:
+            kc = tl.load(k_ptrs)
+        else:
+            kc = tl.load(k_ptrs, mask=(offs_n[:, None] < N_K) & (cols[None, :] < HEAD_DIM), other=0.0)
+        dist += tl.sum(tl.abs(qc.to(tl.float32)[:, None, :] - kc.to(tl.float32)[None, :, :]), axis=2)
+    raw = -dist
+    s = _logits(raw, scale_k, mask_base, smm, smn, offs_i[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND, CAUSAL,
+                EVEN_N)
+    p, m_i, l_i, r_i, acc = _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND, True)
+    v = _load_rows(v_base, offs_n, offs_dv, svn, svd, N_K, HEAD_DIM_V, EVEN_N, HEAD_DIM_V == DV_PAD)
+    if BLOCK_M >= 16:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    else:
+        acc += tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+    return m_i, l_i, r_i, acc
+
+
+@triton.jit
 def _attn_fwd_split_kernel(
     Q, K, V, SCALE, KVEC, MASK, MASK_FLAGS, PART_O, PART_S, SINKS, OUT, STATS_M, STATS_L, RBAR,
     sqb, sqh, sqm, sqd,
@@ -574,7 +586,7 @@ def _attn_fwd_split_kernel(
     METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, STATS: tl.constexpr,
     EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     RUN_IF: tl.constexpr = 0, SOFTCAP: tl.constexpr = False, ONE_SPLIT: tl.constexpr = False,
-    SINK: tl.constexpr = False,
+    SINK: tl.constexpr = False, D_CHUNK: tl.constexpr = 16, L1_UNROLL: tl.constexpr = 1,
 ):
     """One key range (split) of the forward for every query row that one (b, kv head) serves.
 
@@ -583,8 +595,8 @@ def _attn_fwd_split_kernel(
     tile is read once for all of them; a decoding step has one or a few query rows, and the
     per-(b, h) grid of `_attn_fwd_kernel` then leaves most of the GPU idle and most of each tile's
     rows empty. Keys [split * split_len, + split_len) (split_len a multiple of BLOCK_N).
-    Arguments as in `_attn_fwd_kernel` (no dropout, no kept ranges; METRIC 3 also: L1 logits, q
-    and k as given, KVEC unread), plus
+    Arguments as in `_attn_fwd_kernel` (no dropout, no kept ranges; METRIC 3 also: L1 logits,
+    `_l1_split_step`, q and k as given, KVEC unread; BLOCK_M may then be below 16), plus
     PART_O: (n_splits, B*H, N_Q, DV_PAD) fp32, the split's unnormalized output rows;
     PART_S: (3, n_splits, B*H, N_Q) fp32, the split's row max (kernel units), row sum and
             sum of p * raw (when STATS); `_attn_split_combine_kernel` joins the splits.
@@ -611,7 +623,7 @@ def _attn_fwd_split_kernel(
         scale_k = _kernel_scale(scale, MASK_KIND)
     q_rows = Q + b * sqb + h * sqh + offs_i * sqm  # in bounds for every packed row, used or not
     if METRIC == 3:
-        q = q_rows  # unread: the L1 step loads q by columns
+        q = q_rows  # unread: the L1 step loads q a chunk of head dims at a time
     else:
         q = tl.load(q_rows[:, None] + offs_d[None, :] * sqd, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
                     other=0.0)
@@ -624,11 +636,17 @@ def _attn_fwd_split_kernel(
     lo = split * split_len
     hi = tl.minimum(lo + split_len, key_hi)
     for start_n in range(lo, hi, BLOCK_N):
-        m_i, l_i, r_i, acc = _fwd_step(
-            start_n, q, m_i, l_i, r_i, acc, K + b * skb + hk * skh, V + b * svb + hk * svh, KVEC + bhk * N_K,
-            mask_base, skn, skd, svn, svd, smm, smn, offs_i, offs_d, offs_dv, N_Q, N_K, scale, scale_k, cap, 0, 0, 0,
-            HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, METRIC, MASK_KIND, CAUSAL, False, STATS, EVEN_N, DOT_PREC,
-            BLOCK_M, BLOCK_N, 16, SOFTCAP, False, q_rows, sqd)
+        if METRIC == 3:
+            m_i, l_i, r_i, acc = _l1_split_step(
+                start_n, q_rows, sqd, m_i, l_i, r_i, acc, K + b * skb + hk * skh, V + b * svb + hk * svh, mask_base,
+                skn, skd, svn, svd, smm, smn, offs_i, offs_dv, N_Q, N_K, scale_k, HEAD_DIM, HEAD_DIM_V, DV_PAD,
+                MASK_KIND, CAUSAL, EVEN_N, DOT_PREC, BLOCK_M, BLOCK_N, D_CHUNK, L1_UNROLL)
+        else:
+            m_i, l_i, r_i, acc = _fwd_step(
+                start_n, q, m_i, l_i, r_i, acc, K + b * skb + hk * skh, V + b * svb + hk * svh, KVEC + bhk * N_K,
+                mask_base, skn, skd, svn, svd, smm, smn, offs_i, offs_d, offs_dv, N_Q, N_K, scale, scale_k, cap, 0, 0,
+                0, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, METRIC, MASK_KIND, CAUSAL, False, STATS, EVEN_N, DOT_PREC,
+                BLOCK_M, BLOCK_N, 16, SOFTCAP, False)
     n_rows = tl.num_programs(1) * GROUP * N_Q  # B * H * N_Q
     row = split * n_rows + (b * H + h) * N_Q + offs_i
     if ONE_SPLIT:
@@ -1580,19 +1598,46 @@ def _sm_count(device) -> int:
     return _SM_COUNT[index]
 
 
-# L1's split forward builds its [packed rows, BLOCK_N] distance tile on the FP32 units: past this many
-# scores a program (4 warps) the sm_90 kernel spills registers, so the key tile shrinks as rows grow
-SPLIT_L1_MAX_SCORES = 2048
+# L1's split forward builds its distances on the FP32 units as [rows, BLOCK_N, D_CHUNK] tiles, and
+# with at most SPLIT_L1_SMALL_ROWS packed rows (a decoding step of multi-head attention, or a few
+# query heads a kv head) does P @ V as a [rows, BLOCK_N, Dv] product, without padding the rows to a
+# tensor-core tile of 16: each such tile holds at most SPLIT_L1_TILE_ELEMENTS values (a program has
+# 4 warps), which bounds BLOCK_N and D_CHUNK.
+SPLIT_L1_SMALL_ROWS = 4
+SPLIT_L1_TILE_ELEMENTS = 8192
+# Head dims a step: at least MIN (narrower chunks cost more in loop steps than the bigger key tile
+# saves), at most MAX (wider ones spread the sum over lanes), unrolled L1_UNROLL times
+SPLIT_L1_MIN_CHUNK = 8
+SPLIT_L1_MAX_CHUNK = 64
+SPLIT_L1_UNROLL = 2
 
 
-def split_plan(B, Hkv, Nq, Nk, d_pad, causal, device, l1_rows=0) -> tuple:
+def l1_split_rows(rows: int) -> int:
+    """BLOCK_M of L1's split forward for `rows` packed rows."""
+    return next_power_of_2(rows) if rows <= SPLIT_L1_SMALL_ROWS else max(16, next_power_of_2(rows))
+
+
+def l1_split_tile(block_m: int, d_pad: int, dv_pad: int, block_n: int) -> tuple:
+    """(BLOCK_N, D_CHUNK) of L1's split forward: the key tile `block_n` shrunk (not below 16) until
+    the P @ V product of small rows fits SPLIT_L1_TILE_ELEMENTS and a distance tile of at least
+    SPLIT_L1_MIN_CHUNK head dims does; then as many head dims a step as that tile fits (a power of
+    two, at most SPLIT_L1_MAX_CHUNK and d_pad)."""
+    budget = SPLIT_L1_TILE_ELEMENTS
+    if block_m < 16:
+        block_n = min(block_n, budget // (block_m * dv_pad))
+    block_n = max(16, min(block_n, budget // (block_m * min(d_pad, SPLIT_L1_MIN_CHUNK))))
+    chunk = max(1, min(d_pad, SPLIT_L1_MAX_CHUNK, budget // (block_m * block_n)))
+    return block_n, 1 << (chunk.bit_length() - 1)
+
+
+def split_plan(B, Hkv, Nq, Nk, d_pad, causal, device, max_block_n=None) -> tuple:
     """(n_splits, split_len, (BLOCK_N, num_warps, num_stages)) of the split forward: enough splits
     that the (split, b, kv head) programs fill the GPU SPLIT_WAVES times over, each a whole number
-    of key tiles. The interpreter takes big tiles (few, slow program instances). l1_rows: for L1,
-    the program's packed rows (BLOCK_M), which bound its key tile."""
+    of key tiles. The interpreter takes big tiles (few, slow program instances). max_block_n caps
+    the key tile (L1's, `l1_split_tile`)."""
     tile = (64, 4, 1) if device.type == "cpu" else _SPLIT_TILES[d_pad]
-    if l1_rows:
-        tile = (max(16, min(tile[0], SPLIT_L1_MAX_SCORES // l1_rows)),) + tile[1:]
+    if max_block_n:
+        tile = (min(tile[0], max_block_n),) + tile[1:]
     key_hi = max(1, min(Nk, Nq) if causal else Nk)
     blocks = cdiv(key_hi, tile[0])
     want = max(1, min(cdiv(blocks, SPLIT_MIN_TILES), SPLIT_MAX, cdiv(SPLIT_WAVES * _sm_count(device), B * Hkv)))
@@ -1609,9 +1654,13 @@ def _split_forward(q, k, v, scale, kvec, flags, launches, out, row_stats, metric
     d_pad, dv_pad = _pad_dim(D), _pad_dim(Dv)
     # a launch pair (`mask_launches`) needs every key in the mask's launch
     causal_all = all(c for _, _, c in launches)
-    block_m = max(16, next_power_of_2(Nq * (H // Hkv)))
-    n_splits, split_len, (bn, warps, stages) = split_plan(B, Hkv, Nq, Nk, d_pad, causal_all, q.device,
-                                                          block_m if metric == "l1" else 0)
+    rows = Nq * (H // Hkv)
+    block_m, max_bn, d_chunk = max(16, next_power_of_2(rows)), None, 16
+    if metric == "l1":
+        block_m = l1_split_rows(rows)
+        max_bn, d_chunk = l1_split_tile(block_m, d_pad, dv_pad, split_plan(B, Hkv, Nq, Nk, d_pad, causal_all,
+                                                                           q.device)[2][0])
+    n_splits, split_len, (bn, warps, stages) = split_plan(B, Hkv, Nq, Nk, d_pad, causal_all, q.device, max_bn)
     one = n_splits == 1
     if one:  # the program writes the result itself: the workspace is an unread placeholder
         part_o = part_s = row_stats
@@ -1627,8 +1676,8 @@ def _split_forward(q, k, v, scale, kvec, flags, launches, out, row_stats, metric
             H, Nq, Nk, H // Hkv, cap, split_len, n_splits,
             HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=d_pad, DV_PAD=dv_pad, METRIC=METRIC_IDS[metric], MASK_KIND=mkind,
             CAUSAL=l_causal, STATS=stats, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype), BLOCK_M=block_m,
-            BLOCK_N=bn, RUN_IF=run_if, SOFTCAP=softcap > 0, ONE_SPLIT=one, SINK=sinks is not None,
-            num_warps=warps, num_stages=stages)
+            BLOCK_N=bn, RUN_IF=run_if, SOFTCAP=softcap > 0, ONE_SPLIT=one, SINK=sinks is not None, D_CHUNK=d_chunk,
+            L1_UNROLL=SPLIT_L1_UNROLL, num_warps=warps, num_stages=stages)
     if one:
         return
     # one MASK_KIND for the join: natural units only with a float mask (a pair of launches is bool)
