@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.fx as fx
 
-from .canonicalize import canonical_copy
+from .canonicalize import UnsafeRewrite, canonical_copy
 from .match import all_rules, find_sites
 from .match.sites import Site
 from .ops.feedforward import replayed_as_cuda_graphs
@@ -132,6 +132,9 @@ class TruthfuseBackend:
         graph_id = f"g{record.index}"
         try:
             canon, sites = self._find(gm, graph_id)
+        except UnsafeRewrite as exc:
+            warnings.warn(f"truthfuse: compiling this graph unchanged, nothing fused: {exc}", FusionWarning)
+            return gm
         except Exception as exc:  # noqa: BLE001 -- analysis must never break compilation
             warnings.warn(f"truthfuse: graph analysis failed, compiling unchanged: {exc}", FusionWarning)
             return gm

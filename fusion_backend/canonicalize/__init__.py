@@ -7,6 +7,6 @@ so one rule covers `q @ k.transpose(-2, -1) / s`, `torch.matmul(q, k.permute(0, 
 Every rewrite here is an exact equivalent of what it replaces (up to the last bit of a scale that
 becomes a multiplication by its reciprocal), so the canonical graph can run as it is.
 """
-from .passes import canonicalize, canonical_copy, is_cast, softmax_with_sinks, CANONICAL_TARGETS
+from .passes import canonicalize, canonical_copy, is_cast, softmax_with_sinks, CANONICAL_TARGETS, UnsafeRewrite
 
-__all__ = ["canonicalize", "canonical_copy", "is_cast", "softmax_with_sinks", "CANONICAL_TARGETS"]
+__all__ = ["canonicalize", "canonical_copy", "is_cast", "softmax_with_sinks", "CANONICAL_TARGETS", "UnsafeRewrite"]

@@ -34,6 +34,20 @@ _FIRST_ARG_FUNCTIONS = {
     torch.unbind, torch.t, torch.swapaxes, torch.movedim, torch.detach, torch.Tensor.to,
 }
 
+# Views that read no data (a reshape or a cast may copy, and so read, where it stands): a value
+# behind a chain of these is read where the chain is used.
+_PURE_VIEW_METHODS = {"view", "transpose", "permute", "expand", "expand_as", "unsqueeze", "squeeze", "narrow",
+                      "select", "split", "chunk", "unbind", "t", "as_strided", "view_as", "__getitem__", "detach",
+                      "swapaxes", "swapdims", "movedim", "unflatten"}
+_PURE_VIEW_FUNCTIONS = {operator.getitem, getattr, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze,
+                        torch.narrow, torch.select, torch.split, torch.chunk, torch.unbind, torch.t, torch.swapaxes,
+                        torch.movedim, torch.detach}
+
+# In-place ops that change a tensor's shape, strides or storage: the shapes Dynamo recorded before
+# them no longer hold after, which no rewrite here accounts for
+METADATA_WRITERS = frozenset({"t_", "transpose_", "swapaxes_", "swapdims_", "unsqueeze_", "squeeze_", "resize_",
+                              "resize_as_", "as_strided_", "set_", "squeeze_", "unsqueeze_", "swap_"})
+
 # Ops whose result is memory of its own, shared with nothing (arithmetic, products, reductions,
 # activations, normalizations, constructors), by name: a torch function, a torch.nn.functional
 # or torch.special one, or a Tensor method. Ops that may return an input unchanged in some case
@@ -116,27 +130,91 @@ def _schemas(target) -> list:
     return []
 
 
+def _writes(arg) -> bool:
+    """A tensor argument a schema marks written in place (`Tensor(a!)`, `Tensor(a!)[]`), not a
+    keyword-only `out=` (an `.out` overload's, found by the `out=` keyword itself) nor a list of
+    numbers (TorchScript's in-place `sort.int`)."""
+    return (arg.alias_info is not None and arg.alias_info.is_write and not arg.kwarg_only
+            and "Tensor" in str(arg.type))
+
+
+def _fits(arg, value) -> bool:
+    """Whether a call's argument can be the schema's: a list for a list type, not for a tensor
+    (an aten namesake's overloads include TorchScript's `sort.Tensor(Tensor[](a!) self)`)."""
+    is_list = str(arg.type).startswith("List")
+    return isinstance(value, (list, tuple)) == is_list
+
+
 def _schema_written(node: Node, schemas: list) -> Optional[List[Node]]:
     """The arguments some schema marks written (`Tensor(a!)`), or None where none writes."""
     written, any_write = [], False
     for schema in schemas:
         for i, arg in enumerate(schema.arguments):
-            if arg.alias_info is not None and arg.alias_info.is_write:
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            if _writes(arg) and value is not None and _fits(arg, value):
                 any_write = True
-                value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
                 written.extend(_tensor_nodes(value))
     return written if any_write else None
 
 
-# Functions that update buffers they are given (running statistics in training): the positions.
-_WRITES_POSITIONS = {torch.nn.functional.batch_norm: (1, 2), torch.nn.functional.instance_norm: (1, 2),
-                     torch.batch_norm: (3, 4), torch.instance_norm: (3, 4)}
+def _name(target) -> str:
+    return getattr(target, "__name__", "") or ""
 
 
-def _written_positions(node: Node) -> List[Node]:
-    positions = _WRITES_POSITIONS.get(node.target, ()) if _hashable_in(node.target, _WRITES_POSITIONS) else ()
-    return [a for i in positions if i < len(node.args) for a in _tensor_nodes(node.args[i])] + \
-        _tensor_nodes(node.kwargs.get("running_mean"), node.kwargs.get("running_var"))
+def _special_writes(node: Node) -> Optional[List[Node]]:
+    """Writes that neither a name nor a schema tells: batch and instance norm update the running
+    statistics they are given (every spelling: F.batch_norm, torch.native_batch_norm, aten ops
+    whose schemas do not mark it), embedding with max_norm renormalizes its weight's rows, and a
+    higher-order op (checkpoint, a user Triton kernel) may write whatever it is given when its body
+    writes anything (or cannot be read). None: not such a call."""
+    target = node.target
+    name = _name(target) or str(target)
+    if "batch_norm" in name or "instance_norm" in name:
+        return _tensor_nodes(node.args[1:], node.kwargs)  # all but the input
+    if name in ("embedding", "embedding_bag") and getattr(target, "__module__", None) == "torch.nn.functional":
+        try:
+            bound = inspect.signature(target).bind(*node.args, **node.kwargs).arguments
+        except (TypeError, ValueError):
+            return _tensor_nodes(node.args, node.kwargs)
+        return _tensor_nodes(bound.get("weight")) if bound.get("max_norm") is not None else None
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return _tensor_nodes(node.args, node.kwargs) if _body_may_write(node) else None
+    return None
+
+
+def _body_may_write(node: Node) -> bool:
+    """Whether a higher-order op's subgraphs (get_attr'd modules of the owning module) may write:
+    True when one has a mutating node, or when the op has no subgraph this can read."""
+    owner = node.graph.owning_module
+    bodies = []
+    for arg in _tensor_nodes(node.args, node.kwargs) + [a for a in node.all_input_nodes if a.op == "get_attr"]:
+        if arg.op == "get_attr" and owner is not None:
+            sub = getattr(owner, arg.target, None)
+            if isinstance(sub, fx.GraphModule):
+                bodies.append(sub)
+    if not bodies:
+        return True
+    return any(mutates(n) for body in bodies for n in body.graph.nodes)
+
+
+def _own_or_aten_schemas(target) -> list:
+    """`_schemas` of the target, else of the aten operator a torch function stands for, by name
+    (`torch._fused_adam_` is `aten._fused_adam_`); cached per target."""
+    try:
+        return _schemas_cached(target)
+    except TypeError:  # unhashable
+        return _schemas(target)
+
+
+@functools.lru_cache(maxsize=4096)
+def _schemas_cached(target) -> list:
+    own = _schemas(target)
+    if own or getattr(target, "__module__", None) not in _FRESH_MODULES or not _name(target):
+        return own
+    try:
+        return _schemas(getattr(torch.ops.aten, _name(target)))
+    except (AttributeError, RuntimeError):
+        return []
 
 
 def mutates(node: Node) -> bool:
@@ -158,11 +236,11 @@ def mutates(node: Node) -> bool:
             return True
     except TypeError:  # an unhashable callable
         return False
-    if _written_positions(node):
+    special = _special_writes(node)
+    if special is not None:
         return True
-    schemas = _schemas(target)
-    if schemas:
-        return any(a.alias_info is not None and a.alias_info.is_write for s in schemas for a in s.arguments)
+    if _schema_written(node, _own_or_aten_schemas(target)) is not None:
+        return True
     position = _inplace_position(target) if callable(target) else None
     if position is not None and len(node.args) > position and node.args[position] is True:
         return True
@@ -173,19 +251,24 @@ def mutates(node: Node) -> bool:
 
 
 def write_targets(node: Node) -> List[Node]:
-    """The values a mutating call (`mutates`) writes: its `out=`, the arguments its schema marks
-    written, every tensor of a `_foreach_*_` call's first list, else its first argument."""
+    """The values a mutating call (`mutates`) writes: its `out=`, the special writes
+    (`_special_writes`), the arguments its schema (or its aten namesake's) marks written; for a
+    method, an operator or `inplace=True`, its first argument; for another function named like an
+    in-place op, every tensor argument."""
     out = node.kwargs.get("out")
     if out is not None:
         return _tensor_nodes(out)
     if node.op == "call_function":
-        if _written_positions(node):
-            return _written_positions(node)
-        written = _schema_written(node, _schemas(node.target))
+        special = _special_writes(node)
+        if special is not None:
+            return special
+        written = _schema_written(node, _own_or_aten_schemas(node.target))
         if written is not None:
             return written
-        if getattr(node.target, "__name__", "").startswith("_foreach_"):
-            return _tensor_nodes(node.args[0] if node.args else None)
+        if node.target not in _OPERATOR_INPLACE and node.kwargs.get("inplace") is not True:
+            # a function named like an in-place op, with no schema to say which argument it
+            # writes (`torch._foreach_add_`'s lists): any of them
+            return _tensor_nodes(node.args, node.kwargs)
     return _tensor_nodes(node.args[0]) if node.args else []
 
 
@@ -203,7 +286,7 @@ def _fresh_op(node: Node) -> bool:
 
 def alias_sources(node: Node) -> List[Node]:
     """The values whose memory `node`'s value may share: none for a fresh result (`_FRESH_NAMES`,
-    indexing by a tensor, which copies), the written values for an in-place call (it returns its
+    indexing by a tensor of one or more dims, which copies), the written values for an in-place call (it returns its
     target), the first argument for a view or an op that may return its input, and otherwise every
     tensor argument."""
     if node.op in ("placeholder", "get_attr", "output") or node.op not in ("call_function", "call_method"):
@@ -212,8 +295,11 @@ def alias_sources(node: Node) -> List[Node]:
         return write_targets(node)
     if node.op == "call_function" and node.target is operator.getitem and len(node.args) > 1:
         index = node.args[1] if isinstance(node.args[1], (tuple, list)) else (node.args[1],)
-        if any(isinstance(i, Node) and isinstance(_example(i), torch.Tensor) for i in index):
-            return []  # advanced indexing copies
+        # advanced indexing (a tensor of at least one dim) copies; a 0-d integer tensor is a
+        # basic index, a view
+        if any(isinstance(i, Node) and isinstance(_example(i), torch.Tensor) and _example(i).dim() > 0
+               for i in index):
+            return []
     if _fresh_op(node):
         return []
     first = (node.op == "call_method" and node.target in _FIRST_ARG_METHODS) or \
@@ -289,3 +375,33 @@ def sharing_memory(values, peers: Optional[Dict[Node, List[Node]]] = None) -> se
 def written_family(node: Node, peers: Optional[Dict[Node, List[Node]]] = None) -> set:
     """The values whose memory the mutating `node` may write: `sharing_memory` of its targets."""
     return sharing_memory(write_targets(node), peers)
+
+
+def changes_metadata(node: Node) -> bool:
+    """An in-place op that changes a tensor's shape, strides or storage (`METADATA_WRITERS`)."""
+    if node.op == "call_method":
+        return node.target in METADATA_WRITERS
+    if node.op == "call_function":
+        return _name(node.target).split(".")[0] in METADATA_WRITERS
+    return False
+
+
+def _pure_view(node: Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _PURE_VIEW_METHODS
+    return node.op == "call_function" and _hashable_in(node.target, _PURE_VIEW_FUNCTIONS) and not (
+        node.target is operator.getitem and not alias_sources(node))  # an advanced index copies
+
+
+def read_where_used(node: Node) -> set:
+    """The values `node` reads where it stands: its inputs, and the values behind inputs that are
+    chains of pure views (which read nothing themselves)."""
+    found, stack = set(), list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n in found:
+            continue
+        found.add(n)
+        if _pure_view(n):
+            stack.extend(n.all_input_nodes[:1])
+    return found

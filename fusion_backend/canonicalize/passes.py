@@ -49,7 +49,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .aliasing import alias_sources, is_fresh, mutates, shared_storage_inputs, sharing_memory, written_family
+from .aliasing import (
+    alias_sources, changes_metadata, is_fresh, mutates, read_where_used, shared_storage_inputs, sharing_memory,
+    written_family,
+)
 
 Node = fx.Node
 
@@ -150,6 +153,27 @@ def _arg(node: Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
+def _written_behind(node: Node) -> bool:
+    """Whether `node`, or a value it may be a view of, is marked `WRITTEN_IN_PLACE` (a call a
+    rewrite emitted is not marked itself)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.meta.get(WRITTEN_IN_PLACE):
+            return True
+        stack.extend(alias_sources(n))
+    return False
+
+
+def _tensor_args(args, kwargs) -> list:
+    out: list = []
+    fx.node.map_aggregate((args, kwargs or {}), lambda a: out.append(a) if isinstance(a, Node) else None)
+    return out
+
+
 def _fake_mode_of(graph: fx.Graph):
     for n in graph.nodes:
         v = example_value(n)
@@ -182,8 +206,17 @@ def refresh_meta(node: Node, fake_mode) -> None:
         node.meta.pop("example_value", None)
 
 
+class UnsafeRewrite(Exception):
+    """Canonicalization cannot keep this graph's meaning: a rewrite would read a value written in
+    place somewhere other than where the graph reads it, or an in-place op changes a shape the
+    recorded metadata assumes. The graph is left unfused."""
+
+
 class _Rewriter:
-    """Replaces nodes by canonical calls, keeping meta (stack trace, example value, marks)."""
+    """Replaces nodes by canonical calls, keeping meta (stack trace, example value, marks). A new
+    call reads its inputs where it is placed: one that reads a value written in place
+    (`WRITTEN_IN_PLACE`) that the node it is placed at did not read there (a fold across a chain of
+    computing nodes) could read it on the other side of a write, and raises `UnsafeRewrite`."""
 
     def __init__(self, graph: fx.Graph):
         self.graph = graph
@@ -192,12 +225,18 @@ class _Rewriter:
 
     def emit(self, before: Node, target: Callable, args: tuple, meta_from: Optional[Node] = None,
              kwargs: Optional[dict] = None) -> Node:
+        moved = [a for a in _tensor_args(args, kwargs) if _written_behind(a)]
+        if moved and not set(moved) <= read_where_used(before):
+            raise UnsafeRewrite(f"a rewrite would read {', '.join(sorted(a.name for a in moved))}, which is "
+                                f"written in place, at {before.name} instead of where the graph reads it")
         with self.graph.inserting_before(before):
             new = self.graph.call_function(target, args, kwargs)
         src = meta_from if meta_from is not None else before
-        for key in ("stack_trace", "source_fn_stack", "nn_module_stack", "truthfuse_optional", WRITTEN_IN_PLACE):
+        for key in ("stack_trace", "source_fn_stack", "nn_module_stack", "truthfuse_optional"):
             if key in src.meta:
                 new.meta[key] = src.meta[key]
+        if meta_from is not None and WRITTEN_IN_PLACE in meta_from.meta:  # the same value: its writes
+            new.meta[WRITTEN_IN_PLACE] = meta_from.meta[WRITTEN_IN_PLACE]
         if meta_from is not None and "example_value" in meta_from.meta:
             new.meta["example_value"] = meta_from.meta["example_value"]
         else:
@@ -205,6 +244,8 @@ class _Rewriter:
         return new
 
     def replace(self, node: Node, target: Callable, args: tuple, kwargs: Optional[dict] = None) -> Node:
+        if mutates(node):  # its write would be lost with it
+            raise UnsafeRewrite(f"a rewrite would replace {node.name}, which writes in place")
         new = self.emit(node, target, args, meta_from=node, kwargs=kwargs)
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
@@ -1246,7 +1287,8 @@ def _matmul_to_linear(rw: _Rewriter) -> None:
     nn.Linear, F.linear, mm/matmul by a weight and `x @ W + b`. Activations times activations
     (attention's q @ k^T) are left alone: their right operand is computed, not a weight."""
     for node in list(rw.graph.nodes):
-        if node.op != "call_function" or node.target is not torch.matmul or node not in rw.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.matmul or node not in rw.graph.nodes or \
+                node.kwargs:  # an out= stays where it is
             continue
         x, w = node.args
         if (rank_of(x) or 0) < 2 or rank_of(w) != 2:
@@ -1416,6 +1458,9 @@ def canonicalize(graph: fx.Graph) -> int:
     An in-place write that stays (its target may be an input or share memory with another value)
     and whose memory the graph also reads marks the values it may write `WRITTEN_IN_PLACE`: they
     are not rewritten here, and no site may take them in (`match.sites`)."""
+    for node in graph.nodes:
+        if changes_metadata(node):
+            raise UnsafeRewrite(f"{node.name} changes a tensor's shape or storage in place")
     rw = _Rewriter(graph)
     _assembled_by_slice_copies(rw)
     _functionalize_inplace(rw)

@@ -9,6 +9,8 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .checks import OPTIONS, assert_fused, assert_near_miss
 
@@ -145,3 +147,100 @@ def test_keys_assembled_by_slice_copies_in_two_layers(written):
     inputs = torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 10), torch.randn(2, 2, 8, 6), torch.randn(2, 2, 8, 16)
     assert_fused(_KeysAssembled(written), *inputs, variant="dot", count=2)
     _equal_to_eager(_KeysAssembled(written), *inputs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Functions with a fusable attention whose graphs also write in place where a rewrite or the
+# alias analysis could miss it (a second fuzz round): each, compiled, equals eager in every
+# output and leaves its inputs written alike.
+# ----------------------------------------------------------------------------------------------
+def _fold_across_a_write(x, q, k, v):
+    y = x * 2.0
+    x.add_(1.0)  # (x * 2) * 3 folded to x * 6 at z would read x after this write
+    return y * 3.0, _attend(q, k, v)
+
+
+def _bias_fold_across_a_write(x, w, b, q, k, v):
+    y = x @ w
+    x.mul_(2.0)  # linear(x, w^T, b) emitted at the + b would read the doubled x
+    return y + b, _attend(q, k, v)
+
+
+def _heads_unfolded_across_a_write(q3, k3, v3):
+    s3 = q3 @ k3.transpose(-2, -1)
+    q3.mul_(2.0)  # the product re-emitted at the 4-d view would read the doubled q
+    return (s3.view(1, 2, 8, 8) * 0.25).softmax(-1).view(2, 8, 8) @ v3
+
+
+def _zero_dim_index_is_a_view(buf, idx, q, k, v):
+    buf[idx].mul_(2.0)  # a 0-d integer tensor indexes like an int: a view, written through
+    return _attend(q, k, v)
+
+
+def _shape_changed_in_place(q, k, v):
+    k2 = k.clone().reshape(2, 8, 16)
+    kr = k2.reshape(1, 2, 8, 16)
+    k2.unsqueeze_(0)  # the recorded shapes before this no longer hold after it
+    return _attend(q, kr, v)
+
+
+def _embedding_renormalizes(q, k, v, w, idx):
+    F.embedding(idx, w, max_norm=1.0)  # writes w's rows, result unused
+    return _attend(q, k, v)
+
+
+def _batch_norm_running_stats(q, k, v, x, mean, var):
+    torch.native_batch_norm(x, None, None, mean, var, True, 0.5, 1e-5)  # updates mean and var
+    return _attend(q, k, v)
+
+
+def _checkpoint_body_writes(q, k, v, w):
+    checkpoint(lambda t: t.mul_(2.0).sum(), w, use_reentrant=False)
+    return _attend(q, k, v)
+
+
+def _fused_adam_writes_its_state(q, p, g, avg, avg_sq, step, v):
+    scores = q @ avg.transpose(-2, -1) * 0.25
+    torch._fused_adam_([p], [g], [avg], [avg_sq], [], [step], lr=0.1, beta1=0.5, beta2=0.9, weight_decay=0.0,
+                       eps=1e-8, amsgrad=False, maximize=False)  # writes avg between the products
+    return scores.softmax(-1) @ v
+
+
+def _qkv():
+    return [torch.randn(1, 2, 8, 16) for _ in range(3)]
+
+
+CASES = {
+    "fold across a write": (_fold_across_a_write, lambda: [torch.randn(4, 4)] + _qkv()),
+    "bias fold across a write": (_bias_fold_across_a_write,
+                                 lambda: [torch.randn(4, 16), torch.randn(16, 16), torch.randn(16)] + _qkv()),
+    "heads unfolded across a write": (_heads_unfolded_across_a_write,
+                                      lambda: [torch.randn(2, 8, 16) for _ in range(3)]),
+    "0-d index is a view": (_zero_dim_index_is_a_view, lambda: [torch.randn(3, 4), torch.tensor(1)] + _qkv()),
+    "shape changed in place": (_shape_changed_in_place, _qkv),
+    "embedding max_norm": (_embedding_renormalizes, lambda: _qkv() + [torch.randn(8, 16) * 3, torch.arange(8)]),
+    "native batch norm": (_batch_norm_running_stats,
+                          lambda: _qkv() + [torch.randn(4, 32) + 3, torch.randn(32), torch.rand(32) + 0.5]),
+    "checkpoint body": (_checkpoint_body_writes, lambda: _qkv() + [torch.randn(4)]),
+    "fused adam": (_fused_adam_writes_its_state,
+                   lambda: [torch.randn(1, 2, 8, 16) for _ in range(4)] + [torch.rand(1, 2, 8, 16), torch.tensor(1.0),
+                                                                            torch.randn(1, 2, 8, 16)]),
+}
+
+
+@pytest.mark.filterwarnings("ignore::fusion_backend.FusionWarning")  # "compiling this graph unchanged"
+@pytest.mark.parametrize("case", list(CASES))
+def test_writes_that_rewrites_and_the_analysis_must_see(case):
+    fn, make = CASES[case]
+    torch.manual_seed(0)
+    inputs = make()
+    want_in = [x.clone() for x in inputs]
+    got_in = [x.clone() for x in inputs]
+    want = fn(*want_in)
+    got = torch.compile(fn, backend="truthfuse", options=OPTIONS)(*got_in)
+    want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-5)
+    for a, b in zip(got_in, want_in):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    torch._dynamo.reset()
