@@ -540,27 +540,47 @@ def _attn_fwd_kernel(
 # Forward for a few query rows against many keys (decoding): split over the keys
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _l1_columns(q_rows, sqd, k_base, offs_n, skn, skd, N_K, HEAD_DIM: tl.constexpr, EVEN_N: tl.constexpr):
+    """sum_d |q_d - k_d| in fp32 for query rows at pointers q_rows (each in bounds) and keys offs_n,
+    one head-dim column of each a step: with 16 or more packed rows this beat the chunked tiles of
+    `_l1_split_step` on an H100 (the columns are short, and K's come from L1)."""
+    dist = tl.zeros([q_rows.shape[0], offs_n.shape[0]], tl.float32)
+    for d in tl.range(0, HEAD_DIM, loop_unroll_factor=4):
+        qc = tl.load(q_rows + d * sqd).to(tl.float32)
+        if EVEN_N:
+            kc = tl.load(k_base + offs_n * skn + d * skd).to(tl.float32)
+        else:
+            kc = tl.load(k_base + offs_n * skn + d * skd, mask=offs_n < N_K, other=0.0).to(tl.float32)
+        dist += tl.abs(qc[:, None] - kc[None, :])
+    return dist
+
+
+@triton.jit
 def _l1_split_step(start_n, q_rows, sqd, m_i, l_i, r_i, acc, k_base, v_base, mask_base, skn, skd, svn, svd, smm, smn,
                    offs_i, offs_dv, N_Q, N_K, scale_k, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                    DV_PAD: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, EVEN_N: tl.constexpr,
                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_CHUNK: tl.constexpr,
                    L1_UNROLL: tl.constexpr):
     """One key tile of the split forward for L1 logits, -sum_d |q_d - k_d| in fp32 from q and k in
-    their own layouts (rows at pointers q_rows, in bounds for every packed row): D_CHUNK head dims
-    a step as one [BLOCK_M, BLOCK_N, D_CHUNK] tile, K's chunk a coalesced load. With fewer than 16
-    packed rows (no padding to a tensor-core tile), P @ V is a broadcast product summed in fp32."""
+    their own layouts (rows at pointers q_rows, in bounds for every packed row). With fewer than 16
+    packed rows (not padded to a tensor-core tile): D_CHUNK head dims a step as one [BLOCK_M,
+    BLOCK_N, D_CHUNK] tile, K's chunk a coalesced load, and P @ V a broadcast product summed in
+    fp32; with 16 or more, one head-dim column a step (`_l1_columns`) and P @ V on tensor cores."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_c = tl.arange(0, D_CHUNK)
-    dist = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for d0 in tl.range(0, HEAD_DIM, D_CHUNK, loop_unroll_factor=L1_UNROLL):
-        cols = d0 + offs_c
-        qc = tl.load(q_rows[:, None] + cols[None, :] * sqd, mask=cols[None, :] < HEAD_DIM, other=0.0)
-        k_ptrs = k_base + offs_n[:, None] * skn + cols[None, :] * skd
-        if EVEN_N and HEAD_DIM % D_CHUNK == 0:
-            kc = tl.load(k_ptrs)
-        else:
-            kc = tl.load(k_ptrs, mask=(offs_n[:, None] < N_K) & (cols[None, :] < HEAD_DIM), other=0.0)
-        dist += tl.sum(tl.abs(qc.to(tl.float32)[:, None, :] - kc.to(tl.float32)[None, :, :]), axis=2)
+    if BLOCK_M >= 16:
+        dist = _l1_columns(q_rows, sqd, k_base, offs_n, skn, skd, N_K, HEAD_DIM, EVEN_N)
+    else:
+        offs_c = tl.arange(0, D_CHUNK)
+        dist = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for d0 in tl.range(0, HEAD_DIM, D_CHUNK, loop_unroll_factor=L1_UNROLL):
+            cols = d0 + offs_c
+            qc = tl.load(q_rows[:, None] + cols[None, :] * sqd, mask=cols[None, :] < HEAD_DIM, other=0.0)
+            k_ptrs = k_base + offs_n[:, None] * skn + cols[None, :] * skd
+            if EVEN_N and HEAD_DIM % D_CHUNK == 0:
+                kc = tl.load(k_ptrs)
+            else:
+                kc = tl.load(k_ptrs, mask=(offs_n[:, None] < N_K) & (cols[None, :] < HEAD_DIM), other=0.0)
+            dist += tl.sum(tl.abs(qc.to(tl.float32)[:, None, :] - kc.to(tl.float32)[None, :, :]), axis=2)
     raw = -dist
     s = _logits(raw, scale_k, mask_base, smm, smn, offs_i[:, None], offs_n[None, :], N_Q, N_K, MASK_KIND, CAUSAL,
                 EVEN_N)
@@ -1603,13 +1623,15 @@ def _sm_count(device) -> int:
 # query heads a kv head) does P @ V as a [rows, BLOCK_N, Dv] product, without padding the rows to a
 # tensor-core tile of 16: each such tile holds at most SPLIT_L1_TILE_ELEMENTS values (a program has
 # 4 warps), which bounds BLOCK_N and D_CHUNK.
-SPLIT_L1_SMALL_ROWS = 4
+SPLIT_L1_SMALL_ROWS = 2
 SPLIT_L1_TILE_ELEMENTS = 8192
 # Head dims a step: at least MIN (narrower chunks cost more in loop steps than the bigger key tile
 # saves), at most MAX (wider ones spread the sum over lanes), unrolled L1_UNROLL times
 SPLIT_L1_MIN_CHUNK = 8
 SPLIT_L1_MAX_CHUNK = 64
 SPLIT_L1_UNROLL = 2
+# With 16 or more rows, at most this many scores a tile (more spills registers at sm_90)
+SPLIT_L1_MAX_SCORES = 2048
 
 
 def l1_split_rows(rows: int) -> int:
@@ -1622,9 +1644,10 @@ def l1_split_tile(block_m: int, d_pad: int, dv_pad: int, block_n: int) -> tuple:
     the P @ V product of small rows fits SPLIT_L1_TILE_ELEMENTS and a distance tile of at least
     SPLIT_L1_MIN_CHUNK head dims does; then as many head dims a step as that tile fits (a power of
     two, at most SPLIT_L1_MAX_CHUNK and d_pad)."""
+    if block_m >= 16:  # one column a step (`_l1_columns`): the [rows, keys] tile is the bound
+        return max(16, min(block_n, SPLIT_L1_MAX_SCORES // block_m)), 1
     budget = SPLIT_L1_TILE_ELEMENTS
-    if block_m < 16:
-        block_n = min(block_n, budget // (block_m * dv_pad))
+    block_n = min(block_n, budget // (block_m * dv_pad))
     block_n = max(16, min(block_n, budget // (block_m * min(d_pad, SPLIT_L1_MIN_CHUNK))))
     chunk = max(1, min(d_pad, SPLIT_L1_MAX_CHUNK, budget // (block_m * block_n)))
     return block_n, 1 << (chunk.bit_length() - 1)

@@ -1054,11 +1054,13 @@ def test_split_plan():
     assert tc.split_plan(1, 2, 1, 1000, 64, False, cpu, max_block_n=32)[2][0] == 32
     # L1: a decoding step of multi-head attention is one row, not padded to 16; its tiles fit the
     # element budget, the key tile a multiple of 16 and the head-dim chunk a power of two
-    assert tc.l1_split_rows(1) == 1 and tc.l1_split_rows(3) == 4 and tc.l1_split_rows(5) == 16
+    small = tc.SPLIT_L1_SMALL_ROWS
+    assert tc.l1_split_rows(1) == 1 and tc.l1_split_rows(small) == small and tc.l1_split_rows(small + 1) == 16
     for rows, d, dv in ((1, 64, 64), (4, 128, 128), (16, 64, 64), (64, 256, 256), (2, 16, 256)):
         bn, chunk = tc.l1_split_tile(rows, d, dv, 128)
         assert bn >= 16 and bn % 16 == 0 and chunk & (chunk - 1) == 0 and chunk <= d
         assert rows * bn * chunk <= tc.SPLIT_L1_TILE_ELEMENTS or chunk == 1
+        assert rows < 16 or rows * bn <= tc.SPLIT_L1_MAX_SCORES  # one head-dim column a step
         assert rows >= 16 or rows * bn * dv <= tc.SPLIT_L1_TILE_ELEMENTS or bn == 16
     assert tc.split_applies(16, 4, 0.0) and tc.split_applies(1, 64, 0.0)
     assert not tc.split_applies(17, 1, 0.0) and not tc.split_applies(2, 64, 0.0) and not tc.split_applies(1, 8, 0.1)
