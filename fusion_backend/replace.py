@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import guard_scalar
 
-from .canonicalize.passes import example_value, is_impure
+from .canonicalize.passes import example_value, is_impure, restore_divisions
 from .match.constraints import known_equal
 from .match.sites import Site
 
@@ -174,6 +174,7 @@ def apply_plan(gm: fx.GraphModule, sites: List[Site], plan: Dict[str, str],
         traced, cast = built[(site.id, config)]
         inline_replacement(gm, site, traced, cast)
         fused.append(site.id)
+    restore_divisions(gm.graph)  # outside the fused sites, divisions compute as the user wrote them
     gm.graph.eliminate_dead_code(is_impure_node=is_impure)
     gm.graph.lint()
     gm.recompile()

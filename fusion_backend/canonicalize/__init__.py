@@ -4,8 +4,11 @@ Rules are matched against the canonical graph, and their patterns are canonicali
 so one rule covers `q @ k.transpose(-2, -1) / s`, `torch.matmul(q, k.permute(0, 1, 3, 2)) * (1/s)`,
 `torch.einsum("bhqd,bhkd->bhqk", q, k).mul_(1/s)` and `torch.bmm(...)` alike.
 
-Every rewrite here is an exact equivalent of what it replaces (up to the last bit of a scale that
-becomes a multiplication by its reciprocal), so the canonical graph can run as it is.
+Every rewrite here is an exact equivalent of what it replaces, with the same dtypes, so the
+canonical graph can run as it is, with two exceptions handled where it runs: a division becomes a
+multiplication by the reciprocal (the last bit may differ), which `restore_divisions` undoes
+wherever no fused site took it, and products of scalars fold into one (only in fp32 and wider, or
+where neither factor grows the value, so no intermediate overflows where the folded one would not).
 """
 from .passes import canonicalize, canonical_copy, is_cast, softmax_with_sinks, CANONICAL_TARGETS, UnsafeRewrite
 

@@ -153,19 +153,36 @@ def _arg(node: Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
-def _written_behind(node: Node) -> bool:
-    """Whether `node`, or a value it may be a view of, is marked `WRITTEN_IN_PLACE` (a call a
-    rewrite emitted is not marked itself)."""
-    seen, stack = set(), [node]
+def _writers_behind(node: Node) -> set:
+    """The in-place writes (`WRITTEN_IN_PLACE`) of `node` and of every value it may be a view of
+    (a call a rewrite emitted is not marked itself)."""
+    seen, stack, writers = set(), [node], set()
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
-        if n.meta.get(WRITTEN_IN_PLACE):
-            return True
+        writers.update(n.meta.get(WRITTEN_IN_PLACE, ()))
         stack.extend(alias_sources(n))
-    return False
+    return writers
+
+
+def _read_moved_across_a_write(args, kwargs, before: Node) -> list:
+    """The arguments of a call placed at `before` that it would read on the other side of an
+    in-place write from where the graph reads them: written values (or views of them) that
+    `before` does not read itself, unless every write to them comes before the argument exists
+    (the BLOOM static cache: written, then reshaped and read)."""
+    moved = []
+    order = None
+    for a in _tensor_args(args, kwargs):
+        writers = _writers_behind(a)
+        if not writers or a in read_where_used(before):
+            continue
+        if order is None:
+            order = {n: i for i, n in enumerate(before.graph.nodes)}
+        if any(order.get(w, len(order)) >= order[a] for w in writers):
+            moved.append(a)
+    return moved
 
 
 def _tensor_args(args, kwargs) -> list:
@@ -225,8 +242,8 @@ class _Rewriter:
 
     def emit(self, before: Node, target: Callable, args: tuple, meta_from: Optional[Node] = None,
              kwargs: Optional[dict] = None) -> Node:
-        moved = [a for a in _tensor_args(args, kwargs) if _written_behind(a)]
-        if moved and not set(moved) <= read_where_used(before):
+        moved = _read_moved_across_a_write(args, kwargs, before)
+        if moved:
             raise UnsafeRewrite(f"a rewrite would read {', '.join(sorted(a.name for a in moved))}, which is "
                                 f"written in place, at {before.name} instead of where the graph reads it")
         with self.graph.inserting_before(before):
@@ -584,7 +601,8 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
     if _method_or_function(node, {"mul", "__mul__", "__rmul__", "multiply"}, {operator.mul, torch.mul}):
         # x * x is x ** 2 bit for bit (aten's pow(x, 2) squares by one multiply), forward and
         # backward; one spelling lets |q|^2 written either way match one pattern
-        if len(args) == 2 and not node.kwargs and args[0] is args[1] and is_tensor_node(args[0]):
+        if len(args) == 2 and not node.kwargs and args[0] is args[1] and is_tensor_node(args[0]) and \
+                _floating(args[0]):  # bool * bool stays bool; pow(bool, 2) would not
             rw.replace(node, torch.pow, (args[0], 2))
             return
         if len(args) == 2 and not node.kwargs and (t is not torch.mul or op != "call_function"):
@@ -596,14 +614,16 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
         x, s = args
         if not is_tensor_node(x):
             return
+        # x * (1/s) can differ from x / s in the last bit: a site's op takes the scale as that
+        # product anyway, but where no site takes it, `restore_divisions` puts the division back
         if isinstance(s, (int, float)) and not isinstance(s, bool) and s != 0:
-            rw.replace(node, torch.mul, (x, 1.0 / s))
+            rw.replace(node, torch.mul, (x, 1.0 / s)).meta[DIVIDED_BY] = s
         elif is_tensor_node(s):
             recip = rw.emit(node, torch.reciprocal, (s,))
-            rw.replace(node, torch.mul, (x, recip))
+            rw.replace(node, torch.mul, (x, recip)).meta[DIVIDED_BY] = s
         elif isinstance(s, Node):  # a symbolic Python scalar (SymInt/SymFloat)
             recip = rw.emit(node, operator.truediv, (1.0, s))
-            rw.replace(node, torch.mul, (x, recip))
+            rw.replace(node, torch.mul, (x, recip)).meta[DIVIDED_BY] = s
         return
     if _method_or_function(node, {"neg", "__neg__", "negative"}, {operator.neg, torch.neg}):
         # only for floating tensors: an integer tensor times -1.0 would become floating
@@ -684,11 +704,13 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
     if op == "call_function" and t is torch.where and len(args) == 3 and not node.kwargs:
         cond, a, b = args
         a, b = _literal_of_dtype(a, b), _literal_of_dtype(b, a)
-        if is_tensor_node(a) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        # only where the result keeps the tensor's dtype (where promotes: an int64 tensor with 0.5
+        # gives float32, masked_fill would not), with the number as that dtype stores it
+        if is_tensor_node(a) and _is_number(b) and _same_dtype(a, node):
             keep_not = rw.emit(node, torch.logical_not, (cond,))
-            rw.replace(node, torch.masked_fill, (a, keep_not, b))
-        elif is_tensor_node(b) and isinstance(a, (int, float)) and not isinstance(a, bool):
-            rw.replace(node, torch.masked_fill, (b, cond, a))
+            rw.replace(node, torch.masked_fill, (a, keep_not, _as_stored(b, dtype_of(a))))
+        elif is_tensor_node(b) and _is_number(a) and _same_dtype(b, node):
+            rw.replace(node, torch.masked_fill, (b, cond, _as_stored(a, dtype_of(b))))
         return
 
     # linear layers
@@ -815,8 +837,8 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
     if op == "call_function" and t is torch.cdist:
         p = float(_arg(node, 2, "p", 2.0))
         mode = _arg(node, 3, "compute_mode", None)
-        if mode in (None, "use_mm_for_euclid_dist_if_necessary", "donot_use_mm_for_euclid_dist") and \
-                (args[2:], node.kwargs) != ((p,), {}):
+        # "donot_use_mm_for_euclid_dist" computes differently (more accurately) at any size: kept
+        if mode in (None, "use_mm_for_euclid_dist_if_necessary") and (args[2:], node.kwargs) != ((p,), {}):
             rw.replace(node, torch.cdist, (args[0], args[1], p))
         return
     if op == "call_function" and t is F.normalize:
@@ -926,6 +948,26 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _floating(x: Any) -> bool:
+    dtype = dtype_of(x)
+    return dtype is not None and dtype.is_floating_point
+
+
+def _same_dtype(a: Any, b: Any) -> bool:
+    """Both nodes' recorded dtypes are known and equal."""
+    da, db = dtype_of(a), dtype_of(b)
+    return da is not None and da == db
+
+
+def _as_stored(value: Any, dtype: Optional[torch.dtype]) -> Any:
+    """A Python number as a tensor of `dtype` holds it, for masked_fill, which refuses a number
+    out of the dtype's range where torch.where rounds it (-1e9 in fp16 is -inf)."""
+    if dtype is not None and dtype.is_floating_point and math.isfinite(value) and \
+            abs(value) > torch.finfo(dtype).max:
+        return math.copysign(math.inf, value)
+    return value
+
+
 def _literal_of_dtype(x: Any, other: Any) -> Any:
     """The number in x = torch.tensor(number, dtype=D) when `other` is a tensor of dtype D (GPT-Neo's
     `torch.where(causal, scores, torch.tensor(finfo.min, dtype=scores.dtype))`): there the 0-d
@@ -941,8 +983,9 @@ def _literal_of_dtype(x: Any, other: Any) -> Any:
 
 
 def _fold_scalar_products(rw: _Rewriter) -> None:
-    """mul(mul(x, a), b) with Python numbers a, b becomes mul(x, a*b). When the inner product has
-    other users it stays as it is."""
+    """mul(mul(x, a), b) with Python numbers a, b becomes mul(x, a*b), where the dtype stays x's
+    floating dtype and, in 16-bit floats, neither |a| nor |b| exceeds 1. When the inner product
+    has other users, or either product spells a division (`DIVIDED_BY`), it stays as it is."""
     for node in list(rw.graph.nodes):
         if node.op != "call_function" or node.target is not torch.mul or node not in rw.graph.nodes:
             continue
@@ -951,11 +994,19 @@ def _fold_scalar_products(rw: _Rewriter) -> None:
             x, b = b, x
         if not _is_number(b) or not isinstance(x, Node):
             continue
-        if x.op == "call_function" and x.target is torch.mul and len(x.users) == 1:
+        if DIVIDED_BY in node.meta:  # a division stays one (`restore_divisions`)
+            continue
+        if x.op == "call_function" and x.target is torch.mul and len(x.users) == 1 and DIVIDED_BY not in x.meta:
             inner_x, a = x.args
             if _is_number(inner_x):
                 inner_x, a = a, inner_x
-            if _is_number(a):
+            # the same dtype throughout (an int64 x times 2 times 0.5 is float32, x itself is not);
+            # in 16 bits the inner product could overflow or underflow where x * (a*b) does not,
+            # unless neither factor grows it
+            dtype = dtype_of(node)
+            if _is_number(a) and dtype is not None and dtype.is_floating_point and \
+                    dtype == dtype_of(inner_x) == dtype_of(x) and \
+                    (torch.finfo(dtype).bits > 16 or (abs(a) <= 1 and abs(b) <= 1)):
                 new = rw.replace(node, torch.mul, (inner_x, a * b))
                 rw.graph.erase_node(x)
                 if new.args[1] == 1.0:
@@ -1302,7 +1353,8 @@ def _matmul_to_linear(rw: _Rewriter) -> None:
             continue
         rw.replace(node, _linear, (x, wt, None))
     for node in list(rw.graph.nodes):
-        if node.op != "call_function" or node.target is not torch.add or node not in rw.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.add or node not in rw.graph.nodes or \
+                node.kwargs or len(node.args) != 2:  # alpha scales the bias
             continue
         for lin, b in (node.args, node.args[::-1]):
             if not (isinstance(lin, Node) and lin.op == "call_function" and lin.target is _linear
@@ -1393,6 +1445,27 @@ def _fold_tanh_gelu(rw: _Rewriter) -> None:
             x = _tanh_gelu_input(node)
             if x is not None and is_tensor_node(x):
                 rw.replace(node, F.gelu, (x,), {"approximate": "tanh"})
+
+
+DIVIDED_BY = "truthfuse_divided_by"
+"""Node meta key: on a canonical `torch.mul(x, 1/s)`, the divisor s of the `x / s` it spells."""
+
+
+def restore_divisions(graph: fx.Graph) -> int:
+    """Put back `x / s` for every canonical `x * (1/s)` that no fused site took (they may differ in
+    the last bit, which a floor or a comparison after them can show). Returns how many."""
+    restored = 0
+    for node in list(graph.nodes):
+        if DIVIDED_BY in node.meta and node.op == "call_function" and node.target is torch.mul:
+            with graph.inserting_before(node):
+                div = graph.call_function(torch.div, (node.args[0], node.meta[DIVIDED_BY]))
+            div.meta.update({k: v for k, v in node.meta.items() if k != DIVIDED_BY})
+            node.replace_all_uses_with(div)
+            graph.erase_node(node)
+            restored += 1
+    if restored:
+        graph.eliminate_dead_code(is_impure_node=is_impure)  # the reciprocals
+    return restored
 
 
 WRITTEN_IN_PLACE = "truthfuse_written_in_place"

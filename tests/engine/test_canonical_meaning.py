@@ -1,0 +1,91 @@
+"""Canonical rewrites keep the meaning of the code around a fused site: once a site fuses, the
+whole canonical graph runs, so a rewrite that changes a dtype, drops an argument or moves a
+rounding changes the user's results outside any site (cases a session-18 fuzz found). Each
+function has one fusable attention beside the code in question; compiled, it equals eager: the
+same dtypes and the same values (divisions and floors included)."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tests.patterns.checks import OPTIONS
+
+
+def _site(q, k, v):
+    return (q @ k.transpose(-2, -1) * 0.25).softmax(-1) @ v
+
+
+def _where_promotes(q, k, v, ids):
+    return _site(q, k, v), torch.where(ids > 2, ids, 0.5), torch.where(ids > 2, 0.5, ids)
+
+
+def _where_fill_out_of_fp16_range(q, k, v, x):
+    return _site(q, k, v), torch.where(x > 0, x.half(), 1e6)
+
+
+def _bool_squared(q, k, v):
+    m = q > 0
+    return _site(q, k, v), m * m
+
+
+def _scalar_products(q, k, v, ids):
+    h = q.half()[0, 0, 0, :3]
+    return _site(q, k, v), ids * 2 * 0.5, (h * 1000) * 100 * 0.0001
+
+
+def _division_floors(q, k, v, n):
+    return _site(q, k, v), (n / n).floor(), (n / 41).floor()
+
+
+def _cdist_without_mm(q, k, v, a, b):
+    return _site(q, k, v), torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+class _AddWithAlpha(nn.Module):
+    """A feed-forward block whose bias is added with alpha: the fused site must keep alpha."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return torch.add(F.linear(F.gelu(self.fc1(x)), self.fc2.weight), self.fc2.bias, alpha=3.0)
+
+
+def _qkv():
+    return [torch.randn(1, 1, 4, 16) for _ in range(3)]
+
+
+CASES = {
+    "where promotes": (_where_promotes, lambda: _qkv() + [torch.arange(6)]),
+    "where fill out of fp16 range": (_where_fill_out_of_fp16_range, lambda: _qkv() + [torch.randn(8)]),
+    "bool squared": (_bool_squared, _qkv),
+    "scalar products": (_scalar_products, lambda: [t * 8 for t in _qkv()] + [torch.arange(4)]),
+    "division floors": (_division_floors, lambda: _qkv() + [torch.arange(1, 2000, dtype=torch.float32)]),
+    "cdist without mm": (_cdist_without_mm, lambda: _qkv() + [torch.randn(1, 40, 3) * 100 + 1000] * 2),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_code_beside_a_fused_site_keeps_its_meaning(case):
+    fn, make = CASES[case]
+    torch.manual_seed(0)
+    inputs = make()
+    if case == "cdist without mm":
+        inputs[-1] = inputs[-2] + 1e-3 * torch.randn_like(inputs[-2])
+    want = fn(*inputs)
+    got = torch.compile(fn, backend="truthfuse", options=OPTIONS)(*inputs)
+    torch.testing.assert_close(got[0], want[0], atol=2e-6, rtol=2e-5)  # the fused attention
+    for a, b in zip(got[1:], want[1:]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)
+    torch._dynamo.reset()
+
+
+def test_a_bias_added_with_alpha_keeps_alpha():
+    torch.manual_seed(0)
+    model, x = _AddWithAlpha(), torch.randn(2, 4, 8)
+    options = dict(OPTIONS, disable=[])
+    torch.testing.assert_close(torch.compile(model, backend="truthfuse", options=options)(x), model(x),
+                               atol=2e-6, rtol=2e-5)
+    torch._dynamo.reset()
