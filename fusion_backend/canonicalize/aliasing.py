@@ -46,7 +46,7 @@ _PURE_VIEW_FUNCTIONS = {operator.getitem, getattr, torch.transpose, torch.permut
 # In-place ops that change a tensor's shape, strides or storage: the shapes Dynamo recorded before
 # them no longer hold after, which no rewrite here accounts for
 METADATA_WRITERS = frozenset({"t_", "transpose_", "swapaxes_", "swapdims_", "unsqueeze_", "squeeze_", "resize_",
-                              "resize_as_", "as_strided_", "set_", "squeeze_", "unsqueeze_", "swap_"})
+                              "resize_as_", "as_strided_", "set_", "swap_"})
 
 # Ops whose result is memory of its own, shared with nothing (arithmetic, products, reductions,
 # activations, normalizations, constructors), by name: a torch function, a torch.nn.functional
