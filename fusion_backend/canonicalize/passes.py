@@ -948,15 +948,21 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _pattern_node(x: Any) -> bool:
+    """A node of a traced pattern, which carries no example value: its canonical form is the one
+    a floating tensor of the right dtype would get, so that it matches those targets."""
+    return isinstance(x, Node) and example_value(x) is None
+
+
 def _floating(x: Any) -> bool:
     dtype = dtype_of(x)
-    return dtype is not None and dtype.is_floating_point
+    return (dtype is not None and dtype.is_floating_point) or _pattern_node(x)
 
 
 def _same_dtype(a: Any, b: Any) -> bool:
-    """Both nodes' recorded dtypes are known and equal."""
+    """Both nodes' recorded dtypes are known and equal (or both are a pattern's)."""
     da, db = dtype_of(a), dtype_of(b)
-    return da is not None and da == db
+    return (da is not None and da == db) or (_pattern_node(a) and _pattern_node(b))
 
 
 def _as_stored(value: Any, dtype: Optional[torch.dtype]) -> Any:
@@ -1004,9 +1010,10 @@ def _fold_scalar_products(rw: _Rewriter) -> None:
             # in 16 bits the inner product could overflow or underflow where x * (a*b) does not,
             # unless neither factor grows it
             dtype = dtype_of(node)
-            if _is_number(a) and dtype is not None and dtype.is_floating_point and \
-                    dtype == dtype_of(inner_x) == dtype_of(x) and \
-                    (torch.finfo(dtype).bits > 16 or (abs(a) <= 1 and abs(b) <= 1)):
+            exact = _pattern_node(node) or (
+                dtype is not None and dtype.is_floating_point and dtype == dtype_of(inner_x) == dtype_of(x)
+                and (torch.finfo(dtype).bits > 16 or (abs(a) <= 1 and abs(b) <= 1)))
+            if _is_number(a) and exact:
                 new = rw.replace(node, torch.mul, (inner_x, a * b))
                 rw.graph.erase_node(x)
                 if new.args[1] == 1.0:

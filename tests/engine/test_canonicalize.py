@@ -282,6 +282,23 @@ def test_matmul_with_out_is_left_alone():
     torch.testing.assert_close(out_buffer, a @ b)
 
 
+def test_a_pattern_takes_the_canonical_form_of_floating_targets():
+    """Pattern graphs carry no dtypes: where a rewrite depends on the dtype (where -> masked_fill,
+    x * x -> pow, folded scalar products), a pattern takes the form a floating target gets, so a
+    rule written with those spellings matches such targets."""
+    from fusion_backend.match.pattern import trace_pattern
+
+    def pattern(q, k, v, m):
+        d = q - k
+        s = torch.where(m, (d * d) @ k.transpose(-1, -2), float("-inf"))
+        return torch.softmax(s * 0.5 * 0.25, -1) @ v
+
+    nodes = [n for n in trace_pattern(pattern).graph.nodes if n.op in ("call_function", "call_method")]
+    targets = [n.target for n in nodes]
+    assert torch.masked_fill in targets and torch.where not in targets and torch.pow in targets
+    assert [n.args[1] for n in nodes if n.target is torch.mul] == [0.125]
+
+
 def test_inplace_in_a_pattern_takes_the_functional_form():
     """Pattern graphs carry no dtypes to check: their in-place ops become functional, as a target's
     do where the dtype allows, so a rule written with `mul_` matches those targets."""
