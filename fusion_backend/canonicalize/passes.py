@@ -951,7 +951,7 @@ def _is_number(x: Any) -> bool:
 def _pattern_node(x: Any) -> bool:
     """A node of a traced pattern, which carries no example value: its canonical form is the one
     a floating tensor of the right dtype would get, so that it matches those targets."""
-    return isinstance(x, Node) and example_value(x) is None
+    return isinstance(x, Node) and example_value(x) is None and _fake_mode_of(x.graph) is None
 
 
 def _floating(x: Any) -> bool:
