@@ -254,6 +254,8 @@ class _Rewriter:
                 new.meta[key] = src.meta[key]
         if meta_from is not None and WRITTEN_IN_PLACE in meta_from.meta:  # the same value: its writes
             new.meta[WRITTEN_IN_PLACE] = meta_from.meta[WRITTEN_IN_PLACE]
+        if MODE_REGION in before.meta:  # it runs where `before` does
+            new.meta[MODE_REGION] = before.meta[MODE_REGION]
         if meta_from is not None and "example_value" in meta_from.meta:
             new.meta["example_value"] = meta_from.meta["example_value"]
         else:
@@ -263,6 +265,7 @@ class _Rewriter:
     def replace(self, node: Node, target: Callable, args: tuple, kwargs: Optional[dict] = None) -> Node:
         if mutates(node):  # its write would be lost with it
             raise UnsafeRewrite(f"a rewrite would replace {node.name}, which writes in place")
+        _not_without_grad(node)
         new = self.emit(node, target, args, meta_from=node, kwargs=kwargs)
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
@@ -272,8 +275,13 @@ class _Rewriter:
     def bypass(self, node: Node, value: Any) -> None:
         """Remove an identity node, handing its users the value it passed through."""
         node.replace_all_uses_with(value)
-        self.graph.erase_node(node)
+        self.erase(node)
         self.changed += 1
+
+    def erase(self, node: Node) -> None:
+        """Erase a node a rewrite folded into another."""
+        _not_without_grad(node)
+        self.graph.erase_node(node)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,6 +400,8 @@ def _assembled_by_slice_copies(rw: _Rewriter) -> None:
         # cat reads the sources where t is first read, not where each was copied: nothing else
         # may write anything in between
         views = {v for _, _, _, v in pieces}
+        if any(n.meta.get(WITHOUT_GRAD) for n in [node, *writers, *views, *readers]):
+            continue  # cat would record gradients the copies made without them do not
         # any other write into t's memory, through whatever alias, would be lost with t
         others = sharing_memory([node]) - {node} - writers - views
         if (not tiled or first_read < last_write or any(mutates(n) for n in others)
@@ -433,7 +443,7 @@ def _functionalize_inplace(rw: _Rewriter) -> None:
             kwargs["inplace"] = False
             if node.target is F.dropout and len(args) > 3:
                 args = args[:3]
-        if functional is None or not args:
+        if functional is None or not args or node.meta.get(WITHOUT_GRAD):
             continue
         mutated = args[0]
         if not _is_fresh_intermediate(mutated):
@@ -539,8 +549,8 @@ def _respells_a_view(node: Node) -> bool:
 
 def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one table, read top to bottom
     op, t = node.op, node.target
-    if op not in ("call_function", "call_method") or mutates(node):
-        return  # an in-place write left in place stays as it is
+    if op not in ("call_function", "call_method") or mutates(node) or node.meta.get(WITHOUT_GRAD):
+        return  # an in-place write left in place, or what no_grad computes, stays as it is
     if node.meta.get(WRITTEN_IN_PLACE) and not _respells_a_view(node):
         # what a write may change stays as it is, except a view spelled another way: the canonical
         # call views the same memory at the same place and keeps the node's writes
@@ -1015,7 +1025,7 @@ def _fold_scalar_products(rw: _Rewriter) -> None:
                 and (torch.finfo(dtype).bits > 16 or (abs(a) <= 1 and abs(b) <= 1)))
             if _is_number(a) and exact:
                 new = rw.replace(node, torch.mul, (inner_x, a * b))
-                rw.graph.erase_node(x)
+                rw.erase(x)
                 if new.args[1] == 1.0:
                     rw.bypass(new, inner_x)
 
@@ -1167,7 +1177,7 @@ def _unfold_heads_from_batch(rw: _Rewriter) -> None:
         rw.replace(pv, torch.flatten, (out4, 0, 1))
         for dead in [merge, split] + steps + [product]:
             if not dead.users:
-                rw.graph.erase_node(dead)
+                rw.erase(dead)
         rw.changed += 1
 
 
@@ -1235,7 +1245,7 @@ def _terms_added_through_a_split_batch(rw: _Rewriter) -> None:
         total = rw.emit(merge, torch.flatten, (total, 0, 1))
         rw.replace(merge, torch.add, (x4, total))
         for dead in reversed([split] + chain):
-            rw.graph.erase_node(dead)
+            rw.erase(dead)
 
 
 def _sink_column(node: Any, scores: torch.Tensor) -> Optional[Node]:
@@ -1310,7 +1320,7 @@ def _softmax_with_sinks(rw: _Rewriter) -> None:
         cut.replace_all_uses_with(new)
         for dead in (cut, sm, sm.args[0] if is_cast(sm.args[0]) else None):
             if dead is not None and not dead.users:
-                rw.graph.erase_node(dead)
+                rw.erase(dead)
         rw.changed += 1
 
 
@@ -1375,7 +1385,7 @@ def _matmul_to_linear(rw: _Rewriter) -> None:
                     not all(_same_size(s, t) for s, t in zip(summed.shape, out.shape)):
                 continue
             rw.replace(node, _linear, (lin.args[0], lin.args[1], b))
-            rw.graph.erase_node(lin)
+            rw.erase(lin)
             break
 
 
@@ -1403,7 +1413,7 @@ def _unflatten_linear(rw: _Rewriter) -> None:
         if ov.dim() != len(want) or not all(_same_size(a, b) for a, b in zip(ov.shape, want)):
             continue
         rw.replace(node, _linear, (x, lin.args[1], lin.args[2]))
-        rw.graph.erase_node(lin)
+        rw.erase(lin)
 
 
 def _call_to(node: Any, target: Callable) -> bool:
@@ -1452,6 +1462,54 @@ def _fold_tanh_gelu(rw: _Rewriter) -> None:
             x = _tanh_gelu_input(node)
             if x is not None and is_tensor_node(x):
                 rw.replace(node, F.gelu, (x,), {"approximate": "tanh"})
+
+
+WITHOUT_GRAD = "truthfuse_without_grad"
+"""Node meta key: computed where the graph turned gradients off (`with torch.no_grad()`,
+`set_grad_enabled(False)`, `inference_mode()`) while other parts of it record them. Such nodes are
+not rewritten, and no site takes them in: a rewrite or a fused op would move their computation to
+where gradients are recorded."""
+
+MODE_REGION = "truthfuse_mode_region"
+"""Node meta key: which stretch between two switches of grad mode or autocast the node is in (a
+site whose nodes are not all in one stretch computes some of them under another mode than eager
+does, and is kept)."""
+
+_GRAD_SWITCHES = (torch._C._set_grad_enabled, torch.autograd.grad_mode._enter_inference_mode,
+                  torch.autograd.grad_mode._exit_inference_mode)
+_AUTOCAST_SWITCHES = (torch.amp.autocast_mode._enter_autocast, torch.amp.autocast_mode._exit_autocast)
+
+
+def _mark_without_grad(graph: fx.Graph) -> None:
+    """Mark WITHOUT_GRAD on the nodes between a graph's switches of grad mode that turn it off
+    (an argument that is not a constant: everything after it), and MODE_REGION on every node."""
+    enabled, inference, unknown, region = True, 0, False, 0
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in _AUTOCAST_SWITCHES:
+            region += 1
+            continue
+        node.meta[MODE_REGION] = region
+        if node.op == "call_function" and node.target in _GRAD_SWITCHES:
+            region += 1
+            if node.target is torch._C._set_grad_enabled:
+                flag = node.args[0] if node.args else None
+                if isinstance(flag, bool):
+                    enabled = flag
+                else:
+                    unknown = True
+            elif node.target is torch.autograd.grad_mode._enter_inference_mode:
+                inference += 1
+            else:
+                inference = max(0, inference - 1)
+            continue
+        if node.op in ("call_function", "call_method", "call_module") and (not enabled or inference or unknown):
+            node.meta[WITHOUT_GRAD] = True
+
+
+def _not_without_grad(node: Node) -> None:
+    if node.meta.get(WITHOUT_GRAD):
+        raise UnsafeRewrite(f"a rewrite would move {node.name}, computed without gradients, to where they are "
+                            "recorded")
 
 
 DIVIDED_BY = "truthfuse_divided_by"
@@ -1528,8 +1586,8 @@ def _repeat_kv_as_repeat_interleave(rw: _Rewriter) -> None:
         if not all(same) or not isinstance(n, int):
             continue
         new = rw.replace(node, torch.repeat_interleave, (unsq.args[0], n, -3))
-        rw.graph.erase_node(expand)
-        rw.graph.erase_node(unsq)
+        rw.erase(expand)
+        rw.erase(unsq)
         new.meta["example_value"] = out
 
 
@@ -1541,6 +1599,7 @@ def canonicalize(graph: fx.Graph) -> int:
     for node in graph.nodes:
         if changes_metadata(node):
             raise UnsafeRewrite(f"{node.name} changes a tensor's shape or storage in place")
+    _mark_without_grad(graph)
     rw = _Rewriter(graph)
     _assembled_by_slice_copies(rw)
     _functionalize_inplace(rw)

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from ..canonicalize import is_cast
-from ..canonicalize.passes import WRITTEN_IN_PLACE, example_value
+from ..canonicalize.passes import MODE_REGION, WITHOUT_GRAD, WRITTEN_IN_PLACE, example_value
 
 from .matcher import Matcher, escaping_nodes
 from .rule import Match, Rule
@@ -100,6 +100,19 @@ def _alignment_to_match(rule: Rule, al, anchor: Node) -> Match:
     return Match(rule, bindings, anchor, covered)
 
 
+def _computed_without_grad(al) -> Optional[str]:
+    """A reason where the site covers a node computed with gradients turned off
+    (`canonicalize.passes.WITHOUT_GRAD`): the fused op would record gradients through it; or nodes
+    on both sides of a switch of grad mode or autocast (`MODE_REGION`)."""
+    names = sorted(n.name for n in al.covered if n.meta.get(WITHOUT_GRAD))
+    if names:
+        return (f"{', '.join(names[:3])} computed under torch.no_grad() or inference_mode(), which the fused op "
+                "would differentiate")
+    if len({n.meta[MODE_REGION] for n in al.covered if MODE_REGION in n.meta}) > 1:
+        return "grad mode or autocast switches inside the site: the fused op would compute it all under one mode"
+    return None
+
+
 def _written_in_place(al, match) -> Optional[str]:
     """A reason where the site takes in a value that an in-place write left in place may change
     (`canonicalize.passes.WRITTEN_IN_PLACE`) at or after the site's first node: the fused op reads
@@ -182,6 +195,8 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
                               "returned to the caller), so fusing would not remove it")
                 if reason is None:
                     reason = _written_in_place(al, match)
+                if reason is None:
+                    reason = _computed_without_grad(al)
                 if reason is None and anchor in in_transform:
                     reason = "inside a torch.func transform (vmap, grad, jvp), whose wrapped tensors the op cannot take"
                 if reason is None:

@@ -89,3 +89,71 @@ def test_a_bias_added_with_alpha_keeps_alpha():
     torch.testing.assert_close(torch.compile(model, backend="truthfuse", options=options)(x), model(x),
                                atol=2e-6, rtol=2e-5)
     torch._dynamo.reset()
+
+
+# Parts computed without gradients (`with torch.no_grad()`): no rewrite and no fused site may move
+# them to where gradients are recorded
+def _no_grad_scores(q, k, v, x, w, b):
+    with torch.no_grad():
+        s = q @ k.transpose(-2, -1) * 0.25
+    return s.softmax(-1) @ v
+
+
+def _no_grad_feedforward_hidden(q, k, v, x, w, b):
+    with torch.no_grad():
+        h = F.gelu(F.linear(x, w, b))
+    return F.linear(h, w.t(), None)
+
+
+def _no_grad_scalar_product(q, k, v, x, w, b):
+    with torch.no_grad():
+        a = x * 2.0
+    return _site(q, k, v), a * 3.0 + x
+
+
+def _no_grad_product_then_bias(q, k, v, x, w, b):
+    with torch.no_grad():
+        a = x @ w.t()
+    return _site(q, k, v), a + b
+
+
+def _no_grad_write(q, k, v, x, w, b):
+    y = x.clone()
+    with torch.no_grad():
+        y.mul_(2.0)
+    return _site(q, k, v), y * 1.0
+
+
+@pytest.mark.parametrize("fn", [_no_grad_scores, _no_grad_feedforward_hidden, _no_grad_scalar_product,
+                                _no_grad_product_then_bias, _no_grad_write], ids=lambda f: f.__name__)
+def test_parts_computed_without_gradients_stay_without_them(fn):
+    torch.manual_seed(0)
+    base = [torch.randn(1, 1, 4, 8) for _ in range(3)] + [torch.randn(4, 8), torch.randn(8, 8), torch.randn(8)]
+    grads = []
+    for f in (fn, torch.compile(fn, backend="truthfuse", options=dict(OPTIONS, disable=[]))):
+        leaves = [t.clone().requires_grad_() for t in base]
+        out = f(*leaves)
+        outs = list(out) if isinstance(out, tuple) else [out]
+        sum(o.sum() for o in outs if o.requires_grad).backward()
+        grads.append([t.grad for t in leaves])
+    for want, got in zip(*grads):
+        assert (want is None) == (got is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
+def _autocast_around_the_scores(q, k, v):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = q @ k.transpose(-2, -1) * 0.25
+    return s.float().softmax(-1) @ v
+
+
+def test_an_autocast_switch_inside_a_site_keeps_it():
+    """Autocast around the scores only: eager computes them in bf16 and the rest in fp32; one
+    fused op would compute all of it in one precision, so the site is kept and equals eager."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 8, 16) for _ in range(3))
+    got = torch.compile(_autocast_around_the_scores, backend="truthfuse", options=OPTIONS)(q, k, v)
+    torch.testing.assert_close(got, _autocast_around_the_scores(q, k, v), atol=0, rtol=0)
+    torch._dynamo.reset()
