@@ -239,10 +239,11 @@ class _Rewriter:
         self.graph = graph
         self.fake_mode = _fake_mode_of(graph)
         self.changed = 0
+        self.writes_marked = False  # set once `canonicalize` marks WRITTEN_IN_PLACE: only then can a read move
 
     def emit(self, before: Node, target: Callable, args: tuple, meta_from: Optional[Node] = None,
              kwargs: Optional[dict] = None) -> Node:
-        moved = _read_moved_across_a_write(args, kwargs, before)
+        moved = _read_moved_across_a_write(args, kwargs, before) if self.writes_marked else []
         if moved:
             raise UnsafeRewrite(f"a rewrite would read {', '.join(sorted(a.name for a in moved))}, which is "
                                 f"written in place, at {before.name} instead of where the graph reads it")
@@ -1528,9 +1529,7 @@ def restore_divisions(graph: fx.Graph) -> int:
             node.replace_all_uses_with(div)
             graph.erase_node(node)
             restored += 1
-    if restored:
-        graph.eliminate_dead_code(is_impure_node=is_impure)  # the reciprocals
-    return restored
+    return restored  # the reciprocals left unused go with the caller's dead-code pass
 
 
 WRITTEN_IN_PLACE = "truthfuse_written_in_place"
@@ -1610,6 +1609,7 @@ def canonicalize(graph: fx.Graph) -> int:
             if any(u is not node and u not in family for n in family for u in n.users):
                 for n in family:  # read elsewhere: no rewrite may move those reads across the write
                     n.meta.setdefault(WRITTEN_IN_PLACE, []).append(node)
+                rw.writes_marked = True
     for node in list(graph.nodes):
         if node.graph is graph and node in graph.nodes:
             _canonical_node(rw, node)

@@ -1631,7 +1631,8 @@ SPLIT_L1_MIN_CHUNK = 8
 SPLIT_L1_MAX_CHUNK = 16
 SPLIT_L1_UNROLL = 2
 # L1's splits aim at this many programs per SM: its tiles wait on loads and shuffles that other
-# programs can cover (4 against 1 on an H100: 0.68-0.98x the time in 7 of 9 decoding cases)
+# programs can cover (4 against 1 on an H100: 0.69-0.91x the time in 7 of 9 decoding cases, the
+# same in 2)
 SPLIT_L1_WAVES = 4
 # With 16 or more rows, at most this many scores a tile (more spills registers at sm_90)
 SPLIT_L1_MAX_SCORES = 2048
@@ -1656,12 +1657,17 @@ def l1_split_tile(block_m: int, d_pad: int, dv_pad: int, block_n: int) -> tuple:
     return block_n, 1 << (chunk.bit_length() - 1)
 
 
+def _split_tile(d_pad: int, device) -> tuple:
+    """The split forward's (BLOCK_N, num_warps, num_stages) before any cap; the interpreter takes
+    big tiles (few, slow program instances)."""
+    return (64, 4, 1) if device.type == "cpu" else _SPLIT_TILES[d_pad]
+
+
 def split_plan(B, Hkv, Nq, Nk, d_pad, causal, device, max_block_n=None, waves=None) -> tuple:
     """(n_splits, split_len, (BLOCK_N, num_warps, num_stages)) of the split forward: enough splits
     that the (split, b, kv head) programs fill the GPU SPLIT_WAVES times over, each a whole number
-    of key tiles. The interpreter takes big tiles (few, slow program instances). max_block_n caps
-    the key tile and waves replaces SPLIT_WAVES (L1's: `l1_split_tile`, SPLIT_L1_WAVES)."""
-    tile = (64, 4, 1) if device.type == "cpu" else _SPLIT_TILES[d_pad]
+    of key tiles (`_split_tile`). max_block_n caps the key tile and waves replaces SPLIT_WAVES (L1's: `l1_split_tile`, SPLIT_L1_WAVES)."""
+    tile = _split_tile(d_pad, device)
     if max_block_n:
         tile = (min(tile[0], max_block_n),) + tile[1:]
     key_hi = max(1, min(Nk, Nq) if causal else Nk)
@@ -1685,8 +1691,7 @@ def _split_forward(q, k, v, scale, kvec, flags, launches, out, row_stats, metric
     block_m, max_bn, d_chunk = max(16, next_power_of_2(rows)), None, 16
     if metric == "l1":
         block_m = l1_split_rows(rows)
-        max_bn, d_chunk = l1_split_tile(block_m, d_pad, dv_pad, split_plan(B, Hkv, Nq, Nk, d_pad, causal_all,
-                                                                           q.device)[2][0])
+        max_bn, d_chunk = l1_split_tile(block_m, d_pad, dv_pad, _split_tile(d_pad, q.device)[0])
     n_splits, split_len, (bn, warps, stages) = split_plan(B, Hkv, Nq, Nk, d_pad, causal_all, q.device, max_bn,
                                                           SPLIT_L1_WAVES if metric == "l1" else None)
     one = n_splits == 1

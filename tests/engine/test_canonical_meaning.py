@@ -8,7 +8,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fusion_backend
 from tests.patterns.checks import OPTIONS
+
+
+def _fused_kinds(fn, *inputs, options=OPTIONS):
+    """The kinds of the sites explain() reports fused: the whole canonical graph runs only then."""
+    report = fusion_backend.explain(fn, *inputs, options=options)
+    torch._dynamo.reset()
+    return [s.kind for s in report.sites if s.decision == "fused"]
 
 
 def _site(q, k, v):
@@ -73,6 +81,7 @@ def test_code_beside_a_fused_site_keeps_its_meaning(case):
     inputs = make()
     if case == "cdist without mm":
         inputs[-1] = inputs[-2] + 1e-3 * torch.randn_like(inputs[-2])
+    assert _fused_kinds(fn, *inputs) == ["attention"]
     want = fn(*inputs)
     got = torch.compile(fn, backend="truthfuse", options=OPTIONS)(*inputs)
     torch.testing.assert_close(got[0], want[0], atol=2e-6, rtol=2e-5)  # the fused attention
@@ -86,6 +95,7 @@ def test_a_bias_added_with_alpha_keeps_alpha():
     torch.manual_seed(0)
     model, x = _AddWithAlpha(), torch.randn(2, 4, 8)
     options = dict(OPTIONS, disable=[])
+    assert _fused_kinds(model, x, options=options) == ["feedforward"]
     torch.testing.assert_close(torch.compile(model, backend="truthfuse", options=options)(x), model(x),
                                atol=2e-6, rtol=2e-5)
     torch._dynamo.reset()
