@@ -270,7 +270,20 @@ def check_masks(m: Match) -> Optional[str]:
             return "the added mask/bias is not a floating tensor"
         if not _broadcastable_to_scores(b, m):
             return f"bias of shape {tuple(b.shape)} does not broadcast to the scores"
+        if b.dtype == torch.float16 and not _added_in_fp16(m, name):
+            return ("an fp16 mask is added to scores of another dtype: the fused op would absorb its "
+                    "-65504 entries as fp16 addition does, which this addition does not")
     return _check_whole_rows_filled(m)
+
+
+def _added_in_fp16(m: Match, name: str) -> bool:
+    """Whether the site adds the term `name` to the scores in fp16, where its -65504 entries
+    swallow the scores (what `absorbing_fp16_mask` gives the op). Added to fp32 scores (an fp16
+    model that upcasts its scores), the term is promoted and swallows nothing."""
+    node = m.nodes.get(name)
+    adds = [n for n in m.covered if node is not None and node in n.all_input_nodes]
+    dtypes = {getattr(n.meta.get("example_value", n.meta.get("val")), "dtype", None) for n in adds}
+    return dtypes == {torch.float16}
 
 
 def _final_fill(mask_a, fill_a, mask_b, fill_b, bias2, bias) -> Optional[str]:
@@ -581,6 +594,7 @@ def _make_replacement(metric: str, gqa: bool = False, causal_bias: bool = False)
         if causal_bias:
             bias = None
         if bias0 is not None:  # (scores + bias0) * scales: the op adds bias0 * scales, in fp32 like the scores
+            bias0 = absorbing_fp16_mask(bias0)  # absorbed by the fp16 addition, before the scales
             for factor in (scale, scale2):
                 if factor is not None:
                     bias0 = bias0.float() * factor

@@ -199,6 +199,47 @@ def test_dot_padding_mask_fp16():
     torch.testing.assert_close(out, model(q, k, v, pad), atol=2e-3, rtol=2e-3)
 
 
+class _MaskedScores(nn.Module):
+    """Scores and an additive mask: `upcast` computes the scores in fp32 (an fp16 model that
+    upcasts them), `mask_first` adds the mask before the scale (Falcon's order)."""
+
+    def __init__(self, upcast=False, mask_first=False):
+        super().__init__()
+        self.upcast, self.mask_first = upcast, mask_first
+
+    def forward(self, q, k, v, mask):
+        s = q @ k.transpose(-2, -1)
+        if self.upcast:
+            s = s.float()
+        s = (s + mask) * 0.125 if self.mask_first else s * 0.125 + mask
+        return torch.softmax(s, -1).to(v.dtype) @ v
+
+
+def _fp16_min_rows():
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2] = torch.finfo(torch.float16).min  # query row 2 masked whole
+    return mask.half()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp16_mask_added_to_fp32_scores_is_a_near_miss(dtype):
+    # promoted to fp32, -65504 swallows no score: eager's row 2 is softmax(scores), not uniform,
+    # so the op must not absorb it as it does an fp16 addition
+    model = _MaskedScores(upcast=dtype == torch.float16)
+    q, k, v = (t.to(dtype) for t in qkv())
+    assert_near_miss(model, q, k, v, _fp16_min_rows(), reason="fp16 mask is added to scores of another dtype")
+
+
+def test_fp16_mask_added_before_the_scale():
+    # (scores + mask) * scale in fp16: the addition swallows row 2's scores before the scale
+    model = _MaskedScores(mask_first=True)
+    q, k, v = (t.half() for t in qkv())
+    mask = _fp16_min_rows()
+    assert_fused(model, q, k, v, mask, variant="dot")
+    out = torch.compile(model, backend="truthfuse", options=OPTIONS)(q, k, v, mask)
+    torch.testing.assert_close(out, model(q, k, v, mask), atol=2e-3, rtol=2e-3)
+
+
 def test_dot_padding_mask_gradient_through_fully_masked_rows():
     # every logit of rows 0-2 of batch 0 sits near the same huge negative: eager's softmax is
     # uniform there and the rows get gradients; the backward must recompute those probabilities
