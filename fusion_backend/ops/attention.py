@@ -322,17 +322,17 @@ def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dr
         except Exception as e:
             warn_fallback_once("attention", f"backward kernel failed: {type(e).__name__}: {str(e)[:200]}")
     # Reference backward: it regenerates the forward's dropout mask (kernels and reference draw
-    # the same Philox mask for a seed), so it also serves a forward that ran the kernels.
-    with torch.enable_grad():
-        qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-        sf = scale.detach().float().requires_grad_()
-        mf = mask
-        if mask_grad:
-            mf = mask.detach().float().requires_grad_()
-        o, _ = _reference_core(qf, kf, vf, sf, metric, causal, mf, dropout_p, seed_value(seed), torch.float32,
-                               softcap, None if sinks is None else sinks.detach())
-        ins = [qf, kf, vf, sf] + ([mf] if mask_grad else [])
-        gs = torch.autograd.grad(o, ins, grad_out.float(), allow_unused=True)
+    # the same Philox mask for a seed), so it also serves a forward that ran the kernels. Taken by
+    # torch.func.vjp: a custom op's body runs below autograd, where autograd.grad records nothing.
+    ins = [t.detach().float() for t in (q, k, v, scale)] + ([mask.detach().float()] if mask_grad else [])
+
+    def reference_out(qf, kf, vf, sf, *mf):
+        o, _ = _reference_core(qf, kf, vf, sf, metric, causal, mf[0] if mask_grad else mask, dropout_p,
+                               seed_value(seed), torch.float32, softcap, None if sinks is None else sinks.detach())
+        return o
+
+    _, pullback = torch.func.vjp(reference_out, *ins)
+    gs = pullback(grad_out.float())
     gs = [torch.zeros_like(i) if g is None else g for g, i in zip(gs, ins)]
     dmask = gs[4].to(mask.dtype) if mask_grad else q.new_empty(0)
     return gs[0].to(q.dtype), gs[1].to(k.dtype), gs[2].to(v.dtype), gs[3], dmask
@@ -474,14 +474,10 @@ def normalize_rows_bwd_op(grad: Tensor, x: Tensor, scale: Optional[Tensor]) -> t
             return dx.to(x.dtype), dscale if dscale is not None else x.new_empty(0, dtype=torch.float32)
         except Exception as e:
             warn_fallback_once("normalize_rows", f"backward kernel failed: {type(e).__name__}: {str(e)[:200]}")
-    with torch.enable_grad():
-        xf = x.detach().float().requires_grad_()
-        sf = scale.detach().float().requires_grad_() if scale is not None else None
-        y = F.normalize(xf, dim=-1, eps=_tc.COSINE_EPS)
-        if sf is not None:
-            y = y * sf.view(-1, 1, 1)
-        gs = torch.autograd.grad(y, [xf] + ([sf] if sf is not None else []), grad.float())
-    return gs[0].to(x.dtype), gs[1] if sf is not None else x.new_empty(0, dtype=torch.float32)
+    ins = [x.detach().float()] + ([scale.detach().float()] if scale is not None else [])
+    _, pullback = torch.func.vjp(lambda xf, *sf: _normalize_reference(xf, sf[0] if sf else None), *ins)
+    gs = pullback(grad.float())
+    return gs[0].to(x.dtype), gs[1] if scale is not None else x.new_empty(0, dtype=torch.float32)
 
 
 @normalize_rows_bwd_op.register_fake

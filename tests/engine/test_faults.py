@@ -34,6 +34,57 @@ def test_kernel_failure_falls_back_with_one_warning(monkeypatch):
     assert all(torch.isfinite(o).all() for o in outs)
 
 
+class _DistanceAttention(torch.nn.Module):
+    """L2 attention with a learnable per-head temperature and an added float mask, and cosine
+    attention (row normalization, whose backward also falls back)."""
+
+    def __init__(self, metric):
+        super().__init__()
+        self.metric = metric
+        self.lam = torch.nn.Parameter(torch.rand(2, 1, 1) + 0.5)
+
+    def forward(self, q, k, v, bias):
+        if self.metric == "l2":
+            s = -self.lam * torch.cdist(q, k) ** 2 + bias
+        else:
+            s = self.lam * (torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).mT)
+        return torch.softmax(s, dim=-1) @ v
+
+
+@pytest.mark.parametrize("model", ["causal dot", "l2", "cosine"])
+def test_backward_kernel_failure_falls_back_to_the_reference_gradients(monkeypatch, model):
+    # the reference backward runs inside a custom op, below autograd: it must still give gradients
+    import fusion_backend.kernels.attention as kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated Triton compile error")
+
+    for name in ("attention_backward", "normalize_rows_backward"):
+        monkeypatch.setattr(kernels, name, broken)
+    reset_fallback_warnings()
+    if model == "causal dot":
+        module, inputs = CausalSelfAttention(), [torch.randn(2, 16, 32, requires_grad=True)]
+    else:
+        module = _DistanceAttention(model)
+        inputs = [torch.randn(2, 2, 8, 16, requires_grad=True) for _ in range(3)]
+        inputs.append(torch.randn(2, 1, 8, 8, requires_grad=True))
+    compiled = torch.compile(module, backend=fusion_backend.backend(**AGGRESSIVE_EAGER))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = compiled(*inputs)
+        grads = torch.autograd.grad(out.square().sum(), inputs + list(module.parameters()), allow_unused=True)
+    fallback = [w for w in caught if issubclass(w.category, FusionFallbackWarning)]
+    assert len(fallback) >= 1 and all("simulated Triton compile error" in str(w.message) for w in fallback)
+    expected = torch.autograd.grad(module(*inputs).square().sum(), inputs + list(module.parameters()),
+                                   allow_unused=True)
+    for got, want in zip(grads, expected):
+        if want is None:
+            assert got is None or not got.any()
+            continue
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
 def test_replacement_that_cannot_be_built_keeps_the_site():
     def pattern(x):
         return torch.sigmoid(torch.tanh(x))
