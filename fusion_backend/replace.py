@@ -52,6 +52,13 @@ def trace_replacement(site: Site, config: Optional[str]) -> fx.GraphModule:
             continue
         constants[name] = None if match.bindings.get(name) is None else _concrete(v)
     fakes = [match.values[n] for n in tensor_names]
+    seen = {}
+    for name, fake in zip(tensor_names, fakes):
+        node = match.nodes[name]
+        if seen.setdefault(id(fake), node) is not node:
+            # make_fx would give both one placeholder and read one value for two different ones
+            raise ReplacementError(f"replacement of {rule.name}: inputs {seen[id(fake)].name} and {node.name} "
+                                   "share one example value")
     mode = _fake_mode(fakes) or _fake_mode([match.output])
     kwargs_extra = {"config": config} if rule.accepts_config() else {}
     params = inspect.signature(rule.replacement).parameters

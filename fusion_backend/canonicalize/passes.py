@@ -116,6 +116,15 @@ def example_value(x: Any) -> Any:
     return x
 
 
+def _fresh_like(value: torch.Tensor) -> torch.Tensor:
+    """A new fake tensor with value's shape, strides, dtype and device (its own memory)."""
+    mode = getattr(value, "fake_mode", None)
+    if mode is None:
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+    with mode:
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+
+
 def rank_of(x: Any) -> Optional[int]:
     v = example_value(x)
     return v.dim() if isinstance(v, torch.Tensor) else None
@@ -466,6 +475,10 @@ def _functionalize_inplace(rw: _Rewriter) -> None:
                 new.meta.pop("example_value", None)
                 new = graph.call_function(_to, (new, example_value(mutated).dtype))
         new.meta.update(node.meta)
+        target_value = example_value(mutated)
+        if isinstance(target_value, torch.Tensor) and example_value(new) is target_value:
+            # Dynamo gave the in-place result the target's fake; out of place it is memory of its own
+            new.meta["example_value"] = _fresh_like(target_value)
         node.replace_all_uses_with(new)
         for user in later:
             user.replace_input_with(mutated, new)
