@@ -1014,7 +1014,8 @@ def _literal_of_dtype(x: Any, other: Any) -> Any:
 
 def _fold_scalar_products(rw: _Rewriter) -> None:
     """mul(mul(x, a), b) with Python numbers a, b becomes mul(x, a*b), where the dtype stays x's
-    floating dtype and, in 16-bit floats, neither |a| nor |b| exceeds 1. When the inner product
+    floating dtype and x * a cannot overflow where x * (a*b) does not (in 16-bit floats neither |a|
+    nor |b| exceeds 1; in wider ones 2^-32 <= |a| <= 2^32). When the inner product
     has other users, or either product spells a division (`DIVIDED_BY`), it stays as it is."""
     for node in list(rw.graph.nodes):
         if node.op != "call_function" or node.target is not torch.mul or node not in rw.graph.nodes:
@@ -1031,12 +1032,14 @@ def _fold_scalar_products(rw: _Rewriter) -> None:
             if _is_number(inner_x):
                 inner_x, a = a, inner_x
             # the same dtype throughout (an int64 x times 2 times 0.5 is float32, x itself is not);
-            # in 16 bits the inner product could overflow or underflow where x * (a*b) does not,
-            # unless neither factor grows it
+            # the inner product x * a could overflow or underflow where x * (a*b) does not: in 16
+            # bits unless neither factor grows it, in 32 unless |a| is within 2^+-32 (then only an
+            # |x| beyond 1e28 overflows there)
             dtype = dtype_of(node)
             exact = _pattern_node(node) or (
                 dtype is not None and dtype.is_floating_point and dtype == dtype_of(inner_x) == dtype_of(x)
-                and (torch.finfo(dtype).bits > 16 or (abs(a) <= 1 and abs(b) <= 1)))
+                and _is_number(a) and ((torch.finfo(dtype).bits > 16 and 2.0 ** -32 <= abs(a) <= 2.0 ** 32)
+                                       or (abs(a) <= 1 and abs(b) <= 1)))
             if _is_number(a) and exact:
                 new = rw.replace(node, torch.mul, (inner_x, a * b))
                 rw.erase(x)

@@ -41,6 +41,10 @@ def _scalar_products(q, k, v, ids):
     return _site(q, k, v), ids * 2 * 0.5, (h * 1000) * 100 * 0.0001
 
 
+def _fp32_scalar_products_overflow(q, k, v, x):
+    return _site(q, k, v), x * 1e30 * 1e-30  # x * 1e30 overflows to inf in fp32; x * 1.0 would not
+
+
 def _division_floors(q, k, v, n):
     return _site(q, k, v), (n / n).floor(), (n / 41).floor()
 
@@ -69,6 +73,7 @@ CASES = {
     "where fill out of fp16 range": (_where_fill_out_of_fp16_range, lambda: _qkv() + [torch.randn(8)]),
     "bool squared": (_bool_squared, _qkv),
     "scalar products": (_scalar_products, lambda: [t * 8 for t in _qkv()] + [torch.arange(4)]),
+    "fp32 scalar products overflow": (_fp32_scalar_products_overflow, lambda: _qkv() + [torch.randn(4) * 1e9]),
     "division floors": (_division_floors, lambda: _qkv() + [torch.arange(1, 2000, dtype=torch.float32)]),
     "cdist without mm": (_cdist_without_mm, lambda: _qkv() + [torch.randn(1, 40, 3) * 100 + 1000] * 2),
 }
