@@ -100,6 +100,28 @@ def _alignment_to_match(rule: Rule, al, anchor: Node) -> Match:
     return Match(rule, bindings, anchor, covered)
 
 
+def _narrowing_cast(al, anchor: Node) -> Optional[str]:
+    """A reason where the matcher looked through a cast that narrows to a dtype narrower than the
+    site's result (an fp32 model's `.half()` or bf16 round trip of its scores or hidden values):
+    the fused op never rounds there, so it would not lose the precision, or overflow to inf, where
+    eager does. A cast narrowing to the result's dtype is the op's own rounding (half-precision
+    models' `softmax(s, dtype=torch.float32).to(q.dtype)`)."""
+    out = example_value(anchor)
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        return None
+    for node, pattern in al.covered.items():
+        if pattern is not node or not is_cast(node):  # only the casts the matcher looked through
+            continue
+        src, dst = example_value(node.args[0]), node.args[1]
+        if not isinstance(src, torch.Tensor) or not isinstance(dst, torch.dtype):
+            continue
+        if torch.promote_types(src.dtype, dst) != dst and torch.promote_types(dst, out.dtype) != dst:
+            name = lambda dtype: str(dtype).replace("torch.", "")  # noqa: E731
+            return (f"a cast from {name(src.dtype)} to {name(dst)} inside a site whose result is {name(out.dtype)}: "
+                    "the fused op would not round (or overflow) there as eager does")
+    return None
+
+
 def _computed_without_grad(al) -> Optional[str]:
     """A reason where the site covers a node computed with gradients turned off
     (`canonicalize.passes.WITHOUT_GRAD`): the fused op would record gradients through it; or nodes
@@ -197,6 +219,8 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
                     reason = _written_in_place(al, match)
                 if reason is None:
                     reason = _computed_without_grad(al)
+                if reason is None:
+                    reason = _narrowing_cast(al, anchor)
                 if reason is None and anchor in in_transform:
                     reason = "inside a torch.func transform (vmap, grad, jvp), whose wrapped tensors the op cannot take"
                 if reason is None:

@@ -141,7 +141,8 @@ def attention_supports(q, k, v, metric="dot", *, attn_mask=None, dropout_p=0.0, 
         return False, f"dtype {q.dtype} (kernels take float16, bfloat16, float32)"
     D, Dv = q.shape[-1], v.shape[-1]
     if D > _tc.MAX_HEAD_DIM or Dv > _tc.MAX_HEAD_DIM:
-        return False, f"head dim {max(D, Dv)} > {_tc.MAX_HEAD_DIM}"
+        sizes = [d.node.hint if isinstance(d, torch.SymInt) else d for d in (D, Dv)]  # a symbol's example size
+        return False, f"head dim {max(sizes)} > {_tc.MAX_HEAD_DIM}"
     if q.shape[-2] == 0 or k.shape[-2] == 0 or q.shape[0] == 0 or q.shape[1] == 0:
         return False, "empty input"
     reason = device_unsupported(q)

@@ -240,6 +240,27 @@ def test_fp16_mask_added_before_the_scale():
     torch.testing.assert_close(out, model(q, k, v, mask), atol=2e-3, rtol=2e-3)
 
 
+class _ScoresRoundedToHalf(nn.Module):
+    """An fp32 model that rounds its scores to fp16 before the softmax."""
+
+    def forward(self, q, k, v):
+        return torch.softmax((q @ k.transpose(-2, -1) * 0.25).half(), -1).float() @ v
+
+
+def test_narrowing_cast_inside_the_site_is_a_near_miss():
+    # eager rounds (or overflows) the scores there; the op would not
+    assert_near_miss(_ScoresRoundedToHalf(), *qkv(), reason="a cast from float32 to float16")
+
+
+def test_cast_back_to_the_models_dtype_still_fuses():
+    # bf16 models: softmax(scores, dtype=float32).to(q.dtype) narrows to the result's own dtype
+    class Upcast(nn.Module):
+        def forward(self, q, k, v):
+            return torch.softmax(q @ k.transpose(-2, -1) * 0.25, -1, dtype=torch.float32).to(q.dtype) @ v
+
+    assert_fused(Upcast(), *(t.bfloat16() for t in qkv()), variant="dot")
+
+
 def test_dot_padding_mask_gradient_through_fully_masked_rows():
     # every logit of rows 0-2 of batch 0 sits near the same huge negative: eager's softmax is
     # uniform there and the rows get gradients; the backward must recompute those probabilities
@@ -873,3 +894,14 @@ def test_constant_masks_that_hide_rows_together_are_a_near_miss():
     q, k, v = qkv()
     assert_near_miss(_ConstantCausalThenConstantFill(), q, k, v, reason="constant masks hide whole rows")
     assert_matches_eager(_ConstantCausalThenConstantFill(), q, k, v)
+
+
+def test_head_dim_too_large_is_reported_by_its_size_under_dynamic_shapes():
+    # the reason names the size the call had, not Dynamo's symbol for it
+    backend = fusion_backend.backend(**OPTIONS)
+    compiled = torch.compile(lambda q, k, v: (q @ k.transpose(-2, -1)).softmax(-1) @ v, backend=backend, dynamic=True)
+    for d in (16, 300):
+        compiled(*(torch.randn(1, 2, 8, d) for _ in range(3)))
+    reason = backend.records[-1].sites[0].reason
+    assert "head dim 300 > 256" in reason, reason
+    torch._dynamo.reset()

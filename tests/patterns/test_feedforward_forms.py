@@ -429,6 +429,22 @@ def test_input_written_between_the_linears():
     assert_fused(model, x, "gelu")
 
 
+def test_near_miss_hidden_rounded_to_half():
+    # an fp32 block rounding its hidden values to fp16 (and back) would overflow there in eager
+    class Rounded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)).half().float())
+
+    report = fusion_backend.explain(Rounded(), _x(), options=OPTS)
+    kept = feedforward_sites(report, "kept")
+    assert kept and not feedforward_sites(report, "fused"), str(report)
+    assert any("a cast from float32 to float16" in s.reason for s in kept), str(report)
+
+
 def test_near_miss_output_added_to_itself():
     """`y + y` is not a residual add: the block is fused without it."""
     model = MLP(act="gelu")
