@@ -8,13 +8,23 @@ import triton
 from . import compile_ahead
 
 
-def interpreting() -> bool:
-    """True when Triton's interpreter is on (TRITON_INTERPRET=1), so kernels run on CPU tensors.
+@triton.jit
+def _interpreter_probe():
+    pass
 
-    Read from the environment each time: the interpreter is chosen when triton is imported, and
-    the variable must be set before that, so tests set it at the top of conftest.py.
+
+def interpreting() -> bool:
+    """True when Triton's interpreter runs our kernels (TRITON_INTERPRET=1), so they take CPU tensors.
+
+    Triton chooses per kernel when the kernel is defined, which is when fusion_backend is
+    imported: a TRITON_INTERPRET=1 set later leaves the kernels compiled for a GPU, so this asks
+    a kernel defined with ours (tests set the variable at the top of conftest.py).
     """
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return type(_interpreter_probe).__name__ == "InterpretedFunction"
+
+
+def _interpreter_asked_too_late() -> bool:
+    return not interpreting() and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def can_launch(*tensors: torch.Tensor) -> bool:
@@ -32,6 +42,9 @@ def device_unsupported(t: torch.Tensor) -> str:
     """Why Triton kernels cannot take tensors on t's device ("" when they can). Works on fake
     and meta tensors: it reads the device type only."""
     dev = t.device.type
+    if dev == "cpu" and _interpreter_asked_too_late():
+        return ("CPU tensors, and TRITON_INTERPRET=1 was set after fusion_backend was imported: Triton reads it "
+                "when the kernels are defined, so set it before importing fusion_backend")
     if dev == "cpu" and not interpreting():
         return "CPU tensors while Triton's interpreter is off (TRITON_INTERPRET=1 runs kernels on CPU)"
     if dev not in ("cpu", "cuda"):

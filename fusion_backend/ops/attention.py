@@ -261,6 +261,7 @@ def _resolve_config(config, metric, D, dtype, device_type, ranges):
 
 def _use_kernels(q, k, v, metric, mask, dropout_p):
     if q.device.type == "cpu" and not interpreting():
+        warn_fallback_once("attention", device_unsupported(q))
         return False
     ok, reason = attention_supports(q, k, v, metric, attn_mask=mask, dropout_p=dropout_p)
     if not ok:

@@ -659,6 +659,9 @@ def _fused_backward(grad, x, z, zu, w_in, b_in, w_out, w_gate, b_gate, seed, act
 
 
 def _use_kernels(tensors, dtype, M):
+    if tensors[0].device.type == "cpu" and not interpreting():
+        warn_fallback_once("feedforward", device_unsupported(tensors[0]))
+        return False
     return can_launch(*tensors) and dtype in _KERNEL_DTYPES and M > 0
 
 

@@ -130,3 +130,35 @@ def test_direct_launch_can_be_switched_off(monkeypatch):
     assert not KernelLauncher(_Jit(_kernel))._direct
     monkeypatch.setenv("TRUTHFUSE_DIRECT_LAUNCH", "1")
     assert KernelLauncher(_Jit(_kernel))._direct == triton.__version__.startswith(runtime._DIRECT_LAUNCH_VERSIONS)
+
+
+_LATE_INTERPRETER = """
+import os, warnings, torch
+import fusion_backend
+os.environ["TRITON_INTERPRET"] = "1"  # after the kernels were defined: too late
+q = torch.randn(1, 2, 8, 16)
+report = fusion_backend.explain(lambda q: (q @ q.transpose(-2, -1)).softmax(-1) @ q, q,
+                                options={"strategy": "aggressive", "inner": "eager", "cache": False})
+print(report.sites[0].decision, "|", report.sites[0].reason)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    fusion_backend.ops.attention(q, q, q)
+    fusion_backend.ops.attention(q, q, q)
+print(len(caught), "|", caught[0].message)
+"""
+
+
+def test_interpreter_asked_for_after_import_is_reported_not_half_used():
+    # Triton picks the interpreter when a kernel is defined: set later, the kernels cannot take
+    # CPU tensors, so no site may claim to be fused, and the op says why once
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _LATE_INTERPRETER], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    site, warned = out.stdout.strip().splitlines()[-2:]
+    assert site.startswith("kept |") and "set after fusion_backend was imported" in site, out.stdout
+    assert warned.startswith("1 |") and "set after fusion_backend was imported" in warned, out.stdout
