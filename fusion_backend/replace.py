@@ -134,7 +134,10 @@ def inline_replacement(gm: fx.GraphModule, site: Site, traced: fx.GraphModule,
             if node.op == "get_attr":
                 value = getattr(traced, node.target)
                 name = _unique_attr(gm, f"_truthfuse_const_{site.rule.name.replace('.', '_')}")
-                setattr(gm, name, value)
+                if isinstance(value, torch.Tensor):  # a buffer, so that fx sees what get_attr reads
+                    gm.register_buffer(name, value, persistent=False)
+                else:
+                    setattr(gm, name, value)
                 new = graph.get_attr(name)
             else:
                 new = graph.node_copy(node, lambda n: env[n])

@@ -169,6 +169,19 @@ def test_dot_masked_fill_with_fully_masked_rows(fill):
     assert_matches_eager(model, q, k, v, mask)
 
 
+def test_constants_of_a_replacement_are_registered_with_the_graph():
+    # a finite fill becomes a constant tensor in the replacement; fx warned where it was a plain
+    # attribute of the graph module rather than a buffer
+    import warnings
+
+    mask = torch.rand(2, 1, 8, 8) < 0.3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(MaskedFill(-1e9), backend="truthfuse", options=OPTIONS)(*qkv(), mask)
+    assert not [w for w in caught if "get_attr" in str(w.message)], [str(w.message) for w in caught]
+    torch._dynamo.reset()
+
+
 def test_masked_fill_rows_filled_whole_with_grouped_kv_heads():
     # the rows' mean of v is taken per K/V head and read by each of its query heads
     model = MaskedFillRepeatKV(torch.finfo(torch.float32).min)
