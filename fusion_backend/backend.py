@@ -277,10 +277,15 @@ def _with_note(reason: str, note: Optional[str]) -> str:
     return f"{reason}; {note}" if note else reason
 
 
+# How a kept site's reason starts when another rule's fused site covers its nodes (explain() shows
+# such sites as "covered": the place is fused, by the other rule)
+OVERLAPS_FUSED_SITE = "overlaps fused site"
+
+
 def _keep_reason(site: Site, candidates: List[Site], fused_ids: set, record: GraphRecord) -> str:
     for other in candidates:
         if other.id in fused_ids and other.nodes & site.nodes:
-            return f"overlaps fused site {other.rule.name} ({other.location})"
+            return f"{OVERLAPS_FUSED_SITE} {other.rule.name} ({other.location})"
     if fused_ids and record.tuning_reason:
         # the plan fused other sites: its reason is about them, not about this one
         return f"the tuner's plan keeps it; the plan fuses other sites ({record.tuning_reason})"

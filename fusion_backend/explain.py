@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .backend import GraphRecord, SiteDecision, TruthfuseBackend
+from .backend import OVERLAPS_FUSED_SITE, GraphRecord, SiteDecision, TruthfuseBackend
 from .options import parse_options
 
 
@@ -58,12 +58,22 @@ class Report:
     def kept(self) -> List[SiteDecision]:
         return [s for s in self.sites if s.decision == "kept"]
 
+    @property
+    def alternatives(self) -> List[SiteDecision]:
+        """Kept sites that another rule's fused site covers: the same place matched twice (a
+        general rule where a specific one fused), not a place left unfused."""
+        return [s for s in self.kept if (s.reason or "").startswith(OVERLAPS_FUSED_SITE)]
+
     def __str__(self) -> str:
-        head = (f"truthfuse: {self.graphs} graph(s), {len(self.sites)} site(s), "
-                f"{len(self.fused)} fused, {len(self.kept)} kept; compile {self.compile_seconds:.2f} s")
+        alternatives = self.alternatives
+        head = (f"truthfuse: {self.graphs} graph(s), {len(self.sites)} site(s), {len(self.fused)} fused, "
+                f"{len(self.kept) - len(alternatives)} kept"
+                + (f", {len(alternatives)} covered by a fused site" if alternatives else "")
+                + f"; compile {self.compile_seconds:.2f} s")
         rows = [("#", "kind", "variant", "decision", "rule", "location", "reason")]
         for i, s in enumerate(self.sites):
-            rows.append((str(i), s.kind, s.variant or "-", s.decision, s.rule,
+            decision = "covered" if any(s is a for a in alternatives) else s.decision
+            rows.append((str(i), s.kind, s.variant or "-", decision, s.rule,
                          _short_path(s.location), s.reason or "-"))
         widths = [max(len(r[c]) for r in rows) for c in range(6)]
         lines = [head, ""]

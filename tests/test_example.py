@@ -58,6 +58,12 @@ def test_explain_fuses_every_attention_site(metric):
     for s in report.kept:
         if s.kind == "attention":
             assert s.location in fused_locations and "overlaps fused site" in s.reason, str(report)
+    # and the report counts those as covered, not as places left unfused
+    covered = [s for s in report.kept if "overlaps fused site" in s.reason]
+    assert report.alternatives == covered
+    head = str(report).splitlines()[0]
+    assert f"{len(report.kept) - len(covered)} kept" in head, head
+    assert (f"{len(covered)} covered by a fused site" in head) == bool(covered), head
 
 
 def test_truthfuse_loss_curve_matches_eager():
