@@ -171,8 +171,10 @@ def kv_heads_broadcast(q, k, v) -> bool:
     """4-D k and v with a single head that q's H > 1 heads share by broadcasting (multi-query
     attention, as Falcon writes it): the same math as enable_gqa with one K/V head, whose
     gradient the op sums over the H query heads as autograd sums over the broadcast."""
+    # a symbolic head count is at least 2: Dynamo specializes sizes 0 and 1
+    heads = q.shape[1] if q.dim() == 4 else 0
     return (q.dim() == k.dim() == v.dim() == 4 and known_equal(k.shape[1], 1) and known_equal(v.shape[1], 1)
-            and isinstance(q.shape[1], int) and q.shape[1] > 1)
+            and (isinstance(heads, torch.SymInt) or (isinstance(heads, int) and heads > 1)))
 
 
 def check_qkv(m: Match) -> Optional[str]:

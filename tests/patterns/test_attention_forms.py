@@ -756,6 +756,26 @@ def test_l2_dynamic_shapes():
     assert_matches_eager(L2Attention("broadcast", "per_head"), *qkv(T=6), dynamic=True)
 
 
+def test_one_kv_head_shared_by_broadcasting_under_dynamic_shapes():
+    # multi-query attention (Falcon's spelling) with every size symbolic, the head count included
+    def mqa(q, k, v):
+        return (q @ k.transpose(-2, -1) * 0.25).softmax(-1) @ v
+
+    backend = fusion_backend.backend(**OPTIONS)
+    compiled = torch.compile(mqa, backend=backend, dynamic=True)
+    for heads, n in ((4, 8), (3, 11)):
+        q = torch.randn(2, heads, n, 16, requires_grad=True)
+        k, v = (torch.randn(2, 1, n, 16, requires_grad=True) for _ in range(2))
+        out, ref = compiled(q, k, v), mqa(q, k, v)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-4)
+        for got, want in zip(torch.autograd.grad(out.square().sum(), (q, k, v)),
+                             torch.autograd.grad(ref.square().sum(), (q, k, v))):
+            torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    sites = [s for r in backend.records for s in r.sites]
+    assert sites and all(s.decision == "fused" for s in sites), [(s.rule, s.decision, s.reason) for s in sites]
+    torch._dynamo.reset()
+
+
 # ------------------------------------------------------------------------------------------------
 # end to end with the default inner compiler (Inductor), as a user would run it
 # ------------------------------------------------------------------------------------------------
