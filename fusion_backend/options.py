@@ -1,6 +1,7 @@
 """The backend's options: what `torch.compile(..., options={...})` and `backend(**options)` take."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Tuple
 
@@ -25,7 +26,7 @@ class Options:
         picks only launch configs).
     inner: the compiler for the rewritten graph: "inductor" (default), "eager", "aot_eager".
     simulations: the tuner's budget of timed plans (the seed's 30 by default).
-    tuning_seconds: a wall-clock cap on tuning per graph (None: no cap).
+    tuning_seconds: a wall-clock cap on tuning per graph (None, or math.inf: no cap).
     cache: read and write the persistent tuning cache.
     monitor: record calls, device time and peak memory of each fused site (fusion_backend.metrics()).
     disable: rule names (or kinds) not to use.
@@ -101,9 +102,12 @@ def parse_options(options: Optional[Dict[str, Any]] = None, mode: Optional[str] 
         result["simulations"] = v
     if "tuning_seconds" in options:
         v = options["tuning_seconds"]
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
-            raise OptionError(f"truthfuse option tuning_seconds={v!r} must be a positive number or None")
-        result["tuning_seconds"] = None if v is None else float(v)
+        # `not v > 0` rather than `v <= 0`: nan compares false both ways and must be rejected here,
+        # not deep in the tuner. An infinite cap is no cap, stored as None so both spell it alike.
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0):
+            raise OptionError(f"truthfuse option tuning_seconds={v!r} must be a positive number of seconds, "
+                              "or None (or math.inf) for no cap")
+        result["tuning_seconds"] = None if v is None or math.isinf(v) else float(v)
     for flag in ("cache", "monitor"):
         if flag in options:
             if not isinstance(options[flag], bool):

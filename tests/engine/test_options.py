@@ -28,6 +28,14 @@ def test_unknown_option_lists_valid_options():
     ({"inner": "tvm"}, "'inductor'"),
     ({"simulations": 0}, ">= 1"),
     ({"tuning_seconds": -1}, "positive"),
+    ({"tuning_seconds": float("nan")}, "positive"),
+    ({"tuning_seconds": -float("inf")}, "positive"),
+    ({"tuning_seconds": True}, "positive"),
+    ({"simulations": True}, ">= 1"),
+    ({"simulations": float("nan")}, ">= 1"),
+    ({"simulations": 2.5}, ">= 1"),
+    ({"seed": True}, "integer"),
+    ({"seed": float("nan")}, "integer"),
     ({"monitor": "yes"}, "True or False"),
     ({"mode": "fastest"}, "'max-autotune'"),
 ])
@@ -35,6 +43,11 @@ def test_bad_values(options, fragment):
     with pytest.raises(OptionError) as err:
         parse_options(options)
     assert fragment in str(err.value)
+
+
+def test_infinite_tuning_seconds_means_no_cap():
+    assert parse_options({"tuning_seconds": float("inf")}).tuning_seconds is None
+    assert parse_options({"tuning_seconds": 2}).tuning_seconds == 2.0
 
 
 def test_mode_raises_the_budget():
