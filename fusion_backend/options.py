@@ -94,7 +94,10 @@ def parse_options(options: Optional[Dict[str, Any]] = None, mode: Optional[str] 
     if "configs" in options:
         result["configs"] = _choice("configs", options["configs"], CONFIG_CHOICES)
     if "mode" in options:
-        result["mode"] = _choice("mode", options["mode"] or "default", MODES)
+        # None is torch.compile's own spelling of the default mode; torch.compile never passes "",
+        # so an empty mode is a mistake, not another "default".
+        mode_value = options["mode"]
+        result["mode"] = _choice("mode", "default" if mode_value is None else mode_value, MODES)
     if "simulations" in options:
         v = options["simulations"]
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:

@@ -38,6 +38,7 @@ def test_unknown_option_lists_valid_options():
     ({"seed": float("nan")}, "integer"),
     ({"monitor": "yes"}, "True or False"),
     ({"mode": "fastest"}, "'max-autotune'"),
+    ({"mode": ""}, "'default'"),
 ])
 def test_bad_values(options, fragment):
     with pytest.raises(OptionError) as err:
@@ -48,6 +49,10 @@ def test_bad_values(options, fragment):
 def test_infinite_tuning_seconds_means_no_cap():
     assert parse_options({"tuning_seconds": float("inf")}).tuning_seconds is None
     assert parse_options({"tuning_seconds": 2}).tuning_seconds == 2.0
+
+
+def test_mode_none_is_the_default_as_in_torch_compile():
+    assert parse_options({"mode": None}).mode == "default"
 
 
 def test_mode_raises_the_budget():
