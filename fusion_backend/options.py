@@ -130,5 +130,25 @@ def parse_options(options: Optional[Dict[str, Any]] = None, mode: Optional[str] 
     if "inductor_options" in options:
         if not isinstance(options["inductor_options"], dict):
             raise OptionError("truthfuse option inductor_options must be a dict of Inductor config patches")
-        result["inductor_options"] = dict(options["inductor_options"])
+        result["inductor_options"] = _checked_inductor_options(options["inductor_options"])
     return Options(**result)
+
+
+def _checked_inductor_options(patches: Dict[str, Any]) -> Dict[str, Any]:
+    """The patches, once every key is an Inductor config name. Inductor itself only rejects an
+    unknown key when it compiles, after analysis and tuning have run (and every timing of the
+    tuner has failed on it), so a typo is caught here."""
+    if not patches:
+        return {}
+    import difflib
+
+    import torch._inductor.config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    for key in patches:
+        if not isinstance(key, str) or key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=3)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise OptionError(f"truthfuse option inductor_options has {key!r}, which is not an Inductor config "
+                              f"name (see torch._inductor.list_options()){hint}")
+    return dict(patches)

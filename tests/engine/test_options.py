@@ -55,6 +55,16 @@ def test_mode_none_is_the_default_as_in_torch_compile():
     assert parse_options({"mode": None}).mode == "default"
 
 
+def test_inductor_option_typo_names_the_close_match():
+    with pytest.raises(OptionError) as err:
+        parse_options({"inductor_options": {"max_autotuen": True}})
+    assert "'max_autotuen'" in str(err.value) and "'max_autotune'" in str(err.value)
+    with pytest.raises(OptionError):
+        parse_options({"inductor_options": {"triton.cudagraph": True}})
+    assert parse_options({"inductor_options": {"triton.cudagraphs": False}}).inductor_options == {
+        "triton.cudagraphs": False}
+
+
 def test_mode_raises_the_budget():
     assert parse_options({}, mode="max-autotune").budget > parse_options({}).budget
 
