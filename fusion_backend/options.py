@@ -1,6 +1,7 @@
 """The backend's options: what `torch.compile(..., options={...})` and `backend(**options)` take."""
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Tuple
@@ -117,12 +118,7 @@ def parse_options(options: Optional[Dict[str, Any]] = None, mode: Optional[str] 
                 raise OptionError(f"truthfuse option {flag}={options[flag]!r} must be True or False")
             result[flag] = options[flag]
     if "disable" in options:
-        v = options["disable"]
-        if isinstance(v, str):
-            v = (v,)
-        if not all(isinstance(x, str) for x in v):
-            raise OptionError("truthfuse option disable must be a list of rule names or kinds")
-        result["disable"] = tuple(v)
+        result["disable"] = _checked_disable(options["disable"])
     if "seed" in options:
         if not isinstance(options["seed"], int) or isinstance(options["seed"], bool):
             raise OptionError(f"truthfuse option seed={options['seed']!r} must be an integer")
@@ -134,14 +130,34 @@ def parse_options(options: Optional[Dict[str, Any]] = None, mode: Optional[str] 
     return Options(**result)
 
 
+def _checked_disable(value: Any) -> Tuple[str, ...]:
+    """The names to disable, once each is a registered rule's name or kind. A misspelt name would
+    otherwise disable nothing, silently. Rules a program registers count, so they must be
+    registered before the options naming them are parsed."""
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(x, str) for x in value):
+        raise OptionError(f"truthfuse option disable={value!r} must be a list of rule names or kinds")
+    from .match import all_rules
+
+    rules = all_rules()
+    names = sorted(r.name for r in rules)
+    kinds = sorted({r.kind for r in rules})
+    unknown = [x for x in value if x not in names and x not in kinds]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], kinds + names, n=3)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        raise OptionError(f"truthfuse option disable has {', '.join(repr(x) for x in unknown)}, neither a rule "
+                          f"name nor a kind{hint}. Kinds: {', '.join(kinds)}. Rules: {', '.join(names)}")
+    return tuple(value)
+
+
 def _checked_inductor_options(patches: Dict[str, Any]) -> Dict[str, Any]:
     """The patches, once every key is an Inductor config name. Inductor itself only rejects an
     unknown key when it compiles, after analysis and tuning have run (and every timing of the
     tuner has failed on it), so a typo is caught here."""
     if not patches:
         return {}
-    import difflib
-
     import torch._inductor.config as inductor_config
 
     known = inductor_config.get_config_copy()

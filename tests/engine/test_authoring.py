@@ -168,3 +168,11 @@ def test_the_documented_example_runs_as_written(capsys):
     finally:
         unregister_rule("mylib.linear_gelu")
         torch._dynamo.reset()
+
+
+def test_a_registered_rule_and_its_kind_may_be_disabled(user_rule):
+    assert fusion_backend.parse_options({"disable": ["user.linear_gelu"]}).disable == ("user.linear_gelu",)
+    assert fusion_backend.parse_options({"disable": ["custom"]}).disable == ("custom",)
+    unregister_rule(user_rule.name)
+    with pytest.raises(fusion_backend.OptionError, match="neither a rule name nor a kind"):
+        fusion_backend.parse_options({"disable": ["user.linear_gelu"]})

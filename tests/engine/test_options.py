@@ -65,6 +65,26 @@ def test_inductor_option_typo_names_the_close_match():
         "triton.cudagraphs": False}
 
 
+@pytest.mark.parametrize("disable", [["Attention"], ["attention_dot"], "attention.nope"])
+def test_disabling_an_unknown_rule_names_the_rules_and_kinds(disable):
+    with pytest.raises(OptionError) as err:
+        parse_options({"disable": disable})
+    message = str(err.value)
+    assert "neither a rule name nor a kind" in message
+    assert "Kinds: attention, feedforward" in message and "attention.dot," in message
+
+
+@pytest.mark.parametrize("disable", [None, 5, [3]])
+def test_disable_of_the_wrong_type_is_an_option_error(disable):
+    with pytest.raises(OptionError, match="list of rule names or kinds"):
+        parse_options({"disable": disable})
+
+
+def test_disable_takes_rule_names_and_kinds():
+    assert parse_options({"disable": ["feedforward", "attention.dot"]}).disable == ("feedforward", "attention.dot")
+    assert parse_options({"disable": "attention"}).disable == ("attention",)
+
+
 def test_mode_raises_the_budget():
     assert parse_options({}, mode="max-autotune").budget > parse_options({}).budget
 
