@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -32,6 +32,7 @@ class Report:
     tuning: TuningSummary
     graphs: int
     compile_seconds: float
+    disabled: Tuple[str, ...] = ()  # the rule names and kinds options["disable"] turned off
 
     @classmethod
     def from_records(cls, records: List[GraphRecord]) -> "Report":
@@ -89,6 +90,8 @@ class Report:
                 timing = f" ({ms:.3f} ms vs keep-all {base:.3f} ms)"
             chosen = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in plan.items()) or "-"
             lines.append(f"  plan: {chosen}{timing}; {why}")
+        if self.disabled:
+            lines.append(f"disabled by options: {', '.join(self.disabled)}")
         if not self.sites:
             lines.append("no attention or feed-forward site was found; the graph compiled as under the inner compiler")
         return "\n".join(lines)
@@ -109,7 +112,30 @@ def explain(model_or_fn: Any, *example_args: Any, options: Optional[Dict[str, An
     """Compile `model_or_fn` with truthfuse, run it once on the example inputs, and return a
     Report of every site found: its kind, variant, decision ("fused"/"kept"), reason and source
     location, plus the tuner's summary (`report.tuning.cache_hit`, `.measurements`)."""
-    backend = TruthfuseBackend(parse_options(options))
+    parsed = parse_options(options)
+    backend = TruthfuseBackend(parsed)
     compiled = torch.compile(model_or_fn, backend=backend)
     compiled(*example_args, **example_kwargs)
-    return Report.from_records(backend.records)
+    report = Report.from_records(backend.records)
+    _mention_disabled_rules(report, parsed.disable)
+    return report
+
+
+def _mention_disabled_rules(report: Report, disabled: Tuple[str, ...]) -> None:
+    """Say on each kept site of a kind that lost rules to options["disable"] that they were
+    disabled. Such a site is often listed under a sibling rule (the causal variant of a disabled
+    dot rule, say) with that rule's near-miss reason, which alone reads as if the sibling were
+    what stood in the way."""
+    report.disabled = tuple(disabled)
+    if not disabled:
+        return
+    from .match import all_rules
+
+    kinds = {r.name: r.kind for r in all_rules()}
+    by_kind: Dict[str, List[str]] = {}
+    for name in disabled:
+        by_kind.setdefault(kinds.get(name, name), []).append(name)
+    for site in report.kept:
+        names = by_kind.get(site.kind)
+        if names:
+            site.reason = f"{site.reason or 'kept'}; disabled by options: {', '.join(names)}"

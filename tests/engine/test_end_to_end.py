@@ -69,6 +69,19 @@ def test_explain_lists_the_attention_site():
     assert report.tuning.cache_hit is False and report.tuning.measurements == 0
 
 
+def test_explain_says_a_kept_site_lost_its_rule_to_disable():
+    """With the dot rule disabled, the site is listed under its causal sibling with that rule's
+    near-miss; the report must also say that the rule which would have matched is disabled."""
+    def attention(q, k, v):
+        return (q @ k.transpose(-2, -1) * 0.25).softmax(-1) @ v
+
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    report = fusion_backend.explain(attention, q, k, v, options={**AGGRESSIVE_EAGER, "disable": ["attention.dot"]})
+    assert report.sites and all(s.decision == "kept" for s in report.sites)
+    assert all("disabled by options: attention.dot" in s.reason for s in report.sites)
+    assert "disabled by options: attention.dot" in str(report).splitlines()[-1]
+
+
 def test_graph_breaks_compile_each_graph():
     attn1, attn2 = CausalSelfAttention(), CausalSelfAttention()
 
