@@ -216,7 +216,7 @@ class TruthfuseBackend:
             key = cache_key(_graph_signature(gm), _shapes(example_inputs), _dtypes(example_inputs),
                             _device_name(example_inputs), opts.strategy,
                             extra={"space": space.signature(), "inner": opts.inner, "mode": opts.mode,
-                                   "timing": TIMING_REVISION})
+                                   "inductor_options": opts.inductor_options, "timing": TIMING_REVISION})
             cached = cache.get(key)
             if cached is not None:
                 try:
@@ -258,7 +258,11 @@ class TruthfuseBackend:
         record.plans_evaluated = decision.measurements
         record.measurements = timer.measurements
         if cache is not None and key is not None:
-            cache.put(key, decision.to_record())
+            if decision.reusable:
+                cache.put(key, decision.to_record())
+            else:
+                log.info("graph %d: a timing the decision rests on failed; not caching it (%s)",
+                         record.index, decision.reason)
         return dict(decision.plan)
 
 

@@ -630,6 +630,13 @@ class TuningDecision:
             return self.baseline_ms / self.cost_ms
         return None
 
+    @property
+    def reusable(self) -> bool:
+        """Whether the decision may be cached and reused: neither the chosen plan's nor the
+        baseline's measurement failed. A failure can be passing (a busy device, a bad option
+        fixed before the next run), and a decision taken around it must be taken again."""
+        return all(cost is None or math.isfinite(cost) for cost in (self.cost_ms, self.baseline_ms))
+
     def to_record(self) -> dict:
         """A JSON-ready dict for the tuning cache (non-finite times become None)."""
         return {
@@ -688,6 +695,19 @@ def _greedy_within(space: DecisionSpace, site_cost: SiteCost, time_budget_s: flo
         return None
 
 
+def _timed(cost: float | None) -> bool:
+    """Whether a measurement produced a time (a failed or NaN one is inf, see _checked_cost)."""
+    return cost is not None and math.isfinite(cost)
+
+
+def _failure_of(plan: Plan, failures: list[tuple[Plan, str]]) -> str:
+    """The last error recorded for `plan`, or why its time is not one."""
+    for failed, message in reversed(failures):
+        if failed == plan:
+            return message
+    return "no finite time measured"
+
+
 def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
@@ -742,6 +762,13 @@ def choose_plan(space: DecisionSpace, evaluate: Evaluate, strategy: str = DEFAUL
                         f"{strategy}: every site fused; fastest variants chosen (no guard)")
 
     baseline_cost = result.baseline_cost
+    if not _timed(baseline_cost):
+        # Without a working baseline there is nothing to beat: any fused plan would "win" against
+        # inf, and the failure (a bad Inductor patch, an inner-compiler error) usually breaks the
+        # fused plans' kept parts too. Keeping is the plan truthfuse can vouch for.
+        return decision(baseline, baseline_cost, baseline_cost, result.measurements,
+                        f"the all-keep baseline could not be timed ({_failure_of(baseline, result.failures)}); "
+                        "every site kept, since a fused plan is used only when it beats a working baseline")
     if best == baseline:
         return decision(baseline, baseline_cost, baseline_cost, result.measurements,
                         "all-keep was the fastest plan measured")
@@ -761,6 +788,11 @@ def choose_plan(space: DecisionSpace, evaluate: Evaluate, strategy: str = DEFAUL
     measurements = result.measurements + 2
     best_mean = _mean([best_cost, best_again])
     baseline_mean = _mean([baseline_cost, baseline_again])
+    if not _timed(baseline_again):
+        return decision(baseline, baseline_mean, baseline_mean, measurements,
+                        f"the all-keep baseline failed on re-measurement ({_failure_of(baseline, failures)}); "
+                        "every site kept, since a fused plan is used only when it beats a working baseline",
+                        failures)
     if best_again < baseline_again * threshold:
         return decision(best, best_mean, baseline_mean, measurements,
                         f"fused plan {best_mean:.4g} ms vs all-keep {baseline_mean:.4g} ms "

@@ -51,3 +51,54 @@ def test_exported_state_ships_to_a_fresh_cache(tmp_path):
     fusion_backend.load_state(state, fusion_backend.tune.TuningCache(second_cache))
     shipped = _run(tmp_path, second_cache)
     assert shipped["hit"] is True and shipped["n"] == 0
+
+
+def _attention(q, k, v):
+    return (q @ k.transpose(-2, -1) * 0.25).softmax(-1) @ v
+
+
+def _compile_and_run(options, requires_grad=False):
+    import torch
+
+    import fusion_backend
+
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 2, 8, 16, requires_grad=requires_grad) for _ in range(3))
+    backend = fusion_backend.backend(**options)
+    torch.compile(_attention, backend=backend)(q, k, v)
+    return backend.records[0]
+
+
+def test_a_decision_on_a_failed_baseline_is_not_cached(tmp_path, monkeypatch):
+    """Once the all-keep plan failed to time, the decision is not written: a later run with the
+    failure gone must tune again, not reuse a plan never compared with a working baseline."""
+    import fusion_backend.tune as tune
+    from fusion_backend.tune import TuningCache
+
+    monkeypatch.setenv("TRUTHFUSE_CACHE_DIR", str(tmp_path))
+    real_choose_plan = tune.choose_plan
+
+    def baseline_fails(space, evaluate, *args, **kwargs):
+        def failing(plan):
+            if not plan.fused_sites():
+                raise RuntimeError("inner compiler failed")
+            return evaluate(plan)
+        return real_choose_plan(space, failing, *args, **kwargs)
+
+    monkeypatch.setattr(tune, "choose_plan", baseline_fails)
+    options = {"inner": "eager", "simulations": 4}
+    first = _compile_and_run(options)
+    assert first.sites[0].decision == "kept" and "baseline could not be timed" in first.tuning_reason
+    assert len(TuningCache(tmp_path)) == 0
+    monkeypatch.setattr(tune, "choose_plan", real_choose_plan)
+    second = _compile_and_run(options)
+    assert second.cache_hit is False and len(TuningCache(tmp_path)) == 1
+
+
+def test_inductor_options_are_part_of_the_cache_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRUTHFUSE_CACHE_DIR", str(tmp_path))
+    options = {"inner": "eager", "simulations": 4}
+    assert _compile_and_run(options).cache_hit is False
+    assert _compile_and_run(options).cache_hit is True
+    patched = _compile_and_run({**options, "inductor_options": {"max_autotune": False}})
+    assert patched.cache_hit is False

@@ -145,6 +145,44 @@ def test_failing_candidates_are_reported_and_never_chosen():
     assert again.failures == decision.failures
 
 
+def test_a_failed_baseline_keeps_every_site_and_is_not_reusable():
+    # Against an all-keep plan that cannot be timed (inf), any fused plan would "win".
+    inner = _costs({"v0": 0.5, "v1": 0.4})
+
+    def evaluate(plan):
+        if plan == _space().all_keep():
+            raise RuntimeError("inner compiler failed")
+        return inner(plan)
+
+    decision = choose_plan(_space(), evaluate, "moderate", simulations=20)
+    assert decision.plan == _space().all_keep() and not decision.fused
+    assert "baseline could not be timed" in decision.reason and "inner compiler failed" in decision.reason
+    assert not decision.reusable
+
+
+def test_a_baseline_that_fails_on_re_measurement_keeps_every_site():
+    calls = {"keep": 0}
+    inner = _costs({"v0": 0.5, "v1": 0.4})
+
+    def evaluate(plan):
+        if plan == _space().all_keep():
+            calls["keep"] += 1
+            if calls["keep"] > 1:
+                raise RuntimeError("out of memory")
+        return inner(plan)
+
+    decision = choose_plan(_space(), evaluate, "moderate", simulations=20)
+    assert decision.plan == _space().all_keep() and calls["keep"] == 2
+    assert "failed on re-measurement" in decision.reason and "confirmed" not in decision.reason
+    assert not decision.reusable
+
+
+def test_only_decisions_on_working_timings_are_reusable():
+    assert choose_plan(_space(), _costs({"v0": 0.5, "v1": 0.4}), simulations=10).reusable
+    everything_fails = choose_plan(_space(), lambda plan: 1 / 0, "aggressive", simulations=5)
+    assert not everything_fails.reusable
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="conservative"):
         choose_plan(_space(), _costs({"v0": 1, "v1": 1}), "greedy")
