@@ -210,13 +210,18 @@ class TruthfuseBackend:
                 for s in candidates],
             conflicts=conflicts)
         opts = self.options
+        # A training graph's sites are timed forward and backward, an inference graph's forward
+        # only: the two may choose differently, so the key tells them apart.
+        train = torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
         key = None
         cache = TuningCache() if opts.cache else None
         if cache is not None:
             key = cache_key(_graph_signature(gm), _shapes(example_inputs), _dtypes(example_inputs),
                             _device_name(example_inputs), opts.strategy,
                             extra={"space": space.signature(), "inner": opts.inner, "mode": opts.mode,
-                                   "inductor_options": opts.inductor_options, "timing": TIMING_REVISION})
+                                   "inductor_options": opts.inductor_options, "train": train,
+                                   "timing": TIMING_REVISION})
             cached = cache.get(key)
             if cached is not None:
                 try:
@@ -227,8 +232,6 @@ class TruthfuseBackend:
                 except (KeyError, TypeError, ValueError):
                     pass
 
-        train = torch.is_grad_enabled() and any(
-            isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
         graphs = record.timed_as_graphs = _replays_cuda_graphs(opts)
         # Under CUDA graphs the timer replays both options of a site as graphs of its own, so a
         # kept subgraph is compiled without Inductor's (they would nest).

@@ -102,3 +102,13 @@ def test_inductor_options_are_part_of_the_cache_key(tmp_path, monkeypatch):
     assert _compile_and_run(options).cache_hit is True
     patched = _compile_and_run({**options, "inductor_options": {"max_autotune": False}})
     assert patched.cache_hit is False
+
+
+def test_training_and_inference_graphs_have_their_own_cache_entries(tmp_path, monkeypatch):
+    """A training graph is timed forward and backward; a decision timed forward only must not
+    be reused for it (nor the other way round)."""
+    monkeypatch.setenv("TRUTHFUSE_CACHE_DIR", str(tmp_path))
+    options = {"inner": "eager", "simulations": 4}
+    assert _compile_and_run(options, requires_grad=False).cache_hit is False
+    assert _compile_and_run(options, requires_grad=True).cache_hit is False
+    assert _compile_and_run(options, requires_grad=True).cache_hit is True
