@@ -246,9 +246,14 @@ class TuningCache:
         return found
 
     def clear(self) -> int:
-        """Delete every cache file (and leftover temporary files); returns how many entries went."""
+        """Delete every cache file (and leftover temporary files); returns how many entries went.
+
+        Only truthfuse's own files go (see `_written_by_truthfuse`): the directory may be shared
+        (TRUTHFUSE_CACHE_DIR, `truthfuse cache --dir`), and other JSON files there are not ours."""
         removed = 0
         for path in self._files():
+            if not _written_by_truthfuse(path):
+                continue
             try:
                 path.unlink()
                 removed += 1
@@ -270,6 +275,25 @@ class TuningCache:
             return []
         return sorted(p for p in self.directory.glob("*.json")
                       if not p.name.startswith(".") and _KEY_PATTERN.match(p.stem))
+
+
+_DIGEST_NAME = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _written_by_truthfuse(path: Path) -> bool:
+    """Whether `path` is a cache file: its envelope names truthfuse and its own key (whatever the
+    format or truthfuse version), or it is named by a cache_key digest and no longer parses (a
+    file truncated by a full disk, say; entries are written whole, so this is rare)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return False
+    try:
+        envelope = json.loads(text)
+    except ValueError:
+        return bool(_DIGEST_NAME.match(path.stem))
+    return (isinstance(envelope, dict) and "truthfuse" in envelope and "format" in envelope
+            and envelope.get("key") == path.stem)
 
 
 def _warn(message: str) -> None:

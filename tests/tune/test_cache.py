@@ -116,6 +116,24 @@ def test_entries_skip_bad_files_with_one_warning(cache):
     assert len(caught) == 1
 
 
+def test_clear_deletes_only_truthfuse_files(cache):
+    """A shared directory keeps its other JSON files; entries of another truthfuse version and a
+    digest-named entry cut short are truthfuse's and go."""
+    cache.put(_key(0), RECORD)
+    cache.put(_key(1), RECORD)
+    old = json.loads(cache.path_for(_key(1)).read_text())
+    old["truthfuse"] = "0.0.1"
+    cache.path_for(_key(1)).write_text(json.dumps(old))
+    cache.path_for(_key(2)).write_text('{"format": 1, "trunc')
+    for name, text in [("package.json", '{"mine": true}'), ("settings.json", '{"key": "settings"}'),
+                       ("notes.json", "not json at all")]:
+        (cache.directory / name).write_text(text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TuningCacheWarning)
+        assert cache.clear() == 3
+    assert sorted(p.name for p in cache.directory.iterdir()) == ["notes.json", "package.json", "settings.json"]
+
+
 def test_invalid_keys_and_records_are_errors(cache):
     for key in ["", "../escape", "a/b", ".hidden", None]:
         with pytest.raises(ValueError):
