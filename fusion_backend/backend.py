@@ -226,11 +226,13 @@ class TruthfuseBackend:
             if cached is not None:
                 try:
                     decision = TuningDecision.from_record(cached)
-                    if space.is_valid(decision.plan):
-                        _fill_record(record, decision, cache_hit=True)
-                        return dict(decision.plan)
-                except (KeyError, TypeError, ValueError):
-                    pass
+                    problem = None if space.is_valid(decision.plan) else "its plan is not one of this graph's plans"
+                except Exception as exc:  # noqa: BLE001 -- a bad cache file must never fail the compile
+                    problem = f"malformed record: {exc}"
+                if problem is None:
+                    _fill_record(record, decision, cache_hit=True)
+                    return dict(decision.plan)
+                cache.reject(key, problem)
 
         graphs = record.timed_as_graphs = _replays_cuda_graphs(opts)
         # Under CUDA graphs the timer replays both options of a site as graphs of its own, so a

@@ -14,8 +14,9 @@ Only JSON is ever read: a cache directory may be shared or copied between machin
 a file from elsewhere would run arbitrary code.
 
 Anything wrong with a file (unreadable, not JSON, another format or truthfuse version, a key that
-does not match its name) gives one TuningCacheWarning and counts as a miss: the graph is retuned
-and the file overwritten. The cache never makes compilation fail.
+does not match its name, or a record its reader finds malformed: `TuningCache.reject`) gives one
+TuningCacheWarning and counts as a miss: the graph is retuned and the file overwritten. The cache
+never makes compilation fail.
 """
 from __future__ import annotations
 
@@ -198,6 +199,12 @@ class TuningCache:
             _warn(f"ignoring tuning cache file {path}: {problem}; retuning")
             return None
         return record
+
+    def reject(self, key: str, problem: str) -> None:
+        """Warn (TuningCacheWarning) that the record `get` returned for `key` cannot be used, for a
+        problem only its reader can see (a malformed field, a plan for other sites); the caller
+        then retunes and overwrites it."""
+        _warn(f"ignoring tuning cache file {self.path_for(key)}: {problem}; retuning")
 
     def put(self, key: str, record: Mapping[str, Any]) -> bool:
         """Store `record` (a JSON-serializable dict, finite floats only) under `key` atomically.

@@ -657,23 +657,84 @@ class TuningDecision:
 
     @classmethod
     def from_record(cls, record: dict) -> TuningDecision:
-        """Rebuild a decision from `to_record()`; KeyError/TypeError/ValueError on a malformed one."""
-        history = [Measurement(Plan(p), math.inf if c is None else float(c), float(s))
-                   for p, c, s in record.get("history", [])]
+        """Rebuild a decision from `to_record()`.
+
+        Every field's type is checked here, the one place a record from disk turns into a
+        decision: a malformed record (a missing field, a string for a time, an overflowing
+        count) raises ValueError naming the field, never something that surfaces later.
+        "history", "failures" and "notes" may be absent (records older than they are).
+        """
+        if not isinstance(record, dict):
+            raise ValueError(f"the record is a {type(record).__name__}, not an object")
+        history = [Measurement(_plan_in(entry[0], f"history[{i}] plan"),
+                               math.inf if entry[1] is None else _time_in(entry[1], f"history[{i}] time"),
+                               _time_in(entry[2], f"history[{i}] seconds"))
+                   for i, entry in enumerate(_list_in(record, "history", length=3))]
+        failures = [(_plan_in(entry[0], f"failures[{i}] plan"), _typed(entry[1], str, f"failures[{i}] message"))
+                    for i, entry in enumerate(_list_in(record, "failures", length=2))]
+        notes = _typed(record.get("notes", {}), dict, "notes")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in notes.items()):
+            raise ValueError("notes must map site ids to strings")
         return cls(
-            plan=Plan(record["plan"]),
-            cost_ms=record["cost_ms"],
-            baseline_ms=record["baseline_ms"],
-            best_plan=Plan(record["best_plan"]),
-            best_ms=record["best_ms"],
-            strategy=str(record["strategy"]),
-            measurements=int(record["measurements"]),
-            seconds=float(record["seconds"]),
-            reason=str(record["reason"]),
+            plan=_plan_in(_field(record, "plan"), "plan"),
+            cost_ms=_optional_time_in(_field(record, "cost_ms"), "cost_ms"),
+            baseline_ms=_optional_time_in(_field(record, "baseline_ms"), "baseline_ms"),
+            best_plan=_plan_in(_field(record, "best_plan"), "best_plan"),
+            best_ms=_optional_time_in(_field(record, "best_ms"), "best_ms"),
+            strategy=_typed(_field(record, "strategy"), str, "strategy"),
+            measurements=_count_in(_field(record, "measurements"), "measurements"),
+            seconds=_time_in(_field(record, "seconds"), "seconds"),
+            reason=_typed(_field(record, "reason"), str, "reason"),
             history=history,
-            failures=[(Plan(p), str(m)) for p, m in record.get("failures", [])],
-            notes={str(k): str(v) for k, v in record.get("notes", {}).items()},
+            failures=failures,
+            notes=dict(notes),
         )
+
+
+# -- reading a record back: each helper raises ValueError naming the field -------------------------
+
+
+def _field(record: dict, name: str):
+    if name not in record:
+        raise ValueError(f"no {name!r} field")
+    return record[name]
+
+
+def _typed(value, kind: type, where: str):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ValueError(f"{where} is {value!r}, not a {kind.__name__}")
+    return value
+
+
+def _plan_in(value, where: str) -> Plan:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError(f"{where} is {value!r}, not an object of site ids to option names")
+    return Plan(value)
+
+
+def _time_in(value, where: str) -> float:
+    """A finite, non-negative number (JSON's 1e999 reads as inf and is refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"{where} is {value!r}, not a finite non-negative number")
+    return float(value)
+
+
+def _optional_time_in(value, where: str) -> float | None:
+    return None if value is None else _time_in(value, where)
+
+
+def _count_in(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where} is {value!r}, not a count")
+    return value
+
+
+def _list_in(record: dict, name: str, length: int) -> list:
+    """record[name] (absent: empty), a list of lists of `length` items each."""
+    value = record.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(e, list) and len(e) == length for e in value):
+        raise ValueError(f"{name} is not a list of {length}-item lists")
+    return value
 
 
 def _greedy_within(space: DecisionSpace, site_cost: SiteCost, time_budget_s: float | None,

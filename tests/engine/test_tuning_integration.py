@@ -112,3 +112,28 @@ def test_training_and_inference_graphs_have_their_own_cache_entries(tmp_path, mo
     assert _compile_and_run(options, requires_grad=False).cache_hit is False
     assert _compile_and_run(options, requires_grad=True).cache_hit is False
     assert _compile_and_run(options, requires_grad=True).cache_hit is True
+
+
+def test_a_malformed_cached_record_warns_once_and_retunes(tmp_path, monkeypatch):
+    """A valid envelope around a bad record (here a count of 1e999, which reads as inf) is a miss
+    with one TuningCacheWarning naming the file, and the retune overwrites it."""
+    import warnings
+
+    import pytest
+
+    from fusion_backend.tune import TuningCacheWarning
+
+    monkeypatch.setenv("TRUTHFUSE_CACHE_DIR", str(tmp_path))
+    options = {"inner": "eager", "simulations": 4}
+    _compile_and_run(options)
+    (path,) = tmp_path.glob("*.json")
+    path.write_text(path.read_text().replace('"measurements": ', '"measurements": 1e999, "was": '))
+    with pytest.warns(TuningCacheWarning) as caught:
+        retuned = _compile_and_run(options)
+    cache_warnings = [w for w in caught if issubclass(w.category, TuningCacheWarning)]
+    assert len(cache_warnings) == 1
+    assert str(path) in str(cache_warnings[0].message) and "measurements" in str(cache_warnings[0].message)
+    assert retuned.cache_hit is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TuningCacheWarning)
+        assert _compile_and_run(options).cache_hit is True

@@ -130,6 +130,33 @@ def test_decision_notes_round_trip_and_old_records_have_none():
     assert TuningDecision.from_record(record).notes == {}
 
 
+@pytest.mark.parametrize("field, value, named", [
+    ("measurements", float("inf"), "measurements"),   # JSON's 1e999
+    ("measurements", "3", "measurements"),
+    ("notes", [], "notes"),
+    ("notes", {"s0": 1}, "notes"),
+    ("cost_ms", "x", "cost_ms"),
+    ("cost_ms", float("nan"), "cost_ms"),
+    ("baseline_ms", True, "baseline_ms"),
+    ("plan", ["a"], "plan"),
+    ("plan", [["attn", "v0"]], "plan"),
+    ("plan", {"attn": 0}, "plan"),
+    ("plan", None, "plan"),            # deleted below
+    ("history", [[{}, 1.0]], "history"),
+    ("history", [[{}, "x", 0.0]], "history[0] time"),
+    ("failures", {"a": "b"}, "failures"),
+    ("reason", None, "reason"),
+])
+def test_a_malformed_record_is_a_value_error_naming_the_field(field, value, named):
+    record = choose_plan(_space(), _costs({"v0": 0.5, "v1": 0.4}), simulations=10).to_record()
+    if field == "plan" and value is None:
+        del record["plan"]
+    else:
+        record[field] = value
+    with pytest.raises(ValueError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        TuningDecision.from_record(record)
+
+
 def test_failing_candidates_are_reported_and_never_chosen():
     inner = _costs({"v0": 0.5, "v1": 0.4}, ffn_whole=2.5, gelu=1.2)
 
