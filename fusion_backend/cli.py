@@ -446,6 +446,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     import warnings
 
     from .tune.cache import TuningStateError, load_state, save_state
+    from .tune.mcts import TuningDecision
 
     cache = _cache(args)
     if args.action == "show":
@@ -454,12 +455,17 @@ def cmd_cache(args: argparse.Namespace) -> int:
             entries = cache.entries()
         print(f"tuning cache: {cache.directory} ({len(entries)} entr{'y' if len(entries) == 1 else 'ies'})")
         for key, record in sorted(entries.items()):
-            plan = record.get("plan") or {}
+            try:
+                # the backend reads records through from_record, so a record it rejects is unusable here too
+                decision = TuningDecision.from_record(record)
+            except ValueError as exc:
+                print(f"  {key[:16]}  unusable (a compile retunes and overwrites it): {exc}")
+                continue
+            plan = decision.plan
             fused = sum(1 for v in plan.values() if v != "keep")
-            cost, base = record.get("cost_ms"), record.get("baseline_ms")
+            cost, base = decision.cost_ms, decision.baseline_ms
             timing = f" {cost:.3f} ms vs keep-all {base:.3f} ms" if cost is not None and base is not None else ""
-            print(f"  {key[:16]}  {record.get('strategy', '?'):<12} {fused}/{len(plan)} fused{timing}  "
-                  f"{record.get('reason', '')}")
+            print(f"  {key[:16]}  {decision.strategy:<12} {fused}/{len(plan)} fused{timing}  {decision.reason}")
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
         return 0

@@ -248,6 +248,24 @@ def test_cache_show_clear_export_import(capsys, tmp_path):
     assert len(TuningCache(other)) == 1
 
 
+@pytest.mark.parametrize("written, malformed, field", [
+    ('"cost_ms": 1.0', '"cost_ms": "x"', "cost_ms"),
+    ('"plan": {', '"plan": ["a"], "was": {', "plan"),
+    ('"measurements": 3', '"measurements": 1e999', "measurements"),
+])
+def test_cache_show_lists_a_malformed_record_as_unusable(capsys, tmp_path, written, malformed, field):
+    cache = TuningCache(tmp_path / "cache")
+    cache.put("a" * 64, _record())
+    path = cache.path_for("a" * 64)
+    path.write_text(path.read_text().replace(written, malformed, 1))
+    cache.put("b" * 64, _record())
+    assert cli.main(["cache", "show"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    bad = [line for line in out if "aaaaaaaaaaaaaaaa" in line]
+    assert len(bad) == 1 and "unusable" in bad[0] and field in bad[0]
+    assert any("bbbbbbbbbbbbbbbb" in line and "1/1 fused" in line for line in out)
+
+
 def test_cache_import_of_a_bad_file(capsys, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
