@@ -383,15 +383,55 @@ def _format_row(r: Dict[str, Any]) -> str:
                if "eager_peak_mb" in r else ""))
 
 
+# What printing and plotting an earlier run read from its --json file.
+_BENCH_FIELDS = {"env": ("card", "torch"), "config": ("dtype", "backward", "timer", "batch", "heads", "head_dim")}
+_ROW_NUMBERS = ("seq", "eager_ms", "inductor_ms", "truthfuse_ms", "speedup_vs_inductor", "speedup_vs_eager",
+                "fused_sites")
+_ROW_PEAKS = ("eager_peak_mb", "inductor_peak_mb", "truthfuse_peak_mb")
+
+
 def _load_bench_json(path: str) -> Dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
-        for key in ("env", "config", "results"):
-            data[key]  # noqa: B018 -- the file must have come from `truthfuse bench --json`
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise CLIError(f"--from-json {path}: not a file written by `truthfuse bench --json` ({exc})") from None
+    problems = _bench_json_problems(data)
+    if problems:
+        shown = ", ".join(problems[:6]) + (f" and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise CLIError(f"--from-json {path}: not a file written by `truthfuse bench --json`: {shown}")
     return data
+
+
+def _bench_json_problems(data: Any) -> List[str]:
+    """What is missing or mistyped in a --from-json file, as "missing env.card" and the like."""
+    if not isinstance(data, dict):
+        return [f"the top level is a {type(data).__name__}, not an object"]
+    problems = []
+    for section, fields in _BENCH_FIELDS.items():
+        value = data.get(section)
+        if not isinstance(value, dict):
+            problems.append(f"missing {section}" if value is None else f"{section} is not an object")
+            continue
+        problems += [f"missing {section}.{name}" for name in fields if name not in value]
+    rows = data.get("results")
+    if not isinstance(rows, list):
+        return problems + ["missing results" if rows is None else "results is not a list"]
+
+    def is_number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            problems.append(f"results[{i}] is not an object")
+            continue
+        if not isinstance(row.get("name"), str):
+            problems.append(f"{'missing' if 'name' not in row else 'non-text'} results[{i}].name")
+        numbers = _ROW_NUMBERS + (_ROW_PEAKS if any(k in row for k in _ROW_PEAKS) else ())
+        for name in numbers:
+            if not is_number(row.get(name)):
+                problems.append(f"{'missing' if name not in row else 'non-numeric'} results[{i}].{name}")
+    return problems
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

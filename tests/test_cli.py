@@ -186,6 +186,24 @@ def test_bench_from_json_rejects_other_files(capsys, tmp_path):
     _one_line_error(capsys, cli.main(["bench", "--from-json", str(path)]), "not a file written by")
 
 
+@pytest.mark.parametrize("data, named", [
+    ({"env": {}, "config": {"dtype": "fp32", "backward": False}, "results": []}, "missing env.card"),
+    ({"env": {"card": "x", "torch": "2"},
+      "config": {"dtype": "fp32", "backward": False, "timer": "t", "batch": 1, "heads": 2, "head_dim": 32},
+      "results": [{"name": "a"}]}, "missing results[0].seq"),
+    ({"env": {"card": "x", "torch": "2"},
+      "config": {"dtype": "fp32", "backward": False, "timer": "t", "batch": 1, "heads": 2, "head_dim": 32},
+      "results": [{"name": "a", "seq": 8, "eager_ms": "1", "inductor_ms": 1, "truthfuse_ms": 1,
+                   "speedup_vs_inductor": 1, "speedup_vs_eager": 1, "fused_sites": 1}]},
+     "non-numeric results[0].eager_ms"),
+    ({"env": [], "config": {}, "results": {}}, "env is not an object"),
+])
+def test_bench_from_json_names_what_is_missing_in_one_line(capsys, tmp_path, data, named):
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps(data))
+    _one_line_error(capsys, _run(["bench", "--from-json", str(path)]), "not a file written by", named)
+
+
 def test_bench_plot_calls(monkeypatch, tmp_path):
     """_plot against a stand-in matplotlib: one line per metric on each panel, saved to the path."""
     from unittest import mock
