@@ -1,6 +1,8 @@
 """explain(): compile once, run once, and report which sites were found, fused or kept, and why."""
 from __future__ import annotations
 
+import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -114,11 +116,36 @@ def explain(model_or_fn: Any, *example_args: Any, options: Optional[Dict[str, An
     location, plus the tuner's summary (`report.tuning.cache_hit`, `.measurements`)."""
     parsed = parse_options(options)
     backend = TruthfuseBackend(parsed)
-    compiled = torch.compile(model_or_fn, backend=backend)
-    compiled(*example_args, **example_kwargs)
+    compiled = torch.compile(model_or_fn, backend=backend, **_ISOLATED)
+    try:
+        with _fail_on_recompile_limit():
+            compiled(*example_args, **example_kwargs)
+    except _RECOMPILE_LIMIT_HIT as exc:
+        raise RuntimeError(
+            "truthfuse explain: Dynamo reached a recompile limit for this code (torch._dynamo.config."
+            "recompile_limit / accumulated_recompile_limit), so it would run uncompiled and there would be "
+            "nothing to report. Each explain() compiles anew; call torch._dynamo.reset() before explaining "
+            "again, or raise the limit") from exc
     report = Report.from_records(backend.records)
     _mention_disabled_rules(report, parsed.disable)
     return report
+
+
+# Every explain() compiles with a backend of its own, so each call is a recompile of the same code
+# for Dynamo. Its own region (torch >= 2.13) keeps those entries from counting against the user's
+# compiled code, and the user's from counting against the next explain; the 9th explain of a
+# function reported 0 graphs. torch._dynamo.reset() would do it too, but wipes everything the user
+# compiled.
+_ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
+_RECOMPILE_LIMIT_HIT = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ())
+
+
+def _fail_on_recompile_limit():
+    """Make Dynamo raise on a recompile limit (without isolation, or past the limit all regions
+    share) instead of running the code uncompiled, which would read as "no site found"."""
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+    return contextlib.nullcontext()
 
 
 def _mention_disabled_rules(report: Report, disabled: Tuple[str, ...]) -> None:

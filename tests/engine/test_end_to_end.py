@@ -82,6 +82,35 @@ def test_explain_says_a_kept_site_lost_its_rule_to_disable():
     assert "disabled by options: attention.dot" in str(report).splitlines()[-1]
 
 
+def _sin_twice(x):
+    return torch.sin(x) * 2
+
+
+def test_explaining_one_function_many_times_leaves_the_users_recompile_budget_alone():
+    """Each explain() compiles with a backend of its own: a recompile of the same code. The 9th
+    used to find Dynamo's recompile limit reached and report 0 graphs, and a later compile of the
+    user's own met the same limit and ran uncompiled."""
+    x = torch.randn(4)
+    for _ in range(torch._dynamo.config.recompile_limit + 2):
+        assert fusion_backend.explain(_sin_twice, x, options=AGGRESSIVE_EAGER).graphs == 1
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    torch.compile(_sin_twice, backend=counting_backend)(x)
+    assert len(compiles) == 1
+
+
+def test_explain_says_when_dynamo_reached_its_recompile_limit():
+    x = torch.randn(4)
+    torch.compile(_sin_twice, backend="eager")(x)
+    with torch._dynamo.config.patch(recompile_limit=1, accumulated_recompile_limit=1):
+        with pytest.raises(RuntimeError, match="recompile limit"):
+            fusion_backend.explain(_sin_twice, x, options=AGGRESSIVE_EAGER)
+
+
 def test_graph_breaks_compile_each_graph():
     attn1, attn2 = CausalSelfAttention(), CausalSelfAttention()
 
