@@ -66,6 +66,8 @@ class GraphRecord:
     compile_seconds: float = 0.0
     timed_as_graphs: bool = False  # sites timed as CUDA-graph replays (a CUDA-graph mode)
     site_notes: Dict[str, str] = field(default_factory=dict)  # site id -> the tuner's note on it
+    # site id -> why the strategy leaves the site no fused option: its reason, instead of the tuner's
+    excluded: Dict[str, str] = field(default_factory=dict)
 
 
 class TruthfuseBackend:
@@ -169,6 +171,8 @@ class TruthfuseBackend:
 
         plan = self._decide(gm, canon, example_inputs, candidates, record, built)
         fused_ids = set(s for s, choice in plan.items() if choice != "keep")
+        for site_id, why in record.excluded.items():
+            decisions[site_id].reason = why
         if not fused_ids:
             for site in candidates:
                 d = decisions[site.id]
@@ -210,6 +214,8 @@ class TruthfuseBackend:
                 for s in candidates],
             conflicts=conflicts)
         opts = self.options
+        if opts.strategy == "conservative":
+            record.excluded = {s.id: _inexact_reason(s) for s in candidates if not s.rule.exact_for(s.match)}
         # A training graph's sites are timed forward and backward, an inference graph's forward
         # only: the two may choose differently, so the key tells them apart.
         train = torch.is_grad_enabled() and any(
@@ -289,6 +295,17 @@ def _with_note(reason: str, note: Optional[str]) -> str:
 # How a kept site's reason starts when another rule's fused site covers its nodes (explain() shows
 # such sites as "covered": the place is fused, by the other rule)
 OVERLAPS_FUSED_SITE = "overlaps fused site"
+
+
+def _inexact_reason(site: Site) -> str:
+    """Why "conservative" keeps a site whose rule calls its rewrite inexact. Dropout is the built-in
+    rules' one cause; a rule of the user's may have its own, which only the rule knows."""
+    match = site.match
+    dropout = match.covers(lambda n: "dropout" in str(getattr(n.target, "__name__", n.target))) or any(
+        "dropout" in name and match.present(name) for name in match.bindings)
+    if dropout:
+        return "conservative: not exact, since the fused kernel draws its own dropout random stream, not torch's"
+    return f"conservative: rule {site.rule.name} declares this site's rewrite inexact"
 
 
 def _keep_reason(site: Site, candidates: List[Site], fused_ids: set, record: GraphRecord) -> str:

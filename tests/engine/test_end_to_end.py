@@ -82,6 +82,22 @@ def test_explain_says_a_kept_site_lost_its_rule_to_disable():
     assert "disabled by options: attention.dot" in str(report).splitlines()[-1]
 
 
+def test_conservative_says_a_dropout_site_is_kept_because_it_is_inexact():
+    """Only keeping is left to such a site, but not because there was nothing to tune: the
+    reason must say that conservative refuses its rewrite."""
+    import torch.nn.functional as F
+
+    def attention_with_dropout(q, k, v):
+        return F.dropout((q @ k.transpose(-2, -1) * 0.25).softmax(-1), 0.1, training=True) @ v
+
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    report = fusion_backend.explain(attention_with_dropout, q, k, v,
+                                    options={"strategy": "conservative", "inner": "eager", "cache": False})
+    (site,) = report.sites
+    assert site.decision == "kept"
+    assert site.reason.startswith("conservative: not exact") and "dropout" in site.reason
+
+
 def _sin_twice(x):
     return torch.sin(x) * 2
 
