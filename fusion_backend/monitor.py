@@ -64,8 +64,6 @@ class _SiteStats:
     device: str = "cpu"
     # CUDA event pairs recorded but not yet read (reading waits for them).
     pending: List[Tuple[Any, Any]] = field(default_factory=list)
-    # Set by begin, read by end: wall-clock start, or (start event, base bytes).
-    open_start: Any = None
 
     def add_time(self, ms: float) -> None:
         self.time_ms += ms
@@ -92,6 +90,10 @@ class _SiteStats:
 
 
 _lock = threading.Lock()
+# Calls that began and have not ended, per thread: site index -> a stack of starts (a wall-clock
+# time, or (start event, base bytes)). One start per site, shared by all threads, lost the calls
+# whose begin another thread's begin overwrote before their end.
+_open_calls = threading.local()
 _stats: List[_SiteStats] = []          # indexed by the integer the markers carry
 _by_key: Dict[Tuple[str, str, str], int] = {}
 # CUDA event pairs are kept until metrics() reads them; past this many per site the oldest are
@@ -111,16 +113,22 @@ _TAGS = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is
 @torch.library.custom_op("truthfuse_monitor::begin", mutates_args=("token",), tags=_TAGS)
 def _begin(token: Tensor, site: int, inputs: List[Tensor]) -> None:
     """Start timing site number `site` (an index into this module's table)."""
-    stats = _stats[site]
     if token.is_cuda:
         device = token.device
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         start = torch.cuda.Event(enable_timing=True)
         start.record()
-        stats.open_start = (start, base)
+        _starts(site).append((start, base))
     else:
-        stats.open_start = time.perf_counter()
+        _starts(site).append(time.perf_counter())
+
+
+def _starts(site: int) -> List[Any]:
+    """This thread's open calls of `site`, innermost last."""
+    if not hasattr(_open_calls, "starts"):
+        _open_calls.starts = {}
+    return _open_calls.starts.setdefault(site, [])
 
 
 @_begin.register_fake
@@ -132,10 +140,10 @@ def _(token, site, inputs):
 def _end(token: Tensor, site: int, outputs: List[Tensor]) -> None:
     """Stop timing site number `site` and add the call to its totals."""
     stats = _stats[site]
-    opened = stats.open_start
-    stats.open_start = None
-    if opened is None:  # an end without its begin: nothing sensible to record
+    starts = _starts(site)
+    if not starts:  # an end without its begin: nothing sensible to record
         return
+    opened = starts.pop()
     with _lock:
         stats.calls += 1
         if token.is_cuda:

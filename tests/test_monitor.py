@@ -103,6 +103,38 @@ def test_monitor_counts_calls_and_time_under_eager(inner_graphs):
     assert _site_metrics()[site]["calls"] == 1
 
 
+def test_calls_overlapping_on_two_threads_are_each_counted():
+    """Thread A's call begins, thread B's call runs whole, then A's ends: two calls. With one open
+    start per site, B's begin overwrote A's and A's end found none."""
+    import threading
+    from types import SimpleNamespace
+
+    from fusion_backend import monitor
+
+    site = SimpleNamespace(rule=SimpleNamespace(name="test.threads"), location="test_monitor.py:1",
+                           kind="attention", variant="dot")
+    index = monitor._register("g0.test.threads@x", site)
+    fusion_backend.reset_metrics()
+    token, ops = torch.zeros(1), torch.ops.truthfuse_monitor
+    a_began, b_done = threading.Event(), threading.Event()
+
+    def call_a():
+        ops.begin(token, index, [])
+        a_began.set()
+        b_done.wait(timeout=60)
+        ops.end(token, index, [])
+
+    thread_a = threading.Thread(target=call_a)
+    thread_a.start()
+    assert a_began.wait(timeout=60)
+    thread_b = threading.Thread(target=lambda: (ops.begin(token, index, []), ops.end(token, index, [])))
+    thread_b.start()
+    thread_b.join(timeout=60)
+    b_done.set()
+    thread_a.join(timeout=60)
+    assert fusion_backend.metrics()["g0.test.threads@x"]["calls"] == 2
+
+
 def test_monitored_training_matches_unmonitored():
     torch.manual_seed(0)
     reference = TinyAttention()
