@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import re
@@ -38,6 +39,7 @@ FORMAT_VERSION = 1
 STATE_FORMAT = "truthfuse-tuning-state"
 ENV_CACHE_DIR = "TRUTHFUSE_CACHE_DIR"
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}$")
+_log = logging.getLogger("truthfuse")
 
 
 class TuningCacheWarning(UserWarning):
@@ -175,6 +177,16 @@ class TuningCache:
 
     def __init__(self, directory: str | os.PathLike | None = None):
         self.directory = Path(directory).expanduser() if directory is not None else default_cache_dir()
+        # An unusable directory fails every read and write; the backend uses one cache per graph,
+        # so a compile warns about it once, not once per read and once per write.
+        self._io_problem_reported = False
+
+    def _io_problem(self, message: str) -> None:
+        if self._io_problem_reported:
+            _log.debug("truthfuse: %s", message)
+            return
+        self._io_problem_reported = True
+        _warn(message, stacklevel=4)
 
     def path_for(self, key: str) -> Path:
         """The file that holds `key`."""
@@ -184,15 +196,18 @@ class TuningCache:
         """The record stored under `key`, or None on a miss.
 
         A file that exists but cannot be used (corrupt, foreign format or truthfuse version,
-        mismatched key) warns once with TuningCacheWarning and counts as a miss.
+        mismatched key) warns once with TuningCacheWarning and counts as a miss. So does a file
+        that cannot be read, but this cache warns about reads and writes failing only once.
         """
         path = self.path_for(key)
         try:
             text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
+            # A path component that is a file leaves no entry there to read: a plain miss. The
+            # write that follows says the directory is unusable.
             return None
         except OSError as error:
-            _warn(f"cannot read tuning cache file {path}: {error}; retuning")
+            self._io_problem(f"cannot read tuning cache file {path}: {error}; retuning")
             return None
         record, problem = _parse_envelope(text, key)
         if problem:
@@ -210,7 +225,8 @@ class TuningCache:
         """Store `record` (a JSON-serializable dict, finite floats only) under `key` atomically.
 
         Returns True when written. A cache directory that cannot be written (read-only home,
-        full disk) warns and returns False: the decision is still used, just not remembered.
+        full disk) warns and returns False: the decision is still used, just not remembered. No
+        second warning comes if a read of this cache already failed.
         A record that is not JSON-serializable is a programming error and raises TypeError or
         ValueError.
         """
@@ -227,7 +243,7 @@ class TuningCache:
         try:
             _write_json_atomically(path, envelope)
         except OSError as error:
-            _warn(f"cannot write tuning cache file {path}: {error}; the decision is not saved")
+            self._io_problem(f"cannot write tuning cache file {path}: {error}; the decision is not saved")
             return False
         return True
 
@@ -303,8 +319,8 @@ def _written_by_truthfuse(path: Path) -> bool:
             and envelope.get("key") == path.stem)
 
 
-def _warn(message: str) -> None:
-    warnings.warn(f"truthfuse: {message}", TuningCacheWarning, stacklevel=3)
+def _warn(message: str, stacklevel: int = 3) -> None:
+    warnings.warn(f"truthfuse: {message}", TuningCacheWarning, stacklevel=stacklevel)
 
 
 def _parse_envelope(text: str, key: str) -> tuple[dict | None, str | None]:

@@ -145,14 +145,30 @@ def test_invalid_keys_and_records_are_errors(cache):
     assert cache.get("k") is None
 
 
-def test_unwritable_directory_warns_instead_of_failing(tmp_path):
+def test_unwritable_directory_warns_once_instead_of_failing(tmp_path):
+    """A compile reads, misses, tunes and writes through one cache: one warning, not two."""
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     cache = TuningCache(blocker / "cache")
-    with pytest.warns(TuningCacheWarning, match="cannot write"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TuningCacheWarning)
+        assert cache.get("k") is None  # no file can be under a file: a miss
+    with pytest.warns(TuningCacheWarning, match="cannot write") as caught:
         assert cache.put("k", RECORD) is False
-    with pytest.warns(TuningCacheWarning, match="cannot read"):
+        assert cache.get("k") is None and cache.put("k", RECORD) is False
+    assert len(caught) == 1
+
+
+def test_unreadable_directory_warns_once_for_the_read_and_the_write(cache, monkeypatch):
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    monkeypatch.setattr(cache_module, "_write_json_atomically", refused)
+    with pytest.warns(TuningCacheWarning, match="cannot read") as caught:
         assert cache.get("k") is None
+        assert cache.put("k", RECORD) is False
+    assert len(caught) == 1
 
 
 # -- several processes at once -------------------------------------------------------------------
