@@ -78,11 +78,12 @@ _PRECISION = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float
 
 
 def _lossless_upcast_source(node) -> Optional[Node]:
-    """For a canonical cast that only widens a floating dtype (bf16 -> fp32, ...), its input."""
+    """For a canonical cast that only widens a floating dtype up to fp32 (bf16 -> fp32), its input:
+    the kernels compute in fp32, so a cast to float64 asks for more than they give."""
     if not is_cast(node):
         return None
     src, dst = example_value(node.args[0]), node.args[1]
-    if isinstance(src, torch.Tensor) and _PRECISION.get(src.dtype, 99) < _PRECISION.get(dst, 0):
+    if isinstance(src, torch.Tensor) and _PRECISION.get(src.dtype, 99) < _PRECISION.get(dst, 0) <= 2:
         return node.args[0]
     return None
 
@@ -100,12 +101,13 @@ def _alignment_to_match(rule: Rule, al, anchor: Node) -> Match:
     return Match(rule, bindings, anchor, covered)
 
 
-def _narrowing_cast(al, anchor: Node) -> Optional[str]:
+def _cast_changing_precision(al, anchor: Node) -> Optional[str]:
     """A reason where the matcher looked through a cast that narrows to a dtype narrower than the
     site's result (an fp32 model's `.half()` or bf16 round trip of its scores or hidden values):
     the fused op never rounds there, so it would not lose the precision, or overflow to inf, where
     eager does. A cast narrowing to the result's dtype is the op's own rounding (half-precision
-    models' `softmax(s, dtype=torch.float32).to(q.dtype)`)."""
+    models' `softmax(s, dtype=torch.float32).to(q.dtype)`). Likewise a cast to float64 in a site
+    whose result is not float64: the kernels compute in fp32, less precisely than eager there."""
     out = example_value(anchor)
     if not isinstance(out, torch.Tensor) or not out.is_floating_point():
         return None
@@ -115,10 +117,13 @@ def _narrowing_cast(al, anchor: Node) -> Optional[str]:
         src, dst = example_value(node.args[0]), node.args[1]
         if not isinstance(src, torch.Tensor) or not isinstance(dst, torch.dtype):
             continue
+        name = lambda dtype: str(dtype).replace("torch.", "")  # noqa: E731
         if torch.promote_types(src.dtype, dst) != dst and torch.promote_types(dst, out.dtype) != dst:
-            name = lambda dtype: str(dtype).replace("torch.", "")  # noqa: E731
             return (f"a cast from {name(src.dtype)} to {name(dst)} inside a site whose result is {name(out.dtype)}: "
                     "the fused op would not round (or overflow) there as eager does")
+        if dst == torch.float64 and out.dtype != torch.float64:
+            return (f"a cast from {name(src.dtype)} to float64 inside a site whose result is {name(out.dtype)}: "
+                    "the fused kernels compute in fp32, less precisely than eager there")
     return None
 
 
@@ -220,7 +225,7 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
                 if reason is None:
                     reason = _computed_without_grad(al)
                 if reason is None:
-                    reason = _narrowing_cast(al, anchor)
+                    reason = _cast_changing_precision(al, anchor)
                 if reason is None and anchor in in_transform:
                     reason = "inside a torch.func transform (vmap, grad, jvp), whose wrapped tensors the op cannot take"
                 if reason is None:

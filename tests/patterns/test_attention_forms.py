@@ -265,6 +265,21 @@ def test_narrowing_cast_inside_the_site_is_a_near_miss():
     assert_near_miss(_ScoresRoundedToHalf(), *qkv(), reason="a cast from float32 to float16")
 
 
+@pytest.mark.parametrize("where", ["scores", "softmax"])
+def test_float64_inside_an_fp32_site_is_a_near_miss(where):
+    # the kernels compute in fp32: a site eager computes partly in float64 stays eager's
+    class Float64(nn.Module):
+        def forward(self, q, k, v):
+            if where == "scores":
+                s = q.double() @ k.double().transpose(-2, -1)
+            else:
+                s = (q @ k.transpose(-2, -1)).double()
+            return torch.softmax(s, -1).float() @ v
+
+    sites = explain_sites(Float64(), *qkv())
+    assert sites and all(s.decision == "kept" for s in sites), [(s.rule, s.reason) for s in sites]
+
+
 def test_cast_back_to_the_models_dtype_still_fuses():
     # bf16 models: softmax(scores, dtype=float32).to(q.dtype) narrows to the result's own dtype
     class Upcast(nn.Module):
