@@ -275,7 +275,27 @@ def check_masks(m: Match) -> Optional[str]:
         if b.dtype == torch.float16 and not _added_in_fp16(m, name):
             return ("an fp16 mask is added to scores of another dtype: the fused op would absorb its "
                     "-65504 entries as fp16 addition does, which this addition does not")
+        if name == "bias0" and b.dtype == torch.float16 and not _still_masks_after_scales(m):
+            return ("an fp16 mask added before a scale that is not a number of at least "
+                    f"{_LEAST_SCALE_AFTER_FP16_MASK:g}: scaled, its -65504 may no longer hide a key")
     return _check_whole_rows_filled(m)
+
+
+# An fp16 mask added before the scales hides a key in eager when -65504 * scale stays far below
+# the row's scores (|score| < 16 for the addition to absorb them): at 1e3 and more it does, as
+# the -1e30 the op adds does; at 1e-5 (-0.66) it hides nothing.
+_LEAST_SCALE_AFTER_FP16_MASK = 1e3 / 65504
+
+
+def _still_masks_after_scales(m: Match) -> bool:
+    factor = 1.0
+    for name in ("scale", "scale2"):
+        if m.present(name):
+            value = m.values[name]
+            if not _is_number(value):
+                return False
+            factor *= value
+    return abs(factor) >= _LEAST_SCALE_AFTER_FP16_MASK
 
 
 def _added_in_fp16(m: Match, name: str) -> bool:
@@ -541,7 +561,9 @@ def absorbing_fp16_mask(mask):
     in fp32), while in fp32 it would not be; as -1e30 it is absorbed there too. (SDPA's kernels add
     an fp16 mask in fp32, as the op does, so the SDPA rules pass masks unchanged.)"""
     if mask is not None and mask.dtype == torch.float16:
-        return torch.where(mask == torch.finfo(torch.float16).min, _HUGE_NEGATIVE, mask.float())
+        # added, not substituted: the mask's gradient still reaches every entry, as in eager,
+        # where a row hidden whole is uniform and passes gradients to all of its entries
+        return mask.float() + torch.where(mask == torch.finfo(torch.float16).min, _HUGE_NEGATIVE, 0.0)
     return mask
 
 

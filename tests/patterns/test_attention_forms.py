@@ -289,6 +289,35 @@ def test_cast_back_to_the_models_dtype_still_fuses():
     assert_fused(Upcast(), *(t.bfloat16() for t in qkv()), variant="dot")
 
 
+def test_fp16_mask_before_a_tiny_scale_is_a_near_miss():
+    # (scores + mask) * 1e-5: -65504 * 1e-5 = -0.66 hides nothing in eager; the op's -1e30 would
+    class TinyScale(nn.Module):
+        def forward(self, q, k, v, mask):
+            return torch.softmax((q @ k.transpose(-2, -1) + mask) * 1e-5, -1) @ v
+
+    q, k, v = (t.half() for t in qkv())
+    assert_near_miss(TinyScale(), q, k, v, _fp16_min_rows(), reason="an fp16 mask added before a scale")
+
+
+def test_fp16_bias_gradient_through_a_row_hidden_whole():
+    # a learned fp16 bias plus finfo(fp16).min padding: eager's hidden row is uniform and passes
+    # gradients to all of its bias entries, so the fused site must too
+    class Biased(nn.Module):
+        def forward(self, q, k, v, bias):
+            return torch.softmax(q @ k.transpose(-2, -1) * 0.125 + bias, -1) @ v
+
+    q, k, v = (t.half() for t in qkv())
+    bias = (torch.randn(2, 1, 8, 8) + _fp16_min_rows().float()).half().requires_grad_()
+    assert_fused(Biased(), q, k, v, bias, variant="dot")
+    compiled = torch.compile(Biased(), backend="truthfuse", options=OPTIONS)
+    weight = torch.randn_like(Biased()(q, k, v, bias))
+    got = torch.autograd.grad((compiled(q, k, v, bias) * weight).float().sum(), bias)[0]
+    want = torch.autograd.grad((Biased()(q, k, v, bias) * weight).float().sum(), bias)[0]
+    assert want[:, :, 2].abs().max() > 0.1  # the hidden row's entries do get a gradient in eager
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+    torch._dynamo.reset()
+
+
 def test_dot_padding_mask_gradient_through_fully_masked_rows():
     # every logit of rows 0-2 of batch 0 sits near the same huge negative: eager's softmax is
     # uniform there and the rows get gradients; the backward must recompute those probabilities
