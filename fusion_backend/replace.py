@@ -61,6 +61,11 @@ def trace_replacement(site: Site, config: Optional[str]) -> fx.GraphModule:
                                    "share one example value")
     mode = _fake_mode(fakes) or _fake_mode([match.output])
     kwargs_extra = {"config": config} if rule.accepts_config() else {}
+    if rule.replacement_args is not None:
+        try:
+            kwargs_extra.update(rule.replacement_args(match))
+        except Exception as exc:  # noqa: BLE001 -- a rule's helper failing keeps the site
+            raise ReplacementError(f"replacement_args of {rule.name} failed: {type(exc).__name__}: {exc}") from exc
     params = inspect.signature(rule.replacement).parameters
     takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
 

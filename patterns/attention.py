@@ -272,10 +272,7 @@ def check_masks(m: Match) -> Optional[str]:
             return "the added mask/bias is not a floating tensor"
         if not _broadcastable_to_scores(b, m):
             return f"bias of shape {tuple(b.shape)} does not broadcast to the scores"
-        if b.dtype == torch.float16 and not _added_in_fp16(m, name):
-            return ("an fp16 mask is added to scores of another dtype: the fused op would absorb its "
-                    "-65504 entries as fp16 addition does, which this addition does not")
-        if name == "bias0" and b.dtype == torch.float16 and not _still_masks_after_scales(m):
+        if name == "bias0" and b.dtype == torch.float16 and _added_in_fp16(m, name) and not _still_masks_after_scales(m):
             return ("an fp16 mask added before a scale that is not a number of at least "
                     f"{_LEAST_SCALE_AFTER_FP16_MASK:g}: scaled, its -65504 may no longer hide a key")
     return _check_whole_rows_filled(m)
@@ -570,12 +567,12 @@ def absorbing_fp16_mask(mask):
 def _mask_for_op(q, mask_a, fill_a, terms, mask_b, fill_b):
     """One attn_mask for the op: bool (keep) when only -inf fills are present, float additive
     otherwise (finite fills, all at or below -1e9, as -1e30: see _MASKING_FILL). `terms` are the
-    additive terms present, summed first (one rounding fewer than eager's adds into the scores; a
+    additive terms present (fp16 ones already as the op should add them: `absorbing_fp16_mask`),
+    summed first (one rounding fewer than eager's adds into the scores; a
     padding mask's 0 and finfo.min come out exact)."""
     fills = [(m, f) for m, f in ((mask_a, fill_a), (mask_b, fill_b)) if m is not None]
     mask = None
     for term in terms:
-        term = absorbing_fp16_mask(term)
         mask = term if mask is None else mask + term
     if mask is None and fills and all(f == -math.inf for _, f in fills):
         keep = ~fills[0][0]
@@ -611,14 +608,15 @@ def _make_replacement(metric: str, gqa: bool = False, causal_bias: bool = False)
     becomes causal=True and is not read. A site with a soft cap (`cap`) passes it as softcap, one
     with sinks (`sinks`) passes them."""
     def replacement(q, k, v, bias0=None, scale=None, scale2=None, mask_a=None, fill_a=None, bias2=None, bias=None,
-                    mask_b=None, fill_b=None, p=None, config=None, cap=None, sinks=None, **_):
+                    mask_b=None, fill_b=None, p=None, config=None, cap=None, sinks=None, promoted_terms=(), **_):
         final_fill = _final_fill(mask_a is not None, fill_a, mask_b is not None, fill_b, bias2 is not None,
                                  bias is not None)
         whole_rows = None if final_fill is None else (mask_a if final_fill == "mask_a" else mask_b)
         if causal_bias:
             bias = None
         if bias0 is not None:  # (scores + bias0) * scales: the op adds bias0 * scales, in fp32 like the scores
-            bias0 = absorbing_fp16_mask(bias0)  # absorbed by the fp16 addition, before the scales
+            if "bias0" not in promoted_terms:
+                bias0 = absorbing_fp16_mask(bias0)  # absorbed by the fp16 addition, before the scales
             for factor in (scale, scale2):
                 if factor is not None:
                     bias0 = bias0.float() * factor
@@ -630,7 +628,9 @@ def _make_replacement(metric: str, gqa: bool = False, causal_bias: bool = False)
             s, softcap = _softcap_args(scale, scale2, cap)
         else:
             s = _combined_scale(scale, scale2, 1.0, negate=metric in ("l2", "l1"))
-        mask = _mask_for_op(q, mask_a, fill_a, [t for t in (bias0, bias2, bias) if t is not None], mask_b, fill_b)
+        terms = [(t if name in promoted_terms else absorbing_fp16_mask(t))
+                 for name, t in (("bias0", bias0), ("bias2", bias2), ("bias", bias)) if t is not None]
+        mask = _mask_for_op(q, mask_a, fill_a, terms, mask_b, fill_b)
         if mask is not None and three_d and mask.dim() == 3:
             mask = mask.unsqueeze(0)
         grouped = gqa or kv_heads_broadcast(q, k, v)
@@ -684,8 +684,18 @@ def exact_unless_dropout(name):
     return exact
 
 
+def promoted_fp16_terms(m: Match) -> dict:
+    """The replacement's `promoted_terms`: fp16 additive terms that the site adds to scores of
+    another dtype (an fp16 model upcasting its scores: GPT-J, GPT-Neo, Falcon with ALiBi). Promoted,
+    their -65504 swallows nothing, so the op adds them as they are instead of absorbing them."""
+    return {"promoted_terms": tuple(name for name in ("bias0", "bias2", "bias")
+                                    if m.present(name) and isinstance(m.values[name], torch.Tensor)
+                                    and m.values[name].dtype == torch.float16 and not _added_in_fp16(m, name))}
+
+
 def _rule(name, metric, pattern, extra=(), priority=100, gqa=False, causal_bias=False, offer_sdpa=True):
     return Rule(name=name, kind="attention", pattern=pattern, replacement=_make_replacement(metric, gqa, causal_bias),
+                replacement_args=promoted_fp16_terms,
                 constraints=COMMON_CONSTRAINTS[:-1] + tuple(extra) + COMMON_CONSTRAINTS[-1:],
                 priority=priority, variant=metric, exact=exact_unless_dropout("p"),
                 configs=configs_for(metric, causal_bias, offer_sdpa),

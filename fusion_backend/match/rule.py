@@ -74,6 +74,9 @@ class Rule:
     configs: a function of the Match returning the launch configs the tuner may try for the site
         (a list of strings, None standing for the op's default). The first is the site's
         default: the only one used unless configs are searched (options configs="search").
+    replacement_args: a function of the Match returning extra keyword arguments for the
+        replacement: facts of the matched graph that the wildcards' values do not show (the dtype
+        an addition inside the site computes in, say). Python values only, fixed per site.
     look_through_upcasts: wildcards that may bind to the input of a lossless floating upcast
         (`q.float()` on a bf16 q binds q itself) when the replacement computes in at least the
         wider precision anyway; saves the copy and lets half-precision kernels run.
@@ -89,6 +92,7 @@ class Rule:
     exact: Union[bool, Callable[[Match], bool]] = True
     configs: Optional[Callable[[Match], List[Optional[str]]]] = None
     look_through_upcasts: Sequence[str] = ()
+    replacement_args: Optional[Callable[[Match], Dict[str, Any]]] = None
     _traced: Optional[PatternGraph] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):

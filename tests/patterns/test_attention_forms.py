@@ -235,12 +235,16 @@ def _fp16_min_rows():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fp16_mask_added_to_fp32_scores_is_a_near_miss(dtype):
+def test_fp16_mask_added_to_fp32_scores(dtype):
     # promoted to fp32, -65504 swallows no score: eager's row 2 is softmax(scores), not uniform,
-    # so the op must not absorb it as it does an fp16 addition
+    # so the op adds the mask as it is instead of absorbing it (GPT-J and GPT-Neo upcast so in fp16)
     model = _MaskedScores(upcast=dtype == torch.float16)
     q, k, v = (t.to(dtype) for t in qkv())
-    assert_near_miss(model, q, k, v, _fp16_min_rows(), reason="fp16 mask is added to scores of another dtype")
+    mask = _fp16_min_rows()
+    assert_fused(model, q, k, v, mask, variant="dot")
+    out = torch.compile(model, backend="truthfuse", options=OPTIONS)(q, k, v, mask)
+    torch.testing.assert_close(out, model(q, k, v, mask), atol=2e-3, rtol=2e-3)
+    torch._dynamo.reset()
 
 
 def test_fp16_mask_added_before_the_scale():
