@@ -146,6 +146,10 @@ def inline_replacement(gm: fx.GraphModule, site: Site, traced: fx.GraphModule,
                 new = graph.get_attr(name)
             else:
                 new = graph.node_copy(node, lambda n: env[n])
+                if new.target is torch.ops.aten.view.default:
+                    # the trace chose a view from fake strides, which can differ from the real
+                    # ones (batch_norm's output): reshape is that view where it can be, else a copy
+                    new.target = torch.ops.aten.reshape.default
             new.meta = dict(node.meta)
             if stack_trace:
                 new.meta["stack_trace"] = stack_trace

@@ -445,6 +445,24 @@ def test_near_miss_hidden_rounded_to_half():
     assert any("a cast from float32 to float16" in s.reason for s in kept), str(report)
 
 
+class _AfterBatchNorm(nn.Module):
+    """A block fed by BatchNorm1d over the transposed sequence: batch_norm's fake strides differ
+    from its real output's, so a view chosen from them fails at run time."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.fc1, self.fc2 = nn.BatchNorm1d(8), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = self.bn(x.transpose(1, 2)).transpose(1, 2)
+        return self.fc2(torch.nn.functional.gelu(self.fc1(h)))
+
+
+def test_block_after_batch_norm_on_a_transposed_input():
+    model = _AfterBatchNorm().eval()
+    check_form(model, _x(), training=False, variant="gelu")
+
+
 def test_near_miss_output_added_to_itself():
     """`y + y` is not a residual add: the block is fused without it."""
     model = MLP(act="gelu")
