@@ -131,7 +131,10 @@ class TruthfuseBackend:
         return canon, sites
 
     def _rewrite(self, gm: fx.GraphModule, example_inputs: List[Any], record: GraphRecord) -> fx.GraphModule:
-        graph_id = f"g{record.index}"
+        # Named by the graph's code, not by its place among this backend's graphs: the same graph
+        # compiled after others (a train graph first in one run, not in the next) keeps its site
+        # ids, which the tuning cache keys on, and different models' sites do not share ids.
+        graph_id = f"g{_graph_signature(gm)[:8]}"
         try:
             canon, sites = self._find(gm, graph_id)
         except UnsafeRewrite as exc:
@@ -223,7 +226,7 @@ class TruthfuseBackend:
         key = None
         cache = TuningCache() if opts.cache else None
         if cache is not None:
-            key = cache_key(_graph_signature(gm), _shapes(example_inputs), _dtypes(example_inputs),
+            key = cache_key(_graph_signature(gm), _shapes(gm, example_inputs), _dtypes(example_inputs),
                             _device_name(example_inputs), opts.strategy,
                             extra={"space": space.signature(), "inner": opts.inner, "mode": opts.mode,
                                    "inductor_options": opts.inductor_options, "train": train,
@@ -365,8 +368,14 @@ def _graph_signature(gm: fx.GraphModule) -> str:
     return hashlib.sha256(gm.code.encode()).hexdigest()
 
 
-def _shapes(inputs):
-    return [list(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in inputs]
+def _shapes(gm: fx.GraphModule, inputs):
+    """The inputs' shapes as the graph takes them: a size the graph holds symbolic (dynamic=True)
+    is its symbol, not this call's value, so one decision serves every size the graph accepts."""
+    values = [n.meta.get("example_value", n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(values) != len(inputs):
+        values = list(inputs)
+    return [[d if isinstance(d, int) else str(d) for d in v.shape] if isinstance(v, torch.Tensor) else repr(t)
+            for v, t in zip(values, inputs)]
 
 
 def _dtypes(inputs):

@@ -137,3 +137,46 @@ def test_a_malformed_cached_record_warns_once_and_retunes(tmp_path, monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error", TuningCacheWarning)
         assert _compile_and_run(options).cache_hit is True
+
+
+def _scaled_attention(q, k, v):
+    return (q @ k.transpose(-2, -1) * 0.5).softmax(-1) @ v
+
+
+def test_a_graph_compiled_after_another_reads_its_cached_decision(tmp_path, monkeypatch):
+    """Site ids come from the graph's code, not from how many graphs the backend compiled before:
+    the same graph keeps its cache entry whatever was compiled first."""
+    import torch
+
+    import fusion_backend
+
+    monkeypatch.setenv("TRUTHFUSE_CACHE_DIR", str(tmp_path))
+    options = {"inner": "eager", "simulations": 4}
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    torch._dynamo.reset()
+    shared = fusion_backend.backend(**options)
+    torch.compile(_attention, backend=shared)(q, k, v)
+    torch.compile(_scaled_attention, backend=shared)(q, k, v)  # its second graph
+    torch._dynamo.reset()
+    alone = fusion_backend.backend(**options)
+    torch.compile(_scaled_attention, backend=alone)(q, k, v)  # its first
+    assert alone.records[0].cache_hit is True
+    assert [s.site_id for s in alone.records[0].sites] == [s.site_id for s in shared.records[1].sites]
+
+
+def test_a_dynamic_graph_reads_its_decision_at_other_sizes(tmp_path, monkeypatch):
+    """A graph with symbolic sizes is one decision for every size it accepts: the cache key holds
+    its symbols, not the sizes of the call that compiled it."""
+    import torch
+
+    import fusion_backend
+
+    monkeypatch.setenv("TRUTHFUSE_CACHE_DIR", str(tmp_path))
+    options = {"inner": "eager", "simulations": 4}
+    records = []
+    for n in (8, 6):
+        torch._dynamo.reset()
+        backend = fusion_backend.backend(**options)
+        torch.compile(_attention, backend=backend, dynamic=True)(*(torch.randn(1, 2, n, 16) for _ in range(3)))
+        records.append(backend.records[0])
+    assert records[0].cache_hit is False and records[1].cache_hit is True
