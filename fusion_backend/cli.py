@@ -607,12 +607,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=None, help="cache directory (default: as above)")
     actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
     actions.required = True
-    actions.add_parser("show", help="list the cached decisions")
-    actions.add_parser("clear", help="delete every cached decision")
+    action_parsers = [actions.add_parser("show", help="list the cached decisions"),
+                      actions.add_parser("clear", help="delete every cached decision")]
     a = actions.add_parser("export", help="write every decision to one JSON file")
     a.add_argument("path", metavar="PATH")
+    action_parsers.append(a)
     a = actions.add_parser("import", help="merge decisions from a file written by export")
     a.add_argument("path", metavar="PATH")
+    action_parsers.append(a)
+    for a in action_parsers:  # `cache show --dir D` as well as `cache --dir D show`
+        a.add_argument("--dir", default=argparse.SUPPRESS, help="cache directory (default: as above)")
     p.set_defaults(func=cmd_cache)
     return parser
 

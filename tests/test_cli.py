@@ -264,6 +264,11 @@ def test_cache_show_clear_export_import(capsys, tmp_path):
     assert cli.main(["cache", "--dir", str(other), "import", str(state)]) == 0
     capsys.readouterr()
     assert len(TuningCache(other)) == 1
+    # --dir after the action as well as before it
+    assert cli.main(["cache", "show", "--dir", str(other)]) == 0
+    assert str(other) in capsys.readouterr().out
+    assert cli.main(["cache", "clear", "--dir", str(other)]) == 0
+    assert "removed 1 entry" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("written, malformed, field", [
