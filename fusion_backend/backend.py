@@ -68,6 +68,7 @@ class GraphRecord:
     site_notes: Dict[str, str] = field(default_factory=dict)  # site id -> the tuner's note on it
     # site id -> why the strategy leaves the site no fused option: its reason, instead of the tuner's
     excluded: Dict[str, str] = field(default_factory=dict)
+    signature: str = ""  # the graph's code, hashed: its site ids and tuning cache key start from it
 
 
 class TruthfuseBackend:
@@ -134,7 +135,8 @@ class TruthfuseBackend:
         # Named by the graph's code, not by its place among this backend's graphs: the same graph
         # compiled after others (a train graph first in one run, not in the next) keeps its site
         # ids, which the tuning cache keys on, and different models' sites do not share ids.
-        graph_id = f"g{_graph_signature(gm)[:8]}"
+        record.signature = _graph_signature(gm)
+        graph_id = f"g{record.signature[:8]}"
         try:
             canon, sites = self._find(gm, graph_id)
         except UnsafeRewrite as exc:
@@ -226,7 +228,7 @@ class TruthfuseBackend:
         key = None
         cache = TuningCache() if opts.cache else None
         if cache is not None:
-            key = cache_key(_graph_signature(gm), _shapes(gm, example_inputs), _dtypes(example_inputs),
+            key = cache_key(record.signature, _shapes(gm, example_inputs), _dtypes(example_inputs),
                             _device_name(example_inputs), opts.strategy,
                             extra={"space": space.signature(), "inner": opts.inner, "mode": opts.mode,
                                    "inductor_options": opts.inductor_options, "train": train,

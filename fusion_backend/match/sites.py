@@ -101,6 +101,10 @@ def _alignment_to_match(rule: Rule, al, anchor: Node) -> Match:
     return Match(rule, bindings, anchor, covered)
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _cast_changing_precision(al, anchor: Node) -> Optional[str]:
     """A reason where the matcher looked through a cast that narrows to a dtype narrower than the
     site's result (an fp32 model's `.half()` or bf16 round trip of its scores or hidden values):
@@ -117,13 +121,12 @@ def _cast_changing_precision(al, anchor: Node) -> Optional[str]:
         src, dst = example_value(node.args[0]), node.args[1]
         if not isinstance(src, torch.Tensor) or not isinstance(dst, torch.dtype):
             continue
-        name = lambda dtype: str(dtype).replace("torch.", "")  # noqa: E731
         if torch.promote_types(src.dtype, dst) != dst and torch.promote_types(dst, out.dtype) != dst:
-            return (f"a cast from {name(src.dtype)} to {name(dst)} inside a site whose result is {name(out.dtype)}: "
-                    "the fused op would not round (or overflow) there as eager does")
+            return (f"a cast from {_dtype_name(src.dtype)} to {_dtype_name(dst)} inside a site whose result is "
+                    f"{_dtype_name(out.dtype)}: the fused op would not round (or overflow) there as eager does")
         if dst == torch.float64 and out.dtype != torch.float64:
-            return (f"a cast from {name(src.dtype)} to float64 inside a site whose result is {name(out.dtype)}: "
-                    "the fused kernels compute in fp32, less precisely than eager there")
+            return (f"a cast from {_dtype_name(src.dtype)} to float64 inside a site whose result is "
+                    f"{_dtype_name(out.dtype)}: the fused kernels compute in fp32, less precisely than eager there")
     return None
 
 

@@ -756,17 +756,15 @@ def _greedy_within(space: DecisionSpace, site_cost: SiteCost, time_budget_s: flo
         return None
 
 
-def _timed(cost: float | None) -> bool:
-    """Whether a measurement produced a time (a failed or NaN one is inf, see _checked_cost)."""
-    return cost is not None and math.isfinite(cost)
-
-
 def _failure_of(plan: Plan, failures: list[tuple[Plan, str]]) -> str:
     """The last error recorded for `plan`, or why its time is not one."""
     for failed, message in reversed(failures):
         if failed == plan:
             return message
     return "no finite time measured"
+
+
+_KEPT_WITHOUT_BASELINE = "every site kept, since a fused plan is used only when it beats a working baseline"
 
 
 def _finite_or_none(value: float | None) -> float | None:
@@ -823,13 +821,13 @@ def choose_plan(space: DecisionSpace, evaluate: Evaluate, strategy: str = DEFAUL
                         f"{strategy}: every site fused; fastest variants chosen (no guard)")
 
     baseline_cost = result.baseline_cost
-    if not _timed(baseline_cost):
+    if _finite_or_none(baseline_cost) is None:
         # Without a working baseline there is nothing to beat: any fused plan would "win" against
         # inf, and the failure (a bad Inductor patch, an inner-compiler error) usually breaks the
         # fused plans' kept parts too. Keeping is the plan truthfuse can vouch for.
         return decision(baseline, baseline_cost, baseline_cost, result.measurements,
                         f"the all-keep baseline could not be timed ({_failure_of(baseline, result.failures)}); "
-                        "every site kept, since a fused plan is used only when it beats a working baseline")
+                        + _KEPT_WITHOUT_BASELINE)
     if best == baseline:
         return decision(baseline, baseline_cost, baseline_cost, result.measurements,
                         "all-keep was the fastest plan measured")
@@ -849,10 +847,10 @@ def choose_plan(space: DecisionSpace, evaluate: Evaluate, strategy: str = DEFAUL
     measurements = result.measurements + 2
     best_mean = _mean([best_cost, best_again])
     baseline_mean = _mean([baseline_cost, baseline_again])
-    if not _timed(baseline_again):
+    if _finite_or_none(baseline_again) is None:
         return decision(baseline, baseline_mean, baseline_mean, measurements,
                         f"the all-keep baseline failed on re-measurement ({_failure_of(baseline, failures)}); "
-                        "every site kept, since a fused plan is used only when it beats a working baseline",
+                        + _KEPT_WITHOUT_BASELINE,
                         failures)
     if best_again < baseline_again * threshold:
         return decision(best, best_mean, baseline_mean, measurements,
