@@ -19,9 +19,9 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.fx as fx
 
-from .canonicalize import UnsafeRewrite, canonical_copy
+from .canonicalize import UnsafeRewrite, canonical_copy, tanh_gelus_with_runtime_constant
 from .match import all_rules, find_sites
-from .match.sites import Site
+from .match.sites import Site, source_location
 from .ops.feedforward import replayed_as_cuda_graphs
 from .options import Options, parse_options
 from .replace import ReplacementError, apply_plan, build_replacement, option_name
@@ -69,6 +69,7 @@ class GraphRecord:
     # site id -> why the strategy leaves the site no fused option: its reason, instead of the tuner's
     excluded: Dict[str, str] = field(default_factory=dict)
     signature: str = ""  # the graph's code, hashed: its site ids and tuning cache key start from it
+    notes: List[str] = field(default_factory=list)  # what kept a block from being found at all
 
 
 class TruthfuseBackend:
@@ -145,6 +146,14 @@ class TruthfuseBackend:
         except Exception as exc:  # noqa: BLE001 -- analysis must never break compilation
             warnings.warn(f"truthfuse: graph analysis failed, compiling unchanged: {exc}", FusionWarning)
             return gm
+        if any(rule.kind == "feedforward" for rule in self._rules()):
+            for tanh in tanh_gelus_with_runtime_constant(canon.graph):
+                note = (f"the tanh GELU at {source_location(tanh)} reads sqrt(2/pi) at run time "
+                        "(torch.compile(dynamic=True) passes Python floats such as math.pi into the graph), so "
+                        "no feed-forward rule can match its block; torch._dynamo.config.specialize_float = True "
+                        "keeps such floats constant")
+                record.notes.append(note)
+                warnings.warn(f"truthfuse: {note}", FusionWarning)
         decisions: Dict[str, SiteDecision] = {}
         built: Dict[tuple, tuple] = {}
         candidates: List[Site] = []

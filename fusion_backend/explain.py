@@ -35,6 +35,7 @@ class Report:
     graphs: int
     compile_seconds: float
     disabled: Tuple[str, ...] = ()  # the rule names and kinds options["disable"] turned off
+    notes: List[str] = field(default_factory=list)  # why a block was not found at all (GraphRecord.notes)
 
     @classmethod
     def from_records(cls, records: List[GraphRecord]) -> "Report":
@@ -51,7 +52,8 @@ class Report:
             cuda_graphs=any(r.timed_as_graphs for r in records),
         )
         return cls(sites=sites, tuning=tuning, graphs=len(records),
-                   compile_seconds=sum(r.compile_seconds for r in records))
+                   compile_seconds=sum(r.compile_seconds for r in records),
+                   notes=list(dict.fromkeys(n for r in records for n in r.notes)))
 
     @property
     def fused(self) -> List[SiteDecision]:
@@ -94,6 +96,7 @@ class Report:
             lines.append(f"  plan: {chosen}{timing}; {why}")
         if self.disabled:
             lines.append(f"disabled by options: {', '.join(self.disabled)}")
+        lines.extend(f"note: {n}" for n in self.notes)
         if not self.sites:
             lines.append("no attention or feed-forward site was found; the graph compiled as under the inner compiler")
         return "\n".join(lines)

@@ -1481,6 +1481,24 @@ def _fold_tanh_gelu(rw: _Rewriter) -> None:
                 rw.replace(node, F.gelu, (x,), {"approximate": "tanh"})
 
 
+def tanh_gelus_with_runtime_constant(graph: fx.Graph) -> list:
+    """The tanh nodes of written-out tanh GELUs whose sqrt(2/pi) is a value the graph computes at
+    run time, not a number. Under torch.compile(dynamic=True) Dynamo passes the global math.pi into
+    the graph as an input, so `_fold_tanh_gelu` cannot read the constant, and no feed-forward rule
+    sees an activation there: the caller says so instead of finding nothing."""
+    found = []
+    for node in graph.nodes:
+        arg = node.args[0] if _call_to(node, torch.tanh) and node.args else None
+        if not (_call_to(arg, torch.mul) and len(arg.args) == 2):
+            continue
+        for factor, inner in (arg.args, arg.args[::-1]):
+            if isinstance(example_value(factor), torch.SymFloat) and _call_to(inner, torch.add) and \
+                    any(_scaled(term, 0.044715) is not None for term in inner.args):
+                found.append(node)
+                break
+    return found
+
+
 WITHOUT_GRAD = "truthfuse_without_grad"
 """Node meta key: computed where the graph turned gradients off (`with torch.no_grad()`,
 `set_grad_enabled(False)`, `inference_mode()`) while other parts of it record them. Such nodes are

@@ -516,6 +516,23 @@ def test_dynamic_shapes_one_graph_for_many_sizes():
     assert len(feedforward_sites(backend, "fused")) == 1
 
 
+def test_dynamic_tanh_gelu_constant_is_explained():
+    """Under dynamic=True Dynamo passes math.pi into the graph, so gelu_new's sqrt(2/pi) is no
+    constant and its block is not found (docs/troubleshooting.md): the compile warns and explain()
+    says why and how to fix it, instead of reporting nothing. The fix it names fuses the block."""
+    model, x = MLP(act="gelu_new").eval(), _x()
+    backend = _backend()
+    with pytest.warns(fusion_backend.FusionWarning, match="specialize_float"):
+        torch.compile(model, backend=backend, dynamic=True)(x)
+    report = fusion_backend.Report.from_records(backend.records)
+    assert not feedforward_sites(report), str(report)
+    assert "sqrt(2/pi) at run time" in str(report) and "specialize_float = True" in str(report), str(report)
+    with torch._dynamo.config.patch(specialize_float=True):
+        backend = assert_matches_eager(model, x, dynamic=True)
+    assert len(feedforward_sites(backend, "fused")) == 1
+    assert not any(r.notes for r in backend.records)
+
+
 def _cuda_match(gated):
     x = types.SimpleNamespace(device=torch.device("cuda"))
     return types.SimpleNamespace(values={"x": x})
