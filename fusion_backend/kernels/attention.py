@@ -260,21 +260,27 @@ def _query_block_clean(RANGES, base, plane, offs_m, N_Q, N_K, key_lo, BLOCK_N: t
 
 
 @triton.jit
-def _query_program(H, GROUP):
+def _query_program(H, GROUP, WIDE: tl.constexpr):
     """(pid_m, bh, b, h, hk) of a program that owns one query block of one (b, h): grid
-    (cdiv(Nq, BLOCK_M), B * H); hk is the kv head that h reads."""
+    (cdiv(Nq, BLOCK_M), B * H); hk is the kv head that h reads. WIDE (`wide_offsets`): bh, b, h
+    and hk are int64, so that the slice bases built from them (b * stride_b, bh * N * D) do not
+    wrap in 32 bits; offsets within a slice stay int32 (`ops.attention` keeps slices below 2**31)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
+    if WIDE:
+        bh = bh.to(tl.int64)
     h = bh % H
     return pid_m, bh, bh // H, h, h // GROUP
 
 
 @triton.jit
-def _key_program(HKV):
+def _key_program(HKV, WIDE: tl.constexpr):
     """(pid_n, bhk, b, hk) of a program that owns one key block of one (b, kv head): grid
-    (cdiv(Nk, BLOCK_N), B * Hkv)."""
+    (cdiv(Nk, BLOCK_N), B * Hkv); int64 with WIDE, as in `_query_program`."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
+    if WIDE:
+        bhk = bhk.to(tl.int64)
     return pid_n, bhk, bhk // HKV, bhk % HKV
 
 
@@ -465,7 +471,7 @@ def _attn_fwd_kernel(
     STATS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
     DROP_BITS: tl.constexpr = 16, SOFTCAP: tl.constexpr = False, SKIP: tl.constexpr = False,
-    SINK: tl.constexpr = False,
+    SINK: tl.constexpr = False, WIDE: tl.constexpr = False,
 ):
     """Forward of dot / l2 / cosine attention for one block of BLOCK_M queries of one (b, h).
 
@@ -496,7 +502,7 @@ def _attn_fwd_kernel(
     seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
-    pid_m, bh, b, h, hk = _query_program(H, GROUP)
+    pid_m, bh, b, h, hk = _query_program(H, GROUP, WIDE)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
@@ -607,6 +613,7 @@ def _attn_fwd_split_kernel(
     EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     RUN_IF: tl.constexpr = 0, SOFTCAP: tl.constexpr = False, ONE_SPLIT: tl.constexpr = False,
     SINK: tl.constexpr = False, D_CHUNK: tl.constexpr = 16, L1_UNROLL: tl.constexpr = 1,
+    WIDE: tl.constexpr = False,
 ):
     """One key range (split) of the forward for every query row that one (b, kv head) serves.
 
@@ -627,6 +634,8 @@ def _attn_fwd_split_kernel(
         return
     split = tl.program_id(0)
     bhk = tl.program_id(1)
+    if WIDE:  # 64-bit slice bases, as in `_query_program`
+        bhk = bhk.to(tl.int64)
     hkv = H // GROUP
     b = bhk // hkv
     hk = bhk % hkv
@@ -689,13 +698,15 @@ def _attn_fwd_split_kernel(
 def _attn_split_combine_kernel(
     PART_O, PART_S, SINKS, OUT, STATS_M, STATS_L, RBAR, H, N_Q, N_ROWS, n_splits, sob, soh, som, sod,
     HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, MASK_KIND: tl.constexpr, STATS: tl.constexpr,
-    SINK: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    SINK: tl.constexpr, SPLITS_PAD: tl.constexpr, WIDE: tl.constexpr = False,
 ):
     """Join the splits of `_attn_fwd_split_kernel` for one of the N_ROWS = B*H*N_Q output rows (grid
     (N_ROWS,)): every split's partial row is read at once and rescaled to the common row max, then
     the output, E_p[raw] and the row stats are stored as `_fwd_epilogue` does. A sink (SINK) enters
     here, once per row, as in `_attn_fwd_kernel`."""
     row = tl.program_id(0) + tl.arange(0, 1)
+    if WIDE:  # 64-bit output bases, as in `_query_program`
+        row = row.to(tl.int64)
     bh = row // N_Q
     h = bh % H
     sp = tl.arange(0, SPLITS_PAD)
@@ -790,7 +801,7 @@ def _attn_bwd_dkdv_kernel(
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
     DROP_BITS: tl.constexpr = 16, SOFTCAP: tl.constexpr = False, SKIP: tl.constexpr = False,
-    SCAN_ROWS: tl.constexpr = QUERY_SCAN_ROWS,
+    SCAN_ROWS: tl.constexpr = QUERY_SCAN_ROWS, WIDE: tl.constexpr = False,
 ):
     """dK, dV for BLOCK_N keys of one (b, kv head), summed over the GROUP query heads that read it.
 
@@ -806,7 +817,7 @@ def _attn_bwd_dkdv_kernel(
     seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
-    pid_n, bhk, b, hk = _key_program(HKV)
+    pid_n, bhk, b, hk = _key_program(HKV, WIDE)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
@@ -930,6 +941,7 @@ def _attn_bwd_dq_kernel(
     MASK_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
     DROP_BITS: tl.constexpr = 16, SOFTCAP: tl.constexpr = False, SKIP: tl.constexpr = False,
+    WIDE: tl.constexpr = False,
 ):
     """dQ for BLOCK_M queries of one (b, h); also d(loss)/d(scale) per row (when SCALE_GRAD) and dMask.
 
@@ -950,7 +962,7 @@ def _attn_bwd_dq_kernel(
     seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
-    pid_m, bh, b, h, hk = _query_program(H, GROUP)
+    pid_m, bh, b, h, hk = _query_program(H, GROUP, WIDE)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
@@ -1197,10 +1209,14 @@ def _prepass(metric, q, k):
 
 
 @triton.jit
-def _row_tile(X, H, N, sxb, sxh, sxm, sxd, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):
+def _row_tile(X, H, N, sxb, sxh, sxm, sxd, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
+              WIDE: tl.constexpr):
     """The fp32 [BLOCK, D_PAD] tile of rows of a (B, H, N, D) tensor that program (i, b*H + h) of a
-    row-wise kernel owns (zeros outside), with bh, its row offsets and its in-bounds mask."""
+    row-wise kernel owns (zeros outside), with bh (int64 with WIDE), its row offsets and its
+    in-bounds mask."""
     bh = tl.program_id(1)
+    if WIDE:
+        bh = bh.to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D_PAD)
     inb = (offs_m[:, None] < N) & (offs_d[None, :] < D)
@@ -1210,10 +1226,11 @@ def _row_tile(X, H, N, sxb, sxh, sxm, sxd, D: tl.constexpr, D_PAD: tl.constexpr,
 
 @triton.jit
 def _normalize_rows_kernel(X, XH, NRM, SCALE, H, N, sxb, sxh, sxm, sxd, D: tl.constexpr, D_PAD: tl.constexpr,
-                           EPS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+                           EPS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+                           WIDE: tl.constexpr = False):
     """XH[b, h, m] = X[b, h, m] / NRM[b*H + h, m] (times SCALE[h] when HAS_SCALE),
     NRM = max(|X[b, h, m]|, EPS) in fp32; XH contiguous (B, H, N, D) in its own dtype."""
-    x, bh, offs_m, offs_d, inb = _row_tile(X, H, N, sxb, sxh, sxm, sxd, D, D_PAD, BLOCK)
+    x, bh, offs_m, offs_d, inb = _row_tile(X, H, N, sxb, sxh, sxm, sxd, D, D_PAD, BLOCK, WIDE)
     nrm = tl.maximum(tl.sqrt_rn(tl.sum(x * x, axis=1)), EPS)
     xh = tl.div_rn(x, nrm[:, None])
     if HAS_SCALE:
@@ -1225,13 +1242,13 @@ def _normalize_rows_kernel(X, XH, NRM, SCALE, H, N, sxb, sxh, sxm, sxd, D: tl.co
 @triton.jit
 def _normalize_rows_bwd_kernel(X, G, DX, SCALE, DSCALE, H, N, sxb, sxh, sxm, sxd, sgb, sgh, sgm, sgd,
                                D: tl.constexpr, D_PAD: tl.constexpr, EPS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                               BLOCK: tl.constexpr):
+                               BLOCK: tl.constexpr, WIDE: tl.constexpr = False):
     """Backward of `_normalize_rows_kernel` for y = s * x / max(|x|, EPS), given G = dL/dy:
     DX (B, H, N, D) contiguous in its own dtype, and with HAS_SCALE this program's share of
     dL/ds = sum over its rows of G . x^ into DSCALE[program_id(0), b*H + h] (fp32). x^ is
     recomputed from X in fp32."""
-    x, bh, offs_m, offs_d, inb = _row_tile(X, H, N, sxb, sxh, sxm, sxd, D, D_PAD, BLOCK)
-    g, _, _, _, _ = _row_tile(G, H, N, sgb, sgh, sgm, sgd, D, D_PAD, BLOCK)
+    x, bh, offs_m, offs_d, inb = _row_tile(X, H, N, sxb, sxh, sxm, sxd, D, D_PAD, BLOCK, WIDE)
+    g, _, _, _, _ = _row_tile(G, H, N, sgb, sgh, sgm, sgd, D, D_PAD, BLOCK, WIDE)
     nrm = tl.maximum(tl.sqrt_rn(tl.sum(x * x, axis=1)), EPS)
     xh = x / nrm[:, None]
     dx = _normalize_grad(g, xh, nrm)
@@ -1239,6 +1256,22 @@ def _normalize_rows_bwd_kernel(X, G, DX, SCALE, DSCALE, H, N, sxb, sxh, sxm, sxd
         dx = dx * tl.load(SCALE + bh % H)
         tl.store(DSCALE + tl.program_id(0) * tl.num_programs(1) + bh, tl.sum(tl.sum(g * xh, axis=1), axis=0))
     tl.store(DX + bh * N * D + offs_m[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty), mask=inb)
+
+
+WIDE_OFFSETS_FROM = 2**31
+"""A launch whose tensors reach this many elements from their base runs the kernels' WIDE code
+(64-bit slice bases); below it the 32-bit code runs, as tuned."""
+
+
+def wide_offsets(*tensors) -> dict:
+    """The constexpr {"WIDE": True} for a launch over these tensors (None skipped) when one of them
+    reaches WIDE_OFFSETS_FROM elements from its base (its last element's offset, from its sizes and
+    strides, so a broadcast mask counts only what it stores), else {}: the launch stays as it was."""
+    for t in tensors:
+        if t is not None and t.numel() and \
+                sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1 >= WIDE_OFFSETS_FROM:
+            return {"WIDE": True}
+    return {}
 
 
 def _rows_per_program(d: int) -> int:
@@ -1256,7 +1289,7 @@ def normalize_rows(x, scale=None):
     block = _rows_per_program(D)
     _launch_normalize_rows[(cdiv(N, block), B * H)](
         x, xh, nrm, scale if scale is not None else nrm, H, N, *x.stride(), D=D, D_PAD=_pad_dim(D),
-        EPS=COSINE_EPS, HAS_SCALE=scale is not None, BLOCK=block, num_warps=4)
+        EPS=COSINE_EPS, HAS_SCALE=scale is not None, BLOCK=block, num_warps=4, **wide_offsets(x, xh))
     return xh, nrm
 
 
@@ -1271,7 +1304,7 @@ def normalize_rows_backward(x, grad, scale=None):
     _launch_normalize_rows_bwd[grid](
         x, grad, dx, scale if scale is not None else dx, dscale if scale is not None else dx, H, N,
         *x.stride(), *grad.stride(), D=D, D_PAD=_pad_dim(D), EPS=COSINE_EPS, HAS_SCALE=scale is not None,
-        BLOCK=block, num_warps=4)
+        BLOCK=block, num_warps=4, **wide_offsets(x, grad, dx))
     if dscale is None:
         return dx, None
     return dx, dscale.view(grid[0], B, H).sum(dim=(0, 1))
@@ -1385,7 +1418,7 @@ def _kept(MASK, b, h, offs_m, offs_n, N_Q, N_K, smb, smh, smm, smn, MASK_KIND: t
 @triton.jit
 def _mask_row_ranges_kernel(MASK, ROWS, FLAGS, H_M, N_Q, N_K, smb, smh, smm, smn, rpb, rph, ROW_PLANE,
                             MASK_KIND: tl.constexpr, LAYOUT_FLAGS: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr):
+                            BLOCK_N: tl.constexpr, WIDE: tl.constexpr = False):
     """Planes 0, 1 of ROWS[:, b, h, i] (offsets rpb, rph, planes ROW_PLANE apart) = [lo, hi) holding
     every kept key of query row i of the mask's own (b, h), to BLOCK_N keys (the start of the first
     tile that keeps one, the end of the last). Planes 2, 3 = [clean_lo, clean_hi): the longest run
@@ -1397,6 +1430,8 @@ def _mask_row_ranges_kernel(MASK, ROWS, FLAGS, H_M, N_Q, N_K, smb, smh, smm, smn
     also clear FLAGS' bits as `_mask_layout_kernel` does (FLAGS set to 3 before the launch), so
     the same pass finds an exact lower triangle."""
     bhm = tl.program_id(1)
+    if WIDE:  # 64-bit slice bases, as in `_query_program`
+        bhm = bhm.to(tl.int64)
     b = bhm // H_M
     h = bhm % H_M
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -1498,7 +1533,7 @@ class MaskRanges:
         _launch_mask_row_ranges[(cdiv(Nq, block_m), self.bm * self.hm)](
             m, self.t, self.flags, self.hm, Nq, Nk, *m.stride(), *self.args()[1:],
             MASK_KIND=1 if mask4.dtype == torch.bool else 2, LAYOUT_FLAGS=layout_flags, BLOCK_M=block_m,
-            BLOCK_N=block_n, num_warps=4)
+            BLOCK_N=block_n, num_warps=4, **wide_offsets(m, self.t))
         return self
 
     @property
@@ -1562,6 +1597,7 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
         kept = (_call_ranges(m4, mask, B, H, Nq, Nk, metric, None) if ranges is None
                 else MaskRanges.compute(m4, B, H, Nq, Nk, out=ranges))
     flags, launches = mask_launches(mask, Nq, Nk, causal, q.device, kept)
+    wide = wide_offsets(q, k, v, out, mask)
     if split_applies(Nq, H // Hkv, dropout_p):
         # it reads every key: kept ranges, if computed above, only serve the backward
         _split_forward(q, k, v, scale, kvec, flags, launches, out, row_stats, metric, stats, softcap, sinks)
@@ -1579,7 +1615,7 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
             BLOCK_M=bm, BLOCK_N=bn, RUN_IF=run_if, DROP_BITS=DROPOUT_BITS, SOFTCAP=softcap > 0,
             SKIP=ranges_used is not None, SINK=sinks is not None, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            num_stages=cfg["num_stages"], **wide,
         )
     return out, row_stats
 
@@ -1701,6 +1737,7 @@ def _split_forward(q, k, v, scale, kvec, flags, launches, out, row_stats, metric
         part_o = torch.empty(n_splits, B * H, Nq, dv_pad, device=q.device, dtype=torch.float32)
         part_s = torch.empty(3, n_splits, B * H, Nq, device=q.device, dtype=torch.float32)
     cap = _cap_arg(metric, softcap, stats)
+    wide = wide_offsets(q, k, v, out, part_o, *(m for _, m, _ in launches))
     for run_if, l_mask, l_causal in launches:
         m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
         _launch_attn_fwd_split[(n_splits, B * Hkv)](
@@ -1710,7 +1747,7 @@ def _split_forward(q, k, v, scale, kvec, flags, launches, out, row_stats, metric
             HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=d_pad, DV_PAD=dv_pad, METRIC=METRIC_IDS[metric], MASK_KIND=mkind,
             CAUSAL=l_causal, STATS=stats, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype), BLOCK_M=block_m,
             BLOCK_N=bn, RUN_IF=run_if, SOFTCAP=softcap > 0, ONE_SPLIT=one, SINK=sinks is not None, D_CHUNK=d_chunk,
-            L1_UNROLL=SPLIT_L1_UNROLL, num_warps=warps, num_stages=stages)
+            L1_UNROLL=SPLIT_L1_UNROLL, num_warps=warps, num_stages=stages, **wide)
     if one:
         return
     # one MASK_KIND for the join: natural units only with a float mask (a pair of launches is bool)
@@ -1718,15 +1755,15 @@ def _split_forward(q, k, v, scale, kvec, flags, launches, out, row_stats, metric
     _launch_split_combine[(B * H * Nq,)](
         part_o, part_s, sinks if sinks is not None else scale, out, row_stats[0], row_stats[2], row_stats[1],
         H, Nq, B * H * Nq, n_splits, *out.stride(), HEAD_DIM_V=Dv, DV_PAD=dv_pad, MASK_KIND=mkind, STATS=stats,
-        SINK=sinks is not None, SPLITS_PAD=max(2, next_power_of_2(n_splits)), num_warps=4)
+        SINK=sinks is not None, SPLITS_PAD=max(2, next_power_of_2(n_splits)), num_warps=4, **wide)
 
 
 @triton.jit
 def _row_dot_kernel(A, B, OUT, H, N, sab, sah, sam, sad, sbb, sbh, sbm, sbd,
-                    DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr):
+                    DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr = False):
     """OUT[b*H + h, m] = sum_d A[b, h, m, d] * B[b, h, m, d] in fp32 (the backward's delta)."""
-    a, bh, offs_m, _, _ = _row_tile(A, H, N, sab, sah, sam, sad, DV, DV_PAD, BLOCK)
-    c, _, _, _, _ = _row_tile(B, H, N, sbb, sbh, sbm, sbd, DV, DV_PAD, BLOCK)
+    a, bh, offs_m, _, _ = _row_tile(A, H, N, sab, sah, sam, sad, DV, DV_PAD, BLOCK, WIDE)
+    c, _, _, _, _ = _row_tile(B, H, N, sbb, sbh, sbm, sbd, DV, DV_PAD, BLOCK, WIDE)
     tl.store(OUT + bh * N + offs_m, tl.sum(a * c, axis=1), mask=offs_m < N)
 
 
@@ -1737,7 +1774,8 @@ def row_dot(a, b):
     out = torch.empty(B * H, N, device=a.device, dtype=torch.float32)
     block = _rows_per_program(Dv)
     _launch_row_dot[(cdiv(N, block), B * H)](a, b, out, H, N, *a.stride(), *b.stride(),
-                                                   DV=Dv, DV_PAD=_pad_dim(Dv), BLOCK=block, num_warps=4)
+                                                   DV=Dv, DV_PAD=_pad_dim(Dv), BLOCK=block, num_warps=4,
+                                                   **wide_offsets(a, b))
     return out
 
 
@@ -1787,6 +1825,7 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
     if mask is not None:
         kept = _call_ranges(_mask_args(mask, B, H, Nq, Nk, q.device)[0], mask, B, H, Nq, Nk, metric, ranges)
     flags, launches = mask_launches(mask, Nq, Nk, causal, q.device, kept)
+    wide = wide_offsets(q, k, v, do, dq, dk, dv, mask, gbuf)
     for run_if, l_mask, l_causal in launches:
         m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
         ranges_used = kept if l_mask is not None else None
@@ -1800,7 +1839,7 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
             H, Hkv, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p), cap,
             *(ranges_used.args() if ranges_used else _no_ranges(q.device)),
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, SKIP=ranges_used is not None, SCAN_ROWS=QUERY_SCAN_ROWS,
-            **tile_kv, **common)
+            **tile_kv, **common, **wide)
         bm, bn = tile_q["BLOCK_M"], tile_q["BLOCK_N"]
         _launch_attn_bwd_dq[(cdiv(Nq, bm), B * H)](
             q, k, v, scale, qvec, kvec, m4, flags, do, row_stats[0], row_stats[2], row_stats[1], delta, dq, dsc,
@@ -1809,7 +1848,7 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
             H, Nq, Nk, H // Hkv, seed_t, *dropout_args(dropout_p), cap,
             *(ranges_used.args() if ranges_used else _no_ranges(q.device)),
             MASK_GRAD=mask_grad, SCALE_GRAD=scale_grad,
-            EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, SKIP=ranges_used is not None, **tile_q, **common)
+            EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, SKIP=ranges_used is not None, **tile_q, **common, **wide)
     dscale = dsc.view(B, H, Nq).sum(dim=(0, 2))
     dmask = reduce_mask_grad(gbuf, mask) if mask_grad else None
     return dq, dk, dv, dscale, dmask

@@ -34,7 +34,7 @@ from fusion_backend.kernels.attention import (
     _key_program, _load_row_stats, _load_rows, _logits, _mask_args, _pad_dim, _probs, _query_program, _query_start,
     _split_forward, _store_dv,
     backward_tiles, dropout_args, mask_grad_buffer, mask_launches, new_row_stats, reduce_mask_grad, row_dot,
-    split_applies,
+    split_applies, wide_offsets,
 )
 from fusion_backend.kernels.philox import load_seed, seed_arg
 from fusion_backend.kernels.runtime import KernelLauncher, cdiv, interpreting
@@ -210,6 +210,7 @@ def _l1_fwd_kernel(
     DROP_BITS: tl.constexpr = 16, SUB_M: tl.constexpr = 8, SUB_N: tl.constexpr = 8, UNROLL: tl.constexpr = 4,
     CONTIG_M: tl.constexpr = False, CONTIG_N: tl.constexpr = False, ASM_M: tl.constexpr = 0,
     ASM_N: tl.constexpr = 0, PREFETCH: tl.constexpr = False,
+    WIDE: tl.constexpr = False,
 ):
     """L1 attention forward for BLOCK_M queries of one (b, h). Grid: (cdiv(Nq, BLOCK_M), B * H).
 
@@ -226,7 +227,7 @@ def _l1_fwd_kernel(
     seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
-    pid_m, bh, b, h, hk = _query_program(H, GROUP)
+    pid_m, bh, b, h, hk = _query_program(H, GROUP, WIDE)
     row0 = pid_m * BLOCK_M
     qi = _l1_sub_idx(row0, BLOCK_M, SUB_M, 0, CONTIG_M)
     offs_dv = tl.arange(0, DV_PAD)
@@ -309,6 +310,7 @@ def _l1_bwd_dkdv_kernel(
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
     DROP_BITS: tl.constexpr = 16,
+    WIDE: tl.constexpr = False,
 ):
     """dK (into DKT: (B, Hkv, D, Nk) fp32 zeros, transposed) and dV ((B, Hkv, Nk, Dv) contiguous)
     for BLOCK_N keys of one (b, kv head), summed over its GROUP query heads.
@@ -317,7 +319,7 @@ def _l1_bwd_dkdv_kernel(
     seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
-    pid_n, bhk, b, hk = _key_program(HKV)
+    pid_n, bhk, b, hk = _key_program(HKV, WIDE)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_dv = tl.arange(0, DV_PAD)
     kt_base = KT + bhk * HEAD_DIM * N_K
@@ -356,6 +358,7 @@ def _l1_bwd_dq_kernel(
     SCALE_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
     DROP_BITS: tl.constexpr = 16,
+    WIDE: tl.constexpr = False,
 ):
     """dQ (into DQT: (B, H, D, Nq) fp32 zeros, transposed), per-row scale gradient DSCALE (B*H, Nq)
     and float-mask gradient (atomics into DMASK, strides sg*) for BLOCK_M queries of one (b, h).
@@ -363,7 +366,7 @@ def _l1_bwd_dq_kernel(
     seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
-    pid_m, bh, b, h, hk = _query_program(H, GROUP)
+    pid_m, bh, b, h, hk = _query_program(H, GROUP, WIDE)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, DV_PAD)
     scale = tl.load(SCALE + h)
@@ -468,6 +471,7 @@ def _l1_bwd_dkdv_sub_kernel(
     CONTIG_M: tl.constexpr = False, CONTIG_N: tl.constexpr = False, ASM_M: tl.constexpr = 0,
     ASM_N: tl.constexpr = 0, PREFETCH: tl.constexpr = False, GSUB_R: tl.constexpr = 4, GSUB_D: tl.constexpr = 8,
     GASM: tl.constexpr = 0, SIGN_ASM: tl.constexpr = False, GUNROLL: tl.constexpr = 4,
+    WIDE: tl.constexpr = False,
 ):
     """`_l1_bwd_dkdv_kernel` with the sub-tile layouts: dK into DK (B, Hkv, Nk, D) fp32 (every row
     written), dV as there. QF/KF: (B, H, Nq, D) / (B, Hkv, Nk, D) fp32 contiguous; SCRATCH: fp32,
@@ -475,7 +479,7 @@ def _l1_bwd_dkdv_sub_kernel(
     seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
-    pid_n, bhk, b, hk = _key_program(HKV)
+    pid_n, bhk, b, hk = _key_program(HKV, WIDE)
     col0 = pid_n * BLOCK_N
     offs_n = col0 + tl.arange(0, BLOCK_N)
     offs_dv = tl.arange(0, DV_PAD)
@@ -534,13 +538,14 @@ def _l1_bwd_dq_sub_kernel(
     CONTIG_M: tl.constexpr = False, CONTIG_N: tl.constexpr = False, ASM_M: tl.constexpr = 0,
     ASM_N: tl.constexpr = 0, PREFETCH: tl.constexpr = False, GSUB_R: tl.constexpr = 4, GSUB_D: tl.constexpr = 8,
     GASM: tl.constexpr = 0, SIGN_ASM: tl.constexpr = False, GUNROLL: tl.constexpr = 4,
+    WIDE: tl.constexpr = False,
 ):
     """`_l1_bwd_dq_kernel` with the sub-tile layouts: dQ into DQ (B, H, Nq, D) fp32 (every row
     written); the rest as there. QF/KF and SCRATCH as in `_l1_bwd_dkdv_sub_kernel`."""
     seed = load_seed(SEED, DROPOUT)
     if _idle_launch(MASK_FLAGS, RUN_IF):
         return
-    pid_m, bh, b, h, hk = _query_program(H, GROUP)
+    pid_m, bh, b, h, hk = _query_program(H, GROUP, WIDE)
     row0 = pid_m * BLOCK_M
     offs_m = row0 + tl.arange(0, BLOCK_M)
     qi = _l1_sub_idx(row0, BLOCK_M, SUB_M, 0, CONTIG_M)
@@ -696,6 +701,7 @@ def l1_attention_forward(q, k, v, scale, *, causal=False, mask=None, dropout_p=0
     sub = l1_sub_tiles(cfg, interpreting())
     flags, launches = mask_launches(mask, Nq, Nk, causal, q.device)
     seed_t = seed_arg(seed if dropout_p > 0 else None, q)
+    wide = wide_offsets(qt, kt, v, out, mask)
     for run_if, l_mask, l_causal in launches:
         m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
         _launch_l1_fwd[(cdiv(Nq, bm), B * H)](
@@ -708,7 +714,7 @@ def l1_attention_forward(q, k, v, scale, *, causal=False, mask=None, dropout_p=0
             MASK_KIND=mkind, CAUSAL=l_causal, DROPOUT=dropout_p > 0, STATS=True,
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
             BLOCK_M=bm, BLOCK_N=bn, RUN_IF=run_if, DROP_BITS=DROPOUT_BITS,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **sub,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **sub, **wide,
         )
     return out, row_stats
 
@@ -747,10 +753,13 @@ def l1_attention_backward(do, q, k, v, scale, out, row_stats, *, causal=False, m
         scratch = torch.empty(n_scr, device=q.device, dtype=torch.float32)
     elif impl != "legacy":
         raise ValueError(f"BWD_IMPL {impl!r}: 'sub' or 'legacy'")
+    # the legacy path's (B, H, D, N) gradients span what qt and kt do
+    wide = wide_offsets(qt, kt, v, do, dv, mask, gbuf)
     for run_if, l_mask, l_causal in launches:
         m4, ms, mkind = _mask_args(l_mask, B, H, Nq, Nk, q.device)
         common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, DV_PAD=_pad_dim(Dv), MASK_KIND=mkind, CAUSAL=l_causal,
-                      DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q.dtype), RUN_IF=run_if, DROP_BITS=DROPOUT_BITS)
+                      DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q.dtype), RUN_IF=run_if, DROP_BITS=DROPOUT_BITS,
+                      **wide)
         if impl == "sub":
             bm, bn = tile_kv["BLOCK_M"], tile_kv["BLOCK_N"]
             _launch_l1_bwd_dkdv_sub[(cdiv(Nk, bn), B * Hkv)](
