@@ -406,7 +406,8 @@ def check_supported_shapes(q, k, v, metric: str) -> Optional[str]:
     from fusion_backend.ops.attention import attention_supports
 
     if len(q.shape) == 3:
-        q, k, v = (SimpleNamespace(shape=(1,) + tuple(t.shape), dtype=t.dtype, device=t.device) for t in (q, k, v))
+        q, k, v = (SimpleNamespace(shape=(1,) + tuple(t.shape), dtype=t.dtype, device=t.device,
+                                   stride=lambda t=t: (0,) + tuple(t.stride())) for t in (q, k, v))
     ok, reason = attention_supports(q, k, v, metric)
     return None if ok else reason
 

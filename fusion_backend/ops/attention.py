@@ -145,8 +145,47 @@ def attention_supports(q, k, v, metric="dot", *, attn_mask=None, dropout_p=0.0, 
         return False, f"head dim {max(sizes)} > {_tc.MAX_HEAD_DIM}"
     if q.shape[-2] == 0 or k.shape[-2] == 0 or q.shape[0] == 0 or q.shape[1] == 0:
         return False, "empty input"
+    reason = _past_32_bit_offsets(q, k, v, attn_mask)
+    if reason:
+        return False, reason
     reason = device_unsupported(q)
     return (False, reason) if reason else (True, "")
+
+
+_MAX_OFFSET = 2**31 - 1
+"""The kernels index within one (batch, head) slice with 32-bit offsets (their per-slice bases are
+64-bit where a tensor needs it, so the batch and head counts are free): a slice must span fewer
+elements than this, and the B*H*Nq query rows must number fewer."""
+
+
+def _size_hint(x):
+    """An int for a size or stride, a symbol's example value (None when it has none): the check
+    below must not add guards on a dynamic graph's sizes (the call checks its real sizes again)."""
+    return x.node.hint if isinstance(x, torch.SymInt) else int(x)
+
+
+def _past_32_bit_offsets(q, k, v, attn_mask) -> str:
+    """Why a (b, h) slice of the call is too large for the kernels' 32-bit offsets, or "": a slice
+    of q, k, v or the mask as its strides lay it out (a mask sliced from a larger buffer spans that
+    buffer's rows), and the mask's Nq x Nk plane (its gradient and layout passes index one)."""
+    named = [("q", q), ("k", k), ("v", v)] + ([("attn_mask", attn_mask)] if attn_mask is not None else [])
+    for name, t in named:
+        # a rule's stand-in for a tensor not built yet has no strides: count it as contiguous
+        strides = t.stride()[-2:] if hasattr(t, "stride") else (t.shape[-1], 1)
+        dims = [(_size_hint(n), _size_hint(st)) for n, st in zip(t.shape[-2:], strides)]
+        if any(n is None or st is None for n, st in dims):
+            continue
+        span = sum((n - 1) * abs(st) for n, st in dims) + 1
+        if span > _MAX_OFFSET:
+            return f"a (batch, head) slice of {name} spans {span} elements, past the kernels' 32-bit offsets"
+    rows = [_size_hint(n) for n in q.shape[:3]]
+    if None not in rows and math.prod(rows) > _MAX_OFFSET:  # the decoding join launches one program a row
+        return f"{math.prod(rows)} query rows (B*H*Nq), more than one launch grid dimension holds"
+    if attn_mask is not None:
+        nq, nk = _size_hint(q.shape[-2]), _size_hint(k.shape[-2])
+        if nq is not None and nk is not None and nq * nk > _MAX_OFFSET:
+            return f"a {nq} x {nk} mask plane is past the kernels' 32-bit offsets"
+    return ""
 
 
 # ----------------------------------------------------------------------------------------------

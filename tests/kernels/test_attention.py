@@ -4,6 +4,7 @@ Fresh random inputs every test (conftest reseeds), never zeros; outputs are chec
 unwritten element (torch.empty garbage / NaN poison) fails. The interpreter runs tl.dot in fp32,
 so tolerances here are fp32-tight; the GPU's own numbers come from bench/attention_gpu.py.
 """
+import importlib
 import math
 
 import pytest
@@ -501,6 +502,66 @@ def test_supports_on_meta_and_fallback_for_big_head_dim():
         out = attention(q, k, v)
     ref = attention_reference(q.double(), k.double(), v.double())
     assert rel(out, ref) < 1e-5
+
+
+def test_slices_past_32_bit_offsets_fall_back(monkeypatch):
+    """The kernels index within one (batch, head) slice with 32-bit offsets. A call whose slice
+    spans more (with the limit lowered here, so that small tensors do) takes the reference with a
+    warning, and the shape check that the rules consult names the reason. The span follows the
+    strides: the same q as a transposed (B, N, H, D) view spans H times more."""
+    A = importlib.import_module("fusion_backend.ops.attention")  # the package's `attention` is the op
+    monkeypatch.setattr(A, "_MAX_OFFSET", 40 * 16 + 15)
+    q, k, v = make(1, 2, 2, 40, 24, 16, 16)
+    assert attention_supports(q, k, v, "dot") == (True, "")
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    ok, reason = attention_supports(qt, k, v, "dot")
+    assert not ok and "q spans 1264 elements" in reason and "32-bit" in reason
+    fallback.reset_fallback_warnings()
+    with pytest.warns(fallback.FusionFallbackWarning, match="32-bit"):
+        out = attention(qt, k, v)
+    assert rel(out, attention_reference(qt.double(), k.double(), v.double())) < 1e-5
+    # a mask sliced from a wider buffer (HF's causal mask cut to the keys) spans that buffer's rows
+    monkeypatch.setattr(A, "_MAX_OFFSET", 1000)
+    wide_mask = torch.randn(40, 60) > 0
+    wide_mask[:, 0] = True
+    assert attention_supports(q, k, v, "dot", attn_mask=wide_mask[:, :24].contiguous()) == (True, "")
+    ok, reason = attention_supports(q, k, v, "dot", attn_mask=wide_mask[:, :24])
+    assert not ok and "attn_mask spans 2364 elements" in reason
+    # the mask's Nq x Nk plane (its gradient buffer's) counts even for a mask broadcast over rows
+    monkeypatch.setattr(A, "_MAX_OFFSET", 40 * 24 - 1)
+    row_mask = torch.randn(1, 24)
+    ok, reason = attention_supports(q, k, v, "dot", attn_mask=row_mask)
+    assert not ok and "40 x 24 mask plane" in reason
+    with pytest.warns(fallback.FusionFallbackWarning, match="mask plane"):
+        out = attention(q, k, v, attn_mask=row_mask)
+    ref = attention_reference(q.double(), k.double(), v.double(), attn_mask=row_mask.double())
+    assert rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_wide_offsets_code_matches_reference(metric, monkeypatch):
+    """Past 2**31 elements a tensor's slice bases need 64 bits, and the launches switch to the
+    kernels' WIDE code (`wide_offsets`). No test tensor is that large, so the threshold is lowered
+    until every launch takes it: forward, backward (a learnable float mask, GQA, causal, ragged
+    sizes), the split forward of a decoding step with a bool mask, and cosine's normalization."""
+    monkeypatch.setattr(tc, "WIDE_OFFSETS_FROM", 1)
+    assert tc.wide_offsets(None, torch.ones(3)) == {"WIDE": True}
+    q, k, v = make(2, 4, 2, 37, 45, 16, 24)
+    scale = torch.rand(4) + 0.2 if metric != "dot" else None
+    run_and_compare(metric, q, k, v, scale=scale, mask=torch.randn(1, 4, 37, 45), causal=True)
+    q, k, v = make(2, 4, 2, 1, 70, 16, 16)
+    assert tc.split_applies(1, 2, 0.0)
+    run_and_compare(metric, q, k, v, scale=scale, mask=torch.rand(2, 1, 1, 70) > 0.3)
+
+
+def test_wide_offsets_only_past_the_threshold():
+    """Which launches take the WIDE code: a tensor whose last element lies 2**31 elements from its
+    base, counted from its strides (a broadcast dimension adds nothing), not from its numel alone."""
+    base = torch.empty(4)
+    assert tc.wide_offsets(base.as_strided((2**16, 2**15), (0, 0))) == {}  # 2**31 elements, one address
+    assert tc.wide_offsets(base, None) == {}
+    assert tc.wide_offsets(torch.empty(2, 3, device="meta").as_strided((2, 3), (2**31 - 3, 1))) == {"WIDE": True}
+    assert tc.wide_offsets(torch.empty(2, 3, device="meta").as_strided((2, 3), (2**31 - 4, 1))) == {}
 
 
 def test_config_space_and_keys():
