@@ -111,7 +111,9 @@ def _cast_changing_precision(al, anchor: Node) -> Optional[str]:
     the fused op never rounds there, so it would not lose the precision, or overflow to inf, where
     eager does. A cast narrowing to the result's dtype is the op's own rounding (half-precision
     models' `softmax(s, dtype=torch.float32).to(q.dtype)`). Likewise a cast to float64 in a site
-    whose result is not float64: the kernels compute in fp32, less precisely than eager there."""
+    whose result is not float64, or a step that a float64 operand promotes to float64 there (an
+    fp32 model's float64 mask or per-head scale): the kernels compute in fp32, less precisely than
+    eager there."""
     out = example_value(anchor)
     if not isinstance(out, torch.Tensor) or not out.is_floating_point():
         return None
@@ -127,6 +129,16 @@ def _cast_changing_precision(al, anchor: Node) -> Optional[str]:
         if dst == torch.float64 and out.dtype != torch.float64:
             return (f"a cast from {_dtype_name(src.dtype)} to float64 inside a site whose result is "
                     f"{_dtype_name(out.dtype)}: the fused kernels compute in fp32, less precisely than eager there")
+    if out.dtype != torch.float64:
+        # no cast, but type promotion: a float64 operand (a mask or bias built with numpy, a
+        # per-head scale) makes eager compute the scores from there on in float64
+        wide = {n for n in al.covered if isinstance(example_value(n), torch.Tensor)
+                and example_value(n).dtype == torch.float64}
+        if wide:
+            node = next(n for n in anchor.graph.nodes if n in wide)  # the first, in graph order
+            return (f"{node.name} is computed in float64 (promoted by a float64 operand) inside a site whose "
+                    f"result is {_dtype_name(out.dtype)}: the fused kernels compute in fp32, less precisely "
+                    "than eager there")
     return None
 
 

@@ -284,6 +284,25 @@ def test_float64_inside_an_fp32_site_is_a_near_miss(where):
     assert sites and all(s.decision == "kept" for s in sites), [(s.rule, s.reason) for s in sites]
 
 
+class _Float64Mask(nn.Module):
+    """An fp32 attention with a float64 mask (built with numpy, say), no cast: the add promotes
+    the scores to float64, the softmax runs there, and .float() comes back for the product."""
+
+    def forward(self, q, k, v, mask):
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.35 + mask, -1).float() @ v
+
+
+def test_scores_promoted_to_float64_by_a_mask_stay_eagers():
+    # each row's mask carries a large common offset, which eager's float64 softmax cancels and the
+    # fused site, adding the mask in fp32, would round away (4e-3 off float64, against eager's 1e-7)
+    q, k, v = qkv(T=4, S=6)
+    mask = -1e5 * torch.arange(4, dtype=torch.float64)[:, None] + 0.3 * torch.randn(4, 6, dtype=torch.float64)
+    assert_near_miss(_Float64Mask(), q, k, v, mask, reason="computed in float64")
+    ref = torch.softmax((q.double() @ k.double().transpose(-2, -1)) * 0.35 + mask, -1) @ v.double()
+    out = torch.compile(_Float64Mask(), backend="truthfuse", options=OPTIONS)(q, k, v, mask)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_cast_back_to_the_models_dtype_still_fuses():
     # bf16 models: softmax(scores, dtype=float32).to(q.dtype) narrows to the result's own dtype
     class Upcast(nn.Module):
