@@ -91,8 +91,9 @@ def keep_subgraph(gm: fx.GraphModule, site: Site) -> Tuple[fx.GraphModule, List[
     """The site's matched nodes as a GraphModule of their own, its inputs' example values, and the
     graph nodes those inputs come from.
 
-    Every value a matched node reads from outside the match becomes a placeholder; the anchor's
-    value is the output.
+    Every value a matched node reads from outside the match becomes a placeholder; the output is
+    a 1-tuple of the anchor's value, as Dynamo's graphs return tuples (aot_autograd, the
+    "aot_eager" inner compiler, takes no other output: every kept option failed to compile there).
     """
     graph = fx.Graph()
     env: Dict[Node, Node] = {}
@@ -117,7 +118,7 @@ def keep_subgraph(gm: fx.GraphModule, site: Site) -> Tuple[fx.GraphModule, List[
             if dep not in site.nodes:
                 lookup(dep)
         env[node] = graph.node_copy(node, lookup)
-    graph.output(env[site.anchor])
+    graph.output((env[site.anchor],))
     return fx.GraphModule(gm, graph), inputs, sources
 
 
@@ -320,7 +321,15 @@ class SiteTimer:
 
     def _measure(self, site: Site, choice: str):
         """The site's timing with this choice: a Timing (CUDA, without graphs: with its issue time)
-        or ms."""
+        or ms. A site inside `with torch.autocast(...)` in the model's code is compiled and timed
+        under that autocast, as it runs in the graph (without it, the kept subgraph's fp32 and
+        half-precision operands met in one op and failed)."""
+        with contextlib.ExitStack() as regions:
+            for args in autocast_around(site.anchor):
+                regions.enter_context(torch.autocast(*args))
+            return self._measure_here(site, choice)
+
+    def _measure_here(self, site: Site, choice: str):
         if choice == "keep":
             sub, example, sources = keep_subgraph(self.gm, site)
             args = [self._input_value(node, v) for node, v in zip(sources, example)]
@@ -402,6 +411,20 @@ class SiteTimer:
             with _eager_backward_compile():
                 self._compiled[key] = self.compile_fn(make_gm(), args)
         return self._compiled[key]
+
+
+def autocast_around(node: Node) -> List[tuple]:
+    """The arguments (device type, dtype, enabled, cache) of each `torch.autocast` region of the
+    graph that `node` runs inside: entered before it and not left, outermost first."""
+    regions: List[Tuple[Node, tuple]] = []
+    for n in node.graph.nodes:
+        if n is node:
+            break
+        if n.op == "call_function" and n.target is torch.amp.autocast_mode._enter_autocast:
+            regions.append((n, tuple(n.args)))
+        elif n.op == "call_function" and n.target is torch.amp.autocast_mode._exit_autocast:
+            regions = [(enter, args) for enter, args in regions if enter is not n.args[0]]
+    return [args for _, args in regions]
 
 
 def _timed_call(fn: Callable, train: bool) -> Callable:

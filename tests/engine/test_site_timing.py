@@ -257,3 +257,47 @@ def test_a_kept_options_compile_runs_beside_the_kernel_compiles_and_its_timing_a
         timer._measure(site, choice)
         assert events == expected, choice
         assert timer._compiling is None
+
+
+def test_a_site_inside_an_autocast_region_is_timed_under_it(caplog):
+    """A site inside `with torch.autocast(...)` in the model's code runs under that autocast, and
+    the tuner compiles and times it so. Timed without it, the kept subgraph's fp32 and fp16
+    operands met in one op, the all-keep baseline could not be timed, and the default strategy
+    never fused such a site. (With the "aot_eager" inner compiler, which takes tuple outputs only,
+    no kept option compiled at all before.)"""
+    import logging
+
+    import torch.nn as nn
+
+    import fusion_backend
+    from fusion_backend.site_timing import autocast_around
+
+    class Block(nn.Module):
+        def __init__(self, E=16, H=2):
+            super().__init__()
+            self.qkv, self.o, self.H = nn.Linear(E, 3 * E), nn.Linear(E, E), H
+            self.t = nn.Parameter(torch.tensor(0.35))
+
+        def forward(self, x, pad):
+            B, N, E = x.shape
+            with torch.autocast("cpu", dtype=torch.float16):
+                q, k, v = self.qkv(x).view(B, N, 3, self.H, E // self.H).permute(2, 0, 3, 1, 4)
+                # the fp32 mask makes the scores fp32; autocast casts them back for the product with v
+                out = torch.softmax(q @ k.transpose(-1, -2) * self.t + pad, -1) @ v
+                return self.o(out.transpose(1, 2).reshape(B, N, E))
+
+    sites = []
+    be = fusion_backend.backend(strategy="moderate", inner="aot_eager", cache=False)
+    be.tuning_observer = lambda space, timer, opts: sites.extend(timer.sites)
+    torch._dynamo.reset()
+    model, x = Block(), torch.randn(2, 6, 16)
+    pad = torch.zeros(2, 1, 1, 6)
+    pad[0, ..., :2] = torch.finfo(torch.float32).min
+    with caplog.at_level(logging.WARNING, logger="truthfuse"):
+        out = torch.compile(model, backend=be)(x, pad)
+    torch.testing.assert_close(out, model(x, pad))
+    assert "failed" not in caplog.text, caplog.text
+    assert sites and all(autocast_around(s.anchor) == [("cpu", torch.float16, True, None)] for s in sites)
+    (record,) = be.records
+    assert record.baseline_ms is not None and record.measurements > 0, record.tuning_reason
+    torch._dynamo.reset()
