@@ -160,7 +160,10 @@ def inline_replacement(gm: fx.GraphModule, site: Site, traced: fx.GraphModule,
         if isinstance(result, (list, tuple)):
             result = result[0]
         if cast is not None:
-            result = graph.call_function(torch.ops.prims.convert_element_type.default, (result, cast))
+            # aten's cast, not prims.convert_element_type: that one has no autograd formula, and a
+            # site whose op computes in another dtype than the graph's (fp32 q, k, v under
+            # torch.autocast) then failed in backward
+            result = graph.call_function(torch.ops.aten._to_copy.default, (result,), {"dtype": cast})
             result.meta["truthfuse_site"] = site.id
     anchor.replace_all_uses_with(result)
     for node in reversed(list(graph.nodes)):

@@ -50,3 +50,32 @@ def test_dropout_makes_a_site_inexact():
     exact = {s.rule.exact_for(s.match) for s in _sites(plain, q, k, v) if s.near_miss is None}
     inexact = {s.rule.exact_for(s.match) for s in _sites(with_dropout, q, k, v) if s.near_miss is None}
     assert exact == {True} and inexact == {False}
+
+
+def _plain_attention(q, k, v):
+    return (q @ k.transpose(-2, -1) * 0.35).softmax(-1) @ v
+
+
+def test_fp32_attention_under_autocast_trains():
+    """fp32 q, k, v under CPU autocast: the site's result is bf16, the op computes in fp32, and its
+    result is cast to bf16 by a differentiable cast (prims.convert_element_type has no autograd
+    formula: backward raised). The fused site is at least as close to float64 as eager is."""
+    q, k, v = (torch.randn(2, 2, 8, 8, dtype=torch.float64) for _ in range(3))
+    w = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+
+    def run(fn, dtype, autocast):
+        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(*xs)
+        (out.double() * w).sum().backward()
+        return [out.double()] + [x.grad.double() for x in xs], out.dtype
+
+    ref, _ = run(_plain_attention, torch.float64, False)
+    eager, eager_dtype = run(_plain_attention, torch.float32, True)
+    compiled = torch.compile(_plain_attention, backend=fusion_backend.backend(**OPTIONS))
+    fused, fused_dtype = run(compiled, torch.float32, True)
+    torch._dynamo.reset()
+    assert fused_dtype == eager_dtype == torch.bfloat16
+    for f, e, r in zip(fused, eager, ref):
+        scale = r.abs().max()
+        assert ((f - r).abs().max() / scale) <= 1.5 * ((e - r).abs().max() / scale) + 1e-6
