@@ -65,8 +65,11 @@ def _check_sdpa(m: Match, repeated_kv: bool) -> Optional[str]:
         return "q, k and v must all be tensors"
     if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
         return f"q, k, v must all be 3-D or 4-D (got {q.dim()}, {k.dim()}, {v.dim()})"
-    if q.dtype not in _FLOATS or len({q.dtype, k.dtype, v.dtype}) != 1:
-        return f"q, k, v dtypes ({q.dtype}, {k.dtype}, {v.dtype}) are not one of float16, bfloat16, float32"
+    if len({q.dtype, k.dtype, v.dtype}) != 1:
+        # each may be a valid dtype (Llama's rotated q, k in fp32 and v in bf16 under torch.autocast)
+        return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
+    if q.dtype not in _FLOATS:
+        return f"q, k, v dtype {q.dtype} is not one of float16, bfloat16, float32"
     for name in ("is_causal", "enable_gqa"):
         if not isinstance(m[name], bool):
             return f"{name} is not a constant bool"

@@ -122,6 +122,22 @@ def test_sdpa_float64():
     assert_near_miss(SDPAMaskOtherDtype(), q, k, v, torch.zeros(8, 8, dtype=torch.float64), reason="float64")
 
 
+class SDPAMixedDtypes(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_sdpa_mixed_dtypes_under_autocast_says_they_differ():
+    # Llama's sdpa path under torch.autocast: rotated q, k in fp32, v in bf16 (SDPA casts them to
+    # one dtype). Each is a dtype the op takes: the reason said they were "not one of float16,
+    # bfloat16, float32"
+    q, k, v = qkv()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sites = assert_near_miss(SDPAMixedDtypes(), q, k, v.bfloat16(),
+                                 reason="q, k, v dtypes differ (torch.float32, torch.float32, torch.bfloat16)")
+    assert not any("not one of" in s.reason for s in sites)
+
+
 def test_multihead_attention_bias_kv():
     mha = nn.MultiheadAttention(16, 2, add_bias_kv=True, batch_first=True)
 
