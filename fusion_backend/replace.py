@@ -15,6 +15,7 @@ import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import guard_scalar
 
+from .canonicalize.aliasing import alias_sources
 from .canonicalize.passes import example_value, is_impure, restore_divisions
 from .match.constraints import known_equal
 from .match.sites import Site
@@ -166,10 +167,37 @@ def inline_replacement(gm: fx.GraphModule, site: Site, traced: fx.GraphModule,
             result = graph.call_function(torch.ops.aten._to_copy.default, (result,), {"dtype": cast})
             result.meta["truthfuse_site"] = site.id
     anchor.replace_all_uses_with(result)
+    if cast is None and _returned(result):
+        # The fused op keeps its output for the backward (flash-style: the row sums of dO * O), so
+        # the graph's caller must not get that memory: an in-place op on what the compiled model
+        # returned (out.mul_(2), which eager allows after `p @ v`) then failed the backward with
+        # "modified by an inplace operation". The caller gets a copy.
+        with graph.inserting_after(result):
+            copy = graph.call_function(torch.ops.aten.clone.default, (result,))
+        copy.meta = {k: v for k, v in result.meta.items() if k in ("val", "example_value", "stack_trace")}
+        copy.meta["truthfuse_site"] = site.id
+        result.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
     for node in reversed(list(graph.nodes)):
         if node in site.nodes and not node.users:
             graph.erase_node(node)
     return result
+
+
+def _returned(result: Node) -> bool:
+    """Whether the graph's output holds `result`'s memory: the node itself, or a value that may
+    alias it (a view of it, an in-place op on it), reaches the output node."""
+    seen, stack = set(), [result]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for user in n.users:
+            if user.op == "output":
+                return True
+            if n in alias_sources(user):
+                stack.append(user)
+    return False
 
 
 def _unique_attr(gm: fx.GraphModule, base: str) -> str:

@@ -238,3 +238,29 @@ def test_writes_that_rewrites_and_the_analysis_must_see(case):
     for a, b in zip(got_in, want_in):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("returned", ["output", "view"])
+def test_a_returned_attention_output_may_be_written_in_place(returned):
+    """The fused op keeps its output for the backward. A caller that writes what the compiled
+    function returned (eager allows it after `p @ v`) must neither fail the backward ("modified by
+    an inplace operation") nor change its gradients: the graph returns a copy."""
+    def f(q, k, v):
+        out = _attend(q, k, v)
+        return out if returned == "output" else out.transpose(1, 2)
+
+    inputs = [torch.randn(2, 2, 8, 8) for _ in range(3)]
+    assert_fused(f, *inputs, variant="dot")
+
+    def run(fn):
+        xs = [x.clone().requires_grad_() for x in inputs]
+        out = fn(*xs)
+        out.mul_(2.0)
+        (out * out).sum().backward()
+        return [out.detach()] + [x.grad for x in xs]
+
+    want = run(f)
+    got = run(torch.compile(f, backend="truthfuse", options=OPTIONS))
+    torch._dynamo.reset()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4)
