@@ -121,7 +121,7 @@ def explain(model_or_fn: Any, *example_args: Any, options: Optional[Dict[str, An
     backend = TruthfuseBackend(parsed)
     compiled = torch.compile(model_or_fn, backend=backend, **_ISOLATED)
     try:
-        with _fail_on_recompile_limit():
+        with _fail_on_recompile_limit(), _uncompiled_in_place(model_or_fn):
             compiled(*example_args, **example_kwargs)
     except _RECOMPILE_LIMIT_HIT as exc:
         raise RuntimeError(
@@ -141,6 +141,22 @@ def explain(model_or_fn: Any, *example_args: Any, options: Optional[Dict[str, An
 # compiled.
 _ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
 _RECOMPILE_LIMIT_HIT = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ())
+
+
+@contextlib.contextmanager
+def _uncompiled_in_place(model: Any):
+    """A module compiled in place (`module.compile(...)`) runs its own compiled code when called,
+    so explain's compile saw no graph and reported '0 graph(s), no site'. For the explaining call
+    the module runs as written; its own compiled code is left as it is."""
+    if not isinstance(model, torch.nn.Module) or getattr(model, "_compiled_call_impl", None) is None:
+        yield
+        return
+    own = model._compiled_call_impl
+    model._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        model._compiled_call_impl = own
 
 
 def _fail_on_recompile_limit():

@@ -127,6 +127,26 @@ def test_explain_says_when_dynamo_reached_its_recompile_limit():
             fusion_backend.explain(_sin_twice, x, options=AGGRESSIVE_EAGER)
 
 
+def test_explain_a_module_compiled_in_place():
+    """module.compile(...) makes the module run its own compiled code when called: explain saw no
+    graph and reported '0 graph(s), no site'. It explains the module as written, and leaves the
+    module's own compiled code in place."""
+    model = CausalSelfAttention()
+    x = torch.randn(2, 16, 32)
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    model.compile(backend=counting_backend)
+    model(x)
+    report = fusion_backend.explain(model, x, options=AGGRESSIVE_EAGER)
+    assert report.graphs == 1 and [s.decision for s in report.sites if s.kind == "attention"] == ["fused"]
+    model(x)
+    assert len(compiles) == 1 and model._compiled_call_impl is not None
+
+
 def test_graph_breaks_compile_each_graph():
     attn1, attn2 = CausalSelfAttention(), CausalSelfAttention()
 
