@@ -1781,9 +1781,13 @@ def row_dot(a, b):
 
 def mask_grad_buffer(mask, B, H, Nq, Nk):
     """fp32 zeros to receive dS for a float mask, and its strides over (B, H, Nq, Nk): full size
-    on Nq/Nk, and on B/H only where the mask itself is not broadcast."""
-    mb = B if mask.shape[0] != 1 else 1
-    mh = H if mask.shape[1] != 1 else 1
+    on Nq/Nk, and on B/H only where the mask itself is not broadcast. Where it is, the programs of
+    every (b, h) add into one element in no fixed order; under
+    torch.use_deterministic_algorithms(True) the buffer is full on B/H too, each element is added
+    once, and `reduce_mask_grad` sums in a fixed order."""
+    full = torch.are_deterministic_algorithms_enabled()
+    mb = B if (mask.shape[0] != 1 or full) else 1
+    mh = H if (mask.shape[1] != 1 or full) else 1
     buf = torch.zeros(mb, mh, Nq, Nk, device=mask.device, dtype=torch.float32)
     st = buf.stride()
     return buf, (st[0] if mb > 1 else 0, st[1] if mh > 1 else 0, st[2], st[3])
@@ -1791,7 +1795,7 @@ def mask_grad_buffer(mask, B, H, Nq, Nk):
 
 def reduce_mask_grad(buf, mask):
     """Sum the dS buffer down to the mask's own (4-d) shape."""
-    dims = [i for i in (2, 3) if mask.shape[i] == 1]
+    dims = [i for i in range(4) if mask.shape[i] == 1 and buf.shape[i] != 1]
     if dims:
         buf = buf.sum(dim=dims, keepdim=True)
     return buf.to(mask.dtype)

@@ -70,6 +70,25 @@ def test_odd_shapes_gqa_causal_float_mask_all_grads(metric):
     run_and_compare(metric, q, k, v, scale=scale, mask=mask, causal=True)
 
 
+@pytest.mark.parametrize("metric", ["dot", "l1"])
+def test_broadcast_mask_gradient_without_atomic_collisions_when_deterministic(metric):
+    """A float mask broadcast over batch and heads gets its gradient from every (b, h): the kernels
+    add those into one element by atomics, in no fixed order on a GPU. Under
+    torch.use_deterministic_algorithms(True) each (b, h) gets its own plane, summed afterwards,
+    and the gradient is still right."""
+    mask = torch.randn(1, 1, 19, 23)
+    assert tc.mask_grad_buffer(mask, 2, 4, 19, 23)[0].shape == (1, 1, 19, 23)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        buf, strides = tc.mask_grad_buffer(mask, 2, 4, 19, 23)
+        assert buf.shape == (2, 4, 19, 23) and strides[0] > 0 and strides[1] > 0
+        q, k, v = make(2, 4, 2, 19, 23, 16, 16)
+        run_and_compare(metric, q, k, v, scale=0.3 if metric != "dot" else None, mask=mask)
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 @pytest.mark.parametrize("metric", METRICS)
 def test_decode_and_bool_mask(metric):
     q, k, v = make(1, 2, 2, 1, 123, 40, 40)
