@@ -241,7 +241,7 @@ class TruthfuseBackend:
                             _device_name(example_inputs), opts.strategy,
                             extra={"space": space.signature(), "inner": opts.inner, "mode": opts.mode,
                                    "inductor_options": opts.inductor_options, "train": train,
-                                   "timing": TIMING_REVISION})
+                                   "autocast": _ambient_autocast(example_inputs), "timing": TIMING_REVISION})
             cached = cache.get(key)
             if cached is not None:
                 try:
@@ -399,6 +399,14 @@ def _device_name(inputs) -> str:
             return torch.cuda.get_device_name(t.device)
     import platform
     return f"cpu-{platform.machine()}"
+
+
+def _ambient_autocast(inputs) -> Optional[str]:
+    """The autocast dtype a graph is compiled under when autocast is entered around the compiled
+    call, else None. It changes what the kept sites compute in, and so their timings, but neither
+    the graph's code nor its inputs' dtypes: the tuning cache must tell the two apart."""
+    device = "cuda" if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else "cpu"
+    return str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
 
 
 def _log_record(record: GraphRecord) -> None:

@@ -57,7 +57,9 @@ def _attention(q, k, v):
     return (q @ k.transpose(-2, -1) * 0.25).softmax(-1) @ v
 
 
-def _compile_and_run(options, requires_grad=False):
+def _compile_and_run(options, requires_grad=False, autocast=None):
+    import contextlib
+
     import torch
 
     import fusion_backend
@@ -65,7 +67,8 @@ def _compile_and_run(options, requires_grad=False):
     torch._dynamo.reset()
     q, k, v = (torch.randn(1, 2, 8, 16, requires_grad=requires_grad) for _ in range(3))
     backend = fusion_backend.backend(**options)
-    torch.compile(_attention, backend=backend)(q, k, v)
+    with torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext():
+        torch.compile(_attention, backend=backend)(q, k, v)
     return backend.records[0]
 
 
@@ -112,6 +115,19 @@ def test_training_and_inference_graphs_have_their_own_cache_entries(tmp_path, mo
     assert _compile_and_run(options, requires_grad=False).cache_hit is False
     assert _compile_and_run(options, requires_grad=True).cache_hit is False
     assert _compile_and_run(options, requires_grad=True).cache_hit is True
+
+
+def test_a_graph_compiled_under_autocast_has_its_own_cache_entry(tmp_path, monkeypatch):
+    """Autocast entered around the compiled call changes what the kept sites compute in (so their
+    timings) but not the graph's code or its inputs' dtypes: its decision is cached apart."""
+    import torch
+
+    monkeypatch.setenv("TRUTHFUSE_CACHE_DIR", str(tmp_path))
+    options = {"inner": "eager", "simulations": 4}
+    assert _compile_and_run(options).cache_hit is False
+    assert _compile_and_run(options, autocast=torch.float16).cache_hit is False
+    assert _compile_and_run(options, autocast=torch.float16).cache_hit is True
+    assert _compile_and_run(options, autocast=torch.bfloat16).cache_hit is False
 
 
 def test_a_malformed_cached_record_warns_once_and_retunes(tmp_path, monkeypatch):
