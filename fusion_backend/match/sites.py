@@ -232,9 +232,11 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
                 escaping = escaping_nodes(al, anchor)
                 reason = None
                 if escaping:
+                    example = ("attention weights returned to the caller" if rule.kind == "attention"
+                               else "a hidden value kept for an auxiliary loss")
                     reason = ("intermediate value " + ", ".join(sorted(n.name for n in escaping)) +
-                              " is also used outside the pattern (for example attention weights "
-                              "returned to the caller), so fusing would not remove it")
+                              f" is also used outside the pattern (for example {example}), so fusing "
+                              "would not remove it")
                 if reason is None:
                     reason = _written_in_place(al, match)
                 if reason is None:

@@ -371,6 +371,7 @@ def test_near_miss_hidden_used_outside():
     assert_matches_eager(model, _x())
     report = _near_miss(model, _x(), "also used outside")
     assert not feedforward_sites(report, "fused")
+    assert not any("attention" in s.reason for s in feedforward_sites(report)), str(report)
 
 
 def test_near_miss_gate_and_up_widths_differ():
