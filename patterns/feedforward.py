@@ -218,8 +218,12 @@ def check_residual(m: Match) -> Optional[str]:
     if not m.present("residual"):
         return None
     r = m.values["residual"]
-    if m.nodes.get("residual") in set(m.covered):
-        return "the value added is the block's own output (y + y), not a residual"
+    node = m.nodes.get("residual")
+    if node in set(m.covered):
+        if len(m.anchor.args) == 2 and m.anchor.args[0] is m.anchor.args[1]:
+            return "the value added is the block's own output (y + y), not a residual"
+        return (f"the value added ({node.name}) is computed inside the block (its up projection, gate, "
+                "pre-activation or hidden value), not a residual")
     if not isinstance(r, torch.Tensor):
         return "the value added to the block's output is a Python number, not a residual tensor"
     want = _block_output_shape(m)

@@ -477,6 +477,22 @@ def test_near_miss_output_added_to_itself():
     torch.testing.assert_close(torch.compile(f, backend=_backend())(x), f(x), **TOL)
 
 
+def test_near_miss_intermediate_added_to_the_output():
+    """`down(silu(gate) * up) + up` adds the block's own up projection, not its output: the reason
+    names that value and does not call it `y + y`; nothing fuses (up is used outside every
+    smaller site)."""
+    model = GatedMLP(d=8, h=8, act="silu")
+
+    def f(x):
+        up = model.up_proj(x)
+        return model.down_proj(torch.nn.functional.silu(model.gate_proj(x)) * up) + up
+    report = _near_miss(f, _x(), "is computed inside the block")
+    assert not any("y + y" in (s.reason or "") for s in feedforward_sites(report)), str(report)
+    assert not feedforward_sites(report, "fused"), str(report)
+    x = _x()
+    torch.testing.assert_close(torch.compile(f, backend=_backend())(x), f(x), **TOL)
+
+
 @pytest.mark.parametrize("p,fragment", [
     ("tensor", "is a tensor"),
     ("symbolic", "symbolic"),
