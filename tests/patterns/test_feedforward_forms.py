@@ -477,6 +477,28 @@ def test_near_miss_output_added_to_itself():
     torch.testing.assert_close(torch.compile(f, backend=_backend())(x), f(x), **TOL)
 
 
+class _ResidualFirstTransposed(nn.Module):
+    """`x + mlp(x)` on a (T, B, d) transpose of the input: eager's sum takes x's layout (its first
+    operand's), so viewing it back as (B * T, d) works."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        x = x.transpose(0, 1)
+        out = x + self.fc2(torch.relu(self.fc1(x)))
+        return out.transpose(0, 1).view(-1, 8)
+
+
+def test_residual_with_another_layout_stays_outside_the_site():
+    # the fused op returns its result contiguous: with the add inside, the view raised
+    model = _ResidualFirstTransposed()
+    assert_matches_eager(model, _x())
+    report = _near_miss(model, _x(), "eager's result has strides")
+    assert len(feedforward_sites(report, "fused")) == 1, str(report)
+
+
 def test_near_miss_intermediate_added_to_the_output():
     """`down(silu(gate) * up) + up` adds the block's own up projection, not its output: the reason
     names that value and does not call it `y + y`; nothing fuses (up is used outside every
