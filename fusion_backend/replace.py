@@ -2,7 +2,8 @@
 
 The replacement function is traced with `make_fx` on the site's fake example values, so it may
 look at shapes and dtypes like ordinary PyTorch code; the traced nodes (a truthfuse op call plus
-any glue) are inlined into the graph in place of the matched nodes. If tracing fails (the op
+any glue) are inlined into the graph in place of the matched nodes. A result laid out otherwise than
+the matched result (the graph after the site was traced with that layout) is copied into it. If tracing fails (the op
 rejects the shape, the rule has a bug), the site is kept and the caller reports why.
 """
 from __future__ import annotations
@@ -41,6 +42,47 @@ def _concrete(value: Any) -> Any:
     return value
 
 
+def _hint(size: Any) -> Optional[int]:
+    """A size's value in the example the graph was traced with (None for a data-dependent one)."""
+    if isinstance(size, torch.SymInt):
+        try:
+            return int(size.node.shape_env.guarding_hint_or_throw(size.node.expr))
+        except Exception:  # noqa: BLE001
+            return None
+    return int(size)
+
+
+def _layout_order(value: Any, expected: Any) -> Optional[List[int]]:
+    """None when the replacement's result (`value`) is laid out in memory as the matched result
+    (`expected`, the value the graph after the site was traced with), dims of size 1 aside; else
+    `expected`'s dims from outermost to innermost, for a copy of the result in that order.
+
+    A fused op returns its result contiguous, but eager's may follow an input's layout (SDPA's
+    output follows q's: (B, T, H, D) in memory for heads split by `view(B, T, H, D).transpose(1, 2)`),
+    and code after the site may rely on it (a `.view` of the transpose). Both are dense, so the
+    order of their dims is that of their strides, which the example's sizes show for every size
+    the graph takes (Dynamo specializes sizes 0 and 1)."""
+    if not isinstance(value, torch.Tensor) or not isinstance(expected, torch.Tensor) or value.dim() != expected.dim():
+        return None
+    if all(known_equal(n, 1) or known_equal(a, b) for n, a, b in zip(expected.shape, value.stride(), expected.stride())):
+        return None
+    sizes, got, want = ([_hint(x) for x in xs] for xs in (expected.shape, value.stride(), expected.stride()))
+    if None in sizes + got + want:
+        raise ReplacementError("the fused result's layout cannot be compared with the matched result's "
+                               "(a data-dependent size)")
+    moot = [n == 1 for n in sizes]
+    if all(m or a == b for m, a, b in zip(moot, got, want)) or 0 in sizes:
+        return None
+    order = sorted(range(len(sizes)), key=lambda i: (-want[i], i))
+    stride = 1
+    for i in reversed(order):
+        if not moot[i] and want[i] != stride:
+            raise ReplacementError(f"the matched result's strides {tuple(expected.stride())} are not a dense "
+                                   "layout, which the fused op's result could be copied into")
+        stride *= sizes[i]
+    return order
+
+
 def trace_replacement(site: Site, config: Optional[str]) -> fx.GraphModule:
     """Trace the site's replacement into a small graph whose placeholders are the site's tensor
     bindings (in `tensor_names` order, stored on the returned module)."""
@@ -70,24 +112,44 @@ def trace_replacement(site: Site, config: Optional[str]) -> fx.GraphModule:
     params = inspect.signature(rule.replacement).parameters
     takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
 
+    order: Optional[List[int]] = None
+
     def call(*tensors):
         kwargs = dict(constants)
         kwargs.update(zip(tensor_names, tensors))
         if not takes_all:
             kwargs = {k: v for k, v in kwargs.items() if k in params}
-        return rule.replacement(**kwargs, **kwargs_extra)
+        out = rule.replacement(**kwargs, **kwargs_extra)
+        if order is not None:  # eager's layout: contiguous in `order`, viewed back
+            out = out[0] if isinstance(out, (list, tuple)) else out
+            out = out.permute(order).contiguous().permute([order.index(i) for i in range(len(order))])
+        return out
 
-    try:
-        if mode is not None:
-            with mode:
-                traced = make_fx(call, tracing_mode="real")(*fakes)
-        else:
-            traced = make_fx(call, tracing_mode="real")(*fakes)
-    except Exception as exc:  # noqa: BLE001 -- any failure keeps the site
-        raise ReplacementError(f"replacement of {rule.name} failed to build: "
-                               f"{type(exc).__name__}: {exc}") from exc
+    def trace():
+        try:
+            if mode is not None:
+                with mode:
+                    return make_fx(call, tracing_mode="real")(*fakes)
+            return make_fx(call, tracing_mode="real")(*fakes)
+        except Exception as exc:  # noqa: BLE001 -- any failure keeps the site
+            raise ReplacementError(f"replacement of {rule.name} failed to build: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+
+    traced = trace()
+    order = _layout_order(_output_value(traced), match.output)
+    if order is not None:
+        traced = trace()
     traced.tensor_names = tensor_names
     return traced
+
+
+def _output_value(traced: fx.GraphModule) -> Any:
+    """The fake value of a traced replacement's (single) result, None if it has none."""
+    out_node = next(n for n in traced.graph.nodes if n.op == "output")
+    result = out_node.args[0]
+    if isinstance(result, (list, tuple)):
+        result = result[0] if len(result) == 1 else None
+    return result.meta.get("val") if isinstance(result, Node) else None
 
 
 def _check_output(site: Site, traced: fx.GraphModule) -> Optional[torch.dtype]:

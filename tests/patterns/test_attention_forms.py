@@ -733,6 +733,31 @@ def test_sdpa_with_k_and_v_lengths_traced_as_separate_symbols():
     compiled(q, torch.randn(2, 2, 12, 16), torch.randn(2, 2, 13, 16))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
 
+class _HeadsSplitByTranspose(nn.Module):
+    """Heads split as `view(B, T, H, D).transpose(1, 2)`: eager's SDPA output follows q's layout,
+    (B, T, H, D) in memory, so the heads merge back by `.transpose(1, 2).view(...)` with no
+    `.contiguous()`."""
+
+    def __init__(self, H=2, D=8):
+        super().__init__()
+        self.H, self.D = H, D
+        self.qkv = nn.Linear(H * D, 3 * H * D)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = (t.view(B, T, self.H, self.D).transpose(1, 2) for t in self.qkv(x).split(self.H * self.D, -1))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.transpose(1, 2).view(B, T, self.H * self.D)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_sdpa_output_keeps_eager_layout(dynamic):
+    # the fused op returned (B, H, T, D) contiguous, and the view after the transpose raised
+    model, x = _HeadsSplitByTranspose(), torch.randn(2, 6, 16)
+    assert_fused(model, x, variant="dot", rule="attention.sdpa")
+    assert_matches_eager(model, x, dynamic=dynamic)
+
+
 
 # ------------------------------------------------------------------------------------------------
 # 3. nn.MultiheadAttention
