@@ -179,16 +179,18 @@ def check_mha(m: Match) -> Optional[str]:
     L, N, S = query.shape[0], query.shape[1], key.shape[0]
     if m.present("attn_mask"):
         mask = m["attn_mask"]
-        ok = (mask.dim() == 2 and known_equal(mask.shape[0], L) and known_equal(mask.shape[1], S)) or \
-             (mask.dim() == 3 and all(known_equal(a, b) for a, b in zip(mask.shape, (N * heads, L, S))))
+        # multi_head_attention_forward raises on any other mask shape, so sizes Dynamo traced
+        # apart (a static mask, L made dynamic by a recompile) are equal in every valid call
+        ok = (mask.dim() == 2 and guard_equal(mask.shape[0], L) and guard_equal(mask.shape[1], S)) or \
+             (mask.dim() == 3 and all(guard_equal(a, b) for a, b in zip(mask.shape, (N * heads, L, S))))
         if not ok:
-            return f"attn_mask of shape {tuple(mask.shape)} is not (L, S) or (N*H, L, S)"
+            return f"attn_mask of shape {tuple(mask.shape)} is not (L, S) or (N*H, L, S), with (N, L, S) = {(N, L, S)}"
         if mask.dtype != torch.bool and not mask.is_floating_point():
             return f"attn_mask dtype {mask.dtype}"
     if m.present("key_padding_mask"):
         kpm = m["key_padding_mask"]
-        if kpm.dim() != 2 or not (known_equal(kpm.shape[0], N) and known_equal(kpm.shape[1], S)):
-            return f"key_padding_mask of shape {tuple(kpm.shape)} is not (N, S)"
+        if kpm.dim() != 2 or not (guard_equal(kpm.shape[0], N) and guard_equal(kpm.shape[1], S)):
+            return f"key_padding_mask of shape {tuple(kpm.shape)} is not (N, S) = {(N, S)}"
         if kpm.dtype != torch.bool and not kpm.is_floating_point():
             return f"key_padding_mask dtype {kpm.dtype}"
     q4 = SimpleNamespace(shape=(N, heads, L, E // heads), dtype=query.dtype, device=query.device)

@@ -786,6 +786,22 @@ def test_multihead_attention_dynamic_shapes():
     assert_matches_eager(MHA(), torch.randn(2, 7, 16), dynamic=True)
 
 
+def test_multihead_attention_static_mask_with_dynamic_tokens():
+    # compiled after a layer with other sizes, automatic dynamic shapes make the token count a
+    # symbol while the causal mask stays (7, 7): the site was kept, its reason "attn_mask of
+    # shape (7, 7) is not (L, S)"; MHA takes no other mask shape, so they are equal under a guard
+    with torch.no_grad():
+        fusion_backend.explain(nn.TransformerEncoderLayer(16, 2, 32).eval(), torch.randn(5, 3, 16), options=OPTIONS)
+        layer = nn.TransformerEncoderLayer(16, 2, 32).eval()
+        x, mask = torch.randn(7, 2, 16), nn.Transformer.generate_square_subsequent_mask(7)
+        report = fusion_backend.explain(layer, x, src_mask=mask, is_causal=True, options=OPTIONS)
+        sites = [s for s in report.sites if s.kind == "attention"]
+        assert sites and all(s.decision == "fused" for s in sites), str(report)
+        out = torch.compile(layer, backend="truthfuse", options=OPTIONS)(x, src_mask=mask, is_causal=True)
+        torch.testing.assert_close(out, layer(x, src_mask=mask, is_causal=True), atol=2e-5, rtol=2e-4)
+    torch._dynamo.reset()
+
+
 def test_multihead_attention_key_padding_mask_eval():
     mha = nn.MultiheadAttention(16, 4, dropout=0.1, batch_first=True).eval()
 
