@@ -44,11 +44,9 @@ def _concrete(value: Any) -> Any:
 
 def _hint(size: Any) -> Optional[int]:
     """A size's value in the example the graph was traced with (None for a data-dependent one)."""
-    if isinstance(size, torch.SymInt):
-        try:
-            return int(size.node.shape_env.guarding_hint_or_throw(size.node.expr))
-        except Exception:  # noqa: BLE001
-            return None
+    if isinstance(size, torch.SymInt):  # node.hint: every torch this supports has it (None: unbacked)
+        hint = size.node.hint
+        return None if hint is None else int(hint)
     return int(size)
 
 
