@@ -13,7 +13,8 @@ and differs in how `hidden` is made, one pattern each:
     chunked:  a, b = Linear(x).chunk(2, -1);        GEGLU/SwiGLU with one fused projection
               act(a) * b  (either half the gate)
 
-times three activations (GELU exact or tanh, ReLU, SiLU): nine rules. Canonicalization makes them
+times six activations (GELU exact or tanh, ReLU, SiLU, SiLU written out as z * sigmoid(z), CLIP's
+quick_gelu, the squared ReLU): eighteen rules. Canonicalization makes them
 cover nn.Linear, F.linear, `x @ W (+ b)`, mm, HF Conv1D's addmm, the written-out tanh GELU
 (gelu_new), module or functional dropout, eval-mode dropout (removed), and `up * act(gate)` in
 either operand order. The two Linears may live in different modules: the rules see Dynamo's
@@ -60,13 +61,19 @@ def _quick_gelu(z, approx):
     return torch.mul(z, torch.sigmoid(torch.mul(z, 1.702)))
 
 
+def _silu_written(z, approx):
+    # SiLU written out, as hand-written SwiGLU MLPs do; the op computes it as "silu"
+    return torch.mul(z, torch.sigmoid(z))
+
+
 def _relu2(z, approx):
     # the squared ReLU (HF ReLUSquaredActivation, "relu2": Nemotron, Persimmon); canonicalization
     # reads torch.square(r), r * r and r ** 2 as this pow
     return torch.pow(torch.relu(z), 2)
 
 
-ACTIVATIONS = {"gelu": _gelu, "relu": _relu, "silu": _silu, "quick_gelu": _quick_gelu, "relu2": _relu2}
+ACTIVATIONS = {"gelu": _gelu, "relu": _relu, "silu": _silu, "silu_written": _silu_written, "quick_gelu": _quick_gelu,
+               "relu2": _relu2}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,6 +311,8 @@ CONSTRAINTS = (check_tensors, check_shapes, check_halves, check_dropout, check_r
 def _activation_name(rule_activation: str, approx: Any) -> str:
     if rule_activation == "gelu":
         return _GELU_APPROXIMATIONS.get(approx or "none", "gelu")
+    if rule_activation == "silu_written":
+        return "silu"
     return rule_activation
 
 

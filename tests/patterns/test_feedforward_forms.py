@@ -121,7 +121,8 @@ def _x(*shape):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "gelu_new", "relu", "silu", "quick_gelu", "relu2", "relu_pow"])
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "gelu_new", "relu", "silu", "silu_written", "quick_gelu", "relu2",
+                                 "relu_pow"])
 def test_plain_activations(act, training):
     p = 0.0 if training else 0.1  # numerics need the dropouts off: p = 0, or eval mode
     check_form(MLP(act=act, p_hidden=p, p_out=p), _x(), training, VARIANTS[act])
@@ -160,7 +161,7 @@ def test_output_wider_than_input():
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_new", "relu", "quick_gelu", "relu2"])
+@pytest.mark.parametrize("act", ["silu", "silu_written", "gelu", "gelu_new", "relu", "quick_gelu", "relu2"])
 def test_gated_two_projections(act, training):
     check_form(GatedMLP(act=act, bias=act != "silu", residual=act == "relu"), _x(), training,
                GATED_VARIANTS[act])
