@@ -234,6 +234,30 @@ class InplaceNextToMLP(nn.Module):
         return F.relu(z) + y
 
 
+class WrittenOutBlock(nn.Module):
+    """SDPA on heads split by view(B, T, H, D).transpose(1, 2) and merged back by a .view, which
+    only eager's output layout (q's) allows, then a SwiGLU MLP whose SiLU is written out as
+    g * sigmoid(g), with a residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o = nn.Linear(WIDTH, 3 * WIDTH), nn.Linear(WIDTH, WIDTH)
+        self.gate, self.up = nn.Linear(WIDTH, 2 * WIDTH, bias=False), nn.Linear(WIDTH, 2 * WIDTH, bias=False)
+        self.down = nn.Linear(2 * WIDTH, WIDTH, bias=False)
+
+    def forward(self, x):
+        B, N, E = x.shape
+        q, k, v = (t.view(B, N, HEADS, E // HEADS).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(a.transpose(1, 2).view(B, N, E))
+        g = self.gate(x)
+        return x + self.down(g * torch.sigmoid(g) * self.up(x))
+
+
+def case_written_out():
+    return WrittenOutBlock(), (torch.randn(2, T, WIDTH),), None, 2
+
+
 def case_nemotron():
     """Squared-ReLU MLPs (relu2) with no bias, grouped K/V."""
     model = _hf("NemotronForCausalLM", "NemotronConfig", hidden_size=WIDTH, intermediate_size=2 * WIDTH,
@@ -278,7 +302,7 @@ def case_inplace_mlp():
 CASES = {"gpt2": case_gpt2, "llama": case_llama, "mpt": case_mpt, "falcon_alibi": case_falcon_alibi,
          "gemma2": case_gemma2, "bloom": case_bloom, "t5": case_t5, "bert": case_bert, "swinv2": case_swinv2, "sam": case_sam, "led": case_led, "filled_rows": case_filled_rows,
          "nemotron": case_nemotron, "gpt_oss": case_gpt_oss, "deepseek_v3": case_deepseek_v3,
-         "inplace_mlp": case_inplace_mlp}
+         "inplace_mlp": case_inplace_mlp, "written_out": case_written_out}
 
 
 def _run(model, inputs, weight):
