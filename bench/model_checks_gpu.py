@@ -236,8 +236,9 @@ class InplaceNextToMLP(nn.Module):
 
 class WrittenOutBlock(nn.Module):
     """SDPA on heads split by view(B, T, H, D).transpose(1, 2) and merged back by a .view, which
-    only eager's output layout (q's) allows, then a SwiGLU MLP whose SiLU is written out as
-    g * sigmoid(g), with a residual."""
+    only eager's output layout (q's, from the fused SDPA kernels) allows, then a SwiGLU MLP whose
+    SiLU is written out as g * sigmoid(g), with a residual. The float64 reference runs SDPA's math
+    backend, whose output is contiguous: it merges by reshape."""
 
     def __init__(self):
         super().__init__()
@@ -249,7 +250,8 @@ class WrittenOutBlock(nn.Module):
         B, N, E = x.shape
         q, k, v = (t.view(B, N, HEADS, E // HEADS).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.o(a.transpose(1, 2).view(B, N, E))
+        merged = a.transpose(1, 2)
+        x = x + self.o(merged.reshape(B, N, E) if a.dtype == torch.float64 else merged.view(B, N, E))
         g = self.gate(x)
         return x + self.down(g * torch.sigmoid(g) * self.up(x))
 
