@@ -97,7 +97,10 @@ class Report:
         if self.disabled:
             lines.append(f"disabled by options: {', '.join(self.disabled)}")
         lines.extend(f"note: {n}" for n in self.notes)
-        if not self.sites:
+        if not self.graphs:
+            lines.append("Dynamo handed truthfuse no graph: this call ran as plain PyTorch (Dynamo skipped the code, "
+                         "or graph breaks left no operation to compile; TORCH_LOGS=graph_breaks shows why)")
+        elif not self.sites:
             lines.append("no attention or feed-forward site was found; the graph compiled as under the inner compiler")
         return "\n".join(lines)
 

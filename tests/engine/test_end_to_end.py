@@ -174,6 +174,14 @@ def test_nothing_to_match_hands_over_the_original_graph():
     assert report.sites == [] and "no attention or feed-forward site" in str(report)
 
 
+def test_explain_says_when_dynamo_handed_over_no_graph():
+    """A call Dynamo compiles no graph for (here: nothing to compute) ran as plain PyTorch; the
+    report says that, not that a graph compiled without sites."""
+    report = fusion_backend.explain(lambda x: x, torch.randn(3), options=AGGRESSIVE_EAGER)
+    assert report.graphs == 0 and "handed truthfuse no graph" in str(report), str(report)
+    assert "the graph compiled" not in str(report)
+
+
 def test_moderate_strategy_measures_and_never_crashes():
     model = CausalSelfAttention()
     x = torch.randn(2, 16, 32)
