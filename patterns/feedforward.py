@@ -20,8 +20,8 @@ cover nn.Linear, F.linear, `x @ W (+ b)`, mm, HF Conv1D's addmm, the written-out
 either operand order. The two Linears may live in different modules: the rules see Dynamo's
 flattened graph. A residual add is taken only when the residual has exactly the block's output
 shape (a broadcasting add is something else; BERT's `LayerNorm(x + residual)` keeps its
-LayerNorm outside the site), and when eager's sum is contiguous, as the op's result is (a
-non-contiguous residual added first gives the sum its own layout).
+LayerNorm outside the site). A residual laid out otherwise (a transpose, added first) gives eager's
+sum its layout; the replacement copies the op's result into it, as for every rule (`replace.py`).
 """
 from __future__ import annotations
 
@@ -244,25 +244,6 @@ def check_residual(m: Match) -> Optional[str]:
     return None
 
 
-def check_layout(m: Match) -> Optional[str]:
-    """The op returns the block's result contiguous. A Linear's output is, but a residual add takes
-    the layout of its first operand: `x + mlp(x)` with x a non-contiguous view (a (T, B, d)
-    transpose of a (B, T, d) tensor) is laid out like x in eager, and code after the block may
-    depend on that (a `.view` that only those strides allow). Such a site is kept; the block
-    fuses without the add, which then runs as written."""
-    out = m.output
-    if not isinstance(out, torch.Tensor) or any(known_equal(s, 0) for s in out.shape):
-        return None
-    want = 1
-    for size, stride in reversed(list(zip(out.shape, out.stride()))):
-        if not known_equal(size, 1) and not known_equal(stride, want):
-            return (f"eager's result has strides {tuple(out.stride())}, the layout of the residual added to it "
-                    "(the first operand of the add); the fused op returns it contiguous, which code after the "
-                    "block may not accept (a .view)")
-        want = want * size
-    return None
-
-
 def _dtype(node: Any) -> Optional[torch.dtype]:
     v = node.meta.get("example_value", node.meta.get("val")) if hasattr(node, "meta") else None
     return v.dtype if isinstance(v, torch.Tensor) else None
@@ -301,7 +282,7 @@ def _check_supported(activation: str) -> Callable:
 
 
 CONSTRAINTS = (check_tensors, check_shapes, check_halves, check_dropout, check_residual,
-               check_activation, check_no_autocast, check_layout)
+               check_activation, check_no_autocast)
 
 
 # ------------------------------------------------------------------------------------------------
