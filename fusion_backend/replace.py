@@ -138,6 +138,7 @@ def trace_replacement(site: Site, config: Optional[str]) -> fx.GraphModule:
     if order is not None:
         traced = trace()
     traced.tensor_names = tensor_names
+    traced.result_is_a_copy = order is not None  # not the op's own output memory
     return traced
 
 
@@ -227,11 +228,12 @@ def inline_replacement(gm: fx.GraphModule, site: Site, traced: fx.GraphModule,
             result = graph.call_function(torch.ops.aten._to_copy.default, (result,), {"dtype": cast})
             result.meta["truthfuse_site"] = site.id
     anchor.replace_all_uses_with(result)
-    if cast is None and _returned(result):
+    if cast is None and not getattr(traced, "result_is_a_copy", False) and _returned(result):
         # The fused op keeps its output for the backward (flash-style: the row sums of dO * O), so
         # the graph's caller must not get that memory: an in-place op on what the compiled model
         # returned (out.mul_(2), which eager allows after `p @ v`) then failed the backward with
-        # "modified by an inplace operation". The caller gets a copy.
+        # "modified by an inplace operation". The caller gets a copy (unless the result already is
+        # one: cast, or copied into eager's layout).
         with graph.inserting_after(result):
             copy = graph.call_function(torch.ops.aten.clone.default, (result,))
         copy.meta = {k: v for k, v in result.meta.items() if k in ("val", "example_value", "stack_trace")}

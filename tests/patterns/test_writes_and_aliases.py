@@ -240,26 +240,31 @@ def test_writes_that_rewrites_and_the_analysis_must_see(case):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("returned", ["output", "view"])
+@pytest.mark.parametrize("returned", ["output", "view", "sdpa_in_q_layout"])
 def test_a_returned_attention_output_may_be_written_in_place(returned):
     """The fused op keeps its output for the backward. A caller that writes what the compiled
     function returned (eager allows it after `p @ v`) must neither fail the backward ("modified by
-    an inplace operation") nor change its gradients: the graph returns a copy."""
+    an inplace operation") nor change its gradients: the graph returns a copy. SDPA on transposed
+    heads returns q's layout, into which the replacement already copies the op's result, so no
+    second copy is made, and the write works there too (eager's SDPA itself refuses it, so the
+    reference writes out of place)."""
     def f(q, k, v):
+        if returned == "sdpa_in_q_layout":  # (B, T, H, D) in memory, heads transposed in
+            return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
         out = _attend(q, k, v)
         return out if returned == "output" else out.transpose(1, 2)
 
     inputs = [torch.randn(2, 2, 8, 8) for _ in range(3)]
     assert_fused(f, *inputs, variant="dot")
 
-    def run(fn):
+    def run(fn, in_place=True):
         xs = [x.clone().requires_grad_() for x in inputs]
         out = fn(*xs)
-        out.mul_(2.0)
+        out = out.mul_(2.0) if in_place else out * 2.0
         (out * out).sum().backward()
         return [out.detach()] + [x.grad for x in xs]
 
-    want = run(f)
+    want = run(f, in_place=returned != "sdpa_in_q_layout")
     got = run(torch.compile(f, backend="truthfuse", options=OPTIONS))
     torch._dynamo.reset()
     for a, b in zip(got, want):
