@@ -66,11 +66,14 @@ def check(*args, **kwargs):
 
 
 def check_once(metric, dtype, B, H, Hkv, Nq, Nk, D, Dv, causal=False, mask=None, scale="tensor", smax=1.0, repeat=0,
-               softcap=None):
+               softcap=None, offset=0.0):
     """softcap: soft-capped dot logits (Gemma 2), with a number scale and inputs drawn 3x wider so
-    that the cap saturates."""
+    that the cap saturates. offset: q and k drawn around it in every coordinate (L2 on vectors far
+    from the origin, which the op centres on the key mean)."""
     q = torch.randn(B, H, Nq, D, device=dev, dtype=dtype) * (3 if softcap else 1)
     k = torch.randn(B, Hkv, Nk, D, device=dev, dtype=dtype) * (3 if softcap else 1)
+    if offset:
+        q, k = (q.float() + offset).to(dtype), (k.float() + offset).to(dtype)
     v = torch.randn(B, Hkv, Nk, Dv, device=dev, dtype=dtype)
     if scale in ("tensor", "constant"):  # a per-head scale, learnable or not
         sc = (torch.rand(H, device=dev) * 0.9 + 0.1) * smax
@@ -126,10 +129,11 @@ def check_once(metric, dtype, B, H, Hkv, Nq, Nk, D, Dv, causal=False, mask=None,
         tols[3] = max(tols[3], _eager_cosine_scale_grad_error(qi, ki, vi, si, mi, causal, g, g64[3]))
     ok = eo <= TOL_OUT[dtype] and all(e <= t for e, t in zip(eg, tols)) and bool(torch.isfinite(out).all())
     rec = dict(metric=metric, dtype=str(dtype).split(".")[-1], shape=[B, H, Hkv, Nq, Nk, D, Dv], causal=causal,
-               mask=mask, smax=smax, scale=scale, repeat=repeat, softcap=softcap, err_out=eo, err_grads=eg, ok=ok)
+               mask=mask, smax=smax, scale=scale, repeat=repeat, softcap=softcap, offset=offset, err_out=eo,
+               err_grads=eg, ok=ok)
     RES["check"].append(rec)
     print(f"{'OK ' if ok else 'BAD'} {metric:6s} {rec['dtype']:8s} {rec['shape']} causal={causal} mask={mask} "
-          f"smax={smax} scale={scale} softcap={softcap} rep={repeat} out {eo:.1e} "
+          f"smax={smax} scale={scale} softcap={softcap} offset={offset} rep={repeat} out {eo:.1e} "
           f"grads {' '.join(f'{e:.1e}' for e in eg)}", flush=True)
     return ok
 
@@ -432,6 +436,10 @@ def run_checks(part=0, nparts=1):
     jobs.append(lambda: check_sinks(torch.float16, 2, 4, 4, 77, 150, 64, mask="dead"))
     jobs.append(lambda: check_sinks(torch.float32, 1, 4, 2, 1, 200, 64))
     jobs.append(lambda: check_sinks(torch.bfloat16, 1, 4, 4, 130, 130, 128, causal=True))
+    # L2 in fp32 on vectors far from the origin (every coordinate near 40, spread 1): the expanded
+    # form cancelled there until the op centred fp32 q and k on the key mean; GQA, causal, split
+    jobs.append(lambda: check("l2", torch.float32, 2, 4, 2, 37, 123, 64, 64, causal=True, offset=40.0, smax=0.2))
+    jobs.append(lambda: check("l2", torch.float32, 1, 8, 2, 2, 3000, 64, 64, offset=40.0, smax=0.2))
     jobs.append(l2_accuracy)
     jobs.append(check_peaked)
     for learnable in (False, True):

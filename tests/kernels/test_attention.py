@@ -128,6 +128,16 @@ def test_l2_large_norms_and_per_head_scale_shapes():
         run_and_compare("l2", q, k, v, scale=(torch.rand(3) * 0.2 + 0.01).reshape(shape))
 
 
+def test_l2_fp32_on_vectors_far_from_the_origin():
+    """q and k sharing a large common part (coordinates near 40 that differ by 0.3): the kernels'
+    expanded form 2 q.k - |k|^2 cancelled (2.6e-2 against float64 here) before the op centred fp32
+    q and k on the key mean; eager's subtract-first form is exact there. GQA, so query heads take
+    their key head's mean; a learnable per-head scale."""
+    q, k, v = make(1, 4, 2, 33, 29, 32, 32)
+    q, k = 40.0 + 0.3 * q, 40.0 + 0.3 * k
+    run_and_compare("l2", q, k, v, scale=torch.tensor([0.5, 1.0, 0.2, 2.0]) / 0.09, tol=1e-5, gtol=2e-5)
+
+
 def test_cosine_scale_100_and_mask_2d():
     q, k, v = make(2, 2, 2, 40, 40, 32, 32)
     run_and_compare("cosine", q, k, v, scale=torch.tensor([50.0, 100.0]), mask=torch.randn(40, 40), tol=1e-4,
