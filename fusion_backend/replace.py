@@ -228,12 +228,13 @@ def inline_replacement(gm: fx.GraphModule, site: Site, traced: fx.GraphModule,
             result = graph.call_function(torch.ops.aten._to_copy.default, (result,), {"dtype": cast})
             result.meta["truthfuse_site"] = site.id
     anchor.replace_all_uses_with(result)
-    if cast is None and not getattr(traced, "result_is_a_copy", False) and _returned(result):
-        # The fused op keeps its output for the backward (flash-style: the row sums of dO * O), so
-        # the graph's caller must not get that memory: an in-place op on what the compiled model
-        # returned (out.mul_(2), which eager allows after `p @ v`) then failed the backward with
-        # "modified by an inplace operation". The caller gets a copy (unless the result already is
-        # one: cast, or copied into eager's layout).
+    if (cast is None and site.rule.keeps_result_for_backward and not getattr(traced, "result_is_a_copy", False)
+            and _returned(result)):
+        # An op that keeps its output for the backward (flash-style attention: the row sums of
+        # dO * O) must not give the graph's caller that memory: an in-place op on what the compiled
+        # model returned (out.mul_(2), which eager allows after `p @ v`) then failed the backward
+        # with "modified by an inplace operation". The caller gets a copy (unless the result
+        # already is one: cast, or copied into eager's layout).
         with graph.inserting_after(result):
             copy = graph.call_function(torch.ops.aten.clone.default, (result,))
         copy.meta = {k: v for k, v in result.meta.items() if k in ("val", "example_value", "stack_trace")}

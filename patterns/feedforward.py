@@ -376,7 +376,8 @@ def _rule(structure: str, activation: str) -> Rule:
                 replacement=_make_replacement(activation),
                 constraints=CONSTRAINTS + (_check_supported(activation),), priority=50,
                 variant=_variant(structure, activation),
-                exact=is_exact, configs=_configs(gated=structure != "plain"))
+                exact=is_exact, configs=_configs(gated=structure != "plain"),
+                keeps_result_for_backward=False)  # it saves x and the pre-activations, not its output
 
 
 RULES = [_rule(s, a) for s in _STRUCTURES for a in ACTIVATIONS]

@@ -80,6 +80,10 @@ class Rule:
     look_through_upcasts: wildcards that may bind to the input of a lossless floating upcast
         (`q.float()` on a bf16 q binds q itself) when the replacement computes in at least the
         wider precision anyway; saves the copy and lets half-precision kernels run.
+    keeps_result_for_backward: the replacement's op saves its own result for the backward, as
+        flash-style attention does (the row sums of dO * O). A result the graph returns then
+        reaches the caller as a copy, so that an in-place write there cannot break the backward.
+        False for an op that does not (the feed-forward op) saves that copy.
     """
 
     name: str
@@ -93,6 +97,7 @@ class Rule:
     configs: Optional[Callable[[Match], List[Optional[str]]]] = None
     look_through_upcasts: Sequence[str] = ()
     replacement_args: Optional[Callable[[Match], Dict[str, Any]]] = None
+    keeps_result_for_backward: bool = True
     _traced: Optional[PatternGraph] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):

@@ -269,3 +269,39 @@ def test_a_returned_attention_output_may_be_written_in_place(returned):
     torch._dynamo.reset()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_a_returned_feedforward_result_is_not_copied_and_may_be_written_in_place(residual, monkeypatch):
+    """The feed-forward op saves its input and pre-activations, not its output
+    (`Rule.keeps_result_for_backward=False`): the graph returns the op's result itself, with no
+    copy, and a caller's in-place write to it leaves the gradients as eager's."""
+    import importlib
+
+    from .ffn_models import MLP
+
+    backend = importlib.import_module("fusion_backend.backend")  # the module, not the function
+
+    graphs = []
+    inner = backend._inner_compile
+    monkeypatch.setattr(backend, "_inner_compile", lambda gm, ex, opts: graphs.append(gm) or inner(gm, ex, opts))
+    model = MLP(d=8, h=24, act="gelu", residual=residual)
+    x = torch.randn(2, 5, 8)
+    options = {**OPTIONS, "disable": []}
+
+    def run(fn):
+        xi = x.clone().requires_grad_()
+        out = fn(xi)
+        out.mul_(2.0)
+        (out * out).sum().backward()
+        return [out.detach(), xi.grad] + [p.grad.clone() for p in model.parameters()]
+
+    want = run(model)
+    model.zero_grad()
+    got = run(torch.compile(model, backend="truthfuse", options=options))
+    torch._dynamo.reset()
+    ops = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert any("feedforward" in str(t) for t in ops), ops  # fused
+    assert torch.ops.aten.clone.default not in ops, ops
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4)
