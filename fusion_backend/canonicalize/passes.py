@@ -1434,7 +1434,10 @@ def _unflatten_linear(rw: _Rewriter) -> None:
 
 
 def _call_to(node: Any, target: Callable) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target is target
+    """A positional call of `target`. A keyword changes what the call computes (torch.add's alpha
+    scales its second operand; canonicalization leaves such adds as they are), so a call with one
+    is not that step."""
+    return isinstance(node, Node) and node.op == "call_function" and node.target is target and not node.kwargs
 
 
 def _scaled(node: Any, scale: float, tol: float = 0.0) -> Any:

@@ -5,6 +5,7 @@ checked against `feedforward_reference` under the same seed (the op draws its ma
 Philox stream), and by its statistics. Near-misses say why. Kernels run in Triton's interpreter
 (tests/conftest.py), so shapes are small.
 """
+import math
 import types
 import warnings
 
@@ -516,6 +517,27 @@ def test_near_miss_intermediate_added_to_the_output():
     assert not feedforward_sites(report, "fused"), str(report)
     x = _x()
     torch.testing.assert_close(torch.compile(f, backend=_backend())(x), f(x), **TOL)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_ALPHA_GELUS = {
+    # gelu_new with `1 + tanh(...)` spelled torch.add(tanh(...), 1, alpha=2): tanh(...) + 2
+    "outer": lambda z: 0.5 * z * torch.add(torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z ** 3)), 1, alpha=2),
+    # ... and with `z + 0.044715 z^3` spelled torch.add(z, 0.044715 z^3, alpha=3)
+    "inner": lambda z: 0.5 * z * (1 + torch.tanh(_SQRT_2_OVER_PI * torch.add(z, 0.044715 * z ** 3, alpha=3))),
+}
+
+
+@pytest.mark.parametrize("where", sorted(_ALPHA_GELUS))
+def test_written_tanh_gelu_with_an_alpha_add_is_not_gelu(where):
+    """An add with alpha= in the written-out tanh GELU computes something else; it was folded into
+    F.gelu(approximate="tanh") all the same and fused as GELU (0.44 off eager for the outer add,
+    0.02 for the inner). Such an add is no step of the GELU: nothing fuses, results are eager's."""
+    model, x = MLP(act="gelu"), _x()
+    model.act = _ALPHA_GELUS[where]
+    report = fusion_backend.explain(model, x, options=OPTS)
+    assert not feedforward_sites(report, "fused"), str(report)
+    torch.testing.assert_close(torch.compile(model, backend=_backend())(x), model(x), **TOL)
 
 
 @pytest.mark.parametrize("p,fragment", [
