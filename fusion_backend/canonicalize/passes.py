@@ -22,9 +22,10 @@ Canonical vocabulary (all positional, dims negative where the rank is known):
                                     parameter, a following + b of shape (out,) as the bias
     torch.chunk(x, n, dim)          chunk, method or function
     F.gelu(x, approximate=a)        F.gelu, nn.GELU, and 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x**3)))
-                                    written out (HF gelu_new) as approximate="tanh"
+                                    written out (HF gelu_new) as approximate="tanh", and
+                                    0.5*x*(1+erf(x/sqrt(2))) (HF gelu_python) as approximate="none"
     torch.pow, torch.sum, torch.abs, torch.exp, torch.clamp, torch.cdist, F.normalize,
-    torch.relu, F.silu, torch.tanh
+    torch.relu, F.silu, torch.tanh, torch.sigmoid, torch.erf (function or method)
     softmax_with_sinks(s, sinks, shifted, dtype)
                                     softmax(cat([s, sinks per head], -1) [- row max], -1)[..., :-1]
                                     (GPT-OSS's attention sinks)
@@ -79,7 +80,7 @@ CANONICAL_TARGETS = {
     softmax_with_sinks,
     torch.matmul, torch.transpose, torch.mul, torch.add, torch.sub, torch.softmax, _to,
     F.dropout, torch.masked_fill, _linear, torch.pow, torch.sum, torch.abs, torch.exp,
-    torch.clamp, torch.cdist, F.normalize, F.gelu, torch.relu, F.silu, torch.tanh,
+    torch.clamp, torch.cdist, F.normalize, F.gelu, torch.relu, F.silu, torch.tanh, torch.sigmoid, torch.erf,
     torch.reciprocal, torch.logical_not, torch.where, torch.unsqueeze, torch.repeat_interleave,
 }
 
@@ -837,7 +838,7 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
                 rw.replace(node, torch.sum, (args[0], dim, bool(keepdim)))
         return
     simple = {"abs": torch.abs, "exp": torch.exp, "relu": torch.relu, "tanh": torch.tanh,
-              "reciprocal": torch.reciprocal}
+              "reciprocal": torch.reciprocal, "sigmoid": torch.sigmoid, "erf": torch.erf}
     if op == "call_method" and t in simple and len(args) == 1 and not node.kwargs:
         rw.replace(node, simple[t], (args[0],))
         return
@@ -1052,6 +1053,7 @@ def _fold_scalar_products(rw: _Rewriter) -> None:
 # ----------------------------------------------------------------------------------------------
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_SQRT_HALF = math.sqrt(0.5)
 _RESHAPES = ({"view", "reshape"}, {torch.reshape})
 
 
@@ -1475,13 +1477,37 @@ def _tanh_gelu_input(node: Node) -> Optional[Node]:
     return None
 
 
+def _erf_gelu_input(node: Node) -> Optional[Node]:
+    """x when `node` is 0.5 * x * (1 + erf(x / sqrt(2))) (the exact GELU written out: HF's
+    GELUActivation(use_gelu_python=True), "gelu_python"), in any operand order, x / sqrt(2) also
+    as x * sqrt(0.5); None otherwise."""
+    if not _call_to(node, torch.mul) or len(node.args) != 2:
+        return None
+    for half_x, one_plus in (node.args, node.args[::-1]):
+        x = _scaled(half_x, 0.5)
+        if x is None or not _call_to(one_plus, torch.add) or len(one_plus.args) != 2:
+            continue
+        for one, e in (one_plus.args, one_plus.args[::-1]):
+            if not (_is_number(one) and one == 1 and _call_to(e, torch.erf) and len(e.args) == 1):
+                continue
+            if _scaled(e.args[0], _SQRT_HALF, tol=1e-12) is x and \
+                    all(len(n.users) == 1 for n in (half_x, one_plus, e, e.args[0])):
+                return x
+    return None
+
+
 def _fold_tanh_gelu(rw: _Rewriter) -> None:
-    """The written-out tanh GELU becomes F.gelu(x, approximate="tanh"): the same function."""
+    """The written-out tanh GELU becomes F.gelu(x, approximate="tanh"), and the written-out exact
+    (erf) GELU F.gelu(x): the same functions."""
     for node in list(rw.graph.nodes):
         if node in rw.graph.nodes:
             x = _tanh_gelu_input(node)
             if x is not None and is_tensor_node(x):
                 rw.replace(node, F.gelu, (x,), {"approximate": "tanh"})
+                continue
+            x = _erf_gelu_input(node)
+            if x is not None and is_tensor_node(x):
+                rw.replace(node, F.gelu, (x,), {"approximate": "none"})
 
 
 def tanh_gelus_with_runtime_constant(graph: fx.Graph) -> list:

@@ -22,15 +22,19 @@ ACTIVATIONS = {
     "relu": torch.relu,
     "silu": F.silu,
     "silu_written": lambda x: x * torch.sigmoid(x),  # hand-written SwiGLU MLPs
+    "silu_method": lambda x: x.sigmoid() * x,
+    "gelu_erf": lambda x: x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))),  # HF's gelu_python
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP's
     "relu2": lambda x: torch.square(F.relu(x)),  # HF's ReLUSquaredActivation (Nemotron)
     "relu_pow": lambda x: torch.relu(x) ** 2,
 }
-# What explain() calls each activation (the written-out GELU is the tanh approximation).
+# What explain() calls each activation (gelu_new, written out with tanh, is the tanh approximation).
 VARIANTS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "relu": "relu", "silu": "silu",
-            "silu_written": "silu", "quick_gelu": "quick_gelu", "relu2": "relu2", "relu_pow": "relu2"}
+            "silu_written": "silu", "silu_method": "silu", "gelu_erf": "gelu", "quick_gelu": "quick_gelu",
+            "relu2": "relu2", "relu_pow": "relu2"}
 GATED_VARIANTS = {"gelu": "geglu", "gelu_tanh": "geglu", "gelu_new": "geglu", "relu": "reglu", "silu": "swiglu",
-                  "silu_written": "swiglu", "quick_gelu": "quick_geglu", "relu2": "relu2_glu", "relu_pow": "relu2_glu"}
+                  "silu_written": "swiglu", "silu_method": "swiglu", "gelu_erf": "geglu", "quick_gelu": "quick_geglu",
+                  "relu2": "relu2_glu", "relu_pow": "relu2_glu"}
 
 
 def _param(*shape, fan_in):

@@ -122,8 +122,8 @@ def _x(*shape):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "gelu_new", "relu", "silu", "silu_written", "quick_gelu", "relu2",
-                                 "relu_pow"])
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "gelu_new", "gelu_erf", "relu", "silu", "silu_written",
+                                 "silu_method", "quick_gelu", "relu2", "relu_pow"])
 def test_plain_activations(act, training):
     p = 0.0 if training else 0.1  # numerics need the dropouts off: p = 0, or eval mode
     check_form(MLP(act=act, p_hidden=p, p_out=p), _x(), training, VARIANTS[act])
@@ -162,7 +162,8 @@ def test_output_wider_than_input():
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("act", ["silu", "silu_written", "gelu", "gelu_new", "relu", "quick_gelu", "relu2"])
+@pytest.mark.parametrize("act", ["silu", "silu_written", "silu_method", "gelu", "gelu_new", "gelu_erf", "relu",
+                                 "quick_gelu", "relu2"])
 def test_gated_two_projections(act, training):
     check_form(GatedMLP(act=act, bias=act != "silu", residual=act == "relu"), _x(), training,
                GATED_VARIANTS[act])
@@ -525,14 +526,17 @@ _ALPHA_GELUS = {
     "outer": lambda z: 0.5 * z * torch.add(torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z ** 3)), 1, alpha=2),
     # ... and with `z + 0.044715 z^3` spelled torch.add(z, 0.044715 z^3, alpha=3)
     "inner": lambda z: 0.5 * z * (1 + torch.tanh(_SQRT_2_OVER_PI * torch.add(z, 0.044715 * z ** 3, alpha=3))),
+    # the exact GELU written out, `1 + erf(...)` spelled torch.add(erf(...), 1, alpha=2)
+    "erf": lambda z: 0.5 * z * torch.add(torch.erf(z / math.sqrt(2.0)), 1, alpha=2),
 }
 
 
 @pytest.mark.parametrize("where", sorted(_ALPHA_GELUS))
-def test_written_tanh_gelu_with_an_alpha_add_is_not_gelu(where):
-    """An add with alpha= in the written-out tanh GELU computes something else; it was folded into
-    F.gelu(approximate="tanh") all the same and fused as GELU (0.44 off eager for the outer add,
-    0.02 for the inner). Such an add is no step of the GELU: nothing fuses, results are eager's."""
+def test_written_gelu_with_an_alpha_add_is_not_gelu(where):
+    """An add with alpha= in a written-out GELU computes something else; the tanh form was folded
+    into F.gelu(approximate="tanh") all the same and fused as GELU (0.44 off eager for the outer
+    add, 0.02 for the inner). Such an add is no step of the GELU: nothing fuses, results are
+    eager's."""
     model, x = MLP(act="gelu"), _x()
     model.act = _ALPHA_GELUS[where]
     report = fusion_backend.explain(model, x, options=OPTS)
