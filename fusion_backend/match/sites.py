@@ -220,6 +220,9 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
         # longest match comes first and its prefixes are not reported again. (Other sites that
         # merely overlap it are kept: the tuner chooses between them.)
         claimed: set = set()
+        # A near-miss's own optional tail steps, with its reason: a shorter prefix there that fails
+        # for the same reason is the same place kept for the same cause, and is not listed again.
+        missed: dict = {}
         for anchor in reversed(nodes):
             if anchor.op != "call_function" or anchor.target not in targets or anchor in claimed:
                 continue
@@ -259,10 +262,15 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
                     break
                 if first_failure is None:
                     site.near_miss = reason
-                    first_failure = site
+                    first_failure, first_failure_al = site, al
             found = chosen or first_failure
             if chosen_al is not None and len(chain) > 1:
                 claimed.update(t for t, p in chosen_al.covered.items() if p in chain)
+            if chosen is None and first_failure is not None and len(chain) > 1:
+                if missed.get(anchor) == first_failure.near_miss:
+                    continue
+                missed.update((t, first_failure.near_miss) for t, p in first_failure_al.covered.items()
+                              if p in chain and t is not anchor)
             if found is not None:
                 found.id = f"{graph_id}.{rule.name}@{anchor.name}"
                 sites.append(found)

@@ -396,6 +396,20 @@ def test_near_miss_dropout_probability_one():
     _near_miss(model, _x(), "outside [0, 1)")
 
 
+def test_near_miss_is_listed_once_not_once_per_optional_tail_step():
+    """A kept block with an output dropout and a residual add matches at the add, the dropout and
+    the second Linear (its shorter prefixes); each was listed as a site of its own with the same
+    reason, and the report counted 3 kept sites for one block. A shorter prefix that fails for the
+    same reason is the same place: one row. One that fuses is still listed (the add kept, the
+    block fused without it)."""
+    report = _near_miss(MLP(act="relu", p_hidden=1.0, p_out=0.1, residual=True).train(), _x(), "outside [0, 1)")
+    assert len(feedforward_sites(report)) == 1, str(report)
+    report = _near_miss(MLP(act="gelu", residual=True).double(), _x().double(), "float64")
+    assert len(feedforward_sites(report)) == 1, str(report)
+    report = _near_miss(MLP(act="relu", p_hidden=0.1, p_out=1.0, residual=True).train(), _x(), "outside [0, 1)")
+    assert [s.decision for s in feedforward_sites(report)] == ["kept", "fused"], str(report)
+
+
 def test_near_miss_autocast():
     """Under CPU autocast the Linears return bfloat16 from float32 weights: not fused (the op
     would compute in float32)."""
