@@ -562,6 +562,46 @@ def _respells_a_view(node: Node) -> bool:
     return node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] in ("T", "mT")
 
 
+# The leading parameters of the functions `_canonical_node` rewrites, in their positional order
+# (each may be passed positionally). Called with some of them as keywords (timm's Swin V2 calls
+# `F.linear(input=x, weight=w, bias=b)`), a call is respelled with them positional first: the
+# rewrites read operands by position.
+_POSITIONAL_PARAMS = {
+    F.linear: ("input", "weight", "bias"),
+    torch.matmul: ("input", "other"), torch.bmm: ("input", "mat2"), torch.mm: ("input", "mat2"),
+    torch.transpose: ("input", "dim0", "dim1"), torch.swapaxes: ("input", "axis0", "axis1"),
+    torch.permute: ("input", "dims"),
+    torch.mul: ("input", "other"), torch.div: ("input", "other"), torch.add: ("input", "other"),
+    torch.sub: ("input", "other"), torch.neg: ("input",), torch.pow: ("input", "exponent"),
+    torch.square: ("input",), torch.abs: ("input",), torch.exp: ("input",), torch.relu: ("input",),
+    torch.tanh: ("input",), torch.reciprocal: ("input",), F.relu: ("input",), F.gelu: ("input",),
+    F.silu: ("input",),
+    torch.softmax: ("input", "dim"), F.softmax: ("input", "dim"),
+    F.dropout: ("input", "p", "training"), torch.dropout: ("input", "p", "train"),
+    torch.masked_fill: ("input", "mask", "value"), torch.where: ("condition", "input", "other"),
+    torch.sum: ("input", "dim", "keepdim"), torch.clamp: ("input", "min", "max"),
+    torch.clip: ("input", "min", "max"), torch.cdist: ("x1", "x2", "p", "compute_mode"),
+    F.normalize: ("input", "p", "dim", "eps"), torch.chunk: ("input", "chunks", "dim"),
+    torch.unsqueeze: ("input", "dim"), torch.repeat_interleave: ("input", "repeats", "dim"),
+    torch.addmm: ("input", "mat1", "mat2"),
+}
+
+
+def _keywords_to_positions(graph: fx.Graph) -> None:
+    """Respell calls of `_POSITIONAL_PARAMS` functions whose leading parameters come as keywords
+    with those parameters positional, up to the first one not given (the same call)."""
+    for node in graph.nodes:
+        names = _POSITIONAL_PARAMS.get(node.target) if node.op == "call_function" else None
+        if not names or not node.kwargs or not any(n in node.kwargs for n in names[len(node.args):]):
+            continue
+        args, kwargs = list(node.args), dict(node.kwargs)
+        for name in names[len(args):]:
+            if name not in kwargs:
+                break
+            args.append(kwargs.pop(name))
+        node.args, node.kwargs = tuple(args), kwargs
+
+
 def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one table, read top to bottom
     op, t = node.op, node.target
     if op not in ("call_function", "call_method") or mutates(node) or node.meta.get(WITHOUT_GRAD):
@@ -1658,6 +1698,7 @@ def canonicalize(graph: fx.Graph) -> int:
     An in-place write that stays (its target may be an input or share memory with another value)
     and whose memory the graph also reads marks the values it may write `WRITTEN_IN_PLACE`: they
     are not rewritten here, and no site may take them in (`match.sites`)."""
+    _keywords_to_positions(graph)
     for node in graph.nodes:
         if changes_metadata(node):
             raise UnsafeRewrite(f"{node.name} changes a tensor's shape or storage in place")

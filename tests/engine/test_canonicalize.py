@@ -532,3 +532,37 @@ def test_slice_copies_into_a_fresh_tensor_become_cat_only_when_they_tile_it(form
     want, got = (want[0], got[0]) if isinstance(want, tuple) else (want, got)
     if form != "gap":  # the unwritten column is uninitialized memory in both
         assert torch.equal(want, got)
+
+
+def _swin_v2_keywords(q, k, v, w, b):
+    # timm's Swin V2 projects with F.linear(input=x, weight=..., bias=...)
+    q = F.linear(input=q, weight=w, bias=b)
+    s = F.normalize(input=q, dim=-1) @ torch.transpose(input=F.normalize(k, dim=-1), dim0=-2, dim1=-1)
+    return torch.softmax(input=s * 10.0, dim=-1) @ v
+
+
+KEYWORD_SPELLINGS = {
+    "swin_v2": (_swin_v2_keywords, "cosine"),
+    "l2": (lambda q, k, v, w, b: F.softmax(input=torch.mul(input=torch.cdist(x1=q, x2=k) ** 2, other=-0.5),
+                                           dim=-1) @ v, "l2"),
+    "l2_broadcast": (lambda q, k, v, w, b: torch.softmax(
+        torch.sum(input=torch.square(input=q.unsqueeze(-2) - k.unsqueeze(-3)), dim=-1) * -0.5, -1) @ v, "l2"),
+    "dropout": (lambda q, k, v, w, b: F.dropout(input=torch.softmax(q @ k.transpose(-2, -1), -1), p=0.0) @ v, "dot"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KEYWORD_SPELLINGS))
+def test_operands_passed_as_keywords_are_canonicalized(name):
+    """Operands passed by keyword (F.linear(input=x, weight=w, bias=b)) are read as positional
+    ones: the canonicalizer read them by position and failed with IndexError, and the whole graph
+    was compiled unchanged with 'graph analysis failed'."""
+    fn, variant = KEYWORD_SPELLINGS[name]
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    w, b = torch.randn(8, 8) * 0.3, torch.randn(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fusion_backend.FusionWarning)
+        report = fusion_backend.explain(fn, q, k, v, w, b, options=AGGRESSIVE_EAGER)
+        fused = [s for s in report.sites if s.decision == "fused"]
+        assert [s.variant for s in fused] == [variant], [(s.rule, s.decision, s.reason) for s in report.sites]
+        compiled = torch.compile(fn, backend=fusion_backend.backend(**AGGRESSIVE_EAGER))
+        torch.testing.assert_close(compiled(q, k, v, w, b), fn(q, k, v, w, b), atol=1e-5, rtol=1e-4)
