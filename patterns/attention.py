@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from fusion_backend import Match, Rule, dtype_in, is_scalar_like, known_equal, maybe, register_rule
 from fusion_backend.canonicalize import softmax_with_sinks
+from fusion_backend.canonicalize.passes import WRITTEN_IN_PLACE
 from fusion_backend.ops import attention as attention_op
 from fusion_backend.ops.attention import COSINE_EPS, SDPA_CONFIG
 
@@ -452,7 +453,9 @@ class _NotConstant(Exception):
 
 def constant_value(node) -> Optional[torch.Tensor]:
     """The value of a tensor node computed only from constants by whitelisted ops (no input, no
-    parameter, no symbolic size, nothing random), evaluated now; None otherwise."""
+    parameter, no symbolic size, nothing random), evaluated now; None otherwise. A value that an
+    in-place write left in place may change (`WRITTEN_IN_PLACE`: a causal mask whose prefix is
+    then unmasked by `mask[:, :p] = 0`) is not what its node computes, so it is not a constant."""
     memo: dict = {}
 
     def value(x):
@@ -460,6 +463,8 @@ def constant_value(node) -> Optional[torch.Tensor]:
             if x in memo:
                 return memo[x]
             if len(memo) >= _CONSTANT_MAX_NODES or x.op not in ("call_function", "call_method"):
+                raise _NotConstant
+            if x.meta.get(WRITTEN_IN_PLACE):
                 raise _NotConstant
             if x.op == "call_function" and x.target not in _CONSTANT_FUNCTIONS:
                 raise _NotConstant

@@ -305,3 +305,41 @@ def test_a_returned_feedforward_result_is_not_copied_and_may_be_written_in_place
     assert torch.ops.aten.clone.default not in ops, ops
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4)
+
+
+class _ConstantMaskEditedInPlace(nn.Module):
+    """A mask built from constants, then edited in place before the scores: the rules read
+    constant masks at compile time (a causal triangle becomes causal=True; finite fills are
+    checked for rows hidden whole), and must read them with the edit. Each case fused as though
+    the edit were not there: the prefix-LM mask (the first tokens seen by every row) as causal,
+    and a row hidden whole by the fill and the edited bias (eager sends q and k no gradient
+    through it) with the op's gradients."""
+
+    def __init__(self, case, n=8):
+        super().__init__()
+        self.case, self.n = case, n
+
+    def forward(self, q, k, v):
+        n = self.n  # the masks are built before the scores, so the site may read them
+        if self.case == "prefix_lm":
+            mask = torch.full((n, n), float("-inf")).triu(1)
+            mask[:, :3] = 0.0  # the prefix is seen by every row
+            s = q @ k.transpose(-2, -1) * 0.25 + mask
+        else:
+            pad = torch.zeros(n, n, dtype=torch.bool)
+            pad[:, 5:] = True
+            bias = torch.zeros(n, n)
+            bias[2, :5] = torch.finfo(torch.float32).min  # with the fill, row 2 sees no key
+            s = (q @ k.transpose(-2, -1) * 0.25).masked_fill(pad, -1e9) + bias
+        return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("case", ["prefix_lm", "row_hidden_by_fill_and_edit"])
+def test_a_constant_mask_edited_in_place_is_read_with_the_edit(case):
+    from .checks import assert_matches_eager
+
+    model = _ConstantMaskEditedInPlace(case)
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    if case == "prefix_lm":
+        assert_fused(model, q, k, v, variant="dot", rule="attention.dot")
+    assert_matches_eager(model, q, k, v)
