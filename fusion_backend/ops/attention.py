@@ -145,6 +145,8 @@ def attention_supports(q, k, v, metric="dot", *, attn_mask=None, dropout_p=0.0, 
         return False, f"head dim {max(sizes)} > {_tc.MAX_HEAD_DIM}"
     if q.shape[-2] == 0 or k.shape[-2] == 0 or q.shape[0] == 0 or q.shape[1] == 0:
         return False, "empty input"
+    if D == 0:  # eager's logits are all 0 (SDPA's default scale 1/sqrt(D) has no value)
+        return False, "empty input (head dim 0)"
     reason = _past_32_bit_offsets(q, k, v, attn_mask)
     if reason:
         return False, reason

@@ -263,3 +263,26 @@ def test_written_out_attention_over_a_cache_written_in_place(write_between):
         assert_fused(model, q, k, v, variant="dot")
     # explain() ran the model and wrote its cache: the helper starts both from the twin's state
     _compiled_equals_eager_and_writes_the_cache_alike(model, twin, q, k, v)
+
+
+class _HeadDimZero(nn.Module):
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+
+    def forward(self, q, k, v):
+        if self.form == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v)
+        return (q @ k.transpose(-2, -1)).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("form", ["sdpa", "hand_written"])
+def test_head_dim_zero_is_kept_as_empty(form):
+    """q and k with head dim 0: every logit is 0 and eager's rows are the mean of v. The SDPA rule's
+    replacement failed to build (the op's default scale 1/sqrt(0)), which kept the site with a
+    FusionWarning that reads as a truthfuse bug; both forms are now kept with a reason."""
+    q, k, v = torch.randn(1, 2, 3, 0), torch.randn(1, 2, 4, 0), torch.randn(1, 2, 4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FusionWarning)
+        assert_near_miss(_HeadDimZero(form), q, k, v, reason="head dim 0")
+        assert_matches_eager(_HeadDimZero(form), q, k, v)
