@@ -595,6 +595,8 @@ def _centred_on_key_mean(q, k):
     if k.dtype != torch.float32 or k.shape[2] == 0:
         return q, k
     centre = k.detach().mean(dim=2, keepdim=True)
+    # a key with an inf coordinate would make every row of its (b, h) NaN through q - inf
+    centre = torch.where(centre.isfinite(), centre, 0.0)
     q_centre = centre if q.shape[1] == k.shape[1] else centre.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     return q - q_centre, k - centre
 

@@ -138,6 +138,19 @@ def test_l2_fp32_on_vectors_far_from_the_origin():
     run_and_compare("l2", q, k, v, scale=torch.tensor([0.5, 1.0, 0.2, 2.0]) / 0.09, tol=1e-5, gtol=2e-5)
 
 
+def test_l2_fp32_key_with_an_inf_coordinate_leaves_other_rows_as_eager():
+    """The centring skips a coordinate whose mean key is inf: a row whose q.k with that key is
+    -inf (q's coordinate negative) keeps eager's finite result, where q - inf made every row of
+    the (b, h) NaN. (A row whose q.k is +inf is NaN, documented.)"""
+    q, k, v = make(1, 2, 2, 8, 8, 16, 16)
+    q[0, 0, :, 5] = -q[0, 0, :, 5].abs()
+    k[0, 0, 3, 5] = float("inf")
+    out = attention(q, k, v, metric="l2", scale=0.3)
+    eager = torch.softmax(-0.3 * ((q[..., :, None, :] - k[..., None, :, :]) ** 2).sum(-1), -1) @ v
+    assert torch.isfinite(eager).all()
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-4)
+
+
 def test_cosine_scale_100_and_mask_2d():
     q, k, v = make(2, 2, 2, 40, 40, 32, 32)
     run_and_compare("cosine", q, k, v, scale=torch.tensor([50.0, 100.0]), mask=torch.randn(40, 40), tol=1e-4,
