@@ -40,8 +40,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fusion_backend import Match, Rule, dtype_in, is_scalar_like, known_equal, maybe, register_rule
-from fusion_backend.canonicalize import softmax_with_sinks
-from fusion_backend.canonicalize.passes import WRITTEN_IN_PLACE
+from fusion_backend.canonicalize import WRITTEN_IN_PLACE, softmax_with_sinks
 from fusion_backend.ops import attention as attention_op
 from fusion_backend.ops.attention import COSINE_EPS, SDPA_CONFIG
 

@@ -11,7 +11,7 @@ wherever no fused site took it, and products of scalars fold into one (only in f
 where neither factor grows the value, so no intermediate overflows where the folded one would not).
 """
 from .passes import (canonicalize, canonical_copy, is_cast, softmax_with_sinks, tanh_gelus_with_runtime_constant,
-                     CANONICAL_TARGETS, UnsafeRewrite)
+                     CANONICAL_TARGETS, UnsafeRewrite, WRITTEN_IN_PLACE)
 
 __all__ = ["canonicalize", "canonical_copy", "is_cast", "softmax_with_sinks", "tanh_gelus_with_runtime_constant",
-           "CANONICAL_TARGETS", "UnsafeRewrite"]
+           "CANONICAL_TARGETS", "UnsafeRewrite", "WRITTEN_IN_PLACE"]
