@@ -201,7 +201,7 @@ class TuningCache:
         """
         path = self.path_for(key)
         try:
-            text = path.read_text(encoding="utf-8")
+            data = path.read_bytes()
         except (FileNotFoundError, NotADirectoryError):
             # A path component that is a file leaves no entry there to read: a plain miss. The
             # write that follows says the directory is unusable.
@@ -209,7 +209,7 @@ class TuningCache:
         except OSError as error:
             self._io_problem(f"cannot read tuning cache file {path}: {error}; retuning")
             return None
-        record, problem = _parse_envelope(text, key)
+        record, problem = _parse_envelope(data, key)
         if problem:
             _warn(f"ignoring tuning cache file {path}: {problem}; retuning")
             return None
@@ -254,11 +254,11 @@ class TuningCache:
         for path in self._files():
             key = path.stem
             try:
-                text = path.read_text(encoding="utf-8")
+                data = path.read_bytes()
             except OSError as error:
                 skipped.append(f"{path.name} ({error})")
                 continue
-            record, problem = _parse_envelope(text, key)
+            record, problem = _parse_envelope(data, key)
             if problem:
                 skipped.append(f"{path.name} ({problem})")
             else:
@@ -308,12 +308,12 @@ def _written_by_truthfuse(path: Path) -> bool:
     format or truthfuse version), or it is named by a cache_key digest and no longer parses (a
     file truncated by a full disk, say; entries are written whole, so this is rare)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError:
         return False
     try:
-        envelope = json.loads(text)
-    except ValueError:
+        envelope = json.loads(data.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError included
         return bool(_DIGEST_NAME.match(path.stem))
     return (isinstance(envelope, dict) and "truthfuse" in envelope and "format" in envelope
             and envelope.get("key") == path.stem)
@@ -323,11 +323,13 @@ def _warn(message: str, stacklevel: int = 3) -> None:
     warnings.warn(f"truthfuse: {message}", TuningCacheWarning, stacklevel=stacklevel)
 
 
-def _parse_envelope(text: str, key: str) -> tuple[dict | None, str | None]:
-    """(record, None) for a usable file, (None, reason) otherwise."""
+def _parse_envelope(data: bytes, key: str) -> tuple[dict | None, str | None]:
+    """(record, None) for a usable file's bytes, (None, reason) otherwise. Bytes, decoded here: a
+    file of bytes that are not UTF-8 (disk corruption) is as unusable as one that is not JSON, and
+    read_text's UnicodeDecodeError is no OSError, so it failed the compile and `truthfuse cache`."""
     try:
-        envelope = json.loads(text)
-    except ValueError as error:
+        envelope = json.loads(data.decode("utf-8"))
+    except ValueError as error:  # UnicodeDecodeError included
         return None, f"not valid JSON ({error})"
     if not isinstance(envelope, dict):
         return None, "not a JSON object"
@@ -378,12 +380,12 @@ def load_state(path: str | os.PathLike, cache: TuningCache | None = None) -> int
     cache = TuningCache() if cache is None else cache
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as error:
         raise TuningStateError(f"cannot read tuning state {path}: {error}") from error
     try:
-        state = json.loads(text)
-    except ValueError as error:
+        state = json.loads(data.decode("utf-8"))
+    except ValueError as error:  # UnicodeDecodeError included
         raise TuningStateError(f"tuning state {path} is not valid JSON: {error}") from error
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise TuningStateError(f"{path} is not a truthfuse tuning state (no format {STATE_FORMAT!r})")

@@ -116,6 +116,28 @@ def test_entries_skip_bad_files_with_one_warning(cache):
     assert len(caught) == 1
 
 
+def test_a_file_of_bytes_that_are_not_utf8_is_a_corrupt_file_everywhere(cache, tmp_path):
+    """Disk corruption can leave bytes that do not decode: a miss with one warning for get, a
+    skipped file for entries (`truthfuse cache show`, export), a truthfuse file for clear, and a
+    TuningStateError for load_state; read_text's UnicodeDecodeError failed the compile and the CLI."""
+    garbage = b"\xff\xfe\x00garbage\x80"
+    key = _key()
+    cache.put(key, RECORD)
+    cache.put("good", RECORD)
+    cache.path_for(key).write_bytes(garbage)
+    with pytest.warns(TuningCacheWarning, match="not valid JSON") as caught:
+        assert cache.get(key) is None
+    assert len(caught) == 1
+    with pytest.warns(TuningCacheWarning, match="skipped 1") as caught:
+        assert cache.entries() == {"good": RECORD}
+    assert len(caught) == 1
+    assert cache.clear() == 2 and not cache.path_for(key).exists()
+    state = tmp_path / "state.json"
+    state.write_bytes(garbage)
+    with pytest.raises(TuningStateError, match="not valid JSON"):
+        load_state(state, cache)
+
+
 def test_clear_deletes_only_truthfuse_files(cache):
     """A shared directory keeps its other JSON files; entries of another truthfuse version and a
     digest-named entry cut short are truthfuse's and go."""
@@ -163,7 +185,7 @@ def test_unreadable_directory_warns_once_for_the_read_and_the_write(cache, monke
     def refused(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(Path, "read_text", refused)
+    monkeypatch.setattr(Path, "read_bytes", refused)
     monkeypatch.setattr(cache_module, "_write_json_atomically", refused)
     with pytest.warns(TuningCacheWarning, match="cannot read") as caught:
         assert cache.get("k") is None
