@@ -160,7 +160,11 @@ def _check_output(site: Site, traced: fx.GraphModule) -> Optional[torch.dtype]:
         if len(result) != 1:
             raise ReplacementError("replacement must return one tensor")
         result = result[0]
-    value = result.meta.get("val") if isinstance(result, Node) else None
+    if not isinstance(result, Node):
+        # None, a number or a dict: nothing the matched result's users could read (the splice
+        # failed the compile with AttributeError on it)
+        raise ReplacementError(f"replacement must return one tensor, not {type(result).__name__.replace('immutable_', '')}")
+    value = result.meta.get("val")
     expected = site.match.output
     if not isinstance(expected, torch.Tensor):
         raise ReplacementError("matched site does not produce a tensor")

@@ -176,3 +176,53 @@ def test_a_registered_rule_and_its_kind_may_be_disabled(user_rule):
     unregister_rule(user_rule.name)
     with pytest.raises(fusion_backend.OptionError, match="neither a rule name nor a kind"):
         fusion_backend.parse_options({"disable": ["user.linear_gelu"]})
+
+
+def _misbehaving_rule(name, replacement, **kwargs):
+    return Rule(name=f"user.{name}", kind="custom", pattern=lambda x, w, b: F.gelu(F.linear(x, w, b)),
+                replacement=replacement, **kwargs)
+
+
+class LinearGelu(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 16)
+
+    def forward(self, x):
+        return F.gelu(self.lin(x)) * 2
+
+
+def _kept_with_one_warning_and_eager_results(rule, reason):
+    """The rule's site is kept with `reason` and one FusionWarning per compile, and the compiled
+    model's output and input gradient are eager's."""
+    register_rule(rule)
+    try:
+        model, x = LinearGelu(), torch.randn(2, 3, 8, requires_grad=True)
+        with pytest.warns(fusion_backend.FusionWarning, match=reason) as caught:
+            report = fusion_backend.explain(model, x, options=AGGRESSIVE_EAGER)
+        assert len([w for w in caught if issubclass(w.category, fusion_backend.FusionWarning)]) == 1
+        site = [s for s in report.sites if s.rule == rule.name][0]
+        assert site.decision == "kept" and reason in site.reason, site
+        torch._dynamo.reset()
+        xc = x.detach().clone().requires_grad_()
+        with pytest.warns(fusion_backend.FusionWarning, match=reason):
+            out = torch.compile(model, backend=fusion_backend.backend(**AGGRESSIVE_EAGER))(xc)
+        ref = model(x)
+        torch.testing.assert_close(out, ref)
+        out.sum().backward()
+        ref.sum().backward()
+        torch.testing.assert_close(xc.grad, x.grad)
+    finally:
+        unregister_rule(rule.name)
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("returned, shown", [(None, "NoneType"), (0.5, "float"), ("dict", "dict")])
+def test_a_replacement_returning_no_tensor_keeps_its_site(returned, shown):
+    """None, a number or a dict spliced in for the site's result failed the compile with
+    AttributeError ('NoneType' object has no attribute 'users')."""
+    def replacement(x, w, b):
+        return {"out": F.gelu(F.linear(x, w, b))} if returned == "dict" else returned
+
+    _kept_with_one_warning_and_eager_results(_misbehaving_rule(f"returns_{shown}", replacement),
+                                             f"replacement must return one tensor, not {shown}")
