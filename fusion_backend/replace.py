@@ -173,6 +173,11 @@ def _check_output(site: Site, traced: fx.GraphModule) -> Optional[torch.dtype]:
     if value.dim() != expected.dim() or not all(known_equal(a, b) for a, b in zip(value.shape, expected.shape)):
         raise ReplacementError(f"replacement shape {tuple(value.shape)} differs from the matched "
                                f"result's {tuple(expected.shape)}")
+    if value.dtype != expected.dtype and not (value.dtype.is_floating_point and expected.dtype.is_floating_point):
+        # only a floating result is cast back (a rule computing in fp32 for a bf16 site); an integer
+        # or bool result cast to the site's float dtype gave values eager never computed
+        raise ReplacementError(f"replacement's result is {value.dtype}, the matched result's {expected.dtype}: only "
+                               "a floating result is cast back to a floating dtype")
     return expected.dtype if value.dtype != expected.dtype else None
 
 

@@ -226,3 +226,13 @@ def test_a_replacement_returning_no_tensor_keeps_its_site(returned, shown):
 
     _kept_with_one_warning_and_eager_results(_misbehaving_rule(f"returns_{shown}", replacement),
                                              f"replacement must return one tensor, not {shown}")
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_a_replacement_whose_result_is_not_floating_keeps_its_site(dtype):
+    """Only a floating result is cast back to the site's floating dtype: an int32 result was cast
+    back to float32 and the compiled model's output was off by up to 0.6 (gradients by as much)."""
+    _kept_with_one_warning_and_eager_results(
+        _misbehaving_rule(f"returns_{dtype}".replace("torch.", ""),
+                          lambda x, w, b: F.gelu(F.linear(x, w, b)).to(dtype)),
+        f"replacement's result is {dtype}, the matched result's torch.float32")
