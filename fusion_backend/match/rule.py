@@ -133,6 +133,11 @@ class Rule:
                 reason = constraint(match)
             except Exception as exc:  # noqa: BLE001 -- an unsure rule does not match
                 reason = f"constraint {getattr(constraint, '__name__', constraint)} failed: {exc}"
+            if reason is not None and not isinstance(reason, str):
+                # True or False from a predicate: which one means "fine" is the author's guess, and
+                # False read as fine fused exactly the sites such a constraint was written to keep
+                reason = (f"constraint {getattr(constraint, '__name__', constraint)} returned {reason!r}, not None "
+                          "(the site is fine) or a string (why not)")
             if reason:
                 return reason
         return None

@@ -236,3 +236,34 @@ def test_a_replacement_whose_result_is_not_floating_keeps_its_site(dtype):
         _misbehaving_rule(f"returns_{dtype}".replace("torch.", ""),
                           lambda x, w, b: F.gelu(F.linear(x, w, b)).to(dtype)),
         f"replacement's result is {dtype}, the matched result's torch.float32")
+
+
+def _kept_near_miss_with_eager_results(rule, reason):
+    """The rule's site is a near-miss with `reason`, and the compiled model gives eager's output."""
+    register_rule(rule)
+    try:
+        model, x = LinearGelu(), torch.randn(2, 3, 8)
+        report = fusion_backend.explain(model, x, options=AGGRESSIVE_EAGER)
+        site = [s for s in report.sites if s.rule == rule.name][0]
+        assert site.decision == "kept" and reason in site.reason, site
+        str(report)
+        torch._dynamo.reset()
+        out = torch.compile(model, backend=fusion_backend.backend(**AGGRESSIVE_EAGER))(x)
+        torch.testing.assert_close(out, model(x))
+    finally:
+        unregister_rule(rule.name)
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("returned", [True, False])
+def test_a_constraint_returning_a_bool_keeps_its_site(returned):
+    """A constraint answers None (fine) or a reason. A predicate's False read as fine, so a rule
+    fused the sites its constraint was written to keep (and True made an explain row of a bool)."""
+    def no_negative_outputs(m):
+        return returned
+
+    _kept_near_miss_with_eager_results(
+        _misbehaving_rule(f"bool_constraint_{returned}", lambda x, w, b: -F.gelu(F.linear(x, w, b)),
+                          constraints=[no_negative_outputs]),
+        f"constraint no_negative_outputs returned {returned}, not None")
+
