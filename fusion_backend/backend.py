@@ -221,7 +221,7 @@ class TruthfuseBackend:
         space = DecisionSpace(
             sites=[SiteChoices(
                 site_id=s.id, kind=s.kind,
-                options=[Option.keep()] + [Option(option_name(c), s.variant, c, s.rule.exact_for(s.match)) for c in s.configs],
+                options=[Option.keep()] + [Option(option_name(c), s.variant, c, s.exact) for c in s.configs],
                 priority=s.rule.priority * 1000 + len(s.nodes),
                 # identical layers share what the search learns about launch configs
                 group=site_group(s))
@@ -229,7 +229,7 @@ class TruthfuseBackend:
             conflicts=conflicts)
         opts = self.options
         if opts.strategy == "conservative":
-            record.excluded = {s.id: _inexact_reason(s) for s in candidates if not s.rule.exact_for(s.match)}
+            record.excluded = {s.id: _inexact_reason(s) for s in candidates if not s.exact}
         # A training graph's sites are timed forward and backward, an inference graph's forward
         # only: the two may choose differently, so the key tells them apart.
         train = torch.is_grad_enabled() and any(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -145,8 +145,15 @@ class Rule:
     def config_choices(self, match: Match) -> List[Optional[str]]:
         if self.configs is None:
             return [None]
-        choices = list(self.configs(match)) or [None]
-        return choices
+        found = self.configs(match)
+        if isinstance(found, (str, bytes)) or not isinstance(found, Iterable):
+            raise TypeError(f"configs returned {found!r}, not a list of launch configs (strings, None for the default)")
+        found = list(found)
+        bad = [c for c in found if c is not None and not isinstance(c, str)]
+        if bad:
+            raise TypeError(f"configs returned {bad[0]!r} among its launch configs, which are strings (None for the "
+                            "default)")
+        return found or [None]
 
     def accepts_config(self) -> bool:
         params = inspect.signature(self.replacement).parameters

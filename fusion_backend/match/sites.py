@@ -57,6 +57,7 @@ class Site:
     location: str
     near_miss: Optional[str] = None           # why it cannot be fused, if it cannot
     configs: List[Optional[str]] = field(default_factory=lambda: [None])
+    exact: bool = True                        # the rule's `exact` for this match
     # For a near-miss: whether the rule's constraints hold, so that only the near-miss reason
     # (a value used elsewhere, or written in place) stands in the way
     constraints_hold: bool = False
@@ -257,7 +258,15 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
                 except Exception:  # noqa: BLE001
                     site.variant = None
                 if reason is None:
-                    site.configs = rule.config_choices(match)
+                    # a rule's own functions of the match: one that raises or answers out of type
+                    # leaves the rule unsure of the site, which it then keeps (it failed the compile,
+                    # or the analysis of the whole graph)
+                    try:
+                        site.configs = rule.config_choices(match)
+                        site.exact = rule.exact_for(match)
+                    except Exception as exc:  # noqa: BLE001
+                        reason = f"rule {rule.name} could not describe the site: {type(exc).__name__}: {exc}"
+                if reason is None:
                     chosen, chosen_al = site, al
                     break
                 if first_failure is None:

@@ -267,3 +267,19 @@ def test_a_constraint_returning_a_bool_keeps_its_site(returned):
                           constraints=[no_negative_outputs]),
         f"constraint no_negative_outputs returned {returned}, not None")
 
+
+@pytest.mark.parametrize("argument, value, reason", [
+    ("exact", lambda m: 1 / 0, "ZeroDivisionError"),
+    ("configs", lambda m: 1 / 0, "ZeroDivisionError"),
+    ("configs", lambda m: [1, 2], "configs returned 1 among its launch configs"),
+    ("configs", lambda m: "abc", "configs returned 'abc', not a list"),
+])
+def test_a_rule_whose_exact_or_configs_fails_keeps_its_site(argument, value, reason):
+    """exact raising failed the compile (BackendCompilerFailed), configs raising left the whole
+    graph unfused ("graph analysis failed"), and integer configs failed the compile with KeyError."""
+    def replacement(x, w, b, config=None):
+        return F.gelu(F.linear(x, w, b))
+
+    _kept_near_miss_with_eager_results(_misbehaving_rule(f"bad_{argument}", replacement, **{argument: value}),
+                                       f"rule user.bad_{argument} could not describe the site: ")
+    _kept_near_miss_with_eager_results(_misbehaving_rule(f"bad_{argument}", replacement, **{argument: value}), reason)
