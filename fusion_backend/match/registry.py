@@ -3,6 +3,7 @@ packages declare under the `truthfuse.rules` entry-point group."""
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from importlib.metadata import entry_points
 from typing import Dict, Iterable, List
@@ -21,10 +22,23 @@ def register_rule(rule: Rule, *, replace: bool = False) -> Rule:
     `replace=True` (useful while iterating on a rule in a notebook)."""
     if not isinstance(rule, Rule):
         raise TypeError(f"register_rule expects a fusion_backend.Rule, got {type(rule).__name__}")
+    # The built-in and plugin rules first, so that a name of theirs is taken whenever a program
+    # registers: loaded later (at the first compile), they silently replaced a rule registered
+    # under one of their names, even with replace=True. Not while the built-in library itself is
+    # being imported (a program that imports truthfuse_patterns first): plugins would load in the
+    # middle of it, before the built-ins they may replace or import from.
+    if not _builtins_importing():
+        _load_builtin_and_plugins()
     if rule.name in _rules and not replace and _rules[rule.name] is not rule:
         raise ValueError(f"a rule named {rule.name!r} is already registered; pass replace=True")
     _rules[rule.name] = rule
     return rule
+
+
+def _builtins_importing() -> bool:
+    """Whether the built-in library's package is being imported right now (its registrations)."""
+    module = sys.modules.get("truthfuse_patterns")
+    return module is not None and bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
 
 
 def unregister_rule(name: str) -> None:

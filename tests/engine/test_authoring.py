@@ -133,6 +133,58 @@ def test_third_party_rules_load_from_the_entry_point_group(tmp_path):
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
 
 
+
+def test_a_built_in_rule_name_is_taken_before_the_built_ins_load():
+    """In a fresh process nothing has loaded the built-in rules yet. A user rule registered then
+    under a built-in's name was accepted, and the built-ins, loaded at the first compile, replaced
+    it silently, even when it was registered with replace=True."""
+    code = textwrap.dedent("""
+        import torch
+        import fusion_backend
+        from fusion_backend import Rule, get_rule, register_rule
+        mine = Rule(name="attention.dot", kind="custom", pattern=lambda x: torch.tanh(torch.tanh(x)),
+                    replacement=lambda x: torch.tanh(torch.tanh(x)))
+        try:
+            register_rule(mine)
+        except ValueError as exc:
+            assert "already registered" in str(exc), exc
+        else:
+            raise AssertionError("a built-in rule's name was accepted")
+        register_rule(mine, replace=True)
+        fusion_backend.all_rules()
+        assert get_rule("attention.dot") is mine
+        print("OK")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_a_plugin_still_replaces_a_built_in_when_the_library_is_imported_first(tmp_path):
+    """register_rule loads the built-ins and plugins first, except from within the built-in
+    library's own import: a program importing truthfuse_patterns first would otherwise load the
+    plugins in the middle of it, and the built-in registered after the plugin replaced it."""
+    (tmp_path / "my_rules.py").write_text(textwrap.dedent("""
+        import torch
+        from fusion_backend import Rule
+        RULE = Rule(name="attention.dot", kind="plugin", pattern=lambda x: torch.sigmoid(torch.sigmoid(x)),
+                    replacement=lambda x: torch.sigmoid(torch.sigmoid(x)))
+    """))
+    dist = tmp_path / "my_rules-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-rules\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[{fusion_backend.ENTRY_POINT_GROUP}]\nsig = my_rules:RULE\n")
+    code = textwrap.dedent("""
+        import truthfuse_patterns
+        import fusion_backend
+        fusion_backend.all_rules()
+        assert fusion_backend.get_rule("attention.dot").kind == "plugin"
+        print("OK")
+    """)
+    import os
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*sys.path, str(tmp_path)])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
+
 def test_guard_equal_accepts_separate_symbols_under_a_guard_and_refuses_when_unsure():
     """known_equal never guesses; guard_equal takes two backed symbols whose example values agree
     (adding a guard), refuses ones that differ, and says no, without raising, for data-dependent
