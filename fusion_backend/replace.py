@@ -111,6 +111,7 @@ def trace_replacement(site: Site, config: Optional[str]) -> fx.GraphModule:
     takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
 
     order: Optional[List[int]] = None
+    result_grad: Dict[str, bool] = {}
 
     def call(*tensors):
         kwargs = dict(constants)
@@ -118,6 +119,9 @@ def trace_replacement(site: Site, config: Optional[str]) -> fx.GraphModule:
         if not takes_all:
             kwargs = {k: v for k, v in kwargs.items() if k in params}
         out = rule.replacement(**kwargs, **kwargs_extra)
+        first = out[0] if isinstance(out, (list, tuple)) and out else out
+        if isinstance(first, torch.Tensor):  # autograd's view of the result, which the trace drops
+            result_grad["requires_grad"] = first.requires_grad
         if order is not None:  # eager's layout: contiguous in `order`, viewed back
             out = out[0] if isinstance(out, (list, tuple)) else out
             out = out.permute(order).contiguous().permute([order.index(i) for i in range(len(order))])
@@ -139,6 +143,7 @@ def trace_replacement(site: Site, config: Optional[str]) -> fx.GraphModule:
         traced = trace()
     traced.tensor_names = tensor_names
     traced.result_is_a_copy = order is not None  # not the op's own output memory
+    traced.result_requires_grad = result_grad.get("requires_grad")
     return traced
 
 
@@ -185,6 +190,12 @@ def build_replacement(site: Site, config: Optional[str]) -> tuple:
     """Trace and check a site's replacement without touching the target graph."""
     traced = trace_replacement(site, config)
     cast = _check_output(site, traced)
+    expected = site.match.output
+    if torch.is_grad_enabled() and expected.requires_grad and traced.result_requires_grad is False:
+        # a detach, a no_grad region or a non-differentiable op inside the replacement: the fused
+        # graph would train with no gradient through the site, where eager's flows
+        raise ReplacementError("the replacement's result does not require grad where the matched result does "
+                               "(a detach, no_grad or a non-differentiable op in it would cut the gradient)")
     return traced, cast
 
 

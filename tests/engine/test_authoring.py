@@ -241,7 +241,7 @@ class LinearGelu(torch.nn.Module):
         self.lin = torch.nn.Linear(8, 16)
 
     def forward(self, x):
-        return F.gelu(self.lin(x)) * 2
+        return F.gelu(self.lin(x)) * 2 + x.sum(-1, keepdim=True)
 
 
 def _kept_with_one_warning_and_eager_results(rule, reason):
@@ -335,3 +335,12 @@ def test_a_rule_whose_exact_or_configs_fails_keeps_its_site(argument, value, rea
     _kept_near_miss_with_eager_results(_misbehaving_rule(f"bad_{argument}", replacement, **{argument: value}),
                                        f"rule user.bad_{argument} could not describe the site: ")
     _kept_near_miss_with_eager_results(_misbehaving_rule(f"bad_{argument}", replacement, **{argument: value}), reason)
+
+
+def test_a_replacement_that_cuts_the_gradient_keeps_its_site():
+    """A replacement whose result does not require grad (a .detach(), torch.no_grad() inside it)
+    was fused, and the compiled model trained without the gradient through the site: the input's
+    gradient was off by 0.4 (only the path around the site reached it)."""
+    _kept_with_one_warning_and_eager_results(
+        _misbehaving_rule("detached", lambda x, w, b: F.gelu(F.linear(x, w, b)).detach()),
+        "the replacement's result does not require grad where the matched result does")
