@@ -58,9 +58,19 @@ METRIC_IDS = {"dot": 0, "l2": 1, "cosine": 2, "l1": 3}
 MAX_HEAD_DIM = 256
 # Bits per dropout draw (see kernels.philox): 16 rounds p to a multiple of 2**-16; 8, as
 # FlashAttention does, to a multiple of 2**-8 for fewer Philox calls. Read once, at import.
-DROPOUT_BITS = int(os.environ.get("TRUTHFUSE_ATTENTION_DROPOUT_BITS", "16"))
-if DROPOUT_BITS not in (8, 16):
-    raise ValueError(f"TRUTHFUSE_ATTENTION_DROPOUT_BITS must be 8 or 16, got {DROPOUT_BITS}")
+def _dropout_bits(value: str) -> int:
+    """TRUTHFUSE_ATTENTION_DROPOUT_BITS: unset or empty is 16, as for the other TRUTHFUSE_ variables;
+    anything but 8 or 16 stops the import with an error naming both (int('') and int('abc') raised
+    "invalid literal for int()", which named neither the variable nor its values)."""
+    value = value.strip()
+    if not value:
+        return 16
+    if value not in ("8", "16"):
+        raise ValueError(f"TRUTHFUSE_ATTENTION_DROPOUT_BITS must be 8 or 16, got {value!r}")
+    return int(value)
+
+
+DROPOUT_BITS = _dropout_bits(os.environ.get("TRUTHFUSE_ATTENTION_DROPOUT_BITS", ""))
 
 # Rows of the kept ranges a dK/dV program scans at a time (`_query_range`): the scan is a few
 # percent of a skipping dK/dV kernel on an H100, 2048 rows 1-4% faster than 1024 (packed documents,

@@ -89,3 +89,21 @@ def test_seed_argument_is_checked():
     assert int(seed_arg(7, x)) == 7
     with pytest.raises(ValueError, match="int64"):
         seed_arg(torch.tensor(7, dtype=torch.int32), x)
+
+
+@pytest.mark.parametrize("value, expected", [("", 16), (" 8 ", 8), ("abc", "must be 8 or 16, got 'abc'"),
+                                             ("7", "must be 8 or 16, got '7'")])
+def test_dropout_bits_variable_is_read_or_refused_clearly(value, expected):
+    """Empty means unset (int('') stopped the import with "invalid literal for int()", as did any
+    other non-number, naming neither the variable nor its values)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import fusion_backend.kernels.attention as a; print('BITS', a.DROPOUT_BITS)"
+    env = {**os.environ, "TRUTHFUSE_ATTENTION_DROPOUT_BITS": value}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    if isinstance(expected, int):
+        assert proc.returncode == 0 and f"BITS {expected}" in proc.stdout, proc.stderr[-2000:]
+    else:
+        assert proc.returncode != 0 and f"TRUTHFUSE_ATTENTION_DROPOUT_BITS {expected}" in proc.stderr, proc.stderr[-2000:]
