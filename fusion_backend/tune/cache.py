@@ -369,6 +369,12 @@ def save_state(path: str | os.PathLike, cache: TuningCache | None = None) -> int
     return len(entries)
 
 
+def _no_such_number(name: str):
+    """json.loads' hook for NaN, Infinity and -Infinity, which JSON does not have: a state holding
+    one (hand-edited) failed the import with the ValueError the cache's writer raises for them."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def load_state(path: str | os.PathLike, cache: TuningCache | None = None) -> int:
     """Merge the decisions in a save_state file into the cache; returns how many were imported.
 
@@ -384,7 +390,7 @@ def load_state(path: str | os.PathLike, cache: TuningCache | None = None) -> int
     except OSError as error:
         raise TuningStateError(f"cannot read tuning state {path}: {error}") from error
     try:
-        state = json.loads(data.decode("utf-8"))
+        state = json.loads(data.decode("utf-8"), parse_constant=_no_such_number)
     except ValueError as error:  # UnicodeDecodeError included
         raise TuningStateError(f"tuning state {path} is not valid JSON: {error}") from error
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:

@@ -318,6 +318,8 @@ def test_save_and_load_state_use_the_default_directory(monkeypatch, tmp_path):
     ('{"format": "truthfuse-tuning-state", "format_version": 1, "entries": []}', "entries"),
     ('{"format": "truthfuse-tuning-state", "format_version": 1, "truthfuse": "0.1.0",'
      ' "entries": {"../x": {}}}', "malformed"),
+    ('{"format": "truthfuse-tuning-state", "format_version": 1, "truthfuse": "0.1.0",'
+     ' "entries": {"abc": {"cost_ms": NaN}}}', "NaN is not a JSON number"),
 ])
 def test_load_state_rejects_bad_files_clearly(tmp_path, content, message):
     path = tmp_path / "state.json"
