@@ -514,7 +514,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(f"removed {removed} entr{'y' if removed == 1 else 'ies'} from {cache.directory}")
         return 0
     if args.action == "export":
-        count = save_state(args.path, cache)
+        try:
+            count = save_state(args.path, cache)
+        except OSError as exc:  # a directory, a read-only place: the user's to fix, in one line
+            raise CLIError(f"cannot write {args.path}: {exc}") from None
         print(f"exported {count} entr{'y' if count == 1 else 'ies'} from {cache.directory} to {args.path}")
         return 0
     try:

@@ -296,6 +296,13 @@ def test_cache_import_of_a_bad_file(capsys, tmp_path):
     _one_line_error(capsys, cli.main(["cache", "import", str(tmp_path / "missing.json")]), "cannot read")
 
 
+def test_cache_export_to_a_place_that_cannot_be_written(capsys, tmp_path):
+    """An export onto a directory (or anywhere the OS refuses) was an IsADirectoryError traceback
+    with status 1."""
+    TuningCache(tmp_path / "cache").put("a" * 64, _record())
+    _one_line_error(capsys, cli.main(["cache", "export", str(tmp_path)]), "cannot write", str(tmp_path))
+
+
 def test_console_script_entry_point():
     """`python -m fusion_backend.cli` is what the `truthfuse` script runs: status and one line."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
