@@ -313,7 +313,7 @@ def _written_by_truthfuse(path: Path) -> bool:
         return False
     try:
         envelope = json.loads(data.decode("utf-8"))
-    except ValueError:  # UnicodeDecodeError included
+    except (ValueError, RecursionError):  # UnicodeDecodeError included; RecursionError: nesting too deep
         return bool(_DIGEST_NAME.match(path.stem))
     return (isinstance(envelope, dict) and "truthfuse" in envelope and "format" in envelope
             and envelope.get("key") == path.stem)
@@ -329,7 +329,7 @@ def _parse_envelope(data: bytes, key: str) -> tuple[dict | None, str | None]:
     read_text's UnicodeDecodeError is no OSError, so it failed the compile and `truthfuse cache`."""
     try:
         envelope = json.loads(data.decode("utf-8"))
-    except ValueError as error:  # UnicodeDecodeError included
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError included; RecursionError: nesting too deep
         return None, f"not valid JSON ({error})"
     if not isinstance(envelope, dict):
         return None, "not a JSON object"
@@ -391,7 +391,7 @@ def load_state(path: str | os.PathLike, cache: TuningCache | None = None) -> int
         raise TuningStateError(f"cannot read tuning state {path}: {error}") from error
     try:
         state = json.loads(data.decode("utf-8"), parse_constant=_no_such_number)
-    except ValueError as error:  # UnicodeDecodeError included
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError included; RecursionError: nesting too deep
         raise TuningStateError(f"tuning state {path} is not valid JSON: {error}") from error
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise TuningStateError(f"{path} is not a truthfuse tuning state (no format {STATE_FORMAT!r})")

@@ -74,7 +74,9 @@ def test_versions_include_torch_triton_and_truthfuse():
     assert versions["torch"].split("+")[0] == torch.__version__.split("+")[0]
 
 
-@pytest.mark.parametrize("content", ["{not json", "", "[1, 2]", '{"format": 1}', "\x00\x01"])
+# the last: nesting deeper than json's recursion limit (RecursionError, no ValueError), which failed the compile
+@pytest.mark.parametrize("content", ["{not json", "", "[1, 2]", '{"format": 1}', "\x00\x01",
+                                     '{"format": 1, "record": ' + "[" * 100000 + "]" * 100000 + "}"])
 def test_corrupted_file_warns_once_and_misses(cache, content):
     key = _key()
     cache.put(key, RECORD)
