@@ -93,6 +93,17 @@ def test_respects_the_time_budget():
     assert result.measurements == evaluate.calls >= 1
 
 
+def test_a_time_budget_spent_before_the_search_still_measures_the_baseline():
+    """A positive cap too small for anything (1e-9 s; tuning_seconds accepts it) measures the
+    all-keep plan and keeps it; the search raised "measured nothing" and the compile failed."""
+    space, cost_of = _additive_space()
+    evaluate = CountingCost(cost_of)
+    result = mcts_search(space, evaluate, simulations=30, time_budget_s=1e-9, seed=0)
+    assert evaluate.plans == [space.all_keep()] and result.best_plan == space.all_keep()
+    decision = choose_plan(space, CountingCost(cost_of), "moderate", time_budget_s=1e-9)
+    assert decision.plan == space.all_keep() and decision.measurements == 1
+
+
 def test_deterministic_under_a_seed():
     space, cost_of = structured_space(7)
     runs = [CountingCost(cost_of) for _ in range(3)]
