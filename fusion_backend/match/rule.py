@@ -112,6 +112,32 @@ class Rule:
         if missing:
             raise ValueError(f"rule {self.name}: the replacement lacks parameters {missing} "
                              "that the pattern binds")
+        self._check_fields(params)
+
+    def _check_fields(self, params: set) -> None:
+        """The other fields' types, checked here: read only when the rules are sorted or a site
+        matches, a priority of "high" failed the analysis of every graph of every model and a kind
+        of 5 failed options={"disable": ...} for every rule, far from the rule that caused it."""
+        def bad(field_name: str, what: str):
+            raise TypeError(f"rule {self.name}: {field_name}={getattr(self, field_name)!r} must be {what}")
+
+        if not isinstance(self.kind, str) or not self.kind:
+            bad("kind", 'a non-empty string ("attention", "feedforward" or a kind of your own)')
+        if isinstance(self.priority, bool) or not isinstance(self.priority, (int, float)) or self.priority != self.priority:
+            bad("priority", "a number (higher is tried first)")
+        if callable(self.constraints) or not isinstance(self.constraints, (list, tuple)) or not all(
+                callable(c) for c in self.constraints):
+            bad("constraints", "a list of functions of a Match (a single function goes in a list)")
+        if self.variant is not None and not isinstance(self.variant, str) and not callable(self.variant):
+            bad("variant", "None, a string or a function of a Match")
+        if not isinstance(self.exact, bool) and not callable(self.exact):
+            bad("exact", "True, False or a function of a Match")
+        for field_name in ("configs", "replacement_args"):
+            if getattr(self, field_name) is not None and not callable(getattr(self, field_name)):
+                bad(field_name, "None or a function of a Match")
+        names = self.look_through_upcasts
+        if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(n in params for n in names):
+            bad("look_through_upcasts", f"a list of the pattern's parameters ({', '.join(sorted(params))})")
 
     @property
     def traced(self) -> PatternGraph:

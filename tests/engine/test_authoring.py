@@ -344,3 +344,22 @@ def test_a_replacement_that_cuts_the_gradient_keeps_its_site():
     _kept_with_one_warning_and_eager_results(
         _misbehaving_rule("detached", lambda x, w, b: F.gelu(F.linear(x, w, b)).detach()),
         "the replacement's result does not require grad where the matched result does")
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("priority", "high", "must be a number"),
+    ("kind", 5, "must be a non-empty string"),
+    ("constraints", wide_enough, "must be a list of functions of a Match"),
+    ("variant", 3, "must be None, a string or a function"),
+    ("exact", "no", "must be True, False or a function"),
+    ("configs", ["cublas"], "must be None or a function"),
+    ("look_through_upcasts", ("nope",), "must be a list of the pattern's parameters (b, s, w, x)"),
+])
+def test_rule_fields_of_the_wrong_type_are_refused_when_the_rule_is_made(field, value, named):
+    """Read only later, a priority of "high" made every graph's analysis fail (nothing fused in
+    any model), a kind of 5 made options={"disable": [...]} raise for every rule, and a single
+    constraint function outside a list failed the analysis of every graph where the pattern matched."""
+    kwargs = {"name": "user.typed", "kind": "custom", "pattern": scaled_gelu_pattern,
+              "replacement": scaled_gelu_replacement, field: value}
+    with pytest.raises(TypeError, match=f"rule user.typed: {field}=.* {named}".replace("(", r"\(").replace(")", r"\)")):
+        Rule(**kwargs)
