@@ -146,6 +146,13 @@ class TruthfuseBackend:
         except Exception as exc:  # noqa: BLE001 -- analysis must never break compilation
             warnings.warn(f"truthfuse: graph analysis failed, compiling unchanged: {exc}", FusionWarning)
             return gm
+        if any(n.op == "call_function" and getattr(n.target, "__name__", None) == "tag_activation_checkpoint"
+               for n in canon.graph.nodes):
+            # explain() read "no attention or feed-forward site was found" for a model whose every
+            # layer is checkpointed (HF's gradient_checkpointing_enable()), as if it had none
+            record.notes.append("code under torch.utils.checkpoint (HF's gradient_checkpointing_enable() puts every "
+                                "layer there) is not looked into: nothing inside it fuses; turn checkpointing off to "
+                                "fuse those blocks")
         if any(rule.kind == "feedforward" for rule in self._rules()):
             for tanh in tanh_gelus_with_runtime_constant(canon.graph):
                 note = (f"the tanh GELU at {source_location(tanh)} reads sqrt(2/pi) at run time "

@@ -182,6 +182,26 @@ def test_explain_says_when_dynamo_handed_over_no_graph():
     assert "the graph compiled" not in str(report)
 
 
+
+def test_explain_says_checkpointed_code_is_not_looked_into():
+    """A model whose attention runs under torch.utils.checkpoint (HF's gradient checkpointing)
+    gave "no attention or feed-forward site was found", as if it had none; the report now says
+    the checkpointed code was not looked into, and still finds the attention outside it."""
+    from torch.utils.checkpoint import checkpoint
+
+    inner, outer = CausalSelfAttention(), CausalSelfAttention()
+
+    def model(x):
+        return outer(checkpoint(inner, x, use_reentrant=False))
+
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    report = fusion_backend.explain(model, x, options=AGGRESSIVE_EAGER)
+    assert [s.decision for s in report.sites] == ["fused"], str(report)
+    assert "note: code under torch.utils.checkpoint" in str(report), str(report)
+    torch._dynamo.reset()
+    report = fusion_backend.explain(outer, x, options=AGGRESSIVE_EAGER)
+    assert "checkpoint" not in str(report), str(report)
+
 def test_moderate_strategy_measures_and_never_crashes():
     model = CausalSelfAttention()
     x = torch.randn(2, 16, 32)
