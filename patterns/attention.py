@@ -395,6 +395,10 @@ def check_dropout(m: Match) -> Optional[str]:
     p = m.values["p"]
     if isinstance(p, torch.Tensor):
         return "dropout probability is a tensor"
+    if isinstance(p, torch.SymFloat):
+        # a probability Dynamo made symbolic after it changed: the replacement guards on this
+        # call's value, which the op refuses outside [0, 1) (a "failed to build" FusionWarning)
+        p = p.node.hint if p.node.hint is not None else p
     if isinstance(p, (int, float)) and not 0 <= p < 1:
         return f"dropout probability {p} is outside [0, 1)"
     return None

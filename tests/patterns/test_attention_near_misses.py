@@ -286,3 +286,33 @@ def test_head_dim_zero_is_kept_as_empty(form):
         warnings.simplefilter("error", FusionWarning)
         assert_near_miss(_HeadDimZero(form), q, k, v, reason="head dim 0")
         assert_matches_eager(_HeadDimZero(form), q, k, v)
+
+
+class _DropoutOfAttribute(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p = 0.1
+
+    def forward(self, q, k, v):
+        return F.dropout(torch.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-1), self.p, True) @ v
+
+
+def test_a_dropout_probability_that_changes_to_one_is_a_near_miss():
+    """A probability changed between calls becomes a symbolic float; at 1.0 the replacement, which
+    guards on the value, failed to build (a FusionWarning that calls itself a truthfuse bug)
+    instead of the near-miss a constant 1.0 gets."""
+    import fusion_backend
+
+    model, (q, k, v) = _DropoutOfAttribute(), qkv()
+    backend = fusion_backend.backend(**OPTIONS)
+    compiled = torch.compile(model, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FusionWarning)
+        for p in (0.1, 0.3, 1.0):
+            model.p = p
+            out = compiled(q, k, v)
+    assert out.abs().max() == 0
+    last = [s for s in backend.records[-1].sites if s.kind == "attention"]
+    assert last and all(s.decision == "kept" and "dropout probability 1.0 is outside [0, 1)" in s.reason
+                        for s in last), [(s.decision, s.reason) for s in last]
+    torch._dynamo.reset()
