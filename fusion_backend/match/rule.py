@@ -135,6 +135,8 @@ class Rule:
         for field_name in ("configs", "replacement_args"):
             if getattr(self, field_name) is not None and not callable(getattr(self, field_name)):
                 bad(field_name, "None or a function of a Match")
+        if not isinstance(self.keeps_result_for_backward, bool):
+            bad("keeps_result_for_backward", "True or False")
         names = self.look_through_upcasts
         if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(n in params for n in names):
             bad("look_through_upcasts", f"a list of the pattern's parameters ({', '.join(sorted(params))})")

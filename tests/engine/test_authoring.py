@@ -354,6 +354,7 @@ def test_a_replacement_that_cuts_the_gradient_keeps_its_site():
     ("exact", "no", "must be True, False or a function"),
     ("configs", ["cublas"], "must be None or a function"),
     ("look_through_upcasts", ("nope",), "must be a list of the pattern's parameters (b, s, w, x)"),
+    ("keeps_result_for_backward", "no", "must be True or False"),
 ])
 def test_rule_fields_of_the_wrong_type_are_refused_when_the_rule_is_made(field, value, named):
     """Read only later, a priority of "high" made every graph's analysis fail (nothing fused in
