@@ -97,6 +97,8 @@ def _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale, softcap=
         raise ValueError(f"attention: batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape[3] != D:
         raise ValueError(f"attention: q and k head dims differ: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if D == 0 and metric == "dot" and scale is None:
+        raise ValueError("attention: head dim 0 has no default scale (1/sqrt(D)); pass scale")
     if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
         raise ValueError(f"attention: k and v must share (B, Hkv, Nk): k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -584,19 +586,23 @@ def sdpa_supports(metric, attn_mask, scale, softcap=None, sinks=None) -> tuple:
 
 
 def _centred_on_key_mean(q, k):
-    """fp32 q and k less the mean key of their (b, kv head): |q - k|^2 does not change, but the
-    kernels' expanded form 2 q.k - |k|^2 then works on the keys' spread instead of their distance
-    from the origin. It loses about |k|^2 * 2^-24 per logit to cancellation, where eager's
-    subtract-first form is exact: coordinates near 40 that differ by 0.3 were 4.6e-3 off float64.
-    The subtraction's own rounding is 2^-24 of the spread. Half-precision inputs pass unchanged:
-    rounding them after the subtraction costs precision on every call, and computing the mean took
-    0.3 ms of a 1.5 ms bf16 forward at N=8192 (docs/troubleshooting.md has their limits). The mean is
-    detached: the output does not depend on it, so the gradients through the subtraction are exact."""
+    """fp32 q and k less the mean key of their (b, kv head), in the coordinates where that mean
+    lies more than 8 standard deviations from 0: |q - k|^2 does not change, but the kernels'
+    expanded form 2 q.k - |k|^2 then works on the keys' spread instead of their distance from the
+    origin. It loses about |k|^2 * 2^-24 per logit to cancellation, where eager's subtract-first
+    form is exact: coordinates near 40 that differ by 0.3 were 4.6e-3 off float64. Below 8
+    deviations that loss is under 64 * 2^-24 of the spread's, and centring could only hurt: keys
+    that a mask hides may hold anything (an uninitialized cache), and a mean pulled to 1e18 by
+    them would leave q - mean nothing of q. Such keys, or an inf or NaN among them, widen the
+    deviation past the mean, and q and k pass unchanged. The subtraction's own rounding is 2^-24 of
+    the spread. Half-precision inputs pass unchanged: rounding them after the subtraction costs
+    precision on ordinary inputs, and the extra passes took 0.3 ms of a 1.5 ms bf16 forward at
+    N=8192 (docs/troubleshooting.md has their limits). The mean is detached: the output does not
+    depend on it, so the gradients through the subtraction are exact."""
     if k.dtype != torch.float32 or k.shape[2] == 0:
         return q, k
-    centre = k.detach().mean(dim=2, keepdim=True)
-    # a key with an inf coordinate would make every row of its (b, h) NaN through q - inf
-    centre = torch.where(centre.isfinite(), centre, 0.0)
+    spread, centre = torch.std_mean(k.detach(), dim=2, keepdim=True, correction=0)
+    centre = torch.where(centre.abs() > 8 * spread, centre, 0.0)  # false for NaN too
     q_centre = centre if q.shape[1] == k.shape[1] else centre.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     return q - q_centre, k - centre
 
