@@ -261,7 +261,7 @@ class TruthfuseBackend:
                     return dict(decision.plan)
                 cache.reject(key, problem)
 
-        graphs = record.timed_as_graphs = _replays_cuda_graphs(opts)
+        graphs = _replays_cuda_graphs(opts)
         # Under CUDA graphs the timer replays both options of a site as graphs of its own, so a
         # kept subgraph is compiled without Inductor's (they would nest).
         timing_opts = dataclasses.replace(opts, inductor_options={**opts.inductor_options, "triton.cudagraphs": False})
@@ -289,6 +289,8 @@ class TruthfuseBackend:
         # The plans the search scored were priced from site timings; report the timed runs.
         record.plans_evaluated = decision.measurements
         record.measurements = timer.measurements
+        # what the report calls CUDA-graph timing: none on CPU, or where nothing was timed
+        record.timed_as_graphs = timer.graph_replays > 0
         if cache is not None and key is not None:
             if decision.reusable:
                 cache.put(key, decision.to_record())

@@ -207,6 +207,7 @@ class SiteTimer:
         self.timings: Dict[tuple, Timing] = {}
         self.rounds: Dict[tuple, int] = {}
         self.measurements = 0
+        self.graph_replays = 0  # measurements made as CUDA-graph replays (graphs, on a CUDA device)
         self._generators: Dict[torch.device, torch.Generator] = {}
         # (site group, choice) -> the inner compiler's callable: a confirmation round reuses it
         self._compiled: Dict[tuple, Callable] = {}
@@ -354,7 +355,9 @@ class SiteTimer:
             with grad_ctx:
                 if self.graphs and device.type == "cuda":
                     try:
-                        return _measure_replays(run, sets, device)
+                        ms = _measure_replays(run, sets, device)
+                        self.graph_replays += 1
+                        return ms
                     except Exception as exc:  # noqa: BLE001 -- then time it as it would run without graphs
                         log.info("tuning: %s %s: no CUDA graph (%s: %s); timed without one", site.rule.name, choice,
                                  type(exc).__name__, str(exc)[:120])
