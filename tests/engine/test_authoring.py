@@ -109,19 +109,23 @@ def test_symbolic_shape_constraint_holds_under_dynamic_shapes():
         unregister_rule(rule.name)
 
 
-def test_third_party_rules_load_from_the_entry_point_group(tmp_path):
-    pkg = tmp_path / "my_rules.py"
-    pkg.write_text(textwrap.dedent("""
+def _installed_plugin(tmp_path, name, kind):
+    """A package `my_rules` on tmp_path whose distribution declares one rule, `name` of `kind`, in
+    truthfuse's entry-point group, as pip would install it."""
+    (tmp_path / "my_rules.py").write_text(textwrap.dedent(f"""
         import torch
         from fusion_backend import Rule
-        RULE = Rule(name="plugin.sigmoid_sigmoid", kind="custom",
-                    pattern=lambda x: torch.sigmoid(torch.sigmoid(x)),
+        RULE = Rule(name={name!r}, kind={kind!r}, pattern=lambda x: torch.sigmoid(torch.sigmoid(x)),
                     replacement=lambda x: torch.sigmoid(torch.sigmoid(x)))
     """))
     dist = tmp_path / "my_rules-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-rules\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text(f"[{fusion_backend.ENTRY_POINT_GROUP}]\nsig = my_rules:RULE\n")
+
+
+def test_third_party_rules_load_from_the_entry_point_group(tmp_path):
+    _installed_plugin(tmp_path, "plugin.sigmoid_sigmoid", "custom")
     code = textwrap.dedent("""
         import fusion_backend
         names = [r.name for r in fusion_backend.all_rules()]
@@ -131,7 +135,6 @@ def test_third_party_rules_load_from_the_entry_point_group(tmp_path):
     env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
-
 
 
 def test_a_built_in_rule_name_is_taken_before_the_built_ins_load():
@@ -163,16 +166,7 @@ def test_a_plugin_still_replaces_a_built_in_when_the_library_is_imported_first(t
     """register_rule loads the built-ins and plugins first, except from within the built-in
     library's own import: a program importing truthfuse_patterns first would otherwise load the
     plugins in the middle of it, and the built-in registered after the plugin replaced it."""
-    (tmp_path / "my_rules.py").write_text(textwrap.dedent("""
-        import torch
-        from fusion_backend import Rule
-        RULE = Rule(name="attention.dot", kind="plugin", pattern=lambda x: torch.sigmoid(torch.sigmoid(x)),
-                    replacement=lambda x: torch.sigmoid(torch.sigmoid(x)))
-    """))
-    dist = tmp_path / "my_rules-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-rules\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(f"[{fusion_backend.ENTRY_POINT_GROUP}]\nsig = my_rules:RULE\n")
+    _installed_plugin(tmp_path, "attention.dot", "plugin")
     code = textwrap.dedent("""
         import truthfuse_patterns
         import fusion_backend
