@@ -643,7 +643,7 @@ def _make_replacement(metric: str, gqa: bool = False, causal_bias: bool = False)
         if mask is not None and three_d and mask.dim() == 3:
             mask = mask.unsqueeze(0)
         grouped = gqa or kv_heads_broadcast(q, k, v)
-        out = attention_op(q, k, v, metric=metric, scale=s, attn_mask=mask, enable_gqa=grouped, causal=causal_bias,
+        out = attention_op(q, k, v, metric=metric, scale=s, attn_mask=mask, enable_gqa=bool(grouped), causal=causal_bias,
                            dropout_p=float(p) if p is not None else 0.0, softcap=softcap, sinks=sinks, config=config)
         if whole_rows is not None:
             out = _rows_filled_whole_as_eager(out, v, whole_rows.unsqueeze(0) if three_d else whole_rows)

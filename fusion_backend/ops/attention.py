@@ -67,9 +67,13 @@ def attention_config_space(metric: str, head_dim: int, dtype: torch.dtype, devic
 # ----------------------------------------------------------------------------------------------
 # Validation and support
 # ----------------------------------------------------------------------------------------------
-def _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale, softcap=None, sinks=None):
+def _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale, softcap=None, sinks=None, causal=False):
     if metric not in METRICS:
         raise ValueError(f"attention: unknown metric {metric!r}; valid metrics are {', '.join(METRICS)}")
+    for name, flag in (("causal", causal), ("enable_gqa", enable_gqa)):
+        # as SDPA's is_causal and enable_gqa: a string or a tensor is no flag ("no" is truthy)
+        if not isinstance(flag, (bool, torch.SymBool)):
+            raise ValueError(f"attention: {name} must be True or False, got {flag!r}")
     if sinks is not None:
         H = q.shape[1] if isinstance(q, Tensor) and q.dim() == 4 else None
         if not isinstance(sinks, Tensor) or not sinks.dtype.is_floating_point or sinks.numel() != H:
@@ -273,7 +277,7 @@ def attention_reference(q, k, v, *, metric="dot", scale=None, causal=False, attn
     """Pure PyTorch `attention` with identical semantics (float32 math, float64 for float64 inputs).
     Dropout draws the kernels' Philox mask for `dropout_seed` (or a fresh seed from torch's default
     generator), so with the seed the kernels were given it drops the same elements."""
-    _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale, softcap, sinks)
+    _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale, softcap, sinks, causal)
     B, H, Nq, D = q.shape
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale_h = _scale_vector(scale, metric, D, H, q.device).to(dtype)
@@ -632,7 +636,7 @@ def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None
     `sinks` (dot; H elements, may require grad; a scale that needs no gradient): GPT-OSS's sink
     logits, one value-less key per head in every row's softmax.
     Raises ValueError on bad input before anything is launched."""
-    _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale, softcap, sinks)
+    _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale, softcap, sinks, causal)
     B, H, Nq, D = q.shape
     if config == SDPA_CONFIG:
         ok, why = sdpa_supports(metric, attn_mask, scale, softcap, sinks)

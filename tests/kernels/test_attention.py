@@ -552,6 +552,15 @@ def test_validation_errors():
         attention(empty, empty, torch.randn(1, 2, 8, 4))
 
 
+@pytest.mark.parametrize("flag", ["causal", "enable_gqa"])
+@pytest.mark.parametrize("value", ["no", None, 1, torch.tensor(False)])
+def test_causal_and_enable_gqa_must_be_bools(flag, value):
+    # as SDPA's is_causal and enable_gqa; causal="no" was truthy and ran causal attention
+    q, k, v = make(1, 2, 2, 4, 4, 16, 16)
+    with pytest.raises(ValueError, match=f"{flag} must be True or False"):
+        attention(q, k, v, **{flag: value})
+
+
 def test_supports_on_meta_and_fallback_for_big_head_dim():
     q = torch.empty(1, 2, 8, 512, device="meta")
     ok, reason = attention_supports(q, q, q, "dot")
