@@ -115,7 +115,7 @@ def _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale, softcap=
     if Hkv != H:
         if not enable_gqa:
             raise ValueError(f"attention: q has {H} heads and k/v have {Hkv}; pass enable_gqa=True for grouped-query attention")
-        if H % Hkv != 0:
+        if Hkv == 0 or H % Hkv != 0:
             raise ValueError(f"attention: enable_gqa needs q heads ({H}) to be a multiple of k/v heads ({Hkv})")
     if not isinstance(dropout_p, (int, float)) or not (0.0 <= float(dropout_p) < 1.0):
         raise ValueError(f"attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")

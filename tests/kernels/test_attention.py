@@ -541,6 +541,8 @@ def test_validation_errors():
         attention(q3, k3, v3, enable_gqa=True)
     with pytest.raises(ValueError, match="head dims"):
         attention(q, torch.randn(1, 2, 8, 8), v, enable_gqa=True)
+    with pytest.raises(ValueError, match="multiple"):  # was a ZeroDivisionError
+        attention(q, k[:, :0], v[:, :0], enable_gqa=True)
     with pytest.raises(ValueError, match="dropout_p"):
         attention(q, k, v, enable_gqa=True, dropout_p=1.5)
     with pytest.raises(ValueError, match="broadcast"):
