@@ -625,6 +625,29 @@ def _cosine_default_on_sdpa(q, metric, attn_mask, dropout_p, scale) -> bool:
             and q.device.type == "cuda" and not interpreting())
 
 
+def _checked_config_key(config) -> Optional[str]:
+    """A call's config as the kernels' key string (None for the default), or a ValueError naming
+    the valid forms: a malformed key or dict failed only inside the kernels' launch, which then
+    warned and fell back to the reference, and a number raised re's TypeError."""
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        try:
+            key = config_key(config)
+        except (KeyError, TypeError):
+            key = ""
+        if not key:
+            raise ValueError(f"attention: config dict {config!r} is not a launch config; "
+                             "attention_config_space gives them (or pass None, 'sdpa' or a config key)")
+    elif isinstance(config, str):
+        key = config
+    else:
+        raise ValueError(f"attention: config must be None, 'sdpa', a config key string or a dict from "
+                         f"attention_config_space, got {type(config).__name__}")
+    _tc.parse_config_key(key)  # a ValueError on a malformed key
+    return key
+
+
 def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None, dropout_p=0.0,
               enable_gqa=False, softcap=None, sinks=None, config=None):
     """Fused attention with the semantics of F.scaled_dot_product_attention and a choice of
@@ -648,6 +671,7 @@ def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None
         return F.scaled_dot_product_attention(q, k, v, dropout_p=float(dropout_p), is_causal=bool(causal),
                                               scale=None if scale is None else float(scale),
                                               enable_gqa=bool(enable_gqa))
+    config = _checked_config_key(config)
     scale_h = _scale_vector(scale, metric, D, H, q.device)
     if metric == "l2":
         q, k = _centred_on_key_mean(q, k)
@@ -659,10 +683,6 @@ def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None
         if mask.device != q.device:
             mask = mask.to(q.device)
     seed = draw_seed(q) if dropout_p > 0 else None
-    if isinstance(config, dict):
-        config = config_key(config)
-    elif config is not None:
-        _tc.parse_config_key(config)  # fail early on a malformed key
     scale_grad = isinstance(scale, Tensor) and scale.requires_grad and torch.is_grad_enabled()
     args = (q, k, v, scale_h, mask, seed, metric, bool(causal), float(dropout_p), config, scale_grad,
             float(softcap or 0.0))

@@ -563,6 +563,19 @@ def test_causal_and_enable_gqa_must_be_bools(flag, value):
         attention(q, k, v, **{flag: value})
 
 
+@pytest.mark.parametrize("config", [{"a": 1}, {"BLOCK_M": 64}, {}, 5, ["m64n64w4s1"], ""])
+def test_malformed_configs_are_value_errors_before_any_launch(config, monkeypatch):
+    # a dict that is no launch config went to the kernels as the key "" (or raised KeyError),
+    # failed there and fell back to the reference with a warning; a number raised re's TypeError
+    q, k, v = make(1, 2, 2, 4, 4, 16, 16)
+    monkeypatch.setattr(tc, "attention_forward", lambda *a, **kw: pytest.fail("launched"))
+    with pytest.raises(ValueError, match="config"):
+        attention(q, k, v, config=config)
+    monkeypatch.undo()
+    cfg = attention_config_space("dot", 16, torch.float32, "cpu")[0]
+    torch.testing.assert_close(attention(q, k, v, config=cfg), attention(q, k, v, config=config_key(cfg)))
+
+
 def test_supports_on_meta_and_fallback_for_big_head_dim():
     q = torch.empty(1, 2, 8, 512, device="meta")
     ok, reason = attention_supports(q, q, q, "dot")
