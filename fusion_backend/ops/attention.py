@@ -258,7 +258,8 @@ def _reference_core(q, k, v, scale_h, metric, causal, mask, dropout_p, seed, dty
     # padding masks) the logsumexp loses the log(N) term to rounding and exp(s - lse) sums to N
     p = torch.softmax(s, -1).masked_fill(dead, 0.0)
     with torch.no_grad():
-        row_max = s.amax(-1, keepdim=True)
+        # no key at all (Nk = 0, no sinks): every row is dead, and amax has nothing to reduce
+        row_max = s.amax(-1, keepdim=True) if s.shape[-1] else s.new_zeros(s.shape[:-1] + (1,))
         log2_sum = torch.log2(torch.exp(s - row_max).sum(-1, keepdim=True))
         rbar = (torch.softmax(s, -1)[..., :Nk] * raw).sum(-1)
     if sinks is not None:

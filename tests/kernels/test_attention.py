@@ -6,6 +6,7 @@ so tolerances here are fp32-tight; the GPU's own numbers come from bench/attenti
 """
 import importlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -574,6 +575,23 @@ def test_malformed_configs_are_value_errors_before_any_launch(config, monkeypatc
     monkeypatch.undo()
     cfg = attention_config_space("dot", 16, torch.float32, "cpu")[0]
     torch.testing.assert_close(attention(q, k, v, config=cfg), attention(q, k, v, config=config_key(cfg)))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_no_keys_gives_zeros_as_sdpa(metric):
+    # Nk = 0: SDPA (and softmax(...) @ v written out) give zeros; the reference's row max raised
+    # IndexError (amax over an empty dim)
+    q, k, v = make(1, 2, 2, 3, 0, 16, 8)
+    mask = torch.zeros(3, 0, requires_grad=True)
+    for t in (q, k, v):
+        t.requires_grad_()
+    with warnings.catch_warnings():  # the kernels take no empty input: the reference computes it
+        warnings.simplefilter("ignore", fallback.FusionFallbackWarning)
+        out = attention(q, k, v, metric=metric, attn_mask=mask, causal=True)
+        dq, dk, dv, dmask = torch.autograd.grad(out.sum(), (q, k, v, mask))
+    assert out.shape == (1, 2, 3, 8) and torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(dq, torch.zeros_like(q)) and dk.shape == k.shape and dv.shape == v.shape
+    assert dmask.shape == mask.shape
 
 
 def test_supports_on_meta_and_fallback_for_big_head_dim():
