@@ -132,6 +132,8 @@ def _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale, softcap=
             if got != 1 and got != want:
                 raise ValueError(f"attention: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target}")
     if isinstance(scale, Tensor):
+        if scale.dtype.is_complex:  # the cast to fp32 would drop the imaginary part
+            raise ValueError(f"attention: a tensor scale must be real (floating, integer or bool), got {scale.dtype}")
         if scale.numel() != 1 and scale.numel() != H:
             raise ValueError(f"attention: a tensor scale needs 1 or H={H} elements, got shape {tuple(scale.shape)}")
     elif scale is not None and not isinstance(scale, (int, float)):

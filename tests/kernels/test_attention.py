@@ -550,6 +550,8 @@ def test_validation_errors():
         attention(q, k, v, enable_gqa=True, attn_mask=torch.ones(3, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="scale"):
         attention(q, k, v, enable_gqa=True, scale=torch.ones(3))
+    with pytest.raises(ValueError, match="must be real"):  # was computed with its real part alone
+        attention(q, k, v, enable_gqa=True, scale=torch.tensor(2 + 5j))
     empty = torch.randn(1, 2, 8, 0)
     with pytest.raises(ValueError, match="head dim 0 has no default scale"):
         attention(empty, empty, torch.randn(1, 2, 8, 4))
