@@ -144,7 +144,7 @@ def _resolved_config(impl: str, config: Optional[str], gated: bool, interpret: b
 
 def _validate(x, w_in, b_in, w_out, b_out, activation, w_gate, b_gate, hidden_dropout_p, output_dropout_p, residual, impl, config):
     """Raise ValueError on anything the op cannot compute. Uses shapes, dtypes and devices only."""
-    if activation not in K.ACTIVATIONS:
+    if not isinstance(activation, str) or activation not in K.ACTIVATIONS:  # a list is unhashable
         raise ValueError(f"feedforward: unknown activation {activation!r}; valid: {ACTIVATIONS}")
     if impl is not None:
         _check_impl(impl)
@@ -154,6 +154,9 @@ def _validate(x, w_in, b_in, w_out, b_out, activation, w_gate, b_gate, hidden_dr
     for name, t in (("x", x), ("w_in", w_in), ("w_out", w_out)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"feedforward: {name} must be a tensor, got {type(t).__name__}")
+    for name, t in (("b_in", b_in), ("b_out", b_out), ("w_gate", w_gate), ("b_gate", b_gate), ("residual", residual)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise ValueError(f"feedforward: {name} must be a tensor or None, got {type(t).__name__}")
     if x.dim() < 1:
         raise ValueError("feedforward: x must have shape (..., d), got a scalar")
     if w_in.dim() != 2 or w_out.dim() != 2:
@@ -183,6 +186,9 @@ def _validate(x, w_in, b_in, w_out, b_out, activation, w_gate, b_gate, hidden_dr
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"feedforward: all tensors must be on one device, got {sorted({str(t.device) for t in tensors})}")
     if config is not None:
+        if not isinstance(config, str):  # a config dict: its "key" is the argument (dicts are unhashable)
+            raise ValueError(f"feedforward: config must be None or a key string from feedforward_config_space(impl) "
+                             f"(its dicts' 'key'), got {type(config).__name__}")
         _resolve_config(impl or _DEFAULT_IMPL, config, w_gate is not None)
 
 

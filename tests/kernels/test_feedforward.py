@@ -528,6 +528,27 @@ def test_validation_errors():
         feedforward(x.detach().half(), w_in, b_in, w_out, b_out)
 
 
+@pytest.mark.parametrize("arg, value", [
+    ("b_in", [0.0] * 72), ("b_out", 1.0), ("w_gate", [[0.0]]), ("b_gate", [0.0] * 72), ("residual", 1.0),
+    ("residual", [0.0]), ("activation", ["gelu"]), ("config", {"key": "cublas:m64n128w4"}), ("config", ["a"]),
+])
+def test_arguments_of_the_wrong_type_are_value_errors(arg, value):
+    # they raised AttributeError ('list' object has no attribute 'dim') or "unhashable type"
+    t = make_inputs(6, 24, 72)
+    args = [t[k] for k in ("x", "w_in", "b_in", "w_out", "b_out")]
+    kw = {}
+    if arg in ("b_in", "b_out"):
+        args[("b_in", "b_out").index(arg) * 2 + 2] = value
+    else:
+        kw[arg] = value
+        if arg == "b_gate":
+            kw["w_gate"] = t["w_in"]
+    with pytest.raises(ValueError, match=arg):
+        feedforward(*args, **kw)
+    ok, why = feedforward_supports(*args, **kw)
+    assert not ok and arg in why
+
+
 def test_supports_from_fake_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
