@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -256,6 +257,12 @@ def _mask_scale(seed: int, rows: int, cols: int, p: float, device, dtype):
     return philox_keep_mask(seed, rows, cols, p, device=device).to(dtype) * dropout_scale(p)
 
 
+def _rows_of(x):
+    """The rows (tokens) of x (..., d): the product of its leading dims, not reshape's -1, which
+    has no value where x or the output holds no element (d = 0, d_out = 0)."""
+    return math.prod(x.shape[:-1])
+
+
 def feedforward_reference(
     x, w_in, b_in, w_out, b_out, *, activation="gelu", w_gate=None, b_gate=None,
     hidden_dropout_p=0.0, output_dropout_p=0.0, residual=None, seed=None, impl=None, config=None,
@@ -270,7 +277,7 @@ def feedforward_reference(
     p_h, p_o = float(hidden_dropout_p), float(output_dropout_p)
     if seed is None and (p_h > 0 or p_o > 0):
         seed = reference_seed(x.device)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(_rows_of(x), x.shape[-1])
     if w_gate is not None:
         hid = _act_ref(F.linear(x2, w_gate, b_gate), activation) * F.linear(x2, w_in, b_in)
     else:
@@ -832,8 +839,8 @@ def feedforward(
     seed = draw_seed(x) if (p_h > 0 or p_o > 0) else None
     d_out = w_out.shape[0]
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    res2 = residual.reshape(-1, d_out) if residual is not None else None
+    x2 = x.reshape(_rows_of(x), x.shape[-1])
+    res2 = residual.reshape(_rows_of(x), d_out) if residual is not None else None
     differentiable = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual)
     )

@@ -549,6 +549,23 @@ def test_arguments_of_the_wrong_type_are_value_errors(arg, value):
     assert not ok and arg in why
 
 
+@pytest.mark.parametrize("impl", ["triton", "cublas"])
+@pytest.mark.parametrize("d, d_out", [(0, 24), (24, 0)])
+def test_inputs_or_outputs_of_width_zero_as_eager(impl, d, d_out):
+    # x (..., 0): eager's Linear gives the bias; reshape(-1, 0) of x (or of the residual, d_out = 0)
+    # raised "the unspecified dimension size -1 can be any value and is ambiguous"
+    x = torch.randn(2, 3, d, requires_grad=True)
+    w_in, b_in, w_gate = (torch.randn(*s, requires_grad=True) for s in ((16, d), (16,), (16, d)))
+    w_out, b_out = torch.randn(d_out, 16, requires_grad=True), torch.randn(d_out, requires_grad=True)
+    residual = torch.randn(2, 3, d_out, requires_grad=True)
+    leaves = (x, w_in, b_in, w_out, b_out, w_gate, residual)
+    out = feedforward(x, w_in, b_in, w_out, b_out, activation="silu", w_gate=w_gate, residual=residual, impl=impl)
+    want = F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_in, b_in), w_out, b_out) + residual
+    torch.testing.assert_close(out, want)
+    for got, exp in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(want.sum(), leaves)):
+        torch.testing.assert_close(got, exp)
+
+
 def test_supports_from_fake_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
