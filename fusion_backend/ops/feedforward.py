@@ -546,6 +546,9 @@ def _fused_backward(grad, x, z, zu, w_in, b_in, w_out, w_gate, b_gate, seed, act
     n_dx, n_win, n_bin, n_wout, n_bout, n_wg, n_bg = needs
     use_triton = impl == "triton"
     grad = _rows(grad)  # the elementwise kernels want unit column stride (grads may be expanded)
+    # the Triton GEMM reads a bias with unit stride, as the forward gives it; a recomputing
+    # backward read an expanded or strided b_in (b_gate) at other elements than the forward's
+    b_in, b_gate = (b.contiguous() if b is not None else None for b in (b_in, b_gate))
     M = x.shape[0]
     h = w_in.shape[0]
     recompute = z is None

@@ -549,6 +549,34 @@ def test_arguments_of_the_wrong_type_are_value_errors(arg, value):
     assert not ok and arg in why
 
 
+@pytest.mark.parametrize("save", [False, True])
+@pytest.mark.parametrize("impl", ["triton", "cublas"])
+def test_strided_biases_train_as_eager(impl, save, monkeypatch):
+    # a bias with stride 0 (b.expand(h)) or 2 (a column): the recomputing backward's Triton GEMM
+    # read it with unit stride, and every gradient was off (up to 0.5 of its size)
+    monkeypatch.setattr(FF, "SAVE_PRE_ACTIVATION", save)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    w_in, w_gate = torch.randn(24, 16, requires_grad=True), torch.randn(24, 16, requires_grad=True)
+    w_out = torch.randn(16, 24, requires_grad=True)
+    b = torch.randn(1, requires_grad=True)
+    cols = torch.randn(24, 2, requires_grad=True)
+    leaves = (x, w_in, w_gate, w_out, b, cols)
+    for gated in (False, True):
+        b_in, b_gate = b.expand(24), cols[:, 1]
+        kw = dict(w_gate=w_gate, b_gate=b_gate) if gated else {}
+        out = feedforward(x, w_in, b_in, w_out, None, activation="gelu", impl=impl, **kw)
+        up = F.linear(x, w_in, b_in)
+        want = F.linear((F.gelu(F.linear(x, w_gate, b_gate)) * up) if gated else F.gelu(up), w_out)
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+        g = torch.randn_like(want)
+        got = torch.autograd.grad(out, leaves, g, allow_unused=True)
+        exp = torch.autograd.grad(want, leaves, g, allow_unused=True)
+        for a, e in zip(got, exp):
+            assert (a is None) == (e is None)
+            if e is not None:
+                torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("impl", ["triton", "cublas"])
 @pytest.mark.parametrize("d, d_out", [(0, 24), (24, 0)])
 def test_inputs_or_outputs_of_width_zero_as_eager(impl, d, d_out):
