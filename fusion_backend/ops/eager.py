@@ -35,10 +35,46 @@ def eager_function(name: str, forward, setup_context, input_grads, backward):
         return output
 
     def backward_fn(ctx, grad_out, *_other_outputs):
-        return input_grads(ctx, grad_out, backward)
+        if not torch.is_grad_enabled():
+            return input_grads(ctx, grad_out, backward)
+        # create_graph=True: the kernels' gradients are not differentiable. Returned as they are,
+        # they read as constants to a second backward, which then leaves out every path through
+        # them (a gradient penalty's derivative, silently wrong). So a second backward that
+        # reaches them raises, as it does through the custom op's backward op.
+        with torch.no_grad():
+            grads = input_grads(ctx, grad_out, backward)
+        return _not_differentiable_again(name, grads, (grad_out,) + tuple(ctx.saved_tensors))
 
     return type(name, (torch.autograd.Function,), {
         "__doc__": f"{name}: the custom ops' forward and backward for plain eager calls (see `ops.eager`).",
         "forward": staticmethod(forward_fn),
         "backward": staticmethod(backward_fn),
     })
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """A gradient as it is, tied to what it was computed from (`sources`), whose own backward
+    raises: a second backward toward any of those sources reaches it and fails."""
+
+    @staticmethod
+    def forward(ctx, message, grad, *sources):
+        ctx.message = message
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *_grads):
+        raise RuntimeError(ctx.message)
+
+
+def _not_differentiable_again(name: str, grads, sources):
+    """`grads` (computed under no_grad) as results whose backward raises, where they depend on a
+    tensor that requires grad (the gradient flowing in, or a saved input of the forward)."""
+    sources = [t for t in sources if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not sources:
+        return grads
+    op = name.removeprefix("_Eager").lower()
+    message = (f"truthfuse: double backward through the fused {op} op is not supported: its gradients are not "
+               "differentiable (create_graph=True, then a backward through them). Compute this part with "
+               "PyTorch's own ops (a compiled model: options={'disable': ['attention', 'feedforward']})")
+    return tuple(_NoDoubleBackward.apply(message, g, *sources) if isinstance(g, torch.Tensor) else g
+                 for g in grads)

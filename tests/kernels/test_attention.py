@@ -230,6 +230,21 @@ def test_eager_path_equals_custom_op(metric, monkeypatch):
         assert torch.isfinite(a).all() and torch.equal(a, b)
 
 
+def test_eager_call_under_create_graph_refuses_the_second_backward():
+    """A plain eager call's gradients under create_graph=True are the first-order ones, and a
+    second backward through them (a gradient penalty) raises: they were constants to it, and
+    the penalty's gradient left out every path through the attention (108 against 336)."""
+    x = torch.randn(1, 2, 8, 8, requires_grad=True)
+    w = torch.randn(8, 8, requires_grad=True)
+    k, v = torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8)
+    g = torch.randn(1, 2, 8, 8)
+    (gw,) = torch.autograd.grad((attention(x @ w, k, v) * g).sum(), [w], create_graph=True)
+    (want,) = torch.autograd.grad((attention_reference(x @ w, k, v) * g).sum(), [w])
+    assert torch.allclose(gw, want, atol=1e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="double backward through the fused attention op"):
+        torch.autograd.grad(gw.pow(2).sum(), [x])
+
+
 def test_normalize_rows_matches_torch():
     x = torch.randn(2, 40, 3, 24).transpose(1, 2)  # a strided (B, H, N, D) view
     x[0, 1, 5] = 0.0  # a zero row: clamped norm, zero output

@@ -237,6 +237,21 @@ def test_eager_path_equals_custom_op(impl, monkeypatch):
         assert torch.isfinite(a).all() and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_eager_call_under_create_graph_refuses_the_second_backward(impl):
+    """A plain eager call's gradients under create_graph=True are the first-order ones, and a
+    second backward through them (a gradient penalty) raises, never treats them as constants."""
+    x = torch.randn(6, 8, requires_grad=True)
+    w_in, b_in = (torch.randn(16, 8) * 0.3).requires_grad_(), torch.randn(16) * 0.1
+    w_out, b_out = torch.randn(8, 16) * 0.3, torch.randn(8) * 0.1
+    (gw,) = torch.autograd.grad(feedforward(x, w_in, b_in, w_out, b_out, impl=impl).pow(2).sum(), [w_in],
+                                create_graph=True)
+    (want,) = torch.autograd.grad(feedforward_reference(x, w_in, b_in, w_out, b_out).pow(2).sum(), [w_in])
+    assert torch.allclose(gw, want, atol=1e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="double backward through the fused feedforward op"):
+        torch.autograd.grad(gw.pow(2).sum(), [x])
+
+
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_no_grad_forward_equals_training_forward(impl, gated):
