@@ -7,6 +7,7 @@ transformer sizes the host, not the GPU, sets the pace. Such calls go through an
 autograd.Function over the same implementations instead, so the numbers are the same.
 """
 import torch
+from torch.autograd import forward_ad
 from torch.utils import _python_dispatch
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -19,6 +20,16 @@ def plain_eager_call(tensors) -> bool:
     if torch.compiler.is_compiling() or _python_dispatch._get_current_dispatch_mode() is not None:
         return False
     return all(type(t) in _PLAIN_TENSORS for t in tensors if t is not None)
+
+
+def carries_tangent(tensors) -> bool:
+    """Whether forward-mode AD (`torch.autograd.forward_ad`, `torch.func.jvp`) gave one of these
+    tensors a tangent. The kernels read the primal values and have no jvp formula, so they would
+    drop it (the result reads as having none): such a call takes the op's PyTorch reference."""
+    level = forward_ad._current_level
+    if level < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t, level=level).tangent is not None for t in tensors)
 
 
 def eager_function(name: str, forward, setup_context, input_grads, backward):

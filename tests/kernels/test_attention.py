@@ -245,6 +245,26 @@ def test_eager_call_under_create_graph_refuses_the_second_backward():
         torch.autograd.grad(gw.pow(2).sum(), [x])
 
 
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_forward_mode_ad_carries_the_tangent(requires_grad):
+    """Forward-mode AD (torch.autograd.forward_ad) through a plain call: the kernels read the
+    primal only, so the tangent was dropped (the result read as having none), or, with an input
+    that requires grad, the autograd.Function raised. Such a call takes the reference."""
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v = make(1, 2, 2, 8, 8, 8, 8)
+    k.requires_grad_(requires_grad)
+    tq, tk = torch.randn_like(q), torch.randn_like(k)
+    want = torch.func.jvp(lambda q, k: attention_reference(q, k, v, metric="l2", scale=0.3), (q, k), (tq, tk))
+    with fwAD.dual_level(), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = attention(fwAD.make_dual(q, tq), fwAD.make_dual(k, tk), v, metric="l2", scale=0.3)
+        primal, tangent = fwAD.unpack_dual(out)
+    assert tangent is not None
+    assert rel(primal, want[0]) < 1e-5 and rel(tangent, want[1]) < 1e-5
+    assert any(issubclass(w.category, fallback.FusionFallbackWarning) and "forward-mode AD" in str(w.message) for w in seen)
+
+
 def test_normalize_rows_matches_torch():
     x = torch.randn(2, 40, 3, 24).transpose(1, 2)  # a strided (B, H, N, D) view
     x[0, 1, 5] = 0.0  # a zero row: clamped norm, zero output

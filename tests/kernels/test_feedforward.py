@@ -252,6 +252,24 @@ def test_eager_call_under_create_graph_refuses_the_second_backward(impl):
         torch.autograd.grad(gw.pow(2).sum(), [x])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_forward_mode_ad_carries_the_tangent(impl):
+    """Forward-mode AD (torch.autograd.forward_ad) through a plain call: the Triton kernels read
+    the primal only and dropped the tangent. Such a call takes the reference."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, tx = torch.randn(6, 8), torch.randn(6, 8)
+    w_in, b_in, w_out, b_out = torch.randn(16, 8) * 0.3, torch.randn(16) * 0.1, torch.randn(8, 16) * 0.3, torch.randn(8)
+    want = torch.func.jvp(lambda x: feedforward_reference(x, w_in, b_in, w_out, b_out, activation="silu"), (x,), (tx,))
+    with fwAD.dual_level(), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = feedforward(fwAD.make_dual(x, tx), w_in, b_in, w_out, b_out, activation="silu", impl=impl)
+        primal, tangent = fwAD.unpack_dual(out)
+    assert tangent is not None
+    assert rel(primal, want[0]) < 1e-5 and rel(tangent, want[1]) < 1e-5
+    assert any(issubclass(w.category, FusionFallbackWarning) and "forward-mode AD" in str(w.message) for w in seen)
+
+
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_no_grad_forward_equals_training_forward(impl, gated):
