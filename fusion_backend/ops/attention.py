@@ -36,7 +36,7 @@ from fusion_backend.kernels import attention_l1 as _l1
 from fusion_backend.kernels.philox import dropout_scale, philox_keep_mask
 from fusion_backend.kernels.runtime import can_launch, device_unsupported, interpreting
 from fusion_backend.ops.fallback import warn_fallback_once
-from fusion_backend.ops.eager import carries_tangent, eager_function, plain_eager_call
+from fusion_backend.ops.eager import eager_function, plain_eager_call, reference_only
 from fusion_backend.ops.seed import draw_seed, reference_seed, seed_value
 
 METRICS = ("dot", "l2", "l1", "cosine")
@@ -336,8 +336,9 @@ def _new_ranges(q, k, mask, metric):
 
 def _fwd_impl(q, k, v, scale, mask, seed, metric, causal, dropout_p, config, scale_grad, softcap, sinks=None):
     ranges = _new_ranges(q, k, mask, metric)
-    if carries_tangent((q, k, v, scale, mask, sinks)):
-        warn_fallback_once("attention", "forward-mode AD (an input carries a tangent): the kernels have no jvp")
+    why_reference = reference_only((q, k, v, scale, mask, sinks))
+    if why_reference:
+        warn_fallback_once("attention", why_reference)
     elif _use_kernels(q, k, v, metric, mask, dropout_p):
         try:
             qk, kk, vk, mk = _kernel_inputs(q, k, v, mask)
@@ -695,7 +696,7 @@ def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None
     if sinks is not None:  # (H,) fp32, still connected to the sinks' autograd graph
         args = args + (sinks.reshape(-1).to(device=q.device, dtype=torch.float32).contiguous(),)
         tensors = tensors + args[12:]
-    if carries_tangent(tensors):  # forward-mode AD: the reference, whose PyTorch ops carry the tangent
+    if reference_only(tensors):  # forward-mode AD, a torch.func transform: the reference's PyTorch ops
         out = _fwd_impl(*args)[0]
     elif plain_eager_call(tensors):  # eager: skip the dispatch layers (and autograd when unneeded)
         differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

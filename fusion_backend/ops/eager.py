@@ -22,14 +22,22 @@ def plain_eager_call(tensors) -> bool:
     return all(type(t) in _PLAIN_TENSORS for t in tensors if t is not None)
 
 
-def carries_tangent(tensors) -> bool:
-    """Whether forward-mode AD (`torch.autograd.forward_ad`, `torch.func.jvp`) gave one of these
-    tensors a tangent. The kernels read the primal values and have no jvp formula, so they would
-    drop it (the result reads as having none): such a call takes the op's PyTorch reference."""
+def reference_only(tensors):
+    """Why these tensors need the op's PyTorch reference, or None. Forward-mode AD
+    (`torch.autograd.forward_ad`, `torch.func.jvp`) may have given one a tangent, and a torch.func
+    transform (grad, vjp, jacrev, vmap) wraps them: the kernels read the plain values and have no
+    jvp or transform rule, so they would drop the tangent, fail on the wrapper, or (the eager
+    path's autograd.Function) raise torch's own error about setup_context. The reference's
+    PyTorch ops go through every transform."""
     level = forward_ad._current_level
-    if level < 0:
-        return False
-    return any(t is not None and forward_ad.unpack_dual(t, level=level).tangent is not None for t in tensors)
+    if level < 0 and torch._C._functorch.maybe_current_level() is None:  # neither is on: the usual call
+        return None
+    present = [t for t in tensors if t is not None]
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in present):
+        return "inside a torch.func transform (grad, vjp, jacrev, vmap), whose wrapped tensors the kernels cannot read"
+    if level >= 0 and any(forward_ad.unpack_dual(t, level=level).tangent is not None for t in present):
+        return "forward-mode AD (an input carries a tangent): the kernels have no jvp"
+    return None
 
 
 def eager_function(name: str, forward, setup_context, input_grads, backward):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..kernels import feedforward as K
 from ..kernels.philox import dropout_scale, philox_keep_mask
 from ..kernels.runtime import can_launch, device_unsupported, interpreting
-from .eager import carries_tangent, eager_function, plain_eager_call
+from .eager import eager_function, plain_eager_call, reference_only
 from .fallback import warn_fallback_once
 from .seed import draw_seed, reference_seed, seed_value
 
@@ -693,8 +693,9 @@ def _forward_impl(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, a
                   hidden_dropout_p, output_dropout_p, impl, config, save):
     """Forward on 2-D x; see `_feedforward_op`. Shared by the custom op and the eager path."""
     args = (x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual)
-    if carries_tangent(args):
-        warn_fallback_once("feedforward", "forward-mode AD (an input carries a tangent): the kernels have no jvp")
+    why_reference = reference_only(args)
+    if why_reference:
+        warn_fallback_once("feedforward", why_reference)
     elif _use_kernels([t for t in args if t is not None], x.dtype, x.shape[0]):
         gemm_cfg, ew_cfg = _resolve_config(impl, config or None, w_gate is not None)
         impl = _fit_impl(impl, x.shape[0], w_in, w_out)
@@ -851,7 +852,7 @@ def feedforward(
     )
     save = differentiable and _saves_pre_activation(x2.shape[0], x2.shape[1], w_in.shape[0])
     args = (x2, w_in, b_in, w_out, b_out, w_gate, b_gate, res2, seed, activation, p_h, p_o, impl, config or "", save)
-    if carries_tangent(args[:8]):  # forward-mode AD: the reference, whose PyTorch ops carry the tangent
+    if reference_only(args[:8]):  # forward-mode AD, a torch.func transform: the reference's PyTorch ops
         out, _, _ = _forward_impl(*args)
     elif plain_eager_call(args[:8]):  # eager: skip the dispatch layers (and autograd when unneeded)
         out, _, _ = _EagerFeedforward.apply(*args) if differentiable else _forward_impl(*args)

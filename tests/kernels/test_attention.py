@@ -265,6 +265,27 @@ def test_forward_mode_ad_carries_the_tangent(requires_grad):
     assert any(issubclass(w.category, fallback.FusionFallbackWarning) and "forward-mode AD" in str(w.message) for w in seen)
 
 
+def test_torch_func_transforms_over_a_direct_call():
+    """torch.func.grad, vjp, jacrev and vmap over the op take its reference (the kernels cannot
+    read a transform's wrapped tensors); grad, vjp and jacrev raised torch's 'must override the
+    setup_context staticmethod' from the eager path's autograd.Function."""
+    q, k, v = make(1, 2, 2, 6, 6, 4, 4)
+    qb = torch.randn(3, 1, 2, 6, 4)
+
+    def run(f):
+        grads = torch.func.grad(lambda q, k, v: f(q, k, v).pow(2).sum(), argnums=(0, 1, 2))(q, k, v)
+        jac = torch.func.jacrev(f, argnums=1)(q, k, v)
+        batched = torch.func.vmap(f, in_dims=(0, None, None))(qb, k, v)
+        return list(grads) + [jac, batched]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fallback.FusionFallbackWarning)
+        got = run(lambda q, k, v: attention(q, k, v, metric="cosine", scale=3.0, causal=True))
+    want = run(lambda q, k, v: attention_reference(q, k, v, metric="cosine", scale=3.0, causal=True))
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_normalize_rows_matches_torch():
     x = torch.randn(2, 40, 3, 24).transpose(1, 2)  # a strided (B, H, N, D) view
     x[0, 1, 5] = 0.0  # a zero row: clamped norm, zero output

@@ -270,6 +270,25 @@ def test_forward_mode_ad_carries_the_tangent(impl):
     assert any(issubclass(w.category, FusionFallbackWarning) and "forward-mode AD" in str(w.message) for w in seen)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_torch_func_grad_over_a_direct_call(impl):
+    """torch.func.grad over the op takes its reference (the kernels cannot read a transform's
+    wrapped tensors); it raised torch's 'must override the setup_context staticmethod' from the
+    eager path's autograd.Function."""
+    x = torch.randn(6, 8)
+    w_in, b_in, w_out, b_out = torch.randn(16, 8) * 0.3, torch.randn(16) * 0.1, torch.randn(8, 16) * 0.3, torch.randn(8)
+
+    def grads(f):
+        return torch.func.grad(lambda x, w: f(x, w, b_in, w_out, b_out, w_gate=w).pow(2).sum(), argnums=(0, 1))(x, w_in)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FusionFallbackWarning)
+        got = grads(lambda *a, **kw: feedforward(*a, **kw, activation="silu", impl=impl))
+    want = grads(lambda *a, **kw: feedforward_reference(*a, **kw, activation="silu"))
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_no_grad_forward_equals_training_forward(impl, gated):
