@@ -1654,10 +1654,19 @@ def _transform_call(node: Node) -> bool:
     return node.op == "call_function" and (getattr(node.target, "__module__", None) or "").startswith(_TRANSFORM_MODULES)
 
 
+def dynamo_effect(node: Node) -> bool:
+    """A call into Dynamo's own helpers. With compiled autograd on
+    (`torch._dynamo.config.compiled_autograd`), `t.register_hook(fn)` on an intermediate is traced
+    as `_register_hook_trampoline(t, backward_state)`, a call whose result nothing reads: dropped,
+    the hook is gone and the backward computes other gradients than eager."""
+    return node.op == "call_function" and (getattr(node.target, "__module__", None) or "").startswith("torch._dynamo")
+
+
 def is_impure(node: Node) -> bool:
     """Nodes dead-code elimination must keep: FX's notion of impure, the calls of torch.func's
-    transforms (`_transform_call`), plus anything that mutates its arguments (`mutates`)."""
-    if node.op == "placeholder" or node.is_impure() or _transform_call(node):
+    transforms (`_transform_call`) and Dynamo's own (`dynamo_effect`: a traced backward hook),
+    plus anything that mutates its arguments (`mutates`)."""
+    if node.op == "placeholder" or node.is_impure() or _transform_call(node) or dynamo_effect(node):
         return True
     return mutates(node)
 

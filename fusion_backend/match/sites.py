@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from ..canonicalize import is_cast
-from ..canonicalize.passes import MODE_REGION, WITHOUT_GRAD, WRITTEN_IN_PLACE, example_value
+from ..canonicalize.passes import MODE_REGION, WITHOUT_GRAD, WRITTEN_IN_PLACE, dynamo_effect, example_value
 
 from .matcher import Matcher, escaping_nodes
 from .rule import Match, Rule
@@ -235,7 +235,11 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
                 site = Site(id="", rule=rule, match=match, variant=None, location=_site_location(anchor, al))
                 escaping = escaping_nodes(al, anchor)
                 reason = None
-                if escaping:
+                hooked = sorted(n.name for n in escaping if any(dynamo_effect(u) for u in n.users))
+                if hooked:
+                    reason = (f"a backward hook is registered on intermediate value {', '.join(hooked)} "
+                              "(tensor.register_hook, traced under compiled autograd); the fused op would never call it")
+                elif escaping:
                     example = ("attention weights returned to the caller" if rule.kind == "attention"
                                else "a hidden value kept for an auxiliary loss")
                     reason = ("intermediate value " + ", ".join(sorted(n.name for n in escaping)) +

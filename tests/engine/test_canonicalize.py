@@ -420,6 +420,44 @@ def test_attention_inside_func_grad_is_kept_with_its_reason():
     torch.testing.assert_close(out, fn(q, k, v))
 
 
+@pytest.mark.parametrize("hooked", ["scores", "output"])
+def test_a_backward_hook_traced_under_compiled_autograd_is_kept(hooked):
+    """With compiled autograd on, Dynamo traces t.register_hook(fn) on an intermediate as a call
+    whose result nothing reads. Dead-code elimination dropped it wherever a site fused (a hook on
+    the attention's output, outside the site: q's gradient 2.5 off), and attention fused through
+    hooked scores. Such a site is kept, and the hook stays."""
+    def fn(q, k, v, w):
+        s = q @ k.transpose(-2, -1) * 0.3
+        if hooked == "scores":
+            s.register_hook(lambda g: g * 3)
+        y = torch.softmax(s, dim=-1) @ v
+        if hooked == "output":
+            y.register_hook(lambda g: g.flip(-1))
+        return y + F.linear(F.gelu(F.linear(y, w)), w.t())
+
+    q, k, v, w = [torch.randn(1, 2, 6, 8) for _ in range(3)] + [torch.randn(16, 8) * 0.3]
+    g = torch.randn(1, 2, 6, 8)
+    want, got = ([t.clone().requires_grad_() for t in (q, k, v, w)] for _ in range(2))
+    (fn(*want) * g).sum().backward()
+    with torch._dynamo.config.patch(compiled_autograd=True):
+        report = fusion_backend.explain(fn, *got, options=AGGRESSIVE_EAGER)
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, backend="truthfuse", options=AGGRESSIVE_EAGER)
+
+        def step():
+            (compiled(*got) * g).sum().backward()
+
+        torch.compile(step, backend="truthfuse", options=AGGRESSIVE_EAGER)()
+    attention = [s for s in report.sites if s.kind == "attention"]
+    assert any(s.kind == "feedforward" and s.decision == "fused" for s in report.sites), report.sites
+    if hooked == "scores":
+        assert attention and all(s.decision == "kept" and "backward hook" in s.reason for s in attention)
+    else:
+        assert attention and all(s.decision == "fused" for s in attention)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.grad, b.grad, atol=2e-5, rtol=2e-4)
+
+
 def test_baddbmm_with_beta_zero_keeps_an_input_that_wants_a_gradient():
     """With beta=0 the input's gradient is zeros, which a trainable input must still get."""
     bias = torch.randn(2, 4, 4, requires_grad=True)
