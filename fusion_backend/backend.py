@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from .canonicalize import UnsafeRewrite, canonical_copy, tanh_gelus_with_runtime_constant
+from .canonicalize.passes import WITHOUT_GRAD
 from .match import all_rules, find_sites
 from .match.sites import Site, source_location
 from .ops.feedforward import replayed_as_cuda_graphs
@@ -153,6 +154,15 @@ class TruthfuseBackend:
             record.notes.append("code under torch.utils.checkpoint (HF's gradient_checkpointing_enable() puts every "
                                 "layer there) is not looked into: nothing inside it fuses; turn checkpointing off to "
                                 "fuse those blocks")
+        unlooked = [n for n in canon.graph.nodes if n.meta.get(WITHOUT_GRAD) and n.op in ("call_function", "call_method")
+                    and (n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")) == "softmax"]
+        if unlooked:
+            # a softmax under a no_grad() or inference_mode() block inside the graph (the graph itself
+            # records gradients) is left as written, so attention there matches no rule: explain()
+            # read "no attention or feed-forward site was found" for a block that is there
+            record.notes.append(f"code under torch.no_grad() or inference_mode() inside this graph (a softmax at "
+                                f"{source_location(unlooked[0])}) is left as written and not looked into: attention "
+                                "there does not fuse; called wholly under no_grad(), the same code fuses")
         if any(rule.kind == "feedforward" for rule in self._rules()):
             for tanh in tanh_gelus_with_runtime_constant(canon.graph):
                 note = (f"the tanh GELU at {source_location(tanh)} reads sqrt(2/pi) at run time "

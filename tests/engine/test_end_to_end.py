@@ -202,6 +202,23 @@ def test_explain_says_checkpointed_code_is_not_looked_into():
     report = fusion_backend.explain(outer, x, options=AGGRESSIVE_EAGER)
     assert "checkpoint" not in str(report), str(report)
 
+def test_explain_says_attention_under_no_grad_inside_the_graph_is_not_looked_into():
+    """Attention under a no_grad() block inside a graph that records gradients is left as written
+    and matches no rule; explain() said only "no attention or feed-forward site was found".
+    Called wholly under no_grad() (no switch inside the graph), the same code fuses."""
+    def fn(q, k, v):
+        with torch.no_grad():
+            return torch.softmax(q @ k.transpose(-2, -1) * 0.3, dim=-1) @ v
+
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    report = fusion_backend.explain(fn, q, k, v, options=AGGRESSIVE_EAGER)
+    assert "note: code under torch.no_grad() or inference_mode() inside this graph" in str(report), str(report)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        report = fusion_backend.explain(fn, q, k, v, options=AGGRESSIVE_EAGER)
+    assert [s.decision for s in report.sites] == ["fused"] and "no_grad" not in str(report), str(report)
+
+
 def test_moderate_strategy_measures_and_never_crashes():
     model = CausalSelfAttention()
     x = torch.randn(2, 16, 32)
