@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .philox import dropout_threshold, effective_p, keep_mask, load_seed, seed_arg
-from .runtime import KernelLauncher, cdiv, interpreting, next_power_of_2
+from .runtime import KernelLauncher, cdiv, env_switch, interpreting, next_power_of_2
 
 LOG2E = 1.4426950408889634
 COSINE_EPS = 1e-12
@@ -1488,7 +1488,7 @@ def _mask_row_ranges_kernel(MASK, ROWS, FLAGS, H_M, N_Q, N_K, smb, smh, smm, smn
 
 # Masks this small are read whole: finding their ranges would cost about what skipping saves.
 # TRUTHFUSE_MASK_SKIP=0 turns block skipping off (read at import).
-_RANGES_MIN_ENTRIES = 1 << 20 if os.environ.get("TRUTHFUSE_MASK_SKIP", "1") != "0" else float("inf")
+_RANGES_MIN_ENTRIES = 1 << 20 if env_switch("TRUTHFUSE_MASK_SKIP") else float("inf")
 
 
 def ranges_layout(mask, B, H, Nq, Nk, metric="dot"):

@@ -64,7 +64,7 @@ _active: Optional[Recorded] = None
 def available() -> bool:
     """Whether this Triton build can record and compile ahead (and the user has not turned it
     off with TRUTHFUSE_COMPILE_WORKERS=0)."""
-    if os.environ.get("TRUTHFUSE_COMPILE_WORKERS", "") == "0":
+    if workers_wanted() == 0:
         return False
     knobs = getattr(triton, "knobs", None)
     return (triton.__version__.startswith(_VERSIONS) and knobs is not None
@@ -108,12 +108,25 @@ def recording() -> Iterator[Recorded]:
         knobs.runtime.jit_cache_hook = previous
 
 
+def workers_wanted() -> Optional[int]:
+    """TRUTHFUSE_COMPILE_WORKERS as a number (0: none), or None when it is unset or empty. Anything
+    but a whole number raises an error naming the variable: "off", "false" or "-1" had left the
+    default pool of workers on without a word."""
+    value = os.environ.get("TRUTHFUSE_COMPILE_WORKERS", "").strip()
+    if not value:
+        return None
+    if not (value.isascii() and value.isdigit()):
+        raise ValueError(f"TRUTHFUSE_COMPILE_WORKERS must be a whole number of worker processes (0: none, "
+                         f"unset: one per core but one, at most {MAX_WORKERS}), got {value!r}")
+    return int(value)
+
+
 def worker_count() -> int:
     """How many worker processes compile: TRUTHFUSE_COMPILE_WORKERS if set, else one per core
     but one (this process keeps working), at most MAX_WORKERS."""
-    wanted = os.environ.get("TRUTHFUSE_COMPILE_WORKERS", "")
-    if wanted.isdigit() and int(wanted) > 0:
-        return int(wanted)
+    wanted = workers_wanted()
+    if wanted:
+        return wanted
     return min(MAX_WORKERS, max(1, (os.cpu_count() or 2) - 1))
 
 

@@ -66,6 +66,16 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def env_switch(name: str) -> bool:
+    """A TRUTHFUSE_ on/off variable: unset, empty or "1" is on, "0" is off. Anything else raises
+    an error naming the variable and both values: only "0" turned a switch off, so "false" or
+    "off" left it on without a word."""
+    value = os.environ.get(name, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name} must be 0 (off) or 1 (on, the default), got {value!r}")
+    return value != "0"
+
+
 # Triton versions whose `CompiledKernel[grid](*args)` takes the same argument list as the
 # JITFunction (constexprs included), checked bit for bit on the GPU (bench/feedforward_gpu.py).
 _DIRECT_LAUNCH_VERSIONS = ("3.6.",)
@@ -107,8 +117,8 @@ class KernelLauncher:
                                     if c and p.default is not inspect.Parameter.empty}
         self._compiled = {}
         # TRUTHFUSE_DIRECT_LAUNCH=0 keeps every launch on Triton's own path (to rule this one out)
-        self._direct = (triton.__version__.startswith(_DIRECT_LAUNCH_VERSIONS)
-                        and os.environ.get("TRUTHFUSE_DIRECT_LAUNCH", "1") != "0")
+        self._direct = (env_switch("TRUTHFUSE_DIRECT_LAUNCH")  # first: a bad value is an error on any Triton
+                        and triton.__version__.startswith(_DIRECT_LAUNCH_VERSIONS))
 
     def __call__(self, grid, args, constexprs, num_warps=None, num_stages=None):
         """kernel[grid](*args, **constexprs by name, num_warps=..., num_stages=...), with the

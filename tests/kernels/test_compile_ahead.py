@@ -92,6 +92,18 @@ def test_worker_count_follows_the_environment(monkeypatch):
     assert 1 <= compile_ahead.worker_count() <= compile_ahead.MAX_WORKERS
 
 
+
+@pytest.mark.parametrize("value", ["off", "false", "-1", "two"])
+def test_worker_count_refuses_what_is_no_number(monkeypatch, value):
+    """"off" or "-1" left the default pool of workers on, silently; only "0" turned it off."""
+    monkeypatch.setenv("TRUTHFUSE_COMPILE_WORKERS", value)
+    with pytest.raises(ValueError, match=f"TRUTHFUSE_COMPILE_WORKERS must be a whole number.*got '{value}'"):
+        compile_ahead.available()
+    with pytest.raises(ValueError, match="TRUTHFUSE_COMPILE_WORKERS"):
+        compile_ahead.worker_count()
+    monkeypatch.setenv("TRUTHFUSE_COMPILE_WORKERS", " 0")
+    assert compile_ahead.workers_wanted() == 0
+
 def test_recording_does_not_nest():
     with compile_ahead.recording():
         with pytest.raises(RuntimeError, match="does not nest"):

@@ -1,5 +1,8 @@
 """The host-side launch arithmetic agrees with Triton's own, and the direct launcher reuses a
 compiled kernel only for arguments Triton would have compiled the same way."""
+import os
+
+import pytest
 import torch
 import triton
 import triton.language as tl
@@ -131,6 +134,31 @@ def test_direct_launch_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("TRUTHFUSE_DIRECT_LAUNCH", "1")
     assert KernelLauncher(_Jit(_kernel))._direct == triton.__version__.startswith(runtime._DIRECT_LAUNCH_VERSIONS)
 
+
+
+@pytest.mark.parametrize("value", ["false", "off", "no", "2"])
+def test_on_off_variables_refuse_other_values(monkeypatch, value):
+    """Only "0" turned TRUTHFUSE_DIRECT_LAUNCH and TRUTHFUSE_MASK_SKIP off, so "false" or "off"
+    left them on silently; they are errors naming the variable and both values."""
+    monkeypatch.setenv("TRUTHFUSE_DIRECT_LAUNCH", value)
+    with pytest.raises(ValueError, match=f"TRUTHFUSE_DIRECT_LAUNCH must be 0 .* or 1 .*got '{value}'"):
+        KernelLauncher(_Jit(_kernel))
+    monkeypatch.setenv("TRUTHFUSE_DIRECT_LAUNCH", " 0 ")
+    assert not KernelLauncher(_Jit(_kernel))._direct
+    monkeypatch.setenv("TRUTHFUSE_DIRECT_LAUNCH", "")
+    assert KernelLauncher(_Jit(_kernel))._direct == triton.__version__.startswith(runtime._DIRECT_LAUNCH_VERSIONS)
+
+
+def test_mask_skip_variable_is_read_at_import_or_refused_clearly():
+    import subprocess
+    import sys
+
+    code = "import fusion_backend.kernels.attention as a; print('MIN', a._RANGES_MIN_ENTRIES)"
+    for value, expected in (("0", "MIN inf"), ("", "MIN 1048576"), ("off", "TRUTHFUSE_MASK_SKIP must be 0")):
+        env = {**os.environ, "TRUTHFUSE_MASK_SKIP": value}
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert expected in (proc.stdout if expected.startswith("MIN") else proc.stderr), proc.stderr[-2000:]
+        assert (proc.returncode == 0) == expected.startswith("MIN")
 
 _LATE_INTERPRETER = """
 import os, warnings, torch
