@@ -33,15 +33,36 @@ def source_location(node: Node) -> str:
     return f"{path}:{line}"
 
 
+_TRACED_ROOT = re.compile(r"^L\['[^']*'\]\.?")
+
+
+def module_location(node: Node) -> Optional[str]:
+    """The module that computed a node, as `module 1 (GELU)` (its path under the compiled model,
+    and its class), from Dynamo's nn_module_stack; None without one. For a node whose trace holds
+    no line of the user's code: a model made only of torch.nn modules, such as an nn.Sequential
+    compiled as it is, which explain() listed at `<unknown>`."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    name = (cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))).rsplit(".", 1)[-1]
+    path = _TRACED_ROOT.sub("", str(path))
+    return f"module {path} ({name})" if path else f"module ({name})"
+
+
 def _site_location(anchor: Node, al) -> str:
     """The anchor's user-code location, else the first matched node's that has one (a rewritten
-    call can lose Dynamo's trace)."""
+    call can lose Dynamo's trace), else the module that computed the anchor (or a matched node)."""
     location = source_location(anchor)
     if location != "<unknown>":
         return location
     for node in al.covered:
         location = source_location(node)
         if location != "<unknown>":
+            return location
+    for node in [anchor, *al.covered]:
+        location = module_location(node)
+        if location:
             return location
     return "<unknown>"
 

@@ -69,6 +69,20 @@ def test_explain_lists_the_attention_site():
     assert report.tuning.cache_hit is False and report.tuning.measurements == 0
 
 
+def test_explain_locates_a_site_of_torch_nn_modules_alone_by_its_module():
+    """No line of the user's code is on the trace of a model made only of torch.nn modules (the
+    worked example in docs/authoring-rules.md, an nn.TransformerEncoderLayer); explain() listed
+    such sites at '<unknown>'. It names the module that computed the site's result."""
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+    report = fusion_backend.explain(mlp, torch.randn(4, 16), options=AGGRESSIVE_EAGER)
+    assert [s.location for s in report.sites] == ["module 2 (Linear)"]
+    layer = torch.nn.Sequential(torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True))
+    report = fusion_backend.explain(layer, torch.randn(2, 5, 16), options=AGGRESSIVE_EAGER)
+    assert {s.kind: s.location for s in report.sites} == {
+        "attention": "module 0.self_attn (MultiheadAttention)", "feedforward": "module 0 (TransformerEncoderLayer)"}
+    assert "<unknown>" not in str(report)
+
+
 def test_explain_says_a_kept_site_lost_its_rule_to_disable():
     """With the dot rule disabled, the site is listed under its causal sibling with that rule's
     near-miss; the report must also say that the rule which would have matched is disabled."""
