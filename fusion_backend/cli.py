@@ -520,10 +520,21 @@ def cmd_cache(args: argparse.Namespace) -> int:
             raise CLIError(f"cannot write {args.path}: {exc}") from None
         print(f"exported {count} entr{'y' if count == 1 else 'ies'} from {cache.directory} to {args.path}")
         return 0
-    try:
-        count = load_state(args.path, cache)
-    except TuningStateError as exc:
-        raise CLIError(str(exc)) from None
+    from .tune.cache import TuningCacheWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            count = load_state(args.path, cache)
+        except TuningStateError as exc:
+            raise CLIError(str(exc)) from None
+    # A cache directory that cannot be written (a file, a read-only place) warned from deep in the
+    # cache and then reported "imported 0 entries" with status 0: the user's to fix, in one line.
+    unwritable = [w for w in caught if issubclass(w.category, TuningCacheWarning) and "cannot write" in str(w.message)]
+    if unwritable:
+        raise CLIError(f"imported {count} of the file's decisions into {cache.directory}: {unwritable[0].message}")
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     print(f"imported {count} entr{'y' if count == 1 else 'ies'} from {args.path} into {cache.directory}")
     return 0
 

@@ -303,6 +303,21 @@ def test_cache_export_to_a_place_that_cannot_be_written(capsys, tmp_path):
     _one_line_error(capsys, cli.main(["cache", "export", str(tmp_path)]), "cannot write", str(tmp_path))
 
 
+def test_cache_import_into_a_place_that_cannot_be_written(capsys, tmp_path):
+    """An import into a --dir that is a file warned from deep in the cache (a Python warning line
+    and its source) and then printed 'imported 0 entries' with status 0."""
+    TuningCache(tmp_path / "cache").put("a" * 64, _record())
+    state = tmp_path / "state.json"
+    assert cli.main(["cache", "--dir", str(tmp_path / "cache"), "export", str(state)]) == 0
+    capsys.readouterr()
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    _one_line_error(capsys, cli.main(["cache", "--dir", str(not_a_dir), "import", str(state)]),
+                    "imported 0 of the file's decisions", "cannot write")
+    assert cli.main(["cache", "--dir", str(tmp_path / "other"), "import", str(state)]) == 0
+    assert "imported 1 entry" in capsys.readouterr().out
+
+
 def test_console_script_entry_point():
     """`python -m fusion_backend.cli` is what the `truthfuse` script runs: status and one line."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
