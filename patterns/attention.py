@@ -743,7 +743,8 @@ def check_softcap(m: Match) -> Optional[str]:
     scale and a positive cap (a tensor there, learnable or per-head, is left to eager)."""
     cap = m.values.get("cap")
     if not _is_number(cap) or cap == 0:
-        return f"the soft cap {cap!r} is not a nonzero Python number"
+        shown = f"(a tensor of shape {tuple(cap.shape)})" if isinstance(cap, torch.Tensor) else repr(cap)
+        return f"the soft cap {shown} is not a nonzero Python number"
     for name in ("scale", "scale2"):
         if m.present(name) and (not _is_number(m.values[name]) or m.values[name] == 0):
             return f"the {name} before the soft cap is not a nonzero Python number"
