@@ -34,6 +34,26 @@ def source_location(node: Node) -> str:
 
 
 _TRACED_ROOT = re.compile(r"^L\['[^']*'\]\.?")
+_SOURCE_ROOT = re.compile(r"^[LG]\['([^']*)'\]")
+_SOURCE_MEMBER = re.compile(r"\._(?:buffers|parameters|modules)\['([^']*)'\]")
+
+
+def describe(node: Node) -> str:
+    """A node as a reason names it for the user: a graph input by the expression Dynamo read it
+    from (`self.k_cache` for the placeholder `l_self_buffers_k_cache_`), another node by its name
+    and the line of the user's code that made it (`transpose_1 (model.py:12)`)."""
+    if node.op == "placeholder":
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        name = getattr(source, "name", None)
+        name = name() if callable(name) else name
+        if isinstance(name, str) and name:
+            return _SOURCE_MEMBER.sub(r".\1", _SOURCE_ROOT.sub(r"\1", name))
+        return node.name
+    location = source_location(node)
+    if location == "<unknown>":
+        return node.name
+    path, _, line = location.rpartition(":")
+    return f"{node.name} ({'/'.join(path.split('/')[-2:])}:{line})"
 
 
 def module_location(node: Node) -> Optional[str]:
@@ -168,7 +188,7 @@ def _computed_without_grad(al) -> Optional[str]:
     """A reason where the site covers a node computed with gradients turned off
     (`canonicalize.passes.WITHOUT_GRAD`): the fused op would record gradients through it; or nodes
     on both sides of a switch of grad mode or autocast (`MODE_REGION`)."""
-    names = sorted(n.name for n in al.covered if n.meta.get(WITHOUT_GRAD))
+    names = sorted(describe(n) for n in al.covered if n.meta.get(WITHOUT_GRAD))
     if names:
         return (f"{', '.join(names[:3])} computed under torch.no_grad() or inference_mode(), which the fused op "
                 "would differentiate")
@@ -189,7 +209,7 @@ def _written_in_place(al, match) -> Optional[str]:
         return None
     order = {n: i for i, n in enumerate(match.anchor.graph.nodes)}
     first_read = min(order[n] for n in al.covered)
-    written = sorted({n.name for n in marked
+    written = sorted({describe(n) for n in marked
                       if any(order.get(w, first_read) >= first_read for w in n.meta[WRITTEN_IN_PLACE])})
     if not written:
         return None
@@ -263,7 +283,7 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
                 elif escaping:
                     example = ("attention weights returned to the caller" if rule.kind == "attention"
                                else "a hidden value kept for an auxiliary loss")
-                    reason = ("intermediate value " + ", ".join(sorted(n.name for n in escaping)) +
+                    reason = ("intermediate value " + ", ".join(sorted(describe(n) for n in escaping)) +
                               f" is also used outside the pattern (for example {example}), so fusing "
                               "would not remove it")
                 if reason is None:

@@ -239,6 +239,19 @@ def test_cache_written_in_place_after_attention_read_it():
     assert {s.rule for s in sites if s.kind == "attention"} == {"attention.sdpa"}
 
 
+def test_reasons_name_values_as_the_users_code_does():
+    """A kept site's reason named graph values by their FX names ('l_self_buffers_k_cache_,
+    transpose may be written in place', 'intermediate value a is also used'); it names a graph
+    input by the expression it came from and another value with the line that made it."""
+    q, k, v = _cache_inputs()
+    sites = assert_near_miss(_EagerCacheWrittenInPlace(True), q, k, v, reason="written in place")
+    reason = next(s.reason for s in sites if s.kind == "attention")
+    assert reason.startswith("self.k_cache, transpose (patterns/test_attention_near_misses.py:"), reason
+    assert "l_self_buffers" not in reason
+    sites = assert_near_miss(ReturnsWeights(), *qkv(), reason="also used outside the pattern")
+    assert all("(patterns/models.py:" in s.reason for s in sites if s.kind == "attention"), [s.reason for s in sites]
+
+
 class _EagerCacheWrittenInPlace(_BufferCache):
     """Attention written out (matmul, softmax, matmul) over the cache: the key written before its
     transpose (HF's static cache under eager attention: fused), or, late, between the transpose,
