@@ -291,10 +291,11 @@ class TruthfuseBackend:
         if aggressive:  # nothing was timed: the fused sites' kernels compile while Inductor compiles
             fused = {sid for sid, choice in dict(decision.plan).items() if choice != "keep"}
             self._kernel_compiles = timer.start_kernel_compiles([s for s in candidates if s.id in fused])
-        if not graphs:
-            chosen = dict(decision.plan)
-            notes = {s.id: timer.host_bound_note(s) for s in candidates if chosen.get(s.id, "keep") == "keep"}
-            decision.notes = {sid: note for sid, note in notes.items() if note}
+        chosen = dict(decision.plan)
+        # host-bound notes only without CUDA graphs: replayed as graphs, nothing waits on the host
+        notes = {s.id: "; ".join(n for n in (timer.fell_back_note(s), "" if graphs else timer.host_bound_note(s)) if n)
+                 for s in candidates if chosen.get(s.id, "keep") == "keep"}
+        decision.notes = {sid: note for sid, note in notes.items() if note}
         _fill_record(record, decision, cache_hit=False)
         # The plans the search scored were priced from site timings; report the timed runs.
         record.plans_evaluated = decision.measurements

@@ -30,6 +30,7 @@ from .canonicalize.aliasing import mutates
 from .canonicalize.passes import example_value
 from .kernels import compile_ahead
 from .kernels.runtime import interpreting
+from .ops.fallback import fallbacks_recorded
 from .match.sites import Site
 from .tune.timing import Timing, measure, measure_timing, rotated_input_sets
 
@@ -183,6 +184,10 @@ def _first_call_value(gm: fx.GraphModule, node: Node, graph_inputs: Dict[Node, A
     return out.detach().requires_grad_(want.requires_grad and want.is_floating_point())
 
 
+class FusedOptionFellBack(RuntimeError):
+    """A fused option's op fell back to its PyTorch reference while being timed."""
+
+
 class SiteTimer:
     """Times sites' options and adds them up into a plan's cost, for the tuner's `evaluate`."""
 
@@ -207,6 +212,8 @@ class SiteTimer:
         self.timings: Dict[tuple, Timing] = {}
         self.rounds: Dict[tuple, int] = {}
         self.measurements = 0
+        # (site group, choice) -> the error of a fused option whose op fell back when timed
+        self.fell_back: Dict[tuple, FusedOptionFellBack] = {}
         self.graph_replays = 0  # measurements made as CUDA-graph replays (graphs, on a CUDA device)
         self._generators: Dict[torch.device, torch.Generator] = {}
         # (site group, choice) -> the inner compiler's callable: a confirmation round reuses it
@@ -224,10 +231,16 @@ class SiteTimer:
     def site_cost(self, site: Site, choice: str, round_: int = 0) -> float:
         group = site_group(site)
         key = (group, choice, round_)
+        if (group, choice) in self.fell_back:  # every plan with this option fails the same way
+            raise self.fell_back[(group, choice)]
         if key not in self.memo:
             started = time.perf_counter()
-            with _fresh_compile_context():
-                timing = self._measure(site, choice)
+            try:
+                with _fresh_compile_context():
+                    timing = self._measure(site, choice)
+            except FusedOptionFellBack as error:
+                self.fell_back[(group, choice)] = error
+                raise
             self.memo[key] = timing if isinstance(timing, float) else timing.ms
             if isinstance(timing, Timing):
                 self.timings[key] = timing
@@ -304,6 +317,15 @@ class SiteTimer:
     def _trains(self, args: list) -> bool:
         return self.train and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
+    def fell_back_note(self, site: Site) -> str:
+        """For a site the plan keeps: a note when some of its fused options could not run their
+        kernels when timed (`FusedOptionFellBack`), with the first one's reason. "" otherwise."""
+        group = site_group(site)
+        errors = [str(error) for (g, _), error in self.fell_back.items() if g == group]
+        if not errors:
+            return ""
+        return f"{len(errors)} fused option(s) could not run their kernels when timed ({errors[0]})"
+
     def host_bound_note(self, site: Site) -> str:
         """For a site the plan keeps: a note when its fastest fused option was slower than keeping
         it and host-bound (CUDA, timed without CUDA graphs): the GPU waited while the host issued
@@ -324,11 +346,16 @@ class SiteTimer:
         """The site's timing with this choice: a Timing (CUDA, without graphs: with its issue time)
         or ms. A site inside `with torch.autocast(...)` in the model's code is compiled and timed
         under that autocast, as it runs in the graph (without it, the kept subgraph's fp32 and
-        half-precision operands met in one op and failed)."""
-        with contextlib.ExitStack() as regions:
+        half-precision operands met in one op and failed). Raises FusedOptionFellBack where a fused
+        option's op computed with its PyTorch reference instead of its kernels (a launch config
+        that does not fit the GPU at these shapes): that timing is not the option's."""
+        with contextlib.ExitStack() as regions, fallbacks_recorded() as fallbacks:
             for args in autocast_around(site.anchor):
                 regions.enter_context(torch.autocast(*args))
-            return self._measure_here(site, choice)
+            timing = self._measure_here(site, choice)
+        if fallbacks and choice != "keep":
+            raise FusedOptionFellBack(f"{site.rule.name} {choice}: {fallbacks[0]}")
+        return timing
 
     def _measure_here(self, site: Site, choice: str):
         if choice == "keep":

@@ -1,7 +1,11 @@
 """One warning per op and reason when a kernel cannot run and the PyTorch reference takes over."""
+import contextlib
 import warnings
+from typing import Iterator, List
 
 _warned: set = set()
+# the lists of `fallbacks_recorded` blocks now open, each receiving every fallback, warned or not
+_recorders: List[List[str]] = []
 
 
 class FusionFallbackWarning(UserWarning):
@@ -10,6 +14,8 @@ class FusionFallbackWarning(UserWarning):
 
 def warn_fallback_once(op_name: str, reason: str) -> None:
     """Warn the first time `op_name` falls back for `reason`; later identical fallbacks are silent."""
+    for fallbacks in _recorders:
+        fallbacks.append(f"{op_name} fell back to the PyTorch reference: {reason}")
     key = (op_name, reason)
     if key in _warned:
         return
@@ -19,6 +25,22 @@ def warn_fallback_once(op_name: str, reason: str) -> None:
         FusionFallbackWarning,
         stacklevel=3,
     )
+
+
+@contextlib.contextmanager
+def fallbacks_recorded() -> Iterator[List[str]]:
+    """A list that receives every fallback inside the block, repeated ones included. The tuner
+    times options inside one: an option whose kernels fell back was timing the reference. Fallbacks
+    first seen inside the block are warned about again the next time they happen outside it, since
+    the tuner drops the warnings of its timing runs."""
+    fallbacks: List[str] = []
+    warned_before = set(_warned)
+    _recorders.append(fallbacks)
+    try:
+        yield fallbacks
+    finally:
+        _recorders.remove(fallbacks)
+        _warned.intersection_update(warned_before)
 
 
 def reset_fallback_warnings() -> None:

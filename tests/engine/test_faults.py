@@ -34,6 +34,48 @@ def test_kernel_failure_falls_back_with_one_warning(monkeypatch):
     assert all(torch.isfinite(o).all() for o in outs)
 
 
+def test_a_fused_option_whose_kernels_fail_when_timed_is_kept_with_the_reason(monkeypatch):
+    """The op falls back to its reference where its kernels cannot run (a launch config needing
+    more shared memory than the GPU has, at these shapes). The tuner timed that reference as the
+    fused option, and could choose it: every call then ran the slow reference, reported as fused."""
+    import fusion_backend.kernels.attention as kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated out of shared memory")
+
+    monkeypatch.setattr(kernels, "attention_forward", broken)
+    reset_fallback_warnings()
+    torch._dynamo.reset()
+    model, x = CausalSelfAttention(), torch.randn(2, 16, 32)
+    be = fusion_backend.backend(strategy="moderate", inner="eager", cache=False)
+    torch.testing.assert_close(torch.compile(model, backend=be)(x), model(x))
+    (record,) = be.records
+    (site,) = record.sites
+    assert site.decision == "kept"
+    assert "could not run their kernels when timed" in site.reason and "simulated out of shared" in site.reason
+    torch._dynamo.reset()
+
+
+def test_a_fallback_first_seen_while_timing_is_warned_when_it_happens_again():
+    """The tuner drops its timing runs' warnings: a fallback seen only there would otherwise
+    never be reported, since each op and reason warns once."""
+    from fusion_backend.ops.fallback import fallbacks_recorded, warn_fallback_once
+
+    reset_fallback_warnings()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with fallbacks_recorded() as seen:
+            warn_fallback_once("attention", "simulated reason")
+            warn_fallback_once("attention", "simulated reason")
+    assert len(seen) == 2 and "simulated reason" in seen[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_fallback_once("attention", "simulated reason")
+        warn_fallback_once("attention", "simulated reason")
+    assert [str(w.message) for w in caught] == [
+        "truthfuse: attention fell back to the PyTorch reference: simulated reason"]
+
+
 class _DistanceAttention(torch.nn.Module):
     """L2 attention with a learnable per-head temperature and an added float mask, and cosine
     attention (row normalization, whose backward also falls back)."""
