@@ -75,13 +75,13 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def check(*case):
+def check(*case, **kw):
     """`check_once` twice, on two draws of fresh inputs of the same shapes (the second call also
     finds its kernels compiled, as every step of a training loop after the first does)."""
-    return all([check_once(*case, repeat=r) for r in range(2)])
+    return all([check_once(*case, repeat=r, **kw) for r in range(2)])
 
 
-def check_once(dtype, T, d, h, act, gated, p_h, p_o, residual, bias, impl, repeat=0):
+def check_once(dtype, T, d, h, act, gated, p_h, p_o, residual, bias, impl, repeat=0, config=None):
     g = torch.Generator(device=dev).manual_seed(hash((dtype, T, d, h, act, gated, repeat)) % 2**31)
     rnd = lambda *s, sc=1.0: (torch.randn(*s, device=dev, generator=g) * sc)  # noqa: E731
     x = rnd(T, d)
@@ -103,7 +103,7 @@ def check_once(dtype, T, d, h, act, gated, p_h, p_o, residual, bias, impl, repea
     mk = lambda dt: {k: (v.to(dt).requires_grad_() if v is not None else None) for k, v in ts.items()}  # noqa: E731
     y64, g64 = run(mk(torch.float64), feedforward_reference)
     poison()
-    y, gr = run(mk(dtype), feedforward, impl=impl)
+    y, gr = run(mk(dtype), feedforward, impl=impl, config=config)
     torch.cuda.synchronize()
     ye, ge = run(mk(dtype), feedforward_reference)  # eager PyTorch in the same dtype: the yardstick
     errs = [rel(y, y64)] + [rel(a, b) for a, b in zip(gr, g64)]
@@ -113,18 +113,19 @@ def check_once(dtype, T, d, h, act, gated, p_h, p_o, residual, bias, impl, repea
         with torch.no_grad():
             td = mk(dtype)
             yi = feedforward(td["x"], td["w_in"], td["b_in"], td["w_out"], td["b_out"], activation=act,
-                             w_gate=td["w_gate"], b_gate=td["b_gate"], residual=td["residual"], impl=impl)
+                             w_gate=td["w_gate"], b_gate=td["b_gate"], residual=td["residual"], impl=impl,
+                             config=config)
         errs.append(rel(yi, y64))
         eerrs.append(eerrs[0])
     worst = max(errs)
     ok = worst <= max(TOL[dtype], 2 * max(eerrs))
     row = dict(dtype=str(dtype).split(".")[-1], T=T, d=d, h=h, act=act, gated=gated, p_h=p_h, p_o=p_o,
-               residual=residual, bias=bias, impl=impl, err=dict(zip(["out"] + names + ["inference out"], errs)),
+               residual=residual, bias=bias, impl=impl, config=config, err=dict(zip(["out"] + names + ["inference out"], errs)),
                eager_err=dict(zip(["out"] + names + ["inference out"], eerrs)), ok=ok,
                backward_rows=FF._backward_rows, saved_pre_activation=FF.SAVE_PRE_ACTIVATION, repeat=repeat)
     results["correctness"].append(row)
     print(f"{'PASS' if ok else 'FAIL'} {row['dtype']:8s} T={T:5d} d={d:4d} h={h:5d} {act:9s} gated={gated!s:5s} "
-          f"p=({p_h},{p_o}) res={residual!s:5s} bias={bias!s:5s} {impl:6s} rep={repeat} worst {worst:.1e} (eager {max(eerrs):.1e})", flush=True)
+          f"p=({p_h},{p_o}) res={residual!s:5s} bias={bias!s:5s} {impl:6s} config={config} rep={repeat} worst {worst:.1e} (eager {max(eerrs):.1e})", flush=True)
     return ok
 
 
