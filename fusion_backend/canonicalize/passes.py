@@ -43,7 +43,7 @@ from __future__ import annotations
 import inspect
 import math
 import operator
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.fx as fx
@@ -1575,9 +1575,11 @@ not rewritten, and no site takes them in: a rewrite or a fused op would move the
 where gradients are recorded."""
 
 MODE_REGION = "truthfuse_mode_region"
-"""Node meta key: which stretch between two switches of grad mode or autocast the node is in (a
-site whose nodes are not all in one stretch computes some of them under another mode than eager
-does, and is kept)."""
+"""Node meta key: the grad mode, inference mode and autocast state the node runs under, as a value
+that two nodes share only when they run under the same modes (a site whose nodes do not all share
+it computes some of them under another mode than eager does, and is kept). A stretch between two
+switches that returns to the modes before them (the no_grad() block of spectral_norm's power
+iteration between the two Linears of a feed-forward block) is the same mode again."""
 
 _GRAD_SWITCHES = (torch._C._set_grad_enabled, torch.autograd.grad_mode._enter_inference_mode,
                   torch.autograd.grad_mode._exit_inference_mode)
@@ -1587,24 +1589,43 @@ _AUTOCAST_SWITCHES = (torch.amp.autocast_mode._enter_autocast, torch.amp.autocas
 def _mark_without_grad(graph: fx.Graph) -> None:
     """Mark WITHOUT_GRAD on the nodes between a graph's switches of grad mode that turn it off
     (an argument that is not a constant: everything after it), and MODE_REGION on every node."""
-    enabled, inference, unknown, region = True, 0, False, 0
+    enabled, inference, unknown = True, 0, False
+    # The modes as MODE_REGION records them. Dynamo calls the backend under the grad mode the graph
+    # starts in (and guards on it); a flag that is not a constant is a mode of its own (its node).
+    # An inference_mode() or autocast block is its entering node, until the exit that names it.
+    grad_mode: Any = torch.is_grad_enabled()
+    inference_blocks: List[Node] = []
+    autocast_blocks: List[Node] = []
+
+    def close(blocks: List[Node], node: Node) -> None:
+        if blocks and node.args and node.args[0] is blocks[-1]:
+            blocks.pop()
+        else:  # an exit this graph did not enter: a mode of its own from here on
+            blocks.append(node)
+
     for node in graph.nodes:
         if node.op == "call_function" and node.target in _AUTOCAST_SWITCHES:
-            region += 1
+            if node.target is torch.amp.autocast_mode._enter_autocast:
+                autocast_blocks.append(node)
+            else:
+                close(autocast_blocks, node)
             continue
-        node.meta[MODE_REGION] = region
+        node.meta[MODE_REGION] = (grad_mode, tuple(inference_blocks), tuple(autocast_blocks))
         if node.op == "call_function" and node.target in _GRAD_SWITCHES:
-            region += 1
             if node.target is torch._C._set_grad_enabled:
                 flag = node.args[0] if node.args else None
                 if isinstance(flag, bool):
                     enabled = flag
+                    grad_mode = flag
                 else:
                     unknown = True
+                    grad_mode = node
             elif node.target is torch.autograd.grad_mode._enter_inference_mode:
                 inference += 1
+                inference_blocks.append(node)
             else:
                 inference = max(0, inference - 1)
+                close(inference_blocks, node)
             continue
         if node.op in ("call_function", "call_method", "call_module") and (not enabled or inference or unknown):
             node.meta[WITHOUT_GRAD] = True

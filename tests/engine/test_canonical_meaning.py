@@ -3,6 +3,8 @@ whole canonical graph runs, so a rewrite that changes a dtype, drops an argument
 rounding changes the user's results outside any site (cases a session-18 fuzz found). Each
 function has one fusable attention beside the code in question; compiled, it equals eager: the
 same dtypes and the same values (divisions and floors included)."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -172,3 +174,66 @@ def test_an_autocast_switch_inside_a_site_keeps_it():
     got = torch.compile(_autocast_around_the_scores, backend="truthfuse", options=OPTIONS)(q, k, v)
     torch.testing.assert_close(got, _autocast_around_the_scores(q, k, v), atol=0, rtol=0)
     torch._dynamo.reset()
+
+
+def _mask_built_under_no_grad(q, k, v):
+    s = q @ k.transpose(-2, -1) * 0.25
+    with torch.no_grad():  # between the scores and the softmax, outside the site's own computation
+        mask = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool).triu(1)
+    return s.masked_fill(mask, float("-inf")).softmax(-1) @ v
+
+
+def test_a_no_grad_block_beside_a_site_that_returns_to_its_mode_fuses():
+    """A no_grad() block between a site's first and last nodes that computes nothing of the site
+    leaves the site under one grad mode: it fuses and equals eager. spectral_norm on the second
+    Linear runs its power iteration under no_grad() after the first Linear; the site was kept
+    with 'grad mode or autocast switches inside the site'."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 8, 16) for _ in range(3))
+    assert _fused_kinds(_mask_built_under_no_grad, q, k, v) == ["attention"]
+    grads = []
+    for f in (_mask_built_under_no_grad, torch.compile(_mask_built_under_no_grad, backend="truthfuse", options=OPTIONS)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        f(*leaves).pow(2).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for got, want in zip(*grads[::-1]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    torch._dynamo.reset()
+
+    block = nn.Sequential(nn.Linear(16, 32), nn.GELU(), spectral_norm(nn.Linear(32, 16)))
+    x = torch.randn(2, 8, 16)
+    options = dict(OPTIONS, disable=[])
+    assert _fused_kinds(copy.deepcopy(block), x, options=options) == ["feedforward"]
+    eager, fused = copy.deepcopy(block), copy.deepcopy(block)  # each call updates the power iteration's u and v
+    compiled = torch.compile(fused, backend="truthfuse", options=options)
+    for _ in range(2):
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        weight = torch.randn(2, 8, 16)
+        (eager(xe) * weight).sum().backward()
+        (compiled(xc) * weight).sum().backward()
+        torch.testing.assert_close(xc.grad, xe.grad, atol=1e-5, rtol=1e-4)
+        for a, b in zip(fused.parameters(), eager.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+        for a, b in zip(fused.buffers(), eager.buffers()):
+            torch.testing.assert_close(a, b)
+    torch._dynamo.reset()
+
+
+def _feedforward_over_two_autocast_blocks(x, w1, b1, w2, b2):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = F.linear(x, w1, b1)
+    h = F.gelu(z.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return F.linear(h, w2, b2).float()
+
+
+def test_a_site_over_two_modes_stays_kept():
+    """The first Linear under one autocast block, the second under another: two modes, so kept."""
+    x, w1, b1, w2, b2 = torch.randn(2, 4, 8), torch.randn(16, 8), torch.randn(16), torch.randn(8, 16), torch.randn(8)
+    report = fusion_backend.explain(_feedforward_over_two_autocast_blocks, x, w1, b1, w2, b2,
+                                    options=dict(OPTIONS, disable=[]))
+    torch._dynamo.reset()
+    assert [(s.decision, s.reason) for s in report.sites] == [
+        ("kept", "grad mode or autocast switches inside the site: the fused op would compute it all under one mode")]
