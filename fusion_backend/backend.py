@@ -160,9 +160,17 @@ class TruthfuseBackend:
             # a softmax under a no_grad() or inference_mode() block inside the graph (the graph itself
             # records gradients) is left as written, so attention there matches no rule: explain()
             # read "no attention or feed-forward site was found" for a block that is there
-            record.notes.append(f"code under torch.no_grad() or inference_mode() inside this graph (a softmax at "
-                                f"{source_location(unlooked[0])}) is left as written and not looked into: attention "
-                                "there does not fuse; called wholly under no_grad(), the same code fuses")
+            if torch.is_grad_enabled():
+                record.notes.append(f"code under torch.no_grad() or inference_mode() inside this graph (a softmax at "
+                                    f"{source_location(unlooked[0])}) is left as written and not looked into: "
+                                    "attention there does not fuse; called wholly under no_grad(), the same code fuses")
+            else:
+                # called under no_grad(), with a torch.enable_grad() block inside: what runs outside
+                # that block is computed without gradients where the graph records them
+                record.notes.append(f"this graph is called without gradients (torch.no_grad()) and records them inside "
+                                    f"a block (torch.enable_grad()); code outside that block (a softmax at "
+                                    f"{source_location(unlooked[0])}) is left as written and not looked into: "
+                                    "attention there does not fuse")
         if any(rule.kind == "feedforward" for rule in self._rules()):
             for tanh in tanh_gelus_with_runtime_constant(canon.graph):
                 note = (f"the tanh GELU at {source_location(tanh)} reads sqrt(2/pi) at run time "

@@ -1587,13 +1587,23 @@ _AUTOCAST_SWITCHES = (torch.amp.autocast_mode._enter_autocast, torch.amp.autocas
 
 
 def _mark_without_grad(graph: fx.Graph) -> None:
-    """Mark WITHOUT_GRAD on the nodes between a graph's switches of grad mode that turn it off
-    (an argument that is not a constant: everything after it), and MODE_REGION on every node."""
-    enabled, inference, unknown = True, 0, False
-    # The modes as MODE_REGION records them. Dynamo calls the backend under the grad mode the graph
-    # starts in (and guards on it); a flag that is not a constant is a mode of its own (its node).
-    # An inference_mode() or autocast block is its entering node, until the exit that names it.
-    grad_mode: Any = torch.is_grad_enabled()
+    """Mark WITHOUT_GRAD on the nodes that run with gradients off (between a graph's switches of
+    grad mode that turn them off; after an argument that is not a constant, everything), where
+    another part of the graph records them, and MODE_REGION on every node.
+
+    Dynamo calls the backend under the grad mode the graph starts in (and guards on it). A graph
+    that starts without gradients (the caller's torch.no_grad()) and turns them on in a block
+    (`with torch.enable_grad():`) has its nodes outside that block marked: folding `(w * 2) * 3`,
+    whose `w * 2` ran without gradients, into `w * 6` inside the block sent w a gradient eager's
+    did not (a tenth fuzz round). A graph called without gradients that records them nowhere has
+    nothing to mark."""
+    enabled, inference, unknown = torch.is_grad_enabled(), 0, False
+    without: List[Node] = []
+    records = enabled  # a graph that starts with gradients on marks its no_grad() blocks, as always
+    # The modes as MODE_REGION records them; a flag that is not a constant is a mode of its own
+    # (its node). An inference_mode() or autocast block is its entering node, until the exit that
+    # names it.
+    grad_mode: Any = enabled
     inference_blocks: List[Node] = []
     autocast_blocks: List[Node] = []
 
@@ -1627,7 +1637,13 @@ def _mark_without_grad(graph: fx.Graph) -> None:
                 inference = max(0, inference - 1)
                 close(inference_blocks, node)
             continue
-        if node.op in ("call_function", "call_method", "call_module") and (not enabled or inference or unknown):
+        if node.op in ("call_function", "call_method", "call_module"):
+            if not enabled or inference or unknown:
+                without.append(node)
+            else:
+                records = True
+    if records or unknown:
+        for node in without:
             node.meta[WITHOUT_GRAD] = True
 
 

@@ -237,3 +237,32 @@ def test_a_site_over_two_modes_stays_kept():
     torch._dynamo.reset()
     assert [(s.decision, s.reason) for s in report.sites] == [
         ("kept", "grad mode or autocast switches inside the site: the fused op would compute it all under one mode")]
+
+
+def _enable_grad_block_in_a_no_grad_call(q, k, v, w):
+    out = _site(q, k, v)
+    a = w * 2.0  # the caller's no_grad(): computed without gradients
+    with torch.enable_grad():
+        b = a * 3.0 + w  # the gradient reaches w through "+ w" only
+    return out, b
+
+
+def test_a_no_grad_call_with_an_enable_grad_block_keeps_what_ran_without_gradients():
+    """Called under no_grad(), a graph that records gradients inside an enable_grad() block: what
+    runs outside it is not moved into it. Folding (w * 2) * 3 into w * 6 there gave db/dw = 7 where
+    eager's is 1; the attention outside the block is left as written, with a note saying why."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 4, 8) for _ in range(3))
+    w = torch.randn(4, requires_grad=True)
+    compiled = torch.compile(_enable_grad_block_in_a_no_grad_call, backend="truthfuse", options=OPTIONS)
+    grads = []
+    for f in (_enable_grad_block_in_a_no_grad_call, compiled):
+        with torch.no_grad():
+            out, b = f(q, k, v, w)
+        grads.append(torch.autograd.grad(b.sum(), w)[0])
+    torch.testing.assert_close(grads[1], grads[0], atol=0, rtol=0)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        report = fusion_backend.explain(_enable_grad_block_in_a_no_grad_call, q, k, v, w, options=OPTIONS)
+    torch._dynamo.reset()
+    assert not report.fused and any("torch.enable_grad()" in note for note in report.notes), report
