@@ -1436,6 +1436,8 @@ def _matmul_to_linear(rw: _Rewriter) -> None:
             if not (isinstance(lin, Node) and lin.op == "call_function" and lin.target is _linear
                     and len(lin.args) == 3 and lin.args[2] is None and len(lin.users) == 1):
                 continue
+            if not _same_mode(lin, node):  # the linear would compute at the add, under the add's autocast
+                continue
             out, bias, summed = example_value(lin), example_value(b), example_value(node)
             if not all(isinstance(v, torch.Tensor) for v in (out, bias, summed)):
                 continue
@@ -1446,6 +1448,13 @@ def _matmul_to_linear(rw: _Rewriter) -> None:
             rw.replace(node, _linear, (lin.args[0], lin.args[1], b))
             rw.erase(lin)
             break
+
+
+def _same_mode(a: Node, b: Node) -> bool:
+    """Whether two nodes run under the same grad mode, inference mode and autocast (MODE_REGION): a
+    rewrite that computes `a`'s product at `b` computes it under `b`'s modes. A product under
+    torch.autocast folded with the bias add or view after the block computed in fp32, not bf16."""
+    return a.meta.get(MODE_REGION) == b.meta.get(MODE_REGION)
 
 
 def _unflatten_linear(rw: _Rewriter) -> None:
@@ -1461,6 +1470,8 @@ def _unflatten_linear(rw: _Rewriter) -> None:
             continue
         flat = lin.args[0]
         if not (isinstance(flat, Node) and _method_or_function(flat, *_RESHAPES)):
+            continue
+        if not _same_mode(lin, node):  # the linear would compute at the view, under the view's autocast
             continue
         x = flat.args[0]
         xv, fv, lv, ov = (example_value(n) for n in (x, flat, lin, node))

@@ -266,3 +266,36 @@ def test_a_no_grad_call_with_an_enable_grad_block_keeps_what_ran_without_gradien
         report = fusion_backend.explain(_enable_grad_block_in_a_no_grad_call, q, k, v, w, options=OPTIONS)
     torch._dynamo.reset()
     assert not report.fused and any("torch.enable_grad()" in note for note in report.notes), report
+
+
+def _product_under_autocast_bias_after(q, k, v, x, w, b):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = x @ w
+    return _site(q, k, v), y + b
+
+
+def _conv1d_under_autocast_view_after(q, k, v, x, w, b):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.addmm(b, x.view(-1, 8), w)
+    return _site(q, k, v), y.view(2, 3, 5)
+
+
+@pytest.mark.parametrize("fn, bias_dtype", [(_product_under_autocast_bias_after, torch.bfloat16),
+                                            (_conv1d_under_autocast_view_after, torch.float32)],
+                         ids=["bias_add", "conv1d_view"])
+def test_a_product_under_autocast_is_not_folded_with_a_step_after_the_block(fn, bias_dtype):
+    """`x @ W` under autocast and `+ b` after the block (HF Conv1D's addmm and its view likewise)
+    were folded into one linear placed after the block, which computed outside autocast: with a
+    bf16 bias it raised 'self and mat2 must have the same dtype', and the Conv1D form returned fp32
+    where eager's is bf16 (0.04 off)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 4, 8) for _ in range(3))
+    x, w, b = torch.randn(2, 3, 8), torch.randn(8, 5), torch.randn(5, dtype=bias_dtype)
+    if fn is _product_under_autocast_bias_after:
+        x = x.view(6, 8)
+    assert _fused_kinds(fn, q, k, v, x, w, b) == ["attention"]
+    want = fn(q, k, v, x, w, b)[1]
+    got = torch.compile(fn, backend="truthfuse", options=OPTIONS)(q, k, v, x, w, b)[1]
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch._dynamo.reset()
