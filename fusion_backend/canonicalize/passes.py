@@ -1176,6 +1176,8 @@ def _unfold_heads_from_batch(rw: _Rewriter) -> None:
                 and len(node.users) == 1):
             continue
         product = node
+        if not all(_same_mode(n, split) for n in [product] + steps):
+            continue  # the 4-d product computes where the view is: under autocast, or not, as it is
         q3, kt3 = product.args
         qv, ktv = example_value(q3), example_value(kt3)
         if not (isinstance(qv, torch.Tensor) and isinstance(ktv, torch.Tensor) and qv.dim() == 3 and ktv.dim() == 3

@@ -299,3 +299,26 @@ def test_a_product_under_autocast_is_not_folded_with_a_step_after_the_block(fn, 
     assert got.dtype == want.dtype
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     torch._dynamo.reset()
+
+
+def _heads_in_batch_scores_under_autocast(q, k, v, q3, k3, v3):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = torch.bmm(q3, k3.transpose(1, 2))  # BLOOM's (B*H, N, S) scores, in bf16
+    p = s.view(2, 2, 4, 4).float().softmax(-1)
+    return _site(q, k, v), torch.bmm(p.view(4, 4, 4), v3)
+
+
+def test_heads_in_the_batch_with_scores_under_autocast_keep_their_precision():
+    """BLOOM-style scores (heads in the batch) under autocast, the view to 4-d after the block:
+    unfolding the heads emitted the 4-d product at that view, outside autocast, and the site then
+    fused in fp32 where eager's scores are bf16 (0.009 off). The product stays where it is, so the
+    site spans the autocast switch and is kept."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 4, 8) for _ in range(3))
+    q3, k3, v3 = (torch.randn(4, 4, 8) for _ in range(3))
+    args = (q, k, v, q3, k3, v3)
+    assert _fused_kinds(_heads_in_batch_scores_under_autocast, *args) == ["attention"]
+    want = _heads_in_batch_scores_under_autocast(*args)[1]
+    got = torch.compile(_heads_in_batch_scores_under_autocast, backend="truthfuse", options=OPTIONS)(*args)[1]
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch._dynamo.reset()
