@@ -121,11 +121,12 @@ def check_once(metric, dtype, B, H, Hkv, Nq, Nk, D, Dv, causal=False, mask=None,
     g64 = torch.autograd.grad(ref, ins64, g.double())
     eo = rel(out, ref)
     # A row that sees one key has exactly zero q, k, scale and mask gradients (its softmax is 1
-    # whatever the logit), and the kernels' are rounding residue times the scale: those gradients
-    # are measured against 1e-4 of dV's size (dV is dO moved by the probabilities, never zero),
-    # times the largest scale where above 1, where that is more than their own size.
+    # whatever the logit), and the kernels' are rounding residue of the logit (exp(s - lse) for
+    # 1), moved by the scale and the vectors: those gradients are measured against 1e-3 of what
+    # such a gradient weighs in a row of several keys, |dV| (dO moved by the probabilities, never
+    # zero) times the largest scale (where above 1) times sqrt(D), where that is more than their size.
     lam = float(abs(sc).max()) if isinstance(sc, torch.Tensor) else abs(sc or 1.0)
-    floor = 1e-4 * g64[2].norm().item() * max(1.0, lam)
+    floor = 1e-3 * g64[2].norm().item() * max(1.0, lam) * math.sqrt(D)
     eg = [rel(a, b, floor) for a, b in zip(grads, g64)]
     tols = [TOL_GRAD[dtype]] * len(eg)
     if learn and metric != "cosine":

@@ -51,8 +51,10 @@ def draw_attention(rng: random.Random) -> dict:
         mask = None
     scale = rng.choice(("tensor", "constant", "number", None))
     smax = rng.choice((0.2, 1.0, 1.0, 10.0)) if metric != "cosine" else rng.choice((1.0, 10.0, 100.0))
-    if metric == "l2" and dtype != torch.float32:
-        smax = min(smax, 1.0)  # bf16 L2 at larger temperatures has peaked rows; see check_peaked
+    if metric in ("l2", "l1") and dtype != torch.float32:
+        # distance logits at larger temperatures make peaked rows, whose relative gradient errors
+        # in half precision say little (attention_gpu.check_peaked)
+        smax = min(smax, 1.0)
     case = dict(metric=metric, dtype=dtype, B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, Dv=Dv,
                 causal=rng.random() < 0.35, mask=mask, scale=scale, smax=smax)
     if metric == "dot" and scale == "number" and rng.random() < 0.3:
