@@ -1193,21 +1193,24 @@ def _unfold_heads_from_batch(rw: _Rewriter) -> None:
             return "as is" if v.dim() == 3 and _same_size(v.shape[0], 1) else None
         if any(folds(a) is None for step in steps for a in step.args[:2] if a not in steps and a is not product):
             continue
-        # Down: single uses, every value (B, H, N, S), to the view back before the product with v.
-        merge, node = None, split
+        # Down: through (B, H, N, S) values to the one view back to (B*H, N, S) that the product with
+        # v reads. A value on the way may have other uses (probabilities returned, or a loss on
+        # them, with output_attentions=True): those keep reading it as it is.
+        merges, seen, frontier = [], {split}, [split]
         for _ in range(16):
-            if len(node.users) != 1:
-                break
-            (user,) = node.users
-            uv = example_value(user)
-            if not isinstance(uv, torch.Tensor):
-                break
-            if _method_or_function(user, *_RESHAPES) and uv.dim() == 3 and _sizes_equal(uv.shape, s3.shape):
-                merge = user
-                break
-            if not _sizes_equal(uv.shape, s4.shape):
-                break
-            node = user
+            onward = []
+            for node in frontier:
+                for user in node.users:
+                    uv = example_value(user)
+                    if user in seen or not isinstance(uv, torch.Tensor):
+                        continue
+                    seen.add(user)
+                    if _method_or_function(user, *_RESHAPES) and uv.dim() == 3 and _sizes_equal(uv.shape, s3.shape):
+                        merges.append(user)
+                    elif _sizes_equal(uv.shape, s4.shape):
+                        onward.append(user)
+            frontier = onward
+        merge = merges[0] if len(merges) == 1 else None
         if merge is None or len(merge.users) != 1:
             continue
         (pv,) = merge.users

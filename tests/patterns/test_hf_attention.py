@@ -247,6 +247,32 @@ def test_hf_bloom_heads_folded_into_the_batch(padded):
     assert_matches_eager(model, *args, grad_inputs=False, loss_mask=loss_mask, atol=2e-5, rtol=2e-4)
 
 
+class LogitsAndAttentions(torch.nn.Module):
+    """The logits and a loss-like sum of the attention probabilities, with output_attentions=True."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        out = self.lm(ids, output_attentions=True)
+        return out.logits + sum(a.square().sum() for a in out.attentions)
+
+
+def test_hf_bloom_attention_probabilities_returned_are_reported_kept():
+    """With output_attentions=True BLOOM returns its (B, H, N, S) probabilities, which the graph here
+    also reads (a loss on them): each attention is still unfolded to 4-d, found, and kept with the
+    reason, where explain() said no attention site was found. The model equals eager."""
+    torch.manual_seed(0)
+    cfg = transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=VOCAB, attention_dropout=0.0,
+                                   hidden_dropout=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = LogitsAndAttentions(transformers.BloomForCausalLM._from_config(cfg, attn_implementation="eager")).train()
+    ids = torch.randint(0, VOCAB, (2, T))
+    sites = assert_near_miss(model, ids, reason="is also used outside the pattern")
+    assert sum(s.kind == "attention" and s.rule == "attention.dot_causal" for s in sites) == 2, sites  # one per layer
+    assert_matches_eager(model, ids, grad_inputs=False, atol=2e-5, rtol=2e-4)
+
+
 def test_hf_swinv2_shifted_window_blocks():
     """Swin V2's shifted-window block adds its window mask through a 5-d view of the (B*nW, H, N, N)
     scores, twice: both blocks of the stage fuse as cosine attention, and the model is as close to
