@@ -1113,6 +1113,7 @@ def _drop_identity_reshapes(rw: _Rewriter) -> None:
     views its attention scores and probabilities to the shapes they have, which would otherwise
     sit between the product and the softmax. Reinterpreting views (`view(dtype)`) and views the
     graph returns are kept."""
+    written = None  # every value an in-place write may reach, once a round trip needs it
     for node in list(rw.graph.nodes):
         if node not in rw.graph.nodes or not _method_or_function(node, *_RESHAPES):
             continue
@@ -1126,6 +1127,22 @@ def _drop_identity_reshapes(rw: _Rewriter) -> None:
             continue
         if xv.dim() == ov.dim() and all(_same_size(a, b) for a, b in zip(xv.shape, ov.shape)):
             rw.bypass(node, x)
+            continue
+        # x.view(s).view(x's shape), the inner view kept for another use (SpeechT5 and other
+        # BART-era attentions view their (B*H, N, S) probabilities to (B, H, N, S) to return them
+        # with output_attentions=True, and back for the product with v): the outer view reads x.
+        # Only where no in-place write may reach any of them: a reshape that copied does not share
+        # x's memory, so a write to the outer view must not land in x (or in a graph input).
+        inner = x.args[0] if _method_or_function(x, *_RESHAPES) and x.args else None
+        iv = example_value(inner) if isinstance(inner, Node) else None
+        if (isinstance(iv, torch.Tensor) and iv.dtype == ov.dtype and iv.dim() == ov.dim()
+                and not any(isinstance(a, torch.dtype) for a in x.args[1:])
+                and all(_same_size(a, b) for a, b in zip(iv.shape, ov.shape))):
+            if written is None:
+                peers = shared_storage_inputs(rw.graph)
+                written = set().union(*(written_family(n, peers) for n in rw.graph.nodes if mutates(n)))
+            if not ({node, x, inner} & written or _writers_behind(node) or _writers_behind(inner)):
+                rw.bypass(node, inner)
 
 
 def _shape_args(node: Node) -> Optional[list]:

@@ -273,6 +273,39 @@ def test_hf_bloom_attention_probabilities_returned_are_reported_kept():
     assert_matches_eager(model, ids, grad_inputs=False, atol=2e-5, rtol=2e-4)
 
 
+def test_hf_speecht5_probabilities_viewed_there_and_back_are_reported_kept():
+    """SpeechT5's encoder (as BART-era attentions written with bmm) views its (B*H, N, S)
+    probabilities to (B, H, N, S) to return them with output_attentions=True and back for bmm with
+    v: each attention is found and kept with the reason, where explain() listed no attention site.
+    Without output_attentions it fuses. The model equals eager."""
+    from transformers.models.speecht5.modeling_speecht5 import SpeechT5EncoderWithTextPrenet
+
+    torch.manual_seed(0)
+    cfg = transformers.SpeechT5Config(vocab_size=VOCAB, hidden_size=32, encoder_layers=2, encoder_attention_heads=4,
+                                      encoder_ffn_dim=64, hidden_dropout=0.0, attention_dropout=0.0,
+                                      activation_dropout=0.0, positional_dropout=0.0, encoder_layerdrop=0.0,
+                                      max_text_positions=32, encoder_max_relative_position=4, pad_token_id=1)
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, attentions):
+            super().__init__()
+            self.encoder, self.attentions = SpeechT5EncoderWithTextPrenet(cfg), attentions
+
+        def forward(self, ids, am):
+            out = self.encoder(input_values=ids, attention_mask=am, output_attentions=self.attentions)
+            return out.last_hidden_state + (sum(a.square().sum() for a in out.attentions) if self.attentions else 0)
+
+    ids = torch.randint(3, VOCAB, (2, T))
+    am = torch.ones(2, T, dtype=torch.long)
+    am[0, 6:] = 0
+    model = Encoder(attentions=True).train()
+    sites = assert_near_miss(model, ids, am, reason="is also used outside the pattern")
+    assert sum(s.kind == "attention" for s in sites) == 2, sites  # one per layer
+    assert_matches_eager(model, ids, am, grad_inputs=False, loss_mask=am[..., None].float(), atol=2e-5, rtol=2e-4)
+    model.attentions = False
+    assert_fused(model, ids, am, variant="dot", rule="attention.dot", count=2)
+
+
 def test_hf_swinv2_shifted_window_blocks():
     """Swin V2's shifted-window block adds its window mask through a 5-d view of the (B*nW, H, N, N)
     scores, twice: both blocks of the stage fuse as cosine attention, and the model is as close to
