@@ -153,14 +153,22 @@ def _exp_rel(x, MASK_KIND: tl.constexpr):
 def _store_row_stats(STATS_M, STATS_L, bh, offs_m, N_Q, m_i, l_i, MASK_KIND: tl.constexpr):
     """Store the row max (natural units, +inf for a fully masked row) and log2 of the row sum.
     Kept apart, not as one logsumexp: for a row whose logits all sit near a huge finite negative
-    (padding masks), m + log(l) rounds to m and the backward's probabilities would sum to l."""
+    (padding masks), m + log(l) rounds to m and the backward's probabilities would sum to l.
+    In base-2 units the max goes to natural units and back (`_load_row_stats`), which rounds: by
+    up to an ulp of the max, so at logits near 1e4 the top key's recomputed probability was 1.003,
+    not 1, and dV 1e-2 off (6.7e9 at 1e8). What the round trip loses is added to the stored log2
+    of the row sum (it is exact: the two are within a factor 2), so the backward reads the max
+    back as the forward had it."""
     empty = l_i == 0.0
+    log2l = tl.math.log2(tl.where(empty, 1.0, l_i))
     if MASK_KIND == 2:
         m_nat = m_i
     else:
         m_nat = m_i * 0.6931471805599453
+        lost = m_i - m_nat * 1.4426950408889634
+        log2l += tl.where(lost == lost, lost, 0.0)  # 0 for an empty row's -inf and an inf max
     tl.store(STATS_M + bh * N_Q + offs_m, tl.where(empty, float("inf"), m_nat), mask=offs_m < N_Q)
-    tl.store(STATS_L + bh * N_Q + offs_m, tl.math.log2(tl.where(empty, 1.0, l_i)), mask=offs_m < N_Q)
+    tl.store(STATS_L + bh * N_Q + offs_m, log2l, mask=offs_m < N_Q)
 
 
 @triton.jit

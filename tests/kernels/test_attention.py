@@ -188,6 +188,32 @@ def test_learnable_scale_without_float_mask(metric):
     run_and_compare(metric, q, k, v, scale=scale, mask=mask, gtol=1e-4)
 
 
+@pytest.mark.parametrize("metric", ["dot", "l2", "l1"])
+@pytest.mark.parametrize("nq", [7, 1])
+def test_large_logits_recompute_the_forward_probabilities(metric, nq):
+    """Logits near 1e4 and past it (a large temperature, no float mask): each row is one-hot, and
+    eager's dV = P^T dO is exact. The backward read the row max back from natural units, which
+    rounds by up to an ulp of the max: the top key's probability recomputed as 2**(that error),
+    dV 1e-2 to 3e-2 off at 1e4 and up to inf at 1e8 in the draws measured. Head dim 1, so the
+    interpreter recomputes the logits bit for bit (its matmuls sum longer dot products in another
+    order in the backward, an error of the same size that this test leaves out). Keys one apart, and each query within 0.3 of one of
+    them, so that no two logits of a row lie close (there fp32's own rounding of them shows).
+    nq=1 takes the split forward (decoding)."""
+    q, k, v = make(1, 2, 2, nq, 9, 1, 3)
+    k = torch.stack([torch.randperm(9) for _ in range(2)]).float().view(1, 2, 9, 1) - 4.0
+    q = k[:, :, torch.randint(0, 9, (nq,))] + (torch.rand(1, 2, nq, 1) - 0.5) * 0.6
+    for scale in (1e4, 1e8):
+        vv = v.clone().requires_grad_()
+        out = attention(q, k, vv, metric=metric, scale=scale)
+        g = torch.randn_like(out)
+        (dv,) = torch.autograd.grad(out, [vv], g)
+        v64 = v.double().requires_grad_()
+        ref = attention_reference(q.double(), k.double(), v64, metric=metric, scale=scale)
+        (dv64,) = torch.autograd.grad(ref, [v64], g.double())
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dv.double(), dv64, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("metric", ["dot", "l2"])
 def test_zero_scale_gradient(metric):
     """scale = 0: every logit is 0 (dQ and dK are 0); the scale and V gradients are still right."""
