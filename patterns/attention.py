@@ -234,6 +234,25 @@ def check_scales(m: Match) -> Optional[str]:
             return f"{name} of shape {shape} is neither a scalar nor per-head"
         if isinstance(value, torch.Tensor) and not value.is_floating_point():
             return f"{name} is an integer tensor"
+    return _check_number_scale(m, "scale")
+
+
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
+def _check_number_scale(m: Match, what: str, *extra: float) -> Optional[str]:
+    """The product of the scales that are Python numbers (and `extra` factors) is a float32 number:
+    the op takes it as one (an fp32 scale vector), which past 3.4e38 raised "value cannot be
+    converted to type float without overflow" where eager's fp32 scores are inf (s / 1e-45,
+    s * 1e39), and at inf or NaN eager's rows are NaN, which the op does not reproduce wholly."""
+    numbers = [m.values[n] for n in ("scale", "scale2") if m.present(n)]
+    numbers = [float(x) for x in numbers if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    if not numbers:
+        return None
+    product = math.prod(numbers + [float(x) for x in extra])
+    if not abs(product) <= _FP32_MAX:  # NaN too
+        return (f"the {what} {product:g} (a division counts as its reciprocal) is not a finite float32 "
+                "number: eager's float32 scores are inf or NaN there, which the fused op does not reproduce")
     return None
 
 
@@ -748,7 +767,7 @@ def check_softcap(m: Match) -> Optional[str]:
     for name in ("scale", "scale2"):
         if m.present(name) and (not _is_number(m.values[name]) or m.values[name] == 0):
             return f"the {name} before the soft cap is not a nonzero Python number"
-    return None
+    return _check_number_scale(m, "scale times the soft cap", cap)  # the op's scale: `_softcap_args`
 
 
 def _softcap_args(scale, scale2, cap):

@@ -77,6 +77,9 @@ def _check_sdpa(m: Match, repeated_kv: bool) -> Optional[str]:
         return f"dropout_p {m['dropout_p']!r} is not a constant in [0, 1)"
     if m["scale"] is not None and not _is_number(m["scale"]):
         return "scale is not a Python number"
+    if m["scale"] is not None and not abs(float(m["scale"])) <= torch.finfo(torch.float32).max:  # NaN too
+        # the op takes it as an fp32 scale vector: past 3.4e38 that raised an overflow RuntimeError
+        return f"scale {m['scale']!r} is not a finite float32 number (eager's scores are inf or NaN there)"
     if q.dim() == 4 and not known_equal(q.shape[0], k.shape[0]):
         return "q and k batch sizes differ (broadcast batch)"
     # SDPA needs k and v of one length; read from a KV cache in a dynamic-shape graph, the two may

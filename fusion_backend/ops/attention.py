@@ -138,6 +138,10 @@ def _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale, softcap=
             raise ValueError(f"attention: a tensor scale needs 1 or H={H} elements, got shape {tuple(scale.shape)}")
     elif scale is not None and not isinstance(scale, (int, float)):
         raise ValueError(f"attention: scale must be a float, a tensor or None, got {type(scale).__name__}")
+    elif scale is not None and math.isfinite(scale) and abs(scale) > torch.finfo(torch.float32).max:
+        # the kernels take the scale in fp32: torch.full raised "value cannot be converted to type
+        # float without overflow" from inside the call
+        raise ValueError(f"attention: a number scale must fit float32 (|scale| <= 3.4e38), got {scale!r}")
 
 
 def attention_supports(q, k, v, metric="dot", *, attn_mask=None, dropout_p=0.0, **_ignored):

@@ -634,6 +634,8 @@ def test_validation_errors():
         attention(q, k, v, enable_gqa=True, scale=torch.ones(3))
     with pytest.raises(ValueError, match="must be real"):  # was computed with its real part alone
         attention(q, k, v, enable_gqa=True, scale=torch.tensor(2 + 5j))
+    with pytest.raises(ValueError, match="must fit float32"):  # was torch.full's overflow RuntimeError
+        attention(q, k, v, enable_gqa=True, scale=1e39)
     empty = torch.randn(1, 2, 8, 0)
     with pytest.raises(ValueError, match="head dim 0 has no default scale"):
         attention(empty, empty, torch.randn(1, 2, 8, 4))

@@ -332,3 +332,39 @@ def test_a_dropout_probability_that_changes_to_one_is_a_near_miss():
     assert last and all(s.decision == "kept" and "dropout probability 1.0 is outside [0, 1)" in s.reason
                         for s in last), [(s.decision, s.reason) for s in last]
     torch._dynamo.reset()
+
+
+class _NumberScale(nn.Module):
+    """Dot-product attention scaled by Python numbers, written as `spelling`; Gemma 2's soft cap
+    when `cap` is given; SDPA with scale=c when spelling is "sdpa"."""
+
+    def __init__(self, spelling, c, cap=None):
+        super().__init__()
+        self.spelling, self.c, self.cap = spelling, c, cap
+
+    def forward(self, q, k, v):
+        if self.spelling == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, scale=self.c)
+        s = q @ k.transpose(-2, -1)
+        s = s / self.c if self.spelling == "div" else s * self.c
+        if self.cap is not None:
+            s = torch.tanh(s / self.cap) * self.cap
+        return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("spelling,c,cap", [("div", 1e-45, None), ("mul", 1e20, None), ("mul", float("inf"), None),
+                                            ("sdpa", 1e39, None), ("mul", 1e39, 10.0)])
+def test_a_number_scale_past_float32_is_kept(spelling, c, cap):
+    """A number scale past float32's range (s / 1e-45 is s * 1e45; two scales of 1e20 make 1e40;
+    SDPA's scale; a soft cap's scale times the cap): the op takes the scale in fp32, and the fused
+    call raised RuntimeError "value cannot be converted to type float without overflow" where eager's
+    fp32 scores are inf and its rows NaN. The site is kept with that reason, and the compiled model
+    gives eager's result (NaN included; finite with the cap)."""
+    model = _NumberScale(spelling, c, cap)
+    if spelling == "mul" and cap is None and c == 1e20:
+        model.forward = lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) * 1e20 * 1e20, -1) @ v
+    q, k, v = qkv()
+    assert_near_miss(model, q, k, v, reason="is not a finite float32 number")
+    compiled = torch.compile(model, backend="truthfuse", options=OPTIONS)
+    torch.testing.assert_close(compiled(q, k, v), model(q, k, v), equal_nan=True)
+    torch._dynamo.reset()
