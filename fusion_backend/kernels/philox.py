@@ -76,17 +76,20 @@ def seed_arg(seed, like: torch.Tensor) -> torch.Tensor:
 
 def dropout_threshold(p: float, bits: int = 16) -> int:
     """Integer threshold on `bits`-bit draws: an element is kept when draw >= threshold, so p = 1
-    (threshold 2**bits) keeps nothing."""
+    (threshold 2**bits) keeps nothing. A p below 1 keeps the top draw at least: rounded to 1 it
+    dropped everything (p = 0.999995 with 16 bits, 0.998 with 8), an output of 0 on every draw
+    where dropout's expectation is the input."""
     return _threshold(float(p), int(bits))
 
 
 @functools.lru_cache(maxsize=256)  # asked on every launch of a dropout kernel; keyed by value
 def _threshold(p: float, bits: int) -> int:
-    return min(max(int(round(p * 2.0**bits)), 0), 2**bits)
+    return min(max(int(round(p * 2.0**bits)), 0), 2**bits if p >= 1.0 else 2**bits - 1)
 
 
 def effective_p(p: float, bits: int = 16) -> float:
-    """The drop probability the masks have: p rounded to a multiple of 2**-bits."""
+    """The drop probability the masks have: p rounded to a multiple of 2**-bits (below 1 for p
+    below 1)."""
     return dropout_threshold(p, bits) / 2.0**bits
 
 

@@ -39,3 +39,16 @@ def test_rate_and_scale_follow_the_rounded_probability(bits):
     assert abs(1 - keep.float().mean().item() - q) < 0.005
     assert dropout_scale(p, bits) == pytest.approx(1 / (1 - q))
     assert not philox_keep_mask(99, 4, 64, 1.0, bits=bits).any()  # p = 1 keeps nothing
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_a_probability_below_one_keeps_something(bits):
+    """p just below 1 rounded to 1 (0.999995 with 16 bits, 0.999 with 8) and dropped every
+    element: the attention op's output was 0 on every draw, where dropout's expectation is the
+    input. It rounds to 1 - 2**-bits, whose scale 2**bits keeps the expectation."""
+    p = 1 - 2.0 ** -(bits + 2)
+    q = effective_p(p, bits)
+    assert q == 1 - 2.0 ** -bits
+    assert dropout_scale(p, bits) == 2.0 ** bits
+    assert dropout_threshold(p, bits) == 2 ** bits - 1
+    assert dropout_threshold(1.0, bits) == 2 ** bits  # p = 1 (not a valid dropout_p) still keeps nothing
