@@ -229,11 +229,13 @@ def check_scales(m: Match) -> Optional[str]:
         if not m.present(name):
             continue
         value = m.values[name]
+        # "a scale", not the wildcard's name: which of the two optional products binds a model's one
+        # scale depends on the alignment ("scale2 of shape ..." named no scale of the user's code)
         if not is_scalar_like(value, per_head=heads, rank=m.values["q"].dim()):
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            return f"{name} of shape {shape} is neither a scalar nor per-head"
+            return f"a scale of shape {shape} is neither a scalar nor per-head"
         if isinstance(value, torch.Tensor) and not value.is_floating_point():
-            return f"{name} is an integer tensor"
+            return f"a scale is an integer tensor ({value.dtype})"
     return _check_number_scale(m, "scale")
 
 

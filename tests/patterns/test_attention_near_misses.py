@@ -24,6 +24,21 @@ def test_scale_varies_per_key():
     assert_matches_eager(NonScalarScale(), *qkv())
 
 
+def test_a_scale_per_batch_and_head_is_named_as_a_scale():
+    """The model's one scale, per (batch, head): the reason said "scale2 of shape (2, 2, 1, 1)",
+    the name of the pattern's second optional product, which names nothing in the user's code."""
+    class PerBatchAndHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.rand(2, 2, 1, 1) + 0.1)
+
+        def forward(self, q, k, v):
+            return torch.softmax(q @ k.transpose(-2, -1) * self.s, -1) @ v
+
+    sites = assert_near_miss(PerBatchAndHead(), *qkv(), reason="a scale of shape (2, 2, 1, 1) is neither")
+    assert not any("scale2" in s.reason for s in sites), [s.reason for s in sites]
+
+
 def test_attention_weights_returned():
     assert_near_miss(ReturnsWeights(), *qkv(), reason="also used outside the pattern")
     assert_matches_eager(ReturnsWeights(), *qkv())
