@@ -380,6 +380,27 @@ def test_sinks_with_a_learnable_scale_are_a_near_miss():
     assert_near_miss(SinkAttention(), q, k, v, reason="needs a gradient")
 
 
+@pytest.mark.parametrize("where", ["around the call", "in the model"])
+def test_sinks_under_autocast_are_kept(where):
+    """GPT-OSS with fp32 weights under CUDA autocast, both sinks sites fused, was 0.67 off float64
+    on an H200 (bench/model_checks_gpu.py); not understood yet, so sinks under autocast are kept,
+    whether autocast is entered around the compiled call or inside the model."""
+    class SinkAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sinks = torch.nn.Parameter(torch.randn(4))
+
+        def forward(self, q, k, v):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=where == "in the model"):
+                s = q @ k.transpose(-1, -2) * 0.3
+                c = torch.cat([s, self.sinks.reshape(1, -1, 1, 1).expand(s.shape[0], -1, s.shape[2], -1)], dim=-1)
+                return torch.softmax(c, dim=-1)[..., :-1] @ v
+
+    q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=where == "around the call"):
+        assert_near_miss(SinkAttention(), q, k, v, reason="attention sinks under torch.autocast are kept")
+
+
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_hf_deepseek_v3_keys_assembled_in_place(impl, padded):
