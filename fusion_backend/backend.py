@@ -102,7 +102,7 @@ class TruthfuseBackend:
         # Under CUDA graphs no launch costs the host anything, which changes what is fastest
         # (the feed-forward op's memory scheme, `replayed_as_cuda_graphs`).
         replays = replayed_as_cuda_graphs() if _replays_cuda_graphs(self.options) else contextlib.nullcontext()
-        with replays:
+        with replays, _callers_saved_tensor_hooks_suspended():
             compiled_gm = self._rewrite(gm, example_inputs, record)
         rewritten = time.perf_counter()
         log.info("graph %d: analysis, replacements and tuning took %.1f s; %s compile starts",
@@ -358,6 +358,26 @@ def _keep_reason(site: Site, candidates: List[Site], fused_ids: set, record: Gra
         # the plan fused other sites: its reason is about them, not about this one
         return f"the tuner's plan keeps it; the plan fuses other sites ({record.tuning_reason})"
     return record.tuning_reason or "the tuner kept it"
+
+
+@contextlib.contextmanager
+def _callers_saved_tensor_hooks_suspended():
+    """Keep the caller's saved-tensor hooks (torch.autograd.graph.saved_tensors_hooks) away from
+    what truthfuse computes while it compiles: tracing replacements on fake tensors and timing
+    options on real ones record autograd graphs of their own. Under eager non-reentrant
+    activation checkpointing around a compiled block, the checkpoint's pack hook counted those
+    tensors in the first (compiling) forward and not in the recomputation, and the backward failed
+    with CheckpointError; a user's own hook was handed FakeTensors. AOTAutograd suspends the hooks
+    while it traces in the same way."""
+    set_tracing = getattr(torch._C._autograd, "_saved_tensors_hooks_set_tracing", None)
+    if set_tracing is None:  # private API; older or newer torch without it: nothing to suspend by
+        yield
+        return
+    prior = set_tracing(True)
+    try:
+        yield
+    finally:
+        set_tracing(prior)
 
 
 def _warm_inductor_compile_pool() -> None:

@@ -216,6 +216,28 @@ def test_explain_says_checkpointed_code_is_not_looked_into():
     report = fusion_backend.explain(outer, x, options=AGGRESSIVE_EAGER)
     assert "checkpoint" not in str(report), str(report)
 
+def test_first_call_inside_eager_checkpoint_of_a_compiled_block_trains():
+    """A compiled block called for the first time inside eager non-reentrant checkpointing
+    (checkpoint(compiled, x), or checkpoint_wrapper around a compiled block) compiles there, under
+    the checkpoint's saved-tensor hooks. truthfuse's tracing of replacements recorded tensors
+    through those hooks, so the checkpoint saw more saved tensors in the forward than in the
+    recomputation and the backward raised CheckpointError; a user's pack hook was handed
+    FakeTensors. Compile-time work no longer reaches the caller's hooks."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = Block()
+    x = torch.randn(2, 8, 32)
+    backend = fusion_backend.backend(**AGGRESSIVE_EAGER)
+    _compare_training(model, lambda t: checkpoint(torch.compile(model, backend=backend), t, use_reentrant=False), x)
+    assert {(s.kind, s.decision) for r in backend.records for s in r.sites} == {("attention", "fused"),
+                                                                               ("feedforward", "fused")}
+    torch._dynamo.reset()
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(type(t)) or t, lambda t: t):
+        torch.compile(model, backend="truthfuse", options=AGGRESSIVE_EAGER)(x.requires_grad_())
+    assert packed and all(not issubclass(t, torch._subclasses.FakeTensor) for t in packed), packed
+
+
 def test_explain_says_attention_under_no_grad_inside_the_graph_is_not_looked_into():
     """Attention under a no_grad() block inside a graph that records gradients is left as written
     and matches no rule; explain() said only "no attention or feed-forward site was found".
