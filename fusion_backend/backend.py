@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -154,6 +155,16 @@ class TruthfuseBackend:
             record.notes.append("code under torch.utils.checkpoint (HF's gradient_checkpointing_enable() puts every "
                                 "layer there) is not looked into: nothing inside it fuses; turn checkpointing off to "
                                 "fuse those blocks")
+        bucket_bytes = _ddp_optimizer_piece()
+        if bucket_bytes is not None:
+            # explain() of a compiled DistributedDataParallel model listed "N graph(s)" and no
+            # feed-forward site, with nothing to say why: a block whose Linears DDP puts in two
+            # gradient buckets is cut in two, which TORCH_LOGS=graph_breaks does not show
+            cap = f"bucket_cap_mb={bucket_bytes / 2**20:.3g}" if bucket_bytes else "bucket_cap_mb"
+            record.notes.append("Dynamo's DDPOptimizer cut this DistributedDataParallel model's graph into pieces at DDP's "
+                                f"gradient-bucket boundaries ({cap}) and compiles each piece alone: an attention or "
+                                "feed-forward block whose parameters fall in two buckets is cut in two and is not "
+                                "found; torch._dynamo.config.optimize_ddp = False compiles one graph")
         unlooked = [n for n in canon.graph.nodes if n.meta.get(WITHOUT_GRAD) and n.op in ("call_function", "call_method")
                     and (n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")) == "softmax"]
         if unlooked:
@@ -358,6 +369,24 @@ def _keep_reason(site: Site, candidates: List[Site], fused_ids: set, record: Gra
         # the plan fused other sites: its reason is about them, not about this one
         return f"the tuner's plan keeps it; the plan fuses other sites ({record.tuning_reason})"
     return record.tuning_reason or "the tuner kept it"
+
+
+def _ddp_optimizer_piece() -> Optional[int]:
+    """DDP's bucket size in bytes (0 where unknown) when this graph is one of the pieces into which
+    Dynamo's DDPOptimizer cut a DistributedDataParallel model's graph (it compiles each piece with
+    this backend, from `SubmodCompiler.compile_submod`), else None."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if (frame.f_code.co_name == "compile_submod"
+                and frame.f_globals.get("__name__") == "torch._dynamo.backends.distributed"):
+            try:
+                from torch.nn.parallel import DistributedDataParallel
+                ddp = DistributedDataParallel._get_active_ddp_module()
+                return int(getattr(ddp, "bucket_bytes_cap", 0) or 0)
+            except Exception:  # noqa: BLE001 -- the size is only for the note
+                return 0
+        frame = frame.f_back
+    return None
 
 
 @contextlib.contextmanager

@@ -238,6 +238,34 @@ def test_first_call_inside_eager_checkpoint_of_a_compiled_block_trains():
     assert packed and all(not issubclass(t, torch._subclasses.FakeTensor) for t in packed), packed
 
 
+def test_explain_says_ddp_optimizer_cut_the_graph_at_bucket_boundaries(tmp_path, monkeypatch):
+    """torch.compile of a DistributedDataParallel model: Dynamo's DDPOptimizer cuts the graph at
+    DDP's gradient-bucket boundaries and compiles each piece alone, so a feed-forward block whose
+    Linears fall in two buckets is in two graphs and no rule finds it. explain() listed "N graph(s)"
+    and the attention alone, with nothing to say why; it now says so. One bucket: no note."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        bucket_mb = 0.005
+        # torch's DDPOptimizer asserts its first bucket (1 MiB by default) is at most the bucket cap
+        monkeypatch.setattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", int(bucket_mb * 2**20))
+        model, x = Block(), torch.randn(2, 8, 32, requires_grad=True)
+        report = fusion_backend.explain(DDP(model, bucket_cap_mb=bucket_mb), x, options=AGGRESSIVE_EAGER)
+        assert report.graphs > 1 and not [s for s in report.sites if s.kind == "feedforward"], str(report)
+        assert "note: Dynamo's DDPOptimizer cut this DistributedDataParallel model's graph" in str(report), str(report)
+        torch._dynamo.reset()
+        monkeypatch.undo()  # DDP's defaults: one 25 MB bucket holds the whole block
+        report = fusion_backend.explain(DDP(model), x, options=AGGRESSIVE_EAGER)
+        assert report.graphs == 1 and len(report.fused) == 2, str(report)
+        assert "DDPOptimizer" not in str(report), str(report)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_explain_says_attention_under_no_grad_inside_the_graph_is_not_looked_into():
     """Attention under a no_grad() block inside a graph that records gradients is left as written
     and matches no rule; explain() said only "no attention or feed-forward site was found".
