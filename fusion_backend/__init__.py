@@ -25,6 +25,7 @@ from .match import (
     is_scalar_like,
     known_equal,
     maybe,
+    plain_tensors,
     rank_is,
     register_rule,
     rule,
@@ -38,7 +39,7 @@ from .tune import load_state, save_state
 __all__ = [
     "__version__", "backend", "truthfuse", "TruthfuseBackend", "FusionWarning", "explain", "Report",
     "Rule", "rule", "Match", "maybe", "register_rule", "unregister_rule", "all_rules", "get_rule",
-    "ENTRY_POINT_GROUP", "dims_equal", "dtype_in", "guard_equal", "is_scalar_like", "known_equal", "rank_is",
+    "ENTRY_POINT_GROUP", "dims_equal", "dtype_in", "guard_equal", "is_scalar_like", "known_equal", "plain_tensors", "rank_is",
     "same_device", "Options", "OptionError", "parse_options", "STRATEGIES", "save_state",
     "load_state", "ops",
     "metrics", "reset_metrics",

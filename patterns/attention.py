@@ -39,7 +39,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from fusion_backend import Match, Rule, dtype_in, is_scalar_like, known_equal, maybe, register_rule
+from fusion_backend import Match, Rule, dtype_in, is_scalar_like, known_equal, maybe, plain_tensors, register_rule
 from fusion_backend.canonicalize import WRITTEN_IN_PLACE, runs_under_autocast, softmax_with_sinks
 from fusion_backend.ops import attention as attention_op
 from fusion_backend.ops.attention import COSINE_EPS, SDPA_CONFIG
@@ -449,7 +449,7 @@ def check_supported(m: Match) -> Optional[str]:
     return check_supported_shapes(m.values["q"], m.values["k"], m.values["v"], m.rule.variant_of(m) or "dot")
 
 
-COMMON_CONSTRAINTS = (check_qkv, check_softmax_dim, dtype_in("q", _FLOATS), check_scales, check_masks, check_dropout,
+COMMON_CONSTRAINTS = (plain_tensors, check_qkv, check_softmax_dim, dtype_in("q", _FLOATS), check_scales, check_masks, check_dropout,
                       check_supported)
 
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from fusion_backend import Match, Rule, known_equal, maybe, register_rule
+from fusion_backend import Match, Rule, known_equal, maybe, plain_tensors, register_rule
 from fusion_backend.ops import feedforward as feedforward_op
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -281,7 +281,7 @@ def _check_supported(activation: str) -> Callable:
     return check_supported
 
 
-CONSTRAINTS = (check_tensors, check_shapes, check_halves, check_dropout, check_residual,
+CONSTRAINTS = (plain_tensors, check_tensors, check_shapes, check_halves, check_dropout, check_residual,
                check_activation, check_no_autocast)
 
 

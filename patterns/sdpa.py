@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fusion_backend import Match, Rule, guard_equal, known_equal, register_rule
+from fusion_backend import Match, Rule, guard_equal, known_equal, plain_tensors, register_rule
 from fusion_backend.ops import attention as attention_op
 
 from .attention import check_repeat_kv, check_supported_shapes, configs_for, exact_unless_dropout, kv_heads_broadcast
@@ -256,13 +256,13 @@ def mha_replacement(query, key, value, embed_dim, num_heads, in_proj_weight=None
 
 RULES = [
     Rule(name="attention.sdpa", kind="attention", pattern=sdpa_pattern, replacement=sdpa_replacement,
-         constraints=(check_sdpa,), priority=100, variant="dot", exact=exact_unless_dropout("dropout_p"),
+         constraints=(plain_tensors, check_sdpa,), priority=100, variant="dot", exact=exact_unless_dropout("dropout_p"),
          configs=configs_for("dot", offer_sdpa=False)),
     Rule(name="attention.sdpa_repeat_kv", kind="attention", pattern=sdpa_repeat_kv_pattern,
-         replacement=sdpa_repeat_kv_replacement, constraints=(check_repeat_kv, check_sdpa_repeated_kv), priority=120,
+         replacement=sdpa_repeat_kv_replacement, constraints=(plain_tensors, check_repeat_kv, check_sdpa_repeated_kv), priority=120,
          variant="dot", exact=exact_unless_dropout("dropout_p"), configs=configs_for("dot", offer_sdpa=False)),
     Rule(name="attention.multihead", kind="attention", pattern=mha_pattern, replacement=mha_replacement,
-         constraints=(check_mha,), priority=100, variant="dot", exact=exact_unless_dropout("dropout_p"),
+         constraints=(plain_tensors, check_mha,), priority=100, variant="dot", exact=exact_unless_dropout("dropout_p"),
          configs=configs_for("dot", offer_sdpa=False)),
 ]
 

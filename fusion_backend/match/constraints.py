@@ -57,6 +57,18 @@ def dtype_in(name: str, dtypes: Iterable[torch.dtype]):
     return check
 
 
+def plain_tensors(m: Match) -> Optional[str]:
+    """Every tensor the match binds is a plain tensor (a fake one while compiling), not a tensor
+    subclass that dispatches ops itself, such as a DTensor (tensor parallelism) or a nested
+    tensor: the fused ops have no rule for those (a DTensor's op needs a sharding strategy)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    for name, v in m.values.items():
+        if isinstance(v, torch.Tensor) and is_traceable_wrapper_subclass(v):
+            return f"{name} is a {type(v).__name__}, a tensor subclass; the fused ops take plain tensors"
+    return None
+
+
 def same_device(*names: str):
     """All the named tensors live on one device."""
     def check(m: Match) -> Optional[str]:

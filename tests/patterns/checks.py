@@ -1,5 +1,6 @@
 """Shared checks for the pattern tests: explain() says the site is fused with the right variant,
 and the model compiled with backend="truthfuse" matches eager in outputs and gradients (fp32)."""
+import contextlib
 import copy
 
 import torch
@@ -113,3 +114,53 @@ def assert_as_close_to_float64_as_eager(model, *inputs, factor=3.0, floor=1e-6):
         err_eager, err_fused = ((x - want).abs().max() / scale for x in (eager[name], fused[name]))
         assert torch.isfinite(fused[name]).all() and err_fused <= factor * err_eager + floor, \
             (name, float(err_fused), float(err_eager))
+
+
+@contextlib.contextmanager
+def one_rank_mesh(tmp_path):
+    """A one-process gloo group and its CPU DeviceMesh, for DTensor inputs (tensor parallelism);
+    skips where torch.distributed or gloo is missing."""
+    import pytest
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def assert_dtensor_site_kept(fn, plain_inputs, mesh, kind, placements=None):
+    """fn on DTensor inputs compiled with truthfuse: its `kind` sites are kept with a reason that
+    names the DTensor, no FusionWarning, and the output and every input's gradient equal eager's."""
+    import warnings
+
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    from fusion_backend import FusionWarning
+
+    placements = placements or [Replicate()]
+    results = []
+    for compiled in (False, True):
+        inputs = [distribute_tensor(t.detach().clone(), mesh, placements).requires_grad_() for t in plain_inputs]
+        backend = fusion_backend.backend(**OPTIONS_ALL)
+        f = torch.compile(fn, backend=backend) if compiled else fn
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FusionWarning)
+            out = f(*inputs)
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+        (out.full_tensor() * weight).sum().backward()
+        results.append([out.full_tensor()] + [t.grad.full_tensor() for t in inputs])
+        torch._dynamo.reset()
+    sites = [s for r in backend.records for s in r.sites if s.kind == kind]
+    assert sites and all(s.decision == "kept" and "DTensor" in s.reason for s in sites), \
+        [(s.rule, s.decision, s.reason) for s in sites]
+    for a, b in zip(results[1], results[0]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4)
+
+
+OPTIONS_ALL = {"strategy": "aggressive", "inner": "eager", "cache": False}

@@ -383,3 +383,20 @@ def test_a_number_scale_past_float32_is_kept(spelling, c, cap):
     compiled = torch.compile(model, backend="truthfuse", options=OPTIONS)
     torch.testing.assert_close(compiled(q, k, v), model(q, k, v), equal_nan=True)
     torch._dynamo.reset()
+
+
+def test_dtensor_inputs_are_a_near_miss(tmp_path):
+    """Attention on DTensors (tensor parallelism: heads sharded over a mesh) matched, and tracing
+    the replacement failed ("truthfuse.attention_fwd.default got mixed torch.Tensor and DTensor"):
+    the site was kept with a FusionWarning that calls itself a truthfuse bug. The fused ops take
+    plain tensors, so such a site is a near-miss naming the DTensor. (SDPA on CPU DTensors fails in
+    eager already: DTensor has no sharding strategy for its CPU flash kernel.)"""
+    from torch.distributed.tensor import Shard
+
+    from .checks import assert_dtensor_site_kept, one_rank_mesh
+
+    def written(q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.35, dim=-1) @ v
+
+    with one_rank_mesh(tmp_path) as mesh:
+        assert_dtensor_site_kept(written, qkv(B=1, H=2, T=6, D=8), mesh, "attention", [Shard(1)])

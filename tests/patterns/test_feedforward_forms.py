@@ -670,3 +670,20 @@ def test_inductor_end_to_end():
     assert backend.options.inner == "inductor"
     assert_matches_eager(model, _x(), backend=backend)
     assert [s.decision for s in feedforward_sites(backend)] == ["fused"]
+
+
+def test_dtensor_inputs_are_a_near_miss(tmp_path):
+    """A feed-forward block on DTensors (tensor parallelism) matched, and tracing the replacement
+    failed ("Operator truthfuse.feedforward.default does not have a sharding strategy registered"):
+    the site was kept with a FusionWarning that calls itself a truthfuse bug. The fused op takes
+    plain tensors, so such a site is a near-miss naming the DTensor."""
+    import torch.nn.functional as F
+
+    from .checks import assert_dtensor_site_kept, one_rank_mesh
+
+    def block(x, w1, b1, w2, b2):
+        return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+    inputs = [torch.randn(2, 5, 8), torch.randn(16, 8) / 3, torch.randn(16), torch.randn(8, 16) / 4, torch.randn(8)]
+    with one_rank_mesh(tmp_path) as mesh:
+        assert_dtensor_site_kept(block, inputs, mesh, "feedforward")
