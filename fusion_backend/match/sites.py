@@ -184,6 +184,22 @@ def _cast_changing_precision(al, anchor: Node) -> Optional[str]:
     return None
 
 
+def _data_dependent_number(match: Match) -> Optional[str]:
+    """Why a wildcard bound to a number the graph reads from a tensor while it runs (`t.item()`
+    under torch._dynamo.config.capture_scalar_outputs, an unbacked symbol) keeps the site: a
+    replacement takes its numbers as constants of the traced graph, and such a number has no value
+    to take until the graph runs (guarding on it failed the whole compile)."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    for name, value in match.values.items():
+        if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)) and free_unbacked_symbols(value):
+            node = match.nodes.get(name)
+            what = describe(node) if isinstance(node, Node) else name
+            return (f"the number {what} is read from a tensor while the graph runs (.item() with "
+                    "capture_scalar_outputs), and the fused op would need it as a constant; pass it as a tensor")
+    return None
+
+
 def _computed_without_grad(al) -> Optional[str]:
     """A reason where the site covers a node computed with gradients turned off
     (`canonicalize.passes.WITHOUT_GRAD`): the fused op would record gradients through it; or nodes
@@ -292,6 +308,8 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
                     reason = _computed_without_grad(al)
                 if reason is None:
                     reason = _cast_changing_precision(al, anchor)
+                if reason is None:
+                    reason = _data_dependent_number(match)
                 if reason is None and anchor in in_transform:
                     reason = "inside a torch.func transform (vmap, grad, jvp), whose wrapped tensors the op cannot take"
                 if reason is None:

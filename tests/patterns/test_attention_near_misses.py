@@ -400,3 +400,30 @@ def test_dtensor_inputs_are_a_near_miss(tmp_path):
 
     with one_rank_mesh(tmp_path) as mesh:
         assert_dtensor_site_kept(written, qkv(B=1, H=2, T=6, D=8), mesh, "attention", [Shard(1)])
+
+
+class _ItemScale(nn.Module):
+    """A learnable temperature read as a Python number with .item()."""
+
+    def __init__(self):
+        super().__init__()
+        self.t = nn.Parameter(torch.tensor(0.35))
+
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) * self.t.item(), dim=-1) @ v
+
+
+def test_scale_read_with_item_under_capture_scalar_outputs():
+    """With capture_scalar_outputs, t.item() is a number the graph reads while it runs (an unbacked
+    symbol). The replacement guarded on it to take it as a constant, which failed the whole compile
+    (BackendCompilerFailed: GuardOnDataDependentSymNode); the site is now a near-miss, and the
+    compiled model follows the temperature as training changes it."""
+    model = _ItemScale()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        assert_near_miss(model, *qkv(), reason="is read from a tensor while the graph runs")
+        compiled = torch.compile(model, backend="truthfuse", options=OPTIONS)
+        for t in (0.35, 2.0):
+            with torch.no_grad():
+                model.t.fill_(t)
+            q, k, v = qkv()
+            torch.testing.assert_close(compiled(q, k, v), model(q, k, v))
