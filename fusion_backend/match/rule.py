@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Unio
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from ..canonicalize.passes import example_value
 from .pattern import PatternGraph, trace_pattern
@@ -161,6 +162,12 @@ class Rule:
                 reason = constraint(match)
             except Exception as exc:  # noqa: BLE001 -- an unsure rule does not match
                 reason = f"constraint {getattr(constraint, '__name__', constraint)} failed: {exc}"
+                if isinstance(exc, GuardOnDataDependentSymNode):
+                    # torch's message, many lines of hints, read as if truthfuse had failed
+                    reason = (f"constraint {getattr(constraint, '__name__', constraint)} cannot decide on a size or "
+                              "number known only while the graph runs (data-dependent: nonzero(), boolean indexing "
+                              "or .item() under capture_dynamic_output_shape_ops / capture_scalar_outputs): "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
             if reason is not None and not isinstance(reason, str):
                 # True or False from a predicate: which one means "fine" is the author's guess, and
                 # False read as fine fused exactly the sites such a constraint was written to keep

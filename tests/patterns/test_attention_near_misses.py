@@ -427,3 +427,22 @@ def test_scale_read_with_item_under_capture_scalar_outputs():
                 model.t.fill_(t)
             q, k, v = qkv()
             torch.testing.assert_close(compiled(q, k, v), model(q, k, v))
+
+
+def test_queries_of_a_data_dependent_count_say_so():
+    """Queries picked by a boolean mask under capture_dynamic_output_shape_ops have a size known
+    only while the graph runs: the site is kept (a constraint cannot decide on it), and its reason
+    says so in one line instead of torch's GuardOnDataDependentSymNode message and its hints."""
+    class Picked(nn.Module):
+        def forward(self, x, keep, k, v):
+            q = x[keep].unsqueeze(0).unsqueeze(0)
+            return torch.softmax(q @ k.transpose(-2, -1) * 0.3, dim=-1) @ v
+
+    fn = Picked()
+
+    x, keep = torch.randn(10, 8), torch.rand(10) > 0.4
+    k, v = torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        sites = assert_near_miss(fn, x, keep, k, v, reason="known only while the graph runs (data-dependent")
+        assert all("Could not guard" not in s.reason.split(": ", 1)[0] and "\n" not in s.reason for s in sites)
+        assert_matches_eager(fn, x, keep, k, v)
