@@ -120,12 +120,14 @@ def check_once(dtype, T, d, h, act, gated, p_h, p_o, residual, bias, impl, repea
     worst = max(errs)
     ok = worst <= max(TOL[dtype], 2 * max(eerrs))
     row = dict(dtype=str(dtype).split(".")[-1], T=T, d=d, h=h, act=act, gated=gated, p_h=p_h, p_o=p_o,
-               residual=residual, bias=bias, impl=impl, config=config, err=dict(zip(["out"] + names + ["inference out"], errs)),
+               residual=residual, bias=bias, impl=impl, config=config,
+               err=dict(zip(["out"] + names + ["inference out"], errs)),
                eager_err=dict(zip(["out"] + names + ["inference out"], eerrs)), ok=ok,
                backward_rows=FF._backward_rows, saved_pre_activation=FF.SAVE_PRE_ACTIVATION, repeat=repeat)
     results["correctness"].append(row)
     print(f"{'PASS' if ok else 'FAIL'} {row['dtype']:8s} T={T:5d} d={d:4d} h={h:5d} {act:9s} gated={gated!s:5s} "
-          f"p=({p_h},{p_o}) res={residual!s:5s} bias={bias!s:5s} {impl:6s} config={config} rep={repeat} worst {worst:.1e} (eager {max(eerrs):.1e})", flush=True)
+          f"p=({p_h},{p_o}) res={residual!s:5s} bias={bias!s:5s} {impl:6s} config={config} rep={repeat} "
+          f"worst {worst:.1e} (eager {max(eerrs):.1e})", flush=True)
     return ok
 
 

@@ -6,8 +6,9 @@ The CPU tests check the rules in fp32 with the kernels in Triton's interpreter; 
 kinds of models on the GPU, where the kernels run compiled (tf32 products in fp32, bf16 for real).
 Each case is a small HF model (dropout 0, train mode) or a hand-written block. Per case and dtype
 (bf16, fp32, and fp32 weights run under torch.autocast to bf16, where the canonical rewrites must
-not move an operation into or out of the autocast region): the model in float64 gives the reference; eager in the dtype and truthfuse
-("aggressive", so every valid site fuses) in the dtype are both compared to it, outputs and every
+not move an operation into or out of the autocast region): the model in float64 gives the
+reference; eager in the dtype and truthfuse ("aggressive", so every valid site fuses) in the dtype
+are both compared to it, outputs and every
 parameter gradient, as max |x - ref| / max |ref| per tensor (a gradient far smaller than the
 largest: against 1% of the largest). A case passes when, for every tensor, truthfuse's error is
 at most 3x eager's plus a floor (1e-3 bf16, 2e-3 fp32 for the tf32 products), nothing is NaN, and

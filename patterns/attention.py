@@ -449,8 +449,8 @@ def check_supported(m: Match) -> Optional[str]:
     return check_supported_shapes(m.values["q"], m.values["k"], m.values["v"], m.rule.variant_of(m) or "dot")
 
 
-COMMON_CONSTRAINTS = (plain_tensors, check_qkv, check_softmax_dim, dtype_in("q", _FLOATS), check_scales, check_masks, check_dropout,
-                      check_supported)
+COMMON_CONSTRAINTS = (plain_tensors, check_qkv, check_softmax_dim, dtype_in("q", _FLOATS), check_scales, check_masks,
+                      check_dropout, check_supported)
 
 
 # -- an added mask that is the causal triangle, computed from constants (HF's eager masks) -----
