@@ -274,10 +274,16 @@ def case_nemotron():
 
 def case_gpt_oss():
     """Attention sinks (a learnable logit per head in every softmax row), sliding and full layers,
-    grouped K/V; the MoE experts stay unfused."""
+    grouped K/V; the MoE experts stay unfused. Each token goes to both experts (top-2 of 2): with
+    top-1, a token whose two router logits lie closer than their rounding picks its expert by that
+    rounding, and one such token moves the whole output (session 22's autocast check: token 61 of
+    layer 1, logits 0.10097 and 0.10136 in float64, both 0.10205 in bf16, so the other expert: eager
+    0.67 off float64 on the CPU, the error the H200 run reported for truthfuse; eager alone was 0.63
+    to 0.95 off with 3 of 6 other seeds); with both experts the output is a smooth function of the
+    logits."""
     model = _hf("GptOssForCausalLM", "GptOssConfig", hidden_size=WIDTH, intermediate_size=WIDTH, num_hidden_layers=2,
                 num_attention_heads=HEADS, num_key_value_heads=2, head_dim=WIDTH // HEADS, num_local_experts=2,
-                num_experts_per_tok=1, vocab_size=VOCAB, max_position_embeddings=T, sliding_window=T // 4,
+                num_experts_per_tok=2, vocab_size=VOCAB, max_position_embeddings=T, sliding_window=T // 4,
                 layer_types=["sliding_attention", "full_attention"], rope_parameters=None, bos_token_id=0,
                 eos_token_id=0, pad_token_id=0,
                 from_config={"experts_implementation": "eager"})  # grouped_mm has no float64 reference
