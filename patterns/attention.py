@@ -40,7 +40,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fusion_backend import Match, Rule, dtype_in, is_scalar_like, known_equal, maybe, plain_tensors, register_rule
-from fusion_backend.canonicalize import WRITTEN_IN_PLACE, runs_under_autocast, softmax_with_sinks
+from fusion_backend.canonicalize import WRITTEN_IN_PLACE, softmax_with_sinks
 from fusion_backend.ops import attention as attention_op
 from fusion_backend.ops.attention import COSINE_EPS, SDPA_CONFIG
 
@@ -394,13 +394,6 @@ def check_sinks(m: Match) -> Optional[str]:
         value = m.values.get(name)
         if isinstance(value, torch.Tensor) and value.requires_grad:
             return f"{name} needs a gradient, which the op does not compute with sinks"
-    # bench/model_checks_gpu.py found GPT-OSS, fp32 weights under CUDA autocast to bf16 with both
-    # of its sinks sites fused, 0.67 off float64 in its output (eager 6e-3) on an H200; the same
-    # model fused in bf16 or fp32, or under CPU autocast, matches. Until that is understood,
-    # sinks under autocast stay as written.
-    if torch.is_autocast_enabled(q.device.type) or any(runs_under_autocast(n) for n in m.covered):
-        return ("attention sinks under torch.autocast are kept: GPT-OSS fused so on a GPU was found wrong "
-                "(docs/troubleshooting.md)")
     return None
 
 

@@ -10,8 +10,8 @@ multiplication by the reciprocal (the last bit may differ), which `restore_divis
 wherever no fused site took it, and products of scalars fold into one (only in fp32 and wider, or
 where neither factor grows the value, so no intermediate overflows where the folded one would not).
 """
-from .passes import (canonicalize, canonical_copy, is_cast, runs_under_autocast, softmax_with_sinks,
-                     tanh_gelus_with_runtime_constant, CANONICAL_TARGETS, UnsafeRewrite, WRITTEN_IN_PLACE)
+from .passes import (canonicalize, canonical_copy, is_cast, softmax_with_sinks, tanh_gelus_with_runtime_constant,
+                     CANONICAL_TARGETS, UnsafeRewrite, WRITTEN_IN_PLACE)
 
-__all__ = ["canonicalize", "canonical_copy", "is_cast", "runs_under_autocast", "softmax_with_sinks",
-           "tanh_gelus_with_runtime_constant", "CANONICAL_TARGETS", "UnsafeRewrite", "WRITTEN_IN_PLACE"]
+__all__ = ["canonicalize", "canonical_copy", "is_cast", "softmax_with_sinks", "tanh_gelus_with_runtime_constant",
+           "CANONICAL_TARGETS", "UnsafeRewrite", "WRITTEN_IN_PLACE"]

@@ -1614,13 +1614,6 @@ it computes some of them under another mode than eager does, and is kept). A str
 switches that returns to the modes before them (the no_grad() block of spectral_norm's power
 iteration between the two Linears of a feed-forward block) is the same mode again."""
 
-def runs_under_autocast(node: Node) -> bool:
-    """Whether `node` runs inside a torch.autocast block of its own graph (MODE_REGION; autocast
-    entered around the compiled call is `torch.is_autocast_enabled`'s to tell)."""
-    region = node.meta.get(MODE_REGION)
-    return bool(region) and bool(region[2])
-
-
 _GRAD_SWITCHES = (torch._C._set_grad_enabled, torch.autograd.grad_mode._enter_inference_mode,
                   torch.autograd.grad_mode._exit_inference_mode)
 _AUTOCAST_SWITCHES = (torch.amp.autocast_mode._enter_autocast, torch.amp.autocast_mode._exit_autocast)
