@@ -710,6 +710,27 @@ def test_sdpa_dynamic_shapes():
     assert_matches_eager(SDPA(is_causal=True), *qkv(T=7), dynamic=True)
 
 
+@pytest.mark.parametrize("gqa", [None, "repeat_interleave"])
+@pytest.mark.parametrize("train", [False, True])
+def test_sdpa_number_attributes_under_dynamic_true(gqa, train):
+    """torch.compile(dynamic=True) makes a module's float attributes (its scale, its dropout p)
+    SymFloats. The SDPA rules kept such a site as 'scale is not a Python number' or 'dropout_p 0.0
+    is not a constant in [0, 1)', where the hand-written rules fuse the same numbers; now they fuse
+    too, guarded on the value, so a changed scale compiles anew (an eleventh fuzz round)."""
+    model = SDPA(scale=0.7, p=0.0, gqa=gqa).train(train)
+    backend = fusion_backend.backend(**OPTIONS)
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for T, scale in ((5, 0.7), (6, 0.7), (6, 2.0)):
+        model.scale = scale
+        q, k, v = qkv(T=T, H=2, Hkv=1 if gqa else 2)
+        torch.testing.assert_close(compiled(q, k, v), model(q, k, v), atol=2e-5, rtol=2e-4)
+    table = [(s.rule, s.decision, s.reason) for r in backend.records for s in r.sites]
+    assert len(backend.records) == 2, table  # the new scale fails the guard: a second graph
+    assert all(any(s.decision == "fused" for s in r.sites) for r in backend.records), table
+    torch._dynamo.reset()
+    assert_matches_eager(model, *qkv(T=7, H=2, Hkv=1 if gqa else 2), dynamic=True)
+
+
 def test_sdpa_with_k_and_v_lengths_traced_as_separate_symbols():
     """K and V read from a cache can reach Dynamo with one length symbol each. The site fuses on
     a guard that the two are equal, and a call where they differ fails the guard and compiles
@@ -784,6 +805,19 @@ def test_multihead_attention_inference(batch_first):
 
 def test_multihead_attention_dynamic_shapes():
     assert_matches_eager(MHA(), torch.randn(2, 7, 16), dynamic=True)
+
+
+def test_multihead_attention_training_under_dynamic_true():
+    # dynamic=True makes the module's dropout (0.0) a SymFloat: the site was kept as 'dropout_p is
+    # not a constant in [0, 1)' (an eleventh fuzz round)
+    backend = fusion_backend.backend(**OPTIONS)
+    model = MHA().train()
+    x = torch.randn(2, 7, 16)
+    torch.testing.assert_close(torch.compile(model, backend=backend, dynamic=True)(x), model(x), atol=2e-5, rtol=2e-4)
+    assert [s.decision for r in backend.records for s in r.sites] == ["fused"], \
+        [(s.rule, s.reason) for r in backend.records for s in r.sites]
+    torch._dynamo.reset()
+    assert_matches_eager(model, x, dynamic=True)
 
 
 def test_multihead_attention_static_mask_with_dynamic_tokens():
