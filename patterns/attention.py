@@ -410,16 +410,25 @@ def check_softmax_dim(m: Match) -> Optional[str]:
     return None
 
 
+def number_value(x):
+    """A Python number as the rules read it. Under torch.compile(dynamic=True), or once a value
+    has changed, Dynamo makes float attributes (a module's scale, its dropout p) SymFloats that
+    carry this call's value as their hint: that value, on which the replacement's float() guards,
+    so a call with another one compiles anew. A symbol without a hint stays as it is."""
+    if isinstance(x, (torch.SymFloat, torch.SymInt)) and x.node.hint is not None:
+        return x.node.hint
+    return x
+
+
 def check_dropout(m: Match) -> Optional[str]:
     if not m.present("p"):
         return None
     p = m.values["p"]
     if isinstance(p, torch.Tensor):
         return "dropout probability is a tensor"
-    if isinstance(p, torch.SymFloat):
-        # a probability Dynamo made symbolic after it changed: the replacement guards on this
-        # call's value, which the op refuses outside [0, 1) (a "failed to build" FusionWarning)
-        p = p.node.hint if p.node.hint is not None else p
+    # symbolic once it changed: checked at this call's value, which the op refuses outside [0, 1)
+    # (a "failed to build" FusionWarning)
+    p = number_value(p)
     if isinstance(p, (int, float)) and not 0 <= p < 1:
         return f"dropout probability {p} is outside [0, 1)"
     return None

@@ -23,24 +23,14 @@ import torch.nn.functional as F
 from fusion_backend import Match, Rule, guard_equal, known_equal, plain_tensors, register_rule
 from fusion_backend.ops import attention as attention_op
 
-from .attention import check_repeat_kv, check_supported_shapes, configs_for, exact_unless_dropout, kv_heads_broadcast
+from .attention import (check_repeat_kv, check_supported_shapes, configs_for, exact_unless_dropout, kv_heads_broadcast,
+                        number_value)
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _as_number(x):
-    """A Python number as the rules read it. Under torch.compile(dynamic=True) Dynamo makes float
-    attributes (a module's scale, its dropout p) SymFloats that carry this call's value as their
-    hint: that value, which the replacement's float() guards on, so a call with another one compiles
-    anew, as the hand-written attention rules do (`attention.check_dropout`, `is_scalar_like`). A
-    symbol without a hint stays as it is and is refused."""
-    if isinstance(x, (torch.SymFloat, torch.SymInt)) and x.node.hint is not None:
-        return x.node.hint
-    return x
 
 
 def _broadcasts_to(t: torch.Tensor, target) -> bool:
@@ -84,7 +74,7 @@ def _check_sdpa(m: Match, repeated_kv: bool) -> Optional[str]:
     for name in ("is_causal", "enable_gqa"):
         if not isinstance(m[name], bool):
             return f"{name} is not a constant bool"
-    dropout_p, scale = _as_number(m["dropout_p"]), _as_number(m["scale"])
+    dropout_p, scale = number_value(m["dropout_p"]), number_value(m["scale"])
     if not _is_number(dropout_p) or not 0 <= dropout_p < 1:
         return f"dropout_p {dropout_p!r} is not a constant in [0, 1)"
     if scale is not None and not _is_number(scale):
@@ -124,7 +114,7 @@ def sdpa_replacement(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
     if three_d:  # the op left-pads the mask's dims, so a (N, L, S) mask lines up with (1, N, L, S)
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     if isinstance(scale, (torch.SymFloat, torch.SymInt)):
-        scale = float(scale)  # guards on this call's value (_as_number)
+        scale = float(scale)  # guards on this call's value (number_value)
     out = attention_op(q, k, v, metric="dot", scale=scale, causal=is_causal, attn_mask=attn_mask,
                        dropout_p=float(dropout_p), enable_gqa=enable_gqa, config=config)
     return out.squeeze(0) if three_d else out
@@ -144,7 +134,7 @@ def sdpa_repeat_kv_pattern(q, k, v, attn_mask, dropout_p, is_causal, scale, enab
 def sdpa_repeat_kv_replacement(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                config=None, **_):
     if isinstance(scale, (torch.SymFloat, torch.SymInt)):
-        scale = float(scale)  # guards on this call's value (_as_number)
+        scale = float(scale)  # guards on this call's value (number_value)
     return attention_op(q, k, v, metric="dot", scale=scale, causal=is_causal, attn_mask=attn_mask,
                         dropout_p=float(dropout_p), enable_gqa=True, config=config)
 
@@ -183,7 +173,7 @@ def check_mha(m: Match) -> Optional[str]:
             return f"{name} is not a constant bool"
     if m["add_zero_attn"]:
         return "add_zero_attn=True"
-    if not _is_number(_as_number(m["dropout_p"])) or not 0 <= _as_number(m["dropout_p"]) < 1:
+    if not _is_number(number_value(m["dropout_p"])) or not 0 <= number_value(m["dropout_p"]) < 1:
         return "dropout_p is not a constant in [0, 1)"
     heads, E = m["num_heads"], query.shape[-1]
     if not isinstance(heads, int) or not isinstance(m["embed_dim"], int) or not known_equal(m["embed_dim"], E):

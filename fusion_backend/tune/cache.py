@@ -312,8 +312,8 @@ def _written_by_truthfuse(path: Path) -> bool:
     except OSError:
         return False
     try:
-        envelope = json.loads(data.decode("utf-8"))
-    except (ValueError, RecursionError):  # UnicodeDecodeError included; RecursionError: nesting too deep
+        envelope = _json_of(data)
+    except _UNREADABLE_JSON:
         return bool(_DIGEST_NAME.match(path.stem))
     return (isinstance(envelope, dict) and "truthfuse" in envelope and "format" in envelope
             and envelope.get("key") == path.stem)
@@ -323,13 +323,23 @@ def _warn(message: str, stacklevel: int = 3) -> None:
     warnings.warn(f"truthfuse: {message}", TuningCacheWarning, stacklevel=stacklevel)
 
 
+# What reading a file's bytes as JSON raises on a corrupt file: not UTF-8 (UnicodeDecodeError is a
+# ValueError), not JSON, or nested too deep for the parser (RecursionError)
+_UNREADABLE_JSON = (ValueError, RecursionError)
+
+
+def _json_of(data: bytes, **kwargs):
+    """json.loads of a file's bytes, decoded as UTF-8 here: read_text's UnicodeDecodeError is no
+    OSError, so a file of bytes that are not UTF-8 failed the compile and `truthfuse cache`."""
+    return json.loads(data.decode("utf-8"), **kwargs)
+
+
 def _parse_envelope(data: bytes, key: str) -> tuple[dict | None, str | None]:
-    """(record, None) for a usable file's bytes, (None, reason) otherwise. Bytes, decoded here: a
-    file of bytes that are not UTF-8 (disk corruption) is as unusable as one that is not JSON, and
-    read_text's UnicodeDecodeError is no OSError, so it failed the compile and `truthfuse cache`."""
+    """(record, None) for a usable file's bytes, (None, reason) otherwise: a file of bytes that are
+    not UTF-8 (disk corruption) is as unusable as one that is not JSON."""
     try:
-        envelope = json.loads(data.decode("utf-8"))
-    except (ValueError, RecursionError) as error:  # UnicodeDecodeError included; RecursionError: nesting too deep
+        envelope = _json_of(data)
+    except _UNREADABLE_JSON as error:
         return None, f"not valid JSON ({error})"
     if not isinstance(envelope, dict):
         return None, "not a JSON object"
@@ -390,8 +400,8 @@ def load_state(path: str | os.PathLike, cache: TuningCache | None = None) -> int
     except OSError as error:
         raise TuningStateError(f"cannot read tuning state {path}: {error}") from error
     try:
-        state = json.loads(data.decode("utf-8"), parse_constant=_no_such_number)
-    except (ValueError, RecursionError) as error:  # UnicodeDecodeError included; RecursionError: nesting too deep
+        state = _json_of(data, parse_constant=_no_such_number)
+    except _UNREADABLE_JSON as error:
         raise TuningStateError(f"tuning state {path} is not valid JSON: {error}") from error
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise TuningStateError(f"{path} is not a truthfuse tuning state (no format {STATE_FORMAT!r})")
