@@ -36,7 +36,7 @@ from fusion_backend.kernels import attention_l1 as _l1
 from fusion_backend.kernels.philox import dropout_scale, philox_keep_mask
 from fusion_backend.kernels.runtime import can_launch, device_unsupported, interpreting
 from fusion_backend.ops.fallback import warn_fallback_once
-from fusion_backend.ops.eager import eager_function, plain_eager_call, reference_only
+from fusion_backend.ops.eager import eager_function, outside_autocast, plain_eager_call, reference_only
 from fusion_backend.ops.seed import draw_seed, reference_seed, seed_value
 
 METRICS = ("dot", "l2", "l1", "cosine")
@@ -338,6 +338,7 @@ def _new_ranges(q, k, mask, metric):
     return _tc.new_ranges(layout, Nq, q.device)
 
 
+@outside_autocast
 def _fwd_impl(q, k, v, scale, mask, seed, metric, causal, dropout_p, config, scale_grad, softcap, sinks=None):
     ranges = _new_ranges(q, k, mask, metric)
     why_reference = reference_only((q, k, v, scale, mask, sinks))
@@ -361,6 +362,7 @@ def _fwd_impl(q, k, v, scale, mask, seed, metric, causal, dropout_p, config, sca
     return out.to(q.dtype).contiguous(), lse, ranges
 
 
+@outside_autocast
 def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dropout_p, config, mask_grad,
               scale_grad, softcap, ranges=None, sinks=None):
     if _use_kernels(q, k, v, metric, mask, dropout_p):

@@ -1,4 +1,4 @@
-"""When a fused op may skip torch.library's dispatch layers.
+"""When a fused op may skip torch.library's dispatch layers, and how its implementations run.
 
 The ops are `torch.library` custom ops so that torch.compile, export and the dispatcher's modes
 see one opaque call with a fake implementation. A plain eager call pays for that machinery on
@@ -6,6 +6,8 @@ the host every time (dispatch, the custom op's autograd wrapper, Dynamo's disabl
 transformer sizes the host, not the GPU, sets the pace. Such calls go through an
 autograd.Function over the same implementations instead, so the numbers are the same.
 """
+import functools
+
 import torch
 from torch.autograd import forward_ad
 from torch.utils import _python_dispatch
@@ -97,3 +99,18 @@ def _not_differentiable_again(name: str, grads, sources):
                "PyTorch's own ops (a compiled model: options={'disable': ['attention', 'feedforward']})")
     return tuple(_NoDoubleBackward.apply(message, g, *sources) if isinstance(g, torch.Tensor) else g
                  for g in grads)
+
+
+def outside_autocast(impl):
+    """An op implementation (first argument a tensor on the op's device) run with autocast off.
+    The ops compute in their inputs' dtypes, and an autocast around the call (the caller's, or one
+    entered around a compiled graph) would recast the products inside them: cuBLAS products in
+    bf16 where the op's inputs are fp32, and the fp32 references' products in bf16."""
+    @functools.wraps(impl)
+    def run(*args, **kwargs):
+        device = args[0].device.type
+        if not torch.is_autocast_enabled(device):
+            return impl(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return impl(*args, **kwargs)
+    return run

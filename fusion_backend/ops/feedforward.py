@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..kernels import feedforward as K
 from ..kernels.philox import dropout_scale, philox_keep_mask
 from ..kernels.runtime import can_launch, device_unsupported, interpreting
-from .eager import eager_function, plain_eager_call, reference_only
+from .eager import eager_function, outside_autocast, plain_eager_call, reference_only
 from .fallback import warn_fallback_once
 from .seed import draw_seed, reference_seed, seed_value
 
@@ -689,6 +689,7 @@ def _fit_impl(impl, M, w_in, w_out):
     return "cublas" if (impl == "triton" and widest > _MAX_NUMEL) else impl
 
 
+@outside_autocast
 def _forward_impl(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, activation,
                   hidden_dropout_p, output_dropout_p, impl, config, save):
     """Forward on 2-D x; see `_feedforward_op`. Shared by the custom op and the eager path."""
@@ -707,6 +708,7 @@ def _forward_impl(x, w_in, b_in, w_out, b_out, w_gate, b_gate, residual, seed, a
     return _ref_forward(*args, seed_value(seed), activation, hidden_dropout_p, output_dropout_p, save)
 
 
+@outside_autocast
 def _backward_impl(grad, x, z, zu, w_in, b_in, w_out, w_gate, b_gate, seed, activation,
                    hidden_dropout_p, output_dropout_p, impl, config, needs):
     """Backward on 2-D tensors; see `_feedforward_backward_op`. Shared like `_forward_impl`."""

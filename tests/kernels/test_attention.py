@@ -229,6 +229,20 @@ def test_zero_scale_gradient(metric):
     assert torch.isfinite(ds).all() and rel(ds, ds64) < 1e-4 and rel(dv, dv64) < 1e-5
 
 
+@pytest.mark.parametrize("path", ["kernels", "reference"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_computes_in_its_inputs_dtype_under_autocast(metric, path, monkeypatch):
+    """fp32 inputs under CPU autocast to bf16 (a compiled graph's op runs under the caller's
+    autocast): the op computes in fp32, as its inputs ask; the PyTorch reference that serves a
+    call the kernels cannot take ran its products in bf16 there."""
+    A = importlib.import_module("fusion_backend.ops.attention")  # the module, not the function
+    if path == "reference":
+        monkeypatch.setattr(A, "_use_kernels", lambda *args: False)
+    q, k, v = make(1, 2, 2, 20, 24, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        run_and_compare(metric, q, k, v, scale=torch.tensor([0.2, 0.3]) if metric == "l2" else 4.0)
+
+
 @pytest.mark.parametrize("metric", ["l2", "l1"])
 def test_eager_path_equals_custom_op(metric, monkeypatch):
     """Plain eager calls take an autograd.Function over the custom ops' implementations; the

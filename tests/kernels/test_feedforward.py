@@ -146,6 +146,18 @@ def test_float16(impl):
     check_against_float64(t, TOL[torch.float16], activation="silu", hidden_dropout_p=0.1, output_dropout_p=0.1, impl=impl)
 
 
+@pytest.mark.parametrize("path", ["triton", "cublas", "reference"])
+def test_computes_in_its_inputs_dtype_under_autocast(path, monkeypatch):
+    """fp32 inputs under CPU autocast to bf16 (a compiled graph's op runs under the caller's
+    autocast): the op computes in fp32, as its inputs ask. Without turning autocast off inside it,
+    the cuBLAS products and the reference's F.linear ran in bf16 (cuBLAS's forward returned bf16)."""
+    if path == "reference":
+        monkeypatch.setattr(FF, "_use_kernels", lambda *args: False)
+    t = make_inputs(42, 40, 72, gated=True, residual=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        check_against_float64(t, TOL[torch.float32], activation="silu", impl="cublas" if path == "reference" else path)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_leading_dims_and_output_width(impl):
     """x (..., d) with several leading dims; w_out may map to a width other than d."""
