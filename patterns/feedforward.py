@@ -125,17 +125,20 @@ def _weights(m: Match) -> dict:
 
 
 def check_tensors(m: Match) -> Optional[str]:
-    """x and every weight are floating tensors of one dtype on one device."""
+    """x and every weight are floating tensors on one device, in one dtype, unless torch.autocast
+    casts them: the block's Linears then compute in the autocast dtype (`compute_dtype`), whatever
+    x's and the weights' (fp32 weights, bf16 products), and the op gets them cast the same way."""
     x = m.values.get("x")
     if not isinstance(x, torch.Tensor):
         return "the block's input is not a tensor"
     if x.dtype not in _FLOATS:
         return f"input dtype {x.dtype} is not supported (float16, bfloat16, float32)"
+    cast_by_autocast = compute_dtype(m) is not None
     tensors = _weights(m)
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             return f"{name} is a {type(t).__name__}, not a tensor"
-        if t.dtype != x.dtype:
+        if t.dtype != x.dtype and not (cast_by_autocast and t.dtype in _FLOATS):
             return f"{name} has dtype {t.dtype} but the input has {x.dtype} (mixed precision)"
         if t.device != x.device:
             return f"{name} is on {t.device} but the input is on {x.device}"
@@ -237,8 +240,12 @@ def check_residual(m: Match) -> Optional[str]:
     want = _block_output_shape(m)
     if not _is_size(r, *want):
         return f"residual of shape {tuple(r.shape)} does not have the block's output shape {want} (broadcasting)"
-    if r.dtype != m.values["x"].dtype:
-        return f"residual dtype {r.dtype} differs from the input's {m.values['x'].dtype}"
+    if r.dtype not in _FLOATS:
+        return f"residual dtype {r.dtype} is not supported (float16, bfloat16, float32)"
+    block = _block_dtype(m)
+    result = _dtype(m.anchor)
+    if result is not None and result != torch.promote_types(block, r.dtype):
+        return f"the residual add returns {result}, not the promotion of {block} and {r.dtype}"
     if r.device != m.values["x"].device:
         return "the residual is on another device"
     return None
@@ -249,15 +256,49 @@ def _dtype(node: Any) -> Optional[torch.dtype]:
     return v.dtype if isinstance(v, torch.Tensor) else None
 
 
-def check_no_autocast(m: Match) -> Optional[str]:
-    """Under torch.autocast a Linear takes float32 and returns bfloat16/float16. The op computes
-    in its inputs' dtype, so it would run the block in float32: not the precision (or speed) the
-    model asked for."""
+def _linear_dtypes(m: Match) -> set:
+    return {_dtype(n) for n in m.covered if n.op == "call_function" and n.target is F.linear}
+
+
+def compute_dtype(m: Match) -> Optional[torch.dtype]:
+    """The dtype the block's Linears compute in, when their example values show one that differs
+    from an operand's: torch.autocast's (F.linear casts its input, weight and bias to it; without
+    autocast eager's F.linear takes one dtype only). None otherwise: the block computes in x's."""
+    dtypes = _linear_dtypes(m)
+    if len(dtypes) != 1 or None in dtypes:
+        return None
+    (dtype,) = dtypes
+    operands = [m.values.get("x")] + list(_weights(m).values())
+    if all(not isinstance(t, torch.Tensor) or t.dtype == dtype for t in operands):
+        return None
+    return dtype
+
+
+def _block_dtype(m: Match) -> torch.dtype:
+    """The dtype the op computes the block in, and returns."""
+    return compute_dtype(m) or m.values["x"].dtype
+
+
+def check_precision(m: Match) -> Optional[str]:
+    """The op computes the block in one dtype: its Linears' (`compute_dtype`). Under torch.autocast
+    the values between them may be float32 (an activation autocast runs in float32, such as the
+    squared ReLU's pow): the second Linear casts them back, as the op rounds its fp32 epilogue's
+    hidden values. Anything else (Linears in two dtypes) is kept."""
+    dtypes = _linear_dtypes(m)
+    if None in dtypes:
+        return None  # no example values to read: check_tensors asks for one dtype throughout
+    if len(dtypes) > 1:
+        return "the block's Linears compute in " + " and ".join(sorted(str(d) for d in dtypes))
+    block = _block_dtype(m)
+    if block not in _FLOATS:
+        return f"the block's Linears compute in {block} (float16, bfloat16, float32 are supported)"
+    if compute_dtype(m) is None:
+        return None
+    residual_add = m.anchor if m.present("residual") else None
     for n in m.covered:
-        if n.op == "call_function" and n.target is F.linear and n.args:
-            a, b = _dtype(n.args[0]), _dtype(n)
-            if a is not None and b is not None and a != b:
-                return f"a Linear turns {a} into {b} (torch.autocast); the op would compute in {a}"
+        dtype = _dtype(n)
+        if n is not residual_add and dtype is not None and dtype not in (block, torch.float32):
+            return f"{n.name} computes in {dtype} inside a block whose Linears compute in {block} (torch.autocast)"
     return None
 
 
@@ -274,7 +315,8 @@ def _check_supported(activation: str) -> Callable:
         """What the op itself says about these shapes, dtypes and devices."""
         from fusion_backend.ops.feedforward import feedforward_supports
 
-        kw = _op_arguments(activation, m.values)
+        kw = _op_arguments(activation, m.values, compute_dtype(m))
+        kw.pop("residual_outside")
         args = [kw.pop(k) for k in ("x", "w_in", "b_in", "w_out", "b_out")]
         ok, reason = feedforward_supports(*args, **kw)
         return None if ok else reason
@@ -282,7 +324,7 @@ def _check_supported(activation: str) -> Callable:
 
 
 CONSTRAINTS = (plain_tensors, check_tensors, check_shapes, check_halves, check_dropout, check_residual,
-               check_activation, check_no_autocast)
+               check_activation, check_precision)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -297,23 +339,33 @@ def _activation_name(rule_activation: str, approx: Any) -> str:
     return rule_activation
 
 
-def _op_arguments(rule_activation: str, v: dict) -> dict:
-    """The op's keyword arguments from a site's wildcard values (fake tensors)."""
+def _op_arguments(rule_activation: str, v: dict, dtype: Optional[torch.dtype] = None) -> dict:
+    """The op's keyword arguments from a site's wildcard values (fake tensors while tracing), cast to
+    `dtype` (`compute_dtype`: torch.autocast's casts of the Linears' operands) when given. A residual
+    of another dtype than the block's is not the op's: `residual_outside` is added to its result,
+    in the promoted dtype, as eager adds it."""
     activation = _activation_name(rule_activation, v.get("approx"))
-    w_in, b_in, w_gate, b_gate = v.get("w_in"), v.get("b_in"), v.get("w_gate"), v.get("b_gate")
+
+    def cast(t):
+        return t.to(dtype) if (dtype is not None and t is not None and t.dtype != dtype) else t
+
+    w_in, b_in, w_gate, b_gate = (cast(v.get(k)) for k in ("w_in", "b_in", "w_gate", "b_gate"))
     if v.get("w_cat") is not None:
-        w_cat, b_cat = v["w_cat"], v.get("b_cat")
+        w_cat, b_cat = cast(v["w_cat"]), cast(v.get("b_cat"))
         h = w_cat.shape[0] // 2
         gate, up = v.get("gate_half", 0), v.get("up_half", 1)
         w_gate, w_in = w_cat.narrow(0, gate * h, h), w_cat.narrow(0, up * h, h)
         if b_cat is not None:
             b_gate, b_in = b_cat.narrow(0, gate * h, h), b_cat.narrow(0, up * h, h)
+    x = cast(v["x"])
+    residual = v.get("residual")
+    outside = residual is not None and residual.dtype != x.dtype
     p_hidden, p_out = v.get("p_hidden"), v.get("p_out")
-    return dict(x=v["x"], w_in=w_in, b_in=b_in, w_out=v["w_out"], b_out=v.get("b_out"),
+    return dict(x=x, w_in=w_in, b_in=b_in, w_out=cast(v["w_out"]), b_out=cast(v.get("b_out")),
                 activation=activation, w_gate=w_gate, b_gate=b_gate,
                 hidden_dropout_p=float(p_hidden) if p_hidden is not None else 0.0,
                 output_dropout_p=float(p_out) if p_out is not None else 0.0,
-                residual=v.get("residual"))
+                residual=None if outside else residual, residual_outside=residual if outside else None)
 
 
 def split_config(config: Optional[str]) -> tuple:
@@ -327,10 +379,17 @@ def split_config(config: Optional[str]) -> tuple:
 
 
 def _make_replacement(activation: str) -> Callable:
-    def replacement(config=None, **values):
+    def replacement(config=None, dtype=None, **values):
         impl, key = split_config(config)
-        return feedforward_op(**_op_arguments(activation, values), impl=impl, config=key)
+        kw = _op_arguments(activation, values, dtype)
+        residual_outside = kw.pop("residual_outside")
+        out = feedforward_op(**kw, impl=impl, config=key)
+        return out if residual_outside is None else out + residual_outside
     return replacement
+
+
+def _replacement_args(m: Match) -> dict:
+    return {"dtype": compute_dtype(m)}
 
 
 def _configs(gated: bool) -> Callable:
@@ -376,7 +435,7 @@ def _rule(structure: str, activation: str) -> Rule:
                 replacement=_make_replacement(activation),
                 constraints=CONSTRAINTS + (_check_supported(activation),), priority=50,
                 variant=_variant(structure, activation),
-                exact=is_exact, configs=_configs(gated=structure != "plain"),
+                exact=is_exact, configs=_configs(gated=structure != "plain"), replacement_args=_replacement_args,
                 keeps_result_for_backward=False)  # it saves x and the pre-activations, not its output
 
 

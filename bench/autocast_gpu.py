@@ -1,0 +1,203 @@
+"""Feed-forward blocks with fp32 weights under torch.autocast to bf16, the usual mixed-precision
+training setup: correctness against float64, then speed and memory beside eager and Inductor under
+the same autocast, in one process.
+
+    TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 python bench/autocast_gpu.py [--skip-speed] [--small]
+
+(1) Correctness: each form (GPT-2's Conv1D MLP with the written-out tanh GELU, Llama's SwiGLU,
+    a chunked GEGLU, nn.Linear GELU with the fp32 residual added, the squared ReLU without one),
+    fp32 weights and inputs in train mode, forward under autocast and backward after it. Eager
+    under autocast and truthfuse ("aggressive", inner compiler eager and Inductor) under autocast
+    are compared to the block in float64: output and every gradient, max |x - ref| / max |ref|.
+    A form passes when truthfuse's result has eager's dtype, its block fused, nothing is NaN, and
+    every tensor is within 3x eager's error plus 1e-3.
+(2) Speed: the training step (forward under autocast, backward) of issue 5's shapes, median ms
+    (triton.testing.do_bench) and peak extra memory, for eager, Inductor and truthfuse ("moderate",
+    the default, whose tuner may keep the block, and "aggressive").
+Writes $OUT/autocast_gpu.json; exits 1 if a correctness check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "0")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import fusion_backend  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+OUT = os.environ.get("OUT", ".")
+
+
+def gelu_new(x):
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class Conv1DMLP(nn.Module):
+    """GPT-2's MLP: Conv1D (addmm on the flattened input) and gelu_new, plus the residual."""
+
+    def __init__(self, d, h):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(d, h) * d ** -0.5), nn.Parameter(torch.randn(h) * 0.1)
+        self.w2, self.b2 = nn.Parameter(torch.randn(h, d) * h ** -0.5), nn.Parameter(torch.randn(d) * 0.1)
+
+    def forward(self, x):
+        z = torch.addmm(self.b1, x.view(-1, x.size(-1)), self.w1).view(*x.shape[:-1], -1)
+        y = torch.addmm(self.b2, gelu_new(z).view(-1, z.size(-1)), self.w2).view(x.shape)
+        return x + y
+
+
+class LinearMLP(nn.Module):
+    def __init__(self, d, h, act="gelu", residual=True):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, h), nn.Linear(h, d)
+        self.act, self.residual = act, residual
+
+    def forward(self, x):
+        z = self.fc1(x)
+        hid = F.gelu(z) if self.act == "gelu" else torch.relu(z) ** 2
+        y = self.fc2(hid)
+        return x + y if self.residual else y
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, d, h, chunked=False):
+        super().__init__()
+        self.chunked = chunked
+        if chunked:
+            self.proj = nn.Linear(d, 2 * h)
+        else:
+            self.gate_proj, self.up_proj = nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False)
+        self.down_proj = nn.Linear(h, d, bias=not chunked)
+
+    def forward(self, x):
+        if self.chunked:
+            a, b = self.proj(x).chunk(2, dim=-1)
+            hid = F.gelu(a) * b
+        else:
+            hid = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return x + self.down_proj(hid)
+
+
+FORMS = {
+    "gpt2 conv1d gelu_new": lambda d, h: Conv1DMLP(d, h),
+    "linear gelu, fp32 residual": lambda d, h: LinearMLP(d, h),
+    "llama swiglu": lambda d, h: GatedMLP(d, h),
+    "chunked geglu": lambda d, h: GatedMLP(d, h, chunked=True),
+    "relu2, no residual": lambda d, h: LinearMLP(d, h, act="relu2", residual=False),
+}
+
+
+def _step(fn, params, x, amp=True):
+    """Output (float64) and gradients of x and every parameter of a weighted sum of fn(x)."""
+    x = x.detach().clone().requires_grad_()
+    for p in params:
+        p.grad = None
+    with torch.autocast(DEV, torch.bfloat16, enabled=amp):
+        out = fn(x)
+    w = torch.randn(out.shape, generator=torch.Generator(DEV).manual_seed(7), device=DEV, dtype=torch.float64)
+    (out.double() * w).sum().backward()
+    return out.dtype, [out.detach().double(), x.grad.double()] + [p.grad.double() for p in params]
+
+
+def _errors(got, ref):
+    return [((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for g, r in zip(got, ref)]
+
+
+def check(name, inner, small):
+    torch.manual_seed(0)
+    d, h, T = (32, 64, 24) if small else (256, 1024, 600)
+    model = FORMS[name](d, h).to(DEV)
+    x = torch.randn(2, T // 2, d, device=DEV)
+    ref_model = copy.deepcopy(model).double()
+    _, ref = _step(ref_model, list(ref_model.parameters()), x.double(), amp=False)
+    params = list(model.parameters())
+    eager_dtype, eager = _step(model, params, x)
+    backend = fusion_backend.backend(strategy="aggressive", inner=inner, cache=False)
+    ours_dtype, ours = _step(torch.compile(model, backend=backend), params, x)
+    torch._dynamo.reset()
+    fused = [s.rule for r in backend.records for s in r.sites if s.decision == "fused"]
+    kept = [f"{s.rule}: {s.reason}" for r in backend.records for s in r.sites if s.decision != "fused"]
+    e, o = _errors(eager, ref), _errors(ours, ref)
+    finite = all(torch.isfinite(t).all().item() for t in ours)
+    ok = finite and ours_dtype == eager_dtype and len(fused) == 1 and all(a <= 3 * b + 1e-3 for a, b in zip(o, e))
+    worst = max(range(len(o)), key=lambda i: o[i] / (3 * e[i] + 1e-3))
+    print(f"== check {name:28s} inner={inner:8s} {'ok' if ok else 'FAIL'}  dtype {ours_dtype} (eager {eager_dtype})"
+          f"  fused {fused}  nearest to failing: tensor {worst} eager {e[worst]:.2e} truthfuse {o[worst]:.2e}"
+          + ("" if ok else f"\n   kept {kept}\n   eager {e}\n   ours {o}"), flush=True)
+    return dict(form=name, inner=inner, ok=ok, dtype=str(ours_dtype), eager_dtype=str(eager_dtype), fused=fused,
+                kept=kept, eager_err=e, ours_err=o)
+
+
+def speed(form, T, d, h):
+    from triton.testing import do_bench
+
+    torch.manual_seed(0)
+    model = FORMS[form](d, h).to(DEV)
+    x = torch.randn(T, d, device=DEV, requires_grad=True)
+    gy = torch.randn(T, d, device=DEV, dtype=torch.bfloat16)
+    rows = []
+    variants = [("eager", model, None), ("inductor", torch.compile(model), None)]
+    for strategy in ("moderate", "aggressive"):
+        backend = fusion_backend.backend(strategy=strategy, inner="inductor", cache=False)
+        variants.append((f"truthfuse {strategy}", torch.compile(model, backend=backend), backend))
+    for name, fn, backend in variants:
+        def step():
+            with torch.autocast(DEV, torch.bfloat16):
+                out = fn(x)
+            out.backward(gy.to(out.dtype))
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        x.grad = None
+        model.zero_grad(set_to_none=False)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+        ms = do_bench(step, warmup=25, rep=200, return_mode="median")
+        decision = "" if backend is None else ", ".join(
+            f"{s.rule} {s.decision}" + ("" if s.decision == "fused" else f" ({s.reason})")
+            for r in backend.records for s in r.sites)
+        print(f"{form:26s} T={T:6d} d={d:5d} h={h:6d} {name:20s} {ms:8.3f} ms {mb:9.1f} MB  {decision}", flush=True)
+        rows.append(dict(form=form, T=T, d=d, h=h, variant=name, ms=ms, extra_mb=mb, decision=decision))
+        torch._dynamo.reset()
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--small", action="store_true", help="tiny shapes (a dry run on the CPU)")
+    args = ap.parse_args()
+    res = {"env": {"torch": torch.__version__, "card": torch.cuda.get_device_name() if DEV == "cuda" else "cpu"},
+           "checks": [], "speed": []}
+    for name in FORMS if not args.skip_checks else ():
+        for inner in ("eager", "inductor"):
+            if inner == "inductor" and name not in ("gpt2 conv1d gelu_new", "llama swiglu"):
+                continue
+            res["checks"].append(check(name, inner, args.small))
+    failed = [c for c in res["checks"] if not c["ok"]]
+    print(f"== {len(res['checks']) - len(failed)} of {len(res['checks'])} checks passed", flush=True)
+    if not args.skip_speed and DEV == "cuda":
+        for form, T, d, h in (("linear gelu, fp32 residual", 8192, 1024, 4096), ("llama swiglu", 8192, 1024, 2816),
+                              ("linear gelu, fp32 residual", 16384, 4096, 16384)):
+            res["speed"] += speed(form, T, d, h)
+    with open(os.path.join(OUT, "autocast_gpu.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
