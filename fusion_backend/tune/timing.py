@@ -162,9 +162,21 @@ def rotated_input_sets(inputs: Sequence[Any], device: torch.device | str | int) 
     for _ in range(count - 1):
         # Leaves that require grad as the originals do: a training step's timing must run its
         # backward on every set, not only on the first.
-        sets.append(tuple(v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
+        sets.append(tuple(copy_laid_out(v).requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
                           for v in inputs))
     return sets
+
+
+def copy_laid_out(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t with t's strides, gaps and overlaps included: a copy of the storage it spans,
+    viewed as t. `clone()` makes a gapped slice (k from a packed k/v projection) or an expanded
+    tensor contiguous, and the code Inductor compiled for the first set's strides then failed on
+    every other set ("expected ... stride"), which timed a site as infinitely slow."""
+    t = t.detach()
+    if t.numel() == 0:
+        return t.clone()
+    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.as_strided((span,), (1,), t.storage_offset()).clone().as_strided(t.shape, t.stride())
 
 
 def tensor_bytes(*values: Any) -> int:

@@ -68,6 +68,25 @@ def test_rotated_input_sets(monkeypatch):
     assert all(s[2] == 3 and torch.equal(s[0], x) and s[0] is not x for s in sets[1:])
 
 
+def test_rotated_sets_keep_each_input_laid_out_as_it_is(monkeypatch):
+    """Copies of a gapped slice (k of a packed k/v projection) and an expanded tensor have the
+    original's strides: Inductor's code compiled for the first set checks them on every set, and
+    contiguous copies failed it (an SDPA site under autocast on an H200, timed as infinitely slow)."""
+    from fusion_backend.tune import timing
+
+    packed = torch.randn(4, 64, 2, 2, 32).permute(2, 0, 3, 1, 4)  # (k/v, B, heads, N, D)
+    k, mask = packed[0], torch.randn(1, 1, 64).expand(4, 64, 64)
+    x = torch.randn(64, 64, requires_grad=True)
+    monkeypatch.setattr(timing, "l2_cache_bytes", lambda device: 1024 * 1024)
+    sets = timing.rotated_input_sets([k, mask, x], "cuda")
+    assert len(sets) > 1
+    for ks, ms, xs in sets[1:]:
+        for copy, original in ((ks, k), (ms, mask), (xs, x)):
+            assert copy.stride() == original.stride() and torch.equal(copy, original)
+            assert copy.untyped_storage().data_ptr() != original.untyped_storage().data_ptr()
+        assert xs.requires_grad and xs.is_leaf
+
+
 def test_rotated_sets_of_a_training_step_require_grad_like_the_first(monkeypatch):
     """Copies that do not require grad would time a training step's backward on one set in
     nine: the median would be the forward's time."""
