@@ -1,19 +1,22 @@
-"""Feed-forward blocks with fp32 weights under torch.autocast to bf16, the usual mixed-precision
-training setup: correctness against float64, then speed and memory beside eager and Inductor under
-the same autocast, in one process.
+"""Feed-forward blocks and attention with fp32 weights under torch.autocast to bf16, the usual
+mixed-precision training setup: correctness against float64, then speed and memory beside eager
+and Inductor under the same autocast, in one process.
 
-    TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 python bench/autocast_gpu.py [--skip-speed] [--small]
+    TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 python bench/autocast_gpu.py [--skip-speed] [--skip-checks] [--small]
 
-(1) Correctness: each form (GPT-2's Conv1D MLP with the written-out tanh GELU, Llama's SwiGLU,
-    a chunked GEGLU, nn.Linear GELU with the fp32 residual added, the squared ReLU without one),
-    fp32 weights and inputs in train mode, forward under autocast and backward after it. Eager
-    under autocast and truthfuse ("aggressive", inner compiler eager and Inductor) under autocast
-    are compared to the block in float64: output and every gradient, max |x - ref| / max |ref|.
-    A form passes when truthfuse's result has eager's dtype, its block fused, nothing is NaN, and
-    every tensor is within 3x eager's error plus 1e-3.
-(2) Speed: the training step (forward under autocast, backward) of issue 5's shapes, median ms
+(1) Correctness: each form, fp32 weights and inputs in train mode, forward under autocast and
+    backward after it. Feed-forward: GPT-2's Conv1D MLP with the written-out tanh GELU, Llama's
+    SwiGLU, a chunked GEGLU, nn.Linear GELU with the fp32 residual added, the squared ReLU without
+    one. Attention (head dim 128, causal): q and k multiplied by fp32 tables after the bf16
+    projections (rotary embeddings: q, k fp32 and v bf16), written out with K/V heads repeated and
+    as one SDPA call, and fp32 q, k, v. Eager under autocast and truthfuse ("aggressive", inner
+    compiler eager and Inductor) under autocast are compared to the model in float64: output and
+    every gradient, max |x - ref| / max |ref|. A form passes when truthfuse's result has eager's
+    dtype, its site fused, nothing is NaN, and every tensor is within 3x eager's error plus 1e-3.
+(2) Speed: the training step (forward under autocast, backward), median ms
     (triton.testing.do_bench) and peak extra memory, for eager, Inductor and truthfuse ("moderate",
-    the default, whose tuner may keep the block, and "aggressive").
+    the default, whose tuner may keep the site, and "aggressive"): issue 5's feed-forward shapes,
+    and the attention forms at B=4, N=4096, 4 heads of 128.
 Writes $OUT/autocast_gpu.json; exits 1 if a correctness check fails.
 """
 from __future__ import annotations
@@ -88,12 +91,48 @@ class GatedMLP(nn.Module):
         return x + self.down_proj(hid)
 
 
+class RotatedAttention(nn.Module):
+    """Attention whose q and k are multiplied by fp32 tables after bf16 projections (rotary
+    embeddings under autocast: q and k fp32, v bf16), K/V heads repeated or through SDPA; or, with
+    `plain`, fp32 q, k, v straight from fp32 inputs (no projections: the site under autocast)."""
+
+    def __init__(self, d, form, heads=4, kv_heads=2):
+        super().__init__()
+        self.form, self.heads, self.kv_heads, self.hd = form, heads, kv_heads, d // heads
+        self.q, self.kv, self.o = nn.Linear(d, d), nn.Linear(d, 2 * kv_heads * self.hd), nn.Linear(d, d)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        table = torch.cos(torch.arange(N, device=x.device, dtype=torch.float32)[:, None] / 7.0) + 1.5
+        causal = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
+        if self.form == "fp32 q, k, v":
+            q, k, v = (x.view(B, N, self.heads, self.hd).transpose(1, 2) * (i + 1) for i in range(3))
+            scores = (q @ k.transpose(-2, -1)) * self.hd ** -0.5
+            return (torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v).sum(1)
+        q = self.q(x).view(B, N, self.heads, self.hd).transpose(1, 2) * table
+        k, v = self.kv(x).view(B, N, 2, self.kv_heads, self.hd).permute(2, 0, 3, 1, 4)
+        k = k * table
+        if self.form == "rotated q, k; sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            n = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1)
+            scores = (q @ k.transpose(-2, -1)) * self.hd ** -0.5
+            probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1, dtype=torch.float32)
+            out = probs.to(q.dtype) @ v
+        return self.o(out.transpose(1, 2).reshape(B, N, -1))
+
+
+ATTENTION_FORMS = ("rotated q, k; written out", "rotated q, k; sdpa", "fp32 q, k, v")
 FORMS = {
     "gpt2 conv1d gelu_new": lambda d, h: Conv1DMLP(d, h),
     "linear gelu, fp32 residual": lambda d, h: LinearMLP(d, h),
     "llama swiglu": lambda d, h: GatedMLP(d, h),
     "chunked geglu": lambda d, h: GatedMLP(d, h, chunked=True),
     "relu2, no residual": lambda d, h: LinearMLP(d, h, act="relu2", residual=False),
+    "rotated q, k; written out": lambda d, h: RotatedAttention(d, "rotated q, k; written out"),
+    "rotated q, k; sdpa": lambda d, h: RotatedAttention(d, "rotated q, k; sdpa"),
+    "fp32 q, k, v": lambda d, h: RotatedAttention(d, "fp32 q, k, v"),
 }
 
 
@@ -106,7 +145,8 @@ def _step(fn, params, x, amp=True):
         out = fn(x)
     w = torch.randn(out.shape, generator=torch.Generator(DEV).manual_seed(7), device=DEV, dtype=torch.float64)
     (out.double() * w).sum().backward()
-    return out.dtype, [out.detach().double(), x.grad.double()] + [p.grad.double() for p in params]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]  # unused weights: 0
+    return out.dtype, [out.detach().double(), x.grad.double()] + [g.double() for g in grads]
 
 
 def _errors(got, ref):
@@ -116,6 +156,8 @@ def _errors(got, ref):
 def check(name, inner, small):
     torch.manual_seed(0)
     d, h, T = (32, 64, 24) if small else (256, 1024, 600)
+    if name in ATTENTION_FORMS and not small:
+        d = 512  # head dim 128
     model = FORMS[name](d, h).to(DEV)
     x = torch.randn(2, T // 2, d, device=DEV)
     ref_model = copy.deepcopy(model).double()
@@ -129,6 +171,8 @@ def check(name, inner, small):
     kept = [f"{s.rule}: {s.reason}" for r in backend.records for s in r.sites if s.decision != "fused"]
     e, o = _errors(eager, ref), _errors(ours, ref)
     finite = all(torch.isfinite(t).all().item() for t in ours)
+    kind = "attention" if name in ATTENTION_FORMS else "feedforward"
+    fused = [r for r in fused if r.startswith(kind)]
     ok = finite and ours_dtype == eager_dtype and len(fused) == 1 and all(a <= 3 * b + 1e-3 for a, b in zip(o, e))
     worst = max(range(len(o)), key=lambda i: o[i] / (3 * e[i] + 1e-3))
     print(f"== check {name:28s} inner={inner:8s} {'ok' if ok else 'FAIL'}  dtype {ours_dtype} (eager {eager_dtype})"
@@ -143,8 +187,10 @@ def speed(form, T, d, h):
 
     torch.manual_seed(0)
     model = FORMS[form](d, h).to(DEV)
-    x = torch.randn(T, d, device=DEV, requires_grad=True)
-    gy = torch.randn(T, d, device=DEV, dtype=torch.bfloat16)
+    shape = (4, T // 4, d) if form in ATTENTION_FORMS else (T, d)
+    x = torch.randn(*shape, device=DEV, requires_grad=True)
+    with torch.autocast(DEV, torch.bfloat16):
+        gy = torch.randn_like(model(x).detach())  # the result's shape and dtype
     rows = []
     variants = [("eager", model, None), ("inductor", torch.compile(model), None)]
     for strategy in ("moderate", "aggressive"):
@@ -154,7 +200,7 @@ def speed(form, T, d, h):
         def step():
             with torch.autocast(DEV, torch.bfloat16):
                 out = fn(x)
-            out.backward(gy.to(out.dtype))
+            out.backward(gy)
         for _ in range(3):
             step()
         torch.cuda.synchronize()
@@ -185,14 +231,16 @@ def main():
            "checks": [], "speed": []}
     for name in FORMS if not args.skip_checks else ():
         for inner in ("eager", "inductor"):
-            if inner == "inductor" and name not in ("gpt2 conv1d gelu_new", "llama swiglu"):
+            if inner == "inductor" and name not in ("gpt2 conv1d gelu_new", "llama swiglu", "rotated q, k; sdpa"):
                 continue
             res["checks"].append(check(name, inner, args.small))
     failed = [c for c in res["checks"] if not c["ok"]]
     print(f"== {len(res['checks']) - len(failed)} of {len(res['checks'])} checks passed", flush=True)
     if not args.skip_speed and DEV == "cuda":
         for form, T, d, h in (("linear gelu, fp32 residual", 8192, 1024, 4096), ("llama swiglu", 8192, 1024, 2816),
-                              ("linear gelu, fp32 residual", 16384, 4096, 16384)):
+                              ("linear gelu, fp32 residual", 16384, 4096, 16384),
+                              ("rotated q, k; written out", 16384, 512, 0), ("rotated q, k; sdpa", 16384, 512, 0),
+                              ("fp32 q, k, v", 16384, 512, 0)):
             res["speed"] += speed(form, T, d, h)
     with open(os.path.join(OUT, "autocast_gpu.json"), "w") as f:
         json.dump(res, f, indent=1)

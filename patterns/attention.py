@@ -199,11 +199,39 @@ def check_qkv(m: Match) -> Optional[str]:
         return "k and v have different sequence lengths"
     if not known_equal(q.shape[-1], k.shape[-1]):
         return "q and k have different head dims"
-    if len({q.dtype, k.dtype, v.dtype}) != 1:
+    if len({q.dtype, k.dtype, v.dtype}) != 1 and not (m.rule.variant_of(m) == "dot" and autocast_dtype(m)):
         return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
     if len({q.device, k.device, v.device}) != 1:
         return "q, k, v are on different devices"
     return None
+
+
+def _dtype(node: Any) -> Optional[torch.dtype]:
+    value = Match.value_of(node)
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def autocast_dtype(m: Match) -> Optional[torch.dtype]:
+    """The dtype torch.autocast runs a dot-product site in, where it casts q, k or v to it: q and k
+    rotated with fp32 tables (DeepSeek-V3), or fp32 q, k and v, under autocast to bf16. Written out,
+    both products (q @ k^T and p @ v) return it, one of them from an operand of another dtype;
+    as one SDPA call, its result has it while q, k or v has another (without autocast, eager's
+    matmul and SDPA take one dtype only). The replacement casts q, k and v to it, as autocast does
+    (SDPA's float mask too), and the site is the one it would be with q, k and v in that dtype.
+    None otherwise."""
+    qkv = [m.values.get(name) for name in ("q", "k", "v")]
+    if not all(isinstance(t, torch.Tensor) and t.dtype in _FLOATS for t in qkv):
+        return None
+    if m.anchor.target is F.scaled_dot_product_attention:
+        dtype = _dtype(m.anchor)
+    else:
+        products = [n for n in m.covered if n.op == "call_function" and n.target is torch.matmul]
+        if len(products) != 2 or m.anchor not in products or len({_dtype(n) for n in products}) != 1:
+            return None
+        dtype = _dtype(m.anchor)
+        if not any(_dtype(a) not in (None, dtype) for n in products for a in n.args if isinstance(a, fx.Node)):
+            return None
+    return dtype if dtype in _FLOATS and any(t.dtype != dtype for t in qkv) else None
 
 
 def check_repeat_kv(m: Match) -> Optional[str]:
@@ -322,7 +350,7 @@ def _added_in_fp16(m: Match, name: str) -> bool:
     model that upcasts its scores), the term is promoted and swallows nothing."""
     node = m.nodes.get(name)
     adds = [n for n in m.covered if node is not None and node in n.all_input_nodes]
-    dtypes = {getattr(n.meta.get("example_value", n.meta.get("val")), "dtype", None) for n in adds}
+    dtypes = {getattr(Match.value_of(n), "dtype", None) for n in adds}
     return dtypes == {torch.float16}
 
 
@@ -647,7 +675,10 @@ def _make_replacement(metric: str, gqa: bool = False, causal_bias: bool = False)
     becomes causal=True and is not read. A site with a soft cap (`cap`) passes it as softcap, one
     with sinks (`sinks`) passes them."""
     def replacement(q, k, v, bias0=None, scale=None, scale2=None, mask_a=None, fill_a=None, bias2=None, bias=None,
-                    mask_b=None, fill_b=None, p=None, config=None, cap=None, sinks=None, promoted_terms=(), **_):
+                    mask_b=None, fill_b=None, p=None, config=None, cap=None, sinks=None, promoted_terms=(), dtype=None,
+                    **_):
+        if dtype is not None:  # autocast_dtype: the products' operands cast as autocast casts them
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         final_fill = _final_fill(mask_a is not None, fill_a, mask_b is not None, fill_b, bias2 is not None,
                                  bias is not None)
         whole_rows = None if final_fill is None else (mask_a if final_fill == "mask_a" else mask_b)
@@ -699,7 +730,8 @@ def configs_for(metric: str, causal_bias: bool = False, offer_sdpa: bool = True)
         try:
             from fusion_backend.ops.attention import attention_config_space, config_key
 
-            space = attention_config_space(metric, int(q.shape[-1]), q.dtype, q.device.type)
+            dtype = (autocast_dtype(m) if metric == "dot" else None) or q.dtype  # what the op will get
+            space = attention_config_space(metric, int(q.shape[-1]), dtype, q.device.type)
         except Exception:  # noqa: BLE001 -- no declared space: the op's default only
             return choices
         return choices + [config_key(c) for c in space][:7]
@@ -732,9 +764,13 @@ def promoted_fp16_terms(m: Match) -> dict:
                                     and m.values[name].dtype == torch.float16 and not _added_in_fp16(m, name))}
 
 
+def _dot_replacement_args(m: Match) -> dict:
+    return {**promoted_fp16_terms(m), "dtype": autocast_dtype(m)}
+
+
 def _rule(name, metric, pattern, extra=(), priority=100, gqa=False, causal_bias=False, offer_sdpa=True):
     return Rule(name=name, kind="attention", pattern=pattern, replacement=_make_replacement(metric, gqa, causal_bias),
-                replacement_args=promoted_fp16_terms,
+                replacement_args=_dot_replacement_args if metric == "dot" else promoted_fp16_terms,
                 constraints=COMMON_CONSTRAINTS[:-1] + tuple(extra) + COMMON_CONSTRAINTS[-1:],
                 priority=priority, variant=metric, exact=exact_unless_dropout("p"),
                 configs=configs_for(metric, causal_bias, offer_sdpa),

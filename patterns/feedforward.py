@@ -252,7 +252,7 @@ def check_residual(m: Match) -> Optional[str]:
 
 
 def _dtype(node: Any) -> Optional[torch.dtype]:
-    v = node.meta.get("example_value", node.meta.get("val")) if hasattr(node, "meta") else None
+    v = Match.value_of(node)
     return v.dtype if isinstance(v, torch.Tensor) else None
 
 

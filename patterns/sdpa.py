@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from fusion_backend import Match, Rule, guard_equal, known_equal, plain_tensors, register_rule
 from fusion_backend.ops import attention as attention_op
 
-from .attention import (check_repeat_kv, check_supported_shapes, configs_for, exact_unless_dropout, kv_heads_broadcast,
-                        number_value)
+from .attention import (autocast_dtype, check_repeat_kv, check_supported_shapes, configs_for, exact_unless_dropout,
+                        kv_heads_broadcast, number_value)
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -66,8 +66,8 @@ def _check_sdpa(m: Match, repeated_kv: bool) -> Optional[str]:
         return "q, k and v must all be tensors"
     if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
         return f"q, k, v must all be 3-D or 4-D (got {q.dim()}, {k.dim()}, {v.dim()})"
-    if len({q.dtype, k.dtype, v.dtype}) != 1:
-        # each may be a valid dtype (Llama's rotated q, k in fp32 and v in bf16 under torch.autocast)
+    cast = autocast_dtype(m)  # torch.autocast casts q, k, v and a float mask to it
+    if len({q.dtype, k.dtype, v.dtype}) != 1 and cast is None:
         return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
     if q.dtype not in _FLOATS:
         return f"q, k, v dtype {q.dtype} is not one of float16, bfloat16, float32"
@@ -98,7 +98,7 @@ def _check_sdpa(m: Match, repeated_kv: bool) -> Optional[str]:
     if m.present("attn_mask"):
         if not isinstance(mask, torch.Tensor):
             return "attn_mask is not a tensor"
-        if mask.dtype != torch.bool and mask.dtype != q.dtype:
+        if mask.dtype != torch.bool and mask.dtype != q.dtype and not (cast and mask.dtype in _FLOATS):
             return f"attn_mask dtype {mask.dtype} is neither bool nor q's {q.dtype}"
         if not _broadcasts_to(mask, tuple(q.shape[:-1]) + (k.shape[-2],)):
             return f"attn_mask of shape {tuple(mask.shape)} does not broadcast to the scores"
@@ -107,8 +107,22 @@ def _check_sdpa(m: Match, repeated_kv: bool) -> Optional[str]:
     return check_supported_shapes(q, k, v, "dot")
 
 
+def _cast_as_autocast(dtype, q, k, v, attn_mask):
+    """SDPA's floating arguments cast to `autocast_dtype`, as autocast casts them (a bool mask stays)."""
+    if dtype is None:
+        return q, k, v, attn_mask
+    if attn_mask is not None and attn_mask.is_floating_point():
+        attn_mask = attn_mask.to(dtype)
+    return q.to(dtype), k.to(dtype), v.to(dtype), attn_mask
+
+
+def _autocast_args(m: Match) -> dict:
+    return {"dtype": autocast_dtype(m)}
+
+
 def sdpa_replacement(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                     enable_gqa=False, config=None):
+                     enable_gqa=False, config=None, dtype=None):
+    q, k, v, attn_mask = _cast_as_autocast(dtype, q, k, v, attn_mask)
     enable_gqa = enable_gqa or kv_heads_broadcast(q, k, v)  # SDPA broadcasts a single K/V head
     three_d = q.dim() == 3
     if three_d:  # the op left-pads the mask's dims, so a (N, L, S) mask lines up with (1, N, L, S)
@@ -132,7 +146,8 @@ def sdpa_repeat_kv_pattern(q, k, v, attn_mask, dropout_p, is_causal, scale, enab
 
 
 def sdpa_repeat_kv_replacement(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                               config=None, **_):
+                               config=None, dtype=None, **_):
+    q, k, v, attn_mask = _cast_as_autocast(dtype, q, k, v, attn_mask)
     if isinstance(scale, (torch.SymFloat, torch.SymInt)):
         scale = float(scale)  # guards on this call's value (number_value)
     return attention_op(q, k, v, metric="dot", scale=scale, causal=is_causal, attn_mask=attn_mask,
@@ -263,10 +278,11 @@ def mha_replacement(query, key, value, embed_dim, num_heads, in_proj_weight=None
 RULES = [
     Rule(name="attention.sdpa", kind="attention", pattern=sdpa_pattern, replacement=sdpa_replacement,
          constraints=(plain_tensors, check_sdpa,), priority=100, variant="dot", exact=exact_unless_dropout("dropout_p"),
-         configs=configs_for("dot", offer_sdpa=False)),
+         configs=configs_for("dot", offer_sdpa=False), replacement_args=_autocast_args),
     Rule(name="attention.sdpa_repeat_kv", kind="attention", pattern=sdpa_repeat_kv_pattern,
          replacement=sdpa_repeat_kv_replacement, constraints=(plain_tensors, check_repeat_kv, check_sdpa_repeated_kv), priority=120,
-         variant="dot", exact=exact_unless_dropout("dropout_p"), configs=configs_for("dot", offer_sdpa=False)),
+         variant="dot", exact=exact_unless_dropout("dropout_p"), configs=configs_for("dot", offer_sdpa=False),
+         replacement_args=_autocast_args),
     Rule(name="attention.multihead", kind="attention", pattern=mha_pattern, replacement=mha_replacement,
          constraints=(plain_tensors, check_mha,), priority=100, variant="dot", exact=exact_unless_dropout("dropout_p"),
          configs=configs_for("dot", offer_sdpa=False)),

@@ -43,6 +43,12 @@ class Match:
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
 
+    @staticmethod
+    def value_of(node: Node) -> Any:
+        """The example value of any node of the graph (a covered one, say): its fake tensor, whose
+        dtype shows what the op computed in (under torch.autocast, a product's is autocast's)."""
+        return example_value(node)
+
     def is_tensor(self, name: str) -> bool:
         return isinstance(self.values.get(name), torch.Tensor)
 
