@@ -809,7 +809,14 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
             else:
                 if beta != 1:
                     added = rw.emit(node, torch.mul, (added, float(beta)))
-                rw.replace(node, torch.add, (product, added))
+                want, added_dtype = dtype_of(node), dtype_of(bound[0])
+                if want is not None and added_dtype is not None and added_dtype != want:
+                    # torch.autocast: baddbmm casts its input too and returns bf16, where a bf16
+                    # product plus an fp32 input is fp32; the sum is cast back to baddbmm's dtype
+                    total = rw.emit(node, torch.add, (product, added))
+                    rw.replace(node, _to, (total, want))
+                else:
+                    rw.replace(node, torch.add, (product, added))
         return
     if _method_or_function(node, {"mm"}, {torch.mm}) and len(args) == 2:
         rw.replace(node, torch.matmul, (args[0], args[1]))

@@ -469,6 +469,29 @@ def test_baddbmm_with_beta_zero_keeps_an_input_that_wants_a_gradient():
     assert any(n.target is torch.baddbmm or n.target == "baddbmm" for n in canonical_copy(gm).graph.nodes)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_baddbmm_under_autocast_keeps_its_dtype_beside_a_fused_site(dtype):
+    """Under torch.autocast baddbmm casts its fp32 input too and returns the autocast dtype; read
+    as matmul * alpha + input, the bf16 product plus the fp32 input was fp32. A fused feed-forward
+    block in the same graph makes the canonical graph the one that runs, and the returned scores
+    had another dtype than eager's."""
+    torch.manual_seed(0)
+    fc1, fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+    def fn(x, a, b, bias):
+        return fc2(F.gelu(fc1(x))), torch.baddbmm(bias, a, b, beta=1.0, alpha=0.5)
+
+    args = (torch.randn(2, 3, 8), torch.randn(4, 5, 6), torch.randn(4, 6, 7), torch.randn(4, 5, 7))
+    backend = fusion_backend.backend(**AGGRESSIVE_EAGER)
+    with torch.autocast("cpu", dtype=dtype):
+        want = fn(*args)
+        got = torch.compile(fn, backend=backend)(*args)
+    torch._dynamo.reset()
+    assert [s.decision for r in backend.records for s in r.sites] == ["fused"]
+    assert [t.dtype for t in got] == [t.dtype for t in want] == [dtype, dtype]
+    torch.testing.assert_close(got[1], want[1], atol=4e-2, rtol=2e-2)
+
 class _SinkAttention(torch.nn.Module):
     """GPT-OSS's eager attention core, with variants that are not attention sinks."""
 
