@@ -473,7 +473,11 @@ def _functionalize_inplace(rw: _Rewriter) -> None:
             new = graph.call_function(functional, tuple(args), kwargs)
             if cast_back:
                 new.meta.update(node.meta)
+                # its own value (the promoted dtype), not the in-place result's: a rule that reads
+                # it (a feed-forward block's residual add, `y += x` with fp32 x under autocast)
+                # found no value and its replacement failed ('matched site does not produce a tensor')
                 new.meta.pop("example_value", None)
+                refresh_meta(new, rw.fake_mode)
                 new = graph.call_function(_to, (new, example_value(mutated).dtype))
         new.meta.update(node.meta)
         target_value = example_value(mutated)

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import fusion_backend
 from fusion_backend.ops.fallback import FusionFallbackWarning, reset_fallback_warnings
@@ -473,6 +474,41 @@ def test_fuses_under_autocast_inside_the_model():
     torch.testing.assert_close(compiled(x), f(x), atol=2e-2, rtol=2e-2)
     assert compiled(x).dtype == f(x).dtype == torch.float32
 
+
+
+class _InPlaceResidual(nn.Module):
+    """`y += x`: the in-place add keeps y's dtype, so with fp32 x under autocast it is bf16."""
+
+    def __init__(self, method):
+        super().__init__()
+        self.fc1, self.fc2, self.method = nn.Linear(16, 32), nn.Linear(32, 16), method
+
+    def forward(self, x):
+        y = self.fc2(F.gelu(self.fc1(x)))
+        if self.method:
+            return y.add_(x)
+        y += x
+        return y
+
+
+@pytest.mark.parametrize("method", [False, True])
+def test_fuses_in_place_residual_under_autocast(method):
+    """An in-place residual add that promotes (bf16 block output += fp32 x) becomes the add and a
+    cast back to bf16; the add had no example value, so the site matched without one and its
+    replacement failed ('matched site does not produce a tensor', kept with a FusionWarning)."""
+    torch.manual_seed(0)
+    model = _InPlaceResidual(method)
+    x = torch.randn(2, 5, 16)
+    backend = _backend()
+    compiled = torch.compile(model, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fusion_backend.FusionWarning)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = compiled(x), model(x)
+    torch._dynamo.reset()
+    assert len(feedforward_sites(backend, "fused")) == 1, [str(s) for r in backend.records for s in r.sites]
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=2e-2)
 
 class _InputWrittenBetweenLinears(nn.Module):
     """fc1 reads x, then x is written in place, and the residual is the written x."""
