@@ -17,7 +17,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from .canonicalize.aliasing import alias_sources
-from .canonicalize.passes import example_value, is_impure, restore_divisions
+from .canonicalize.passes import example_value, is_impure, restore_spellings
 from .match.constraints import known_equal
 from .match.sites import Site
 
@@ -307,7 +307,7 @@ def apply_plan(gm: fx.GraphModule, sites: List[Site], plan: Dict[str, str],
         traced, cast = built[(site.id, config)]
         inline_replacement(gm, site, traced, cast)
         fused.append(site.id)
-    restore_divisions(gm.graph)  # outside the fused sites, divisions compute as the user wrote them
+    restore_spellings(gm.graph)  # outside the fused sites, divisions, x * x and softmax(dtype=) as written
     gm.graph.eliminate_dead_code(is_impure_node=is_impure)
     gm.graph.lint()
     gm.recompile()

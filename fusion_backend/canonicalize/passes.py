@@ -672,7 +672,7 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
         # backward; one spelling lets |q|^2 written either way match one pattern
         if len(args) == 2 and not node.kwargs and args[0] is args[1] and is_tensor_node(args[0]) and \
                 _floating(args[0]):  # bool * bool stays bool; pow(bool, 2) would not
-            rw.replace(node, torch.pow, (args[0], 2))
+            rw.replace(node, torch.pow, (args[0], 2)).meta[RESPELLED] = "x * x"
             return
         if len(args) == 2 and not node.kwargs and (t is not torch.mul or op != "call_function"):
             rw.replace(node, torch.mul, (args[0], args[1]))
@@ -684,7 +684,7 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
         if not is_tensor_node(x):
             return
         # x * (1/s) can differ from x / s in the last bit: a site's op takes the scale as that
-        # product anyway, but where no site takes it, `restore_divisions` puts the division back
+        # product anyway, but where no site takes it, `restore_spellings` puts the division back
         if isinstance(s, (int, float)) and not isinstance(s, bool) and s != 0:
             rw.replace(node, torch.mul, (x, 1.0 / s)).meta[DIVIDED_BY] = s
         elif is_tensor_node(s):
@@ -726,7 +726,9 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
         if dtype is not None:
             x = rw.emit(node, _to, (x, dtype))
         if (t, args, node.kwargs) != (torch.softmax, (x, dim), {}):
-            rw.replace(node, torch.softmax, (x, dim))
+            new = rw.replace(node, torch.softmax, (x, dim))
+            if dtype is not None:
+                new.meta[RESPELLED] = ("dtype", dtype)
         return
 
     # dtype casts
@@ -1077,7 +1079,7 @@ def _fold_scalar_products(rw: _Rewriter) -> None:
             x, b = b, x
         if not _is_number(b) or not isinstance(x, Node):
             continue
-        if DIVIDED_BY in node.meta:  # a division stays one (`restore_divisions`)
+        if DIVIDED_BY in node.meta:  # a division stays one (`restore_spellings`)
             continue
         if x.op == "call_function" and x.target is torch.mul and len(x.users) == 1 and DIVIDED_BY not in x.meta:
             inner_x, a = x.args
@@ -1700,19 +1702,38 @@ def _not_without_grad(node: Node) -> None:
 DIVIDED_BY = "truthfuse_divided_by"
 """Node meta key: on a canonical `torch.mul(x, 1/s)`, the divisor s of the `x / s` it spells."""
 
+RESPELLED = "truthfuse_respelled"
+"""Node meta key: on a canonical node that the user spelled otherwise, how: "x * x" on
+`torch.pow(x, 2)`, ("dtype", d) on the `torch.softmax` of a `softmax(x, dim, dtype=d)`. CUDA
+autocast treats the spellings apart (pow and a softmax without dtype= compute in fp32, x * x and
+softmax(x, dtype=bf16) in bf16), so outside the fused sites they are put back
+(`restore_spellings`)."""
 
-def restore_divisions(graph: fx.Graph) -> int:
-    """Put back `x / s` for every canonical `x * (1/s)` that no fused site took (they may differ in
-    the last bit, which a floor or a comparison after them can show). Returns how many."""
+
+def restore_spellings(graph: fx.Graph) -> int:
+    """Put back what the user wrote wherever no fused site took the canonical node: `x / s` for
+    `x * (1/s)` (they may differ in the last bit, which a floor or a comparison after them can
+    show), `x * x` for `x ** 2` and softmax's dtype= (result dtypes under CUDA autocast, `RESPELLED`).
+    Returns how many."""
     restored = 0
     for node in list(graph.nodes):
-        if DIVIDED_BY in node.meta and node.op == "call_function" and node.target is torch.mul:
-            with graph.inserting_before(node):
-                div = graph.call_function(torch.div, (node.args[0], node.meta[DIVIDED_BY]))
-            div.meta.update({k: v for k, v in node.meta.items() if k != DIVIDED_BY})
-            node.replace_all_uses_with(div)
-            graph.erase_node(node)
-            restored += 1
+        if node.op != "call_function":
+            continue
+        respelled = node.meta.get(RESPELLED)
+        if DIVIDED_BY in node.meta and node.target is torch.mul:
+            target, args, kwargs = torch.div, (node.args[0], node.meta[DIVIDED_BY]), {}
+        elif respelled == "x * x" and node.target is torch.pow and node.args[1:] == (2,):
+            target, args, kwargs = torch.mul, (node.args[0], node.args[0]), {}
+        elif isinstance(respelled, tuple) and node.target is torch.softmax and len(node.args) == 2:
+            target, args, kwargs = torch.softmax, node.args, {"dtype": respelled[1]}
+        else:
+            continue
+        with graph.inserting_before(node):
+            new = graph.call_function(target, args, kwargs)
+        new.meta.update({k: v for k, v in node.meta.items() if k not in (DIVIDED_BY, RESPELLED)})
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        restored += 1
     return restored  # the reciprocals left unused go with the caller's dead-code pass
 
 

@@ -4,6 +4,8 @@ rounding changes the user's results outside any site (cases a session-18 fuzz fo
 function has one fusable attention beside the code in question; compiled, it equals eager: the
 same dtypes and the same values (divisions and floors included)."""
 import copy
+import importlib
+import operator
 
 import pytest
 import torch
@@ -96,6 +98,38 @@ def test_code_beside_a_fused_site_keeps_its_meaning(case):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)
     torch._dynamo.reset()
+
+
+def _spellings_autocast_tells_apart(q, k, v, x):
+    return _site(q, k, v), x * x, torch.softmax(x, -1, dtype=x.dtype)
+
+
+def test_spellings_cuda_autocast_tells_apart_are_put_back(monkeypatch):
+    """`x * x` and `softmax(x, dtype=x.dtype)` beside a fused site reach the inner compiler as
+    written, not as their canonical `x ** 2` and dtype-less softmax: CUDA autocast computes pow and
+    a softmax without dtype= in fp32, so a bf16 x gave fp32 results where eager's are bf16 (found on
+    fake CUDA tensors; CPU autocast does not tell them apart, so the graph is checked here)."""
+    backend_module = importlib.import_module("fusion_backend.backend")
+    graphs = []
+    inner = backend_module._inner_compile
+
+    def capture(gm, example_inputs, options):
+        graphs.append(gm)
+        return inner(gm, example_inputs, options)
+
+    monkeypatch.setattr(backend_module, "_inner_compile", capture)
+    inputs = _qkv() + [torch.randn(3, 5)]
+    got = torch.compile(_spellings_autocast_tells_apart, backend="truthfuse", options=OPTIONS)(*inputs)
+    torch._dynamo.reset()
+    nodes = [n for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert any("truthfuse" in str(n.target) for n in nodes)  # the site fused: the canonical graph ran
+    assert not any(n.target is torch.pow for n in nodes)
+    assert any(n.target in (torch.mul, operator.mul) and n.args[0] is n.args[1] for n in nodes)
+    softmaxes = [n for n in nodes if n.target is torch.softmax]
+    assert [n.kwargs.get("dtype") for n in softmaxes] == [torch.float32]
+    for a, b in zip(got[1:], _spellings_autocast_tells_apart(*inputs)[1:]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_a_bias_added_with_alpha_keeps_alpha():
