@@ -29,3 +29,21 @@ def _seed_and_reset():
     reset_fallback_warnings()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def inner_graphs(monkeypatch):
+    """The graphs the backend hands to its inner compiler."""
+    import importlib
+
+    # the module, not the `fusion_backend.backend(...)` function the package exports under that name
+    backend_module = importlib.import_module("fusion_backend.backend")
+    seen = []
+    original = backend_module._inner_compile
+
+    def spy(gm, example_inputs, options):
+        seen.append(gm)
+        return original(gm, example_inputs, options)
+
+    monkeypatch.setattr(backend_module, "_inner_compile", spy)
+    return seen

@@ -1,6 +1,5 @@
 """options={"monitor": True}: per-site calls, time and memory; nothing inserted when off; the
 markers survive Inductor and leave training unchanged; TRUTHFUSE_LOG."""
-import importlib
 import logging
 import os
 import subprocess
@@ -13,8 +12,6 @@ import torch.nn as nn
 import fusion_backend
 from fusion_backend import logging_setup
 
-# the module, not the `fusion_backend.backend(...)` function the package exports under that name
-backend_module = importlib.import_module("fusion_backend.backend")
 
 MARKERS = ("truthfuse_monitor.begin", "truthfuse_monitor.end")
 
@@ -42,20 +39,6 @@ class TinyAttention(nn.Module):
 
 def _options(**extra):
     return dict({"strategy": "aggressive", "inner": "eager", "cache": False}, **extra)
-
-
-@pytest.fixture
-def inner_graphs(monkeypatch):
-    """The graphs the backend hands to its inner compiler."""
-    seen = []
-    original = backend_module._inner_compile
-
-    def spy(gm, example_inputs, options):
-        seen.append(gm)
-        return original(gm, example_inputs, options)
-
-    monkeypatch.setattr(backend_module, "_inner_compile", spy)
-    return seen
 
 
 def _marker_nodes(gm):

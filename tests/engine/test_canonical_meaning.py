@@ -4,7 +4,6 @@ rounding changes the user's results outside any site (cases a session-18 fuzz fo
 function has one fusable attention beside the code in question; compiled, it equals eager: the
 same dtypes and the same values (divisions and floors included)."""
 import copy
-import importlib
 import operator
 
 import pytest
@@ -104,24 +103,15 @@ def _spellings_autocast_tells_apart(q, k, v, x):
     return _site(q, k, v), x * x, torch.softmax(x, -1, dtype=x.dtype)
 
 
-def test_spellings_cuda_autocast_tells_apart_are_put_back(monkeypatch):
+def test_spellings_cuda_autocast_tells_apart_are_put_back(inner_graphs):
     """`x * x` and `softmax(x, dtype=x.dtype)` beside a fused site reach the inner compiler as
     written, not as their canonical `x ** 2` and dtype-less softmax: CUDA autocast computes pow and
     a softmax without dtype= in fp32, so a bf16 x gave fp32 results where eager's are bf16 (found on
     fake CUDA tensors; CPU autocast does not tell them apart, so the graph is checked here)."""
-    backend_module = importlib.import_module("fusion_backend.backend")
-    graphs = []
-    inner = backend_module._inner_compile
-
-    def capture(gm, example_inputs, options):
-        graphs.append(gm)
-        return inner(gm, example_inputs, options)
-
-    monkeypatch.setattr(backend_module, "_inner_compile", capture)
     inputs = _qkv() + [torch.randn(3, 5)]
     got = torch.compile(_spellings_autocast_tells_apart, backend="truthfuse", options=OPTIONS)(*inputs)
     torch._dynamo.reset()
-    nodes = [n for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    nodes = [n for gm in inner_graphs for n in gm.graph.nodes if n.op == "call_function"]
     assert any("truthfuse" in str(n.target) for n in nodes)  # the site fused: the canonical graph ran
     assert not any(n.target is torch.pow for n in nodes)
     assert any(n.target in (torch.mul, operator.mul) and n.args[0] is n.args[1] for n in nodes)
