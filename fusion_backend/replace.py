@@ -8,6 +8,7 @@ rejects the shape, the rule has a bug), the site is kept and the caller reports 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any, Dict, List, Optional
 
@@ -128,11 +129,19 @@ def trace_replacement(site: Site, config: Optional[str]) -> fx.GraphModule:
         return out
 
     def trace():
+        from .site_timing import autocast_around
+
         try:
-            if mode is not None:
-                with mode:
-                    return make_fx(call, tracing_mode="real")(*fakes)
-            return make_fx(call, tracing_mode="real")(*fakes)
+            with contextlib.ExitStack() as modes:
+                # Under the autocast regions of the model's code that the site runs in, not only the
+                # caller's: make_fx writes autocast's casts into the trace, so an nn.MultiheadAttention
+                # inside `torch.autocast(..., enabled=False)` of a model called under autocast had its
+                # Linears traced as bf16 products, and computed them so where eager's are fp32
+                for args in autocast_around(site.anchor):
+                    modes.enter_context(torch.autocast(*args))
+                if mode is not None:
+                    modes.enter_context(mode)
+                return make_fx(call, tracing_mode="real")(*fakes)
         except Exception as exc:  # noqa: BLE001 -- any failure keeps the site
             raise ReplacementError(f"replacement of {rule.name} failed to build: "
                                    f"{type(exc).__name__}: {exc}") from exc

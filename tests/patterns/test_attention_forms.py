@@ -1,5 +1,6 @@
 """Issue 4: every listed way of writing attention is found, fused with the right variant, and
 matches eager in outputs and gradients (fp32, Triton interpreter). One small model per form."""
+import copy
 import math
 
 import pytest
@@ -801,6 +802,40 @@ def test_multihead_attention_inference(batch_first):
         assert_fused(model, x, variant="dot", rule="attention.multihead")
         out = torch.compile(model, backend="truthfuse", options=OPTIONS)(x)
         torch.testing.assert_close(out, model(x), atol=2e-5, rtol=2e-4)
+
+
+class _MHAInAutocastRegion(nn.Module):
+    """nn.MultiheadAttention inside a `torch.autocast` region of the model's own code (autocast off,
+    or to another dtype), in a model called under autocast to bf16."""
+
+    def __init__(self, region):
+        super().__init__()
+        self.mha, self.region = nn.MultiheadAttention(16, 2, batch_first=True), region
+
+    def forward(self, x):
+        with self.region():
+            return self.mha(x, x, x, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("region, dtype", [
+    (lambda: torch.autocast("cpu", enabled=False), torch.float32),
+    (lambda: torch.autocast("cpu", dtype=torch.float16), torch.float16)], ids=["autocast_off", "fp16"])
+def test_multihead_attention_in_an_autocast_region_computes_in_its_dtype(region, dtype):
+    """The replacement is traced under the site's own autocast regions: traced under the caller's
+    autocast alone, make_fx wrote bf16 casts into its Linears, and MHA inside
+    `autocast(enabled=False)` computed in bf16 (4.9e-3 off eager's fp32 output, which is 1e-7 off
+    float64), inside `autocast(dtype=float16)` in bf16 too (7x eager's error)."""
+    torch.manual_seed(0)
+    model, x = _MHAInAutocastRegion(region), torch.randn(2, 8, 16)
+    ref = copy.deepcopy(model).double()(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_fused(model, x, variant="dot", rule="attention.multihead")
+        eager = model(x)
+        got = torch.compile(model, backend="truthfuse", options=OPTIONS)(x)
+    torch._dynamo.reset()
+    assert got.dtype == eager.dtype == dtype
+    err_eager, err_got = ((t.double() - ref).abs().max() / ref.abs().max() for t in (eager, got))
+    assert err_got <= 3 * err_eager + 1e-6, (float(err_got), float(err_eager))
 
 
 def test_multihead_attention_dynamic_shapes():
