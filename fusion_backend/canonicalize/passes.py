@@ -1630,6 +1630,11 @@ iteration between the two Linears of a feed-forward block) is the same mode agai
 _GRAD_SWITCHES = (torch._C._set_grad_enabled, torch.autograd.grad_mode._enter_inference_mode,
                   torch.autograd.grad_mode._exit_inference_mode)
 _AUTOCAST_SWITCHES = (torch.amp.autocast_mode._enter_autocast, torch.amp.autocast_mode._exit_autocast)
+AUTOCAST_SETTERS = frozenset(getattr(torch, name) for name in dir(torch)
+                             if name.startswith("set_autocast_") and "cache" not in name)
+"""torch.set_autocast_enabled(...), set_autocast_dtype(...) and their per-device kin, called as
+functions (not `with torch.autocast(...)`): each starts an autocast state of its own (MODE_REGION),
+which replacements are not traced under (`site_timing.autocast_around` knows the blocks only)."""
 
 
 def _mark_without_grad(graph: fx.Graph) -> None:
@@ -1660,6 +1665,9 @@ def _mark_without_grad(graph: fx.Graph) -> None:
             blocks.append(node)
 
     for node in graph.nodes:
+        if node.op == "call_function" and node.target in AUTOCAST_SETTERS:
+            autocast_blocks.append(node)  # a mode of its own from here on
+            continue
         if node.op == "call_function" and node.target in _AUTOCAST_SWITCHES:
             if node.target is torch.amp.autocast_mode._enter_autocast:
                 autocast_blocks.append(node)

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from ..canonicalize import is_cast
-from ..canonicalize.passes import MODE_REGION, WITHOUT_GRAD, WRITTEN_IN_PLACE, dynamo_effect, example_value
+from ..canonicalize.passes import AUTOCAST_SETTERS, MODE_REGION, WITHOUT_GRAD, WRITTEN_IN_PLACE, dynamo_effect, example_value
 
 from .matcher import Matcher, escaping_nodes
 from .rule import Match, Rule
@@ -208,8 +208,15 @@ def _computed_without_grad(al) -> Optional[str]:
     if names:
         return (f"{', '.join(names[:3])} computed under torch.no_grad() or inference_mode(), which the fused op "
                 "would differentiate")
-    if len({n.meta[MODE_REGION] for n in al.covered if MODE_REGION in n.meta}) > 1:
+    regions = {n.meta[MODE_REGION] for n in al.covered if MODE_REGION in n.meta}
+    if len(regions) > 1:
         return "grad mode or autocast switches inside the site: the fused op would compute it all under one mode"
+    setters = [b for region in regions for b in region[2] if b.target in AUTOCAST_SETTERS]
+    if setters:
+        # the replacement is traced under the caller's autocast and the model's autocast blocks
+        # only: an nn.MultiheadAttention after set_autocast_enabled(False) computed in bf16
+        return (f"torch.{setters[-1].target.__name__}() before the site changes autocast outside a "
+                "`with torch.autocast(...)` block, which the fused op would not be built under; use the block")
     return None
 
 

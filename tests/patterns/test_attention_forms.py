@@ -838,6 +838,37 @@ def test_multihead_attention_in_an_autocast_region_computes_in_its_dtype(region,
     assert err_got <= 3 * err_eager + 1e-6, (float(err_got), float(err_eager))
 
 
+class _MHAAfterSetAutocastEnabled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        torch.set_autocast_enabled("cpu", False)
+        out = self.mha(x, x, x, need_weights=False)[0]
+        torch.set_autocast_enabled("cpu", True)
+        return out
+
+
+def test_multihead_attention_after_set_autocast_enabled_is_kept():
+    """torch.set_autocast_enabled("cpu", False) called as a function (no `with` block) in a model
+    called under autocast: no autocast region of the graph says so, the replacement was traced under
+    the caller's autocast and the MHA computed in bf16 (4.9e-3 off float64, eager's fp32 1.4e-7).
+    Such a site is kept, with a reason naming the call."""
+    torch.manual_seed(0)
+    model, x = _MHAAfterSetAutocastEnabled(), torch.randn(2, 8, 16)
+    ref = copy.deepcopy(model).double().mha
+    ref = ref(x.double(), x.double(), x.double(), need_weights=False)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_near_miss(model, x, reason="torch.set_autocast_enabled() before the site")
+        eager = model(x)
+        got = torch.compile(model, backend="truthfuse", options=OPTIONS)(x)
+    torch._dynamo.reset()
+    assert got.dtype == eager.dtype == torch.float32
+    err_eager, err_got = ((t.double() - ref).abs().max() / ref.abs().max() for t in (eager, got))
+    assert err_got <= 3 * err_eager + 1e-6, (float(err_got), float(err_eager))
+
+
 def test_multihead_attention_dynamic_shapes():
     assert_matches_eager(MHA(), torch.randn(2, 7, 16), dynamic=True)
 
