@@ -40,6 +40,7 @@ later reader is redirected to the functional result.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import operator
@@ -221,7 +222,13 @@ def refresh_meta(node: Node, fake_mode) -> None:
     try:
         args = fx.node.map_aggregate(node.args, value)
         kwargs = fx.node.map_aggregate(node.kwargs, value)
-        with fake_mode:
+        with contextlib.ExitStack() as blocks, fake_mode:
+            # under the node's `with torch.autocast(...)` blocks, as it runs: computed under the
+            # caller's autocast alone, a product emitted inside `autocast(enabled=False)` read bf16
+            # (and a site there was cast to bf16 where eager computes in fp32), and one inside an
+            # autocast block of a graph called without it read fp32
+            for block in _autocast_blocks(node):
+                blocks.enter_context(torch.autocast(*block.args))
             if node.op == "call_function":
                 out = node.target(*args, **kwargs)
             elif node.op == "call_method":
@@ -231,6 +238,17 @@ def refresh_meta(node: Node, fake_mode) -> None:
         node.meta["example_value"] = out
     except Exception:  # noqa: BLE001 -- meta is an aid, never a requirement
         node.meta.pop("example_value", None)
+
+
+def _autocast_blocks(node: Node) -> List[Node]:
+    """The `_enter_autocast` nodes of the blocks `node` runs inside (its MODE_REGION), outermost
+    first; none where one of its switches cannot be entered again (an exit whose enter is not in
+    this graph, a set_autocast_* call): there the caller's autocast stays, as before."""
+    region = node.meta.get(MODE_REGION)
+    blocks = list(region[2]) if region is not None else []
+    if any(b.target is not torch.amp.autocast_mode._enter_autocast for b in blocks):
+        return []
+    return blocks
 
 
 class UnsafeRewrite(Exception):

@@ -346,3 +346,33 @@ def test_heads_in_the_batch_with_scores_under_autocast_keep_their_precision():
     got = torch.compile(_heads_in_batch_scores_under_autocast, backend="truthfuse", options=OPTIONS)(*args)[1]
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     torch._dynamo.reset()
+
+
+def _heads_in_batch_attention_in_an_autocast_block(q3, k3, v3, enabled):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+        s = torch.bmm(q3, k3.transpose(1, 2)) * 0.35  # BLOOM's (B*H, N, S) scores
+        p = F.softmax(s.view(2, 2, 8, 8), -1, dtype=torch.float32).to(v3.dtype)
+        return torch.bmm(p.view(4, 8, 8), v3)
+
+
+@pytest.mark.parametrize("outside, enabled", [(True, False), (False, True)],
+                         ids=["autocast_off_block_under_autocast", "autocast_block"])
+def test_heads_in_the_batch_inside_an_autocast_block_compute_as_eager(outside, enabled):
+    """BLOOM-style attention (heads in the batch) wholly inside a `with torch.autocast` block: the
+    4-d products that unfolding the heads emits had their example values computed under the
+    caller's autocast, not the block's. In an `autocast(enabled=False)` block of a graph called under
+    autocast they read bf16, so the site cast q, k and v to bf16 where eager computes in fp32 (4e-3
+    off float64 against 2e-7); in an autocast block of a graph called without, they read fp32, and
+    the result was fp32 where eager's is bf16."""
+    torch.manual_seed(0)
+    q3, k3, v3 = (torch.randn(4, 8, 8) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=outside):
+        assert _fused_kinds(_heads_in_batch_attention_in_an_autocast_block, q3, k3, v3, enabled) == ["attention"]
+        eager = _heads_in_batch_attention_in_an_autocast_block(q3, k3, v3, enabled)
+        got = torch.compile(_heads_in_batch_attention_in_an_autocast_block, backend="truthfuse",
+                            options=OPTIONS)(q3, k3, v3, enabled)
+    torch._dynamo.reset()
+    ref = _heads_in_batch_attention_in_an_autocast_block(q3.double(), k3.double(), v3.double(), False)
+    assert got.dtype == eager.dtype == (torch.bfloat16 if enabled else torch.float32)
+    err_eager, err_got = ((t.double() - ref).abs().max() / ref.abs().max() for t in (eager, got))
+    assert err_got <= 3 * err_eager + 1e-6, (float(err_got), float(err_eager))
