@@ -245,7 +245,8 @@ def check_residual(m: Match) -> Optional[str]:
     block = _block_dtype(m)
     result = _dtype(m.anchor)
     if result is not None and result != torch.promote_types(block, r.dtype):
-        return f"the residual add returns {result}, not the promotion of {block} and {r.dtype}"
+        return (f"the residual add returns {result} where the block's {block} output plus a {r.dtype} residual "
+                f"gives {torch.promote_types(block, r.dtype)} (a cast between them, such as .float())")
     if r.device != m.values["x"].device:
         return "the residual is on another device"
     return None

@@ -510,6 +510,23 @@ def test_fuses_in_place_residual_under_autocast(method):
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, atol=3e-2, rtol=2e-2)
 
+class _CastBeforeTheResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x))).float() + x
+
+
+def test_near_miss_cast_between_the_block_and_its_residual_says_so():
+    """A bf16 block whose output is cast to fp32 before the bf16 residual is added: the add returns
+    fp32, which the op's bf16 sum would not, so the add stays outside (the block fuses without it)
+    and the reason names the cast, not only the dtypes."""
+    report = _near_miss(_CastBeforeTheResidual().bfloat16(), _x().bfloat16(), "a cast between them")
+    assert len(feedforward_sites(report, "fused")) == 1, str(report)
+
+
 class _InputWrittenBetweenLinears(nn.Module):
     """fc1 reads x, then x is written in place, and the residual is the written x."""
 
