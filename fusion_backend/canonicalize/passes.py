@@ -838,9 +838,12 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
                     # torch.autocast: baddbmm casts its input too and returns bf16, where a bf16
                     # product plus an fp32 input is fp32; the sum is cast back to baddbmm's dtype
                     total = rw.emit(node, torch.add, (product, added))
-                    rw.replace(node, _to, (total, want))
+                    new = rw.replace(node, _to, (total, want))
                 else:
-                    rw.replace(node, torch.add, (product, added))
+                    new = rw.replace(node, torch.add, (product, added))
+                # in 16-bit floats (or under autocast) the product rounded before the sum can differ
+                # from baddbmm's one rounding: put back where no site took it (`restore_spellings`)
+                new.meta[RESPELLED] = ("baddbmm", float(beta), float(alpha))
         return
     if _method_or_function(node, {"mm"}, {torch.mm}) and len(args) == 2:
         rw.replace(node, torch.matmul, (args[0], args[1]))
@@ -1730,10 +1733,35 @@ DIVIDED_BY = "truthfuse_divided_by"
 
 RESPELLED = "truthfuse_respelled"
 """Node meta key: on a canonical node that the user spelled otherwise, how: "x * x" on
-`torch.pow(x, 2)`, ("dtype", d) on the `torch.softmax` of a `softmax(x, dim, dtype=d)`. CUDA
+`torch.pow(x, 2)`, ("dtype", d) on the `torch.softmax` of a `softmax(x, dim, dtype=d)`,
+("baddbmm", beta, alpha) on the sum a baddbmm became (its rounding in 16-bit floats). CUDA
 autocast treats the spellings apart (pow and a softmax without dtype= compute in fp32, x * x and
 softmax(x, dtype=bf16) in bf16), so outside the fused sites they are put back
 (`restore_spellings`)."""
+
+
+def _baddbmm_operands(node: Node, beta: float, alpha: float) -> Optional[tuple]:
+    """(input, batch1, batch2) of the baddbmm whose canonical sum is `node` ([to](matmul(b1, b2)
+    [* alpha] + input [* beta])), or None where the graph no longer has that form."""
+    def call(n: Any, target: Callable, nargs: int) -> bool:
+        return isinstance(n, Node) and n.op == "call_function" and n.target is target and \
+            len(n.args) == nargs and not n.kwargs
+
+    total = node.args[0] if call(node, _to, 2) else node
+    if not call(total, torch.add, 2):
+        return None
+    product, added = total.args
+    if beta != 1:
+        if not (call(added, torch.mul, 2) and added.args[1] == beta):
+            return None
+        added = added.args[0]
+    if alpha != 1:
+        if not (call(product, torch.mul, 2) and product.args[1] == alpha):
+            return None
+        product = product.args[0]
+    if not (call(product, torch.matmul, 2) and all(rank_of(b) == 3 for b in product.args)):
+        return None
+    return (added,) + tuple(product.args)
 
 
 def restore_spellings(graph: fx.Graph) -> int:
@@ -1750,8 +1778,13 @@ def restore_spellings(graph: fx.Graph) -> int:
             target, args, kwargs = torch.div, (node.args[0], node.meta[DIVIDED_BY]), {}
         elif respelled == "x * x" and node.target is torch.pow and node.args[1:] == (2,):
             target, args, kwargs = torch.mul, (node.args[0], node.args[0]), {}
-        elif isinstance(respelled, tuple) and node.target is torch.softmax and len(node.args) == 2:
+        elif isinstance(respelled, tuple) and respelled[0] == "dtype" and node.target is torch.softmax \
+                and len(node.args) == 2:
             target, args, kwargs = torch.softmax, node.args, {"dtype": respelled[1]}
+        elif isinstance(respelled, tuple) and respelled[0] == "baddbmm" and \
+                _baddbmm_operands(node, *respelled[1:]) is not None:
+            target, args = torch.baddbmm, _baddbmm_operands(node, *respelled[1:])
+            kwargs = {"beta": respelled[1], "alpha": respelled[2]}
         else:
             continue
         with graph.inserting_before(node):
