@@ -1087,6 +1087,10 @@ def _literal_of_dtype(x: Any, other: Any) -> Any:
     return torch.tensor(x.args[0], dtype=dtype).item()  # as stored: finfo(fp32).min in fp16 is -inf
 
 
+def _power_of_two(f: Any) -> bool:
+    return isinstance(f, (int, float)) and f != 0 and math.isfinite(f) and math.frexp(abs(f))[0] == 0.5
+
+
 def _fold_scalar_products(rw: _Rewriter) -> None:
     """mul(mul(x, a), b) with Python numbers a, b becomes mul(x, a*b), where the dtype stays x's
     floating dtype and x * a cannot overflow where x * (a*b) does not (in 16-bit floats neither |a|
@@ -1116,9 +1120,13 @@ def _fold_scalar_products(rw: _Rewriter) -> None:
                 and _is_number(a) and ((torch.finfo(dtype).bits > 16 and 2.0 ** -32 <= abs(a) <= 2.0 ** 32)
                                        or (abs(a) <= 1 and abs(b) <= 1)))
             if _is_number(a) and exact:
+                factors = x.meta.get(FOLDED, (a,)) + node.meta.get(FOLDED, (b,))
                 new = rw.replace(node, torch.mul, (inner_x, a * b))
                 rw.erase(x)
-                if new.args[1] == 1.0:
+                # x * a * b can round otherwise than x * (a*b): where no site takes the product,
+                # `restore_spellings` multiplies by the factors one by one again
+                new.meta[FOLDED] = factors
+                if new.args[1] == 1.0 and all(_power_of_two(f) for f in factors):
                     rw.bypass(new, inner_x)
 
 
@@ -1731,6 +1739,10 @@ def _not_without_grad(node: Node) -> None:
 DIVIDED_BY = "truthfuse_divided_by"
 """Node meta key: on a canonical `torch.mul(x, 1/s)`, the divisor s of the `x / s` it spells."""
 
+FOLDED = "truthfuse_folded"
+"""Node meta key: on a canonical `torch.mul(x, a*b*...)` folded from `x * a * b * ...`, the factors
+(a, b, ...) in the order the user multiplied by them."""
+
 RESPELLED = "truthfuse_respelled"
 """Node meta key: on a canonical node that the user spelled otherwise, how: "x * x" on
 `torch.pow(x, 2)`, ("dtype", d) on the `torch.softmax` of a `softmax(x, dim, dtype=d)`,
@@ -1776,6 +1788,16 @@ def restore_spellings(graph: fx.Graph) -> int:
         respelled = node.meta.get(RESPELLED)
         if DIVIDED_BY in node.meta and node.target is torch.mul:
             target, args, kwargs = torch.div, (node.args[0], node.meta[DIVIDED_BY]), {}
+        elif FOLDED in node.meta and node.target is torch.mul and len(node.args) == 2 and \
+                not node.kwargs and isinstance(node.args[0], Node) and _is_number(node.args[1]):
+            x, *factors = node.args[0], *node.meta[FOLDED]
+            for factor in factors[:-1]:
+                with graph.inserting_before(node):
+                    x = graph.call_function(torch.mul, (x, factor))
+                x.meta.update({k: v for k, v in node.meta.items() if k not in ("example_value", "val", FOLDED)})
+                if "example_value" in node.meta:
+                    x.meta["example_value"] = node.meta["example_value"]
+            target, args, kwargs = torch.mul, (x, factors[-1]), {}
         elif respelled == "x * x" and node.target is torch.pow and node.args[1:] == (2,):
             target, args, kwargs = torch.mul, (node.args[0], node.args[0]), {}
         elif isinstance(respelled, tuple) and respelled[0] == "dtype" and node.target is torch.softmax \
@@ -1789,7 +1811,7 @@ def restore_spellings(graph: fx.Graph) -> int:
             continue
         with graph.inserting_before(node):
             new = graph.call_function(target, args, kwargs)
-        new.meta.update({k: v for k, v in node.meta.items() if k not in (DIVIDED_BY, RESPELLED)})
+        new.meta.update({k: v for k, v in node.meta.items() if k not in (DIVIDED_BY, RESPELLED, FOLDED)})
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         restored += 1

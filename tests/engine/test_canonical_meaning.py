@@ -48,6 +48,10 @@ def _fp32_scalar_products_overflow(q, k, v, x):
     return _site(q, k, v), x * 1e30 * 1e-30  # x * 1e30 overflows to inf in fp32; x * 1.0 would not
 
 
+def _folded_scalar_products(q, k, v, x):
+    return _site(q, k, v), (x * 0.1 * 3).floor(), x * 0.1 * 3, x.double() * 0.1 * 3, x * 0.1 * 10
+
+
 def _division_floors(q, k, v, n):
     return _site(q, k, v), (n / n).floor(), (n / 41).floor()
 
@@ -77,6 +81,9 @@ CASES = {
     "bool squared": (_bool_squared, _qkv),
     "scalar products": (_scalar_products, lambda: [t * 8 for t in _qkv()] + [torch.arange(4)]),
     "fp32 scalar products overflow": (_fp32_scalar_products_overflow, lambda: _qkv() + [torch.randn(4) * 1e9]),
+    # x * 0.1 * 3 folded into x * 0.3 rounds otherwise (-170 * 0.3 floors to -52, eager's to
+    # -51), and x * 0.1 * 10 folded into x itself (a thirteenth fuzz round)
+    "folded scalar products": (_folded_scalar_products, lambda: _qkv() + [-torch.arange(1, 2000.)]),
     "division floors": (_division_floors, lambda: _qkv() + [torch.arange(1, 2000, dtype=torch.float32)]),
     "cdist without mm": (_cdist_without_mm, lambda: _qkv() + [torch.randn(1, 40, 3) * 100 + 1000] * 2),
 }
