@@ -830,6 +830,8 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
                 product = rw.emit(node, torch.mul, (product, float(alpha)))
             if beta == 0:  # the output has the product's shape whatever input broadcasts from
                 rw.bypass(node, product)
+                if alpha != 1:  # the product rounded before alpha scales it: see below
+                    product.meta[RESPELLED] = ("baddbmm", 0.0, float(alpha))
             else:
                 if beta != 1:
                     added = rw.emit(node, torch.mul, (added, float(beta)))
@@ -1759,11 +1761,14 @@ def _baddbmm_operands(node: Node, beta: float, alpha: float) -> Optional[tuple]:
         return isinstance(n, Node) and n.op == "call_function" and n.target is target and \
             len(n.args) == nargs and not n.kwargs
 
-    total = node.args[0] if call(node, _to, 2) else node
-    if not call(total, torch.add, 2):
-        return None
-    product, added = total.args
-    if beta != 1:
+    if beta == 0:  # baddbmm(input, b1, b2, beta=0) ignores input: b1.new_zeros(()) stands for it
+        product, added = node, None
+    else:
+        total = node.args[0] if call(node, _to, 2) else node
+        if not call(total, torch.add, 2):
+            return None
+        product, added = total.args
+    if beta not in (0, 1):
         if not (call(added, torch.mul, 2) and added.args[1] == beta):
             return None
         added = added.args[0]
@@ -1807,6 +1812,13 @@ def restore_spellings(graph: fx.Graph) -> int:
                 _baddbmm_operands(node, *respelled[1:]) is not None:
             target, args = torch.baddbmm, _baddbmm_operands(node, *respelled[1:])
             kwargs = {"beta": respelled[1], "alpha": respelled[2]}
+            if args[0] is None:
+                with graph.inserting_before(node):
+                    args = (graph.call_method("new_zeros", (args[1], ())),) + args[1:]
+                args[0].meta.update({k: v for k, v in node.meta.items() if k not in ("example_value", "val", RESPELLED)})
+                batch1 = example_value(args[1])
+                if isinstance(batch1, torch.Tensor):
+                    args[0].meta["example_value"] = batch1.new_zeros(())
         else:
             continue
         with graph.inserting_before(node):

@@ -129,24 +129,30 @@ def test_spellings_cuda_autocast_tells_apart_are_put_back(inner_graphs):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def _baddbmm_16_bit_beta_0(q, k, v, m, a, b):
+    return _site(q, k, v), torch.baddbmm(m, a, b, beta=0, alpha=0.3)
+
+
 def _baddbmm_16_bit(q, k, v, m, a, b):
     return _site(q, k, v), torch.baddbmm(m, a, b, beta=0.7, alpha=0.3), torch.baddbmm(m, a, b)
 
 
+@pytest.mark.parametrize("fn", [_baddbmm_16_bit, _baddbmm_16_bit_beta_0])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "autocast"])
-def test_a_baddbmm_no_site_took_rounds_once(dtype):
+def test_a_baddbmm_no_site_took_rounds_once(dtype, fn):
     """baddbmm beside a fused site computes as baddbmm: its canonical matmul + add rounds the
     product to 16 bits before the sum, which was up to one bf16 step (1.0 near 100) off eager's
-    single rounding, in fp16 and bf16 and under CPU autocast (a thirteenth fuzz round)."""
+    single rounding, in fp16 and bf16 and under CPU autocast; with beta=0, matmul * alpha likewise
+    (a thirteenth fuzz round)."""
     import contextlib
     torch.manual_seed(0)
     cast = torch.float32 if dtype == "autocast" else dtype
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "autocast" else contextlib.nullcontext
     inputs = _qkv() + [(torch.randn(*s) * 3).to(cast) for s in ((2, 3, 3), (2, 3, 40), (2, 40, 3))]
     with ctx():
-        assert _fused_kinds(_baddbmm_16_bit, *inputs) == ["attention"]
-        want = _baddbmm_16_bit(*inputs)
-        got = torch.compile(_baddbmm_16_bit, backend="truthfuse", options=OPTIONS)(*inputs)
+        assert _fused_kinds(fn, *inputs) == ["attention"]
+        want = fn(*inputs)
+        got = torch.compile(fn, backend="truthfuse", options=OPTIONS)(*inputs)
     torch._dynamo.reset()
     for a, b in zip(got[1:], want[1:]):
         assert a.dtype == b.dtype
