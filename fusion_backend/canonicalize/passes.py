@@ -1781,6 +1781,22 @@ def _baddbmm_operands(node: Node, beta: float, alpha: float) -> Optional[tuple]:
     return (added,) + tuple(product.args)
 
 
+def _divisor(node: Node) -> Any:
+    """The s of the `x / s` that the canonical `x * (1/s)` at `node` spells, as the graph has it now:
+    a later rewrite (a scalar fold, `restore_spellings` itself) may have replaced the node s that
+    `DIVIDED_BY` names; the reciprocal's operand is the one that stands for it. None where the
+    graph no longer has that form."""
+    s, recip = node.meta[DIVIDED_BY], node.args[1] if len(node.args) == 2 else None
+    if not isinstance(s, Node):
+        return s
+    if isinstance(recip, Node) and recip.op == "call_function":
+        if recip.target is torch.reciprocal and len(recip.args) == 1 and not recip.kwargs:
+            return recip.args[0]
+        if recip.target is operator.truediv and len(recip.args) == 2 and recip.args[0] == 1.0:
+            return recip.args[1]
+    return None
+
+
 def restore_spellings(graph: fx.Graph) -> int:
     """Put back what the user wrote wherever no fused site took the canonical node: `x / s` for
     `x * (1/s)` (they may differ in the last bit, which a floor or a comparison after them can
@@ -1791,8 +1807,8 @@ def restore_spellings(graph: fx.Graph) -> int:
         if node.op != "call_function":
             continue
         respelled = node.meta.get(RESPELLED)
-        if DIVIDED_BY in node.meta and node.target is torch.mul:
-            target, args, kwargs = torch.div, (node.args[0], node.meta[DIVIDED_BY]), {}
+        if DIVIDED_BY in node.meta and node.target is torch.mul and _divisor(node) is not None:
+            target, args, kwargs = torch.div, (node.args[0], _divisor(node)), {}
         elif FOLDED in node.meta and node.target is torch.mul and len(node.args) == 2 and \
                 not node.kwargs and isinstance(node.args[0], Node) and _is_number(node.args[1]):
             x, *factors = node.args[0], *node.meta[FOLDED]

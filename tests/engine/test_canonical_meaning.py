@@ -52,6 +52,11 @@ def _folded_scalar_products(q, k, v, x):
     return _site(q, k, v), (x * 0.1 * 3).floor(), x * 0.1 * 3, x.double() * 0.1 * 3, x * 0.1 * 10
 
 
+def _divisions_by_respelled_tensors(q, k, v, x, t):
+    return (_site(q, k, v), x / (t / 3), x / (t * 0.1 * 3), x / (t * t),
+            x / torch.softmax(t, -1, dtype=torch.float32))
+
+
 def _division_floors(q, k, v, n):
     return _site(q, k, v), (n / n).floor(), (n / 41).floor()
 
@@ -84,6 +89,11 @@ CASES = {
     # x * 0.1 * 3 folded into x * 0.3 rounds otherwise (-170 * 0.3 floors to -52, eager's to
     # -51), and x * 0.1 * 10 folded into x itself (a thirteenth fuzz round)
     "folded scalar products": (_folded_scalar_products, lambda: _qkv() + [-torch.arange(1, 2000.)]),
+    # the divisor's node replaced after the division was read (by a scalar fold, or put back as
+    # written itself): the division was put back with the erased node and compiling raised
+    # (a thirteenth fuzz round)
+    "divisions by respelled tensors": (_divisions_by_respelled_tensors,
+                                       lambda: _qkv() + [torch.randn(4, 6), torch.rand(4, 6) + 0.5]),
     "division floors": (_division_floors, lambda: _qkv() + [torch.arange(1, 2000, dtype=torch.float32)]),
     "cdist without mm": (_cdist_without_mm, lambda: _qkv() + [torch.randn(1, 40, 3) * 100 + 1000] * 2),
 }
