@@ -652,7 +652,9 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
                     a = rw.emit(node, torch.transpose, (a, -2, -1))
                 if parsed[1]:
                     b = rw.emit(node, torch.transpose, (b, -2, -1))
-                rw.replace(node, torch.matmul, (a, b))
+                # einsum computes through bmm, whose result can differ from matmul's in the last
+                # bit (2-d CPU products): `restore_spellings` puts it back where no site took it
+                rw.replace(node, torch.matmul, (a, b)).meta[RESPELLED] = ("einsum", equation) + tuple(parsed)
         return
 
     # transposes of two dims, and permutes that are one
@@ -1493,7 +1495,10 @@ def _matmul_to_linear(rw: _Rewriter) -> None:
             wt = w.args[0]
         else:
             continue
-        rw.replace(node, _linear, (x, wt, None))
+        respelled = node.meta.get(RESPELLED)
+        new = rw.replace(node, _linear, (x, wt, None))
+        if isinstance(respelled, tuple) and respelled[0] == "einsum":
+            new.meta[RESPELLED] = respelled
     for node in list(rw.graph.nodes):
         if node.op != "call_function" or node.target is not torch.add or node not in rw.graph.nodes or \
                 node.kwargs or len(node.args) != 2:  # alpha scales the bias
@@ -1781,6 +1786,28 @@ def _baddbmm_operands(node: Node, beta: float, alpha: float) -> Optional[tuple]:
     return (added,) + tuple(product.args)
 
 
+def _einsum_operands(node: Node, transposed_a: bool, transposed_b: bool) -> Optional[tuple]:
+    """The two operands of the einsum that the canonical `matmul(a, b)` at `node` spells, each
+    without the transpose of its last two dims that the rewrite added; None where the graph no
+    longer has that form."""
+    args = node.args
+    if node.target is _linear:  # a product by a weight: linear(a, b^T) (`_matmul_to_linear`)
+        if len(args) != 3 or args[2] is not None:
+            return None
+        args, transposed_b = args[:2], not transposed_b
+    operands = []
+    for operand, transposed in zip(args, (transposed_a, transposed_b)):
+        if transposed:
+            rank = rank_of(operand)
+            if not (isinstance(operand, Node) and operand.op == "call_function" and operand.target is torch.transpose
+                    and len(operand.args) == 3 and not operand.kwargs and rank is not None
+                    and {_neg_dim(d, rank) for d in operand.args[1:]} == {-2, -1}):
+                return None
+            operand = operand.args[0]
+        operands.append(operand)
+    return tuple(operands) if len(args) == 2 and not node.kwargs else None
+
+
 def _divisor(node: Node) -> Any:
     """The s of the `x / s` that the canonical `x * (1/s)` at `node` spells, as the graph has it now:
     a later rewrite (a scalar fold, `restore_spellings` itself) may have replaced the node s that
@@ -1824,6 +1851,9 @@ def restore_spellings(graph: fx.Graph) -> int:
         elif isinstance(respelled, tuple) and respelled[0] == "dtype" and node.target is torch.softmax \
                 and len(node.args) == 2:
             target, args, kwargs = torch.softmax, node.args, {"dtype": respelled[1]}
+        elif isinstance(respelled, tuple) and respelled[0] == "einsum" and node.target in (torch.matmul, _linear) and \
+                _einsum_operands(node, *respelled[2:]) is not None:
+            target, args, kwargs = torch.einsum, (respelled[1],) + _einsum_operands(node, *respelled[2:]), {}
         elif isinstance(respelled, tuple) and respelled[0] == "baddbmm" and \
                 _baddbmm_operands(node, *respelled[1:]) is not None:
             target, args = torch.baddbmm, _baddbmm_operands(node, *respelled[1:])
