@@ -1516,7 +1516,10 @@ def _matmul_to_linear(rw: _Rewriter) -> None:
                     bias.dtype != out.dtype or summed.dtype != out.dtype or summed.dim() != out.dim() or \
                     not all(_same_size(s, t) for s, t in zip(summed.shape, out.shape)):
                 continue
-            rw.replace(node, _linear, (lin.args[0], lin.args[1], b))
+            # linear's bias is summed in its product's accumulation (addmm), which can differ from
+            # the sum after it in the last bit: `restore_spellings` adds it after where no site took it
+            rw.replace(node, _linear, (lin.args[0], lin.args[1], b)).meta[RESPELLED] = \
+                ("bias added", node.args[0] is b)
             rw.erase(lin)
             break
 
@@ -1851,6 +1854,13 @@ def restore_spellings(graph: fx.Graph) -> int:
         elif isinstance(respelled, tuple) and respelled[0] == "dtype" and node.target is torch.softmax \
                 and len(node.args) == 2:
             target, args, kwargs = torch.softmax, node.args, {"dtype": respelled[1]}
+        elif isinstance(respelled, tuple) and respelled[0] == "bias added" and node.target is _linear and \
+                len(node.args) == 3 and not node.kwargs:
+            with graph.inserting_before(node):
+                product = graph.call_function(_linear, node.args[:2] + (None,))
+            product.meta.update({k: v for k, v in node.meta.items() if k != RESPELLED})
+            target, kwargs = torch.add, {}
+            args = (node.args[2], product) if respelled[1] else (product, node.args[2])
         elif isinstance(respelled, tuple) and respelled[0] == "einsum" and node.target in (torch.matmul, _linear) and \
                 _einsum_operands(node, *respelled[2:]) is not None:
             target, args, kwargs = torch.einsum, (respelled[1],) + _einsum_operands(node, *respelled[2:]), {}

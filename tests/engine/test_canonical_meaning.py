@@ -61,6 +61,10 @@ def _einsum_products(q, k, v, x, y):
     return _site(q, k, v), torch.einsum("ij,kj->ik", x, y), torch.einsum("ij,kj->ik", x, x)
 
 
+def _bias_added_after_a_product(q, k, v, x, w, b):
+    return _site(q, k, v), x @ w + b, b + torch.matmul(x, w)
+
+
 def _division_floors(q, k, v, n):
     return _site(q, k, v), (n / n).floor(), (n / 41).floor()
 
@@ -98,9 +102,11 @@ CASES = {
     # (a thirteenth fuzz round)
     "divisions by respelled tensors": (_divisions_by_respelled_tensors,
                                        lambda: _qkv() + [torch.randn(4, 6), torch.rand(4, 6) + 0.5]),
-    # a two-operand einsum read as matmul: another kernel, which differed from eager in the last
-    # bit (a thirteenth fuzz round)
+    # a two-operand einsum read as matmul, or linear(x, W^T) plus a bias read as linear with that
+    # bias (addmm): other kernels, which differed from eager in the last bit (a thirteenth fuzz round)
     "einsum products": (_einsum_products, lambda: _qkv() + [torch.randn(4, 4) * 3, torch.randn(4, 4)]),
+    "bias added after a product": (_bias_added_after_a_product,
+                                   lambda: _qkv() + [torch.randn(2, 5, 40) * 3, torch.randn(40, 40), torch.randn(40) * 30]),
     "division floors": (_division_floors, lambda: _qkv() + [torch.arange(1, 2000, dtype=torch.float32)]),
     "cdist without mm": (_cdist_without_mm, lambda: _qkv() + [torch.randn(1, 40, 3) * 100 + 1000] * 2),
 }
