@@ -799,9 +799,13 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
         # gives float32, masked_fill would not), with the number as that dtype stores it
         if is_tensor_node(a) and _is_number(b) and _same_dtype(a, node):
             keep_not = rw.emit(node, torch.logical_not, (cond,))
-            rw.replace(node, torch.masked_fill, (a, keep_not, _as_stored(b, dtype_of(a))))
+            rw.replace(node, torch.masked_fill, (a, keep_not, _as_stored(b, dtype_of(a)))).meta[RESPELLED] = \
+                ("where", "filled where not")
         elif is_tensor_node(b) and _is_number(a) and _same_dtype(b, node):
-            rw.replace(node, torch.masked_fill, (b, cond, _as_stored(a, dtype_of(b))))
+            rw.replace(node, torch.masked_fill, (b, cond, _as_stored(a, dtype_of(b)))).meta[RESPELLED] = \
+                ("where", "filled where")
+        # where's result is laid out as its operands are (x.T's strides), masked_fill's contiguous, and
+        # a sum over it adds in another order: `restore_spellings` puts it back where no site took it
         return
 
     # linear layers
@@ -1854,6 +1858,12 @@ def restore_spellings(graph: fx.Graph) -> int:
         elif isinstance(respelled, tuple) and respelled[0] == "dtype" and node.target is torch.softmax \
                 and len(node.args) == 2:
             target, args, kwargs = torch.softmax, node.args, {"dtype": respelled[1]}
+        elif isinstance(respelled, tuple) and respelled[0] == "where" and node.target is torch.masked_fill and \
+                len(node.args) == 3 and not node.kwargs and _is_number(node.args[2]) and \
+                (respelled[1] == "filled where" or _call_to(node.args[1], torch.logical_not)):
+            x, mask, value = node.args
+            target, kwargs = torch.where, {}
+            args = (mask, value, x) if respelled[1] == "filled where" else (mask.args[0], x, value)
         elif isinstance(respelled, tuple) and respelled[0] == "bias added" and node.target is _linear and \
                 len(node.args) == 3 and not node.kwargs:
             with graph.inserting_before(node):

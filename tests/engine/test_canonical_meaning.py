@@ -65,6 +65,11 @@ def _bias_added_after_a_product(q, k, v, x, w, b):
     return _site(q, k, v), x @ w + b, b + torch.matmul(x, w)
 
 
+def _where_on_a_transpose(q, k, v, x):
+    w = torch.where(x.T > 0, x.T, 7.0)
+    return _site(q, k, v), w.sum(), torch.where(x.T > 0, 7.0, x.T).sum()
+
+
 def _division_floors(q, k, v, n):
     return _site(q, k, v), (n / n).floor(), (n / 41).floor()
 
@@ -107,6 +112,9 @@ CASES = {
     "einsum products": (_einsum_products, lambda: _qkv() + [torch.randn(4, 4) * 3, torch.randn(4, 4)]),
     "bias added after a product": (_bias_added_after_a_product,
                                    lambda: _qkv() + [torch.randn(2, 5, 40) * 3, torch.randn(40, 40), torch.randn(40) * 30]),
+    # torch.where read as masked_fill: where's result has its operand's strides (x.T's), masked_fill's
+    # is contiguous, so a sum over it added in another order (last bit; a thirteenth fuzz round)
+    "where on a transpose": (_where_on_a_transpose, lambda: _qkv() + [torch.randn(64, 64) * 3]),
     "division floors": (_division_floors, lambda: _qkv() + [torch.arange(1, 2000, dtype=torch.float32)]),
     "cdist without mm": (_cdist_without_mm, lambda: _qkv() + [torch.randn(1, 40, 3) * 100 + 1000] * 2),
 }
