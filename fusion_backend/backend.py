@@ -421,10 +421,23 @@ def _warm_inductor_compile_pool() -> None:
     maybe_warm_pool()
 
 
+def _is_checkpoint(node: fx.Node) -> bool:
+    """A call of Dynamo's operator for code under `torch.utils.checkpoint` (its body the first argument)."""
+    return node.op == "call_function" and getattr(node.target, "__name__", None) == "tag_activation_checkpoint"
+
+
+def _has_checkpoints(gm: fx.GraphModule) -> bool:
+    return any(_is_checkpoint(n) for n in gm.graph.nodes)
+
+
 def _inner_compile(gm: fx.GraphModule, example_inputs: List[Any], options: Options) -> Callable:
-    if options.inner == "eager":
+    # A graph with checkpointed code goes through AOTAutograd even with inner="eager": run as it
+    # is, Dynamo's checkpoint operator recomputes its body in the backward without the forward's
+    # random state, so dropout there got other masks than the forward's, and wrong gradients
+    # (Dynamo's own backend="eager" does the same; pytorch/pytorch#160773)
+    if options.inner == "eager" and not _has_checkpoints(gm):
         return gm.forward
-    if options.inner == "aot_eager":
+    if options.inner in ("eager", "aot_eager"):
         from torch._dynamo.backends.registry import lookup_backend
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx

@@ -216,6 +216,46 @@ def test_explain_says_checkpointed_code_is_not_looked_into():
     report = fusion_backend.explain(outer, x, options=AGGRESSIVE_EAGER)
     assert "checkpoint" not in str(report), str(report)
 
+
+class _Checkpointed(torch.nn.Module):
+    """A module run under non-reentrant torch.utils.checkpoint, as HF's gradient checkpointing
+    runs each layer."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        return checkpoint(self.inner, x, use_reentrant=False)
+
+
+def test_checkpointed_dropout_gets_the_forwards_masks_in_the_backward():
+    """Dropout under a checkpoint: the backward must use the masks the forward drew. With
+    inner="eager", the graph ran as Dynamo made it, and Dynamo's checkpoint operator recomputed
+    its body without the forward's random state (pytorch/pytorch#160773): the gradients belonged
+    to other masks. Checked as a directional derivative of the dropped function, its masks fixed
+    by one seed."""
+    torch.manual_seed(0)
+    model = _Checkpointed(CausalSelfAttention(p=0.3)).train()
+    backend = fusion_backend.backend(strategy="aggressive", inner="eager", cache=False)
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    direction = torch.randn_like(x)
+    torch.manual_seed(5)
+    (grad,) = torch.autograd.grad(compiled(x).square().sum(), x)
+    eps = 1e-2
+    with torch.no_grad():
+        torch.manual_seed(5)
+        plus = compiled(x + eps * direction).square().sum()
+        torch.manual_seed(5)
+        minus = compiled(x - eps * direction).square().sum()
+    numeric = (plus - minus) / (2 * eps)
+    analytic = (grad * direction).sum()
+    assert abs(numeric - analytic) < 1e-3 * max(1.0, abs(analytic)), (numeric, analytic)
+    torch._dynamo.reset()
+
+
 def test_first_call_inside_eager_checkpoint_of_a_compiled_block_trains():
     """A compiled block called for the first time inside eager non-reentrant checkpointing
     (checkpoint(compiled, x), or checkpoint_wrapper around a compiled block) compiles there, under
