@@ -306,6 +306,14 @@ def case_deepseek_v3():
     return model, (_ids(1), am), am[..., None].float(), 2
 
 
+def case_llama_checkpointed():
+    """Llama with gradient_checkpointing_enable(): every layer under torch.utils.checkpoint, whose
+    bodies truthfuse fuses inside (the checkpoint recomputes the fused ops in the backward)."""
+    model, inputs, loss_mask, fused = case_llama()
+    model.lm.gradient_checkpointing_enable()
+    return model, inputs, loss_mask, fused
+
+
 def case_inplace_mlp():
     return InplaceNextToMLP(), (torch.randn(2, T, WIDTH),), None, 1
 
@@ -313,7 +321,8 @@ def case_inplace_mlp():
 CASES = {"gpt2": case_gpt2, "llama": case_llama, "mpt": case_mpt, "falcon_alibi": case_falcon_alibi,
          "gemma2": case_gemma2, "bloom": case_bloom, "t5": case_t5, "bert": case_bert, "swinv2": case_swinv2, "sam": case_sam, "led": case_led, "filled_rows": case_filled_rows,
          "nemotron": case_nemotron, "gpt_oss": case_gpt_oss, "deepseek_v3": case_deepseek_v3,
-         "inplace_mlp": case_inplace_mlp, "written_out": case_written_out}
+         "inplace_mlp": case_inplace_mlp, "written_out": case_written_out,
+         "llama_checkpointed": case_llama_checkpointed}
 
 
 def _run(model, inputs, weight, amp=False):

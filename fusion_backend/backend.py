@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from .canonicalize import UnsafeRewrite, canonical_copy, tanh_gelus_with_runtime_constant
-from .canonicalize.passes import WITHOUT_GRAD
+from .canonicalize.passes import MODE_REGION, WITHOUT_GRAD
 from .match import all_rules, find_sites
 from .match.sites import Site, source_location
 from .ops.feedforward import replayed_as_cuda_graphs
@@ -135,6 +135,21 @@ class TruthfuseBackend:
         return canon, sites
 
     def _rewrite(self, gm: fx.GraphModule, example_inputs: List[Any], record: GraphRecord) -> fx.GraphModule:
+        checkpointed: List[GraphRecord] = []  # the records of checkpointed bodies (`_fuse_in_checkpoints`)
+        rewritten = self._rewrite_graph(gm, example_inputs, record, checkpointed)
+        for inner in checkpointed:
+            record.sites = inner.sites + record.sites
+            record.notes.extend(inner.notes)
+            record.measurements += inner.measurements
+            record.plans_evaluated += inner.plans_evaluated
+            record.tuning_seconds += inner.tuning_seconds
+            record.plan.update(inner.plan)
+            record.site_notes.update(inner.site_notes)
+            record.excluded.update(inner.excluded)
+        return rewritten
+
+    def _rewrite_graph(self, gm: fx.GraphModule, example_inputs: List[Any], record: GraphRecord,
+                       checkpointed: List[GraphRecord]) -> fx.GraphModule:
         # Named by the graph's code, not by its place among this backend's graphs: the same graph
         # compiled after others (a train graph first in one run, not in the next) keeps its site
         # ids, which the tuning cache keys on, and different models' sites do not share ids.
@@ -148,13 +163,7 @@ class TruthfuseBackend:
         except Exception as exc:  # noqa: BLE001 -- analysis must never break compilation
             warnings.warn(f"truthfuse: graph analysis failed, compiling unchanged: {exc}", FusionWarning)
             return gm
-        if any(n.op == "call_function" and getattr(n.target, "__name__", None) == "tag_activation_checkpoint"
-               for n in canon.graph.nodes):
-            # explain() read "no attention or feed-forward site was found" for a model whose every
-            # layer is checkpointed (HF's gradient_checkpointing_enable()), as if it had none
-            record.notes.append("code under torch.utils.checkpoint (HF's gradient_checkpointing_enable() puts every "
-                                "layer there) is not looked into: nothing inside it fuses; turn checkpointing off to "
-                                "fuse those blocks")
+        self._fuse_in_checkpoints(gm, canon, record, checkpointed)
         bucket_bytes = _ddp_optimizer_piece()
         if bucket_bytes is not None:
             # explain() of a compiled DistributedDataParallel model listed "N graph(s)" and no
@@ -242,6 +251,45 @@ class TruthfuseBackend:
             elif not d.reason:
                 d.reason = _with_note(_keep_reason(site, candidates, fused_ids, record), record.site_notes.get(site.id))
         return canon
+
+    def _fuse_in_checkpoints(self, gm: fx.GraphModule, canon: fx.GraphModule, record: GraphRecord,
+                             checkpointed: List[GraphRecord]) -> None:
+        """Fuse inside the bodies of activation-checkpointed code (`torch.utils.checkpoint`; HF's
+        gradient_checkpointing_enable() puts every layer there). Dynamo passes each body as a
+        graph of its own, called by a higher-order op; each goes through this pipeline as a graph
+        (its sites tuned on stand-ins of its inputs' example values) and its rewritten version
+        replaces it in both `gm` and `canon`, so the checkpoint still recomputes the body, fused
+        ops included, in the backward. The bodies' records join this graph's (`_rewrite`)."""
+        plain_modes = (torch.is_grad_enabled(), (), ())
+        for node in canon.graph.nodes:
+            if not _is_checkpoint(node):
+                continue
+            body_node = node.args[0] if node.args else None
+            name = body_node.target if isinstance(body_node, fx.Node) and body_node.op == "get_attr" else None
+            body = getattr(canon, name, None) if isinstance(name, str) else None
+            if not isinstance(body, fx.GraphModule):
+                continue
+            if node.meta.get(MODE_REGION, plain_modes) != plain_modes or node.meta.get(WITHOUT_GRAD):
+                # the body's own graph does not show the block it runs in, so a replacement
+                # traced there would compute under other modes than eager does
+                record.notes.append(f"the checkpointed code at {source_location(node)} runs inside a no_grad(), "
+                                    "inference_mode() or autocast block of the compiled code, and is not looked into: "
+                                    "nothing inside it fuses")
+                continue
+            inputs = [n.meta.get("example_value", n.meta.get("val")) for n in body.graph.nodes if n.op == "placeholder"]
+            if any(value is None for value in inputs):
+                record.notes.append(f"the checkpointed code at {source_location(node)} carries no example values, "
+                                    "and is not looked into: nothing inside it fuses")
+                continue
+            inner = GraphRecord(index=record.index)
+            rewritten = self._rewrite(body, inputs, inner)
+            if self._kernel_compiles is not None:  # the body's compile-ahead, before the graph's own
+                pending, self._kernel_compiles = self._kernel_compiles, None
+                pending.wait()
+            checkpointed.append(inner)
+            if rewritten is not body:
+                setattr(canon, name, rewritten)
+                setattr(gm, name, rewritten)
 
     def _decide(self, gm, gm_canon, example_inputs, candidates: List[Site], record: GraphRecord,
                 built: Dict[tuple, tuple]) -> Dict[str, str]:

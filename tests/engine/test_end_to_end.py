@@ -197,26 +197,6 @@ def test_explain_says_when_dynamo_handed_over_no_graph():
 
 
 
-def test_explain_says_checkpointed_code_is_not_looked_into():
-    """A model whose attention runs under torch.utils.checkpoint (HF's gradient checkpointing)
-    gave "no attention or feed-forward site was found", as if it had none; the report now says
-    the checkpointed code was not looked into, and still finds the attention outside it."""
-    from torch.utils.checkpoint import checkpoint
-
-    inner, outer = CausalSelfAttention(), CausalSelfAttention()
-
-    def model(x):
-        return outer(checkpoint(inner, x, use_reentrant=False))
-
-    x = torch.randn(2, 8, 32, requires_grad=True)
-    report = fusion_backend.explain(model, x, options=AGGRESSIVE_EAGER)
-    assert [s.decision for s in report.sites] == ["fused"], str(report)
-    assert "note: code under torch.utils.checkpoint" in str(report), str(report)
-    torch._dynamo.reset()
-    report = fusion_backend.explain(outer, x, options=AGGRESSIVE_EAGER)
-    assert "checkpoint" not in str(report), str(report)
-
-
 class _Checkpointed(torch.nn.Module):
     """A module run under non-reentrant torch.utils.checkpoint, as HF's gradient checkpointing
     runs each layer."""
@@ -230,15 +210,60 @@ class _Checkpointed(torch.nn.Module):
         return checkpoint(self.inner, x, use_reentrant=False)
 
 
-def test_checkpointed_dropout_gets_the_forwards_masks_in_the_backward():
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_checkpointed_code_fuses_and_is_still_recomputed(inner, monkeypatch):
+    """Code under torch.utils.checkpoint (HF's gradient_checkpointing_enable() puts every layer
+    there) reaches truthfuse as the body of Dynamo's checkpoint operator, which the rules did not
+    look into: nothing in a model whose every layer is checkpointed fused. Each body now goes
+    through the pipeline: its sites are reported and fused, results equal eager's, and the
+    checkpoint still recomputes the body in the backward (the fused attention op runs twice a
+    training step: forward and recomputation)."""
+    attention = sys.modules["fusion_backend.ops.attention"]
+    calls = []
+    forward = attention._fwd_impl
+    monkeypatch.setattr(attention, "_fwd_impl", lambda *args: calls.append(1) or forward(*args))
+    model = torch.nn.Sequential(_Checkpointed(Block()), _Checkpointed(Block()))
+    x = torch.randn(2, 8, 32)
+    options = {**AGGRESSIVE_EAGER, "inner": inner}
+    report = fusion_backend.explain(model, x.requires_grad_(), options=options)
+    assert sorted((s.kind, s.decision) for s in report.sites) == [("attention", "fused")] * 2 + \
+        [("feedforward", "fused")] * 2, str(report)
+    assert "checkpoint" not in str(report), str(report)  # no note: nothing was left unlooked
+    torch._dynamo.reset()
+    calls.clear()
+    _compare_training(model, torch.compile(model, backend="truthfuse", options=options), x)
+    assert len(calls) == 4, calls  # 2 layers, each forward and recomputed
+    torch._dynamo.reset()
+
+
+def test_checkpointed_code_inside_an_autocast_block_is_not_looked_into():
+    """A checkpoint called inside an autocast block of the compiled code: the body's own graph does
+    not show that block, so a replacement traced there would compute under other modes than eager.
+    Such a body is kept whole, and explain() says so; the same layer outside the block fuses."""
+    layer = _Checkpointed(CausalSelfAttention())
+    outside = CausalSelfAttention()
+
+    def model(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        return outside(y.float())
+
+    report = fusion_backend.explain(model, torch.randn(2, 8, 32, requires_grad=True), options=AGGRESSIVE_EAGER)
+    assert [(s.kind, s.decision) for s in report.sites] == [("attention", "fused")], str(report)
+    assert "runs inside a no_grad(), inference_mode() or autocast block" in str(report), str(report)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("strategy", ["conservative", "aggressive"])
+def test_checkpointed_dropout_gets_the_forwards_masks_in_the_backward(strategy):
     """Dropout under a checkpoint: the backward must use the masks the forward drew. With
     inner="eager", the graph ran as Dynamo made it, and Dynamo's checkpoint operator recomputed
     its body without the forward's random state (pytorch/pytorch#160773): the gradients belonged
-    to other masks. Checked as a directional derivative of the dropped function, its masks fixed
-    by one seed."""
+    to other masks, whether the site was kept (torch's dropout) or fused (the op's Philox seed).
+    Checked as a directional derivative of the dropped function, its masks fixed by one seed."""
     torch.manual_seed(0)
     model = _Checkpointed(CausalSelfAttention(p=0.3)).train()
-    backend = fusion_backend.backend(strategy="aggressive", inner="eager", cache=False)
+    backend = fusion_backend.backend(strategy=strategy, inner="eager", cache=False)
     compiled = torch.compile(model, backend=backend)
     x = torch.randn(2, 8, 32, requires_grad=True)
     direction = torch.randn_like(x)
@@ -253,6 +278,8 @@ def test_checkpointed_dropout_gets_the_forwards_masks_in_the_backward():
     numeric = (plus - minus) / (2 * eps)
     analytic = (grad * direction).sum()
     assert abs(numeric - analytic) < 1e-3 * max(1.0, abs(analytic)), (numeric, analytic)
+    fused = [s.decision for r in backend.records for s in r.sites]
+    assert fused and set(fused) == {"fused" if strategy == "aggressive" else "kept"}, fused
     torch._dynamo.reset()
 
 

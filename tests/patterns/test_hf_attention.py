@@ -76,6 +76,21 @@ def test_hf_attention(arch, impl, padded):
     assert_matches_eager(model, *args, grad_inputs=False, loss_mask=loss_mask, atol=2e-5, rtol=2e-4)
 
 
+@pytest.mark.parametrize("arch, impl, rule", [("gpt2", "eager", "attention.dot"),
+                                              ("llama", "sdpa", "attention.sdpa_repeat_kv")])
+def test_hf_gradient_checkpointing(arch, impl, rule):
+    """gradient_checkpointing_enable() runs every layer under torch.utils.checkpoint; the layer's
+    attention fuses inside it (the causal mask, computed outside the checkpoint, reaches the body
+    as a float mask input), and training equals eager."""
+    torch.manual_seed(0)
+    lm = (_gpt2 if arch == "gpt2" else _llama)(impl)
+    lm.gradient_checkpointing_enable()
+    model = Logits(lm).train()
+    ids = torch.randint(0, VOCAB, (2, T))
+    assert_fused(model, ids, variant="dot", rule=rule, count=1)
+    assert_matches_eager(model, ids, grad_inputs=False, atol=2e-5, rtol=2e-4)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_hf_attention_inference(arch):
     torch.manual_seed(0)
