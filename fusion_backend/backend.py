@@ -261,15 +261,17 @@ class TruthfuseBackend:
         replaces it in both `gm` and `canon`, so the checkpoint still recomputes the body, fused
         ops included, in the backward. The bodies' records join this graph's (`_rewrite`)."""
         plain_modes = (torch.is_grad_enabled(), (), ())
+        calls: Dict[str, List[fx.Node]] = {}  # body name -> the calls of it (one, as Dynamo traces)
         for node in canon.graph.nodes:
-            if not _is_checkpoint(node):
-                continue
-            body_node = node.args[0] if node.args else None
-            name = body_node.target if isinstance(body_node, fx.Node) and body_node.op == "get_attr" else None
-            body = getattr(canon, name, None) if isinstance(name, str) else None
+            body_node = node.args[0] if _is_checkpoint(node) and node.args else None
+            if isinstance(body_node, fx.Node) and body_node.op == "get_attr" and isinstance(body_node.target, str):
+                calls.setdefault(body_node.target, []).append(node)
+        for name, nodes in calls.items():
+            body = getattr(canon, name, None)
             if not isinstance(body, fx.GraphModule):
                 continue
-            if node.meta.get(MODE_REGION, plain_modes) != plain_modes or node.meta.get(WITHOUT_GRAD):
+            node = nodes[0]
+            if any(n.meta.get(MODE_REGION, plain_modes) != plain_modes or n.meta.get(WITHOUT_GRAD) for n in nodes):
                 # the body's own graph does not show the block it runs in, so a replacement
                 # traced there would compute under other modes than eager does
                 record.notes.append(f"the checkpointed code at {source_location(node)} runs inside a no_grad(), "
