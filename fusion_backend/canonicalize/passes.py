@@ -1625,18 +1625,76 @@ def _erf_gelu_input(node: Node) -> Optional[Node]:
     return None
 
 
+class _Step(int):
+    """In a `_written_out` recipe: the value of an earlier step (-1: the recipe's input)."""
+
+
+def _written_out(x: Node, out: Node) -> tuple:
+    """The nodes that compute `out` from `x` (a written-out activation: each used once, so they are
+    `out`'s own), in graph order, as a recipe of (op, target, args, kwargs, marks) steps whose
+    arguments name earlier steps by `_Step`; marks are the canonical meta that `restore_spellings`
+    reads (a division, folded factors, a respelling). Plain values, so that copies of the graph
+    carry them as they are. `restore_spellings` rebuilds them where no fused site took the
+    activation."""
+    own, stack = set(), [out]
+    while stack:
+        n = stack.pop()
+        if n is x or n in own:
+            continue
+        own.add(n)
+        stack.extend(n.all_input_nodes)
+    index = {x: _Step(-1)}
+    steps = []
+    for n in out.graph.nodes:
+        if n in own:
+            marks = {k: n.meta[k] for k in (DIVIDED_BY, FOLDED, RESPELLED) if k in n.meta}
+            if isinstance(marks.get(DIVIDED_BY), Node):
+                marks.pop(DIVIDED_BY)  # a tensor divisor is not a GELU's; the product stays
+            steps.append((n.op, n.target, fx.node.map_arg(n.args, index.__getitem__),
+                          fx.node.map_arg(n.kwargs, index.__getitem__), marks))
+            index[n] = _Step(len(steps) - 1)
+    return tuple(steps)
+
+
+def _rebuilt(graph: fx.Graph, node: Node, steps: tuple, x: Node) -> Node:
+    """The `_written_out` recipe's nodes from x, placed before `node` with its meta (trace, modes)
+    and each step's marks; returns the last."""
+    values: List[Node] = []
+
+    def value(a: Any) -> Any:
+        return (x if a == -1 else values[a]) if isinstance(a, _Step) else a
+
+    for op, target, args, kwargs, marks in steps:
+        args = tuple(_map_values(a, value) for a in args)
+        kwargs = {k: _map_values(v, value) for k, v in kwargs.items()}
+        with graph.inserting_before(node):
+            new = graph.create_node(op, target, args, kwargs)
+        new.meta.update({k: v for k, v in node.meta.items() if k not in ("example_value", "val", RESPELLED)})
+        new.meta.update(marks)
+        values.append(new)
+    return values[-1]
+
+
+def _map_values(a: Any, fn: Callable) -> Any:
+    if isinstance(a, (tuple, list)):
+        return type(a)(_map_values(b, fn) for b in a)
+    return fn(a)
+
+
 def _fold_tanh_gelu(rw: _Rewriter) -> None:
     """The written-out tanh GELU becomes F.gelu(x, approximate="tanh"), and the written-out exact
-    (erf) GELU F.gelu(x): the same functions."""
+    (erf) GELU F.gelu(x): the same functions. Their roundings differ in the last bit, and under
+    CUDA autocast so do their dtypes (x ** 3 computes in fp32 there, F.gelu in bf16): the
+    written-out nodes are kept in RESPELLED, to be put back where no site takes the GELU."""
     for node in list(rw.graph.nodes):
         if node in rw.graph.nodes:
-            x = _tanh_gelu_input(node)
-            if x is not None and is_tensor_node(x):
-                rw.replace(node, F.gelu, (x,), {"approximate": "tanh"})
-                continue
-            x = _erf_gelu_input(node)
-            if x is not None and is_tensor_node(x):
-                rw.replace(node, F.gelu, (x,), {"approximate": "none"})
+            for find, approximate in ((_tanh_gelu_input, "tanh"), (_erf_gelu_input, "none")):
+                x = find(node)
+                if x is not None and is_tensor_node(x):
+                    written = _written_out(x, node)
+                    rw.replace(node, F.gelu, (x,), {"approximate": approximate}).meta[RESPELLED] = \
+                        ("written out", written)
+                    break
 
 
 def tanh_gelus_with_runtime_constant(graph: fx.Graph) -> list:
@@ -1760,7 +1818,9 @@ FOLDED = "truthfuse_folded"
 RESPELLED = "truthfuse_respelled"
 """Node meta key: on a canonical node that the user spelled otherwise, how: "x * x" on
 `torch.pow(x, 2)`, ("dtype", d) on the `torch.softmax` of a `softmax(x, dim, dtype=d)`,
-("baddbmm", beta, alpha) on the sum a baddbmm became (its rounding in 16-bit floats). CUDA
+("baddbmm", beta, alpha) on the sum a baddbmm became (its rounding in 16-bit floats), ("written
+out", recipe) on the `F.gelu` of a GELU written out (`_written_out`: its rounding, and pow's fp32
+under CUDA autocast). CUDA
 autocast treats the spellings apart (pow and a softmax without dtype= compute in fp32, x * x and
 softmax(x, dtype=bf16) in bf16), so outside the fused sites they are put back
 (`restore_spellings`)."""
@@ -1834,9 +1894,10 @@ def _divisor(node: Node) -> Any:
 def restore_spellings(graph: fx.Graph) -> int:
     """Put back what the user wrote wherever no fused site took the canonical node: `x / s` for
     `x * (1/s)` (they may differ in the last bit, which a floor or a comparison after them can
-    show), `x * x` for `x ** 2` and softmax's dtype= (result dtypes under CUDA autocast, `RESPELLED`).
-    Returns how many."""
+    show), `x * x` for `x ** 2` and softmax's dtype= (result dtypes under CUDA autocast), and the
+    others `RESPELLED` lists. Returns how many."""
     restored = 0
+    rebuilt = False
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
@@ -1885,6 +1946,13 @@ def restore_spellings(graph: fx.Graph) -> int:
                 batch1 = example_value(args[1])
                 if isinstance(batch1, torch.Tensor):
                     args[0].meta["example_value"] = batch1.new_zeros(())
+        elif isinstance(respelled, tuple) and respelled[0] == "written out" and node.target is F.gelu and \
+                node.args and isinstance(node.args[0], Node):
+            node.replace_all_uses_with(_rebuilt(graph, node, respelled[1], node.args[0]))
+            graph.erase_node(node)
+            restored += 1
+            rebuilt = True  # its nodes may carry spellings of their own: a second pass puts them back
+            continue
         else:
             continue
         with graph.inserting_before(node):
@@ -1893,6 +1961,8 @@ def restore_spellings(graph: fx.Graph) -> int:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         restored += 1
+    if rebuilt:
+        restored += restore_spellings(graph)
     return restored  # the reciprocals left unused go with the caller's dead-code pass
 
 

@@ -4,6 +4,7 @@ rounding changes the user's results outside any site (cases a session-18 fuzz fo
 function has one fusable attention beside the code in question; compiled, it equals eager: the
 same dtypes and the same values (divisions and floors included)."""
 import copy
+import math
 import operator
 
 import pytest
@@ -444,3 +445,32 @@ def test_heads_in_the_batch_inside_an_autocast_block_compute_as_eager(outside, e
     assert got.dtype == eager.dtype == (torch.bfloat16 if enabled else torch.float32)
     err_eager, err_got = ((t.double() - ref).abs().max() / ref.abs().max() for t in (eager, got))
     assert err_got <= 3 * err_eager + 1e-6, (float(err_got), float(err_eager))
+
+
+def _written_out_gelus(q, k, v, x):
+    y = x * 1.7
+    tanh_gelu = 0.5 * y * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (y + 0.044715 * torch.pow(y, 3.0))))
+    erf_gelu = 0.5 * y * (1.0 + torch.erf(y / math.sqrt(2.0)))
+    return _site(q, k, v), tanh_gelu, erf_gelu
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, "autocast"])
+def test_a_written_out_gelu_no_site_took_computes_as_written(dtype):
+    """GELUs written out (HF's gelu_new with tanh and pow, gelu_python with erf) are read as
+    F.gelu so that feed-forward rules match them; beside a fused site with no feed-forward site
+    taking them, they are put back as written: F.gelu rounds otherwise (the erf form was 7e-7 off
+    eager in fp32 and off in the last bit under CPU autocast), and under CUDA autocast x ** 3
+    computes in fp32 where F.gelu keeps bf16."""
+    import contextlib
+    torch.manual_seed(0)
+    cast = torch.float32 if dtype == "autocast" else dtype
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "autocast" else contextlib.nullcontext
+    inputs = _qkv() + [(torch.randn(2, 5, 16) * 3).to(cast)]
+    with ctx():
+        assert _fused_kinds(_written_out_gelus, *inputs) == ["attention"]
+        want = _written_out_gelus(*inputs)
+        got = torch.compile(_written_out_gelus, backend="truthfuse", options=OPTIONS)(*inputs)
+    torch._dynamo.reset()
+    for a, b in zip(got[1:], want[1:]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
