@@ -176,11 +176,18 @@ def test_a_baddbmm_no_site_took_rounds_once(dtype, fn):
     product to 16 bits before the sum, which was up to one bf16 step (1.0 near 100) off eager's
     single rounding, in fp16 and bf16 and under CPU autocast; with beta=0, matmul * alpha likewise
     (a thirteenth fuzz round)."""
+    _as_eager_beside_a_site(fn, dtype, [(2, 3, 3), (2, 3, 40), (2, 40, 3)])
+
+
+def _as_eager_beside_a_site(fn, dtype, shapes):
+    """fn(q, k, v, *xs) (xs drawn at `shapes`, in dtype, or fp32 under CPU autocast to bf16 for
+    "autocast") fuses its attention site only, and its other results equal eager's bit for bit,
+    in eager's dtypes."""
     import contextlib
     torch.manual_seed(0)
     cast = torch.float32 if dtype == "autocast" else dtype
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "autocast" else contextlib.nullcontext
-    inputs = _qkv() + [(torch.randn(*s) * 3).to(cast) for s in ((2, 3, 3), (2, 3, 40), (2, 40, 3))]
+    inputs = _qkv() + [(torch.randn(*s) * 3).to(cast) for s in shapes]
     with ctx():
         assert _fused_kinds(fn, *inputs) == ["attention"]
         want = fn(*inputs)
@@ -461,16 +468,4 @@ def test_a_written_out_gelu_no_site_took_computes_as_written(dtype):
     taking them, they are put back as written: F.gelu rounds otherwise (the erf form was 7e-7 off
     eager in fp32 and off in the last bit under CPU autocast), and under CUDA autocast x ** 3
     computes in fp32 where F.gelu keeps bf16."""
-    import contextlib
-    torch.manual_seed(0)
-    cast = torch.float32 if dtype == "autocast" else dtype
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "autocast" else contextlib.nullcontext
-    inputs = _qkv() + [(torch.randn(2, 5, 16) * 3).to(cast)]
-    with ctx():
-        assert _fused_kinds(_written_out_gelus, *inputs) == ["attention"]
-        want = _written_out_gelus(*inputs)
-        got = torch.compile(_written_out_gelus, backend="truthfuse", options=OPTIONS)(*inputs)
-    torch._dynamo.reset()
-    for a, b in zip(got[1:], want[1:]):
-        assert a.dtype == b.dtype
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    _as_eager_beside_a_site(_written_out_gelus, dtype, [(2, 5, 16)])
