@@ -134,12 +134,13 @@ class TruthfuseBackend:
         sites = find_sites(canon.graph, self._rules(), graph_id)
         return canon, sites
 
-    def _rewrite(self, gm: fx.GraphModule, example_inputs: List[Any], record: GraphRecord) -> fx.GraphModule:
+    def _rewrite(self, gm: fx.GraphModule, example_inputs: List[Any], record: GraphRecord,
+                 checkpoint_body: bool = False) -> fx.GraphModule:
         checkpointed: List[GraphRecord] = []  # the records of checkpointed bodies (`_fuse_in_checkpoints`)
-        rewritten = self._rewrite_graph(gm, example_inputs, record, checkpointed)
+        rewritten = self._rewrite_graph(gm, example_inputs, record, checkpointed, checkpoint_body)
         for inner in checkpointed:
             record.sites = inner.sites + record.sites
-            record.notes.extend(inner.notes)
+            record.notes.extend(n for n in inner.notes if n not in record.notes)
             record.measurements += inner.measurements
             record.plans_evaluated += inner.plans_evaluated
             record.tuning_seconds += inner.tuning_seconds
@@ -149,7 +150,7 @@ class TruthfuseBackend:
         return rewritten
 
     def _rewrite_graph(self, gm: fx.GraphModule, example_inputs: List[Any], record: GraphRecord,
-                       checkpointed: List[GraphRecord]) -> fx.GraphModule:
+                       checkpointed: List[GraphRecord], checkpoint_body: bool) -> fx.GraphModule:
         # Named by the graph's code, not by its place among this backend's graphs: the same graph
         # compiled after others (a train graph first in one run, not in the next) keeps its site
         # ids, which the tuning cache keys on, and different models' sites do not share ids.
@@ -238,7 +239,12 @@ class TruthfuseBackend:
                 d.reason = _with_note(d.reason or record.tuning_reason, record.site_notes.get(site.id))
             return gm
         apply_plan(canon, candidates, plan, built)
-        if self.options.monitor:
+        if self.options.monitor and checkpoint_body:
+            # the monitor's token is a buffer of the graph module, which AOTAutograd looks for
+            # among the model's own and does not find in a checkpoint's body: the compile failed
+            record.notes.append("fused sites under torch.utils.checkpoint are not monitored: metrics() lists none "
+                                "of them")
+        elif self.options.monitor:
             from .monitor import instrument
             instrument(canon, {s.id: s for s in candidates if s.id in fused_ids})
         for site in candidates:
@@ -284,7 +290,7 @@ class TruthfuseBackend:
                                     "and is not looked into: nothing inside it fuses")
                 continue
             inner = GraphRecord(index=record.index)
-            rewritten = self._rewrite(body, inputs, inner)
+            rewritten = self._rewrite(body, inputs, inner, checkpoint_body=True)
             if self._kernel_compiles is not None:  # the body's compile-ahead, before the graph's own
                 pending, self._kernel_compiles = self._kernel_compiles, None
                 pending.wait()

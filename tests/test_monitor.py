@@ -118,6 +118,29 @@ def test_calls_overlapping_on_two_threads_are_each_counted():
     assert fusion_backend.metrics()["g0.test.threads@x"]["calls"] == 2
 
 
+def test_monitor_with_checkpointed_sites_compiles_and_lists_the_others():
+    """A fused site inside torch.utils.checkpoint: the monitor's token, a buffer of the body's graph
+    module, failed AOTAutograd's lookup of the model's buffers and the compile raised. Such sites
+    are fused but not monitored (explain() says so); a site outside the checkpoint still is."""
+    from torch.utils.checkpoint import checkpoint
+
+    fusion_backend.reset_metrics()
+    torch.manual_seed(0)
+    inside, outside = TinyAttention(), TinyAttention()
+
+    def model(x):
+        return outside(checkpoint(inside, x, use_reentrant=False))
+
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    backend = fusion_backend.backend(**_options(monitor=True))
+    torch.compile(model, backend=backend)(x).square().mean().backward()
+    assert [s.decision for r in backend.records for s in r.sites] == ["fused", "fused"]
+    assert any("not monitored" in note for r in backend.records for note in r.notes)
+    stats = _site_metrics()
+    assert len(stats) == 1 and all(s["calls"] == 1 for s in stats.values()), stats
+    torch._dynamo.reset()
+
+
 def test_monitored_training_matches_unmonitored():
     torch.manual_seed(0)
     reference = TinyAttention()
