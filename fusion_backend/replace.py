@@ -192,6 +192,15 @@ def _check_output(site: Site, traced: fx.GraphModule) -> Optional[torch.dtype]:
         # or bool result cast to the site's float dtype gave values eager never computed
         raise ReplacementError(f"replacement's result is {value.dtype}, the matched result's {expected.dtype}: only "
                                "a floating result is cast back to a floating dtype")
+    if value.dtype != expected.dtype and torch.promote_types(value.dtype, expected.dtype) != value.dtype:
+        # a narrower result cast back has lost what eager's kept: a plain-PyTorch replacement of
+        # sum(x * s) on fp16 x, matched where the model upcasts x * s to fp32 before the sum (the
+        # matcher looks through that cast), summed in fp16 and returned inf where eager's fp32 sum
+        # of values near 1.5e5 was finite
+        raise ReplacementError(f"replacement's result is {value.dtype}, narrower than the matched result's "
+                               f"{expected.dtype}: casting it back would not restore the precision or range that eager's "
+                               f"{expected.dtype} result keeps (the model may cast up inside the site, which the "
+                               "matcher looks through); compute in at least the matched result's dtype")
     return expected.dtype if value.dtype != expected.dtype else None
 
 

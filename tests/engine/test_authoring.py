@@ -358,3 +358,35 @@ def test_rule_fields_of_the_wrong_type_are_refused_when_the_rule_is_made(field, 
               "replacement": scaled_gelu_replacement, field: value}
     with pytest.raises(TypeError, match=f"rule user.typed: {field}=.* {named}".replace("(", r"\(").replace(")", r"\)")):
         Rule(**kwargs)
+
+
+def test_a_replacement_whose_result_is_narrower_than_the_sites_keeps_it():
+    """The matcher looks through the model's fp16 -> fp32 cast between the pattern's two steps, so a
+    replacement written as its own pattern summed fp16 x * s in fp16: inf where eager's fp32 sum of
+    values near 1.5e5 is finite. A result narrower than the matched result's is not cast back."""
+    def pattern(x, s):
+        return torch.sum(torch.mul(x, s), -1)
+
+    def replacement(x, s):
+        return torch.sum(torch.mul(x, s), -1)
+
+    def fn(x):
+        return (x * 300).float().sum(-1)
+
+    reason = "replacement's result is torch.float16, narrower than the matched result's torch.float32"
+    register_rule(Rule(name="user.scaled_sum", kind="custom", pattern=pattern, replacement=replacement))
+    try:
+        x = (torch.rand(2, 512) + 0.5).half()
+        with pytest.warns(fusion_backend.FusionWarning, match=reason):
+            report = fusion_backend.explain(fn, x, options=AGGRESSIVE_EAGER)
+        site = [s for s in report.sites if s.rule == "user.scaled_sum"][0]
+        assert site.decision == "kept" and reason in site.reason, site
+        torch._dynamo.reset()
+        with pytest.warns(fusion_backend.FusionWarning, match=reason):
+            out = torch.compile(fn, backend=fusion_backend.backend(**AGGRESSIVE_EAGER))(x)
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        torch.testing.assert_close(out, fn(x))
+    finally:
+        unregister_rule("user.scaled_sum")
+        torch._dynamo.reset()
+
