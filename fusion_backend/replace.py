@@ -204,9 +204,37 @@ def _check_output(site: Site, traced: fx.GraphModule) -> Optional[torch.dtype]:
     return expected.dtype if value.dtype != expected.dtype else None
 
 
+def _written_input(traced: fx.GraphModule) -> Optional[str]:
+    """The name of a tensor input that the traced replacement writes in place (directly or through
+    a view of it), or None. The input is a value of the model's graph, read after the site by eager
+    code (or the caller's own tensor): a replacement scaling q with `q.mul_(s)` changed the
+    compiled model's output and the caller's input."""
+    names = dict(zip((n for n in traced.graph.nodes if n.op == "placeholder"), traced.tensor_names))
+    alias_of = {n: name for n, name in names.items()}
+    for node in traced.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is None:
+            continue
+        for i, arg in enumerate(schema.arguments):
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for v in values:
+                if not isinstance(v, Node) or v not in alias_of or arg.alias_info is None:
+                    continue
+                if arg.alias_info.is_write:
+                    return alias_of[v]
+                if any(r.alias_info is not None for r in schema.returns):  # a view of the input
+                    alias_of[node] = alias_of[v]
+    return None
+
+
 def build_replacement(site: Site, config: Optional[str]) -> tuple:
     """Trace and check a site's replacement without touching the target graph."""
     traced = trace_replacement(site, config)
+    written = _written_input(traced)
+    if written is not None:
+        raise ReplacementError(f"the replacement writes its input {written} in place, which the graph (or the "
+                               "caller) still reads as eager computed it; write to a copy")
     cast = _check_output(site, traced)
     expected = site.match.output
     if torch.is_grad_enabled() and expected.requires_grad and traced.result_requires_grad is False:

@@ -390,3 +390,38 @@ def test_a_replacement_whose_result_is_narrower_than_the_sites_keeps_it():
         unregister_rule("user.scaled_sum")
         torch._dynamo.reset()
 
+
+@pytest.mark.parametrize("write", ["direct", "through_a_view"])
+def test_a_replacement_writing_its_input_in_place_keeps_its_site(write):
+    """A replacement scaling its input in place (x.mul_(s), to save a copy) was spliced into the
+    graph as written: the compiled model's output was off (x read after the site saw x * s) and the
+    caller's tensor was changed."""
+    def pattern(x, s):
+        return torch.tanh(torch.mul(x, s))
+
+    def replacement(x, s):
+        if write == "direct":
+            return torch.tanh(x.mul_(s))
+        x.view(-1).mul_(s)
+        return torch.tanh(x)
+
+    def fn(x):
+        return torch.tanh(x * 3.0) + x
+
+    reason = "the replacement writes its input x in place"
+    register_rule(Rule(name="user.tanh_scaled", kind="custom", pattern=pattern, replacement=replacement))
+    try:
+        x = torch.randn(4, 5)
+        with pytest.warns(fusion_backend.FusionWarning, match=reason):
+            report = fusion_backend.explain(fn, x.clone(), options=AGGRESSIVE_EAGER)
+        site = [s for s in report.sites if s.rule == "user.tanh_scaled"][0]
+        assert site.decision == "kept" and reason in site.reason, site
+        torch._dynamo.reset()
+        xc = x.clone()
+        with pytest.warns(fusion_backend.FusionWarning, match=reason):
+            out = torch.compile(fn, backend=fusion_backend.backend(**AGGRESSIVE_EAGER))(xc)
+        torch.testing.assert_close(out, fn(x))
+        assert torch.equal(xc, x)
+    finally:
+        unregister_rule("user.tanh_scaled")
+        torch._dynamo.reset()
