@@ -44,17 +44,37 @@ def guard_equal(a: Any, b: Any) -> bool:
     return False
 
 
+def _reads(check, *names: str):
+    """Mark a helper's constraint with the wildcards it reads: Rule() refuses one that names a
+    wildcard its pattern lacks (a typo), which the constraint would otherwise read as absent and
+    pass at every site."""
+    check.wildcards = names
+    return check
+
+
+def _unknown(m: Match, *names: str) -> Optional[str]:
+    """A reason where the match has no wildcard of one of `names` (a constraint given to another
+    rule than it was checked against at Rule()), so that it keeps the site rather than pass it."""
+    missing = [n for n in names if n not in m.values]
+    if missing:
+        return (f"the constraint reads wildcard {missing[0]!r}, which the pattern does not have "
+                f"(its wildcards: {', '.join(sorted(m.values))})")
+    return None
+
+
 def dtype_in(name: str, dtypes: Iterable[torch.dtype]):
     """The wildcard's tensor has one of `dtypes`."""
     allowed = tuple(dtypes)
 
     def check(m: Match) -> Optional[str]:
+        if (unknown := _unknown(m, name)):
+            return unknown
         v = m.values.get(name)
         if isinstance(v, torch.Tensor) and v.dtype not in allowed:
             return f"{name} has dtype {v.dtype}; supported: {', '.join(str(d) for d in allowed)}"
         return None
     check.__name__ = f"dtype_in({name})"
-    return check
+    return _reads(check, name)
 
 
 def plain_tensors(m: Match) -> Optional[str]:
@@ -72,28 +92,34 @@ def plain_tensors(m: Match) -> Optional[str]:
 def same_device(*names: str):
     """All the named tensors live on one device."""
     def check(m: Match) -> Optional[str]:
+        if (unknown := _unknown(m, *names)):
+            return unknown
         devices = {m.values[n].device for n in names if isinstance(m.values.get(n), torch.Tensor)}
         if len(devices) > 1:
             return f"{', '.join(names)} are on different devices: {sorted(map(str, devices))}"
         return None
     check.__name__ = "same_device"
-    return check
+    return _reads(check, *names)
 
 
 def rank_is(name: str, *ranks: int):
     """The wildcard's tensor has one of the given ranks."""
     def check(m: Match) -> Optional[str]:
+        if (unknown := _unknown(m, name)):
+            return unknown
         v = m.values.get(name)
         if isinstance(v, torch.Tensor) and v.dim() not in ranks:
             return f"{name} is {v.dim()}-D; expected {' or '.join(map(str, ranks))}-D"
         return None
     check.__name__ = f"rank_is({name})"
-    return check
+    return _reads(check, name)
 
 
 def dims_equal(a: str, dim_a: int, b: str, dim_b: int):
     """size(a, dim_a) == size(b, dim_b) for every shape the graph accepts."""
     def check(m: Match) -> Optional[str]:
+        if (unknown := _unknown(m, a, b)):
+            return unknown
         va, vb = m.values.get(a), m.values.get(b)
         if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)):
             return None
@@ -102,7 +128,7 @@ def dims_equal(a: str, dim_a: int, b: str, dim_b: int):
             return f"cannot prove {a}.size({dim_a}) == {b}.size({dim_b}) ({sa} vs {sb})"
         return None
     check.__name__ = f"dims_equal({a},{b})"
-    return check
+    return _reads(check, a, b)
 
 
 def is_scalar_like(value: Any, per_head: Optional[int] = None, rank: int = 4) -> bool:

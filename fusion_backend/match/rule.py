@@ -135,6 +135,15 @@ class Rule:
         if callable(self.constraints) or not isinstance(self.constraints, (list, tuple)) or not all(
                 callable(c) for c in self.constraints):
             bad("constraints", "a list of functions of a Match (a single function goes in a list)")
+        for c in self.constraints:
+            # a helper's constraint (dtype_in, rank_is, dims_equal, same_device) naming a wildcard
+            # the pattern lacks read it as absent and passed every site: a typo'd dtype_in("X", ...)
+            # let an fp64 site through to a replacement that computes in fp32
+            unknown = [n for n in getattr(c, "wildcards", ()) if n not in params]
+            if unknown:
+                raise ValueError(f"rule {self.name}: constraint {getattr(c, '__name__', c)} reads wildcard "
+                                 f"{unknown[0]!r}, which the pattern does not have; its wildcards are "
+                                 f"{', '.join(sorted(params))}")
         if self.variant is not None and not isinstance(self.variant, str) and not callable(self.variant):
             bad("variant", "None, a string or a function of a Match")
         if not isinstance(self.exact, bool) and not callable(self.exact):

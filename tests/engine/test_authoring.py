@@ -391,6 +391,25 @@ def test_a_replacement_whose_result_is_narrower_than_the_sites_keeps_it():
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("helper", [
+    lambda: fusion_backend.dtype_in("X", [torch.float32]),
+    lambda: fusion_backend.rank_is("xx", 2),
+    lambda: dims_equal("x", -1, "W", -1),
+    lambda: fusion_backend.same_device("x", "bias"),
+], ids=["dtype_in", "rank_is", "dims_equal", "same_device"])
+def test_a_helper_constraint_naming_a_wildcard_the_pattern_lacks_is_refused(helper):
+    """A typo'd wildcard in a helper (dtype_in("X", ...) for x) read as an absent one and passed at
+    every site: a rule meant for fp32 fused an fp64 model through its fp32 replacement, 1e-7 off
+    eager. Rule() names it; a rule whose constraints are swapped after that keeps its sites."""
+    with pytest.raises(ValueError, match=r"reads wildcard '(X|xx|W|bias)', which the pattern does not have; "
+                                         r"its wildcards are b, w, x"):
+        _misbehaving_rule("typo", lambda x, w, b: F.gelu(F.linear(x.float(), w.float(), b.float())),
+                          constraints=[helper()])
+    rule = _misbehaving_rule("typo", lambda x, w, b: F.gelu(F.linear(x, w, b)))
+    rule.constraints = [helper()]
+    _kept_near_miss_with_eager_results(rule, "which the pattern does not have (its wildcards: b, w, x)")
+
+
 @pytest.mark.parametrize("write", ["direct", "through_a_view"])
 def test_a_replacement_writing_its_input_in_place_keeps_its_site(write):
     """A replacement scaling its input in place (x.mul_(s), to save a copy) was spliced into the
