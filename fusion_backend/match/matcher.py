@@ -12,9 +12,10 @@ from typing import Any, Dict, Iterator, Optional
 
 import torch
 import torch.fx as fx
+from torch.fx.operator_schemas import normalize_function
 
 from ..canonicalize import is_cast
-from ..canonicalize.passes import example_value
+from ..canonicalize.passes import CANONICAL_TARGETS, example_value
 from .pattern import OPTIONAL, PatternGraph
 
 Node = fx.Node
@@ -65,6 +66,22 @@ def _floating_cast(node: Node) -> bool:
     return node.args[1] in _FLOAT_DTYPES and (not isinstance(src, torch.Tensor) or src.dtype in _FLOAT_DTYPES)
 
 
+def _by_parameter(node: Node) -> Optional[Dict[str, Any]]:
+    """A call outside the canonical vocabulary as {parameter: argument}, defaults filled in, or None
+    when its signature cannot be read. Such calls reach the matcher as they were written, and the
+    two sides write them differently: F.layer_norm traced in a pattern passes weight, bias and eps
+    by keyword (its __torch_function__ dispatch does), while Dynamo records nn.LayerNorm's call
+    positionally, so no pattern could match it."""
+    if node.op != "call_function" or node.target in CANONICAL_TARGETS:
+        return None
+    try:
+        pair = normalize_function(node.target, tuple(node.args), dict(node.kwargs),
+                                  normalize_to_only_use_kwargs=True)
+    except Exception:  # noqa: BLE001 -- an unreadable signature: compare as written
+        return None
+    return None if pair is None else dict(pair.kwargs)
+
+
 class Matcher:
     """Finds alignments of one pattern graph at a given anchor node of a target graph."""
 
@@ -107,6 +124,12 @@ class Matcher:
         if pn.op != tn.op or pn.target != tn.target:
             return
         if set(pn.kwargs) != set(tn.kwargs) or len(pn.args) != len(tn.args):
+            # one call spelled with other keywords than the other: compare them by parameter
+            p_kw, t_kw = _by_parameter(pn), _by_parameter(tn)
+            if p_kw is None or t_kw is None or set(p_kw) != set(t_kw):
+                return
+            yield from self._sequence([p_kw[k] for k in sorted(p_kw)], [t_kw[k] for k in sorted(t_kw)],
+                                      al.extend(target=tn, pattern=pn))
             return
         al = al.extend(target=tn, pattern=pn)
         t_args = list(tn.args)

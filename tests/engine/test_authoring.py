@@ -444,3 +444,39 @@ def test_a_replacement_writing_its_input_in_place_keeps_its_site(write):
     finally:
         unregister_rule("user.tanh_scaled")
         torch._dynamo.reset()
+
+
+def test_a_pattern_calling_a_function_outside_the_canonical_vocabulary_matches_either_spelling():
+    """F.layer_norm traced in a pattern passes weight, bias and eps by keyword, while Dynamo records
+    nn.LayerNorm's call positionally: no pattern could match nn.LayerNorm. Calls are compared by
+    parameter, defaults filled in, so an eps the pattern leaves at its default matches only it."""
+    def pattern(x, s, g, b):
+        return torch.relu(F.layer_norm(x, s, g, b))
+
+    def replacement(x, s, g, b):
+        calls["n"] += 1
+        return torch.relu(F.layer_norm(x, s, g, b))
+
+    register_rule(Rule(name="user.ln_relu", kind="custom", pattern=pattern, replacement=replacement))
+    try:
+        for eps, decisions in ((1e-5, ["fused"]), (1e-3, [])):
+            model, x = torch.nn.Sequential(torch.nn.LayerNorm(8, eps=eps), torch.nn.ReLU()), torch.randn(2, 3, 8)
+            with torch.no_grad():
+                model[0].weight.uniform_(0.5, 1.5)
+                model[0].bias.uniform_(-0.5, 0.5)
+            report = fusion_backend.explain(model, x, options=AGGRESSIVE_EAGER)
+            assert [s.decision for s in report.sites if s.rule == "user.ln_relu"] == decisions, report
+            torch._dynamo.reset()
+            before = calls["n"]
+            xc = x.clone().requires_grad_()
+            out = torch.compile(model, backend=fusion_backend.backend(**AGGRESSIVE_EAGER))(xc)
+            assert (calls["n"] > before) == bool(decisions)
+            xe = x.clone().requires_grad_()
+            ref = model(xe)
+            torch.testing.assert_close(out, ref)
+            torch.testing.assert_close(torch.autograd.grad(out.square().sum(), xc)[0],
+                                       torch.autograd.grad(ref.square().sum(), xe)[0])
+            torch._dynamo.reset()
+    finally:
+        unregister_rule("user.ln_relu")
+
