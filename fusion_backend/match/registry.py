@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import types
 import warnings
 from importlib.metadata import entry_points
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Mapping
 
 from .rule import Rule
 
@@ -60,13 +61,32 @@ def _load_builtin_and_plugins() -> None:
             obj = ep.load()
             if isinstance(obj, Rule):
                 register_rule(obj, replace=True)
+            elif isinstance(obj, types.ModuleType):
+                pass  # importing it registered its rules
             elif callable(obj) and not isinstance(obj, type):
-                produced = obj()
-                for r in (produced if isinstance(produced, Iterable) else [produced]):
+                produced = obj()  # None: a function that registers its rules itself
+                if produced is None or isinstance(produced, Rule):
+                    produced = [] if produced is None else [produced]
+                elif isinstance(produced, (str, bytes, Mapping)) or not isinstance(produced, Iterable):
+                    produced = [produced]
+                for r in produced:
                     if isinstance(r, Rule):
                         register_rule(r, replace=True)
+                    else:  # dropped in silence before: a factory returning {name: rule} loaded no rule
+                        warnings.warn(f"truthfuse: entry point {ep.name!r} ({ep.value}) returned {_shown(r)}, "
+                                      "not a fusion_backend.Rule: skipped")
+            else:
+                # a list or dict of rules named by the entry point loaded nothing, without a word
+                raise TypeError(f"{ep.value} is {_shown(obj)}; an entry point names a fusion_backend.Rule, a "
+                                "module whose import registers its rules, or a function returning rules")
         except Exception as exc:  # noqa: BLE001 -- one broken plugin must not stop compilation
             warnings.warn(f"truthfuse: rules from entry point {ep.name!r} could not be loaded: {exc}")
+
+
+def _shown(obj) -> str:
+    """A value as a warning names it: its type, and a short repr."""
+    text = repr(obj)
+    return f"a {type(obj).__name__} ({text if len(text) <= 80 else text[:77] + '...'})"
 
 
 def all_rules() -> List[Rule]:

@@ -480,3 +480,42 @@ def test_a_pattern_calling_a_function_outside_the_canonical_vocabulary_matches_e
     finally:
         unregister_rule("user.ln_relu")
 
+
+@pytest.mark.parametrize("entry, loaded, warned", [
+    ("RULES", False, "my_rules:RULES is a list ("),
+    ("BY_NAME", False, "my_rules:BY_NAME is a dict ("),
+    ("factory", True, "(my_rules:factory) returned a str ('plugin.other'), not a fusion_backend.Rule: skipped"),
+])
+def test_an_entry_point_naming_something_other_than_rules_warns(tmp_path, entry, loaded, warned):
+    """An entry point naming a list or dict of rules (RULES = [...]) loaded no rule and said nothing,
+    nor did a factory's items that are not rules."""
+    (tmp_path / "my_rules.py").write_text(textwrap.dedent("""
+        import torch
+        from fusion_backend import Rule
+        RULE = Rule(name="plugin.sigmoid_sigmoid", kind="custom", pattern=lambda x: torch.sigmoid(torch.sigmoid(x)),
+                    replacement=lambda x: torch.sigmoid(torch.sigmoid(x)))
+        RULES = [RULE]
+        BY_NAME = {"sigmoid_sigmoid": RULE}
+        def factory():
+            return [RULE, "plugin.other"]
+    """))
+    dist = tmp_path / "my_rules-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-rules\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[{fusion_backend.ENTRY_POINT_GROUP}]\nsig = my_rules:{entry}\n")
+    code = textwrap.dedent("""
+        import warnings
+        import fusion_backend
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            names = [r.name for r in fusion_backend.all_rules()]
+        print("LOADED", "plugin.sigmoid_sigmoid" in names)
+        for w in caught:
+            print("WARNING", w.message)
+    """)
+    import os
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*sys.path, str(tmp_path)])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"LOADED {loaded}" in proc.stdout, proc.stdout
+    assert any(line.startswith("WARNING truthfuse: ") and warned in line for line in proc.stdout.splitlines()), proc.stdout
