@@ -680,9 +680,12 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
     if op == "call_method" and t == "t" and rank_of(args[0]) == 2:
         rw.replace(node, torch.transpose, (args[0], -2, -1))
         return
-    # the .T and .mT properties, which Dynamo records as getattr (Falcon's `x @ self.weight.T`)
+    # the .T and .mT properties, which Dynamo records as getattr (Falcon's `x @ self.weight.T`).
+    # .mT is transpose(-2, -1) whatever the rank (both fail below 2-D), so also in a pattern, whose
+    # nodes have no rank: there `k.mT` stayed a getattr that no model's graph has
     if op == "call_function" and t is getattr and len(args) == 2 and not node.kwargs and (
-            (args[1] == "T" and rank_of(args[0]) == 2) or (args[1] == "mT" and (rank_of(args[0]) or 0) >= 2)):
+            (args[1] == "T" and rank_of(args[0]) == 2) or
+            (args[1] == "mT" and (rank_of(args[0]) is None or rank_of(args[0]) >= 2))):
         rw.replace(node, torch.transpose, (args[0], -2, -1))
         return
 

@@ -519,3 +519,32 @@ def test_an_entry_point_naming_something_other_than_rules_warns(tmp_path, entry,
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"LOADED {loaded}" in proc.stdout, proc.stdout
     assert any(line.startswith("WARNING truthfuse: ") and warned in line for line in proc.stdout.splitlines()), proc.stdout
+
+
+def test_a_pattern_spelling_a_transpose_as_mT_matches():
+    """`.mT` is one of the transposes canonicalized to transpose(-2, -1), but only where the rank was
+    known to be 2 or more: in a pattern, whose nodes have no rank, `b.mT` stayed a getattr that no
+    model's graph has, and the rule never matched."""
+    def pattern(a, b):
+        return torch.tanh(torch.matmul(a, b.mT))
+
+    def replacement(a, b):
+        calls["n"] += 1
+        return torch.tanh(torch.matmul(a, b.transpose(-2, -1)))
+
+    def fn(a, b):
+        return torch.tanh(a @ b.transpose(1, 2)) * 2
+
+    register_rule(Rule(name="user.tanh_mT", kind="custom", pattern=pattern, replacement=replacement))
+    try:
+        a, b = torch.randn(2, 3, 4), torch.randn(2, 5, 4)
+        report = fusion_backend.explain(fn, a, b, options=AGGRESSIVE_EAGER)
+        assert [s.decision for s in report.sites if s.rule == "user.tanh_mT"] == ["fused"], report
+        torch._dynamo.reset()
+        before = calls["n"]
+        out = torch.compile(fn, backend=fusion_backend.backend(**AGGRESSIVE_EAGER))(a, b)
+        assert calls["n"] > before
+        torch.testing.assert_close(out, fn(a, b))
+    finally:
+        unregister_rule("user.tanh_mT")
+        torch._dynamo.reset()
