@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import guard_scalar
 
@@ -92,6 +94,13 @@ def trace_replacement(site: Site, config: Optional[str]) -> fx.GraphModule:
     for name, v in match.values.items():
         if name in tensor_names:
             continue
+        if any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(v)):
+            # a pattern indexing a tuple (torch.tanh(t[0]) over chunk's result) binds the tuple; its
+            # fake tensors, handed over as constants, were baked into the graph, which then failed
+            # when the compiled model ran ("Please convert all Tensors to FakeTensors first")
+            raise ReplacementError(f"replacement of {rule.name}: wildcard {name} is bound to a {type(v).__name__} "
+                                   "holding tensors, which a replacement cannot take; write the pattern over "
+                                   "the tensor itself (a wildcard for the item, not for the tuple it is taken from)")
         constants[name] = None if match.bindings.get(name) is None else _concrete(v)
     fakes = [match.values[n] for n in tensor_names]
     seen = {}
@@ -231,6 +240,13 @@ def _written_input(traced: fx.GraphModule) -> Optional[str]:
 def build_replacement(site: Site, config: Optional[str]) -> tuple:
     """Trace and check a site's replacement without touching the target graph."""
     traced = trace_replacement(site, config)
+    for node in traced.graph.nodes:
+        if node.op == "get_attr" and isinstance(getattr(traced, node.target, None), FakeTensor):
+            # a fake value from the match (one that replacement_args or a closure handed over) is
+            # no input of the trace: it would be baked into the graph, which fails when it runs
+            raise ReplacementError("the replacement uses a tensor that is none of its inputs, a fake value "
+                                   "from the match (Match.values or value_of, passed through replacement_args or "
+                                   "a closure): take tensors as the pattern's wildcards")
     written = _written_input(traced)
     if written is not None:
         raise ReplacementError(f"the replacement writes its input {written} in place, which the graph (or the "

@@ -548,3 +548,50 @@ def test_a_pattern_spelling_a_transpose_as_mT_matches():
     finally:
         unregister_rule("user.tanh_mT")
         torch._dynamo.reset()
+
+
+def _first_item_tanh(t):
+    return torch.tanh(t[0])
+
+
+def _sigmoid_add_tanh(x, b):
+    return torch.tanh(torch.add(torch.sigmoid(x), b))
+
+
+@pytest.mark.parametrize("case", ["tuple_wildcard", "fake_from_replacement_args"])
+def test_a_replacement_given_a_fake_value_that_is_no_input_keeps_its_site(case):
+    """A pattern indexing chunk's result binds a wildcard to the tuple, and replacement_args can hand
+    over Match.value_of(a covered node): either way the replacement computed with a fake tensor that
+    is none of its inputs, make_fx baked it into the graph as a constant, and the compiled model
+    failed when it ran (AssertionError: "Please convert all Tensors to FakeTensors first")."""
+    if case == "tuple_wildcard":
+        rule = Rule(name="user.fake_in", kind="custom", pattern=_first_item_tanh,
+                    replacement=lambda t: torch.tanh(t[0]) * 1.0)
+        reason = "wildcard t is bound to a tuple holding tensors"
+
+        def fn(x, b):
+            first, second = x.chunk(2, -1)
+            return torch.tanh(first) * second + b
+    else:
+        rule = Rule(name="user.fake_in", kind="custom", pattern=_sigmoid_add_tanh,
+                    replacement=lambda x, b, mid: torch.tanh(mid + b),
+                    replacement_args=lambda m: {"mid": m.value_of(next(n for n in m.covered if n.target is torch.sigmoid))})
+        reason = "the replacement uses a tensor that is none of its inputs"
+
+        def fn(x, b):
+            return torch.tanh(torch.sigmoid(x) + b) * 2
+    register_rule(rule)
+    try:
+        x, b = torch.randn(3, 4), torch.randn(2 if case == "tuple_wildcard" else 4)
+        with pytest.warns(fusion_backend.FusionWarning, match=reason) as caught:
+            report = fusion_backend.explain(fn, x, b, options=AGGRESSIVE_EAGER)
+        assert len([w for w in caught if issubclass(w.category, fusion_backend.FusionWarning)]) == 1
+        site = [s for s in report.sites if s.rule == "user.fake_in"][0]
+        assert site.decision == "kept" and reason in site.reason, site
+        torch._dynamo.reset()
+        with pytest.warns(fusion_backend.FusionWarning, match=reason):
+            out = torch.compile(fn, backend=fusion_backend.backend(**AGGRESSIVE_EAGER))(x, b)
+        torch.testing.assert_close(out, fn(x, b))
+    finally:
+        unregister_rule("user.fake_in")
+        torch._dynamo.reset()
