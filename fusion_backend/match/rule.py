@@ -165,7 +165,10 @@ class Rule:
         return self._traced
 
     def variant_of(self, match: Match) -> Optional[str]:
-        return self.variant(match) if callable(self.variant) else self.variant
+        variant = self.variant(match) if callable(self.variant) else self.variant
+        # a label: a function's 5 or {"heads": 8} as a string (as they were, str(explain(...)) raised
+        # TypeError for every report listing the site)
+        return variant if variant is None or isinstance(variant, str) else str(variant)
 
     def exact_for(self, match: Match) -> bool:
         return bool(self.exact(match)) if callable(self.exact) else bool(self.exact)

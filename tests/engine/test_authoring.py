@@ -595,3 +595,18 @@ def test_a_replacement_given_a_fake_value_that_is_no_input_keeps_its_site(case):
     finally:
         unregister_rule("user.fake_in")
         torch._dynamo.reset()
+
+
+def test_a_variant_function_returning_no_string_is_shown_as_one():
+    """variant=lambda m: m.values["w"].shape[0] (a number) made str(explain(...)) raise TypeError
+    ("object of type 'int' has no len()") for every report listing the site."""
+    register_rule(_misbehaving_rule("int_variant", lambda x, w, b: F.gelu(F.linear(x, w, b)),
+                                    variant=lambda m: m.values["w"].shape[0]))
+    try:
+        report = fusion_backend.explain(LinearGelu(), torch.randn(2, 3, 8), options=AGGRESSIVE_EAGER)
+        site = [s for s in report.sites if s.rule == "user.int_variant"][0]
+        assert (site.variant, site.decision) == ("16", "fused")
+        assert any(row.split()[1:4] == ["custom", "16", "fused"] for row in str(report).splitlines()), str(report)
+    finally:
+        unregister_rule("user.int_variant")
+        torch._dynamo.reset()
