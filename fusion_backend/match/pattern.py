@@ -98,4 +98,18 @@ def trace_pattern(fn: Callable) -> PatternGraph:
         if not isinstance(node, fx.Node) or node.op != "call_function":
             raise ValueError(f"pattern {fn.__qualname__}: without its optional steps nothing is left "
                              "to match; at least one operation must not be maybe(...)")
+    # A skipped optional step tells the replacement so only through its own wildcards, passed as
+    # None: one with none (`x * s + maybe(torch.mul)(y, s)`, s bound by the other product, or
+    # `maybe(torch.relu)(x)`) matched with and without the step alike, and a replacement could
+    # not tell which (tanh(x * 0.5 + y) computed as tanh(x * 0.5 + y * 0.5), 0.23 off)
+    for node in gm.graph.nodes:
+        if not node.meta.get(OPTIONAL):
+            continue
+        rest = list(node.args[1:]) + list(node.kwargs.values())
+        own = [a for a in rest if isinstance(a, fx.Node) and a.op == "placeholder" and set(a.users) == {node}]
+        if not own:
+            name = getattr(node.target, "__name__", str(node.target))
+            raise ValueError(f"pattern {fn.__qualname__}: the optional step maybe({name}) has no wildcard of its own "
+                             "(an argument no other step uses), so a replacement could not tell whether the model "
+                             "had it; give it one, which is None where the model skipped the step, or write two rules")
     return PatternGraph(fn=fn, graph=gm.graph, wildcards=params, output=out)

@@ -3,6 +3,7 @@ report near-misses, priorities, symbolic shapes, and rules shipped by a third-pa
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -609,4 +610,38 @@ def test_a_variant_function_returning_no_string_is_shown_as_one():
         assert any(row.split()[1:4] == ["custom", "16", "fused"] for row in str(report).splitlines()), str(report)
     finally:
         unregister_rule("user.int_variant")
+        torch._dynamo.reset()
+
+
+def _second_product_shares_its_scale(x, y, s):
+    return torch.tanh(torch.add(torch.mul(x, s), maybe(torch.mul)(y, s)))  # x*s + [y*s]
+
+
+def _relu_maybe(x):
+    return torch.tanh(torch.add(maybe(torch.relu)(x), 1.0))
+
+
+@pytest.mark.parametrize("pattern, replacement, fn", [
+    (_second_product_shares_its_scale, lambda x, y, s: torch.tanh(x * s + (y if s is None else y * s)),
+     lambda x, y: torch.tanh(x * 0.5 + y)),
+    (_relu_maybe, lambda x: torch.tanh(torch.relu(x) + 1.0), lambda x, y: torch.tanh(x + 1.0) * y),
+], ids=["shared_wildcard", "no_wildcard"])
+def test_an_optional_step_without_a_wildcard_of_its_own_skips_the_rule(pattern, replacement, fn):
+    """A skipped maybe(...) step shows only as its own wildcards being None. With none of its own (s
+    bound by the other product, or none at all), the rule matched the model without the step and
+    the replacement, unable to tell, computed it: tanh(x * 0.5 + y) as tanh(x * 0.5 + y * 0.5), 0.23
+    off, and tanh(x + 1) as tanh(relu(x) + 1)."""
+    register_rule(Rule(name="user.no_own_wildcard", kind="custom", pattern=pattern, replacement=replacement))
+    try:
+        x, y = torch.randn(8), torch.randn(8)
+        with pytest.warns(UserWarning, match=r"rule user.no_own_wildcard is skipped: .*has no wildcard of its own"):
+            report = fusion_backend.explain(fn, x, y, options=AGGRESSIVE_EAGER)
+        assert not [s for s in report.sites if s.rule == "user.no_own_wildcard"]
+        torch._dynamo.reset()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = torch.compile(fn, backend=fusion_backend.backend(**AGGRESSIVE_EAGER))(x, y)
+        torch.testing.assert_close(out, fn(x, y))
+    finally:
+        unregister_rule("user.no_own_wildcard")
         torch._dynamo.reset()
