@@ -138,6 +138,9 @@ class TruthfuseBackend:
                  checkpoint_body: bool = False) -> fx.GraphModule:
         checkpointed: List[GraphRecord] = []  # the records of checkpointed bodies (`_fuse_in_checkpoints`)
         rewritten = self._rewrite_graph(gm, example_inputs, record, checkpointed, checkpoint_body)
+        decided = [inner for inner in checkpointed if inner.plan]
+        if decided and not record.plan:  # the graph's only decisions are its checkpoints': as they came
+            record.cache_hit = all(inner.cache_hit for inner in decided)
         for inner in checkpointed:
             record.sites = inner.sites + record.sites
             record.notes.extend(n for n in inner.notes if n not in record.notes)

@@ -236,6 +236,23 @@ def test_checkpointed_code_fuses_and_is_still_recomputed(inner, monkeypatch):
     torch._dynamo.reset()
 
 
+def test_checkpointed_decisions_are_cached(tmp_path, monkeypatch):
+    """The checkpoint bodies' plans go through the tuning cache like any graph's; a graph whose
+    only sites are checkpointed reports a cache hit when all of theirs came from it."""
+    monkeypatch.setenv("TRUTHFUSE_CACHE_DIR", str(tmp_path))
+    model = torch.nn.Sequential(_Checkpointed(Block()), _Checkpointed(Block()))
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    hits = []
+    for _ in range(2):
+        backend = fusion_backend.backend(strategy="aggressive", inner="eager")
+        torch.compile(model, backend=backend)(x)
+        torch._dynamo.reset()
+        assert [s.decision for r in backend.records for s in r.sites] == ["fused"] * 4
+        hits.append([r.cache_hit for r in backend.records])
+    assert hits == [[False], [True]], hits
+    assert list(tmp_path.glob("*.json")), "nothing was cached"
+
+
 def test_checkpointed_code_inside_an_autocast_block_is_not_looked_into():
     """A checkpoint called inside an autocast block of the compiled code: the body's own graph does
     not show that block, so a replacement traced there would compute under other modes than eager.
