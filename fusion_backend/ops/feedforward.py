@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from ..kernels import feedforward as K
 from ..kernels.philox import dropout_scale, philox_keep_mask
@@ -511,7 +512,10 @@ def _saves_pre_activation(M, d, h):
     step (`replayed_as_cuda_graphs`)."""
     if SAVE_PRE_ACTIVATION is not None:
         return bool(SAVE_PRE_ACTIVATION)
-    return _replayed_as_graphs or M * d * h >= HOST_BOUND_MACS
+    # A row count known only while the graph runs (tokens a router selects, under
+    # capture_dynamic_output_shape_ops; mark_unbacked) cannot be guarded on: the op's `bool save`
+    # refused the SymBool and the replacement failed to build. Recomputing suits every size.
+    return _replayed_as_graphs or guard_or_false(M * d * h >= HOST_BOUND_MACS)
 
 
 def _row_block(M, h, recompute):

@@ -703,6 +703,42 @@ def test_dynamic_shapes_one_graph_for_many_sizes():
     assert len(feedforward_sites(backend, "fused")) == 1
 
 
+class _RoutedMLP(nn.Module):
+    """An expert of a mixture: the block runs on the tokens its router selects, a row count
+    known only while the graph runs (an unbacked size under capture_dynamic_output_shape_ops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = MLP(act="gelu")
+
+    def forward(self, x, route):
+        return self.mlp(x[route > 0])
+
+
+def test_block_on_a_data_dependent_row_count_fuses():
+    """The op decides whether training keeps the pre-activation by T * d * h; on an unbacked row
+    count that comparison cannot be guarded on, and the replacement failed to build (a
+    FusionWarning: 'Expected a value of type 'bool' for argument 'save' but instead found type
+    'SymBool''), keeping the block. It now recomputes there, and matches eager, no rows included."""
+    model = _RoutedMLP().train()
+    backend = _backend()
+    compiled = torch.compile(model, backend=backend)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), warnings.catch_warnings():
+        warnings.simplefilter("error", fusion_backend.FusionWarning)
+        for route in (torch.randn(9), torch.full((6,), -1.0), torch.randn(7)):
+            x = torch.randn(route.shape[0], 8)
+            ref_in, new_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ref, out = model(ref_in, route), compiled(new_in, route)
+            torch.testing.assert_close(out, ref, **TOL)
+            cot = torch.randn_like(ref)
+            ref_grads = torch.autograd.grad((ref * cot).sum(), [ref_in, *model.parameters()])
+            grads = torch.autograd.grad((out * cot).sum(), [new_in, *model.parameters()])
+            for g, r in zip(grads, ref_grads):
+                assert_grad_close(g, r)
+    assert feedforward_sites(backend) and all(s.decision == "fused" for s in feedforward_sites(backend)), \
+        [(s.decision, s.reason) for s in feedforward_sites(backend)]
+
+
 def test_dynamic_tanh_gelu_constant_is_explained():
     """Under dynamic=True Dynamo passes math.pi into the graph, so gelu_new's sqrt(2/pi) is no
     constant and its block is not found (docs/troubleshooting.md): the compile warns and explain()
