@@ -711,6 +711,22 @@ def test_sdpa_dynamic_shapes():
     assert_matches_eager(SDPA(is_causal=True), *qkv(T=7), dynamic=True)
 
 
+def test_sdpa_enable_gqa_with_one_kv_head_under_dynamic_true():
+    """Under dynamic=True q's head count is a symbol; with one K/V head it is a multiple of it
+    whatever its value, but the site was kept as 'q heads s85 are not a known multiple of k/v
+    heads 1'. It fuses now, and one graph serves several head counts (a fourteenth fuzz round)."""
+    model = SDPA(is_causal=True, gqa="native")
+    backend = fusion_backend.backend(**OPTIONS)
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for H, T in ((2, 5), (3, 6), (4, 7)):
+        q, k, v = qkv(T=T, H=H, Hkv=1)
+        torch.testing.assert_close(compiled(q, k, v), model(q, k, v), atol=2e-5, rtol=2e-4)
+    table = [(s.rule, s.decision, s.reason) for r in backend.records for s in r.sites]
+    assert table and all(s.decision == "fused" for r in backend.records for s in r.sites), table
+    torch._dynamo.reset()
+    assert_matches_eager(model, *qkv(T=7, H=3, Hkv=1), dynamic=True)
+
+
 @pytest.mark.parametrize("gqa", [None, "repeat_interleave"])
 @pytest.mark.parametrize("train", [False, True])
 def test_sdpa_number_attributes_under_dynamic_true(gqa, train):
