@@ -196,3 +196,42 @@ def test_a_dynamic_graph_reads_its_decision_at_other_sizes(tmp_path, monkeypatch
         torch.compile(_attention, backend=backend, dynamic=True)(*(torch.randn(1, 2, n, 16) for _ in range(3)))
         records.append(backend.records[0])
     assert records[0].cache_hit is False and records[1].cache_hit is True
+
+
+def _attention_with_dropout(q, k, v):
+    import torch.nn.functional as F
+
+    return F.dropout((q @ k.transpose(-2, -1) * 0.25).softmax(-1), 0.3, training=True) @ v
+
+
+def test_a_cached_plan_the_strategy_cannot_choose_warns_and_retunes(tmp_path, monkeypatch):
+    """A cache file edited by hand to fuse a site with dropout under "conservative" (which never
+    fuses an inexact rewrite) was used as it was: the site fused and drew its own dropout masks, and
+    explain() read 'cached: only one valid plan'. Such a plan is now a miss with one
+    TuningCacheWarning, and the site stays kept with conservative's reason (a fourteenth fuzz round)."""
+    import pytest
+    import torch
+
+    import fusion_backend
+    from fusion_backend.tune import TuningCacheWarning
+
+    monkeypatch.setenv("TRUTHFUSE_CACHE_DIR", str(tmp_path))
+    options = {"strategy": "conservative", "inner": "eager", "simulations": 4}
+
+    def compile_and_run():
+        torch._dynamo.reset()
+        backend = fusion_backend.backend(**options)
+        torch.compile(_attention_with_dropout, backend=backend)(*(torch.randn(1, 2, 6, 8) for _ in range(3)))
+        return backend.records[0]
+
+    first = compile_and_run()
+    assert [s.decision for s in first.sites] == ["kept"] and "not exact" in first.sites[0].reason
+    (path,) = tmp_path.glob("*.json")
+    envelope = json.loads(path.read_text())
+    envelope["record"]["plan"] = {site: "fuse" for site in envelope["record"]["plan"]}
+    path.write_text(json.dumps(envelope))
+    with pytest.warns(TuningCacheWarning, match="strategy can choose"):
+        edited = compile_and_run()
+    assert edited.cache_hit is False
+    assert [s.decision for s in edited.sites] == ["kept"] and "not exact" in edited.sites[0].reason, \
+        [(s.decision, s.reason) for s in edited.sites]
