@@ -275,11 +275,13 @@ def _check_number_scale(m: Match, what: str, *extra: float) -> Optional[str]:
     the op takes it as one (an fp32 scale vector), which past 3.4e38 raised "value cannot be
     converted to type float without overflow" where eager's fp32 scores are inf (s / 1e-45,
     s * 1e39), and at inf or NaN eager's rows are NaN, which the op does not reproduce wholly."""
-    numbers = [m.values[n] for n in ("scale", "scale2") if m.present(n)]
+    # a module's float attribute under dynamic=True (or once it changed) is a SymFloat, read at this
+    # call's value (`number_value`), on which the replacement guards
+    numbers = [number_value(m.values[n]) for n in ("scale", "scale2") if m.present(n)]
     numbers = [float(x) for x in numbers if isinstance(x, (int, float)) and not isinstance(x, bool)]
     if not numbers:
         return None
-    product = math.prod(numbers + [float(x) for x in extra])
+    product = math.prod(numbers + [float(number_value(x)) for x in extra])
     if not abs(product) <= _FP32_MAX:  # NaN too
         return (f"the {what} {product:g} (a division counts as its reciprocal) is not a finite float32 "
                 "number: eager's float32 scores are inf or NaN there, which the fused op does not reproduce")
@@ -807,12 +809,15 @@ def _is_number(x) -> bool:
 def check_softcap(m: Match) -> Optional[str]:
     """The cap and the scales before tanh are nonzero Python numbers: the kernels take one number
     scale and a positive cap (a tensor there, learnable or per-head, is left to eager)."""
-    cap = m.values.get("cap")
+    # a SymFloat (a module's float attribute under dynamic=True, or once it changed) is read at this
+    # call's value (`number_value`), on which the replacement guards
+    cap = number_value(m.values.get("cap"))
     if not _is_number(cap) or cap == 0:
         shown = f"(a tensor of shape {tuple(cap.shape)})" if isinstance(cap, torch.Tensor) else repr(cap)
         return f"the soft cap {shown} is not a nonzero Python number"
     for name in ("scale", "scale2"):
-        if m.present(name) and (not _is_number(m.values[name]) or m.values[name] == 0):
+        value = number_value(m.values.get(name))
+        if m.present(name) and (not _is_number(value) or value == 0):
             return f"the {name} before the soft cap is not a nonzero Python number"
     return _check_number_scale(m, "scale times the soft cap", cap)  # the op's scale: `_softcap_args`
 

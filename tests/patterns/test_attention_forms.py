@@ -1082,6 +1082,29 @@ def test_softcap_causal_mask_becomes_causal():
     assert_matches_eager(model, q, k, v)
 
 
+def test_softcap_attribute_under_dynamic_true():
+    """torch.compile(dynamic=True) (or a cap that changed) makes the module's float cap a SymFloat:
+    the site was kept as 'the soft cap zf79 is not a nonzero Python number', where the user's cap
+    is one. It is read at the call's value now, guarded, so a new cap compiles anew (a fourteenth
+    fuzz round)."""
+    model = SoftCapped(2.0)
+    backend = fusion_backend.backend(**OPTIONS)
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for T, cap in ((6, 2.0), (7, 2.0), (7, -3.0)):
+        model.cap = cap
+        q, k, v = (t * 3 for t in qkv(H=2, T=T, D=8))
+        mask = torch.randn(2, 1, T, T)
+        torch.testing.assert_close(compiled(q, k, v, mask), model(q, k, v, mask), atol=2e-5, rtol=2e-4)
+    table = [(s.rule, s.decision, s.reason) for r in backend.records for s in r.sites]
+    assert len(backend.records) == 2, table  # the new cap fails the guard: a second graph
+    assert all(any(s.decision == "fused" and s.rule == "attention.softcap" for s in r.sites)
+               for r in backend.records), table
+    torch._dynamo.reset()
+    model.cap = 2.0
+    q, k, v = (t * 3 for t in qkv(H=2, T=7, D=8))
+    assert_matches_eager(model, q, k, v, torch.randn(2, 1, 7, 7), dynamic=True)
+
+
 class _CausalThenFill(nn.Module):
     """(scores + a causal -inf triangle).masked_fill(pad, -1e9): a left-padded row whose unpadded
     keys the triangle hides sees only filled keys, so eager makes it uniform over those and gives q

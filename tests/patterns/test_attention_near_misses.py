@@ -388,6 +388,24 @@ def test_a_number_scale_past_float32_is_kept(spelling, c, cap):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("c,cap", [(1e39, None), (1e39, 10.0)])
+def test_a_number_scale_past_float32_under_dynamic_true_is_kept(c, cap):
+    """Under torch.compile(dynamic=True) the module's float scale (and cap) are SymFloats: the
+    float32 range check skipped them, and the replacement failed to build ('a number scale must fit
+    float32'), a FusionWarning. They are read at the call's value now: a near-miss with the reason
+    (a fourteenth fuzz round)."""
+    model, (q, k, v) = _NumberScale("mul", c, cap), qkv()
+    backend = fusion_backend.backend(**OPTIONS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FusionWarning)
+        out = torch.compile(model, backend=backend, dynamic=True)(q, k, v)
+    torch.testing.assert_close(out, model(q, k, v), equal_nan=True)
+    sites = [s for r in backend.records for s in r.sites if s.kind == "attention"]
+    assert sites and all(s.decision == "kept" and "is not a finite float32 number" in s.reason for s in sites), \
+        [(s.rule, s.decision, s.reason) for s in sites]
+    torch._dynamo.reset()
+
+
 def test_dtensor_inputs_are_a_near_miss(tmp_path):
     """Attention on DTensors (tensor parallelism: heads sharded over a mesh) matched, and tracing
     the replacement failed ("truthfuse.attention_fwd.default got mixed torch.Tensor and DTensor"):
