@@ -339,7 +339,7 @@ def _still_masks_after_scales(m: Match) -> bool:
     factor = 1.0
     for name in ("scale", "scale2"):
         if m.present(name):
-            value = m.values[name]
+            value = number_value(m.values[name])  # a SymFloat attribute under dynamic=True: its value
             if not _is_number(value):
                 return False
             factor *= value

@@ -323,6 +323,38 @@ def test_fp16_mask_before_a_tiny_scale_is_a_near_miss():
     assert_near_miss(TinyScale(), q, k, v, _fp16_min_rows(), reason="an fp16 mask added before a scale")
 
 
+class _AttributeScale(nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, q, k, v, mask):
+        return torch.softmax((q @ k.transpose(-2, -1) + mask) * self.scale, -1) @ v
+
+
+@pytest.mark.parametrize("scale", [0.35, 1e-5])
+def test_fp16_mask_before_an_attribute_scale_under_dynamic_true(scale):
+    """Under dynamic=True the module's scale is a SymFloat: an fp16 mask added before it was kept as
+    'an fp16 mask added before a scale that is not a number of at least 0.0153' where the scale is
+    0.35. It is read at the call's value now (guarded): 0.35 fuses as it does without dynamic=True,
+    and 1e-5 stays a near-miss (a fourteenth fuzz round)."""
+    model, mask = _AttributeScale(scale), _fp16_min_rows()
+    q, k, v = (t.half() for t in qkv())
+    backend = fusion_backend.backend(**OPTIONS)
+    out = torch.compile(model, backend=backend, dynamic=True)(q, k, v, mask)
+    sites = [(s.rule, s.decision, s.reason) for r in backend.records for s in r.sites]
+    if scale == 0.35:
+        assert sites and all(d == "fused" for _, d, _ in sites), sites
+        ref = model(q.double(), k.double(), v.double(), mask.double())
+        # as close to float64 as eager's fp16 (one fp16 step of the outputs, near 1)
+        err, err_eager = ((x.double() - ref).abs().max() for x in (out, model(q, k, v, mask)))
+        assert err <= 2 * err_eager + 1e-3, (float(err), float(err_eager))
+    else:
+        assert sites and all(d == "kept" and "an fp16 mask added before a scale" in why for _, d, why in sites), sites
+        torch.testing.assert_close(out, model(q, k, v, mask))
+    torch._dynamo.reset()
+
+
 def test_fp16_bias_gradient_through_a_row_hidden_whole():
     # a learned fp16 bias plus finfo(fp16).min padding: eager's hidden row is uniform and passes
     # gradients to all of its bias entries, so the fused site must too
