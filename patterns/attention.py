@@ -305,7 +305,9 @@ def check_masks(m: Match) -> Optional[str]:
     for mask, fill in (("mask_a", "fill_a"), ("mask_b", "fill_b")):
         if not m.present(mask):
             continue
-        t, value = m.values[mask], m.values[fill]
+        # a module's float attribute is a SymFloat under dynamic=True: read at this call's value,
+        # on which the replacement guards (`number_value`)
+        t, value = m.values[mask], number_value(m.values[fill])
         if not isinstance(t, torch.Tensor) or t.dtype != torch.bool:
             return f"masked_fill mask is not a bool tensor"
         if not _broadcastable_to_scores(t, m):

@@ -406,6 +406,40 @@ def test_a_number_scale_past_float32_under_dynamic_true_is_kept(c, cap):
     torch._dynamo.reset()
 
 
+class _FillAttribute(nn.Module):
+    def __init__(self, fill):
+        super().__init__()
+        self.fill = fill
+
+    def forward(self, q, k, v, mask):
+        return (q @ k.transpose(-2, -1) * 0.35).masked_fill(~mask, self.fill).softmax(-1) @ v
+
+
+def test_masked_fill_value_of_an_attribute_under_dynamic_true():
+    """Under dynamic=True the module's fill is a SymFloat: the site was kept as 'masked_fill value
+    is not a Python number' for a fill of -1e9. It is read at the call's value now (guarded): -1e9
+    fuses, a row it hides whole included, and a fill changed to -1e4 compiles anew and is kept
+    with its own reason (a fourteenth fuzz round)."""
+    model = _FillAttribute(-1e9)
+    q, k, v = qkv(T=6)
+    mask = torch.rand(2, 1, 6, 6) > 0.3
+    mask[..., 0] = True
+    mask[0, 0, 2] = False  # a row hidden whole: uniform in eager
+    backend = fusion_backend.backend(**OPTIONS)
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for fill in (-1e9, -1e4):
+        model.fill = fill
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FusionWarning)
+            torch.testing.assert_close(compiled(q, k, v, mask), model(q, k, v, mask), atol=2e-5, rtol=2e-4)
+    sites = [[(s.decision, s.reason) for s in r.sites if s.kind == "attention"] for r in backend.records]
+    assert len(sites) == 2 and sites[0] and all(d == "fused" for d, _ in sites[0]), sites
+    assert sites[1] and all(d == "kept" and "masked_fill value -10000.0" in why for d, why in sites[1]), sites
+    torch._dynamo.reset()
+    model.fill = -1e9
+    assert_matches_eager(model, q, k, v, mask, dynamic=True)
+
+
 def test_dtensor_inputs_are_a_near_miss(tmp_path):
     """Attention on DTensors (tensor parallelism: heads sharded over a mesh) matched, and tracing
     the replacement failed ("truthfuse.attention_fwd.default got mixed torch.Tensor and DTensor"):
