@@ -112,6 +112,7 @@ def main():
             print(f"{'OK ' if ok else 'BAD'} {name:8s} {impl:6s} {cache or 'dynamic':7s} {inner:8s} padded={padded!s:5s} tokens equal={same} "
                   f"max score diff {diff:.1e}, split-forward decode calls {decode}, fallbacks {len(fallbacks)}",
                   flush=True)
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "generate_gpu.json"), "w") as f:
         json.dump(res, f, indent=1)
     print("generation checks", "all passed" if ok_all else "FAILED")
