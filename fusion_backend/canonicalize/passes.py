@@ -698,7 +698,13 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
             rw.replace(node, torch.pow, (args[0], 2)).meta[RESPELLED] = "x * x"
             return
         if len(args) == 2 and not node.kwargs and (t is not torch.mul or op != "call_function"):
-            rw.replace(node, torch.mul, (args[0], args[1]))
+            a, b = args
+            # `c * x` (a Python number c, or a symbolic one) runs as x.mul(c), which takes c at the
+            # computation's precision; torch.mul(c, x) makes c a tensor of x's dtype first, so in
+            # fp16 and bf16 it multiplies by c rounded (HF gelu_new's 0.79788 * ..., one bf16 step off)
+            if not is_tensor_node(a) and is_tensor_node(b):
+                a, b = b, a
+            rw.replace(node, torch.mul, (a, b))
         return
     if _method_or_function(node, {"div", "__truediv__", "true_divide"}, {operator.truediv, torch.div}):
         if len(args) != 2 or node.kwargs.get("rounding_mode") is not None:

@@ -53,6 +53,10 @@ def _folded_scalar_products(q, k, v, x):
     return _site(q, k, v), (x * 0.1 * 3).floor(), x * 0.1 * 3, x.double() * 0.1 * 3, x * 0.1 * 10
 
 
+def _numbers_times_16_bit_tensors(q, k, v, h, b):
+    return _site(q, k, v), 0.7978845608028654 * h, 0.7978845608028654 * b, 0.1 * b * 3
+
+
 def _divisions_by_respelled_tensors(q, k, v, x, t):
     return (_site(q, k, v), x / (t / 3), x / (t * 0.1 * 3), x / (t * t),
             x / torch.softmax(t, -1, dtype=torch.float32))
@@ -116,6 +120,11 @@ CASES = {
     # torch.where read as masked_fill: where's result has its operand's strides (x.T's), masked_fill's
     # is contiguous, so a sum over it added in another order (last bit; a thirteenth fuzz round)
     "where on a transpose": (_where_on_a_transpose, lambda: _qkv() + [torch.randn(64, 64) * 3]),
+    # `c * x` read as torch.mul(c, x), which rounds c to x's dtype first (eager's x.mul(c) does not):
+    # one step off eager in fp16 and bf16, HF gelu_new's sqrt(2 / pi) * ... among them (a fourteenth
+    # fuzz round)
+    "numbers times 16-bit tensors": (_numbers_times_16_bit_tensors,
+                                     lambda: _qkv() + [(torch.randn(64) * 3).half(), (torch.randn(64) * 3).bfloat16()]),
     "division floors": (_division_floors, lambda: _qkv() + [torch.arange(1, 2000, dtype=torch.float32)]),
     "cdist without mm": (_cdist_without_mm, lambda: _qkv() + [torch.randn(1, 40, 3) * 100 + 1000] * 2),
 }
@@ -461,7 +470,7 @@ def _written_out_gelus(q, k, v, x):
     return _site(q, k, v), tanh_gelu, erf_gelu
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, "autocast"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, "autocast"])
 def test_a_written_out_gelu_no_site_took_computes_as_written(dtype):
     """GELUs written out (HF's gelu_new with tanh and pow, gelu_python with erf) are read as
     F.gelu so that feed-forward rules match them; beside a fused site with no feed-forward site
