@@ -1699,7 +1699,11 @@ def _fold_tanh_gelu(rw: _Rewriter) -> None:
         if node in rw.graph.nodes:
             for find, approximate in ((_tanh_gelu_input, "tanh"), (_erf_gelu_input, "none")):
                 x = find(node)
-                if x is not None and is_tensor_node(x):
+                # F.gelu reads x where the GELU's last product is: with x written in place (a
+                # graph input updated after the GELU, say) that read would move across the write,
+                # and the whole graph would go unfused; such a GELU stays as written
+                if x is not None and is_tensor_node(x) and not (
+                        rw.writes_marked and _read_moved_across_a_write((x,), None, node)):
                     written = _written_out(x, node)
                     rw.replace(node, F.gelu, (x,), {"approximate": approximate}).meta[RESPELLED] = \
                         ("written out", written)

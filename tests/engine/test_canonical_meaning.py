@@ -478,3 +478,28 @@ def test_a_written_out_gelu_no_site_took_computes_as_written(dtype):
     eager in fp32 and off in the last bit under CPU autocast), and under CUDA autocast x ** 3
     computes in fp32 where F.gelu keeps bf16."""
     _as_eager_beside_a_site(_written_out_gelus, dtype, [(2, 5, 16)])
+
+
+def _written_out_gelus_of_a_written_input(q, k, v, x):
+    a = 0.5 * x
+    tanh_gelu = a * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    erf_gelu = 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    x.add_(1)
+    return _site(q, k, v), tanh_gelu, erf_gelu, x
+
+
+def test_a_written_out_gelu_of_a_value_written_in_place_stays_as_written():
+    """A written-out GELU whose input the graph writes in place after it is not read as F.gelu:
+    F.gelu would read x at the GELU's last product, across the write from where the GELU's
+    other steps read it, and the whole graph went unfused ('compiling this graph unchanged'),
+    the attention beside it included (a fourteenth fuzz round)."""
+    torch.manual_seed(0)
+    inputs = _qkv() + [torch.randn(2, 5, 16) * 3]
+    fresh = lambda: [t.clone() for t in inputs]  # noqa: E731 -- each call writes its x
+    assert _fused_kinds(_written_out_gelus_of_a_written_input, *fresh()) == ["attention"]
+    want = _written_out_gelus_of_a_written_input(*fresh())
+    got = torch.compile(_written_out_gelus_of_a_written_input, backend="truthfuse", options=OPTIONS)(*fresh())
+    torch._dynamo.reset()
+    for a, b in zip(got[1:], want[1:]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
