@@ -1638,13 +1638,8 @@ class _Step(int):
     """In a `_written_out` recipe: the value of an earlier step (-1: the recipe's input)."""
 
 
-def _written_out(x: Node, out: Node) -> tuple:
-    """The nodes that compute `out` from `x` (a written-out activation: each used once, so they are
-    `out`'s own), in graph order, as a recipe of (op, target, args, kwargs, marks) steps whose
-    arguments name earlier steps by `_Step`; marks are the canonical meta that `restore_spellings`
-    reads (a division, folded factors, a respelling). Plain values, so that copies of the graph
-    carry them as they are. `restore_spellings` rebuilds them where no fused site took the
-    activation."""
+def _own_steps(x: Node, out: Node) -> set:
+    """The nodes between x and `out` that compute `out` (`out` included, x not)."""
     own, stack = set(), [out]
     while stack:
         n = stack.pop()
@@ -1652,6 +1647,17 @@ def _written_out(x: Node, out: Node) -> tuple:
             continue
         own.add(n)
         stack.extend(n.all_input_nodes)
+    return own
+
+
+def _written_out(x: Node, out: Node) -> tuple:
+    """The nodes that compute `out` from `x` (a written-out activation: each used once, so they are
+    `out`'s own), in graph order, as a recipe of (op, target, args, kwargs, marks) steps whose
+    arguments name earlier steps by `_Step`; marks are the canonical meta that `restore_spellings`
+    reads (a division, folded factors, a respelling). Plain values, so that copies of the graph
+    carry them as they are. `restore_spellings` rebuilds them where no fused site took the
+    activation."""
+    own = _own_steps(x, out)
     index = {x: _Step(-1)}
     steps = []
     for n in out.graph.nodes:
@@ -1704,6 +1710,12 @@ def _fold_tanh_gelu(rw: _Rewriter) -> None:
                 # and the whole graph would go unfused; such a GELU stays as written
                 if x is not None and is_tensor_node(x) and not (
                         rw.writes_marked and _read_moved_across_a_write((x,), None, node)):
+                    if any(not _same_mode(n, node) or n.meta.get(WITHOUT_GRAD) for n in _own_steps(x, node)):
+                        # a step under another grad mode or autocast than the last one: F.gelu
+                        # computes all of it there (x ** 3 under no_grad() then sent x a
+                        # gradient); and what no_grad() computes stays as written (a rewrite of
+                        # it left the whole graph unfused)
+                        break
                     written = _written_out(x, node)
                     rw.replace(node, F.gelu, (x,), {"approximate": approximate}).meta[RESPELLED] = \
                         ("written out", written)
