@@ -511,6 +511,32 @@ def test_a_written_out_gelu_no_site_took_computes_as_written(dtype):
     _as_eager_beside_a_site(_written_out_gelus, dtype, [(2, 5, 16)])
 
 
+def _written_out_gelu_cubed_outside_an_autocast_block(q, k, v, x):
+    cube = torch.pow(x, 3.0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        g = 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * cube)))
+    return _site(q, k, v), g
+
+
+def test_a_written_out_gelu_across_an_autocast_block_stays_where_written(inner_graphs):
+    """A written-out GELU whose x ** 3 comes before a CUDA autocast block and the rest inside it is
+    not read as F.gelu: put back at its last product, the pow moved into the block, where CUDA
+    autocast computes it in fp32 (eager's, outside, keeps a bf16 x's dtype). CUDA autocast does
+    nothing here, so the graph is checked (a fourteenth fuzz round)."""
+    import warnings
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # autocast("cuda") without CUDA
+        torch.compile(_written_out_gelu_cubed_outside_an_autocast_block, backend="truthfuse",
+                      options=OPTIONS)(*(_qkv() + [torch.randn(2, 5, 16)]))
+    torch._dynamo.reset()
+    nodes = [n for gm in inner_graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert any("truthfuse" in str(n.target) for n in nodes)  # the site fused: the canonical graph ran
+    enter = [i for i, n in enumerate(nodes) if n.target is torch.amp.autocast_mode._enter_autocast]
+    pows = [i for i, n in enumerate(nodes) if n.target is torch.pow]
+    assert len(enter) == 1 and len(pows) == 1 and pows[0] < enter[0]
+
+
 def _written_out_gelus_of_a_written_input(q, k, v, x):
     a = 0.5 * x
     tanh_gelu = a * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
