@@ -20,7 +20,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from .canonicalize.aliasing import alias_sources
-from .canonicalize.passes import example_value, is_impure, restore_spellings
+from .canonicalize.passes import eliminate_dead_code, example_value, restore_spellings
 from .match.constraints import known_equal
 from .match.sites import Site
 
@@ -370,7 +370,7 @@ def apply_plan(gm: fx.GraphModule, sites: List[Site], plan: Dict[str, str],
         inline_replacement(gm, site, traced, cast)
         fused.append(site.id)
     restore_spellings(gm.graph)  # outside the fused sites, divisions, x * x and softmax(dtype=) as written
-    gm.graph.eliminate_dead_code(is_impure_node=is_impure)
+    eliminate_dead_code(gm.graph)
     gm.graph.lint()
     gm.recompile()
     return fused

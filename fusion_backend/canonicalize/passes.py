@@ -2027,6 +2027,19 @@ def is_impure(node: Node) -> bool:
     return mutates(node)
 
 
+def eliminate_dead_code(graph: fx.Graph) -> None:
+    """Erase the nodes of `graph` that nothing uses and that are not `is_impure`, in this graph
+    only. torch.fx's Graph.eliminate_dead_code goes on into the graphs of the submodules the graph
+    reads (a checkpoint body, a cond branch) with FX's default notion of impure, which does not
+    keep an in-place method call whose result is unused (`y.mul_(2)`): a canonical copy shares
+    those submodules with Dynamo's graph, so a checkpointed body lost its in-place writes even
+    where nothing was fused. A body that truthfuse looks into goes through its own pipeline."""
+    graph.lint()
+    for node in reversed(graph.nodes):
+        if not node.users and not is_impure(node):
+            graph.erase_node(node)
+
+
 def _repeat_kv_as_repeat_interleave(rw: _Rewriter) -> None:
     """HF's repeat_kv, x[:, :, None].expand(B, H, n, S, D).reshape(B, H * n, S, D), is
     repeat_interleave(x, n, -3) value for value (each head copied n times in a row); one spelling
@@ -2091,7 +2104,7 @@ def canonicalize(graph: fx.Graph) -> int:
     _matmul_to_linear(rw)
     _unflatten_linear(rw)
     _fold_tanh_gelu(rw)
-    graph.eliminate_dead_code(is_impure_node=is_impure)
+    eliminate_dead_code(graph)
     graph.lint()
     return rw.changed
 

@@ -271,6 +271,39 @@ def test_checkpointed_code_inside_an_autocast_block_is_not_looked_into():
     torch._dynamo.reset()
 
 
+class _CheckpointedWrites(torch.nn.Module):
+    """A checkpointed body that writes its block's result in place and returns it; the writes'
+    own results are unused."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Block(d=16, heads=2, max_len=8)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        def body(t):
+            y = self.block(t)
+            y.mul_(2)
+            y.masked_fill_(t > 1, 0.5)
+            return y
+
+        return checkpoint(body, x, use_reentrant=False)
+
+
+@pytest.mark.parametrize("disable", [[], ["attention", "feedforward"]])
+def test_checkpointed_in_place_writes_are_kept(disable):
+    """torch.fx's dead-code elimination, run on the canonical copy of the graph, went on into the
+    checkpoint body, a submodule shared with Dynamo's graph, with FX's default notion of impure:
+    the body's y.mul_(2) and y.masked_fill_(...) were erased, with nothing fused as well (output
+    up to 3.7 off eager). Dead-code elimination now stays in the graph it is run on."""
+    model = _CheckpointedWrites()
+    backend = fusion_backend.backend(**AGGRESSIVE_EAGER, disable=disable)
+    _compare_training(model, torch.compile(model, backend=backend), torch.randn(2, 8, 16))
+    fused = {(s.kind, s.decision) for r in backend.records for s in r.sites}
+    assert fused == (set() if disable else {("attention", "fused"), ("feedforward", "fused")}), fused
+
+
 @pytest.mark.parametrize("strategy", ["conservative", "aggressive"])
 def test_checkpointed_dropout_gets_the_forwards_masks_in_the_backward(strategy):
     """Dropout under a checkpoint: the backward must use the masks the forward drew. With
