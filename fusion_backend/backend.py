@@ -141,8 +141,12 @@ class TruthfuseBackend:
         decided = [inner for inner in checkpointed if inner.plan]
         if decided and not record.plan:  # the graph's only decisions are its checkpoints': as they came
             record.cache_hit = all(inner.cache_hit for inner in decided)
+            # and their reasons are its own (explain()'s plan line ended in an empty one)
+            record.tuning_reason = "; ".join(dict.fromkeys(inner.tuning_reason for inner in decided
+                                                           if inner.tuning_reason))
+        # the bodies' sites in the order of their checkpoints (they were listed last one first)
+        record.sites = [site for inner in checkpointed for site in inner.sites] + record.sites
         for inner in checkpointed:
-            record.sites = inner.sites + record.sites
             record.notes.extend(n for n in inner.notes if n not in record.notes)
             record.measurements += inner.measurements
             record.plans_evaluated += inner.plans_evaluated

@@ -236,6 +236,20 @@ def test_checkpointed_code_fuses_and_is_still_recomputed(inner, monkeypatch):
     torch._dynamo.reset()
 
 
+def test_explain_lists_checkpointed_sites_in_order_with_their_reason():
+    """A graph whose only sites are in checkpoint bodies: explain() listed the bodies' sites last
+    checkpoint first (the feed-forward block before the attention that runs before it), and its
+    plan line ended in an empty reason ("plan: ...=fuse, ...=fuse; "), the bodies' own left out."""
+    attention = _Checkpointed(CausalSelfAttention(d=16, heads=2, max_len=8))
+    mlp = _Checkpointed(torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16)))
+    model = torch.nn.Sequential(attention, mlp)
+    report = fusion_backend.explain(model, torch.randn(2, 8, 16, requires_grad=True), options=AGGRESSIVE_EAGER)
+    assert [(s.kind, s.decision) for s in report.sites] == [("attention", "fused"), ("feedforward", "fused")], \
+        str(report)
+    assert report.tuning.reasons == ["only one valid plan: nothing to tune"], str(report)
+    assert str(report).count("; only one valid plan: nothing to tune") == 1, str(report)
+
+
 def test_checkpointed_decisions_are_cached(tmp_path, monkeypatch):
     """The checkpoint bodies' plans go through the tuning cache like any graph's; a graph whose
     only sites are checkpointed reports a cache hit when all of theirs came from it."""
