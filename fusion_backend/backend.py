@@ -171,7 +171,15 @@ class TruthfuseBackend:
         except Exception as exc:  # noqa: BLE001 -- analysis must never break compilation
             warnings.warn(f"truthfuse: graph analysis failed, compiling unchanged: {exc}", FusionWarning)
             return gm
-        self._fuse_in_checkpoints(gm, canon, record, checkpointed)
+        if self._fuse_in_checkpoints(gm, canon, record, checkpointed) and (
+                checkpoint_body or _buffers_unknown_to_dynamo(gm)):
+            # a rewritten body may hold buffers of its own (a replacement's tensor constants), which
+            # AOTAutograd, reading Dynamo's graph module as Dynamo's, looked for among the model's
+            # parameters and buffers: the compile raised ("wrap_body_0._truthfuse_const_attention_dot_0
+            # not found in param_name_to_source"). A copy goes on, as where the graph's own sites fuse;
+            # a body whose own checkpoints were rewritten is a copy too, so that its caller sees it
+            # rewritten, at any depth of nesting
+            gm = _copy_of(gm)
         bucket_bytes = _ddp_optimizer_piece()
         if bucket_bytes is not None:
             # explain() of a compiled DistributedDataParallel model listed "N graph(s)" and no
@@ -266,14 +274,16 @@ class TruthfuseBackend:
         return canon
 
     def _fuse_in_checkpoints(self, gm: fx.GraphModule, canon: fx.GraphModule, record: GraphRecord,
-                             checkpointed: List[GraphRecord]) -> None:
+                             checkpointed: List[GraphRecord]) -> bool:
         """Fuse inside the bodies of activation-checkpointed code (`torch.utils.checkpoint`; HF's
         gradient_checkpointing_enable() puts every layer there). Dynamo passes each body as a
         graph of its own, called by a higher-order op; each goes through this pipeline as a graph
         (its sites tuned on stand-ins of its inputs' example values) and its rewritten version
         replaces it in both `gm` and `canon`, so the checkpoint still recomputes the body, fused
-        ops included, in the backward. The bodies' records join this graph's (`_rewrite`)."""
+        ops included, in the backward. The bodies' records join this graph's (`_rewrite`). Returns
+        whether a body was replaced."""
         plain_modes = (torch.is_grad_enabled(), (), ())
+        replaced = False
         calls: Dict[str, List[fx.Node]] = {}  # body name -> the calls of it (one, as Dynamo traces)
         for node in canon.graph.nodes:
             body_node = node.args[0] if _is_checkpoint(node) and node.args else None
@@ -305,6 +315,8 @@ class TruthfuseBackend:
             if rewritten is not body:
                 setattr(canon, name, rewritten)
                 setattr(gm, name, rewritten)
+                replaced = True
+        return replaced
 
     def _decide(self, gm, gm_canon, example_inputs, candidates: List[Site], record: GraphRecord,
                 built: Dict[tuple, tuple]) -> Dict[str, str]:
@@ -491,6 +503,25 @@ def _warm_inductor_compile_pool() -> None:
 def _is_checkpoint(node: fx.Node) -> bool:
     """A call of Dynamo's operator for code under `torch.utils.checkpoint` (its body the first argument)."""
     return node.op == "call_function" and getattr(node.target, "__name__", None) == "tag_activation_checkpoint"
+
+
+def _buffers_unknown_to_dynamo(gm: fx.GraphModule) -> bool:
+    """Whether `gm`, as Dynamo made it, now holds parameters or buffers (those of its submodules
+    included) that Dynamo did not record the sources of, which AOTAutograd requires of a graph
+    module it reads as Dynamo's (`_try_get_metadata_from_dynamo`)."""
+    known = getattr(gm, "_param_name_to_source", None)
+    if known is None or "dynamo_compile_id" not in gm.meta:
+        return False
+    names = [name for name, _ in gm.named_parameters(remove_duplicate=False)]
+    names += [name for name, _ in gm.named_buffers(remove_duplicate=False)]
+    return any(name not in known for name in names)
+
+
+def _copy_of(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule of a copy of `gm`'s graph, over the same submodules and attributes."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)
 
 
 def _has_checkpoints(gm: fx.GraphModule) -> bool:

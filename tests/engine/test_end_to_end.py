@@ -318,6 +318,38 @@ def test_checkpointed_in_place_writes_are_kept(disable):
     assert fused == (set() if disable else {("attention", "fused"), ("feedforward", "fused")}), fused
 
 
+class _FilledAttention(torch.nn.Module):
+    """Attention whose causal mask is made in its forward and filled with -1e9: the fused
+    replacement holds the fill as a tensor constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, 2, 8).transpose(1, 2) for t in self.qkv(x).split(C, -1))
+        scores = (q @ k.transpose(-2, -1)) * 0.35
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -1e9)
+        return (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(B, T, C)
+
+
+@pytest.mark.parametrize("inner,nested", [("eager", False), ("aot_eager", False), ("eager", True)])
+def test_checkpointed_replacement_with_a_tensor_constant_compiles(inner, nested):
+    """A replacement's tensor constant is a buffer of the graph module it is spliced into. In a
+    checkpoint body, with nothing fused in the graph around it, that graph went on to AOTAutograd
+    as Dynamo's own graph module, and AOTAutograd, looking for the body's buffer among Dynamo's
+    parameter sources, raised ("wrap_body_0._truthfuse_const_attention_dot_0 not found in
+    param_name_to_source"). The graph goes on as a copy, as where its own sites fuse; so does a
+    checkpoint body whose own checkpointed body holds one (nested checkpoints)."""
+    model = _Checkpointed(_FilledAttention())
+    if nested:
+        model = _Checkpointed(torch.nn.Sequential(model, torch.nn.Tanh()))
+    backend = fusion_backend.backend(**{**AGGRESSIVE_EAGER, "inner": inner})
+    _compare_training(model, torch.compile(model, backend=backend), torch.randn(2, 8, 16))
+    assert [(s.kind, s.decision) for r in backend.records for s in r.sites] == [("attention", "fused")]
+
+
 @pytest.mark.parametrize("strategy", ["conservative", "aggressive"])
 def test_checkpointed_dropout_gets_the_forwards_masks_in_the_backward(strategy):
     """Dropout under a checkpoint: the backward must use the masks the forward drew. With
