@@ -218,8 +218,8 @@ def _written_input(traced: fx.GraphModule) -> Optional[str]:
     a view of it), or None. The input is a value of the model's graph, read after the site by eager
     code (or the caller's own tensor): a replacement scaling q with `q.mul_(s)` changed the
     compiled model's output and the caller's input."""
-    names = dict(zip((n for n in traced.graph.nodes if n.op == "placeholder"), traced.tensor_names))
-    alias_of = {n: name for n, name in names.items()}
+    # each placeholder, and each view of one, -> the input's name
+    alias_of = dict(zip((n for n in traced.graph.nodes if n.op == "placeholder"), traced.tensor_names))
     for node in traced.graph.nodes:
         schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
         if schema is None:

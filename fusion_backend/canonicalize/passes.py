@@ -1680,20 +1680,13 @@ def _rebuilt(graph: fx.Graph, node: Node, steps: tuple, x: Node) -> Node:
         return (x if a == -1 else values[a]) if isinstance(a, _Step) else a
 
     for op, target, args, kwargs, marks in steps:
-        args = tuple(_map_values(a, value) for a in args)
-        kwargs = {k: _map_values(v, value) for k, v in kwargs.items()}
+        args, kwargs = fx.node.map_aggregate(args, value), fx.node.map_aggregate(kwargs, value)
         with graph.inserting_before(node):
             new = graph.create_node(op, target, args, kwargs)
         new.meta.update({k: v for k, v in node.meta.items() if k not in ("example_value", "val", RESPELLED)})
         new.meta.update(marks)
         values.append(new)
     return values[-1]
-
-
-def _map_values(a: Any, fn: Callable) -> Any:
-    if isinstance(a, (tuple, list)):
-        return type(a)(_map_values(b, fn) for b in a)
-    return fn(a)
 
 
 def _fold_tanh_gelu(rw: _Rewriter) -> None:
