@@ -70,16 +70,20 @@ def compile_report(fn, args: dict, constexprs: dict, num_warps: int, num_stages:
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options=dict(num_warps=num_warps, num_stages=num_stages))
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as d:
         ptx = os.path.join(d, "k.ptx")
         with open(ptx, "w") as f:
             f.write(kernel.asm["ptx"])
-        out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", ptx, "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True).stderr
+        # Newer Triton (3.9) writes PTX that only its second, newer ptxas reads.
+        for ptxas in ("ptxas", "ptxas-blackwell"):
+            out = subprocess.run([os.path.join(bin_dir, ptxas), "-v", f"--gpu-name=sm_{arch}a", ptx, "-o",
+                                  os.path.join(d, "k.cubin")], capture_output=True, text=True).stderr
+            if "Unsupported .version" not in out:
+                break
         sass = ""
         if SASS:
-            cuobjdump = os.path.join(os.path.dirname(ptxas), "cuobjdump")
+            cuobjdump = os.path.join(bin_dir, "cuobjdump")
             sass = subprocess.run([cuobjdump, "-sass", os.path.join(d, "k.cubin")], capture_output=True,
                                   text=True).stdout
     regs = re.search(r"Used (\d+) registers", out)
@@ -129,16 +133,18 @@ def attention_reports(B, H, N, D, metric, mask_kind, causal, dropout, config_key
     ptrs.update(MASK=mask, MASK_FLAGS=flags, SEED=torch.empty(1, dtype=torch.int64), RANGES=flags)
     args = dict(ints, **ptrs, dropout_p=0.1, cap=1.0, rgb=64, rgh=64, rg_plane=64)
     out = {}
+    key_parts = metric == "l2" and tc._key_parts_pay(cfg, "cuda")  # the forward's KEXT form, as the launcher picks it
     for name, fn, tile, extra in (  # a learnable scale: the forward's stats and the scale gradient
         ("fwd", tc._attn_fwd_kernel, dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
-                                          num_stages=cfg["num_stages"]), dict(STATS=not softcap)),
+                                          num_stages=cfg["num_stages"]), dict(STATS=not softcap, KEXT=key_parts)),
         ("dkdv", tc._attn_bwd_dkdv_kernel, tile_kv, dict(SCAN_ROWS=tc.QUERY_SCAN_ROWS)),
         ("dq", tc._attn_bwd_dq_kernel, tile_q, dict(MASK_GRAD=False, SCALE_GRAD=not softcap)),
     ):
         cx = dict(common, **extra, EVEN_M=N % tile["BLOCK_M"] == 0, EVEN_N=N % tile["BLOCK_N"] == 0,
                   BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"])
         cx.update({k: v for k, v in _kernel_constexpr_defaults(fn).items() if k not in cx})
-        out[name] = compile_report(fn, args, cx, tile["num_warps"], tile["num_stages"], arch)
+        kernel_args = dict(args, KVEC=t) if cx.get("KEXT") else args  # the parts are bf16
+        out[name] = compile_report(fn, kernel_args, cx, tile["num_warps"], tile["num_stages"], arch)
     return cfg, out
 
 

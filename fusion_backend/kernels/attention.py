@@ -12,7 +12,10 @@ Logits, with s the per-head scale (one fp32 value per query head):
             cancels. q.k comes from the tensor cores with fp32 accumulation of exact bf16/fp16
             products, and |k|^2 is summed in fp32 from the loaded k, so neither term is rounded to
             the input dtype (the augmented-vector SDPA trick rounds |k|^2 and 2*s*q to bf16, which is
-            where its error at large s comes from).
+            where its error at large s comes from). The forward adds -|k|^2/2 to q.k in the tensor
+            cores instead (KEXT), from three bf16 parts that carry its fp32 value
+            (`l2_key_parts`); the backward kernels keep the FMA per score, which measured faster
+            there.
     cosine  s * q^.k^  with q^ = q / max(|q|, eps) normalized in fp32 by a pre-pass (`_prepass`)
             and rounded once to the input dtype; the backward projects the gradient with the norms.
     dot, soft-capped (SOFTCAP, Gemma 2)  cap * tanh(s * q.k / cap), the mask added after the cap;
@@ -76,6 +79,11 @@ DROPOUT_BITS = _dropout_bits(os.environ.get("TRUTHFUSE_ATTENTION_DROPOUT_BITS", 
 # percent of a skipping dK/dV kernel on an H100, 2048 rows 1-4% faster than 1024 (packed documents,
 # windows, HF's causal mask) where 4096 was 2% slower on the causal mask (docs/performance.md)
 QUERY_SCAN_ROWS = 2048
+# l2's per-key term -|k|^2/2 as a sum of L2_KEY_PARTS values in the tensor cores' input dtype (bf16:
+# 3 x 8 bits hold fp32's 24), in rows of L2_PARTS_WIDTH (the narrowest product width) zero-padded:
+# one more small product adds it to q.k instead of an FMA per score (`l2_key_parts`).
+L2_KEY_PARTS = tl.constexpr(3)
+L2_PARTS_WIDTH = tl.constexpr(16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,6 +401,18 @@ def _normalize_grad(g, xh, nrm):
 
 
 @triton.jit
+def _add_key_parts(qk, parts_base, offs_n, N_K, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
+    """qk [BLOCK_M, BLOCK_N] + (-|k_j|^2 / 2) for each key j, added by the tensor cores from the
+    key parts at parts_base ((Nk, L2_PARTS_WIDTH) rows, `l2_key_parts`) times a tile of ones: l2's
+    raw score in half units, with no per-score arithmetic. Parts past N_K read as 0."""
+    cols = tl.arange(0, L2_PARTS_WIDTH)
+    parts = _load_rows(parts_base, offs_n, cols, L2_PARTS_WIDTH, 1, N_K, L2_PARTS_WIDTH, EVEN_N, True)
+    ones = tl.zeros([BLOCK_M, L2_PARTS_WIDTH], tl.float32) + tl.where(cols < L2_KEY_PARTS, 1.0, 0.0)[None, :]
+    return tl.dot(ones.to(parts.dtype), tl.trans(parts), qk, input_precision=DOT_PREC)
+
+
+@triton.jit
 def _softmax_step(s, raw, m_i, l_i, r_i, acc, MASK_KIND: tl.constexpr, STATS: tl.constexpr):
     """One key tile of the online softmax: fold logits s (and, when STATS, E_p[raw]) into the row
     max m_i, row sum l_i and r_i, and rescale the output accumulator acc to the new max. Returns
@@ -451,13 +471,18 @@ def _fwd_step(start_n, q, m_i, l_i, r_i, acc, k_base, v_base, kvec_base, mask_ba
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
               METRIC: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
               STATS: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr, SOFTCAP: tl.constexpr, CLEAN: tl.constexpr):
+              BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr, SOFTCAP: tl.constexpr, CLEAN: tl.constexpr,
+              KEXT: tl.constexpr = False):
     """One key tile of `_attn_fwd_kernel`, from key start_n: returns the updated m_i, l_i, r_i, acc.
-    CLEAN: the tile lies in the clean run of every row, so the mask is not read."""
+    CLEAN: the tile lies in the clean run of every row, so the mask is not read. KEXT: l2's raw
+    is in half units, q.k - |k|^2/2, the second term from the key parts at kvec_base
+    (`_add_key_parts`); scale_k is then twice the scale's."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, EVEN_N, HEAD_DIM == D_PAD)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-    if METRIC == 1:
+    if METRIC == 1 and KEXT:
+        raw = _add_key_parts(qk, kvec_base, offs_n, N_K, EVEN_N, DOT_PREC, BLOCK_M)
+    elif METRIC == 1:
         kn = tl.load(kvec_base + offs_n, mask=offs_n < N_K, other=0.0)
         raw = 2.0 * qk - kn[None, :]
     elif SOFTCAP:
@@ -489,7 +514,7 @@ def _attn_fwd_kernel(
     STATS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_IF: tl.constexpr = 0,
     DROP_BITS: tl.constexpr = 16, SOFTCAP: tl.constexpr = False, SKIP: tl.constexpr = False,
-    SINK: tl.constexpr = False, WIDE: tl.constexpr = False,
+    SINK: tl.constexpr = False, WIDE: tl.constexpr = False, KEXT: tl.constexpr = False,
 ):
     """Forward of dot / l2 / cosine attention for one block of BLOCK_M queries of one (b, h).
 
@@ -497,6 +522,7 @@ def _attn_fwd_kernel(
     Q:     (B, H, Nq, D) strides sq*;  K: (B, Hkv, Nk, D) strides sk*;  V: (B, Hkv, Nk, Dv) sv*.
     SCALE: (H,) fp32, the per-head scale s.
     KVEC:  (B*Hkv, Nk) fp32: |k|^2 for l2 (summed in fp32 from the un-rounded k); unused otherwise.
+           With KEXT, l2's (B*Hkv, Nk, L2_PARTS_WIDTH) key parts instead (`l2_key_parts`).
            For cosine, Q and K arrive already normalized (`_prepass`), so the kernel is the dot one.
     MASK:  (B, H, Nq, Nk) broadcast view, strides sm* (0 on broadcast dims); unused if MASK_KIND 0.
     MASK_FLAGS: int32 flags of a bool mask's layout (`mask_layout_flags`): skip or triangle-test.
@@ -529,9 +555,11 @@ def _attn_fwd_kernel(
         scale_k = _kernel_scale(cap, MASK_KIND)
     else:
         scale_k = _kernel_scale(scale, MASK_KIND)
+        if METRIC == 1 and KEXT:  # raw scores in half units: twice the factor, exactly
+            scale_k = scale_k * 2.0
 
     q = _load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, N_Q, HEAD_DIM, EVEN_M, HEAD_DIM == D_PAD)
-    kvec_base = KVEC + (b * (H // GROUP) + hk) * N_K
+    kvec_base = KVEC + (b * (H // GROUP) + hk) * N_K * (L2_PARTS_WIDTH if KEXT else 1)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
@@ -553,9 +581,11 @@ def _attn_fwd_kernel(
                 start_n, q, m_i, l_i, r_i, acc, k_base, v_base, kvec_base, mask_base, skn, skd, svn, svd, smm, smn,
                 offs_m, offs_d, offs_dv, N_Q, N_K, scale, scale_k, cap, seed, bh, threshold, HEAD_DIM, HEAD_DIM_V,
                 D_PAD, DV_PAD, METRIC, MASK_KIND, CAUSAL, DROPOUT, STATS, EVEN_N, DOT_PREC, BLOCK_M, BLOCK_N,
-                DROP_BITS, SOFTCAP, span == 1)
+                DROP_BITS, SOFTCAP, span == 1, KEXT)
     if DROPOUT:  # kept probabilities scale by 1/(1-p): once per row here, not per element above
         acc = acc * (1.0 / (1.0 - dropout_p))
+    if METRIC == 1 and KEXT:  # E_p[raw] in whole units, as every reader of RBAR takes it
+        r_i = r_i * 2.0
     _fwd_epilogue(acc, m_i, l_i, r_i, OUT, RBAR, STATS_M, STATS_L, b, h, bh, offs_m, offs_dv, sob, soh, som, sod,
                   N_Q, HEAD_DIM_V, MASK_KIND)
 
@@ -1082,9 +1112,10 @@ def _feasible(cfg: dict, metric: str, d_pad: int, elem_bytes: int) -> bool:
     """Drop tiles whose accumulators or shared memory cannot fit: per thread, at most
     _ACC_PER_THREAD fp32 elements of each kernel's accumulators (the forward's output rows and its
     score tile, dK/dV's two gradients of its keys, dQ's query rows), and the forward's K/V stages
-    within 160 KB of shared memory."""
+    within 160 KB of shared memory (with l2's key parts, at most 64 bytes a key)."""
     bm, bn, w = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]
-    if bn * d_pad * cfg["num_stages"] * elem_bytes * 2 > 160 * 1024 or bm < 16 * w // 4:
+    key_bytes = d_pad * elem_bytes * 2 + (4 * L2_PARTS_WIDTH.value if metric == "l2" else 0)
+    if bn * key_bytes * cfg["num_stages"] > 160 * 1024 or bm < 16 * w // 4:
         return False
     if max(bm * bn, bm * d_pad) // (32 * w) > _ACC_PER_THREAD:
         return False
@@ -1211,15 +1242,15 @@ def _dot_prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _prepass(metric, q, k):
+def _prepass(metric, q, k, key_parts=False):
     """Per-row fp32 vectors the kernels need, and the q/k they should read.
-    l2: kvec = |k|^2 (fp32 sum of the exact input values). cosine: q^ = q / max(|q|, eps) and k^
-    likewise, normalized in fp32 and rounded once to the input dtype, with qvec/kvec the clamped
-    norms for the backward's projection. One O(N) pass instead of re-normalizing every key tile in
-    every query program."""
+    l2: kvec = |k|^2 (fp32 sum of the exact input values), or with key_parts the forward's KEXT
+    form of it (`l2_key_parts`). cosine: q^ = q / max(|q|, eps) and k^ likewise, normalized in fp32
+    and rounded once to the input dtype, with qvec/kvec the clamped norms for the backward's
+    projection. One O(N) pass instead of re-normalizing every key tile in every query program."""
     dummy = torch.empty(1, device=q.device, dtype=torch.float32)
     if metric == "l2":
-        return q, k, dummy, row_dot(k, k)
+        return q, k, dummy, (l2_key_parts(k) if key_parts else row_dot(k, k))
     if metric == "cosine":
         (qh, qn), (kh, kn) = normalize_rows(q), normalize_rows(k)
         return qh, kh, qn, kn
@@ -1497,6 +1528,17 @@ def _mask_row_ranges_kernel(MASK, ROWS, FLAGS, H_M, N_Q, N_K, smb, smh, smm, smn
 # Masks this small are read whole: finding their ranges would cost about what skipping saves.
 # TRUTHFUSE_MASK_SKIP=0 turns block skipping off (read at import).
 _RANGES_MIN_ENTRIES = 1 << 20 if env_switch("TRUTHFUSE_MASK_SKIP") else float("inf")
+# TRUTHFUSE_L2_KEY_PARTS=0: the l2 forward always adds |k|^2 by an FMA per score, never by the
+# key parts' product (KEXT, `_key_parts_pay`)
+L2_KEY_PARTS_ON = env_switch("TRUTHFUSE_L2_KEY_PARTS")
+
+
+def _key_parts_pay(cfg: dict, device_type: str) -> bool:
+    """Whether the l2 forward takes -|k|^2/2 from the key parts' product (KEXT) at this tile. On an
+    H200 (docs/performance.md) the 8-warp m128n64 tiles, the defaults at head dims 64 and 256, ran
+    9% and 2-3% faster with it; the 4-warp m64n64 tile of head dim 128 ran 20% slower, so other
+    tiles keep the FMA. The interpreter takes it, so that the tests cover the form."""
+    return L2_KEY_PARTS_ON and (device_type == "cpu" or (cfg["BLOCK_M"] >= 128 and cfg["num_warps"] >= 8))
 
 
 def ranges_layout(mask, B, H, Nq, Nk, metric="dot"):
@@ -1607,7 +1649,9 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
     row_stats = new_row_stats(B, H, Nq, q.device)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (cdiv(Nq, bm), B * H)
-    q, k, _qvec, kvec = _prepass(metric, q, k)
+    split = split_applies(Nq, H // Hkv, dropout_p)
+    key_parts = metric == "l2" and not split and _key_parts_pay(cfg, q.device.type)  # split: |k|^2
+    q, k, _qvec, kvec = _prepass(metric, q, k, key_parts)
     seed_t = seed_arg(seed if dropout_p > 0 else None, q)
     kept = None
     if mask is not None and (ranges is None or ranges.numel()):
@@ -1615,8 +1659,8 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
         kept = (_call_ranges(m4, mask, B, H, Nq, Nk, metric, None) if ranges is None
                 else MaskRanges.compute(m4, B, H, Nq, Nk, out=ranges))
     flags, launches = mask_launches(mask, Nq, Nk, causal, q.device, kept)
-    wide = wide_offsets(q, k, v, out, mask)
-    if split_applies(Nq, H // Hkv, dropout_p):
+    wide = wide_offsets(q, k, v, out, mask, kvec)  # kvec: the parts have 16 values a key
+    if split:
         # it reads every key: kept ranges, if computed above, only serve the backward
         _split_forward(q, k, v, scale, kvec, flags, launches, out, row_stats, metric, stats, softcap, sinks)
         return out, row_stats
@@ -1632,7 +1676,7 @@ def attention_forward(q, k, v, scale, *, metric="dot", causal=False, mask=None, 
             METRIC=METRIC_IDS[metric], MASK_KIND=mkind, CAUSAL=l_causal, DROPOUT=dropout_p > 0, STATS=stats,
             EVEN_M=Nq % bm == 0, EVEN_N=Nk % bn == 0, DOT_PREC=_dot_prec(q.dtype),
             BLOCK_M=bm, BLOCK_N=bn, RUN_IF=run_if, DROP_BITS=DROPOUT_BITS, SOFTCAP=softcap > 0,
-            SKIP=ranges_used is not None, SINK=sinks is not None, num_warps=cfg["num_warps"],
+            SKIP=ranges_used is not None, SINK=sinks is not None, KEXT=key_parts, num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"], **wide,
         )
     return out, row_stats
@@ -1785,6 +1829,38 @@ def _row_dot_kernel(A, B, OUT, H, N, sab, sah, sam, sad, sbb, sbh, sbm, sbd,
     tl.store(OUT + bh * N + offs_m, tl.sum(a * c, axis=1), mask=offs_m < N)
 
 
+@triton.jit
+def _l2_key_parts_kernel(K, PARTS, H, N, skb, skh, skn, skd, D: tl.constexpr, D_PAD: tl.constexpr,
+                         BLOCK: tl.constexpr, WIDE: tl.constexpr = False):
+    """PARTS[b*H + h, n, :] = -|K[b, h, n]|^2 / 2 (summed in fp32) as L2_KEY_PARTS values in PARTS'
+    dtype that add up to it (each the rounding of what the ones before leave), then zeros."""
+    k, bh, offs_n, _, _ = _row_tile(K, H, N, skb, skh, skn, skd, D, D_PAD, BLOCK, WIDE)
+    rest = -0.5 * tl.sum(k * k, axis=1)
+    cols = tl.arange(0, L2_PARTS_WIDTH)
+    parts = tl.zeros([BLOCK, L2_PARTS_WIDTH], tl.float32)
+    for i in tl.static_range(L2_KEY_PARTS):
+        part = rest.to(PARTS.dtype.element_ty).to(tl.float32)
+        parts = tl.where(cols[None, :] == i, part[:, None], parts)
+        # exact: what rounding to fewer bits leaves is an fp32 value; 0 after an infinite |k|^2
+        # (inf - inf would make the later parts NaN, and the row's sum with them)
+        rest = tl.where(part == rest, 0.0, rest - part)
+    ptrs = PARTS + (bh * N + offs_n[:, None]) * L2_PARTS_WIDTH + cols[None, :]
+    tl.store(ptrs, parts.to(PARTS.dtype.element_ty), mask=offs_n[:, None] < N)
+
+
+def l2_key_parts(k):
+    """(B*Hkv, Nk, L2_PARTS_WIDTH) -|k|^2 / 2 per key in parts for the forward's KEXT form: bf16 for
+    16-bit k (fp16's range is too narrow for |k|^2; three bf16 parts carry fp32's 24 bits), fp32
+    (one part) for fp32 k."""
+    B, H, N, D = k.shape
+    dtype = torch.float32 if k.dtype == torch.float32 else torch.bfloat16
+    parts = torch.empty(B * H, N, L2_PARTS_WIDTH.value, device=k.device, dtype=dtype)
+    block = _rows_per_program(D)
+    _launch_l2_key_parts[(cdiv(N, block), B * H)](k, parts, H, N, *k.stride(), D=D, D_PAD=_pad_dim(D), BLOCK=block,
+                                                  num_warps=4, **wide_offsets(k, parts))
+    return parts
+
+
 def row_dot(a, b):
     """(B*H, N) fp32 row sums of a * b for two (B, H, N, Dv) tensors of any strides: one launch
     instead of eager's casts, product and sum."""
@@ -1886,5 +1962,6 @@ _launch_attn_fwd = KernelLauncher(_attn_fwd_kernel)
 _launch_attn_fwd_split = KernelLauncher(_attn_fwd_split_kernel)
 _launch_split_combine = KernelLauncher(_attn_split_combine_kernel)
 _launch_row_dot = KernelLauncher(_row_dot_kernel)
+_launch_l2_key_parts = KernelLauncher(_l2_key_parts_kernel)
 _launch_attn_bwd_dkdv = KernelLauncher(_attn_bwd_dkdv_kernel)
 _launch_attn_bwd_dq = KernelLauncher(_attn_bwd_dq_kernel)

@@ -1341,3 +1341,79 @@ def test_split_forward_with_kept_ranges_for_the_backward(monkeypatch):
     mask[1, 0, 1] = False  # a row that keeps nothing
     assert tc.ranges_layout(mask, 2, 4, Nq, Nk) is not None and tc.split_applies(Nq, 2, 0.0)
     _masked_call_matches_float64(q, k, v, mask, "dot", None, enable_gqa=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_l2_key_parts_add_up_to_half_the_squared_norm(dtype):
+    """The l2 forward's key parts (`l2_key_parts`): bf16 for 16-bit keys, three of them carrying
+    fp32's 24 bits of -|k|^2/2; one fp32 part for fp32 keys; zeros in the rest of each row. An
+    overflowing |k|^2 gives -inf then zeros, not NaN."""
+    k = (torch.randn(2, 3, 37, 24) * 3).to(dtype)
+    k[1, 2, 5] = 1e4 if dtype == torch.float16 else 1e20
+    parts = tc.l2_key_parts(k)
+    n_parts = 1 if dtype == torch.float32 else 3
+    assert parts.dtype == (torch.float32 if dtype == torch.float32 else torch.bfloat16)
+    assert parts.shape == (6, 37, 16)
+    assert (parts[..., n_parts:] == 0).all()
+    half_sq = -0.5 * (k.double() ** 2).sum(-1).reshape(6, 37)
+    total = parts.double().sum(-1)
+    finite = torch.isfinite(half_sq.float())
+    assert (total[finite] - half_sq[finite]).abs().le(2.5e-7 * half_sq[finite].abs()).all()
+    if dtype == torch.float32:  # 1e20 squared overflows fp32, as eager's (q - k)**2 does
+        assert total[5, 5].item() == float("-inf")  # (b, h) = (1, 2): row 1 * 3 + 2, key 5
+        assert not parts.isnan().any()
+
+
+@pytest.mark.parametrize("case", ["plain", "causal_gqa", "bool_mask", "float_mask", "far_from_origin"])
+def test_l2_forward_key_parts_equal_the_fma_form(case, monkeypatch):
+    """The l2 forward adds -|k|^2/2 by a product with the key parts (KEXT) in half units, its
+    row statistic E_p[raw] stored back in whole units: outputs, row stats and E_p[raw] equal the
+    FMA-per-score form's and float64's, and the backward (which reads them) is unchanged."""
+    B, H, Hkv, Nq, Nk, D = 1, 4, 2 if case == "causal_gqa" else 4, 19, 37, 24
+    q, k, v = make(B, H, Hkv, Nq, Nk, D, D)
+    if case == "far_from_origin":
+        q, k = q + 3.0, k + 3.0
+    mask = None
+    if case == "bool_mask":
+        mask = torch.rand(B, 1, Nq, Nk) > 0.3
+    elif case == "float_mask":
+        mask = torch.randn(1, H, Nq, Nk)
+    scale = torch.rand(H) * 0.3 + 0.05
+    k_rep = k.repeat_interleave(H // Hkv, dim=1)
+    results = {}
+    for on in (True, False):
+        monkeypatch.setattr(tc, "L2_KEY_PARTS_ON", on)
+        out = torch.full((B, H, Nq, D), float("nan"))
+        _, stats = tc.attention_forward(q, k, v, scale, metric="l2", causal=case == "causal_gqa", mask=mask,
+                                        out=out, stats=True)
+        results[on] = (out, stats)
+    (out_p, st_p), (out_f, st_f) = results[True], results[False]
+    assert torch.isfinite(out_p).all() and torch.isfinite(st_p).all()
+    torch.testing.assert_close(out_p, out_f, atol=2e-6, rtol=2e-5)
+    torch.testing.assert_close(st_p, st_f, atol=2e-5, rtol=2e-5)
+    logits = -scale.double().view(1, H, 1, 1) * ((q.double()[..., :, None, :] - k_rep.double()[..., None, :, :]) ** 2).sum(-1)
+    if case == "causal_gqa":
+        logits = logits.masked_fill(torch.ones(Nq, Nk, dtype=torch.bool).triu(1), float("-inf"))
+    elif case == "bool_mask":
+        logits = logits.masked_fill(~mask, float("-inf"))
+    elif case == "float_mask":
+        logits = logits + mask.double()
+    p = torch.softmax(logits, -1)
+    # off the origin the expanded form cancels (the op centres such inputs first; not here)
+    assert rel(out_p, p @ v.repeat_interleave(H // Hkv, dim=1).double()) < (2e-5 if case == "far_from_origin" else 2e-6)
+    # the kernels' raw score: 2 q.k - |k|^2 (|q|^2 cancels in the softmax)
+    q64, k64 = q.double(), k_rep.double()
+    raw = 2 * q64 @ k64.transpose(-2, -1) - (k64 ** 2).sum(-1)[..., None, :]
+    expected_rbar = (p * raw).sum(-1).reshape(B * H, Nq)
+    torch.testing.assert_close(st_p[1].double(), expected_rbar, atol=1e-3, rtol=1e-4)
+
+
+def test_l2_key_whose_squared_norm_overflows_gets_no_weight():
+    """A key of 1e20 (|k|^2 overflows fp32, as eager's (q - k)**2 does): eager gives it weight 0
+    and the rest a finite softmax; the key parts must not turn its -inf into NaN."""
+    q, k, v = make(1, 2, 2, 9, 15, 16, 16)
+    k[0, 1, 4] = 1e20
+    out = attention(q, k, v, metric="l2", scale=0.4)
+    eager = torch.softmax(-0.4 * ((q[..., :, None, :] - k[..., None, :, :]) ** 2).sum(-1), -1) @ v
+    assert torch.isfinite(eager).all()
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-4)
