@@ -4,8 +4,9 @@
         [--metric l2] [--mask none|bool|float] [--causal] [--dropout] [--config KEY]
 
 Triton compiles for a target given by name (here sm_90, the H100) without a device, and ptxas
-reports what each kernel uses, so a change that makes a kernel spill registers shows on a CPU-only
-machine before any device time is spent. Speed still has to be measured on the device.
+reports what each kernel uses, so a change that makes a kernel spill registers, or makes ptxas
+serialize its wgmma products (advisory C7515), shows on a CPU-only machine before any device time
+is spent. Speed still has to be measured on the device.
 """
 from __future__ import annotations
 
@@ -92,6 +93,8 @@ def compile_report(fn, args: dict, constexprs: dict, num_warps: int, num_stages:
     return dict(registers=int(regs.group(1)) if regs else None,
                 spill_store_bytes=int(spill_st.group(1)) if spill_st else 0,
                 spill_load_bytes=int(spill_ld.group(1)) if spill_ld else 0,
+                # ptxas's advisory C7515: it waits on every wgmma at once, so no product overlaps
+                wgmma_serialized="C7515" in out,
                 shared_bytes=kernel.metadata.shared, opcodes=_opcode_counts(sass))
 
 
@@ -178,7 +181,8 @@ def main():
           f"config={tc.config_key(cfg)}")
     for name, r in reports.items():
         print(f"  {name:5s} registers {r['registers']}, spills {r['spill_store_bytes']} B stored / "
-              f"{r['spill_load_bytes']} B loaded, shared {r['shared_bytes']} B")
+              f"{r['spill_load_bytes']} B loaded, shared {r['shared_bytes']} B"
+              + (", wgmma serialized by ptxas" if r["wgmma_serialized"] else ""))
         if a.sass:
             top = sorted(r["opcodes"].items(), key=lambda kv: -kv[1])
             print("        " + " ".join(f"{k}:{v}" for k, v in top[:16]) + f"  total {sum(r['opcodes'].values())}")
