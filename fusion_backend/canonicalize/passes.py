@@ -10,7 +10,8 @@ Canonical vocabulary (all positional, dims negative where the rank is known):
                                     viewed back (Swin V2's window mask, LED's mask): one term
     torch.transpose(x, d0, d1)      transpose, swapaxes, .t(), .T (2-D), .mT, a permute that swaps two dims
     torch.mul(x, s)                 *, mul, and / by s (as * 1/s), unary minus (as * -1.0)
-    torch.add(a, b), torch.sub(a, b)
+    torch.add(a, b), torch.sub(a, b)  a broadcast difference read only by ** 2 or abs() with the
+                                    query first: (k - q) ** 2 as (q - k) ** 2
     torch.softmax(x, dim)           F.softmax / Tensor.softmax; a dtype= becomes a cast before it
     torch.Tensor.to(x, dtype)       .float(), .half(), .to(dtype), .type(dtype), .type_as(t)
     F.dropout(x, p, True)           functional, module and torch.dropout; eval-mode dropout and
@@ -1156,6 +1157,25 @@ _SQRT_HALF = math.sqrt(0.5)
 _RESHAPES = ({"view", "reshape"}, {torch.reshape})
 
 
+def _even_differences_query_first(rw: _Rewriter) -> None:
+    """k[..., None, :, :] - q[..., :, None, :] (the key first) read only by ** 2 or abs() becomes
+    q[..., :, None, :] - k[..., None, :, :]: a - b is -(b - a) exactly, and both functions are even,
+    so the squares and absolute values are the same bit for bit, as are the gradients (pow's
+    2 * diff and abs's sign change sign, and sub's backward sends them to the other operand
+    negated). The spelling the broadcast L2 and L1 rules have: (k - q) ** 2 was kept unseen."""
+    for node in list(rw.graph.nodes):
+        if not (_call_to(node, torch.sub) and len(node.args) == 2) or node.meta.get(WITHOUT_GRAD):
+            continue
+        a, b = node.args
+        if not (_call_to(a, torch.unsqueeze) and a.args[1:] == (-3,)
+                and _call_to(b, torch.unsqueeze) and b.args[1:] == (-2,)):
+            continue
+        even = [u for u in node.users if (_call_to(u, torch.pow) and u.args[1:] == (2,))
+                or (_call_to(u, torch.abs) and len(u.args) == 1)]
+        if node.users and len(even) == len(node.users) and not node.meta.get(WRITTEN_IN_PLACE):
+            rw.replace(node, torch.sub, (b, a))
+
+
 def _same_size(a: Any, b: Any) -> bool:
     """a == b for every size the graph accepts (no guard is added)."""
     if isinstance(a, int) and isinstance(b, int):
@@ -2089,6 +2109,7 @@ def canonicalize(graph: fx.Graph) -> int:
         if node.graph is graph and node in graph.nodes:
             _canonical_node(rw, node)
     _fold_scalar_products(rw)
+    _even_differences_query_first(rw)
     _drop_identity_reshapes(rw)
     _unfold_heads_from_batch(rw)
     _terms_added_through_a_split_batch(rw)

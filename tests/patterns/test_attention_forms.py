@@ -1001,6 +1001,29 @@ def test_l1(form, lam):
     assert_matches_eager(model, *qkv())
 
 
+class _KeyMinusQuery(nn.Module):
+    """The broadcast distances written with the key first: (k_j - q_i) ** 2 and |k_j - q_i|, the
+    same numbers as (q_i - k_j) bit for bit."""
+
+    def __init__(self, metric):
+        super().__init__()
+        self.metric = metric
+        self.lam = nn.Parameter(torch.tensor(0.3) + 0.05 * torch.rand(()))
+
+    def forward(self, q, k, v):
+        diff = k[..., None, :, :] - q[..., :, None, :]
+        d = diff.pow(2).sum(-1) if self.metric == "l2" else diff.abs().sum(dim=-1)
+        return torch.softmax(-self.lam * d, dim=-1) @ v
+
+
+@pytest.mark.parametrize("metric", ["l2", "l1"])
+def test_distance_written_key_minus_query(metric):
+    model = _KeyMinusQuery(metric)
+    inputs = qkv(T=6, S=5)
+    assert_fused(model, *inputs, variant=metric, rule=f"attention.{metric}_broadcast")
+    assert_matches_eager(model, *inputs)
+
+
 @pytest.mark.parametrize("kind", ["scalar", "per_head", "swin"])
 def test_cosine(kind):
     model = CosineAttention(swin=kind == "swin", lam=kind)
