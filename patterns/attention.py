@@ -110,13 +110,27 @@ def l2_broadcast_pattern(q, k, v, bias0, scale, scale2, mask_a, fill_a, bias2, b
     return _scores_to_output(d2, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
 
 
-def l2_expanded_pattern(q, k, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim):
-    # |q|^2 - 2 q.k + |k|^2, with the norms kept as (..., N, 1) columns
-    qq = torch.sum(torch.pow(q, 2), -1, True)
-    kk = torch.sum(torch.pow(k, 2), -1, True)
-    qk = torch.matmul(q, torch.transpose(k, -2, -1))
-    d2 = torch.add(torch.sub(qq, torch.mul(qk, 2)), torch.transpose(kk, -2, -1))
-    return _scores_to_output(d2, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
+def _l2_expanded(norms_first: bool, key_norms_row: bool):
+    """|q|^2 - 2 q.k + |k|^2 with |q|^2 a (..., N, 1) column and |k|^2 a row: the column transposed
+    (key_norms_row=False) or the sums unsqueezed at -2 (`k.pow(2).sum(-1)[..., None, :]`), and the
+    terms in either order Python groups them: (qq - 2 qk) + kk, or (qq + kk) - 2 qk
+    (norms_first, as k-nearest-neighbour code writes it). `(2 * q) @ k.mT` and
+    `qq.sum(-1).unsqueeze(-1)` are canonicalized to these spellings."""
+    def pattern(q, k, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim):
+        qq = torch.sum(torch.pow(q, 2), -1, True)
+        if key_norms_row:
+            kk = torch.unsqueeze(torch.sum(torch.pow(k, 2), -1, False), -2)
+        else:
+            kk = torch.transpose(torch.sum(torch.pow(k, 2), -1, True), -2, -1)
+        two_qk = torch.mul(torch.matmul(q, torch.transpose(k, -2, -1)), 2)
+        d2 = torch.sub(torch.add(qq, kk), two_qk) if norms_first else torch.add(torch.sub(qq, two_qk), kk)
+        return _scores_to_output(d2, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
+    pattern.__name__ = pattern.__qualname__ = (
+        "l2_expanded" + ("_norms_first" if norms_first else "") + ("_row" if key_norms_row else "") + "_pattern")
+    return pattern
+
+
+l2_expanded_pattern = _l2_expanded(norms_first=False, key_norms_row=False)
 
 
 def l1_cdist_pattern(q, k, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim):
@@ -860,6 +874,9 @@ RULES = [
     _rule("attention.l2_cdist", "l2", l2_cdist_pattern, (check_distance_scale,)),
     _rule("attention.l2_broadcast", "l2", l2_broadcast_pattern, (check_distance_scale,)),
     _rule("attention.l2_expanded", "l2", l2_expanded_pattern, (check_distance_scale,), priority=110),
+    *(_rule(f"attention.l2_expanded{'_norms_first' if first else ''}{'_row' if row else ''}", "l2",
+            _l2_expanded(first, row), (check_distance_scale,), priority=110)
+      for first, row in ((False, True), (True, False), (True, True))),
     _rule("attention.l1_cdist", "l1", l1_cdist_pattern, (check_distance_scale,)),
     _rule("attention.l1_broadcast", "l1", l1_broadcast_pattern, (check_distance_scale,)),
     _rule("attention.cosine", "cosine", cosine_pattern, (check_cosine_eps,), priority=110),

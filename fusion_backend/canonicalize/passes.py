@@ -9,7 +9,9 @@ Canonical vocabulary (all positional, dims negative where the rank is known):
     torch.add(scores, term)         terms added to (B*nW, ...) scores through a (B, nW, ...) view and
                                     viewed back (Swin V2's window mask, LED's mask): one term
     torch.transpose(x, d0, d1)      transpose, swapaxes, .t(), .T (2-D), .mT, a permute that swaps two dims
-    torch.mul(x, s)                 *, mul, and / by s (as * 1/s), unary minus (as * -1.0)
+    torch.mul(x, s)                 *, mul, and / by s (as * 1/s), unary minus (as * -1.0); a
+                                    subtracted product of a doubled operand as the product doubled
+                                    (|q|^2 - 2 * q @ k.mT: (2 * q) @ k.mT as (q @ k.mT) * 2)
     torch.add(a, b), torch.sub(a, b)  a broadcast difference read only by ** 2 or abs() with the
                                     query first: (k - q) ** 2 as (q - k) ** 2
     torch.softmax(x, dim)           F.softmax / Tensor.softmax; a dtype= becomes a cast before it
@@ -25,7 +27,8 @@ Canonical vocabulary (all positional, dims negative where the rank is known):
     F.gelu(x, approximate=a)        F.gelu, nn.GELU, and 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x**3)))
                                     written out (HF gelu_new) as approximate="tanh", and
                                     0.5*x*(1+erf(x/sqrt(2))) (HF gelu_python) as approximate="none"
-    torch.pow, torch.sum, torch.abs, torch.exp, torch.clamp, torch.cdist, F.normalize,
+    torch.sum(x, d, keepdim)        x.sum(d).unsqueeze(d) (and x.sum(-1)[..., None]) as keepdim=True
+    torch.pow, torch.abs, torch.exp, torch.clamp, torch.cdist, F.normalize,
     torch.relu, F.silu, torch.tanh, torch.sigmoid, torch.erf (function or method)
     softmax_with_sinks(s, sinks, shifted, dtype)
                                     softmax(cat([s, sinks per head], -1) [- row max], -1)[..., :-1]
@@ -1176,6 +1179,60 @@ def _even_differences_query_first(rw: _Rewriter) -> None:
             rw.replace(node, torch.sub, (b, a))
 
 
+def _sums_kept_as_unsqueezed(rw: _Rewriter) -> None:
+    """x.sum(d).unsqueeze(d) (also x.sum(-1)[..., None]) becomes x.sum(d, keepdim=True): the same
+    sums into a contiguous tensor of the same shape and strides, forward and backward. The
+    spelling the expanded L2 rules have for |q|^2 as a column."""
+    for node in list(rw.graph.nodes):
+        if not (_call_to(node, torch.unsqueeze) and len(node.args) == 2):
+            continue
+        total, dim = node.args
+        if not (_call_to(total, torch.sum) and len(total.args) == 3 and total.args[1:] == (dim, False)
+                and isinstance(dim, int) and not isinstance(dim, bool) and dim < 0 and len(total.users) == 1):
+            continue
+        value = example_value(total)
+        if isinstance(value, torch.Tensor) and not value.is_contiguous():
+            continue  # strides of its own: unsqueeze's would follow them, keepdim's would not
+        if any(n.meta.get(WITHOUT_GRAD) or n.meta.get(WRITTEN_IN_PLACE) for n in (node, total)) or \
+                not _same_mode(node, total) or \
+                (rw.writes_marked and _read_moved_across_a_write((total.args[0],), None, node)):
+            continue
+        rw.replace(node, torch.sum, (total.args[0], dim, True))
+        rw.erase(total)
+
+
+def _operand_scaled_after_product(rw: _Rewriter) -> None:
+    """The 2 q.k that an expanded squared distance subtracts, written `2 * q @ k.mT` (Python reads
+    (2 * q) @ k.mT), becomes (q @ k.mT) * 2, the spelling of the expanded L2 rules: matmul(x * 2, y)
+    whose only use is as the subtrahend of a sub. Doubling is exact, so the product and its
+    gradients are the same bit for bit short of overflow (an fp16 2 * x past 32752 is inf, which
+    x @ y * 2 need not be): `restore_spellings` puts the doubled operand back where no site takes
+    the product. Other products keep their operands: a scale moved behind one would stand between
+    the scores and a mask added to them (`-2 * q @ k.mT + |k|^2`, dot-product attention with |k|^2
+    as a bias), and a product with a weight is a Linear."""
+    for node in list(rw.graph.nodes):
+        if not (_call_to(node, torch.matmul) and len(node.args) == 2):
+            continue
+        scaled, y = node.args
+        users = list(node.users)
+        if not (len(users) == 1 and _call_to(users[0], torch.sub) and len(users[0].args) == 2
+                and users[0].args[1] is node and users[0].args[0] is not node):
+            continue
+        if not (_call_to(scaled, torch.mul) and len(scaled.args) == 2 and len(scaled.users) == 1):
+            continue
+        x, c = scaled.args
+        if not (isinstance(x, Node) and _floating(x) and _same_dtype(x, scaled) and _is_number(c) and c == 2):
+            continue
+        if _is_weight(y) or any(key in scaled.meta for key in (DIVIDED_BY, FOLDED, RESPELLED)):
+            continue
+        if any(n.meta.get(WITHOUT_GRAD) or n.meta.get(WRITTEN_IN_PLACE) for n in (node, scaled)) or \
+                not _same_mode(node, scaled) or (rw.writes_marked and _read_moved_across_a_write((x,), None, node)):
+            continue
+        product = rw.emit(node, torch.matmul, (x, y), meta_from=node)
+        rw.replace(node, torch.mul, (product, c)).meta[RESPELLED] = "operand scaled"
+        rw.erase(scaled)
+
+
 def _same_size(a: Any, b: Any) -> bool:
     """a == b for every size the graph accepts (no guard is added)."""
     if isinstance(a, int) and isinstance(b, int):
@@ -1858,7 +1915,7 @@ RESPELLED = "truthfuse_respelled"
 `torch.pow(x, 2)`, ("dtype", d) on the `torch.softmax` of a `softmax(x, dim, dtype=d)`,
 ("baddbmm", beta, alpha) on the sum a baddbmm became (its rounding in 16-bit floats), ("written
 out", recipe) on the `F.gelu` of a GELU written out (`_written_out`: its rounding, and pow's fp32
-under CUDA autocast). CUDA
+under CUDA autocast), "operand scaled" on the (x @ y) * 2 of a (2 * x) @ y (its overflow). CUDA
 autocast treats the spellings apart (pow and a softmax without dtype= compute in fp32, x * x and
 softmax(x, dtype=bf16) in bf16), so outside the fused sites they are put back
 (`restore_spellings`)."""
@@ -1952,6 +2009,20 @@ def restore_spellings(graph: fx.Graph) -> int:
                 if "example_value" in node.meta:
                     x.meta["example_value"] = node.meta["example_value"]
             target, args, kwargs = torch.mul, (x, factors[-1]), {}
+        elif respelled == "operand scaled" and node.target is torch.mul and len(node.args) == 2 and \
+                _call_to(node.args[0], torch.matmul) and len(node.args[0].args) == 2 and len(node.args[0].users) == 1:
+            product, factor = node.args  # (x @ y) * c back to (x * c) @ y (`_operand_scaled_after_product`)
+            x, y = product.args
+            with graph.inserting_before(product):
+                scaled = graph.call_function(torch.mul, (x, factor))
+            scaled.meta.update({k: v for k, v in product.meta.items() if k not in ("example_value", "val", RESPELLED)})
+            if isinstance(x, Node) and "example_value" in x.meta:
+                scaled.meta["example_value"] = x.meta["example_value"]
+            product.args = (scaled, y)
+            node.replace_all_uses_with(product)
+            graph.erase_node(node)
+            restored += 1
+            continue
         elif respelled == "x * x" and node.target is torch.pow and node.args[1:] == (2,):
             target, args, kwargs = torch.mul, (node.args[0], node.args[0]), {}
         elif isinstance(respelled, tuple) and respelled[0] == "dtype" and node.target is torch.softmax \
@@ -2110,6 +2181,8 @@ def canonicalize(graph: fx.Graph) -> int:
             _canonical_node(rw, node)
     _fold_scalar_products(rw)
     _even_differences_query_first(rw)
+    _sums_kept_as_unsqueezed(rw)
+    _operand_scaled_after_product(rw)
     _drop_identity_reshapes(rw)
     _unfold_heads_from_batch(rw)
     _terms_added_through_a_split_batch(rw)

@@ -2,6 +2,7 @@
 matches eager in outputs and gradients (fp32, Triton interpreter). One small model per form."""
 import copy
 import math
+import operator
 
 import pytest
 import torch
@@ -1022,6 +1023,58 @@ def test_distance_written_key_minus_query(metric):
     inputs = qkv(T=6, S=5)
     assert_fused(model, *inputs, variant=metric, rule=f"attention.{metric}_broadcast")
     assert_matches_eager(model, *inputs)
+
+
+class _ExpandedL2(nn.Module):
+    """softmax(-lam * (|q|^2 - 2 q.k + |k|^2)) v, the norms and the product spelled as plain PyTorch
+    code spells them: `2 * q @ k.mT` (Python reads (2 * q) @ k.mT), the norms as rows and columns
+    by unsqueeze or None-indexing, and the two norms added first (k-nearest-neighbour code)."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+        self.lam = nn.Parameter(torch.tensor(0.3) + 0.05 * torch.rand(()))
+
+    def forward(self, q, k, v):
+        qq, kk = (q ** 2).sum(-1), (k ** 2).sum(-1)
+        if self.spelling == "operand_doubled":
+            d2 = qq.unsqueeze(-1) - 2 * q @ k.mT + kk.unsqueeze(-1).mT
+        elif self.spelling == "norms_indexed":
+            d2 = qq[..., :, None] - 2 * (q @ k.transpose(-2, -1)) + kk[..., None, :]
+        elif self.spelling == "norms_first":
+            d2 = q.pow(2).sum(-1, keepdim=True) + k.pow(2).sum(-1, keepdim=True).mT - (q @ k.mT) * 2
+        else:  # "knn": (x**2).sum(-1)[:, None] + (y**2).sum(-1)[None, :] - 2 * x @ y.T, per head
+            d2 = qq.unsqueeze(-1) + kk.unsqueeze(-2) - 2 * q @ k.mT
+        return torch.softmax(-self.lam * d2, dim=-1) @ v
+
+
+@pytest.mark.parametrize("spelling", ["operand_doubled", "norms_indexed", "norms_first", "knn"])
+def test_expanded_l2_as_written_by_hand(spelling):
+    model = _ExpandedL2(spelling)
+    inputs = qkv(T=6, S=5)
+    sites = assert_fused(model, *inputs, variant="l2")
+    assert all(s.rule.startswith("attention.l2_expanded") for s in sites if s.decision == "fused")
+    assert_matches_eager(model, *inputs)
+
+
+def test_operand_doubled_before_a_product_stays_as_written_where_nothing_fuses(inner_graphs):
+    """c - 2 * x @ y, (2 * x) @ y subtracted, is read as c - (x @ y) * 2 for the expanded distance;
+    where no site takes it, it goes on as written beside the attention that fuses (an fp16 2 * x
+    past 32752 is inf, which (x @ y) * 2 need not be)."""
+    def f(q, k, v, x, y):
+        return torch.softmax(q @ k.mT * 0.3, dim=-1) @ v, torch.relu(x.sum(-1, keepdim=True) - 2 * x @ y.mT)
+
+    inputs = (*qkv(T=6, S=5), torch.randn(3, 4, 8), torch.randn(3, 5, 8))
+    compiled = torch.compile(f, backend=fusion_backend.backend(**OPTIONS))
+    out, want = compiled(*inputs), f(*inputs)
+    torch.testing.assert_close(out[0], want[0])
+    torch.testing.assert_close(out[1], want[1], atol=0, rtol=0)
+    graph = inner_graphs[-1].graph
+    assert any(str(n.target).startswith("truthfuse") for n in graph.nodes if n.op == "call_function"), graph
+    products = [n for n in graph.nodes if n.op == "call_function" and n.target in (torch.matmul, operator.matmul)]
+    assert len(products) == 1, graph
+    scaled = products[0].args[0]
+    assert scaled.op == "call_function" and scaled.target in (torch.mul, operator.mul), graph
 
 
 @pytest.mark.parametrize("kind", ["scalar", "per_head", "swin"])
