@@ -16,7 +16,7 @@ and differs in how `hidden` is made, one pattern each:
 times six activations (GELU exact or tanh, ReLU, SiLU, SiLU written out as z * sigmoid(z), CLIP's
 quick_gelu, the squared ReLU): eighteen rules. Canonicalization makes them
 cover nn.Linear, F.linear, `x @ W (+ b)`, mm, HF Conv1D's addmm, the written-out GELUs (tanh:
-gelu_new; erf: gelu_python), `z.sigmoid()` as torch.sigmoid(z), module or functional dropout,
+gelu_new, gelu_fast; erf: gelu_python), `z.sigmoid()` as torch.sigmoid(z), module or functional dropout,
 eval-mode dropout (removed), and `up * act(gate)` in either operand order. The two Linears may
 live in different modules: the rules see Dynamo's flattened graph. A residual add is taken only when the residual has exactly the block's output
 shape (a broadcasting add is something else; BERT's `LayerNorm(x + residual)` keeps its

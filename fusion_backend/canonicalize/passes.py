@@ -25,7 +25,9 @@ Canonical vocabulary (all positional, dims negative where the rank is known):
                                     parameter, a following + b of shape (out,) as the bias
     torch.chunk(x, n, dim)          chunk, method or function
     F.gelu(x, approximate=a)        F.gelu, nn.GELU, and 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x**3)))
-                                    written out (HF gelu_new) as approximate="tanh", and
+                                    written out (HF gelu_new; also with the argument factored as
+                                    x*sqrt(2/pi)*(1+0.044715*x*x), HF gelu_fast) as
+                                    approximate="tanh", and
                                     0.5*x*(1+erf(x/sqrt(2))) (HF gelu_python) as approximate="none"
     torch.sum(x, d, keepdim)        x.sum(d).unsqueeze(d) (and x.sum(-1)[..., None]) as keepdim=True
     torch.pow, torch.abs, torch.exp, torch.clamp, torch.cdist, F.normalize,
@@ -1669,7 +1671,9 @@ def _scaled(node: Any, scale: float, tol: float = 0.0) -> Any:
 
 def _tanh_gelu_input(node: Node) -> Optional[Node]:
     """x when `node` is 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3))) (HF's
-    NewGELUActivation / gelu_new, GPT-2's MLP), in any operand order; None otherwise."""
+    NewGELUActivation / gelu_new, GPT-2's MLP), or the same with the tanh's argument factored as
+    x * sqrt(2/pi) * (1 + 0.044715 * x * x) (`_factored_tanh_argument`: HF's FastGELUActivation,
+    gelu_fast; Megatron's bias_gelu), in any operand order; None otherwise."""
     if not _call_to(node, torch.mul) or len(node.args) != 2:
         return None
     for half_x, one_plus in (node.args, node.args[::-1]):
@@ -1679,6 +1683,9 @@ def _tanh_gelu_input(node: Node) -> Optional[Node]:
         for one, t in (one_plus.args, one_plus.args[::-1]):
             if not (_is_number(one) and one == 1 and _call_to(t, torch.tanh)):
                 continue
+            factored = _factored_tanh_argument(t.args[0], x)
+            if factored is not None and all(len(n.users) == 1 for n in (half_x, one_plus, t) + factored):
+                return x
             inner = _scaled(t.args[0], _SQRT_2_OVER_PI, tol=1e-12)
             if not _call_to(inner, torch.add):
                 continue
@@ -1689,6 +1696,29 @@ def _tanh_gelu_input(node: Node) -> Optional[Node]:
                     chain = (half_x, one_plus, t, t.args[0], inner, cubic, cube)
                     if all(len(n.users) == 1 for n in chain):
                         return x
+    return None
+
+
+def _factored_tanh_argument(arg: Any, x: Node) -> Optional[tuple]:
+    """The nodes of `arg` when it is sqrt(2/pi) * x * (1 + 0.044715 * x * x), the tanh GELU's
+    argument as HF's FastGELUActivation (`x * 0.7978845608 * (1.0 + 0.044715 * x * x)`) and
+    Megatron's bias_gelu (`0.79788456 * x * (1 + 0.044715 * x * x)`) write it, x * x also as
+    x ** 2; None otherwise. Their sqrt(2/pi), rounded to 10 and 8 digits, is within 1e-8 of it:
+    under fp32's resolution, so the function is F.gelu's tanh form, up to rounding."""
+    if not (_call_to(arg, torch.mul) and len(arg.args) == 2):
+        return None
+    for scaled_x, poly in (arg.args, arg.args[::-1]):
+        if _scaled(scaled_x, _SQRT_2_OVER_PI, tol=1e-8) is not x or not (_call_to(poly, torch.add)
+                                                                        and len(poly.args) == 2):
+            continue
+        for one, quad in (poly.args, poly.args[::-1]):
+            if not (_is_number(one) and one == 1 and _call_to(quad, torch.mul) and len(quad.args) == 2):
+                continue
+            for a, b in (quad.args, quad.args[::-1]):
+                if b is x and _scaled(a, 0.044715) is x:  # (0.044715 * x) * x
+                    return (arg, scaled_x, poly, quad, a)
+                if _is_number(b) and b == 0.044715 and _call_to(a, torch.pow) and a.args == (x, 2):
+                    return (arg, scaled_x, poly, quad, a)  # 0.044715 * x ** 2 (and x * x * 0.044715)
     return None
 
 

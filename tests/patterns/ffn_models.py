@@ -15,10 +15,23 @@ def gelu_new(x):
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
+def gelu_fast(x):
+    """HF's FastGELUActivation ("gelu_fast"): the tanh GELU with sqrt(2/pi) * (x + 0.044715 x^3)
+    factored as x * 0.7978845608 * (1 + 0.044715 x^2)."""
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+def gelu_megatron(x):
+    """Megatron-LM's bias_gelu (without the bias): the same factoring, sqrt(2/pi) as 0.79788456."""
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
 ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_new": gelu_new,
+    "gelu_fast": gelu_fast,
+    "gelu_megatron": gelu_megatron,
     "relu": torch.relu,
     "silu": F.silu,
     "silu_written": lambda x: x * torch.sigmoid(x),  # hand-written SwiGLU MLPs
@@ -29,10 +42,12 @@ ACTIVATIONS = {
     "relu_pow": lambda x: torch.relu(x) ** 2,
 }
 # What explain() calls each activation (gelu_new, written out with tanh, is the tanh approximation).
-VARIANTS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "relu": "relu", "silu": "silu",
+VARIANTS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
+            "gelu_megatron": "gelu_tanh", "relu": "relu", "silu": "silu",
             "silu_written": "silu", "silu_method": "silu", "gelu_erf": "gelu", "quick_gelu": "quick_gelu",
             "relu2": "relu2", "relu_pow": "relu2"}
-GATED_VARIANTS = {"gelu": "geglu", "gelu_tanh": "geglu", "gelu_new": "geglu", "relu": "reglu", "silu": "swiglu",
+GATED_VARIANTS = {"gelu": "geglu", "gelu_tanh": "geglu", "gelu_new": "geglu", "gelu_fast": "geglu",
+                  "gelu_megatron": "geglu", "relu": "reglu", "silu": "swiglu",
                   "silu_written": "swiglu", "silu_method": "swiglu", "gelu_erf": "geglu", "quick_gelu": "quick_geglu",
                   "relu2": "relu2_glu", "relu_pow": "relu2_glu"}
 

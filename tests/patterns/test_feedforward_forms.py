@@ -124,8 +124,8 @@ def _x(*shape):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "gelu_new", "gelu_erf", "relu", "silu", "silu_written",
-                                 "silu_method", "quick_gelu", "relu2", "relu_pow"])
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "gelu_new", "gelu_fast", "gelu_megatron", "gelu_erf", "relu",
+                                 "silu", "silu_written", "silu_method", "quick_gelu", "relu2", "relu_pow"])
 def test_plain_activations(act, training):
     p = 0.0 if training else 0.1  # numerics need the dropouts off: p = 0, or eval mode
     check_form(MLP(act=act, p_hidden=p, p_out=p), _x(), training, VARIANTS[act])
@@ -164,8 +164,8 @@ def test_output_wider_than_input():
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("act", ["silu", "silu_written", "silu_method", "gelu", "gelu_new", "gelu_erf", "relu",
-                                 "quick_gelu", "relu2"])
+@pytest.mark.parametrize("act", ["silu", "silu_written", "silu_method", "gelu", "gelu_new", "gelu_fast", "gelu_erf",
+                                 "relu", "quick_gelu", "relu2"])
 def test_gated_two_projections(act, training):
     check_form(GatedMLP(act=act, bias=act != "silu", residual=act == "relu"), _x(), training,
                GATED_VARIANTS[act])
@@ -648,6 +648,27 @@ _ALPHA_GELUS = {
     # the exact GELU written out, `1 + erf(...)` spelled torch.add(erf(...), 1, alpha=2)
     "erf": lambda z: 0.5 * z * torch.add(torch.erf(z / math.sqrt(2.0)), 1, alpha=2),
 }
+
+
+_FACTORED_NEAR_GELUS = {
+    # gelu_fast's factoring with x^2 missing: sqrt(2/pi) * x * (1 + 0.044715 x) is no GELU
+    "linear": lambda z: 0.5 * z * (1.0 + torch.tanh(z * 0.7978845608 * (1.0 + 0.044715 * z))),
+    # ... with a constant that is not sqrt(2/pi)
+    "constant": lambda z: 0.5 * z * (1.0 + torch.tanh(z * 0.798 * (1.0 + 0.044715 * z * z))),
+    # ... and with x^2 taken of another tensor than x
+    "other": lambda z: 0.5 * z * (1.0 + torch.tanh(z * 0.7978845608 * (1.0 + 0.044715 * z * z.detach()))),
+}
+
+
+@pytest.mark.parametrize("near", sorted(_FACTORED_NEAR_GELUS))
+def test_factored_tanh_gelu_near_misses_are_not_gelu(near):
+    """gelu_fast's factoring, x * sqrt(2/pi) * (1 + 0.044715 x^2), is read as the tanh GELU only with
+    those constants and x throughout; these compute something else and stay as written."""
+    model, x = MLP(act="gelu"), _x()
+    model.act = _FACTORED_NEAR_GELUS[near]
+    report = fusion_backend.explain(model, x, options=OPTS)
+    assert not feedforward_sites(report, "fused"), str(report)
+    torch.testing.assert_close(torch.compile(model, backend=_backend())(x), model(x), **TOL)
 
 
 @pytest.mark.parametrize("where", sorted(_ALPHA_GELUS))
