@@ -11,7 +11,7 @@ and differs in how `hidden` is made, one pattern each:
                                                     BERT's Intermediate+Output, TransformerEncoderLayer
     gated:    act(Linear_gate(x)) * Linear_up(x)    Llama/Mistral MLP (SwiGLU), T5 v1.1 (GEGLU)
     chunked:  a, b = Linear(x).chunk(2, -1);        GEGLU/SwiGLU with one fused projection
-              act(a) * b  (either half the gate)
+              act(a) * b  (either half the gate)    (also split(h, -1) or split([h, h], -1))
 
 times six activations (GELU exact or tanh, ReLU, SiLU, SiLU written out as z * sigmoid(z), CLIP's
 quick_gelu, the squared ReLU): eighteen rules. Canonicalization makes them

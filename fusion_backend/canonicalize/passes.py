@@ -23,7 +23,7 @@ Canonical vocabulary (all positional, dims negative where the rank is known):
     torch._C._nn.linear(x, w, b)    F.linear, nn.Linear, addmm(b, x, w) (HF Conv1D, its flatten/
                                     restore views dropped), x @ W and mm(x, W) with W a 2-D
                                     parameter, a following + b of shape (out,) as the bias
-    torch.chunk(x, n, dim)          chunk, method or function
+    torch.chunk(x, n, dim)          chunk, method or function; split into two halves by size
     F.gelu(x, approximate=a)        F.gelu, nn.GELU, and 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x**3)))
                                     written out (HF gelu_new; also with the argument factored as
                                     x*sqrt(2/pi)*(1+0.044715*x*x), HF gelu_fast) as
@@ -870,6 +870,23 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
         return
     if _method_or_function(node, {"mm"}, {torch.mm}) and len(args) == 2:
         rw.replace(node, torch.matmul, (args[0], args[1]))
+        return
+
+    # split into two halves by size (z.split(h, -1), torch.split(z, [h, h], -1) of a 2h-wide z): the
+    # same two views as chunk(2), the spelling of the chunked gated feed-forward rules
+    if _method_or_function(node, {"split"}, {torch.split}) and set(node.kwargs) <= {
+            "split_size", "split_size_or_sections", "dim"}:
+        sizes = _arg(node, 1, "split_size" if op == "call_method" else "split_size_or_sections")
+        value, dim = example_value(args[0]), _neg_dim(_arg(node, 2, "dim", 0), rank_of(args[0]))
+        if isinstance(value, torch.Tensor) and isinstance(dim, int) and -value.dim() <= dim < 0:
+            size = value.shape[dim]
+
+            def half(s: Any) -> bool:
+                s = example_value(s) if isinstance(s, Node) else s
+                return isinstance(s, (int, torch.SymInt)) and not isinstance(s, bool) and _same_size(2 * s, size)
+            pieces = list(sizes) if isinstance(sizes, (list, tuple)) else [sizes, sizes]
+            if len(pieces) == 2 and all(half(s) for s in pieces):
+                rw.replace(node, torch.chunk, (args[0], 2, dim))
         return
 
     # chunk, positional with a negative dim (a gated MLP's single projection is split this way)

@@ -106,7 +106,8 @@ class MLP(nn.Module):
 
 class GatedMLP(nn.Module):
     """act(x W_gate) * (x W_up) -> W_down: two projections (Llama's MLP) or one projection
-    chunked in two ("chunk"); `gate_first` says which half of the chunk is the gate."""
+    chunked in two ("chunk", or split by size: "split", "split_sections"); `gate_first` says
+    which half of the chunk is the gate."""
 
     def __init__(self, d=8, h=16, act="silu", bias=False, layout="two", gate_first=True,
                  p_hidden=0.0, residual=False):
@@ -123,7 +124,13 @@ class GatedMLP(nn.Module):
         if self.layout == "two":
             hidden = self.act(self.gate_proj(x)) * self.up_proj(x)
         else:
-            a, b = self.proj(x).chunk(2, dim=-1)
+            z = self.proj(x)
+            if self.layout == "split":  # the halves by size: split(h) or split([h, h])
+                a, b = z.split(z.shape[-1] // 2, dim=-1)
+            elif self.layout == "split_sections":
+                a, b = torch.split(z, [z.shape[-1] // 2] * 2, -1)
+            else:
+                a, b = z.chunk(2, dim=-1)
             gate, up = (a, b) if self.gate_first else (b, a)
             hidden = up * self.act(gate)
         y = self.down_proj(F.dropout(hidden, self.p_hidden, self.training))

@@ -178,6 +178,35 @@ def test_gated_chunked_projection(act, gate_first, training):
     check_form(model, _x(), training, GATED_VARIANTS[act])
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("layout", ["split", "split_sections"])
+def test_gated_projection_split_in_halves_by_size(layout, dynamic):
+    """z.split(h, -1) and torch.split(z, [h, h], -1) of a 2h-wide projection are its chunk(2, -1)."""
+    model = GatedMLP(act="silu", bias=True, layout=layout, gate_first=False).eval()
+    x = _x()
+    backend = assert_matches_eager(model, x, dynamic=dynamic)
+    assert len(feedforward_sites(backend, "fused")) == 1
+    assert_fused(model, x, "swiglu")
+
+
+def test_projection_split_in_three_is_not_a_gated_block():
+    """split(h) of a 3h-wide projection gives three pieces, the first two not its halves: nothing
+    fuses, results are eager's."""
+    class Thirds(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.down_proj = nn.Linear(8, 24), nn.Linear(8, 8)
+
+        def forward(self, x):
+            a, b, _ = self.proj(x).split(8, dim=-1)
+            return self.down_proj(F.silu(a) * b)
+
+    model, x = Thirds(), _x()
+    report = fusion_backend.explain(model, x, options=OPTS)
+    assert not feedforward_sites(report, "fused"), str(report)
+    torch.testing.assert_close(torch.compile(model, backend=_backend())(x), model(x), **TOL)
+
+
 # ------------------------------------------------------------------------------------------------
 # The two Linears in different modules
 # ------------------------------------------------------------------------------------------------
