@@ -1190,10 +1190,11 @@ def attention_config_space(metric: str, head_dim: int, dtype: torch.dtype, devic
 
 
 def default_attention_config(metric: str, head_dim: int, dtype: torch.dtype, device_type: str,
-                             skips: bool = False) -> dict:
+                             skips: bool = False, dropout: bool = False) -> dict:
     """A sound default per device: big blocks on CPU (interpreter), measured tiles on GPU. skips:
     the call skips blocks by its mask's kept ranges (`ranges_layout`), so each program walks a
-    short key range, and at head dims 64 and 128 smaller tiles win there (`_SKIP_TILES`)."""
+    short key range, and at head dims 64 and 128 smaller tiles win there (`_SKIP_TILES`).
+    dropout: the call drops probabilities (at head dim 64 the backward then loads unpipelined)."""
     d_pad = _pad_dim(head_dim)
     if device_type == "cpu":
         return attention_config_space(metric, head_dim, dtype, device_type)[0]
@@ -1206,7 +1207,13 @@ def default_attention_config(metric: str, head_dim: int, dtype: torch.dtype, dev
     if d_pad <= 32:  # fastest of four tiles per kernel at D=32 (TruthGPT: causal, dropout) on an H100
         return _with_backward(dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3), _BACKWARD_PAIRS[4])
     if d_pad <= 64:  # forward m128n64w8s3: fastest of six forward tiles in the same sweep
-        return _with_backward(dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3), _BACKWARD_PAIRS[0])
+        cfg = _with_backward(dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3), _BACKWARD_PAIRS[0])
+        if dropout:
+            # with the dropout draws in their loops ptxas serializes every wgmma of both backward
+            # kernels unless their loads are not pipelined; one stage ran the backward 6-10% faster
+            # on an H200 (docs/performance.md). Without dropout three stages stay faster.
+            cfg.update(bwd_num_stages=1, dq_num_stages=1)
+        return cfg
     # D=128 and 256: the fastest tiles per kernel of 7-8 each (bench/attention_sweep_gpu.py, H100,
     # bf16, N=8192, causal dot; at 256 also soft-capped dot and learnable l2 / cosine): forward and
     # backward 8.57 -> 5.45 ms at D=128 (B=2, H=16), 22.1 -> 7.2 ms at D=256 (B=2, H=8)
@@ -1906,7 +1913,8 @@ def attention_backward(do, q, k, v, scale, out, row_stats, *, metric="dot", caus
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     tile_kv, tile_q = backward_tiles(config or default_attention_config(
-        metric, D, q.dtype, q.device.type, skips=ranges_layout(mask, B, H, Nq, Nk, metric) is not None))
+        metric, D, q.dtype, q.device.type, skips=ranges_layout(mask, B, H, Nq, Nk, metric) is not None,
+        dropout=dropout_p > 0))
     delta = row_dot(do, out)
     seed_t = seed_arg(seed if dropout_p > 0 else None, q)
     q, k, qvec, kvec = _prepass(metric, q, k)

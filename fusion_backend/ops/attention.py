@@ -48,12 +48,13 @@ config_key = _tc.config_key
 
 
 def default_attention_config(metric: str, head_dim: int, dtype: torch.dtype, device_type: str,
-                             skips: bool = False) -> dict:
-    """The launch config used when `config=None`, per metric, head dim, dtype and device type, and
-    whether the call skips blocks by its mask (`kernels.attention.ranges_layout`)."""
+                             skips: bool = False, dropout: bool = False) -> dict:
+    """The launch config used when `config=None`, per metric, head dim, dtype and device type,
+    whether the call skips blocks by its mask (`kernels.attention.ranges_layout`) and whether it
+    drops probabilities."""
     if metric == "l1":
         return _l1.default_l1_config(head_dim, dtype, device_type)
-    return _tc.default_attention_config(metric, head_dim, dtype, device_type, skips)
+    return _tc.default_attention_config(metric, head_dim, dtype, device_type, skips, dropout)
 
 
 def attention_config_space(metric: str, head_dim: int, dtype: torch.dtype, device_type: str) -> list:
@@ -305,11 +306,12 @@ def _kernel_inputs(*ts):
                  for t in ts)
 
 
-def _resolve_config(config, metric, D, dtype, device_type, ranges):
+def _resolve_config(config, metric, D, dtype, device_type, ranges, dropout_p=0.0):
     """The launch config of a call: the key given, or the default (for a call with mask ranges, a
-    non-empty `ranges`, the default of calls that skip blocks)."""
+    non-empty `ranges`, the default of calls that skip blocks; with dropout, of calls that drop)."""
     if config is None:
-        return default_attention_config(metric, D, dtype, device_type, ranges is not None and ranges.numel() > 0)
+        return default_attention_config(metric, D, dtype, device_type, ranges is not None and ranges.numel() > 0,
+                                        dropout_p > 0)
     return _tc.parse_config_key(config)
 
 
@@ -347,7 +349,7 @@ def _fwd_impl(q, k, v, scale, mask, seed, metric, causal, dropout_p, config, sca
     elif _use_kernels(q, k, v, metric, mask, dropout_p):
         try:
             qk, kk, vk, mk = _kernel_inputs(q, k, v, mask)
-            cfg = _resolve_config(config, metric, q.shape[-1], q.dtype, q.device.type, ranges)
+            cfg = _resolve_config(config, metric, q.shape[-1], q.dtype, q.device.type, ranges, dropout_p)
             launch = _l1.l1_attention_forward if metric == "l1" else _tc.attention_forward
             kw = {} if metric == "l1" else dict(metric=metric, softcap=softcap, ranges=ranges, sinks=sinks)
             out, lse = launch(qk, kk, vk, scale, causal=causal, mask=mk, dropout_p=dropout_p, seed=seed,
@@ -368,7 +370,7 @@ def _bwd_impl(grad_out, q, k, v, scale, mask, out, lse, seed, metric, causal, dr
     if _use_kernels(q, k, v, metric, mask, dropout_p):
         try:
             gk, qk, kk, vk, mk, ok = _kernel_inputs(grad_out, q, k, v, mask, out)
-            cfg = _resolve_config(config, metric, q.shape[-1], q.dtype, q.device.type, ranges)
+            cfg = _resolve_config(config, metric, q.shape[-1], q.dtype, q.device.type, ranges, dropout_p)
             if metric == "l1":
                 r = _l1.l1_attention_backward(gk, qk, kk, vk, scale, ok, lse, causal=causal, mask=mk,
                                               dropout_p=dropout_p, seed=seed, mask_grad=mask_grad,

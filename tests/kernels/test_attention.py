@@ -1417,3 +1417,23 @@ def test_l2_key_whose_squared_norm_overflows_gets_no_weight():
     eager = torch.softmax(-0.4 * ((q[..., :, None, :] - k[..., None, :, :]) ** 2).sum(-1), -1) @ v
     assert torch.isfinite(eager).all()
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-4)
+
+
+def test_dropout_default_config_reaches_the_backward_unpipelined_at_head_dim_64():
+    """The default launch config of a call that drops probabilities, as the op resolves it: at
+    head dim 64 on a GPU both backward kernels load unpipelined (one stage: ptxas serializes
+    their wgmma products under the dropout draws otherwise), the forward and every tile as
+    without dropout; other head dims and dropout-free calls are unchanged."""
+    ops_attention = importlib.import_module("fusion_backend.ops.attention")  # the module, not the op
+    no_ranges = torch.empty(0)
+    plain = ops_attention._resolve_config(None, "l2", 64, torch.bfloat16, "cuda", no_ranges, 0.0)
+    dropping = ops_attention._resolve_config(None, "l2", 64, torch.bfloat16, "cuda", no_ranges, 0.1)
+    assert (dropping["bwd_num_stages"], dropping["dq_num_stages"]) == (1, 1)
+    assert plain["bwd_num_stages"] > 1 and plain["dq_num_stages"] > 1
+    assert {k: v for k, v in dropping.items() if not k.endswith("_stages")} == \
+        {k: v for k, v in plain.items() if not k.endswith("_stages")}
+    assert dropping["num_stages"] == plain["num_stages"]
+    for d in (32, 128):
+        assert ops_attention._resolve_config(None, "dot", d, torch.bfloat16, "cuda", no_ranges, 0.1) == \
+            ops_attention._resolve_config(None, "dot", d, torch.bfloat16, "cuda", no_ranges, 0.0)
+    assert tc.parse_config_key(tc.config_key(dropping)) == dropping
