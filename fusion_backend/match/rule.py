@@ -112,7 +112,16 @@ class Rule:
             raise ValueError("a rule needs a non-empty name")
         if not callable(self.pattern) or not callable(self.replacement):
             raise ValueError(f"rule {self.name}: pattern and replacement must be functions")
-        params = set(inspect.signature(self.pattern).parameters)
+        pattern_params = inspect.signature(self.pattern).parameters
+        varying = [f"{'*' if p.kind is p.VAR_POSITIONAL else '**'}{p.name}" for p in pattern_params.values()
+                   if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if varying:
+            # fx traces *args (**kwargs) as one placeholder bound to a tuple (dict) that no value of a
+            # model's graph is, so such a rule was accepted and never matched anything
+            raise ValueError(f"rule {self.name}: the pattern's parameter {varying[0]} is not supported; a pattern's "
+                             "wildcards are named parameters, one per value (def pattern(q, k, v, mask)), "
+                             "positional or keyword-only")
+        params = set(pattern_params)
         repl = inspect.signature(self.replacement).parameters
         takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in repl.values())
         missing = [p for p in params if p not in repl and not takes_kwargs]

@@ -645,3 +645,31 @@ def test_an_optional_step_without_a_wildcard_of_its_own_skips_the_rule(pattern, 
     finally:
         unregister_rule("user.no_own_wildcard")
         torch._dynamo.reset()
+
+
+def _varargs_pattern(*args):
+    return torch.tanh(torch.add(args[0], args[1]))
+
+
+def _varkw_pattern(a, **kw):
+    return torch.tanh(torch.add(a, kw["b"]))
+
+
+@pytest.mark.parametrize("pattern, shown", [(_varargs_pattern, r"\*args"), (_varkw_pattern, r"\*\*kw")],
+                         ids=["args", "kwargs"])
+def test_a_pattern_with_star_args_is_refused_when_the_rule_is_made(pattern, shown):
+    """A pattern written with *args (or **kwargs) traced to one placeholder bound to a tuple (dict),
+    which no value of a model's graph is: the rule was accepted and never matched, silently."""
+    with pytest.raises(ValueError, match=rf"the pattern's parameter {shown} is not supported; .*named parameters"):
+        Rule(name="user.varargs", kind="custom", pattern=pattern,
+             replacement=lambda **kw: torch.tanh(sum(kw.values())))
+    # the same rule with named wildcards matches the model's x + y
+    register_rule(Rule(name="user.varargs", kind="custom", pattern=lambda a, b: torch.tanh(torch.add(a, b)),
+                       replacement=lambda a, b: torch.tanh(a + b)))
+    try:
+        x, y = torch.randn(3, 4), torch.randn(3, 4)
+        report = fusion_backend.explain(lambda x, y: torch.tanh(x + y), x, y, options=AGGRESSIVE_EAGER)
+        assert [s.decision for s in report.sites if s.rule == "user.varargs"] == ["fused"]
+    finally:
+        unregister_rule("user.varargs")
+        torch._dynamo.reset()
