@@ -18,6 +18,7 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import guard_scalar
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .canonicalize.aliasing import alias_sources
 from .canonicalize.passes import eliminate_dead_code, example_value, restore_spellings
@@ -84,6 +85,24 @@ def _layout_order(value: Any, expected: Any) -> Optional[List[int]]:
     return order
 
 
+@contextlib.contextmanager
+def _saved_for_backward():
+    """The storages of the tensors autograd saves for the backward inside the block (a list,
+    filled as they are saved). The backend suspends saved-tensor hooks while it compiles (the
+    caller's must not see its traces); this block's own hook, on top of the stack, is the only one
+    called inside it, so the suspension is lifted for it."""
+    saved: list = []
+    set_tracing = getattr(torch._C._autograd, "_saved_tensors_hooks_set_tracing", None)
+    prior = set_tracing(False) if set_tracing is not None else None
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(StorageWeakRef(t.untyped_storage())) or t, lambda t: t):
+            yield saved
+    finally:
+        if set_tracing is not None:
+            set_tracing(prior)
+
+
 def trace_replacement(site: Site, config: Optional[str]) -> fx.GraphModule:
     """Trace the site's replacement into a small graph whose placeholders are the site's tensor
     bindings (in `tensor_names` order, stored on the returned module)."""
@@ -128,10 +147,16 @@ def trace_replacement(site: Site, config: Optional[str]) -> fx.GraphModule:
         kwargs.update(zip(tensor_names, tensors))
         if not takes_all:
             kwargs = {k: v for k, v in kwargs.items() if k in params}
-        out = rule.replacement(**kwargs, **kwargs_extra)
+        with _saved_for_backward() as saved:
+            out = rule.replacement(**kwargs, **kwargs_extra)
         first = out[0] if isinstance(out, (list, tuple)) and out else out
         if isinstance(first, torch.Tensor):  # autograd's view of the result, which the trace drops
             result_grad["requires_grad"] = first.requires_grad
+            # an op that saves its result (truthfuse's attention: the row sums of dO * O) is seen
+            # here whatever the rule says: a user rule calling the attention op with
+            # keeps_result_for_backward=False returned the op's memory, and a caller's in-place
+            # write there failed the backward with autograd's "modified by an inplace operation"
+            result_grad["saved"] = StorageWeakRef(first.untyped_storage()) in saved
         if order is not None:  # eager's layout: contiguous in `order`, viewed back
             out = out[0] if isinstance(out, (list, tuple)) else out
             out = out.permute(order).contiguous().permute([order.index(i) for i in range(len(order))])
@@ -162,6 +187,7 @@ def trace_replacement(site: Site, config: Optional[str]) -> fx.GraphModule:
     traced.tensor_names = tensor_names
     traced.result_is_a_copy = order is not None  # not the op's own output memory
     traced.result_requires_grad = result_grad.get("requires_grad")
+    traced.result_saved_for_backward = bool(result_grad.get("saved"))
     return traced
 
 
@@ -310,8 +336,8 @@ def inline_replacement(gm: fx.GraphModule, site: Site, traced: fx.GraphModule,
             result = graph.call_function(torch.ops.aten._to_copy.default, (result,), {"dtype": cast})
             result.meta["truthfuse_site"] = site.id
     anchor.replace_all_uses_with(result)
-    if (cast is None and site.rule.keeps_result_for_backward and not getattr(traced, "result_is_a_copy", False)
-            and _returned(result)):
+    keeps_result = site.rule.keeps_result_for_backward or getattr(traced, "result_saved_for_backward", False)
+    if cast is None and keeps_result and not getattr(traced, "result_is_a_copy", False) and _returned(result):
         # An op that keeps its output for the backward (flash-style attention: the row sums of
         # dO * O) must not give the graph's caller that memory: an in-place op on what the compiled
         # model returned (out.mul_(2), which eager allows after `p @ v`) then failed the backward

@@ -90,7 +90,8 @@ class Rule:
     keeps_result_for_backward: the replacement's op saves its own result for the backward, as
         flash-style attention does (the row sums of dO * O). A result the graph returns then
         reaches the caller as a copy, so that an in-place write there cannot break the backward.
-        False for an op that does not (the feed-forward op) saves that copy.
+        False for an op that does not (the feed-forward op) saves that copy; a result that the
+        replacement's trace saves for the backward is copied all the same.
     """
 
     name: str

@@ -673,3 +673,41 @@ def test_a_pattern_with_star_args_is_refused_when_the_rule_is_made(pattern, show
     finally:
         unregister_rule("user.varargs")
         torch._dynamo.reset()
+
+
+def test_a_rule_saying_its_op_keeps_no_result_still_returns_a_copy_of_the_attention_ops():
+    """keeps_result_for_backward=False on a rule whose replacement calls truthfuse's attention op
+    (which saves its output for the backward) returned the op's own memory: a caller's in-place
+    write to the compiled model's result, which eager allows after `p @ v`, failed the backward
+    with autograd's "modified by an inplace operation". What the replacement's trace saves is seen
+    whatever the rule says."""
+    def pattern(q, k, v, s):
+        return torch.softmax(torch.mul(q @ k.transpose(-2, -1), s), -1) @ v
+
+    def replacement(q, k, v, s):
+        return fusion_backend.ops.attention(q, k, v, scale=s)
+
+    def f(q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.3, -1) @ v
+
+    register_rule(Rule(name="user.no_kept_result", kind="user_attention", pattern=pattern,
+                       replacement=replacement, priority=10_000, keeps_result_for_backward=False))
+    try:
+        torch.manual_seed(0)
+        inputs = [torch.randn(2, 2, 8, 16) for _ in range(3)]
+        report = fusion_backend.explain(f, *inputs, options=AGGRESSIVE_EAGER)
+        assert [s.decision for s in report.sites if s.rule == "user.no_kept_result"] == ["fused"]
+
+        def run(fn):
+            xs = [x.clone().double().requires_grad_() if fn is f else x.clone().requires_grad_() for x in inputs]
+            out = fn(*xs).mul_(2.0)
+            (out * out).sum().backward()
+            return [out.detach()] + [x.grad for x in xs]
+
+        torch._dynamo.reset()
+        got = run(torch.compile(f, backend=fusion_backend.backend(**AGGRESSIVE_EAGER)))
+        for a, b in zip(got, run(f)):
+            torch.testing.assert_close(a, b.float(), atol=2e-5, rtol=2e-4)
+    finally:
+        unregister_rule("user.no_kept_result")
+        torch._dynamo.reset()
