@@ -360,8 +360,11 @@ class TruthfuseBackend:
                     # a plan the strategy could not choose (a file edited by hand: an inexact site
                     # fused under "conservative") would break what the strategy promises
                     problem = None if space.is_valid(decision.plan) else "its plan is not one of this graph's plans"
-                    if problem is None and not restrict(space, opts.strategy).is_valid(decision.plan):
+                    restricted = restrict(space, opts.strategy)
+                    if problem is None and not restricted.is_valid(decision.plan):
                         problem = f"its plan is not one the {opts.strategy!r} strategy can choose"
+                    if problem is None:  # the reason explain() shows must be about this plan
+                        problem = decision.disagreement(guarded=restricted.has_all_keep())
                 except Exception as exc:  # noqa: BLE001 -- a bad cache file must never fail the compile
                     problem = f"malformed record: {exc}"
                 if problem is None:

@@ -640,6 +640,23 @@ class TuningDecision:
         fixed before the next run), and a decision taken around it must be taken again."""
         return all(cost is None or math.isfinite(cost) for cost in (self.cost_ms, self.baseline_ms))
 
+    def disagreement(self, guarded: bool) -> str | None:
+        """Why this decision's plan is not the one its own record chose (a cache file whose plan
+        was edited by hand), or None. `choose_plan` returns the search's best plan, or the all-keep
+        plan at the baseline's time; under a guarded strategy (one with an all-keep plan) a fused
+        plan only when it was faster. Its reason speaks of that plan: a file edited to fuse where
+        the guard kept every site showed fused sites with 'cached: all-keep was the fastest plan
+        measured'."""
+        if not self.plan.fused_sites():
+            agrees = self.cost_ms == self.baseline_ms
+        else:
+            agrees = self.plan == self.best_plan and (not guarded or (
+                self.cost_ms is not None and self.baseline_ms is not None and self.cost_ms < self.baseline_ms))
+        if agrees:
+            return None
+        return (f"its plan is not the one its record's timings chose (edited by hand?), which its reason "
+                f"{self.reason!r} is about")
+
     def to_record(self) -> dict:
         """A JSON-ready dict for the tuning cache (non-finite times become None)."""
         return {

@@ -235,3 +235,52 @@ def test_a_cached_plan_the_strategy_cannot_choose_warns_and_retunes(tmp_path, mo
     assert edited.cache_hit is False
     assert [s.decision for s in edited.sites] == ["kept"] and "not exact" in edited.sites[0].reason, \
         [(s.decision, s.reason) for s in edited.sites]
+
+
+def test_a_cached_plan_other_than_its_records_own_warns_and_retunes(tmp_path, monkeypatch):
+    """A cache file edited by hand under "moderate" to fuse where the guard had kept every site was
+    used as it was: explain() showed the site fused with the reason 'cached: all-keep was the
+    fastest plan measured'. A plan its record's timings did not choose (so that its reason speaks
+    of another plan), either way round, is now a miss with one TuningCacheWarning; a record whose
+    plan, timings and reason agree is used (a fifteenth fuzz round)."""
+    import pytest
+    import torch
+
+    import fusion_backend
+    from fusion_backend.tune import TuningCacheWarning
+
+    monkeypatch.setenv("TRUTHFUSE_CACHE_DIR", str(tmp_path))
+    options = {"strategy": "moderate", "inner": "eager", "simulations": 4}
+
+    def compile_and_run():
+        torch._dynamo.reset()
+        backend = fusion_backend.backend(**options)
+        torch.compile(_scaled_attention, backend=backend)(*(torch.randn(1, 2, 6, 8) for _ in range(3)))
+        return backend.records[0]
+
+    compile_and_run()
+    (path,) = tmp_path.glob("*.json")
+    envelope = json.loads(path.read_text())
+    keep = {site: "keep" for site in envelope["record"]["plan"]}
+    fuse = {site: "fuse" for site in keep}
+    kept_reason, fused_reason = "all-keep was the fastest plan measured", "fused plan 1 ms vs all-keep 2 ms"
+    edits = [  # (plan, best_plan, cost_ms, baseline_ms, reason), and whether the file is used
+        ((fuse, keep, 2.0, 2.0, kept_reason), False),  # fused where the guard kept all
+        ((fuse, fuse, 3.0, 3.0, "best plan (2 ms) is not faster than all-keep (3 ms)"), False),
+        ((keep, fuse, 1.0, 2.0, fused_reason), False),  # kept where the guard fused
+        ((fuse, fuse, 1.0, 2.0, fused_reason), True),
+        ((keep, fuse, 2.0, 2.0, "best plan's win did not reproduce"), True),
+    ]
+    for (plan, best, cost, baseline, reason), used in edits:
+        envelope["record"].update(plan=plan, best_plan=best, cost_ms=cost, baseline_ms=baseline, reason=reason)
+        path.write_text(json.dumps(envelope))
+        if used:
+            record = compile_and_run()
+            assert record.cache_hit is True
+            assert [s.decision for s in record.sites] == ["fused" if plan is fuse else "kept"]
+            assert [s.reason for s in record.sites] == [f"cached: {reason}"]
+            continue
+        with pytest.warns(TuningCacheWarning, match="not the one its record's timings chose"):
+            record = compile_and_run()
+        assert record.cache_hit is False and record.measurements > 0
+        assert not record.tuning_reason.startswith("cached")
