@@ -187,8 +187,10 @@ def _writers_behind(node: Node) -> set:
 def _read_moved_across_a_write(args, kwargs, before: Node) -> list:
     """The arguments of a call placed at `before` that it would read on the other side of an
     in-place write from where the graph reads them: written values (or views of them) that
-    `before` does not read itself, unless every write to them comes before the argument exists
-    (the BLOOM static cache: written, then reshaped and read)."""
+    `before` does not read itself, with a write between the first read of them that `before`'s
+    value rests on and `before`. A write before that read (the BLOOM static cache: written, then
+    reshaped and read) or after `before` (a graph input updated after `x * 0.5 * 0.25`, which left
+    the whole graph unfused) is read on the same side of by both."""
     moved = []
     order = None
     for a in _tensor_args(args, kwargs):
@@ -197,9 +199,25 @@ def _read_moved_across_a_write(args, kwargs, before: Node) -> list:
             continue
         if order is None:
             order = {n: i for i, n in enumerate(before.graph.nodes)}
-        if any(order.get(w, len(order)) >= order[a] for w in writers):
+        first = _first_read_behind(a, before, order)
+        if any(w not in order or first <= order[w] < order[before] for w in writers):
             moved.append(a)
     return moved
+
+
+def _first_read_behind(a: Node, before: Node, order: dict) -> int:
+    """The position of the first node that reads `a` among those `before`'s value rests on (its
+    inputs, theirs, back to `a`); `a`'s own where none does."""
+    first, seen, stack = None, set(), list(before.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen or order.get(n, -1) <= order[a]:
+            continue
+        seen.add(n)
+        if a in n.all_input_nodes:
+            first = order[n] if first is None else min(first, order[n])
+        stack.extend(n.all_input_nodes)
+    return order[a] if first is None else first
 
 
 def _tensor_args(args, kwargs) -> list:
@@ -1159,6 +1177,10 @@ def _fold_scalar_products(rw: _Rewriter) -> None:
                 dtype is not None and dtype.is_floating_point and dtype == dtype_of(inner_x) == dtype_of(x)
                 and _is_number(a) and ((torch.finfo(dtype).bits > 16 and 2.0 ** -32 <= abs(a) <= 2.0 ** 32)
                                        or (abs(a) <= 1 and abs(b) <= 1)))
+            if rw.writes_marked and _read_moved_across_a_write((inner_x,), None, node):
+                # x written in place between the two products (`y = x * 0.5; x.add_(1); y * 0.25`):
+                # the product stays as written rather than leave the whole graph unfused
+                continue
             if _is_number(a) and exact:
                 factors = x.meta.get(FOLDED, (a,)) + node.meta.get(FOLDED, (b,))
                 new = rw.replace(node, torch.mul, (inner_x, a * b))
