@@ -489,6 +489,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from .tune.mcts import TuningDecision
 
     cache = _cache(args)
+    if args.action != "import" and cache.directory.exists() and not cache.directory.is_dir():
+        # a file (an exported state, say) read as an empty cache: "0 entries", "removed 0 entries"
+        # and an export of nothing, each with status 0
+        raise CLIError(f"the cache directory {cache.directory} is a file, not a directory"
+                       + (" (a state written by export is read with `truthfuse cache import`)"
+                          if cache.directory.suffix == ".json" else ""))
     if args.action == "show":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -514,10 +520,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(f"removed {removed} entr{'y' if removed == 1 else 'ies'} from {cache.directory}")
         return 0
     if args.action == "export":
-        try:
-            count = save_state(args.path, cache)
-        except OSError as exc:  # a directory, a read-only place: the user's to fix, in one line
-            raise CLIError(f"cannot write {args.path}: {exc}") from None
+        with warnings.catch_warnings(record=True) as caught:  # unusable files: one line, as show says it
+            warnings.simplefilter("always")
+            try:
+                count = save_state(args.path, cache)
+            except OSError as exc:  # a directory, a read-only place: the user's to fix, in one line
+                raise CLIError(f"cannot write {args.path}: {exc}") from None
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
         print(f"exported {count} entr{'y' if count == 1 else 'ies'} from {cache.directory} to {args.path}")
         return 0
     from .tune.cache import TuningCacheWarning

@@ -326,3 +326,30 @@ def test_console_script_entry_point():
     assert done.returncode == 2
     assert done.stderr.strip() == ("truthfuse explain: error: 'nope' is not MODULE:FACTORY "
                                    "(for example examples.truthgpt:build)")
+
+
+@pytest.mark.parametrize("action", [["show"], ["clear"], ["export", "out.json"]])
+def test_cache_commands_on_a_dir_that_is_a_file_say_so(capsys, tmp_path, action):
+    """`cache --dir state.json show` (an exported state given as the directory) read the file as an
+    empty cache: '0 entries', 'removed 0 entries' or an export of nothing, each with status 0."""
+    TuningCache(tmp_path / "cache").put("a" * 64, _record())
+    state = tmp_path / "state.json"
+    assert cli.main(["cache", "export", str(state)]) == 0
+    capsys.readouterr()
+    action = [str(tmp_path / a) if a.endswith(".json") else a for a in action]
+    _one_line_error(capsys, cli.main(["cache", "--dir", str(state), *action]),
+                    f"the cache directory {state} is a file", "truthfuse cache import")
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_cache_export_reports_unusable_files_in_one_line_each(capsys, tmp_path):
+    """export skipped an unusable file with a Python warning (its file and source line) where show
+    prints one 'warning:' line."""
+    cache = TuningCache(tmp_path / "cache")
+    cache.put("a" * 64, _record())
+    (tmp_path / "cache" / ("b" * 64 + ".json")).write_text("{not json")
+    assert cli.main(["cache", "export", str(tmp_path / "state.json")]) == 0
+    captured = capsys.readouterr()
+    assert "exported 1 entry" in captured.out
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "bbbbbbbb" in lines[0], lines
