@@ -15,6 +15,7 @@ import torch.fx as fx
 from ..canonicalize import canonicalize
 
 OPTIONAL = "truthfuse_optional"
+_CALLS = ("call_function", "call_method")  # what a site may end at: torch.flip(x, [-1]) or x.flip(-1)
 
 
 class maybe:  # noqa: N801 -- reads as a verb inside pattern code: maybe(F.dropout)(a, p)
@@ -59,7 +60,7 @@ class PatternGraph:
         step, the step it falls back to (`maybe(F.dropout)(linear(...))` ends at a dropout or,
         without one, at the linear)."""
         chain, node = [], self.output
-        while isinstance(node, fx.Node) and node.op == "call_function":
+        while isinstance(node, fx.Node) and node.op in _CALLS:
             chain.append(node)
             if not node.meta.get(OPTIONAL):
                 break
@@ -89,13 +90,19 @@ def trace_pattern(fn: Callable) -> PatternGraph:
     canonicalize(gm.graph)
     outputs = [n for n in gm.graph.nodes if n.op == "output"]
     out = outputs[0].args[0]
-    if not isinstance(out, fx.Node) or out.op != "call_function":
+    if isinstance(out, fx.Node) and out.op == "placeholder":
+        # neg(neg(x)), x * 2 * 0.5: nothing is left to find once canonicalized
+        raise ValueError(f"pattern {fn.__qualname__} canonicalizes to its wildcard {out.target} itself, with no "
+                         "operation left to match")
+    if not isinstance(out, fx.Node) or out.op not in _CALLS:
+        # (a tuple of results, a number; a method such as x.flip(-1) is one operation, and was
+        # refused with this message as well)
         raise ValueError(f"pattern {fn.__qualname__} must return the result of one operation")
     # A trailing maybe(...) is allowed as long as some operation is always left to anchor on.
     node = out
     while node.meta.get(OPTIONAL):
         node = node.args[0]
-        if not isinstance(node, fx.Node) or node.op != "call_function":
+        if not isinstance(node, fx.Node) or node.op not in _CALLS:
             raise ValueError(f"pattern {fn.__qualname__}: without its optional steps nothing is left "
                              "to match; at least one operation must not be maybe(...)")
     # A skipped optional step tells the replacement so only through its own wildcards, passed as

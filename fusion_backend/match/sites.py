@@ -289,7 +289,7 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
         # for the same reason is the same place kept for the same cause, and is not listed again.
         missed: dict = {}
         for anchor in reversed(nodes):
-            if anchor.op != "call_function" or anchor.target not in targets or anchor in claimed:
+            if anchor.op not in ("call_function", "call_method") or anchor.target not in targets or anchor in claimed:
                 continue
             first_failure: Optional[Site] = None
             chosen: Optional[Site] = None

@@ -711,3 +711,40 @@ def test_a_rule_saying_its_op_keeps_no_result_still_returns_a_copy_of_the_attent
     finally:
         unregister_rule("user.no_kept_result")
         torch._dynamo.reset()
+
+
+def test_a_pattern_ending_in_a_method_call_matches_it():
+    """A pattern ending in a method outside the canonical vocabulary (`.flip(-1)`, which Dynamo
+    records as a method call too) was refused as not returning 'the result of one operation', and
+    the rule skipped; and a pattern that canonicalizes to its own wildcard (neg(neg(x))) was
+    refused with that message too, which does not say why."""
+    def replacement(x):
+        return torch.sigmoid(x).flip(-1)
+
+    register_rule(Rule(name="user.sigmoid_flip", kind="custom", pattern=lambda x: torch.sigmoid(x).flip(-1),
+                       replacement=replacement))
+    register_rule(Rule(name="user.neg_neg", kind="custom", pattern=lambda x: torch.neg(torch.neg(x)),
+                       replacement=lambda x: x))
+    try:
+        def fn(x):
+            return torch.sigmoid(x * 2.0).flip(-1) * 3.0
+
+        x = torch.randn(3, 5)
+        with pytest.warns(UserWarning, match="rule user.neg_neg is skipped: pattern .*<lambda> canonicalizes to its "
+                                             "wildcard x itself"):
+            report = fusion_backend.explain(fn, x, options=AGGRESSIVE_EAGER)
+        assert [s.decision for s in report.sites if s.rule == "user.sigmoid_flip"] == ["fused"]
+        torch._dynamo.reset()
+        xc, xe = x.clone().requires_grad_(), x.double().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = torch.compile(fn, backend=fusion_backend.backend(**AGGRESSIVE_EAGER))(xc)
+        want = fn(xe)
+        out.square().sum().backward()
+        want.square().sum().backward()
+        torch.testing.assert_close(out, want.float())
+        torch.testing.assert_close(xc.grad, xe.grad.float())
+    finally:
+        unregister_rule("user.sigmoid_flip")
+        unregister_rule("user.neg_neg")
+        torch._dynamo.reset()
