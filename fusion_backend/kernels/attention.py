@@ -1138,6 +1138,9 @@ _BACKWARD_PAIRS = (
     ((32, 128, 4, 3), (64, 32, 4, 3)),
     ((32, 64, 4, 3), (128, 64, 8, 2)),
     ((64, 32, 4, 2), (128, 32, 8, 2)),
+    # the first pair unpipelined: the default of calls with dropout at head dim 64, where ptxas
+    # serializes the pipelined kernels' products (default_attention_config)
+    ((32, 128, 4, 1), (128, 64, 4, 1)),
 )
 
 
@@ -1212,7 +1215,7 @@ def default_attention_config(metric: str, head_dim: int, dtype: torch.dtype, dev
             # with the dropout draws in their loops ptxas serializes every wgmma of both backward
             # kernels unless their loads are not pipelined; one stage ran the backward 6-10% faster
             # on an H200 (docs/performance.md). Without dropout three stages stay faster.
-            cfg.update(bwd_num_stages=1, dq_num_stages=1)
+            cfg = _with_backward(cfg, _BACKWARD_PAIRS[7])
         return cfg
     # D=128 and 256: the fastest tiles per kernel of 7-8 each (bench/attention_sweep_gpu.py, H100,
     # bf16, N=8192, causal dot; at 256 also soft-capped dot and learnable l2 / cosine): forward and
