@@ -1858,12 +1858,13 @@ def _l2_key_parts_kernel(K, PARTS, H, N, skb, skh, skn, skd, D: tl.constexpr, D_
     tl.store(ptrs, parts.to(PARTS.dtype.element_ty), mask=offs_n[:, None] < N)
 
 
-def l2_key_parts(k):
+def l2_key_parts(k, dtype=None):
     """(B*Hkv, Nk, L2_PARTS_WIDTH) -|k|^2 / 2 per key in parts for the forward's KEXT form: bf16 for
     16-bit k (fp16's range is too narrow for |k|^2; three bf16 parts carry fp32's 24 bits), fp32
-    (one part) for fp32 k."""
+    (one part) for fp32 k, and in the interpreter, whose bf16 products are wrong. dtype: force one."""
     B, H, N, D = k.shape
-    dtype = torch.float32 if k.dtype == torch.float32 else torch.bfloat16
+    if dtype is None:
+        dtype = torch.float32 if (k.dtype == torch.float32 or interpreting()) else torch.bfloat16
     parts = torch.empty(B * H, N, L2_PARTS_WIDTH.value, device=k.device, dtype=dtype)
     block = _rows_per_program(D)
     _launch_l2_key_parts[(cdiv(N, block), B * H)](k, parts, H, N, *k.stride(), D=D, D_PAD=_pad_dim(D), BLOCK=block,
