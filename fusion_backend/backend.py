@@ -23,11 +23,16 @@ import torch.fx as fx
 from .canonicalize import UnsafeRewrite, canonical_copy, tanh_gelus_with_runtime_constant
 from .canonicalize.passes import MODE_REGION, WITHOUT_GRAD
 from .match import all_rules, find_sites
-from .match.sites import Site, source_location
+from .match.sites import Site, module_location, source_location
 from .ops.feedforward import replayed_as_cuda_graphs
 from .options import Options, parse_options
 from .replace import ReplacementError, apply_plan, build_replacement, option_name
 from .site_timing import TIMING_REVISION, SiteTimer, site_group
+
+# torch's fused inference fast paths of nn.TransformerEncoderLayer and nn.MultiheadAttention (eval
+# mode, no gradients): one op each in Dynamo's graph, which no rule looks into
+_FAST_PATH_OPS = {getattr(torch, name): f"torch.{name}" for name in
+                  ("_transformer_encoder_layer_fwd", "_native_multi_head_attention") if hasattr(torch, name)}
 
 log = logging.getLogger("truthfuse")
 
@@ -190,6 +195,18 @@ class TruthfuseBackend:
                                 f"gradient-bucket boundaries ({cap}) and compiles each piece alone: an attention or "
                                 "feed-forward block whose parameters fall in two buckets is cut in two and is not "
                                 "found; torch._dynamo.config.optimize_ddp = False compiles one graph")
+        fast = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _FAST_PATH_OPS]
+        if fast:
+            # nn.TransformerEncoderLayer (and nn.MultiheadAttention) in eval mode under no_grad() run
+            # torch's inference fast path, one native op for the whole layer, which Dynamo keeps as
+            # it is: no rule can look into it, and explain() read only "no attention or
+            # feed-forward site was found"
+            where = list(dict.fromkeys(module_location(n) or source_location(n) for n in fast))
+            more = f" and {len(where) - 3} more" if len(where) > 3 else ""
+            ops = ", ".join(dict.fromkeys(_FAST_PATH_OPS[n.target] for n in fast))
+            record.notes.append(f"{', '.join(where[:3])}{more} ran torch's inference fast path ({ops}, one native op "
+                                "per layer), which no rule looks into; torch.backends.mha.set_fastpath_enabled(False) "
+                                "runs such layers as written, where their attention and feed-forward blocks fuse")
         unlooked = [n for n in canon.graph.nodes if n.meta.get(WITHOUT_GRAD) and n.op in ("call_function", "call_method")
                     and (n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")) == "softmax"]
         if unlooked:

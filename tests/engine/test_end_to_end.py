@@ -467,3 +467,39 @@ def test_a_site_kept_in_a_plan_that_fuses_others_says_so():
     reason = backend_module._keep_reason(kept, [kept, fused], {"g0.attn"}, record)
     assert reason.startswith("the tuner's plan keeps it") and "20.4 ms" in reason
     assert backend_module._keep_reason(kept, [kept], set(), record) == record.tuning_reason
+
+
+def test_explain_says_a_transformer_layer_took_torchs_inference_fast_path():
+    """nn.TransformerEncoderLayer in eval mode under no_grad() runs PyTorch's inference fast path,
+    one native op for the whole layer (`torch._transformer_encoder_layer_fwd`) that Dynamo puts in
+    the graph as it is: no rule can look into it, and explain() said only "no attention or
+    feed-forward site was found". It names the fast path and how to turn it off; with it off, the
+    layer's attention and feed-forward block fuse and match eager."""
+    layer = torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2,
+        enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 16)
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    padding[0, 3:] = True
+    with torch.no_grad():
+        report = fusion_backend.explain(layer, x, src_key_padding_mask=padding, options=AGGRESSIVE_EAGER)
+    assert not report.sites, str(report)
+    assert any("fast path" in n and "module layers.0 (TransformerEncoderLayer)" in n
+               and "module layers.1 (TransformerEncoderLayer)" in n
+               and "torch.backends.mha.set_fastpath_enabled(False)" in n for n in report.notes), str(report)
+    assert len(report.notes) == 1, str(report)
+    torch._dynamo.reset()
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            report = fusion_backend.explain(layer, x, src_key_padding_mask=padding, options=AGGRESSIVE_EAGER)
+            compiled = torch.compile(layer, backend=fusion_backend.backend(**AGGRESSIVE_EAGER))
+            out = compiled(x, src_key_padding_mask=padding)
+            torch.backends.mha.set_fastpath_enabled(True)
+            ref = layer(x, src_key_padding_mask=padding)  # the fast path's own result
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+    assert len(report.fused) == 4 and not report.notes, str(report)
+    torch.testing.assert_close(out[1], ref[1], atol=2e-5, rtol=2e-4)
+    torch.testing.assert_close(out[0, :3], ref[0, :3], atol=2e-5, rtol=2e-4)
