@@ -92,8 +92,12 @@ def _check_sdpa(m: Match, repeated_kv: bool) -> Optional[str]:
     if not known_equal(hq, hk):
         if not (m["enable_gqa"] or repeated_kv or kv_heads_broadcast(q, k, v)):
             return f"q has {hq} heads and k {hk} without enable_gqa (broadcasting)"
-        # one K/V head serves any number of query heads (a symbolic count under dynamic=True too)
-        if not (known_equal(hk, 1) or (isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0)):
+        # one K/V head serves any number of query heads (a symbolic count under dynamic=True too);
+        # with enable_gqa=True SDPA itself raises unless hk divides hq, so symbolic counts there
+        # divide in every call that runs (the op guards on it)
+        symbolic = not (isinstance(hq, int) and isinstance(hk, int))
+        if not (known_equal(hk, 1) or (symbolic and m["enable_gqa"] is True)
+                or (not symbolic and hq % hk == 0)):
             return f"q heads {hq} are not a known multiple of k/v heads {hk}"
     mask = m["attn_mask"]
     if m.present("attn_mask"):

@@ -760,6 +760,25 @@ def test_sdpa_enable_gqa_with_one_kv_head_under_dynamic_true():
     assert_matches_eager(model, *qkv(T=7, H=3, Hkv=1), dynamic=True)
 
 
+def test_sdpa_enable_gqa_with_symbolic_kv_heads_under_dynamic_true():
+    """Under dynamic=True both head counts are symbols; with enable_gqa=True SDPA raises unless
+    the K/V heads divide the query heads, so every call that runs has them divide. Such a site
+    (a decoding step of a grouped-query model compiled with dynamic=True) was kept as 'q heads s34
+    are not a known multiple of k/v heads s25'; it fuses now, one graph for several head counts
+    (a fifteenth fuzz round)."""
+    model = SDPA(gqa="native")
+    backend = fusion_backend.backend(**OPTIONS)
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for H, Hkv, T in ((6, 3, 5), (8, 4, 7), (9, 3, 6)):  # no size of the first call equals another
+        q, k, v = qkv(T=T, H=H, Hkv=Hkv)
+        torch.testing.assert_close(compiled(q, k, v), model(q, k, v), atol=2e-5, rtol=2e-4)
+    table = [(s.rule, s.decision, s.reason) for r in backend.records for s in r.sites]
+    assert len(backend.records) == 1, table
+    assert table and all(s.decision == "fused" for r in backend.records for s in r.sites), table
+    torch._dynamo.reset()
+    assert_matches_eager(model, *qkv(T=7, H=6, Hkv=3), dynamic=True)
+
+
 @pytest.mark.parametrize("gqa", [None, "repeat_interleave"])
 @pytest.mark.parametrize("train", [False, True])
 def test_sdpa_number_attributes_under_dynamic_true(gqa, train):
