@@ -216,6 +216,26 @@ def _scale_vector(scale, metric, D, H, device):
     return torch.full((H,), float(scale), device=device, dtype=torch.float32)
 
 
+def _infinite_scale_as_nan(scale_h, scale, softcap=None, sinks=None):
+    """scale_h (`_scale_vector`) with an infinite scale (a learnable temperature divided by 0, or
+    exp'd past its dtype's range) as NaN. Eager's logits are then +-inf and every softmax row is NaN
+    (inf - inf, or a row of -inf), but the kernels take a row whose logits are all -inf as one that
+    sees no key and give it 0 (a fully masked row): such rows, and their gradients, came out 0
+    where eager's were NaN, and training went on where eager's loss was NaN. A NaN scale makes
+    every logit NaN, as eager's rows are. NaN is added where the scale is infinite and 0 elsewhere,
+    so a finite scale and every scale's gradient pass unchanged (NaN through an infinite one, as in
+    eager); s + s * 0 would do the same, but Inductor simplifies it to s. Not with a soft cap (tanh
+    keeps eager's capped logits finite) or sinks (a row of -inf logits then gives its weight to the
+    sink, 0 in eager too)."""
+    if softcap is not None or sinks is not None:
+        return scale_h
+    if isinstance(scale, Tensor):
+        return scale_h + torch.where(scale_h.isinf(), math.nan, 0.0)
+    if isinstance(scale, (int, float)) and math.isinf(scale):
+        return torch.full_like(scale_h, math.nan)
+    return scale_h
+
+
 def _dropout_keep_reference(shape, p, seed, device):
     """The kernels' dropout mask, in PyTorch: `kernels.philox` with seed + b*H + h per head."""
     B, H, Nq, Nk = shape
@@ -288,7 +308,7 @@ def attention_reference(q, k, v, *, metric="dot", scale=None, causal=False, attn
     _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale, softcap, sinks, causal)
     B, H, Nq, D = q.shape
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale_h = _scale_vector(scale, metric, D, H, q.device).to(dtype)
+    scale_h = _infinite_scale_as_nan(_scale_vector(scale, metric, D, H, q.device), scale, softcap, sinks).to(dtype)
     mask = None if attn_mask is None else attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     if dropout_p > 0 and dropout_seed is None:
         dropout_seed = reference_seed(q.device)
@@ -686,7 +706,7 @@ def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None
                                               scale=None if scale is None else float(scale),
                                               enable_gqa=bool(enable_gqa))
     config = _checked_config_key(config)
-    scale_h = _scale_vector(scale, metric, D, H, q.device)
+    scale_h = _infinite_scale_as_nan(_scale_vector(scale, metric, D, H, q.device), scale, softcap, sinks)
     if metric == "l2":
         q, k = _centred_on_key_mean(q, k)
     if config is None and _cosine_default_on_sdpa(q, metric, attn_mask, dropout_p, scale):

@@ -122,6 +122,44 @@ def test_head_dims(D):
     run_and_compare("dot", q, k, v)
 
 
+def _eager_logits(metric, q, k, scale):
+    """The hand-written logits the op's metrics stand for, scale (H,) per head."""
+    s = scale.view(1, -1, 1, 1)
+    if metric == "dot":
+        return q @ k.transpose(-1, -2) * s
+    if metric == "l2":
+        return -s * ((q[..., :, None, :] - k[..., None, :, :]) ** 2).sum(-1)
+    if metric == "l1":
+        return -s * (q[..., :, None, :] - k[..., None, :, :]).abs().sum(-1)
+    n = torch.nn.functional.normalize
+    return s * (n(q, dim=-1) @ n(k, dim=-1).transpose(-1, -2))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_an_infinite_scale_gives_nan_rows_as_eager(metric):
+    """A learnable temperature that reached 0 in a divisor makes its head's scale inf: eager's
+    logits are +-inf and every row of that head is NaN, gradients too. The kernels took a row whose
+    logits were all -inf (L2 and L1 always, dot for a query whose products are all negative) as
+    one that sees no key, and gave it 0 with finite gradients: a NaN loss in eager trained on
+    fused. The other head is eager's (a fifteenth fuzz round)."""
+    q, k, v = make(1, 2, 2, 7, 9, 8, 8)
+    q[0, 1, 3] = -k[0, 1].sum(0).sign() * q[0, 1, 3].abs()  # dot: a row of negative products
+    temperature = torch.tensor([2.0, 0.0])
+    ins = [t.clone().requires_grad_() for t in (q, k, v, temperature)]
+    out = attention(*ins[:3], metric=metric, scale=1 / ins[3])
+    ref_ins = [t.clone().requires_grad_() for t in (q, k, v, temperature)]
+    ref = torch.softmax(_eager_logits(metric, *ref_ins[:2], 1 / ref_ins[3]), -1) @ ref_ins[2]
+    assert torch.isnan(ref[0, 1]).all() and torch.isfinite(ref[0, 0]).all()
+    weight = torch.randn_like(ref)
+    (out * weight).sum().backward()
+    (ref * weight).sum().backward()
+    for got, want in [(out, ref)] + [(a.grad, b.grad) for a, b in zip(ins, ref_ins)]:
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), atol=1e-5, rtol=1e-4)
+    # a number scale of inf, as attention() takes it: NaN rows everywhere, as eager
+    assert torch.isnan(attention(q, k, v, metric=metric, scale=math.inf)).all()
+
+
 def test_l2_large_norms_and_per_head_scale_shapes():
     q, k, v = make(1, 3, 3, 33, 50, 64, 64)
     q, k = q + 2.0, k + 2.0

@@ -1021,6 +1021,29 @@ def test_l1(form, lam):
     assert_matches_eager(model, *qkv())
 
 
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_an_infinite_learnable_temperature_gives_nan_as_eager(inner):
+    """A per-head temperature that overflowed to inf: eager's logits of that head are -inf and its
+    rows NaN, and so are the gradients. The fused op took such rows as ones that see no key and
+    gave them 0 with finite gradients (a NaN loss in eager trained on, compiled). They are NaN now,
+    under Inductor too, which simplifies an arithmetic s + s * 0 away (a fifteenth fuzz round)."""
+    model = L1Attention("cdist", "per_head")
+    with torch.no_grad():
+        model.lam[1] = math.inf
+    q, k, v = (t.requires_grad_() for t in qkv())
+    backend = fusion_backend.backend(strategy="aggressive", inner=inner, cache=False, disable=["feedforward"])
+    out = torch.compile(model, backend=backend)(q, k, v)
+    assert [s.decision for r in backend.records for s in r.sites] == ["fused"]
+    ref = model(q, k, v)
+    assert torch.isnan(ref[:, 1]).all() and torch.isfinite(ref[:, 0]).all()
+    g = torch.randn_like(ref)
+    for a, b in zip((out,) + torch.autograd.grad(out, (q, k, v, model.lam), g),
+                    (ref,) + torch.autograd.grad(ref, (q, k, v, model.lam), g)):
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+        torch.testing.assert_close(a.nan_to_num(), b.nan_to_num(), atol=2e-5, rtol=2e-4)
+    torch._dynamo.reset()
+
+
 class _KeyMinusQuery(nn.Module):
     """The broadcast distances written with the key first: (k_j - q_i) ** 2 and |k_j - q_i|, the
     same numbers as (q_i - k_j) bit for bit."""
