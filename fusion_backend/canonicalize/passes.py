@@ -923,6 +923,13 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
         if isinstance(target, torch.Tensor) and all(isinstance(d, int) for d in target.shape):
             rw.replace(node, torch.reshape, (args[0], tuple(target.shape)))
         return
+    # x.expand_as(y) likewise, as the view expand(y's sizes) (XLM and FlauBERT expand their
+    # padding mask as the scores they then fill)
+    if op == "call_method" and t == "expand_as" and len(args) == 2 and not node.kwargs:
+        target = example_value(args[1])
+        if isinstance(target, torch.Tensor) and all(isinstance(d, int) for d in target.shape):
+            rw.replace(node, torch.broadcast_to, (args[0], tuple(target.shape)))
+        return
 
     # unsqueeze, including indexing with a single None (q[..., :, None, :])
     if _method_or_function(node, {"unsqueeze"}, {torch.unsqueeze}) and len(args) == 2:

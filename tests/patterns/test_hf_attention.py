@@ -236,6 +236,23 @@ def test_hf_mpt_masked_fill_rows_padded_whole():
     assert_matches_eager(model, ids, am, grad_inputs=False, atol=2e-5, rtol=2e-4)
 
 
+def test_hf_xlm_padding_mask_expanded_as_the_scores():
+    """XLM (and FlauBERT) scales q, expands its padding mask with `.expand_as(scores)` and fills
+    the scores in place with finfo.min. expand_as reads only the scores' shape: each attention
+    fuses (it was kept as if the scores were used elsewhere), with batch 0 wholly padding (rows
+    masked whole) and the loss reading every position."""
+    torch.manual_seed(0)
+    cfg = transformers.XLMConfig(vocab_size=VOCAB, emb_dim=32, n_layers=2, n_heads=4, max_position_embeddings=16,
+                                 dropout=0.0, attention_dropout=0.0, causal=False, pad_index=0)
+    model = LastHidden(transformers.XLMModel._from_config(cfg, attn_implementation="eager")).train()
+    ids = torch.randint(1, VOCAB, (2, T))
+    am = torch.ones(2, T, dtype=torch.long)
+    am[0] = 0
+    am[1, -3:] = 0
+    assert_fused(model, ids, am, variant="dot", rule="attention.dot", count=2)
+    assert_matches_eager(model, ids, am, grad_inputs=False, atol=2e-5, rtol=2e-4)
+
+
 def test_hf_gpt_neo_is_reported_kept():
     """GPT-Neo fills non-causal scores with torch.where(causal, s, tensor(finfo.min)) from a buffer
     (not a constant: it could hide whole rows) and then adds the padding mask: each attention is
