@@ -1349,8 +1349,9 @@ def _unfold_heads_from_batch(rw: _Rewriter) -> None:
     which are viewed to (B, H, N, S) for the 4-d mask and the softmax, and the probabilities back to
     (B*H, N, S) for the product with v. That becomes one 4-d attention: q, k (below its
     transpose), v and any (B*H, ...) term added to the scores are unflattened to (B, H, ...), the
-    products are 4-d, and their output is flattened back. The same products per (b, h) and the
-    same elementwise steps, so value for value the same. Every step of the scores is used once;
+    products are 4-d, and their output is flattened back. Where the probabilities stay 4-d for a
+    4-d v (GPT-NeoX-Japanese scores with baddbmm on folded heads), only the scores are unfolded.
+    The same products per (b, h) and the same elementwise steps, so value for value the same. Every step of the scores is used once;
     anything else, or a shape not proven from the recorded sizes, leaves the graph as it is."""
     for split in list(rw.graph.nodes):
         if split not in rw.graph.nodes or not _method_or_function(split, *_RESHAPES) or not split.args:
@@ -1372,6 +1373,8 @@ def _unfold_heads_from_batch(rw: _Rewriter) -> None:
             steps.append(node)
             full = [a for a in node.args[:2] if isinstance(a, Node) and isinstance(example_value(a), torch.Tensor)
                     and _sizes_equal(example_value(a).shape, s3.shape)]
+            if len(full) == 2:  # a term of the scores' size (baddbmm's zeros): the other is the way up
+                full = [a for a in full if a.op == "call_function" and a.target in _SCORE_STEPS + (torch.matmul,)]
             node = full[0] if len(full) == 1 else None
         if not (isinstance(node, Node) and node.op == "call_function" and node.target is torch.matmul
                 and len(node.users) == 1):
@@ -1412,12 +1415,16 @@ def _unfold_heads_from_batch(rw: _Rewriter) -> None:
                         onward.append(user)
             frontier = onward
         merge = merges[0] if len(merges) == 1 else None
-        if merge is None or len(merge.users) != 1:
-            continue
-        (pv,) = merge.users
-        if not (pv.op == "call_function" and pv.target is torch.matmul and pv.args[0] is merge
-                and isinstance(example_value(pv.args[1]), torch.Tensor) and example_value(pv.args[1]).dim() == 3
-                and _same_size(example_value(pv.args[1]).shape[0], bh)):
+        pv = None
+        if merge is not None and len(merge.users) == 1:
+            (pv,) = merge.users
+            if not (pv.op == "call_function" and pv.target is torch.matmul and pv.args[0] is merge
+                    and isinstance(example_value(pv.args[1]), torch.Tensor) and example_value(pv.args[1]).dim() == 3
+                    and _same_size(example_value(pv.args[1]).shape[0], bh)):
+                pv = None
+        # With no view back (GPT-NeoX-Japanese: 4-d probabilities times a 4-d v), only the scores
+        # are unfolded, where a softmax takes them as (B, H, N, S)
+        if pv is None and (merges or not any(n.op == "call_function" and n.target is torch.softmax for n in seen)):
             continue
 
         # Emitted where the view to 4-d was: every value they read (the sizes of that view too,
@@ -1437,10 +1444,11 @@ def _unfold_heads_from_batch(rw: _Rewriter) -> None:
                          for a in step.args)
             new = old_to_new[step] = rw.emit(split, step.target, args, kwargs=dict(step.kwargs))
         split.replace_all_uses_with(new)
-        v4 = unflatten(pv.args[1], pv)
-        out4 = rw.emit(pv, torch.matmul, (merge.args[0], v4))
-        rw.replace(pv, torch.flatten, (out4, 0, 1))
-        for dead in [merge, split] + steps + [product]:
+        if pv is not None:
+            v4 = unflatten(pv.args[1], pv)
+            out4 = rw.emit(pv, torch.matmul, (merge.args[0], v4))
+            rw.replace(pv, torch.flatten, (out4, 0, 1))
+        for dead in ([merge] if pv is not None else []) + [split] + steps + [product]:
             if not dead.users:
                 rw.erase(dead)
         rw.changed += 1

@@ -444,6 +444,32 @@ def test_heads_folded_into_the_batch_unfold_to_one_4d_attention():
     assert_matches_eager(model, *_heads_in_batch_inputs())
 
 
+class _ScoresInBatch(nn.Module):
+    """GPT-NeoX-Japanese: only q and k folded, the scores by baddbmm on zeros of their own size
+    (or a bias of that size), viewed to 4-d, and the 4-d probabilities times a 4-d v."""
+
+    def __init__(self, added):
+        super().__init__()
+        self.added = added
+
+    def forward(self, q, k, v, mask, bias):
+        B, H, N, D = q.shape
+        q3, k3 = q.reshape(B * H, N, D), k.reshape(B * H, -1, D)
+        added = torch.zeros(B * H, N, k3.shape[1], dtype=q.dtype) if self.added == "zeros" else bias
+        s = torch.baddbmm(added, q3, k3.transpose(1, 2), beta=1.0, alpha=D ** -0.5)
+        p = torch.softmax(s.view(B, H, N, -1) + mask, dim=-1)
+        return torch.matmul(p, v)
+
+
+@pytest.mark.parametrize("added", ["zeros", "bias"])
+def test_scores_folded_into_the_batch_with_4d_probabilities_unfold(added):
+    q, k, v = qkv(H=3, T=6, S=6)
+    inputs = (q, k, v, _pad_mask(B=2, S=6), torch.randn(6, 6, 6))
+    model = _ScoresInBatch(added)
+    assert_fused(model, *inputs, variant="dot", rule="attention.dot")
+    assert_matches_eager(model, *inputs)
+
+
 @pytest.mark.parametrize("return_scores", [False, True])
 def test_heads_folded_into_the_batch_unfold_only_where_nothing_else_reads_the_scores(return_scores):
     """The canonical graph computes what the model does either way; where the 3-d scores are also

@@ -253,6 +253,24 @@ def test_hf_xlm_padding_mask_expanded_as_the_scores():
     assert_matches_eager(model, ids, am, grad_inputs=False, atol=2e-5, rtol=2e-4)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_hf_gpt_neox_japanese_scores_by_baddbmm_on_folded_heads(padded):
+    """GPT-NeoX-Japanese scores with baddbmm(zeros, q, kT, beta=1, alpha=1/norm) on q and k with
+    the heads folded into the batch, views the scores to 4-d for the mask and the softmax, and
+    multiplies the 4-d probabilities by a 4-d v: each attention is unfolded, fused (it was not
+    found at all) and equals eager."""
+    torch.manual_seed(0)
+    cfg = transformers.GPTNeoXJapaneseConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=4, intermediate_multiple_size=2,
+                                             max_position_embeddings=16, rotary_pct=0.5, attention_dropout=0.0,
+                                             hidden_dropout=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = Logits(transformers.GPTNeoXJapaneseForCausalLM._from_config(cfg, attn_implementation="eager")).train()
+    args, loss_mask = _ids_and_padding(padded)
+    rule = "attention.dot" if padded else "attention.dot_causal"
+    assert_fused(model, *args, variant="dot", rule=rule, count=1)
+    assert_matches_eager(model, *args, grad_inputs=False, loss_mask=loss_mask, atol=2e-5, rtol=2e-4)
+
+
 def test_hf_gpt_neo_is_reported_kept():
     """GPT-Neo fills non-causal scores with torch.where(causal, s, tensor(finfo.min)) from a buffer
     (not a constant: it could hide whole rows) and then adds the padding mask: each attention is
