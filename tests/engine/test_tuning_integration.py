@@ -204,25 +204,32 @@ def _attention_with_dropout(q, k, v):
     return F.dropout((q @ k.transpose(-2, -1) * 0.25).softmax(-1), 0.3, training=True) @ v
 
 
+def _record_of_a_fresh_compile(fn, strategy):
+    """The backend's record of compiling and running fn(q, k, v) once, Dynamo reset first (so that
+    the tuning cache, not Dynamo's, decides)."""
+    import torch
+
+    import fusion_backend
+
+    torch._dynamo.reset()
+    backend = fusion_backend.backend(strategy=strategy, inner="eager", simulations=4)
+    torch.compile(fn, backend=backend)(*(torch.randn(1, 2, 6, 8) for _ in range(3)))
+    return backend.records[0]
+
+
 def test_a_cached_plan_the_strategy_cannot_choose_warns_and_retunes(tmp_path, monkeypatch):
     """A cache file edited by hand to fuse a site with dropout under "conservative" (which never
     fuses an inexact rewrite) was used as it was: the site fused and drew its own dropout masks, and
     explain() read 'cached: only one valid plan'. Such a plan is now a miss with one
     TuningCacheWarning, and the site stays kept with conservative's reason (a fourteenth fuzz round)."""
     import pytest
-    import torch
 
-    import fusion_backend
     from fusion_backend.tune import TuningCacheWarning
 
     monkeypatch.setenv("TRUTHFUSE_CACHE_DIR", str(tmp_path))
-    options = {"strategy": "conservative", "inner": "eager", "simulations": 4}
 
     def compile_and_run():
-        torch._dynamo.reset()
-        backend = fusion_backend.backend(**options)
-        torch.compile(_attention_with_dropout, backend=backend)(*(torch.randn(1, 2, 6, 8) for _ in range(3)))
-        return backend.records[0]
+        return _record_of_a_fresh_compile(_attention_with_dropout, strategy="conservative")
 
     first = compile_and_run()
     assert [s.decision for s in first.sites] == ["kept"] and "not exact" in first.sites[0].reason
@@ -244,19 +251,13 @@ def test_a_cached_plan_other_than_its_records_own_warns_and_retunes(tmp_path, mo
     of another plan), either way round, is now a miss with one TuningCacheWarning; a record whose
     plan, timings and reason agree is used (a fifteenth fuzz round)."""
     import pytest
-    import torch
 
-    import fusion_backend
     from fusion_backend.tune import TuningCacheWarning
 
     monkeypatch.setenv("TRUTHFUSE_CACHE_DIR", str(tmp_path))
-    options = {"strategy": "moderate", "inner": "eager", "simulations": 4}
 
     def compile_and_run():
-        torch._dynamo.reset()
-        backend = fusion_backend.backend(**options)
-        torch.compile(_scaled_attention, backend=backend)(*(torch.randn(1, 2, 6, 8) for _ in range(3)))
-        return backend.records[0]
+        return _record_of_a_fresh_compile(_scaled_attention, strategy="moderate")
 
     compile_and_run()
     (path,) = tmp_path.glob("*.json")
