@@ -3,6 +3,8 @@
 Canonical vocabulary (all positional, dims negative where the rank is known):
 
     torch.matmul(a, b)              matmul, bmm, @, two-operand einsum that is a batched matmul;
+                                    attention scores q @ kT with kT not a transpose read it as
+                                    transpose(transpose(kT)) (SqueezeBERT's keys, viewed (B, H, D, S));
                                     baddbmm as that product scaled by alpha, plus beta * input;
                                     an attention with its heads folded into the batch whose scores
                                     are viewed to (B, H, N, S) and back, unfolded to 4-d (BLOOM)
@@ -1454,6 +1456,54 @@ def _unfold_heads_from_batch(rw: _Rewriter) -> None:
         rw.changed += 1
 
 
+# What the scores may go through between their product and the softmax, in `_keys_as_transposed`.
+_SCORES_TO_SOFTMAX = (torch.add, torch.mul, torch.sub, torch.masked_fill, torch.tanh, _to)
+
+
+def _probabilities_times_v(product: Node) -> bool:
+    """product's value reaches, each step used once, a softmax over the last dim (through the
+    steps of the scores), whose probabilities (through casts and dropout) are the first operand
+    of a product: attention scores."""
+    node = product
+    while len(node.users) == 1:
+        (node,) = node.users
+        if not (node.op == "call_function" and node.target in _SCORES_TO_SOFTMAX + (torch.softmax,)):
+            return False
+        if node.target is torch.softmax:
+            if node.args[1:] != (-1,):
+                return False
+            while len(node.users) == 1:
+                (user,) = node.users
+                if user.op == "call_function" and user.target is torch.matmul and user.args[0] is node:
+                    return True
+                if not (is_cast(user) or _call_to(user, F.dropout)):
+                    return False
+                node = user
+            return False
+    return False
+
+
+def _keys_as_transposed(rw: _Rewriter) -> None:
+    """Scores whose product reads keys laid out as (..., D, S) already, not through a transpose:
+    SqueezeBERT views its channels-first keys to (B, H, D, S), and a permute such as (0, 2, 3, 1)
+    of (B, S, H, D) keys is no swap of two dims. The product reads them as the transpose of their
+    transpose, the same view of the same memory, so that the rules see `k @ transpose(k)`'s k."""
+    for node in list(rw.graph.nodes):
+        if not (_call_to(node, torch.matmul) and len(node.args) == 2):
+            continue
+        a, b = node.args
+        if a is b or (_call_to(b, torch.transpose) and tuple(b.args[1:]) == (-2, -1)):
+            continue
+        rank = rank_of(b)
+        if rank is None or rank < 3 or rank_of(a) != rank or not _probabilities_times_v(node):
+            continue
+        if _writers_behind(b):  # keys a write may change stay as written (no site may take them in)
+            continue
+        k = rw.emit(node, torch.transpose, (b, -2, -1))
+        node.replace_input_with(b, rw.emit(node, torch.transpose, (k, -2, -1)))
+        rw.changed += 1
+
+
 def _feeds_softmax(node: Node) -> bool:
     """node's only use, through casts, is a softmax: attention scores."""
     while len(node.users) == 1:
@@ -2270,6 +2320,7 @@ def canonicalize(graph: fx.Graph) -> int:
     _drop_identity_reshapes(rw)
     _unfold_heads_from_batch(rw)
     _terms_added_through_a_split_batch(rw)
+    _keys_as_transposed(rw)
     _repeat_kv_as_repeat_interleave(rw)
     _softmax_with_sinks(rw)
     _matmul_to_linear(rw)

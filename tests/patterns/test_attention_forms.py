@@ -444,6 +444,35 @@ def test_heads_folded_into_the_batch_unfold_to_one_4d_attention():
     assert_matches_eager(model, *_heads_in_batch_inputs())
 
 
+class _KeysLaidOutTransposed(nn.Module):
+    """Keys made (B, H, D, S) directly, so that the scores are q @ k with no transpose: by a
+    permute that is no swap of two dims, or by SqueezeBERT's view of channels-first keys."""
+
+    def __init__(self, layout):
+        super().__init__()
+        self.layout = layout
+        self.q, self.k, self.v = (nn.Linear(16, 16) for _ in range(3))
+
+    def forward(self, x, mask):
+        B, N, _ = x.shape
+        q, v = (p(x).view(B, N, 2, 8).permute(0, 2, 1, 3) for p in (self.q, self.v))
+        if self.layout == "permute":
+            kt = self.k(x).view(B, N, 2, 8).permute(0, 2, 3, 1)
+        else:
+            kt = self.k(x).transpose(1, 2).contiguous().view(B, 2, 8, N)
+        s = torch.matmul(q, kt) / math.sqrt(8) + mask
+        return torch.matmul(nn.Softmax(dim=-1)(s), v)
+
+
+@pytest.mark.parametrize("layout", ["permute", "view"])
+def test_dot_keys_laid_out_transposed(layout):
+    torch.manual_seed(0)
+    model = _KeysLaidOutTransposed(layout)
+    inputs = (torch.randn(2, 8, 16), _pad_mask())
+    assert_fused(model, *inputs, variant="dot", rule="attention.dot")
+    assert_matches_eager(model, *inputs)
+
+
 class _ScoresInBatch(nn.Module):
     """GPT-NeoX-Japanese: only q and k folded, the scores by baddbmm on zeros of their own size
     (or a bias of that size), viewed to 4-d, and the 4-d probabilities times a 4-d v."""

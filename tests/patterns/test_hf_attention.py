@@ -271,6 +271,22 @@ def test_hf_gpt_neox_japanese_scores_by_baddbmm_on_folded_heads(padded):
     assert_matches_eager(model, *args, grad_inputs=False, loss_mask=loss_mask, atol=2e-5, rtol=2e-4)
 
 
+def test_hf_squeezebert_keys_viewed_as_transposed():
+    """SqueezeBERT projects channels-first and views its keys to (B, H, D, N), so its scores are
+    matmul(q, k) with no transpose: each attention fuses (it was not found at all) and equals
+    eager."""
+    torch.manual_seed(0)
+    cfg = transformers.SqueezeBertConfig(vocab_size=VOCAB, hidden_size=32, embedding_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, intermediate_size=64, max_position_embeddings=16,
+                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
+    model = LastHidden(transformers.SqueezeBertModel._from_config(cfg)).train()
+    ids = torch.randint(1, VOCAB, (2, T))
+    am = torch.ones(2, T, dtype=torch.long)
+    am[0, -3:] = 0
+    assert_fused(model, ids, am, variant="dot", rule="attention.dot", count=2)
+    assert_matches_eager(model, ids, am, grad_inputs=False, atol=2e-5, rtol=2e-4)
+
+
 def test_hf_gpt_neo_is_reported_kept():
     """GPT-Neo fills non-causal scores with torch.where(causal, s, tensor(finfo.min)) from a buffer
     (not a constant: it could hide whole rows) and then adds the padding mask: each attention is
