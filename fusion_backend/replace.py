@@ -103,6 +103,56 @@ def _saved_for_backward():
             set_tracing(prior)
 
 
+def _inputs_reached(result: Any, inputs: Dict[str, Any]) -> set:
+    """The names of the `inputs` (tensors) that `result`'s autograd graph reaches: the ones a
+    backward from it sends a gradient. Read from the graph's edges (no backward runs): an input
+    is reached as the output of its grad_fn it is (q, k, v chunked from one tensor share a
+    grad_fn), or as the AccumulateGrad node of a leaf. The walk stops at the inputs, so it stays
+    inside the site however large the graph above it.
+
+    Nodes are compared as objects that this function holds until it returns: autograd hands out
+    one Python object per node only while one is alive, so an id taken from a dropped object was
+    reused by another node's and missed by the same node's next one. Kept by id, this check found
+    no input reached on the GPU (where the allocator's reuse differed) and kept nearly every site."""
+    if not isinstance(result, torch.Tensor) or result.grad_fn is None:
+        return set()
+    held: list = []  # every node object looked at, alive until the walk ends
+    by_edge: Dict[tuple, List[str]] = {}
+    input_nodes: set = set()
+    leaves: Dict[int, List[str]] = {}
+    for name, t in inputs.items():
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            fn = t.grad_fn
+            if fn is not None:
+                held.append(fn)
+                input_nodes.add(id(fn))
+                by_edge.setdefault((id(fn), t.output_nr), []).append(name)
+            else:
+                leaves.setdefault(id(t), []).append(name)  # `inputs` holds the leaf itself
+    root = result.grad_fn
+    held.append(root)
+    found: set = set(by_edge.get((id(root), result.output_nr), ()))
+    if found:
+        return found
+    seen, stack = set(), [root]
+    while stack:
+        fn = stack.pop()
+        if id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        variable = getattr(fn, "variable", None)  # AccumulateGrad
+        if variable is not None:
+            found.update(leaves.get(id(variable), ()))
+        for nxt, nr in fn.next_functions:
+            if nxt is None:
+                continue
+            held.append(nxt)
+            found.update(by_edge.get((id(nxt), nr), ()))
+            if id(nxt) not in input_nodes:  # what lies above an input is no concern of the site's
+                stack.append(nxt)
+    return found
+
+
 def trace_replacement(site: Site, config: Optional[str]) -> fx.GraphModule:
     """Trace the site's replacement into a small graph whose placeholders are the site's tensor
     bindings (in `tensor_names` order, stored on the returned module)."""
@@ -157,6 +207,7 @@ def trace_replacement(site: Site, config: Optional[str]) -> fx.GraphModule:
             # keeps_result_for_backward=False returned the op's memory, and a caller's in-place
             # write there failed the backward with autograd's "modified by an inplace operation"
             result_grad["saved"] = StorageWeakRef(first.untyped_storage()) in saved
+            result_grad["reaches"] = _inputs_reached(first, dict(zip(tensor_names, tensors)))
         if order is not None:  # eager's layout: contiguous in `order`, viewed back
             out = out[0] if isinstance(out, (list, tuple)) else out
             out = out.permute(order).contiguous().permute([order.index(i) for i in range(len(order))])
@@ -188,6 +239,7 @@ def trace_replacement(site: Site, config: Optional[str]) -> fx.GraphModule:
     traced.result_is_a_copy = order is not None  # not the op's own output memory
     traced.result_requires_grad = result_grad.get("requires_grad")
     traced.result_saved_for_backward = bool(result_grad.get("saved"))
+    traced.result_reaches = result_grad.get("reaches")
     return traced
 
 
@@ -284,6 +336,15 @@ def build_replacement(site: Site, config: Optional[str]) -> tuple:
         # graph would train with no gradient through the site, where eager's flows
         raise ReplacementError("the replacement's result does not require grad where the matched result does "
                                "(a detach, no_grad or a non-differentiable op in it would cut the gradient)")
+    if torch.is_grad_enabled() and expected.requires_grad and traced.result_reaches is not None:
+        # one input's gradient cut (tanh(a + b.detach())): the result still requires grad through
+        # the others, and b got no gradient in training where eager's had one
+        values = {n: site.match.values[n] for n in traced.tensor_names}
+        cut = sorted(_inputs_reached(expected, values) - traced.result_reaches)
+        if cut:
+            raise ReplacementError(f"the replacement's result carries no gradient to {', '.join(cut)}, where the "
+                                   "matched result's does (a detach, no_grad or a non-differentiable op in it "
+                                   "would cut that gradient)")
     return traced, cast
 
 

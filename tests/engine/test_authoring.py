@@ -341,6 +341,20 @@ def test_a_replacement_that_cuts_the_gradient_keeps_its_site():
         "the replacement's result does not require grad where the matched result does")
 
 
+@pytest.mark.parametrize("cut", ["x", "w", "b"])
+def test_a_replacement_that_cuts_one_inputs_gradient_keeps_its_site(cut):
+    """A replacement detaching one input (F.linear(x, w.detach(), b)) still returns a result that
+    requires grad, through the others: it was fused, and the compiled model trained with no
+    gradient for that input (the Linear's weight, say) where eager's had one."""
+    def replacement(x, w, b):
+        x, w, b = (t.detach() if name == cut else t for name, t in (("x", x), ("w", w), ("b", b)))
+        return F.gelu(F.linear(x, w, b))
+
+    _kept_with_one_warning_and_eager_results(
+        _misbehaving_rule(f"cut_{cut}", replacement),
+        f"the replacement's result carries no gradient to {cut}, where the matched result's does")
+
+
 @pytest.mark.parametrize("field, value, named", [
     ("priority", "high", "must be a number"),
     ("kind", 5, "must be a non-empty string"),
