@@ -6,7 +6,8 @@
 Triton compiles for a target given by name (here sm_90, the H100) without a device, and ptxas
 reports what each kernel uses, so a change that makes a kernel spill registers, or makes ptxas
 serialize its wgmma products (advisory C7515), shows on a CPU-only machine before any device time
-is spent. Speed still has to be measured on the device.
+is spent. Speed still has to be measured on the device. With --sass, KR_SASS_DIR=<dir> also writes
+each kernel's SASS there (<kernel name>.sass), to read or to count a loop's instructions.
 """
 from __future__ import annotations
 
@@ -87,6 +88,9 @@ def compile_report(fn, args: dict, constexprs: dict, num_warps: int, num_stages:
             cuobjdump = os.path.join(bin_dir, "cuobjdump")
             sass = subprocess.run([cuobjdump, "-sass", os.path.join(d, "k.cubin")], capture_output=True,
                                   text=True).stdout
+            if os.environ.get("KR_SASS_DIR"):
+                with open(os.path.join(os.environ["KR_SASS_DIR"], fn.__name__ + ".sass"), "w") as f:
+                    f.write(sass)
     regs = re.search(r"Used (\d+) registers", out)
     spill_st = re.search(r"(\d+) bytes spill stores", out)
     spill_ld = re.search(r"(\d+) bytes spill loads", out)
@@ -140,7 +144,7 @@ def attention_reports(B, H, N, D, metric, mask_kind, causal, dropout, config_key
     for name, fn, tile, extra in (  # a learnable scale: the forward's stats and the scale gradient
         ("fwd", tc._attn_fwd_kernel, dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
                                           num_stages=cfg["num_stages"]), dict(STATS=not softcap, KEXT=key_parts)),
-        ("dkdv", tc._attn_bwd_dkdv_kernel, tile_kv, dict(SCAN_ROWS=tc.QUERY_SCAN_ROWS)),
+        ("dkdv", tc._attn_bwd_dkdv_kernel, tile_kv, dict(SCAN_ROWS=tc.QUERY_SCAN_ROWS, SCALE_AFTER=True)),  # GROUP 1
         ("dq", tc._attn_bwd_dq_kernel, tile_q, dict(MASK_GRAD=False, SCALE_GRAD=not softcap)),
     ):
         cx = dict(common, **extra, EVEN_M=N % tile["BLOCK_M"] == 0, EVEN_N=N % tile["BLOCK_N"] == 0,
