@@ -393,6 +393,13 @@ def _masks_nothing(m: Match, name: str) -> bool:
     return value is not None and value.is_floating_point() and bool((value.float() > _MASKING_FILL).all())
 
 
+def _described(node: Any) -> str:
+    """A node as explain() names it: `add_13 (deberta_v2/modeling_deberta_v2.py:240)`."""
+    from fusion_backend.match.sites import describe
+
+    return describe(node) if isinstance(node, fx.Node) else repr(node)
+
+
 def _check_whole_rows_filled(m: Match) -> Optional[str]:
     """masked_fill with a finite fill: a row it masks whole comes out uniform in eager, and its
     scores get no gradient, while the op, which adds the fill as -1e30, would give them one. The
@@ -418,8 +425,12 @@ def _check_whole_rows_filled(m: Match) -> Optional[str]:
     for name in finite + added:
         value = constant_value(m.nodes.get(name))
         if value is None:
+            # name the terms computed at run time (DeBERTa's relative-position terms): the user
+            # reads what stands in the way, not only a class of causes
+            computed = [_described(m.nodes.get(t)) for t in added if constant_value(m.nodes.get(t)) is None]
+            terms = f" (added to the scores and not a constant: {', '.join(computed)})" if computed else ""
             return ("a masked_fill with a finite fill, combined with other masks or added terms, may mask "
-                    "whole rows, which eager computes differently from the fused op")
+                    f"whole rows, which eager computes differently from the fused op{terms}")
         value = value if name in finite else value.float() <= _MASKING_FILL
         masked = value if masked is None else masked | value
     if bool(masked.all(-1).any()):

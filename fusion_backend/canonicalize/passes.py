@@ -1346,6 +1346,21 @@ def _sizes_equal(a, b) -> bool:
 _SCORE_STEPS = (torch.add, torch.mul, torch.sub, _to)
 
 
+def _steps_reach_product(node: Any, shape, depth: int = 8) -> bool:
+    """node is a product, or reaches one through score steps (each used once) on values of the
+    scores' `shape`: the way up from the scores to their q.k, where both operands of a step have
+    the scores' size."""
+    if not (isinstance(node, Node) and node.op == "call_function" and len(node.users) == 1):
+        return False
+    if node.target is torch.matmul:
+        return True
+    if depth == 0 or node.target not in _SCORE_STEPS:
+        return False
+    return any(_steps_reach_product(a, shape, depth - 1) for a in node.args[:2]
+               if isinstance(a, Node) and isinstance(example_value(a), torch.Tensor)
+               and _sizes_equal(example_value(a).shape, shape))
+
+
 def _unfold_heads_from_batch(rw: _Rewriter) -> None:
     """BLOOM's attention folds the heads into the batch: 3-d products give (B*H, N, S) scores,
     which are viewed to (B, H, N, S) for the 4-d mask and the softmax, and the probabilities back to
@@ -1377,6 +1392,10 @@ def _unfold_heads_from_batch(rw: _Rewriter) -> None:
                     and _sizes_equal(example_value(a).shape, s3.shape)]
             if len(full) == 2:  # a term of the scores' size (baddbmm's zeros): the other is the way up
                 full = [a for a in full if a.op == "call_function" and a.target in _SCORE_STEPS + (torch.matmul,)]
+            if len(full) == 2:
+                # both computed (DeBERTa v2 adds its (B*H, N, S) relative-position terms, sums of
+                # gathered products, to q.k): the way up is the one whose steps reach a product
+                full = [a for a in full if _steps_reach_product(a, s3.shape)]
             node = full[0] if len(full) == 1 else None
         if not (isinstance(node, Node) and node.op == "call_function" and node.target is torch.matmul
                 and len(node.users) == 1):

@@ -444,6 +444,39 @@ def test_heads_folded_into_the_batch_unfold_to_one_4d_attention():
     assert_matches_eager(model, *_heads_in_batch_inputs())
 
 
+class _HeadsInBatchRelativeTerms(nn.Module):
+    """DeBERTa v2: folded-head scores plus a computed (B*H, N, S) term, a sum of relative-position
+    products of q and of k gathered per (query, key) offset, added before the view to 4-d."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(11, 8))
+
+    def forward(self, q, k, v, mask):
+        B, H, N, D = q.shape
+        q3, k3, v3 = (t.reshape(B * H, -1, D) for t in (q, k, v))
+        offsets = (torch.arange(N)[None, :] - torch.arange(N)[:, None]).clamp(-5, 5) + 5
+        index = offsets.expand(B * H, N, N)
+        c2p = torch.gather(torch.matmul(q3, self.pos.t()), -1, index)
+        p2c = torch.gather(torch.matmul(k3, self.pos.t()), -1, index).transpose(-1, -2)
+        rel = 0 + c2p * 0.5 + p2c * 0.5
+        s3 = torch.matmul(q3, k3.transpose(-1, -2) * D ** -0.5) + rel
+        p4 = torch.softmax(s3.view(B, H, N, -1) + mask, dim=-1)
+        return torch.matmul(p4.view(B * H, N, -1), v3).view(B, H, N, D)
+
+
+def test_heads_folded_into_the_batch_with_relative_terms_unfold():
+    """The scores' add reads two computed (B*H, N, S) values: the product's side is the way up
+    (DeBERTa v2's attention was not found at all). Fused, and equal to eager, q, k, v and the
+    relative positions' gradients included."""
+    torch.manual_seed(0)
+    model = _HeadsInBatchRelativeTerms()
+    q, k, v = qkv(H=3, T=6, S=6)
+    inputs = (q, k, v, _pad_mask(B=2, S=6))
+    assert_fused(model, *inputs, variant="dot", rule="attention.dot")
+    assert_matches_eager(model, *inputs)
+
+
 class _KeysLaidOutTransposed(nn.Module):
     """Keys made (B, H, D, S) directly, so that the scores are q @ k with no transpose: by a
     permute that is no swap of two dims, or by SqueezeBERT's view of channels-first keys."""

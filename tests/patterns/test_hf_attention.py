@@ -287,6 +287,26 @@ def test_hf_squeezebert_keys_viewed_as_transposed():
     assert_matches_eager(model, ids, am, grad_inputs=False, atol=2e-5, rtol=2e-4)
 
 
+def test_hf_deberta_v2_relative_positions_are_found_and_kept_with_the_reason():
+    """DeBERTa v2 adds its relative-position terms (gathered products of q and k with the position
+    embeddings) to folded-head (B*H, N, S) scores before the view to 4-d: the attention is
+    unfolded and found (it was not found at all), and kept, naming the computed term that a finite
+    fill after it may combine with to mask whole rows. The model equals eager."""
+    torch.manual_seed(0)
+    cfg = transformers.DebertaV2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                       intermediate_size=64, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                       attention_probs_dropout_prob=0.0, relative_attention=True,
+                                       pos_att_type=["c2p", "p2c"], max_relative_positions=8, position_buckets=4,
+                                       pad_token_id=0)
+    model = LastHidden(transformers.DebertaV2Model._from_config(cfg, attn_implementation="eager")).train()
+    ids = torch.randint(1, VOCAB, (2, T))
+    am = torch.ones(2, T, dtype=torch.long)
+    am[0, -3:] = 0
+    sites = assert_near_miss(model, ids, am, reason="added to the scores and not a constant")
+    assert sum(s.kind == "attention" for s in sites) == 1, sites
+    assert_matches_eager(model, ids, am, grad_inputs=False, atol=2e-5, rtol=2e-4)
+
+
 def test_hf_gpt_neo_is_reported_kept():
     """GPT-Neo fills non-causal scores with torch.where(causal, s, tensor(finfo.min)) from a buffer
     (not a constant: it could hide whole rows) and then adds the padding mask: each attention is
