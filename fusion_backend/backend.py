@@ -24,6 +24,7 @@ from .canonicalize import UnsafeRewrite, canonical_copy, tanh_gelus_with_runtime
 from .canonicalize.passes import MODE_REGION, WITHOUT_GRAD
 from .match import all_rules, find_sites
 from .match.sites import Site, module_location, source_location
+from .match.unmatched import unmatched_attention
 from .ops.feedforward import replayed_as_cuda_graphs
 from .options import Options, parse_options
 from .replace import ReplacementError, apply_plan, build_replacement, option_name
@@ -35,6 +36,12 @@ _FAST_PATH_OPS = {getattr(torch, name): f"torch.{name}" for name in
                   ("_transformer_encoder_layer_fwd", "_native_multi_head_attention") if hasattr(torch, name)}
 
 log = logging.getLogger("truthfuse")
+
+
+def _unmatched_location(node: fx.Node) -> str:
+    """Where explain() lists attention that no rule matched: its softmax's line, else its module."""
+    location = source_location(node)
+    return location if location != "<unknown>" else (module_location(node) or location)
 
 
 class FusionWarning(UserWarning):
@@ -257,6 +264,14 @@ class TruthfuseBackend:
             else:
                 d.reason = failure or "replacement could not be built"
                 warnings.warn(f"truthfuse: site {site.id} at {site.location} kept: {d.reason}", FusionWarning)
+        if any(rule.kind == "attention" for rule in self._rules()):
+            # attention that no rule lined up with at all was missing from explain(), which then read
+            # "no attention or feed-forward site was found": listed as kept, with what is in the way
+            covered = set().union(*(s.nodes for s in sites if s.kind == "attention")) if sites else set()
+            for softmax, why in unmatched_attention(canon.graph, covered):
+                site_id = f"{graph_id}.attention.unmatched@{softmax.name}"
+                decisions[site_id] = SiteDecision(site_id, "(no rule)", "attention", None, "kept", why,
+                                                  _unmatched_location(softmax), graph_index=record.index)
         record.sites = list(decisions.values())
         if not candidates:
             return gm

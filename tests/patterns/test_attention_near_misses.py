@@ -501,3 +501,79 @@ def test_queries_of_a_data_dependent_count_say_so():
         sites = assert_near_miss(fn, x, keep, k, v, reason="known only while the graph runs (data-dependent")
         assert all("Could not guard" not in s.reason.split(": ", 1)[0] and "\n" not in s.reason for s in sites)
         assert_matches_eager(fn, x, keep, k, v)
+
+
+class _ClampedScores(nn.Module):
+    """XGLM: the masked scores clamped from below with torch.max(scores, tensor(finfo.min))."""
+
+    def forward(self, q, k, v, mask):
+        s = q @ k.transpose(-2, -1) * 0.3 + mask
+        s = torch.max(s, torch.tensor(torch.finfo(s.dtype).min))
+        return torch.softmax(s, dim=-1) @ v
+
+
+class _ScoresAcrossAGraphBreak(nn.Module):
+    """The scores computed in one graph and the softmax in the next (DeBERTa's .item() break)."""
+
+    def forward(self, q, k, v):
+        s = q @ k.transpose(-2, -1) * 0.3
+        torch._dynamo.graph_break()
+        return torch.softmax(s, dim=-1) @ v
+
+
+class _HeadsSecondEinsum(nn.Module):
+    """Funnel: q, k, v laid out (B, N, H, D), scores and output by einsums over the head dim in
+    place, and the padding mask subtracted."""
+
+    def forward(self, q, k, v, pad):
+        s = torch.einsum("bind,bjnd->bnij", q, k) * 0.3 - pad[:, None, None, :] * 1e6
+        return torch.einsum("bnij,bjnd->bind", torch.softmax(s, dim=-1), v)
+
+
+class _AttentionPooling(nn.Module):
+    """Scores from a Linear, not from q and k: not q.k attention, and not reported as attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.score = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return torch.softmax(self.score(x).transpose(-2, -1), dim=-1) @ x
+
+
+def _pad(B=2, S=8):
+    pad = torch.zeros(B, S)
+    pad[0, -3:] = 1.0
+    return pad
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("clamp", "the scores are clamped with torch.max"),
+    ("graph_break", "the scores come into this graph as an input (s): a graph break"),
+    ("einsum", "the scores are an einsum 'bind,bjnd->bnij'"),
+])
+def test_attention_no_rule_lines_up_with_is_reported_with_what_is_in_the_way(case, reason):
+    """Attention that no rule lined up with at all (XGLM's clamp, a graph break between the scores
+    and the softmax, Funnel's einsums over the head dim and subtracted mask) was missing from
+    explain(), which said no attention site was found: it is listed as kept, naming what stands
+    in the way. The compiled model equals eager."""
+    torch.manual_seed(0)
+    q, k, v = qkv()
+    mask = torch.zeros(2, 1, 1, 8)
+    mask[0, ..., -3:] = torch.finfo(torch.float32).min
+    model, inputs = {"clamp": (_ClampedScores(), (q, k, v, mask)),
+                     "graph_break": (_ScoresAcrossAGraphBreak(), (q, k, v)),
+                     "einsum": (_HeadsSecondEinsum(), (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                       _pad()))}[case]
+    sites = assert_near_miss(model, *inputs, reason=reason)
+    assert [s.rule for s in sites if s.kind == "attention"] == ["(no rule)"], sites
+    if case == "einsum":
+        assert "a term is subtracted from the scores" in sites[0].reason
+        assert "the probabilities meet v in an einsum 'bnij,bjnd->bind'" in sites[0].reason
+    assert_matches_eager(model, *inputs)
+
+
+def test_softmax_over_scores_from_a_linear_is_not_reported_as_attention():
+    report = fusion_backend.explain(_AttentionPooling(), torch.randn(2, 8, 8), options=OPTIONS)
+    torch._dynamo.reset()
+    assert not [s for s in report.sites if s.kind == "attention"], str(report)

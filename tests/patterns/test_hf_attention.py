@@ -307,6 +307,39 @@ def test_hf_deberta_v2_relative_positions_are_found_and_kept_with_the_reason():
     assert_matches_eager(model, ids, am, grad_inputs=False, atol=2e-5, rtol=2e-4)
 
 
+def test_hf_xglm_clamped_scores_are_reported_kept():
+    """XGLM clamps its masked scores with torch.max(scores, finfo.min) before the softmax, which
+    changes what a row masked whole gives: no rule takes it, and explain() listed no attention
+    site at all. Each attention is listed as kept, naming the clamp; with left padding (rows
+    masked whole) the model equals eager."""
+    torch.manual_seed(0)
+    cfg = transformers.XGLMConfig(vocab_size=VOCAB, d_model=32, num_layers=2, attention_heads=4, ffn_dim=64,
+                                  max_position_embeddings=16, dropout=0.0, attention_dropout=0.0,
+                                  activation_dropout=0.0, layerdrop=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    model = LastHidden(transformers.XGLMModel._from_config(cfg, attn_implementation="eager")).train()
+    (ids, am), loss_mask = _ids_and_padding(True, low=3)
+    sites = assert_near_miss(model, ids, am, reason="the scores are clamped with torch.max")
+    assert sum(s.kind == "attention" for s in sites) == 2, sites  # one per layer
+    assert_matches_eager(model, ids, am, grad_inputs=False, loss_mask=loss_mask, atol=2e-5, rtol=2e-4)
+
+
+def test_hf_deberta_scores_cut_by_a_graph_break_are_reported_kept():
+    """DeBERTa (v1) with relative attention reads its attention span with .item(), a graph break
+    between the scores and the softmax: explain() listed no attention site at all; it lists the
+    softmax's graph's attention as kept, saying a graph break cut it."""
+    torch.manual_seed(0)
+    cfg = transformers.DebertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0, relative_attention=True,
+                                     pos_att_type=["c2p", "p2c"], max_relative_positions=8, pad_token_id=0)
+    model = LastHidden(transformers.DebertaModel._from_config(cfg, attn_implementation="eager")).train()
+    ids = torch.randint(1, VOCAB, (2, T))
+    am = torch.ones(2, T, dtype=torch.long)
+    am[0, -3:] = 0
+    sites = assert_near_miss(model, ids, am, reason="a graph break cut the attention")
+    assert sum(s.kind == "attention" for s in sites) == 1, sites
+
+
 def test_hf_gpt_neo_is_reported_kept():
     """GPT-Neo fills non-causal scores with torch.where(causal, s, tensor(finfo.min)) from a buffer
     (not a constant: it could hide whole rows) and then adds the padding mask: each attention is
