@@ -309,6 +309,12 @@ def find_sites(graph: fx.Graph, rules: Sequence[Rule], graph_id: str = "g0") -> 
                     reason = ("intermediate value " + ", ".join(sorted(describe(n) for n in escaping)) +
                               f" is also used outside the pattern (for example {example}), so fusing "
                               "would not remove it")
+                    if any(u.op == "output" for n in escaping for u in n.users):
+                        # a graph break after the block (I-BERT's QuantAct asserts in training)
+                        # makes Dynamo return every value the code reads later, though the model
+                        # returns none of them: the reason alone pointed at the user's outputs
+                        reason += ("; this graph returns it, to the caller or to the code after a graph break "
+                                   "that reads it (TORCH_LOGS=graph_breaks shows the breaks)")
                 if reason is None:
                     reason = _written_in_place(al, match)
                 if reason is None:

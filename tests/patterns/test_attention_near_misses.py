@@ -577,3 +577,28 @@ def test_softmax_over_scores_from_a_linear_is_not_reported_as_attention():
     report = fusion_backend.explain(_AttentionPooling(), torch.randn(2, 8, 8), options=OPTIONS)
     torch._dynamo.reset()
     assert not [s for s in report.sites if s.kind == "attention"], str(report)
+
+
+class _ProbabilitiesLiveAcrossAGraphBreak(nn.Module):
+    """I-BERT in training: a graph break after the attention (QuantAct's asserts), and code after
+    it that names the probabilities (returned only with output_attentions): Dynamo returns them
+    from the attention's graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.output_attentions = False
+
+    def forward(self, q, k, v):
+        p = torch.softmax(q @ k.transpose(-2, -1) * 0.3, dim=-1)
+        out = p @ v
+        torch._dynamo.graph_break()
+        return (out, p) if self.output_attentions else out
+
+
+def test_probabilities_kept_live_by_a_graph_break_say_so():
+    """The probabilities were reported as "used outside the pattern (for example attention weights
+    returned to the caller)" where the model returns none: the reason also says that the graph
+    returns them, to the caller or to the code after a graph break."""
+    sites = assert_near_miss(_ProbabilitiesLiveAcrossAGraphBreak(), *qkv(), reason="is also used outside the pattern")
+    assert any("this graph returns it, to the caller or to the code after a graph break" in s.reason for s in sites)
+    assert_matches_eager(_ProbabilitiesLiveAcrossAGraphBreak(), *qkv())
