@@ -21,7 +21,8 @@ Canonical vocabulary (all positional, dims negative where the rank is known):
     F.dropout(x, p, True)           functional, module and torch.dropout; eval-mode dropout and
                                     p == 0 are removed (they are the identity)
     torch.masked_fill(x, m, v)      masked_fill, and torch.where with a scalar on one side (or a
-                                    torch.tensor(scalar) of the other side's dtype)
+                                    torch.tensor(scalar) of the other side's dtype); `x[m] = v`
+                                    (also `x[..., m] = v`) with a bool mask, as masked_fill_
     torch._C._nn.linear(x, w, b)    F.linear, nn.Linear, addmm(b, x, w) (HF Conv1D, its flatten/
                                     restore views dropped), x @ W and mm(x, W) with W a 2-D
                                     parameter, a following + b of shape (out,) as the bias
@@ -482,6 +483,44 @@ def _writes_between(graph: fx.Graph, order: dict, lo: int, hi: int, allowed=()) 
     return any(lo < order[n] < hi and n not in allowed and mutates(n) for n in graph.nodes)
 
 
+def _setitem_as_masked_fill(node: Node) -> Optional[tuple]:
+    """(t, mask, value) when `t[mask] = value` (also `t[..., mask]`, `t[:, :, mask]`) is
+    `t.masked_fill_(mask, value)`: a bool mask on t's device whose shape is t's trailing dims
+    (broadcast as masked_fill broadcasts it), and a Python number t's dtype holds without
+    overflow (index_put rounds -1e9 to -inf in fp16, where masked_fill raises). Else None.
+    Hand-written attention masks its scores so (`scores[mask] = float("-inf")`)."""
+    if len(node.args) != 3 or node.kwargs:
+        return None
+    target, index, value = node.args
+    tv = example_value(target)
+    if not (isinstance(tv, torch.Tensor) and tv.dtype.is_floating_point and isinstance(value, (int, float))
+            and not isinstance(value, bool)):
+        return None
+    if math.isfinite(value) and abs(value) > torch.finfo(tv.dtype).max:
+        return None
+    full = slice(None, None, None)
+    lead = ()
+    if isinstance(index, tuple):
+        if not index:
+            return None
+        *lead, index = index
+        lead = tuple(lead)
+    mask = example_value(index)
+    if not (isinstance(index, Node) and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
+            and mask.device == tv.device and mask.dim() >= 1):
+        return None
+    if lead == (Ellipsis,):
+        pass
+    elif all(i == full for i in lead):  # `t[mask]`, `t[:, :, mask]`
+        if len(lead) + mask.dim() != tv.dim():
+            return None
+    else:
+        return None
+    if mask.dim() > tv.dim() or not all(_same_size(a, b) for a, b in zip(mask.shape, tv.shape[tv.dim() - mask.dim():])):
+        return None
+    return target, index, value
+
+
 def _functionalize_inplace(rw: _Rewriter) -> None:
     graph = rw.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -492,6 +531,10 @@ def _functionalize_inplace(rw: _Rewriter) -> None:
             functional = _INPLACE_METHODS[node.target]
         elif node.op == "call_function" and node.target in _INPLACE_OPERATORS:
             functional = _INPLACE_OPERATORS[node.target]
+        elif node.op == "call_function" and node.target is operator.setitem:
+            fill = _setitem_as_masked_fill(node)
+            if fill is not None:
+                functional, args, kwargs = torch.masked_fill, fill, {}
         elif node.op == "call_function" and node.target in (F.dropout, F.relu, F.silu) and \
                 (kwargs.get("inplace") or (node.target is F.dropout and len(args) > 3 and args[3])):
             functional = node.target
@@ -525,7 +568,8 @@ def _functionalize_inplace(rw: _Rewriter) -> None:
                 new = graph.call_function(_to, (new, example_value(mutated).dtype))
         new.meta.update(node.meta)
         target_value = example_value(mutated)
-        if isinstance(target_value, torch.Tensor) and example_value(new) is target_value:
+        if isinstance(target_value, torch.Tensor) and (example_value(new) is target_value
+                                                       or node.target is operator.setitem):  # setitem gives None
             # Dynamo gave the in-place result the target's fake; out of place it is memory of its own
             new.meta["example_value"] = _fresh_like(target_value)
         node.replace_all_uses_with(new)

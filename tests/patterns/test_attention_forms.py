@@ -647,6 +647,62 @@ def test_where_with_a_tensor_literal_fill_is_a_masked_fill():
     assert_matches_eager(_WhereWithTensorFill(), *qkv())
 
 
+class _ScoresIndexedByMask(nn.Module):
+    """Hand-written masking by assignment: `scores[mask] = fill` (index_put on the scores)."""
+
+    def __init__(self, index, fill):
+        super().__init__()
+        self.index, self.fill = index, fill
+
+    def forward(self, q, k, v, mask):
+        s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if self.index == "whole":
+            s[mask] = self.fill
+        elif self.index == "ellipsis":
+            s[..., mask] = self.fill
+        else:
+            s[:, :, mask] = self.fill
+        return torch.softmax(s, dim=-1) @ v
+
+
+@pytest.mark.parametrize("index, fill, mask_shape", [
+    ("whole", float("-inf"), (2, 2, 8, 8)), ("whole", torch.finfo(torch.float32).min, (2, 2, 8, 8)),
+    ("ellipsis", float("-inf"), (8, 8)), ("ellipsis", -1e9, (8,)), ("slices", -1e9, (8, 8)),
+])
+def test_scores_masked_by_index_assignment_fuse(index, fill, mask_shape):
+    # `scores[mask] = float("-inf")` is scores.masked_fill_(mask, -inf) (True = hidden): it was not
+    # found at all. Random masks that leave every row a key (no row is hidden whole).
+    model = _ScoresIndexedByMask(index, fill)
+    mask = torch.rand(mask_shape) < 0.4
+    mask[..., 0] = False
+    q, k, v = qkv()
+    assert_fused(model, q, k, v, mask, variant="dot")
+    assert_matches_eager(model, q, k, v, mask)
+
+
+def test_scores_masked_by_index_assignment_over_leading_dims_stay_as_written():
+    # a mask over the (B, H) dims hides whole score matrices: not a masked_fill of the scores'
+    # shape, nothing to fuse, and the result stays eager's
+    model = _ScoresIndexedByMask("whole", -1e9)
+    mask = torch.tensor([[True, False], [False, True]])
+    q, k, v = qkv()
+    assert not [s for s in explain_sites(model, q, k, v, mask) if s.decision == "fused"]
+    assert_matches_eager(model, q, k, v, mask)
+
+
+def test_scores_masked_by_index_assignment_with_an_overflowing_fill_in_fp16():
+    # fp16 index_put rounds -1e9 to -inf where masked_fill raises: such a write stays as written
+    model = _ScoresIndexedByMask("ellipsis", -1e9)
+    q, k, v = (t.half() for t in qkv())
+    mask = torch.rand(8, 8) < 0.4
+    mask[..., 0] = False
+    sites = explain_sites(model, q, k, v, mask)
+    assert not [s for s in sites if s.decision == "fused"], sites
+    torch.testing.assert_close(torch.compile(model, backend="truthfuse", options=OPTIONS)(q, k, v, mask),
+                               model(q, k, v, mask))
+    torch._dynamo.reset()
+
+
 def test_dot_cross_attention_and_non_contiguous_inputs():
     # Nq != Nk, Dv != D, and q/k/v as transposed views of (B, N, H, D) tensors
     q, k, v = (t.transpose(1, 2) for t in (torch.randn(2, 5, 2, 8), torch.randn(2, 11, 2, 8), torch.randn(2, 11, 2, 4)))
