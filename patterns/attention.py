@@ -151,6 +151,13 @@ def cosine_pattern(q, k, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, m
     return _scores_to_output(cos, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
 
 
+def cosine_similarity_pattern(q, k, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim,
+                              eps):
+    # F.cosine_similarity(q.unsqueeze(-2), k.unsqueeze(-3), dim=-1): every query against every key
+    cos = torch.cosine_similarity(torch.unsqueeze(q, -2), torch.unsqueeze(k, -3), -1, eps)
+    return _scores_to_output(cos, v, bias0, scale, scale2, mask_a, fill_a, bias2, bias, mask_b, fill_b, p, sdim)
+
+
 def _sinks_to_output(scores, v, scale, scale2, bias2, bias, sinks, shifted, sdtype, p):
     # GPT-OSS: (q.k * scaling + mask), a sink logit per head as one more softmax column, dropped
     s = maybe(torch.mul)(scores, scale)
@@ -625,6 +632,20 @@ def check_cosine_eps(m: Match) -> Optional[str]:
     return None
 
 
+def check_not_cosine_similarity(m: Match) -> Optional[str]:
+    """Never fused: F.cosine_similarity divides each row by max(|x|, eps) (eps 1e-8 by default) and
+    differentiates through that clamp as if the norm were not clamped, where the op divides by
+    max(|x|, 1e-12) as F.normalize does, with no gradient through the clamp. Rows whose norm is
+    below eps (a zero query or key, from padding through a projection without bias) would get
+    other scores or other gradients (1e4 times larger for a zero row), and no compile-time check
+    sees a row's norm. The site is reported, with the spelling that fuses."""
+    eps = m.values.get("eps")
+    return (f"F.cosine_similarity clamps the norms at eps={eps:g} and passes gradients through the clamp; the fused "
+            f"cosine op is F.normalize's (max(|x|, {COSINE_EPS:g}), no gradient through the clamp), so rows whose "
+            f"norm is below eps would differ. F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) "
+            f"fuses" if isinstance(eps, (int, float)) else "F.cosine_similarity with a non-number eps")
+
+
 # ------------------------------------------------------------------------------------------------
 # Replacement
 # ------------------------------------------------------------------------------------------------
@@ -891,6 +912,9 @@ RULES = [
     _rule("attention.l1_cdist", "l1", l1_cdist_pattern, (check_distance_scale,)),
     _rule("attention.l1_broadcast", "l1", l1_broadcast_pattern, (check_distance_scale,)),
     _rule("attention.cosine", "cosine", cosine_pattern, (check_cosine_eps,), priority=110),
+    # found only to say why it stays (its replacement never runs): `check_not_cosine_similarity`
+    _rule("attention.cosine_similarity", "cosine", cosine_similarity_pattern, (check_not_cosine_similarity,),
+          priority=110),
     # Gemma 2's soft-capped scores and GPT-OSS's sinks (SDPA has neither)
     *_kernel_only_rules("softcap", softcap_pattern, softcap_repeat_kv_pattern, check_softcap),
     *_kernel_only_rules("sinks", dot_sinks_pattern, dot_repeat_kv_sinks_pattern, check_sinks),

@@ -34,6 +34,7 @@ Canonical vocabulary (all positional, dims negative where the rank is known):
                                     0.5*x*(1+erf(x/sqrt(2))) (HF gelu_python) as approximate="none"
     torch.sum(x, d, keepdim)        x.sum(d).unsqueeze(d) (and x.sum(-1)[..., None]) as keepdim=True
     torch.pow, torch.abs, torch.exp, torch.clamp, torch.cdist, F.normalize,
+    torch.cosine_similarity(a, b, dim, eps) (F.cosine_similarity),
     torch.relu, F.silu, torch.tanh, torch.sigmoid, torch.erf (function or method)
     softmax_with_sinks(s, sinks, shifted, dtype)
                                     softmax(cat([s, sinks per head], -1) [- row max], -1)[..., :-1]
@@ -1057,6 +1058,13 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
         eps = _arg(node, 3, "eps", 1e-12)
         if _arg(node, 4, "out") is None and (args[1:], node.kwargs) != ((p, dim, eps), {}):
             rw.replace(node, F.normalize, (args[0], p, dim, eps))
+        return
+    if op == "call_function" and t is torch.cosine_similarity:  # F.cosine_similarity is this function
+        out_rank = rank_of(node)  # the broadcast inputs' rank less the reduced dim
+        dim = _neg_dim(_arg(node, 2, "dim", 1), out_rank + 1 if out_rank is not None else None)
+        eps = _arg(node, 3, "eps", 1e-8)
+        if isinstance(dim, int) and dim < 0 and (args[2:], node.kwargs) != ((dim, eps), {}):
+            rw.replace(node, torch.cosine_similarity, (args[0], args[1], dim, eps))
         return
 
     # library attention calls: every argument positional with defaults filled in, so one pattern

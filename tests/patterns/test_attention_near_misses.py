@@ -602,3 +602,31 @@ def test_probabilities_kept_live_by_a_graph_break_say_so():
     sites = assert_near_miss(_ProbabilitiesLiveAcrossAGraphBreak(), *qkv(), reason="is also used outside the pattern")
     assert any("this graph returns it, to the caller or to the code after a graph break" in s.reason for s in sites)
     assert_matches_eager(_ProbabilitiesLiveAcrossAGraphBreak(), *qkv())
+
+
+class _CosineSimilarityAttention(nn.Module):
+    """Cosine attention written with F.cosine_similarity over broadcast queries and keys."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+
+    def forward(self, q, k, v):
+        if self.spelling == "unsqueeze":
+            cos = F.cosine_similarity(q.unsqueeze(-2), k.unsqueeze(-3), dim=-1)
+        else:
+            cos = F.cosine_similarity(q[..., :, None, :], k[..., None, :, :], -1, 1e-6)
+        return torch.softmax(cos * 10.0, dim=-1) @ v
+
+
+@pytest.mark.parametrize("spelling", ["unsqueeze", "indexed"])
+def test_cosine_similarity_attention_is_a_near_miss(spelling):
+    # F.cosine_similarity clamps the norms at eps (1e-8) and differentiates through the clamp; the
+    # fused cosine op is F.normalize's (1e-12, no gradient through it): a zero query row (padding
+    # through a projection without bias) gets a dq 1e4 times eager's. The site was not reported at
+    # all ("no attention site was found"); it is kept, and explain says why and what fuses.
+    model = _CosineSimilarityAttention(spelling)
+    q, k, v = qkv()
+    q[0, 1, 2] = 0.0
+    assert_near_miss(model, q, k, v, reason="F.cosine_similarity clamps the norms")
+    assert_matches_eager(model, q, k, v)
