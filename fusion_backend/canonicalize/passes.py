@@ -45,8 +45,8 @@ the `torch.cat` of the pieces (DeepSeek-V3's keys).
 
 Identity casts and views or reshapes to a tensor's own shape are removed (`.contiguous()` is
 not: a later `.view` depends on it). In-place variants become functional when that is
-provably the same: the mutated tensor is a fresh intermediate (not an input, not a view) and every
-later reader is redirected to the functional result.
+provably the same: the mutated tensor is a fresh intermediate (not an input, not a view; or a view
+of all of one that nothing else reads) and every later reader is redirected to the functional result.
 """
 from __future__ import annotations
 
@@ -484,6 +484,34 @@ def _writes_between(graph: fx.Graph, order: dict, lo: int, hi: int, allowed=()) 
     return any(lo < order[n] < hi and n not in allowed and mutates(n) for n in graph.nodes)
 
 
+# Views of a whole tensor's elements, each once (no expand: a write through one would hit an
+# element several times; no narrow or indexing: a part).
+_WHOLE_VIEW_METHODS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "flatten", "unflatten",
+                       "view_as", "reshape_as", "contiguous", "swapaxes", "swapdims", "movedim", "t"}
+_WHOLE_VIEW_FUNCTIONS = {torch.transpose, torch.permute, torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten,
+                         torch.swapaxes, torch.movedim, torch.t}
+
+
+def _sole_whole_view_of_fresh(view: Any) -> bool:
+    """`view` views all of a fresh intermediate that nothing else reads (`scores = torch.bmm(q, kT)
+    .view(B, H, N, S)`): a write into it changes memory that no other value reads, so it may
+    become functional as a write into a fresh value does."""
+    if not (isinstance(view, Node) and not mutates(view) and view.args
+            and ((view.op == "call_method" and view.target in _WHOLE_VIEW_METHODS)
+                 or (view.op == "call_function" and _hashable(view.target) and view.target in _WHOLE_VIEW_FUNCTIONS))):
+        return False
+    base = view.args[0]
+    return alias_sources(view) == [base] and _is_fresh_intermediate(base) and set(base.users) == {view}
+
+
+def _hashable(target: Any) -> bool:
+    try:
+        hash(target)
+    except TypeError:
+        return False
+    return True
+
+
 def _setitem_as_masked_fill(node: Node) -> Optional[tuple]:
     """(t, mask, value) when `t[mask] = value` (also `t[..., mask]`, `t[:, :, mask]`) is
     `t.masked_fill_(mask, value)`: a bool mask on t's device whose shape is t's trailing dims
@@ -545,7 +573,7 @@ def _functionalize_inplace(rw: _Rewriter) -> None:
         if functional is None or not args or node.meta.get(WITHOUT_GRAD):
             continue
         mutated = args[0]
-        if not _is_fresh_intermediate(mutated):
+        if not (_is_fresh_intermediate(mutated) or _sole_whole_view_of_fresh(mutated)):
             continue
         # An in-place op casts its result back to the mutated tensor's dtype (a bf16 t times an
         # fp32 w stays bf16): out of place, a cast after the op does the same, rounding once.

@@ -703,6 +703,47 @@ def test_scores_masked_by_index_assignment_with_an_overflowing_fill_in_fp16():
     torch._dynamo.reset()
 
 
+class _MaskedInPlaceThroughAView(nn.Module):
+    """Scores viewed to their own shape (as code that folds and unfolds heads writes it), then
+    masked in place through the view; `read_base` reads the viewed tensor afterwards too."""
+
+    def __init__(self, write, read_base=False):
+        super().__init__()
+        self.write, self.read_base = write, read_base
+
+    def forward(self, q, k, v, mask):
+        base = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1])
+        s = base.view(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if self.write != "reshape" else \
+            base.reshape(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        if self.write == "masked_fill_":
+            s.masked_fill_(mask, float("-inf"))
+        else:
+            s[mask] = float("-inf")
+        return torch.softmax(base if self.read_base else s, dim=-1) @ v
+
+
+@pytest.mark.parametrize("write", ["masked_fill_", "reshape"])
+def test_scores_masked_in_place_through_a_view_of_their_own(write):
+    # the write lands in memory that only the view reads: it becomes functional like a write into
+    # the scores themselves (it was left in place, and the site not found, or a near-miss)
+    model = _MaskedInPlaceThroughAView(write)
+    mask = torch.rand(2, 2, 8, 8) < 0.4
+    mask[..., 0] = False
+    q, k, v = qkv()
+    assert_fused(model, q, k, v, mask, variant="dot")
+    assert_matches_eager(model, q, k, v, mask)
+
+
+def test_scores_masked_in_place_through_a_view_and_read_as_well_stay_as_written():
+    # the viewed tensor is read after the write (it sees the write): nothing may be rewritten
+    model = _MaskedInPlaceThroughAView("masked_fill_", read_base=True)
+    mask = torch.rand(2, 2, 8, 8) < 0.4
+    mask[..., 0] = False
+    q, k, v = qkv()
+    assert not [s for s in explain_sites(model, q, k, v, mask) if s.decision == "fused"]
+    assert_matches_eager(model, q, k, v, mask)
+
+
 def test_dot_cross_attention_and_non_contiguous_inputs():
     # Nq != Nk, Dv != D, and q/k/v as transposed views of (B, N, H, D) tensors
     q, k, v = (t.transpose(1, 2) for t in (torch.randn(2, 5, 2, 8), torch.randn(2, 11, 2, 8), torch.randn(2, 11, 2, 4)))
