@@ -22,7 +22,9 @@ Canonical vocabulary (all positional, dims negative where the rank is known):
                                     p == 0 are removed (they are the identity)
     torch.masked_fill(x, m, v)      masked_fill, and torch.where with a scalar on one side (or a
                                     torch.tensor(scalar) of the other side's dtype); `x[m] = v`
-                                    (also `x[..., m] = v`) with a bool mask, as masked_fill_
+                                    (also `x[..., m] = v`) with a bool mask, as masked_fill_;
+                                    x.masked_fill(m, -inf) * c (c > 0, or / s) as
+                                    (x * c).masked_fill(m, -inf)
     torch._C._nn.linear(x, w, b)    F.linear, nn.Linear, addmm(b, x, w) (HF Conv1D, its flatten/
                                     restore views dropped), x @ W and mm(x, W) with W a 2-D
                                     parameter, a following + b of shape (out,) as the bias
@@ -1363,6 +1365,35 @@ def _operand_scaled_after_product(rw: _Rewriter) -> None:
         rw.erase(scaled)
 
 
+def _masks_before_the_scale(rw: _Rewriter) -> None:
+    """`x.masked_fill(m, -inf) * c` (and `/ s`: `* (1/s)` here) with c a positive Python number is
+    `(x * c).masked_fill(m, -inf)`, the order the attention patterns have (scores scaled, then
+    masked): unmasked elements are the same product, masked ones -inf either way (-inf * c, and
+    whatever x * c is, filled), and the gradients the same (x's is c times the kept ones). Code
+    that masks the raw q.k and divides by sqrt(d) after was not found at all. Only -inf: a finite
+    fill would be scaled too. Both orders compute the same, so the unfused graph keeps this one."""
+    for node in list(rw.graph.nodes):
+        if node not in rw.graph.nodes or not (_call_to(node, torch.mul) and len(node.args) == 2):
+            continue
+        filled, c = node.args
+        if not (_call_to(filled, torch.masked_fill) and len(filled.args) == 3 and len(filled.users) == 1):
+            continue
+        x, mask, fill = filled.args
+        if not (_is_number(c) and math.isfinite(c) and c > 0 and _is_number(fill) and fill == -math.inf):
+            continue
+        if not (isinstance(x, Node) and _floating(x) and _same_dtype(x, filled) and _same_dtype(filled, node)):
+            continue
+        if any(n.meta.get(WITHOUT_GRAD) or n.meta.get(WRITTEN_IN_PLACE) for n in (node, filled)) or \
+                not _same_mode(node, filled) or (rw.writes_marked and _read_moved_across_a_write((x,), None, node)):
+            continue
+        scaled = rw.emit(node, torch.mul, (x, c), meta_from=node)
+        for key in (DIVIDED_BY, FOLDED):
+            if key in node.meta:
+                scaled.meta[key] = node.meta[key]
+        rw.replace(node, torch.masked_fill, (scaled, mask, fill))
+        rw.erase(filled)
+
+
 def _same_size(a: Any, b: Any) -> bool:
     """a == b for every size the graph accepts (no guard is added)."""
     if isinstance(a, int) and isinstance(b, int):
@@ -2412,6 +2443,7 @@ def canonicalize(graph: fx.Graph) -> int:
     for node in list(graph.nodes):
         if node.graph is graph and node in graph.nodes:
             _canonical_node(rw, node)
+    _masks_before_the_scale(rw)
     _fold_scalar_products(rw)
     _even_differences_query_first(rw)
     _sums_kept_as_unsqueezed(rw)

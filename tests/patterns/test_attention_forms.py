@@ -744,6 +744,46 @@ def test_scores_masked_in_place_through_a_view_and_read_as_well_stay_as_written(
     assert_matches_eager(model, q, k, v, mask)
 
 
+class _MaskedBeforeTheScale(nn.Module):
+    """The raw q.k masked with -inf, then scaled (divided by sqrt(d), or times a number)."""
+
+    def __init__(self, divide):
+        super().__init__()
+        self.divide = divide
+
+    def forward(self, q, k, v, mask):
+        s = torch.matmul(q, k.transpose(-2, -1)).masked_fill(mask, float("-inf"))
+        s = s / math.sqrt(q.shape[-1]) if self.divide else s * 0.3
+        return torch.softmax(s, dim=-1) @ v
+
+
+@pytest.mark.parametrize("divide", [True, False], ids=["divided", "multiplied"])
+def test_scores_masked_before_the_scale_fuse(divide):
+    # masked_fill(-inf) then the scale is the scale then masked_fill(-inf), exactly: the site was
+    # not found at all
+    model = _MaskedBeforeTheScale(divide)
+    mask = torch.rand(2, 1, 8, 8) < 0.4
+    mask[..., 0] = False
+    q, k, v = qkv()
+    assert_fused(model, q, k, v, mask, variant="dot")
+    assert_matches_eager(model, q, k, v, mask)
+
+
+class _FiniteFillBeforeTheScale(nn.Module):
+    def forward(self, q, k, v, mask):
+        s = torch.matmul(q, k.transpose(-2, -1)).masked_fill(mask, -1e9) / math.sqrt(q.shape[-1])
+        return torch.softmax(s, dim=-1) @ v
+
+
+def test_finite_fill_before_the_scale_stays_as_written():
+    # -1e9 / sqrt(d) is another fill than -1e9: the order stays, and so does eager's result
+    model = _FiniteFillBeforeTheScale()
+    mask = torch.rand(2, 1, 8, 8) < 0.4
+    q, k, v = qkv()
+    assert not [s for s in explain_sites(model, q, k, v, mask) if s.decision == "fused"]
+    assert_matches_eager(model, q, k, v, mask)
+
+
 def test_dot_cross_attention_and_non_contiguous_inputs():
     # Nq != Nk, Dv != D, and q/k/v as transposed views of (B, N, H, D) tensors
     q, k, v = (t.transpose(1, 2) for t in (torch.randn(2, 5, 2, 8), torch.randn(2, 11, 2, 8), torch.randn(2, 11, 2, 4)))
