@@ -22,7 +22,8 @@ Canonical vocabulary (all positional, dims negative where the rank is known):
                                     p == 0 are removed (they are the identity)
     torch.masked_fill(x, m, v)      masked_fill, and torch.where with a scalar on one side (or a
                                     torch.tensor(scalar) of the other side's dtype); `x[m] = v`
-                                    (also `x[..., m] = v`) with a bool mask, as masked_fill_;
+                                    (also `x[..., m] = v`) with a bool mask, as masked_fill_; a
+                                    fill v = torch.tensor(number) of x's dtype as that number;
                                     x.masked_fill(m, -inf) * c (c > 0, or / s) as
                                     (x * c).masked_fill(m, -inf)
     torch._C._nn.linear(x, w, b)    F.linear, nn.Linear, addmm(b, x, w) (HF Conv1D, its flatten/
@@ -523,6 +524,7 @@ def _setitem_as_masked_fill(node: Node) -> Optional[tuple]:
     if len(node.args) != 3 or node.kwargs:
         return None
     target, index, value = node.args
+    value = _literal_of_dtype(value, target)  # `= torch.tensor(number)` of target's dtype
     tv = example_value(target)
     if not (isinstance(tv, torch.Tensor) and tv.dtype.is_floating_point and isinstance(value, (int, float))
             and not isinstance(value, bool)):
@@ -897,8 +899,11 @@ def _canonical_node(rw: _Rewriter, node: Node) -> None:  # noqa: C901 -- one tab
 
     # masking by a fill value
     if _method_or_function(node, {"masked_fill"}, {torch.masked_fill}):
-        if len(args) == 3 and (t is not torch.masked_fill or op != "call_function" or node.kwargs):
-            rw.replace(node, torch.masked_fill, (args[0], args[1], args[2]))
+        # a fill `torch.tensor(number)` of the filled tensor's dtype is that number (as stored)
+        value = _literal_of_dtype(args[2], args[0]) if len(args) == 3 else None
+        if len(args) == 3 and (t is not torch.masked_fill or op != "call_function" or node.kwargs
+                               or value is not args[2]):
+            rw.replace(node, torch.masked_fill, (args[0], args[1], value))
         elif len(args) == 1 and set(node.kwargs) == {"mask", "value"}:
             rw.replace(node, torch.masked_fill, (args[0], node.kwargs["mask"], node.kwargs["value"]))
         return

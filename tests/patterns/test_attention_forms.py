@@ -680,6 +680,32 @@ def test_scores_masked_by_index_assignment_fuse(index, fill, mask_shape):
     assert_matches_eager(model, q, k, v, mask)
 
 
+class _FilledWithATensorLiteral(nn.Module):
+    def __init__(self, write):
+        super().__init__()
+        self.write = write
+
+    def forward(self, q, k, v, mask):
+        s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if self.write == "masked_fill":
+            s = s.masked_fill(mask, torch.tensor(float("-inf")))
+        else:
+            s[mask] = torch.tensor(torch.finfo(s.dtype).min, dtype=s.dtype)
+        return torch.softmax(s, dim=-1) @ v
+
+
+@pytest.mark.parametrize("write", ["masked_fill", "assignment"])
+def test_scores_filled_with_a_tensor_literal(write):
+    # a fill `torch.tensor(number)` of the scores' dtype is that number: it was a near-miss
+    # ("masked_fill value is not a Python number"), or by assignment not found at all
+    model = _FilledWithATensorLiteral(write)
+    mask = torch.rand(2, 2, 8, 8) < 0.4
+    mask[..., 0] = False
+    q, k, v = qkv()
+    assert_fused(model, q, k, v, mask, variant="dot")
+    assert_matches_eager(model, q, k, v, mask)
+
+
 def test_scores_masked_by_index_assignment_over_leading_dims_stay_as_written():
     # a mask over the (B, H) dims hides whole score matrices: not a masked_fill of the scores'
     # shape, nothing to fuse, and the result stays eager's
