@@ -37,6 +37,13 @@ from .tune.timing import Timing, measure, measure_timing, rotated_input_sets
 Node = fx.Node
 log = logging.getLogger("truthfuse")
 
+# Under Triton's interpreter (TRITON_INTERPRET=1: the tests, on CPU) a fused option's time is
+# Python's, 10-100x a kept site's and nothing a GPU would show: fewer calls choose the same plan.
+# Each interpreted attention forward and backward takes about a second on the CI's 2-core machine,
+# and 13 calls per measurement were most of the engine tests' time.
+INTERPRETED_WARMUP = 1
+INTERPRETED_REPEATS = 3
+
 TIMING_REVISION = 4
 """Part of every tuning-cache key: raise it when the way sites are timed changes, so that plans
 chosen from the old timings are tuned again. 2: the backward of a training site runs on every
@@ -393,6 +400,8 @@ class SiteTimer:
                     if choice != "keep":
                         timing = self._compiled_if_host_paced(site, choice, sub, args, sets, timing, train, device)
                     return timing
+                if interpreting():
+                    return measure(run, sets, device=device, warmup=INTERPRETED_WARMUP, repeats=INTERPRETED_REPEATS)
                 return measure(run, sets, device=device, warmup=3, repeats=10)
 
     def _input_value(self, node: Any, value: Any) -> Any:
