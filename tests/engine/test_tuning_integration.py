@@ -6,6 +6,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 SCRIPT = textwrap.dedent("""
     import json, sys, torch
     sys.path.insert(0, {root!r})
@@ -29,28 +31,44 @@ def _run(tmp_path: Path, cache_dir: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_second_process_reads_the_cache_and_times_nothing(tmp_path):
-    cache = tmp_path / "cache"
-    first = _run(tmp_path, cache)
+@pytest.fixture(scope="module")
+def first_process(tmp_path_factory):
+    """A first process's compile into an empty cache: its result and the cache it wrote. Both tests
+    below start from it (a process tuning the model again would write the same cache); each reads
+    the cache and none writes to it (a hit writes nothing: checked by its files' bytes)."""
+    tmp = tmp_path_factory.mktemp("first_process")
+    cache = tmp / "cache"
+    return _run(tmp, cache), cache
+
+
+def _files(cache: Path) -> dict:
+    return {f.name: f.read_bytes() for f in cache.glob("*.json")}
+
+
+def test_second_process_reads_the_cache_and_times_nothing(tmp_path, first_process):
+    first, cache = first_process
     assert first["hit"] is False and first["n"] >= 2
+    written = _files(cache)
     second = _run(tmp_path, cache)
     assert second["hit"] is True and second["n"] == 0
     assert second["decisions"] == first["decisions"]
-    assert list(cache.glob("*.json")), "the decision was not written as JSON"
-    for f in cache.glob("*.json"):
-        json.loads(f.read_text())
+    assert written, "the decision was not written as JSON"
+    for text in written.values():
+        json.loads(text)
+    assert _files(cache) == written
 
 
-def test_exported_state_ships_to_a_fresh_cache(tmp_path):
+def test_exported_state_ships_to_a_fresh_cache(tmp_path, first_process):
     import fusion_backend
 
-    first_cache, second_cache = tmp_path / "a", tmp_path / "b"
-    _run(tmp_path, first_cache)
+    first, first_cache = first_process
+    second_cache = tmp_path / "b"
     state = tmp_path / "state.json"
     fusion_backend.save_state(state, fusion_backend.tune.TuningCache(first_cache))
     fusion_backend.load_state(state, fusion_backend.tune.TuningCache(second_cache))
     shipped = _run(tmp_path, second_cache)
     assert shipped["hit"] is True and shipped["n"] == 0
+    assert shipped["decisions"] == first["decisions"]
 
 
 def _attention(q, k, v):
