@@ -665,6 +665,22 @@ class _ScoresIndexedByMask(nn.Module):
         return torch.softmax(s, dim=-1) @ v
 
 
+def _masked_out(shape):
+    """A random bool mask, True where the scores are filled, that leaves key 0 of every row (so no
+    row is filled whole)."""
+    mask = torch.rand(shape) < 0.4
+    mask[..., 0] = False
+    return mask
+
+
+def _fused_as_eager(model, mask_shape):
+    """The model's attention, masked by `_masked_out(mask_shape)`, is fused (dot) and equals eager."""
+    mask = _masked_out(mask_shape)
+    q, k, v = qkv()
+    assert_fused(model, q, k, v, mask, variant="dot")
+    assert_matches_eager(model, q, k, v, mask)
+
+
 @pytest.mark.parametrize("index, fill, mask_shape", [
     ("whole", float("-inf"), (2, 2, 8, 8)), ("whole", torch.finfo(torch.float32).min, (2, 2, 8, 8)),
     ("ellipsis", float("-inf"), (8, 8)), ("ellipsis", -1e9, (8,)), ("slices", -1e9, (8, 8)),
@@ -673,11 +689,7 @@ def test_scores_masked_by_index_assignment_fuse(index, fill, mask_shape):
     # `scores[mask] = float("-inf")` is scores.masked_fill_(mask, -inf) (True = hidden): it was not
     # found at all. Random masks that leave every row a key (no row is hidden whole).
     model = _ScoresIndexedByMask(index, fill)
-    mask = torch.rand(mask_shape) < 0.4
-    mask[..., 0] = False
-    q, k, v = qkv()
-    assert_fused(model, q, k, v, mask, variant="dot")
-    assert_matches_eager(model, q, k, v, mask)
+    _fused_as_eager(model, mask_shape)
 
 
 class _FilledWithATensorLiteral(nn.Module):
@@ -699,11 +711,7 @@ def test_scores_filled_with_a_tensor_literal(write):
     # a fill `torch.tensor(number)` of the scores' dtype is that number: it was a near-miss
     # ("masked_fill value is not a Python number"), or by assignment not found at all
     model = _FilledWithATensorLiteral(write)
-    mask = torch.rand(2, 2, 8, 8) < 0.4
-    mask[..., 0] = False
-    q, k, v = qkv()
-    assert_fused(model, q, k, v, mask, variant="dot")
-    assert_matches_eager(model, q, k, v, mask)
+    _fused_as_eager(model, (2, 2, 8, 8))
 
 
 def test_scores_masked_by_index_assignment_over_leading_dims_stay_as_written():
@@ -720,8 +728,7 @@ def test_scores_masked_by_index_assignment_with_an_overflowing_fill_in_fp16():
     # fp16 index_put rounds -1e9 to -inf where masked_fill raises: such a write stays as written
     model = _ScoresIndexedByMask("ellipsis", -1e9)
     q, k, v = (t.half() for t in qkv())
-    mask = torch.rand(8, 8) < 0.4
-    mask[..., 0] = False
+    mask = _masked_out((8, 8))
     sites = explain_sites(model, q, k, v, mask)
     assert not [s for s in sites if s.decision == "fused"], sites
     torch.testing.assert_close(torch.compile(model, backend="truthfuse", options=OPTIONS)(q, k, v, mask),
@@ -753,18 +760,13 @@ def test_scores_masked_in_place_through_a_view_of_their_own(write):
     # the write lands in memory that only the view reads: it becomes functional like a write into
     # the scores themselves (it was left in place, and the site not found, or a near-miss)
     model = _MaskedInPlaceThroughAView(write)
-    mask = torch.rand(2, 2, 8, 8) < 0.4
-    mask[..., 0] = False
-    q, k, v = qkv()
-    assert_fused(model, q, k, v, mask, variant="dot")
-    assert_matches_eager(model, q, k, v, mask)
+    _fused_as_eager(model, (2, 2, 8, 8))
 
 
 def test_scores_masked_in_place_through_a_view_and_read_as_well_stay_as_written():
     # the viewed tensor is read after the write (it sees the write): nothing may be rewritten
     model = _MaskedInPlaceThroughAView("masked_fill_", read_base=True)
-    mask = torch.rand(2, 2, 8, 8) < 0.4
-    mask[..., 0] = False
+    mask = _masked_out((2, 2, 8, 8))
     q, k, v = qkv()
     assert not [s for s in explain_sites(model, q, k, v, mask) if s.decision == "fused"]
     assert_matches_eager(model, q, k, v, mask)
@@ -788,11 +790,7 @@ def test_scores_masked_before_the_scale_fuse(divide):
     # masked_fill(-inf) then the scale is the scale then masked_fill(-inf), exactly: the site was
     # not found at all
     model = _MaskedBeforeTheScale(divide)
-    mask = torch.rand(2, 1, 8, 8) < 0.4
-    mask[..., 0] = False
-    q, k, v = qkv()
-    assert_fused(model, q, k, v, mask, variant="dot")
-    assert_matches_eager(model, q, k, v, mask)
+    _fused_as_eager(model, (2, 1, 8, 8))
 
 
 class _FiniteFillBeforeTheScale(nn.Module):

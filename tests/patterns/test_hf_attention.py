@@ -280,9 +280,7 @@ def test_hf_squeezebert_keys_viewed_as_transposed():
                                          num_attention_heads=4, intermediate_size=64, max_position_embeddings=16,
                                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
     model = LastHidden(transformers.SqueezeBertModel._from_config(cfg)).train()
-    ids = torch.randint(1, VOCAB, (2, T))
-    am = torch.ones(2, T, dtype=torch.long)
-    am[0, -3:] = 0
+    (ids, am), _ = _ids_and_padding(True)
     assert_fused(model, ids, am, variant="dot", rule="attention.dot", count=2)
     assert_matches_eager(model, ids, am, grad_inputs=False, atol=2e-5, rtol=2e-4)
 
@@ -299,9 +297,7 @@ def test_hf_deberta_v2_relative_positions_are_found_and_kept_with_the_reason():
                                        pos_att_type=["c2p", "p2c"], max_relative_positions=8, position_buckets=4,
                                        pad_token_id=0)
     model = LastHidden(transformers.DebertaV2Model._from_config(cfg, attn_implementation="eager")).train()
-    ids = torch.randint(1, VOCAB, (2, T))
-    am = torch.ones(2, T, dtype=torch.long)
-    am[0, -3:] = 0
+    (ids, am), _ = _ids_and_padding(True)
     sites = assert_near_miss(model, ids, am, reason="added to the scores and not a constant")
     assert sum(s.kind == "attention" for s in sites) == 1, sites
     assert_matches_eager(model, ids, am, grad_inputs=False, atol=2e-5, rtol=2e-4)
@@ -333,9 +329,7 @@ def test_hf_deberta_scores_cut_by_a_graph_break_are_reported_kept():
                                      attention_probs_dropout_prob=0.0, relative_attention=True,
                                      pos_att_type=["c2p", "p2c"], max_relative_positions=8, pad_token_id=0)
     model = LastHidden(transformers.DebertaModel._from_config(cfg, attn_implementation="eager")).train()
-    ids = torch.randint(1, VOCAB, (2, T))
-    am = torch.ones(2, T, dtype=torch.long)
-    am[0, -3:] = 0
+    (ids, am), _ = _ids_and_padding(True)
     sites = assert_near_miss(model, ids, am, reason="a graph break cut the attention")
     assert sum(s.kind == "attention" for s in sites) == 1, sites
 
