@@ -1,5 +1,6 @@
 """Canonicalization: equivalent spellings become one canonical graph, and the canonical graph
 computes exactly what the original did."""
+import copy
 import math
 import operator
 import warnings
@@ -627,3 +628,26 @@ def test_operands_passed_as_keywords_are_canonicalized(name):
         assert [s.variant for s in fused] == [variant], [(s.rule, s.decision, s.reason) for s in report.sites]
         compiled = torch.compile(fn, backend=fusion_backend.backend(**AGGRESSIVE_EAGER))
         torch.testing.assert_close(compiled(q, k, v, w, b), fn(q, k, v, w, b), atol=1e-5, rtol=1e-4)
+
+
+def test_in_graph_tells_erased_and_foreign_nodes_as_a_walk_of_the_node_list_does():
+    """The passes ask `_in_graph` (constant time) where they asked `node in graph.nodes` (a walk of
+    the whole graph per node: canonicalizing took time quadratic in the graph's size)."""
+    from fusion_backend.canonicalize.passes import _in_graph, canonicalize
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 8, 16) for _ in range(3))
+
+    def fn(q, k, v):
+        s = torch.matmul(q, k.transpose(-1, -2)) * 0.25
+        out = torch.matmul(torch.softmax(s, dim=-1), v)
+        return out.transpose(1, 2).reshape(2, 8, 64).reshape(2, 8, 64)
+
+    gm = _dynamo_graph(fn, q, k, v)
+    graph = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph)).graph
+    before = list(graph.nodes)
+    canonicalize(graph)
+    gone = [n for n in before if n not in graph.nodes]
+    assert gone and len(gone) < len(before)  # canonicalizing erased some nodes and kept others
+    for n in before + list(graph.nodes) + list(gm.graph.nodes):  # the last: another graph's
+        assert _in_graph(n, graph) == (n in graph.nodes), n
