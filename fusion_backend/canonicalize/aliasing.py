@@ -138,23 +138,43 @@ def _writes(arg) -> bool:
             and "Tensor" in str(arg.type))
 
 
-def _fits(arg, value) -> bool:
-    """Whether a call's argument can be the schema's: a list for a list type, not for a tensor
-    (an aten namesake's overloads include TorchScript's `sort.Tensor(Tensor[](a!) self)`)."""
-    is_list = str(arg.type).startswith("List")
+def _fits(is_list: bool, value) -> bool:
+    """Whether a call's argument can be the schema's: a list for a list type (`is_list`), not for a
+    tensor (an aten namesake's overloads include TorchScript's `sort.Tensor(Tensor[](a!) self)`)."""
     return isinstance(value, (list, tuple)) == is_list
 
 
-def _schema_written(node: Node, schemas: list) -> Optional[List[Node]]:
-    """The arguments some schema marks written (`Tensor(a!)`), or None where none writes."""
+def _schema_written(node: Node, target) -> Optional[List[Node]]:
+    """The arguments some schema of `target` (`_own_or_aten_schemas`) marks written (`Tensor(a!)`),
+    or None where none writes."""
     written, any_write = [], False
-    for schema in schemas:
-        for i, arg in enumerate(schema.arguments):
-            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-            if _writes(arg) and value is not None and _fits(arg, value):
-                any_write = True
-                written.extend(_tensor_nodes(value))
+    for i, name, is_list in _written_arguments(target):
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(name)
+        if value is not None and _fits(is_list, value):
+            any_write = True
+            written.extend(_tensor_nodes(value))
     return written if any_write else None
+
+
+def _written_arguments(target) -> tuple:
+    """(position, name, is a list) of each argument that some schema of `target` marks written
+    (`_writes`), in the schemas' order; cached per target. Reading the schemas' argument types
+    (`str(arg.type)`) for every node was most of what `mutates` cost: a 12-layer T5's graph asks
+    it ten thousand times (the tuner's short-producer walks among them)."""
+    try:
+        return _written_arguments_cached(target)
+    except TypeError:  # unhashable
+        return _written_arguments_of(_schemas(target))
+
+
+@functools.lru_cache(maxsize=4096)
+def _written_arguments_cached(target) -> tuple:
+    return _written_arguments_of(_own_or_aten_schemas(target))
+
+
+def _written_arguments_of(schemas: list) -> tuple:
+    return tuple((i, arg.name, str(arg.type).startswith("List"))
+                 for schema in schemas for i, arg in enumerate(schema.arguments) if _writes(arg))
 
 
 def _name(target) -> str:
@@ -239,7 +259,7 @@ def mutates(node: Node) -> bool:
     special = _special_writes(node)
     if special is not None:
         return True
-    if _schema_written(node, _own_or_aten_schemas(target)) is not None:
+    if _schema_written(node, target) is not None:
         return True
     position = _inplace_position(target) if callable(target) else None
     if position is not None and len(node.args) > position and node.args[position] is True:
@@ -262,7 +282,7 @@ def write_targets(node: Node) -> List[Node]:
         special = _special_writes(node)
         if special is not None:
             return special
-        written = _schema_written(node, _own_or_aten_schemas(node.target))
+        written = _schema_written(node, node.target)
         if written is not None:
             return written
         if node.target not in _OPERATOR_INPLACE and node.kwargs.get("inplace") is not True:
