@@ -357,9 +357,10 @@ class TruthfuseBackend:
                            restrict)
 
         conflicts = []
+        covered = [s.nodes for s in candidates]  # each a new set: made once per site, not once per pair
         for i, a in enumerate(candidates):
-            for b in candidates[i + 1:]:
-                if a.nodes & b.nodes:
+            for j, b in enumerate(candidates[i + 1:], i + 1):
+                if covered[i] & covered[j]:
                     conflicts.append((a.id, b.id))
         space = DecisionSpace(
             sites=[SiteChoices(

@@ -409,8 +409,9 @@ def inline_replacement(gm: fx.GraphModule, site: Site, traced: fx.GraphModule,
         copy.meta = {k: v for k, v in result.meta.items() if k in ("val", "example_value", "stack_trace")}
         copy.meta["truthfuse_site"] = site.id
         result.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
+    covered = site.nodes  # a new set at each asking: asked once, not once per node of the graph
     for node in reversed(list(graph.nodes)):
-        if node in site.nodes and not node.users:
+        if node in covered and not node.users:
             graph.erase_node(node)
     return result
 
