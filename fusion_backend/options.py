@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 STRATEGIES = ("conservative", "moderate", "aggressive")
 INNER_COMPILERS = ("inductor", "eager", "aot_eager")
@@ -76,8 +76,17 @@ def _choice(name: str, value: Any, valid: Tuple[str, ...]) -> str:
 def parse_options(options: Optional[Dict[str, Any]] = None, mode: Optional[str] = None) -> Options:
     """Validate a user's options dict (and torch.compile's mode) into Options.
 
-    Unknown names and bad values raise OptionError naming the valid ones.
+    Unknown names and bad values raise OptionError naming the valid ones. An Options (parsed
+    already) is taken as the dict of its fields.
     """
+    if isinstance(options, Options):
+        options = {f.name: getattr(options, f.name) for f in fields(Options)}
+    elif options is not None and not isinstance(options, Mapping):
+        # options="aggressive" (or a list) failed in dict() with "dictionary update sequence element
+        # #0 has length 1; 2 is required", which names neither truthfuse nor the fix
+        hint = f"; did you mean {{'strategy': {options!r}}}?" if isinstance(options, str) and options in STRATEGIES else ""
+        raise OptionError(f"truthfuse options must be a dict of option names to values, e.g. "
+                          f"{{'strategy': 'aggressive'}}; got {type(options).__name__} {options!r}{hint}")
     options = dict(options or {})
     known = {f.name for f in fields(Options)}
     unknown = sorted(set(options) - known)

@@ -121,3 +121,20 @@ def test_torch_compile_mode_reaches_the_backend():
     assert seen and seen[0].mode == "max-autotune" and seen[0].search_configs
     assert seen[0].budget == 4 * seen[0].simulations
 
+
+
+@pytest.mark.parametrize("options, fragment", [
+    ("aggressive", "did you mean {'strategy': 'aggressive'}?"),
+    (["strategy", "aggressive"], "must be a dict of option names to values"),
+])
+def test_options_that_are_not_a_dict_say_so(options, fragment):
+    """options="aggressive" failed in dict() with 'dictionary update sequence element #0 has
+    length 1; 2 is required' (found by a sixteenth fuzz round)."""
+    with pytest.raises(OptionError) as err:
+        parse_options(options)
+    assert fragment in str(err.value)
+
+
+def test_options_parsed_already_are_taken_as_they_are():
+    parsed = parse_options({"strategy": "aggressive", "disable": ["feedforward"], "tuning_seconds": 3})
+    assert parse_options(parsed) == parsed
