@@ -121,6 +121,7 @@ def explain(model_or_fn: Any, *example_args: Any, options: Optional[Dict[str, An
     Report of every site found: its kind, variant, decision ("fused"/"kept"), reason and source
     location, plus the tuner's summary (`report.tuning.cache_hit`, `.measurements`)."""
     parsed = parse_options(options)
+    _check_no_misplaced_options(model_or_fn, example_kwargs)
     backend = TruthfuseBackend(parsed)
     compiled = torch.compile(model_or_fn, backend=backend, **_ISOLATED)
     try:
@@ -135,6 +136,33 @@ def explain(model_or_fn: Any, *example_args: Any, options: Optional[Dict[str, An
     report = Report.from_records(backend.records)
     _mention_disabled_rules(report, parsed.disable)
     return report
+
+
+def _check_no_misplaced_options(model: Any, example_kwargs: Dict[str, Any]) -> None:
+    """explain(model, x, strategy="aggressive") passes strategy to the model, as it must (explain's
+    keyword arguments are the model's), and the model failed deep in Dynamo's trace with "forward()
+    got an unexpected keyword argument 'strategy'". An option name the model does not take is
+    that mistake: say where it goes."""
+    from dataclasses import fields
+
+    from .options import Options
+
+    misplaced = [name for name in example_kwargs if name in {f.name for f in fields(Options)}]
+    if not misplaced:
+        return
+    try:
+        signature = inspect.signature(model.forward if isinstance(model, torch.nn.Module) else model)
+    except (TypeError, ValueError):  # no signature to read: let the call decide
+        return
+    params = signature.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    misplaced = [name for name in misplaced if name not in params]
+    if misplaced:
+        given = ", ".join(f"{name!r}: {example_kwargs[name]!r}" for name in misplaced)
+        what = "is a truthfuse option, not an argument" if len(misplaced) == 1 else "are truthfuse options, not arguments"
+        raise TypeError(f"truthfuse explain: {', '.join(misplaced)} {what} of the model; pass "
+                        f"options={{{given}}} (explain's other keyword arguments go to the model)")
 
 
 # Every explain() compiles with a backend of its own, so each call is a recompile of the same code

@@ -69,6 +69,21 @@ def test_explain_lists_the_attention_site():
     assert report.tuning.cache_hit is False and report.tuning.measurements == 0
 
 
+def test_explain_says_where_an_option_given_as_a_keyword_argument_goes():
+    """explain's keyword arguments go to the model; explain(model, x, strategy="aggressive") failed
+    in Dynamo's trace with "forward() got an unexpected keyword argument 'strategy'" (found by a
+    sixteenth fuzz round). A model that takes such a name still gets it."""
+    with pytest.raises(TypeError, match=r"pass options=\{'strategy': 'aggressive'\}"):
+        fusion_backend.explain(Block(), torch.randn(2, 16, 32), strategy="aggressive")
+
+    def scaled(x, cache):
+        return x * 2 if cache else x
+
+    x = torch.randn(3, 4)
+    report = fusion_backend.explain(scaled, x, cache=True, options=AGGRESSIVE_EAGER)
+    assert report.graphs == 1
+
+
 def test_explain_locates_a_site_of_torch_nn_modules_alone_by_its_module():
     """No line of the user's code is on the trace of a model made only of torch.nn modules (the
     worked example in docs/authoring-rules.md, an nn.TransformerEncoderLayer); explain() listed
