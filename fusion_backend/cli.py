@@ -102,6 +102,17 @@ def load_factory(spec: str) -> Callable[..., Any]:
     """The callable named by MODULE:FACTORY (FACTORY may be dotted), importing MODULE with the
     current directory on sys.path."""
     module_name, sep, attr = spec.partition(":")
+    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+        # a file path fails to import with "No module named 'examples/truthgpt'", which does not
+        # say that a dotted module name was wanted
+        path = module_name[:-3] if module_name.endswith(".py") else module_name
+        folder = ""
+        if os.path.isabs(path):
+            folder, path = os.path.split(path)
+        dotted = path.replace(os.sep, ".").replace("/", ".").strip(".")
+        where = folder or f"the folder that holds {dotted.split('.')[0]}"
+        raise CLIError(f"MODULE is a module name, not a file path: write {dotted}:{attr or 'FACTORY'} "
+                       f"and run from {where}")
     if not sep or not module_name or not attr:
         raise CLIError(f"{spec!r} is not MODULE:FACTORY (for example examples.truthgpt:build)")
     cwd = os.getcwd()

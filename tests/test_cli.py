@@ -58,6 +58,9 @@ def test_explain_prints_the_report(capsys):
     ("examples.truthgpt:no_such_factory", "has no attribute 'no_such_factory'"),
     ("examples.truthgpt:VOCAB", "not a callable factory"),
     ("examples.truthgpt:corpus_text", "must return (model, example_inputs)"),
+    # a file path said "No module named 'examples/truthgpt'" (found by a sixteenth fuzz round)
+    ("examples/truthgpt.py:build", "not a file path: write examples.truthgpt:build"),
+    ("examples/truthgpt.py", "not a file path: write examples.truthgpt:FACTORY"),
 ])
 def test_explain_bad_factory_is_one_line(capsys, target, expected):
     _one_line_error(capsys, cli.main(["explain", target]), expected)
