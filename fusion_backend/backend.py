@@ -646,8 +646,9 @@ def _log_record(record: GraphRecord) -> None:
 
 def truthfuse(gm: fx.GraphModule, example_inputs: List[Any], *, mode: Optional[str] = None,
               options: Optional[Dict[str, Any]] = None) -> Callable:
-    """The `torch_dynamo_backends` entry point: `torch.compile(m, backend="truthfuse",
-    mode=..., options={...})` lands here."""
+    """The `torch_dynamo_backends` entry point: `torch.compile(m, backend="truthfuse", mode=...)`
+    and `torch.compile(m, backend="truthfuse", options={...})` land here (torch.compile refuses
+    both at once, so a mode with options is options["mode"])."""
     return TruthfuseBackend(parse_options(options, mode))(gm, example_inputs)
 
 
