@@ -92,7 +92,9 @@ class TruthfuseBackend:
     `records` collects one GraphRecord per compiled graph (several with graph breaks)."""
 
     def __init__(self, options: Optional[Options] = None):
-        self.options = options or Options()
+        # a dict (TruthfuseBackend({"strategy": ...}), as torch.compile's options) failed at the
+        # first graph with "'dict' object has no attribute 'inner'": parse it as those are
+        self.options = options if isinstance(options, Options) else parse_options(options)
         self.records: List[GraphRecord] = []
         # Benchmarks of the tuner set this to see each graph's decision space and plan timer
         # (called as observer(space, timer, options) before the search runs).
@@ -652,6 +654,12 @@ def truthfuse(gm: fx.GraphModule, example_inputs: List[Any], *, mode: Optional[s
     return TruthfuseBackend(parse_options(options, mode))(gm, example_inputs)
 
 
-def backend(**options: Any) -> TruthfuseBackend:
+def backend(*graph_and_inputs: Any, **options: Any) -> TruthfuseBackend:
     """A configured backend callable: `torch.compile(m, backend=fusion_backend.backend(strategy="aggressive"))`."""
+    if graph_and_inputs:
+        # torch.compile(m, backend=fusion_backend.backend), the factory not called, reached here
+        # as Dynamo's (gm, example_inputs) and failed with "backend() takes 0 positional arguments"
+        raise TypeError("fusion_backend.backend is a factory of backends and takes options only, by keyword: "
+                        "torch.compile(m, backend=fusion_backend.backend(strategy=\"aggressive\")), or "
+                        "backend=\"truthfuse\" for the defaults")
     return TruthfuseBackend(parse_options(options))

@@ -138,3 +138,23 @@ def test_options_that_are_not_a_dict_say_so(options, fragment):
 def test_options_parsed_already_are_taken_as_they_are():
     parsed = parse_options({"strategy": "aggressive", "disable": ["feedforward"], "tuning_seconds": 3})
     assert parse_options(parsed) == parsed
+
+
+def test_the_backend_factory_passed_uncalled_says_to_call_it():
+    """torch.compile(m, backend=fusion_backend.backend) failed at the first call with 'backend()
+    takes 0 positional arguments but 2 were given' (found by a sixteenth fuzz round)."""
+    compiled = torch.compile(torch.nn.Linear(4, 4), backend=fusion_backend.backend)
+    with pytest.raises(Exception) as err:
+        compiled(torch.randn(2, 4))
+    assert "fusion_backend.backend(strategy=" in str(err.value)
+
+
+def test_a_backend_made_from_a_dict_of_options():
+    """TruthfuseBackend({...}) failed at the first graph with "'dict' object has no attribute
+    'inner'"; a bad dict is an OptionError when the backend is made (a sixteenth fuzz round)."""
+    made = fusion_backend.TruthfuseBackend({"strategy": "aggressive", "inner": "eager", "cache": False})
+    assert made.options == parse_options({"strategy": "aggressive", "inner": "eager", "cache": False})
+    m, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
+    torch.testing.assert_close(torch.compile(m, backend=made)(x), m(x))
+    with pytest.raises(OptionError, match="'aggressive'"):
+        fusion_backend.TruthfuseBackend({"strategy": "aggresive"})
