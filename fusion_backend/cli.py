@@ -254,18 +254,29 @@ def _bench_case(make_fn, inputs: tuple, device: str, strategy: str, inner: str, 
                 torch.compiler.cudagraph_mark_step_begin()
                 with torch.no_grad():
                     return fn(*inputs)
-        run()  # compile (and tune) outside the timing
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            run()
-            torch.cuda.synchronize()
-            row[f"{name}_peak_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
-        row[f"{name}_ms"] = timer(run)
+        try:
+            run()  # compile (and tune) outside the timing
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                run()
+                torch.cuda.synchronize()
+                row[f"{name}_peak_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+            row[f"{name}_ms"] = timer(run)
+        except Exception as exc:  # noqa: BLE001 -- one variant failing must not hide the others
+            # torch.cdist has no bf16 kernel for p=1 on CUDA (none at all on CPU): eager and
+            # Inductor fail on the L1 rows at bench's default dtype on CUDA, where truthfuse runs,
+            # and the whole command ended in that traceback. The row says which failed and why.
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            row[f"{name}_error"] = f"{type(exc).__name__}: {message}"
+            row[f"{name}_ms"] = None
+            if device == "cuda":
+                row[f"{name}_peak_mb"] = None
     row["fused_sites"] = _fused_count(backend)
-    row["speedup_vs_eager"] = row["eager_ms"] / row["truthfuse_ms"]
-    row["speedup_vs_inductor"] = row["inductor_ms"] / row["truthfuse_ms"]
+    for other in ("eager", "inductor"):
+        ok = row[f"{other}_ms"] is not None and row["truthfuse_ms"] is not None
+        row[f"speedup_vs_{other}"] = row[f"{other}_ms"] / row["truthfuse_ms"] if ok else None
     return row
 
 
@@ -289,7 +300,8 @@ def _plot(results: List[Dict[str, Any]], path: str, title: str) -> None:
     for ax, key, label in ((axes[0], "speedup_vs_inductor", "truthfuse speedup over Inductor"),
                            (axes[1], "speedup_vs_eager", "truthfuse speedup over eager")):
         for name in dict.fromkeys(r["name"] for r in results):
-            rows = sorted((r for r in results if r["name"] == name), key=lambda r: r["seq"])
+            # a row where a variant failed has no speedup to draw
+            rows = sorted((r for r in results if r["name"] == name and r[key] is not None), key=lambda r: r["seq"])
             ax.plot([r["seq"] for r in rows], [r[key] for r in rows], marker="o", label=name)
         ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
         ax.set_xscale("log", base=2)
@@ -386,12 +398,22 @@ class _LossStep:
         return self.model(tokens, targets)
 
 
+_VARIANTS = ("eager", "inductor", "truthfuse")
+
+
 def _format_row(r: Dict[str, Any]) -> str:
-    return (f"{r['name']:<18} T={r['seq']:<6} eager {r['eager_ms']:9.3f} ms  inductor {r['inductor_ms']:9.3f} ms  "
-            f"truthfuse {r['truthfuse_ms']:9.3f} ms  x{r['speedup_vs_inductor']:.2f} vs inductor  "
-            f"x{r['speedup_vs_eager']:.2f} vs eager  fused {r['fused_sites']}"
-            + (f"  peak MB {r['eager_peak_mb']:.0f}/{r['inductor_peak_mb']:.0f}/{r['truthfuse_peak_mb']:.0f}"
-               if "eager_peak_mb" in r else ""))
+    def number(value, spec, missing):  # a variant that failed has None (see `_bench_case`)
+        return missing if value is None else format(value, spec)
+
+    times = "  ".join(f"{name} {number(r[f'{name}_ms'], '9.3f', '   failed')}{'' if r[f'{name}_ms'] is None else ' ms'}"
+                      for name in _VARIANTS)
+    peaks = "/".join(number(r[f"{name}_peak_mb"], ".0f", "-") for name in _VARIANTS) if "eager_peak_mb" in r else ""
+    failures = [f"{name} failed: {r[f'{name}_error']}" for name in _VARIANTS if r.get(f"{name}_error")]
+    return (f"{r['name']:<18} T={r['seq']:<6} {times}  "
+            f"x{number(r['speedup_vs_inductor'], '.2f', '-')} vs inductor  "
+            f"x{number(r['speedup_vs_eager'], '.2f', '-')} vs eager  fused {r['fused_sites']}"
+            + (f"  peak MB {peaks}" if peaks else "")
+            + "".join(f"\n    {line}" for line in failures))
 
 
 # What printing and plotting an earlier run read from its --json file.
@@ -439,8 +461,11 @@ def _bench_json_problems(data: Any) -> List[str]:
         if not isinstance(row.get("name"), str):
             problems.append(f"{'missing' if 'name' not in row else 'non-text'} results[{i}].name")
         numbers = _ROW_NUMBERS + (_ROW_PEAKS if any(k in row for k in _ROW_PEAKS) else ())
+        failed = [v for v in _VARIANTS if isinstance(row.get(f"{v}_error"), str)]
         for name in numbers:
-            if not is_number(row.get(name)):
+            # a variant that failed has no time or peak, and its speedups none
+            may_be_none = any(name.startswith(f"{v}_") for v in failed) or (failed and name.startswith("speedup_"))
+            if not is_number(row.get(name)) and not (may_be_none and name in row and row[name] is None):
                 problems.append(f"{'missing' if name not in row else 'non-numeric'} results[{i}].{name}")
     return problems
 
@@ -616,8 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=None, help="attention heads (default: built-in)")
     p.add_argument("--head-dim", type=int, default=None, help="attention head dim (default: built-in)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="default bf16 on cuda (what models train in), fp32 on cpu (the interpreter computes "
-                        "bf16 wrongly)")
+                   help="default bf16 on cuda (what models train in; torch.cdist, the l1 rows' eager form, has no "
+                        "bf16 kernel there, so their eager and Inductor columns fail), fp32 on cpu (where "
+                        "cdist has no bf16 kernel at all)")
     p.add_argument("--strategy", choices=STRATEGIES, default="aggressive",
                    help="truthfuse's strategy (default aggressive: time the fused kernels)")
     p.add_argument("--inner", choices=INNERS, default="inductor",

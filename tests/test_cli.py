@@ -164,6 +164,29 @@ def test_bench_mode_reaches_both_compilers(capsys, monkeypatch, tmp_path):
     _one_line_error(capsys, _run(["bench", "--mode", "fast"]), "reduce-overhead")
 
 
+def test_bench_goes_on_past_a_variant_that_fails(capsys, monkeypatch, tmp_path):
+    """torch.cdist has no bf16 kernel on CPU (nor for p=1 on CUDA, at bench's default dtype there):
+    eager's and Inductor's L2 row failed, and the whole command ended in their traceback (found
+    by a sixteenth fuzz round). The row says which variants failed and why, truthfuse's time is
+    kept, and --from-json reads the file back. Inductor is aot_eager here, as above."""
+    import torch
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, *, backend="inductor", mode=None, **kw: real_compile(
+        fn, backend="aot_eager" if backend == "inductor" else backend, **kw))
+    out = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--metrics", "l2", "--seqs", "16", "--no-model", "--reps", "1", "--inner", "eager",
+                   "--dtype", "bf16", "--json", str(out)])
+    assert rc == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["eager_ms"] is None and row["inductor_ms"] is None and row["truthfuse_ms"] > 0
+    assert "cdist" in row["eager_error"] and row["speedup_vs_eager"] is None and row["fused_sites"] == 1
+    printed = capsys.readouterr().out
+    assert "eager failed: NotImplementedError" in printed and "truthfuse_error" not in row
+    assert cli.main(["bench", "--from-json", str(out)]) == 0
+    assert "inductor failed:" in capsys.readouterr().out
+
+
 def test_bench_from_json_prints_and_plots_without_measuring(capsys, monkeypatch, tmp_path):
     """--from-json: rows measured elsewhere are printed and plotted; nothing is timed here."""
     rows = [{"name": "attention-l2", "seq": s, "eager_ms": 4.0, "inductor_ms": 2.0, "truthfuse_ms": 1.0,
