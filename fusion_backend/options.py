@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -110,14 +111,14 @@ def parse_options(options: Optional[Dict[str, Any]] = None, mode: Optional[str] 
         result["mode"] = _choice("mode", "default" if mode_value is None else mode_value, MODES)
     if "simulations" in options:
         v = options["simulations"]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        if not _is_integer(v) or v < 1:
             raise OptionError(f"truthfuse option simulations={v!r} must be an integer >= 1")
-        result["simulations"] = v
+        result["simulations"] = int(v)
     if "tuning_seconds" in options:
         v = options["tuning_seconds"]
         # `not v > 0` rather than `v <= 0`: nan compares false both ways and must be rejected here,
         # not deep in the tuner. An infinite cap is no cap, stored as None so both spell it alike.
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0):
+        if v is not None and (not isinstance(v, numbers.Real) or isinstance(v, bool) or not v > 0):
             raise OptionError(f"truthfuse option tuning_seconds={v!r} must be a positive number of seconds, "
                               "or None (or math.inf) for no cap")
         result["tuning_seconds"] = None if v is None or math.isinf(v) else float(v)
@@ -129,14 +130,20 @@ def parse_options(options: Optional[Dict[str, Any]] = None, mode: Optional[str] 
     if "disable" in options:
         result["disable"] = _checked_disable(options["disable"])
     if "seed" in options:
-        if not isinstance(options["seed"], int) or isinstance(options["seed"], bool):
+        if not _is_integer(options["seed"]):
             raise OptionError(f"truthfuse option seed={options['seed']!r} must be an integer")
-        result["seed"] = options["seed"]
+        result["seed"] = int(options["seed"])
     if "inductor_options" in options:
         if not isinstance(options["inductor_options"], dict):
             raise OptionError("truthfuse option inductor_options must be a dict of Inductor config patches")
         result["inductor_options"] = _checked_inductor_options(options["inductor_options"])
     return Options(**result)
+
+
+def _is_integer(value: Any) -> bool:
+    """An int, or another integer type (numpy's np.int64 from a config file or an array was refused
+    as "simulations=np.int64(5) must be an integer"); not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _checked_disable(value: Any) -> Tuple[str, ...]:

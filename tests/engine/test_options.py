@@ -158,3 +158,14 @@ def test_a_backend_made_from_a_dict_of_options():
     torch.testing.assert_close(torch.compile(m, backend=made)(x), m(x))
     with pytest.raises(OptionError, match="'aggressive'"):
         fusion_backend.TruthfuseBackend({"strategy": "aggresive"})
+
+
+def test_numpy_numbers_are_numbers():
+    """simulations=np.int64(5) (a config file's, or an array's) was refused as 'must be an integer
+    >= 1' (found by a sixteenth fuzz round); the options hold plain Python numbers."""
+    np = pytest.importorskip("numpy")
+    opts = parse_options({"simulations": np.int64(5), "seed": np.int32(3), "tuning_seconds": np.float32(2.5)})
+    assert (opts.simulations, opts.seed, opts.tuning_seconds) == (5, 3, 2.5)
+    assert type(opts.simulations) is int and type(opts.seed) is int and type(opts.tuning_seconds) is float
+    with pytest.raises(OptionError, match=">= 1"):
+        parse_options({"simulations": np.bool_(True)})
