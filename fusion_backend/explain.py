@@ -140,9 +140,10 @@ def explain(model_or_fn: Any, *example_args: Any, options: Optional[Dict[str, An
 
 def _check_no_misplaced_options(model: Any, example_kwargs: Dict[str, Any]) -> None:
     """explain(model, x, strategy="aggressive") passes strategy to the model, as it must (explain's
-    keyword arguments are the model's), and the model failed deep in Dynamo's trace with "forward()
-    got an unexpected keyword argument 'strategy'". An option name the model does not take is
-    that mistake: say where it goes."""
+    keyword arguments are the model's): a model without such a parameter failed deep in Dynamo's
+    trace with "forward() got an unexpected keyword argument 'strategy'", and one with **kwargs
+    (Hugging Face models) took it silently and was explained under the default options. An option
+    name that the model does not name as a parameter is that mistake: say where it goes."""
     from dataclasses import fields
 
     from .options import Options
@@ -150,19 +151,20 @@ def _check_no_misplaced_options(model: Any, example_kwargs: Dict[str, Any]) -> N
     misplaced = [name for name in example_kwargs if name in {f.name for f in fields(Options)}]
     if not misplaced:
         return
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: its forward is (*args, **kwargs)
     try:
         signature = inspect.signature(model.forward if isinstance(model, torch.nn.Module) else model)
     except (TypeError, ValueError):  # no signature to read: let the call decide
         return
-    params = signature.parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    misplaced = [name for name in misplaced if name not in params]
+    named = {name for name, p in signature.parameters.items()
+             if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
+    misplaced = [name for name in misplaced if name not in named]
     if misplaced:
         given = ", ".join(f"{name!r}: {example_kwargs[name]!r}" for name in misplaced)
-        what = "is a truthfuse option, not an argument" if len(misplaced) == 1 else "are truthfuse options, not arguments"
+        what = "is a truthfuse option, not a parameter" if len(misplaced) == 1 else "are truthfuse options, not parameters"
         raise TypeError(f"truthfuse explain: {', '.join(misplaced)} {what} of the model; pass "
-                        f"options={{{given}}} (explain's other keyword arguments go to the model)")
+                        f"options={{{given}}} (explain's other keyword arguments go to the model; to give the "
+                        f"model such an argument through its **kwargs, bind it with functools.partial)")
 
 
 # Every explain() compiles with a backend of its own, so each call is a recompile of the same code

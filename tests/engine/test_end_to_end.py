@@ -83,6 +83,17 @@ def test_explain_says_where_an_option_given_as_a_keyword_argument_goes():
     report = fusion_backend.explain(scaled, x, cache=True, options=AGGRESSIVE_EAGER)
     assert report.graphs == 1
 
+    # A model that takes **kwargs (Hugging Face's do) took the option silently, and was explained
+    # under the default strategy.
+    class TakesKwargs(torch.nn.Module):
+        def forward(self, x, **kwargs):
+            return x * 2
+
+    with pytest.raises(TypeError, match=r"options=\{'inner': 'eager'\}"):
+        fusion_backend.explain(TakesKwargs(), x, inner="eager")
+    with pytest.raises(TypeError, match="is a truthfuse option"):
+        fusion_backend.explain(torch.compile(TakesKwargs(), backend="eager"), x, inner="eager")
+
 
 def test_explain_locates_a_site_of_torch_nn_modules_alone_by_its_module():
     """No line of the user's code is on the trace of a model made only of torch.nn modules (the
