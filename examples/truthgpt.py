@@ -469,6 +469,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     print(_loss_table(results))
     print()
     print(_table(results, device))
+    if args.steps <= args.warmup:
+        # the table's step time is then the last step's; with one step, that one compiled
+        print(f"step ms: --steps {args.steps} leaves no step after --warmup {args.warmup}, so it is the last step's "
+              + ("time, which includes compiling and tuning (the first step); run more steps to compare speed"
+                 if args.steps == 1 else "time alone"))
     if args.dropout > 0:
         print(f"dropout {args.dropout}: each variant draws its own dropout masks (truthfuse's kernels use their "
               "own random stream), so losses differ by noise; --dropout 0 compares the curves exactly")

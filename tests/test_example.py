@@ -106,6 +106,13 @@ def test_main_runs_two_cpu_steps(capsys):
     assert any(line.startswith("truthfuse") for line in out.splitlines())
 
 
+def test_one_step_says_its_time_includes_the_compile(capsys):
+    """--steps 1 (the default --warmup is 2) reported the compiling first step as the step time,
+    with nothing to say so (found by a sixteenth fuzz round)."""
+    truthgpt.main(["--steps", "1", "--batch", "1", "--seq", "8", "--variants", "eager", "--dropout", "0"])
+    assert "includes compiling and tuning" in capsys.readouterr().out
+
+
 def test_mode_reaches_both_compilers(monkeypatch):
     """--mode compiles Inductor and truthfuse alike (reduce-overhead: CUDA graphs on a GPU)."""
     seen = []
