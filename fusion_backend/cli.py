@@ -122,7 +122,12 @@ def load_factory(spec: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         missing = f" ({exc.name} is missing)" if exc.name and exc.name != module_name else ""
-        raise CLIError(f"cannot import module {module_name!r}{missing}: {exc}") from None
+        top = module_name.split(".")[0]
+        # README's `truthfuse explain examples.truthgpt:build` from another folder: say where from
+        where = (f"; MODULE is imported from the current directory ({cwd}) and sys.path: run from the folder "
+                 f"that holds {top}" + (" (the repository's root)" if top == "examples" else "")
+                 if exc.name == top else "")
+        raise CLIError(f"cannot import module {module_name!r}{missing}: {exc}{where}") from None
     except Exception as exc:  # noqa: BLE001 -- the user's module failed while importing
         raise CLIError(f"importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from None
     obj: Any = module

@@ -61,6 +61,8 @@ def test_explain_prints_the_report(capsys):
     # a file path said "No module named 'examples/truthgpt'" (found by a sixteenth fuzz round)
     ("examples/truthgpt.py:build", "not a file path: write examples.truthgpt:build"),
     ("examples/truthgpt.py", "not a file path: write examples.truthgpt:FACTORY"),
+    # run from another folder, the README's examples.truthgpt said only "No module named 'examples'"
+    ("no_such_pkg_xyz.models:build", "run from the folder that holds no_such_pkg_xyz"),
 ])
 def test_explain_bad_factory_is_one_line(capsys, target, expected):
     _one_line_error(capsys, cli.main(["explain", target]), expected)
