@@ -366,6 +366,11 @@ def save_state(path: str | os.PathLike, cache: TuningCache | None = None) -> int
     cache instead of tuning (as long as the graph, shapes, device name and versions match, since
     those make up the key).
     """
+    if Path(path).is_dir():
+        # the atomic write's temporary file sat beside the folder, and its rename onto the folder
+        # raised an IsADirectoryError that named the temporary file, not the path given
+        raise IsADirectoryError(f"save_state: {path} is a folder; give the path of the file to write, "
+                                f"e.g. {Path(path) / 'truthfuse_state.json'}")
     cache = TuningCache() if cache is None else cache
     entries = cache.entries()
     state = {

@@ -303,6 +303,14 @@ def test_load_state_into_an_empty_cache_writes_there(monkeypatch, tmp_path):
     assert json.loads((tmp_path / "nothing.json").read_text())["entries"] == {}
 
 
+def test_save_state_to_a_folder_names_the_folder(tmp_path):
+    """The atomic write's rename onto a folder raised an IsADirectoryError naming its temporary
+    file; the error names the path given and says to give a file's."""
+    with pytest.raises(IsADirectoryError, match=f"save_state: {tmp_path} is a folder; give the path of the file"):
+        save_state(tmp_path, TuningCache(tmp_path / "c"))
+    assert not [p for p in tmp_path.iterdir() if p.name != "c"]  # nothing written beside it
+
+
 def test_save_and_load_state_use_the_default_directory(monkeypatch, tmp_path):
     monkeypatch.setenv("TRUTHFUSE_CACHE_DIR", str(tmp_path / "a"))
     TuningCache().put("k", RECORD)
