@@ -24,6 +24,7 @@ Where kernels cannot run (CPU without TRITON_INTERPRET=1) the PyTorch reference 
 result. Where they should but cannot (unsupported shape, compile or launch failure), the op warns
 once (`warn_fallback_once`) and uses the reference.
 """
+import difflib
 import math
 from typing import Optional
 
@@ -682,8 +683,21 @@ def _checked_config_key(config) -> Optional[str]:
     return key
 
 
+_KEYWORDS = ("metric", "scale", "causal", "attn_mask", "dropout_p", "enable_gqa", "softcap", "sinks", "config")
+_SDPA_SPELLINGS = {"is_causal": "causal"}  # F.scaled_dot_product_attention's names for ours
+
+
+def _unknown_keywords(unknown: dict) -> None:
+    """A TypeError naming the keywords `attention` takes: SDPA's is_causal (ours is causal) gave
+    Python's bare "unexpected keyword argument", which does not say what the keyword is here."""
+    name = next(iter(unknown))
+    close = [_SDPA_SPELLINGS[name]] if name in _SDPA_SPELLINGS else difflib.get_close_matches(name, _KEYWORDS, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise TypeError(f"attention: unknown keyword {name!r}{hint}; the keywords are {', '.join(_KEYWORDS)}")
+
+
 def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None, dropout_p=0.0,
-              enable_gqa=False, softcap=None, sinks=None, config=None):
+              enable_gqa=False, softcap=None, sinks=None, config=None, **unknown):
     """Fused attention with the semantics of F.scaled_dot_product_attention and a choice of
     metric ("dot", "l2", "l1", "cosine"); see the module docstring. `config` is None (the
     device default), a config dict from `attention_config_space`, its `config_key` string, or
@@ -693,6 +707,8 @@ def attention(q, k, v, *, metric="dot", scale=None, causal=False, attn_mask=None
     `sinks` (dot; H elements, may require grad; a scale that needs no gradient): GPT-OSS's sink
     logits, one value-less key per head in every row's softmax.
     Raises ValueError on bad input before anything is launched."""
+    if unknown:
+        _unknown_keywords(unknown)
     _validate(q, k, v, metric, attn_mask, dropout_p, enable_gqa, scale, softcap, sinks, causal)
     B, H, Nq, D = q.shape
     if config == SDPA_CONFIG:

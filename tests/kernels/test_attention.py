@@ -702,6 +702,17 @@ def test_causal_and_enable_gqa_must_be_bools(flag, value):
         attention(q, k, v, **{flag: value})
 
 
+@pytest.mark.parametrize("keyword, hint", [("is_causal", " (did you mean causal?)"), ("metrc", " (did you mean metric?)"),
+                                           ("window", "")])
+def test_an_unknown_keyword_names_the_keywords(keyword, hint):
+    # SDPA's is_causal (ours is causal) gave Python's bare "unexpected keyword argument"
+    q, k, v = make(1, 2, 2, 4, 4, 16, 16)
+    with pytest.raises(TypeError) as caught:
+        attention(q, k, v, **{keyword: True})
+    assert str(caught.value) == (f"attention: unknown keyword {keyword!r}{hint}; the keywords are metric, scale, "
+                                 "causal, attn_mask, dropout_p, enable_gqa, softcap, sinks, config")
+
+
 @pytest.mark.parametrize("config", [{"a": 1}, {"BLOCK_M": 64}, {}, 5, ["m64n64w4s1"], ""])
 def test_malformed_configs_are_value_errors_before_any_launch(config, monkeypatch):
     # a dict that is no launch config went to the kernels as the key "" (or raised KeyError),
