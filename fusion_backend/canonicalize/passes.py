@@ -1390,7 +1390,7 @@ def _masks_before_the_scale(rw: _Rewriter) -> None:
     that masks the raw q.k and divides by sqrt(d) after was not found at all. Only -inf: a finite
     fill would be scaled too. Both orders compute the same, so the unfused graph keeps this one."""
     for node in list(rw.graph.nodes):
-        if node not in rw.graph.nodes or not (_call_to(node, torch.mul) and len(node.args) == 2):
+        if not _in_graph(node, rw.graph) or not (_call_to(node, torch.mul) and len(node.args) == 2):
             continue
         filled, c = node.args
         if not (_call_to(filled, torch.masked_fill) and len(filled.args) == 3 and len(filled.users) == 1):
